@@ -1,0 +1,38 @@
+"""What the rest of medvault may ask of a key store: small Protocols split by ability.
+
+``storage`` depends on these, never on PKCS#11, so SoftHSM2 and a hardware HSM swap by
+configuration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class WrappedKey:
+    """A data key encrypted inside the token by master key (KEK) ``kek_version``."""
+
+    kek_version: int
+    blob: bytes
+
+
+class KeyWrapper(Protocol):
+    """Wraps and unwraps data keys with the current master key; the KEK never leaves."""
+
+    def wrap(self, dek: bytes, associated_data: bytes) -> WrappedKey:
+        """Encrypt ``dek`` under the current KEK, bound to ``associated_data``."""
+        ...
+
+    def unwrap(self, wrapped: WrappedKey, associated_data: bytes) -> bytes:
+        """Return the data key; raise ``UnwrapError`` if it does not authenticate."""
+        ...
+
+
+class BlindIndexer(Protocol):
+    """Keyed digest (HMAC-SHA256 in the token) for looking up values without storing them."""
+
+    def blind_index(self, value: bytes) -> bytes:
+        """Return the 32-byte HMAC of ``value`` under the index key."""
+        ...

@@ -1,0 +1,38 @@
+"""Storage errors: one root, specific subclasses; vendor errors are wrapped ``from e``.
+
+Messages never carry patient data, keys or object contents.
+"""
+
+from __future__ import annotations
+
+
+class StorageError(Exception):
+    """Root of every error the storage layer raises."""
+
+
+class InvalidRecordError(StorageError):
+    """Input that cannot be stored; names the field and the problem."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class RecordNotFoundError(StorageError):
+    """No record (or no such version of it) exists."""
+
+
+class RecordConflictError(StorageError):
+    """The request conflicts with the stored state (e.g. amending a version that is not latest)."""
+
+
+class IntegrityError(StorageError):
+    """Stored data failed authentication or its digest: tampered, truncated, swapped.
+
+    Deliberately opaque (as Tink does): which check failed is logged, not returned.
+    """
+
+
+class BackendUnavailableError(StorageError):
+    """Object store, database or key store cannot be reached; retry later."""

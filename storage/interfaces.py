@@ -1,0 +1,114 @@
+"""Storage Protocols, split by capability: blobs in an object store, rows in a database.
+
+``RecordStore`` (``storage.records``) composes them with the keystore Protocols; the
+concrete backends are chosen in ``service.bootstrap``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    """One metadata row: what the database holds about a stored version.
+
+    No plaintext patient data: ``patient_index`` is a keyed blind index and
+    ``sealed_meta`` is ciphertext (patient identifier, title, plaintext digest).
+    """
+
+    id: str
+    version: int
+    kind: str
+    content_type: str
+    patient_index: bytes
+    sealed_meta: bytes
+    object_key: str
+    kek_version: int
+    wrapped_dek: bytes
+    size: int
+    stored_size: int
+    ciphertext_sha256: bytes
+    segment_size: int
+    created_at: datetime
+    created_by: str
+    supersedes_version: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ListCursor:
+    """Position after the last row of a page (rows are ordered newest first)."""
+
+    created_at: datetime
+    id: str
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    """An object's key, size and last-modified time."""
+
+    key: str
+    size: int
+    last_modified: datetime
+
+
+class BlobStore(Protocol):
+    """Opaque ciphertext objects in an object store."""
+
+    def put(self, key: str, chunks: Iterable[bytes]) -> int:
+        """Stream ``chunks`` into object ``key`` (multipart); return the bytes written.
+
+        Memory stays bounded by the part size. On failure nothing is left visible
+        under ``key`` (an incomplete multipart upload is aborted).
+        """
+        ...
+
+    def read(self, key: str, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+        """Yield the object's bytes from ``offset`` (``length`` bytes, or to the end)."""
+        ...
+
+    def stat(self, key: str) -> BlobInfo:
+        """Return the object's size and time; ``RecordNotFoundError`` if absent."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove the object; absent is not an error."""
+        ...
+
+    def list(self, prefix: str = "") -> Iterator[BlobInfo]:
+        """Every object under ``prefix``."""
+        ...
+
+
+class MetadataStore(Protocol):
+    """Record rows in a SQL database."""
+
+    def insert(self, row: StoredRecord) -> None:
+        """Add a version; ``RecordConflictError`` if (id, version) exists already."""
+        ...
+
+    def get(self, record_id: str, version: int | None = None) -> StoredRecord:
+        """Return that version, or the latest; ``RecordNotFoundError`` if absent."""
+        ...
+
+    def list(
+        self,
+        patient_index: bytes,
+        *,
+        kind: str | None,
+        created_after: datetime | None,
+        created_before: datetime | None,
+        all_versions: bool,
+        after: ListCursor | None,
+        limit: int,
+    ) -> list[StoredRecord]:
+        """A page of the patient's rows, newest first, starting after ``after``."""
+        ...
+
+    def referenced(self, object_keys: Iterable[str]) -> set[str]:
+        """Those of ``object_keys`` that some row references (for the orphan sweeper)."""
+        ...
