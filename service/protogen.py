@@ -22,8 +22,8 @@ _IMPORT = re.compile(r"^from medvault\.v1 import", re.MULTILINE)
 
 def generate(out: Path) -> None:
     """Write the stubs for every proto under ``proto/`` into ``out``."""
-    from grpc_tools import protoc  # noqa: PLC0415  (a dev-only dependency)
-    import grpc_tools  # noqa: PLC0415
+    import grpc_tools  # noqa: PLC0415  (a dev-only dependency)
+    from grpc_tools import protoc  # noqa: PLC0415
 
     protos = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
     include = Path(grpc_tools.__file__).parent / "_proto"

@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.softhsm",
     "tests.fixtures.seaweed",
     "tests.fixtures.databases",
+    "tests.fixtures.service",
 ]

@@ -1,0 +1,5 @@
+"""``python -m service`` is the ``medvault`` command."""
+
+from service.cli.main import main
+
+raise SystemExit(main())

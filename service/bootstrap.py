@@ -1,0 +1,102 @@
+"""Composition root: the one place where concrete backends are chosen and wired.
+
+Everything else receives Protocols (``BlobStore``, ``MetadataStore``, ``KeyWrapper``,
+``BlindIndexer``), so SoftHSM2 or a hardware HSM, SQLite or PostgreSQL, SeaweedFS or
+another S3 differ here by configuration and nowhere else.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+
+from keystore import Pkcs11BlindIndexer, Pkcs11Config, Pkcs11KeyWrapper, Pkcs11SessionPool
+from service.config import Config, read_secret
+from storage.records import RecordStore, StoreLimits
+from storage.s3_blobs import S3BlobStore, make_minio_client
+from storage.sql_metadata import SqlMetadataStore, make_engine, upgrade
+
+# Fault injection for the crash-safety tests (docs/operations.md): with this variable set
+# to "crash-before-commit" the process dies between the object upload and the metadata
+# commit, exactly where a power cut would hurt most.
+FAULT_ENV = "MEDVAULT_FAULT"
+
+
+@dataclass
+class Components:
+    """The wired backends of one service process."""
+
+    store: RecordStore
+    blobs: S3BlobStore
+    metadata: SqlMetadataStore
+    pool: Pkcs11SessionPool
+    engine: Engine
+
+    def close(self) -> None:
+        """Release the token sessions and database connections."""
+        self.pool.close()
+        self.engine.dispose()
+
+
+def keystore_config(config: Config) -> Pkcs11Config:
+    """The keystore's own configuration from the service's."""
+    ks = config.keystore
+    if ks.softhsm2_conf:
+        # SoftHSM2 reads this when the module loads; set it before the first load.
+        os.environ.setdefault("SOFTHSM2_CONF", ks.softhsm2_conf)
+    return Pkcs11Config(
+        module_path=ks.module,
+        token_label=ks.token_label,
+        pin_env=ks.pin_env or None,
+        pin_file=ks.pin_file or None,
+        pool_size=ks.pool_size,
+    )
+
+
+def blob_store(config: Config) -> S3BlobStore:
+    """The S3 blob store named by the configuration (bucket created if absent)."""
+    s3 = config.s3
+    client = make_minio_client(
+        s3.endpoint,
+        read_secret(s3.access_key_env, s3.access_key_file),
+        read_secret(s3.secret_key_env, s3.secret_key_file),
+        secure=s3.secure,
+        ca_file=s3.ca_file or None,
+    )
+    blobs = S3BlobStore(client, s3.bucket, part_size=s3.part_size)
+    blobs.ensure_bucket()
+    return blobs
+
+
+def _fault_hook() -> Callable[[], None] | None:
+    if os.environ.get(FAULT_ENV) == "crash-before-commit":
+        return lambda: os._exit(86)
+    return None
+
+
+def build(config: Config) -> Components:
+    """Open the token, the database (migrated to head) and the object store."""
+    pool = Pkcs11SessionPool(keystore_config(config))
+    try:
+        engine = make_engine(config.database.url)
+        upgrade(engine)
+        metadata = SqlMetadataStore(engine)
+        blobs = blob_store(config)
+    except BaseException:
+        pool.close()
+        raise
+    limits = StoreLimits(
+        max_record_size=config.server.max_record_size, segment_size=config.server.segment_size
+    )
+    store = RecordStore(
+        blobs,
+        metadata,
+        Pkcs11KeyWrapper(pool),
+        Pkcs11BlindIndexer(pool),
+        limits,
+        before_commit=_fault_hook(),
+    )
+    return Components(store=store, blobs=blobs, metadata=metadata, pool=pool, engine=engine)

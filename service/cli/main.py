@@ -1,0 +1,80 @@
+"""The ``medvault`` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from datetime import timedelta
+
+import grpc
+
+from keystore.errors import KeystoreError
+from service import logs
+from service.cli import records_cmd, stack_cmd
+from service.config import ConfigError, load
+from storage.errors import StorageError
+
+
+def _config_path(ns: argparse.Namespace) -> str:
+    home = os.environ.get("MEDVAULT_HOME", ".medvault")
+    return str(ns.config or os.path.join(home, "config.toml"))
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    """Run the gRPC service in the foreground."""
+    from service.server import serve  # noqa: PLC0415  (keeps client commands light)
+
+    serve(load(_config_path(ns)))
+    return 0
+
+
+def cmd_sweep(ns: argparse.Namespace) -> int:
+    """Remove objects no record references, older than the grace period."""
+    from service.bootstrap import build  # noqa: PLC0415
+    from storage.sweeper import sweep_orphans  # noqa: PLC0415
+
+    components = build(load(_config_path(ns)))
+    try:
+        result = sweep_orphans(
+            components.blobs, components.metadata, timedelta(seconds=ns.grace_seconds)
+        )
+    finally:
+        components.close()
+    print(f"scanned {result.scanned} objects, removed {result.removed} orphans")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    top = argparse.ArgumentParser(prog="medvault", description="medvault medical-record store")
+    sub = top.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the gRPC service")
+    serve.add_argument("--config", help="config file (default $MEDVAULT_HOME/config.toml)")
+    serve.set_defaults(func=cmd_serve)
+    sweep = sub.add_parser("sweep", help="remove orphaned objects left by interrupted writes")
+    sweep.add_argument("--config")
+    sweep.add_argument("--grace-seconds", type=int, default=3600)
+    sweep.set_defaults(func=cmd_sweep)
+    records_cmd.register(sub)
+    stack_cmd.register(sub)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    logs.setup(os.environ.get("MEDVAULT_LOG_LEVEL", "INFO"))
+    ns = parser().parse_args(argv)
+    try:
+        return int(ns.func(ns))
+    except grpc.RpcError as e:
+        return records_cmd.rpc_error_exit(e)
+    except ConfigError as e:
+        print(f"medvault: configuration: {e}", file=sys.stderr)
+        return 2
+    except (KeystoreError, StorageError) as e:
+        # Start-up failures (token, PIN, database, object store) name what is missing.
+        print(f"medvault: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

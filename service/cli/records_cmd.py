@@ -1,0 +1,181 @@
+"""``medvault put|get|stat|ls``: records at a terminal, with progress bars on large files."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+from tqdm import tqdm
+
+from service._gen.medvault.v1 import records_pb2 as pb
+from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
+from service.cli.client import add_connection_flags, channel
+
+CHUNK = 1 << 20
+KINDS = ["HL7V2", "CDA", "FHIR", "DICOM", "PDF", "OTHER"]
+_CONTENT_TYPES = {
+    "HL7V2": "x-application/hl7-v2+er7",
+    "CDA": "application/xml",
+    "FHIR": "application/fhir+json",
+    "DICOM": "application/dicom",
+    "PDF": "application/pdf",
+    "OTHER": "application/octet-stream",
+}
+
+
+def _progress(total: int, label: str) -> tqdm[Any]:
+    # Shown on a terminal for files over a few MiB; rate and ETA come with tqdm.
+    quiet = not sys.stderr.isatty() or total < (8 << 20)
+    return tqdm(total=total, unit="B", unit_scale=True, desc=label, disable=quiet, file=sys.stderr)
+
+
+def _file_digest(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(CHUNK):
+            digest.update(block)
+    return digest.digest()
+
+
+def _requests(ns: argparse.Namespace, path: Path) -> Iterator[pb.PutRecordRequest]:
+    header = pb.RecordHeader(
+        patient=pb.PatientId(id=ns.patient, assigning_authority=ns.authority),
+        kind=f"RECORD_KIND_{ns.kind}",
+        content_type=ns.content_type or _CONTENT_TYPES[ns.kind],
+        title=ns.title,
+        supersedes=ns.supersedes or "",
+        expected_sha256=_file_digest(path),
+    )
+    yield pb.PutRecordRequest(header=header)
+    with path.open("rb") as f, _progress(path.stat().st_size, "upload") as bar:
+        while block := f.read(CHUNK):
+            bar.update(len(block))
+            yield pb.PutRecordRequest(chunk=block)
+
+
+def _print_record(r: pb.Record) -> None:
+    created = r.created_at.ToDatetime().isoformat(timespec="seconds")
+    kind = pb.RecordKind.Name(r.kind).removeprefix("RECORD_KIND_")
+    print(f"{r.id}  v{r.version}  {kind:<6} {r.size:>12}  {created}Z  {r.title}")
+
+
+def cmd_put(ns: argparse.Namespace) -> int:
+    """Store FILE as a record (or a new version with --supersedes)."""
+    path = Path(ns.file)
+    if not path.is_file():
+        raise SystemExit(f"medvault: {path}: not a file")
+    stub = pb_grpc.RecordServiceStub(channel(ns))
+    record = stub.PutRecord(_requests(ns, path))
+    print(f"stored {record.id} version {record.version} ({record.size} bytes)")
+    return 0
+
+
+def cmd_get(ns: argparse.Namespace) -> int:
+    """Fetch a record's content into a file; a partial file is removed on error."""
+    stub = pb_grpc.RecordServiceStub(channel(ns))
+    out = Path(ns.output)
+    partial = out.with_name(out.name + ".partial")
+    stream = stub.GetRecord(pb.GetRecordRequest(id=ns.id, version=ns.version))
+    try:
+        with partial.open("wb") as f:
+            bar = None
+            for response in stream:
+                if response.WhichOneof("message") == "metadata":
+                    bar = _progress(response.metadata.size, "download")
+                    continue
+                f.write(response.chunk)
+                if bar is not None:
+                    bar.update(len(response.chunk))
+            if bar is not None:
+                bar.close()
+        partial.replace(out)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_stat(ns: argparse.Namespace) -> int:
+    """Print one version's metadata."""
+    stub = pb_grpc.RecordServiceStub(channel(ns))
+    r = stub.StatRecord(pb.StatRecordRequest(id=ns.id, version=ns.version))
+    print(f"id:           {r.id}\nversion:      {r.version}\nkind:         "
+          f"{pb.RecordKind.Name(r.kind).removeprefix('RECORD_KIND_')}\n"
+          f"content type: {r.content_type}\nsize:         {r.size}\n"
+          f"stored size:  {r.stored_size}\nsha256:       {r.sha256.hex()}\n"
+          f"created:      {r.created_at.ToDatetime().isoformat()}Z by {r.created_by}\n"
+          f"title:        {r.title}")
+    return 0
+
+
+def cmd_ls(ns: argparse.Namespace) -> int:
+    """List a patient's records, newest first, following page tokens."""
+    stub = pb_grpc.RecordServiceStub(channel(ns))
+    request = pb.ListRecordsRequest(
+        patient=pb.PatientId(id=ns.patient, assigning_authority=ns.authority),
+        kind=f"RECORD_KIND_{ns.kind}" if ns.kind else "RECORD_KIND_UNSPECIFIED",
+        all_versions=ns.all_versions,
+        page_size=100,
+    )
+    if ns.since:
+        request.created_after.FromDatetime(datetime.fromisoformat(ns.since))
+    while True:
+        page = stub.ListRecords(request)
+        for record in page.records:
+            _print_record(record)
+        if not page.next_page_token:
+            return 0
+        request.page_token = page.next_page_token
+
+
+def _patient_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--patient", required=True, help="patient identifier")
+    p.add_argument(
+        "--authority",
+        default=os.environ.get("MEDVAULT_AUTHORITY"),
+        required="MEDVAULT_AUTHORITY" not in os.environ,
+        help="assigning authority of the identifier (or MEDVAULT_AUTHORITY)",
+    )
+
+
+def register(sub: Any) -> None:
+    """Add put, get, stat and ls to the CLI."""
+    put = sub.add_parser("put", help="store a file as a record")
+    put.add_argument("file")
+    _patient_flags(put)
+    put.add_argument("--kind", required=True, choices=KINDS)
+    put.add_argument("--content-type", default="")
+    put.add_argument("--title", default="")
+    put.add_argument("--supersedes", help="record id this file amends (new version)")
+    put.set_defaults(func=cmd_put)
+    get = sub.add_parser("get", help="fetch a record's content")
+    get.add_argument("id")
+    get.add_argument("-o", "--output", required=True)
+    get.add_argument("--version", type=int, default=0, help="0 = latest")
+    get.set_defaults(func=cmd_get)
+    stat = sub.add_parser("stat", help="show a record's metadata")
+    stat.add_argument("id")
+    stat.add_argument("--version", type=int, default=0)
+    stat.set_defaults(func=cmd_stat)
+    ls = sub.add_parser("ls", help="list a patient's records")
+    _patient_flags(ls)
+    ls.add_argument("--kind", choices=KINDS)
+    ls.add_argument("--since", help="ISO date-time; records created after it")
+    ls.add_argument("--all-versions", action="store_true")
+    ls.set_defaults(func=cmd_ls)
+    for p in (put, get, stat, ls):
+        add_connection_flags(p)
+
+
+def rpc_error_exit(e: grpc.RpcError) -> int:
+    """Print a failed call's status and message; exit code 1."""
+    print(f"medvault: {e.code().name}: {e.details()}", file=sys.stderr)
+    return 1

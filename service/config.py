@@ -1,0 +1,174 @@
+"""Service configuration: one TOML file parsed once at start-up into frozen dataclasses.
+
+Unknown sections and keys are rejected (a typo must not silently fall back to a
+default). Relative paths are resolved against the config file's directory. Secrets are
+never in the file itself: it names environment variables or files that hold them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """The configuration file is missing or invalid; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Listening address and limits."""
+
+    listen: str = "127.0.0.1:7443"
+    max_record_size: int = 4 << 30
+    chunk_size: int = 1 << 20
+    segment_size: int = 1 << 20
+    workers: int = 32
+    orphan_grace_seconds: int = 3600
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """Mutual TLS: on by default; a client without a certificate from ``client_ca`` is refused."""
+
+    enabled: bool = True
+    cert: str = ""
+    key: str = ""
+    client_ca: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class S3Config:
+    """The object store holding ciphertext."""
+
+    endpoint: str = "127.0.0.1:8333"
+    secure: bool = False
+    ca_file: str = ""
+    bucket: str = "medvault-records"
+    access_key_env: str = "MEDVAULT_S3_ACCESS_KEY"
+    secret_key_env: str = "MEDVAULT_S3_SECRET_KEY"  # noqa: S105  (a variable name)
+    access_key_file: str = ""
+    secret_key_file: str = ""
+    part_size: int = 16 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    """The metadata database (SQLAlchemy URL: sqlite:///... or postgresql+psycopg://...)."""
+
+    url: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class KeystoreConfig:
+    """The PKCS#11 token."""
+
+    module: str = "/usr/lib/softhsm/libsofthsm2.so"
+    token_label: str = "medvault"  # noqa: S105  (a label, not a secret)
+    pin_env: str = "MEDVAULT_PIN"
+    pin_file: str = ""
+    softhsm2_conf: str = ""
+    pool_size: int = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole service configuration."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    s3: S3Config = field(default_factory=S3Config)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    keystore: KeystoreConfig = field(default_factory=KeystoreConfig)
+    base_dir: Path = Path()
+
+
+_PATH_KEYS = {
+    ("tls", "cert"), ("tls", "key"), ("tls", "client_ca"), ("s3", "ca_file"),
+    ("s3", "access_key_file"), ("s3", "secret_key_file"), ("keystore", "pin_file"),
+    ("keystore", "softhsm2_conf"),
+}
+
+
+def _section(cls: type[Any], name: str, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"[{name}] unknown key {key!r}; known: {', '.join(sorted(fields))}")
+        expected = hints[key]
+        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        if not ok:
+            raise ConfigError(f"[{name}] {key} must be {getattr(expected, '__name__', expected)}")
+    return cls(**raw)
+
+
+def _check(config: Config) -> None:
+    positive = {
+        "server.max_record_size": config.server.max_record_size,
+        "server.chunk_size": config.server.chunk_size,
+        "server.workers": config.server.workers,
+        "keystore.pool_size": config.keystore.pool_size,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive")
+    if not 5 << 20 <= config.s3.part_size <= 5 << 30:
+        raise ConfigError("s3.part_size must be between 5 MiB and 5 GiB (S3 multipart limits)")
+    if config.server.chunk_size > 3 << 20:
+        raise ConfigError("server.chunk_size must be at most 3 MiB (gRPC's 4 MiB message limit)")
+    if config.tls.enabled and not (config.tls.cert and config.tls.key and config.tls.client_ca):
+        raise ConfigError("[tls] cert, key and client_ca are required when tls.enabled is true")
+    if not config.database.url:
+        raise ConfigError("[database] url is required")
+
+
+def parse(raw: dict[str, Any], base_dir: Path) -> Config:
+    """Build a ``Config`` from parsed TOML; ``ConfigError`` names the offending key."""
+    sections: dict[str, Any] = {}
+    hints = typing.get_type_hints(Config)
+    for name, value in raw.items():
+        cls = hints.get(name)
+        if name == "base_dir" or not isinstance(cls, type):
+            raise ConfigError(f"unknown section [{name}]")
+        if isinstance(value, dict):
+            value = {  # noqa: PLW2901  (relative paths resolved in place)
+                k: str(base_dir / v) if (name, k) in _PATH_KEYS and v else v
+                for k, v in value.items()
+            }
+        sections[name] = _section(cls, name, value)
+    config = Config(**sections, base_dir=base_dir)
+    _check(config)
+    return config
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and parse the config file at ``path``."""
+    file = Path(path)
+    try:
+        raw = tomllib.loads(file.read_text())
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {file} not found (run `medvault stack up`)") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {file} is not valid TOML: {e}") from e
+    return parse(raw, file.resolve().parent)
+
+
+def read_secret(env: str, file: str) -> str:
+    """A secret from the environment variable ``env`` or else from ``file``."""
+    if env and os.environ.get(env):
+        return os.environ[env]
+    if file:
+        try:
+            return Path(file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"cannot read secret file {file}: {e.strerror}") from e
+    raise ConfigError(f"secret missing: set {env} or configure a file")
+

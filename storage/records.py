@@ -1,0 +1,227 @@
+"""The record store use cases: put, open (read), stat and list encrypted records.
+
+Write order (DESIGN.md): wrap a fresh data key in the token, stream the ciphertext into
+an object under an opaque key, then insert the metadata row last. Before the row
+commits the record does not exist; a crash in between leaves only an unreferenced
+object, which ``storage.sweeper`` removes after a grace period.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from keystore.errors import UnwrapError
+from keystore.interfaces import BlindIndexer, KeyWrapper, WrappedKey
+from storage.envelope import StreamingAead
+from storage.errors import IntegrityError, InvalidRecordError, RecordConflictError
+from storage.interfaces import BlobStore, MetadataStore, StoredRecord
+from storage.model import NewRecord, RecordInfo, RecordKind, RecordQuery
+from storage.paging import decode_page_token, encode_page_token
+from storage.sealing import SealedFields, seal, unseal
+from storage.validation import check_header, check_record_id
+
+OBJECT_PREFIX = "objects/"
+MAX_PAGE_SIZE = 500
+
+
+def associated_data(record_id: str, version: int) -> bytes:
+    """Bind ciphertext and wrapped key to one record version (docs/encryption.md)."""
+    return b"medvault:record:v1:" + record_id.encode() + b":" + version.to_bytes(4, "big")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreLimits:
+    """Configured limits of the record store."""
+
+    max_record_size: int = 4 << 30
+    segment_size: int = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class OpenRecord:
+    """A record being read: its metadata, and plaintext that is released segment by segment
+    only after each segment authenticates."""
+
+    info: RecordInfo
+    content: Iterator[bytes]
+
+
+@dataclass
+class _Meter:
+    """Counts and hashes a stream as it passes, enforcing the size limit."""
+
+    limit: int
+    size: int = 0
+    digest: hashlib._Hash = field(default_factory=hashlib.sha256)
+
+    def watch(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            self.size += len(chunk)
+            if self.size > self.limit:
+                raise InvalidRecordError("content", f"exceeds the limit of {self.limit} bytes")
+            self.digest.update(chunk)
+            yield chunk
+
+
+class RecordStore:
+    """Encrypted, versioned records over a blob store, a metadata store and a key store."""
+
+    def __init__(
+        self,
+        blobs: BlobStore,
+        metadata: MetadataStore,
+        wrapper: KeyWrapper,
+        indexer: BlindIndexer,
+        limits: StoreLimits | None = None,
+        *,
+        before_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self._blobs = blobs
+        self._metadata = metadata
+        self._wrapper = wrapper
+        self._indexer = indexer
+        self._limits = limits or StoreLimits()
+        # Fault-injection seam for crash tests: runs after the upload, before the row.
+        self._before_commit = before_commit
+
+    def put(self, header: NewRecord, chunks: Iterable[bytes], creator: str) -> RecordInfo:
+        """Store a new record, or a new version of ``header.supersedes``."""
+        check_header(header)
+        patient_index = self._indexer.blind_index(header.patient.canonical())
+        record_id, version = self._next_version(header, patient_index)
+        ad = associated_data(record_id, version)
+        dek = secrets.token_bytes(32)
+        wrapped = self._wrapper.wrap(dek, ad)
+        aead = StreamingAead(dek, self._limits.segment_size)
+        plain = _Meter(self._limits.max_record_size)
+        cipher = _Meter(aead.ciphertext_size(self._limits.max_record_size))
+        object_key = OBJECT_PREFIX + secrets.token_hex(16)  # opaque: nothing about the record
+        stored = self._blobs.put(object_key, cipher.watch(aead.encrypt(plain.watch(chunks), ad)))
+        sha256 = plain.digest.digest()
+        if header.expected_sha256 is not None and header.expected_sha256 != sha256:
+            self._blobs.delete(object_key)
+            raise InvalidRecordError("expected_sha256", "does not match the content received")
+        row = StoredRecord(
+            id=record_id,
+            version=version,
+            kind=header.kind.value,
+            content_type=header.content_type,
+            patient_index=patient_index,
+            sealed_meta=seal(dek, ad, SealedFields(header.patient, header.title, sha256)),
+            object_key=object_key,
+            kek_version=wrapped.kek_version,
+            wrapped_dek=wrapped.blob,
+            size=plain.size,
+            stored_size=stored,
+            ciphertext_sha256=cipher.digest.digest(),
+            segment_size=self._limits.segment_size,
+            created_at=datetime.now(UTC),
+            created_by=creator,
+            supersedes_version=version - 1 if version > 1 else None,
+        )
+        if self._before_commit is not None:
+            self._before_commit()
+        try:
+            self._metadata.insert(row)
+        except BaseException:
+            self._blobs.delete(object_key)
+            raise
+        return self._info(row, dek)
+
+    def _next_version(self, header: NewRecord, patient_index: bytes) -> tuple[str, int]:
+        if header.supersedes is None:
+            return secrets.token_hex(16), 1
+        base = self._metadata.get(header.supersedes)
+        if not secrets.compare_digest(base.patient_index, patient_index):
+            raise InvalidRecordError("patient", "differs from the patient of the amended record")
+        if header.supersedes_version is not None and header.supersedes_version != base.version:
+            raise RecordConflictError(
+                f"version {header.supersedes_version} is not the latest of the record "
+                f"(latest is {base.version}); amend the latest version"
+            )
+        return base.id, base.version + 1
+
+    def stat(self, record_id: str, version: int | None = None) -> RecordInfo:
+        """Metadata of one version (the latest by default)."""
+        check_record_id("id", record_id)
+        row = self._metadata.get(record_id, version)
+        return self._info(row, self._unwrap(row))
+
+    def open(
+        self, record_id: str, version: int | None = None, offset: int = 0, length: int = 0
+    ) -> OpenRecord:
+        """Metadata and authenticated plaintext; ``length`` 0 reads to the end."""
+        check_record_id("id", record_id)
+        row = self._metadata.get(record_id, version)
+        dek = self._unwrap(row)
+        info = self._info(row, dek)
+        if offset < 0 or length < 0 or (offset > row.size) or (offset == row.size and offset):
+            raise InvalidRecordError("range.offset", f"is beyond the record's {row.size} bytes")
+        length = min(length or row.size - offset, row.size - offset)
+        aead = StreamingAead(dek, row.segment_size)
+        ad = associated_data(row.id, row.version)
+        if offset == 0 and length == row.size:
+            return OpenRecord(info, self._read_whole(row, aead, ad))
+        if self._blobs.stat(row.object_key).size != row.stored_size:
+            raise IntegrityError("stored record failed authentication")
+        content = aead.decrypt_range(
+            lambda o, n: self._blobs.read(row.object_key, o, n), row.stored_size, ad, offset, length
+        )
+        return OpenRecord(info, content)
+
+    def _read_whole(self, row: StoredRecord, aead: StreamingAead, ad: bytes) -> Iterator[bytes]:
+        cipher = _Meter(row.stored_size)
+        try:
+            yield from aead.decrypt(cipher.watch(self._blobs.read(row.object_key)), ad)
+        except InvalidRecordError as e:  # the object grew past its recorded size
+            raise IntegrityError("stored record failed authentication") from e
+        if cipher.size != row.stored_size or not secrets.compare_digest(
+            cipher.digest.digest(), row.ciphertext_sha256
+        ):
+            raise IntegrityError("stored record failed authentication")
+
+    def list(self, query: RecordQuery) -> tuple[list[RecordInfo], str]:
+        """One page of the patient's records, newest first, and the next page token."""
+        if not 0 < query.page_size <= MAX_PAGE_SIZE:
+            raise InvalidRecordError("page_size", f"must be between 1 and {MAX_PAGE_SIZE}")
+        rows = self._metadata.list(
+            self._indexer.blind_index(query.patient.canonical()),
+            kind=query.kind.value if query.kind else None,
+            created_after=query.created_after,
+            created_before=query.created_before,
+            all_versions=query.all_versions,
+            after=decode_page_token(query.page_token),
+            limit=query.page_size + 1,
+        )
+        page = rows[: query.page_size]
+        token = encode_page_token(page[-1]) if len(rows) > query.page_size else ""
+        return [self._info(r, self._unwrap(r)) for r in page], token
+
+    def _unwrap(self, row: StoredRecord) -> bytes:
+        wrapped = WrappedKey(kek_version=row.kek_version, blob=row.wrapped_dek)
+        try:
+            return self._wrapper.unwrap(wrapped, associated_data(row.id, row.version))
+        except UnwrapError as e:
+            raise IntegrityError("stored record key failed authentication") from e
+
+    @staticmethod
+    def _info(row: StoredRecord, dek: bytes) -> RecordInfo:
+        sealed = unseal(dek, associated_data(row.id, row.version), row.sealed_meta)
+        return RecordInfo(
+            id=row.id,
+            version=row.version,
+            patient=sealed.patient,
+            kind=RecordKind(row.kind),
+            content_type=row.content_type,
+            title=sealed.title,
+            size=row.size,
+            stored_size=row.stored_size,
+            sha256=sealed.sha256,
+            created_at=row.created_at,
+            created_by=row.created_by,
+            supersedes_version=row.supersedes_version,
+        )

@@ -1,0 +1,49 @@
+"""Checks on a record header before anything is stored. Errors name the field."""
+
+from __future__ import annotations
+
+import re
+
+from storage.errors import InvalidRecordError
+from storage.model import NewRecord
+
+MAX_ID_LENGTH = 128
+MAX_TITLE_LENGTH = 1024
+# RFC 6838 type/subtype with optional parameters; enough to reject garbage and injection.
+_CONTENT_TYPE = re.compile(
+    r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+    r"(\s*;\s*[A-Za-z0-9!#$&^_.+-]+=(\"[^\"]*\"|[A-Za-z0-9!#$&^_.+-]+))*$"
+)
+_RECORD_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _printable(field: str, value: str, limit: int, *, required: bool) -> None:
+    if required and not value.strip():
+        raise InvalidRecordError(field, "is required")
+    if len(value) > limit:
+        raise InvalidRecordError(field, f"longer than {limit} characters")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise InvalidRecordError(field, "contains control characters")
+
+
+def check_record_id(field: str, value: str) -> None:
+    """A record id is 32 lowercase hex digits."""
+    if not _RECORD_ID.match(value):
+        raise InvalidRecordError(field, "is not a record id (32 lowercase hex digits)")
+
+
+def check_header(header: NewRecord) -> None:
+    """Reject a header that cannot be stored, naming the field and the problem."""
+    _printable("patient.id", header.patient.id, MAX_ID_LENGTH, required=True)
+    _printable(
+        "patient.assigning_authority", header.patient.authority, MAX_ID_LENGTH, required=True
+    )
+    if not _CONTENT_TYPE.match(header.content_type):
+        raise InvalidRecordError("content_type", "is not a MIME type such as application/pdf")
+    _printable("title", header.title, MAX_TITLE_LENGTH, required=False)
+    if header.supersedes is not None:
+        check_record_id("supersedes", header.supersedes)
+    if header.supersedes_version is not None and header.supersedes is None:
+        raise InvalidRecordError("supersedes_version", "is set without supersedes")
+    if header.expected_sha256 is not None and len(header.expected_sha256) != 32:
+        raise InvalidRecordError("expected_sha256", "must be 32 bytes (a SHA-256 digest)")
