@@ -1,0 +1,83 @@
+"""Where the PKCS#11 token is and how to log in to it, parsed once at start-up.
+
+The PIN is never a field of the configuration: the configuration only names where the
+PIN lives (an environment variable, or a file readable by its owner alone), so that
+printing or logging a config object can never leak it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from keystore.errors import PinError
+
+# Group and world permission bits: any of them makes a PIN file readable by others.
+_SHARED_BITS = stat.S_IRWXG | stat.S_IRWXO
+
+
+@dataclass(frozen=True, slots=True)
+class Pkcs11Config:
+    """Module path, token label, PIN source and key labels of one PKCS#11 token.
+
+    ``serialize_calls`` holds one lock per module while a session is lent out.
+    python-pkcs11 calls ``C_Initialize(NULL)``, which tells SoftHSM2 (and other
+    modules) that the application is single-threaded, so they skip their internal
+    locking; set it to ``False`` only for a module documented to lock regardless.
+    """
+
+    module_path: str
+    token_label: str
+    pin_env: str | None = "MEDVAULT_PIN"
+    pin_file: str | None = None
+    pool_size: int = 8
+    kek_label_prefix: str = "medvault-kek-v"
+    index_key_label: str = "medvault-index-v1"
+    serialize_calls: bool = True
+
+    def __post_init__(self) -> None:
+        if self.pool_size < 1:
+            raise ValueError(f"keystore.pool_size must be at least 1, got {self.pool_size}")
+        if not self.kek_label_prefix:
+            raise ValueError("keystore.kek_label_prefix must not be empty")
+
+    def pin_source(self) -> str:
+        """Name where the PIN is read from, for error messages (never the PIN itself)."""
+        sources = []
+        if self.pin_env:
+            sources.append(f"environment variable {self.pin_env}")
+        if self.pin_file:
+            sources.append(f"PIN file {self.pin_file}")
+        return " or ".join(sources) or "the keystore PIN settings"
+
+    def read_pin(self) -> str:
+        """Return the user PIN: the environment variable if set, else the PIN file."""
+        if self.pin_env:
+            value = os.environ.get(self.pin_env)
+            if value:
+                return value
+        if self.pin_file:
+            return _read_pin_file(Path(self.pin_file))
+        raise PinError(
+            f"no PIN available: set {self.pin_source()} "
+            "(a PIN is never taken from the command line)"
+        )
+
+
+def _read_pin_file(path: Path) -> str:
+    """Read a PIN file after checking that only its owner can read it."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise PinError(f"PIN file {path} cannot be read: {e.strerror}") from e
+    if mode & _SHARED_BITS:
+        raise PinError(f"PIN file {path} is readable by group or others; run `chmod 600 {path}`")
+    try:
+        pin = path.read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise PinError(f"PIN file {path} cannot be read: {e.strerror}") from e
+    if not pin:
+        raise PinError(f"PIN file {path} is empty")
+    return pin

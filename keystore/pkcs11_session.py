@@ -1,0 +1,366 @@
+"""A thread-safe pool of logged-in PKCS#11 sessions over python-pkcs11.
+
+Two PKCS#11 rules shape this module:
+
+* Login state belongs to the application, not to a session: once one session logs in,
+  every session of the process on that token is logged in, a second ``C_Login`` fails
+  with ``CKR_USER_ALREADY_LOGGED_IN``, and ``C_Logout`` on any session logs all of them
+  out. So one "anchor" session per token and process holds the login
+  (:class:`_TokenLogin`), shared by every pool on that token, and pooled sessions are
+  opened without a PIN. python-pkcs11 only logs out sessions it logged in, so closing
+  a pooled session never logs the others out.
+* python-pkcs11 initialises modules with ``C_Initialize(NULL)``, which SoftHSM2 takes
+  to mean "single-threaded" and so drops its own locks. Unless the configuration says
+  the module locks anyway, a per-module lock is held while a session is lent out.
+
+A session that fails with a "session or device is gone" error is dropped; the next
+use opens a new one and logs in again if the login was lost, so the pool recovers after
+a token restart.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
+
+import pkcs11
+from pkcs11 import Attribute, ObjectClass
+from pkcs11 import exceptions as p11e
+
+from keystore.config import Pkcs11Config
+from keystore.errors import KeyNotFoundError, KeystoreError, PinError, TokenUnavailableError
+
+if TYPE_CHECKING:
+    from pkcs11._pkcs11 import lib as Pkcs11Lib  # noqa: N812 - the vendor's class name
+
+T = TypeVar("T")
+
+# Errors after which a session (or the whole token connection) cannot be trusted again.
+SESSION_LOST_ERRORS: tuple[type[p11e.PKCS11Error], ...] = (
+    p11e.SessionClosed,
+    p11e.SessionHandleInvalid,
+    p11e.DeviceRemoved,
+    p11e.DeviceError,
+    p11e.DeviceMemory,
+    p11e.TokenNotPresent,
+    p11e.TokenNotRecognised,
+    p11e.UserNotLoggedIn,
+    p11e.KeyHandleInvalid,
+    p11e.ObjectHandleInvalid,
+)
+
+
+class SessionLostError(TokenUnavailableError):
+    """The session broke during use (token restarted or removed); a retry may succeed."""
+
+
+_registry_lock = threading.Lock()
+_module_locks: dict[str, threading.RLock] = {}
+_logins: dict[tuple[str, bytes], _TokenLogin] = {}
+
+
+class _TokenLogin:
+    """The one logged-in anchor session of this process on one token, reference counted."""
+
+    def __init__(self, token: pkcs11.Token) -> None:
+        self._token = token
+        self._anchor: pkcs11.Session | None = None
+        self._users = 0
+        self._lock = threading.Lock()
+
+    def acquire(self, config: Pkcs11Config) -> None:
+        """Register one more pool and make sure the token is logged in."""
+        with self._lock:
+            self._ensure_locked(config)
+            self._users += 1
+
+    def release(self) -> None:
+        """Unregister a pool; the last one out logs the process out of the token."""
+        with self._lock:
+            self._users -= 1
+            if self._users <= 0 and self._anchor is not None:
+                _close_quietly(self._anchor)
+                self._anchor = None
+
+    def ensure(self, config: Pkcs11Config) -> bool:
+        """Log in again if the login was lost; return True if a new login was made."""
+        with self._lock:
+            return self._ensure_locked(config)
+
+    def _ensure_locked(self, config: Pkcs11Config) -> bool:
+        if self._anchor is not None and _is_logged_in(self._anchor):
+            return False
+        if self._anchor is not None:
+            _close_quietly(self._anchor)
+            self._anchor = None
+        self._anchor = _log_in(self._token, config)
+        return True
+
+
+def _is_logged_in(session: pkcs11.Session) -> bool:
+    """Probe the login: only a logged-in session may create a private object."""
+    try:
+        probe = session.create_object(
+            {
+                Attribute.CLASS: ObjectClass.DATA,
+                Attribute.TOKEN: False,
+                Attribute.PRIVATE: True,
+                Attribute.LABEL: "medvault-login-probe",
+            }
+        )
+        probe.destroy()
+    except p11e.PKCS11Error:
+        return False
+    return True
+
+
+def _log_in(token: pkcs11.Token, config: Pkcs11Config) -> pkcs11.Session:
+    """Open the anchor session and log it in, translating PIN errors."""
+    label = config.token_label
+    pin = config.read_pin()
+    try:
+        return token.open(rw=True, user_pin=pin)
+    except p11e.UserAlreadyLoggedIn:
+        # Someone else in this process logged in (the login is process-wide); a plain
+        # session shares that login. The session C_Login refused is left to the module:
+        # python-pkcs11 does not return its handle. This happens at most once per login.
+        return _open_plain(token, label)
+    except p11e.PinIncorrect as e:
+        raise PinError(f"PIN rejected by token {label}; check {config.pin_source()}") from e
+    except p11e.PinLocked as e:
+        raise PinError(
+            f"the user PIN of token {label} is locked; the security officer must reset it"
+        ) from e
+    except (p11e.PinInvalid, p11e.PinLenRange, p11e.PinExpired) as e:
+        raise PinError(
+            f"PIN not accepted by token {label} ({type(e).__name__}); check {config.pin_source()}"
+        ) from e
+    except p11e.UserPinNotInitialized as e:
+        raise PinError(f"token {label} has no user PIN yet; initialise the token") from e
+    except p11e.PKCS11Error as e:
+        raise TokenUnavailableError(f"cannot log in to token {label}: {type(e).__name__}") from e
+
+
+def _open_plain(token: pkcs11.Token, label: str) -> pkcs11.Session:
+    """Open a read/write session without logging in (it shares the process login)."""
+    try:
+        return token.open(rw=True)
+    except p11e.PKCS11Error as e:
+        raise TokenUnavailableError(
+            f"cannot open a session on token {label}: {type(e).__name__}"
+        ) from e
+
+
+def _close_quietly(session: pkcs11.Session) -> None:
+    """Close a session that may already be gone; there is nothing useful to report."""
+    with suppress(p11e.PKCS11Error):
+        session.close()
+
+
+def load_module(module_path: str) -> Pkcs11Lib:
+    """Load (once per process) the PKCS#11 module at ``module_path``."""
+    if not os.path.isfile(module_path):
+        raise TokenUnavailableError(
+            f"PKCS#11 module not found at {module_path}; install softhsm2 "
+            "(apt-get install softhsm2) or set keystore.module"
+        )
+    try:
+        return pkcs11.lib(module_path)
+    except (OSError, RuntimeError) as e:
+        raise TokenUnavailableError(
+            f"PKCS#11 module at {module_path} cannot be loaded: {type(e).__name__}"
+        ) from e
+
+
+def find_token(lib: Pkcs11Lib, config: Pkcs11Config) -> pkcs11.Token:
+    """Return the token labelled ``config.token_label`` or say how to create it."""
+    label = config.token_label
+    try:
+        return lib.get_token(token_label=label)
+    except p11e.NoSuchToken as e:
+        raise TokenUnavailableError(
+            f"no PKCS#11 token labelled {label!r} in {config.module_path}; create it with "
+            f"`softhsm2-util --init-token --free --label {label}` or `medvault stack up`"
+        ) from e
+    except p11e.MultipleTokensReturned as e:
+        raise TokenUnavailableError(
+            f"more than one PKCS#11 token is labelled {label!r}; labels must be unique"
+        ) from e
+    except p11e.PKCS11Error as e:
+        raise TokenUnavailableError(
+            f"cannot list tokens of {config.module_path}: {type(e).__name__}"
+        ) from e
+
+
+def _shared(config: Pkcs11Config, token: pkcs11.Token) -> tuple[_TokenLogin, threading.RLock]:
+    """Return the process-wide login and module lock for this module and token."""
+    with _registry_lock:
+        key = (config.module_path, token.serial)
+        login = _logins.setdefault(key, _TokenLogin(token))
+        lock = _module_locks.setdefault(config.module_path, threading.RLock())
+    return login, lock
+
+
+@dataclass(eq=False)
+class _Pooled:
+    """A pooled session and the key handles found on it (handles are per session)."""
+
+    session: pkcs11.Session
+    keys: dict[str, pkcs11.Key] = field(default_factory=dict)
+
+
+class Pkcs11SessionPool:
+    """Bounded pool of logged-in sessions on one token; use ``with pool.session() as s``.
+
+    Constructing the pool loads the module, finds the token and logs in, so a wrong
+    module path, token label or PIN fails at start-up rather than on the first request.
+    Do not nest ``session()`` calls in one thread: the pool is bounded.
+    """
+
+    def __init__(self, config: Pkcs11Config) -> None:
+        self.config = config
+        lib = load_module(config.module_path)
+        self._token = find_token(lib, config)
+        self._login, module_lock = _shared(config, self._token)
+        self._module_lock: threading.RLock | None = module_lock if config.serialize_calls else None
+        self._login.acquire(config)
+        self._slots = threading.BoundedSemaphore(config.pool_size)
+        self._idle: list[_Pooled] = []
+        self._lent: dict[int, _Pooled] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __enter__(self) -> Pkcs11SessionPool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @contextmanager
+    def session(self) -> Iterator[pkcs11.Session]:
+        """Lend a logged-in session; a session lost during use is dropped, not reused."""
+        with self._slots, self._serialized():
+            pooled = self._checkout()
+            try:
+                yield pooled.session
+            except SESSION_LOST_ERRORS as e:
+                # One lost session usually means the token restarted: its siblings are
+                # gone too, so drop them all rather than fail once per idle session.
+                self._discard(pooled)
+                self._drain_idle()
+                raise SessionLostError(
+                    f"lost the session to token {self.config.token_label} "
+                    f"({type(e).__name__}); the next use opens a new one"
+                ) from e
+            except p11e.PKCS11Error as e:
+                # Vendor errors stop at this edge; the session itself is still sound.
+                self._checkin(pooled)
+                raise KeystoreError(
+                    f"PKCS#11 operation failed on token {self.config.token_label}: "
+                    f"{type(e).__name__}"
+                ) from e
+            except BaseException:
+                self._checkin(pooled)
+                raise
+            self._checkin(pooled)
+
+    def run(self, operation: Callable[[pkcs11.Session], T]) -> T:
+        """Run ``operation`` on a lent session, retrying once on a fresh session if lost.
+
+        Only for idempotent operations (encrypt, decrypt, sign, lookups).
+        """
+        try:
+            with self.session() as session:
+                return operation(session)
+        except SessionLostError:
+            with self.session() as session:
+                return operation(session)
+
+    def find_key(
+        self, session: pkcs11.Session, label: str, object_class: ObjectClass
+    ) -> pkcs11.Key:
+        """Return the key ``label`` on a lent session, from its cache when possible."""
+        pooled = self._lent.get(id(session))
+        cache = pooled.keys if pooled is not None else {}
+        key = cache.get(label)
+        if key is None:
+            key = self._search_key(session, label, object_class)
+            cache[label] = key
+        return key
+
+    def forget_keys(self) -> None:
+        """Drop the cached key handles of idle sessions (after keys were added or removed)."""
+        with self._lock:
+            for pooled in self._idle:
+                pooled.keys.clear()
+
+    def close(self) -> None:
+        """Close idle sessions now and lent ones on return; idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._drain_idle()
+        self._login.release()
+
+    @contextmanager
+    def _serialized(self) -> Iterator[None]:
+        if self._module_lock is None:
+            yield
+            return
+        with self._module_lock:
+            yield
+
+    def _search_key(
+        self, session: pkcs11.Session, label: str, object_class: ObjectClass
+    ) -> pkcs11.Key:
+        """Find a key; when absent, rule out a lost login before saying it is missing."""
+        for attempt in range(2):
+            try:
+                return session.get_key(object_class=object_class, label=label)
+            except p11e.NoSuchKey as e:
+                # Private keys are invisible when logged out; log in again and look once more.
+                if attempt == 0 and self._login.ensure(self.config):
+                    continue
+                raise KeyNotFoundError(
+                    f"key {label!r} not found on token {self.config.token_label}"
+                ) from e
+            except p11e.MultipleObjectsReturned as e:
+                raise KeyNotFoundError(
+                    f"more than one key is labelled {label!r} on token "
+                    f"{self.config.token_label}; labels must be unique"
+                ) from e
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _checkout(self) -> _Pooled:
+        with self._lock:
+            if self._closed:
+                raise KeystoreError("the PKCS#11 session pool is closed")
+            pooled = self._idle.pop() if self._idle else None
+        if pooled is None:
+            self._login.ensure(self.config)
+            pooled = _Pooled(_open_plain(self._token, self.config.token_label))
+        self._lent[id(pooled.session)] = pooled
+        return pooled
+
+    def _checkin(self, pooled: _Pooled) -> None:
+        self._lent.pop(id(pooled.session), None)
+        with self._lock:
+            if not self._closed:
+                self._idle.append(pooled)
+                return
+        _close_quietly(pooled.session)
+
+    def _drain_idle(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for pooled in idle:
+            _close_quietly(pooled.session)
+
+    def _discard(self, pooled: _Pooled) -> None:
+        self._lent.pop(id(pooled.session), None)
+        _close_quietly(pooled.session)

@@ -1,0 +1,71 @@
+"""Pkcs11Config: where the PIN comes from, and refusing PIN files others can read."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+import pytest
+
+from keystore import PinError, Pkcs11Config
+
+
+def _config(pin_file: Path | None = None, pin_env: str | None = None) -> Pkcs11Config:
+    return Pkcs11Config(
+        module_path="/nonexistent.so",
+        token_label="t",
+        pin_env=pin_env,
+        pin_file=str(pin_file) if pin_file else None,
+    )
+
+
+def _pin_file(tmp_path: Path, mode: int) -> tuple[Path, str]:
+    pin = secrets.token_urlsafe(12)
+    path = tmp_path / "pin"
+    path.write_text(pin + "\n", encoding="utf-8")
+    path.chmod(mode)
+    return path, pin
+
+
+def test_environment_variable_wins_over_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, _ = _pin_file(tmp_path, 0o600)
+    env_pin = secrets.token_urlsafe(12)
+    monkeypatch.setenv("MEDVAULT_TEST_PIN_ENV", env_pin)
+    assert _config(path, "MEDVAULT_TEST_PIN_ENV").read_pin() == env_pin
+
+
+def test_file_used_when_environment_variable_unset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, pin = _pin_file(tmp_path, 0o600)
+    monkeypatch.delenv("MEDVAULT_TEST_PIN_ENV", raising=False)
+    assert _config(path, "MEDVAULT_TEST_PIN_ENV").read_pin() == pin
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o660])
+def test_shared_pin_file_is_refused(tmp_path: Path, mode: int) -> None:
+    path, pin = _pin_file(tmp_path, mode)
+    with pytest.raises(PinError) as caught:
+        _config(path).read_pin()
+    message = str(caught.value)
+    assert str(path) in message
+    assert "chmod 600" in message
+    assert pin not in message
+
+
+def test_no_pin_source_names_where_to_put_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MEDVAULT_TEST_PIN_ENV", raising=False)
+    with pytest.raises(PinError, match="MEDVAULT_TEST_PIN_ENV"):
+        _config(pin_env="MEDVAULT_TEST_PIN_ENV").read_pin()
+
+
+def test_missing_pin_file(tmp_path: Path) -> None:
+    with pytest.raises(PinError, match="cannot be read"):
+        _config(tmp_path / "absent").read_pin()
+
+
+def test_pool_size_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="pool_size"):
+        Pkcs11Config(module_path="m", token_label="t", pool_size=0)

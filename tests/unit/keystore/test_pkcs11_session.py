@@ -1,0 +1,132 @@
+"""Pkcs11SessionPool against the real SoftHSM2: start-up errors, threads, recovery."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from keystore import (
+    KeyNotFoundError,
+    PinError,
+    Pkcs11BlindIndexer,
+    Pkcs11KeyWrapper,
+    Pkcs11SessionPool,
+    TokenUnavailableError,
+)
+from keystore.pkcs11_session import find_token, load_module
+from tests.fixtures.softhsm import WRONG_PIN_TOKEN_LABEL, SoftHsmToken
+
+PIN_ENV = "MEDVAULT_TEST_WRONG_PIN"
+
+
+def test_wrong_pin_is_a_pin_error_without_the_pin(
+    softhsm_token: SoftHsmToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wrong_pin = secrets.token_urlsafe(12)
+    monkeypatch.setenv(PIN_ENV, wrong_pin)
+    config = replace(
+        softhsm_token.config, token_label=WRONG_PIN_TOKEN_LABEL, pin_env=PIN_ENV, pin_file=None
+    )
+    with pytest.raises(PinError) as caught:
+        Pkcs11SessionPool(config)
+    message = str(caught.value)
+    assert WRONG_PIN_TOKEN_LABEL in message
+    assert PIN_ENV in message
+    assert wrong_pin not in message
+    assert wrong_pin not in repr(caught.value.__cause__)
+
+
+def test_missing_token_label(softhsm_token: SoftHsmToken) -> None:
+    config = replace(softhsm_token.config, token_label="medvault-no-such-token")
+    with pytest.raises(TokenUnavailableError) as caught:
+        Pkcs11SessionPool(config)
+    assert "medvault-no-such-token" in str(caught.value)
+    assert "softhsm2-util --init-token --free --label medvault-no-such-token" in str(caught.value)
+
+
+def test_missing_module(softhsm_token: SoftHsmToken, tmp_path: Path) -> None:
+    module = str(tmp_path / "libnothing.so")
+    config = replace(softhsm_token.config, module_path=module)
+    with pytest.raises(TokenUnavailableError, match="PKCS#11 module not found at") as caught:
+        Pkcs11SessionPool(config)
+    assert module in str(caught.value)
+
+
+def test_missing_index_key_is_key_not_found(softhsm_token: SoftHsmToken) -> None:
+    config = replace(softhsm_token.config, index_key_label="medvault-index-v404")
+    with Pkcs11SessionPool(config) as pool, pytest.raises(KeyNotFoundError):
+        Pkcs11BlindIndexer(pool).blind_index(b"x")
+
+
+def test_closed_pool_refuses_sessions(softhsm_token: SoftHsmToken) -> None:
+    pool = Pkcs11SessionPool(softhsm_token.config)
+    pool.close()
+    pool.close()
+    with pytest.raises(Exception, match="closed"), pool.session():
+        pass
+
+
+def test_concurrent_wrap_unwrap(softhsm_token: SoftHsmToken) -> None:
+    config = replace(softhsm_token.config, pool_size=4)
+    failures: list[BaseException] = []
+    wrong: list[int] = []
+    with Pkcs11SessionPool(config) as pool:
+        wrapper = Pkcs11KeyWrapper(pool)
+
+        def worker(n: int) -> None:
+            try:
+                for i in range(200):
+                    dek = os.urandom(32)
+                    ad = f"record:{n}:{i}".encode()
+                    if wrapper.unwrap(wrapper.wrap(dek, ad), ad) != dek:
+                        wrong.append(n)
+            except Exception as e:  # noqa: BLE001 - a thread must report, not die silently
+                failures.append(e)
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not failures
+    assert not wrong
+
+
+def _close_all_sessions(module_path: str, slot_id: int) -> None:
+    """Do what a token restart does to us: C_CloseAllSessions on the token's slot."""
+    module = ctypes.CDLL(module_path)  # the already-loaded module, same instance
+    close_all = module.C_CloseAllSessions
+    close_all.argtypes = [ctypes.c_ulong]
+    close_all.restype = ctypes.c_ulong
+    assert close_all(slot_id) == 0
+
+
+# A search python-pkcs11 had open on a killed session is finalised when garbage collected
+# and reports SessionHandleInvalid from __del__; that is the point of this test.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_pool_recovers_after_sessions_closed_underneath(
+    softhsm_token: SoftHsmToken, keystore_pool: Pkcs11SessionPool
+) -> None:
+    config = replace(softhsm_token.config, pool_size=3)
+    with Pkcs11SessionPool(config) as pool:
+        wrapper = Pkcs11KeyWrapper(pool)
+        indexer = Pkcs11BlindIndexer(pool)
+        dek = os.urandom(32)
+        wrapped = wrapper.wrap(dek, b"ad")
+        digest = indexer.blind_index(b"value")
+
+        token = find_token(load_module(config.module_path), config)
+        _close_all_sessions(config.module_path, token.slot.slot_id)
+
+        assert wrapper.unwrap(wrapped, b"ad") == dek
+        assert indexer.blind_index(b"value") == digest
+        assert wrapper.unwrap(wrapper.wrap(dek, b"ad2"), b"ad2") == dek
+    # The shared session-scoped pool lost its sessions too and recovers the same way.
+    shared = Pkcs11KeyWrapper(keystore_pool)
+    assert shared.unwrap(shared.wrap(dek, b"ad3"), b"ad3") == dek
