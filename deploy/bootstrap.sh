@@ -1,0 +1,72 @@
+# shellcheck shell=bash
+# Shared bootstrap of deploy/up.sh and deploy/test.sh; source it, do not run it.
+# After sourcing: the working directory is the repository root, SoftHSM2 is installed,
+# and .venv holds an editable install of medvault with its dev extras.
+
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO_ROOT"
+
+VENV="$REPO_ROOT/.venv"
+SOFTHSM_MODULE="/usr/lib/softhsm/libsofthsm2.so"
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# Run as root directly, through sudo otherwise; fail clearly when neither is possible.
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        die "need root to run: $* (install sudo or run as root)"
+    fi
+}
+
+ensure_softhsm() {
+    if command -v softhsm2-util >/dev/null 2>&1 && [ -f "$SOFTHSM_MODULE" ]; then
+        return
+    fi
+    command -v apt-get >/dev/null 2>&1 \
+        || die "SoftHSM2 is missing and apt-get is not available; install softhsm2 by hand"
+    log "installing SoftHSM2 (Debian package softhsm2)"
+    as_root apt-get update
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y softhsm2
+}
+
+find_python() {
+    local candidate
+    for candidate in python3.13 python3.12 python3.11 python3; do
+        if command -v "$candidate" >/dev/null 2>&1 \
+            && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+            command -v "$candidate"
+            return
+        fi
+    done
+    die "Python 3.11 or newer is required (found: $(python3 --version 2>&1 || echo none))"
+}
+
+ensure_venv() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        local python
+        python="$(find_python)"
+        log "creating $VENV with $python"
+        "$python" -m venv "$VENV"
+    fi
+    "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+        || die "$VENV uses Python < 3.11; remove it and run again"
+    # Reinstall only when pyproject.toml changed since the last successful install.
+    local stamp="$VENV/.medvault-pyproject.sha256"
+    local want
+    want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+    if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+        log "installing medvault and its dev dependencies into $VENV"
+        "$VENV/bin/python" -m pip install --quiet -e '.[dev]'
+        printf '%s\n' "$want" > "$stamp"
+    fi
+}
+
+ensure_softhsm
+ensure_venv

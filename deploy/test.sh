@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Run every check and test: stub staleness, ruff, mypy, then pytest (arguments are
+# passed to pytest). Integration tests start their own components; PostgreSQL must be
+# reachable on 127.0.0.1:5432 because the CI run fails, never skips, without it.
+set -euo pipefail
+# shellcheck source=deploy/bootstrap.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
+
+if ! "$VENV/bin/python" - <<'PY'
+import socket, sys
+try:
+    socket.create_connection(("127.0.0.1", 5432), timeout=3).close()
+except OSError:
+    sys.exit(1)
+PY
+then
+    die "PostgreSQL is not reachable on 127.0.0.1:5432; start it (e.g. 'service postgresql start' or a postgres container publishing port 5432) and run again"
+fi
+
+log "checking generated stubs"
+"$VENV/bin/python" -m service.protogen --check
+log "ruff"
+"$VENV/bin/ruff" check .
+log "mypy"
+"$VENV/bin/mypy"
+log "pytest"
+status=0
+"$VENV/bin/pytest" -p no:cacheprovider "$@" || status=$?
+if [ "$status" -eq 5 ]; then
+    die "pytest collected no tests; that is a failure, not a pass"
+fi
+exit "$status"

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Bring up the local stack (CA, SoftHSM2 token, SeaweedFS, SQLite, the service).
+# Idempotent: run it again any time; what exists is kept, what runs keeps running.
+# The stack lives in $MEDVAULT_HOME (default: .medvault in the repository root).
+set -euo pipefail
+# shellcheck source=deploy/bootstrap.sh
+source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
+
+"$VENV/bin/medvault" stack up
+
+cat <<'USAGE'
+
+The local stack is up. To use it from this shell:
+
+    eval "$(.venv/bin/medvault stack env)"
+    .venv/bin/medvault put --patient 12345 --authority urn:oid:1.2.3 --kind PDF some-document.pdf
+
+Status:  .venv/bin/medvault stack status
+Stop:    deploy/down.sh
+USAGE

@@ -1,0 +1,90 @@
+"""``medvault stack up|down|status|env``: the local development stack.
+
+The home directory comes from ``--home``, else ``MEDVAULT_HOME``, else ``./.medvault``.
+``env`` prints only ``export`` lines, so ``eval "$(medvault stack env)"`` works; every
+progress line of the other commands goes to stdout, errors to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from service.localstack.stack import LocalStack, LocalStackError, default_home
+
+
+def register(subparsers: argparse._SubParsersAction[Any]) -> None:
+    """Add ``stack`` and its sub-commands to the ``medvault`` parser."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--home",
+        type=Path,
+        default=None,
+        help="stack directory (default: $MEDVAULT_HOME or ./.medvault)",
+    )
+    stack = subparsers.add_parser("stack", help="run the local development stack")
+    commands = stack.add_subparsers(dest="stack_command", metavar="COMMAND", required=True)
+
+    up = commands.add_parser(
+        "up", parents=[common], help="create what is missing and start everything"
+    )
+    up.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for the service health"
+    )
+    up.set_defaults(func=_up)
+
+    down = commands.add_parser("down", parents=[common], help="stop the service and SeaweedFS")
+    down.set_defaults(func=_down)
+
+    status = commands.add_parser("status", parents=[common], help="show each component")
+    status.set_defaults(func=_status)
+
+    env = commands.add_parser(
+        "env", parents=[common], help='print export lines: eval "$(medvault stack env)"'
+    )
+    env.add_argument(
+        "--as",
+        dest="client",
+        default="local-admin",
+        metavar="NAME",
+        help="client certificate to use (default: local-admin)",
+    )
+    env.set_defaults(func=_env)
+
+
+def _stack(args: argparse.Namespace) -> LocalStack:
+    # Readiness polls of a starting SeaweedFS fail by design; urllib3 would log every
+    # refused connection as a retry warning.
+    logging.getLogger("urllib3").setLevel(logging.ERROR)
+    home: Path | None = args.home
+    return LocalStack(home.absolute() if home else default_home())
+
+
+def _run(action: Callable[[], object]) -> int:
+    """Run ``action``; a stack error becomes one line on stderr and exit status 1."""
+    try:
+        action()
+    except LocalStackError as e:
+        print(f"medvault stack: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    return _run(lambda: _stack(args).up(health_timeout=args.timeout))
+
+
+def _down(args: argparse.Namespace) -> int:
+    return _run(lambda: _stack(args).down())
+
+
+def _status(args: argparse.Namespace) -> int:
+    return _run(lambda: _stack(args).status())
+
+
+def _env(args: argparse.Namespace) -> int:
+    return _run(lambda: sys.stdout.write(_stack(args).env(args.client)))

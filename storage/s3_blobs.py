@@ -1,0 +1,235 @@
+"""``BlobStore`` over S3 (SeaweedFS, MinIO or any S3 service) with the minio SDK.
+
+Vendor errors are translated here and nowhere else: unreachable or failing service ->
+``BackendUnavailableError``, missing object -> ``RecordNotFoundError``, anything else
+-> ``StorageError``. Messages name the endpoint and the operation, never a key's data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import BinaryIO, TypeVar, cast
+
+import urllib3
+from minio import Minio
+from minio.error import InvalidResponseError, S3Error, ServerError
+
+from storage.errors import BackendUnavailableError, RecordNotFoundError, StorageError
+from storage.interfaces import BlobInfo
+
+MIB = 1024 * 1024
+DEFAULT_PART_SIZE = 16 * MIB
+_MIN_PART_SIZE = 5 * MIB  # the S3 minimum for every part but the last
+_READ_CHUNK = 256 * 1024
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchObject", "NoSuchVersion"})
+
+T = TypeVar("T")
+
+# What the SDK and its transport raise; anything else is a bug and propagates as is.
+_VENDOR_ERRORS = (
+    S3Error,
+    ServerError,
+    InvalidResponseError,
+    urllib3.exceptions.HTTPError,
+    OSError,
+    ValueError,
+)
+
+
+def make_minio_client(
+    endpoint: str,
+    access_key: str,
+    secret_key: str,
+    secure: bool = False,
+    ca_file: str | None = None,
+) -> Minio:
+    """A minio client whose HTTP pool reports an outage within seconds, not minutes.
+
+    The SDK's default pool waits five minutes to connect and retries five times; a
+    record write would hang that long when the object store is down.
+    """
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=2.0, read=30.0),
+        maxsize=10,
+        cert_reqs="CERT_REQUIRED" if secure else "CERT_NONE",
+        ca_certs=ca_file,
+        retries=urllib3.Retry(
+            total=2,
+            connect=1,
+            read=1,
+            backoff_factor=0.2,
+            status_forcelist=[500, 502, 503, 504],
+        ),
+    )
+    # A fixed region spares a GetBucketLocation round trip before the first request.
+    return Minio(
+        endpoint,
+        access_key=access_key,
+        secret_key=secret_key,
+        secure=secure,
+        region="us-east-1",
+        http_client=http,
+    )
+
+
+class _ChunkReader:
+    """A read()-able view of a chunk iterator that buffers at most one request's worth.
+
+    An exception from the iterator is remembered so ``put`` re-raises it unchanged:
+    it is the caller's error (e.g. invalid content), not the object store's.
+    """
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self._buffer = bytearray()
+        self.total = 0
+        self.failure: BaseException | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        """Return up to ``size`` bytes (all remaining if negative); b"" at the end."""
+        try:
+            while size < 0 or len(self._buffer) < size:
+                chunk = next(self._chunks, None)
+                if chunk is None:
+                    break
+                self._buffer += chunk
+        except BaseException as e:
+            self.failure = e
+            raise
+        cut = len(self._buffer) if size < 0 else min(size, len(self._buffer))
+        data = bytes(self._buffer[:cut])
+        del self._buffer[:cut]
+        self.total += len(data)
+        return data
+
+
+class S3BlobStore:
+    """Objects in one bucket; multipart uploads, ranged reads."""
+
+    def __init__(self, client: Minio, bucket: str, part_size: int = DEFAULT_PART_SIZE) -> None:
+        if part_size < _MIN_PART_SIZE:
+            raise ValueError(f"part_size must be at least {_MIN_PART_SIZE} bytes")
+        self._client = client
+        self._bucket = bucket
+        self._part_size = part_size
+
+    @property
+    def bucket(self) -> str:
+        """The bucket this store writes to."""
+        return self._bucket
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist yet."""
+
+        def create() -> None:
+            if not self._client.bucket_exists(self._bucket):
+                try:
+                    self._client.make_bucket(self._bucket)
+                except S3Error as e:
+                    # Another replica may have created it between the two calls.
+                    if e.code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                        raise
+
+        self._call("create bucket", create)
+
+    def put(self, key: str, chunks: Iterable[bytes]) -> int:
+        """Stream ``chunks`` into ``key``; memory stays at about one part.
+
+        The SDK aborts the multipart upload when any part (or the source) fails, so
+        nothing becomes visible under ``key``.
+        """
+        reader = _ChunkReader(chunks)
+        try:
+            self._client.put_object(
+                self._bucket,
+                key,
+                cast(BinaryIO, reader),  # the SDK only calls read(size)
+                length=-1,
+                part_size=self._part_size,
+                # Parallel uploads would hold several parts in memory at once.
+                num_parallel_uploads=1,
+            )
+        except _VENDOR_ERRORS as e:
+            if reader.failure is e:
+                raise  # the caller's stream failed: its error, unchanged
+            raise self._translate("put object", e) from e
+        return reader.total
+
+    def read(self, key: str, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+        """Yield the object's bytes from ``offset``; the response is always released."""
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError("offset and length must not be negative")
+        if length == 0:
+            return
+        response = self._call(
+            "read object",
+            lambda: self._client.get_object(self._bucket, key, offset=offset, length=length or 0),
+        )
+        try:
+            while True:
+                chunk = self._call("read object", lambda: response.read(_READ_CHUNK))
+                if not chunk:
+                    return
+                yield chunk
+        finally:
+            response.close()
+            response.release_conn()
+
+    def stat(self, key: str) -> BlobInfo:
+        """Size and last-modified time of ``key``; ``RecordNotFoundError`` if absent."""
+        info = self._call("stat object", lambda: self._client.stat_object(self._bucket, key))
+        if info.last_modified is None or info.size is None:
+            raise StorageError(f"object store at {self._endpoint()} returned no size or time")
+        return BlobInfo(key=key, size=info.size, last_modified=info.last_modified)
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; an absent object is not an error (S3 semantics)."""
+        self._call("delete object", lambda: self._client.remove_object(self._bucket, key))
+
+    def list(self, prefix: str = "") -> Iterator[BlobInfo]:
+        """Every object under ``prefix``, recursively, in key order."""
+        objects = self._call(
+            "list objects",
+            lambda: iter(self._client.list_objects(self._bucket, prefix=prefix, recursive=True)),
+        )
+        while True:
+            obj = self._call("list objects", lambda: next(objects, None))
+            if obj is None:
+                return
+            if obj.is_dir or obj.object_name is None or obj.last_modified is None:
+                continue
+            yield BlobInfo(key=obj.object_name, size=obj.size or 0, last_modified=obj.last_modified)
+
+    # -- error translation -----------------------------------------------------
+
+    def _endpoint(self) -> str:
+        # The public URL of the client, e.g. "127.0.0.1:8333"; it names no object.
+        return str(self._client._base_url.host)  # no public accessor
+
+    def _call(self, operation: str, fn: Callable[[], T]) -> T:
+        """Run one SDK call, translating its errors."""
+        try:
+            return fn()
+        except _VENDOR_ERRORS as e:
+            raise self._translate(operation, e) from e
+
+    def _translate(self, operation: str, error: BaseException) -> StorageError:
+        """Map one SDK or transport error to the storage error hierarchy."""
+        where = self._endpoint()
+        if isinstance(error, S3Error):
+            if error.code in _NOT_FOUND_CODES:
+                return RecordNotFoundError(f"no such object in bucket {self._bucket}")
+            if error.code == "NoSuchBucket":
+                return StorageError(f"bucket {self._bucket} does not exist at {where}")
+            if error.response.status >= 500:
+                return BackendUnavailableError(
+                    f"object store unreachable at {where}: {operation} failed "
+                    f"({error.code}); retry later"
+                )
+            return StorageError(f"object store at {where} refused to {operation}: {error.code}")
+        if isinstance(error, ServerError | urllib3.exceptions.HTTPError | OSError):
+            return BackendUnavailableError(
+                f"object store unreachable at {where}: {operation} failed "
+                f"({type(error).__name__}); retry later"
+            )
+        return StorageError(f"object store at {where}: {operation} failed ({type(error).__name__})")

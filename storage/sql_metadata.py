@@ -1,0 +1,247 @@
+"""``MetadataStore`` on SQL with SQLAlchemy 2 Core: SQLite (embedded) or PostgreSQL.
+
+Times are stored in UTC. SQLite keeps no zone, so every datetime is converted to UTC
+before it is written or compared and made UTC-aware again when it is read.
+Database errors are translated here: unreachable -> ``BackendUnavailableError`` naming
+the host (never a row's data), duplicate version -> ``RecordConflictError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import event, exc
+from sqlalchemy.engine import Connection, Engine, Row
+
+from storage.errors import (
+    BackendUnavailableError,
+    InvalidRecordError,
+    RecordConflictError,
+    RecordNotFoundError,
+    StorageError,
+)
+from storage.interfaces import ListCursor, StoredRecord
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+_IN_BATCH = 500  # bound the IN (...) list; SQLite caps bound parameters per statement
+
+T = TypeVar("T")
+
+metadata = sa.MetaData()
+
+# The schema as queries see it; storage/migrations/versions/ is how it came to be.
+records = sa.Table(
+    "records",
+    metadata,
+    sa.Column("id", sa.String(64), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("content_type", sa.String(255), nullable=False),
+    sa.Column("patient_index", sa.LargeBinary(32), nullable=False),
+    sa.Column("sealed_meta", sa.LargeBinary, nullable=False),
+    sa.Column("object_key", sa.String(255), nullable=False),
+    sa.Column("kek_version", sa.Integer, nullable=False),
+    sa.Column("wrapped_dek", sa.LargeBinary, nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("stored_size", sa.BigInteger, nullable=False),
+    sa.Column("ciphertext_sha256", sa.LargeBinary(32), nullable=False),
+    sa.Column("segment_size", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("created_by", sa.String(255), nullable=False),
+    sa.Column("supersedes_version", sa.Integer, nullable=True),
+    sa.PrimaryKeyConstraint("id", "version", name="pk_records"),
+    sa.UniqueConstraint("object_key", name="uq_records_object_key"),
+    sa.Index("ix_records_patient_created", "patient_index", "created_at"),
+    sa.Index("ix_records_kek_version", "kek_version"),
+)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``, tuned per dialect (SQLite pragmas, PostgreSQL pre-ping)."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = sa.create_engine(parsed)
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    # pre-ping drops connections a database restart has killed; a short connect
+    # timeout reports an outage in seconds.
+    return sa.create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": 5})
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    """WAL lets readers run beside the writer; busy_timeout waits out a short lock."""
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=5000")
+    finally:
+        cursor.close()
+
+
+def alembic_config() -> Config:
+    """An Alembic config for the packaged migrations (no alembic.ini needed)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Migrate the database to ``revision``; a no-op when it is there already."""
+    config = alembic_config()
+    with _translated(engine), engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+
+
+def _utc(value: datetime, field: str) -> datetime:
+    """``value`` in UTC; a naive time is refused rather than guessed."""
+    if value.tzinfo is None:
+        raise InvalidRecordError(field, "must carry a time zone")
+    return value.astimezone(UTC)
+
+
+def _from_db(value: datetime) -> datetime:
+    """A UTC-aware datetime from a driver value (SQLite returns naive UTC)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _to_record(row: Row[Any]) -> StoredRecord:
+    m = row._mapping
+    return StoredRecord(
+        id=m["id"],
+        version=m["version"],
+        kind=m["kind"],
+        content_type=m["content_type"],
+        patient_index=bytes(m["patient_index"]),
+        sealed_meta=bytes(m["sealed_meta"]),
+        object_key=m["object_key"],
+        kek_version=m["kek_version"],
+        wrapped_dek=bytes(m["wrapped_dek"]),
+        size=m["size"],
+        stored_size=m["stored_size"],
+        ciphertext_sha256=bytes(m["ciphertext_sha256"]),
+        segment_size=m["segment_size"],
+        created_at=_from_db(m["created_at"]),
+        created_by=m["created_by"],
+        supersedes_version=m["supersedes_version"],
+    )
+
+
+def _where_label(engine: Engine) -> str:
+    """Where the database is, for messages: host and port, or 'local SQLite file'."""
+    url = engine.url
+    if url.get_backend_name() == "sqlite":
+        return "local SQLite file"
+    return f"{url.host or 'localhost'}:{url.port or 'default port'}"
+
+
+@contextmanager
+def _translated(engine: Engine) -> Iterator[None]:
+    """Translate driver errors; the original stays chained, the message carries no data."""
+    try:
+        yield
+    except exc.IntegrityError as e:
+        raise RecordConflictError("that record version (or its object key) exists already") from e
+    except (exc.OperationalError, exc.InterfaceError) as e:
+        raise BackendUnavailableError(
+            f"metadata database unavailable at {_where_label(engine)} "
+            f"({type(e.orig).__name__}); retry later"
+        ) from e
+    except exc.SQLAlchemyError as e:
+        raise StorageError(f"metadata database error ({type(e).__name__})") from e
+
+
+def _latest_only() -> sa.ColumnElement[bool]:
+    """Rows that are the newest version of their record (over all of its versions)."""
+    newer = sa.alias(records, "newer")
+    latest = sa.select(sa.func.max(newer.c.version)).where(newer.c.id == records.c.id)
+    return records.c.version == latest.scalar_subquery()
+
+
+class SqlMetadataStore:
+    """Record rows in one SQL table; every statement is parameterised."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def insert(self, row: StoredRecord) -> None:
+        """Add a version; ``RecordConflictError`` if (id, version) exists already."""
+        values = {column.name: getattr(row, column.name) for column in records.columns}
+        values["created_at"] = _utc(row.created_at, "created_at")
+        self._run(lambda c: c.execute(records.insert().values(**values)), write=True)
+
+    def get(self, record_id: str, version: int | None = None) -> StoredRecord:
+        """That version, or the latest; ``RecordNotFoundError`` if absent."""
+        query = sa.select(records).where(records.c.id == record_id)
+        if version is None:
+            query = query.order_by(records.c.version.desc()).limit(1)
+        else:
+            query = query.where(records.c.version == version)
+        row = self._run(lambda c: c.execute(query).first())
+        if row is None:
+            raise RecordNotFoundError("no such record" if version is None else "no such version")
+        return _to_record(row)
+
+    def list(
+        self,
+        patient_index: bytes,
+        *,
+        kind: str | None,
+        created_after: datetime | None,
+        created_before: datetime | None,
+        all_versions: bool,
+        after: ListCursor | None,
+        limit: int,
+    ) -> list[StoredRecord]:
+        """A page of the patient's rows, newest first, starting after ``after``."""
+        if limit < 1:
+            raise InvalidRecordError("limit", "must be at least 1")
+        query = sa.select(records).where(records.c.patient_index == patient_index)
+        if kind is not None:
+            query = query.where(records.c.kind == kind)
+        if created_after is not None:
+            query = query.where(records.c.created_at >= _utc(created_after, "created_after"))
+        if created_before is not None:
+            query = query.where(records.c.created_at < _utc(created_before, "created_before"))
+        if not all_versions:
+            query = query.where(_latest_only())
+        if after is not None:
+            # Keyset pagination: rows strictly after the cursor in the same order.
+            key = sa.tuple_(records.c.created_at, records.c.id, records.c.version)
+            query = query.where(
+                key < sa.tuple_(_utc(after.created_at, "after"), after.id, after.version)
+            )
+        query = query.order_by(
+            records.c.created_at.desc(), records.c.id.desc(), records.c.version.desc()
+        ).limit(limit)
+        rows = self._run(lambda c: c.execute(query).all())
+        return [_to_record(r) for r in rows]
+
+    def referenced(self, object_keys: Iterable[str]) -> set[str]:
+        """Those of ``object_keys`` that some row references (for the orphan sweeper)."""
+        keys = list(dict.fromkeys(object_keys))
+        found: set[str] = set()
+        for start in range(0, len(keys), _IN_BATCH):
+            found.update(self._referenced_batch(keys[start : start + _IN_BATCH]))
+        return found
+
+    def _referenced_batch(self, keys: Sequence[str]) -> Sequence[str]:
+        query = sa.select(records.c.object_key).where(records.c.object_key.in_(keys))
+        return self._run(lambda c: c.scalars(query).all())
+
+    def _run(self, fn: Callable[[Connection], T], *, write: bool = False) -> T:
+        """Run ``fn`` in one transaction (committed if ``write``), translating errors."""
+        with _translated(self._engine):
+            if write:
+                with self._engine.begin() as connection:
+                    return fn(connection)
+            with self._engine.connect() as connection:
+                return fn(connection)

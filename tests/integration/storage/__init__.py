@@ -1,0 +1,1 @@
+"""Integration tests of the storage backends against the real SQL databases and SeaweedFS."""
