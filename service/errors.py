@@ -19,6 +19,8 @@ from keystore.errors import (
     TokenUnavailableError,
     UnwrapError,
 )
+from service.authn import AuthenticationError, DelegationNotAllowedError
+from service.authz import PermissionDeniedError
 from storage.errors import (
     BackendUnavailableError,
     IntegrityError,
@@ -31,6 +33,9 @@ log = logging.getLogger(__name__)
 
 # Most specific first: the first matching class wins.
 STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
+    (DelegationNotAllowedError, grpc.StatusCode.PERMISSION_DENIED),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (InvalidRecordError, grpc.StatusCode.INVALID_ARGUMENT),
     (RecordNotFoundError, grpc.StatusCode.NOT_FOUND),
     (RecordConflictError, grpc.StatusCode.FAILED_PRECONDITION),

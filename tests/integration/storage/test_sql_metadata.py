@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
 from storage.errors import (
@@ -18,7 +19,7 @@ from storage.errors import (
     RecordNotFoundError,
 )
 from storage.interfaces import ListCursor, MetadataStore, StoredRecord
-from storage.sql_metadata import SqlMetadataStore, make_engine, upgrade
+from storage.sql_metadata import SqlMetadataStore, alembic_config, make_engine, upgrade
 
 pytestmark = pytest.mark.integration
 
@@ -201,7 +202,8 @@ def test_upgrade_is_idempotent(metadata_engine: Engine) -> None:
     upgrade(metadata_engine)
     with metadata_engine.connect() as connection:
         heads = connection.execute(sa.text("SELECT version_num FROM alembic_version")).all()
-    assert [h[0] for h in heads] == ["0001"]
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert [h[0] for h in heads] == [head]
 
 
 def test_fresh_database_migrates_to_head(tmp_path: Path) -> None:
