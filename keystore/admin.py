@@ -2,16 +2,18 @@
 
 Keys are generated inside the token as sensitive and non-extractable, so no process
 (medvault included) ever sees their value. Each key may do one thing only: the KEK
-encrypts and decrypts, the index key signs and verifies.
+encrypts and decrypts, the index key signs and verifies, a signing key pair's private
+half signs and its public half (a public token object, readable without login) verifies.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import pkcs11
 from pkcs11 import Attribute, KeyType, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11e
+from pkcs11.util.ec import encode_named_curve_parameters
 
 from keystore.config import Pkcs11Config
 from keystore.errors import KeystoreError
@@ -20,6 +22,10 @@ from keystore.pkcs11_session import Pkcs11SessionPool
 
 KEK_BITS = 256
 INDEX_KEY_BITS = 256
+RSA_BITS = 2048
+AUDIT_KEY_LABEL = "medvault-audit-v1"
+
+SigningKeyKind = Literal["ec-p256", "rsa-2048"]
 
 # Attributes every medvault key shares: on the token, behind the login, never exported.
 _PROTECTED: dict[Attribute, Any] = {
@@ -28,6 +34,24 @@ _PROTECTED: dict[Attribute, Any] = {
     Attribute.SENSITIVE: True,
     Attribute.EXTRACTABLE: False,
     Attribute.MODIFIABLE: False,
+}
+
+# A signing key pair: the private half signs only; the public half verifies only and is
+# readable without login, so verifiers and exports need no PIN.
+_SIGN_PRIVATE: dict[Attribute, Any] = {
+    **_PROTECTED,
+    Attribute.SIGN: True,
+    Attribute.DECRYPT: False,
+    Attribute.UNWRAP: False,
+    Attribute.DERIVE: False,
+}
+_SIGN_PUBLIC: dict[Attribute, Any] = {
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: False,
+    Attribute.MODIFIABLE: False,
+    Attribute.VERIFY: True,
+    Attribute.ENCRYPT: False,
+    Attribute.WRAP: False,
 }
 
 
@@ -39,9 +63,26 @@ def ensure_keys(pool: Pkcs11SessionPool, config: Pkcs11Config) -> list[str]:
             created.append(_generate_kek(session, config, 1))
         if not _has_key(session, config.index_key_label):
             created.append(_generate_index_key(session, config.index_key_label))
+        if not _has_key(session, AUDIT_KEY_LABEL, ObjectClass.PRIVATE_KEY):
+            created.append(_generate_key_pair(session, AUDIT_KEY_LABEL, "ec-p256"))
     if created:
         pool.forget_keys()
     return created
+
+
+def ensure_signing_key(
+    pool: Pkcs11SessionPool, label: str, kind: SigningKeyKind = "ec-p256"
+) -> bool:
+    """Create the signing key pair ``label`` if absent; return True if it was created.
+
+    An existing key of that label is kept whatever its kind: keys are never replaced.
+    """
+    with pool.session() as session:
+        if _has_key(session, label, ObjectClass.PRIVATE_KEY):
+            return False
+        _generate_key_pair(session, label, kind)
+    pool.forget_keys()
+    return True
 
 
 def create_kek_version(pool: Pkcs11SessionPool, config: Pkcs11Config) -> int:
@@ -57,9 +98,42 @@ def create_kek_version(pool: Pkcs11SessionPool, config: Pkcs11Config) -> int:
     return version
 
 
-def _has_key(session: pkcs11.Session, label: str) -> bool:
-    found = session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label})
+def _has_key(
+    session: pkcs11.Session, label: str, object_class: ObjectClass = ObjectClass.SECRET_KEY
+) -> bool:
+    found = session.get_objects({Attribute.CLASS: object_class, Attribute.LABEL: label})
     return bool(list(found))
+
+
+def _generate_key_pair(session: pkcs11.Session, label: str, kind: SigningKeyKind) -> str:
+    """Generate a sign-only key pair: private half protected, public half a token object."""
+    private, public = dict(_SIGN_PRIVATE), dict(_SIGN_PUBLIC)
+    try:
+        if kind == "ec-p256":
+            params = session.create_domain_parameters(
+                KeyType.EC,
+                {Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")},
+                local=True,
+            )
+            params.generate_keypair(
+                label=label, store=True, public_template=public, private_template=private
+            )
+        elif kind == "rsa-2048":
+            session.generate_keypair(
+                KeyType.RSA,
+                RSA_BITS,
+                label=label,
+                store=True,
+                public_template=public,
+                private_template=private,
+            )
+        else:
+            raise ValueError(f"unknown signing key kind {kind!r}; use ec-p256 or rsa-2048")
+    except p11e.PKCS11Error as e:
+        raise KeystoreError(
+            f"cannot create key pair {label!r} on the token: {type(e).__name__}"
+        ) from e
+    return label
 
 
 def _generate_kek(session: pkcs11.Session, config: Pkcs11Config, version: int) -> str:

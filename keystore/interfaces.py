@@ -36,3 +36,24 @@ class BlindIndexer(Protocol):
     def blind_index(self, value: bytes) -> bytes:
         """Return the 32-byte HMAC of ``value`` under the index key."""
         ...
+
+
+class Signer(Protocol):
+    """Signs with one token-held private key; one role each (audit, backup, document).
+
+    Signatures are over SHA-256 of ``data``: DER ``ECDSA-Sig-Value`` for EC keys,
+    PKCS#1 v1.5 for RSA keys, so openssl and ``cryptography`` verify them unchanged.
+    """
+
+    @property
+    def key_label(self) -> str:
+        """Label of the private key on the token (e.g. ``medvault-audit-v1``)."""
+        ...
+
+    def sign(self, data: bytes) -> bytes:
+        """Return the DER signature of SHA-256(``data``)."""
+        ...
+
+    def public_key_der(self) -> bytes:
+        """The matching public key as DER SubjectPublicKeyInfo."""
+        ...

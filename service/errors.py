@@ -19,6 +19,7 @@ from keystore.errors import (
     TokenUnavailableError,
     UnwrapError,
 )
+from service.audit import AuditUnavailableError
 from service.authn import AuthenticationError, DelegationNotAllowedError
 from service.authz import PermissionDeniedError
 from storage.errors import (
@@ -36,6 +37,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
     (DelegationNotAllowedError, grpc.StatusCode.PERMISSION_DENIED),
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (AuditUnavailableError, grpc.StatusCode.UNAVAILABLE),  # fail closed: no event, no data
     (InvalidRecordError, grpc.StatusCode.INVALID_ARGUMENT),
     (RecordNotFoundError, grpc.StatusCode.NOT_FOUND),
     (RecordConflictError, grpc.StatusCode.FAILED_PRECONDITION),

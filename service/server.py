@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
 from concurrent import futures
 from datetime import timedelta
 from pathlib import Path
-from types import FrameType
 
 import grpc
+from grpc import aio
+from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -37,20 +39,20 @@ def _credentials(config: Config) -> grpc.ServerCredentials:
     )
 
 
-def create_server(config: Config, components: Components) -> tuple[grpc.Server, int]:
-    """A started server with every service registered; returns it and its bound port."""
+async def create_server(config: Config, components: Components) -> tuple[aio.Server, int]:
+    """A started asyncio server with every service registered; returns it and its port."""
     limit = config.server.chunk_size + _FRAME_OVERHEAD
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="rpc"),
+    server = aio.server(
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
         ],
+        maximum_concurrent_rpcs=config.server.workers * 4,
     )
     records_pb2_grpc.add_RecordServiceServicer_to_server(
         RecordServicer(components.store, config.server.chunk_size), server
     )
-    health_servicer = health.HealthServicer()
+    health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (
         records_pb2.DESCRIPTOR.services_by_name["RecordService"].full_name,
@@ -65,9 +67,9 @@ def create_server(config: Config, components: Components) -> tuple[grpc.Server, 
         port = server.add_insecure_port(config.server.listen)
     if port == 0:
         raise ConfigError(f"[server] cannot listen on {config.server.listen}")
-    server.start()
+    await server.start()
     for name in ("", names[0]):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, port
 
 
@@ -80,27 +82,34 @@ def _sweep_forever(components: Components, grace: timedelta, stop: threading.Eve
             log.exception("orphan sweep failed")
 
 
+async def _serve(config: Config, components: Components) -> None:
+    loop = asyncio.get_running_loop()
+    # The store's blocking calls run here; the default pool (cores + 4) is far too small.
+    loop.set_default_executor(
+        futures.ThreadPoolExecutor(config.server.workers, thread_name_prefix="store")
+    )
+    server, port = await create_server(config, components)
+    stopping = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    log.info(
+        "serving", extra={"listen": config.server.listen, "port": port, "tls": config.tls.enabled}
+    )
+    await stopping.wait()
+    log.info("stopping")
+    await server.stop(grace=10)
+
+
 def serve(config: Config) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight calls and release resources."""
     components = build(config)
     stop = threading.Event()
     try:
-        server, port = create_server(config, components)
         grace = timedelta(seconds=config.server.orphan_grace_seconds)
         threading.Thread(
             target=_sweep_forever, args=(components, grace, stop), daemon=True, name="sweeper"
         ).start()
-        log.info("serving", extra={"listen": config.server.listen, "port": port,
-                                   "tls": config.tls.enabled})
-
-        def on_signal(signum: int, _frame: FrameType | None) -> None:
-            log.info("stopping", extra={"signal": signum})
-            stop.set()
-
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        stop.wait()
-        server.stop(grace=10).wait()
+        asyncio.run(_serve(config, components))
     finally:
         stop.set()
         components.close()

@@ -51,21 +51,30 @@ def _blocks(chunks: Iterable[bytes], sizes: Iterator[int]) -> Iterator[tuple[byt
     """Re-cut ``chunks`` into blocks of the next size from ``sizes``; the flag marks the final one.
 
     A full block is released only once a byte beyond it has arrived, so the final block is
-    known to be final (it may be short, even empty). At most one block is buffered.
+    known to be final (it may be short, even empty). At most one block is buffered, as
+    views of the incoming chunks: a block is copied once at most, and not at all when a
+    chunk is exactly one block (the common case on the write path).
     """
-    buf = bytearray()
+    parts: list[memoryview] = []
+    have = 0
     target = next(sizes)
     for chunk in chunks:
         view = memoryview(chunk)
         while view:
-            if len(buf) == target:
-                yield bytes(buf), False
-                buf.clear()
-                target = next(sizes)
-            take = target - len(buf)
-            buf += view[:take]
+            if have == target:
+                yield _join(parts), False
+                parts, have, target = [], 0, next(sizes)
+            take = min(target - have, len(view))
+            parts.append(view[:take])
+            have += take
             view = view[take:]
-    yield bytes(buf), True
+    yield _join(parts), True
+
+
+def _join(parts: list[memoryview]) -> bytes:
+    if len(parts) == 1 and isinstance(parts[0].obj, bytes) and len(parts[0]) == len(parts[0].obj):
+        return parts[0].obj  # the whole chunk: no copy
+    return b"".join(parts)
 
 
 def _failure(reason: str) -> IntegrityError:

@@ -67,12 +67,14 @@ def make_engine(url: str) -> Engine:
     """An engine for ``url``, tuned per dialect (SQLite pragmas, PostgreSQL pre-ping)."""
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite":
-        engine = sa.create_engine(parsed)
+        engine = sa.create_engine(parsed, hide_parameters=True)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     # pre-ping drops connections a database restart has killed; a short connect
     # timeout reports an outage in seconds.
-    return sa.create_engine(parsed, pool_pre_ping=True, connect_args={"connect_timeout": 5})
+    return sa.create_engine(
+        parsed, hide_parameters=True, pool_pre_ping=True, connect_args={"connect_timeout": 5}
+    )
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

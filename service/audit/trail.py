@@ -1,0 +1,195 @@
+"""Group-committed audit writer with signed checkpoints.
+
+``record()`` returns only once its event is committed. Callers do not each open a
+transaction: they put the entry and a ``Future`` on a queue, and one writer thread takes
+everything waiting (up to ``MAX_BATCH``) and appends it in a single transaction, so one
+fsync serves a whole batch. This is how the trail keeps up with many concurrent reads
+without weakening durability. If the append fails, every caller of that batch gets
+``AuditUnavailableError``: an event is either committed and acknowledged, or its caller
+knows it was not.
+
+Checkpoints: after ``checkpoint_every`` events written by this trail, or after
+``checkpoint_seconds`` with unsigned events, the writer signs the committed head with
+the audit key. The signed bytes are :func:`storage.audit_model.checkpoint_message`:
+``b"medvault.audit.checkpoint.v1" || sequence (8 bytes, big-endian) || hash``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from datetime import UTC, datetime
+from typing import Final
+
+from keystore.errors import KeystoreError
+from keystore.interfaces import Signer
+from service.audit import AuditUnavailableError
+from service.audit.checkpoints import make_checkpoint, signature_checker
+from storage.audit_log import SqlAuditLog
+from storage.audit_model import GENESIS_HASH, AuditEntry, ChainedEvent, Checkpoint, VerifyResult
+from storage.audit_verify import verify_chain
+from storage.errors import StorageError
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH: Final = 512
+
+_Item = tuple[AuditEntry, "Future[ChainedEvent]"]
+_STOP: Final = object()
+
+
+class AuditTrail:
+    """Records audit events (group commit), signs checkpoints, verifies the chain.
+
+    ``enabled=False`` is a BENCHMARK-ONLY switch: ``record()`` then returns at once and
+    writes NOTHING. It exists so ``bench/`` can measure the cost of auditing; a
+    production configuration must never set it (reads would leave no trace).
+    """
+
+    def __init__(
+        self,
+        log: SqlAuditLog,
+        signer: Signer | None,
+        *,
+        checkpoint_every: int = 1000,
+        checkpoint_seconds: float = 60.0,
+        enabled: bool = True,
+    ) -> None:
+        if checkpoint_every < 1 or checkpoint_seconds <= 0:
+            raise ValueError("checkpoint_every and checkpoint_seconds must be positive")
+        self._log = log
+        self._signer = signer
+        self._every = checkpoint_every
+        self._seconds = checkpoint_seconds
+        self._enabled = enabled
+        self._queue: queue.SimpleQueue[_Item | object] = queue.SimpleQueue()
+        self._state_lock = threading.Lock()
+        self._closed = False
+        self._unsigned = 0  # events this trail committed since its last checkpoint
+        self._last_checkpoint = time.monotonic()
+        self._writer = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        if not enabled:
+            logger.warning("audit trail DISABLED (benchmark-only switch); nothing is recorded")
+            return
+        self._writer.start()
+
+    def record(self, entry: AuditEntry) -> ChainedEvent:
+        """Commit ``entry`` and return it chained; ``AuditUnavailableError`` if it cannot."""
+        if not self._enabled:
+            # Benchmark-only: a placeholder, never written (see the class docstring).
+            return ChainedEvent(0, entry, GENESIS_HASH, GENESIS_HASH)
+        future: Future[ChainedEvent] = Future()
+        with self._state_lock:
+            if self._closed:
+                raise AuditUnavailableError("the audit trail is closed; the event was not recorded")
+            self._queue.put((entry, future))
+        return future.result()
+
+    def checkpoint_now(self) -> Checkpoint | None:
+        """Sign the committed head now; None if nothing new to sign or no signer."""
+        if self._signer is None or not self._enabled:
+            return None
+        sequence, head_hash = self._log.head()
+        last = self._log.last_checkpoint()
+        if sequence == 0 or (last is not None and last.sequence >= sequence):
+            return None
+        checkpoint = make_checkpoint(self._signer, sequence, head_hash, datetime.now(UTC))
+        stored = self._log.add_checkpoint(checkpoint)
+        self._unsigned = 0
+        self._last_checkpoint = time.monotonic()
+        logger.info("audit checkpoint", extra={"sequence": sequence, "stored": stored})
+        return checkpoint
+
+    def verify(self) -> VerifyResult:
+        """Verify the chain; checkpoints must be signed by this trail's current key."""
+        trusted = self._signer.public_key_der() if self._signer is not None else None
+        return verify_chain(self._log, signature_checker(trusted))
+
+    def close(self) -> None:
+        """Commit what is queued, write a final checkpoint, stop the writer; idempotent."""
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
+        if self._enabled:
+            self._writer.join()
+            self._try_checkpoint()
+
+    def __enter__(self) -> AuditTrail:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        """Writer thread: take what waits, append it in one transaction, wake callers."""
+        stop = False
+        while not stop:
+            try:
+                first = self._queue.get(timeout=self._until_checkpoint())
+            except queue.Empty:
+                self._checkpoint_if_due()
+                continue
+            batch, stop = self._drain(first)
+            if batch:
+                self._write(batch)
+            self._checkpoint_if_due()
+
+    def _drain(self, first: _Item | object) -> tuple[list[_Item], bool]:
+        """``first`` and everything queued behind it, up to MAX_BATCH; True on stop."""
+        batch: list[_Item] = []
+        item = first
+        while True:
+            if item is _STOP:
+                return batch, True
+            batch.append(item)  # type: ignore[arg-type]  # only _Item or _STOP is queued
+            if len(batch) >= MAX_BATCH:
+                return batch, False
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return batch, False
+
+    def _write(self, batch: list[_Item]) -> None:
+        """Append one batch; every caller gets its event or the same failure."""
+        try:
+            chained = self._log.append([entry for entry, _ in batch])
+        except Exception as e:  # noqa: BLE001  (any failure fails the whole batch closed)
+            # Not log.exception: a database error's text carries the statement's bound
+            # parameters (principal, blind index), which must not reach the log.
+            logger.error(  # noqa: TRY400
+                "audit append failed", extra={"events": len(batch), "error": type(e).__name__}
+            )
+            for _, future in batch:
+                failure = AuditUnavailableError("audit trail unavailable; retry later")
+                failure.__cause__ = e
+                future.set_exception(failure)
+            return
+        self._unsigned += len(chained)
+        for (_, future), event in zip(batch, chained, strict=True):
+            future.set_result(event)
+
+    def _until_checkpoint(self) -> float | None:
+        """How long the writer may sleep before a time-based checkpoint is due."""
+        if self._signer is None or self._unsigned == 0:
+            return None  # nothing to sign: sleep until work arrives
+        return max(0.0, self._last_checkpoint + self._seconds - time.monotonic())
+
+    def _checkpoint_if_due(self) -> None:
+        if self._signer is None or self._unsigned == 0:
+            return
+        if self._unsigned >= self._every or (
+            time.monotonic() - self._last_checkpoint >= self._seconds
+        ):
+            self._try_checkpoint()
+
+    def _try_checkpoint(self) -> None:
+        """Checkpoint, logging (not raising) a failure: the next attempt signs a later head."""
+        try:
+            self.checkpoint_now()
+        except (StorageError, KeystoreError) as e:
+            logger.warning("audit checkpoint failed", extra={"error": type(e).__name__})

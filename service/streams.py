@@ -1,0 +1,98 @@
+"""Bridges between the asyncio gRPC server and the blocking record store.
+
+The store (S3, SQL and PKCS#11 clients) is synchronous; it runs in worker threads.
+``SyncRequests`` lets a worker pull request messages from the event loop, and
+``prefetch`` runs a blocking iterator in a worker so that producing the next chunk
+(S3 read, decryption) overlaps sending the current one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+_END = object()
+# A client that stops sending mid-upload for this long is treated as gone.
+IDLE_TIMEOUT_SECONDS = 300.0
+
+
+class SyncRequests(Generic[T]):
+    """A blocking iterator over an async iterator, for use from a worker thread."""
+
+    def __init__(self, source: AsyncIterator[T], loop: asyncio.AbstractEventLoop) -> None:
+        self._source = source
+        self._loop = loop
+
+    def __iter__(self) -> Iterator[T]:
+        return self
+
+    async def _next(self) -> object:
+        try:
+            return await anext(self._source)
+        except StopAsyncIteration:
+            return _END
+
+    def __next__(self) -> T:
+        future = asyncio.run_coroutine_threadsafe(self._next(), self._loop)
+        item = future.result(timeout=IDLE_TIMEOUT_SECONDS)
+        if item is _END:
+            raise StopIteration
+        return item  # type: ignore[return-value]  # _END is the only non-T value
+
+
+class _Producer(Generic[T]):
+    """Runs ``make()`` in a worker thread, handing items to the loop ``depth`` ahead."""
+
+    def __init__(self, make: Callable[[], Iterator[T]], depth: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.items: asyncio.Queue[tuple[object, BaseException | None]] = asyncio.Queue()
+        self.slots = threading.Semaphore(depth)
+        self.stop = threading.Event()
+        self._make = make
+
+    def _hand_over(self, item: object, error: BaseException | None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.items.put_nowait, (item, error))
+        except RuntimeError:  # the loop closed: the server is shutting down
+            self.stop.set()
+
+    def run(self) -> None:
+        iterator = self._make()
+        try:
+            for item in iterator:
+                self.slots.acquire()
+                if self.stop.is_set():
+                    return
+                self._hand_over(item, None)
+            self._hand_over(_END, None)
+        except BaseException as e:  # noqa: BLE001  (handed to the consumer)
+            self._hand_over(_END, e)
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+
+async def prefetch(make: Callable[[], Iterator[T]], depth: int = 2) -> AsyncIterator[T]:
+    """Yield the items of ``make()``, produced in a worker thread up to ``depth`` ahead.
+
+    Errors of the producer are re-raised here. If the consumer stops early (the client
+    went away), the producer stops at its next item and closes its iterator.
+    """
+    producer = _Producer(make, depth)
+    producer.loop.run_in_executor(None, producer.run)
+    try:
+        while True:
+            item, error = await producer.items.get()
+            if error is not None:
+                raise error
+            if item is _END:
+                return
+            producer.slots.release()
+            yield item  # type: ignore[misc]  # only _END is not a T
+    finally:
+        producer.stop.set()
+        producer.slots.release()

@@ -1,0 +1,341 @@
+"""The audit trail's SQL store: an append-only, hash-chained event table.
+
+Every append runs in one transaction that first locks the single ``audit_head`` row, so
+writers in other threads, processes and replicas serialise on it and the chain stays
+one line: PostgreSQL takes the row lock with ``SELECT ... FOR UPDATE``; SQLite has no
+row locks, so a no-op ``UPDATE`` of the head row takes the database write lock before
+anything is read (a deferred transaction that reads first could see a stale head).
+The hash chain and the canonical encoding are defined in :mod:`storage.audit_model`.
+
+Durability: the engine's SQLite connections are set to ``synchronous=FULL`` (in WAL
+mode ``NORMAL`` may lose the last commits on power loss, and an audit event must never
+be acknowledged and then lost). PostgreSQL keeps its own ``synchronous_commit``.
+Group commit (``service.audit.trail``) pays for the fsync once per batch instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, Final, TypeVar, cast
+
+import sqlalchemy as sa
+from sqlalchemy import event, exc
+from sqlalchemy.engine import Connection, Engine, Row
+
+from storage.audit_model import (
+    AuditEntry,
+    AuditFilter,
+    ChainedEvent,
+    Checkpoint,
+    Outcome,
+    chain_hash,
+)
+from storage.errors import BackendUnavailableError, InvalidRecordError, StorageError
+from storage.sql_metadata import metadata
+
+T = TypeVar("T")
+
+HEAD_ID: Final = 1
+QUERY_BATCH: Final = 500  # rows per round trip when streaming a query
+
+audit_events = sa.Table(
+    "audit_events",
+    metadata,
+    sa.Column("sequence", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("principal", sa.String(255), nullable=False),
+    sa.Column("application", sa.String(255), nullable=False),
+    sa.Column("role", sa.String(64), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("resource", sa.String(255), nullable=False),
+    sa.Column("patient_index", sa.LargeBinary(32), nullable=True),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("source", sa.String(255), nullable=False),
+    sa.Column("prev_hash", sa.LargeBinary(32), nullable=False),
+    sa.Column("hash", sa.LargeBinary(32), nullable=False),
+)
+
+audit_head = sa.Table(
+    "audit_head",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("sequence", sa.BigInteger, nullable=False),
+    sa.Column("hash", sa.LargeBinary(32), nullable=False),
+)
+
+audit_checkpoints = sa.Table(
+    "audit_checkpoints",
+    metadata,
+    sa.Column("sequence", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("hash", sa.LargeBinary(32), nullable=False),
+    sa.Column("signature", sa.LargeBinary, nullable=False),
+    sa.Column("key_label", sa.String(255), nullable=False),
+    sa.Column("public_key_der", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# Column widths checked before writing, so an over-long value is the caller's error
+# (INVALID_ARGUMENT) rather than a database error that would look like an outage.
+_WIDTHS: Final = {
+    "principal": 255,
+    "application": 255,
+    "role": 64,
+    "action": 64,
+    "resource": 255,
+    "status": 32,
+    "source": 255,
+}
+
+
+def _sqlite_full_sync(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA synchronous=FULL")
+    finally:
+        cursor.close()
+
+
+def _from_db(value: datetime) -> datetime:
+    """A UTC-aware datetime from a driver value (SQLite returns naive UTC)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _check_widths(entry: AuditEntry) -> None:
+    for field, width in _WIDTHS.items():
+        if len(getattr(entry, field)) > width:
+            raise InvalidRecordError(field, f"at most {width} characters in an audit event")
+
+
+def _row_values(event_: ChainedEvent) -> dict[str, Any]:
+    e = event_.entry
+    return {
+        "sequence": event_.sequence,
+        "time": e.time.astimezone(UTC),
+        "principal": e.principal,
+        "application": e.application,
+        "role": e.role,
+        "action": e.action,
+        "resource": e.resource,
+        "patient_index": e.patient_index,
+        "outcome": e.outcome,
+        "status": e.status,
+        "reason": e.reason,
+        "source": e.source,
+        "prev_hash": event_.prev_hash,
+        "hash": event_.hash,
+    }
+
+
+def _to_event(row: Row[Any]) -> ChainedEvent:
+    m = row._mapping
+    index = m["patient_index"]
+    entry = AuditEntry(
+        time=_from_db(m["time"]),
+        principal=m["principal"],
+        application=m["application"],
+        role=m["role"],
+        action=m["action"],
+        resource=m["resource"],
+        patient_index=bytes(index) if index is not None else None,
+        outcome=cast(Outcome, m["outcome"]),
+        status=m["status"],
+        reason=m["reason"],
+        source=m["source"],
+    )
+    return ChainedEvent(m["sequence"], entry, bytes(m["prev_hash"]), bytes(m["hash"]))
+
+
+def _to_checkpoint(row: Row[Any]) -> Checkpoint:
+    m = row._mapping
+    return Checkpoint(
+        sequence=m["sequence"],
+        hash=bytes(m["hash"]),
+        signature=bytes(m["signature"]),
+        key_label=m["key_label"],
+        public_key_der=bytes(m["public_key_der"]),
+        created_at=_from_db(m["created_at"]),
+    )
+
+
+def _filtered(query: sa.Select[Any], flt: AuditFilter) -> sa.Select[Any]:
+    """``query`` narrowed by every field of ``flt`` that is set."""
+    c = audit_events.c
+    conditions: list[sa.ColumnElement[bool]] = []
+    if flt.since is not None:
+        conditions.append(c.time >= flt.since.astimezone(UTC))
+    if flt.until is not None:
+        conditions.append(c.time < flt.until.astimezone(UTC))
+    if flt.principal is not None:
+        conditions.append(c.principal == flt.principal)
+    if flt.patient_index is not None:
+        conditions.append(c.patient_index == flt.patient_index)
+    if flt.action is not None:
+        conditions.append(c.action == flt.action)
+    if flt.outcome is not None:
+        conditions.append(c.outcome == flt.outcome)
+    return query.where(*conditions) if conditions else query
+
+
+class SqlAuditLog:
+    """Append-only audit events, their chain head and checkpoints, in SQL."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._sqlite = engine.dialect.name == "sqlite"
+        if self._sqlite and not event.contains(engine, "connect", _sqlite_full_sync):
+            event.listen(engine, "connect", _sqlite_full_sync)
+
+    def append(self, entries: Sequence[AuditEntry]) -> list[ChainedEvent]:
+        """Chain and insert ``entries`` in one transaction, serialised with all writers."""
+        if not entries:
+            return []
+        for entry in entries:
+            _check_widths(entry)
+        try:
+            return self._run(lambda c: self._append_locked(c, entries), write=True)
+        except _DuplicateError as e:
+            # Only rows written around the head lock collide: fail closed, loudly.
+            raise BackendUnavailableError(
+                "audit sequence taken by a row written outside the audit writer; "
+                "run `medvault audit verify`"
+            ) from e
+
+    def head(self) -> tuple[int, bytes]:
+        """The sequence and hash of the last committed event (0 and zeros when empty)."""
+        query = sa.select(audit_head.c.sequence, audit_head.c.hash).where(
+            audit_head.c.id == HEAD_ID
+        )
+        row = self._run(lambda c: c.execute(query).one())
+        return int(row.sequence), bytes(row.hash)
+
+    def events(self, after_sequence: int = 0, limit: int = QUERY_BATCH) -> list[ChainedEvent]:
+        """Up to ``limit`` events with sequence > ``after_sequence``, in sequence order."""
+        query = (
+            sa.select(audit_events)
+            .where(audit_events.c.sequence > after_sequence)
+            .order_by(audit_events.c.sequence)
+            .limit(limit)
+        )
+        return self._select_events(query)
+
+    def query(self, flt: AuditFilter) -> Iterator[ChainedEvent]:
+        """Events matching ``flt``, oldest first unless ``newest_first``; fetched in pages."""
+        remaining = flt.limit
+        cursor: int | None = None
+        seq = audit_events.c.sequence
+        while remaining is None or remaining > 0:
+            page = QUERY_BATCH if remaining is None else min(remaining, QUERY_BATCH)
+            query = _filtered(sa.select(audit_events), flt)
+            if cursor is not None:
+                query = query.where(seq < cursor if flt.newest_first else seq > cursor)
+            query = query.order_by(seq.desc() if flt.newest_first else seq).limit(page)
+            batch = self._select_events(query)
+            yield from batch
+            if len(batch) < page:
+                return
+            cursor = batch[-1].sequence
+            if remaining is not None:
+                remaining -= len(batch)
+
+    def _select_events(self, query: sa.Select[Any]) -> list[ChainedEvent]:
+        return [_to_event(r) for r in self._run(lambda c: c.execute(query).all())]
+
+    def add_checkpoint(self, checkpoint: Checkpoint) -> bool:
+        """Store ``checkpoint``; False if one exists at that sequence (another replica's)."""
+        values = {
+            "sequence": checkpoint.sequence,
+            "hash": checkpoint.hash,
+            "signature": checkpoint.signature,
+            "key_label": checkpoint.key_label,
+            "public_key_der": checkpoint.public_key_der,
+            "created_at": checkpoint.created_at.astimezone(UTC),
+        }
+        try:
+            self._run(lambda c: c.execute(audit_checkpoints.insert().values(**values)), write=True)
+        except _DuplicateError:
+            return False
+        return True
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """Every checkpoint, oldest first (one per N events: few enough to hold)."""
+        query = sa.select(audit_checkpoints).order_by(audit_checkpoints.c.sequence)
+        return [_to_checkpoint(r) for r in self._run(lambda c: c.execute(query).all())]
+
+    def last_checkpoint(self) -> Checkpoint | None:
+        """The checkpoint with the highest sequence, or None."""
+        query = sa.select(audit_checkpoints).order_by(audit_checkpoints.c.sequence.desc()).limit(1)
+        row = self._run(lambda c: c.execute(query).first())
+        return _to_checkpoint(row) if row is not None else None
+
+    def _append_locked(
+        self, connection: Connection, entries: Sequence[AuditEntry]
+    ) -> list[ChainedEvent]:
+        sequence, prev = self._lock_head(connection)
+        chained: list[ChainedEvent] = []
+        for entry in entries:
+            sequence += 1
+            digest = chain_hash(prev, sequence, entry)
+            chained.append(ChainedEvent(sequence, entry, prev, digest))
+            prev = digest
+        connection.execute(audit_events.insert(), [_row_values(e) for e in chained])
+        connection.execute(
+            audit_head.update()
+            .where(audit_head.c.id == HEAD_ID)
+            .values(sequence=sequence, hash=prev)
+        )
+        return chained
+
+    def _lock_head(self, connection: Connection) -> tuple[int, bytes]:
+        """Take the writers' lock and read the head under it."""
+        if self._sqlite:
+            # The first write of the transaction takes SQLite's write lock (waiting up
+            # to busy_timeout), so the read below cannot be stale.
+            connection.execute(
+                audit_head.update()
+                .where(audit_head.c.id == HEAD_ID)
+                .values(sequence=audit_head.c.sequence)
+            )
+        query = (
+            sa.select(audit_head.c.sequence, audit_head.c.hash)
+            .where(audit_head.c.id == HEAD_ID)
+            .with_for_update()
+        )
+        row = connection.execute(query).one()
+        return int(row.sequence), bytes(row.hash)
+
+    def _run(self, fn: Callable[[Connection], T], *, write: bool = False) -> T:
+        """Run ``fn`` in one transaction (committed if ``write``), translating errors."""
+        with _translated(self._engine):
+            if write:
+                with self._engine.begin() as connection:
+                    return fn(connection)
+            with self._engine.connect() as connection:
+                return fn(connection)
+
+
+class _DuplicateError(StorageError):
+    """A row with that key exists already (internal: add_checkpoint turns it into False)."""
+
+
+@contextmanager
+def _translated(engine: Engine) -> Iterator[None]:
+    """Driver errors become storage errors; the message names no row data."""
+    try:
+        yield
+    except exc.IntegrityError as e:
+        raise _DuplicateError("audit row exists already") from e
+    except exc.DBAPIError as e:
+        # Any database failure (unreachable, read-only, missing table) means the trail
+        # cannot be written now: callers fail closed.
+        where = "local SQLite file" if engine.dialect.name == "sqlite" else engine.url.host
+        raise BackendUnavailableError(
+            f"audit database unavailable at {where} ({type(e.orig).__name__}); retry later"
+        ) from e
+    except exc.NoResultFound as e:
+        raise BackendUnavailableError("audit head row missing; run the migrations") from e
+    except exc.SQLAlchemyError as e:
+        raise StorageError(f"audit database error ({type(e).__name__})") from e

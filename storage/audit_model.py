@@ -1,0 +1,144 @@
+"""Audit-trail domain objects and the byte encodings the hash chain and signatures cover.
+
+Canonical encoding of an event (the input of its hash)::
+
+    UTF-8 JSON, keys sorted, no whitespace (separators "," and ":"), non-ASCII kept
+    as UTF-8 (not \\u-escaped), of exactly these keys:
+      sequence       integer, 1, 2, 3 ...
+      time           ISO-8601 UTC with microseconds, "2026-01-02T03:04:05.000006Z"
+      principal, application, role, action, resource, outcome, status, reason,
+      source         strings ("" when absent)
+      patient_index  lowercase hex of the 32-byte blind index, or null
+
+    hash = SHA-256(prev_hash || canonical)      prev_hash of event 1 = 32 zero bytes
+
+Checkpoint message (the bytes the audit key signs)::
+
+    b"medvault.audit.checkpoint.v1" || sequence as 8-byte big-endian || hash (32 bytes)
+
+The prefix separates checkpoint signatures from anything else a key might sign.
+``docs/audit.md`` describes the same, for verifiers outside medvault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Final, Literal
+
+HASH_SIZE: Final = 32
+GENESIS_HASH: Final = bytes(HASH_SIZE)
+CHECKPOINT_PREFIX: Final = b"medvault.audit.checkpoint.v1"
+OUTCOMES: Final = ("allowed", "denied", "failed")
+
+Outcome = Literal["allowed", "denied", "failed"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditEntry:
+    """What happened, before it has a place in the chain (no patient data in clear)."""
+
+    time: datetime
+    principal: str
+    action: str
+    resource: str
+    outcome: Outcome
+    role: str = ""
+    application: str = ""
+    patient_index: bytes | None = None
+    status: str = ""
+    reason: str = ""
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.time.tzinfo is None:
+            raise ValueError("audit time must carry a time zone")
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"audit outcome must be one of {', '.join(OUTCOMES)}")
+        if self.patient_index is not None and len(self.patient_index) != HASH_SIZE:
+            raise ValueError("patient_index must be a 32-byte blind index")
+
+
+@dataclass(frozen=True, slots=True)
+class ChainedEvent:
+    """An entry at its place in the chain: sequence number and the two hashes."""
+
+    sequence: int
+    entry: AuditEntry
+    prev_hash: bytes
+    hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A signed statement that the chain's head was ``hash`` at ``sequence``."""
+
+    sequence: int
+    hash: bytes
+    signature: bytes
+    key_label: str
+    public_key_der: bytes
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    """Outcome of walking the chain; ``first_bad_sequence`` is None when ``ok``."""
+
+    ok: bool
+    events_checked: int
+    checkpoints_checked: int
+    first_bad_sequence: int | None
+    reason: str
+    last_checkpoint_sequence: int | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditFilter:
+    """Which events a query returns; every field narrows, None means any."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    principal: str | None = None
+    patient_index: bytes | None = None
+    action: str | None = None
+    outcome: Outcome | None = None
+    limit: int | None = None
+    newest_first: bool = False
+
+
+def format_time(value: datetime) -> str:
+    """The canonical time text: UTC, microseconds, ``Z`` suffix."""
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def canonical_bytes(sequence: int, entry: AuditEntry) -> bytes:
+    """The canonical encoding of an event (see the module docstring)."""
+    document = {
+        "sequence": sequence,
+        "time": format_time(entry.time),
+        "principal": entry.principal,
+        "application": entry.application,
+        "role": entry.role,
+        "action": entry.action,
+        "resource": entry.resource,
+        "patient_index": entry.patient_index.hex() if entry.patient_index is not None else None,
+        "outcome": entry.outcome,
+        "status": entry.status,
+        "reason": entry.reason,
+        "source": entry.source,
+    }
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8")
+
+
+def chain_hash(prev_hash: bytes, sequence: int, entry: AuditEntry) -> bytes:
+    """SHA-256(prev_hash || canonical encoding)."""
+    return hashlib.sha256(prev_hash + canonical_bytes(sequence, entry)).digest()
+
+
+def checkpoint_message(sequence: int, head_hash: bytes) -> bytes:
+    """The bytes a checkpoint signature covers."""
+    return CHECKPOINT_PREFIX + sequence.to_bytes(8, "big") + head_hash

@@ -1,0 +1,342 @@
+"""SqlAuditLog and verify_chain on SQLite and PostgreSQL, tampered with by direct SQL."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from keystore import Pkcs11SessionPool
+from keystore.admin import AUDIT_KEY_LABEL
+from keystore.signing import Pkcs11Signer
+from service.audit.checkpoints import make_checkpoint, signature_checker
+from storage.audit_log import SqlAuditLog, _row_values, audit_checkpoints, audit_events, audit_head
+from storage.audit_model import (
+    AuditEntry,
+    AuditFilter,
+    ChainedEvent,
+    Checkpoint,
+    canonical_bytes,
+    chain_hash,
+)
+from storage.audit_verify import verify_chain
+from storage.errors import BackendUnavailableError, InvalidRecordError
+from storage.sql_metadata import make_engine, upgrade
+
+pytestmark = pytest.mark.integration
+
+T0 = datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC)
+PATIENT = bytes(range(32))
+
+
+def entry(n: int = 0, **changes: object) -> AuditEntry:
+    base = AuditEntry(
+        time=T0 + timedelta(seconds=n),
+        principal=f"dr-{n % 3}",
+        application="his",
+        role="physician",
+        action="GetRecord" if n % 2 else "PutRecord",
+        resource=f"rec-{n}",
+        patient_index=PATIENT if n % 4 == 0 else None,
+        outcome="allowed" if n % 5 else "denied",
+        status="OK",
+        source="127.0.0.1",
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def audit_url(database_url: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database per test, on the backend ``database_url`` selects."""
+    if database_url.startswith("sqlite"):
+        yield f"sqlite:///{tmp_path / 'audit.db'}"
+        return
+    admin: Engine = request.getfixturevalue("postgres_admin")
+    name = f"medvault_audit_{secrets.token_hex(6)}"
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield sa.make_url(database_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def audit_engine(audit_url: str) -> Iterator[Engine]:
+    engine = make_engine(audit_url)
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def audit_log(audit_engine: Engine) -> SqlAuditLog:
+    return SqlAuditLog(audit_engine)
+
+
+@pytest.fixture(scope="module")
+def signer(keystore_pool: Pkcs11SessionPool) -> Pkcs11Signer:
+    return Pkcs11Signer(keystore_pool, AUDIT_KEY_LABEL)
+
+
+def fill(log: SqlAuditLog, count: int, batch: int = 7) -> None:
+    for start in range(0, count, batch):
+        log.append([entry(n) for n in range(start, min(count, start + batch))])
+
+
+def checkpoint(log: SqlAuditLog, signer: Pkcs11Signer) -> Checkpoint:
+    sequence, head_hash = log.head()
+    made = make_checkpoint(signer, sequence, head_hash, datetime.now(UTC))
+    assert log.add_checkpoint(made)
+    return made
+
+
+def verify(log: SqlAuditLog, signer: Pkcs11Signer, batch_size: int = 16) -> tuple[int | None, str]:
+    result = verify_chain(log, signature_checker(signer.public_key_der()), batch_size=batch_size)
+    assert result.ok == (result.first_bad_sequence is None)
+    return result.first_bad_sequence, result.reason
+
+
+def event_row(engine: Engine, sequence: int) -> dict[str, object]:
+    with engine.connect() as c:
+        row = c.execute(sa.select(audit_events).where(audit_events.c.sequence == sequence)).one()
+    return dict(row._mapping)
+
+
+# --- the chain ---------------------------------------------------------------------
+
+
+def test_canonical_encoding_is_the_documented_one() -> None:
+    e = entry(0, reason="break glass: é", patient_index=bytes([0xAB]) * 32)
+    expected = (
+        '{"action":"PutRecord","application":"his","outcome":"denied",'
+        '"patient_index":"' + "ab" * 32 + '","principal":"dr-0","reason":"break glass: é",'
+        '"resource":"rec-0","role":"physician","sequence":7,"source":"127.0.0.1",'
+        '"status":"OK","time":"2026-01-02T03:04:05.000006Z"}'
+    ).encode()
+    assert canonical_bytes(7, e) == expected
+    assert chain_hash(bytes(32), 7, e) == hashlib.sha256(bytes(32) + expected).digest()
+
+
+def test_append_chains_and_verifies(audit_log: SqlAuditLog, signer: Pkcs11Signer) -> None:
+    assert audit_log.head() == (0, bytes(32))
+    assert audit_log.append([]) == []
+    first = audit_log.append([entry(0), entry(1)])
+    assert [e.sequence for e in first] == [1, 2]
+    assert first[0].prev_hash == bytes(32)
+    assert first[1].prev_hash == first[0].hash
+    fill(audit_log, 40)
+    stored = audit_log.events(0, 100)
+    assert [e.sequence for e in stored] == list(range(1, 43))
+    assert stored[:2] == first  # the round trip through SQL changes nothing
+    assert audit_log.head() == (42, stored[-1].hash)
+    checkpoint(audit_log, signer)
+    assert verify(audit_log, signer) == (None, "chain intact")
+    result = verify_chain(audit_log, signature_checker(signer.public_key_der()))
+    assert (result.events_checked, result.checkpoints_checked) == (42, 1)
+    assert result.last_checkpoint_sequence == 42
+
+
+def test_query_filters_and_pages(audit_log: SqlAuditLog) -> None:
+    fill(audit_log, 1100, batch=100)
+    assert len(list(audit_log.query(AuditFilter()))) == 1100  # more than one page
+    by_principal = list(audit_log.query(AuditFilter(principal="dr-1")))
+    assert by_principal
+    assert all(e.entry.principal == "dr-1" for e in by_principal)
+    by_patient = list(audit_log.query(AuditFilter(patient_index=PATIENT)))
+    assert len(by_patient) == 275
+    denied = list(audit_log.query(AuditFilter(outcome="denied", action="PutRecord")))
+    assert all(e.entry.outcome == "denied" and e.entry.action == "PutRecord" for e in denied)
+    window = list(
+        audit_log.query(
+            AuditFilter(since=T0 + timedelta(seconds=10), until=T0 + timedelta(seconds=20))
+        )
+    )
+    assert [e.sequence for e in window] == list(range(11, 21))
+    newest = list(audit_log.query(AuditFilter(limit=3, newest_first=True)))
+    assert [e.sequence for e in newest] == [1100, 1099, 1098]
+    oldest = list(audit_log.query(AuditFilter(limit=600)))
+    assert [e.sequence for e in oldest] == list(range(1, 601))
+
+
+def test_oversized_field_is_invalid(audit_log: SqlAuditLog) -> None:
+    with pytest.raises(InvalidRecordError):
+        audit_log.append([entry(0, principal="x" * 256)])
+    assert audit_log.head()[0] == 0
+
+
+def test_duplicate_checkpoint_is_refused_quietly(
+    audit_log: SqlAuditLog, signer: Pkcs11Signer
+) -> None:
+    fill(audit_log, 3)
+    made = checkpoint(audit_log, signer)
+    assert audit_log.add_checkpoint(made) is False
+    assert audit_log.checkpoints() == [made]
+    assert audit_log.last_checkpoint() == made
+
+
+def test_two_replicas_keep_one_chain(
+    audit_url: str, audit_engine: Engine, signer: Pkcs11Signer
+) -> None:
+    second_engine = make_engine(audit_url)
+    logs = [SqlAuditLog(audit_engine), SqlAuditLog(second_engine)]
+    errors: list[BaseException] = []
+
+    def writer(log: SqlAuditLog, worker: int) -> None:
+        try:
+            for n in range(50):
+                log.append([entry(worker * 1000 + n + k) for k in range(4)])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer, args=(logs[i % 2], i)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    second_engine.dispose()
+    assert errors == []
+    assert logs[0].head()[0] == 8 * 50 * 4
+    assert verify(logs[0], signer, batch_size=500) == (None, "chain intact")
+
+
+def test_unavailable_database_is_backend_unavailable(
+    audit_engine: Engine, audit_log: SqlAuditLog
+) -> None:
+    with audit_engine.begin() as c:
+        c.execute(sa.text("DROP TABLE audit_events"))
+    with pytest.raises(BackendUnavailableError) as info:
+        audit_log.append([entry(0)])
+    assert "dr-0" not in str(info.value)
+
+
+# --- tampering ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def chain(audit_engine: Engine, audit_log: SqlAuditLog, signer: Pkcs11Signer) -> SqlAuditLog:
+    """60 events with checkpoints at 20 and 40, verified intact."""
+    fill(audit_log, 20)
+    checkpoint(audit_log, signer)
+    fill(audit_log, 20)
+    checkpoint(audit_log, signer)
+    fill(audit_log, 20)
+    assert verify(audit_log, signer) == (None, "chain intact")
+    return audit_log
+
+
+def test_edited_field_detected(
+    audit_engine: Engine, chain: SqlAuditLog, signer: Pkcs11Signer
+) -> None:
+    with audit_engine.begin() as c:
+        c.execute(audit_events.update().where(audit_events.c.sequence == 33).values(principal="x"))
+    assert verify(chain, signer) == (33, "event altered")
+
+
+def test_deleted_event_detected(
+    audit_engine: Engine, chain: SqlAuditLog, signer: Pkcs11Signer
+) -> None:
+    with audit_engine.begin() as c:
+        c.execute(audit_events.delete().where(audit_events.c.sequence == 17))
+    assert verify(chain, signer) == (17, "event missing (deleted)")
+
+
+def _shift_up(engine: Engine, after: int) -> None:
+    """Renumber events after ``after`` by +1 (via negatives: no transient key clash)."""
+    seq = audit_events.c.sequence
+    with engine.begin() as c:
+        c.execute(audit_events.update().where(seq > after).values(sequence=-seq - 1))
+        c.execute(audit_events.update().where(seq < 0).values(sequence=-seq))
+
+
+def test_inserted_event_detected(
+    audit_engine: Engine, chain: SqlAuditLog, signer: Pkcs11Signer
+) -> None:
+    # A careful forger: renumbers the tail and gives the forgery a correct hash.
+    k = 25
+    prev = event_row(audit_engine, k)["hash"]
+    assert isinstance(prev, bytes)
+    _shift_up(audit_engine, k)
+    forged = entry(999, principal="intruder")
+    row = _row_values(ChainedEvent(k + 1, forged, prev, chain_hash(prev, k + 1, forged)))
+    with audit_engine.begin() as c:
+        c.execute(audit_events.insert().values(**row))
+    assert verify(chain, signer) == (k + 1, "event inserted (later events shifted)")
+
+
+def test_reordered_events_detected(
+    audit_engine: Engine, chain: SqlAuditLog, signer: Pkcs11Signer
+) -> None:
+    a, b = event_row(audit_engine, 45), event_row(audit_engine, 46)
+    with audit_engine.begin() as c:
+        for target, source in ((45, b), (46, a)):
+            values = {k: v for k, v in source.items() if k != "sequence"}
+            c.execute(
+                audit_events.update().where(audit_events.c.sequence == target).values(**values)
+            )
+    first_bad, reason = verify(chain, signer)
+    assert first_bad == 45
+    assert "reordered" in reason
+
+
+def test_truncation_after_last_checkpoint_detected(
+    audit_engine: Engine, chain: SqlAuditLog, signer: Pkcs11Signer
+) -> None:
+    with audit_engine.begin() as c:
+        c.execute(audit_events.delete().where(audit_events.c.sequence > 50))
+    assert verify(chain, signer) == (51, "trail truncated")
+
+
+def test_truncation_with_head_rewritten_detected_by_checkpoint(
+    audit_engine: Engine, chain: SqlAuditLog, signer: Pkcs11Signer
+) -> None:
+    # The intruder deletes past a checkpoint and makes the head row agree.
+    last = event_row(audit_engine, 35)
+    with audit_engine.begin() as c:
+        c.execute(audit_events.delete().where(audit_events.c.sequence > 35))
+        c.execute(audit_head.update().values(sequence=35, hash=last["hash"]))
+    assert verify(chain, signer) == (36, "trail truncated")
+
+
+def test_forged_checkpoint_signature_detected(
+    audit_engine: Engine, chain: SqlAuditLog, signer: Pkcs11Signer
+) -> None:
+    with audit_engine.begin() as c:
+        c.execute(
+            audit_checkpoints.update()
+            .where(audit_checkpoints.c.sequence == 40)
+            .values(signature=b"\x30\x06\x02\x01\x01\x02\x01\x01")
+        )
+    assert verify(chain, signer) == (40, "checkpoint signature invalid")
+
+
+def test_rewritten_tail_caught_by_checkpoint(
+    audit_engine: Engine, chain: SqlAuditLog, signer: Pkcs11Signer
+) -> None:
+    # Edit event 30 and re-hash everything after it: only checkpoint 40 can tell.
+    rows = [event_row(audit_engine, s) for s in range(30, 61)]
+    prev = rows[0]["prev_hash"]
+    with audit_engine.begin() as c:
+        for row in rows:
+            stored = chain.events(row["sequence"] - 1, 1)[0]  # type: ignore[operator]
+            changed = (
+                replace(stored.entry, reason="edited") if row["sequence"] == 30 else stored.entry
+            )
+            digest = chain_hash(prev, stored.sequence, changed)  # type: ignore[arg-type]
+            c.execute(
+                audit_events.update()
+                .where(audit_events.c.sequence == stored.sequence)
+                .values(reason=changed.reason, prev_hash=prev, hash=digest)
+            )
+            prev = digest
+        c.execute(audit_head.update().values(hash=prev))
+    assert verify(chain, signer) == (21, "checkpoint does not match chain")
