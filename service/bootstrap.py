@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 
 from keystore import Pkcs11BlindIndexer, Pkcs11Config, Pkcs11KeyWrapper, Pkcs11SessionPool
+from keystore.signing import Pkcs11Signer
+from service.audit.trail import AuditTrail
+from service.authn import Authenticator
+from service.authz.policy import PolicyHolder
 from service.config import Config, read_secret
+from service.guard import AccessGuard
+from service.incidents import IncidentDetector
+from storage.audit_log import SqlAuditLog
+from storage.grants import SqlGrantStore
 from storage.records import RecordStore, StoreLimits
 from storage.s3_blobs import S3BlobStore, make_minio_client
 from storage.sql_metadata import SqlMetadataStore, make_engine, upgrade
@@ -34,11 +42,15 @@ class Components:
     metadata: SqlMetadataStore
     pool: Pkcs11SessionPool
     engine: Engine
+    guard: AccessGuard
 
     def close(self) -> None:
-        """Release the token sessions and database connections."""
-        self.pool.close()
-        self.engine.dispose()
+        """Flush the audit trail, release the token sessions and database connections."""
+        try:
+            self.guard.trail.close()
+        finally:
+            self.pool.close()
+            self.engine.dispose()
 
 
 def keystore_config(config: Config) -> Pkcs11Config:
@@ -77,6 +89,21 @@ def _fault_hook() -> Callable[[], None] | None:
     return None
 
 
+def access_guard(config: Config, engine: Engine, pool: Pkcs11SessionPool) -> AccessGuard:
+    """Policy, authentication, grants, the audit trail and incident detection."""
+    holder = PolicyHolder.load(config.base_dir / config.server.policy)
+    audit = config.audit
+    trail = AuditTrail(
+        SqlAuditLog(engine),
+        Pkcs11Signer(pool, audit.signing_key_label),
+        checkpoint_every=audit.checkpoint_every,
+        checkpoint_seconds=audit.checkpoint_seconds,
+        enabled=audit.enabled,
+    )
+    incidents = IncidentDetector(lambda: holder.current.incidents, trail)
+    return AccessGuard(holder, Authenticator(holder), SqlGrantStore(engine), trail, incidents)
+
+
 def build(config: Config) -> Components:
     """Open the token, the database (migrated to head) and the object store."""
     pool = Pkcs11SessionPool(keystore_config(config))
@@ -85,6 +112,7 @@ def build(config: Config) -> Components:
         upgrade(engine)
         metadata = SqlMetadataStore(engine)
         blobs = blob_store(config)
+        guard = access_guard(config, engine, pool)
     except BaseException:
         pool.close()
         raise
@@ -99,4 +127,6 @@ def build(config: Config) -> Components:
         limits,
         before_commit=_fault_hook(),
     )
-    return Components(store=store, blobs=blobs, metadata=metadata, pool=pool, engine=engine)
+    return Components(
+        store=store, blobs=blobs, metadata=metadata, pool=pool, engine=engine, guard=guard
+    )

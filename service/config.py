@@ -30,6 +30,10 @@ class ServerConfig:
     segment_size: int = 1 << 20
     workers: int = 32
     orphan_grace_seconds: int = 3600
+    # Access policy (roles, applications, delegation); re-read on SIGHUP.
+    policy: str = "policy.toml"
+    # host:port for Prometheus metrics; empty = off.
+    metrics_listen: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +58,7 @@ class S3Config:
     secret_key_env: str = "MEDVAULT_S3_SECRET_KEY"  # noqa: S105  (a variable name)
     access_key_file: str = ""
     secret_key_file: str = ""
-    part_size: int = 16 << 20
+    part_size: int = 8 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +81,17 @@ class KeystoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """The audit trail's checkpoints."""
+
+    checkpoint_every: int = 1000
+    checkpoint_seconds: float = 60.0
+    signing_key_label: str = "medvault-audit-v1"
+    # BENCHMARK ONLY: false skips writing audit events. Never in production.
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole service configuration."""
 
@@ -85,13 +100,14 @@ class Config:
     s3: S3Config = field(default_factory=S3Config)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     keystore: KeystoreConfig = field(default_factory=KeystoreConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     base_dir: Path = Path()
 
 
 _PATH_KEYS = {
     ("tls", "cert"), ("tls", "key"), ("tls", "client_ca"), ("s3", "ca_file"),
     ("s3", "access_key_file"), ("s3", "secret_key_file"), ("keystore", "pin_file"),
-    ("keystore", "softhsm2_conf"),
+    ("keystore", "softhsm2_conf"), ("server", "policy"),
 }
 
 
@@ -100,6 +116,10 @@ def _section(cls: type[Any], name: str, raw: Any) -> Any:
         raise ConfigError(f"[{name}] must be a table")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
+    # TOML writes 60 for a float setting; accept an integer where a float is expected.
+    raw = {
+        k: float(v) if hints.get(k) is float and type(v) is int else v for k, v in raw.items()
+    }
     for key, value in raw.items():
         if key not in fields:
             raise ConfigError(f"[{name}] unknown key {key!r}; known: {', '.join(sorted(fields))}")

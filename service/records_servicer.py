@@ -1,42 +1,29 @@
 """RecordService: thin gRPC handlers that translate, call one use case, and reply.
 
-The handlers are coroutines on the asyncio server; the store's blocking work runs in
-worker threads (``service.streams``), so receiving, encrypting, uploading, reading,
-decrypting and sending overlap.
+The handlers are coroutines on the asyncio server; the guard and the store block
+(token, database, S3), so each call's work runs in one worker-thread hop
+(``service.streams``), and receiving, encrypting, uploading, reading, decrypting and
+sending overlap.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 
 from grpc import aio
 
 from service import convert
 from service._gen.medvault.v1 import records_pb2 as pb
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
-from service.errors import status_for
-from service.identity import caller
+from service.calls import CallState, facts, handled
+from service.guard import AccessGuard, CallFacts
 from service.streams import SyncRequests, prefetch
 from storage.errors import InvalidRecordError
+from storage.model import NewRecord, RecordInfo, RecordQuery
 from storage.records import OpenRecord, RecordStore
 
-log = logging.getLogger(__name__)
-
-
-@asynccontextmanager
-async def rpc_errors(context: aio.ServicerContext, rpc: str) -> AsyncIterator[None]:
-    """Turn a domain error into the status code of the one table in service.errors."""
-    try:
-        yield
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:  # noqa: BLE001  (every error leaves as a mapped status)
-        code, message = status_for(e)
-        log.warning("rpc failed", extra={"rpc": rpc, "code": code.name, "error": type(e).__name__})
-        await context.abort(code, message)
+_SERVICE = "/medvault.v1.RecordService/"
 
 
 def _content(requests: Iterator[pb.PutRecordRequest]) -> Iterator[bytes]:
@@ -57,43 +44,80 @@ def _pieces(chunks: Iterator[bytes], size: int) -> Iterator[bytes]:
 
 
 class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # untyped stub
-    """medvault.v1.RecordService over a ``RecordStore``."""
+    """medvault.v1.RecordService over a ``RecordStore``, behind the access guard."""
 
-    def __init__(self, store: RecordStore, chunk_size: int) -> None:
+    def __init__(self, store: RecordStore, guard: AccessGuard, chunk_size: int) -> None:
         self._store = store
+        self._guard = guard
         self._chunk_size = chunk_size
+
+    # Each _blocking method runs in a worker thread: enter (authenticate, authorize),
+    # then one store call whose gates check patient scope and commit the audit event.
+
+    def _put(
+        self, state: CallState, call_facts: CallFacts, header: NewRecord, chunks: Iterator[bytes]
+    ) -> RecordInfo:
+        call = state.call = self._guard.enter(call_facts)
+        return self._store.put(
+            header,
+            chunks,
+            call.principal.name,
+            admit=self._guard.scope_gate(call),
+            on_commit=self._guard.commit_gate(call),
+        )
+
+    def _open(
+        self, state: CallState, call_facts: CallFacts, request: pb.GetRecordRequest
+    ) -> tuple[OpenRecord, list[bytes] | None]:
+        call = state.call = self._guard.enter(call_facts)
+        opened = self._store.open(
+            request.id,
+            request.version or None,
+            request.range.offset,
+            request.range.length,
+            admit=self._guard.patient_gate(call),
+        )
+        if opened.info.size <= self._chunk_size:  # small: read now, saving a thread hop
+            return opened, list(opened.content)
+        return opened, None
+
+    def _stat(
+        self, state: CallState, call_facts: CallFacts, request: pb.StatRecordRequest
+    ) -> RecordInfo:
+        call = state.call = self._guard.enter(call_facts)
+        gate = self._guard.patient_gate(call)
+        return self._store.stat(request.id, request.version or None, admit=gate)
+
+    def _list(
+        self, state: CallState, call_facts: CallFacts, query: RecordQuery
+    ) -> tuple[list[RecordInfo], str]:
+        call = state.call = self._guard.enter(call_facts)
+        return self._store.list(query, admit=self._guard.patient_gate(call))
 
     async def PutRecord(  # noqa: N802  (gRPC method names)
         self, request_iterator: AsyncIterator[pb.PutRecordRequest], context: aio.ServicerContext
     ) -> pb.Record:
         """Store a record streamed as a header then content chunks."""
-        async with rpc_errors(context, "PutRecord"):
+        async with handled(self._guard, context, "PutRecord") as state:
+            call_facts = facts(context, _SERVICE + "PutRecord")
             first = await anext(request_iterator, None)
             if first is None or first.WhichOneof("message") != "header":
                 raise InvalidRecordError("header", "must be the first message of the stream")
             header = convert.header_from_pb(first.header)
-            requests = SyncRequests(request_iterator, asyncio.get_running_loop())
-            info = await asyncio.to_thread(
-                self._store.put, header, _content(requests), caller(context)
-            )
+            state.resource = f"record/{header.supersedes or 'new'}"
+            chunks = _content(SyncRequests(request_iterator, asyncio.get_running_loop()))
+            info = await asyncio.to_thread(self._put, state, call_facts, header, chunks)
             return convert.record_to_pb(info)
         raise AssertionError("unreachable")  # pragma: no cover  (abort raised)
-
-    def _open_small(self, request: pb.GetRecordRequest) -> tuple[OpenRecord, list[bytes] | None]:
-        """Open the record; read it at once when it fits in one message (one thread hop)."""
-        opened = self._store.open(
-            request.id, request.version or None, request.range.offset, request.range.length
-        )
-        if opened.info.size <= self._chunk_size:
-            return opened, list(opened.content)
-        return opened, None
 
     async def GetRecord(  # noqa: N802
         self, request: pb.GetRecordRequest, context: aio.ServicerContext
     ) -> AsyncIterator[pb.GetRecordResponse]:
         """Stream the metadata, then the content, each segment only once authenticated."""
-        async with rpc_errors(context, "GetRecord"):
-            opened, whole = await asyncio.to_thread(self._open_small, request)
+        async with handled(self._guard, context, "GetRecord") as state:
+            state.resource = f"record/{request.id}"
+            call_facts = facts(context, _SERVICE + "GetRecord")
+            opened, whole = await asyncio.to_thread(self._open, state, call_facts, request)
             yield pb.GetRecordResponse(metadata=convert.record_to_pb(opened.info))
             if whole is not None:
                 for chunk in whole:
@@ -107,8 +131,10 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
         self, request: pb.StatRecordRequest, context: aio.ServicerContext
     ) -> pb.Record:
         """Metadata of one version."""
-        async with rpc_errors(context, "StatRecord"):
-            info = await asyncio.to_thread(self._store.stat, request.id, request.version or None)
+        async with handled(self._guard, context, "StatRecord") as state:
+            state.resource = f"record/{request.id}"
+            call_facts = facts(context, _SERVICE + "StatRecord")
+            info = await asyncio.to_thread(self._stat, state, call_facts, request)
             return convert.record_to_pb(info)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -116,10 +142,11 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
         self, request: pb.ListRecordsRequest, context: aio.ServicerContext
     ) -> pb.ListRecordsResponse:
         """A page of a patient's records, newest first."""
-        async with rpc_errors(context, "ListRecords"):
-            records, token = await asyncio.to_thread(
-                self._store.list, convert.query_from_pb(request)
-            )
+        async with handled(self._guard, context, "ListRecords") as state:
+            state.resource = "patient-records"
+            call_facts = facts(context, _SERVICE + "ListRecords")
+            query = convert.query_from_pb(request)
+            records, token = await asyncio.to_thread(self._list, state, call_facts, query)
             return pb.ListRecordsResponse(
                 records=[convert.record_to_pb(r) for r in records], next_page_token=token
             )

@@ -50,7 +50,7 @@ async def create_server(config: Config, components: Components) -> tuple[aio.Ser
         maximum_concurrent_rpcs=config.server.workers * 4,
     )
     records_pb2_grpc.add_RecordServiceServicer_to_server(
-        RecordServicer(components.store, config.server.chunk_size), server
+        RecordServicer(components.store, components.guard, config.server.chunk_size), server
     )
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -19,11 +19,11 @@ from keystore.interfaces import BlindIndexer, KeyWrapper, WrappedKey
 from storage.envelope import StreamingAead
 from storage.errors import IntegrityError, InvalidRecordError, RecordConflictError
 from storage.interfaces import BlobStore, MetadataStore, StoredRecord
-from storage.model import NewRecord, RecordInfo, RecordKind, RecordQuery
+from storage.model import NewRecord, PatientRef, RecordInfo, RecordKind, RecordQuery
 from storage.paging import decode_page_token, encode_page_token
 from storage.pipeline import read_ahead
 from storage.sealing import SealedFields, seal, unseal
-from storage.validation import check_header, check_record_id
+from storage.validation import check_header, check_header_patient, check_record_id
 
 OBJECT_PREFIX = "objects/"
 MAX_PAGE_SIZE = 500
@@ -42,6 +42,25 @@ class StoreLimits:
     segment_size: int = 1 << 20
     # Segments encrypted ahead of the upload (memory per put: this many segments).
     read_ahead_segments: int = 8
+
+
+@dataclass(frozen=True, slots=True)
+class RecordRef:
+    """What access control sees of a record before any key or content is touched."""
+
+    id: str | None
+    version: int | None
+    patient_index: bytes
+
+
+# Called with the record about to be written or read; raises to refuse. The service
+# checks patient scope and commits the audit event here, before any byte moves.
+Gate = Callable[[RecordRef], None]
+
+
+def _admit(gate: Gate | None, ref: RecordRef) -> None:
+    if gate is not None:
+        gate(ref)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,10 +110,23 @@ class RecordStore:
         # Fault-injection seam for crash tests: runs after the upload, before the row.
         self._before_commit = before_commit
 
-    def put(self, header: NewRecord, chunks: Iterable[bytes], creator: str) -> RecordInfo:
-        """Store a new record, or a new version of ``header.supersedes``."""
+    def put(
+        self,
+        header: NewRecord,
+        chunks: Iterable[bytes],
+        creator: str,
+        *,
+        admit: Gate | None = None,
+        on_commit: Gate | None = None,
+    ) -> RecordInfo:
+        """Store a new record, or a new version of ``header.supersedes``.
+
+        ``admit`` runs before the upload; ``on_commit`` after it, just before the row is
+        inserted (an error there deletes the object and stores nothing).
+        """
         check_header(header)
         patient_index = self._indexer.blind_index(header.patient.canonical())
+        _admit(admit, RecordRef(header.supersedes, None, patient_index))
         record_id, version = self._next_version(header, patient_index)
         ad = associated_data(record_id, version)
         dek = secrets.token_bytes(32)
@@ -132,6 +164,7 @@ class RecordStore:
         if self._before_commit is not None:
             self._before_commit()
         try:
+            _admit(on_commit, RecordRef(record_id, version, patient_index))
             self._metadata.insert(row)
         except BaseException:
             self._blobs.delete(object_key)
@@ -151,18 +184,28 @@ class RecordStore:
             )
         return base.id, base.version + 1
 
-    def stat(self, record_id: str, version: int | None = None) -> RecordInfo:
+    def stat(
+        self, record_id: str, version: int | None = None, *, admit: Gate | None = None
+    ) -> RecordInfo:
         """Metadata of one version (the latest by default)."""
         check_record_id("id", record_id)
         row = self._metadata.get(record_id, version)
+        _admit(admit, RecordRef(row.id, row.version, row.patient_index))
         return self._info(row, self._unwrap(row))
 
     def open(
-        self, record_id: str, version: int | None = None, offset: int = 0, length: int = 0
+        self,
+        record_id: str,
+        version: int | None = None,
+        offset: int = 0,
+        length: int = 0,
+        *,
+        admit: Gate | None = None,
     ) -> OpenRecord:
         """Metadata and authenticated plaintext; ``length`` 0 reads to the end."""
         check_record_id("id", record_id)
         row = self._metadata.get(record_id, version)
+        _admit(admit, RecordRef(row.id, row.version, row.patient_index))
         dek = self._unwrap(row)
         info = self._info(row, dek)
         if offset < 0 or length < 0 or (offset > row.size) or (offset == row.size and offset):
@@ -200,12 +243,16 @@ class RecordStore:
         if size != row.stored_size:
             raise IntegrityError("stored record failed authentication")
 
-    def list(self, query: RecordQuery) -> tuple[list[RecordInfo], str]:
+    def list(
+        self, query: RecordQuery, *, admit: Gate | None = None
+    ) -> tuple[list[RecordInfo], str]:
         """One page of the patient's records, newest first, and the next page token."""
         if not 0 < query.page_size <= MAX_PAGE_SIZE:
             raise InvalidRecordError("page_size", f"must be between 1 and {MAX_PAGE_SIZE}")
+        patient_index = self.patient_index(query.patient)
+        _admit(admit, RecordRef(None, None, patient_index))
         rows = self._metadata.list(
-            self._indexer.blind_index(query.patient.canonical()),
+            patient_index,
             kind=query.kind.value if query.kind else None,
             created_after=query.created_after,
             created_before=query.created_before,
@@ -216,6 +263,11 @@ class RecordStore:
         page = rows[: query.page_size]
         token = encode_page_token(page[-1]) if len(rows) > query.page_size else ""
         return [self._info(r, self._unwrap(r)) for r in page], token
+
+    def patient_index(self, patient: PatientRef) -> bytes:
+        """The keyed blind index of ``patient`` (for grants and audit queries)."""
+        check_header_patient(patient)
+        return self._indexer.blind_index(patient.canonical())
 
     def _unwrap(self, row: StoredRecord) -> bytes:
         wrapped = WrappedKey(kek_version=row.kek_version, blob=row.wrapped_dek)

@@ -18,7 +18,9 @@ from storage.errors import BackendUnavailableError, RecordNotFoundError, Storage
 from storage.interfaces import BlobInfo
 
 MIB = 1024 * 1024
-DEFAULT_PART_SIZE = 16 * MIB
+# 8 MiB parts allow 80 GiB objects (10,000 parts), far above the record limit, and keep
+# an upload's memory (the SDK holds about two parts) well under 100 MiB.
+DEFAULT_PART_SIZE = 8 * MIB
 _MIN_PART_SIZE = 5 * MIB  # the S3 minimum for every part but the last
 _READ_CHUNK = 256 * 1024
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchObject", "NoSuchVersion"})
@@ -97,7 +99,8 @@ class _ChunkReader:
             self.failure = e
             raise
         cut = len(self._buffer) if size < 0 else min(size, len(self._buffer))
-        data = bytes(self._buffer[:cut])
+        with memoryview(self._buffer) as view:  # one copy of the part, not two
+            data = bytes(view[:cut])
         del self._buffer[:cut]
         self.total += len(data)
         return data

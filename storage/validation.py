@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from storage.errors import InvalidRecordError
-from storage.model import NewRecord
+from storage.model import NewRecord, PatientRef
 
 MAX_ID_LENGTH = 128
 MAX_TITLE_LENGTH = 1024
@@ -32,12 +32,15 @@ def check_record_id(field: str, value: str) -> None:
         raise InvalidRecordError(field, "is not a record id (32 lowercase hex digits)")
 
 
+def check_header_patient(patient: PatientRef) -> None:
+    """A patient identifier and its authority are required, printable and bounded."""
+    _printable("patient.id", patient.id, MAX_ID_LENGTH, required=True)
+    _printable("patient.assigning_authority", patient.authority, MAX_ID_LENGTH, required=True)
+
+
 def check_header(header: NewRecord) -> None:
     """Reject a header that cannot be stored, naming the field and the problem."""
-    _printable("patient.id", header.patient.id, MAX_ID_LENGTH, required=True)
-    _printable(
-        "patient.assigning_authority", header.patient.authority, MAX_ID_LENGTH, required=True
-    )
+    check_header_patient(header.patient)
     if not _CONTENT_TYPE.match(header.content_type):
         raise InvalidRecordError("content_type", "is not a MIME type such as application/pdf")
     _printable("title", header.title, MAX_TITLE_LENGTH, required=False)

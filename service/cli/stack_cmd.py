@@ -50,8 +50,10 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--as",
         dest="client",
         default="local-admin",
-        metavar="NAME",
-        help="client certificate to use (default: local-admin)",
+        metavar="ROLE|NAME",
+        help="act as the sample person of a role (physician, nurse, radiologist, "
+        "records_clerk, security_officer, backup_operator, key_admin, admin) or as a "
+        "client certificate name (default: local-admin)",
     )
     env.set_defaults(func=_env)
 

@@ -42,8 +42,21 @@ from service.localstack.softhsm import SoftHsmError
 from service.localstack.tokenkeys import TokenKeysError, ensure_token_keys
 
 TOKEN_LABEL = "medvault"  # noqa: S105 - a token label, not a password
-# Client certificates every stack gets, with the role carried in their OU.
-DEFAULT_CLIENTS = {"local-admin": "admin", "local-app": "application"}
+# Client certificates every stack gets, with the role carried in their OU: an
+# application, and a sample person for each default role of deploy/policy.toml, so
+# anyone can try the roles by hand (`medvault stack env --as physician`).
+DEFAULT_CLIENTS = {
+    "local-admin": "admin",
+    "local-app": "application",
+    "dr-lan": "physician",
+    "nurse-hoa": "nurse",
+    "rad-minh": "radiologist",
+    "clerk-thu": "records_clerk",
+    "officer-an": "security_officer",
+    "backup-op": "backup_operator",
+    "keys-admin": "key_admin",
+}
+DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "deploy" / "policy.toml"
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}  # noqa: S104 - names, not a bind
 
@@ -138,7 +151,15 @@ class LocalStack:
         self._prepare_ca()
         self._prepare_token()
         self._prepare_s3_credentials()
+        self._write_policy_once()
         self._write_config_once()
+
+    def _write_policy_once(self) -> None:
+        """Copy the default access policy into the home; an operator's edits are kept."""
+        target = self.home / "policy.toml"
+        if not target.exists():
+            target.write_text(DEFAULT_POLICY.read_text())
+            self._report(f"wrote access policy {target} (reload with SIGHUP after editing)")
 
     def _prepare_ca(self) -> None:
         ca_dir = self.layout.ca_dir
@@ -282,7 +303,9 @@ class LocalStack:
         return f"{LOOPBACK if host in _WILDCARD_HOSTS else host}:{port}"
 
     def tls_client(self, client: str = "local-admin") -> TlsClient:
-        """The CA, certificate and key files of the client named ``client``."""
+        """The CA, certificate and key files of ``client``: a client name or a role."""
+        by_role = {role: name for name, role in DEFAULT_CLIENTS.items()}
+        client = by_role.get(client, client)
         tls = TlsClient(
             self.layout.ca_dir / "ca.pem",
             self.layout.client_cert(client),

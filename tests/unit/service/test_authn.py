@@ -293,7 +293,7 @@ def test_delegation_not_configured(keys: Keys) -> None:
     """The default policy names no JWKS file: tokens are refused with a clear reason."""
     authenticator = Authenticator(PolicyHolder(load(ROOT / "deploy" / "policy.toml")))
     with pytest.raises(AuthenticationError, match="delegation is not configured"):
-        authenticator.authenticate(_cert_context("test-app"), _bearer(_es256(keys)), PEER)
+        authenticator.authenticate(_cert_context("local-app"), _bearer(_es256(keys)), PEER)
 
 
 @pytest.mark.parametrize(

@@ -57,8 +57,8 @@ def default_policy() -> Policy:
 def test_default_policy_loads(default_policy: Policy) -> None:
     assert sorted(default_policy.roles) == sorted(ROLES)
     assert default_policy.applications["local-app"].delegate
-    assert default_policy.applications["test-app"].delegate
-    assert not default_policy.applications["test-app"].roles
+    assert not default_policy.applications["local-app"].roles
+    assert "test-app" not in default_policy.applications  # test identities stay in tests
     assert not default_policy.delegation.enabled
     assert default_policy.break_glass.max_seconds == 14400
     assert default_policy.incidents.denied_threshold == 20

@@ -1,0 +1,59 @@
+"""The shape every RPC handler shares: enter through the guard, map errors, audit failures."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from grpc import aio
+
+from service.audit import AuditUnavailableError
+from service.authn import AuthenticationError
+from service.authz import PermissionDeniedError
+from service.errors import status_for
+from service.guard import AccessGuard, Call, CallFacts
+
+log = logging.getLogger(__name__)
+# Already audited (denials) or impossible to audit (the trail is down).
+_NOT_AUDITED_AGAIN = (PermissionDeniedError, AuthenticationError, AuditUnavailableError)
+
+
+def facts(context: aio.ServicerContext, method: str) -> CallFacts:
+    """Capture the transport's view of a call (on the event loop)."""
+    return CallFacts(
+        method=method,
+        auth_context=dict(context.auth_context()),
+        metadata=tuple(context.invocation_metadata() or ()),
+        peer=context.peer(),
+    )
+
+
+@dataclass
+class CallState:
+    """What a handler knows so far: the entered call and the resource it touches."""
+
+    call: Call | None = None
+    resource: str = ""
+
+
+@asynccontextmanager
+async def handled(
+    guard: AccessGuard, context: aio.ServicerContext, rpc: str
+) -> AsyncIterator[CallState]:
+    """Map any error to its status code; audit the failure of an allowed call."""
+    state = CallState()
+    try:
+        yield state
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # noqa: BLE001  (every error leaves as a mapped status)
+        code, message = status_for(e)
+        log.warning("rpc failed", extra={"rpc": rpc, "code": code.name, "error": type(e).__name__})
+        if state.call is not None and not isinstance(e, _NOT_AUDITED_AGAIN):
+            await asyncio.to_thread(
+                guard.audit_failure, state.call, state.resource or rpc, code.name
+            )
+        await context.abort(code, message)

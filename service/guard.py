@@ -1,0 +1,196 @@
+"""Authentication, authorization, patient scope and the audit event of every call.
+
+Each RPC passes through ``AccessGuard.enter`` (who is calling, may their roles call
+this?) and, for patient data, a gate that checks the care-team grant and commits the
+audit event before anything is read (DESIGN.md, read path step 1). Denials and
+failures are audited too. Everything here blocks (token, database), so servicers call
+it from worker threads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from service.audit.trail import AuditTrail
+from service.authn import AuthenticationError, Authenticator, Principal
+from service.authz import PermissionDeniedError
+from service.authz.model import Decision
+from service.authz.policy import PolicyHolder
+from service.incidents import IncidentDetector
+from storage.audit_model import AuditEntry, Outcome
+from storage.grants import SqlGrantStore
+from storage.records import Gate, RecordRef
+
+log = logging.getLogger(__name__)
+NO_GRANT = "no active care-team grant or break-the-glass access for this patient"
+
+
+@dataclass(frozen=True, slots=True)
+class CallFacts:
+    """What the transport says about a call, captured on the event loop."""
+
+    method: str
+    auth_context: Mapping[str, Sequence[bytes]]
+    metadata: Sequence[tuple[str, str | bytes]]
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """An authenticated, authorized call."""
+
+    facts: CallFacts
+    principal: Principal
+    decision: Decision
+
+    @property
+    def action(self) -> str:
+        """The permission exercised, which names the action in the audit trail."""
+        return self.decision.permission or self.facts.method
+
+
+def record_resource(ref: RecordRef) -> str:
+    """The audit resource of a record reference."""
+    if ref.id is None:
+        return "patient-records"
+    return f"record/{ref.id}" + (f"/v{ref.version}" if ref.version else "")
+
+
+class AccessGuard:
+    """The policy enforcement point shared by every servicer."""
+
+    def __init__(
+        self,
+        policy: PolicyHolder,
+        authenticator: Authenticator,
+        grants: SqlGrantStore,
+        trail: AuditTrail,
+        incidents: IncidentDetector,
+    ) -> None:
+        self.policy = policy
+        self._authn = authenticator
+        self.grants = grants
+        self.trail = trail
+        self._incidents = incidents
+
+    def enter(self, facts: CallFacts) -> Call:
+        """Authenticate and authorize ``facts``; denials are audited, then raised."""
+        try:
+            principal = self._authn.authenticate(facts.auth_context, facts.metadata, facts.peer)
+        except (AuthenticationError, PermissionDeniedError) as e:
+            unknown = Principal("unauthenticated", None, frozenset(), facts.peer)
+            denied = isinstance(e, PermissionDeniedError)
+            status = "PERMISSION_DENIED" if denied else "UNAUTHENTICATED"
+            self._write(
+                unknown, facts.method, facts.method, outcome="denied", status=status, reason=str(e)
+            )
+            self._incidents.denied(facts.peer)
+            raise
+        decision = self.policy.current.check(principal, facts.method)
+        call = Call(facts, principal, decision)
+        if not decision.allowed:
+            self.audit(
+                call, facts.method, outcome="denied", status="PERMISSION_DENIED",
+                reason=decision.reason,
+            )
+            self._incidents.denied(facts.peer)
+            raise PermissionDeniedError(decision.reason)
+        return call
+
+    def check_scope(self, call: Call, ref: RecordRef) -> str:
+        """Raise unless ``call`` may touch ``ref``'s patient; the break-the-glass note if any."""
+        if not call.decision.patient_scoped:
+            return ""
+        grant = self.grants.has_access(call.principal.name, ref.patient_index, _now())
+        if grant is None:
+            self.audit(
+                call, record_resource(ref), ref.patient_index, outcome="denied",
+                status="PERMISSION_DENIED", reason=NO_GRANT,
+            )
+            self._incidents.denied(call.facts.peer)
+            raise PermissionDeniedError(NO_GRANT)
+        return f"break-the-glass grant {grant.id}: {grant.reason}" if grant.break_glass else ""
+
+    def patient_gate(self, call: Call) -> Gate:
+        """Check patient scope, then commit the allowed event: reads pass this first."""
+
+        def gate(ref: RecordRef) -> None:
+            reason = self.check_scope(call, ref)
+            self.audit(
+                call, record_resource(ref), ref.patient_index, outcome="allowed", reason=reason
+            )
+            if call.action in ("records.read", "records.stat"):
+                self._incidents.read(call.principal.name)
+
+        return gate
+
+    def scope_gate(self, call: Call) -> Gate:
+        """Check patient scope only (before an upload starts)."""
+
+        def gate(ref: RecordRef) -> None:
+            self.check_scope(call, ref)
+
+        return gate
+
+    def commit_gate(self, call: Call) -> Gate:
+        """Commit the allowed event of a write, just before its row commits."""
+        return lambda ref: self.audit(
+            call, record_resource(ref), ref.patient_index, outcome="allowed"
+        )
+
+    def audit(
+        self,
+        call: Call,
+        resource: str,
+        patient_index: bytes | None = None,
+        *,
+        outcome: Outcome,
+        status: str = "",
+        reason: str = "",
+    ) -> None:
+        """Commit one event for ``call``; ``AuditUnavailableError`` if it cannot be."""
+        self._write(
+            call.principal, call.action, resource, patient_index,
+            outcome=outcome, status=status, reason=reason,
+        )
+
+    def audit_failure(self, call: Call, resource: str, status: str) -> None:
+        """Best effort: record that an allowed call then failed (the call fails anyway)."""
+        try:
+            self.audit(call, resource, outcome="failed", status=status)
+        except Exception:  # the caller already gets an error; the log keeps this one
+            log.exception("could not audit a failed call", extra={"action": call.action})
+
+    def _write(
+        self,
+        principal: Principal,
+        action: str,
+        resource: str,
+        patient_index: bytes | None = None,
+        *,
+        outcome: Outcome,
+        status: str = "",
+        reason: str = "",
+    ) -> None:
+        self.trail.record(
+            AuditEntry(
+                time=_now(),
+                principal=principal.name,
+                application=principal.application or "",
+                role=",".join(sorted(principal.roles)),
+                action=action,
+                resource=resource,
+                outcome=outcome,
+                patient_index=patient_index,
+                status=status,
+                reason=reason,
+                source=principal.source,
+            )
+        )
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
