@@ -43,6 +43,7 @@ class Components:
     pool: Pkcs11SessionPool
     engine: Engine
     guard: AccessGuard
+    audit_log: SqlAuditLog
 
     def close(self) -> None:
         """Flush the audit trail, release the token sessions and database connections."""
@@ -89,19 +90,22 @@ def _fault_hook() -> Callable[[], None] | None:
     return None
 
 
-def access_guard(config: Config, engine: Engine, pool: Pkcs11SessionPool) -> AccessGuard:
+def access_guard(
+    config: Config, engine: Engine, log: SqlAuditLog, pool: Pkcs11SessionPool
+) -> AccessGuard:
     """Policy, authentication, grants, the audit trail and incident detection."""
     holder = PolicyHolder.load(config.base_dir / config.server.policy)
     audit = config.audit
     trail = AuditTrail(
-        SqlAuditLog(engine),
+        log,
         Pkcs11Signer(pool, audit.signing_key_label),
         checkpoint_every=audit.checkpoint_every,
         checkpoint_seconds=audit.checkpoint_seconds,
         enabled=audit.enabled,
     )
     incidents = IncidentDetector(lambda: holder.current.incidents, trail)
-    return AccessGuard(holder, Authenticator(holder), SqlGrantStore(engine), trail, incidents)
+    grants = SqlGrantStore(engine)
+    return AccessGuard(holder, Authenticator(holder), grants, trail, incidents)
 
 
 def build(config: Config) -> Components:
@@ -112,7 +116,8 @@ def build(config: Config) -> Components:
         upgrade(engine)
         metadata = SqlMetadataStore(engine)
         blobs = blob_store(config)
-        guard = access_guard(config, engine, pool)
+        audit_log = SqlAuditLog(engine)
+        guard = access_guard(config, engine, audit_log, pool)
     except BaseException:
         pool.close()
         raise
@@ -128,5 +133,6 @@ def build(config: Config) -> Components:
         before_commit=_fault_hook(),
     )
     return Components(
-        store=store, blobs=blobs, metadata=metadata, pool=pool, engine=engine, guard=guard
+        store=store, blobs=blobs, metadata=metadata, pool=pool, engine=engine, guard=guard,
+        audit_log=audit_log,
     )

@@ -15,8 +15,19 @@ from grpc import aio
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
-from service._gen.medvault.v1 import records_pb2, records_pb2_grpc
+from service._gen.medvault.v1 import (
+    access_pb2,
+    access_pb2_grpc,
+    audit_pb2,
+    audit_pb2_grpc,
+    records_pb2,
+    records_pb2_grpc,
+)
+from service.access_servicer import AccessServicer
+from service.audit_servicer import AuditServicer
+from service.authz.policy import install_sighup
 from service.bootstrap import Components, build
 from service.config import Config, ConfigError
 from service.records_servicer import RecordServicer
@@ -52,10 +63,18 @@ async def create_server(config: Config, components: Components) -> tuple[aio.Ser
     records_pb2_grpc.add_RecordServiceServicer_to_server(
         RecordServicer(components.store, components.guard, config.server.chunk_size), server
     )
+    access_pb2_grpc.add_AccessServiceServicer_to_server(
+        AccessServicer(components.store, components.guard), server
+    )
+    audit_pb2_grpc.add_AuditServiceServicer_to_server(
+        AuditServicer(components.store, components.guard, components.audit_log), server
+    )
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (
         records_pb2.DESCRIPTOR.services_by_name["RecordService"].full_name,
+        access_pb2.DESCRIPTOR.services_by_name["AccessService"].full_name,
+        audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
         health.SERVICE_NAME,
         reflection.SERVICE_NAME,
     )
@@ -68,7 +87,7 @@ async def create_server(config: Config, components: Components) -> tuple[aio.Ser
     if port == 0:
         raise ConfigError(f"[server] cannot listen on {config.server.listen}")
     await server.start()
-    for name in ("", names[0]):
+    for name in ("", *names[:3]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, port
 
@@ -105,6 +124,10 @@ def serve(config: Config) -> None:
     components = build(config)
     stop = threading.Event()
     try:
+        install_sighup(components.guard.policy)  # `kill -HUP` re-reads the access policy
+        if config.server.metrics_listen:
+            host, _, port = config.server.metrics_listen.rpartition(":")
+            start_http_server(int(port), addr=host or "127.0.0.1")
         grace = timedelta(seconds=config.server.orphan_grace_seconds)
         threading.Thread(
             target=_sweep_forever, args=(components, grace, stop), daemon=True, name="sweeper"

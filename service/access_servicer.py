@@ -1,0 +1,149 @@
+"""AccessService: care-team grants, break-the-glass and WhoAmI, each call audited."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+from grpc import aio
+
+from service import convert
+from service._gen.medvault.v1 import access_pb2 as apb
+from service._gen.medvault.v1 import access_pb2_grpc as apb_grpc
+from service.calls import CallState, facts, handled
+from service.convert_audit import grant_to_pb, when
+from service.guard import AccessGuard, Call, CallFacts
+from storage.errors import InvalidRecordError
+from storage.grants_model import Grant
+from storage.records import RecordStore
+
+_SERVICE = "/medvault.v1.AccessService/"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class AccessServicer(apb_grpc.AccessServiceServicer):  # type: ignore[misc]  # untyped stub
+    """medvault.v1.AccessService."""
+
+    def __init__(self, store: RecordStore, guard: AccessGuard) -> None:
+        self._store = store
+        self._guard = guard
+
+    def _patient_index(self, request: apb.GrantAccessRequest | apb.BreakGlassRequest) -> bytes:
+        if not request.HasField("patient"):
+            raise InvalidRecordError("patient", "is required")
+        return self._store.patient_index(convert.patient_from_pb(request.patient))
+
+    def _changed(self, call: Call, grant: Grant, reason: str) -> Grant:
+        """Audit a grant that was just created; undo it if the audit cannot be written."""
+        try:
+            self._guard.audit(
+                call, f"grant/{grant.id}", grant.patient_index, outcome="allowed", reason=reason
+            )
+        except BaseException:
+            self._guard.grants.revoke(grant.id, "medvault (audit unavailable)", _now())
+            raise
+        return grant
+
+    def _grant(self, state: CallState, call_facts: CallFacts, req: apb.GrantAccessRequest) -> Grant:
+        call = state.call = self._guard.enter(call_facts)
+        grant = self._guard.grants.grant(
+            self._patient_index(req), req.principal, call.principal.name,
+            when(req.expires_at, req.HasField("expires_at")), _now(),
+        )
+        return self._changed(call, grant, f"granted to {req.principal}")
+
+    def _break_glass(
+        self, state: CallState, call_facts: CallFacts, req: apb.BreakGlassRequest
+    ) -> Grant:
+        call = state.call = self._guard.enter(call_facts)
+        limit = self._guard.policy.current.break_glass.max_seconds
+        seconds = req.duration_seconds or limit
+        if seconds > limit:
+            raise InvalidRecordError("duration_seconds", f"must be at most {limit} (policy)")
+        grant = self._guard.grants.break_glass(
+            self._patient_index(req), call.principal.name, req.reason,
+            timedelta(seconds=seconds), _now(),
+        )
+        return self._changed(call, grant, f"break-the-glass: {req.reason}")
+
+    def _revoke(self, state: CallState, call_facts: CallFacts, grant_id: str) -> Grant:
+        call = state.call = self._guard.enter(call_facts)
+        grant = self._guard.grants.revoke(grant_id, call.principal.name, _now())
+        self._guard.audit(call, f"grant/{grant.id}", grant.patient_index, outcome="allowed")
+        return grant
+
+    def _list(
+        self, state: CallState, call_facts: CallFacts, req: apb.ListGrantsRequest
+    ) -> list[Grant]:
+        call = state.call = self._guard.enter(call_facts)
+        index = (
+            self._store.patient_index(convert.patient_from_pb(req.patient))
+            if req.HasField("patient") else None
+        )
+        self._guard.audit(call, "grants", index, outcome="allowed")
+        return self._guard.grants.list(index, req.principal or None, req.include_inactive, _now())
+
+    def _whoami(self, state: CallState, call_facts: CallFacts) -> apb.WhoAmIResponse:
+        call = state.call = self._guard.enter(call_facts)
+        principal = call.principal
+        permissions = self._guard.policy.current.permissions_for(principal.roles)
+        return apb.WhoAmIResponse(
+            principal=principal.name,
+            application=principal.application or "",
+            roles=sorted(principal.roles),
+            permissions=sorted(permissions),
+        )
+
+    async def GrantAccess(  # noqa: N802  (gRPC method names)
+        self, request: apb.GrantAccessRequest, context: aio.ServicerContext
+    ) -> apb.Grant:
+        """Give a principal access to a patient's records (care team)."""
+        async with handled(self._guard, context, "GrantAccess") as state:
+            call_facts = facts(context, _SERVICE + "GrantAccess")
+            grant = await asyncio.to_thread(self._grant, state, call_facts, request)
+            return grant_to_pb(grant, request.patient)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def RevokeAccess(  # noqa: N802
+        self, request: apb.RevokeAccessRequest, context: aio.ServicerContext
+    ) -> apb.Grant:
+        """End a grant now."""
+        async with handled(self._guard, context, "RevokeAccess") as state:
+            state.resource = f"grant/{request.grant_id}"
+            call_facts = facts(context, _SERVICE + "RevokeAccess")
+            grant = await asyncio.to_thread(self._revoke, state, call_facts, request.grant_id)
+            return grant_to_pb(grant)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def ListGrants(  # noqa: N802
+        self, request: apb.ListGrantsRequest, context: aio.ServicerContext
+    ) -> apb.ListGrantsResponse:
+        """Grants of a patient or of a principal."""
+        async with handled(self._guard, context, "ListGrants") as state:
+            call_facts = facts(context, _SERVICE + "ListGrants")
+            grants = await asyncio.to_thread(self._list, state, call_facts, request)
+            echo = request.patient if request.HasField("patient") else None
+            return apb.ListGrantsResponse(grants=[grant_to_pb(g, echo) for g in grants])
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def BreakGlass(  # noqa: N802
+        self, request: apb.BreakGlassRequest, context: aio.ServicerContext
+    ) -> apb.Grant:
+        """Time-limited emergency access with a mandatory reason, queued for review."""
+        async with handled(self._guard, context, "BreakGlass") as state:
+            call_facts = facts(context, _SERVICE + "BreakGlass")
+            grant = await asyncio.to_thread(self._break_glass, state, call_facts, request)
+            return grant_to_pb(grant, request.patient)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def WhoAmI(  # noqa: N802
+        self, request: apb.WhoAmIRequest, context: aio.ServicerContext
+    ) -> apb.WhoAmIResponse:
+        """The caller as the service sees it: principal, application, roles, permissions."""
+        async with handled(self._guard, context, "WhoAmI") as state:
+            call_facts = facts(context, _SERVICE + "WhoAmI")
+            return await asyncio.to_thread(self._whoami, state, call_facts)
+        raise AssertionError("unreachable")  # pragma: no cover

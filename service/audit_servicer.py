@@ -1,0 +1,128 @@
+"""AuditService: the security officer's view of the trail. Reading it is audited too."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from datetime import UTC, datetime
+
+from grpc import aio
+
+from service import convert
+from service._gen.medvault.v1 import audit_pb2 as aupb
+from service._gen.medvault.v1 import audit_pb2_grpc as aupb_grpc
+from service.audit.export import chunked, to_csv, to_fhir, to_jsonl
+from service.calls import CallState, facts, handled
+from service.convert_audit import event_to_pb, filter_from_pb, review_item, verify_to_pb
+from service.guard import AccessGuard, CallFacts
+from service.streams import prefetch
+from storage.audit_log import SqlAuditLog
+from storage.audit_model import AuditFilter, ChainedEvent, VerifyResult
+from storage.errors import InvalidRecordError
+from storage.grants_model import Grant
+from storage.records import RecordStore
+
+_SERVICE = "/medvault.v1.AuditService/"
+_EXPORTERS: dict[int, Callable[[Iterable[ChainedEvent]], Iterator[bytes]]] = {
+    aupb.EXPORT_FORMAT_JSONL: to_jsonl,
+    aupb.EXPORT_FORMAT_CSV: to_csv,
+    aupb.EXPORT_FORMAT_FHIR: to_fhir,
+}
+class AuditServicer(aupb_grpc.AuditServiceServicer):  # type: ignore[misc]  # untyped stub
+    """medvault.v1.AuditService."""
+
+    def __init__(self, store: RecordStore, guard: AccessGuard, log: SqlAuditLog) -> None:
+        self._store = store
+        self._guard = guard
+        self._log = log
+
+    def _filter(
+        self, state: CallState, call_facts: CallFacts, req: aupb.QueryEventsRequest
+    ) -> AuditFilter:
+        """Enter, build the filter, and commit the audit event of this read of the trail."""
+        call = state.call = self._guard.enter(call_facts)
+        index = (
+            self._store.patient_index(convert.patient_from_pb(req.patient))
+            if req.HasField("patient") else None
+        )
+        flt = filter_from_pb(req, index)
+        self._guard.audit(call, "audit-trail", index, outcome="allowed")
+        return flt
+
+    def _verify(self, state: CallState, call_facts: CallFacts) -> VerifyResult:
+        call = state.call = self._guard.enter(call_facts)
+        self._guard.audit(call, "audit-trail", outcome="allowed")
+        return self._guard.trail.verify()
+
+    def _queue(self, state: CallState, call_facts: CallFacts, everything: bool) -> list[Grant]:
+        call = state.call = self._guard.enter(call_facts)
+        self._guard.audit(call, "break-glass-queue", outcome="allowed")
+        return self._guard.grants.break_glass_queue(everything)
+
+    def _review(
+        self, state: CallState, call_facts: CallFacts, req: aupb.ReviewBreakGlassRequest
+    ) -> Grant:
+        call = state.call = self._guard.enter(call_facts)
+        grant = self._guard.grants.review(
+            req.grant_id, call.principal.name, req.comment, datetime.now(UTC)
+        )
+        self._guard.audit(
+            call, f"grant/{grant.id}", grant.patient_index, outcome="allowed", reason=req.comment
+        )
+        return grant
+
+    async def QueryEvents(  # noqa: N802  (gRPC method names)
+        self, request: aupb.QueryEventsRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[aupb.AuditEvent]:
+        """Stream the events matching the filters, oldest first."""
+        async with handled(self._guard, context, "QueryEvents") as state:
+            call_facts = facts(context, _SERVICE + "QueryEvents")
+            flt = await asyncio.to_thread(self._filter, state, call_facts, request)
+            async for event in prefetch(lambda: self._log.query(flt), depth=256):
+                yield event_to_pb(event)
+
+    async def ExportEvents(  # noqa: N802
+        self, request: aupb.ExportEventsRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[aupb.ExportChunk]:
+        """Stream the matching events as JSON lines, CSV or FHIR AuditEvent (NDJSON)."""
+        async with handled(self._guard, context, "ExportEvents") as state:
+            exporter = _EXPORTERS.get(request.format)
+            if exporter is None:
+                raise InvalidRecordError("format", "must be JSONL, CSV or FHIR")
+            call_facts = facts(context, _SERVICE + "ExportEvents")
+            flt = await asyncio.to_thread(self._filter, state, call_facts, request.query)
+            chunks = prefetch(lambda: chunked(exporter(self._log.query(flt))), depth=4)
+            async for chunk in chunks:
+                yield aupb.ExportChunk(data=chunk)
+
+    async def VerifyChain(  # noqa: N802
+        self, request: aupb.VerifyChainRequest, context: aio.ServicerContext
+    ) -> aupb.VerifyChainResponse:
+        """Walk the chain and the signed checkpoints; name the first bad sequence."""
+        async with handled(self._guard, context, "VerifyChain") as state:
+            call_facts = facts(context, _SERVICE + "VerifyChain")
+            return verify_to_pb(await asyncio.to_thread(self._verify, state, call_facts))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def ListBreakGlass(  # noqa: N802
+        self, request: aupb.ListBreakGlassRequest, context: aio.ServicerContext
+    ) -> aupb.ListBreakGlassResponse:
+        """The break-the-glass review queue (unreviewed first)."""
+        async with handled(self._guard, context, "ListBreakGlass") as state:
+            call_facts = facts(context, _SERVICE + "ListBreakGlass")
+            grants = await asyncio.to_thread(
+                self._queue, state, call_facts, request.include_reviewed
+            )
+            return aupb.ListBreakGlassResponse(items=[review_item(g) for g in grants])
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def ReviewBreakGlass(  # noqa: N802
+        self, request: aupb.ReviewBreakGlassRequest, context: aio.ServicerContext
+    ) -> aupb.BreakGlassReviewItem:
+        """Mark a break-the-glass access reviewed, with a comment."""
+        async with handled(self._guard, context, "ReviewBreakGlass") as state:
+            state.resource = f"grant/{request.grant_id}"
+            call_facts = facts(context, _SERVICE + "ReviewBreakGlass")
+            grant = await asyncio.to_thread(self._review, state, call_facts, request)
+            return review_item(grant)
+        raise AssertionError("unreachable")  # pragma: no cover

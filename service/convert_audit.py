@@ -1,0 +1,124 @@
+"""Translation of grants, audit events and filters between protobuf and domain objects."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from service._gen.medvault.v1 import access_pb2 as apb
+from service._gen.medvault.v1 import audit_pb2 as aupb
+from service._gen.medvault.v1 import records_pb2 as rpb
+from storage.audit_model import AuditFilter, ChainedEvent, Outcome, VerifyResult
+from storage.errors import InvalidRecordError
+from storage.grants_model import Grant
+
+_OUTCOMES: dict[aupb.Outcome, Outcome] = {
+    aupb.OUTCOME_ALLOWED: "allowed",
+    aupb.OUTCOME_DENIED: "denied",
+    aupb.OUTCOME_FAILED: "failed",
+}
+_OUTCOME_CODES = {name: code for code, name in _OUTCOMES.items()}
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    """A protobuf timestamp, or None."""
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value.astimezone(UTC))
+    return ts
+
+
+def when(ts: Timestamp, present: bool) -> datetime | None:
+    """A UTC datetime from a timestamp field that may be unset."""
+    if not present:
+        return None
+    value: datetime = ts.ToDatetime(tzinfo=UTC)
+    return value
+
+
+def grant_to_pb(grant: Grant, patient: rpb.PatientId | None = None) -> apb.Grant:
+    """The proto form of a grant; the patient is echoed only when the caller named it."""
+    msg = apb.Grant(
+        id=grant.id,
+        principal=grant.principal,
+        granted_by=grant.granted_by,
+        created_at=timestamp(grant.created_at),
+        expires_at=timestamp(grant.expires_at),
+        revoked_at=timestamp(grant.revoked_at),
+        revoked_by=grant.revoked_by or "",
+        break_glass=grant.break_glass,
+        reason=grant.reason or "",
+    )
+    if patient is not None:
+        msg.patient.CopyFrom(patient)
+    return msg
+
+
+def event_to_pb(event: ChainedEvent) -> aupb.AuditEvent:
+    """The proto form of a chained audit event."""
+    entry = event.entry
+    return aupb.AuditEvent(
+        sequence=event.sequence,
+        time=timestamp(entry.time),
+        principal=entry.principal,
+        application=entry.application,
+        role=entry.role,
+        action=entry.action,
+        resource=entry.resource,
+        patient_index=entry.patient_index.hex() if entry.patient_index else "",
+        outcome=_OUTCOME_CODES[entry.outcome],
+        status=entry.status,
+        reason=entry.reason,
+        source=entry.source,
+        prev_hash=event.prev_hash,
+        hash=event.hash,
+    )
+
+
+def filter_from_pb(msg: aupb.QueryEventsRequest, patient_index: bytes | None) -> AuditFilter:
+    """The domain filter of a query; the patient arrives already as its blind index."""
+    if msg.outcome and msg.outcome not in _OUTCOMES:
+        raise InvalidRecordError("outcome", "must be ALLOWED, DENIED or FAILED")
+    return AuditFilter(
+        since=when(msg.since, msg.HasField("since")),
+        until=when(msg.until, msg.HasField("until")),
+        principal=msg.principal or None,
+        patient_index=patient_index,
+        action=msg.action or None,
+        outcome=_OUTCOMES.get(msg.outcome),
+        limit=msg.limit or None,
+    )
+
+
+def verify_to_pb(result: VerifyResult) -> aupb.VerifyChainResponse:
+    """The proto form of a verification result."""
+    return aupb.VerifyChainResponse(
+        ok=result.ok,
+        events_checked=result.events_checked,
+        checkpoints_checked=result.checkpoints_checked,
+        first_bad_sequence=result.first_bad_sequence or 0,
+        reason=result.reason,
+        last_checkpoint_sequence=result.last_checkpoint_sequence or 0,
+    )
+
+
+def review_item(grant: Grant) -> aupb.BreakGlassReviewItem:
+    """A break-the-glass grant as an item of the review queue."""
+    return aupb.BreakGlassReviewItem(
+        event=aupb.AuditEvent(
+            time=timestamp(grant.created_at),
+            principal=grant.principal,
+            action="access.break_glass",
+            resource=f"grant/{grant.id}",
+            patient_index=grant.patient_index.hex(),
+            outcome=aupb.OUTCOME_ALLOWED,
+            reason=grant.reason or "",
+        ),
+        grant_id=grant.id,
+        reviewed=grant.reviewed_at is not None,
+        reviewed_by=grant.reviewed_by or "",
+        reviewed_at=timestamp(grant.reviewed_at),
+        comment=grant.review_comment or "",
+    )
