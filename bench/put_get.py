@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from service import config as service_config  # noqa: E402  (after the path fix)
+from service._gen.medvault.v1 import access_pb2, access_pb2_grpc  # noqa: E402
 from service._gen.medvault.v1 import records_pb2 as pb  # noqa: E402
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc  # noqa: E402
 from service.localstack.stack import LocalStack  # noqa: E402
@@ -47,6 +49,7 @@ from storage.s3_blobs import make_minio_client  # noqa: E402
 KIB, MIB = 1 << 10, 1 << 20
 CHUNK = 1 * MIB  # what the CLI streams
 MAX_MESSAGE = 4 * MIB  # the CLI's channel limit
+BENCH_PATIENT = pb.PatientId(id="BENCH-0001", assigning_authority="BENCH")
 RAW_BUCKET = "bench-raw"
 RAW_READ = 1 * MIB
 
@@ -69,31 +72,45 @@ class Samples:
 # -- the two clients -------------------------------------------------------------------
 
 
+def _channel(stack: LocalStack, role: str) -> grpc.Channel:
+    tls = stack.tls_client(role)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca.read_bytes(),
+        private_key=tls.key.read_bytes(),
+        certificate_chain=tls.cert.read_bytes(),
+    )
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+    ]
+    return grpc.secure_channel(stack.endpoint(), creds, options=options)
+
+
 class Medvault:
-    """A gRPC client over mutual TLS, streaming 1 MiB chunks as the CLI does."""
+    """gRPC clients over mutual TLS, streaming 1 MiB chunks as the CLI does.
+
+    The real access path: the records clerk writes, puts the sample physician on the
+    patient's care team, and the physician reads (grant check and audit on every read).
+    """
 
     def __init__(self, stack: LocalStack) -> None:
-        tls = stack.tls_client()
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=tls.ca.read_bytes(),
-            private_key=tls.key.read_bytes(),
-            certificate_chain=tls.cert.read_bytes(),
+        self._writer = _channel(stack, "records_clerk")
+        self._reader = _channel(stack, "physician")
+        self._stub = pb_grpc.RecordServiceStub(self._writer)
+        self._read_stub = pb_grpc.RecordServiceStub(self._reader)
+        access_pb2_grpc.AccessServiceStub(self._writer).GrantAccess(
+            access_pb2.GrantAccessRequest(patient=BENCH_PATIENT, principal="dr-lan")
         )
-        options = [
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE),
-        ]
-        self._channel = grpc.secure_channel(stack.endpoint(), creds, options=options)
-        self._stub = pb_grpc.RecordServiceStub(self._channel)
 
     def close(self) -> None:
-        self._channel.close()
+        self._writer.close()
+        self._reader.close()
 
     def put(self, chunks: list[bytes], digest: bytes) -> str:
         def requests() -> Iterator[pb.PutRecordRequest]:
             yield pb.PutRecordRequest(
                 header=pb.RecordHeader(
-                    patient=pb.PatientId(id="BENCH-0001", assigning_authority="BENCH"),
+                    patient=BENCH_PATIENT,
                     kind=pb.RECORD_KIND_OTHER,
                     content_type="application/octet-stream",
                     title="benchmark",
@@ -107,7 +124,7 @@ class Medvault:
 
     def get(self, record_id: str) -> int:
         total = 0
-        for response in self._stub.GetRecord(pb.GetRecordRequest(id=record_id)):
+        for response in self._read_stub.GetRecord(pb.GetRecordRequest(id=record_id)):
             if response.WhichOneof("message") == "chunk":
                 total += len(response.chunk)
         return total
@@ -151,6 +168,76 @@ class Raw:
             response.close()
             response.release_conn()
         return total
+
+
+class Floor:
+    """gRPC + mutual TLS with nothing behind it: a server process that streams the
+    requested number of bytes from memory, in 1 MiB messages, with the stack's
+    certificates. No store can make GetRecord faster than this transport."""
+
+    def __init__(self, stack: LocalStack) -> None:
+        ca_dir = stack.layout.ca_dir
+        self._process = subprocess.Popen(
+            [sys.executable, __file__, "--floor-server", str(ca_dir)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self._process.stdout is not None
+        port = int(self._process.stdout.readline())
+        tls = stack.tls_client("physician")
+        creds = grpc.ssl_channel_credentials(
+            tls.ca.read_bytes(), tls.key.read_bytes(), tls.cert.read_bytes()
+        )
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE),
+                   ("grpc.ssl_target_name_override", "localhost")]  # fmt: skip
+        self._channel = grpc.secure_channel(f"127.0.0.1:{port}", creds, options=options)
+        self._stub = pb_grpc.RecordServiceStub(self._channel)
+
+    def get(self, size: int) -> int:
+        request = pb.GetRecordRequest(range=pb.ByteRange(length=size))
+        return sum(len(r.chunk) for r in self._stub.GetRecord(request))
+
+    def close(self) -> None:
+        self._channel.close()
+        self._process.kill()
+        self._process.wait()
+
+
+def floor_server(ca_dir: Path) -> None:
+    """Serve GetRecord from memory (``--floor-server``); print the port, run until killed."""
+    import asyncio  # noqa: PLC0415
+
+    from grpc import aio  # noqa: PLC0415
+
+    block = os.urandom(MIB)
+
+    class Servicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]
+        async def GetRecord(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+            yield pb.GetRecordResponse(metadata=pb.Record(id="floor"))
+            left = request.range.length
+            while left > 0:
+                yield pb.GetRecordResponse(chunk=block[: min(left, MIB)])
+                left -= min(left, MIB)
+
+    async def serve() -> None:
+        server = aio.server(options=[("grpc.max_send_message_length", MAX_MESSAGE)])
+        pb_grpc.add_RecordServiceServicer_to_server(Servicer(), server)
+        creds = grpc.ssl_server_credentials(
+            [((ca_dir / "server.key").read_bytes(), (ca_dir / "server.pem").read_bytes())],
+            root_certificates=(ca_dir / "ca.pem").read_bytes(),
+            require_client_auth=True,
+        )
+        port = server.add_secure_port("127.0.0.1:0", creds)
+        await server.start()
+        print(port, flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+def measure_floor(floor: Floor, size: int, ops: int) -> list[float]:
+    """Wall times of ``ops`` transport-only gets of ``size`` bytes."""
+    floor.get(size)  # warm-up
+    return [_timed(lambda: floor.get(size))[0] for _ in range(ops)]
 
 
 # -- measuring -------------------------------------------------------------------------
@@ -294,27 +381,42 @@ def run(ns: argparse.Namespace, stack: LocalStack) -> None:
     unknown = [n for n in names if n not in SIZES]
     if unknown:
         raise SystemExit(f"unknown sizes {unknown}; known: {', '.join(SIZES)}")
-    medvault, raw = Medvault(stack), Raw(stack)
+    medvault, raw, floor = Medvault(stack), Raw(stack), Floor(stack)
     pid = stack.layout.service_pid.read_text().strip()
     print(f"service pid {pid}, endpoint {stack.endpoint()}", flush=True)
     rows: list[Row] = []
     samples: dict[str, object] = {}
+    floors: dict[str, float] = {}
     try:
         for name in names:
             puts, gets = measure_size(name, SIZES[name], ops[name], medvault, raw)
             rows += rows_for(name, SIZES[name], puts, gets)
             samples[name] = {"put": puts.__dict__, "get": gets.__dict__}
+            floors[name] = statistics.median(measure_floor(floor, SIZES[name], ops[name]))
+            floors[name + " raw"] = statistics.median(gets.raw)
     finally:
         medvault.close()
+        floor.close()
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(f"\nmedvault vs raw minio SDK on the same SeaweedFS - {when}, "
           f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}\n")  # fmt: skip
     print_table(rows, ops)
+    print("\ntransport floor: GetRecord over gRPC + mutual TLS from a server holding the bytes")
+    print("in memory (no S3, no database, no token, no decryption), same client and certificates")
+    for name in names:
+        best = floors[name + " raw"] / (floors[name + " raw"] + floors[name])
+        floor_ms, raw_ms = floors[name] * 1000, floors[name + " raw"] * 1000
+        print(f"  {name:>6}  floor p50 {floor_ms:8.2f} ms   raw S3 GET p50 {raw_ms:8.2f} ms"
+              f"   best serial ratio ~{best:.2f}x")  # fmt: skip
     if ns.json:
         ns.json.write_text(json.dumps({"when": when, "ops": ops, "samples": samples}, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--floor-server"]:
+        floor_server(Path(argv[1]))
+        return 0
     ns = parse_args(argv)
     home = ns.home or Path(tempfile.mkdtemp(prefix="medvault-bench-"))
     stack = LocalStack(home, report=lambda line: print(f"  [stack] {line}", flush=True))
