@@ -52,6 +52,13 @@ class Call:
         return self.decision.permission or self.facts.method
 
 
+def source_host(peer: str) -> str:
+    """The peer without its port (``ipv4:10.0.0.7:51234`` -> ``ipv4:10.0.0.7``): a client
+    reconnecting for each attempt must not escape the per-source incident window."""
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() else peer
+
+
 def record_resource(ref: RecordRef) -> str:
     """The audit resource of a record reference."""
     if ref.id is None:
@@ -87,7 +94,7 @@ class AccessGuard:
             self._write(
                 unknown, facts.method, facts.method, outcome="denied", status=status, reason=str(e)
             )
-            self._incidents.denied(facts.peer)
+            self._incidents.denied(source_host(facts.peer))
             raise
         decision = self.policy.current.check(principal, facts.method)
         call = Call(facts, principal, decision)
@@ -96,7 +103,7 @@ class AccessGuard:
                 call, facts.method, outcome="denied", status="PERMISSION_DENIED",
                 reason=decision.reason,
             )
-            self._incidents.denied(facts.peer)
+            self._incidents.denied(source_host(facts.peer))
             raise PermissionDeniedError(decision.reason)
         return call
 
@@ -110,7 +117,7 @@ class AccessGuard:
                 call, record_resource(ref), ref.patient_index, outcome="denied",
                 status="PERMISSION_DENIED", reason=NO_GRANT,
             )
-            self._incidents.denied(call.facts.peer)
+            self._incidents.denied(source_host(call.facts.peer))
             raise PermissionDeniedError(NO_GRANT)
         return f"break-the-glass grant {grant.id}: {grant.reason}" if grant.break_glass else ""
 

@@ -11,7 +11,7 @@ import grpc
 
 from keystore.errors import KeystoreError
 from service import logs
-from service.cli import records_cmd, stack_cmd
+from service.cli import access_cmd, audit_cmd, records_cmd, stack_cmd
 from service.config import ConfigError, load
 from storage.errors import StorageError
 
@@ -57,6 +57,8 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("--grace-seconds", type=int, default=3600)
     sweep.set_defaults(func=cmd_sweep)
     records_cmd.register(sub)
+    access_cmd.register(sub)
+    audit_cmd.register(sub)
     stack_cmd.register(sub)
     return top
 

@@ -1,0 +1,73 @@
+"""The CLI's fixed-width table printer and its text forms."""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from service.cli import tables
+
+
+def test_columns_fit_the_widest_cell_and_numbers_align_right() -> None:
+    lines = list(tables.render(["ID", "NAME"], [[7, "a"], [12345, "longer name"]], numeric=[0]))
+    assert lines == [
+        "   ID  NAME",
+        "-----  -----------",
+        "    7  a",
+        "12345  longer name",
+    ]
+
+
+def test_max_width_truncates_with_an_ellipsis() -> None:
+    lines = list(tables.render(["REASON"], [["x" * 30]], max_widths={0: 10}))
+    assert lines[2] == "x" * 9 + "…"
+    assert len(lines[1]) == 10
+
+
+def test_rows_after_the_sample_keep_the_sampled_widths() -> None:
+    rows = [["ab"], ["abcdef"]]
+    lines = list(tables.render(["C"], rows, sample=1))
+    assert lines[-1] == "a…"
+
+
+def test_control_characters_are_escaped() -> None:
+    (line,) = list(tables.render(["R"], [["red\x1b[31m\nnext"]]))[2:]
+    assert "\x1b" not in line
+    assert "\n" not in line
+    assert "\\x1b[31m\\nnext" in line
+
+
+def test_non_ascii_is_kept() -> None:
+    assert tables.clean("bệnh nhân") == "bệnh nhân"
+
+
+def test_row_of_the_wrong_length_is_an_error() -> None:
+    with pytest.raises(ValueError, match="2 cells for 1 columns"):
+        list(tables.render(["A"], [[1, 2]]))
+
+
+def test_print_table_counts_rows() -> None:
+    out = io.StringIO()
+    assert tables.print_table(["A"], [[1], [2]], out=out) == 2
+    assert out.getvalue().splitlines()[0] == "A"
+    assert tables.print_table(["A"], [], out=out) == 0
+
+
+def test_utc_forms() -> None:
+    moment = datetime(2026, 1, 2, 10, 4, 5, 999, tzinfo=timezone(timedelta(hours=7)))
+    assert tables.utc(moment) == "2026-01-02T03:04:05Z"
+    ts = Timestamp()
+    ts.FromDatetime(moment.astimezone(UTC))
+    assert tables.utc(ts) == "2026-01-02T03:04:05Z"
+    assert tables.utc(Timestamp()) == "-"
+    assert tables.utc(None) == "-"
+    assert tables.utc(datetime(2026, 1, 2)) == "2026-01-02T00:00:00Z"
+
+
+def test_truncate_edges() -> None:
+    assert tables.truncate("abc", 3) == "abc"
+    assert tables.truncate("abcd", 3) == "ab…"
+    assert tables.truncate("abc", 0) == ""
