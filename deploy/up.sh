@@ -10,10 +10,13 @@ source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
 
 cat <<'USAGE'
 
-The local stack is up. To use it from this shell:
+The local stack is up. To act as the sample records clerk from this shell:
 
-    eval "$(.venv/bin/medvault stack env)"
-    .venv/bin/medvault put --patient 12345 --authority urn:oid:1.2.3 --kind PDF some-document.pdf
+    eval "$(.venv/bin/medvault stack env --as records_clerk)"
+    .venv/bin/medvault put some-document.pdf --patient HN-0417-TRAN --authority urn:oid:1.2.3 --kind PDF
+
+Other roles: physician, nurse, radiologist, security_officer, backup_operator,
+key_admin, admin (see README.md, "A five-minute tour").
 
 Status:  .venv/bin/medvault stack status
 Stop:    deploy/down.sh
