@@ -16,8 +16,8 @@ from pkcs11 import exceptions as p11e
 from pkcs11.util.ec import encode_named_curve_parameters
 
 from keystore.config import Pkcs11Config
-from keystore.errors import KeystoreError
-from keystore.pkcs11_keys import kek_label, list_kek_versions
+from keystore.errors import KeyNotFoundError, KeystoreError
+from keystore.pkcs11_keys import Pkcs11KeyWrapper, kek_label, list_kek_versions
 from keystore.pkcs11_session import Pkcs11SessionPool
 
 KEK_BITS = 256
@@ -71,31 +71,107 @@ def ensure_keys(pool: Pkcs11SessionPool, config: Pkcs11Config) -> list[str]:
 
 
 def ensure_signing_key(
-    pool: Pkcs11SessionPool, label: str, kind: SigningKeyKind = "ec-p256"
+    pool: Pkcs11SessionPool,
+    label: str,
+    kind: SigningKeyKind = "ec-p256",
+    key_id: bytes | None = None,
 ) -> bool:
     """Create the signing key pair ``label`` if absent; return True if it was created.
 
     An existing key of that label is kept whatever its kind: keys are never replaced.
+    ``key_id`` becomes the pair's ``CKA_ID``, which a certificate stored beside the key
+    shares (the convention PKCS#11 consumers use to pair keys and certificates).
     """
     with pool.session() as session:
         if _has_key(session, label, ObjectClass.PRIVATE_KEY):
             return False
-        _generate_key_pair(session, label, kind)
+        _generate_key_pair(session, label, kind, key_id)
     pool.forget_keys()
     return True
 
 
-def create_kek_version(pool: Pkcs11SessionPool, config: Pkcs11Config) -> int:
+def create_kek_version(
+    pool: Pkcs11SessionPool, config: Pkcs11Config, version: int | None = None
+) -> int:
     """Create the KEK after the highest existing version and return its version number.
 
+    ``version`` asks for a given number (the rotation claims it in the database first,
+    so two replicas never create the same label); it must be above every existing one.
     Wrappers pick it up for new wraps after ``Pkcs11KeyWrapper.refresh()``.
     """
     with pool.session() as session:
         versions = list_kek_versions(session, config.kek_label_prefix)
-        version = (versions[-1] + 1) if versions else 1
+        newest = versions[-1] if versions else 0
+        if version is None:
+            version = newest + 1
+        elif version <= newest:
+            raise KeystoreError(
+                f"cannot create KEK version {version}: the token already has version {newest}"
+            )
         _generate_kek(session, config, version)
     pool.forget_keys()
     return version
+
+
+def destroy_kek_version(pool: Pkcs11SessionPool, config: Pkcs11Config, version: int) -> bool:
+    """Delete KEK ``version`` from the token; True if it was there.
+
+    Irreversible: every key wrapped by it becomes unreadable. The caller (the retire
+    use case in ``storage.kek``) proves first that nothing uses it. The highest version
+    is refused here too, as a last line of defence: it is the one new writes use.
+    """
+    label = kek_label(config.kek_label_prefix, version)
+    with pool.session() as session:
+        versions = list_kek_versions(session, config.kek_label_prefix)
+        if versions and version >= versions[-1]:
+            raise KeystoreError(f"refusing to delete {label}: it is the newest master key")
+        found = list(
+            session.get_objects({Attribute.CLASS: ObjectClass.SECRET_KEY, Attribute.LABEL: label})
+        )
+        try:
+            for obj in found:
+                obj.destroy()
+        except p11e.PKCS11Error as e:
+            raise KeystoreError(f"cannot delete {label} from the token: {type(e).__name__}") from e
+    pool.forget_keys()
+    return bool(found)
+
+
+class Pkcs11KekRing:
+    """The master-key lifecycle on a token: list, create, make current, destroy.
+
+    Shares the wrapper the record store uses, so a version created here is the one the
+    store's next wrap uses, in this process at once.
+    """
+
+    def __init__(self, pool: Pkcs11SessionPool, wrapper: Pkcs11KeyWrapper) -> None:
+        self._pool = pool
+        self._wrapper = wrapper
+
+    def versions(self) -> list[int]:
+        """KEK versions on the token, oldest first."""
+        return self._wrapper.versions()
+
+    def current_version(self) -> int:
+        """The version new wraps use in this process."""
+        return self._wrapper.current_version()
+
+    def refresh(self) -> int:
+        """Rescan the token; return the (new) current version."""
+        return self._wrapper.refresh()
+
+    def create_version(self, version: int) -> None:
+        """Create KEK ``version`` (above every existing one) and make it current here."""
+        create_kek_version(self._pool, self._pool.config, version)
+        current = self._wrapper.refresh()
+        if current != version:
+            raise KeyNotFoundError(f"created KEK v{version}, yet the token's newest is v{current}")
+
+    def destroy_version(self, version: int) -> bool:
+        """Delete KEK ``version`` from the token; True if it was there."""
+        destroyed = destroy_kek_version(self._pool, self._pool.config, version)
+        self._wrapper.refresh()
+        return destroyed
 
 
 def _has_key(
@@ -105,9 +181,13 @@ def _has_key(
     return bool(list(found))
 
 
-def _generate_key_pair(session: pkcs11.Session, label: str, kind: SigningKeyKind) -> str:
+def _generate_key_pair(
+    session: pkcs11.Session, label: str, kind: SigningKeyKind, key_id: bytes | None = None
+) -> str:
     """Generate a sign-only key pair: private half protected, public half a token object."""
     private, public = dict(_SIGN_PRIVATE), dict(_SIGN_PUBLIC)
+    if key_id:
+        private[Attribute.ID] = public[Attribute.ID] = key_id
     try:
         if kind == "ec-p256":
             params = session.create_domain_parameters(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from typing import TypeVar
 
 import pkcs11
@@ -28,7 +29,7 @@ from pkcs11 import exceptions as p11e
 from pkcs11.mechanisms import GCMParams
 from pkcs11.types import DecryptMixin, EncryptMixin, SignMixin
 
-from keystore.errors import KeyNotFoundError, UnwrapError
+from keystore.errors import KeyNotFoundError, KeystoreError, UnwrapError
 from keystore.interfaces import WrappedKey
 from keystore.pkcs11_session import Pkcs11SessionPool
 
@@ -91,12 +92,21 @@ def _one_shot(result: bytes | object) -> bytes:
 
 
 class Pkcs11KeyWrapper:
-    """KeyWrapper over AES-256-GCM in the token, with versioned KEKs for rotation."""
+    """KeyWrapper over AES-256-GCM in the token, with versioned KEKs for rotation.
 
-    def __init__(self, pool: Pkcs11SessionPool) -> None:
+    The current version is the highest on the token. It is cached and rescanned every
+    ``refresh_seconds`` (on the next wrap after that), so a rotation made by another
+    replica reaches this one within that time; the rotating process calls ``refresh()``
+    and switches at once. Unwrapping needs no refresh: it finds any version by label.
+    """
+
+    def __init__(self, pool: Pkcs11SessionPool, refresh_seconds: float = 10.0) -> None:
         self._pool = pool
         self._prefix = pool.config.kek_label_prefix
         self._current: int | None = None
+        self._known: list[int] = []
+        self._refresh_seconds = refresh_seconds
+        self._due = 0.0
         self._lock = threading.Lock()
 
     def versions(self) -> list[int]:
@@ -112,16 +122,29 @@ class Pkcs11KeyWrapper:
                 f"{self._pool.config.token_label}; create it with ensure_keys "
                 "(`medvault stack up` does so locally)"
             )
-        self._pool.forget_keys()
         with self._lock:
+            changed, self._known = versions != self._known, versions
             self._current = versions[-1]
+            self._due = time.monotonic() + self._refresh_seconds
+        if changed:  # a version came or went: cached handles may name a destroyed key
+            self._pool.forget_keys()
         return versions[-1]
 
     def current_version(self) -> int:
-        """The KEK version new wraps use (scanned once, then cached until refresh)."""
+        """The KEK version new wraps use: cached, rescanned every ``refresh_seconds``."""
         with self._lock:
-            current = self._current
-        return current if current is not None else self.refresh()
+            current, now = self._current, time.monotonic()
+            stale = current is not None and now >= self._due
+            if stale:  # one caller rescans; the others keep using the cached version
+                self._due = now + self._refresh_seconds
+        if current is None:
+            return self.refresh()
+        if stale:
+            try:
+                return self.refresh()
+            except KeystoreError:
+                return current  # the token hiccupped; the wrap itself will say so if it lasts
+        return current
 
     def wrap(self, dek: bytes, associated_data: bytes) -> WrappedKey:
         """Encrypt ``dek`` under the current KEK inside the token, bound to the data."""
@@ -164,7 +187,14 @@ class Pkcs11KeyWrapper:
 
         if wrapped.kek_version < 1:
             raise KeyNotFoundError(f"KEK version {wrapped.kek_version} does not exist")
-        return self._pool.run(decrypt)
+        try:
+            return self._pool.run(decrypt)
+        except KeyNotFoundError as e:
+            raise KeyNotFoundError(
+                f"master key {label!r} (KEK version {wrapped.kek_version}) is not on token "
+                f"{self._pool.config.token_label}: it was retired or deleted, or this is not "
+                "the token this database was written with; restore the token from its backup"
+            ) from e
 
 
 class Pkcs11BlindIndexer:

@@ -88,6 +88,7 @@ class AccessServicer(apb_grpc.AccessServiceServicer):  # type: ignore[misc]  # u
 
     def _whoami(self, state: CallState, call_facts: CallFacts) -> apb.WhoAmIResponse:
         call = state.call = self._guard.enter(call_facts)
+        self._guard.audit(call, "whoami", outcome="allowed")
         principal = call.principal
         permissions = self._guard.policy.current.permissions_for(principal.roles)
         return apb.WhoAmIResponse(

@@ -14,17 +14,22 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 
 from keystore import Pkcs11BlindIndexer, Pkcs11Config, Pkcs11KeyWrapper, Pkcs11SessionPool
+from keystore.admin import Pkcs11KekRing
 from keystore.signing import Pkcs11Signer
 from service.audit.trail import AuditTrail
 from service.authn import Authenticator
 from service.authz.policy import PolicyHolder
-from service.config import Config, read_secret
+from service.config import Config, ConfigError, read_secret
 from service.guard import AccessGuard
 from service.incidents import IncidentDetector
+from service.signing import DocumentSigning
+from service.signing.validation import SignatureValidator, load_pem_certificates
 from storage.audit_log import SqlAuditLog
 from storage.grants import SqlGrantStore
+from storage.kek import KekManager
 from storage.records import RecordStore, StoreLimits
 from storage.s3_blobs import S3BlobStore, make_minio_client
+from storage.signatures import SignatureStore
 from storage.sql_metadata import SqlMetadataStore, make_engine, upgrade
 
 # Fault injection for the crash-safety tests (docs/operations.md): with this variable set
@@ -44,6 +49,9 @@ class Components:
     engine: Engine
     guard: AccessGuard
     audit_log: SqlAuditLog
+    signing: DocumentSigning
+    wrapper: Pkcs11KeyWrapper
+    kek: KekManager
 
     def close(self) -> None:
         """Flush the audit trail, release the token sessions and database connections."""
@@ -108,31 +116,47 @@ def access_guard(
     return AccessGuard(holder, Authenticator(holder), grants, trail, incidents)
 
 
+def _certificates(path: str, key: str) -> list[bytes]:
+    """The DER certificates of a ``[signing]`` PEM file; ``ConfigError`` names the key."""
+    try:
+        return load_pem_certificates(path)
+    except ValueError as e:
+        raise ConfigError(f"[signing] {key}: {e}") from e
+
+
 def build(config: Config) -> Components:
     """Open the token, the database (migrated to head) and the object store."""
     pool = Pkcs11SessionPool(keystore_config(config))
     try:
-        engine = make_engine(config.database.url)
-        upgrade(engine)
-        metadata = SqlMetadataStore(engine)
-        blobs = blob_store(config)
-        audit_log = SqlAuditLog(engine)
-        guard = access_guard(config, engine, audit_log, pool)
+        return _wire(config, pool)
     except BaseException:
         pool.close()
         raise
+
+
+def _wire(config: Config, pool: Pkcs11SessionPool) -> Components:
+    engine = make_engine(config.database.url)
+    upgrade(engine)
+    metadata = SqlMetadataStore(engine)
+    blobs = blob_store(config)
+    audit_log = SqlAuditLog(engine)
+    guard = access_guard(config, engine, audit_log, pool)
     limits = StoreLimits(
         max_record_size=config.server.max_record_size, segment_size=config.server.segment_size
     )
+    wrapper = Pkcs11KeyWrapper(pool)
+    kek = KekManager(engine, wrapper, Pkcs11KekRing(pool, wrapper))
+    kek.sync()  # register the token's KEK versions in kek_versions
     store = RecordStore(
-        blobs,
-        metadata,
-        Pkcs11KeyWrapper(pool),
-        Pkcs11BlindIndexer(pool),
-        limits,
-        before_commit=_fault_hook(),
+        blobs, metadata, wrapper, Pkcs11BlindIndexer(pool), limits, before_commit=_fault_hook()
+    )
+    signing = DocumentSigning(
+        SignatureStore(store, engine),
+        pool,
+        SignatureValidator(_certificates(config.signing.trust_anchors, "trust_anchors")),
+        chain=_certificates(config.signing.chain, "chain"),
     )
     return Components(
         store=store, blobs=blobs, metadata=metadata, pool=pool, engine=engine, guard=guard,
-        audit_log=audit_log,
+        audit_log=audit_log, signing=signing, wrapper=wrapper, kek=kek,
     )

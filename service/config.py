@@ -92,6 +92,16 @@ class AuditConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SigningConfig:
+    """Document signatures: trust anchors for VerifyRecord, chain embedded when signing."""
+
+    # PEM file of one or more CA certificates; empty = every signature is untrusted.
+    trust_anchors: str = ""
+    # PEM file of intermediate CA certificates embedded in each new .p7s; empty = none.
+    chain: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole service configuration."""
 
@@ -101,6 +111,7 @@ class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     keystore: KeystoreConfig = field(default_factory=KeystoreConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    signing: SigningConfig = field(default_factory=SigningConfig)
     base_dir: Path = Path()
 
 
@@ -108,6 +119,7 @@ _PATH_KEYS = {
     ("tls", "cert"), ("tls", "key"), ("tls", "client_ca"), ("s3", "ca_file"),
     ("s3", "access_key_file"), ("s3", "secret_key_file"), ("keystore", "pin_file"),
     ("keystore", "softhsm2_conf"), ("server", "policy"),
+    ("signing", "trust_anchors"), ("signing", "chain"),
 }
 
 

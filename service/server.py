@@ -22,15 +22,21 @@ from service._gen.medvault.v1 import (
     access_pb2_grpc,
     audit_pb2,
     audit_pb2_grpc,
+    keys_pb2,
+    keys_pb2_grpc,
     records_pb2,
     records_pb2_grpc,
+    signing_pb2,
+    signing_pb2_grpc,
 )
 from service.access_servicer import AccessServicer
 from service.audit_servicer import AuditServicer
 from service.authz.policy import install_sighup
 from service.bootstrap import Components, build
 from service.config import Config, ConfigError
+from service.keys_servicer import KeyServicer
 from service.records_servicer import RecordServicer
+from service.signing_servicer import SigningServicer
 from storage.sweeper import sweep_orphans
 
 log = logging.getLogger(__name__)
@@ -69,12 +75,20 @@ async def create_server(config: Config, components: Components) -> tuple[aio.Ser
     audit_pb2_grpc.add_AuditServiceServicer_to_server(
         AuditServicer(components.store, components.guard, components.audit_log), server
     )
+    signing_pb2_grpc.add_SigningServiceServicer_to_server(
+        SigningServicer(components.signing, components.guard), server
+    )
+    keys_pb2_grpc.add_KeyServiceServicer_to_server(
+        KeyServicer(components.kek, components.guard), server
+    )
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (
         records_pb2.DESCRIPTOR.services_by_name["RecordService"].full_name,
         access_pb2.DESCRIPTOR.services_by_name["AccessService"].full_name,
         audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
+        signing_pb2.DESCRIPTOR.services_by_name["SigningService"].full_name,
+        keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
         health.SERVICE_NAME,
         reflection.SERVICE_NAME,
     )
@@ -87,7 +101,7 @@ async def create_server(config: Config, components: Components) -> tuple[aio.Ser
     if port == 0:
         raise ConfigError(f"[server] cannot listen on {config.server.listen}")
     await server.start()
-    for name in ("", *names[:3]):
+    for name in ("", *names[:5]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, port
 

@@ -36,3 +36,15 @@ class IntegrityError(StorageError):
 
 class BackendUnavailableError(StorageError):
     """Object store, database or key store cannot be reached; retry later."""
+
+
+class KekRetiredError(BackendUnavailableError):
+    """A wrapped key names a master-key version retired meanwhile; wrap again and retry.
+
+    Raised by the insert guard of ``SqlMetadataStore``: a record is never committed with
+    a key nobody can unwrap any more.
+    """
+
+
+class KekInUseError(RecordConflictError):
+    """A master-key version cannot be retired: it is the active one or keys still use it."""

@@ -11,13 +11,19 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Protocol, runtime_checkable
 
 from keystore.errors import UnwrapError
 from keystore.interfaces import BlindIndexer, KeyWrapper, WrappedKey
 from storage.envelope import StreamingAead
-from storage.errors import IntegrityError, InvalidRecordError, RecordConflictError
+from storage.errors import (
+    IntegrityError,
+    InvalidRecordError,
+    KekRetiredError,
+    RecordConflictError,
+)
 from storage.interfaces import BlobStore, MetadataStore, StoredRecord
 from storage.model import NewRecord, PatientRef, RecordInfo, RecordKind, RecordQuery
 from storage.paging import decode_page_token, encode_page_token
@@ -87,6 +93,15 @@ class _Meter:
                 raise InvalidRecordError("content", f"exceeds the limit of {self.limit} bytes")
             self.digest.update(chunk)
             yield chunk
+
+
+@runtime_checkable
+class RefreshableKeyWrapper(KeyWrapper, Protocol):
+    """A wrapper whose current KEK version can be rescanned (after a retirement)."""
+
+    def refresh(self) -> int:
+        """Rescan the master-key versions; return the current one."""
+        ...
 
 
 class RecordStore:
@@ -165,11 +180,24 @@ class RecordStore:
             self._before_commit()
         try:
             _admit(on_commit, RecordRef(record_id, version, patient_index))
-            self._metadata.insert(row)
+            self._insert(row, dek, ad)
         except BaseException:
             self._blobs.delete(object_key)
             raise
         return self._info(row, dek)
+
+    def _insert(self, row: StoredRecord, dek: bytes, ad: bytes) -> None:
+        """Insert the row; if its KEK version was retired meanwhile, wrap the same data
+        key again with the (refreshed) current version and insert once more."""
+        try:
+            self._metadata.insert(row)
+        except KekRetiredError:
+            if isinstance(self._wrapper, RefreshableKeyWrapper):
+                self._wrapper.refresh()
+            wrapped = self._wrapper.wrap(dek, ad)
+            self._metadata.insert(
+                replace(row, kek_version=wrapped.kek_version, wrapped_dek=wrapped.blob)
+            )
 
     def _next_version(self, header: NewRecord, patient_index: bytes) -> tuple[str, int]:
         if header.supersedes is None:
@@ -221,6 +249,25 @@ class RecordStore:
             lambda o, n: self._blobs.read(row.object_key, o, n), row.stored_size, ad, offset, length
         )
         return OpenRecord(info, content)
+
+    def open_with_key(
+        self,
+        record_id: str,
+        version: int | None = None,
+        *,
+        admit: Gate | None = None,
+        content: bool = True,
+    ) -> tuple[OpenRecord, bytes]:
+        """A whole-record ``open`` (content empty unless ``content``) plus the record's
+        data key, for sealing what is attached to the record (``storage.signatures``)."""
+        check_record_id("id", record_id)
+        row = self._metadata.get(record_id, version)
+        _admit(admit, RecordRef(row.id, row.version, row.patient_index))
+        dek = self._unwrap(row)
+        info = self._info(row, dek)
+        ad = associated_data(row.id, row.version)
+        stream = self._read_whole(row, StreamingAead(dek, row.segment_size), ad)
+        return OpenRecord(info, stream if content else iter(())), dek
 
     def _read_whole(self, row: StoredRecord, aead: StreamingAead, ad: bytes) -> Iterator[bytes]:
         # Every segment is authenticated under this record's key and position, and the

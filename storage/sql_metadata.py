@@ -18,11 +18,13 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import event, exc
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, Row
 
 from storage.errors import (
     BackendUnavailableError,
     InvalidRecordError,
+    KekRetiredError,
     RecordConflictError,
     RecordNotFoundError,
     StorageError,
@@ -61,6 +63,61 @@ records = sa.Table(
     sa.Index("ix_records_patient_created", "patient_index", "created_at"),
     sa.Index("ix_records_kek_version", "kek_version"),
 )
+
+
+# Master-key versions and their state (migration 0005; storage/kek.py manages it). The
+# records insert below checks it in the same transaction, so no row can reference a
+# retired version.
+kek_versions = sa.Table(
+    "kek_versions",
+    metadata,
+    sa.Column("version", sa.Integer, nullable=False, autoincrement=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("retired_at", sa.DateTime(timezone=True), nullable=True),
+    sa.PrimaryKeyConstraint("version", name="pk_kek_versions"),
+    sa.CheckConstraint("state IN ('active', 'previous', 'retired')", name="ck_kek_versions_state"),
+)
+
+
+def kek_insert_ignoring_duplicates(connection: Connection, version: int, state: str) -> None:
+    """Register KEK ``version`` unless it is known already (a no-op then, never an error)."""
+    values = {"version": version, "state": state, "created_at": datetime.now(UTC)}
+    if connection.dialect.name == "postgresql":
+        pg = postgresql.insert(kek_versions).values(**values).on_conflict_do_nothing()
+        connection.execute(pg)
+    else:
+        lite = sqlite.insert(kek_versions).values(**values).on_conflict_do_nothing()
+        connection.execute(lite)
+
+
+def kek_state(connection: Connection, version: int) -> str | None:
+    """State of KEK ``version``, share-locked on PostgreSQL until the transaction ends.
+
+    The lock orders this insert with a concurrent retirement (which updates the row
+    first, then counts the rows using it): whichever comes second sees the other.
+    SQLite needs no lock: the insert before this holds the database's write lock.
+    """
+    query = sa.select(kek_versions.c.state).where(kek_versions.c.version == version)
+    if connection.dialect.name == "postgresql":
+        query = query.with_for_update(read=True)
+    state: str | None = connection.scalar(query)
+    return state
+
+
+def _insert_guarded(connection: Connection, values: dict[str, Any]) -> None:
+    """Insert a records row unless its KEK version is retired (same transaction)."""
+    connection.execute(records.insert().values(**values))
+    version = values["kek_version"]
+    state = kek_state(connection, version)
+    if state is None:  # first use of a version no rotation registered (e.g. KEK v1)
+        kek_insert_ignoring_duplicates(connection, version, "previous")
+        state = kek_state(connection, version)
+    if state == "retired":
+        raise KekRetiredError(
+            f"master key version {version} was retired while this record was written; "
+            "retry the write"
+        )
 
 
 def make_engine(url: str) -> Engine:
@@ -175,10 +232,11 @@ class SqlMetadataStore:
         self._engine = engine
 
     def insert(self, row: StoredRecord) -> None:
-        """Add a version; ``RecordConflictError`` if (id, version) exists already."""
+        """Add a version; ``RecordConflictError`` if (id, version) exists already,
+        ``KekRetiredError`` if its KEK version was retired (nothing is stored)."""
         values = {column.name: getattr(row, column.name) for column in records.columns}
         values["created_at"] = _utc(row.created_at, "created_at")
-        self._run(lambda c: c.execute(records.insert().values(**values)), write=True)
+        self._run(lambda c: _insert_guarded(c, values), write=True)
 
     def get(self, record_id: str, version: int | None = None) -> StoredRecord:
         """That version, or the latest; ``RecordNotFoundError`` if absent."""

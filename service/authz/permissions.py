@@ -23,17 +23,19 @@ AUDIT_QUERY = "audit.query"
 AUDIT_VERIFY = "audit.verify"
 AUDIT_EXPORT = "audit.export"
 AUDIT_REVIEW = "audit.review"
-# Reserved for later issues (backups, key rotation, document signatures): known, so a
-# policy may already name them, but no RPC requires them yet.
-BACKUP_RUN = "backup.run"
-BACKUP_READ = "backup.read"
 KEYS_MANAGE = "keys.manage"
 SIGNATURES_SIGN = "signatures.sign"
 SIGNATURES_VERIFY = "signatures.verify"
+# Reserved for the backups issue: known, so a policy may already name them, but no RPC
+# requires them yet.
+BACKUP_RUN = "backup.run"
+BACKUP_READ = "backup.read"
 
 _RECORDS = "/medvault.v1.RecordService/"
 _ACCESS = "/medvault.v1.AccessService/"
 _AUDIT = "/medvault.v1.AuditService/"
+_SIGNING = "/medvault.v1.SigningService/"
+_KEYS = "/medvault.v1.KeyService/"
 
 RPC_PERMISSIONS: Mapping[str, str] = MappingProxyType({
     _RECORDS + "PutRecord": RECORDS_WRITE,
@@ -50,10 +52,17 @@ RPC_PERMISSIONS: Mapping[str, str] = MappingProxyType({
     _AUDIT + "ExportEvents": AUDIT_EXPORT,
     _AUDIT + "ListBreakGlass": AUDIT_REVIEW,
     _AUDIT + "ReviewBreakGlass": AUDIT_REVIEW,
+    _SIGNING + "SignRecord": SIGNATURES_SIGN,
+    _SIGNING + "VerifyRecord": SIGNATURES_VERIFY,
+    _SIGNING + "GetSignature": SIGNATURES_VERIFY,
+    _KEYS + "RotateKek": KEYS_MANAGE,
+    _KEYS + "ListKeks": KEYS_MANAGE,
+    _KEYS + "Rewrap": KEYS_MANAGE,
+    _KEYS + "RetireKek": KEYS_MANAGE,
 })  # fmt: skip
 
 KNOWN_PERMISSIONS: frozenset[str] = frozenset(RPC_PERMISSIONS.values()) | {
-    BACKUP_RUN, BACKUP_READ, KEYS_MANAGE, SIGNATURES_SIGN, SIGNATURES_VERIFY,
+    BACKUP_RUN, BACKUP_READ,
 }  # fmt: skip
 
 # Permissions that touch one patient's records. Only these can be patient-scoped: a
@@ -61,7 +70,7 @@ KNOWN_PERMISSIONS: frozenset[str] = frozenset(RPC_PERMISSIONS.values()) | {
 # for break-the-glass or for one's own identity is never scoped, or break-the-glass
 # could not open the door it exists to open.
 PATIENT_DATA_PERMISSIONS: frozenset[str] = frozenset(
-    {RECORDS_WRITE, RECORDS_READ, RECORDS_STAT, RECORDS_LIST}
+    {RECORDS_WRITE, RECORDS_READ, RECORDS_STAT, RECORDS_LIST, SIGNATURES_SIGN, SIGNATURES_VERIFY}
 )
 
 # Services anyone who passed TLS may call: health checks for load balancers and

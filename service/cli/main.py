@@ -11,7 +11,7 @@ import grpc
 
 from keystore.errors import KeystoreError
 from service import logs
-from service.cli import access_cmd, audit_cmd, records_cmd, stack_cmd
+from service.cli import access_cmd, audit_cmd, keys_cmd, records_cmd, signing_cmd, stack_cmd
 from service.config import ConfigError, load
 from storage.errors import StorageError
 
@@ -59,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
     records_cmd.register(sub)
     access_cmd.register(sub)
     audit_cmd.register(sub)
+    signing_cmd.register(sub)
+    keys_cmd.register(sub)
     stack_cmd.register(sub)
     return top
 

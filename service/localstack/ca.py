@@ -214,6 +214,55 @@ class DevCA:
             [],
         )
 
+    def issue_signer(
+        self,
+        csr_pem: bytes,
+        *,
+        not_before: dt.datetime | None = None,
+        not_after: dt.datetime | None = None,
+    ) -> bytes:
+        """Sign a document signer's CSR (made in the token): PEM certificate.
+
+        keyUsage digitalSignature + nonRepudiation (critical) and extendedKeyUsage
+        emailProtection, which ``openssl cms -verify`` accepts under its default S/MIME
+        signing purpose. ``not_before``/``not_after`` exist for tests of expired signers.
+        """
+        csr = x509.load_pem_x509_csr(csr_pem)
+        if not csr.is_signature_valid:
+            raise ValueError("the CSR's signature does not verify")
+        now = _now()
+        start = not_before or now - CLOCK_SKEW
+        end = not_after or min(now + LEAF_VALIDITY, self.cert.not_valid_after_utc)
+        ca_ski = self.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        usage = x509.KeyUsage(
+            digital_signature=True, content_commitment=True, key_encipherment=False,
+            data_encipherment=False, key_agreement=False, key_cert_sign=False,
+            crl_sign=False, encipher_only=False, decipher_only=False,
+        )  # fmt: skip
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(csr.subject)
+            .issuer_name(self.cert.subject)
+            .public_key(csr.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(usage, critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski.value),
+                critical=False,
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+        return cert.public_bytes(serialization.Encoding.PEM)
+
     def _issue(
         self,
         paths: IssuedCert,

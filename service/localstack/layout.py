@@ -255,6 +255,9 @@ token_label = "medvault"
 pin_env = ""
 pin_file = "secrets/pin"
 softhsm2_conf = "softhsm/softhsm2.conf"
+
+[signing]
+trust_anchors = "ca/ca.pem"
 """
 
 

@@ -178,7 +178,9 @@ class LocalStack:
         so_pin = softhsm.ensure_pin_file(self.layout.so_pin_file)
         if softhsm.init_token(conf, TOKEN_LABEL, pin, so_pin):
             self._report(f"initialised SoftHSM2 token {TOKEN_LABEL!r} ({conf})")
-        created = ensure_token_keys(self._module(), TOKEN_LABEL, self.layout.pin_file, conf)
+        signers = [n for n, role in DEFAULT_CLIENTS.items() if role == "physician"]  # + CA cert
+        created = ensure_token_keys(self._module(), TOKEN_LABEL, self.layout.pin_file, conf,
+                                    signers=signers, ca_dir=self.layout.ca_dir)  # fmt: skip
         if created:
             self._report(f"created token keys: {', '.join(created)}")
         self._report(f"SoftHSM2 token {TOKEN_LABEL!r} ready")

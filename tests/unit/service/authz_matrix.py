@@ -35,6 +35,13 @@ _TABLE = """
 /medvault.v1.AuditService/ExportEvents      . . . . A . . .
 /medvault.v1.AuditService/ListBreakGlass    . . . . A . . .
 /medvault.v1.AuditService/ReviewBreakGlass  . . . . A . . .
+/medvault.v1.SigningService/SignRecord      P . P . . . . .
+/medvault.v1.SigningService/VerifyRecord    P P P . . . . .
+/medvault.v1.SigningService/GetSignature    P P P . . . . .
+/medvault.v1.KeyService/RotateKek           . . . . . . A .
+/medvault.v1.KeyService/ListKeks            . . . . . . A .
+/medvault.v1.KeyService/Rewrap              . . . . . . A .
+/medvault.v1.KeyService/RetireKek           . . . . . . A .
 """
 
 _CODES = {"P": PATIENT, "A": ALLOW, ".": DENY}

@@ -1,0 +1,169 @@
+"""KeyService: master-key rotation, listing, rewrap and retirement, each audited.
+
+Every call needs ``keys.manage`` (the ``key_admin`` role). The audit resource is the
+version concerned, ``kek/v<N>``; a rewrap writes one event when it starts and one when
+it ends (finished, stopped by the client, or failed), not one per batch: a large store
+has tens of thousands of batches and the end event carries the counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from grpc import aio
+
+from service._gen.medvault.v1 import keys_pb2 as kpb
+from service._gen.medvault.v1 import keys_pb2_grpc as kpb_grpc
+from service.calls import CallState, facts, handled
+from service.convert_audit import timestamp
+from service.guard import AccessGuard, Call, CallFacts
+from storage.audit_model import Outcome
+from storage.errors import IntegrityError
+from storage.kek import DEFAULT_BATCH, KekManager, KekVersionInfo, RewrapJob
+
+log = logging.getLogger(__name__)
+_SERVICE = "/medvault.v1.KeyService/"
+
+
+def _resource(version: int) -> str:
+    return f"kek/v{version}"
+
+
+def kek_to_pb(info: KekVersionInfo) -> kpb.KekVersion:
+    """The proto of one KEK version."""
+    return kpb.KekVersion(
+        version=info.version,
+        state=info.state,
+        wrapped_keys=info.wrapped_keys,
+        created_at=timestamp(info.created_at),
+    )
+
+
+class KeyServicer(kpb_grpc.KeyServiceServicer):  # type: ignore[misc]  # untyped stub
+    """medvault.v1.KeyService."""
+
+    def __init__(self, kek: KekManager, guard: AccessGuard) -> None:
+        self._kek = kek
+        self._guard = guard
+
+    def _rotate(self, state: CallState, call_facts: CallFacts) -> KekVersionInfo:
+        call = state.call = self._guard.enter(call_facts)
+        state.resource = "kek"
+        created = self._kek.rotate()
+        # The key exists now; if this event cannot be written the caller gets an error
+        # and ListKeks shows the new version (an unused version is harmless).
+        self._guard.audit(
+            call, _resource(created.version), outcome="allowed", reason="rotate: new version"
+        )
+        return created
+
+    def _list(self, state: CallState, call_facts: CallFacts) -> list[KekVersionInfo]:
+        call = state.call = self._guard.enter(call_facts)
+        self._guard.audit(call, "kek", outcome="allowed", reason="list versions")
+        return self._kek.list()
+
+    def _retire(self, state: CallState, call_facts: CallFacts, version: int) -> KekVersionInfo:
+        call = state.call = self._guard.enter(call_facts)
+        state.resource = _resource(version)
+        # Audited before the irreversible step: no event, no deletion.
+        self._guard.audit(call, state.resource, outcome="allowed", reason="retire requested")
+        retired = self._kek.retire(version)
+        self._guard.audit(call, state.resource, outcome="allowed", reason="retired")
+        return retired
+
+    def _start_rewrap(
+        self, state: CallState, call_facts: CallFacts, request: kpb.RewrapRequest
+    ) -> RewrapJob:
+        call = state.call = self._guard.enter(call_facts)
+        job = self._kek.rewrap(request.from_version, request.batch_size or DEFAULT_BATCH)
+        state.resource = _resource(job.target)
+        scope = f"from v{request.from_version}" if request.from_version else "all older"
+        self._guard.audit(
+            call, state.resource, outcome="allowed",
+            reason=f"rewrap started ({scope}): {job.remaining} keys to move",
+        )  # fmt: skip
+        return job
+
+    def _end_rewrap(self, call: Call, job: RewrapJob, how: str) -> None:
+        """The closing event: how the job ended and its counts (best effort if stopped)."""
+        p = job.progress()
+        reason = (
+            f"rewrap {how}: {p.rewrapped} rewrapped, {p.remaining} remaining, "
+            f"{p.failed} failed to authenticate"
+        )
+        outcome: Outcome = "allowed" if how == "finished" and not p.failed else "failed"
+        try:
+            self._guard.audit(call, _resource(job.target), outcome=outcome, reason=reason)
+        except Exception:
+            if how == "finished":
+                raise
+            log.exception("could not audit the end of a rewrap")
+
+    async def RotateKek(  # noqa: N802  (gRPC method names)
+        self, request: kpb.RotateKekRequest, context: aio.ServicerContext
+    ) -> kpb.RotateKekResponse:
+        """Create KEK v(N+1); new writes use it at once."""
+        async with handled(self._guard, context, "RotateKek") as state:
+            call_facts = facts(context, _SERVICE + "RotateKek")
+            created = await asyncio.to_thread(self._rotate, state, call_facts)
+            return kpb.RotateKekResponse(created=kek_to_pb(created))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def ListKeks(  # noqa: N802
+        self, request: kpb.ListKeksRequest, context: aio.ServicerContext
+    ) -> kpb.ListKeksResponse:
+        """Every version with its state and the number of keys it wraps."""
+        async with handled(self._guard, context, "ListKeks") as state:
+            call_facts = facts(context, _SERVICE + "ListKeks")
+            versions = await asyncio.to_thread(self._list, state, call_facts)
+            return kpb.ListKeksResponse(versions=[kek_to_pb(v) for v in versions])
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def RetireKek(  # noqa: N802
+        self, request: kpb.RetireKekRequest, context: aio.ServicerContext
+    ) -> kpb.KekVersion:
+        """Delete a version from the token once nothing uses it."""
+        async with handled(self._guard, context, "RetireKek") as state:
+            call_facts = facts(context, _SERVICE + "RetireKek")
+            retired = await asyncio.to_thread(self._retire, state, call_facts, request.version)
+            return kek_to_pb(retired)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def Rewrap(  # noqa: N802
+        self, request: kpb.RewrapRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[kpb.RewrapProgress]:
+        """Move wrapped keys to the active version, one batch per progress message."""
+        async with handled(self._guard, context, "Rewrap") as state:
+            call_facts = facts(context, _SERVICE + "Rewrap")
+            job = await asyncio.to_thread(self._start_rewrap, state, call_facts, request)
+            assert state.call is not None  # set by _start_rewrap
+            async for message in self._run(state.call, job):
+                yield message
+
+    async def _run(self, call: Call, job: RewrapJob) -> AsyncIterator[kpb.RewrapProgress]:
+        how = "stopped"
+        try:
+            yield _progress_pb(job)
+            while not job.done:
+                await asyncio.to_thread(job.step)
+                yield _progress_pb(job)
+            how = "finished"
+        except Exception:
+            how = "failed"
+            raise
+        finally:
+            await asyncio.shield(asyncio.to_thread(self._end_rewrap, call, job, how))
+        if job.failed_ids:
+            raise IntegrityError(
+                f"{len(job.failed_ids)} wrapped keys failed to authenticate and were left "
+                "on their old version; their records are unreadable (see the audit trail)"
+            )
+
+
+def _progress_pb(job: RewrapJob) -> kpb.RewrapProgress:
+    p = job.progress()
+    return kpb.RewrapProgress(
+        rewrapped=p.rewrapped, remaining=p.remaining, target_version=p.target_version
+    )

@@ -1,0 +1,142 @@
+"""SigningService: thin gRPC handlers over ``service.signing.DocumentSigning``.
+
+Every call enters through the access guard in a worker thread. Record access passes
+the patient gate (scope check, then the allowed event for ``record/<id>/v<n>`` with the
+action ``signatures.sign`` or ``signatures.verify``) before any byte is read. A signer's
+key may be used only by its own principal (a person's certificate CN, or the user an
+application delegates for); anything else is denied and audited on ``signer/<name>``.
+A new signature is audited once more, as ``signature/<id>``, after it is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc import aio
+
+from service._gen.medvault.v1 import signing_pb2 as pb
+from service._gen.medvault.v1 import signing_pb2_grpc as pb_grpc
+from service.authz import PermissionDeniedError
+from service.calls import CallState, facts, handled
+from service.guard import AccessGuard, Call, CallFacts
+from service.signing import DocumentSigning
+from service.signing.validation import Verdict
+from storage.errors import InvalidRecordError
+from storage.records import Gate, RecordRef
+from storage.signatures import Signature
+
+_SERVICE = "/medvault.v1.SigningService/"
+
+
+def signature_to_pb(signature: Signature) -> pb.SignatureInfo:
+    """The API view of a stored signature (no ``.p7s`` bytes)."""
+    signing_time = Timestamp()
+    signing_time.FromDatetime(signature.signing_time.astimezone(UTC))
+    return pb.SignatureInfo(
+        id=signature.id,
+        record_id=signature.record_id,
+        version=signature.version,
+        signer=signature.signer,
+        certificate_subject=signature.certificate_subject,
+        signing_time=signing_time,
+        algorithm=signature.algorithm,
+    )
+
+
+def _verification(signature: Signature, verdict: Verdict) -> pb.SignatureVerification:
+    return pb.SignatureVerification(
+        signature=signature_to_pb(signature), valid=verdict.valid, reason=verdict.reason
+    )
+
+
+class _RememberingGate:
+    """The patient gate, keeping the patient index for the second (signature) event."""
+
+    def __init__(self, gate: Gate) -> None:
+        self._gate = gate
+        self.patient_index: bytes | None = None
+
+    def __call__(self, ref: RecordRef) -> None:
+        self._gate(ref)
+        self.patient_index = ref.patient_index
+
+
+class SigningServicer(pb_grpc.SigningServiceServicer):  # type: ignore[misc]  # untyped stub
+    """medvault.v1.SigningService behind the access guard."""
+
+    def __init__(self, signing: DocumentSigning, guard: AccessGuard) -> None:
+        self._signing = signing
+        self._guard = guard
+
+    def _check_signer(self, call: Call, signer: str) -> None:
+        """Only the signer's own principal may use its key; a denial is audited."""
+        if not signer:
+            raise InvalidRecordError("signer", "is required")
+        if call.principal.name != signer:
+            reason = f"signer {signer!r} belongs to another principal"
+            self._guard.audit(
+                call, f"signer/{signer}", outcome="denied", status="PERMISSION_DENIED",
+                reason=reason,
+            )  # fmt: skip
+            raise PermissionDeniedError(reason)
+
+    def _sign(
+        self, state: CallState, call_facts: CallFacts, request: pb.SignRecordRequest
+    ) -> Signature:
+        call = state.call = self._guard.enter(call_facts)
+        self._check_signer(call, request.signer)
+        gate = _RememberingGate(self._guard.patient_gate(call))
+        signature = self._signing.sign(
+            request.record_id, request.version or None, request.signer, gate
+        )
+        state.resource = f"signature/{signature.id}"
+        self._guard.audit(call, state.resource, gate.patient_index, outcome="allowed")
+        return signature
+
+    def _verify(
+        self, state: CallState, call_facts: CallFacts, request: pb.VerifyRecordRequest
+    ) -> list[tuple[Signature, Verdict]]:
+        call = state.call = self._guard.enter(call_facts)
+        gate = self._guard.patient_gate(call)
+        return self._signing.verify(request.record_id, request.version or None, gate)
+
+    def _get(
+        self, state: CallState, call_facts: CallFacts, request: pb.GetSignatureRequest
+    ) -> Signature:
+        call = state.call = self._guard.enter(call_facts)
+        return self._signing.get(request.signature_id, self._guard.patient_gate(call))
+
+    async def SignRecord(  # noqa: N802  (gRPC method names)
+        self, request: pb.SignRecordRequest, context: aio.ServicerContext
+    ) -> pb.SignatureInfo:
+        """Sign one record version with the caller's own signer."""
+        async with handled(self._guard, context, "SignRecord") as state:
+            state.resource = f"record/{request.record_id}"
+            call_facts = facts(context, _SERVICE + "SignRecord")
+            signature = await asyncio.to_thread(self._sign, state, call_facts, request)
+            return signature_to_pb(signature)
+        raise AssertionError("unreachable")  # pragma: no cover  (abort raised)
+
+    async def VerifyRecord(  # noqa: N802
+        self, request: pb.VerifyRecordRequest, context: aio.ServicerContext
+    ) -> pb.VerifyRecordResponse:
+        """One verdict per stored signature of the version."""
+        async with handled(self._guard, context, "VerifyRecord") as state:
+            state.resource = f"record/{request.record_id}"
+            call_facts = facts(context, _SERVICE + "VerifyRecord")
+            results = await asyncio.to_thread(self._verify, state, call_facts, request)
+            return pb.VerifyRecordResponse(results=[_verification(s, v) for s, v in results])
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def GetSignature(  # noqa: N802
+        self, request: pb.GetSignatureRequest, context: aio.ServicerContext
+    ) -> pb.GetSignatureResponse:
+        """The stored ``.p7s`` of one signature."""
+        async with handled(self._guard, context, "GetSignature") as state:
+            state.resource = f"signature/{request.signature_id}"
+            call_facts = facts(context, _SERVICE + "GetSignature")
+            signature = await asyncio.to_thread(self._get, state, call_facts, request)
+            return pb.GetSignatureResponse(signature=signature_to_pb(signature), p7s=signature.p7s)
+        raise AssertionError("unreachable")  # pragma: no cover

@@ -1,0 +1,366 @@
+"""Master-key (KEK) lifecycle: rotate, list, rewrap data keys, retire (docs/keys.md).
+
+Rotation creates KEK v(N+1) in the token; new writes use it at once in the rotating
+process and within ``Pkcs11KeyWrapper``'s refresh interval everywhere else. The rewrap
+job then moves each record's wrapped data key (DEK) from its old version to the
+newest: unwrap inside the token with the old KEK, wrap with the new one under the same
+associated data, update the row. The object data is never touched: the DEK itself
+does not change, only the key that protects it.
+
+The job keeps no state of its own: the rows are the state (``kek_version`` below the
+target means "still to do"), so a crash or a cancelled stream resumes by running the
+job again. Updates are optimistic (``WHERE kek_version = old``): a row changed
+concurrently is skipped and found again by the next pass.
+
+Retirement marks the version ``retired`` in ``kek_versions`` and only then deletes the
+key from the token. The records insert checks the same row in its own transaction
+(``storage.sql_metadata``), so a write that wrapped with a version being retired fails
+and is wrapped again, instead of committing a key nobody could unwrap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from keystore.errors import UnwrapError
+from keystore.interfaces import KeyWrapper, WrappedKey
+from storage.errors import (
+    InvalidRecordError,
+    KekInUseError,
+    KekRetiredError,
+    RecordNotFoundError,
+)
+from storage.records import associated_data
+from storage.sql_metadata import (
+    _from_db,
+    _translated,
+    kek_insert_ignoring_duplicates,
+    kek_state,
+    kek_versions,
+    records,
+)
+
+DEFAULT_BATCH = 200
+MAX_BATCH = 5000
+
+
+class KekRing(Protocol):
+    """The master-key versions on the token: list, create, make current, destroy."""
+
+    def versions(self) -> list[int]:
+        """KEK versions on the token, oldest first."""
+        ...
+
+    def current_version(self) -> int:
+        """The version new wraps use in this process."""
+        ...
+
+    def refresh(self) -> int:
+        """Rescan the token and return the (new) current version."""
+        ...
+
+    def create_version(self, version: int) -> None:
+        """Create KEK ``version`` on the token and make it current in this process."""
+        ...
+
+    def destroy_version(self, version: int) -> bool:
+        """Delete KEK ``version`` from the token; True if it was there."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class KekVersionInfo:
+    """One KEK version: its state and how many wrapped data keys it still protects."""
+
+    version: int
+    state: str
+    wrapped_keys: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RewrapProgress:
+    """Where a rewrap job stands."""
+
+    rewrapped: int
+    remaining: int
+    target_version: int
+    failed: int = 0
+
+
+@dataclass
+class _Pass:
+    """Keyset position of the current pass over the rows still to rewrap."""
+
+    after: tuple[str, int] | None = None
+    moved: int = 0
+
+
+@dataclass
+class RewrapJob:
+    """Moves wrapped data keys to ``target`` one batch (one transaction) per ``step()``."""
+
+    engine: Engine
+    wrapper: KeyWrapper
+    target: int
+    from_version: int
+    batch_size: int
+    remaining: int = 0
+    rewrapped: int = 0
+    failed_ids: set[tuple[str, int]] = field(default_factory=set)
+    done: bool = False
+    _pass: _Pass = field(default_factory=_Pass)
+
+    def progress(self) -> RewrapProgress:
+        """The counts so far."""
+        return RewrapProgress(self.rewrapped, self.remaining, self.target, len(self.failed_ids))
+
+    def step(self) -> RewrapProgress:
+        """Rewrap one batch; at the end of a pass, recount and start another if needed."""
+        if self.done:
+            return self.progress()
+        rows = self._select()
+        if not rows:
+            self._end_pass()
+            return self.progress()
+        self._pass.after = (rows[-1]["id"], rows[-1]["version"])
+        moved = self._apply(self._rewrapped(rows))
+        self._pass.moved += moved
+        self.rewrapped += moved
+        self.remaining = max(self.remaining - moved, 0)
+        return self.progress()
+
+    def _end_pass(self) -> None:
+        """A pass found no more rows: done, unless stragglers appeared and progress is made."""
+        left = count_below(self.engine, self.target, self.from_version)
+        self.remaining = left
+        stuck = left <= len(self.failed_ids) or self._pass.moved == 0
+        if left == 0 or stuck:
+            self.done = True
+        self._pass = _Pass()
+
+    def _where(self) -> sa.ColumnElement[bool]:
+        condition = _below(self.target, self.from_version)
+        if self._pass.after is not None:
+            key = sa.tuple_(records.c.id, records.c.version)
+            condition = sa.and_(condition, key > sa.tuple_(*self._pass.after))
+        return condition
+
+    def _select(self) -> Sequence[Any]:
+        query = (
+            sa.select(records.c.id, records.c.version, records.c.kek_version, records.c.wrapped_dek)
+            .where(self._where())
+            .order_by(records.c.id, records.c.version)
+            .limit(self.batch_size)
+        )
+        with _translated(self.engine), self.engine.connect() as connection:
+            return [row._mapping for row in connection.execute(query)]
+
+    def _rewrapped(self, rows: Sequence[Any]) -> list[tuple[Any, WrappedKey]]:
+        """Unwrap each key with its version and wrap it with the current one, in the token."""
+        out = []
+        for row in rows:
+            ref = (row["id"], row["version"])
+            if ref in self.failed_ids:
+                continue
+            ad = associated_data(row["id"], row["version"])
+            old = WrappedKey(kek_version=row["kek_version"], blob=bytes(row["wrapped_dek"]))
+            try:
+                dek = self.wrapper.unwrap(old, ad)
+            except UnwrapError:
+                self.failed_ids.add(ref)  # tampered: unreadable before and after; reported
+                continue
+            out.append((row, self.wrapper.wrap(dek, ad)))
+        return out
+
+    def _apply(self, pairs: list[tuple[Any, WrappedKey]]) -> int:
+        """Update the batch in one transaction; a row changed meanwhile is skipped."""
+        if not pairs:
+            return 0
+        moved = 0
+        with _translated(self.engine), self.engine.begin() as connection:
+            for row, new in pairs:
+                result = connection.execute(
+                    records.update()
+                    .where(
+                        records.c.id == row["id"],
+                        records.c.version == row["version"],
+                        records.c.kek_version == row["kek_version"],
+                    )
+                    .values(kek_version=new.kek_version, wrapped_dek=new.blob)
+                )
+                moved += result.rowcount
+            # A rotation and retirement elsewhere could have overtaken this batch: never
+            # commit keys wrapped by a retired version (the job fails; run it again).
+            for version in {new.kek_version for _, new in pairs}:
+                if kek_state(connection, version) == "retired":
+                    raise KekRetiredError(f"KEK version {version} was retired during rewrap")
+        return moved
+
+
+def _below(target: int, from_version: int) -> sa.ColumnElement[bool]:
+    """Rows still to rewrap: below ``target``, or exactly ``from_version`` if given."""
+    if from_version:
+        return records.c.kek_version == from_version
+    return records.c.kek_version < target
+
+
+def count_below(engine: Engine, target: int, from_version: int = 0) -> int:
+    """Wrapped keys on versions older than ``target`` (or on ``from_version`` only)."""
+    query = sa.select(sa.func.count()).select_from(records).where(_below(target, from_version))
+    with _translated(engine), engine.connect() as connection:
+        return int(connection.scalar(query) or 0)
+
+
+class KekManager:
+    """Use cases of the master-key lifecycle over the token and the metadata database."""
+
+    def __init__(self, engine: Engine, wrapper: KeyWrapper, ring: KekRing) -> None:
+        self._engine = engine
+        self._wrapper = wrapper
+        self._ring = ring
+
+    def sync(self) -> int:
+        """Register the token's versions; mark the newest active. Return it."""
+        current = self._ring.refresh()
+        versions = self._ring.versions()
+        with _translated(self._engine), self._engine.begin() as connection:
+            for version in versions:
+                kek_insert_ignoring_duplicates(connection, version, "previous")
+            _mark_active(connection, current)
+        return current
+
+    def rotate(self) -> KekVersionInfo:
+        """Create KEK v(N+1) and make it current; ``RecordConflictError`` if raced."""
+        current = self.sync()
+        with _translated(self._engine), self._engine.begin() as connection:
+            highest = connection.scalar(sa.select(sa.func.max(kek_versions.c.version))) or 0
+            version = max(current, int(highest)) + 1
+            # Claim the number first: a second replica rotating now hits the primary
+            # key and fails, instead of creating a second key with the same label.
+            connection.execute(
+                kek_versions.insert().values(
+                    version=version, state="previous", created_at=datetime.now(UTC)
+                )
+            )
+        try:
+            self._ring.create_version(version)
+        except BaseException:
+            self._unclaim(version)
+            raise
+        self.sync()
+        return self._info(version)
+
+    def _unclaim(self, version: int) -> None:
+        with _translated(self._engine), self._engine.begin() as connection:
+            connection.execute(kek_versions.delete().where(kek_versions.c.version == version))
+
+    def list(self) -> list[KekVersionInfo]:
+        """Every known version, oldest first, with its state and wrapped-key count."""
+        self.sync()
+        with _translated(self._engine), self._engine.connect() as connection:
+            rows = connection.execute(sa.select(kek_versions).order_by(kek_versions.c.version))
+            states = [row._mapping for row in rows]
+            counts = _counts(connection)
+        return [
+            KekVersionInfo(
+                version=s["version"],
+                state=s["state"],
+                wrapped_keys=counts.get(s["version"], 0),
+                created_at=_from_db(s["created_at"]),
+            )
+            for s in states
+        ]
+
+    def _info(self, version: int) -> KekVersionInfo:
+        for info in self.list():
+            if info.version == version:
+                return info
+        raise RecordNotFoundError(f"no KEK version {version}")
+
+    def rewrap(self, from_version: int = 0, batch_size: int = DEFAULT_BATCH) -> RewrapJob:
+        """A job moving keys to the current version; run ``step()`` until ``done``."""
+        if not 1 <= batch_size <= MAX_BATCH:
+            raise InvalidRecordError("batch_size", f"must be 1 to {MAX_BATCH}")
+        target = self.sync()
+        if from_version >= target:
+            raise InvalidRecordError(
+                "from_version", f"must be older than the active KEK version {target}"
+            )
+        job = RewrapJob(self._engine, self._wrapper, target, from_version, batch_size)
+        job.remaining = count_below(self._engine, target, from_version)
+        job.done = job.remaining == 0
+        return job
+
+    def retire(self, version: int) -> KekVersionInfo:
+        """Mark ``version`` retired, then delete it from the token; refused while in use."""
+        if version < 1:
+            raise InvalidRecordError("version", "must be at least 1")
+        active = self.sync()
+        if version >= active:
+            raise KekInUseError(
+                f"KEK version {version} is the active one (new writes use it); "
+                "rotate first, rewrap, then retire it"
+            )
+        with _translated(self._engine), self._engine.begin() as connection:
+            _mark_retired(connection, version)
+        # After the commit nothing can start using it; an interrupted deletion is
+        # finished by retiring again.
+        self._ring.destroy_version(version)
+        return self._info(version)
+
+
+def _mark_active(connection: Connection, current: int) -> None:
+    """The token's newest version is active; any other active one becomes previous."""
+    connection.execute(
+        kek_versions.update()
+        .where(kek_versions.c.state == "active", kek_versions.c.version != current)
+        .values(state="previous")
+    )
+    connection.execute(
+        kek_versions.update()
+        .where(kek_versions.c.version == current, kek_versions.c.state != "retired")
+        .values(state="active")
+    )
+
+
+def _mark_retired(connection: Connection, version: int) -> None:
+    """Mark retired, then count users in the same transaction; raise (roll back) if any.
+
+    The update comes first: it takes the row lock (PostgreSQL) or the write lock
+    (SQLite), so an insert that commits after it sees ``retired`` and fails, and one
+    that committed before it is counted here.
+    """
+    state = connection.scalar(
+        sa.select(kek_versions.c.state).where(kek_versions.c.version == version)
+    )
+    if state is None:
+        raise RecordNotFoundError(f"no KEK version {version}; list them with `medvault keys keks`")
+    if state == "retired":
+        return
+    connection.execute(
+        kek_versions.update()
+        .where(kek_versions.c.version == version)
+        .values(state="retired", retired_at=datetime.now(UTC))
+    )
+    # Index range on ix_records_kek_version: short, as it runs under the lock.
+    used = connection.scalar(
+        sa.select(sa.func.count()).select_from(records).where(records.c.kek_version == version)
+    )
+    if used:
+        raise KekInUseError(
+            f"{used} wrapped keys still use KEK version {version}; run "
+            "`medvault keys rewrap`, then retire it"
+        )
+
+
+def _counts(connection: Connection) -> dict[int, int]:
+    """Wrapped data keys per KEK version, over every table that stores them."""
+    query = sa.select(records.c.kek_version, sa.func.count()).group_by(records.c.kek_version)
+    return {int(version): int(n) for version, n in connection.execute(query)}

@@ -1,0 +1,149 @@
+"""Clients, audit queries and database access shared by the access-control tests.
+
+Assertion messages name codes, actions and counts only: never patient identifiers,
+record content or tokens.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import sqlalchemy as sa
+
+from service._gen.medvault.v1 import access_pb2 as apb
+from service._gen.medvault.v1 import access_pb2_grpc as apb_grpc
+from service._gen.medvault.v1 import audit_pb2 as aupb
+from service._gen.medvault.v1 import audit_pb2_grpc as aupb_grpc
+from service._gen.medvault.v1 import records_pb2 as pb
+from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
+from service.localstack.ca import DevCA
+from tests.fixtures.service import RunningService, TlsFiles
+
+TIMEOUT = 30
+AUTHORITY = "urn:oid:2.999.42.7"
+
+
+def issue_client(tls: TlsFiles, directory: Path, name: str, role: str | None) -> tuple[Path, Path]:
+    issued = DevCA.load_or_create(tls.ca.parent).issue_client(directory, name, role=role)
+    return issued.cert, issued.key
+
+
+def new_patient() -> pb.PatientId:
+    return pb.PatientId(id=f"A{uuid.uuid4().hex}", assigning_authority=AUTHORITY)
+
+
+@dataclass
+class Client:
+    """One principal's channel and stubs."""
+
+    name: str
+    channel: grpc.Channel
+    records: pb_grpc.RecordServiceStub = field(init=False)
+    access: apb_grpc.AccessServiceStub = field(init=False)
+    audit: aupb_grpc.AuditServiceStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.records = pb_grpc.RecordServiceStub(self.channel)
+        self.access = apb_grpc.AccessServiceStub(self.channel)
+        self.audit = aupb_grpc.AuditServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def client(service: RunningService, cert: tuple[Path, Path], name: str = "") -> Client:
+    return Client(name, service.channel(*cert))
+
+
+def put_record(c: Client, patient: pb.PatientId, content: bytes = b"synthetic note") -> pb.Record:
+    head = pb.RecordHeader(
+        patient=patient, kind=pb.RECORD_KIND_OTHER, content_type="application/octet-stream"
+    )
+    stream = iter([pb.PutRecordRequest(header=head), pb.PutRecordRequest(chunk=content)])
+    record: pb.Record = c.records.PutRecord(stream, timeout=TIMEOUT)
+    return record
+
+
+@dataclass
+class Fetched:
+    metadata: pb.Record | None
+    content: bytes
+    error: grpc.RpcError | None
+
+    @property
+    def code(self) -> grpc.StatusCode:
+        return self.error.code() if self.error is not None else grpc.StatusCode.OK
+
+
+def fetch(c: Client, record_id: str, metadata: tuple[tuple[str, str], ...] = ()) -> Fetched:
+    got: pb.Record | None = None
+    content = bytearray()
+    try:
+        for response in c.records.GetRecord(
+            pb.GetRecordRequest(id=record_id), timeout=TIMEOUT, metadata=metadata or None
+        ):
+            if response.WhichOneof("message") == "metadata":
+                got = response.metadata
+            else:
+                content += response.chunk
+    except grpc.RpcError as e:
+        return Fetched(got, bytes(content), e)
+    return Fetched(got, bytes(content), None)
+
+
+def code_of(call: Callable[..., Any], *args: Any, **kwargs: Any) -> grpc.StatusCode:
+    """Run a unary or server-streaming call to its end; its status code."""
+    try:
+        result = call(*args, **kwargs)
+        if isinstance(result, Iterator) or hasattr(result, "__next__"):
+            for _ in result:
+                pass
+    except grpc.RpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
+
+
+def grant(clerk: Client, patient: pb.PatientId, principal: str) -> apb.Grant:
+    reply: apb.Grant = clerk.access.GrantAccess(
+        apb.GrantAccessRequest(patient=patient, principal=principal), timeout=TIMEOUT
+    )
+    return reply
+
+
+def events(officer: Client, **filters: Any) -> list[aupb.AuditEvent]:
+    """Audit events matching ``filters`` (QueryEventsRequest fields), oldest first."""
+    request = aupb.QueryEventsRequest(**filters)
+    return list(officer.audit.QueryEvents(request, timeout=120))
+
+
+def verify(officer: Client) -> aupb.VerifyChainResponse:
+    reply: aupb.VerifyChainResponse = officer.audit.VerifyChain(
+        aupb.VerifyChainRequest(), timeout=120
+    )
+    return reply
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def engine_for(url: str) -> sa.Engine:
+    if url.startswith("sqlite"):
+        return sa.create_engine(url, connect_args={"timeout": 30})
+    return sa.create_engine(url, connect_args={"connect_timeout": 5})
+
+
+def started(factory: Any, database_url: str, **options: Any) -> RunningService:
+    service: RunningService = factory(database_url, **options)
+    return service

@@ -1,0 +1,195 @@
+"""SigningService end to end: real server, SoftHSM2 signers, SQLite and PostgreSQL.
+
+PYTEST_DONT_REWRITE: failures name codes and fields, never record content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+import sqlalchemy as sa
+from asn1crypto import cms
+from asn1crypto import x509 as asn1_x509
+from pyhanko.sign.validation.generic_cms import async_validate_detached_cms
+from pyhanko_certvalidator import ValidationContext
+
+from service._gen.medvault.v1 import audit_pb2 as aupb
+from service._gen.medvault.v1 import signing_pb2 as spb
+from service._gen.medvault.v1 import signing_pb2_grpc as spb_grpc
+from storage.sql_metadata import records
+from tests.integration.access.helpers import (
+    Client,
+    code_of,
+    engine_for,
+    events,
+    grant,
+    new_patient,
+    put_record,
+)
+from tests.integration.signing.conftest import SigningStack
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+TIMEOUT = 30
+CONTENT = b"MSH|^~\\&|synthetic|signing test|" + bytes(range(256)) * 40
+
+
+def _stub(c: Client) -> spb_grpc.SigningServiceStub:
+    return spb_grpc.SigningServiceStub(c.channel)
+
+
+def _record(stack: SigningStack, *doctors: str, content: bytes = CONTENT) -> str:
+    """A record of a new patient, with care-team grants for ``doctors``."""
+    clerk = stack.clients["clerk-s"]
+    patient = new_patient()
+    for doctor in doctors:
+        grant(clerk, patient, doctor)
+    return str(put_record(clerk, patient, content).id)
+
+
+def _sign(stack: SigningStack, who: str, record_id: str, signer: str = "") -> spb.SignatureInfo:
+    request = spb.SignRecordRequest(record_id=record_id, signer=signer or who)
+    info: spb.SignatureInfo = _stub(stack.clients[who]).SignRecord(request, timeout=TIMEOUT)
+    return info
+
+
+def _verify(stack: SigningStack, who: str, record_id: str) -> list[spb.SignatureVerification]:
+    reply = _stub(stack.clients[who]).VerifyRecord(
+        spb.VerifyRecordRequest(record_id=record_id), timeout=TIMEOUT
+    )
+    return list(reply.results)
+
+
+def _openssl_verify(tmp_path: Path, ca: Path, content: bytes, p7s: bytes) -> bool:
+    (tmp_path / "content.bin").write_bytes(content)
+    (tmp_path / "sig.p7s").write_bytes(p7s)
+    result = subprocess.run(
+        ["openssl", "cms", "-verify", "-binary", "-content", str(tmp_path / "content.bin"),
+         "-inform", "DER", "-in", str(tmp_path / "sig.p7s"), "-CAfile", str(ca),
+         "-out", "/dev/null"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    return result.returncode == 0
+
+
+def test_sign_and_cosign_verify(stack: SigningStack) -> None:
+    record_id = _record(stack, "dr-ec", "dr-rsa", "nurse-s")
+    ec = _sign(stack, "dr-ec", record_id)
+    rsa = _sign(stack, "dr-rsa", record_id)
+    assert (ec.algorithm, rsa.algorithm) == ("ecdsa-sha256", "rsa-pkcs1-sha256")
+    assert ec.version == 1
+    assert ec.certificate_subject == "CN=dr-ec,O=medvault tests"
+    results = _verify(stack, "nurse-s", record_id)  # nurses verify, they do not sign
+    assert [(r.signature.id, r.valid, r.reason) for r in results] == [
+        (ec.id, True, ""),
+        (rsa.id, True, ""),
+    ]
+
+
+def test_get_signature_verifies_with_openssl_and_pyhanko(
+    stack: SigningStack, tmp_path: Path
+) -> None:
+    record_id = _record(stack, "dr-ec")
+    info = _sign(stack, "dr-ec", record_id)
+    reply = _stub(stack.clients["dr-ec"]).GetSignature(
+        spb.GetSignatureRequest(signature_id=info.id), timeout=TIMEOUT
+    )
+    assert reply.signature.id == info.id
+    ca = stack.ca.cert_path
+    assert _openssl_verify(tmp_path, ca, CONTENT, reply.p7s)
+    tampered = bytearray(CONTENT)
+    tampered[100] ^= 0x01
+    assert not _openssl_verify(tmp_path, ca, bytes(tampered), reply.p7s)
+    # pyHanko's public validator, independently of the service's code path.
+    signed_data = cms.ContentInfo.load(reply.p7s)["content"]
+    anchor = asn1_x509.Certificate.load(
+        __import__("cryptography.x509", fromlist=["x"]).load_pem_x509_certificate(
+            ca.read_bytes()).public_bytes(__import__(
+                "cryptography.hazmat.primitives.serialization", fromlist=["Encoding"]
+            ).Encoding.DER)
+    )  # fmt: skip
+    status = asyncio.run(async_validate_detached_cms(
+        io.BytesIO(CONTENT), signed_data,
+        signer_validation_context=ValidationContext(trust_roots=[anchor]),
+    ))  # fmt: skip
+    assert status.bottom_line
+    attrs = {a["type"].native for a in signed_data["signer_infos"][0]["signed_attrs"]}
+    assert {"content_type", "message_digest", "signing_time",
+            "signing_certificate_v2"} <= attrs  # fmt: skip
+    assert signed_data["encap_content_info"]["content"].native is None  # detached
+
+
+def test_other_principal_cannot_use_a_signer(stack: SigningStack) -> None:
+    record_id = _record(stack, "dr-ec", "dr-rsa")
+    stub = _stub(stack.clients["dr-rsa"])
+    request = spb.SignRecordRequest(record_id=record_id, signer="dr-ec")
+    assert code_of(stub.SignRecord, request, timeout=TIMEOUT) == grpc.StatusCode.PERMISSION_DENIED
+    denied = events(stack.clients["officer-s"], principal="dr-rsa",
+                    outcome=aupb.OUTCOME_DENIED)  # fmt: skip
+    assert any(e.resource == "signer/dr-ec" for e in denied)
+    assert _verify(stack, "dr-ec", record_id) == []  # nothing was signed
+
+
+def test_no_grant_and_unknown_signer(stack: SigningStack) -> None:
+    record_id = _record(stack, "dr-none")
+    stub = _stub(stack.clients["dr-nogrant"])
+    request = spb.SignRecordRequest(record_id=record_id, signer="dr-nogrant")
+    # No signer and no grant: the signer check comes first and names the command.
+    code = code_of(stub.SignRecord, request, timeout=TIMEOUT)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as raised:
+        _sign(stack, "dr-none", record_id)
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "medvault keys create-signer dr-none" in (raised.value.details() or "")
+    other = _record(stack)  # dr-ec has no grant for this patient
+    assert code_of(_stub(stack.clients["dr-ec"]).SignRecord,
+                   spb.SignRecordRequest(record_id=other, signer="dr-ec"),
+                   timeout=TIMEOUT) == grpc.StatusCode.PERMISSION_DENIED  # fmt: skip
+
+
+def test_untrusted_ca_is_invalid_with_reason(stack: SigningStack) -> None:
+    record_id = _record(stack, "dr-rogue", "dr-ec")
+    _sign(stack, "dr-rogue", record_id)
+    _sign(stack, "dr-ec", record_id)
+    results = _verify(stack, "dr-ec", record_id)
+    assert [r.valid for r in results] == [False, True]
+    assert "untrusted chain" in results[0].reason
+
+
+def test_expired_certificate_cannot_sign(stack: SigningStack) -> None:
+    record_id = _record(stack, "dr-old")
+    with pytest.raises(grpc.RpcError) as raised:
+        _sign(stack, "dr-old", record_id)
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "import-cert dr-old" in (raised.value.details() or "")
+
+
+def test_tampered_content_fails_verification(stack: SigningStack, s3_server: object) -> None:
+    record_id = _record(stack, "dr-ec")
+    _sign(stack, "dr-ec", record_id)
+    engine = engine_for(stack.database_url)
+    try:
+        with engine.connect() as c:
+            key = c.scalar(sa.select(records.c.object_key).where(records.c.id == record_id))
+    finally:
+        engine.dispose()
+    import tomllib  # noqa: PLC0415
+
+    bucket = tomllib.loads(stack.service.config_path.read_text())["s3"]["bucket"]
+    s3 = s3_server.client()  # type: ignore[attr-defined]
+    response = s3.get_object(bucket, key)
+    blob = bytearray(response.read())
+    response.close()
+    response.release_conn()
+    blob[-20] ^= 0x01
+    s3.put_object(bucket, key, io.BytesIO(bytes(blob)), len(blob))
+    stub = _stub(stack.clients["dr-ec"])
+    code = code_of(stub.VerifyRecord, spb.VerifyRecordRequest(record_id=record_id),
+                   timeout=TIMEOUT)  # fmt: skip
+    assert code == grpc.StatusCode.DATA_LOSS
+    assert hashlib.sha256(CONTENT).digest()  # the content itself is never printed
