@@ -26,8 +26,6 @@ AUDIT_REVIEW = "audit.review"
 KEYS_MANAGE = "keys.manage"
 SIGNATURES_SIGN = "signatures.sign"
 SIGNATURES_VERIFY = "signatures.verify"
-# Reserved for the backups issue: known, so a policy may already name them, but no RPC
-# requires them yet.
 BACKUP_RUN = "backup.run"
 BACKUP_READ = "backup.read"
 
@@ -36,6 +34,7 @@ _ACCESS = "/medvault.v1.AccessService/"
 _AUDIT = "/medvault.v1.AuditService/"
 _SIGNING = "/medvault.v1.SigningService/"
 _KEYS = "/medvault.v1.KeyService/"
+_BACKUP = "/medvault.v1.BackupService/"
 
 RPC_PERMISSIONS: Mapping[str, str] = MappingProxyType({
     _RECORDS + "PutRecord": RECORDS_WRITE,
@@ -59,11 +58,13 @@ RPC_PERMISSIONS: Mapping[str, str] = MappingProxyType({
     _KEYS + "ListKeks": KEYS_MANAGE,
     _KEYS + "Rewrap": KEYS_MANAGE,
     _KEYS + "RetireKek": KEYS_MANAGE,
+    _BACKUP + "RunBackup": BACKUP_RUN,
+    _BACKUP + "ListBackups": BACKUP_READ,
+    _BACKUP + "VerifyBackup": BACKUP_READ,
+    _BACKUP + "RunRestoreDrill": BACKUP_RUN,
 })  # fmt: skip
 
-KNOWN_PERMISSIONS: frozenset[str] = frozenset(RPC_PERMISSIONS.values()) | {
-    BACKUP_RUN, BACKUP_READ,
-}  # fmt: skip
+KNOWN_PERMISSIONS: frozenset[str] = frozenset(RPC_PERMISSIONS.values())
 
 # Permissions that touch one patient's records. Only these can be patient-scoped: a
 # clinical role needs a care-team grant (or break-the-glass) for the patient. Asking

@@ -42,6 +42,10 @@ _TABLE = """
 /medvault.v1.KeyService/ListKeks            . . . . . . A .
 /medvault.v1.KeyService/Rewrap              . . . . . . A .
 /medvault.v1.KeyService/RetireKek           . . . . . . A .
+/medvault.v1.BackupService/RunBackup        . . . . . A . .
+/medvault.v1.BackupService/ListBackups      . . . . . A . .
+/medvault.v1.BackupService/VerifyBackup     . . . . . A . .
+/medvault.v1.BackupService/RunRestoreDrill  . . . . . A . .
 """
 
 _CODES = {"P": PATIENT, "A": ALLOW, ".": DENY}

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from service._gen.medvault.v1 import access_pb2, audit_pb2, keys_pb2, records_pb2, signing_pb2
+from service._gen.medvault.v1 import (
+    access_pb2,
+    audit_pb2,
+    backup_pb2,
+    keys_pb2,
+    records_pb2,
+    signing_pb2,
+)
 from service.authz import PermissionDeniedError, Policy, PolicyError, PolicyHolder
 from service.authz.permissions import KNOWN_PERMISSIONS, RPC_PERMISSIONS
 from service.authz.policy import install_sighup, load
@@ -71,6 +78,7 @@ def test_every_rpc_of_the_protos_has_a_permission() -> None:
         audit_pb2.DESCRIPTOR.services_by_name["AuditService"],
         signing_pb2.DESCRIPTOR.services_by_name["SigningService"],
         keys_pb2.DESCRIPTOR.services_by_name["KeyService"],
+        backup_pb2.DESCRIPTOR.services_by_name["BackupService"],
     ]
     methods = {f"/{s.full_name}/{m.name}" for s in services for m in s.methods}
     assert methods == set(RPC_PERMISSIONS)

@@ -1,0 +1,136 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class BackupSummary(_message.Message):
+    __slots__ = ("id", "created_at", "completed_at", "records", "objects", "bytes", "objects_copied", "bytes_copied", "trigger")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_AT_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_COPIED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_COPIED_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    created_at: _timestamp_pb2.Timestamp
+    completed_at: _timestamp_pb2.Timestamp
+    records: int
+    objects: int
+    bytes: int
+    objects_copied: int
+    bytes_copied: int
+    trigger: str
+    def __init__(self, id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., completed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., records: _Optional[int] = ..., objects: _Optional[int] = ..., bytes: _Optional[int] = ..., objects_copied: _Optional[int] = ..., bytes_copied: _Optional[int] = ..., trigger: _Optional[str] = ...) -> None: ...
+
+class Progress(_message.Message):
+    __slots__ = ("phase", "done", "total", "bytes_done", "bytes_total")
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    phase: str
+    done: int
+    total: int
+    bytes_done: int
+    bytes_total: int
+    def __init__(self, phase: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ...) -> None: ...
+
+class RunBackupRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RunBackupResponse(_message.Message):
+    __slots__ = ("progress", "result")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    progress: Progress
+    result: BackupSummary
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., result: _Optional[_Union[BackupSummary, _Mapping]] = ...) -> None: ...
+
+class ListBackupsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListBackupsResponse(_message.Message):
+    __slots__ = ("backups",)
+    BACKUPS_FIELD_NUMBER: _ClassVar[int]
+    backups: _containers.RepeatedCompositeFieldContainer[BackupSummary]
+    def __init__(self, backups: _Optional[_Iterable[_Union[BackupSummary, _Mapping]]] = ...) -> None: ...
+
+class VerifyBackupRequest(_message.Message):
+    __slots__ = ("id", "read_data")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    READ_DATA_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    read_data: bool
+    def __init__(self, id: _Optional[str] = ..., read_data: _Optional[bool] = ...) -> None: ...
+
+class VerifyReport(_message.Message):
+    __slots__ = ("id", "ok", "manifest_signature_valid", "objects_checked", "bytes_checked", "failures")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_SIGNATURE_VALID_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    ok: bool
+    manifest_signature_valid: bool
+    objects_checked: int
+    bytes_checked: int
+    failures: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., ok: _Optional[bool] = ..., manifest_signature_valid: _Optional[bool] = ..., objects_checked: _Optional[int] = ..., bytes_checked: _Optional[int] = ..., failures: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class VerifyBackupResponse(_message.Message):
+    __slots__ = ("progress", "report")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    progress: Progress
+    report: VerifyReport
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., report: _Optional[_Union[VerifyReport, _Mapping]] = ...) -> None: ...
+
+class RunRestoreDrillRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class DrillReport(_message.Message):
+    __slots__ = ("backup_id", "ok", "recovery_seconds", "records_verified", "bytes_verified", "signatures_verified", "audit_chain_ok", "failures", "report_json")
+    BACKUP_ID_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    RECOVERY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURES_VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_CHAIN_OK_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
+    backup_id: str
+    ok: bool
+    recovery_seconds: float
+    records_verified: int
+    bytes_verified: int
+    signatures_verified: int
+    audit_chain_ok: bool
+    failures: _containers.RepeatedScalarFieldContainer[str]
+    report_json: bytes
+    def __init__(self, backup_id: _Optional[str] = ..., ok: _Optional[bool] = ..., recovery_seconds: _Optional[float] = ..., records_verified: _Optional[int] = ..., bytes_verified: _Optional[int] = ..., signatures_verified: _Optional[int] = ..., audit_chain_ok: _Optional[bool] = ..., failures: _Optional[_Iterable[str]] = ..., report_json: _Optional[bytes] = ...) -> None: ...
+
+class RunRestoreDrillResponse(_message.Message):
+    __slots__ = ("progress", "report")
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    progress: Progress
+    report: DrillReport
+    def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., report: _Optional[_Union[DrillReport, _Mapping]] = ...) -> None: ...
