@@ -379,6 +379,9 @@ def order(pairs: int) -> list[bool]:
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
+    # The service refuses [audit] enabled = false unless it runs under a benchmark; the
+    # services started below inherit this environment.
+    os.environ["MEDVAULT_BENCHMARK"] = "1"
     home = ns.home or Path(tempfile.mkdtemp(prefix="medvault-audit-bench-"))
     stack = LocalStack(home, report=lambda line: print(f"  [stack] {line}", flush=True))
     try:

@@ -10,6 +10,7 @@ from grpc import aio
 from service import convert
 from service._gen.medvault.v1 import access_pb2 as apb
 from service._gen.medvault.v1 import access_pb2_grpc as apb_grpc
+from service.authz import PermissionDeniedError
 from service.calls import CallState, facts, handled
 from service.convert_audit import grant_to_pb, when
 from service.guard import AccessGuard, Call, CallFacts
@@ -18,6 +19,7 @@ from storage.grants_model import Grant
 from storage.records import RecordStore
 
 _SERVICE = "/medvault.v1.AccessService/"
+SELF_GRANT = "a principal cannot grant itself access; use break-the-glass (reviewed)"
 
 
 def _now() -> datetime:
@@ -49,6 +51,14 @@ class AccessServicer(apb_grpc.AccessServiceServicer):  # type: ignore[misc]  # u
 
     def _grant(self, state: CallState, call_facts: CallFacts, req: apb.GrantAccessRequest) -> Grant:
         call = state.call = self._guard.enter(call_facts)
+        if req.principal == call.principal.name:
+            # Granting oneself would be silent access without review: break-the-glass is
+            # the reviewed way to reach a patient outside one's care team.
+            self._guard.audit(
+                call, "grant/new", outcome="denied", status="PERMISSION_DENIED",
+                reason=SELF_GRANT,
+            )
+            raise PermissionDeniedError(SELF_GRANT)
         grant = self._guard.grants.grant(
             self._patient_index(req), req.principal, call.principal.name,
             when(req.expires_at, req.HasField("expires_at")), _now(),
@@ -67,7 +77,9 @@ class AccessServicer(apb_grpc.AccessServiceServicer):  # type: ignore[misc]  # u
             self._patient_index(req), call.principal.name, req.reason,
             timedelta(seconds=seconds), _now(),
         )
-        return self._changed(call, grant, f"break-the-glass: {req.reason}")
+        # The free-text reason stays with the grant (review queue), not in the immutable,
+        # exported trail: it may name the patient.
+        return self._changed(call, grant, "break-the-glass (reason with the grant, for review)")
 
     def _revoke(self, state: CallState, call_facts: CallFacts, grant_id: str) -> Grant:
         call = state.call = self._guard.enter(call_facts)

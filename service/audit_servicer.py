@@ -66,8 +66,9 @@ class AuditServicer(aupb_grpc.AuditServiceServicer):  # type: ignore[misc]  # un
         grant = self._guard.grants.review(
             req.grant_id, call.principal.name, req.comment, datetime.now(UTC)
         )
+        # The comment is kept with the grant; the immutable trail records that it was reviewed.
         self._guard.audit(
-            call, f"grant/{grant.id}", grant.patient_index, outcome="allowed", reason=req.comment
+            call, f"grant/{grant.id}", grant.patient_index, outcome="allowed", reason="reviewed"
         )
         return grant
 

@@ -98,10 +98,23 @@ def _fault_hook() -> Callable[[], None] | None:
     return None
 
 
+BENCHMARK_ENV = "MEDVAULT_BENCHMARK"
+
+
+def _check_audit_switch(config: Config) -> None:
+    """``audit.enabled = false`` exists for one benchmark; refuse it anywhere else."""
+    if not config.audit.enabled and os.environ.get(BENCHMARK_ENV) != "1":
+        raise ConfigError(
+            "audit.enabled = false is a benchmark-only switch and would leave reads "
+            f"unaudited; remove it (or set {BENCHMARK_ENV}=1 in a benchmark)"
+        )
+
+
 def access_guard(
     config: Config, engine: Engine, log: SqlAuditLog, pool: Pkcs11SessionPool
 ) -> AccessGuard:
     """Policy, authentication, grants, the audit trail and incident detection."""
+    _check_audit_switch(config)
     holder = PolicyHolder.load(config.base_dir / config.server.policy)
     audit = config.audit
     trail = AuditTrail(

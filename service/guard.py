@@ -119,7 +119,9 @@ class AccessGuard:
             )
             self._incidents.denied(source_host(call.facts.peer))
             raise PermissionDeniedError(NO_GRANT)
-        return f"break-the-glass grant {grant.id}: {grant.reason}" if grant.break_glass else ""
+        # The grant id, never the clinician's free-text reason: the trail is immutable and
+        # exported, and a reason may name the patient. The reason stays with the grant.
+        return f"break-the-glass grant {grant.id}" if grant.break_glass else ""
 
     def patient_gate(self, call: Call) -> Gate:
         """Check patient scope, then commit the allowed event: reads pass this first."""

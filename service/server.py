@@ -64,7 +64,9 @@ async def create_server(config: Config, components: Components) -> tuple[aio.Ser
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
         ],
-        maximum_concurrent_rpcs=config.server.workers * 4,
+        # Each RPC holds at most one pool thread (uploads for their whole stream), and the
+        # pool has twice as many, so guard and audit work never queue behind slow clients.
+        maximum_concurrent_rpcs=config.server.workers,
     )
     records_pb2_grpc.add_RecordServiceServicer_to_server(
         RecordServicer(components.store, components.guard, config.server.chunk_size), server
@@ -119,7 +121,7 @@ async def _serve(config: Config, components: Components) -> None:
     loop = asyncio.get_running_loop()
     # The store's blocking calls run here; the default pool (cores + 4) is far too small.
     loop.set_default_executor(
-        futures.ThreadPoolExecutor(config.server.workers, thread_name_prefix="store")
+        futures.ThreadPoolExecutor(2 * config.server.workers, thread_name_prefix="store")
     )
     server, port = await create_server(config, components)
     stopping = asyncio.Event()

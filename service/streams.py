@@ -83,7 +83,9 @@ async def prefetch(make: Callable[[], Iterator[T]], depth: int = 2) -> AsyncIter
     went away), the producer stops at its next item and closes its iterator.
     """
     producer = _Producer(make, depth)
-    producer.loop.run_in_executor(None, producer.run)
+    # A thread of its own, not the shared pool: a client that stops reading holds only
+    # its own producer, never a worker the guard and the audit trail need.
+    threading.Thread(target=producer.run, name="prefetch", daemon=True).start()
     try:
         while True:
             item, error = await producer.items.get()

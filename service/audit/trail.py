@@ -24,20 +24,20 @@ from concurrent.futures import Future
 from datetime import UTC, datetime
 from typing import Final
 
-from keystore.errors import KeystoreError
 from keystore.interfaces import Signer
 from service.audit import AuditUnavailableError
 from service.audit.checkpoints import make_checkpoint, signature_checker
 from storage.audit_log import SqlAuditLog
 from storage.audit_model import GENESIS_HASH, AuditEntry, ChainedEvent, Checkpoint, VerifyResult
 from storage.audit_verify import verify_chain
-from storage.errors import StorageError
 
 logger = logging.getLogger(__name__)
 
 MAX_BATCH: Final = 512
 # Longest wait for stragglers before a commit under concurrent load.
 LINGER_SECONDS: Final = 0.0005
+# A caller waits at most this long for its event to commit, then the call is refused.
+RECORD_TIMEOUT_SECONDS: Final = 30.0
 
 _Item = tuple[AuditEntry, "Future[ChainedEvent]"]
 _STOP: Final = object()
@@ -86,10 +86,14 @@ class AuditTrail:
             return ChainedEvent(0, entry, GENESIS_HASH, GENESIS_HASH)
         future: Future[ChainedEvent] = Future()
         with self._state_lock:
-            if self._closed:
+            if self._closed or not self._writer.is_alive():
                 raise AuditUnavailableError("the audit trail is closed; the event was not recorded")
             self._queue.put((entry, future))
-        return future.result()
+        try:
+            return future.result(timeout=RECORD_TIMEOUT_SECONDS)
+        except TimeoutError as e:
+            # Fail closed rather than hold the caller forever: the call is refused.
+            raise AuditUnavailableError("the audit trail did not commit in time") from e
 
     def checkpoint_now(self) -> Checkpoint | None:
         """Sign the committed head now; None if nothing new to sign or no signer."""
@@ -206,5 +210,5 @@ class AuditTrail:
         """Checkpoint, logging (not raising) a failure: the next attempt signs a later head."""
         try:
             self.checkpoint_now()
-        except (StorageError, KeystoreError) as e:
+        except Exception as e:  # noqa: BLE001  (the writer thread must survive any failure)
             logger.warning("audit checkpoint failed", extra={"error": type(e).__name__})

@@ -311,7 +311,8 @@ def test_break_the_glass_is_reviewed_once(world: World) -> None:
     )
     assert again == grpc.StatusCode.FAILED_PRECONDITION, f"second review: {again.name}"
 
-    # The review itself is audited, with its comment.
+    # The review itself is audited; its comment stays with the grant, out of the immutable
+    # trail (free text may name the patient).
     reviews = events(
         world.officer,
         principal="officer-check",
@@ -319,6 +320,11 @@ def test_break_the_glass_is_reviewed_once(world: World) -> None:
         outcome=aupb.OUTCOME_ALLOWED,
     )
     assert any(
-        e.resource == f"grant/{opened.id}" and e.reason == "checked with ED (test)" for e in reviews
+        e.resource == f"grant/{opened.id}" and e.reason == "reviewed" for e in reviews
     ), "review not audited"
+    assert not any("checked with ED" in e.reason for e in reviews), "comment copied into the trail"
+    queue = world.officer.audit.ListBreakGlass(
+        aupb.ListBreakGlassRequest(include_reviewed=True), timeout=TIMEOUT
+    )
+    assert any(i.comment == "checked with ED (test)" for i in queue.items), "comment lost"
     doctor.close()
