@@ -24,6 +24,7 @@ KEK_BITS = 256
 INDEX_KEY_BITS = 256
 RSA_BITS = 2048
 AUDIT_KEY_LABEL = "medvault-audit-v1"
+BACKUP_KEY_LABEL = "medvault-backup-v1"  # signs backup manifests and drill reports
 
 SigningKeyKind = Literal["ec-p256", "rsa-2048"]
 
@@ -56,7 +57,8 @@ _SIGN_PUBLIC: dict[Attribute, Any] = {
 
 
 def ensure_keys(pool: Pkcs11SessionPool, config: Pkcs11Config) -> list[str]:
-    """Create KEK v1 and the index key if absent; return the labels created."""
+    """Create KEK v1, the index key and the audit and backup signing keys if absent;
+    return the labels created."""
     created: list[str] = []
     with pool.session() as session:
         if not list_kek_versions(session, config.kek_label_prefix):
@@ -65,6 +67,8 @@ def ensure_keys(pool: Pkcs11SessionPool, config: Pkcs11Config) -> list[str]:
             created.append(_generate_index_key(session, config.index_key_label))
         if not _has_key(session, AUDIT_KEY_LABEL, ObjectClass.PRIVATE_KEY):
             created.append(_generate_key_pair(session, AUDIT_KEY_LABEL, "ec-p256"))
+        if not _has_key(session, BACKUP_KEY_LABEL, ObjectClass.PRIVATE_KEY):
+            created.append(_generate_key_pair(session, BACKUP_KEY_LABEL, "ec-p256"))
     if created:
         pool.forget_keys()
     return created

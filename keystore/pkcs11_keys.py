@@ -31,7 +31,7 @@ from pkcs11.types import DecryptMixin, EncryptMixin, SignMixin
 
 from keystore.errors import KeyNotFoundError, KeystoreError, UnwrapError
 from keystore.interfaces import WrappedKey
-from keystore.pkcs11_session import Pkcs11SessionPool
+from keystore.pkcs11_session import Pkcs11SessionPool, one_shot
 
 FORMAT_V1 = 0x01
 IV_SIZE = 12
@@ -42,16 +42,25 @@ SECRET = ObjectClass.SECRET_KEY
 
 # What a token reports when GCM authentication or the blob layout is wrong. Session
 # and device errors are deliberately absent: they mean "retry", not "tampered".
-# SoftHSM2 reports a failed GCM tag check as CKR_GENERAL_ERROR.
 _AUTH_FAILURES: tuple[type[p11e.PKCS11Error], ...] = (
-    p11e.GeneralError,
     p11e.EncryptedDataInvalid,
     p11e.EncryptedDataLenRange,
     p11e.DataInvalid,
     p11e.DataLenRange,
-    p11e.FunctionFailed,
     p11e.MechanismParamInvalid,
 )
+# Ambiguous: SoftHSM2 reports a failed GCM tag check as CKR_GENERAL_ERROR, but these are
+# also what a token says when it hiccups. The unwrap is retried once on another session;
+# only a second failure is taken for tampering.
+_AMBIGUOUS_FAILURES: tuple[type[p11e.PKCS11Error], ...] = (
+    p11e.GeneralError,
+    p11e.FunctionFailed,
+)
+
+
+class _AmbiguousFailureError(Exception):
+    """An unwrap failed with a generic token error; it may have been the token, not the blob."""
+
 
 _UNWRAP_FAILED = "wrapped key failed to authenticate"
 
@@ -82,13 +91,6 @@ def list_kek_versions(session: pkcs11.Session, prefix: str) -> list[int]:
         if match:
             versions.add(int(match.group(1)))
     return sorted(versions)
-
-
-def _one_shot(result: bytes | object) -> bytes:
-    """python-pkcs11 returns bytes for bytes input (an iterator only for streamed input)."""
-    if not isinstance(result, bytes):
-        raise TypeError("expected a single-part PKCS#11 result")
-    return result
 
 
 class Pkcs11KeyWrapper:
@@ -157,7 +159,7 @@ class Pkcs11KeyWrapper:
 
         def encrypt(session: pkcs11.Session) -> bytes:
             key = _able(self._pool.find_key(session, label, SECRET), EncryptMixin, label)
-            return _one_shot(key.encrypt(dek, mechanism=Mechanism.AES_GCM, mechanism_param=params))
+            return one_shot(key.encrypt(dek, mechanism=Mechanism.AES_GCM, mechanism_param=params))
 
         sealed = self._pool.run(encrypt)
         return WrappedKey(kek_version=version, blob=bytes([FORMAT_V1]) + iv + sealed)
@@ -174,21 +176,29 @@ class Pkcs11KeyWrapper:
         label = kek_label(self._prefix, wrapped.kek_version)
         params = GCMParams(blob[1:_HEADER_SIZE], associated_data, TAG_SIZE * 8)
 
-        def decrypt(session: pkcs11.Session) -> bytes:
+        def decrypt(session: pkcs11.Session, *, last: bool) -> bytes:
             key = _able(self._pool.find_key(session, label, SECRET), DecryptMixin, label)
             try:
-                return _one_shot(
+                return one_shot(
                     key.decrypt(
                         blob[_HEADER_SIZE:], mechanism=Mechanism.AES_GCM, mechanism_param=params
                     )
                 )
             except _AUTH_FAILURES as e:
                 raise UnwrapError(_UNWRAP_FAILED) from e
+            except _AMBIGUOUS_FAILURES as e:
+                if last:
+                    raise UnwrapError(_UNWRAP_FAILED) from e
+                self._pool.discard_after_use(session)
+                raise _AmbiguousFailureError from e
 
         if wrapped.kek_version < 1:
             raise KeyNotFoundError(f"KEK version {wrapped.kek_version} does not exist")
         try:
-            return self._pool.run(decrypt)
+            try:
+                return self._pool.run(lambda s: decrypt(s, last=False))
+            except _AmbiguousFailureError:
+                return self._pool.run(lambda s: decrypt(s, last=True))
         except KeyNotFoundError as e:
             raise KeyNotFoundError(
                 f"master key {label!r} (KEK version {wrapped.kek_version}) is not on token "

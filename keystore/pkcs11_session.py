@@ -161,6 +161,16 @@ def _close_quietly(session: pkcs11.Session) -> None:
         session.close()
 
 
+def one_shot(result: bytes | object) -> bytes:
+    """The bytes of a single-part operation's result.
+
+    python-pkcs11 returns bytes for bytes input (an iterator only for streamed input).
+    """
+    if not isinstance(result, bytes):
+        raise TypeError("expected a single-part PKCS#11 result")
+    return result
+
+
 def load_module(module_path: str) -> Pkcs11Lib:
     """Load (once per process) the PKCS#11 module at ``module_path``."""
     if not os.path.isfile(module_path):
@@ -211,6 +221,7 @@ class _Pooled:
 
     session: pkcs11.Session
     keys: dict[str, pkcs11.Key] = field(default_factory=dict)
+    suspect: bool = False  # closed on return instead of being lent again
 
 
 class Pkcs11SessionPool:
@@ -292,6 +303,16 @@ class Pkcs11SessionPool:
             cache[label] = key
         return key
 
+    def discard_after_use(self, session: pkcs11.Session) -> None:
+        """Close a lent ``session`` when it is returned instead of lending it again.
+
+        For an operation that failed in a way the session may be to blame for: a retry
+        then runs on another (or a new) session.
+        """
+        pooled = self._lent.get(id(session))
+        if pooled is not None:
+            pooled.suspect = True
+
     def forget_keys(self) -> None:
         """Drop the cached key handles of idle sessions (after keys were added or removed)."""
         with self._lock:
@@ -348,6 +369,9 @@ class Pkcs11SessionPool:
         return pooled
 
     def _checkin(self, pooled: _Pooled) -> None:
+        if pooled.suspect:
+            self._discard(pooled)
+            return
         self._lent.pop(id(pooled.session), None)
         with self._lock:
             if not self._closed:

@@ -28,14 +28,7 @@ from pkcs11.types import PublicKey, SignMixin
 from pkcs11.util.ec import encode_ec_public_key
 
 from keystore.errors import KeyNotFoundError, KeystoreError
-from keystore.pkcs11_session import Pkcs11SessionPool
-
-
-def _one_shot(result: bytes | object) -> bytes:
-    """python-pkcs11 returns bytes for bytes input (an iterator only for streamed input)."""
-    if not isinstance(result, bytes):
-        raise TypeError("expected a single-part PKCS#11 result")
-    return result
+from keystore.pkcs11_session import Pkcs11SessionPool, one_shot
 
 
 def _raw_to_der(raw: bytes, label: str) -> bytes:
@@ -104,7 +97,7 @@ class Pkcs11Signer:
         return key
 
     def _sign_raw(self, session: pkcs11.Session, data: bytes, mechanism: Mechanism) -> bytes:
-        return _one_shot(self._private(session).sign(data, mechanism=mechanism))
+        return one_shot(self._private(session).sign(data, mechanism=mechanism))
 
     def _describe(self, session: pkcs11.Session) -> tuple[KeyType, bytes]:
         """Check the private key exists and read the type and SPKI of its public half."""

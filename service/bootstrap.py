@@ -19,6 +19,8 @@ from keystore.signing import Pkcs11Signer
 from service.audit.trail import AuditTrail
 from service.authn import Authenticator
 from service.authz.policy import PolicyHolder
+from service.backup import BackupWiring
+from service.backup import build as build_backups
 from service.config import Config, ConfigError, read_secret
 from service.guard import AccessGuard
 from service.incidents import IncidentDetector
@@ -52,9 +54,11 @@ class Components:
     signing: DocumentSigning
     wrapper: Pkcs11KeyWrapper
     kek: KekManager
+    backup: BackupWiring
 
     def close(self) -> None:
         """Flush the audit trail, release the token sessions and database connections."""
+        self.backup.scheduler.stop()  # after its current run; before what it uses closes
         try:
             self.guard.trail.close()
         finally:
@@ -169,7 +173,8 @@ def _wire(config: Config, pool: Pkcs11SessionPool) -> Components:
         SignatureValidator(_certificates(config.signing.trust_anchors, "trust_anchors")),
         chain=_certificates(config.signing.chain, "chain"),
     )
+    backup = build_backups(config, engine, blobs, pool, guard.trail.record)
     return Components(
         store=store, blobs=blobs, metadata=metadata, pool=pool, engine=engine, guard=guard,
-        audit_log=audit_log, signing=signing, wrapper=wrapper, kek=kek,
+        audit_log=audit_log, signing=signing, wrapper=wrapper, kek=kek, backup=backup,
     )

@@ -102,6 +102,34 @@ class SigningConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BackupConfig:
+    """Backups: where they go, when they run, how long they are kept (docs/operations.md)."""
+
+    target: str = "s3"  # "s3" or "directory"
+    bucket: str = "medvault-backups"
+    endpoint: str = ""  # empty = the [s3] endpoint
+    secure: bool | None = None  # unset = as [s3]
+    ca_file: str = ""
+    access_key_file: str = ""  # empty = the [s3] credentials
+    secret_key_file: str = ""
+    directory: str = "backups"
+    object_lock_days: int = 0
+    keep_daily: int = 7
+    keep_weekly: int = 4
+    keep_monthly: int = 12
+    signing_key_label: str = "medvault-backup-v1"
+    # Cron expressions (UTC); empty = not scheduled.
+    schedule: str = "0 2 * * *"
+    drill_schedule: str = ""
+    # TESTS ONLY: a slot every N seconds instead of the cron expression; 0 = off.
+    schedule_seconds: int = 0
+    drill_schedule_seconds: int = 0
+    prune_after_backup: bool = True
+    drill_database: str = ""  # PostgreSQL URL for scratch databases; empty = SQLite temp
+    workers: int = 4
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole service configuration."""
 
@@ -112,6 +140,7 @@ class Config:
     keystore: KeystoreConfig = field(default_factory=KeystoreConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     signing: SigningConfig = field(default_factory=SigningConfig)
+    backup: BackupConfig = field(default_factory=BackupConfig)
     base_dir: Path = Path()
 
 
@@ -120,6 +149,8 @@ _PATH_KEYS = {
     ("s3", "access_key_file"), ("s3", "secret_key_file"), ("keystore", "pin_file"),
     ("keystore", "softhsm2_conf"), ("server", "policy"),
     ("signing", "trust_anchors"), ("signing", "chain"),
+    ("backup", "ca_file"), ("backup", "access_key_file"), ("backup", "secret_key_file"),
+    ("backup", "directory"),
 }
 
 

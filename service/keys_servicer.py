@@ -64,13 +64,18 @@ class KeyServicer(kpb_grpc.KeyServiceServicer):  # type: ignore[misc]  # untyped
         self._guard.audit(call, "kek", outcome="allowed", reason="list versions")
         return self._kek.list()
 
-    def _retire(self, state: CallState, call_facts: CallFacts, version: int) -> KekVersionInfo:
+    def _retire(
+        self, state: CallState, call_facts: CallFacts, request: kpb.RetireKekRequest
+    ) -> KekVersionInfo:
         call = state.call = self._guard.enter(call_facts)
-        state.resource = _resource(version)
+        state.resource = _resource(request.version)
+        destroy = request.destroy_key
         # Audited before the irreversible step: no event, no deletion.
-        self._guard.audit(call, state.resource, outcome="allowed", reason="retire requested")
-        retired = self._kek.retire(version)
-        self._guard.audit(call, state.resource, outcome="allowed", reason="retired")
+        requested = "retire and destroy key requested" if destroy else "retire requested"
+        self._guard.audit(call, state.resource, outcome="allowed", reason=requested)
+        retired = self._kek.retire(request.version, destroy_key=destroy)
+        done = "retired; key destroyed on the token" if destroy else "retired; key kept"
+        self._guard.audit(call, state.resource, outcome="allowed", reason=done)
         return retired
 
     def _start_rewrap(
@@ -124,10 +129,10 @@ class KeyServicer(kpb_grpc.KeyServiceServicer):  # type: ignore[misc]  # untyped
     async def RetireKek(  # noqa: N802
         self, request: kpb.RetireKekRequest, context: aio.ServicerContext
     ) -> kpb.KekVersion:
-        """Delete a version from the token once nothing uses it."""
+        """Retire a version once nothing uses it; destroy its key only if asked to."""
         async with handled(self._guard, context, "RetireKek") as state:
             call_facts = facts(context, _SERVICE + "RetireKek")
-            retired = await asyncio.to_thread(self._retire, state, call_facts, request.version)
+            retired = await asyncio.to_thread(self._retire, state, call_facts, request)
             return kek_to_pb(retired)
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -22,6 +22,8 @@ from service._gen.medvault.v1 import (
     access_pb2_grpc,
     audit_pb2,
     audit_pb2_grpc,
+    backup_pb2,
+    backup_pb2_grpc,
     keys_pb2,
     keys_pb2_grpc,
     records_pb2,
@@ -32,6 +34,7 @@ from service._gen.medvault.v1 import (
 from service.access_servicer import AccessServicer
 from service.audit_servicer import AuditServicer
 from service.authz.policy import install_sighup
+from service.backup_servicer import BackupServicer
 from service.bootstrap import Components, build
 from service.config import Config, ConfigError
 from service.keys_servicer import KeyServicer
@@ -83,6 +86,9 @@ async def create_server(config: Config, components: Components) -> tuple[aio.Ser
     keys_pb2_grpc.add_KeyServiceServicer_to_server(
         KeyServicer(components.kek, components.guard), server
     )
+    backup_pb2_grpc.add_BackupServiceServicer_to_server(
+        BackupServicer(components.backup.backups, components.guard), server
+    )
     health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (
@@ -91,6 +97,7 @@ async def create_server(config: Config, components: Components) -> tuple[aio.Ser
         audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
         signing_pb2.DESCRIPTOR.services_by_name["SigningService"].full_name,
         keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
+        backup_pb2.DESCRIPTOR.services_by_name["BackupService"].full_name,
         health.SERVICE_NAME,
         reflection.SERVICE_NAME,
     )
@@ -103,7 +110,7 @@ async def create_server(config: Config, components: Components) -> tuple[aio.Ser
     if port == 0:
         raise ConfigError(f"[server] cannot listen on {config.server.listen}")
     await server.start()
-    for name in ("", *names[:5]):
+    for name in ("", *names[:6]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, port
 
@@ -148,6 +155,7 @@ def serve(config: Config) -> None:
         threading.Thread(
             target=_sweep_forever, args=(components, grace, stop), daemon=True, name="sweeper"
         ).start()
+        components.backup.scheduler.start()
         asyncio.run(_serve(config, components))
     finally:
         stop.set()

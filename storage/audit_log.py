@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any, Final, TypeVar, cast
 
 import sqlalchemy as sa
@@ -33,7 +33,7 @@ from storage.audit_model import (
     chain_hash,
 )
 from storage.errors import BackendUnavailableError, InvalidRecordError, StorageError
-from storage.sql_metadata import metadata
+from storage.sql_metadata import from_db_time, metadata
 
 T = TypeVar("T")
 
@@ -99,11 +99,6 @@ def _sqlite_full_sync(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
-def _from_db(value: datetime) -> datetime:
-    """A UTC-aware datetime from a driver value (SQLite returns naive UTC)."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
 def _check_widths(entry: AuditEntry) -> None:
     for field, width in _WIDTHS.items():
         if len(getattr(entry, field)) > width:
@@ -134,7 +129,7 @@ def _to_event(row: Row[Any]) -> ChainedEvent:
     m = row._mapping
     index = m["patient_index"]
     entry = AuditEntry(
-        time=_from_db(m["time"]),
+        time=from_db_time(m["time"]),
         principal=m["principal"],
         application=m["application"],
         role=m["role"],
@@ -157,7 +152,7 @@ def _to_checkpoint(row: Row[Any]) -> Checkpoint:
         signature=bytes(m["signature"]),
         key_label=m["key_label"],
         public_key_der=bytes(m["public_key_der"]),
-        created_at=_from_db(m["created_at"]),
+        created_at=from_db_time(m["created_at"]),
     )
 
 

@@ -25,8 +25,8 @@ from sqlalchemy.engine import Connection, Engine, Row
 
 from storage.errors import InvalidRecordError, RecordConflictError, RecordNotFoundError
 from storage.grants_model import Grant
-from storage.sql_metadata import _from_db, _translated, _utc, metadata
-from storage.validation import _printable
+from storage.sql_metadata import from_db_time, metadata, to_utc, translated
+from storage.validation import check_printable
 
 MAX_PRINCIPAL_LENGTH = 128
 MAX_TEXT_LENGTH = 1000  # reason and review comment
@@ -68,7 +68,7 @@ access_grants = sa.Table(
 
 def _check_actor(field: str, value: str) -> None:
     """A person id or application CN: required, bounded, no control characters."""
-    _printable(field, value, MAX_PRINCIPAL_LENGTH, required=True)
+    check_printable(field, value, MAX_PRINCIPAL_LENGTH, required=True)
 
 
 def _check_text(field: str, value: str) -> None:
@@ -77,7 +77,7 @@ def _check_text(field: str, value: str) -> None:
     Control characters are refused as well: the text is shown in the security
     officer's terminal tables and exports, where they could forge lines or escapes.
     """
-    _printable(field, value, MAX_TEXT_LENGTH, required=True)
+    check_printable(field, value, MAX_TEXT_LENGTH, required=True)
 
 
 def _check_patient(patient_index: bytes) -> None:
@@ -91,7 +91,7 @@ def _check_grant_id(grant_id: str) -> None:
 
 
 def _optional_time(value: datetime | None) -> datetime | None:
-    return None if value is None else _from_db(value)
+    return None if value is None else from_db_time(value)
 
 
 def _to_grant(row: Row[Any]) -> Grant:
@@ -101,7 +101,7 @@ def _to_grant(row: Row[Any]) -> Grant:
         patient_index=bytes(m["patient_index"]),
         principal=m["principal"],
         granted_by=m["granted_by"],
-        created_at=_from_db(m["created_at"]),
+        created_at=from_db_time(m["created_at"]),
         expires_at=_optional_time(m["expires_at"]),
         revoked_at=_optional_time(m["revoked_at"]),
         revoked_by=m["revoked_by"],
@@ -139,9 +139,9 @@ class SqlGrantStore:
         _check_patient(patient_index)
         _check_actor("principal", principal)
         _check_actor("granted_by", granted_by)
-        now = _utc(now, "now")
+        now = to_utc(now, "now")
         if expires_at is not None:
-            expires_at = _utc(expires_at, "expires_at")
+            expires_at = to_utc(expires_at, "expires_at")
             if expires_at <= now:
                 raise InvalidRecordError("expires_at", "is not in the future")
         return self._insert(
@@ -178,7 +178,7 @@ class SqlGrantStore:
             raise InvalidRecordError(
                 "duration", f"must be positive and at most {MAX_BREAK_GLASS_DURATION}"
             )
-        now = _utc(now, "now")
+        now = to_utc(now, "now")
         return self._insert(
             Grant(
                 id=secrets.token_hex(16),
@@ -201,7 +201,7 @@ class SqlGrantStore:
         """End a grant now; ``RecordConflictError`` if it was revoked already."""
         _check_grant_id(grant_id)
         _check_actor("revoked_by", revoked_by)
-        now = _utc(now, "now")
+        now = to_utc(now, "now")
         # Conditional UPDATE: of two concurrent revocations exactly one wins.
         update = (
             access_grants.update()
@@ -222,7 +222,7 @@ class SqlGrantStore:
             .where(
                 access_grants.c.principal == principal,
                 access_grants.c.patient_index == patient_index,
-                _active_at(_utc(now, "now")),
+                _active_at(to_utc(now, "now")),
             )
             .order_by(access_grants.c.break_glass, access_grants.c.created_at.desc())
             .limit(1)
@@ -252,7 +252,7 @@ class SqlGrantStore:
             _check_actor("principal", principal)
             query = query.where(access_grants.c.principal == principal)
         if not include_inactive:
-            query = query.where(_active_at(_utc(now, "now")))
+            query = query.where(_active_at(to_utc(now, "now")))
         query = query.order_by(access_grants.c.created_at.desc(), access_grants.c.id)
         rows = self._run(lambda c: c.execute(query).all())
         return [_to_grant(r) for r in rows]
@@ -273,7 +273,7 @@ class SqlGrantStore:
         _check_grant_id(grant_id)
         _check_actor("reviewer", reviewer)
         _check_text("comment", comment)
-        now = _utc(now, "now")
+        now = to_utc(now, "now")
         update = (
             access_grants.update()
             .where(
@@ -320,7 +320,7 @@ class SqlGrantStore:
 
     def _run(self, fn: Callable[[Connection], T], *, write: bool = False) -> T:
         """Run ``fn`` in one transaction (committed if ``write``), translating errors."""
-        with _translated(self._engine):
+        with translated(self._engine):
             if write:
                 with self._engine.begin() as connection:
                     return fn(connection)

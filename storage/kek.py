@@ -10,12 +10,17 @@ does not change, only the key that protects it.
 The job keeps no state of its own: the rows are the state (``kek_version`` below the
 target means "still to do"), so a crash or a cancelled stream resumes by running the
 job again. Updates are optimistic (``WHERE kek_version = old``): a row changed
-concurrently is skipped and found again by the next pass.
+concurrently is skipped and found again by the next pass. A row whose key fails to
+unwrap (a token hiccup, or tampering) is tried again in the next pass; only rows that
+fail in the last pass are reported.
 
-Retirement marks the version ``retired`` in ``kek_versions`` and only then deletes the
-key from the token. The records insert checks the same row in its own transaction
+Retirement marks the version ``retired`` in ``kek_versions``: nothing wraps with it any
+more, and the records insert checks the same row in its own transaction
 (``storage.sql_metadata``), so a write that wrapped with a version being retired fails
-and is wrapped again, instead of committing a key nobody could unwrap.
+and is wrapped again, instead of committing a key under a retired version. The key
+itself stays on the token: database backups still hold rows wrapped by it, and a
+restore needs it. Destroying it is a separate, explicit step (``destroy_key``), for
+when no backup within retention holds keys wrapped by it any more.
 """
 
 from __future__ import annotations
@@ -38,12 +43,12 @@ from storage.errors import (
 )
 from storage.records import associated_data
 from storage.sql_metadata import (
-    _from_db,
-    _translated,
+    from_db_time,
     kek_insert_ignoring_duplicates,
     kek_state,
     kek_versions,
     records,
+    translated,
 )
 
 DEFAULT_BATCH = 200
@@ -100,6 +105,7 @@ class _Pass:
 
     after: tuple[str, int] | None = None
     moved: int = 0
+    failed: set[tuple[str, int]] = field(default_factory=set)
 
 
 @dataclass
@@ -113,13 +119,15 @@ class RewrapJob:
     batch_size: int
     remaining: int = 0
     rewrapped: int = 0
+    # Rows whose key failed to unwrap in every pass so far (the last pass, once done).
     failed_ids: set[tuple[str, int]] = field(default_factory=set)
     done: bool = False
     _pass: _Pass = field(default_factory=_Pass)
 
     def progress(self) -> RewrapProgress:
-        """The counts so far."""
-        return RewrapProgress(self.rewrapped, self.remaining, self.target, len(self.failed_ids))
+        """The counts so far (failures: of the previous pass and of this one so far)."""
+        failed = len(self.failed_ids | self._pass.failed)
+        return RewrapProgress(self.rewrapped, self.remaining, self.target, failed)
 
     def step(self) -> RewrapProgress:
         """Rewrap one batch; at the end of a pass, recount and start another if needed."""
@@ -137,11 +145,12 @@ class RewrapJob:
         return self.progress()
 
     def _end_pass(self) -> None:
-        """A pass found no more rows: done, unless stragglers appeared and progress is made."""
+        """A pass found no more rows: done, unless rows are left and this pass made
+        progress; then another pass takes stragglers and retries this pass's failures."""
         left = count_below(self.engine, self.target, self.from_version)
         self.remaining = left
-        stuck = left <= len(self.failed_ids) or self._pass.moved == 0
-        if left == 0 or stuck:
+        self.failed_ids = self._pass.failed  # a row that failed before but not now is fine
+        if left == 0 or self._pass.moved == 0:
             self.done = True
         self._pass = _Pass()
 
@@ -159,22 +168,21 @@ class RewrapJob:
             .order_by(records.c.id, records.c.version)
             .limit(self.batch_size)
         )
-        with _translated(self.engine), self.engine.connect() as connection:
+        with translated(self.engine), self.engine.connect() as connection:
             return [row._mapping for row in connection.execute(query)]
 
     def _rewrapped(self, rows: Sequence[Any]) -> list[tuple[Any, WrappedKey]]:
         """Unwrap each key with its version and wrap it with the current one, in the token."""
         out = []
         for row in rows:
-            ref = (row["id"], row["version"])
-            if ref in self.failed_ids:
-                continue
             ad = associated_data(row["id"], row["version"])
             old = WrappedKey(kek_version=row["kek_version"], blob=bytes(row["wrapped_dek"]))
             try:
                 dek = self.wrapper.unwrap(old, ad)
             except UnwrapError:
-                self.failed_ids.add(ref)  # tampered: unreadable before and after; reported
+                # Tampered, or the token failed twice: tried again in the next pass, and
+                # reported if it fails in the last one.
+                self._pass.failed.add((row["id"], row["version"]))
                 continue
             out.append((row, self.wrapper.wrap(dek, ad)))
         return out
@@ -184,7 +192,7 @@ class RewrapJob:
         if not pairs:
             return 0
         moved = 0
-        with _translated(self.engine), self.engine.begin() as connection:
+        with translated(self.engine), self.engine.begin() as connection:
             for row, new in pairs:
                 result = connection.execute(
                     records.update()
@@ -214,7 +222,7 @@ def _below(target: int, from_version: int) -> sa.ColumnElement[bool]:
 def count_below(engine: Engine, target: int, from_version: int = 0) -> int:
     """Wrapped keys on versions older than ``target`` (or on ``from_version`` only)."""
     query = sa.select(sa.func.count()).select_from(records).where(_below(target, from_version))
-    with _translated(engine), engine.connect() as connection:
+    with translated(engine), engine.connect() as connection:
         return int(connection.scalar(query) or 0)
 
 
@@ -230,7 +238,7 @@ class KekManager:
         """Register the token's versions; mark the newest active. Return it."""
         current = self._ring.refresh()
         versions = self._ring.versions()
-        with _translated(self._engine), self._engine.begin() as connection:
+        with translated(self._engine), self._engine.begin() as connection:
             for version in versions:
                 kek_insert_ignoring_duplicates(connection, version, "previous")
             _mark_active(connection, current)
@@ -239,7 +247,7 @@ class KekManager:
     def rotate(self) -> KekVersionInfo:
         """Create KEK v(N+1) and make it current; ``RecordConflictError`` if raced."""
         current = self.sync()
-        with _translated(self._engine), self._engine.begin() as connection:
+        with translated(self._engine), self._engine.begin() as connection:
             highest = connection.scalar(sa.select(sa.func.max(kek_versions.c.version))) or 0
             version = max(current, int(highest)) + 1
             # Claim the number first: a second replica rotating now hits the primary
@@ -258,13 +266,13 @@ class KekManager:
         return self._info(version)
 
     def _unclaim(self, version: int) -> None:
-        with _translated(self._engine), self._engine.begin() as connection:
+        with translated(self._engine), self._engine.begin() as connection:
             connection.execute(kek_versions.delete().where(kek_versions.c.version == version))
 
     def list(self) -> list[KekVersionInfo]:
         """Every known version, oldest first, with its state and wrapped-key count."""
         self.sync()
-        with _translated(self._engine), self._engine.connect() as connection:
+        with translated(self._engine), self._engine.connect() as connection:
             rows = connection.execute(sa.select(kek_versions).order_by(kek_versions.c.version))
             states = [row._mapping for row in rows]
             counts = _counts(connection)
@@ -273,7 +281,7 @@ class KekManager:
                 version=s["version"],
                 state=s["state"],
                 wrapped_keys=counts.get(s["version"], 0),
-                created_at=_from_db(s["created_at"]),
+                created_at=from_db_time(s["created_at"]),
             )
             for s in states
         ]
@@ -298,8 +306,14 @@ class KekManager:
         job.done = job.remaining == 0
         return job
 
-    def retire(self, version: int) -> KekVersionInfo:
-        """Mark ``version`` retired, then delete it from the token; refused while in use."""
+    def retire(self, version: int, *, destroy_key: bool = False) -> KekVersionInfo:
+        """Mark ``version`` retired (no new wraps); refused while in use or active.
+
+        The key stays on the token unless ``destroy_key``: backups of the database hold
+        rows wrapped by it, and restoring one needs it. Destroy it only once no backup
+        within retention holds such rows; retiring again with ``destroy_key`` does so
+        for a version retired earlier.
+        """
         if version < 1:
             raise InvalidRecordError("version", "must be at least 1")
         active = self.sync()
@@ -308,11 +322,12 @@ class KekManager:
                 f"KEK version {version} is the active one (new writes use it); "
                 "rotate first, rewrap, then retire it"
             )
-        with _translated(self._engine), self._engine.begin() as connection:
+        with translated(self._engine), self._engine.begin() as connection:
             _mark_retired(connection, version)
-        # After the commit nothing can start using it; an interrupted deletion is
-        # finished by retiring again.
-        self._ring.destroy_version(version)
+        if destroy_key:
+            # After the commit nothing can start using it; an interrupted deletion is
+            # finished by retiring again.
+            self._ring.destroy_version(version)
         return self._info(version)
 
 

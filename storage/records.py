@@ -47,7 +47,7 @@ class StoreLimits:
     max_record_size: int = 4 << 30
     segment_size: int = 1 << 20
     # Segments encrypted ahead of the upload (memory per put: this many segments).
-    read_ahead_segments: int = 8
+    read_ahead_segments: int = 4
 
 
 @dataclass(frozen=True, slots=True)

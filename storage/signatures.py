@@ -1,10 +1,16 @@
 """Signatures stored with their record: several per record version (co-signing), sealed.
 
 Table ``record_signatures`` (migration ``0004``). The ``.p7s`` names the signer and
-binds the content digest, so it is sealed like the record's other metadata: AES-256-GCM
-under ``HKDF-SHA256(dek, info=b"medvault:signature:v1")``, with associated data that
-binds record id, version and signature id, so a sealed signature cannot be moved to
-another record or swapped with a sibling.
+binds the content digest, so it is sealed like the record's other metadata
+(:func:`storage.sealing.seal_bytes`): AES-256-GCM under
+``HKDF-SHA256(dek, info=b"medvault:signature:v1")``.
+
+The associated data binds the row to its place and to what users are shown of it:
+record id, version and signature id, so a sealed signature cannot be moved to another
+record or swapped with a sibling; and the ``signer``, ``certificate_subject``,
+``algorithm`` and ``signing_time`` columns (canonical JSON, :func:`signature_aad`), so
+editing any of them in the database makes the signature fail to unseal
+(``IntegrityError``) instead of being displayed, or used for validation, as authentic.
 
 Layout: ``0x01 ‖ nonce (12) ‖ ciphertext ‖ tag (16)``.
 
@@ -14,7 +20,7 @@ patient scope and the audit event come first, exactly as for reading the record.
 
 from __future__ import annotations
 
-import os
+import json
 import re
 import secrets
 from collections.abc import Iterator
@@ -23,20 +29,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy.engine import Engine, Row
 
-from storage.errors import IntegrityError, InvalidRecordError, RecordNotFoundError
+from storage.errors import InvalidRecordError, RecordNotFoundError
 from storage.model import RecordInfo
 from storage.records import Gate, OpenRecord, RecordStore, associated_data
-from storage.sql_metadata import _from_db, _translated, _utc, metadata
+from storage.sealing import seal_bytes
+from storage.sealing import unseal_bytes as _unseal
+from storage.sql_metadata import from_db_time, metadata, to_utc, translated
 
-_VERSION = b"\x01"
 _INFO = b"medvault:signature:v1"
+_WHAT = "stored signature"
 _SIGNATURE_ID = re.compile(r"^[0-9a-f]{32}$")
+MAX_SUBJECT_LENGTH = 1024
 
 # The schema as queries see it; storage/migrations/versions/0004_signatures.py made it.
 record_signatures = sa.Table(
@@ -46,7 +51,7 @@ record_signatures = sa.Table(
     sa.Column("record_id", sa.String(32), nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("signer", sa.String(128), nullable=False),
-    sa.Column("certificate_subject", sa.String(1024), nullable=False),
+    sa.Column("certificate_subject", sa.String(MAX_SUBJECT_LENGTH), nullable=False),
     sa.Column("algorithm", sa.String(32), nullable=False),
     sa.Column("signing_time", sa.DateTime(timezone=True), nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
@@ -87,28 +92,56 @@ class Signature:
     p7s: bytes
 
 
-def _key(dek: bytes) -> AESGCM:
-    return AESGCM(HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_INFO).derive(dek))
+def signature_aad(
+    record_id: str,
+    version: int,
+    signature_id: str,
+    *,
+    signer: str,
+    certificate_subject: str,
+    algorithm: str,
+    signing_time: datetime,
+) -> bytes:
+    """Associated data of a sealed ``.p7s``: its place, and the columns shown beside it.
+
+    The shown columns are encoded canonically (JSON, sorted keys, ASCII, no spaces;
+    ``signing_time`` as UTC ISO 8601 with microseconds), so the same row values give the
+    same bytes on every backend.
+    """
+    shown = json.dumps(
+        {
+            "algorithm": algorithm,
+            "certificate_subject": certificate_subject,
+            "signer": signer,
+            "signing_time": from_db_time(signing_time).isoformat(timespec="microseconds"),
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=True,
+    )
+    return (
+        associated_data(record_id, version)
+        + b":signature:"
+        + signature_id.encode()
+        + b":"
+        + shown.encode()
+    )
 
 
-def _aad(record_id: str, version: int, signature_id: str) -> bytes:
-    return associated_data(record_id, version) + b":signature:" + signature_id.encode()
+def _row_aad(row: Any) -> bytes:
+    return signature_aad(
+        row.record_id, row.version, row.id, signer=row.signer,
+        certificate_subject=row.certificate_subject, algorithm=row.algorithm,
+        signing_time=row.signing_time,
+    )  # fmt: skip
 
 
-def seal_bytes(dek: bytes, aad: bytes, data: bytes) -> bytes:
-    """Encrypt ``data`` under a key derived from the record's data key."""
-    nonce = os.urandom(12)
-    return _VERSION + nonce + _key(dek).encrypt(nonce, data, aad)
+def unseal_p7s(dek: bytes, row: Any) -> bytes:
+    """The ``.p7s`` of a ``record_signatures`` row; ``IntegrityError`` if the sealed blob
+    or any bound column (place, signer, subject, algorithm, signing time) was altered."""
+    return _unseal(dek, _INFO, _row_aad(row), bytes(row.sealed_p7s), what=_WHAT)
 
 
-def unseal_bytes(dek: bytes, aad: bytes, blob: bytes) -> bytes:
-    """Decrypt a sealed blob; ``IntegrityError`` if it was altered or moved."""
-    if len(blob) < 29 or blob[:1] != _VERSION:
-        raise IntegrityError("stored signature failed authentication")
-    try:
-        return _key(dek).decrypt(blob[1:13], blob[13:], aad)
-    except InvalidTag as e:
-        raise IntegrityError("stored signature failed authentication") from e
 
 
 class SignedRecord:
@@ -123,12 +156,17 @@ class SignedRecord:
     def add(self, new: NewSignature) -> Signature:
         """Seal and store ``new``; return it with its id."""
         sig_id = secrets.token_hex(16)
-        sealed = seal_bytes(self._dek, _aad(self.info.id, self.info.version, sig_id), new.p7s)
+        subject = new.certificate_subject[:MAX_SUBJECT_LENGTH]
+        signing_time = to_utc(new.signing_time, "signing_time")
+        aad = signature_aad(
+            self.info.id, self.info.version, sig_id, signer=new.signer,
+            certificate_subject=subject, algorithm=new.algorithm, signing_time=signing_time,
+        )  # fmt: skip
         values = {
             "id": sig_id, "record_id": self.info.id, "version": self.info.version,
-            "signer": new.signer, "certificate_subject": new.certificate_subject[:1024],
-            "algorithm": new.algorithm, "signing_time": _utc(new.signing_time, "signing_time"),
-            "created_at": datetime.now(UTC), "sealed_p7s": sealed,
+            "signer": new.signer, "certificate_subject": subject, "algorithm": new.algorithm,
+            "signing_time": signing_time, "created_at": datetime.now(UTC),
+            "sealed_p7s": seal_bytes(self._dek, _INFO, aad, new.p7s),
         }  # fmt: skip
         self._store.insert(values)
         return self.unseal(self._store.row(sig_id))
@@ -139,11 +177,11 @@ class SignedRecord:
 
     def unseal(self, row: Row[Any]) -> Signature:
         """Decrypt one row of this record version."""
-        p7s = unseal_bytes(self._dek, _aad(row.record_id, row.version, row.id), row.sealed_p7s)
+        p7s = unseal_p7s(self._dek, row)
         return Signature(
             id=row.id, record_id=row.record_id, version=row.version, signer=row.signer,
             certificate_subject=row.certificate_subject, algorithm=row.algorithm,
-            signing_time=_from_db(row.signing_time), created_at=_from_db(row.created_at),
+            signing_time=from_db_time(row.signing_time), created_at=from_db_time(row.created_at),
             p7s=p7s,
         )  # fmt: skip
 
@@ -172,13 +210,13 @@ class SignatureStore:
 
     def insert(self, values: dict[str, Any]) -> None:
         """Insert one sealed row."""
-        with _translated(self._engine), self._engine.begin() as connection:
+        with translated(self._engine), self._engine.begin() as connection:
             connection.execute(record_signatures.insert().values(**values))
 
     def row(self, signature_id: str) -> Row[Any]:
         """The sealed row ``signature_id``; ``RecordNotFoundError`` when absent."""
         query = sa.select(record_signatures).where(record_signatures.c.id == signature_id)
-        with _translated(self._engine), self._engine.connect() as connection:
+        with translated(self._engine), self._engine.connect() as connection:
             row = connection.execute(query).first()
         if row is None:
             raise RecordNotFoundError(f"signature {signature_id} not found")
@@ -192,5 +230,5 @@ class SignatureStore:
             .where(record_signatures.c.version == version)
             .order_by(record_signatures.c.created_at, record_signatures.c.id)
         )
-        with _translated(self._engine), self._engine.connect() as connection:
+        with translated(self._engine), self._engine.connect() as connection:
             return list(connection.execute(query).all())

@@ -155,19 +155,19 @@ def alembic_config() -> Config:
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Migrate the database to ``revision``; a no-op when it is there already."""
     config = alembic_config()
-    with _translated(engine), engine.begin() as connection:
+    with translated(engine), engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
 
 
-def _utc(value: datetime, field: str) -> datetime:
+def to_utc(value: datetime, field: str) -> datetime:
     """``value`` in UTC; a naive time is refused rather than guessed."""
     if value.tzinfo is None:
         raise InvalidRecordError(field, "must carry a time zone")
     return value.astimezone(UTC)
 
 
-def _from_db(value: datetime) -> datetime:
+def from_db_time(value: datetime) -> datetime:
     """A UTC-aware datetime from a driver value (SQLite returns naive UTC)."""
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
@@ -188,7 +188,7 @@ def _to_record(row: Row[Any]) -> StoredRecord:
         stored_size=m["stored_size"],
         ciphertext_sha256=bytes(m["ciphertext_sha256"]),
         segment_size=m["segment_size"],
-        created_at=_from_db(m["created_at"]),
+        created_at=from_db_time(m["created_at"]),
         created_by=m["created_by"],
         supersedes_version=m["supersedes_version"],
     )
@@ -203,7 +203,7 @@ def _where_label(engine: Engine) -> str:
 
 
 @contextmanager
-def _translated(engine: Engine) -> Iterator[None]:
+def translated(engine: Engine) -> Iterator[None]:
     """Translate driver errors; the original stays chained, the message carries no data."""
     try:
         yield
@@ -216,6 +216,8 @@ def _translated(engine: Engine) -> Iterator[None]:
         ) from e
     except exc.SQLAlchemyError as e:
         raise StorageError(f"metadata database error ({type(e).__name__})") from e
+
+
 
 
 def _latest_only() -> sa.ColumnElement[bool]:
@@ -235,7 +237,7 @@ class SqlMetadataStore:
         """Add a version; ``RecordConflictError`` if (id, version) exists already,
         ``KekRetiredError`` if its KEK version was retired (nothing is stored)."""
         values = {column.name: getattr(row, column.name) for column in records.columns}
-        values["created_at"] = _utc(row.created_at, "created_at")
+        values["created_at"] = to_utc(row.created_at, "created_at")
         self._run(lambda c: _insert_guarded(c, values), write=True)
 
     def get(self, record_id: str, version: int | None = None) -> StoredRecord:
@@ -268,16 +270,16 @@ class SqlMetadataStore:
         if kind is not None:
             query = query.where(records.c.kind == kind)
         if created_after is not None:
-            query = query.where(records.c.created_at >= _utc(created_after, "created_after"))
+            query = query.where(records.c.created_at >= to_utc(created_after, "created_after"))
         if created_before is not None:
-            query = query.where(records.c.created_at < _utc(created_before, "created_before"))
+            query = query.where(records.c.created_at < to_utc(created_before, "created_before"))
         if not all_versions:
             query = query.where(_latest_only())
         if after is not None:
             # Keyset pagination: rows strictly after the cursor in the same order.
             key = sa.tuple_(records.c.created_at, records.c.id, records.c.version)
             query = query.where(
-                key < sa.tuple_(_utc(after.created_at, "after"), after.id, after.version)
+                key < sa.tuple_(to_utc(after.created_at, "after"), after.id, after.version)
             )
         query = query.order_by(
             records.c.created_at.desc(), records.c.id.desc(), records.c.version.desc()
@@ -299,7 +301,7 @@ class SqlMetadataStore:
 
     def _run(self, fn: Callable[[Connection], T], *, write: bool = False) -> T:
         """Run ``fn`` in one transaction (committed if ``write``), translating errors."""
-        with _translated(self._engine):
+        with translated(self._engine):
             if write:
                 with self._engine.begin() as connection:
                     return fn(connection)

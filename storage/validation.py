@@ -17,7 +17,7 @@ _CONTENT_TYPE = re.compile(
 _RECORD_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
-def _printable(field: str, value: str, limit: int, *, required: bool) -> None:
+def check_printable(field: str, value: str, limit: int, *, required: bool) -> None:
     if required and not value.strip():
         raise InvalidRecordError(field, "is required")
     if len(value) > limit:
@@ -34,8 +34,8 @@ def check_record_id(field: str, value: str) -> None:
 
 def check_header_patient(patient: PatientRef) -> None:
     """A patient identifier and its authority are required, printable and bounded."""
-    _printable("patient.id", patient.id, MAX_ID_LENGTH, required=True)
-    _printable("patient.assigning_authority", patient.authority, MAX_ID_LENGTH, required=True)
+    check_printable("patient.id", patient.id, MAX_ID_LENGTH, required=True)
+    check_printable("patient.assigning_authority", patient.authority, MAX_ID_LENGTH, required=True)
 
 
 def check_header(header: NewRecord) -> None:
@@ -43,7 +43,7 @@ def check_header(header: NewRecord) -> None:
     check_header_patient(header.patient)
     if not _CONTENT_TYPE.match(header.content_type):
         raise InvalidRecordError("content_type", "is not a MIME type such as application/pdf")
-    _printable("title", header.title, MAX_TITLE_LENGTH, required=False)
+    check_printable("title", header.title, MAX_TITLE_LENGTH, required=False)
     if header.supersedes is not None:
         check_record_id("supersedes", header.supersedes)
     if header.supersedes_version is not None and header.supersedes is None:

@@ -109,7 +109,6 @@ class Decision:
     permission: str | None
     patient_scoped: bool
     reason: str
-    granted_by: tuple[str, ...] = ()  # roles that carry the permission, for the audit
 
     def require(self) -> Decision:
         """Return self when allowed; raise ``PermissionDeniedError`` otherwise."""
@@ -180,4 +179,4 @@ class Policy:
             )
         names = tuple(r.name for r in granting)
         scoped = self.is_patient_scoped(principal.roles, permission)
-        return Decision(True, permission, scoped, f"granted by role(s) {', '.join(names)}", names)
+        return Decision(True, permission, scoped, f"granted by role(s) {', '.join(names)}")

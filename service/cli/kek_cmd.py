@@ -75,16 +75,28 @@ def cmd_rewrap(ns: argparse.Namespace) -> int:
     return 0 if last.remaining == 0 else 1
 
 
+_DESTROY_WARNING = (
+    "also destroy the key object in the token: only once no backup within retention "
+    "still holds keys wrapped by it (restoring such a backup needs the key)"
+)
+
+
 def cmd_retire(ns: argparse.Namespace) -> int:
-    """Delete a KEK version from the token once no wrapped key uses it."""
+    """Retire a KEK version once no wrapped key uses it; destroy its key if asked."""
+    request = kpb.RetireKekRequest(version=ns.version, destroy_key=ns.destroy_key)
     try:
-        reply = _stub(ns).RetireKek(kpb.RetireKekRequest(version=ns.version), timeout=TIMEOUT)
+        reply = _stub(ns).RetireKek(request, timeout=TIMEOUT)
     except grpc.RpcError as e:
         if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
             print(f"medvault: not retired: {e.details()}", file=sys.stderr)
             return 1
         raise
-    print(f"KEK version {reply.version} is {reply.state}: deleted from the token")
+    if ns.destroy_key:
+        print(f"KEK version {reply.version} is {reply.state}: deleted from the token")
+    else:
+        print(f"KEK version {reply.version} is {reply.state}: no new keys are wrapped with "
+              "it; its key stays on the token for restoring backups (delete it later with "
+              "--destroy-key)")  # fmt: skip
     return 0
 
 
@@ -104,8 +116,9 @@ def register_kek(keys: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                         help="only keys on this version (default: every older one)")  # fmt: skip
     rewrap.add_argument("--quiet", action="store_true", help="no progress bar")
     rewrap.set_defaults(func=cmd_rewrap)
-    retire = keys.add_parser("retire-kek", help="delete an unused KEK version from the token")
+    retire = keys.add_parser("retire-kek", help="retire an unused KEK version (no new wraps)")
     retire.add_argument("version", type=_version, help="version number (3 or v3)")
+    retire.add_argument("--destroy-key", action="store_true", help=_DESTROY_WARNING)
     retire.set_defaults(func=cmd_retire)
     for parser in (rotate, listing, rewrap, retire):
         add_connection_flags(parser)

@@ -11,7 +11,16 @@ import grpc
 
 from keystore.errors import KeystoreError
 from service import logs
-from service.cli import access_cmd, audit_cmd, keys_cmd, records_cmd, signing_cmd, stack_cmd
+from service.cli import (
+    access_cmd,
+    audit_cmd,
+    backup_cmd,
+    keys_cmd,
+    records_cmd,
+    restore_cmd,
+    signing_cmd,
+    stack_cmd,
+)
 from service.config import ConfigError, load
 from storage.errors import StorageError
 
@@ -61,6 +70,8 @@ def parser() -> argparse.ArgumentParser:
     audit_cmd.register(sub)
     signing_cmd.register(sub)
     keys_cmd.register(sub)
+    backup_cmd.register(sub)
+    restore_cmd.register(sub)
     stack_cmd.register(sub)
     return top
 

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from service._gen.medvault.v1 import records_pb2 as pb
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
 from service.cli.client import add_connection_flags, channel
+from service.cli.files import create_private
 
 CHUNK = 1 << 20
 KINDS = ["HL7V2", "CDA", "FHIR", "DICOM", "PDF", "OTHER"]
@@ -78,13 +79,14 @@ def cmd_put(ns: argparse.Namespace) -> int:
 
 
 def cmd_get(ns: argparse.Namespace) -> int:
-    """Fetch a record's content into a file; a partial file is removed on error."""
+    """Fetch a record's content into a file (mode 0600); a partial file is removed on error."""
     stub = pb_grpc.RecordServiceStub(channel(ns))
     out = Path(ns.output)
     partial = out.with_name(out.name + ".partial")
     stream = stub.GetRecord(pb.GetRecordRequest(id=ns.id, version=ns.version))
     try:
-        with partial.open("wb") as f:
+        partial.unlink(missing_ok=True)  # a fresh file: a stale one keeps no say
+        with create_private(partial, exclusive=True) as f:  # patient data: owner only
             bar = None
             for response in stream:
                 if response.WhichOneof("message") == "metadata":
@@ -112,7 +114,7 @@ def cmd_stat(ns: argparse.Namespace) -> int:
           f"content type: {r.content_type}\nsize:         {r.size}\n"
           f"stored size:  {r.stored_size}\nsha256:       {r.sha256.hex()}\n"
           f"created:      {r.created_at.ToDatetime().isoformat()}Z by {r.created_by}\n"
-          f"title:        {r.title}")
+          f"title:        {r.title}")  # fmt: skip
     return 0
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from service._gen.medvault.v1 import signing_pb2 as pb
 from service._gen.medvault.v1 import signing_pb2_grpc as pb_grpc
 from service.cli.client import add_connection_flags, channel
+from service.cli.files import create_private
 from service.cli.tables import print_table, utc
 
 TIMEOUT = 600  # a multi-GiB record is hashed while it is decrypted
@@ -66,7 +67,8 @@ def cmd_signature(ns: argparse.Namespace) -> int:
             return EXIT_UNSIGNED
         signature_id = results[-1].signature.id
     reply = stub.GetSignature(pb.GetSignatureRequest(signature_id=signature_id), timeout=60)
-    Path(ns.output).write_bytes(reply.p7s)
+    with create_private(Path(ns.output)) as f:  # names the signer: owner only
+        f.write(reply.p7s)
     print(f"wrote {len(reply.p7s)} bytes (signature {signature_id}) to {ns.output}")
     return 0
 

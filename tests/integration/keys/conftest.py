@@ -1,6 +1,6 @@
 """Fixtures of the key-lifecycle tests: a token of their own, a server per backend.
 
-Retiring a KEK deletes it from the token, so these tests never touch the session's
+Retiring a KEK with destroy_key deletes it from the token, so these tests never touch the session's
 shared token: each module initialises its own in the same SoftHSM2 directory (servers
 are separate processes, so they see it), with KEK v1, the index key and the audit key.
 """

@@ -19,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from keystore.errors import UnwrapError
 from keystore.interfaces import WrappedKey
 from storage.errors import KekInUseError, KekRetiredError
 from storage.interfaces import StoredRecord
@@ -103,7 +104,7 @@ def test_insert_with_retired_version_is_refused(engine: Engine) -> None:
     metadata = SqlMetadataStore(engine)
     wrapped_before = _row("a" * 32, kek_version=1)  # wrapped with v1 ...
     manager.retire(1)  # ... which is retired before the row commits
-    assert ring.destroyed == [1]
+    assert ring.destroyed == []  # the key stays for restoring backups
     with pytest.raises(KekRetiredError):
         metadata.insert(wrapped_before)
     with engine.connect() as connection:
@@ -134,6 +135,65 @@ def test_retire_refused_while_a_row_uses_the_version(engine: Engine) -> None:
         manager.retire(1)
     assert ring.destroyed == []
     assert {v.version: v.state for v in manager.list()} == {1: "previous", 2: "active"}
+
+
+def test_retire_keeps_the_key_unless_destroy_key(engine: Engine) -> None:
+    ring = FakeRing()
+    ring.create_version(3)
+    manager = KekManager(engine, FakeWrapper(ring), ring)
+    assert manager.retire(1).state == "retired"
+    assert ring.on_token == [1, 2, 3]
+    assert manager.retire(2, destroy_key=True).state == "retired"
+    assert ring.destroyed == [2]
+    # A version retired earlier: its key is destroyed by retiring it again with the flag.
+    assert manager.retire(1, destroy_key=True).state == "retired"
+    assert ring.destroyed == [2, 1]
+    assert {v.version: v.state for v in manager.list()} == {1: "retired", 2: "retired", 3: "active"}
+
+
+class FlakyWrapper(FakeWrapper):
+    """Unwrapping fails for the blobs in ``failing``, ``times`` times each (or always)."""
+
+    def __init__(self, ring: FakeRing, failing: set[bytes], times: int | None) -> None:
+        super().__init__(ring)
+        self.failing = failing
+        self.times = times
+        self.calls: dict[bytes, int] = {}
+
+    def unwrap(self, wrapped: WrappedKey, associated_data: bytes) -> bytes:
+        n = self.calls[wrapped.blob] = self.calls.get(wrapped.blob, 0) + 1
+        if wrapped.blob in self.failing and (self.times is None or n <= self.times):
+            raise UnwrapError("wrapped key failed to authenticate")
+        return wrapped.blob
+
+
+def _rewrap_rows(engine: Engine, wrapper: FlakyWrapper, ring: FakeRing) -> Any:
+    for i in range(5):
+        row = replace(_row(f"{i:032x}", kek_version=1), wrapped_dek=bytes([i]) * 32)
+        SqlMetadataStore(engine).insert(row)
+    job = KekManager(engine, wrapper, ring).rewrap(batch_size=2)
+    while not job.done:
+        job.step()
+    return job
+
+
+def test_rewrap_retries_a_failed_unwrap_in_the_next_pass(engine: Engine) -> None:
+    ring = FakeRing()
+    wrapper = FlakyWrapper(ring, {bytes([3]) * 32}, times=1)  # one hiccup
+    job = _rewrap_rows(engine, wrapper, ring)
+    assert job.failed_ids == set()
+    assert job.progress().failed == 0
+    assert (job.rewrapped, job.remaining) == (5, 0)
+    assert wrapper.calls[bytes([3]) * 32] == 2
+
+
+def test_rewrap_reports_rows_that_fail_in_every_pass(engine: Engine) -> None:
+    ring = FakeRing()
+    wrapper = FlakyWrapper(ring, {bytes([1]) * 32, bytes([4]) * 32}, times=None)  # tampered
+    job = _rewrap_rows(engine, wrapper, ring)
+    assert job.failed_ids == {(f"{1:032x}", 1), (f"{4:032x}", 1)}
+    assert (job.rewrapped, job.remaining, job.progress().failed) == (3, 2, 2)
+    assert wrapper.calls[bytes([1]) * 32] == 2  # tried again in a second pass, not forever
 
 
 # SQLite serialises writers: the interleavings below cannot happen there.

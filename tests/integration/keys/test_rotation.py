@@ -2,7 +2,8 @@
 
 The issue's acceptance test: 8 clients write and read for 10 s while the KEK rotates
 and every wrapped key moves to the new version; zero failed reads, zero wrong bytes,
-and afterwards no key left on the retired version, which is gone from the token.
+and afterwards no key left on the retired version. Its key stays on the token (backups
+still need it) until it is retired again with destroy_key.
 """
 
 from __future__ import annotations
@@ -138,6 +139,12 @@ def test_rotate_rewrap_retire_under_load(
 
     retired = admin.RetireKek(kpb.RetireKekRequest(version=old), timeout=TIMEOUT)
     assert retired.state == "retired"
+    assert retired.wrapped_keys == 0
+    assert old in token_kek_versions(softhsm_token, keys_token)  # kept for restores
+    destroyed = admin.RetireKek(
+        kpb.RetireKekRequest(version=old, destroy_key=True), timeout=TIMEOUT
+    )
+    assert destroyed.state == "retired"
     assert old not in token_kek_versions(softhsm_token, keys_token)
     assert new in token_kek_versions(softhsm_token, keys_token)
     everything = [*preexisting, *(w for t in tallies for w in t.written)]
@@ -202,7 +209,11 @@ def _cli(server: RunningService, cert: tuple[Path, Path], *args: str) -> int:
 
 
 def test_cli_rotate_rewrap_list_retire(
-    server: RunningService, admin_cert: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+    server: RunningService,
+    admin_cert: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+    keys_token: str,
+    softhsm_token: SoftHsmToken,
 ) -> None:
     write(records_stub(server), patient(), 100)
     before = max(versions(keys_stub(server, admin_cert)))
@@ -213,6 +224,11 @@ def test_cli_rotate_rewrap_list_retire(
     assert _cli(server, admin_cert, "rewrap", "--batch", "7", "--quiet") == 0
     assert "0 left on older versions" in capsys.readouterr().out
     assert _cli(server, admin_cert, "retire-kek", str(before)) == 0
+    assert "stays on the token" in capsys.readouterr().out
+    assert before in token_kek_versions(softhsm_token, keys_token)
+    assert _cli(server, admin_cert, "retire-kek", str(before), "--destroy-key") == 0
+    assert "deleted from the token" in capsys.readouterr().out
+    assert before not in token_kek_versions(softhsm_token, keys_token)
     assert _cli(server, admin_cert, "keks") == 0
     table = capsys.readouterr().out
     assert f"v{before + 1}" in table

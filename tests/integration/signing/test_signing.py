@@ -9,7 +9,9 @@ import asyncio
 import hashlib
 import io
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -22,6 +24,7 @@ from pyhanko_certvalidator import ValidationContext
 from service._gen.medvault.v1 import audit_pb2 as aupb
 from service._gen.medvault.v1 import signing_pb2 as spb
 from service._gen.medvault.v1 import signing_pb2_grpc as spb_grpc
+from storage.signatures import record_signatures
 from storage.sql_metadata import records
 from tests.integration.access.helpers import (
     Client,
@@ -193,3 +196,35 @@ def test_tampered_content_fails_verification(stack: SigningStack, s3_server: obj
                    timeout=TIMEOUT)  # fmt: skip
     assert code == grpc.StatusCode.DATA_LOSS
     assert hashlib.sha256(CONTENT).digest()  # the content itself is never printed
+
+
+@pytest.mark.parametrize(
+    ("column", "forged"),
+    [
+        ("signer", "dr-rsa"),
+        ("certificate_subject", "CN=dr-rsa,O=medvault tests"),
+        ("algorithm", "rsa-pkcs1-sha256"),
+        ("signing_time", datetime(2020, 6, 1, tzinfo=UTC)),
+    ],
+)
+def test_edited_signature_column_is_data_loss(
+    stack: SigningStack, column: str, forged: Any
+) -> None:
+    """The columns shown beside a signature are bound to it: a database edit is DATA_LOSS."""
+    record_id = _record(stack, "dr-ec")
+    signature = _sign(stack, "dr-ec", record_id)
+    assert [r.valid for r in _verify(stack, "dr-ec", record_id)] == [True]
+    engine = engine_for(stack.database_url)
+    try:
+        with engine.begin() as c:
+            c.execute(
+                record_signatures.update()
+                .where(record_signatures.c.id == signature.id)
+                .values({column: forged})
+            )
+    finally:
+        engine.dispose()
+    stub = _stub(stack.clients["dr-ec"])
+    code = code_of(stub.VerifyRecord, spb.VerifyRecordRequest(record_id=record_id),
+                   timeout=TIMEOUT)  # fmt: skip
+    assert code == grpc.StatusCode.DATA_LOSS

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from pkcs11 import Attribute, ObjectClass
 from pkcs11 import exceptions as p11e
+from pkcs11.types import DecryptMixin
 
 from keystore import (
     KeyNotFoundError,
@@ -145,3 +148,47 @@ def test_rotation_keeps_old_blobs_readable(
         wrapper.unwrap(replace(old, kek_version=new_version), AD_A)
     # A wrapper created after the rotation starts on the newest KEK.
     assert Pkcs11KeyWrapper(keystore_pool).wrap(dek, AD_A).kek_version == new_version
+
+
+class _Flaky(DecryptMixin):
+    """A token key whose first decrypt fails with a generic token error."""
+
+    def __init__(self, key: DecryptMixin, error: type[p11e.PKCS11Error]) -> None:
+        self._key = key
+        self._error: type[p11e.PKCS11Error] | None = error
+
+    def decrypt(
+        self, data: bytes | Iterator[bytes], buffer_size: int = 8192, **kwargs: Any
+    ) -> bytes | Iterator[bytes]:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error()
+        return self._key.decrypt(data, buffer_size, **kwargs)
+
+
+@pytest.mark.parametrize("error", [p11e.GeneralError, p11e.FunctionFailed])
+def test_token_hiccup_is_retried_not_tampering(
+    wrapper: Pkcs11KeyWrapper,
+    keystore_pool: Pkcs11SessionPool,
+    monkeypatch: pytest.MonkeyPatch,
+    error: type[p11e.PKCS11Error],
+) -> None:
+    dek = os.urandom(32)
+    wrapped = wrapper.wrap(dek, AD_A)
+    real_find = keystore_pool.find_key
+    flaky: list[_Flaky] = []
+    sessions: list[object] = []
+
+    def find_key(session: Any, label: str, object_class: ObjectClass) -> Any:
+        sessions.append(session)
+        if not flaky:
+            key = real_find(session, label, object_class)
+            assert isinstance(key, DecryptMixin)
+            flaky.append(_Flaky(key, error))
+            return flaky[0]
+        return real_find(session, label, object_class)
+
+    monkeypatch.setattr(keystore_pool, "find_key", find_key)
+    assert wrapper.unwrap(wrapped, AD_A) == dek
+    assert len(sessions) == 2
+    assert sessions[0] is not sessions[1]  # the retry ran on another session

@@ -158,7 +158,7 @@ def test_decision_names_granting_roles(default_policy: Policy) -> None:
     decision = default_policy.check(caller, "/medvault.v1.RecordService/GetRecord")
     assert decision.allowed
     assert decision.patient_scoped
-    assert decision.granted_by == ("nurse", "physician")
+    assert decision.reason == "granted by role(s) nurse, physician"
 
 
 # --- mistakes in the file ------------------------------------------------------------

@@ -60,7 +60,9 @@ class RewrapProgress(_message.Message):
     def __init__(self, rewrapped: _Optional[int] = ..., remaining: _Optional[int] = ..., target_version: _Optional[int] = ...) -> None: ...
 
 class RetireKekRequest(_message.Message):
-    __slots__ = ("version",)
+    __slots__ = ("version", "destroy_key")
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    DESTROY_KEY_FIELD_NUMBER: _ClassVar[int]
     version: int
-    def __init__(self, version: _Optional[int] = ...) -> None: ...
+    destroy_key: bool
+    def __init__(self, version: _Optional[int] = ..., destroy_key: _Optional[bool] = ...) -> None: ...

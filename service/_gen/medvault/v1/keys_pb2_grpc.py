@@ -79,7 +79,8 @@ class KeyServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RetireKek(self, request, context):
-        """Refused (FAILED_PRECONDITION) while any wrapped key uses the version.
+        """Refused (FAILED_PRECONDITION) while any wrapped key uses the version, or while it is
+        the active one. Keeps the key on the token unless destroy_key is set.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,227 @@
+"""Backups inside the service: the use cases the BackupService and the scheduler share.
+
+``Backups`` binds the storage-layer functions (:mod:`storage.backup`) to one
+deployment's database, record bucket, backup target and backup signing key, so that a
+gRPC call and a scheduled run do exactly the same thing. It is built once, in the
+composition root (``service.bootstrap``), which chooses the concrete target.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from typing import TypeVar
+
+from sqlalchemy.engine import Engine
+
+from keystore import Pkcs11SessionPool
+from keystore.interfaces import Signer
+from keystore.signing import Pkcs11Signer
+from service.backup.scheduler import (
+    JobResult,
+    Schedule,
+    ScheduledJob,
+    Scheduler,
+    schedule_from,
+)
+from service.config import Config, read_secret
+from service.signing.validation import SignatureValidator, load_pem_certificates
+from storage.audit_model import AuditEntry
+from storage.backup.drill import DrillReport
+from storage.backup.manifest import SourceInfo
+from storage.backup.restore import s3_scratch
+from storage.backup.retention import BackupSummary, PruneResult, list_backups, prune
+from storage.backup.runner import BackupResult, ProgressCallback, run_backup, source_identity
+from storage.backup.runs import SqlRunLedger, elected
+from storage.backup.targets import BackupTarget
+from storage.backup.verify import VerifyReport, verify_backup
+from storage.interfaces import BlobStore
+from storage.s3_blobs import S3BlobStore, make_minio_client
+
+T = TypeVar("T")
+
+# (backup id, progress) -> the signed report; ``service.backup.drill`` builds one.
+DrillRunner = Callable[[str, ProgressCallback], DrillReport]
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    """Keep the newest backup of each of the last N days, weeks, months (``[backup]``)."""
+
+    keep_daily: int = 7
+    keep_weekly: int = 4
+    keep_monthly: int = 12
+    # Prune after each scheduled backup; off only for tests that count backups.
+    prune: bool = True
+
+
+class Backups:
+    """Run, list, verify and drill the backups of one deployment."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        blobs: BlobStore,
+        target: BackupTarget,
+        signer: Signer,
+        source: SourceInfo,
+        *,
+        retention: RetentionPolicy,
+        drill: DrillRunner | None = None,
+        workers: int = 4,
+    ) -> None:
+        self._engine = engine
+        self._blobs = blobs
+        self.target = target
+        self._signer = signer
+        self._source = source
+        self.retention = retention
+        self._drill = drill
+        self._workers = workers
+
+    def trusted_key(self) -> bytes:
+        """The token's backup public key: the key every manifest must be signed by."""
+        return self._signer.public_key_der()
+
+    def run(self, trigger: str, progress: ProgressCallback | None = None) -> BackupResult:
+        """Take one backup (``trigger`` "manual" or "scheduled")."""
+        return run_backup(
+            self._engine, self._blobs, self.target, self._signer, self._source,
+            trigger=trigger, progress=progress, workers=self._workers,
+        )  # fmt: skip
+
+    def list_backups(self) -> list[BackupSummary]:
+        """Every complete backup in the target, newest first."""
+        return list_backups(self.target)
+
+    def verify(
+        self, backup_id: str, read_data: bool, progress: ProgressCallback | None = None
+    ) -> VerifyReport:
+        """Check the signature and every object (and every byte with ``read_data``)."""
+        return verify_backup(
+            self.target, backup_id, trusted_public_key=self.trusted_key(),
+            read_data=read_data, progress=progress, workers=self._workers,
+        )  # fmt: skip
+
+    def drill(self, backup_id: str, progress: ProgressCallback) -> DrillReport:
+        """Restore into a scratch place and check every record (the drill's report)."""
+        if self._drill is None:
+            raise NotImplementedError("restore drills are not configured in this service")
+        return self._drill(backup_id, progress)
+
+    def prune(self, now: datetime | None = None) -> PruneResult:
+        """Apply the retention policy; never removes what a kept backup references."""
+        r = self.retention
+        return prune(self.target, r.keep_daily, r.keep_weekly, r.keep_monthly, now)
+
+    def scheduled_jobs(self, backup: Schedule | None, drill: Schedule | None) -> list[ScheduledJob]:
+        """The scheduler's jobs for the configured schedules (none when both are off)."""
+        jobs = []
+        if backup is not None:
+            jobs.append(ScheduledJob("backup", backup, self._scheduled_backup))
+        if drill is not None:
+            jobs.append(ScheduledJob("drill", drill, self._scheduled_drill))
+        return jobs
+
+    def _scheduled_backup(self, slot: datetime) -> JobResult:
+        result = self.run("scheduled")
+        c = result.counts
+        detail = (
+            f"{c['records']} records, {c['objects']} objects, {c['bytes']} bytes; "
+            f"copied {result.copied_objects} objects, {result.copied_bytes} bytes"
+        )
+        if self.retention.prune:
+            pruned = self.prune(datetime.now(UTC))
+            detail += (
+                f"; retention removed {len(pruned.removed)} backups, "
+                f"{pruned.objects_removed} objects"
+            )
+        return JobResult(result.backup_id, ok=True, detail=detail)
+
+    def _scheduled_drill(self, slot: datetime) -> JobResult:
+        newest = self.list_backups()
+        if not newest:
+            return JobResult("", ok=False, detail="no complete backup to drill")
+        backup_id = newest[0].id
+        report = self.drill(backup_id, lambda _p: None)
+        return JobResult(backup_id, ok=report.ok, detail=_drill_detail(report))
+
+
+def _drill_detail(report: DrillReport) -> str:
+    took = (
+        f"{report.records_verified} records, {report.bytes_verified} bytes in "
+        f"{report.recovery_seconds:.1f} s; report {report.key}"
+    )
+    if report.ok:
+        return f"drill passed: {took}"
+    first = "; ".join(f"{f.check}: {f.detail}" for f in report.failures[:3])
+    return f"drill FAILED ({len(report.failures)} failures: {first}): {took}"
+
+
+@dataclass(frozen=True, slots=True)
+class BackupWiring:
+    """What ``service.bootstrap`` keeps: the use cases and the (not yet started) scheduler."""
+
+    backups: Backups
+    scheduler: Scheduler
+
+
+def _key(config: Config, name: str, default: T) -> T:
+    """``[backup] name`` (the section is ``service.config.BackupConfig``)."""
+    value: T = getattr(getattr(config, "backup", None), name, default)
+    return value
+
+
+def build(
+    config: Config,
+    engine: Engine,
+    blobs: S3BlobStore,
+    pool: Pkcs11SessionPool,
+    audit: Callable[[AuditEntry], object],
+) -> BackupWiring:
+    """The backups of this deployment from ``[backup]``; called by ``service.bootstrap``.
+
+    The target is created if absent and the backup key looked up now, so a wrong
+    ``[backup]`` section or a token without ``medvault-backup-v1`` fails at start-up.
+    """
+    # Imported here: service.backup.drill imports this package (DrillRunner).
+    from service.backup.drill import drill_checks, drill_runner  # noqa: PLC0415
+    from service.cli.backup_cmd import make_target, settings  # noqa: PLC0415
+
+    chosen = settings(config, argparse.Namespace())
+    target = make_target(config, chosen)
+    signer = Pkcs11Signer(pool, chosen.signing_key_label)
+    validator = SignatureValidator(
+        load_pem_certificates(config.signing.trust_anchors) if config.signing.trust_anchors else []
+    )
+    checks = drill_checks(
+        pool, validator, audit_key_label=config.audit.signing_key_label,
+        backup_key_label=chosen.signing_key_label,
+    )  # fmt: skip
+    client = make_minio_client(
+        config.s3.endpoint, read_secret(config.s3.access_key_env, config.s3.access_key_file),
+        read_secret(config.s3.secret_key_env, config.s3.secret_key_file),
+        secure=config.s3.secure, ca_file=config.s3.ca_file or None,
+    )  # fmt: skip
+    scratch = s3_scratch(client, _key(config, "drill_database", "") or None)
+    backups = Backups(
+        engine, blobs, target, signer,
+        source_identity(engine, blobs.bucket, config.s3.endpoint),
+        retention=RetentionPolicy(
+            chosen.keep_daily, chosen.keep_weekly, chosen.keep_monthly,
+            prune=_key(config, "prune_after_backup", True),
+        ),
+        drill=drill_runner(target, scratch, checks),
+        workers=_key(config, "workers", 4),
+    )  # fmt: skip
+    jobs = backups.scheduled_jobs(
+        schedule_from(_key(config, "schedule", ""), _key(config, "schedule_seconds", 0)),
+        schedule_from(
+            _key(config, "drill_schedule", ""), _key(config, "drill_schedule_seconds", 0)
+        ),
+    )
+    scheduler = Scheduler(jobs, SqlRunLedger(engine), partial(elected, engine), audit)
+    return BackupWiring(backups, scheduler)

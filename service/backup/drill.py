@@ -1,0 +1,97 @@
+"""Restore drills in the service layer: the checks wired from the configuration, the audit.
+
+``storage.backup.drill`` does the restore and every check, but signature validation
+(pyHanko, the configured trust anchors) and the audit checkpoint key belong to
+``service``, which ``storage`` must not import. This module builds those checks, runs the
+drill and writes its audit event (action ``backup.drill``) when a trail is given: the
+servicer passes the guard's trail, the CLI the one of ``service.bootstrap``'s
+components. The scheduler audits its runs itself, so it passes none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from keystore import Pkcs11KeyWrapper, Pkcs11SessionPool
+from keystore.signing import Pkcs11Signer
+from service.audit.checkpoints import signature_checker
+from service.backup import DrillRunner
+from service.signing.validation import SignatureValidator
+from storage.audit_model import AuditEntry
+from storage.backup.drill import DrillChecks, DrillReport, DrillRequest, SignatureCheck, run_drill
+from storage.backup.restore import Scratch
+from storage.backup.runner import ProgressCallback
+from storage.backup.targets import BackupTarget
+
+ACTION = "backup.drill"
+Audit = Callable[[AuditEntry], object]
+
+
+def signature_check(validator: SignatureValidator) -> SignatureCheck:
+    """The drill's signature check: the same validation ``VerifyRecord`` applies."""
+
+    def check(p7s: bytes, content_sha256: bytes, signing_time: datetime) -> tuple[bool, str]:
+        verdict = validator.validate(p7s, content_sha256, signing_time)
+        return verdict.valid, verdict.reason
+
+    return check
+
+
+def drill_checks(
+    pool: Pkcs11SessionPool,
+    validator: SignatureValidator,
+    *,
+    audit_key_label: str,
+    backup_key_label: str,
+) -> DrillChecks:
+    """Checks over the live token: its KEKs unwrap, its audit key pins the checkpoints,
+    its backup key must have signed the manifest and signs the report."""
+    audit_key = Pkcs11Signer(pool, audit_key_label).public_key_der()
+    return DrillChecks(
+        keys=Pkcs11KeyWrapper(pool),
+        token_label=pool.config.token_label,
+        backup_signer=Pkcs11Signer(pool, backup_key_label),
+        verify_signature=signature_check(validator),
+        verify_checkpoint=signature_checker(audit_key),
+    )
+
+
+def audited_drill(
+    request: DrillRequest,
+    checks: DrillChecks,
+    *,
+    audit: Audit | None,
+    principal: str,
+    role: str = "",
+    source: str = "",
+) -> DrillReport:
+    """Run the drill, then commit its audit event (when ``audit`` is given)."""
+    report = run_drill(request, checks)
+    if audit is not None:
+        audit(drill_event(report, principal=principal, role=role, source=source))
+    return report
+
+
+def drill_event(
+    report: DrillReport, *, principal: str, role: str = "", source: str = ""
+) -> AuditEntry:
+    """The audit event of one drill: outcome, counts, the report's key (no patient data)."""
+    reason = (
+        f"{report.records_verified} records, {report.bytes_verified} bytes verified in "
+        f"{report.recovery_seconds:.1f} s; {len(report.failures)} failures; report {report.key}"
+    )
+    return AuditEntry(
+        time=datetime.now(UTC), principal=principal, role=role, action=ACTION,
+        resource=f"backup/{report.backup_id}", outcome="allowed" if report.ok else "failed",
+        status="passed" if report.ok else "failed", reason=reason[:1000], source=source,
+    )  # fmt: skip
+
+
+def drill_runner(target: BackupTarget, scratch: Scratch, checks: DrillChecks) -> DrillRunner:
+    """What ``service.backup.Backups`` calls (servicer and scheduler audit it themselves)."""
+
+    def run(backup_id: str, progress: ProgressCallback) -> DrillReport:
+        return run_drill(DrillRequest(target, backup_id, scratch, progress), checks)
+
+    return run

@@ -1,0 +1,422 @@
+"""Restore a backup into a deployment: objects back under their keys, then the database.
+
+Every step that can refuse does so before anything is written:
+
+1. the manifest and its signature (:func:`storage.backup.manifest.signature_problem`,
+   against the trusted backup key);
+2. the snapshot, downloaded once into a spooled temporary file while its SHA-256 and size
+   are compared with the manifest;
+3. the master keys: every KEK version a snapshot row references must be on the token,
+   or nothing can be decrypted afterwards (the missing versions are named);
+4. the target: its database must hold no data and its bucket no object, unless
+   ``force`` (then the medvault tables are emptied; other objects are left alone);
+5. every object streamed from ``objects/<sha256>`` back to its original ``object_key``,
+   its size and SHA-256 recomputed on the way (a mismatch aborts that object's upload);
+6. the snapshot loaded (:func:`storage.backup.snapshot.load`), then the row count of
+   every table and the objects compared with the manifest.
+
+Nothing here decrypts: a restore moves ciphertext and wrapped keys exactly as backed
+up. The restore drill (:mod:`storage.backup.drill`) then proves the result readable, in
+a scratch place made here (:func:`s3_scratch`: a random bucket and a temporary SQLite
+file or a new PostgreSQL database, both removed afterwards).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Protocol
+
+import sqlalchemy as sa
+from minio import Minio
+from sqlalchemy.engine import Engine
+
+from storage.backup import BackupError, BackupNotFoundError, snapshot
+from storage.backup.manifest import (
+    Manifest,
+    ManifestObject,
+    manifest_key,
+    signature_key,
+    signature_problem,
+)
+from storage.backup.runner import BackupProgress, ProgressCallback
+from storage.backup.targets import BackupTarget, read_all
+from storage.errors import IntegrityError, RecordNotFoundError, StorageError
+from storage.interfaces import BlobStore
+from storage.records import OBJECT_PREFIX
+from storage.s3_blobs import S3BlobStore
+from storage.sql_metadata import make_engine, records, translated, upgrade
+
+_SPOOL_IN_MEMORY = 8 << 20  # snapshots up to this size never touch the disk
+log = logging.getLogger(__name__)
+
+
+class RestoreError(BackupError):
+    """A restore was refused or failed; the message names what and why."""
+
+
+class TargetNotEmptyError(RestoreError):
+    """The deployment restored into already holds data (use ``force`` to overwrite)."""
+
+
+class MissingKekError(RestoreError):
+    """The token lacks KEK versions the backup's wrapped keys need; nothing was copied."""
+
+    def __init__(self, missing: list[int], token: str) -> None:
+        names = ", ".join(f"v{v}" for v in missing)
+        super().__init__(
+            f"the token {token} lacks master key version(s) {names} that the backup's records "
+            "are wrapped with; restore the token from its own backup first (docs/operations.md)"
+        )
+        self.missing = missing
+
+
+class BackupCorruptError(RestoreError, IntegrityError):
+    """Objects or the snapshot in the target differ from the manifest; each is named."""
+
+
+class KekInventory(Protocol):
+    """The KEK versions on the token (``Pkcs11KeyWrapper`` offers this)."""
+
+    def versions(self) -> list[int]:
+        """All KEK versions on the token, oldest first."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    """What a restore writes into: a migrated database and the record bucket."""
+
+    engine: Engine
+    blobs: BlobStore
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreFailure:
+    """One named problem: which check, which object or record, and what (no content)."""
+
+    check: str
+    detail: str
+    object_key: str = ""
+    record_id: str = ""
+    version: int | None = None
+
+
+@dataclass
+class RestoreResult:
+    """What was restored, and every problem met on the way."""
+
+    manifest: Manifest
+    objects: int = 0
+    bytes: int = 0
+    tables: dict[str, int] = field(default_factory=dict)
+    failures: list[RestoreFailure] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing failed."""
+        return not self.failures
+
+
+def read_manifest(target: BackupTarget, backup_id: str, trusted_public_key: bytes) -> Manifest:
+    """The manifest of a complete backup, after its signature verified under the trusted key."""
+    manifest_file = _read_small(target, manifest_key(backup_id))
+    signature_file = _read_small(target, signature_key(backup_id))
+    if manifest_file is None or signature_file is None:
+        raise BackupNotFoundError(f"no complete backup {backup_id} in the target")
+    problem = signature_problem(manifest_file, signature_file, trusted_public_key)
+    if problem is not None:
+        raise BackupCorruptError(f"backup {backup_id}: {problem}")
+    manifest = Manifest.from_bytes(manifest_file)
+    if manifest.id != backup_id:
+        raise BackupCorruptError(f"backup {backup_id}: the manifest names another id")
+    return manifest
+
+
+def _read_small(target: BackupTarget, key: str) -> bytes | None:
+    if target.stat(key) is None:
+        return None
+    return read_all(target, key)
+
+
+def restore(
+    target: BackupTarget,
+    backup_id: str,
+    into: Deployment,
+    *,
+    keks: KekInventory,
+    token_label: str,
+    trusted_public_key: bytes,
+    force: bool = False,
+    strict: bool = True,
+    progress: ProgressCallback | None = None,
+) -> RestoreResult:
+    """Restore backup ``backup_id`` into ``into`` (see the module docstring).
+
+    ``strict`` (a real restore) raises ``BackupCorruptError`` naming every bad object
+    before the snapshot is loaded; otherwise (the drill) the good objects are restored,
+    the snapshot loaded, and the bad ones listed in ``failures``.
+    """
+    report = progress or _no_progress
+    manifest = read_manifest(target, backup_id, trusted_public_key)
+    with _spooled_snapshot(target, manifest) as spool:
+        _check_keks(spool, keks, token_label)
+        _check_empty(into, force)
+        result = RestoreResult(manifest)
+        _copy_objects(target, manifest, into.blobs, result, report)
+        if strict and result.failures:
+            raise BackupCorruptError(
+                f"backup {backup_id}: "
+                + "; ".join(f"{f.object_key}: {f.detail}" for f in result.failures)
+            )
+        report(BackupProgress("snapshot", 0, 1, 0))
+        spool.seek(0)
+        snapshot.load(into.engine, _chunks(spool))
+        report(BackupProgress("snapshot", 1, 1, manifest.snapshot.size))
+    result.tables = table_counts(into.engine, list(manifest.snapshot.tables))
+    result.failures.extend(compare_tables(manifest, result.tables))
+    if strict and result.failures:
+        raise RestoreError(
+            f"backup {backup_id} restored, but: " + "; ".join(f.detail for f in result.failures)
+        )
+    return result
+
+
+def _no_progress(_: BackupProgress) -> None:
+    """No progress display."""
+
+
+@contextmanager
+def _spooled_snapshot(target: BackupTarget, manifest: Manifest) -> Iterator[IO[bytes]]:
+    """Download the snapshot once, checking its size and SHA-256 against the manifest."""
+    info = manifest.snapshot
+    with tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as spool:
+        digest, size = hashlib.sha256(), 0
+        try:
+            for chunk in target.read(info.key):
+                digest.update(chunk)
+                size += len(chunk)
+                spool.write(chunk)
+        except RecordNotFoundError as e:
+            raise BackupCorruptError(f"backup {manifest.id}: snapshot {info.key} is missing") from e
+        if size != info.size or not secrets.compare_digest(digest.hexdigest(), info.sha256):
+            raise BackupCorruptError(
+                f"backup {manifest.id}: snapshot {info.key} differs from the manifest "
+                "(size or SHA-256)"
+            )
+        spool.seek(0)
+        yield spool
+
+
+def _chunks(file: IO[bytes], size: int = 1 << 20) -> Iterator[bytes]:
+    while chunk := file.read(size):
+        yield chunk
+
+
+def _check_keks(spool: IO[bytes], keks: KekInventory, token_label: str) -> None:
+    """Every KEK version the records' wrapped keys name must be on the token."""
+    # The snapshot's own reader (one pass over the spooled file, rows not kept).
+    needed = {
+        int(row["kek_version"])
+        for table, row in snapshot._decoded_lines(_chunks(spool))
+        if table == "records"
+    }
+    spool.seek(0)
+    missing = sorted(needed - set(keks.versions()))
+    if missing:
+        raise MissingKekError(missing, token_label)
+
+
+# Tables whose rows are a deployment's data: any row there and the target is not empty.
+# (``kek_versions`` and ``audit_head`` are filled by a fresh service start and migration.)
+_DATA_TABLES = ("records", "record_signatures", "access_grants", "audit_events")
+
+
+def _check_empty(into: Deployment, force: bool) -> None:
+    """Refuse a deployment with data (any row or any object) unless ``force``."""
+    populated = [name for name, n in table_counts(into.engine, list(_DATA_TABLES)).items() if n]
+    has_objects = next(iter(into.blobs.list()), None) is not None
+    if force:
+        _clear(into.engine)
+        return
+    if populated or has_objects:
+        where = [f"database tables {', '.join(populated)}"] if populated else []
+        where += ["the bucket"] if has_objects else []
+        raise TargetNotEmptyError(
+            f"the deployment restored into is not empty ({' and '.join(where)} hold data); "
+            "restore only into a new deployment, or pass --force to overwrite it"
+        )
+
+
+def _clear(engine: Engine) -> None:
+    """Delete every row of the medvault tables, children first (``force`` only)."""
+    with translated(engine), engine.begin() as connection:
+        for table in reversed(snapshot.tables()):
+            connection.execute(table.delete())
+
+
+def _copy_objects(
+    target: BackupTarget,
+    manifest: Manifest,
+    blobs: BlobStore,
+    result: RestoreResult,
+    report: ProgressCallback,
+) -> None:
+    """Stream every object back under its original key; name each that fails its digest."""
+    total = len(manifest.objects)
+    report(BackupProgress("objects", 0, total, 0))
+    for done, obj in enumerate(manifest.objects, 1):
+        if not obj.object_key.startswith(OBJECT_PREFIX):
+            result.failures.append(
+                RestoreFailure("object", "not a record object key", obj.object_key)
+            )
+            continue
+        try:
+            written = blobs.put(obj.object_key, _verified(target.read(obj.target_key), obj))
+        except _ObjectMismatchError as e:
+            result.failures.append(RestoreFailure("object", str(e), obj.object_key))
+        except RecordNotFoundError:
+            result.failures.append(
+                RestoreFailure(
+                    "object", f"missing from the backup ({obj.target_key})", obj.object_key
+                )
+            )
+        else:
+            result.objects += 1
+            result.bytes += written
+        report(BackupProgress("objects", done, total, result.bytes))
+
+
+class _ObjectMismatchError(StorageError):
+    """An object's bytes in the target differ from the manifest (raised mid-stream)."""
+
+
+def _verified(chunks: Iterable[bytes], obj: ManifestObject) -> Iterator[bytes]:
+    """Pass ``chunks`` through, raising at the end if size or SHA-256 differ.
+
+    The raise happens when the uploader asks for more after the last chunk, before it
+    completes the upload, so a corrupt object never appears under its key.
+    """
+    digest, size = hashlib.sha256(), 0
+    for chunk in chunks:
+        digest.update(chunk)
+        size += len(chunk)
+        if size > obj.size:
+            raise _ObjectMismatchError(f"larger than the manifest's {obj.size} bytes")
+        yield chunk
+    if size != obj.size:
+        raise _ObjectMismatchError(f"{size} bytes, the manifest says {obj.size}")
+    if not secrets.compare_digest(digest.hexdigest(), obj.sha256):
+        raise _ObjectMismatchError(f"SHA-256 differs from the manifest ({obj.target_key})")
+
+
+def table_counts(engine: Engine, tables: list[str]) -> dict[str, int]:
+    """Row count of each named table (tables of the medvault schema only)."""
+    counts: dict[str, int] = {}
+    with translated(engine), engine.connect() as connection:
+        for name in tables:
+            table = sa.table(name)  # names come from the schema list, never from input
+            counts[name] = int(
+                connection.scalar(sa.select(sa.func.count()).select_from(table)) or 0
+            )
+    return counts
+
+
+def compare_tables(manifest: Manifest, restored: dict[str, int]) -> list[RestoreFailure]:
+    """Every table whose restored row count differs from the manifest's."""
+    return [
+        RestoreFailure("count", f"table {name}: {restored.get(name, 0)} rows, manifest {n}")
+        for name, n in sorted(manifest.snapshot.tables.items())
+        if restored.get(name, 0) != n
+    ]
+
+
+def record_count(engine: Engine) -> int:
+    """Rows of ``records`` (every version)."""
+    with translated(engine), engine.connect() as connection:
+        return int(connection.scalar(sa.select(sa.func.count()).select_from(records)) or 0)
+
+
+# -- scratch places ------------------------------------------------------------------
+
+
+@contextmanager
+def scratch_database(postgres_url: str | None = None) -> Iterator[Engine]:
+    """A migrated, empty scratch database, dropped afterwards.
+
+    Default: a SQLite file in a temporary directory. With ``postgres_url`` (any database
+    on the server, used to connect): a new database ``medvault_drill_<random>`` there.
+    """
+    if not postgres_url:
+        with tempfile.TemporaryDirectory(prefix="medvault-drill-") as directory:
+            engine = make_engine(f"sqlite:///{Path(directory) / 'scratch.db'}")
+            try:
+                upgrade(engine)
+                yield engine
+            finally:
+                engine.dispose()
+        return
+    name = f"medvault_drill_{secrets.token_hex(6)}"
+    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT", hide_parameters=True)
+    try:
+        with translated(admin), admin.connect() as connection:
+            connection.execute(sa.text(f'CREATE DATABASE "{name}"'))  # random hex: no injection
+        engine = make_engine(
+            sa.make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+        )
+        try:
+            upgrade(engine)
+            yield engine
+        finally:
+            engine.dispose()
+            _drop_database(admin, name)
+    finally:
+        admin.dispose()
+
+
+def _drop_database(admin: Engine, name: str) -> None:
+    try:
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    except sa.exc.SQLAlchemyError:  # the drill's result stands; the operator drops it
+        log.exception("scratch database not dropped", extra={"database": name})
+
+
+@contextmanager
+def scratch_bucket(client: Minio) -> Iterator[S3BlobStore]:
+    """A new bucket with a random name on ``client``'s S3, emptied and removed afterwards."""
+    blobs = S3BlobStore(client, f"medvault-drill-{secrets.token_hex(6)}")
+    blobs.ensure_bucket()
+    try:
+        yield blobs
+    finally:
+        _remove_bucket(client, blobs)
+
+
+def _remove_bucket(client: Minio, blobs: S3BlobStore) -> None:
+    try:
+        for info in list(blobs.list()):
+            blobs.delete(info.key)
+        client.remove_bucket(blobs.bucket)
+    except Exception:  # the drill's result stands; the operator removes the leftover
+        log.exception("scratch bucket not removed", extra={"bucket": blobs.bucket})
+
+
+Scratch = Callable[[], AbstractContextManager[Deployment]]
+
+
+def s3_scratch(client: Minio, postgres_url: str | None = None) -> Scratch:
+    """Scratch deployments: a random bucket on ``client``'s S3 and a scratch database."""
+
+    @contextmanager
+    def make() -> Iterator[Deployment]:
+        with scratch_bucket(client) as blobs, scratch_database(postgres_url) as engine:
+            yield Deployment(engine=engine, blobs=blobs)
+
+    return make

@@ -1,0 +1,103 @@
+"""Fixtures of the backup tests: a fresh source deployment and a fresh target per test."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from keystore import Pkcs11SessionPool
+from storage.backup.targets import S3Target
+from storage.s3_blobs import MIB, S3BlobStore
+from storage.sql_metadata import make_engine, upgrade
+from tests.fixtures.databases import PG_ADMIN_URL
+from tests.integration.backup.helpers import Source
+
+
+def _fresh_url(kind: str, tmp_path: Path, admin: Any) -> Iterator[str]:
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path / f'meta-{secrets.token_hex(4)}.db'}"
+        return
+    name = f"medvault_bk_{secrets.token_hex(6)}"
+    with admin.connect() as c:
+        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as c:
+            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The database backend of a test that runs on both."""
+    return str(request.param)
+
+
+@pytest.fixture
+def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """``fresh_url(kind)``: a new, empty database URL (dropped after the test)."""
+    opened: list[Iterator[str]] = []
+
+    def make(kind: str) -> str:
+        admin = request.getfixturevalue("postgres_admin") if kind == "postgresql" else None
+        gen = _fresh_url(kind, tmp_path, admin)
+        opened.append(gen)
+        return next(gen)
+
+    yield make
+    for gen in opened:
+        next(gen, None)
+
+
+def _bucket(s3_server: Any) -> S3BlobStore:
+    store = S3BlobStore(s3_server.client(), f"bk-{secrets.token_hex(8)}", part_size=5 * MIB)
+    store.ensure_bucket()
+    return store
+
+
+@pytest.fixture
+def make_source(
+    fresh_url: Any, s3_server: Any, keystore_pool: Pkcs11SessionPool
+) -> Iterator[Any]:
+    """``make_source(kind)``: an empty migrated database and bucket on that backend."""
+    engines = []
+
+    def make(kind: str) -> Source:
+        engine = make_engine(fresh_url(kind))
+        upgrade(engine)
+        engines.append(engine)
+        return Source(engine, _bucket(s3_server), keystore_pool, s3_server.endpoint)
+
+    yield make
+    for engine in engines:
+        engine.dispose()
+
+
+@pytest.fixture
+def source(make_source: Any, backend: str) -> Source:
+    """A source deployment on ``backend`` with 5 records and a row in every table."""
+    src: Source = make_source(backend)
+    src.add_records(5)
+    src.add_other_rows()
+    return src
+
+
+@pytest.fixture
+def s3_target(s3_server: Any) -> S3Target:
+    """A fresh target bucket on the session's SeaweedFS (no Object Lock)."""
+    target = S3Target(s3_server.client(), f"bkt-{secrets.token_hex(8)}", part_size=5 * MIB)
+    target.ensure_bucket()
+    return target
+
+
+@pytest.fixture
+def trusted_key(keystore_pool: Pkcs11SessionPool) -> bytes:
+    """The token's backup public key (DER SPKI)."""
+    from keystore.signing import Pkcs11Signer  # noqa: PLC0415
+
+    return Pkcs11Signer(keystore_pool, "medvault-backup-v1").public_key_der()

@@ -1,0 +1,125 @@
+"""Helpers of the backup tests: synthetic records, a target per test, the CLI in a subprocess.
+
+Records are written with ``RecordStore`` (the service's own write path: token-wrapped
+keys, encrypted objects, metadata rows). Every identifier is synthetic and random.
+"""
+
+from __future__ import annotations
+
+import secrets
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from keystore import Pkcs11BlindIndexer, Pkcs11KeyWrapper, Pkcs11SessionPool
+from keystore.signing import Pkcs11Signer
+from storage.audit_log import SqlAuditLog
+from storage.audit_model import AuditEntry
+from storage.backup.manifest import SourceInfo
+from storage.backup.runner import BackupResult, run_backup, source_identity
+from storage.backup.targets import BackupTarget
+from storage.grants import access_grants
+from storage.model import NewRecord, PatientRef, RecordKind
+from storage.records import RecordStore
+from storage.s3_blobs import S3BlobStore
+from storage.signatures import record_signatures
+
+ROOT = Path(__file__).resolve().parents[3]
+BACKUP_KEY = "medvault-backup-v1"
+AUTHORITY = "urn:oid:2.999.42.7"
+
+
+@dataclass
+class Source:
+    """A deployment to back up: database, bucket, token; records written so far."""
+
+    engine: Engine
+    blobs: S3BlobStore
+    pool: Pkcs11SessionPool
+    endpoint: str
+    marker: str = field(default_factory=lambda: f"BKMARK{secrets.token_hex(8)}")
+    patient: str = field(default_factory=lambda: f"SYNTH{secrets.token_hex(8)}")
+    object_keys: list[str] = field(default_factory=list)
+
+    def store(self) -> RecordStore:
+        return RecordStore(self.blobs, _metadata(self.engine), Pkcs11KeyWrapper(self.pool),
+                           Pkcs11BlindIndexer(self.pool))
+
+    def add_records(self, count: int, size: int = 2000) -> list[str]:
+        """``count`` synthetic HL7 records carrying the patient id and the marker."""
+        store = self.store()
+        ids = []
+        for n in range(count):
+            body = (f"MSH|^~\\&|TEST|TEST|||20260101||ORU^R01|{n}|P|2.5\r"
+                    f"PID|1||{self.patient}^^^{AUTHORITY}||DOE^SYNTH\rNTE|1||{self.marker}\r")
+            content = (body * (size // len(body) + 1)).encode()[:size]
+            info = store.put(
+                NewRecord(PatientRef(self.patient, AUTHORITY), RecordKind.HL7V2,
+                          "x-application/hl7-v2+er7", title=f"note {n} {self.marker}"),
+                [content], "test-app",
+            )
+            ids.append(info.id)
+        return ids
+
+    def add_other_rows(self) -> None:
+        """An audit event, a grant and a signature row, so every table has data."""
+        now = datetime.now(UTC)
+        SqlAuditLog(self.engine).append([AuditEntry(
+            time=now, principal="test-app", action="records.write", resource="record/x",
+            outcome="allowed", patient_index=bytes(32), reason="",
+        )])
+        with self.engine.begin() as c:
+            c.execute(access_grants.insert().values(
+                id=secrets.token_hex(16), patient_index=bytes(32), principal="dr-synth",
+                granted_by="admin", created_at=now, expires_at=now, break_glass=True,
+                reason="synthetic emergency"))
+            row = c.execute(sa.text("SELECT id, version FROM records LIMIT 1")).first()
+            assert row is not None
+            c.execute(record_signatures.insert().values(
+                id=secrets.token_hex(16), record_id=row[0], version=row[1], signer="signer",
+                certificate_subject="CN=synthetic", algorithm="ecdsa-sha256",
+                signing_time=now, created_at=now, sealed_p7s=secrets.token_bytes(64)))
+
+    def identity(self) -> SourceInfo:
+        return source_identity(self.engine, self.blobs.bucket, self.endpoint)
+
+    def signer(self) -> Pkcs11Signer:
+        return Pkcs11Signer(self.pool, BACKUP_KEY)
+
+    def backup(self, target: BackupTarget, **kwargs: object) -> BackupResult:
+        return run_backup(self.engine, self.blobs, target, self.signer(), self.identity(),
+                          **kwargs)  # type: ignore[arg-type]
+
+
+def _metadata(engine: Engine):  # type: ignore[no-untyped-def]
+    from storage.sql_metadata import SqlMetadataStore  # noqa: PLC0415
+
+    return SqlMetadataStore(engine)
+
+
+def run_cli(config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``medvault backup ARGS`` (through the module until main.py registers it)."""
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli.backup_cmd", *args, "--config", str(config)],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
+    )
+
+
+def table_rows(engine: Engine, table: sa.Table) -> list[dict[str, object]]:
+    """Every row of ``table``, ordered by primary key, times in UTC."""
+    with engine.connect() as c:
+        rows = c.execute(sa.select(table).order_by(*table.primary_key.columns)).mappings()
+        return [{k: _norm(v) for k, v in r.items()} for r in rows]
+
+
+def _norm(value: object) -> object:
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC)
+    if isinstance(value, memoryview):
+        return bytes(value)
+    return value

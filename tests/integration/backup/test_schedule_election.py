@@ -1,0 +1,139 @@
+"""Election and the slot ledger: replicas racing for the same slots run each one once.
+
+Four scheduler processes share one database (PostgreSQL, or one SQLite file on this
+machine) and a one-second interval schedule. Each job appends its slot to a shared
+file (O_APPEND: one write per line), so a slot run twice shows up twice. The service
+level test (``test_schedule_replicas``) does the same with real backups.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from service.backup.scheduler import IntervalSchedule, JobResult, ScheduledJob, Scheduler
+from storage.audit_model import AuditEntry
+from storage.backup.runs import SqlRunLedger, backup_runs, elected
+from storage.sql_metadata import make_engine, upgrade
+from tests.integration.access.conftest import new_database
+
+pytestmark = pytest.mark.integration
+REPLICAS = 4
+RUN_SECONDS = 7.0
+
+
+@pytest.fixture
+def shared_database(
+    request: pytest.FixtureRequest, database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    for url in new_database(request, database_url, tmp_path_factory):
+        engine = make_engine(url)
+        upgrade(engine)
+        engine.dispose()
+        yield url
+
+
+def _replica(url: str, log_path: str, name: str, seconds: float) -> None:
+    """One replica: a scheduler whose job records its slot, for ``seconds``."""
+    engine = make_engine(url)
+    audited: list[AuditEntry] = []
+
+    def job(slot: datetime) -> JobResult:
+        line = f"{slot.isoformat()} {name}\n".encode()
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+        time.sleep(0.3)  # long enough that the others look while the lock is held
+        return JobResult(backup_id="", ok=True, detail=name)
+
+    scheduler = Scheduler(
+        [ScheduledJob("backup", IntervalSchedule(1), job)],
+        SqlRunLedger(engine),
+        partial(elected, engine),
+        audited.append,
+        replica=name,
+    )
+    scheduler.start()
+    time.sleep(seconds)
+    scheduler.stop()
+    engine.dispose()
+
+
+def _rows(engine: Engine) -> list[sa.Row[tuple[datetime, str, str]]]:
+    with engine.connect() as connection:
+        query = sa.select(backup_runs.c.slot, backup_runs.c.replica, backup_runs.c.outcome)
+        return list(connection.execute(query).all())
+
+
+def test_each_slot_runs_once_across_replicas(shared_database: str, tmp_path: Path) -> None:
+    log_path = tmp_path / "runs.log"
+    spawn = multiprocessing.get_context("spawn")
+    processes = [
+        spawn.Process(target=_replica, args=(shared_database, str(log_path), f"r{i}", RUN_SECONDS))
+        for i in range(REPLICAS)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(RUN_SECONDS + 60)
+        assert process.exitcode == 0
+
+    lines = log_path.read_text().splitlines()
+    slots = Counter(line.split()[0] for line in lines)
+    twice = [slot for slot, n in slots.items() if n > 1]
+    assert not twice, f"slots run more than once: {twice}"
+    engine = make_engine(shared_database)
+    try:
+        rows = _rows(engine)
+    finally:
+        engine.dispose()
+    assert len(rows) == len(lines), "every run has its ledger row and every row its run"
+    assert all(row.outcome == "ok" for row in rows)
+    # Process start-up takes a few seconds; most of the window still has slots.
+    assert len(rows) >= 3, f"only {len(rows)} slots ran in {RUN_SECONDS} s"
+
+
+def test_ledger_refuses_a_second_claim(shared_database: str) -> None:
+    engine = make_engine(shared_database)
+    try:
+        ledger = SqlRunLedger(engine)
+        slot, now = datetime(2026, 1, 1, 2, tzinfo=UTC), datetime.now(UTC)
+        assert ledger.claim(slot, "backup", "a", now)
+        assert not ledger.claim(slot, "backup", "b", now)
+        assert ledger.claim(slot, "drill", "b", now), "kinds have separate slots"
+        ledger.finish(slot, "backup", now, outcome="failed", backup_id=None, detail="boom")
+        runs = {run.kind: run for run in ledger.list()}
+        assert runs["backup"].outcome == "failed"
+        assert runs["backup"].replica == "a"
+        assert runs["backup"].slot == slot
+        assert runs["drill"].outcome == "running"
+    finally:
+        engine.dispose()
+
+
+def test_election_is_exclusive_while_held(shared_database: str) -> None:
+    first, second = make_engine(shared_database), make_engine(shared_database)
+    try:
+        with elected(first, "backup") as won:
+            assert won
+            with elected(second, "backup") as also:
+                assert not also, "a second holder while the first runs"
+            with elected(second, "drill") as drill:
+                assert drill, "a drill does not wait for a backup"
+        with elected(second, "backup") as again:
+            assert again, "released at the end of the block"
+    finally:
+        first.dispose()
+        second.dispose()
