@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 MAX_BATCH: Final = 512
 # Longest wait for stragglers before a commit under concurrent load.
-LINGER_SECONDS: Final = 0.0005
+LINGER_SECONDS: Final = 0.002
 # A caller waits at most this long for its event to commit, then the call is refused.
 RECORD_TIMEOUT_SECONDS: Final = 30.0
 
