@@ -40,6 +40,7 @@ from service.config import Config, ConfigError
 from service.keys_servicer import KeyServicer
 from service.records_servicer import RecordServicer
 from service.signing_servicer import SigningServicer
+from storage.backup.runs import elected
 from storage.sweeper import sweep_orphans
 
 log = logging.getLogger(__name__)
@@ -116,10 +117,13 @@ async def create_server(config: Config, components: Components) -> tuple[aio.Ser
 
 
 def _sweep_forever(components: Components, grace: timedelta, stop: threading.Event) -> None:
+    """Sweep orphans periodically on one elected replica (DESIGN: scheduled work)."""
     interval = max(60.0, grace.total_seconds() / 4)
     while not stop.wait(interval):
         try:
-            sweep_orphans(components.blobs, components.metadata, grace)
+            with elected(components.engine, "sweep") as won:
+                if won:  # another replica holds the lock: it sweeps this round
+                    sweep_orphans(components.blobs, components.metadata, grace)
         except Exception:  # a failed sweep is retried next round; the service stays up
             log.exception("orphan sweep failed")
 

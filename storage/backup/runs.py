@@ -35,7 +35,7 @@ from sqlalchemy.engine import Engine
 from storage.errors import BackendUnavailableError, StorageError
 from storage.sql_metadata import from_db_time, metadata, to_utc
 
-RunKind = Literal["backup", "drill"]
+RunKind = Literal["backup", "drill", "sweep"]  # sweep: the orphan sweeper (lock only)
 RunOutcome = Literal["running", "ok", "failed"]
 MAX_DETAIL = 1000
 
