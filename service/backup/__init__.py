@@ -169,12 +169,6 @@ class BackupWiring:
     scheduler: Scheduler
 
 
-def _key(config: Config, name: str, default: T) -> T:
-    """``[backup] name`` (the section is ``service.config.BackupConfig``)."""
-    value: T = getattr(getattr(config, "backup", None), name, default)
-    return value
-
-
 def build(
     config: Config,
     engine: Engine,
@@ -206,21 +200,21 @@ def build(
         read_secret(config.s3.secret_key_env, config.s3.secret_key_file),
         secure=config.s3.secure, ca_file=config.s3.ca_file or None,
     )  # fmt: skip
-    scratch = s3_scratch(client, _key(config, "drill_database", "") or None)
+    scratch = s3_scratch(client, config.backup.drill_database or None)
     backups = Backups(
         engine, blobs, target, signer,
         source_identity(engine, blobs.bucket, config.s3.endpoint),
         retention=RetentionPolicy(
             chosen.keep_daily, chosen.keep_weekly, chosen.keep_monthly,
-            prune=_key(config, "prune_after_backup", True),
+            prune=config.backup.prune_after_backup,
         ),
         drill=drill_runner(target, scratch, checks),
-        workers=_key(config, "workers", 4),
+        workers=config.backup.workers,
     )  # fmt: skip
     jobs = backups.scheduled_jobs(
-        schedule_from(_key(config, "schedule", ""), _key(config, "schedule_seconds", 0)),
+        schedule_from(config.backup.schedule, config.backup.schedule_seconds),
         schedule_from(
-            _key(config, "drill_schedule", ""), _key(config, "drill_schedule_seconds", 0)
+            config.backup.drill_schedule, config.backup.drill_schedule_seconds
         ),
     )
     scheduler = Scheduler(jobs, SqlRunLedger(engine), partial(elected, engine), audit)

@@ -12,7 +12,7 @@ import argparse
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from tqdm import tqdm
 from keystore import Pkcs11SessionPool
 from keystore.signing import Pkcs11Signer
 from service.cli.tables import print_table, utc
-from service.config import Config, ConfigError, load, read_secret
+from service.config import BackupConfig, Config, ConfigError, load, read_secret
 from storage.backup.retention import DEFAULT_GRACE, list_backups, prune
 from storage.backup.runner import BackupProgress, run_backup, source_identity
 from storage.backup.targets import BackupTarget, DirectoryTarget, S3Target
@@ -32,40 +32,19 @@ from storage.s3_blobs import make_minio_client
 from storage.sql_metadata import make_engine
 
 
-@dataclass(frozen=True, slots=True)
-class BackupSettings:
-    """The ``[backup]`` keys this command reads (defaults as in the design)."""
-
-    target: str = "s3"
-    bucket: str = "medvault-backups"
-    endpoint: str = ""
-    secure: bool | None = None
-    ca_file: str = ""
-    access_key_file: str = ""
-    secret_key_file: str = ""
-    directory: str = "backups"
-    object_lock_days: int = 0
-    keep_daily: int = 7
-    keep_weekly: int = 4
-    keep_monthly: int = 12
-    signing_key_label: str = "medvault-backup-v1"
-
-
-def settings(config: Config, ns: argparse.Namespace) -> BackupSettings:
-    """``[backup]`` of ``config`` (when the service config has one) with flag overrides."""
-    section = getattr(config, "backup", None)
-    values = {
-        name: getattr(section, name)
-        for name in BackupSettings.__dataclass_fields__
-        if section is not None and hasattr(section, name)
+def settings(config: Config, ns: argparse.Namespace) -> BackupConfig:
+    """``[backup]`` of ``config`` with the command line's overrides."""
+    overrides = {
+        flag: getattr(ns, flag)
+        for flag in ("target", "bucket", "directory")
+        if getattr(ns, flag, None)
     }
-    for flag in ("target", "bucket", "directory"):
-        if getattr(ns, flag, None):
-            values[flag] = getattr(ns, flag)
-    return BackupSettings(**values)
+    if "directory" in overrides:  # a path given on the command line is used as given
+        overrides["directory"] = str(Path(overrides["directory"]).resolve())
+    return replace(config.backup, **overrides)
 
 
-def make_target(config: Config, s: BackupSettings) -> BackupTarget:
+def make_target(config: Config, s: BackupConfig) -> BackupTarget:
     """The configured target, created if absent; S3 defaults to the ``[s3]`` endpoint."""
     if s.target == "directory":
         directory = DirectoryTarget(config.base_dir / s.directory)
