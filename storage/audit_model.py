@@ -26,7 +26,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 HASH_SIZE: Final = 32
 GENESIS_HASH: Final = bytes(HASH_SIZE)
@@ -114,9 +114,9 @@ def format_time(value: datetime) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def canonical_bytes(sequence: int, entry: AuditEntry) -> bytes:
-    """The canonical encoding of an event (see the module docstring)."""
-    document = {
+def event_document(sequence: int, entry: AuditEntry) -> dict[str, Any]:
+    """The fields the chain hashes, in their canonical text forms (exports reuse it)."""
+    return {
         "sequence": sequence,
         "time": format_time(entry.time),
         "principal": entry.principal,
@@ -130,6 +130,11 @@ def canonical_bytes(sequence: int, entry: AuditEntry) -> bytes:
         "reason": entry.reason,
         "source": entry.source,
     }
+
+
+def canonical_bytes(sequence: int, entry: AuditEntry) -> bytes:
+    """The canonical encoding of an event (see the module docstring)."""
+    document = event_document(sequence, entry)
     text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return text.encode("utf-8")
 

@@ -25,7 +25,12 @@ from sqlalchemy.engine import Connection, Engine, Row
 
 from storage.errors import InvalidRecordError, RecordConflictError, RecordNotFoundError
 from storage.grants_model import Grant
-from storage.sql_metadata import from_db_time, metadata, to_utc, translated
+from storage.sql_metadata import (
+    from_db_time,
+    metadata,
+    run_in_transaction,
+    to_utc,
+)
 from storage.validation import check_printable
 
 MAX_PRINCIPAL_LENGTH = 128
@@ -319,10 +324,4 @@ class SqlGrantStore:
         return grant
 
     def _run(self, fn: Callable[[Connection], T], *, write: bool = False) -> T:
-        """Run ``fn`` in one transaction (committed if ``write``), translating errors."""
-        with translated(self._engine):
-            if write:
-                with self._engine.begin() as connection:
-                    return fn(connection)
-            with self._engine.connect() as connection:
-                return fn(connection)
+        return run_in_transaction(self._engine, fn, write=write)

@@ -227,6 +227,18 @@ def _latest_only() -> sa.ColumnElement[bool]:
     return records.c.version == latest.scalar_subquery()
 
 
+def run_in_transaction(
+    engine: Engine, fn: Callable[[Connection], T], *, write: bool = False
+) -> T:
+    """Run ``fn`` in one transaction (committed if ``write``), translating driver errors."""
+    with translated(engine):
+        if write:
+            with engine.begin() as connection:
+                return fn(connection)
+        with engine.connect() as connection:
+            return fn(connection)
+
+
 class SqlMetadataStore:
     """Record rows in one SQL table; every statement is parameterised."""
 
@@ -300,10 +312,4 @@ class SqlMetadataStore:
         return self._run(lambda c: c.scalars(query).all())
 
     def _run(self, fn: Callable[[Connection], T], *, write: bool = False) -> T:
-        """Run ``fn`` in one transaction (committed if ``write``), translating errors."""
-        with translated(self._engine):
-            if write:
-                with self._engine.begin() as connection:
-                    return fn(connection)
-            with self._engine.connect() as connection:
-                return fn(connection)
+        return run_in_transaction(self._engine, fn, write=write)

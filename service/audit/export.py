@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, Final
 
-from storage.audit_model import ChainedEvent, format_time
+from storage.audit_model import ChainedEvent, event_document, format_time
 
 FIELDS: Final = (
     "sequence", "time", "principal", "application", "role", "action", "resource",
@@ -95,20 +95,8 @@ _CSV_FORMULA_START: Final = ("=", "+", "-", "@", "\t", "\r")
 
 def event_fields(event: ChainedEvent) -> dict[str, Any]:
     """The event as a flat dict of ``FIELDS``: canonical text forms, hashes in hex."""
-    entry = event.entry
     return {
-        "sequence": event.sequence,
-        "time": format_time(entry.time),
-        "principal": entry.principal,
-        "application": entry.application,
-        "role": entry.role,
-        "action": entry.action,
-        "resource": entry.resource,
-        "patient_index": entry.patient_index.hex() if entry.patient_index is not None else None,
-        "outcome": entry.outcome,
-        "status": entry.status,
-        "reason": entry.reason,
-        "source": entry.source,
+        **event_document(event.sequence, event.entry),
         "prev_hash": event.prev_hash.hex(),
         "hash": event.hash.hex(),
     }

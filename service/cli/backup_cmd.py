@@ -255,28 +255,3 @@ def _with_config(fn: Any) -> Any:
         return int(fn(ns))
 
     return wrapped
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The backup commands on their own: ``python -m service.cli.backup_cmd run ...``
-    (what ``medvault backup`` runs once ``register`` is called by ``service.cli.main``)."""
-    from keystore.errors import KeystoreError  # noqa: PLC0415
-    from service import logs  # noqa: PLC0415
-    from storage.errors import StorageError  # noqa: PLC0415
-
-    logs.setup("INFO")
-    top = argparse.ArgumentParser(prog="medvault")
-    register(top.add_subparsers(dest="command", required=True))
-    ns = top.parse_args(["backup", *(argv if argv is not None else sys.argv[1:])])
-    try:
-        return int(ns.func(ns))
-    except ConfigError as e:
-        print(f"medvault: configuration: {e}", file=sys.stderr)
-        return 2
-    except (KeystoreError, StorageError) as e:
-        print(f"medvault: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import getpass
 import socket
-import sys
 from typing import Any
 
 from keystore import Pkcs11KeyWrapper, Pkcs11SessionPool
@@ -173,28 +172,3 @@ def register(sub: Any) -> None:
     real.add_argument("--trusted-key", help="PEM/DER backup public key (else the token's)")
     _target_flags(real)
     real.set_defaults(func=cmd_restore)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """These commands on their own (``python -m service.cli.restore_cmd restore-drill ID``),
-    until ``service.cli.main`` registers them."""
-    from keystore.errors import KeystoreError  # noqa: PLC0415
-    from service import logs  # noqa: PLC0415
-    from storage.errors import StorageError  # noqa: PLC0415
-
-    logs.setup("WARNING")
-    top = argparse.ArgumentParser(prog="medvault")
-    register(top.add_subparsers(dest="command", required=True))
-    ns = top.parse_args(argv if argv is not None else sys.argv[1:])
-    try:
-        return int(ns.func(ns))
-    except ConfigError as e:
-        print(f"medvault: configuration: {e}", file=sys.stderr)
-        return 2
-    except (KeystoreError, StorageError) as e:
-        print(f"medvault: {e}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

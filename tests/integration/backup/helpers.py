@@ -103,9 +103,9 @@ def _metadata(engine: Engine):  # type: ignore[no-untyped-def]
 
 
 def run_cli(config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """``medvault backup ARGS`` (through the module until main.py registers it)."""
+    """``medvault backup ARGS``, the real command."""
     return subprocess.run(
-        [sys.executable, "-m", "service.cli.backup_cmd", *args, "--config", str(config)],
+        [sys.executable, "-m", "service", "backup", *args, "--config", str(config)],
         cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
     )
 

@@ -49,7 +49,8 @@ def test_killed_run_is_never_complete(
         [
             sys.executable,
             "-m",
-            "service.cli.backup_cmd",
+            "service",
+            "backup",
             "run",
             "--config",
             str(config),
