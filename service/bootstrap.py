@@ -8,9 +8,10 @@ another S3 differ here by configuration and nowhere else.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from minio import Minio
 from sqlalchemy import Engine
 
 from keystore import Pkcs11BlindIndexer, Pkcs11Config, Pkcs11KeyWrapper, Pkcs11SessionPool
@@ -27,6 +28,14 @@ from service.incidents import IncidentDetector
 from service.signing import DocumentSigning
 from service.signing.validation import SignatureValidator, load_pem_certificates
 from storage.audit_log import SqlAuditLog
+from storage.audit_witness import (
+    CheckpointWitness,
+    FileCheckpointWitness,
+    S3CheckpointWitness,
+    WitnessError,
+)
+from storage.backup.targets import S3Target
+from storage.errors import StorageError
 from storage.grants import SqlGrantStore
 from storage.kek import KekManager
 from storage.records import RecordStore, StoreLimits
@@ -81,19 +90,49 @@ def keystore_config(config: Config) -> Pkcs11Config:
     )
 
 
-def blob_store(config: Config) -> S3BlobStore:
-    """The S3 blob store named by the configuration (bucket created if absent)."""
+def s3_client(config: Config) -> Minio:
+    """The minio client of the ``[s3]`` endpoint (built once; its users share it)."""
     s3 = config.s3
-    client = make_minio_client(
+    return make_minio_client(
         s3.endpoint,
         read_secret(s3.access_key_env, s3.access_key_file),
         read_secret(s3.secret_key_env, s3.secret_key_file),
         secure=s3.secure,
         ca_file=s3.ca_file or None,
     )
-    blobs = S3BlobStore(client, s3.bucket, part_size=s3.part_size)
+
+
+def blob_store(config: Config, client: Minio | None = None) -> S3BlobStore:
+    """The S3 blob store named by the configuration (bucket created if absent)."""
+    blobs = S3BlobStore(
+        client or s3_client(config), config.s3.bucket, part_size=config.s3.part_size
+    )
     blobs.ensure_bucket()
     return blobs
+
+
+def audit_witnesses(config: Config, client: Minio) -> list[CheckpointWitness]:
+    """The write-once places of ``[audit]`` that keep a copy of every checkpoint.
+
+    The bucket is created with Object Lock when absent; an existing bucket without it
+    is refused at start-up unless ``witness_lock_days = 0`` says to do without.
+    """
+    audit = config.audit
+    witnesses: list[CheckpointWitness] = []
+    if audit.witness_bucket:
+        target = S3Target(
+            client, audit.witness_bucket,
+            lock_days=audit.witness_lock_days, lock_mode=audit.witness_lock_mode,
+        )  # fmt: skip
+        witness = S3CheckpointWitness(client, target, audit.witness_bucket)
+        try:
+            witness.ensure(require_lock=audit.witness_lock_days > 0)
+        except (WitnessError, StorageError) as e:
+            raise ConfigError(f"[audit] witness_bucket: {e}") from e
+        witnesses.append(witness)
+    if audit.witness_file:
+        witnesses.append(FileCheckpointWitness(audit.witness_file))
+    return witnesses
 
 
 def _fault_hook() -> Callable[[], None] | None:
@@ -115,7 +154,11 @@ def _check_audit_switch(config: Config) -> None:
 
 
 def access_guard(
-    config: Config, engine: Engine, log: SqlAuditLog, pool: Pkcs11SessionPool
+    config: Config,
+    engine: Engine,
+    log: SqlAuditLog,
+    pool: Pkcs11SessionPool,
+    witnesses: Sequence[CheckpointWitness] = (),
 ) -> AccessGuard:
     """Policy, authentication, grants, the audit trail and incident detection."""
     _check_audit_switch(config)
@@ -127,6 +170,7 @@ def access_guard(
         checkpoint_every=audit.checkpoint_every,
         checkpoint_seconds=audit.checkpoint_seconds,
         enabled=audit.enabled,
+        witnesses=witnesses,
     )
     incidents = IncidentDetector(lambda: holder.current.incidents, trail)
     grants = SqlGrantStore(engine)
@@ -155,9 +199,10 @@ def _wire(config: Config, pool: Pkcs11SessionPool) -> Components:
     engine = make_engine(config.database.url)
     upgrade(engine)
     metadata = SqlMetadataStore(engine)
-    blobs = blob_store(config)
+    client = s3_client(config)
+    blobs = blob_store(config, client)
     audit_log = SqlAuditLog(engine)
-    guard = access_guard(config, engine, audit_log, pool)
+    guard = access_guard(config, engine, audit_log, pool, audit_witnesses(config, client))
     limits = StoreLimits(
         max_record_size=config.server.max_record_size, segment_size=config.server.segment_size
     )

@@ -89,6 +89,14 @@ class AuditConfig:
     signing_key_label: str = "medvault-audit-v1"
     # BENCHMARK ONLY: false skips writing audit events. Never in production.
     enabled: bool = True
+    # Write-once copies of every checkpoint (docs/audit.md): a bucket of their own on the
+    # [s3] endpoint, created with S3 Object Lock; empty = no bucket witness.
+    witness_bucket: str = "medvault-audit-witness"
+    witness_lock_mode: str = "COMPLIANCE"  # or "GOVERNANCE"
+    # Retention of each copy; 0 = no Object Lock (for an S3 without it: a weaker witness).
+    witness_lock_days: int = 3650
+    # A file that gets one JSON line per checkpoint (make it append-only); empty = off.
+    witness_file: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +158,7 @@ _PATH_KEYS = {
     ("keystore", "softhsm2_conf"), ("server", "policy"),
     ("signing", "trust_anchors"), ("signing", "chain"),
     ("backup", "ca_file"), ("backup", "access_key_file"), ("backup", "secret_key_file"),
-    ("backup", "directory"),
+    ("backup", "directory"), ("audit", "witness_file"),
 }
 
 
@@ -189,6 +197,10 @@ def _check(config: Config) -> None:
         raise ConfigError("server.chunk_size must be at most 3 MiB (gRPC's 4 MiB message limit)")
     if config.tls.enabled and not (config.tls.cert and config.tls.key and config.tls.client_ca):
         raise ConfigError("[tls] cert, key and client_ca are required when tls.enabled is true")
+    if config.audit.witness_lock_mode not in {"COMPLIANCE", "GOVERNANCE"}:
+        raise ConfigError("audit.witness_lock_mode must be COMPLIANCE or GOVERNANCE")
+    if config.audit.witness_lock_days < 0:
+        raise ConfigError("audit.witness_lock_days must be 0 (no Object Lock) or more")
     if not config.database.url:
         raise ConfigError("[database] url is required")
 

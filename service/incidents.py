@@ -14,17 +14,40 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter
 
-from service.audit.trail import AuditTrail
 from service.authz.model import IncidentConfig
 from storage.audit_model import AuditEntry
+
+if TYPE_CHECKING:  # the trail's checkpoints raise incidents too (signal, incident_entry)
+    from service.audit.trail import AuditTrail
 
 log = logging.getLogger(__name__)
 INCIDENTS = Counter(
     "medvault_incidents", "Security incidents detected", labelnames=("kind",)
 )
+
+
+def signal(kind: str, subject: str) -> None:
+    """Count an incident and log it (no patient data: kind and subject only)."""
+    INCIDENTS.labels(kind=kind).inc()
+    log.warning("security incident", extra={"incident": kind, "subject": subject})
+
+
+def incident_entry(kind: str, principal: str, source: str, description: str) -> AuditEntry:
+    """The audit event of an incident."""
+    return AuditEntry(
+        time=datetime.now(UTC),
+        principal=principal,
+        action="incident",
+        resource=f"incident/{kind}",
+        outcome="failed",
+        status=kind,
+        reason=description,
+        source=source,
+    )
 
 
 class _Window:
@@ -86,20 +109,9 @@ class IncidentDetector:
                         "by one principal")
 
     def _raise(self, kind: str, subject: str, source: str, description: str) -> None:
-        INCIDENTS.labels(kind=kind).inc()
-        log.warning("security incident", extra={"incident": kind, "subject": subject})
+        signal(kind, subject)
+        principal = subject if kind == "read-volume" else "unknown"
         try:
-            self._trail.record(
-                AuditEntry(
-                    time=datetime.now(UTC),
-                    principal=subject if kind == "read-volume" else "unknown",
-                    action="incident",
-                    resource=f"incident/{kind}",
-                    outcome="failed",
-                    status=kind,
-                    reason=description,
-                    source=source,
-                )
-            )
+            self._trail.record(incident_entry(kind, principal, source, description))
         except Exception:  # the log line and the metric still report it
             log.exception("could not audit an incident", extra={"incident": kind})

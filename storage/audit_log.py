@@ -25,6 +25,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import Connection, Engine, Row
 
 from storage.audit_model import (
+    GENESIS_HASH,
     AuditEntry,
     AuditFilter,
     ChainedEvent,
@@ -76,6 +77,10 @@ audit_checkpoints = sa.Table(
     sa.Column("key_label", sa.String(255), nullable=False),
     sa.Column("public_key_der", sa.LargeBinary, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    # Version 2 checkpoints also sign their predecessor (migration 0008); v1 rows: 1, NULLs.
+    sa.Column("version", sa.SmallInteger, nullable=False, server_default="1"),
+    sa.Column("prev_sequence", sa.BigInteger, nullable=True),
+    sa.Column("prev_digest", sa.LargeBinary(32), nullable=True),
 )
 
 # Column widths checked before writing, so an over-long value is the caller's error
@@ -153,6 +158,9 @@ def _to_checkpoint(row: Row[Any]) -> Checkpoint:
         key_label=m["key_label"],
         public_key_der=bytes(m["public_key_der"]),
         created_at=from_db_time(m["created_at"]),
+        version=int(m["version"]),
+        prev_sequence=int(m["prev_sequence"] or 0),
+        prev_digest=bytes(m["prev_digest"]) if m["prev_digest"] is not None else GENESIS_HASH,
     )
 
 
@@ -240,7 +248,12 @@ class SqlAuditLog:
         return [_to_event(r) for r in self._run(lambda c: c.execute(query).all())]
 
     def add_checkpoint(self, checkpoint: Checkpoint) -> bool:
-        """Store ``checkpoint``; False if one exists at that sequence (another replica's)."""
+        """Store ``checkpoint``; False if another replica's checkpoint came first.
+
+        Under the writers' head lock: a version 2 checkpoint is stored only while its
+        predecessor is still the last checkpoint, so two replicas signing at once cannot
+        fork the chain of checkpoints (the loser signs again, later).
+        """
         values = {
             "sequence": checkpoint.sequence,
             "hash": checkpoint.hash,
@@ -248,16 +261,33 @@ class SqlAuditLog:
             "key_label": checkpoint.key_label,
             "public_key_der": checkpoint.public_key_der,
             "created_at": checkpoint.created_at.astimezone(UTC),
+            "version": checkpoint.version,
+            "prev_sequence": checkpoint.prev_sequence if checkpoint.version > 1 else None,
+            "prev_digest": checkpoint.prev_digest if checkpoint.version > 1 else None,
         }
+
+        def insert(connection: Connection) -> bool:
+            self._lock_head(connection)
+            last = connection.execute(_LAST_CHECKPOINT_SEQUENCE).scalar() or 0
+            if last >= checkpoint.sequence or (
+                checkpoint.version > 1 and last != checkpoint.prev_sequence
+            ):
+                return False
+            connection.execute(audit_checkpoints.insert().values(**values))
+            return True
+
         try:
-            self._run(lambda c: c.execute(audit_checkpoints.insert().values(**values)), write=True)
+            return self._run(insert, write=True)
         except _DuplicateError:
             return False
-        return True
 
-    def checkpoints(self) -> list[Checkpoint]:
-        """Every checkpoint, oldest first (one per N events: few enough to hold)."""
-        query = sa.select(audit_checkpoints).order_by(audit_checkpoints.c.sequence)
+    def checkpoints(self, after_sequence: int = 0) -> list[Checkpoint]:
+        """Checkpoints past ``after_sequence``, oldest first (one per N events: few)."""
+        query = (
+            sa.select(audit_checkpoints)
+            .where(audit_checkpoints.c.sequence > after_sequence)
+            .order_by(audit_checkpoints.c.sequence)
+        )
         return [_to_checkpoint(r) for r in self._run(lambda c: c.execute(query).all())]
 
     def last_checkpoint(self) -> Checkpoint | None:
@@ -308,6 +338,7 @@ _LOCK_HEAD = (
     .returning(audit_head.c.sequence, audit_head.c.hash)
 )
 _INSERT_EVENTS = audit_events.insert()
+_LAST_CHECKPOINT_SEQUENCE = sa.select(sa.func.max(audit_checkpoints.c.sequence))
 _UPDATE_HEAD = audit_head.update().where(audit_head.c.id == HEAD_ID)
 
 

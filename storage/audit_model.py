@@ -12,7 +12,16 @@ Canonical encoding of an event (the input of its hash)::
 
     hash = SHA-256(prev_hash || canonical)      prev_hash of event 1 = 32 zero bytes
 
-Checkpoint message (the bytes the audit key signs)::
+Checkpoint message (the bytes the audit key signs), version 2 (every new checkpoint)::
+
+    b"medvault.audit.checkpoint.v2" || sequence (8 bytes, big-endian) || hash (32 bytes)
+        || previous checkpoint's sequence (8 bytes) || previous checkpoint's digest (32)
+
+    digest of a checkpoint = SHA-256(its signed message)
+    the first checkpoint's previous sequence is 0 and its previous digest 32 zero bytes
+
+so the checkpoints form a chain of their own: deleting one breaks its successor's
+link. Version 1 (checkpoints written before the chain existed, still verified)::
 
     b"medvault.audit.checkpoint.v1" || sequence as 8-byte big-endian || hash (32 bytes)
 
@@ -31,6 +40,8 @@ from typing import Any, Final, Literal
 HASH_SIZE: Final = 32
 GENESIS_HASH: Final = bytes(HASH_SIZE)
 CHECKPOINT_PREFIX: Final = b"medvault.audit.checkpoint.v1"
+CHECKPOINT_PREFIX_V2: Final = b"medvault.audit.checkpoint.v2"
+CHECKPOINT_VERSIONS: Final = (1, 2)
 OUTCOMES: Final = ("allowed", "denied", "failed")
 
 Outcome = Literal["allowed", "denied", "failed"]
@@ -73,7 +84,11 @@ class ChainedEvent:
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
-    """A signed statement that the chain's head was ``hash`` at ``sequence``."""
+    """A signed statement that the chain's head was ``hash`` at ``sequence``.
+
+    Version 2 also signs the previous checkpoint's sequence and digest; version 1 (the
+    defaults) signs no predecessor.
+    """
 
     sequence: int
     hash: bytes
@@ -81,6 +96,15 @@ class Checkpoint:
     key_label: str
     public_key_der: bytes
     created_at: datetime
+    version: int = 1
+    prev_sequence: int = 0
+    prev_digest: bytes = GENESIS_HASH
+
+    def __post_init__(self) -> None:
+        if self.version not in CHECKPOINT_VERSIONS:
+            raise ValueError("unknown checkpoint version")
+        if len(self.hash) != HASH_SIZE or len(self.prev_digest) != HASH_SIZE:
+            raise ValueError("checkpoint hashes must be 32 bytes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,5 +169,32 @@ def chain_hash(prev_hash: bytes, sequence: int, entry: AuditEntry) -> bytes:
 
 
 def checkpoint_message(sequence: int, head_hash: bytes) -> bytes:
-    """The bytes a checkpoint signature covers."""
+    """The bytes a version 1 checkpoint signature covers."""
     return CHECKPOINT_PREFIX + sequence.to_bytes(8, "big") + head_hash
+
+
+def checkpoint_message_v2(
+    sequence: int, head_hash: bytes, prev_sequence: int, prev_digest: bytes
+) -> bytes:
+    """The bytes a version 2 checkpoint signature covers (see the module docstring)."""
+    return (
+        CHECKPOINT_PREFIX_V2
+        + sequence.to_bytes(8, "big")
+        + head_hash
+        + prev_sequence.to_bytes(8, "big")
+        + prev_digest
+    )
+
+
+def signed_message(checkpoint: Checkpoint) -> bytes:
+    """The bytes ``checkpoint``'s signature covers, by its version."""
+    if checkpoint.version == 1:
+        return checkpoint_message(checkpoint.sequence, checkpoint.hash)
+    return checkpoint_message_v2(
+        checkpoint.sequence, checkpoint.hash, checkpoint.prev_sequence, checkpoint.prev_digest
+    )
+
+
+def checkpoint_digest(checkpoint: Checkpoint) -> bytes:
+    """SHA-256 of the signed message: what the next checkpoint names as its predecessor."""
+    return hashlib.sha256(signed_message(checkpoint)).digest()

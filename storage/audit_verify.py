@@ -11,20 +11,38 @@ trail (checkpoints are held in full: one per N events). Each event must
   renumbered; at none, the row itself was altered;
 * link to its predecessor: its ``prev_hash`` equals the previous event's ``hash``
   (else the previous event was altered and re-hashed, or this one was forged);
-* match any checkpoint at its sequence: the signature verifies and the hashes agree.
+* match any checkpoint at its sequence: the signature verifies, the hashes agree and a
+  version 2 checkpoint names the previous checkpoint (sequence and digest): a checkpoint
+  deleted from between two others is named by its successor;
+* match every witnessed checkpoint at its sequence (:mod:`storage.audit_witness`): a
+  witness that disagrees, once its signature verifies under the audit key, means the
+  events after the previous good checkpoint were rewritten (re-hashing cannot help: the
+  witness is outside the database); a witnessed checkpoint absent from the database
+  was deleted. A witness entry whose signature fails is reported as witness tampering.
 
 Truncation is caught through the head row (read before the walk) and through
 checkpoints: either naming a sequence past the last event means events were deleted.
 An event past the head read *after* the walk was written outside the audit writer.
+
+``verify_since`` runs the same walk from a checkpoint the service itself witnessed: the
+trail calls it before signing, and refuses to sign a head it cannot reach from there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from storage.audit_model import ChainedEvent, Checkpoint, VerifyResult, chain_hash
+from storage.audit_model import (
+    GENESIS_HASH,
+    ChainedEvent,
+    Checkpoint,
+    VerifyResult,
+    chain_hash,
+    checkpoint_digest,
+)
+from storage.audit_witness import CheckpointWitness, WitnessedSet, WitnessError, gather
 
 BATCH_SIZE: Final = 1000
 # How far from its stored position a row's content is searched for (insert/reorder).
@@ -40,6 +58,16 @@ CHECKPOINT_MISMATCH = "checkpoint does not match chain"
 TRUNCATED = "trail truncated"
 HEAD_MISMATCH = "head row does not match chain"
 BEYOND_HEAD = "event beyond the head (written outside the audit writer)"
+CHECKPOINT_DELETED = "checkpoint missing (deleted; a later checkpoint names it)"
+CHECKPOINT_CHAIN_BROKEN = "checkpoint does not name the previous checkpoint"
+WITNESS_MISMATCH = (
+    "witnessed checkpoint does not match chain (events after the previous good checkpoint "
+    "rewritten and re-hashed)"
+)
+WITNESS_MISSING = "witnessed checkpoint missing from the database (deleted)"
+WITNESS_FORGED = "witness entry not signed by the audit key (witness tampered)"
+WITNESS_UNAVAILABLE = "witness unavailable: the chain was not compared with its checkpoints"
+ANCHOR_MISMATCH = "chain does not match the checkpoint this service witnessed"
 
 
 class AuditEventSource(Protocol):
@@ -49,8 +77,8 @@ class AuditEventSource(Protocol):
         """Sequence and hash of the last committed event."""
         ...
 
-    def checkpoints(self) -> list[Checkpoint]:
-        """Every checkpoint, oldest first."""
+    def checkpoints(self, after_sequence: int = 0) -> list[Checkpoint]:
+        """Checkpoints past ``after_sequence``, oldest first."""
         ...
 
     def events(self, after_sequence: int = 0, limit: int = ...) -> list[ChainedEvent]:
@@ -74,6 +102,8 @@ class _Walk:
     checkpoints_checked: int = 0
     previous_checkpoint: int = 0
     hash_at_head: bytes | None = None
+    last_checkpoint: Checkpoint | None = None  # the previous checkpoint in the database
+    witnessed: WitnessedSet | None = None
 
     def step(self, event: ChainedEvent) -> Problem | None:
         """Check one event (and its checkpoint); return the problem, if any."""
@@ -87,6 +117,10 @@ class _Walk:
         checkpoint = self.checkpoints.get(s)
         if checkpoint is not None:
             problem = self._check_checkpoint(checkpoint, event)
+            if problem is not None:
+                return problem
+        if self.witnessed is not None:
+            problem = self._check_witnessed(self.witnessed, event, checkpoint is not None)
             if problem is not None:
                 return problem
         if s == self.head_sequence:
@@ -104,13 +138,50 @@ class _Walk:
             # The chain from here back is self-consistent but not what was signed:
             # everything after the previous checkpoint may have been rewritten.
             return self.previous_checkpoint + 1, CHECKPOINT_MISMATCH
+        problem = self._check_link(checkpoint)
+        if problem is not None:
+            return problem
         self.previous_checkpoint = checkpoint.sequence
+        self.last_checkpoint = checkpoint
+        return None
+
+    def _check_link(self, checkpoint: Checkpoint) -> Problem | None:
+        """A version 2 checkpoint must name the previous checkpoint of the database."""
+        if checkpoint.version < 2:
+            return None
+        previous = self.last_checkpoint
+        expected = previous.sequence if previous is not None else 0
+        if checkpoint.prev_sequence > expected:
+            return checkpoint.prev_sequence, CHECKPOINT_DELETED
+        digest = checkpoint_digest(previous) if previous is not None else GENESIS_HASH
+        if checkpoint.prev_sequence != expected or checkpoint.prev_digest != digest:
+            return checkpoint.sequence, CHECKPOINT_CHAIN_BROKEN
+        return None
+
+    def _check_witnessed(
+        self, witnessed: WitnessedSet, event: ChainedEvent, in_database: bool
+    ) -> Problem | None:
+        """Every witness claim at this sequence must agree with the chain and the database."""
+        s = event.sequence
+        for claim in witnessed.at(s):
+            if claim.hash == event.hash and in_database:
+                continue  # agrees with a checkpoint already checked: nothing to trust
+            if not witnessed.genuine(claim):
+                return s, WITNESS_FORGED
+            if claim.hash != event.hash:
+                return self.previous_checkpoint + 1, WITNESS_MISMATCH
+            return s, WITNESS_MISSING
         return None
 
     def finish(self, head: tuple[int, bytes], head_after: tuple[int, bytes]) -> Problem | None:
         """After the last event: truncation, head consistency, rows past the head."""
         last = self.expected - 1
         beyond = [c for c in self.checkpoints if c > last]
+        if self.witnessed is not None:
+            for claim in self.witnessed.beyond(last):
+                if not self.witnessed.genuine(claim):
+                    return claim.sequence, WITNESS_FORGED
+                beyond.append(claim.sequence)
         if beyond or head[0] > last:
             return last + 1, TRUNCATED
         if head[0] > 0 and self.hash_at_head != head[1]:
@@ -135,42 +206,91 @@ def verify_chain(
     verify_signature: Callable[[Checkpoint], bool],
     *,
     batch_size: int = BATCH_SIZE,
+    witnesses: Sequence[CheckpointWitness] = (),
 ) -> VerifyResult:
-    """Walk every event and checkpoint of ``log``; the first problem ends the walk."""
+    """Walk every event and checkpoint of ``log`` against ``witnesses``; stop at the first problem.
+
+    A witness that cannot be read fails verification (the database alone cannot show a
+    full re-hash), unless the database walk finds a problem first.
+    """
     # The head is read first: every event at or below it was committed before the walk,
     # so a head past the last event walked means events were deleted.
     head = log.head()
     checkpoints = {c.sequence: c for c in log.checkpoints()}
     walk = _Walk(checkpoints, verify_signature, head_sequence=head[0])
-    after = 0
+    unavailable: WitnessError | None = None
+    if witnesses:
+        try:
+            walk.witnessed = gather(witnesses, verify_signature)
+        except WitnessError as e:
+            unavailable = e
+    try:
+        problem = _walk(log, walk, 0, batch_size) or walk.finish(head, log.head())
+    except WitnessError:  # a witness failed while a claim was being checked
+        return _result(walk, (0, WITNESS_UNAVAILABLE))
+    if problem is None and unavailable is not None:
+        problem = (0, WITNESS_UNAVAILABLE)
+    return _result(walk, problem)
+
+
+def verify_since(
+    log: AuditEventSource,
+    anchor: Checkpoint,
+    verify_signature: Callable[[Checkpoint], bool],
+    *,
+    batch_size: int = BATCH_SIZE,
+) -> Problem | None:
+    """Check the chain from ``anchor`` (a checkpoint known good) up to the head.
+
+    The anchor must still be in the database, unchanged, and every event and
+    checkpoint after it must chain from it: what the trail checks before it signs.
+    """
+    head = log.head()
+    checkpoints = {c.sequence: c for c in log.checkpoints(anchor.sequence - 1)}
+    stored = checkpoints.pop(anchor.sequence, None)
+    if stored is None:
+        return anchor.sequence, WITNESS_MISSING
+    at_anchor = log.events(anchor.sequence - 1, 1)
+    if stored.hash != anchor.hash or not at_anchor or at_anchor[0].hash != anchor.hash:
+        return anchor.sequence, ANCHOR_MISMATCH
+    walk = _Walk(
+        checkpoints, verify_signature, head_sequence=head[0], expected=anchor.sequence + 1,
+        prev=anchor.hash, previous_checkpoint=anchor.sequence, last_checkpoint=stored,
+        hash_at_head=anchor.hash if head[0] == anchor.sequence else None,
+    )  # fmt: skip
+    return _walk(log, walk, anchor.sequence, batch_size) or walk.finish(head, log.head())
+
+
+def _walk(log: AuditEventSource, walk: _Walk, after: int, batch_size: int) -> Problem | None:
+    """Feed ``walk`` every event after ``after``, batch by batch; the first problem."""
     while True:
         batch = log.events(after, batch_size)
         for event in batch:
             problem = walk.step(event)
             if problem is not None:
-                return _result(walk, problem)
+                return problem
         if len(batch) < batch_size:
-            break
+            return None
         after = batch[-1].sequence
-    return _result(walk, walk.finish(head, log.head()))
 
 
 def _result(walk: _Walk, problem: Problem | None) -> VerifyResult:
     last_checkpoint = max(walk.checkpoints) if walk.checkpoints else None
     if problem is None:
+        agreed = walk.witnessed.describe() if walk.witnessed is not None else ""
         return VerifyResult(
             ok=True,
             events_checked=walk.events_checked,
             checkpoints_checked=walk.checkpoints_checked,
             first_bad_sequence=None,
-            reason="chain intact",
+            reason=f"chain intact; {agreed}" if agreed else "chain intact",
             last_checkpoint_sequence=last_checkpoint,
         )
     return VerifyResult(
         ok=False,
         events_checked=walk.events_checked,
         checkpoints_checked=walk.checkpoints_checked,
-        first_bad_sequence=problem[0],
+        first_bad_sequence=problem[0] or None,
         reason=problem[1],
         last_checkpoint_sequence=last_checkpoint,
     )

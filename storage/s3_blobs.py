@@ -36,6 +36,8 @@ _VENDOR_ERRORS = (
     OSError,
     ValueError,
 )
+# Public name for other storage modules that talk to the SDK directly.
+VENDOR_ERRORS = _VENDOR_ERRORS
 
 
 def make_minio_client(

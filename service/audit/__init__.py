@@ -20,4 +20,12 @@ class AuditUnavailableError(AuditError):
     """
 
 
-__all__ = ["AuditError", "AuditUnavailableError"]
+class AuditChainError(AuditError):
+    """The chain no longer reaches a checkpoint this service witnessed: it will not sign.
+
+    Raised by the checkpointer (never to a caller of ``record``): an incident is raised
+    and ``verify`` reports the refusal.
+    """
+
+
+__all__ = ["AuditChainError", "AuditError", "AuditUnavailableError"]

@@ -1,5 +1,9 @@
 """Making and checking audit checkpoint signatures.
 
+New checkpoints are version 2: each signs its predecessor's sequence and digest, so the
+checkpoints form a chain (``storage.audit_model``). Version 1 checkpoints (written
+before) still verify.
+
 Checking uses only ``cryptography`` and the public key stored with the checkpoint, and
 also requires that key to be the trusted one: a checkpoint an attacker signed with a
 key of their own carries a valid signature, so the key itself must be pinned.
@@ -7,22 +11,53 @@ key of their own carries a valid signature, so the key itself must be pinned.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import datetime
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Final, NoReturn
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from prometheus_client import Counter
 
 from keystore.interfaces import Signer
-from storage.audit_model import Checkpoint, checkpoint_message
+from service.audit import AuditChainError
+from service.incidents import incident_entry, signal
+from storage.audit_log import SqlAuditLog
+from storage.audit_model import (
+    GENESIS_HASH,
+    Checkpoint,
+    VerifyResult,
+    checkpoint_digest,
+    checkpoint_message_v2,
+    signed_message,
+)
+from storage.audit_verify import SIGNATURE_INVALID, Problem, verify_chain, verify_since
+from storage.audit_witness import CheckpointWitness, WitnessError, gather
+
+logger = logging.getLogger(__name__)
+CHAIN_INCIDENT: Final = "audit-chain"
+# Checkpoints kept for a witness that is down; older ones are dropped (still in the DB).
+MAX_PENDING: Final = 10_000
+WITNESS_FAILURES = Counter(
+    "medvault_audit_witness_failures", "Checkpoint copies a witness failed to store"
+)
 
 
 def make_checkpoint(
-    signer: Signer, sequence: int, head_hash: bytes, created_at: datetime
+    signer: Signer,
+    sequence: int,
+    head_hash: bytes,
+    created_at: datetime,
+    previous: Checkpoint | None = None,
 ) -> Checkpoint:
-    """Sign (sequence, hash) with ``signer`` and return the checkpoint to store."""
-    signature = signer.sign(checkpoint_message(sequence, head_hash))
+    """Sign (sequence, hash, previous checkpoint) with ``signer``: a version 2 checkpoint."""
+    prev_sequence = previous.sequence if previous is not None else 0
+    prev_digest = checkpoint_digest(previous) if previous is not None else GENESIS_HASH
+    signature = signer.sign(checkpoint_message_v2(sequence, head_hash, prev_sequence, prev_digest))
     return Checkpoint(
         sequence=sequence,
         hash=head_hash,
@@ -30,12 +65,15 @@ def make_checkpoint(
         key_label=signer.key_label,
         public_key_der=signer.public_key_der(),
         created_at=created_at,
+        version=2,
+        prev_sequence=prev_sequence,
+        prev_digest=prev_digest,
     )
 
 
 def signature_valid(checkpoint: Checkpoint) -> bool:
     """Whether the checkpoint's signature verifies under its own stored public key."""
-    message = checkpoint_message(checkpoint.sequence, checkpoint.hash)
+    message = signed_message(checkpoint)
     try:
         public = serialization.load_der_public_key(checkpoint.public_key_der)
         if isinstance(public, ec.EllipticCurvePublicKey):
@@ -63,3 +101,127 @@ def signature_checker(trusted_public_key_der: bytes | None) -> Callable[[Checkpo
         return signature_valid(checkpoint)
 
     return check
+
+
+class Checkpointer:
+    """Signs checkpoints only over a chain that reaches them from one it witnessed.
+
+    The anchor is the last checkpoint this process signed, else the newest one a
+    witness holds (read back once), else, on a first start with no witness, the
+    database's newest checkpoint with a valid signature (trust on first use). Before
+    signing, ``verify_since`` walks from the anchor to the head; if that fails the
+    checkpoint is refused (``AuditChainError``), an ``audit-chain`` incident is raised
+    and ``verify`` reports the refusal.
+
+    Each stored checkpoint is then written to every witness. A witness that fails is
+    logged and counted, and the checkpoint is kept in memory and written again at the
+    next attempt: the trail (and every read waiting on it) never fails because a
+    witness is down. Pending copies are lost if the process stops first; they remain in
+    the database and the next checkpoint, which chains to them, is witnessed.
+    """
+
+    def __init__(
+        self,
+        log: SqlAuditLog,
+        signer: Signer,
+        witnesses: Sequence[CheckpointWitness] = (),
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._log = log
+        self._signer = signer
+        self._witnesses = tuple(witnesses)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._anchor: Checkpoint | None = None
+        self._read_back = False
+        self._pending: list[tuple[CheckpointWitness, Checkpoint]] = []
+        self._refusal: Problem | None = None
+
+    def checker(self) -> Callable[[Checkpoint], bool]:
+        """The signature check pinned to the token's current audit key."""
+        return signature_checker(self._signer.public_key_der())
+
+    def checkpoint(self) -> Checkpoint | None:
+        """Sign the head if it is new and reachable from the anchor; None if nothing new."""
+        with self._lock:
+            self._retry_pending()
+            sequence, head_hash = self._log.head()
+            last = self._log.last_checkpoint()
+            if sequence == 0 or (last is not None and last.sequence >= sequence):
+                return None
+            problem = self._check_chain(last)
+            if problem is not None:
+                self._refuse(problem)
+            made = make_checkpoint(self._signer, sequence, head_hash, self._clock(), last)
+            if not self._log.add_checkpoint(made):
+                return None  # another replica checkpointed first; its copy is witnessed there
+            self._anchor, self._refusal = made, None
+            for witness in self._witnesses:
+                self._witness(witness, made)
+            return made
+
+    def verify(self) -> VerifyResult:
+        """The full verification against the witnesses, and any refusal to sign."""
+        result = verify_chain(self._log, self.checker(), witnesses=self._witnesses)
+        refusal = self._refusal
+        if result.ok and refusal is not None:
+            return replace(
+                result, ok=False, first_bad_sequence=refusal[0],
+                reason=f"checkpoint refused by the service: {refusal[1]}",
+            )  # fmt: skip
+        return result
+
+    def _check_chain(self, last: Checkpoint | None) -> Problem | None:
+        checker = self.checker()
+        anchor = self._anchor or self._witnessed_anchor(checker)
+        if anchor is None:
+            if last is None:
+                return None  # the very first checkpoint: nothing to reach it from
+            if not checker(last):
+                return last.sequence, SIGNATURE_INVALID
+            anchor = last
+        return verify_since(self._log, anchor, checker)
+
+    def _witnessed_anchor(self, checker: Callable[[Checkpoint], bool]) -> Checkpoint | None:
+        """The newest witnessed checkpoint, read back once per process."""
+        if self._read_back or not self._witnesses:
+            return None
+        try:
+            anchor = gather(self._witnesses, checker).latest_genuine()
+        except WitnessError as e:
+            logger.warning("audit witness unreadable", extra={"error": type(e).__name__})
+            return None
+        self._read_back = True
+        return anchor
+
+    def _refuse(self, problem: Problem) -> NoReturn:
+        first = problem != self._refusal
+        self._refusal = problem
+        if first:  # once per finding, not at every attempt
+            description = f"refused to sign a checkpoint: {problem[1]} at sequence {problem[0]}"
+            signal(CHAIN_INCIDENT, "audit-trail")
+            # Appended directly: this runs on the trail's writer thread, where record()
+            # would wait for itself.
+            try:
+                self._log.append([incident_entry(CHAIN_INCIDENT, "medvault", "", description)])
+            except Exception as e:  # noqa: BLE001  (the log line and metric still report it)
+                logger.error("could not audit an incident", extra={"error": type(e).__name__})  # noqa: TRY400
+        raise AuditChainError(f"audit chain broken at sequence {problem[0]}: {problem[1]}")
+
+    def _witness(self, witness: CheckpointWitness, checkpoint: Checkpoint) -> None:
+        try:
+            witness.put(checkpoint)
+        except WitnessError as e:
+            WITNESS_FAILURES.inc()
+            logger.warning(
+                "audit checkpoint not witnessed; retried at the next checkpoint",
+                extra={"witness": witness.describe(), "sequence": checkpoint.sequence,
+                       "error": type(e.__cause__ or e).__name__},
+            )  # fmt: skip
+            self._pending.append((witness, checkpoint))
+            del self._pending[:-MAX_PENDING]
+
+    def _retry_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        for witness, checkpoint in pending:
+            self._witness(witness, checkpoint)

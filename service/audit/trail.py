@@ -10,8 +10,9 @@ knows it was not.
 
 Checkpoints: after ``checkpoint_every`` events written by this trail, or after
 ``checkpoint_seconds`` with unsigned events, the writer signs the committed head with
-the audit key. The signed bytes are :func:`storage.audit_model.checkpoint_message`:
-``b"medvault.audit.checkpoint.v1" || sequence (8 bytes, big-endian) || hash``.
+the audit key, chained to the previous checkpoint, and copies it to the write-once
+witnesses; it first checks the chain from the last checkpoint it witnessed and refuses
+to sign a forged one (:class:`service.audit.checkpoints.Checkpointer`).
 """
 
 from __future__ import annotations
@@ -20,16 +21,17 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
-from datetime import UTC, datetime
 from typing import Final
 
 from keystore.interfaces import Signer
 from service.audit import AuditUnavailableError
-from service.audit.checkpoints import make_checkpoint, signature_checker
+from service.audit.checkpoints import Checkpointer, signature_checker
 from storage.audit_log import SqlAuditLog
 from storage.audit_model import GENESIS_HASH, AuditEntry, ChainedEvent, Checkpoint, VerifyResult
 from storage.audit_verify import verify_chain
+from storage.audit_witness import CheckpointWitness
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +61,13 @@ class AuditTrail:
         checkpoint_every: int = 1000,
         checkpoint_seconds: float = 60.0,
         enabled: bool = True,
+        witnesses: Sequence[CheckpointWitness] = (),
     ) -> None:
         if checkpoint_every < 1 or checkpoint_seconds <= 0:
             raise ValueError("checkpoint_every and checkpoint_seconds must be positive")
         self._log = log
         self._signer = signer
+        self._checkpointer = Checkpointer(log, signer, witnesses) if signer is not None else None
         self._every = checkpoint_every
         self._seconds = checkpoint_seconds
         self._enabled = enabled
@@ -96,24 +100,28 @@ class AuditTrail:
             raise AuditUnavailableError("the audit trail did not commit in time") from e
 
     def checkpoint_now(self) -> Checkpoint | None:
-        """Sign the committed head now; None if nothing new to sign or no signer."""
-        if self._signer is None or not self._enabled:
+        """Sign the committed head now; None if nothing new to sign or no signer.
+
+        ``AuditChainError`` if the chain no longer reaches the last checkpoint this
+        trail witnessed (it then signs nothing; see ``Checkpointer``).
+        """
+        if self._checkpointer is None or not self._enabled:
             return None
-        sequence, head_hash = self._log.head()
-        last = self._log.last_checkpoint()
-        if sequence == 0 or (last is not None and last.sequence >= sequence):
-            return None
-        checkpoint = make_checkpoint(self._signer, sequence, head_hash, datetime.now(UTC))
-        stored = self._log.add_checkpoint(checkpoint)
-        self._unsigned = 0
-        self._last_checkpoint = time.monotonic()
-        logger.info("audit checkpoint", extra={"sequence": sequence, "stored": stored})
+        try:
+            checkpoint = self._checkpointer.checkpoint()
+        finally:
+            # Also after a refusal: the next attempt waits for N more events or T seconds.
+            self._unsigned = 0
+            self._last_checkpoint = time.monotonic()
+        if checkpoint is not None:
+            logger.info("audit checkpoint", extra={"sequence": checkpoint.sequence})
         return checkpoint
 
     def verify(self) -> VerifyResult:
-        """Verify the chain; checkpoints must be signed by this trail's current key."""
-        trusted = self._signer.public_key_der() if self._signer is not None else None
-        return verify_chain(self._log, signature_checker(trusted))
+        """Verify the chain against the witnesses; checkpoints must carry the current key."""
+        if self._checkpointer is not None:
+            return self._checkpointer.verify()
+        return verify_chain(self._log, signature_checker(None))
 
     def close(self) -> None:
         """Commit what is queued, write a final checkpoint, stop the writer; idempotent."""

@@ -95,7 +95,7 @@ def fill(log: SqlAuditLog, count: int, batch: int = 7) -> None:
 
 def checkpoint(log: SqlAuditLog, signer: Pkcs11Signer) -> Checkpoint:
     sequence, head_hash = log.head()
-    made = make_checkpoint(signer, sequence, head_hash, datetime.now(UTC))
+    made = make_checkpoint(signer, sequence, head_hash, datetime.now(UTC), log.last_checkpoint())
     assert log.add_checkpoint(made)
     return made
 
