@@ -124,7 +124,7 @@ def audit_witnesses(config: Config, client: Minio) -> list[CheckpointWitness]:
             client, audit.witness_bucket,
             lock_days=audit.witness_lock_days, lock_mode=audit.witness_lock_mode,
         )  # fmt: skip
-        witness = S3CheckpointWitness(client, target, audit.witness_bucket)
+        witness = S3CheckpointWitness(client, target, audit.witness_bucket, config.s3.bucket)
         try:
             witness.ensure(require_lock=audit.witness_lock_days > 0)
         except (WitnessError, StorageError) as e:

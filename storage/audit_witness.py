@@ -11,11 +11,12 @@ signed. Every checkpoint is therefore also written to a witness:
 * ``FileCheckpointWitness``: one JSON line per checkpoint appended to a file (meant for
   an append-only file, ``chattr +a``, or one a log shipper forwards).
 
-Key of a witness object: ``audit-checkpoints/<sequence, 20 digits>-<hash hex>.json``, so
-one listing tells verification what every witness claims; the body (JSON, below) is read
-only where a claim must be trusted (it disagrees with the database), and it is trusted
-only if its signature verifies under the audit key. A witness holds sequence numbers,
-hashes, signatures and the public key: no patient data.
+Key of a witness object: ``audit-checkpoints/<deployment>/<sequence, 20 digits>-<hash
+hex>.json`` (the deployment is the record bucket's name, so deployments may share a
+witness bucket). One listing tells verification what every witness claims; the body
+(JSON, ``encode``) is read only where a claim must be trusted (it disagrees with the
+database), and it is trusted only if its signature verifies under the audit key. A
+witness holds sequence numbers, hashes, signatures and the public key: no patient data.
 """
 
 from __future__ import annotations
@@ -77,14 +78,14 @@ class CheckpointWitness(Protocol):
         ...
 
 
-def witness_key(checkpoint: Checkpoint) -> str:
-    """The object key of ``checkpoint``."""
-    return f"{KEY_PREFIX}{checkpoint.sequence:020d}-{checkpoint.hash.hex()}.json"
+def witness_key(prefix: str, checkpoint: Checkpoint) -> str:
+    """The object key of ``checkpoint`` under ``prefix``."""
+    return f"{prefix}{checkpoint.sequence:020d}-{checkpoint.hash.hex()}.json"
 
 
-def parse_key(key: str, witness: CheckpointWitness) -> WitnessClaim | None:
+def parse_key(key: str, prefix: str, witness: CheckpointWitness) -> WitnessClaim | None:
     """The claim a key makes; None for keys that are not witness keys."""
-    name = key.removeprefix(KEY_PREFIX).removesuffix(".json")
+    name = key.removeprefix(prefix).removesuffix(".json")
     sequence, _, digest = name.partition("-")
     if len(digest) != 64:
         return None
@@ -135,10 +136,13 @@ def decode(data: bytes) -> Checkpoint | None:
 class S3CheckpointWitness:
     """Checkpoints as Object Lock objects in their own bucket (see the module docstring)."""
 
-    def __init__(self, client: Minio, target: S3Target, bucket: str) -> None:
+    def __init__(self, client: Minio, target: S3Target, bucket: str, deployment: str) -> None:
+        if not deployment or "/" in deployment:
+            raise ValueError("the deployment name must be one path segment")
         self._client = client
         self._target = target
         self._bucket = bucket
+        self._prefix = f"{KEY_PREFIX}{deployment}/"
 
     def ensure(self, *, require_lock: bool) -> None:
         """Create the bucket (with Object Lock); refuse a bucket without it if required."""
@@ -152,19 +156,23 @@ class S3CheckpointWitness:
     def put(self, checkpoint: Checkpoint) -> None:
         """Write the checkpoint's object, with the retention when the bucket locks."""
         try:
-            self._target.put(witness_key(checkpoint), [encode(checkpoint)])
+            self._target.put(witness_key(self._prefix, checkpoint), [encode(checkpoint)])
         except (StorageError, *VENDOR_ERRORS) as e:
             raise WitnessError(f"could not write to witness {self.describe()}") from e
 
     def claims(self) -> list[WitnessClaim]:
-        """One listing of the bucket's witness keys."""
+        """One listing of the witness keys, versions included.
+
+        Versions, because a plain DELETE on a locked bucket adds a delete marker that
+        hides the key from an ordinary listing while the locked version stays.
+        """
         try:
-            keys = [o.object_name for o in self._client.list_objects(
-                self._bucket, prefix=KEY_PREFIX, recursive=True
-            )]  # fmt: skip
+            keys = {o.object_name for o in self._client.list_objects(
+                self._bucket, prefix=self._prefix, recursive=True, include_version=True
+            )}  # fmt: skip
         except VENDOR_ERRORS as e:
             raise WitnessError(f"could not list witness {self.describe()}") from e
-        found = (parse_key(k, self) for k in keys if k is not None)
+        found = (parse_key(k, self._prefix, self) for k in keys if k is not None)
         return sorted((c for c in found if c is not None), key=lambda c: c.sequence)
 
     def load(self, claim: WitnessClaim) -> list[Checkpoint]:
@@ -185,9 +193,13 @@ class S3CheckpointWitness:
             response.close()
             response.release_conn()
 
+    def key(self, checkpoint: Checkpoint) -> str:
+        """The object key that holds ``checkpoint``."""
+        return witness_key(self._prefix, checkpoint)
+
     def describe(self) -> str:
-        """``s3://bucket``."""
-        return f"s3://{self._bucket}"
+        """``s3://bucket/prefix``."""
+        return f"s3://{self._bucket}/{self._prefix}"
 
 
 class FileCheckpointWitness:

@@ -163,13 +163,23 @@ class Checkpointer:
     def verify(self) -> VerifyResult:
         """The full verification against the witnesses, and any refusal to sign."""
         result = verify_chain(self._log, self.checker(), witnesses=self._witnesses)
-        refusal = self._refusal
+        refusal = self._still_refused()
         if result.ok and refusal is not None:
             return replace(
                 result, ok=False, first_bad_sequence=refusal[0],
                 reason=f"checkpoint refused by the service: {refusal[1]}",
             )  # fmt: skip
         return result
+
+    def _still_refused(self) -> Problem | None:
+        """The last refusal, unless the chain reaches the anchor again (it was repaired)."""
+        with self._lock:
+            anchor = self._anchor
+            if self._refusal is not None and anchor is not None:
+                repaired = verify_since(self._log, anchor, self.checker()) is None
+                if repaired:
+                    self._refusal = None
+            return self._refusal
 
     def _check_chain(self, last: Checkpoint | None) -> Problem | None:
         checker = self.checker()
@@ -180,6 +190,7 @@ class Checkpointer:
             if not checker(last):
                 return last.sequence, SIGNATURE_INVALID
             anchor = last
+        self._anchor = anchor  # kept, so that a repaired chain can be recognised
         return verify_since(self._log, anchor, checker)
 
     def _witnessed_anchor(self, checker: Callable[[Checkpoint], bool]) -> Checkpoint | None:
