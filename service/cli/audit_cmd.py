@@ -101,7 +101,9 @@ def cmd_verify(ns: argparse.Namespace) -> int:
     """Verify the hash chain and checkpoints; exit 1 at the first bad sequence."""
     result = _stub(ns).VerifyChain(pb.VerifyChainRequest())
     if not result.ok:
-        print(f"FAILED at sequence {result.first_bad_sequence}: {result.reason} "
+        # Sequence 0: nothing bad found, but the check was incomplete (witness unreadable).
+        where = f" at sequence {result.first_bad_sequence}" if result.first_bad_sequence else ""
+        print(f"FAILED{where}: {result.reason} "
               f"({plural(result.events_checked, 'event')} checked)")
         return 1
     last = result.last_checkpoint_sequence
@@ -109,6 +111,8 @@ def cmd_verify(ns: argparse.Namespace) -> int:
     print(f"OK: {plural(result.events_checked, 'event')}, "
           f"{plural(result.checkpoints_checked, 'checkpoint')} verified; "
           f"last checkpoint at sequence {last or '-'}")
+    if result.reason.startswith("chain intact; "):
+        print(result.reason.removeprefix("chain intact; "))
     if tail:
         print(f"note: {plural(tail, 'event')} after the last checkpoint "
               "(protected by the head row only)")
