@@ -165,8 +165,10 @@ def _wire(config: Config, pool: Pkcs11SessionPool) -> Components:
     kek = KekManager(engine, wrapper, Pkcs11KekRing(pool, wrapper))
     kek.sync()  # register the token's KEK versions in kek_versions
     store = RecordStore(
-        blobs, metadata, wrapper, Pkcs11BlindIndexer(pool), limits, before_commit=_fault_hook()
-    )
+        blobs, metadata, wrapper, Pkcs11BlindIndexer(pool), limits,
+        before_commit=_fault_hook(),
+        on_tampered=lambda e: guard.incidents.tampered(e.resource),
+    )  # fmt: skip
     signing = DocumentSigning(
         SignatureStore(store, engine),
         pool,

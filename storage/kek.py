@@ -41,7 +41,7 @@ from storage.errors import (
     KekRetiredError,
     RecordNotFoundError,
 )
-from storage.records import associated_data
+from storage.row_auth import associated_data
 from storage.sql_metadata import (
     from_db_time,
     kek_insert_ignoring_duplicates,
