@@ -292,6 +292,33 @@ class RecordStore:
         if size != row.stored_size:
             raise IntegrityError("stored record failed authentication")
 
+    def upgrade_sealed(self, record_id: str, version: int) -> bool:
+        """Re-seal a legacy (v1) row as v2 once its content proves its sizes and digests
+        (``storage.reseal``); False if it is v2 already. ``IntegrityError`` if it does
+        not verify; nothing is changed then."""
+        verified = self.verifier.verify(self._metadata.get(record_id, version))
+        if not verified.legacy:
+            return False
+        row = verified.row
+        cipher, plain = _Meter(row.stored_size), _Meter(row.size)
+        aead = StreamingAead(verified.dek, row.segment_size)
+        try:
+            for _ in plain.watch(aead.decrypt(cipher.watch(self._blobs.read(row.object_key)),
+                                              verified.ad)):  # fmt: skip
+                pass
+        except InvalidRecordError as e:  # longer than the row says
+            raise IntegrityError("stored record differs from its row") from e
+        if not (
+            plain.size == row.size
+            and cipher.size == row.stored_size
+            and secrets.compare_digest(plain.digest.digest(), verified.sealed.sha256)
+            and secrets.compare_digest(cipher.digest.digest(), row.ciphertext_sha256)
+        ):
+            raise IntegrityError("stored record differs from its row")
+        sealed = replace(verified.sealed, row=RowFields.of(row))
+        blob = seal(verified.dek, verified.ad, sealed)
+        return self._metadata.replace_sealed(row.id, row.version, row.sealed_meta, blob)
+
     def list(
         self, query: RecordQuery, *, admit: Gate | None = None
     ) -> tuple[list[RecordInfo], str]:

@@ -308,6 +308,16 @@ class SqlMetadataStore:
             found.update(self._referenced_batch(keys[start : start + _IN_BATCH]))
         return found
 
+    def replace_sealed(self, record_id: str, version: int, old: bytes, new: bytes) -> bool:
+        """Set a version's sealed metadata to ``new`` if it is still ``old``; True if set."""
+        update = (
+            records.update()
+            .where(records.c.id == record_id, records.c.version == version)
+            .where(records.c.sealed_meta == old)
+            .values(sealed_meta=new)
+        )
+        return bool(self._run(lambda c: c.execute(update).rowcount, write=True))
+
     def _referenced_batch(self, keys: Sequence[str]) -> Sequence[str]:
         query = sa.select(records.c.object_key).where(records.c.object_key.in_(keys))
         return self._run(lambda c: c.scalars(query).all())
