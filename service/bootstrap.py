@@ -207,11 +207,14 @@ def _wire(config: Config, pool: Pkcs11SessionPool) -> Components:
         max_record_size=config.server.max_record_size, segment_size=config.server.segment_size
     )
     wrapper = Pkcs11KeyWrapper(pool)
-    kek = KekManager(engine, wrapper, Pkcs11KekRing(pool, wrapper))
-    kek.sync()  # register the token's KEK versions in kek_versions
     store = RecordStore(
-        blobs, metadata, wrapper, Pkcs11BlindIndexer(pool), limits, before_commit=_fault_hook()
-    )
+        blobs, metadata, wrapper, Pkcs11BlindIndexer(pool), limits,
+        before_commit=_fault_hook(),
+        on_tampered=lambda e: guard.incidents.tampered(e.resource),
+    )  # fmt: skip
+    # The rewrap's last phase upgrades legacy (v1) sealed metadata (storage.reseal).
+    kek = KekManager(engine, wrapper, Pkcs11KekRing(pool, wrapper), upgrade=store.upgrade_sealed)
+    kek.sync()  # register the token's KEK versions in kek_versions
     signing = DocumentSigning(
         SignatureStore(store, engine),
         pool,

@@ -83,6 +83,11 @@ class AccessGuard:
         self.trail = trail
         self._incidents = incidents
 
+    @property
+    def incidents(self) -> IncidentDetector:
+        """The incident detector (the record store reports tampered rows to it)."""
+        return self._incidents
+
     def enter(self, facts: CallFacts) -> Call:
         """Authenticate and authorize ``facts``; denials are audited, then raised."""
         try:

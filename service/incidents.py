@@ -1,9 +1,12 @@
-"""Incident detection (Circular 53, Article 4.5): bursts of denials, unusual read volume.
+"""Incident detection (Circular 53, Article 4.5): bursts of denials, unusual read volume,
+tampered records.
 
 Sliding windows per source address (denied or failed authentications and denied
 calls) and per principal (reads). Crossing a threshold raises one incident per window:
 an ``incident`` event in the audit trail, a warning log line and a Prometheus counter.
 Thresholds come from the policy's ``[incidents]`` table, so SIGHUP adjusts them.
+A metadata row that fails verification (``storage.row_auth``) raises a ``row-tampered``
+incident at once, one per record version and denial window.
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ class IncidentDetector:
         self._lock = threading.Lock()
         self._denied: defaultdict[str, _Window] = defaultdict(_Window)
         self._reads: defaultdict[str, _Window] = defaultdict(_Window)
+        self._tampered: defaultdict[str, _Window] = defaultdict(_Window)
 
     def denied(self, source: str) -> None:
         """A denied call or failed authentication from ``source``."""
@@ -107,6 +111,16 @@ class IncidentDetector:
             self._raise("read-volume", principal, "",
                         f"{limits.read_threshold} reads within {limits.read_window_seconds} s "
                         "by one principal")
+
+    def tampered(self, resource: str) -> None:
+        """A stored record's row failed verification: someone wrote to the database."""
+        limits = self._thresholds()
+        with self._lock:
+            alarm = self._tampered[resource].add(self._clock(), limits.denied_window_seconds, 1)
+        if alarm:
+            self._raise("row-tampered", resource, "",
+                        f"{resource}: metadata row failed authentication (changed in the "
+                        "database); the read was refused")
 
     def _raise(self, kind: str, subject: str, source: str, description: str) -> None:
         signal(kind, subject)

@@ -96,7 +96,7 @@ class KeyServicer(kpb_grpc.KeyServiceServicer):  # type: ignore[misc]  # untyped
         p = job.progress()
         reason = (
             f"rewrap {how}: {p.rewrapped} rewrapped, {p.remaining} remaining, "
-            f"{p.failed} failed to authenticate"
+            f"{p.failed} failed to authenticate, {p.resealed} legacy records resealed"
         )
         outcome: Outcome = "allowed" if how == "finished" and not p.failed else "failed"
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 from grpc import aio
 
@@ -22,6 +23,7 @@ from service.streams import SyncRequests, prefetch
 from storage.errors import InvalidRecordError
 from storage.model import NewRecord, RecordInfo, RecordQuery
 from storage.records import OpenRecord, RecordStore
+from storage.row_auth import RowTamperedError
 
 _SERVICE = "/medvault.v1.RecordService/"
 
@@ -41,6 +43,17 @@ def _pieces(chunks: Iterator[bytes], size: int) -> Iterator[bytes]:
         view = memoryview(chunk)
         for start in range(0, len(view), size):
             yield bytes(view[start : start + size])
+
+
+@contextmanager
+def _naming_tampered(state: CallState) -> Iterator[None]:
+    """A row that fails verification is audited (by ``handled``) under its own record
+    version, also when a list met it."""
+    try:
+        yield
+    except RowTamperedError as e:
+        state.resource = e.resource
+        raise
 
 
 class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # untyped stub
@@ -70,13 +83,14 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
         self, state: CallState, call_facts: CallFacts, request: pb.GetRecordRequest
     ) -> tuple[OpenRecord, list[bytes] | None]:
         call = state.call = self._guard.enter(call_facts)
-        opened = self._store.open(
-            request.id,
-            request.version or None,
-            request.range.offset,
-            request.range.length,
-            admit=self._guard.patient_gate(call),
-        )
+        with _naming_tampered(state):
+            opened = self._store.open(
+                request.id,
+                request.version or None,
+                request.range.offset,
+                request.range.length,
+                admit=self._guard.patient_gate(call),
+            )
         if opened.info.size <= self._chunk_size:  # small: read now, saving a thread hop
             return opened, list(opened.content)
         return opened, None
@@ -86,13 +100,15 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
     ) -> RecordInfo:
         call = state.call = self._guard.enter(call_facts)
         gate = self._guard.patient_gate(call)
-        return self._store.stat(request.id, request.version or None, admit=gate)
+        with _naming_tampered(state):
+            return self._store.stat(request.id, request.version or None, admit=gate)
 
     def _list(
         self, state: CallState, call_facts: CallFacts, query: RecordQuery
     ) -> tuple[list[RecordInfo], str]:
         call = state.call = self._guard.enter(call_facts)
-        return self._store.list(query, admit=self._guard.patient_gate(call))
+        with _naming_tampered(state):
+            return self._store.list(query, admit=self._guard.patient_gate(call))
 
     async def PutRecord(  # noqa: N802  (gRPC method names)
         self, request_iterator: AsyncIterator[pb.PutRecordRequest], context: aio.ServicerContext

@@ -112,3 +112,7 @@ class MetadataStore(Protocol):
     def referenced(self, object_keys: Iterable[str]) -> set[str]:
         """Those of ``object_keys`` that some row references (for the orphan sweeper)."""
         ...
+
+    def replace_sealed(self, record_id: str, version: int, old: bytes, new: bytes) -> bool:
+        """Set a version's sealed metadata to ``new`` if it is still ``old``; True if set."""
+        ...

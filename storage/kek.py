@@ -41,7 +41,8 @@ from storage.errors import (
     KekRetiredError,
     RecordNotFoundError,
 )
-from storage.records import associated_data
+from storage.reseal import LegacyResealer, Upgrade, count_legacy
+from storage.row_auth import associated_data
 from storage.sql_metadata import (
     from_db_time,
     kek_insert_ignoring_duplicates,
@@ -97,6 +98,7 @@ class RewrapProgress:
     remaining: int
     target_version: int
     failed: int = 0
+    resealed: int = 0  # legacy (v1) sealed metadata upgraded to v2 (storage.reseal)
 
 
 @dataclass
@@ -122,16 +124,26 @@ class RewrapJob:
     # Rows whose key failed to unwrap in every pass so far (the last pass, once done).
     failed_ids: set[tuple[str, int]] = field(default_factory=set)
     done: bool = False
+    # The last phase, once every key is moved: legacy sealed metadata upgraded to v2.
+    reseal: LegacyResealer | None = None
+    keys_done: bool = False
     _pass: _Pass = field(default_factory=_Pass)
 
     def progress(self) -> RewrapProgress:
         """The counts so far (failures: of the previous pass and of this one so far)."""
-        failed = len(self.failed_ids | self._pass.failed)
-        return RewrapProgress(self.rewrapped, self.remaining, self.target, failed)
+        failed = self.failed_ids | self._pass.failed
+        resealed = 0
+        if self.reseal is not None:
+            failed, resealed = failed | self.reseal.failed, self.reseal.resealed
+        return RewrapProgress(self.rewrapped, self.remaining, self.target, len(failed), resealed)
 
     def step(self) -> RewrapProgress:
         """Rewrap one batch; at the end of a pass, recount and start another if needed."""
         if self.done:
+            return self.progress()
+        if self.keys_done and self.reseal is not None:
+            self.reseal.step(self.batch_size)
+            self.done = self.reseal.finished
             return self.progress()
         rows = self._select()
         if not rows:
@@ -151,7 +163,8 @@ class RewrapJob:
         self.remaining = left
         self.failed_ids = self._pass.failed  # a row that failed before but not now is fine
         if left == 0 or self._pass.moved == 0:
-            self.done = True
+            self.keys_done = True
+            self.done = self.reseal is None
         self._pass = _Pass()
 
     def _where(self) -> sa.ColumnElement[bool]:
@@ -229,10 +242,14 @@ def count_below(engine: Engine, target: int, from_version: int = 0) -> int:
 class KekManager:
     """Use cases of the master-key lifecycle over the token and the metadata database."""
 
-    def __init__(self, engine: Engine, wrapper: KeyWrapper, ring: KekRing) -> None:
+    def __init__(
+        self, engine: Engine, wrapper: KeyWrapper, ring: KekRing, *, upgrade: Upgrade | None = None
+    ) -> None:
         self._engine = engine
         self._wrapper = wrapper
         self._ring = ring
+        # Re-seals one legacy row (``RecordStore.upgrade_sealed``): rewrap's last phase.
+        self._upgrade = upgrade
 
     def sync(self) -> int:
         """Register the token's versions; mark the newest active. Return it."""
@@ -303,7 +320,10 @@ class KekManager:
             )
         job = RewrapJob(self._engine, self._wrapper, target, from_version, batch_size)
         job.remaining = count_below(self._engine, target, from_version)
-        job.done = job.remaining == 0
+        if self._upgrade is not None and not from_version:
+            job.reseal = LegacyResealer(self._engine, self._upgrade)
+        job.keys_done = job.remaining == 0
+        job.done = job.keys_done and (job.reseal is None or count_legacy(self._engine) == 0)
         return job
 
     def retire(self, version: int, *, destroy_key: bool = False) -> KekVersionInfo:

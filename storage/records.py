@@ -15,8 +15,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
 
-from keystore.errors import UnwrapError
-from keystore.interfaces import BlindIndexer, KeyWrapper, WrappedKey
+from keystore.interfaces import BlindIndexer, KeyWrapper
 from storage.envelope import StreamingAead
 from storage.errors import (
     IntegrityError,
@@ -25,19 +24,15 @@ from storage.errors import (
     RecordConflictError,
 )
 from storage.interfaces import BlobStore, MetadataStore, StoredRecord
-from storage.model import NewRecord, PatientRef, RecordInfo, RecordKind, RecordQuery
+from storage.model import NewRecord, PatientRef, RecordInfo, RecordQuery
 from storage.paging import decode_page_token, encode_page_token
 from storage.pipeline import read_ahead
-from storage.sealing import SealedFields, seal, unseal
+from storage.row_auth import RowVerifier, Tampered, VerifiedRecord, associated_data
+from storage.sealing import RowFields, SealedFields, seal
 from storage.validation import check_header, check_header_patient, check_record_id
 
 OBJECT_PREFIX = "objects/"
 MAX_PAGE_SIZE = 500
-
-
-def associated_data(record_id: str, version: int) -> bytes:
-    """Bind ciphertext and wrapped key to one record version (docs/encryption.md)."""
-    return b"medvault:record:v1:" + record_id.encode() + b":" + version.to_bytes(4, "big")
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +111,8 @@ class RecordStore:
         limits: StoreLimits | None = None,
         *,
         before_commit: Callable[[], None] | None = None,
+        on_tampered: Tampered | None = None,
+        accept_legacy: bool = True,
     ) -> None:
         self._blobs = blobs
         self._metadata = metadata
@@ -124,6 +121,10 @@ class RecordStore:
         self._limits = limits or StoreLimits()
         # Fault-injection seam for crash tests: runs after the upload, before the row.
         self._before_commit = before_commit
+        # Every row is verified here before any of it is trusted (storage.row_auth).
+        self.verifier = RowVerifier(
+            wrapper, indexer, accept_legacy=accept_legacy, on_tampered=on_tampered
+        )
 
     def put(
         self,
@@ -164,7 +165,7 @@ class RecordStore:
             kind=header.kind.value,
             content_type=header.content_type,
             patient_index=patient_index,
-            sealed_meta=seal(dek, ad, SealedFields(header.patient, header.title, sha256)),
+            sealed_meta=b"",  # sealed below, over the row's own columns
             object_key=object_key,
             kek_version=wrapped.kek_version,
             wrapped_dek=wrapped.blob,
@@ -176,6 +177,8 @@ class RecordStore:
             created_by=creator,
             supersedes_version=version - 1 if version > 1 else None,
         )
+        sealed = SealedFields(header.patient, header.title, sha256, RowFields.of(row))
+        row = replace(row, sealed_meta=seal(dek, ad, sealed))
         if self._before_commit is not None:
             self._before_commit()
         try:
@@ -184,7 +187,7 @@ class RecordStore:
         except BaseException:
             self._blobs.delete(object_key)
             raise
-        return self._info(row, dek)
+        return VerifiedRecord(row, dek, sealed).info()
 
     def _insert(self, row: StoredRecord, dek: bytes, ad: bytes) -> None:
         """Insert the row; if its KEK version was retired meanwhile, wrap the same data
@@ -202,7 +205,7 @@ class RecordStore:
     def _next_version(self, header: NewRecord, patient_index: bytes) -> tuple[str, int]:
         if header.supersedes is None:
             return secrets.token_hex(16), 1
-        base = self._metadata.get(header.supersedes)
+        base = self.verifier.verify(self._metadata.get(header.supersedes)).row
         if not secrets.compare_digest(base.patient_index, patient_index):
             raise InvalidRecordError("patient", "differs from the patient of the amended record")
         if header.supersedes_version is not None and header.supersedes_version != base.version:
@@ -212,14 +215,20 @@ class RecordStore:
             )
         return base.id, base.version + 1
 
+    def _verified(self, record_id: str, version: int | None, admit: Gate | None) -> VerifiedRecord:
+        """The row, verified first; only then the gate, so its audit event names the
+        sealed patient, never one a database writer chose."""
+        check_record_id("id", record_id)
+        verified = self.verifier.verify(self._metadata.get(record_id, version))
+        row = verified.row
+        _admit(admit, RecordRef(row.id, row.version, verified.patient_index))
+        return verified
+
     def stat(
         self, record_id: str, version: int | None = None, *, admit: Gate | None = None
     ) -> RecordInfo:
         """Metadata of one version (the latest by default)."""
-        check_record_id("id", record_id)
-        row = self._metadata.get(record_id, version)
-        _admit(admit, RecordRef(row.id, row.version, row.patient_index))
-        return self._info(row, self._unwrap(row))
+        return self._verified(record_id, version, admit).info()
 
     def open(
         self,
@@ -231,23 +240,20 @@ class RecordStore:
         admit: Gate | None = None,
     ) -> OpenRecord:
         """Metadata and authenticated plaintext; ``length`` 0 reads to the end."""
-        check_record_id("id", record_id)
-        row = self._metadata.get(record_id, version)
-        _admit(admit, RecordRef(row.id, row.version, row.patient_index))
-        dek = self._unwrap(row)
-        info = self._info(row, dek)
+        verified = self._verified(record_id, version, admit)
+        row, info = verified.row, verified.info()
         if offset < 0 or length < 0 or (offset > row.size) or (offset == row.size and offset):
             raise InvalidRecordError("range.offset", f"is beyond the record's {row.size} bytes")
         length = min(length or row.size - offset, row.size - offset)
-        aead = StreamingAead(dek, row.segment_size)
-        ad = associated_data(row.id, row.version)
+        aead = StreamingAead(verified.dek, row.segment_size)
         if offset == 0 and length == row.size:
-            return OpenRecord(info, self._read_whole(row, aead, ad))
+            return OpenRecord(info, self._read_whole(row, aead, verified.ad))
         if self._blobs.stat(row.object_key).size != row.stored_size:
             raise IntegrityError("stored record failed authentication")
         content = aead.decrypt_range(
-            lambda o, n: self._blobs.read(row.object_key, o, n), row.stored_size, ad, offset, length
-        )
+            lambda o, n: self._blobs.read(row.object_key, o, n),
+            row.stored_size, verified.ad, offset, length,
+        )  # fmt: skip
         return OpenRecord(info, content)
 
     def open_with_key(
@@ -260,14 +266,10 @@ class RecordStore:
     ) -> tuple[OpenRecord, bytes]:
         """A whole-record ``open`` (content empty unless ``content``) plus the record's
         data key, for sealing what is attached to the record (``storage.signatures``)."""
-        check_record_id("id", record_id)
-        row = self._metadata.get(record_id, version)
-        _admit(admit, RecordRef(row.id, row.version, row.patient_index))
-        dek = self._unwrap(row)
-        info = self._info(row, dek)
-        ad = associated_data(row.id, row.version)
-        stream = self._read_whole(row, StreamingAead(dek, row.segment_size), ad)
-        return OpenRecord(info, stream if content else iter(())), dek
+        verified = self._verified(record_id, version, admit)
+        row = verified.row
+        stream = self._read_whole(row, StreamingAead(verified.dek, row.segment_size), verified.ad)
+        return OpenRecord(verified.info(), stream if content else iter(())), verified.dek
 
     def _read_whole(self, row: StoredRecord, aead: StreamingAead, ad: bytes) -> Iterator[bytes]:
         # Every segment is authenticated under this record's key and position, and the
@@ -290,13 +292,47 @@ class RecordStore:
         if size != row.stored_size:
             raise IntegrityError("stored record failed authentication")
 
+    def upgrade_sealed(self, record_id: str, version: int) -> bool:
+        """Re-seal a legacy (v1) row as v2 once its content proves its sizes and digests
+        (``storage.reseal``); False if it is v2 already. ``IntegrityError`` if it does
+        not verify; nothing is changed then."""
+        verified = self.verifier.verify(self._metadata.get(record_id, version))
+        if not verified.legacy:
+            return False
+        row = verified.row
+        cipher, plain = _Meter(row.stored_size), _Meter(row.size)
+        aead = StreamingAead(verified.dek, row.segment_size)
+        try:
+            for _ in plain.watch(aead.decrypt(cipher.watch(self._blobs.read(row.object_key)),
+                                              verified.ad)):  # fmt: skip
+                pass
+        except InvalidRecordError as e:  # longer than the row says
+            raise IntegrityError("stored record differs from its row") from e
+        if not (
+            plain.size == row.size
+            and cipher.size == row.stored_size
+            and secrets.compare_digest(plain.digest.digest(), verified.sealed.sha256)
+            and secrets.compare_digest(cipher.digest.digest(), row.ciphertext_sha256)
+        ):
+            raise IntegrityError("stored record differs from its row")
+        sealed = replace(verified.sealed, row=RowFields.of(row))
+        blob = seal(verified.dek, verified.ad, sealed)
+        return self._metadata.replace_sealed(row.id, row.version, row.sealed_meta, blob)
+
     def list(
         self, query: RecordQuery, *, admit: Gate | None = None
     ) -> tuple[list[RecordInfo], str]:
-        """One page of the patient's records, newest first, and the next page token."""
+        """One page of the patient's records, newest first, and the next page token.
+
+        Every row of the page is verified, and must be this patient's; one that does not
+        verify fails the whole page (DATA_LOSS), so no page silently skips it. The token
+        is made from the last verified row, and the row fetched only to learn that a
+        next page exists is verified when that page is read.
+        """
         if not 0 < query.page_size <= MAX_PAGE_SIZE:
             raise InvalidRecordError("page_size", f"must be between 1 and {MAX_PAGE_SIZE}")
         patient_index = self.patient_index(query.patient)
+        after = decode_page_token(query.page_token)
         _admit(admit, RecordRef(None, None, patient_index))
         rows = self._metadata.list(
             patient_index,
@@ -304,39 +340,16 @@ class RecordStore:
             created_after=query.created_after,
             created_before=query.created_before,
             all_versions=query.all_versions,
-            after=decode_page_token(query.page_token),
+            after=after,
             limit=query.page_size + 1,
         )
-        page = rows[: query.page_size]
-        token = encode_page_token(page[-1]) if len(rows) > query.page_size else ""
-        return [self._info(r, self._unwrap(r)) for r in page], token
+        page = [
+            self.verifier.verify(r, patient_index=patient_index) for r in rows[: query.page_size]
+        ]
+        token = encode_page_token(page[-1].row) if len(rows) > query.page_size else ""
+        return [v.info() for v in page], token
 
     def patient_index(self, patient: PatientRef) -> bytes:
         """The keyed blind index of ``patient`` (for grants and audit queries)."""
         check_header_patient(patient)
         return self._indexer.blind_index(patient.canonical())
-
-    def _unwrap(self, row: StoredRecord) -> bytes:
-        wrapped = WrappedKey(kek_version=row.kek_version, blob=row.wrapped_dek)
-        try:
-            return self._wrapper.unwrap(wrapped, associated_data(row.id, row.version))
-        except UnwrapError as e:
-            raise IntegrityError("stored record key failed authentication") from e
-
-    @staticmethod
-    def _info(row: StoredRecord, dek: bytes) -> RecordInfo:
-        sealed = unseal(dek, associated_data(row.id, row.version), row.sealed_meta)
-        return RecordInfo(
-            id=row.id,
-            version=row.version,
-            patient=sealed.patient,
-            kind=RecordKind(row.kind),
-            content_type=row.content_type,
-            title=sealed.title,
-            size=row.size,
-            stored_size=row.stored_size,
-            sha256=sealed.sha256,
-            created_at=row.created_at,
-            created_by=row.created_by,
-            supersedes_version=row.supersedes_version,
-        )

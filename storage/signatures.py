@@ -33,7 +33,8 @@ from sqlalchemy.engine import Engine, Row
 
 from storage.errors import InvalidRecordError, RecordNotFoundError
 from storage.model import RecordInfo
-from storage.records import Gate, OpenRecord, RecordStore, associated_data
+from storage.records import Gate, OpenRecord, RecordStore
+from storage.row_auth import associated_data
 from storage.sealing import seal_bytes
 from storage.sealing import unseal_bytes as _unseal
 from storage.sql_metadata import from_db_time, metadata, to_utc, translated

@@ -172,7 +172,8 @@ def from_db_time(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _to_record(row: Row[Any]) -> StoredRecord:
+def to_stored_record(row: Row[Any]) -> StoredRecord:
+    """The domain view of a ``records`` row (not yet verified: see ``storage.row_auth``)."""
     m = row._mapping
     return StoredRecord(
         id=m["id"],
@@ -262,7 +263,7 @@ class SqlMetadataStore:
         row = self._run(lambda c: c.execute(query).first())
         if row is None:
             raise RecordNotFoundError("no such record" if version is None else "no such version")
-        return _to_record(row)
+        return to_stored_record(row)
 
     def list(
         self,
@@ -297,7 +298,7 @@ class SqlMetadataStore:
             records.c.created_at.desc(), records.c.id.desc(), records.c.version.desc()
         ).limit(limit)
         rows = self._run(lambda c: c.execute(query).all())
-        return [_to_record(r) for r in rows]
+        return [to_stored_record(r) for r in rows]
 
     def referenced(self, object_keys: Iterable[str]) -> set[str]:
         """Those of ``object_keys`` that some row references (for the orphan sweeper)."""
@@ -306,6 +307,16 @@ class SqlMetadataStore:
         for start in range(0, len(keys), _IN_BATCH):
             found.update(self._referenced_batch(keys[start : start + _IN_BATCH]))
         return found
+
+    def replace_sealed(self, record_id: str, version: int, old: bytes, new: bytes) -> bool:
+        """Set a version's sealed metadata to ``new`` if it is still ``old``; True if set."""
+        update = (
+            records.update()
+            .where(records.c.id == record_id, records.c.version == version)
+            .where(records.c.sealed_meta == old)
+            .values(sealed_meta=new)
+        )
+        return bool(self._run(lambda c: c.execute(update).rowcount, write=True))
 
     def _referenced_batch(self, keys: Sequence[str]) -> Sequence[str]:
         query = sa.select(records.c.object_key).where(records.c.object_key.in_(keys))

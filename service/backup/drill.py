@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from keystore import Pkcs11KeyWrapper, Pkcs11SessionPool
+from keystore import Pkcs11BlindIndexer, Pkcs11KeyWrapper, Pkcs11SessionPool
 from keystore.signing import Pkcs11Signer
 from service.audit.checkpoints import signature_checker
 from service.backup import DrillRunner
@@ -54,6 +54,7 @@ def drill_checks(
         backup_signer=Pkcs11Signer(pool, backup_key_label),
         verify_signature=signature_check(validator),
         verify_checkpoint=signature_checker(audit_key),
+        indexer=Pkcs11BlindIndexer(pool),
     )
 
 
