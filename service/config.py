@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Longest wait for a request message that the edge allows (service.streams relies on it).
+MAX_IDLE_SECONDS = 300.0
+
 
 class ConfigError(Exception):
     """The configuration file is missing or invalid; the message names the key."""
@@ -217,6 +220,11 @@ def _check(config: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive")
+    waits = max(config.server.first_message_seconds, config.server.idle_seconds)
+    if waits > MAX_IDLE_SECONDS:
+        raise ConfigError(
+            f"server.first_message_seconds and idle_seconds must be at most {MAX_IDLE_SECONDS:g}"
+        )
     if min(config.server.max_calls_per_principal, config.server.max_calls_per_application) < 0:
         raise ConfigError("server.max_calls_per_principal/application must be 0 (default) or more")
     if not 5 << 20 <= config.s3.part_size <= 5 << 30:

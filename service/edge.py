@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,8 +161,11 @@ class EdgeInterceptor(aio.ServerInterceptor):  # type: ignore[misc]  # untyped b
 
             async def streaming(source: AsyncIterator[Any], context: aio.ServicerContext) -> Any:
                 async with self._entered(context, method):
-                    async for reply in behavior(await requests(source), context):
-                        yield reply
+                    # aclosing: a client that goes away stops the handler now, not at GC.
+                    replies = behavior(await requests(source), context)
+                    async with aclosing(replies):
+                        async for reply in replies:
+                            yield reply
 
             return grpc.stream_stream_rpc_method_handler(
                 streaming, deserializer, handler.response_serializer
@@ -192,8 +195,9 @@ class EdgeInterceptor(aio.ServerInterceptor):  # type: ignore[misc]  # untyped b
             async def streaming(request: Any, context: aio.ServicerContext) -> Any:
                 release = await self._certificate_slot(context)
                 try:
-                    async for reply in inner_stream(request, context):
-                        yield reply
+                    async with aclosing(inner_stream(request, context)) as replies:
+                        async for reply in replies:
+                            yield reply
                 finally:
                     release()
 
