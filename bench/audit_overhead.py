@@ -156,7 +156,12 @@ def configure(stack: LocalStack, audit: bool) -> None:
     listen = service_config.load(path).server.listen
     host, _, port = listen.rpartition(":")
     free = pick_port(int(port), exclude=set())  # the last phase's port may linger
-    text = text.replace(f'listen = "{listen}"', f'listen = "{host}:{free}"')
+    # All clients are one principal: lift its share of concurrent calls (service.limits)
+    # so the benchmark measures the audit trail, not the fairness limit.
+    text = re.sub(r"\nmax_calls_per_principal = \d+", "", text)
+    text = text.replace(
+        f'listen = "{listen}"', f'listen = "{host}:{free}"\nmax_calls_per_principal = 256'
+    )
     text += f"\n[audit]\nenabled = {'true' if audit else 'false'}\n"
     path.write_text(text)
     assert service_config.load(path).audit.enabled is audit

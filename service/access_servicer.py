@@ -11,14 +11,13 @@ from service import convert
 from service._gen.medvault.v1 import access_pb2 as apb
 from service._gen.medvault.v1 import access_pb2_grpc as apb_grpc
 from service.authz import PermissionDeniedError
-from service.calls import CallState, facts, handled
+from service.calls import CallState, entered, handled
 from service.convert_audit import grant_to_pb, when
-from service.guard import AccessGuard, Call, CallFacts
+from service.guard import AccessGuard, Call
 from storage.errors import InvalidRecordError
 from storage.grants_model import Grant
 from storage.records import RecordStore
 
-_SERVICE = "/medvault.v1.AccessService/"
 SELF_GRANT = "a principal cannot grant itself access; use break-the-glass (reviewed)"
 
 
@@ -49,8 +48,8 @@ class AccessServicer(apb_grpc.AccessServiceServicer):  # type: ignore[misc]  # u
             raise
         return grant
 
-    def _grant(self, state: CallState, call_facts: CallFacts, req: apb.GrantAccessRequest) -> Grant:
-        call = state.call = self._guard.enter(call_facts)
+    def _grant(self, state: CallState, req: apb.GrantAccessRequest) -> Grant:
+        call = entered(state)
         if req.principal == call.principal.name:
             # Granting oneself would be silent access without review: break-the-glass is
             # the reviewed way to reach a patient outside one's care team.
@@ -61,14 +60,14 @@ class AccessServicer(apb_grpc.AccessServiceServicer):  # type: ignore[misc]  # u
             raise PermissionDeniedError(SELF_GRANT)
         grant = self._guard.grants.grant(
             self._patient_index(req), req.principal, call.principal.name,
-            when(req.expires_at, req.HasField("expires_at")), _now(),
+            when(req.expires_at, req.HasField("expires_at"), "expires_at"), _now(),
         )
         return self._changed(call, grant, f"granted to {req.principal}")
 
     def _break_glass(
-        self, state: CallState, call_facts: CallFacts, req: apb.BreakGlassRequest
+        self, state: CallState, req: apb.BreakGlassRequest
     ) -> Grant:
-        call = state.call = self._guard.enter(call_facts)
+        call = entered(state)
         limit = self._guard.policy.current.break_glass.max_seconds
         seconds = req.duration_seconds or limit
         if seconds > limit:
@@ -81,16 +80,16 @@ class AccessServicer(apb_grpc.AccessServiceServicer):  # type: ignore[misc]  # u
         # exported trail: it may name the patient.
         return self._changed(call, grant, "break-the-glass (reason with the grant, for review)")
 
-    def _revoke(self, state: CallState, call_facts: CallFacts, grant_id: str) -> Grant:
-        call = state.call = self._guard.enter(call_facts)
+    def _revoke(self, state: CallState, grant_id: str) -> Grant:
+        call = entered(state)
         grant = self._guard.grants.revoke(grant_id, call.principal.name, _now())
         self._guard.audit(call, f"grant/{grant.id}", grant.patient_index, outcome="allowed")
         return grant
 
     def _list(
-        self, state: CallState, call_facts: CallFacts, req: apb.ListGrantsRequest
+        self, state: CallState, req: apb.ListGrantsRequest
     ) -> list[Grant]:
-        call = state.call = self._guard.enter(call_facts)
+        call = entered(state)
         index = (
             self._store.patient_index(convert.patient_from_pb(req.patient))
             if req.HasField("patient") else None
@@ -98,8 +97,8 @@ class AccessServicer(apb_grpc.AccessServiceServicer):  # type: ignore[misc]  # u
         self._guard.audit(call, "grants", index, outcome="allowed")
         return self._guard.grants.list(index, req.principal or None, req.include_inactive, _now())
 
-    def _whoami(self, state: CallState, call_facts: CallFacts) -> apb.WhoAmIResponse:
-        call = state.call = self._guard.enter(call_facts)
+    def _whoami(self, state: CallState) -> apb.WhoAmIResponse:
+        call = entered(state)
         self._guard.audit(call, "whoami", outcome="allowed")
         principal = call.principal
         permissions = self._guard.policy.current.permissions_for(principal.roles)
@@ -115,8 +114,7 @@ class AccessServicer(apb_grpc.AccessServiceServicer):  # type: ignore[misc]  # u
     ) -> apb.Grant:
         """Give a principal access to a patient's records (care team)."""
         async with handled(self._guard, context, "GrantAccess") as state:
-            call_facts = facts(context, _SERVICE + "GrantAccess")
-            grant = await asyncio.to_thread(self._grant, state, call_facts, request)
+            grant = await asyncio.to_thread(self._grant, state, request)
             return grant_to_pb(grant, request.patient)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -125,9 +123,8 @@ class AccessServicer(apb_grpc.AccessServiceServicer):  # type: ignore[misc]  # u
     ) -> apb.Grant:
         """End a grant now."""
         async with handled(self._guard, context, "RevokeAccess") as state:
-            state.resource = f"grant/{request.grant_id}"
-            call_facts = facts(context, _SERVICE + "RevokeAccess")
-            grant = await asyncio.to_thread(self._revoke, state, call_facts, request.grant_id)
+            state.resource = f"grant/{convert.resource_id(request.grant_id)}"
+            grant = await asyncio.to_thread(self._revoke, state, request.grant_id)
             return grant_to_pb(grant)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -136,8 +133,7 @@ class AccessServicer(apb_grpc.AccessServiceServicer):  # type: ignore[misc]  # u
     ) -> apb.ListGrantsResponse:
         """Grants of a patient or of a principal."""
         async with handled(self._guard, context, "ListGrants") as state:
-            call_facts = facts(context, _SERVICE + "ListGrants")
-            grants = await asyncio.to_thread(self._list, state, call_facts, request)
+            grants = await asyncio.to_thread(self._list, state, request)
             echo = request.patient if request.HasField("patient") else None
             return apb.ListGrantsResponse(grants=[grant_to_pb(g, echo) for g in grants])
         raise AssertionError("unreachable")  # pragma: no cover
@@ -147,8 +143,7 @@ class AccessServicer(apb_grpc.AccessServiceServicer):  # type: ignore[misc]  # u
     ) -> apb.Grant:
         """Time-limited emergency access with a mandatory reason, queued for review."""
         async with handled(self._guard, context, "BreakGlass") as state:
-            call_facts = facts(context, _SERVICE + "BreakGlass")
-            grant = await asyncio.to_thread(self._break_glass, state, call_facts, request)
+            grant = await asyncio.to_thread(self._break_glass, state, request)
             return grant_to_pb(grant, request.patient)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -157,6 +152,5 @@ class AccessServicer(apb_grpc.AccessServiceServicer):  # type: ignore[misc]  # u
     ) -> apb.WhoAmIResponse:
         """The caller as the service sees it: principal, application, roles, permissions."""
         async with handled(self._guard, context, "WhoAmI") as state:
-            call_facts = facts(context, _SERVICE + "WhoAmI")
-            return await asyncio.to_thread(self._whoami, state, call_facts)
+            return await asyncio.to_thread(self._whoami, state)
         raise AssertionError("unreachable")  # pragma: no cover

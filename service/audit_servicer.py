@@ -12,9 +12,9 @@ from service import convert
 from service._gen.medvault.v1 import audit_pb2 as aupb
 from service._gen.medvault.v1 import audit_pb2_grpc as aupb_grpc
 from service.audit.export import chunked, to_csv, to_fhir, to_jsonl
-from service.calls import CallState, facts, handled
+from service.calls import CallState, entered, handled
 from service.convert_audit import event_to_pb, filter_from_pb, review_item, verify_to_pb
-from service.guard import AccessGuard, CallFacts
+from service.guard import AccessGuard
 from service.streams import prefetch
 from storage.audit_log import SqlAuditLog
 from storage.audit_model import AuditFilter, ChainedEvent, VerifyResult
@@ -22,7 +22,6 @@ from storage.errors import InvalidRecordError
 from storage.grants_model import Grant
 from storage.records import RecordStore
 
-_SERVICE = "/medvault.v1.AuditService/"
 _EXPORTERS: dict[int, Callable[[Iterable[ChainedEvent]], Iterator[bytes]]] = {
     aupb.EXPORT_FORMAT_JSONL: to_jsonl,
     aupb.EXPORT_FORMAT_CSV: to_csv,
@@ -37,10 +36,10 @@ class AuditServicer(aupb_grpc.AuditServiceServicer):  # type: ignore[misc]  # un
         self._log = log
 
     def _filter(
-        self, state: CallState, call_facts: CallFacts, req: aupb.QueryEventsRequest
+        self, state: CallState, req: aupb.QueryEventsRequest
     ) -> AuditFilter:
         """Enter, build the filter, and commit the audit event of this read of the trail."""
-        call = state.call = self._guard.enter(call_facts)
+        call = entered(state)
         index = (
             self._store.patient_index(convert.patient_from_pb(req.patient))
             if req.HasField("patient") else None
@@ -49,20 +48,20 @@ class AuditServicer(aupb_grpc.AuditServiceServicer):  # type: ignore[misc]  # un
         self._guard.audit(call, "audit-trail", index, outcome="allowed")
         return flt
 
-    def _verify(self, state: CallState, call_facts: CallFacts) -> VerifyResult:
-        call = state.call = self._guard.enter(call_facts)
+    def _verify(self, state: CallState) -> VerifyResult:
+        call = entered(state)
         self._guard.audit(call, "audit-trail", outcome="allowed")
         return self._guard.trail.verify()
 
-    def _queue(self, state: CallState, call_facts: CallFacts, everything: bool) -> list[Grant]:
-        call = state.call = self._guard.enter(call_facts)
+    def _queue(self, state: CallState, everything: bool) -> list[Grant]:
+        call = entered(state)
         self._guard.audit(call, "break-glass-queue", outcome="allowed")
         return self._guard.grants.break_glass_queue(everything)
 
     def _review(
-        self, state: CallState, call_facts: CallFacts, req: aupb.ReviewBreakGlassRequest
+        self, state: CallState, req: aupb.ReviewBreakGlassRequest
     ) -> Grant:
-        call = state.call = self._guard.enter(call_facts)
+        call = entered(state)
         grant = self._guard.grants.review(
             req.grant_id, call.principal.name, req.comment, datetime.now(UTC)
         )
@@ -77,8 +76,7 @@ class AuditServicer(aupb_grpc.AuditServiceServicer):  # type: ignore[misc]  # un
     ) -> AsyncIterator[aupb.AuditEvent]:
         """Stream the events matching the filters, oldest first."""
         async with handled(self._guard, context, "QueryEvents") as state:
-            call_facts = facts(context, _SERVICE + "QueryEvents")
-            flt = await asyncio.to_thread(self._filter, state, call_facts, request)
+            flt = await asyncio.to_thread(self._filter, state, request)
             async for event in prefetch(lambda: self._log.query(flt), depth=256):
                 yield event_to_pb(event)
 
@@ -90,8 +88,7 @@ class AuditServicer(aupb_grpc.AuditServiceServicer):  # type: ignore[misc]  # un
             exporter = _EXPORTERS.get(request.format)
             if exporter is None:
                 raise InvalidRecordError("format", "must be JSONL, CSV or FHIR")
-            call_facts = facts(context, _SERVICE + "ExportEvents")
-            flt = await asyncio.to_thread(self._filter, state, call_facts, request.query)
+            flt = await asyncio.to_thread(self._filter, state, request.query)
             chunks = prefetch(lambda: chunked(exporter(self._log.query(flt))), depth=4)
             async for chunk in chunks:
                 yield aupb.ExportChunk(data=chunk)
@@ -101,8 +98,7 @@ class AuditServicer(aupb_grpc.AuditServiceServicer):  # type: ignore[misc]  # un
     ) -> aupb.VerifyChainResponse:
         """Walk the chain and the signed checkpoints; name the first bad sequence."""
         async with handled(self._guard, context, "VerifyChain") as state:
-            call_facts = facts(context, _SERVICE + "VerifyChain")
-            return verify_to_pb(await asyncio.to_thread(self._verify, state, call_facts))
+            return verify_to_pb(await asyncio.to_thread(self._verify, state))
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def ListBreakGlass(  # noqa: N802
@@ -110,9 +106,8 @@ class AuditServicer(aupb_grpc.AuditServiceServicer):  # type: ignore[misc]  # un
     ) -> aupb.ListBreakGlassResponse:
         """The break-the-glass review queue (unreviewed first)."""
         async with handled(self._guard, context, "ListBreakGlass") as state:
-            call_facts = facts(context, _SERVICE + "ListBreakGlass")
             grants = await asyncio.to_thread(
-                self._queue, state, call_facts, request.include_reviewed
+                self._queue, state, request.include_reviewed
             )
             return aupb.ListBreakGlassResponse(items=[review_item(g) for g in grants])
         raise AssertionError("unreachable")  # pragma: no cover
@@ -122,8 +117,7 @@ class AuditServicer(aupb_grpc.AuditServiceServicer):  # type: ignore[misc]  # un
     ) -> aupb.BreakGlassReviewItem:
         """Mark a break-the-glass access reviewed, with a comment."""
         async with handled(self._guard, context, "ReviewBreakGlass") as state:
-            state.resource = f"grant/{request.grant_id}"
-            call_facts = facts(context, _SERVICE + "ReviewBreakGlass")
-            grant = await asyncio.to_thread(self._review, state, call_facts, request)
+            state.resource = f"grant/{convert.resource_id(request.grant_id)}"
+            grant = await asyncio.to_thread(self._review, state, request)
             return review_item(grant)
         raise AssertionError("unreachable")  # pragma: no cover

@@ -28,9 +28,9 @@ from grpc import aio
 from service._gen.medvault.v1 import backup_pb2 as bpb
 from service._gen.medvault.v1 import backup_pb2_grpc as bpb_grpc
 from service.backup import Backups
-from service.calls import CallState, facts, handled
+from service.calls import CallState, entered, handled
 from service.convert_audit import timestamp
-from service.guard import AccessGuard, Call, CallFacts
+from service.guard import AccessGuard, Call
 from storage.audit_model import Outcome
 from storage.backup.drill import DrillReport
 from storage.backup.manifest import canonical_json, check_backup_id
@@ -41,7 +41,6 @@ from storage.backup.verify import VerifyReport
 from storage.errors import InvalidRecordError, StorageError
 
 log = logging.getLogger(__name__)
-_SERVICE = "/medvault.v1.BackupService/"
 PROGRESS_INTERVAL = 0.25
 R = TypeVar("R")
 # What a call's closing event says about its result: (resource, outcome, reason).
@@ -175,18 +174,14 @@ class BackupServicer(bpb_grpc.BackupServiceServicer):  # type: ignore[misc]  # u
         self._backups = backups
         self._guard = guard
 
-    def _enter(self, state: CallState, call_facts: CallFacts, resource: str, reason: str) -> Call:
-        call = state.call = self._guard.enter(call_facts)
+    def _enter(self, state: CallState, resource: str, reason: str) -> Call:
+        call = entered(state)
         state.resource = resource
         self._guard.audit(call, resource, outcome="allowed", reason=reason)
         return call
 
-    async def _enter_async(
-        self, state: CallState, context: aio.ServicerContext, rpc: str, resource: str,
-        reason: str,
-    ) -> Call:  # fmt: skip
-        call_facts = facts(context, _SERVICE + rpc)
-        return await asyncio.to_thread(self._enter, state, call_facts, resource, reason)
+    async def _enter_async(self, state: CallState, resource: str, reason: str) -> Call:
+        return await asyncio.to_thread(self._enter, state, resource, reason)
 
     def _audited(
         self, call: Call, work: Callable[[_Reporter], R], ending: Ending[R]
@@ -220,7 +215,7 @@ class BackupServicer(bpb_grpc.BackupServiceServicer):  # type: ignore[misc]  # u
     ) -> AsyncIterator[bpb.RunBackupResponse]:
         """Take a backup now, streaming progress, then its summary."""
         async with handled(self._guard, context, "RunBackup") as state:
-            call = await self._enter_async(state, context, "RunBackup", "backup", "backup started")
+            call = await self._enter_async(state, "backup", "backup started")
             work = self._audited(call, lambda r: self._backups.run("manual", r), _backup_ending)
             async for item in _with_progress(work, stoppable=False):
                 if isinstance(item, BackupProgress):
@@ -235,7 +230,7 @@ class BackupServicer(bpb_grpc.BackupServiceServicer):  # type: ignore[misc]  # u
     ) -> bpb.ListBackupsResponse:
         """Every complete backup in the target, newest first."""
         async with handled(self._guard, context, "ListBackups") as state:
-            await self._enter_async(state, context, "ListBackups", "backup", "list backups")
+            await self._enter_async(state, "backup", "list backups")
             backups = await asyncio.to_thread(self._backups.list_backups)
             return bpb.ListBackupsResponse(backups=[summary_pb(b) for b in backups])
         raise AssertionError("unreachable")  # pragma: no cover
@@ -247,8 +242,7 @@ class BackupServicer(bpb_grpc.BackupServiceServicer):  # type: ignore[misc]  # u
         async with handled(self._guard, context, "VerifyBackup") as state:
             backup_id = _checked_id(request.id)
             how = " --read-data" if request.read_data else ""
-            call = await self._enter_async(
-                state, context, "VerifyBackup", f"backup/{backup_id}", f"verify{how} started"
+            call = await self._enter_async(state, f"backup/{backup_id}", f"verify{how} started"
             )
             work = self._audited(
                 call, lambda r: self._backups.verify(backup_id, request.read_data, r),
@@ -266,8 +260,7 @@ class BackupServicer(bpb_grpc.BackupServiceServicer):  # type: ignore[misc]  # u
         """Restore into a scratch place and check every record; stream, then the report."""
         async with handled(self._guard, context, "RunRestoreDrill") as state:
             backup_id = _checked_id(request.id)
-            call = await self._enter_async(
-                state, context, "RunRestoreDrill", f"backup/{backup_id}", "restore drill started"
+            call = await self._enter_async(state, f"backup/{backup_id}", "restore drill started"
             )
             work = self._audited(call, lambda r: self._backups.drill(backup_id, r), _drill_ending)
             async for item in _with_progress(work, stoppable=True):

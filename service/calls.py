@@ -1,4 +1,8 @@
-"""The shape every RPC handler shares: enter through the guard, map errors, audit failures."""
+"""The shape every RPC handler shares: the entered call, mapped errors, audited failures.
+
+``service.edge`` enters each call (authentication, authorisation, its slot) before the
+handler runs and leaves the ``Call`` in ``CURRENT_CALL``; ``handled`` picks it up.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from grpc import aio
@@ -15,10 +20,15 @@ from service.authn import AuthenticationError
 from service.authz import PermissionDeniedError
 from service.errors import status_for
 from service.guard import AccessGuard, Call, CallFacts
+from service.limits import TooManyCallsError
 
 log = logging.getLogger(__name__)
-# Already audited (denials) or impossible to audit (the trail is down).
-_NOT_AUDITED_AGAIN = (PermissionDeniedError, AuthenticationError, AuditUnavailableError)
+# Already audited (denials), summarised (over a share) or impossible to audit (trail down).
+_NOT_AUDITED_AGAIN = (
+    PermissionDeniedError, AuthenticationError, AuditUnavailableError, TooManyCallsError,
+)  # fmt: skip
+# The call the edge entered for the running task (each call runs in a task of its own).
+CURRENT_CALL: ContextVar[Call | None] = ContextVar("medvault_current_call", default=None)
 
 
 def facts(context: aio.ServicerContext, method: str) -> CallFacts:
@@ -44,16 +54,23 @@ async def handled(
     guard: AccessGuard, context: aio.ServicerContext, rpc: str
 ) -> AsyncIterator[CallState]:
     """Map any error to its status code; audit the failure of an allowed call."""
-    state = CallState()
+    state = CallState(CURRENT_CALL.get())
     try:
         yield state
-    except asyncio.CancelledError:
-        raise
+    except (asyncio.CancelledError, aio.AbortError):
+        raise  # cancelled, or aborted (mapped and audited) by a handled block within
     except Exception as e:  # noqa: BLE001  (every error leaves as a mapped status)
         code, message = status_for(e)
         log.warning("rpc failed", extra={"rpc": rpc, "code": code.name, "error": type(e).__name__})
         if state.call is not None and not isinstance(e, _NOT_AUDITED_AGAIN):
             await asyncio.to_thread(
-                guard.audit_failure, state.call, state.resource or rpc, code.name
+                guard.audit_failure, state.call, state.resource or rpc, code.name, message
             )
         await context.abort(code, message)
+
+
+def entered(state: CallState) -> Call:
+    """The call the edge entered; handlers run only after it did."""
+    if state.call is None:
+        raise RuntimeError("the call was not entered at the edge (service.edge)")
+    return state.call

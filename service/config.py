@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Longest wait for a request message that the edge allows (service.streams relies on it).
+MAX_IDLE_SECONDS = 300.0
+
 
 class ConfigError(Exception):
     """The configuration file is missing or invalid; the message names the key."""
@@ -34,6 +37,32 @@ class ServerConfig:
     policy: str = "policy.toml"
     # host:port for Prometheus metrics; empty = off.
     metrics_listen: str = ""
+    # Edge limits (docs/security.md). A stream's first message must arrive within
+    # first_message_seconds of the call's start, each later one within idle_seconds.
+    first_message_seconds: float = 10.0
+    idle_seconds: float = 30.0
+    # Concurrent calls one principal (or one application, over all the users it relays
+    # for) may hold; 0 = a quarter (an application: a half) of ``workers``.
+    max_calls_per_principal: int = 0
+    max_calls_per_application: int = 0
+    # Refusals over a share are audited as one event per principal per window.
+    refusal_summary_seconds: float = 60.0
+    # grpc's own cap on calls in flight: a backstop far above the per-principal shares.
+    max_concurrent_rpcs: int = 1024
+    max_streams_per_connection: int = 100
+    keepalive_seconds: float = 60.0
+    keepalive_timeout_seconds: float = 20.0
+    max_connection_idle_seconds: float = 600.0
+
+    @property
+    def principal_share(self) -> int:
+        """Concurrent calls allowed to one principal."""
+        return self.max_calls_per_principal or max(1, self.workers // 4)
+
+    @property
+    def application_share(self) -> int:
+        """Concurrent delegated calls allowed to one application (all its users together)."""
+        return self.max_calls_per_application or max(1, self.workers // 2)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,22 +216,41 @@ def _check(config: Config) -> None:
         "server.chunk_size": config.server.chunk_size,
         "server.workers": config.server.workers,
         "keystore.pool_size": config.keystore.pool_size,
+        "server.first_message_seconds": config.server.first_message_seconds,
+        "server.idle_seconds": config.server.idle_seconds,
+        "server.refusal_summary_seconds": config.server.refusal_summary_seconds,
+        "server.max_concurrent_rpcs": config.server.max_concurrent_rpcs,
+        "server.max_streams_per_connection": config.server.max_streams_per_connection,
+        "server.keepalive_seconds": config.server.keepalive_seconds,
+        "server.keepalive_timeout_seconds": config.server.keepalive_timeout_seconds,
+        "server.max_connection_idle_seconds": config.server.max_connection_idle_seconds,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive")
+    waits = max(config.server.first_message_seconds, config.server.idle_seconds)
+    if waits > MAX_IDLE_SECONDS:
+        raise ConfigError(
+            f"server.first_message_seconds and idle_seconds must be at most {MAX_IDLE_SECONDS:g}"
+        )
+    if min(config.server.max_calls_per_principal, config.server.max_calls_per_application) < 0:
+        raise ConfigError("server.max_calls_per_principal/application must be 0 (default) or more")
     if not 5 << 20 <= config.s3.part_size <= 5 << 30:
         raise ConfigError("s3.part_size must be between 5 MiB and 5 GiB (S3 multipart limits)")
     if config.server.chunk_size > 3 << 20:
         raise ConfigError("server.chunk_size must be at most 3 MiB (gRPC's 4 MiB message limit)")
     if config.tls.enabled and not (config.tls.cert and config.tls.key and config.tls.client_ca):
         raise ConfigError("[tls] cert, key and client_ca are required when tls.enabled is true")
-    if config.audit.witness_lock_mode not in {"COMPLIANCE", "GOVERNANCE"}:
-        raise ConfigError("audit.witness_lock_mode must be COMPLIANCE or GOVERNANCE")
-    if config.audit.witness_lock_days < 0:
-        raise ConfigError("audit.witness_lock_days must be 0 (no Object Lock) or more")
+    _check_audit(config.audit)
     if not config.database.url:
         raise ConfigError("[database] url is required")
+
+
+def _check_audit(audit: AuditConfig) -> None:
+    if audit.witness_lock_mode not in {"COMPLIANCE", "GOVERNANCE"}:
+        raise ConfigError("audit.witness_lock_mode must be COMPLIANCE or GOVERNANCE")
+    if audit.witness_lock_days < 0:
+        raise ConfigError("audit.witness_lock_days must be 0 (no Object Lock) or more")
 
 
 def parse(raw: dict[str, Any], base_dir: Path) -> Config:

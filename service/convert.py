@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -19,6 +20,37 @@ _KINDS: dict[pb.RecordKind, RecordKind] = {
     pb.RECORD_KIND_OTHER: RecordKind.OTHER,
 }
 _KIND_CODES = {kind: code for code, kind in _KINDS.items()}
+# Versions are SQL INTEGER columns: a larger uint32 must not reach the database.
+MAX_VERSION = (1 << 31) - 1
+# What an id in an audit resource may look like (record, grant, signature, backup ids).
+_RESOURCE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+def resource_id(value: str) -> str:
+    """``value`` if it can stand in an audit resource, else a placeholder.
+
+    The id is checked (with its field named) where it is used; the resource of a failed
+    call must still be a short, clean string, whatever the caller sent.
+    """
+    return value if _RESOURCE_ID.match(value) else "(invalid id)"
+
+
+def version_from_pb(value: int, field: str) -> int | None:
+    """A version number from the wire (0 = latest)."""
+    if value > MAX_VERSION:
+        raise InvalidRecordError(field, f"must be at most {MAX_VERSION}")
+    return value or None
+
+
+def timestamp_from_pb(ts: Timestamp, field: str) -> datetime:
+    """A UTC datetime; ``field`` is named if the timestamp is outside 0001..9999."""
+    try:
+        value: datetime = ts.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError) as e:
+        raise InvalidRecordError(
+            field, "must be a valid timestamp between 0001-01-01 and 9999-12-31 UTC"
+        ) from e
+    return value
 
 
 def kind_from_pb(code: int, field: str, *, required: bool) -> RecordKind | None:
@@ -47,7 +79,7 @@ def header_from_pb(msg: pb.RecordHeader) -> NewRecord:
         content_type=msg.content_type,
         title=msg.title,
         supersedes=msg.supersedes or None,
-        supersedes_version=msg.supersedes_version or None,
+        supersedes_version=version_from_pb(msg.supersedes_version, "header.supersedes_version"),
         expected_sha256=msg.expected_sha256 or None,
     )
 
@@ -56,11 +88,6 @@ def _timestamp(value: datetime) -> Timestamp:
     ts = Timestamp()
     ts.FromDatetime(value.astimezone(UTC))
     return ts
-
-
-def _datetime(ts: Timestamp) -> datetime:
-    value: datetime = ts.ToDatetime(tzinfo=UTC)
-    return value
 
 
 def record_to_pb(info: RecordInfo) -> pb.Record:
@@ -88,9 +115,13 @@ def query_from_pb(msg: pb.ListRecordsRequest) -> RecordQuery:
     return RecordQuery(
         patient=patient_from_pb(msg.patient),
         kind=kind_from_pb(msg.kind, "kind", required=False),
-        created_after=_datetime(msg.created_after) if msg.HasField("created_after") else None,
-        created_before=_datetime(msg.created_before) if msg.HasField("created_before") else None,
+        created_after=_optional_time(msg, "created_after"),
+        created_before=_optional_time(msg, "created_before"),
         page_size=msg.page_size or 50,
         page_token=msg.page_token,
         all_versions=msg.all_versions,
     )
+
+
+def _optional_time(msg: pb.ListRecordsRequest, field: str) -> datetime | None:
+    return timestamp_from_pb(getattr(msg, field), field) if msg.HasField(field) else None

@@ -9,6 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from service._gen.medvault.v1 import access_pb2 as apb
 from service._gen.medvault.v1 import audit_pb2 as aupb
 from service._gen.medvault.v1 import records_pb2 as rpb
+from service.convert import timestamp_from_pb
 from storage.audit_model import AuditFilter, ChainedEvent, Outcome, VerifyResult
 from storage.errors import InvalidRecordError
 from storage.grants_model import Grant
@@ -30,12 +31,9 @@ def timestamp(value: datetime | None) -> Timestamp | None:
     return ts
 
 
-def when(ts: Timestamp, present: bool) -> datetime | None:
-    """A UTC datetime from a timestamp field that may be unset."""
-    if not present:
-        return None
-    value: datetime = ts.ToDatetime(tzinfo=UTC)
-    return value
+def when(ts: Timestamp, present: bool, field: str) -> datetime | None:
+    """A UTC datetime from a timestamp field that may be unset; out of range names ``field``."""
+    return timestamp_from_pb(ts, field) if present else None
 
 
 def grant_to_pb(grant: Grant, patient: rpb.PatientId | None = None) -> apb.Grant:
@@ -82,8 +80,8 @@ def filter_from_pb(msg: aupb.QueryEventsRequest, patient_index: bytes | None) ->
     if msg.outcome and msg.outcome not in _OUTCOMES:
         raise InvalidRecordError("outcome", "must be ALLOWED, DENIED or FAILED")
     return AuditFilter(
-        since=when(msg.since, msg.HasField("since")),
-        until=when(msg.until, msg.HasField("until")),
+        since=when(msg.since, msg.HasField("since"), "since"),
+        until=when(msg.until, msg.HasField("until"), "until"),
         principal=msg.principal or None,
         patient_index=patient_index,
         action=msg.action or None,

@@ -22,6 +22,7 @@ from keystore.errors import (
 from service.audit import AuditUnavailableError
 from service.authn import AuthenticationError, DelegationNotAllowedError
 from service.authz import PermissionDeniedError
+from service.limits import StreamDeadlineError, TooManyCallsError
 from storage.errors import (
     BackendUnavailableError,
     IntegrityError,
@@ -38,6 +39,8 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (DelegationNotAllowedError, grpc.StatusCode.PERMISSION_DENIED),
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (AuditUnavailableError, grpc.StatusCode.UNAVAILABLE),  # fail closed: no event, no data
+    (TooManyCallsError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # this caller only, over share
+    (StreamDeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (InvalidRecordError, grpc.StatusCode.INVALID_ARGUMENT),
     (RecordNotFoundError, grpc.StatusCode.NOT_FOUND),
     (RecordConflictError, grpc.StatusCode.FAILED_PRECONDITION),

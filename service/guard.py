@@ -59,6 +59,12 @@ def source_host(peer: str) -> str:
     return host if sep and port.isdigit() else peer
 
 
+def presenting_application(facts: CallFacts) -> str | None:
+    """The verified certificate CN of a call, or None without TLS."""
+    names = facts.auth_context.get("x509_common_name") or []
+    return bytes(names[0]).decode(errors="replace") if names else None
+
+
 def record_resource(ref: RecordRef) -> str:
     """The audit resource of a record reference."""
     if ref.id is None:
@@ -93,7 +99,11 @@ class AccessGuard:
         try:
             principal = self._authn.authenticate(facts.auth_context, facts.metadata, facts.peer)
         except (AuthenticationError, PermissionDeniedError) as e:
-            unknown = Principal("unauthenticated", None, frozenset(), facts.peer)
+            # The certificate that presented the bad token is named, so the officer
+            # knows which application to ask (its CN is verified by the TLS handshake).
+            unknown = Principal(
+                "unauthenticated", presenting_application(facts), frozenset(), facts.peer
+            )
             denied = isinstance(e, PermissionDeniedError)
             status = "PERMISSION_DENIED" if denied else "UNAUTHENTICATED"
             self._write(
@@ -171,10 +181,23 @@ class AccessGuard:
             outcome=outcome, status=status, reason=reason,
         )
 
-    def audit_failure(self, call: Call, resource: str, status: str) -> None:
+    def audit_as(
+        self,
+        principal: Principal,
+        action: str,
+        resource: str,
+        *,
+        outcome: Outcome,
+        status: str = "",
+        reason: str = "",
+    ) -> None:
+        """Commit one event that is not about one entered call (e.g. refused calls)."""
+        self._write(principal, action, resource, outcome=outcome, status=status, reason=reason)
+
+    def audit_failure(self, call: Call, resource: str, status: str, reason: str = "") -> None:
         """Best effort: record that an allowed call then failed (the call fails anyway)."""
         try:
-            self.audit(call, resource, outcome="failed", status=status)
+            self.audit(call, resource, outcome="failed", status=status, reason=reason)
         except Exception:  # the caller already gets an error; the log keeps this one
             log.exception("could not audit a failed call", extra={"action": call.action})
 

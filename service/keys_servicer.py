@@ -16,15 +16,15 @@ from grpc import aio
 
 from service._gen.medvault.v1 import keys_pb2 as kpb
 from service._gen.medvault.v1 import keys_pb2_grpc as kpb_grpc
-from service.calls import CallState, facts, handled
+from service.calls import CallState, entered, handled
+from service.convert import version_from_pb
 from service.convert_audit import timestamp
-from service.guard import AccessGuard, Call, CallFacts
+from service.guard import AccessGuard, Call
 from storage.audit_model import Outcome
 from storage.errors import IntegrityError
 from storage.kek import DEFAULT_BATCH, KekManager, KekVersionInfo, RewrapJob
 
 log = logging.getLogger(__name__)
-_SERVICE = "/medvault.v1.KeyService/"
 
 
 def _resource(version: int) -> str:
@@ -48,8 +48,8 @@ class KeyServicer(kpb_grpc.KeyServiceServicer):  # type: ignore[misc]  # untyped
         self._kek = kek
         self._guard = guard
 
-    def _rotate(self, state: CallState, call_facts: CallFacts) -> KekVersionInfo:
-        call = state.call = self._guard.enter(call_facts)
+    def _rotate(self, state: CallState) -> KekVersionInfo:
+        call = entered(state)
         state.resource = "kek"
         created = self._kek.rotate()
         # The key exists now; if this event cannot be written the caller gets an error
@@ -59,15 +59,16 @@ class KeyServicer(kpb_grpc.KeyServiceServicer):  # type: ignore[misc]  # untyped
         )
         return created
 
-    def _list(self, state: CallState, call_facts: CallFacts) -> list[KekVersionInfo]:
-        call = state.call = self._guard.enter(call_facts)
+    def _list(self, state: CallState) -> list[KekVersionInfo]:
+        call = entered(state)
         self._guard.audit(call, "kek", outcome="allowed", reason="list versions")
         return self._kek.list()
 
     def _retire(
-        self, state: CallState, call_facts: CallFacts, request: kpb.RetireKekRequest
+        self, state: CallState, request: kpb.RetireKekRequest
     ) -> KekVersionInfo:
-        call = state.call = self._guard.enter(call_facts)
+        call = entered(state)
+        version_from_pb(request.version, "version")  # an SQL INTEGER: refuse what cannot be one
         state.resource = _resource(request.version)
         destroy = request.destroy_key
         # Audited before the irreversible step: no event, no deletion.
@@ -79,9 +80,10 @@ class KeyServicer(kpb_grpc.KeyServiceServicer):  # type: ignore[misc]  # untyped
         return retired
 
     def _start_rewrap(
-        self, state: CallState, call_facts: CallFacts, request: kpb.RewrapRequest
+        self, state: CallState, request: kpb.RewrapRequest
     ) -> RewrapJob:
-        call = state.call = self._guard.enter(call_facts)
+        call = entered(state)
+        version_from_pb(request.from_version, "from_version")
         job = self._kek.rewrap(request.from_version, request.batch_size or DEFAULT_BATCH)
         state.resource = _resource(job.target)
         scope = f"from v{request.from_version}" if request.from_version else "all older"
@@ -111,8 +113,7 @@ class KeyServicer(kpb_grpc.KeyServiceServicer):  # type: ignore[misc]  # untyped
     ) -> kpb.RotateKekResponse:
         """Create KEK v(N+1); new writes use it at once."""
         async with handled(self._guard, context, "RotateKek") as state:
-            call_facts = facts(context, _SERVICE + "RotateKek")
-            created = await asyncio.to_thread(self._rotate, state, call_facts)
+            created = await asyncio.to_thread(self._rotate, state)
             return kpb.RotateKekResponse(created=kek_to_pb(created))
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -121,8 +122,7 @@ class KeyServicer(kpb_grpc.KeyServiceServicer):  # type: ignore[misc]  # untyped
     ) -> kpb.ListKeksResponse:
         """Every version with its state and the number of keys it wraps."""
         async with handled(self._guard, context, "ListKeks") as state:
-            call_facts = facts(context, _SERVICE + "ListKeks")
-            versions = await asyncio.to_thread(self._list, state, call_facts)
+            versions = await asyncio.to_thread(self._list, state)
             return kpb.ListKeksResponse(versions=[kek_to_pb(v) for v in versions])
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -131,8 +131,7 @@ class KeyServicer(kpb_grpc.KeyServiceServicer):  # type: ignore[misc]  # untyped
     ) -> kpb.KekVersion:
         """Retire a version once nothing uses it; destroy its key only if asked to."""
         async with handled(self._guard, context, "RetireKek") as state:
-            call_facts = facts(context, _SERVICE + "RetireKek")
-            retired = await asyncio.to_thread(self._retire, state, call_facts, request)
+            retired = await asyncio.to_thread(self._retire, state, request)
             return kek_to_pb(retired)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -141,8 +140,7 @@ class KeyServicer(kpb_grpc.KeyServiceServicer):  # type: ignore[misc]  # untyped
     ) -> AsyncIterator[kpb.RewrapProgress]:
         """Move wrapped keys to the active version, one batch per progress message."""
         async with handled(self._guard, context, "Rewrap") as state:
-            call_facts = facts(context, _SERVICE + "Rewrap")
-            job = await asyncio.to_thread(self._start_rewrap, state, call_facts, request)
+            job = await asyncio.to_thread(self._start_rewrap, state, request)
             assert state.call is not None  # set by _start_rewrap
             async for message in self._run(state.call, job):
                 yield message

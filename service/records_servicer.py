@@ -17,15 +17,13 @@ from grpc import aio
 from service import convert
 from service._gen.medvault.v1 import records_pb2 as pb
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
-from service.calls import CallState, facts, handled
-from service.guard import AccessGuard, CallFacts
+from service.calls import CallState, entered, handled
+from service.guard import AccessGuard
 from service.streams import SyncRequests, prefetch
 from storage.errors import InvalidRecordError
 from storage.model import NewRecord, RecordInfo, RecordQuery
 from storage.records import OpenRecord, RecordStore
 from storage.row_auth import RowTamperedError
-
-_SERVICE = "/medvault.v1.RecordService/"
 
 
 def _content(requests: Iterator[pb.PutRecordRequest]) -> Iterator[bytes]:
@@ -68,9 +66,9 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
     # then one store call whose gates check patient scope and commit the audit event.
 
     def _put(
-        self, state: CallState, call_facts: CallFacts, header: NewRecord, chunks: Iterator[bytes]
+        self, state: CallState, header: NewRecord, chunks: Iterator[bytes]
     ) -> RecordInfo:
-        call = state.call = self._guard.enter(call_facts)
+        call = entered(state)
         return self._store.put(
             header,
             chunks,
@@ -80,13 +78,13 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
         )
 
     def _open(
-        self, state: CallState, call_facts: CallFacts, request: pb.GetRecordRequest
+        self, state: CallState, request: pb.GetRecordRequest
     ) -> tuple[OpenRecord, list[bytes] | None]:
-        call = state.call = self._guard.enter(call_facts)
+        call = entered(state)
         with _naming_tampered(state):
             opened = self._store.open(
                 request.id,
-                request.version or None,
+                convert.version_from_pb(request.version, "version"),
                 request.range.offset,
                 request.range.length,
                 admit=self._guard.patient_gate(call),
@@ -96,17 +94,18 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
         return opened, None
 
     def _stat(
-        self, state: CallState, call_facts: CallFacts, request: pb.StatRecordRequest
+        self, state: CallState, request: pb.StatRecordRequest
     ) -> RecordInfo:
-        call = state.call = self._guard.enter(call_facts)
+        call = entered(state)
         gate = self._guard.patient_gate(call)
+        version = convert.version_from_pb(request.version, "version")
         with _naming_tampered(state):
-            return self._store.stat(request.id, request.version or None, admit=gate)
+            return self._store.stat(request.id, version, admit=gate)
 
     def _list(
-        self, state: CallState, call_facts: CallFacts, query: RecordQuery
+        self, state: CallState, query: RecordQuery
     ) -> tuple[list[RecordInfo], str]:
-        call = state.call = self._guard.enter(call_facts)
+        call = entered(state)
         with _naming_tampered(state):
             return self._store.list(query, admit=self._guard.patient_gate(call))
 
@@ -115,14 +114,13 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
     ) -> pb.Record:
         """Store a record streamed as a header then content chunks."""
         async with handled(self._guard, context, "PutRecord") as state:
-            call_facts = facts(context, _SERVICE + "PutRecord")
             first = await anext(request_iterator, None)
             if first is None or first.WhichOneof("message") != "header":
                 raise InvalidRecordError("header", "must be the first message of the stream")
             header = convert.header_from_pb(first.header)
             state.resource = f"record/{header.supersedes or 'new'}"
             chunks = _content(SyncRequests(request_iterator, asyncio.get_running_loop()))
-            info = await asyncio.to_thread(self._put, state, call_facts, header, chunks)
+            info = await asyncio.to_thread(self._put, state, header, chunks)
             return convert.record_to_pb(info)
         raise AssertionError("unreachable")  # pragma: no cover  (abort raised)
 
@@ -131,9 +129,8 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
     ) -> AsyncIterator[pb.GetRecordResponse]:
         """Stream the metadata, then the content, each segment only once authenticated."""
         async with handled(self._guard, context, "GetRecord") as state:
-            state.resource = f"record/{request.id}"
-            call_facts = facts(context, _SERVICE + "GetRecord")
-            opened, whole = await asyncio.to_thread(self._open, state, call_facts, request)
+            state.resource = f"record/{convert.resource_id(request.id)}"
+            opened, whole = await asyncio.to_thread(self._open, state, request)
             yield pb.GetRecordResponse(metadata=convert.record_to_pb(opened.info))
             if whole is not None:
                 for chunk in whole:
@@ -148,9 +145,8 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
     ) -> pb.Record:
         """Metadata of one version."""
         async with handled(self._guard, context, "StatRecord") as state:
-            state.resource = f"record/{request.id}"
-            call_facts = facts(context, _SERVICE + "StatRecord")
-            info = await asyncio.to_thread(self._stat, state, call_facts, request)
+            state.resource = f"record/{convert.resource_id(request.id)}"
+            info = await asyncio.to_thread(self._stat, state, request)
             return convert.record_to_pb(info)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -160,9 +156,8 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
         """A page of a patient's records, newest first."""
         async with handled(self._guard, context, "ListRecords") as state:
             state.resource = "patient-records"
-            call_facts = facts(context, _SERVICE + "ListRecords")
             query = convert.query_from_pb(request)
-            records, token = await asyncio.to_thread(self._list, state, call_facts, query)
+            records, token = await asyncio.to_thread(self._list, state, query)
             return pb.ListRecordsResponse(
                 records=[convert.record_to_pb(r) for r in records], next_page_token=token
             )

@@ -37,7 +37,9 @@ from service.authz.policy import install_sighup
 from service.backup_servicer import BackupServicer
 from service.bootstrap import Components, build
 from service.config import Config, ConfigError
+from service.edge import Deadlines, EdgeInterceptor, refusal_reporter
 from service.keys_servicer import KeyServicer
+from service.limits import CallLimiter
 from service.records_servicer import RecordServicer
 from service.signing_servicer import SigningServicer
 from storage.backup.runs import elected
@@ -60,17 +62,48 @@ def _credentials(config: Config) -> grpc.ServerCredentials:
     )
 
 
-async def create_server(config: Config, components: Components) -> tuple[aio.Server, int]:
+def server_options(config: Config) -> list[tuple[str, int]]:
+    """Transport limits: message sizes, keepalive, streams per connection (README)."""
+    server = config.server
+    limit = server.chunk_size + _FRAME_OVERHEAD
+    keepalive_ms = int(server.keepalive_seconds * 1000)
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        # Room for a delegation token (authn refuses one over 16 KiB) and the usual headers.
+        ("grpc.max_metadata_size", 32 << 10),
+        ("grpc.max_concurrent_streams", server.max_streams_per_connection),
+        # Ping idle connections so dead peers are noticed; close connections with no call.
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", int(server.keepalive_timeout_seconds * 1000)),
+        ("grpc.max_connection_idle_ms", int(server.max_connection_idle_seconds * 1000)),
+        # Clients may ping at most every keepalive/2 s; a client pinging faster is cut off.
+        ("grpc.http2.min_ping_interval_without_data_ms", max(1000, keepalive_ms // 2)),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+
+
+def edge_interceptor(config: Config, components: Components) -> EdgeInterceptor:
+    """The interceptor that enters, limits and times every call (``service.edge``)."""
+    server = config.server
+    limiter = CallLimiter(
+        server.principal_share, server.application_share, server.refusal_summary_seconds,
+        refusal_reporter(components.guard),
+    )  # fmt: skip
+    deadlines = Deadlines(server.first_message_seconds, server.idle_seconds)
+    return EdgeInterceptor(components.guard, limiter, deadlines)
+
+
+async def create_server(
+    config: Config, components: Components, edge: EdgeInterceptor | None = None
+) -> tuple[aio.Server, int]:
     """A started asyncio server with every service registered; returns it and its port."""
-    limit = config.server.chunk_size + _FRAME_OVERHEAD
     server = aio.server(
-        options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-        ],
-        # Each RPC holds at most one pool thread (uploads for their whole stream), and the
-        # pool has twice as many, so guard and audit work never queue behind slow clients.
-        maximum_concurrent_rpcs=config.server.workers,
+        interceptors=[edge or edge_interceptor(config, components)],
+        options=server_options(config),
+        # Fairness comes from the per-principal shares (service.limits); this global cap
+        # is only a backstop far above them, since whoever fills it locks everyone out.
+        maximum_concurrent_rpcs=config.server.max_concurrent_rpcs,
     )
     records_pb2_grpc.add_RecordServiceServicer_to_server(
         RecordServicer(components.store, components.guard, config.server.chunk_size), server
@@ -134,7 +167,8 @@ async def _serve(config: Config, components: Components) -> None:
     loop.set_default_executor(
         futures.ThreadPoolExecutor(2 * config.server.workers, thread_name_prefix="store")
     )
-    server, port = await create_server(config, components)
+    edge = edge_interceptor(config, components)
+    server, port = await create_server(config, components, edge)
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
@@ -144,6 +178,7 @@ async def _serve(config: Config, components: Components) -> None:
     await stopping.wait()
     log.info("stopping")
     await server.stop(grace=10)
+    await edge.flush()  # the refusal windows still open become their audit events
 
 
 def serve(config: Config) -> None:

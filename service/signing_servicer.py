@@ -19,15 +19,14 @@ from grpc import aio
 from service._gen.medvault.v1 import signing_pb2 as pb
 from service._gen.medvault.v1 import signing_pb2_grpc as pb_grpc
 from service.authz import PermissionDeniedError
-from service.calls import CallState, facts, handled
-from service.guard import AccessGuard, Call, CallFacts
+from service.calls import CallState, entered, handled
+from service.convert import resource_id, version_from_pb
+from service.guard import AccessGuard, Call
 from service.signing import DocumentSigning
 from service.signing.validation import Verdict
 from storage.errors import InvalidRecordError
 from storage.records import Gate, RecordRef
 from storage.signatures import Signature
-
-_SERVICE = "/medvault.v1.SigningService/"
 
 
 def signature_to_pb(signature: Signature) -> pb.SignatureInfo:
@@ -83,29 +82,30 @@ class SigningServicer(pb_grpc.SigningServiceServicer):  # type: ignore[misc]  # 
             raise PermissionDeniedError(reason)
 
     def _sign(
-        self, state: CallState, call_facts: CallFacts, request: pb.SignRecordRequest
+        self, state: CallState, request: pb.SignRecordRequest
     ) -> Signature:
-        call = state.call = self._guard.enter(call_facts)
+        call = entered(state)
         self._check_signer(call, request.signer)
         gate = _RememberingGate(self._guard.patient_gate(call))
         signature = self._signing.sign(
-            request.record_id, request.version or None, request.signer, gate
+            request.record_id, version_from_pb(request.version, "version"), request.signer, gate
         )
         state.resource = f"signature/{signature.id}"
         self._guard.audit(call, state.resource, gate.patient_index, outcome="allowed")
         return signature
 
     def _verify(
-        self, state: CallState, call_facts: CallFacts, request: pb.VerifyRecordRequest
+        self, state: CallState, request: pb.VerifyRecordRequest
     ) -> list[tuple[Signature, Verdict]]:
-        call = state.call = self._guard.enter(call_facts)
+        call = entered(state)
         gate = self._guard.patient_gate(call)
-        return self._signing.verify(request.record_id, request.version or None, gate)
+        version = version_from_pb(request.version, "version")
+        return self._signing.verify(request.record_id, version, gate)
 
     def _get(
-        self, state: CallState, call_facts: CallFacts, request: pb.GetSignatureRequest
+        self, state: CallState, request: pb.GetSignatureRequest
     ) -> Signature:
-        call = state.call = self._guard.enter(call_facts)
+        call = entered(state)
         return self._signing.get(request.signature_id, self._guard.patient_gate(call))
 
     async def SignRecord(  # noqa: N802  (gRPC method names)
@@ -113,9 +113,8 @@ class SigningServicer(pb_grpc.SigningServiceServicer):  # type: ignore[misc]  # 
     ) -> pb.SignatureInfo:
         """Sign one record version with the caller's own signer."""
         async with handled(self._guard, context, "SignRecord") as state:
-            state.resource = f"record/{request.record_id}"
-            call_facts = facts(context, _SERVICE + "SignRecord")
-            signature = await asyncio.to_thread(self._sign, state, call_facts, request)
+            state.resource = f"record/{resource_id(request.record_id)}"
+            signature = await asyncio.to_thread(self._sign, state, request)
             return signature_to_pb(signature)
         raise AssertionError("unreachable")  # pragma: no cover  (abort raised)
 
@@ -124,9 +123,8 @@ class SigningServicer(pb_grpc.SigningServiceServicer):  # type: ignore[misc]  # 
     ) -> pb.VerifyRecordResponse:
         """One verdict per stored signature of the version."""
         async with handled(self._guard, context, "VerifyRecord") as state:
-            state.resource = f"record/{request.record_id}"
-            call_facts = facts(context, _SERVICE + "VerifyRecord")
-            results = await asyncio.to_thread(self._verify, state, call_facts, request)
+            state.resource = f"record/{resource_id(request.record_id)}"
+            results = await asyncio.to_thread(self._verify, state, request)
             return pb.VerifyRecordResponse(results=[_verification(s, v) for s, v in results])
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -135,8 +133,7 @@ class SigningServicer(pb_grpc.SigningServiceServicer):  # type: ignore[misc]  # 
     ) -> pb.GetSignatureResponse:
         """The stored ``.p7s`` of one signature."""
         async with handled(self._guard, context, "GetSignature") as state:
-            state.resource = f"signature/{request.signature_id}"
-            call_facts = facts(context, _SERVICE + "GetSignature")
-            signature = await asyncio.to_thread(self._get, state, call_facts, request)
+            state.resource = f"signature/{resource_id(request.signature_id)}"
+            signature = await asyncio.to_thread(self._get, state, request)
             return pb.GetSignatureResponse(signature=signature_to_pb(signature), p7s=signature.p7s)
         raise AssertionError("unreachable")  # pragma: no cover

@@ -15,8 +15,9 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 _END = object()
-# A client that stops sending mid-upload for this long is treated as gone.
-IDLE_TIMEOUT_SECONDS = 300.0
+# A backstop only: the edge ends a silent stream after server.idle_seconds (at most
+# config.MAX_IDLE_SECONDS), which reaches the worker as that call's error well before this.
+IDLE_TIMEOUT_SECONDS = 360.0
 
 
 class SyncRequests(Generic[T]):

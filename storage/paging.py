@@ -13,6 +13,7 @@ from datetime import datetime
 
 from storage.errors import InvalidRecordError
 from storage.interfaces import ListCursor, StoredRecord
+from storage.validation import check_record_id
 
 
 def encode_page_token(row: StoredRecord) -> str:
@@ -21,16 +22,34 @@ def encode_page_token(row: StoredRecord) -> str:
     return base64.urlsafe_b64encode(body).decode().rstrip("=")
 
 
+# A token we issue is about 120 characters; anything far longer is not one of ours, and
+# is refused before it is decoded (a deeply nested JSON body would exhaust the stack).
+MAX_PAGE_TOKEN_LENGTH = 512
+_MAX_VERSION = (1 << 31) - 1  # versions are SQL INTEGER columns
+_NOT_OURS = "is not a token this service issued"
+
+
 def decode_page_token(token: str) -> ListCursor | None:
     """The cursor in ``token``; ``None`` for the first page."""
     if not token:
         return None
+    if len(token) > MAX_PAGE_TOKEN_LENGTH:
+        raise InvalidRecordError("page_token", _NOT_OURS)
     try:
         padded = token + "=" * (-len(token) % 4)
         created_at, record_id, version = json.loads(base64.urlsafe_b64decode(padded))
-        cursor = ListCursor(datetime.fromisoformat(created_at), str(record_id), int(version))
-    except (ValueError, TypeError, binascii.Error) as e:
-        raise InvalidRecordError("page_token", "is not a token this service issued") from e
-    if cursor.created_at.tzinfo is None:
-        raise InvalidRecordError("page_token", "is not a token this service issued")
-    return cursor
+        when = datetime.fromisoformat(created_at)
+    except (ValueError, TypeError, RecursionError, binascii.Error) as e:
+        raise InvalidRecordError("page_token", _NOT_OURS) from e
+    # Exact types and ranges: a huge integer or a non-id must not reach the database.
+    ours = (
+        when.tzinfo is not None and isinstance(record_id, str)
+        and type(version) is int and 0 < version <= _MAX_VERSION
+    )  # fmt: skip
+    if not ours:
+        raise InvalidRecordError("page_token", _NOT_OURS)
+    try:
+        check_record_id("page_token", record_id)
+    except InvalidRecordError as e:
+        raise InvalidRecordError("page_token", _NOT_OURS) from e
+    return ListCursor(when, record_id, version)

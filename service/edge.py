@@ -1,0 +1,223 @@
+"""The edge: what every call goes through before its handler sees a message.
+
+One interceptor wraps every method of the server, so no handler repeats it:
+
+1. Authenticate and authorise first, from the TLS auth context and the metadata, before
+   waiting for any message (a caller with no role is refused at once, and audited).
+2. Hold one of the principal's call slots (``service.limits``) for the whole call.
+3. Read the request messages under deadlines: the first within
+   ``first_message_seconds``, each later one within ``idle_seconds``; a silent stream
+   ends with DEADLINE_EXCEEDED, audited as failed.
+4. Decode them here (``service.wire``): corrupt messages, invalid UTF-8 and NULs in
+   text become INVALID_ARGUMENT naming the field, audited.
+
+Unary-request methods are served as request streams of one message: grpc would
+otherwise wait for the message before any handler runs, out of reach of steps 1-3.
+The wire format is the same, so clients see no difference.
+
+grpc.aio interceptors do not see the TLS auth context, but the handler's context does,
+so the interceptor replaces each method's behaviour with one that does the above with
+the context it is given, then calls the servicer's own. The entered ``Call`` reaches the
+servicer's ``handled`` block through a context variable (each call runs in its own task).
+Health and reflection need no role; they are held to the certificate's share only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from service.authn import Principal
+from service.calls import CURRENT_CALL, CallState, facts, handled
+from service.guard import AccessGuard
+from service.limits import CallLimiter, Refusals, StreamDeadlineError, TooManyCallsError
+from service.wire import Rejected, decode
+from storage.errors import InvalidRecordError
+
+_MEDVAULT = "/medvault.v1."
+CALL_LIMIT_ACTION = "server.call_limit"
+Behavior = Callable[[Any, aio.ServicerContext], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Deadlines:
+    """How long the server waits for a stream's first message, then for each next one."""
+
+    first_message_seconds: float
+    idle_seconds: float
+
+
+class Messages:
+    """A call's request stream, read under deadlines, refused messages raised."""
+
+    def __init__(self, source: AsyncIterator[Any], deadlines: Deadlines) -> None:
+        self._source = source
+        self._deadlines = deadlines
+        self._received = 0
+
+    def __aiter__(self) -> Messages:
+        return self
+
+    async def __anext__(self) -> Any:
+        first = self._received == 0
+        d = self._deadlines
+        timeout = d.first_message_seconds if first else d.idle_seconds
+        try:
+            item = await asyncio.wait_for(anext(self._source), timeout)
+        except TimeoutError as e:
+            which, key = ("first", "first_message") if first else ("next", "idle")
+            raise StreamDeadlineError(
+                f"no {which} request message within {timeout:g} s (server.{key}_seconds); "
+                "send messages without pausing"
+            ) from e
+        self._received += 1
+        if isinstance(item, Rejected):
+            raise item.error
+        return item
+
+    async def single(self) -> Any:
+        """The one message of a unary request."""
+        try:
+            return await anext(self)
+        except StopAsyncIteration as e:
+            raise InvalidRecordError("request", "missing: the call ended before its message") from e
+
+
+def refusal_reporter(guard: AccessGuard) -> Callable[[Refusals], None]:
+    """Writes one closed window of refusals as one denied audit event."""
+
+    def report(refusals: Refusals) -> None:
+        guard.audit_as(
+            refusals.principal, CALL_LIMIT_ACTION, refusals.resource, outcome="denied",
+            status="RESOURCE_EXHAUSTED", reason=refusals.reason,
+        )  # fmt: skip
+
+    return report
+
+
+def _certificate_principal(context: aio.ServicerContext) -> Principal:
+    """The caller of a method that needs no role: its certificate CN, else its address."""
+    names = context.auth_context().get("x509_common_name") or []
+    name = names[0].decode(errors="replace") if names else context.peer()
+    return Principal(name, None, frozenset(), context.peer())
+
+
+class EdgeInterceptor(aio.ServerInterceptor):  # type: ignore[misc]  # untyped base
+    """Wraps every method's behaviour with entry, limits, deadlines and decoding."""
+
+    def __init__(self, guard: AccessGuard, limiter: CallLimiter, deadlines: Deadlines) -> None:
+        self._guard = guard
+        self._limiter = limiter
+        self._deadlines = deadlines
+
+    async def flush(self) -> None:
+        """Audit the refusal windows still open (at shutdown)."""
+        await self._limiter.flush()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        if details.method.startswith(_MEDVAULT):
+            return self._entered_handler(handler, details.method)
+        return self._limited_handler(handler)
+
+    @asynccontextmanager
+    async def _entered(self, context: aio.ServicerContext, method: str) -> AsyncIterator[CallState]:
+        """Enter, hold a slot, map and audit errors of the edge itself."""
+        rpc = method.rsplit("/", 1)[-1]
+        async with handled(self._guard, context, rpc) as state:
+            state.resource = method
+            call = state.call = await asyncio.to_thread(self._guard.enter, facts(context, method))
+            with self._limiter.slot(call.principal):
+                # No reset: each call runs in a task of its own, with its own context.
+                CURRENT_CALL.set(call)
+                yield state
+
+    def _entered_handler(self, handler: grpc.RpcMethodHandler, method: str) -> Any:
+        single = not handler.request_streaming
+        behavior: Behavior = (
+            handler.unary_unary or handler.unary_stream or handler.stream_unary
+            or handler.stream_stream
+        )  # fmt: skip
+        deserializer = functools.partial(decode, handler.request_deserializer.__self__)
+
+        async def requests(source: AsyncIterator[Any]) -> Any:
+            messages = Messages(source, self._deadlines)
+            return await messages.single() if single else messages
+
+        if handler.response_streaming:
+
+            async def streaming(source: AsyncIterator[Any], context: aio.ServicerContext) -> Any:
+                async with self._entered(context, method):
+                    # aclosing: a client that goes away stops the handler now, not at GC.
+                    replies = behavior(await requests(source), context)
+                    async with aclosing(replies):
+                        async for reply in replies:
+                            yield reply
+
+            return grpc.stream_stream_rpc_method_handler(
+                streaming, deserializer, handler.response_serializer
+            )
+
+        async def unary(source: AsyncIterator[Any], context: aio.ServicerContext) -> Any:
+            async with self._entered(context, method):
+                return await behavior(await requests(source), context)
+            raise AssertionError("unreachable")  # pragma: no cover  (abort raised)
+
+        return grpc.stream_unary_rpc_method_handler(
+            unary, deserializer, handler.response_serializer
+        )
+
+    async def _certificate_slot(self, context: aio.ServicerContext) -> Callable[[], None]:
+        try:
+            return self._limiter.acquire(_certificate_principal(context))
+        except TooManyCallsError as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            raise  # pragma: no cover  (abort raised)
+
+    def _limited_handler(self, handler: grpc.RpcMethodHandler) -> Any:
+        """Health and reflection: the certificate's share of calls, nothing else."""
+        if handler.response_streaming:
+            inner_stream: Behavior = handler.unary_stream or handler.stream_stream
+
+            async def streaming(request: Any, context: aio.ServicerContext) -> Any:
+                release = await self._certificate_slot(context)
+                try:
+                    async with aclosing(inner_stream(request, context)) as replies:
+                        async for reply in replies:
+                            yield reply
+                finally:
+                    release()
+
+            make = (
+                grpc.unary_stream_rpc_method_handler if handler.unary_stream
+                else grpc.stream_stream_rpc_method_handler
+            )  # fmt: skip
+            return make(streaming, handler.request_deserializer, handler.response_serializer)
+
+        inner: Behavior = handler.unary_unary or handler.stream_unary
+
+        async def unary(request: Any, context: aio.ServicerContext) -> Any:
+            release = await self._certificate_slot(context)
+            try:
+                return await inner(request, context)
+            finally:
+                release()
+
+        make = (
+            grpc.unary_unary_rpc_method_handler if handler.unary_unary
+            else grpc.stream_unary_rpc_method_handler
+        )  # fmt: skip
+        return make(unary, handler.request_deserializer, handler.response_serializer)

@@ -1,0 +1,158 @@
+"""Fair shares of the server: concurrent calls per principal and per application.
+
+grpc's ``maximum_concurrent_rpcs`` is one global counter: whoever fills it locks every
+other caller out. Here each principal (a certificate CN or a delegated user) may hold at
+most its share of concurrent calls, and an application at most its share over all the
+users it relays for; only the caller over its share is refused (RESOURCE_EXHAUSTED).
+
+Refusals are audited, but not one event each: a caller hammering the server would
+otherwise write the trail as fast as it can send. The first refusal of a principal opens
+a window; when the window closes, one event records how many calls were refused in it.
+
+Everything here runs on the event loop (one thread), so the counters need no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from service.authn import Principal
+
+log = logging.getLogger(__name__)
+
+
+class TooManyCallsError(Exception):
+    """The caller holds its whole share of concurrent calls (RESOURCE_EXHAUSTED)."""
+
+
+class StreamDeadlineError(Exception):
+    """A request stream stayed silent past its deadline (DEADLINE_EXCEEDED; service.edge)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refusals:
+    """What one closed window says: who, which share, how many calls were refused."""
+
+    principal: Principal
+    scope: str  # "principal" or "application"
+    name: str
+    share: int
+    count: int
+    seconds: float
+
+    @property
+    def resource(self) -> str:
+        """The audit resource: ``principal/<name>`` or ``application/<name>``."""
+        return f"{self.scope}/{self.name}"
+
+    @property
+    def reason(self) -> str:
+        """The audit reason, with the count (no call details, so no patient data)."""
+        return (
+            f"{self.count} calls refused within {self.seconds:g} s: over the share of "
+            f"{self.share} concurrent calls per {self.scope}"
+        )
+
+
+@dataclass
+class _Window:
+    principal: Principal
+    share: int
+    count: int = 0
+
+
+class CallLimiter:
+    """Counts each principal's (and application's) calls in flight; refuses beyond a share."""
+
+    def __init__(
+        self,
+        principal_share: int,
+        application_share: int,
+        summary_seconds: float,
+        report: Callable[[Refusals], None],
+    ) -> None:
+        self._shares = {"principal": principal_share, "application": application_share}
+        self._seconds = summary_seconds
+        self._report = report  # blocking (writes the audit event): run in a thread
+        self._active: dict[tuple[str, str], int] = {}
+        self._windows: dict[tuple[str, str], _Window] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def active(self, scope: str, name: str) -> int:
+        """Calls in flight for ``scope``/``name`` (for tests and metrics)."""
+        return self._active.get((scope, name), 0)
+
+    @staticmethod
+    def _keys(principal: Principal) -> list[tuple[str, str]]:
+        keys = [("principal", principal.name)]
+        if principal.application:
+            keys.append(("application", principal.application))
+        return keys
+
+    def acquire(self, principal: Principal) -> Callable[[], None]:
+        """Take one call slot of ``principal`` (and its application); returns its release."""
+        keys = self._keys(principal)
+        for key in keys:
+            share = self._shares[key[0]]
+            if self._active.get(key, 0) >= share:
+                self._refused(key, principal, share)
+                raise TooManyCallsError(
+                    f"too many concurrent calls: this {key[0]} holds its share of {share}; "
+                    "retry when one of its calls has finished"
+                )
+        for key in keys:
+            self._active[key] = self._active.get(key, 0) + 1
+        return functools.partial(self._release, keys)
+
+    def _release(self, keys: list[tuple[str, str]]) -> None:
+        for key in keys:
+            left = self._active[key] - 1
+            if left:
+                self._active[key] = left
+            else:
+                del self._active[key]
+
+    @contextmanager
+    def slot(self, principal: Principal) -> Iterator[None]:
+        """Hold one call slot of ``principal`` (and its application) for the block."""
+        release = self.acquire(principal)
+        try:
+            yield
+        finally:
+            release()
+
+    def _refused(self, key: tuple[str, str], principal: Principal, share: int) -> None:
+        window = self._windows.get(key)
+        if window is None:
+            window = self._windows[key] = _Window(principal, share)
+            asyncio.get_running_loop().call_later(self._seconds, self._close, key, window)
+        window.count += 1
+
+    def _summary(self, key: tuple[str, str], window: _Window) -> Refusals:
+        return Refusals(window.principal, key[0], key[1], window.share, window.count, self._seconds)
+
+    def _close(self, key: tuple[str, str], window: _Window) -> None:
+        if self._windows.get(key) is not window:
+            return  # flushed already
+        del self._windows[key]
+        task = asyncio.get_running_loop().create_task(self._write(self._summary(key, window)))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write(self, refusals: Refusals) -> None:
+        try:
+            await asyncio.to_thread(self._report, refusals)
+        except Exception:  # the refused callers got their status; the log keeps this
+            log.exception("could not audit refused calls", extra={"scope": refusals.scope})
+
+    async def flush(self) -> None:
+        """Write the windows still open and wait for pending writes (at shutdown)."""
+        for key, window in list(self._windows.items()):
+            self._close(key, window)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
