@@ -7,9 +7,11 @@ another S3 differ here by configuration and nowhere else.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import Engine
 
@@ -24,10 +26,13 @@ from service.backup import build as build_backups
 from service.config import Config, ConfigError, read_secret
 from service.guard import AccessGuard
 from service.incidents import IncidentDetector
+from service.revocation import RevocationError, RevocationList
 from service.signing import DocumentSigning
 from service.signing.validation import SignatureValidator, load_pem_certificates
 from storage.audit_log import SqlAuditLog
-from storage.grants import SqlGrantStore
+from storage.grant_seal import GrantSealer
+from storage.grants import GRANT_ADOPTER, SqlGrantStore
+from storage.grants_legacy import adopt_legacy
 from storage.kek import KekManager
 from storage.records import RecordStore, StoreLimits
 from storage.s3_blobs import S3BlobStore, make_minio_client
@@ -55,6 +60,11 @@ class Components:
     wrapper: Pkcs11KeyWrapper
     kek: KekManager
     backup: BackupWiring
+    revocation: RevocationList | None = None
+
+    def reloadables(self) -> list[RevocationList]:
+        """What SIGHUP re-reads besides the policy (the CRL, when configured)."""
+        return [self.revocation] if self.revocation is not None else []
 
     def close(self) -> None:
         """Flush the audit trail, release the token sessions and database connections."""
@@ -114,8 +124,24 @@ def _check_audit_switch(config: Config) -> None:
         )
 
 
-def access_guard(
-    config: Config, engine: Engine, log: SqlAuditLog, pool: Pkcs11SessionPool
+def revocation_list(config: Config) -> RevocationList | None:
+    """The client-certificate CRL of ``[tls] crl``, checked against ``client_ca``."""
+    tls = config.tls
+    if not tls.crl:
+        return None
+    try:
+        return RevocationList.from_files(Path(tls.crl), Path(tls.client_ca))
+    except RevocationError as e:
+        raise ConfigError(f"[tls] crl: {e}") from e
+
+
+def access_guard(  # noqa: PLR0917  (the composition root wires what it is given)
+    config: Config,
+    engine: Engine,
+    log: SqlAuditLog,
+    pool: Pkcs11SessionPool,
+    sealer: GrantSealer | None = None,
+    revocation: RevocationList | None = None,
 ) -> AccessGuard:
     """Policy, authentication, grants, the audit trail and incident detection."""
     _check_audit_switch(config)
@@ -129,8 +155,15 @@ def access_guard(
         enabled=audit.enabled,
     )
     incidents = IncidentDetector(lambda: holder.current.incidents, trail)
-    grants = SqlGrantStore(engine)
-    return AccessGuard(holder, Authenticator(holder), grants, trail, incidents)
+
+    def forged(grant_id: str) -> None:
+        incidents.tampered(
+            f"grant/{grant_id}", "grant row failed authentication; it grants nothing"
+        )
+
+    grants = SqlGrantStore(engine, sealer or GrantSealer(Pkcs11BlindIndexer(pool)), forged)
+    authenticator = Authenticator(holder, revocation=revocation)
+    return AccessGuard(holder, authenticator, grants, trail, incidents)
 
 
 def _certificates(path: str, key: str) -> list[bytes]:
@@ -152,12 +185,15 @@ def build(config: Config) -> Components:
 
 
 def _wire(config: Config, pool: Pkcs11SessionPool) -> Components:
+    revocation = revocation_list(config)
     engine = make_engine(config.database.url)
-    upgrade(engine)
+    indexer = Pkcs11BlindIndexer(pool)
+    sealer = GrantSealer(indexer)
+    upgrade(engine, hooks={GRANT_ADOPTER: functools.partial(adopt_legacy, sealer)})
     metadata = SqlMetadataStore(engine)
     blobs = blob_store(config)
     audit_log = SqlAuditLog(engine)
-    guard = access_guard(config, engine, audit_log, pool)
+    guard = access_guard(config, engine, audit_log, pool, sealer, revocation)
     limits = StoreLimits(
         max_record_size=config.server.max_record_size, segment_size=config.server.segment_size
     )
@@ -165,7 +201,7 @@ def _wire(config: Config, pool: Pkcs11SessionPool) -> Components:
     kek = KekManager(engine, wrapper, Pkcs11KekRing(pool, wrapper))
     kek.sync()  # register the token's KEK versions in kek_versions
     store = RecordStore(
-        blobs, metadata, wrapper, Pkcs11BlindIndexer(pool), limits, before_commit=_fault_hook()
+        blobs, metadata, wrapper, indexer, limits, before_commit=_fault_hook()
     )
     signing = DocumentSigning(
         SignatureStore(store, engine),
@@ -177,4 +213,5 @@ def _wire(config: Config, pool: Pkcs11SessionPool) -> Components:
     return Components(
         store=store, blobs=blobs, metadata=metadata, pool=pool, engine=engine, guard=guard,
         audit_log=audit_log, signing=signing, wrapper=wrapper, kek=kek, backup=backup,
+        revocation=revocation,
     )

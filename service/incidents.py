@@ -22,6 +22,8 @@ from service.authz.model import IncidentConfig
 from storage.audit_model import AuditEntry
 
 log = logging.getLogger(__name__)
+_TAMPER_QUIET_SECONDS = 60.0
+_TAMPER_MEMORY = 10_000
 INCIDENTS = Counter(
     "medvault_incidents", "Security incidents detected", labelnames=("kind",)
 )
@@ -60,6 +62,7 @@ class IncidentDetector:
         self._lock = threading.Lock()
         self._denied: defaultdict[str, _Window] = defaultdict(_Window)
         self._reads: defaultdict[str, _Window] = defaultdict(_Window)
+        self._tampered: dict[str, float] = {}  # resource -> when it last alarmed
 
     def denied(self, source: str) -> None:
         """A denied call or failed authentication from ``source``."""
@@ -85,7 +88,24 @@ class IncidentDetector:
                         f"{limits.read_threshold} reads within {limits.read_window_seconds} s "
                         "by one principal")
 
-    def _raise(self, kind: str, subject: str, source: str, description: str) -> None:
+    def tampered(self, resource: str, description: str) -> None:
+        """A row that fails its authentication (``resource`` e.g. ``grant/<id>``).
+
+        Raised at most once per resource and minute: a forged row met on every read must
+        not flood the trail, and one event already names it.
+        """
+        now = self._clock()
+        with self._lock:
+            if now - self._tampered.get(resource, float("-inf")) < _TAMPER_QUIET_SECONDS:
+                return
+            if len(self._tampered) >= _TAMPER_MEMORY:
+                self._tampered.clear()  # bounded; at worst one extra event per resource
+            self._tampered[resource] = now
+        self._raise("integrity", "", "", description, resource=resource)
+
+    def _raise(
+        self, kind: str, subject: str, source: str, description: str, *, resource: str = ""
+    ) -> None:
         INCIDENTS.labels(kind=kind).inc()
         log.warning("security incident", extra={"incident": kind, "subject": subject})
         try:
@@ -94,7 +114,7 @@ class IncidentDetector:
                     time=datetime.now(UTC),
                     principal=subject if kind == "read-volume" else "unknown",
                     action="incident",
-                    resource=f"incident/{kind}",
+                    resource=resource or f"incident/{kind}",
                     outcome="failed",
                     status=kind,
                     reason=description,

@@ -8,7 +8,7 @@ the host (never a row's data), duplicate version -> ``RecordConflictError``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -152,10 +152,17 @@ def alembic_config() -> Config:
     return config
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Migrate the database to ``revision``; a no-op when it is there already."""
+def upgrade(
+    engine: Engine, revision: str = "head", hooks: Mapping[str, object] | None = None
+) -> None:
+    """Migrate the database to ``revision``; a no-op when it is there already.
+
+    ``hooks`` reach migrations through Alembic's ``config.attributes`` (migration 0009
+    adopts legacy grant rows through one, in the migration's transaction).
+    """
     config = alembic_config()
     with translated(engine), engine.begin() as connection:
+        config.attributes.update(hooks or {})
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
 

@@ -98,7 +98,7 @@ leeway_seconds = 5
 def claims(**overrides: Any) -> dict[str, Any]:
     now = int(time.time())
     base: dict[str, Any] = {
-        "iss": ISSUER, "aud": AUDIENCE, "sub": USER, "iat": now, "nbf": now - 5,
+        "iss": ISSUER, "aud": AUDIENCE, "sub": USER, "iat": now, "nbf": now - 5, "azp": "his-app",
         "exp": now + 300, "roles": ["physician"],
     }  # fmt: skip
     base.update(overrides)
