@@ -13,8 +13,8 @@ from sqlalchemy.engine import Engine
 
 from keystore import Pkcs11BlindIndexer, Pkcs11SessionPool
 from storage.errors import InvalidRecordError, RecordConflictError, RecordNotFoundError
-from storage.grants import MAX_BREAK_GLASS_DURATION, SqlGrantStore, access_grants
 from storage.grant_seal import GrantSealer
+from storage.grants import MAX_BREAK_GLASS_DURATION, SqlGrantStore, access_grants
 from storage.grants_model import Grant
 
 pytestmark = pytest.mark.integration
