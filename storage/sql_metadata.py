@@ -8,6 +8,8 @@ the host (never a row's data), duplicate version -> ``RecordConflictError``.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -124,6 +126,8 @@ def make_engine(url: str) -> Engine:
     """An engine for ``url``, tuned per dialect (SQLite pragmas, PostgreSQL pre-ping)."""
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            private_sqlite_files(parsed.database)
         engine = sa.create_engine(parsed, hide_parameters=True)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
@@ -132,6 +136,25 @@ def make_engine(url: str) -> Engine:
     return sa.create_engine(
         parsed, hide_parameters=True, pool_pre_ping=True, connect_args={"connect_timeout": 5}
     )
+
+
+def private_sqlite_files(path: str) -> None:
+    """Create the SQLite file 0600 (and tighten it, and its -wal/-shm, if looser).
+
+    SQLite creates ``-wal`` and ``-shm`` with the main file's permissions, so a main
+    file made 0600 here keeps them owner-only too. The rows hold no plaintext patient
+    data, but the file is still nobody else's to read or copy.
+    """
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError:
+        return  # a missing directory: SQLite reports it on connect, with its own message
+    for name in (path, f"{path}-wal", f"{path}-shm", f"{path}-journal"):
+        with contextlib.suppress(OSError):  # absent, or not ours: leave it to the operator
+            if os.stat(name).st_mode & 0o077:
+                os.chmod(name, 0o600)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

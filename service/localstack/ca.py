@@ -65,6 +65,11 @@ def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
         raise
 
 
+def private_opener(path: str, flags: int) -> int:
+    """An ``open(..., opener=)`` that creates files 0600 (logs, state files)."""
+    return os.open(path, flags, 0o600)
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 

@@ -142,7 +142,8 @@ def test_principal_cannot_review_own_break_the_glass(world: World) -> None:
         aupb.ReviewBreakGlassRequest(grant_id=opened.id, comment="checked (test)"),
         timeout=TIMEOUT,
     )
-    assert reviewed.reviewed and reviewed.comment == "checked (test)"
+    assert reviewed.reviewed
+    assert reviewed.comment == "checked (test)"
     assert reviewed.event.reason == "synthetic emergency (test)", "reason not opened for review"
     dr.close()
 
