@@ -41,6 +41,8 @@ ANONYMOUS = "anonymous"
 _MAX_TOKEN_LENGTH = 16 << 10
 # The grants table and the audit trail hold principal names of up to 128 characters.
 _MAX_NAME_LENGTH = 128
+# Names the trail uses for callers it could not identify: nobody may hold one.
+_RESERVED_NAMES = frozenset({ANONYMOUS, "unauthenticated", "unknown"})
 _REQUIRED_CLAIMS = ["exp", "iss", "aud", "sub"]
 
 
@@ -96,6 +98,8 @@ def check_name(what: str, name: str) -> str:
     # could forge a line in a log or a terminal table.
     if not name.isprintable():
         raise AuthenticationError(f"{what} has control or non-printable characters")
+    if name.lower() in _RESERVED_NAMES:
+        raise AuthenticationError(f"{what} is a name medvault reserves for its own events")
     if " via " in name.lower():
         raise AuthenticationError(f"{what} contains ' via ' and could pass for a delegated user")
     return name

@@ -133,6 +133,7 @@ BAD_NAMES = [
     ("via", "dr-lan via his-app"),
     ("via-upper", "dr-lan VIA his-app"),
     ("too-long", "a" * 129),
+    ("reserved", "unauthenticated"),
 ]
 
 
