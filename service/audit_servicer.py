@@ -12,6 +12,7 @@ from service import convert
 from service._gen.medvault.v1 import audit_pb2 as aupb
 from service._gen.medvault.v1 import audit_pb2_grpc as aupb_grpc
 from service.audit.export import chunked, to_csv, to_fhir, to_jsonl
+from service.authz import PermissionDeniedError
 from service.calls import CallState, entered, handled
 from service.convert_audit import event_to_pb, filter_from_pb, review_item, verify_to_pb
 from service.guard import AccessGuard
@@ -22,6 +23,7 @@ from storage.errors import InvalidRecordError
 from storage.grants_model import Grant
 from storage.records import RecordStore
 
+SELF_REVIEW = "a principal cannot review their own break-the-glass access; ask another officer"
 _EXPORTERS: dict[int, Callable[[Iterable[ChainedEvent]], Iterator[bytes]]] = {
     aupb.EXPORT_FORMAT_JSONL: to_jsonl,
     aupb.EXPORT_FORMAT_CSV: to_csv,
@@ -62,6 +64,14 @@ class AuditServicer(aupb_grpc.AuditServiceServicer):  # type: ignore[misc]  # un
         self, state: CallState, req: aupb.ReviewBreakGlassRequest
     ) -> Grant:
         call = entered(state)
+        target = self._guard.grants.get(req.grant_id)
+        if target.principal == call.principal.name:
+            # Four eyes: the review exists to check the person who broke the glass.
+            self._guard.audit(
+                call, f"grant/{target.id}", target.patient_index, outcome="denied",
+                status="PERMISSION_DENIED", reason=SELF_REVIEW,
+            )
+            raise PermissionDeniedError(SELF_REVIEW)
         grant = self._guard.grants.review(
             req.grant_id, call.principal.name, req.comment, datetime.now(UTC)
         )

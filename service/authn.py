@@ -7,6 +7,15 @@ expiry and not-before checked) and the effective principal becomes "user via
 application". Errors name the class of problem ("token expired") and never carry the
 token or its claims: a token is a credential, and logs must not become a store of them.
 
+A token is bound to the application presenting it: its ``azp`` must name that
+application (its CN, or the policy's ``client_id`` for it), so a token stolen from one
+application is useless to another. With ``[delegation] replay_cache`` on, each token is
+single-use (``service.replay``). Names that reach the audit trail (certificate CNs, token
+subjects) must be printable, bounded and must not contain " via ", which would let
+one principal pass for a delegated other; a refusal never echoes the bad name. When a
+CRL is configured (``service.revocation``) a revoked client certificate is refused on
+every call.
+
 This module takes plain values (auth context, metadata, peer) rather than a gRPC
 context, so it is tested without a server; the interceptor adapts.
 """
@@ -16,20 +25,24 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from service.authz.model import DelegationConfig, PermissionDeniedError, Policy
+from service.authz.model import Application, DelegationConfig, PermissionDeniedError, Policy
 from service.authz.policy import PolicyHolder
+from service.replay import ReplayCache, ReplayError
 
 ANONYMOUS = "anonymous"
 # A JWT from a hospital IdP is a few KiB at most; a bigger one is refused before any
 # parsing so that a hostile header costs nothing.
 _MAX_TOKEN_LENGTH = 16 << 10
-_MAX_SUBJECT_LENGTH = 256
+# The grants table and the audit trail hold principal names of up to 128 characters.
+_MAX_NAME_LENGTH = 128
+# Names the trail uses for callers it could not identify: nobody may hold one.
+_RESERVED_NAMES = frozenset({ANONYMOUS, "unauthenticated", "unknown"})
 _REQUIRED_CLAIMS = ["exp", "iss", "aud", "sub"]
 
 
@@ -61,10 +74,35 @@ class Principal:
         return self.application is not None
 
 
+class RevocationCheck(Protocol):
+    """Answers whether a client certificate is revoked (``service.revocation``)."""
+
+    def revoked(self, issuer: bytes, serial: int) -> bool:
+        """True when certificate ``serial`` of ``issuer`` (DER name) is revoked."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class _Certificate:
     common_name: str
     units: tuple[str, ...]  # organizational units: candidate role names
+    issuer: bytes = b""  # DER name; empty when only the CN is known
+    serial: int | None = None
+
+
+def check_name(what: str, name: str) -> str:
+    """``name`` if it can name a principal; ``AuthenticationError`` (never echoing it)."""
+    if not name or len(name) > _MAX_NAME_LENGTH:
+        raise AuthenticationError(f"{what} must be 1..{_MAX_NAME_LENGTH} characters")
+    # isprintable() refuses NUL, every control character and the line separators that
+    # could forge a line in a log or a terminal table.
+    if not name.isprintable():
+        raise AuthenticationError(f"{what} has control or non-printable characters")
+    if name.lower() in _RESERVED_NAMES:
+        raise AuthenticationError(f"{what} is a name medvault reserves for its own events")
+    if " via " in name.lower():
+        raise AuthenticationError(f"{what} contains ' via ' and could pass for a delegated user")
+    return name
 
 
 def _text(value: str | bytes) -> str:
@@ -82,7 +120,12 @@ def _parse_pem(pem: bytes) -> _Certificate:
     if not names:
         raise AuthenticationError("client certificate has no common name")
     units = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
-    return _Certificate(_text(names[0].value), tuple(_text(u.value) for u in units))
+    return _Certificate(
+        _text(names[0].value),
+        tuple(_text(u.value) for u in units),
+        cert.issuer.public_bytes(),
+        cert.serial_number,
+    )
 
 
 def _certificate(auth_context: Mapping[str, Sequence[bytes]]) -> _Certificate | None:
@@ -92,7 +135,7 @@ def _certificate(auth_context: Mapping[str, Sequence[bytes]]) -> _Certificate | 
         return _parse_pem(bytes(pems[0]))
     # Without the PEM (older transports) the CN alone still names the caller.
     names = auth_context.get("x509_common_name") or []
-    return _Certificate(names[0].decode(), ()) if names else None
+    return _Certificate(names[0].decode("utf-8", "replace"), ()) if names else None
 
 
 def _bearer_token(metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
@@ -168,11 +211,20 @@ def verify_token(config: DelegationConfig, token: str) -> dict[str, Any]:
 def _subject(claims: Mapping[str, Any]) -> str:
     sub = claims.get("sub")
     # The subject goes into logs and the audit trail: printable and bounded only.
-    if not isinstance(sub, str) or not sub or len(sub) > _MAX_SUBJECT_LENGTH:
+    if not isinstance(sub, str):
         raise AuthenticationError("malformed token: sub must be a non-empty string")
-    if not sub.isprintable():
-        raise AuthenticationError("malformed token: sub has non-printable characters")
-    return sub
+    return check_name("malformed token: sub", sub)
+
+
+def _check_azp(application: Application, claims: Mapping[str, Any]) -> None:
+    """The token must have been issued to the application presenting it."""
+    azp = claims.get("azp")
+    if azp is None:
+        raise AuthenticationError("token missing claim azp")
+    if azp != application.token_client:
+        raise AuthenticationError(
+            f"token was issued to another application (azp), not to {application.name}"
+        )
 
 
 def _user_roles(policy: Policy, subject: str, claims: Mapping[str, Any]) -> frozenset[str]:
@@ -198,8 +250,30 @@ def _certificate_roles(policy: Policy, cert: _Certificate) -> frozenset[str]:
 class Authenticator:
     """Turns what gRPC knows about a call into a ``Principal`` under the live policy."""
 
-    def __init__(self, holder: PolicyHolder) -> None:
+    def __init__(
+        self,
+        holder: PolicyHolder,
+        revocation: RevocationCheck | None = None,
+        replay: ReplayCache | None = None,
+    ) -> None:
         self._holder = holder
+        self._revocation = revocation
+        # The cache outlives policy reloads (it is state, not configuration).
+        self._replay = replay or ReplayCache()
+
+    def _checked_certificate(
+        self, auth_context: Mapping[str, Sequence[bytes]]
+    ) -> _Certificate | None:
+        cert = _certificate(auth_context)
+        if cert is None:
+            return None
+        check_name("client certificate common name", cert.common_name)
+        if self._revocation is not None:
+            if cert.serial is None:  # cannot tell: fail closed
+                raise AuthenticationError("client certificate unavailable for revocation check")
+            if self._revocation.revoked(cert.issuer, cert.serial):
+                raise AuthenticationError("client certificate is revoked")
+        return cert
 
     def authenticate(
         self,
@@ -209,7 +283,7 @@ class Authenticator:
     ) -> Principal:
         """The effective principal of a call; raises on bad credentials or delegation."""
         policy = self._holder.current  # one snapshot for the whole decision
-        cert = _certificate(auth_context)
+        cert = self._checked_certificate(auth_context)
         token = _bearer_token(metadata)
         if token is None:
             if cert is None:
@@ -222,5 +296,13 @@ class Authenticator:
                 f"application {app_name or ANONYMOUS} is not allowed to act for users"
             )
         claims = verify_token(policy.delegation, token)
+        _check_azp(application, claims)
         subject = _subject(claims)
-        return Principal(subject, app_name, _user_roles(policy, subject, claims), peer)
+        roles = _user_roles(policy, subject, claims)
+        delegation = policy.delegation
+        if delegation.replay_cache:
+            try:
+                self._replay.admit(claims, delegation.replay_cache_size, delegation.leeway_seconds)
+            except ReplayError as e:
+                raise AuthenticationError(str(e)) from e
+        return Principal(subject, application.name, roles, peer)

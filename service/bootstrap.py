@@ -7,9 +7,11 @@ another S3 differ here by configuration and nowhere else.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from minio import Minio
 from sqlalchemy import Engine
@@ -25,6 +27,7 @@ from service.backup import build as build_backups
 from service.config import Config, ConfigError, read_secret
 from service.guard import AccessGuard
 from service.incidents import IncidentDetector
+from service.revocation import RevocationError, RevocationList
 from service.signing import DocumentSigning
 from service.signing.validation import SignatureValidator, load_pem_certificates
 from storage.audit_log import SqlAuditLog
@@ -36,7 +39,9 @@ from storage.audit_witness import (
 )
 from storage.backup.targets import S3Target
 from storage.errors import StorageError
-from storage.grants import SqlGrantStore
+from storage.grant_seal import GrantSealer
+from storage.grants import GRANT_ADOPTER, SqlGrantStore
+from storage.grants_legacy import adopt_legacy
 from storage.kek import KekManager
 from storage.records import RecordStore, StoreLimits
 from storage.s3_blobs import S3BlobStore, make_minio_client
@@ -64,6 +69,11 @@ class Components:
     wrapper: Pkcs11KeyWrapper
     kek: KekManager
     backup: BackupWiring
+    revocation: RevocationList | None = None
+
+    def reloadables(self) -> list[RevocationList]:
+        """What SIGHUP re-reads besides the policy (the CRL, when configured)."""
+        return [self.revocation] if self.revocation is not None else []
 
     def close(self) -> None:
         """Flush the audit trail, release the token sessions and database connections."""
@@ -153,12 +163,25 @@ def _check_audit_switch(config: Config) -> None:
         )
 
 
-def access_guard(
+def revocation_list(config: Config) -> RevocationList | None:
+    """The client-certificate CRL of ``[tls] crl``, checked against ``client_ca``."""
+    tls = config.tls
+    if not tls.crl:
+        return None
+    try:
+        return RevocationList.from_files(Path(tls.crl), Path(tls.client_ca))
+    except RevocationError as e:
+        raise ConfigError(f"[tls] crl: {e}") from e
+
+
+def access_guard(  # noqa: PLR0917  (the composition root wires what it is given)
     config: Config,
     engine: Engine,
     log: SqlAuditLog,
     pool: Pkcs11SessionPool,
     witnesses: Sequence[CheckpointWitness] = (),
+    sealer: GrantSealer | None = None,
+    revocation: RevocationList | None = None,
 ) -> AccessGuard:
     """Policy, authentication, grants, the audit trail and incident detection."""
     _check_audit_switch(config)
@@ -173,8 +196,16 @@ def access_guard(
         witnesses=witnesses,
     )
     incidents = IncidentDetector(lambda: holder.current.incidents, trail)
-    grants = SqlGrantStore(engine)
-    return AccessGuard(holder, Authenticator(holder), grants, trail, incidents)
+
+    def forged(grant_id: str) -> None:
+        incidents.tampered(
+            "grant-tampered", f"grant/{grant_id}",
+            "grant row failed authentication; it grants nothing",
+        )
+
+    grants = SqlGrantStore(engine, sealer or GrantSealer(Pkcs11BlindIndexer(pool)), forged)
+    authenticator = Authenticator(holder, revocation=revocation)
+    return AccessGuard(holder, authenticator, grants, trail, incidents)
 
 
 def _certificates(path: str, key: str) -> list[bytes]:
@@ -196,21 +227,29 @@ def build(config: Config) -> Components:
 
 
 def _wire(config: Config, pool: Pkcs11SessionPool) -> Components:
+    revocation = revocation_list(config)
     engine = make_engine(config.database.url)
-    upgrade(engine)
+    indexer = Pkcs11BlindIndexer(pool)
+    sealer = GrantSealer(indexer)
+    upgrade(engine, hooks={GRANT_ADOPTER: functools.partial(adopt_legacy, sealer)})
     metadata = SqlMetadataStore(engine)
     client = s3_client(config)
     blobs = blob_store(config, client)
     audit_log = SqlAuditLog(engine)
-    guard = access_guard(config, engine, audit_log, pool, audit_witnesses(config, client))
+    guard = access_guard(
+        config, engine, audit_log, pool, audit_witnesses(config, client), sealer, revocation
+    )
     limits = StoreLimits(
         max_record_size=config.server.max_record_size, segment_size=config.server.segment_size
     )
     wrapper = Pkcs11KeyWrapper(pool)
     store = RecordStore(
-        blobs, metadata, wrapper, Pkcs11BlindIndexer(pool), limits,
+        blobs, metadata, wrapper, indexer, limits,
         before_commit=_fault_hook(),
-        on_tampered=lambda e: guard.incidents.tampered(e.resource),
+        on_tampered=lambda e: guard.incidents.tampered(
+            "row-tampered", e.resource,
+            "metadata row failed authentication (changed in the database); the read was refused",
+        ),
     )  # fmt: skip
     # The rewrap's last phase upgrades legacy (v1) sealed metadata (storage.reseal).
     kek = KekManager(engine, wrapper, Pkcs11KekRing(pool, wrapper), upgrade=store.upgrade_sealed)
@@ -225,4 +264,5 @@ def _wire(config: Config, pool: Pkcs11SessionPool) -> Components:
     return Components(
         store=store, blobs=blobs, metadata=metadata, pool=pool, engine=engine, guard=guard,
         audit_log=audit_log, signing=signing, wrapper=wrapper, kek=kek, backup=backup,
+        revocation=revocation,
     )

@@ -73,6 +73,9 @@ class TlsConfig:
     cert: str = ""
     key: str = ""
     client_ca: str = ""
+    # CRL (PEM or DER) signed by ``client_ca``; empty = no revocation check. Re-read on
+    # SIGHUP; a revoked client certificate is refused on every call.
+    crl: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,7 +185,7 @@ class Config:
 
 
 _PATH_KEYS = {
-    ("tls", "cert"), ("tls", "key"), ("tls", "client_ca"), ("s3", "ca_file"),
+    ("tls", "cert"), ("tls", "key"), ("tls", "client_ca"), ("tls", "crl"), ("s3", "ca_file"),
     ("s3", "access_key_file"), ("s3", "secret_key_file"), ("keystore", "pin_file"),
     ("keystore", "softhsm2_conf"), ("server", "policy"),
     ("signing", "trust_anchors"), ("signing", "chain"),

@@ -16,6 +16,7 @@ import threading
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:  # the trail's checkpoints raise incidents too (signal, incide
     from service.audit.trail import AuditTrail
 
 log = logging.getLogger(__name__)
+_TAMPER_MEMORY = 10_000  # resources remembered for the quiet window
 INCIDENTS = Counter(
     "medvault_incidents", "Security incidents detected", labelnames=("kind",)
 )
@@ -86,7 +88,7 @@ class IncidentDetector:
         self._lock = threading.Lock()
         self._denied: defaultdict[str, _Window] = defaultdict(_Window)
         self._reads: defaultdict[str, _Window] = defaultdict(_Window)
-        self._tampered: defaultdict[str, _Window] = defaultdict(_Window)
+        self._tampered: dict[str, float] = {}  # resource -> when it last alarmed
 
     def denied(self, source: str) -> None:
         """A denied call or failed authentication from ``source``."""
@@ -112,20 +114,32 @@ class IncidentDetector:
                         f"{limits.read_threshold} reads within {limits.read_window_seconds} s "
                         "by one principal")
 
-    def tampered(self, resource: str) -> None:
-        """A stored record's row failed verification: someone wrote to the database."""
-        limits = self._thresholds()
+    def tampered(self, kind: str, resource: str, description: str) -> None:
+        """A row that failed its authentication: someone wrote to the database.
+
+        ``resource`` names the row (``record/<id>/v<n>``, ``grant/<id>``). Raised at most
+        once per resource and denial window: a forged row met on every read must not
+        flood the trail, and one event already names it. Memory is bounded.
+        """
+        window = self._thresholds().denied_window_seconds
+        now = self._clock()
         with self._lock:
-            alarm = self._tampered[resource].add(self._clock(), limits.denied_window_seconds, 1)
-        if alarm:
-            self._raise("row-tampered", resource, "",
-                        f"{resource}: metadata row failed authentication (changed in the "
-                        "database); the read was refused")
+            if now - self._tampered.get(resource, float("-inf")) < window:
+                return
+            if len(self._tampered) >= _TAMPER_MEMORY:
+                self._tampered.clear()  # at worst one extra event per resource
+            self._tampered[resource] = now
+        signal(kind, resource)
+        entry = replace(incident_entry(kind, "unknown", "", description), resource=resource)
+        self._record(kind, entry)
 
     def _raise(self, kind: str, subject: str, source: str, description: str) -> None:
         signal(kind, subject)
         principal = subject if kind == "read-volume" else "unknown"
+        self._record(kind, incident_entry(kind, principal, source, description))
+
+    def _record(self, kind: str, entry: AuditEntry) -> None:
         try:
-            self._trail.record(incident_entry(kind, principal, source, description))
+            self._trail.record(entry)
         except Exception:  # the log line and the metric still report it
             log.exception("could not audit an incident", extra={"incident": kind})

@@ -186,7 +186,8 @@ def serve(config: Config) -> None:
     components = build(config)
     stop = threading.Event()
     try:
-        install_sighup(components.guard.policy)  # `kill -HUP` re-reads the access policy
+        # `kill -HUP` re-reads the access policy and the client-certificate CRL.
+        install_sighup(components.guard.policy, *components.reloadables())
         if config.server.metrics_listen:
             host, _, port = config.server.metrics_listen.rpartition(":")
             start_http_server(int(port), addr=host or "127.0.0.1")

@@ -1,10 +1,13 @@
 """Care-team grants, break-the-glass access and its review queue, on SQL (SQLAlchemy Core).
 
-One table, ``access_grants`` (migration ``0003``). The patient is its keyed blind
-index; the store never sees a plaintext identifier. The break-the-glass ``reason`` and
-the reviewer's ``review_comment`` are free text from people and may mention the patient:
-they are stored in clear because the audit review must read them, and are never logged
-nor put into an error message.
+One table, ``access_grants`` (migrations ``0003``, ``0009``). The patient is its keyed
+blind index; the store never sees a plaintext identifier. Rows are not trusted
+(``storage.grant_seal``): each carries a MAC under a token-derived key, and a row whose
+MAC does not verify grants nothing and is reported to ``on_forged``. The break-the-glass
+reason and the review comment (free text that may name the patient) are stored only
+sealed (``sealed_reason``, ``sealed_comment``); only the review queue opens them. The
+clear ``reason`` column holds "" for sealed rows (its CHECK constraint predates sealing)
+and text only in legacy rows that could not be adopted (see ``adopt_legacy``).
 
 Times follow ``storage.sql_metadata``: stored in UTC, returned UTC-aware, naive input
 refused. Every method takes ``now`` explicitly so that one request uses one clock
@@ -14,16 +17,23 @@ reading and tests need no sleeps.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, Row
 
-from storage.errors import InvalidRecordError, RecordConflictError, RecordNotFoundError
+from storage.errors import (
+    IntegrityError,
+    InvalidRecordError,
+    RecordConflictError,
+    RecordNotFoundError,
+)
+from storage.grant_seal import GrantSealer
 from storage.grants_model import Grant
 from storage.sql_metadata import (
     from_db_time,
@@ -39,6 +49,9 @@ MAX_TEXT_LENGTH = 1000  # reason and review comment
 MAX_BREAK_GLASS_DURATION = timedelta(hours=4)
 PATIENT_INDEX_LENGTH = 32  # HMAC-SHA256
 _GRANT_ID = re.compile(r"^[0-9a-f]{32}$")
+# The Alembic attribute through which migration 0009 adopts legacy rows (see below).
+GRANT_ADOPTER = "medvault.grant_adopter"
+LEGACY_MARK = "[legacy row, not verified]"
 
 T = TypeVar("T")
 
@@ -60,6 +73,9 @@ access_grants = sa.Table(
     sa.Column("reviewed_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("reviewed_by", sa.String(255), nullable=True),
     sa.Column("review_comment", sa.Text, nullable=True),
+    sa.Column("mac", sa.LargeBinary(32), nullable=True),
+    sa.Column("sealed_reason", sa.LargeBinary, nullable=True),
+    sa.Column("sealed_comment", sa.LargeBinary, nullable=True),
     sa.PrimaryKeyConstraint("id", name="pk_access_grants"),
     sa.CheckConstraint(
         "NOT break_glass OR (reason IS NOT NULL AND expires_at IS NOT NULL)",
@@ -99,7 +115,8 @@ def _optional_time(value: datetime | None) -> datetime | None:
     return None if value is None else from_db_time(value)
 
 
-def _to_grant(row: Row[Any]) -> Grant:
+def row_to_grant(row: Row[Any]) -> Grant:
+    """The grant a row says (not verified: ``SqlGrantStore`` checks its MAC)."""
     m = row._mapping
     return Grant(
         id=m["id"],
@@ -111,11 +128,19 @@ def _to_grant(row: Row[Any]) -> Grant:
         revoked_at=_optional_time(m["revoked_at"]),
         revoked_by=m["revoked_by"],
         break_glass=bool(m["break_glass"]),
-        reason=m["reason"],
+        reason=None,  # opened only for the review queue
         reviewed_at=_optional_time(m["reviewed_at"]),
         reviewed_by=m["reviewed_by"],
-        review_comment=m["review_comment"],
+        review_comment=None,
     )
+
+
+def _optional_bytes(value: Any) -> bytes | None:
+    return None if value is None else bytes(value)
+
+
+def _with_review(grant: Grant, reviewed_at: datetime | None, by: str | None) -> Grant:
+    return dataclasses.replace(grant, reviewed_at=reviewed_at, reviewed_by=by)
 
 
 def _active_at(now: datetime) -> sa.ColumnElement[bool]:
@@ -127,10 +152,17 @@ def _active_at(now: datetime) -> sa.ColumnElement[bool]:
 
 
 class SqlGrantStore:
-    """Grants in one SQL table; every statement is parameterised."""
+    """Grants in one SQL table; every statement is parameterised, every row verified."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        sealer: GrantSealer,
+        on_forged: Callable[[str], None] | None = None,
+    ) -> None:
         self._engine = engine
+        self._sealer = sealer
+        self._on_forged = on_forged or (lambda _grant_id: None)
 
     def grant(
         self,
@@ -149,23 +181,8 @@ class SqlGrantStore:
             expires_at = to_utc(expires_at, "expires_at")
             if expires_at <= now:
                 raise InvalidRecordError("expires_at", "is not in the future")
-        return self._insert(
-            Grant(
-                id=secrets.token_hex(16),
-                patient_index=patient_index,
-                principal=principal,
-                granted_by=granted_by,
-                created_at=now,
-                expires_at=expires_at,
-                revoked_at=None,
-                revoked_by=None,
-                break_glass=False,
-                reason=None,
-                reviewed_at=None,
-                reviewed_by=None,
-                review_comment=None,
-            )
-        )
+        grant = _new(secrets.token_hex(16), patient_index, principal, granted_by, now, expires_at)
+        return self._insert(grant, None)
 
     def break_glass(
         self,
@@ -184,23 +201,11 @@ class SqlGrantStore:
                 "duration", f"must be positive and at most {MAX_BREAK_GLASS_DURATION}"
             )
         now = to_utc(now, "now")
-        return self._insert(
-            Grant(
-                id=secrets.token_hex(16),
-                patient_index=patient_index,
-                principal=principal,
-                granted_by=principal,  # nobody else is asked: that is the point of it
-                created_at=now,
-                expires_at=now + duration,
-                revoked_at=None,
-                revoked_by=None,
-                break_glass=True,
-                reason=reason,
-                reviewed_at=None,
-                reviewed_by=None,
-                review_comment=None,
-            )
-        )
+        grant_id = secrets.token_hex(16)
+        # granted_by is the principal: nobody else is asked, that is the point of it.
+        grant = _new(grant_id, patient_index, principal, principal, now, now + duration)
+        grant = dataclasses.replace(grant, break_glass=True, reason=reason)
+        return self._insert(grant, self._sealer.seal_reason(grant_id, reason))
 
     def revoke(self, grant_id: str, revoked_by: str, now: datetime) -> Grant:
         """End a grant now; ``RecordConflictError`` if it was revoked already."""
@@ -215,12 +220,22 @@ class SqlGrantStore:
         )
         return self._update(grant_id, update, lambda _: "the grant is revoked already")
 
+    def get(self, grant_id: str) -> Grant:
+        """The grant ``grant_id`` as stored (free text not opened); ``RecordNotFoundError``."""
+        _check_grant_id(grant_id)
+        query = sa.select(access_grants).where(access_grants.c.id == grant_id)
+        row = self._run(lambda c: c.execute(query).first())
+        if row is None:
+            raise RecordNotFoundError("no such grant")
+        return row_to_grant(row)
+
     def has_access(self, principal: str, patient_index: bytes, now: datetime) -> Grant | None:
-        """An active grant of ``principal`` on the patient, or ``None``.
+        """An active, authentic grant of ``principal`` on the patient, or ``None``.
 
         On the path of every read: one query on ``ix_access_grants_principal_patient``.
         A care-team grant is preferred to a break-the-glass one, so that a read the care
-        team covers is not flagged as an emergency access.
+        team covers is not flagged as an emergency access. Rows failing their MAC are
+        skipped (they grant nothing) and reported.
         """
         query = (
             sa.select(access_grants)
@@ -230,10 +245,9 @@ class SqlGrantStore:
                 _active_at(to_utc(now, "now")),
             )
             .order_by(access_grants.c.break_glass, access_grants.c.created_at.desc())
-            .limit(1)
         )
-        row = self._run(lambda c: c.execute(query).first())
-        return None if row is None else _to_grant(row)
+        rows = self._run(lambda c: c.execute(query).all())
+        return next(iter(self._authentic(rows)), None)
 
     def list(
         self,
@@ -242,7 +256,7 @@ class SqlGrantStore:
         include_inactive: bool,
         now: datetime,
     ) -> list[Grant]:
-        """Grants on a patient, of a principal, or both; newest first.
+        """Authentic grants on a patient, of a principal, or both; newest first.
 
         At least one filter is required: an unfiltered listing would be a dump of who may
         see whom across the hospital.
@@ -259,47 +273,94 @@ class SqlGrantStore:
         if not include_inactive:
             query = query.where(_active_at(to_utc(now, "now")))
         query = query.order_by(access_grants.c.created_at.desc(), access_grants.c.id)
-        rows = self._run(lambda c: c.execute(query).all())
-        return [_to_grant(r) for r in rows]
+        return self._authentic(self._run(lambda c: c.execute(query).all()))
 
     # builtins.list: inside the class body ``list`` names the method above.
     def break_glass_queue(self, include_reviewed: bool) -> builtins.list[Grant]:
-        """Break-the-glass grants awaiting review, oldest first; then reviewed ones if asked."""
-        unreviewed_first = sa.case((access_grants.c.reviewed_at.is_(None), 0), else_=1)
-        query = sa.select(access_grants).where(access_grants.c.break_glass == sa.true())
-        if not include_reviewed:
-            query = query.where(access_grants.c.reviewed_at.is_(None))
-        query = query.order_by(unreviewed_first, access_grants.c.created_at, access_grants.c.id)
+        """Break-the-glass grants awaiting review, oldest first; then reviewed ones if asked.
+
+        Reasons and comments are opened here, for the security officer. A review that
+        does not authenticate (set in the database, not by the service) does not count:
+        the grant stays in the queue as unreviewed. Every break-the-glass row is read for
+        that, since the database's ``reviewed_at`` alone is not trusted.
+        """
+        query = (
+            sa.select(access_grants)
+            .where(access_grants.c.break_glass == sa.true())
+            .order_by(access_grants.c.created_at, access_grants.c.id)
+        )
         rows = self._run(lambda c: c.execute(query).all())
-        return [_to_grant(r) for r in rows]
+        opened = [self._opened(row) for row in rows if self._verified(row) or _legacy(row)]
+        pending = [g for g in opened if g.reviewed_at is None]
+        reviewed = [g for g in opened if g.reviewed_at is not None]
+        return pending + (reviewed if include_reviewed else [])
 
     def review(self, grant_id: str, reviewer: str, comment: str, now: datetime) -> Grant:
-        """Mark a break-the-glass grant reviewed; once only, and only break-the-glass."""
+        """Mark a break-the-glass grant reviewed; once only, only break-the-glass, and
+        never by the principal who broke the glass."""
         _check_grant_id(grant_id)
         _check_actor("reviewer", reviewer)
         _check_text("comment", comment)
         now = to_utc(now, "now")
+        sealed = self._sealer.seal_review(grant_id, reviewer, now, comment)
         update = (
             access_grants.update()
             .where(
                 access_grants.c.id == grant_id,
                 access_grants.c.break_glass == sa.true(),
                 access_grants.c.reviewed_at.is_(None),
+                access_grants.c.principal != reviewer,
             )
-            .values(reviewed_at=now, reviewed_by=reviewer, review_comment=comment)
+            .values(reviewed_at=now, reviewed_by=reviewer, sealed_comment=sealed)
         )
-        return self._update(
-            grant_id,
-            update,
-            lambda g: (
-                "the grant is reviewed already"
-                if g.break_glass
-                else "only break-the-glass grants are reviewed"
-            ),
-        )
+        reviewed = self._update(grant_id, update, lambda g: _review_conflict(g, reviewer))
+        row = self._run(
+            lambda c: c.execute(sa.select(access_grants).where(access_grants.c.id == grant_id))
+        ).first()
+        return reviewed if row is None else self._opened(row)
 
-    def _insert(self, grant: Grant) -> Grant:
-        values = {column.name: getattr(grant, column.name) for column in access_grants.columns}
+    def _verified(self, row: Row[Any]) -> bool:
+        m = row._mapping
+        grant = row_to_grant(row)
+        if self._sealer.authentic(grant, _optional_bytes(m["sealed_reason"]), m["mac"]):
+            return True
+        self._on_forged(grant.id)
+        return False
+
+    def _authentic(self, rows: Iterable[Row[Any]]) -> builtins.list[Grant]:
+        return [row_to_grant(row) for row in rows if self._verified(row)]
+
+    def _opened(self, row: Row[Any]) -> Grant:
+        """A verified row with its reason and (authentic) review opened."""
+        m = row._mapping
+        grant = row_to_grant(row)
+        sealed_reason = _optional_bytes(m["sealed_reason"])
+        if _legacy(row):  # not adopted (migrated without the token): clear text, unverified
+            return dataclasses.replace(
+                grant, reason=f"{LEGACY_MARK} {m['reason']}", review_comment=m["review_comment"]
+            )
+        reason = self._sealer.open_reason(grant.id, sealed_reason) if sealed_reason else None
+        grant = dataclasses.replace(grant, reason=reason)
+        if grant.reviewed_at is None or grant.reviewed_by is None:
+            return _with_review(grant, None, None)
+        try:
+            comment = self._sealer.open_review(
+                grant.id, grant.reviewed_by, grant.reviewed_at, bytes(m["sealed_comment"] or b"")
+            )
+        except IntegrityError:
+            self._on_forged(grant.id)
+            return _with_review(grant, None, None)
+        return dataclasses.replace(grant, review_comment=comment)
+
+    def _insert(self, grant: Grant, sealed_reason: bytes | None) -> Grant:
+        columns = access_grants.columns
+        values = {column.name: getattr(grant, column.name, None) for column in columns}
+        values.update(
+            reason="" if grant.break_glass else None,  # the text itself is only sealed
+            review_comment=None,
+            sealed_reason=sealed_reason,
+            mac=self._sealer.mac(grant, sealed_reason),
+        )
         self._run(lambda c: c.execute(access_grants.insert().values(**values)), write=True)
         return grant
 
@@ -318,10 +379,38 @@ class SqlGrantStore:
         changed, row = self._run(apply, write=True)
         if row is None:
             raise RecordNotFoundError("no such grant")
-        grant = _to_grant(row)
+        grant = row_to_grant(row)
         if changed != 1:
             raise RecordConflictError(conflict(grant))
         return grant
 
     def _run(self, fn: Callable[[Connection], T], *, write: bool = False) -> T:
         return run_in_transaction(self._engine, fn, write=write)
+
+
+def _new(  # noqa: PLR0917  (one call site per kind of grant; names are at the calls)
+    grant_id: str,
+    patient_index: bytes,
+    principal: str,
+    granted_by: str,
+    now: datetime,
+    expires_at: datetime | None,
+) -> Grant:
+    return Grant(
+        id=grant_id, patient_index=patient_index, principal=principal, granted_by=granted_by,
+        created_at=now, expires_at=expires_at, revoked_at=None, revoked_by=None,
+        break_glass=False, reason=None, reviewed_at=None, reviewed_by=None, review_comment=None,
+    )  # fmt: skip
+
+
+def _legacy(row: Row[Any]) -> bool:
+    """A row from before migration 0009 that was never adopted (no MAC, clear reason)."""
+    return row._mapping["mac"] is None and bool(row._mapping["reason"])
+
+
+def _review_conflict(grant: Grant, reviewer: str) -> str:
+    if not grant.break_glass:
+        return "only break-the-glass grants are reviewed"
+    if grant.principal == reviewer:
+        return "a principal cannot review their own break-the-glass access"
+    return "the grant is reviewed already"

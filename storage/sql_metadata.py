@@ -8,7 +8,9 @@ the host (never a row's data), duplicate version -> ``RecordConflictError``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -124,6 +126,8 @@ def make_engine(url: str) -> Engine:
     """An engine for ``url``, tuned per dialect (SQLite pragmas, PostgreSQL pre-ping)."""
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            private_sqlite_files(parsed.database)
         engine = sa.create_engine(parsed, hide_parameters=True)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
@@ -132,6 +136,25 @@ def make_engine(url: str) -> Engine:
     return sa.create_engine(
         parsed, hide_parameters=True, pool_pre_ping=True, connect_args={"connect_timeout": 5}
     )
+
+
+def private_sqlite_files(path: str) -> None:
+    """Create the SQLite file 0600 (and tighten it, and its -wal/-shm, if looser).
+
+    SQLite creates ``-wal`` and ``-shm`` with the main file's permissions, so a main
+    file made 0600 here keeps them owner-only too. The rows hold no plaintext patient
+    data, but the file is still nobody else's to read or copy.
+    """
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError:
+        return  # a missing directory: SQLite reports it on connect, with its own message
+    for name in (path, f"{path}-wal", f"{path}-shm", f"{path}-journal"):
+        with contextlib.suppress(OSError):  # absent, or not ours: leave it to the operator
+            if os.stat(name).st_mode & 0o077:
+                os.chmod(name, 0o600)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -152,10 +175,17 @@ def alembic_config() -> Config:
     return config
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Migrate the database to ``revision``; a no-op when it is there already."""
+def upgrade(
+    engine: Engine, revision: str = "head", hooks: Mapping[str, object] | None = None
+) -> None:
+    """Migrate the database to ``revision``; a no-op when it is there already.
+
+    ``hooks`` reach migrations through Alembic's ``config.attributes`` (migration 0009
+    adopts legacy grant rows through one, in the migration's transaction).
+    """
     config = alembic_config()
     with translated(engine), engine.begin() as connection:
+        config.attributes.update(hooks or {})
         config.attributes["connection"] = connection
         command.upgrade(config, revision)
 

@@ -56,6 +56,14 @@ class Application:
     name: str
     delegate: bool = False
     roles: frozenset[str] = frozenset()
+    # The IdP's client id for this application when it differs from the CN; a token's
+    # ``azp`` must equal it, so a token issued to one application is no good to another.
+    client_id: str = ""
+
+    @property
+    def token_client(self) -> str:
+        """The ``azp`` a delegation token presented by this application must carry."""
+        return self.client_id or self.name
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +76,10 @@ class DelegationConfig:
     algorithms: tuple[str, ...] = SUPPORTED_ALGORITHMS
     leeway_seconds: int = 30
     keys: Mapping[str, jwt.PyJWK] = field(default_factory=lambda: _EMPTY)
+    # One-time tokens: every token must carry a ``jti`` that this process has not seen
+    # before its ``exp``. Off by default: ordinary OIDC access tokens are reused.
+    replay_cache: bool = False
+    replay_cache_size: int = 100_000
 
     @property
     def enabled(self) -> bool:

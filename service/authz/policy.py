@@ -21,7 +21,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType, MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 
@@ -52,6 +52,7 @@ __all__ = [
     "Policy",
     "PolicyError",
     "PolicyHolder",
+    "Reloadable",
     "Role",
     "install_sighup",
     "load",
@@ -147,11 +148,12 @@ def _applications(raw: object, roles: Mapping[str, Role]) -> dict[str, Applicati
     apps: dict[str, Application] = {}
     for name, entry in _names(raw, "applications").items():
         path = ("applications", name)
-        body = _table(entry, path, {"delegate": bool, "roles": _STR_LIST})
+        body = _table(entry, path, {"delegate": bool, "roles": _STR_LIST, "client_id": str})
         apps[name] = Application(
             name,
             body.get("delegate", False),
             _role_names(body.get("roles", []), (*path, "roles"), roles),
+            body.get("client_id", ""),
         )
     return apps
 
@@ -201,33 +203,54 @@ def _jwks(file: Path, algorithms: tuple[str, ...]) -> dict[str, jwt.PyJWK]:
     return keys
 
 
-def _delegation(raw: object, base_dir: Path) -> DelegationConfig:
-    path = ("delegation",)
-    body = _table(
-        raw,
-        path,
-        {
-            "jwks_file": str,
-            "issuer": str,
-            "audience": str,
-            "algorithms": _STR_LIST,
-            "leeway_seconds": int,
-        },
-    )
+_DELEGATION_KEYS: dict[str, type | str] = {
+    "jwks_file": str,
+    "issuer": str,
+    "audience": str,
+    "algorithms": _STR_LIST,
+    "leeway_seconds": int,
+    "replay_cache": bool,
+    "replay_cache_size": int,
+}
+
+
+def _algorithms(body: Mapping[str, Any]) -> tuple[str, ...]:
     algorithms = tuple(body.get("algorithms", SUPPORTED_ALGORITHMS))
     bad = [a for a in algorithms if a not in SUPPORTED_ALGORITHMS]
     if bad or not algorithms:
         raise PolicyError(
             f"[delegation] algorithms must be among {', '.join(SUPPORTED_ALGORITHMS)}"
             f" (got {', '.join(bad) or 'none'})",
-            (*path, "algorithms"),
+            ("delegation", "algorithms"),
         )
-    leeway = body.get("leeway_seconds", 30)
-    if not 0 <= leeway <= 300:
-        raise PolicyError("[delegation] leeway_seconds must be 0..300", (*path, "leeway_seconds"))
+    return algorithms
+
+
+def _bounded(body: Mapping[str, Any], key: str, default: int, low: int, high: int) -> int:
+    value: int = body.get(key, default)
+    if not low <= value <= high:
+        raise PolicyError(f"[delegation] {key} must be {low}..{high}", ("delegation", key))
+    return value
+
+
+def _delegation(raw: object, base_dir: Path) -> DelegationConfig:
+    path = ("delegation",)
+    body = _table(raw, path, _DELEGATION_KEYS)
+    algorithms = _algorithms(body)
+    leeway = _bounded(body, "leeway_seconds", 30, 0, 300)
+    replay = (
+        body.get("replay_cache", False),
+        _bounded(body, "replay_cache_size", 100_000, 1, 10_000_000),
+    )
     if not body.get("jwks_file"):
         return DelegationConfig(
-            None, body.get("issuer", ""), body.get("audience", ""), algorithms, leeway
+            None,
+            body.get("issuer", ""),
+            body.get("audience", ""),
+            algorithms,
+            leeway,
+            replay_cache=replay[0],
+            replay_cache_size=replay[1],
         )
     for key in ("issuer", "audience"):
         if not body.get(key):
@@ -240,6 +263,8 @@ def _delegation(raw: object, base_dir: Path) -> DelegationConfig:
         algorithms,
         leeway,
         MappingProxyType(_jwks(file, algorithms)),
+        replay_cache=replay[0],
+        replay_cache_size=replay[1],
     )
 
 
@@ -361,14 +386,28 @@ class PolicyHolder:
 SignalHandler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
-def install_sighup(holder: PolicyHolder) -> SignalHandler:
-    """Reload ``holder`` on SIGHUP (main thread only); returns the previous handler.
+class Reloadable(Protocol):
+    """Something re-read from its file on SIGHUP (the policy, the CRL)."""
+
+    def reload(self) -> bool:
+        """Re-read; True if the new content is in force, False if the old one is kept."""
+        ...
+
+
+def install_sighup(holder: Reloadable, *others: Reloadable) -> SignalHandler:
+    """Reload ``holder`` (and ``others``) on SIGHUP (main thread only); returns the
+    previous handler.
 
     The handler only starts a thread: file reads and logging inside a signal handler can
     deadlock with the interrupted main thread, and a slow disk must not stall it.
     """
+    targets = (holder, *others)
+
+    def reload_all() -> None:
+        for target in targets:
+            target.reload()
 
     def on_sighup(_signum: int, _frame: FrameType | None) -> None:
-        threading.Thread(target=holder.reload, name="policy-reload", daemon=True).start()
+        threading.Thread(target=reload_all, name="policy-reload", daemon=True).start()
 
     return signal.signal(signal.SIGHUP, on_sighup)

@@ -34,6 +34,7 @@ CA_VALIDITY = dt.timedelta(days=5 * 365)
 LEAF_VALIDITY = dt.timedelta(days=825)
 # Reissue ahead of expiry so a running stack never crosses the expiry date unnoticed.
 RENEW_BEFORE = dt.timedelta(days=30)
+CRL_VALIDITY = dt.timedelta(days=7)
 # Backdate notBefore so a peer whose clock is slightly behind still accepts the cert.
 CLOCK_SKEW = dt.timedelta(minutes=5)
 
@@ -62,6 +63,11 @@ def write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def private_opener(path: str, flags: int) -> int:
+    """An ``open(..., opener=)`` that creates files 0600 (logs, state files)."""
+    return os.open(path, flags, 0o600)
 
 
 def _now() -> dt.datetime:
@@ -262,6 +268,35 @@ class DevCA:
             .sign(self._key, hashes.SHA256())
         )
         return cert.public_bytes(serialization.Encoding.PEM)
+
+    def issue_crl(
+        self, path: Path, revoked: Sequence[int] = (), validity: dt.timedelta = CRL_VALIDITY
+    ) -> Path:
+        """Write a CRL (PEM) revoking the serials ``revoked``; for ``[tls] crl`` in tests.
+
+        A standard X.509 v2 CRL with an authority key identifier and a CRL number
+        (``openssl crl -CAfile ca.pem`` verifies it). The number is the time, so each
+        newer CRL carries a higher one.
+        """
+        now = _now()
+        ca_ski = self.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.cert.subject)
+            .last_update(now - CLOCK_SKEW)
+            .next_update(now + validity)
+            .add_extension(x509.CRLNumber(int(now.timestamp() * 1000)), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski.value),
+                critical=False,
+            )
+        )
+        for serial in revoked:
+            entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now)
+            builder = builder.add_revoked_certificate(entry.build())
+        crl = builder.sign(self._key, hashes.SHA256())
+        write_private(path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+        return path
 
     def _issue(
         self,

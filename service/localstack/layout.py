@@ -126,9 +126,11 @@ class StackLayout:
 
     def create_dirs(self) -> None:
         """Create every directory; those holding secrets are owner-only."""
-        for d in (self.home, self.s3_dir, self.db_dir, self.logs_dir, self.run_dir):
-            d.mkdir(parents=True, exist_ok=True)
-        for d in (self.ca_dir, self.softhsm_dir, self.secrets_dir):
+        # All owner-only: the folder holds the database, object data, keys and PINs.
+        for d in (
+            self.home, self.s3_dir, self.db_dir, self.logs_dir, self.run_dir,
+            self.ca_dir, self.softhsm_dir, self.secrets_dir,
+        ):  # fmt: skip
             d.mkdir(parents=True, exist_ok=True)
             os.chmod(d, 0o700)
 
@@ -188,11 +190,12 @@ def write_config(layout: StackLayout, service_port: int, s3_port: int, module: s
     text = render_config(layout, service_port, s3_port, module)
     try:
         # Exclusive create: a concurrent writer, or an operator's file, always wins.
-        with layout.config.open("x") as f:
-            f.write(text)
+        fd = os.open(layout.config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         return False
-    _stamp_path(layout).write_text(_digest(text))
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    write_private(_stamp_path(layout), _digest(text).encode())
     return True
 
 
@@ -209,8 +212,8 @@ def rewrite_ports(layout: StackLayout, service_port: int, s3_port: int, module: 
     if not config_unedited(layout):
         return False
     text = render_config(layout, service_port, s3_port, module)
-    write_private(layout.config, text.encode(), 0o644)
-    _stamp_path(layout).write_text(_digest(text))
+    write_private(layout.config, text.encode())
+    write_private(_stamp_path(layout), _digest(text).encode())
     return True
 
 

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from service.localstack.ca import private_opener as _private_opener
+from service.localstack.ca import write_private
 from storage.s3_blobs import make_minio_client
 
 # weed serves gRPC on every HTTP port + 10000 unless told otherwise.
@@ -192,7 +194,7 @@ class SeaweedServer:
             chosen.add(find_free_port(chosen))
         master, volume, filer = sorted(chosen - {self.s3_port})
         ports = _Ports(master=master, volume=volume, filer=filer)
-        path.write_text(json.dumps(asdict(ports)))
+        write_private(path, json.dumps(asdict(ports)).encode())
         return ports
 
     def _write_s3_config(self) -> Path:
@@ -242,7 +244,7 @@ class SeaweedServer:
     def _spawn(self) -> None:
         command = self._command()
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_file.open("ab") as log:
+        with open(self.log_file, "ab", opener=_private_opener) as log:
             # A new session: the server outlives the CLI that started it and a
             # terminal's Ctrl-C is not delivered to it.
             self._process = subprocess.Popen(  # noqa: S603 - argv list, no shell
@@ -253,7 +255,7 @@ class SeaweedServer:
                 cwd=self.data_dir,
                 start_new_session=True,
             )
-        self._pid_file.write_text(f"{self._process.pid}\n")
+        write_private(self._pid_file, f"{self._process.pid}\n".encode())
 
     def _wait_ready(self, timeout: float) -> None:
         """Poll S3 ``ListBuckets`` until it succeeds, the process dies or time runs out."""

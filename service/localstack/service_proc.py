@@ -23,6 +23,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import service
+from service.localstack.ca import private_opener as _private_opener
+from service.localstack.ca import write_private
 
 # The service package's parent directory: the child imports the very same code.
 _SOURCE_ROOT = Path(service.__file__).resolve().parent.parent
@@ -113,7 +115,7 @@ class ServiceProcess:
         child_env["PYTHONPATH"] = f"{_SOURCE_ROOT}{os.pathsep}{path}" if path else str(_SOURCE_ROOT)
         command = [sys.executable, "-m", "service", "serve", "--config", str(self.config)]
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_file.open("ab") as log:
+        with open(self.log_file, "ab", opener=_private_opener) as log:
             process = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
                 command,
                 stdin=subprocess.DEVNULL,
@@ -124,7 +126,7 @@ class ServiceProcess:
                 start_new_session=True,
             )
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
-        self.pid_file.write_text(f"{process.pid}\n")
+        write_private(self.pid_file, f"{process.pid}\n".encode())
         self._process = process
         return process.pid
 

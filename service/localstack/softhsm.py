@@ -14,6 +14,8 @@ import stat
 import subprocess
 from pathlib import Path
 
+from service.localstack.ca import write_private
+
 _SHARED_BITS = stat.S_IRWXG | stat.S_IRWXO
 _LABEL_PREFIX = "Label:"
 
@@ -37,7 +39,8 @@ def write_softhsm_conf(state_dir: Path) -> Path:
         "slots.removable = false\n"
     )
     if not conf.exists() or conf.read_text(encoding="utf-8") != text:
-        conf.write_text(text, encoding="utf-8")
+        write_private(conf, text.encode("utf-8"))
+    os.chmod(conf, 0o600)  # an older file may have wider permissions
     return conf
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from service import config as service_config
 from service.localstack import softhsm
-from service.localstack.ca import DevCA
+from service.localstack.ca import DevCA, private_opener, write_private
 from service.localstack.layout import (
     DEFAULT_S3_PORT,
     DEFAULT_SERVICE_PORT,
@@ -158,7 +158,7 @@ class LocalStack:
         """Copy the default access policy into the home; an operator's edits are kept."""
         target = self.home / "policy.toml"
         if not target.exists():
-            target.write_text(DEFAULT_POLICY.read_text())
+            write_private(target, DEFAULT_POLICY.read_bytes())
             self._report(f"wrote access policy {target} (reload with SIGHUP after editing)")
 
     def _prepare_ca(self) -> None:
@@ -363,7 +363,7 @@ class LocalStack:
     def _locked(self) -> Iterator[None]:
         """Serialize up/down/prepare of one home; component errors become ours."""
         self.layout.run_dir.mkdir(parents=True, exist_ok=True)
-        with (self.layout.run_dir / "stack.lock").open("w") as lock:
+        with open(self.layout.run_dir / "stack.lock", "w", opener=private_opener) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield

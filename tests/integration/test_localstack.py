@@ -174,3 +174,16 @@ def test_cli_env_prints_only_exports(stack: LocalStack) -> None:
     assert result.returncode == 0, result.stderr
     assert all(line.startswith("export MEDVAULT_") for line in result.stdout.splitlines())
     assert shlex.quote(str(stack.home / "ca" / "ca.pem")) in result.stdout
+
+
+def test_state_files_are_owner_only(stack: LocalStack) -> None:
+    """Keys, PINs, config, policy and state are 0600 and every folder 0700; only
+    certificates (public by nature) are readable by others."""
+    stack.prepare()
+    stack.prepare()  # a second run must not loosen anything
+    for path in [stack.home, *stack.home.rglob("*")]:
+        mode = path.stat().st_mode & 0o777
+        if path.is_dir():
+            assert mode == 0o700, f"{path.relative_to(stack.home)}: {oct(mode)}"
+        elif not path.name.endswith((".pem", ".crl")):
+            assert mode == 0o600, f"{path.relative_to(stack.home)}: {oct(mode)}"

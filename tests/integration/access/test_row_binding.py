@@ -130,7 +130,7 @@ def _incidents(w: World, record_id: str) -> list[aupb.AuditEvent]:
     return [
         e
         for e in events(w.officer, action="incident")
-        if e.resource == "incident/row-tampered" and f"record/{record_id}/" in e.reason
+        if e.status == "row-tampered" and e.resource.startswith(f"record/{record_id}/")
     ]
 
 

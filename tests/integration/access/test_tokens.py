@@ -98,7 +98,7 @@ leeway_seconds = 5
 def claims(**overrides: Any) -> dict[str, Any]:
     now = int(time.time())
     base: dict[str, Any] = {
-        "iss": ISSUER, "aud": AUDIENCE, "sub": USER, "iat": now, "nbf": now - 5,
+        "iss": ISSUER, "aud": AUDIENCE, "sub": USER, "iat": now, "nbf": now - 5, "azp": "his-app",
         "exp": now + 300, "roles": ["physician"],
     }  # fmt: skip
     base.update(overrides)
@@ -170,6 +170,9 @@ def test_valid_tokens_act_for_the_user(world: World) -> None:
         ("not-yet-valid", grpc.StatusCode.UNAUTHENTICATED, "token not yet valid"),
         ("unknown-kid", grpc.StatusCode.UNAUTHENTICATED, "token key unknown"),
         ("no-delegation", grpc.StatusCode.PERMISSION_DENIED, "not allowed to act for users"),
+        ("other-azp", grpc.StatusCode.UNAUTHENTICATED, "issued to another application"),
+        ("no-azp", grpc.StatusCode.UNAUTHENTICATED, "token missing claim azp"),
+        ("via-subject", grpc.StatusCode.UNAUTHENTICATED, "malformed token: sub"),
     ],
 )
 def test_bad_token_is_refused_and_audited(
@@ -192,6 +195,15 @@ def test_bad_token_is_refused_and_audited(
             token = jwt.encode(
                 claims(), world.ec_key, algorithm="ES256", headers={"kid": "ec-other"}
             )
+        case "other-azp":  # a token the IdP issued to lis-app, replayed by his-app
+            token = es256(world, azp="lis-app")
+        case "no-azp":
+            token = jwt.encode(
+                {k: v for k, v in claims().items() if k != "azp"}, world.ec_key,
+                algorithm="ES256", headers={"kid": "ec-test"},
+            )  # fmt: skip
+        case "via-subject":
+            token = es256(world, sub="dr-x via his-app")
         case _:
             token, cert = es256(world), world.lis
     _, error, ports = whoami(world, cert, token)

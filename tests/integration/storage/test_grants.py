@@ -5,12 +5,15 @@ Every time is an explicit ``now``; nothing sleeps.
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy.engine import Engine
 
+from keystore import Pkcs11BlindIndexer, Pkcs11SessionPool
 from storage.errors import InvalidRecordError, RecordConflictError, RecordNotFoundError
+from storage.grant_seal import GrantSealer
 from storage.grants import MAX_BREAK_GLASS_DURATION, SqlGrantStore, access_grants
 from storage.grants_model import Grant
 
@@ -24,11 +27,21 @@ REASON = "synthetic: unconscious patient in ED, no care-team member reachable"
 
 
 @pytest.fixture
-def store(metadata_engine: Engine) -> SqlGrantStore:
+def forged() -> list[str]:
+    """Ids the store reported as failing their MAC."""
+    return []
+
+
+@pytest.fixture
+def store(
+    metadata_engine: Engine, keystore_pool: Pkcs11SessionPool, forged: list[str]
+) -> SqlGrantStore:
     """A store over an empty ``access_grants`` table (rows of earlier tests deleted)."""
     with metadata_engine.begin() as connection:
         connection.execute(access_grants.delete())
-    return SqlGrantStore(metadata_engine)
+    return SqlGrantStore(
+        metadata_engine, GrantSealer(Pkcs11BlindIndexer(keystore_pool)), forged.append
+    )
 
 
 # --- care-team grants, expiry ---------------------------------------------------------
@@ -178,7 +191,9 @@ def test_break_glass_is_time_limited_and_self_granted(store: SqlGrantStore) -> N
     assert grant.reason == REASON
     assert grant.granted_by == "dr.house"
     assert grant.expires_at == T0 + 2 * HOUR
-    assert store.has_access("dr.house", PATIENT, T0 + 2 * HOUR - timedelta(seconds=1)) == grant
+    found = store.has_access("dr.house", PATIENT, T0 + 2 * HOUR - timedelta(seconds=1))
+    # The read path never opens the sealed reason: only the review queue does.
+    assert found == dataclasses.replace(grant, reason=None)
     assert store.has_access("dr.house", PATIENT, T0 + 2 * HOUR) is None
 
 
@@ -258,7 +273,9 @@ def test_queue_keeps_expired_and_revoked_grants(store: SqlGrantStore) -> None:
     # Expiry or revocation does not make an emergency access any less in need of review.
     grant = store.break_glass(PATIENT, "dr.house", REASON, HOUR, T0)
     revoked = store.revoke(grant.id, "dr.house", T0 + timedelta(minutes=5))
-    assert store.break_glass_queue(include_reviewed=False) == [revoked]
+    assert store.break_glass_queue(include_reviewed=False) == [
+        dataclasses.replace(revoked, reason=REASON)
+    ]
 
 
 def test_review_records_reviewer_and_comment(store: SqlGrantStore) -> None:

@@ -116,7 +116,7 @@ def _cert_context(cn: str, ou: str | None = None) -> dict[str, list[bytes]]:
 def _claims(**overrides: Any) -> dict[str, Any]:
     now = int(time.time())
     claims: dict[str, Any] = {
-        "iss": ISSUER, "aud": AUDIENCE, "sub": "nurse-mai", "iat": now,
+        "iss": ISSUER, "aud": AUDIENCE, "sub": "nurse-mai", "iat": now, "azp": "his-app",
         "nbf": now - 5, "exp": now + 300, "roles": ["nurse", "superuser"],
     }  # fmt: skip
     claims.update(overrides)

@@ -136,3 +136,30 @@ def test_client_name_must_be_a_file_name(tmp_path: Path, name: str) -> None:
     ca = DevCA.load_or_create(tmp_path)
     with pytest.raises(ValueError, match="plain file-name"):
         ca.issue_client(tmp_path, name)
+
+
+def test_crl_is_standard_and_revokes_with_openssl(tmp_path: Path) -> None:
+    """``openssl crl`` verifies the CRL's signature; ``openssl verify -crl_check`` honours it."""
+    assert OPENSSL is not None, "openssl is required (Debian package openssl)"
+    ca = DevCA.load_or_create(tmp_path)
+    revoked = ca.issue_client(tmp_path, "revoked-one")
+    kept = ca.issue_client(tmp_path, "kept-one")
+    crl = ca.issue_crl(tmp_path / "clients.crl", [_cert(revoked.cert).serial_number])
+    check = subprocess.run(
+        [OPENSSL, "crl", "-in", str(crl), "-CAfile", str(ca.cert_path), "-noout"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stderr
+    assert "verify OK" in check.stdout + check.stderr
+
+    def verify(cert: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [OPENSSL, "verify", "-crl_check", "-CAfile", str(ca.cert_path),
+             "-CRLfile", str(crl), str(cert)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+
+    assert verify(kept.cert).returncode == 0
+    refused = verify(revoked.cert)
+    assert refused.returncode != 0
+    assert "revoked" in (refused.stdout + refused.stderr).lower()
