@@ -30,6 +30,7 @@ from storage.sql_metadata import (
     metadata,
     run_in_transaction,
     to_utc,
+    translated_change,
 )
 from storage.validation import check_printable
 
@@ -141,6 +142,18 @@ class SqlGrantStore:
         now: datetime,
     ) -> Grant:
         """Give ``principal`` care-team access to the patient, until ``expires_at`` if set."""
+        grant = self.new_grant(patient_index, principal, granted_by, expires_at, now)
+        return self._run(self.insert_change(grant), write=True)
+
+    def new_grant(
+        self,
+        patient_index: bytes,
+        principal: str,
+        granted_by: str,
+        expires_at: datetime | None,
+        now: datetime,
+    ) -> Grant:
+        """A checked care-team grant, not stored yet (``insert_change`` stores it)."""
         _check_patient(patient_index)
         _check_actor("principal", principal)
         _check_actor("granted_by", granted_by)
@@ -149,22 +162,20 @@ class SqlGrantStore:
             expires_at = to_utc(expires_at, "expires_at")
             if expires_at <= now:
                 raise InvalidRecordError("expires_at", "is not in the future")
-        return self._insert(
-            Grant(
-                id=secrets.token_hex(16),
-                patient_index=patient_index,
-                principal=principal,
-                granted_by=granted_by,
-                created_at=now,
-                expires_at=expires_at,
-                revoked_at=None,
-                revoked_by=None,
-                break_glass=False,
-                reason=None,
-                reviewed_at=None,
-                reviewed_by=None,
-                review_comment=None,
-            )
+        return Grant(
+            id=secrets.token_hex(16),
+            patient_index=patient_index,
+            principal=principal,
+            granted_by=granted_by,
+            created_at=now,
+            expires_at=expires_at,
+            revoked_at=None,
+            revoked_by=None,
+            break_glass=False,
+            reason=None,
+            reviewed_at=None,
+            reviewed_by=None,
+            review_comment=None,
         )
 
     def break_glass(
@@ -176,6 +187,18 @@ class SqlGrantStore:
         now: datetime,
     ) -> Grant:
         """Emergency access the principal gives itself: time-limited, reasoned, reviewed."""
+        grant = self.new_break_glass(patient_index, principal, reason, duration, now)
+        return self._run(self.insert_change(grant), write=True)
+
+    def new_break_glass(
+        self,
+        patient_index: bytes,
+        principal: str,
+        reason: str,
+        duration: timedelta,
+        now: datetime,
+    ) -> Grant:
+        """A checked break-the-glass grant, not stored yet (``insert_change`` stores it)."""
         _check_patient(patient_index)
         _check_actor("principal", principal)
         _check_text("reason", reason)
@@ -184,26 +207,30 @@ class SqlGrantStore:
                 "duration", f"must be positive and at most {MAX_BREAK_GLASS_DURATION}"
             )
         now = to_utc(now, "now")
-        return self._insert(
-            Grant(
-                id=secrets.token_hex(16),
-                patient_index=patient_index,
-                principal=principal,
-                granted_by=principal,  # nobody else is asked: that is the point of it
-                created_at=now,
-                expires_at=now + duration,
-                revoked_at=None,
-                revoked_by=None,
-                break_glass=True,
-                reason=reason,
-                reviewed_at=None,
-                reviewed_by=None,
-                review_comment=None,
-            )
+        return Grant(
+            id=secrets.token_hex(16),
+            patient_index=patient_index,
+            principal=principal,
+            granted_by=principal,  # nobody else is asked: that is the point of it
+            created_at=now,
+            expires_at=now + duration,
+            revoked_at=None,
+            revoked_by=None,
+            break_glass=True,
+            reason=reason,
+            reviewed_at=None,
+            reviewed_by=None,
+            review_comment=None,
         )
 
     def revoke(self, grant_id: str, revoked_by: str, now: datetime) -> Grant:
         """End a grant now; ``RecordConflictError`` if it was revoked already."""
+        return self._run(self.revoke_change(grant_id, revoked_by, now), write=True)
+
+    def revoke_change(
+        self, grant_id: str, revoked_by: str, now: datetime
+    ) -> Callable[[Connection], Grant]:
+        """``revoke`` as a function of a connection (checked now, applied when called)."""
         _check_grant_id(grant_id)
         _check_actor("revoked_by", revoked_by)
         now = to_utc(now, "now")
@@ -213,7 +240,7 @@ class SqlGrantStore:
             .where(access_grants.c.id == grant_id, access_grants.c.revoked_at.is_(None))
             .values(revoked_at=now, revoked_by=revoked_by)
         )
-        return self._update(grant_id, update, lambda _: "the grant is revoked already")
+        return _update(grant_id, update, lambda _: "the grant is revoked already")
 
     def has_access(self, principal: str, patient_index: bytes, now: datetime) -> Grant | None:
         """An active grant of ``principal`` on the patient, or ``None``.
@@ -275,6 +302,12 @@ class SqlGrantStore:
 
     def review(self, grant_id: str, reviewer: str, comment: str, now: datetime) -> Grant:
         """Mark a break-the-glass grant reviewed; once only, and only break-the-glass."""
+        return self._run(self.review_change(grant_id, reviewer, comment, now), write=True)
+
+    def review_change(
+        self, grant_id: str, reviewer: str, comment: str, now: datetime
+    ) -> Callable[[Connection], Grant]:
+        """``review`` as a function of a connection (checked now, applied when called)."""
         _check_grant_id(grant_id)
         _check_actor("reviewer", reviewer)
         _check_text("comment", comment)
@@ -288,7 +321,7 @@ class SqlGrantStore:
             )
             .values(reviewed_at=now, reviewed_by=reviewer, review_comment=comment)
         )
-        return self._update(
+        return _update(
             grant_id,
             update,
             lambda g: (
@@ -298,24 +331,43 @@ class SqlGrantStore:
             ),
         )
 
-    def _insert(self, grant: Grant) -> Grant:
+    def get(self, grant_id: str) -> Grant:
+        """One grant by id; ``RecordNotFoundError`` if there is none."""
+        _check_grant_id(grant_id)
+        query = sa.select(access_grants).where(access_grants.c.id == grant_id)
+        row = self._run(lambda c: c.execute(query).first())
+        if row is None:
+            raise RecordNotFoundError("no such grant")
+        return _to_grant(row)
+
+    @staticmethod
+    def insert_change(grant: Grant) -> Callable[[Connection], Grant]:
+        """Store ``grant`` (from ``new_grant``/``new_break_glass``) on a connection."""
         values = {column.name: getattr(grant, column.name) for column in access_grants.columns}
-        self._run(lambda c: c.execute(access_grants.insert().values(**values)), write=True)
-        return grant
 
-    def _update(self, grant_id: str, update: sa.Update, conflict: Callable[[Grant], str]) -> Grant:
-        """Run a conditional UPDATE and return the row; tell why when it matched nothing.
+        def insert(connection: Connection) -> Grant:
+            connection.execute(access_grants.insert().values(**values))
+            return grant
 
-        The UPDATE's own WHERE decides, so concurrent callers cannot both succeed; the
-        re-read in the same transaction explains a miss (unknown id or wrong state).
-        """
+        return translated_change(insert)
 
-        def apply(connection: Connection) -> tuple[int, Row[Any] | None]:
-            changed = connection.execute(update).rowcount
-            select = sa.select(access_grants).where(access_grants.c.id == grant_id)
-            return changed, connection.execute(select).first()
+    def _run(self, fn: Callable[[Connection], T], *, write: bool = False) -> T:
+        return run_in_transaction(self._engine, fn, write=write)
 
-        changed, row = self._run(apply, write=True)
+
+def _update(
+    grant_id: str, update: sa.Update, conflict: Callable[[Grant], str]
+) -> Callable[[Connection], Grant]:
+    """A conditional UPDATE returning the row; it tells why when it matched nothing.
+
+    The UPDATE's own WHERE decides, so concurrent callers cannot both succeed; the
+    re-read in the same transaction explains a miss (unknown id or wrong state).
+    """
+
+    def apply(connection: Connection) -> Grant:
+        changed = connection.execute(update).rowcount
+        select = sa.select(access_grants).where(access_grants.c.id == grant_id)
+        row = connection.execute(select).first()
         if row is None:
             raise RecordNotFoundError("no such grant")
         grant = _to_grant(row)
@@ -323,5 +375,4 @@ class SqlGrantStore:
             raise RecordConflictError(conflict(grant))
         return grant
 
-    def _run(self, fn: Callable[[Connection], T], *, write: bool = False) -> T:
-        return run_in_transaction(self._engine, fn, write=write)
+    return translated_change(apply)

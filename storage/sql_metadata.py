@@ -239,6 +239,17 @@ def run_in_transaction(
             return fn(connection)
 
 
+def translated_change(fn: Callable[[Connection], T]) -> Callable[[Connection], T]:
+    """``fn`` reporting driver errors as ``run_in_transaction`` does, for a change that
+    runs in another component's transaction (the audit trail's, with its event)."""
+
+    def change(connection: Connection) -> T:
+        with translated(connection.engine):
+            return fn(connection)
+
+    return change
+
+
 class SqlMetadataStore:
     """Record rows in one SQL table; every statement is parameterised."""
 
@@ -248,9 +259,14 @@ class SqlMetadataStore:
     def insert(self, row: StoredRecord) -> None:
         """Add a version; ``RecordConflictError`` if (id, version) exists already,
         ``KekRetiredError`` if its KEK version was retired (nothing is stored)."""
+        self._run(self.insert_change(row), write=True)
+
+    def insert_change(self, row: StoredRecord) -> Callable[[Connection], None]:
+        """``insert`` as a function of a connection, to commit in the caller's transaction
+        (with the write's audit event); the same errors, nothing stored if it raises."""
         values = {column.name: getattr(row, column.name) for column in records.columns}
         values["created_at"] = to_utc(row.created_at, "created_at")
-        self._run(lambda c: _insert_guarded(c, values), write=True)
+        return translated_change(lambda c: _insert_guarded(c, values))
 
     def get(self, record_id: str, version: int | None = None) -> StoredRecord:
         """That version, or the latest; ``RecordNotFoundError`` if absent."""
