@@ -186,31 +186,33 @@ class RecordStore:
         if self._before_commit is not None:
             self._before_commit()
         try:
-            self._insert(row, dek, ad, RecordRef(record_id, version, patient_index), on_commit)
+            self._insert(row, dek, ad, on_commit)
         except BaseException:
             self._blobs.delete(object_key)
             raise
         return self._info(row, dek)
 
     def _insert(
-        self, row: StoredRecord, dek: bytes, ad: bytes, ref: RecordRef, on_commit: CommitGate | None
+        self, row: StoredRecord, dek: bytes, ad: bytes, on_commit: CommitGate | None = None
     ) -> None:
-        """Insert the row; if its KEK version was retired meanwhile, wrap the same data
-        key again with the (refreshed) current version and insert once more."""
+        """Insert the row (with its audit event, through ``on_commit``); if its KEK
+        version was retired meanwhile, wrap the same data key again with the (refreshed)
+        current version and insert once more."""
         try:
-            self._commit(row, ref, on_commit)
+            self._commit(row, on_commit)
         except KekRetiredError:
             if isinstance(self._wrapper, RefreshableKeyWrapper):
                 self._wrapper.refresh()
             wrapped = self._wrapper.wrap(dek, ad)
             again = replace(row, kek_version=wrapped.kek_version, wrapped_dek=wrapped.blob)
-            self._commit(again, ref, on_commit)
+            self._commit(again, on_commit)
 
-    def _commit(self, row: StoredRecord, ref: RecordRef, on_commit: CommitGate | None) -> None:
+    def _commit(self, row: StoredRecord, on_commit: CommitGate | None) -> None:
         if on_commit is None:
             self._metadata.insert(row)
-        else:
-            on_commit(ref, self._metadata.insert_change(row))
+            return
+        ref = RecordRef(row.id, row.version, row.patient_index)
+        on_commit(ref, self._metadata.insert_change(row))
 
     def _next_version(self, header: NewRecord, patient_index: bytes) -> tuple[str, int]:
         if header.supersedes is None:

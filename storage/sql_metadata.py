@@ -21,6 +21,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, Row
 
+from storage import sqlite_guard
 from storage.errors import (
     BackendUnavailableError,
     InvalidRecordError,
@@ -125,6 +126,7 @@ def make_engine(url: str) -> Engine:
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite":
         engine = sa.create_engine(parsed, hide_parameters=True)
+        sqlite_guard.install(engine)  # a read-only file: UNAVAILABLE, never SIGBUS
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     # pre-ping drops connections a database restart has killed; a short connect
@@ -210,9 +212,10 @@ def translated(engine: Engine) -> Iterator[None]:
     except exc.IntegrityError as e:
         raise RecordConflictError("that record version (or its object key) exists already") from e
     except (exc.OperationalError, exc.InterfaceError) as e:
+        unwritable = isinstance(e.orig, sqlite_guard.UnwritableDatabaseError)
         raise BackendUnavailableError(
             f"metadata database unavailable at {_where_label(engine)} "
-            f"({type(e.orig).__name__}); retry later"
+            f"({e.orig if unwritable else type(e.orig).__name__}); retry later"
         ) from e
     except exc.SQLAlchemyError as e:
         raise StorageError(f"metadata database error ({type(e).__name__})") from e
