@@ -131,9 +131,14 @@ class AuditTrail:
         try:
             return item.future.result(timeout=RECORD_TIMEOUT_SECONDS)
         except TimeoutError as e:
-            # Fail closed rather than hold the caller forever: the call is refused.
-            # (A change still queued may commit later, with its event: never one alone.)
-            raise AuditUnavailableError("the audit trail did not commit in time") from e
+            # Fail closed rather than hold the caller forever: the call is refused, and
+            # the item, still queued, is cancelled so it is never written.
+            if item.future.cancel() or pending.change is None:
+                raise AuditUnavailableError("the audit trail did not commit in time") from e
+        # Its transaction is under way: the caller must learn whether the change committed
+        # (a put deletes its object on an error; a row committed after that would point
+        # at nothing).
+        return item.future.result()
 
     def checkpoint_now(self) -> Checkpoint | None:
         """Sign the committed head now; None if nothing new to sign or no signer."""
@@ -204,7 +209,10 @@ class AuditTrail:
         while True:
             if item is _STOP:
                 return batch, True
-            batch.append(cast(_Item, item))  # only _Item or _STOP is queued
+            queued = cast(_Item, item)  # only _Item or _STOP is queued
+            # False if its caller gave up waiting (cancelled): then it is not written.
+            if queued.future.set_running_or_notify_cancel():
+                batch.append(queued)
             if len(batch) >= MAX_BATCH:
                 break
             try:

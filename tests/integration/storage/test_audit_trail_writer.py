@@ -165,3 +165,24 @@ def test_idle_writer_sleeps_once_another_process_signed(
         assert trail._unsigned == 0
         trail.record(replace(entry(2)))
         assert log.heads <= 3
+
+
+def test_a_change_whose_caller_gave_up_is_never_written(
+    trail: AuditTrail, scratch_table: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A put deletes its object when the trail times out: its row must not come later."""
+    monkeypatch.setattr("service.audit.trail.RECORD_TIMEOUT_SECONDS", 0.2)
+    release = threading.Event()
+
+    def slow(connection: Connection) -> int:
+        release.wait(10)  # holds the writer inside a batch
+        return _insert(1)(connection)
+
+    first = threading.Thread(target=trail.record_change, args=(entry(1), slow))
+    first.start()
+    with pytest.raises(AuditUnavailableError):
+        trail.record_change(entry(2), _insert(2))  # queued behind it; times out
+    release.set()
+    first.join()
+    assert trail.record_change(entry(3), _insert(3)) == 3
+    assert _ids(scratch_table) == [1, 3]
