@@ -37,16 +37,12 @@ class AccessServicer(apb_grpc.AccessServiceServicer):  # type: ignore[misc]  # u
             raise InvalidRecordError("patient", "is required")
         return self._store.patient_index(convert.patient_from_pb(request.patient))
 
-    def _changed(self, call: Call, grant: Grant, reason: str) -> Grant:
-        """Audit a grant that was just created; undo it if the audit cannot be written."""
-        try:
-            self._guard.audit(
-                call, f"grant/{grant.id}", grant.patient_index, outcome="allowed", reason=reason
-            )
-        except BaseException:
-            self._guard.grants.revoke(grant.id, "medvault (audit unavailable)", _now())
-            raise
-        return grant
+    def _create(self, call: Call, grant: Grant, reason: str) -> Grant:
+        """Store a new grant and its audit event in one transaction, or neither."""
+        return self._guard.audit_change(
+            call, f"grant/{grant.id}", self._guard.grants.insert_change(grant),
+            grant.patient_index, reason=reason,
+        )  # fmt: skip
 
     def _grant(self, state: CallState, req: apb.GrantAccessRequest) -> Grant:
         call = entered(state)
@@ -58,11 +54,11 @@ class AccessServicer(apb_grpc.AccessServiceServicer):  # type: ignore[misc]  # u
                 reason=SELF_GRANT,
             )
             raise PermissionDeniedError(SELF_GRANT)
-        grant = self._guard.grants.grant(
+        grant = self._guard.grants.new_grant(
             self._patient_index(req), req.principal, call.principal.name,
             when(req.expires_at, req.HasField("expires_at"), "expires_at"), _now(),
         )
-        return self._changed(call, grant, f"granted to {req.principal}")
+        return self._create(call, grant, f"granted to {req.principal}")
 
     def _break_glass(
         self, state: CallState, req: apb.BreakGlassRequest
@@ -72,19 +68,22 @@ class AccessServicer(apb_grpc.AccessServiceServicer):  # type: ignore[misc]  # u
         seconds = req.duration_seconds or limit
         if seconds > limit:
             raise InvalidRecordError("duration_seconds", f"must be at most {limit} (policy)")
-        grant = self._guard.grants.break_glass(
+        grant = self._guard.grants.new_break_glass(
             self._patient_index(req), call.principal.name, req.reason,
             timedelta(seconds=seconds), _now(),
         )
         # The free-text reason stays with the grant (review queue), not in the immutable,
         # exported trail: it may name the patient.
-        return self._changed(call, grant, "break-the-glass (reason with the grant, for review)")
+        return self._create(call, grant, "break-the-glass (reason with the grant, for review)")
 
     def _revoke(self, state: CallState, grant_id: str) -> Grant:
         call = entered(state)
-        grant = self._guard.grants.revoke(grant_id, call.principal.name, _now())
-        self._guard.audit(call, f"grant/{grant.id}", grant.patient_index, outcome="allowed")
-        return grant
+        grants = self._guard.grants
+        # Read first for the event's patient; the revocation itself (conditional, with
+        # its event in one transaction) decides whether it happens.
+        patient_index = grants.get(grant_id).patient_index
+        revoke = grants.revoke_change(grant_id, call.principal.name, _now())
+        return self._guard.audit_change(call, f"grant/{grant_id}", revoke, patient_index)
 
     def _list(
         self, state: CallState, req: apb.ListGrantsRequest

@@ -72,14 +72,16 @@ class AuditServicer(aupb_grpc.AuditServiceServicer):  # type: ignore[misc]  # un
                 status="PERMISSION_DENIED", reason=SELF_REVIEW,
             )
             raise PermissionDeniedError(SELF_REVIEW)
-        grant = self._guard.grants.review(
+        grants = self._guard.grants
+        patient_index = target.patient_index  # for the event
+        review = grants.review_change(
             req.grant_id, call.principal.name, req.comment, datetime.now(UTC)
         )
-        # The comment is kept with the grant; the immutable trail records that it was reviewed.
-        self._guard.audit(
-            call, f"grant/{grant.id}", grant.patient_index, outcome="allowed", reason="reviewed"
+        # The comment is kept with the grant; the immutable trail records that it was
+        # reviewed, in the same transaction as the review.
+        return self._guard.audit_change(
+            call, f"grant/{req.grant_id}", review, patient_index, reason="reviewed"
         )
-        return grant
 
     async def QueryEvents(  # noqa: N802  (gRPC method names)
         self, request: aupb.QueryEventsRequest, context: aio.ServicerContext

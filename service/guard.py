@@ -13,6 +13,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from service.audit.trail import AuditTrail
 from service.authn import AuthenticationError, Authenticator, Principal
@@ -20,11 +21,13 @@ from service.authz import PermissionDeniedError
 from service.authz.model import Decision
 from service.authz.policy import PolicyHolder
 from service.incidents import IncidentDetector
+from storage.audit_log import Change
 from storage.audit_model import AuditEntry, Outcome
 from storage.grants import SqlGrantStore
-from storage.records import Gate, RecordRef
+from storage.records import CommitGate, Gate, RecordRef
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 NO_GRANT = "no active care-team grant or break-the-glass access for this patient"
 
 
@@ -159,11 +162,30 @@ class AccessGuard:
 
         return gate
 
-    def commit_gate(self, call: Call) -> Gate:
-        """Commit the allowed event of a write, just before its row commits."""
-        return lambda ref: self.audit(
-            call, record_resource(ref), ref.patient_index, outcome="allowed"
+    def commit_gate(self, call: Call) -> CommitGate:
+        """Commit a write's row and its allowed event in one transaction."""
+        return lambda ref, insert: self.audit_change(
+            call, record_resource(ref), insert, ref.patient_index
         )
+
+    def audit_change(
+        self,
+        call: Call,
+        resource: str,
+        change: Change[T],
+        patient_index: bytes | None = None,
+        *,
+        reason: str = "",
+    ) -> T:
+        """Run ``change`` and commit its allowed event in the same transaction, or neither.
+
+        The change's own error (a conflict, a missing row) is raised with nothing
+        written; ``AuditUnavailableError`` if the event cannot be committed.
+        """
+        entry = _entry(
+            call.principal, call.action, resource, patient_index, outcome="allowed", reason=reason
+        )
+        return self.trail.record_change(entry, change)
 
     def audit(
         self,
@@ -213,20 +235,36 @@ class AccessGuard:
         reason: str = "",
     ) -> None:
         self.trail.record(
-            AuditEntry(
-                time=_now(),
-                principal=principal.name,
-                application=principal.application or "",
-                role=",".join(sorted(principal.roles)),
-                action=action,
-                resource=resource,
-                outcome=outcome,
-                patient_index=patient_index,
-                status=status,
-                reason=reason,
-                source=principal.source,
+            _entry(
+                principal, action, resource, patient_index,
+                outcome=outcome, status=status, reason=reason,
             )
         )
+
+
+def _entry(
+    principal: Principal,
+    action: str,
+    resource: str,
+    patient_index: bytes | None,
+    *,
+    outcome: Outcome,
+    status: str = "",
+    reason: str = "",
+) -> AuditEntry:
+    return AuditEntry(
+        time=_now(),
+        principal=principal.name,
+        application=principal.application or "",
+        role=",".join(sorted(principal.roles)),
+        action=action,
+        resource=resource,
+        outcome=outcome,
+        patient_index=patient_index,
+        status=status,
+        reason=reason,
+        source=principal.source,
+    )
 
 
 def _now() -> datetime:

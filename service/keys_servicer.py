@@ -51,13 +51,13 @@ class KeyServicer(kpb_grpc.KeyServiceServicer):  # type: ignore[misc]  # untyped
     def _rotate(self, state: CallState) -> KekVersionInfo:
         call = entered(state)
         state.resource = "kek"
-        created = self._kek.rotate()
-        # The key exists now; if this event cannot be written the caller gets an error
-        # and ListKeks shows the new version (an unused version is harmless).
-        self._guard.audit(
-            call, _resource(created.version), outcome="allowed", reason="rotate: new version"
+        # The claim of the version number commits with this event, before the key is
+        # created on the token: no event, no new key.
+        return self._kek.rotate(
+            lambda version, claim: self._guard.audit_change(
+                call, _resource(version), claim, reason="rotate: new version"
+            )
         )
-        return created
 
     def _list(self, state: CallState) -> list[KekVersionInfo]:
         call = entered(state)
@@ -71,13 +71,16 @@ class KeyServicer(kpb_grpc.KeyServiceServicer):  # type: ignore[misc]  # untyped
         version_from_pb(request.version, "version")  # an SQL INTEGER: refuse what cannot be one
         state.resource = _resource(request.version)
         destroy = request.destroy_key
-        # Audited before the irreversible step: no event, no deletion.
-        requested = "retire and destroy key requested" if destroy else "retire requested"
-        self._guard.audit(call, state.resource, outcome="allowed", reason=requested)
-        retired = self._kek.retire(request.version, destroy_key=destroy)
-        done = "retired; key destroyed on the token" if destroy else "retired; key kept"
-        self._guard.audit(call, state.resource, outcome="allowed", reason=done)
-        return retired
+        # The retirement commits with its event, before the irreversible step: no
+        # event, no retirement, no deletion. A failed deletion is audited as a failure.
+        reason = "retired; destroying the key on the token" if destroy else "retired; key kept"
+        return self._kek.retire(
+            request.version,
+            destroy_key=destroy,
+            commit=lambda mark: self._guard.audit_change(
+                call, _resource(request.version), mark, reason=reason
+            ),
+        )
 
     def _start_rewrap(
         self, state: CallState, request: kpb.RewrapRequest

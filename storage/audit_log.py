@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC
 from typing import Any, Final, TypeVar, cast
 
@@ -24,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy import event, exc
 from sqlalchemy.engine import Connection, Engine, Row
 
+from storage.audit_fields import FIELD_WIDTHS
 from storage.audit_model import (
     GENESIS_HASH,
     AuditEntry,
@@ -37,6 +39,28 @@ from storage.errors import BackendUnavailableError, InvalidRecordError, StorageE
 from storage.sql_metadata import from_db_time, metadata
 
 T = TypeVar("T")
+
+# A state change that must commit with its audit event: it runs on the audit batch's
+# connection, inside that transaction (under a savepoint), and returns its result.
+Change = Callable[[Connection], T]
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """An event to append, with the state change (if any) that commits with it."""
+
+    entry: AuditEntry
+    change: Change[Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """What became of one ``Pending``: its event and the change's result, or the
+    change's error (then neither it nor its event was written)."""
+
+    event: ChainedEvent | None
+    value: Any = None
+    error: Exception | None = None
 
 HEAD_ID: Final = 1
 QUERY_BATCH: Final = 500  # rows per round trip when streaming a query
@@ -83,19 +107,6 @@ audit_checkpoints = sa.Table(
     sa.Column("prev_digest", sa.LargeBinary(32), nullable=True),
 )
 
-# Column widths checked before writing, so an over-long value is the caller's error
-# (INVALID_ARGUMENT) rather than a database error that would look like an outage.
-_WIDTHS: Final = {
-    "principal": 255,
-    "application": 255,
-    "role": 64,
-    "action": 64,
-    "resource": 255,
-    "status": 32,
-    "source": 255,
-}
-
-
 def _sqlite_full_sync(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
@@ -105,7 +116,9 @@ def _sqlite_full_sync(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _check_widths(entry: AuditEntry) -> None:
-    for field, width in _WIDTHS.items():
+    """Last line of defence: the trail normalises entries (``storage.audit_fields``)
+    before they get here, so this fails only for a caller that did not."""
+    for field, width in FIELD_WIDTHS.items():
         if len(getattr(entry, field)) > width:
             raise InvalidRecordError(field, f"at most {width} characters in an audit event")
 
@@ -194,18 +207,34 @@ class SqlAuditLog:
 
     def append(self, entries: Sequence[AuditEntry]) -> list[ChainedEvent]:
         """Chain and insert ``entries`` in one transaction, serialised with all writers."""
-        if not entries:
+        done = self.append_pending([Pending(entry) for entry in entries])
+        return [a.event for a in done if a.event is not None]
+
+    def append_pending(self, items: Sequence[Pending]) -> list[Appended]:
+        """Apply each item's change and append the events, all in one transaction.
+
+        Each change runs under its own savepoint: one that raises is rolled back and
+        reported in its ``Appended`` (its event is not written); the others commit with
+        their events. Anything else that fails, fails the whole transaction: an outage
+        raises ``BackendUnavailableError``, an event the database refuses raises
+        ``AuditEventRejectedError`` (the trail then retries events one by one).
+        """
+        if not items:
             return []
-        for entry in entries:
-            _check_widths(entry)
+        for item in items:
+            _check_widths(item.entry)
         try:
-            return self._run(lambda c: self._append_locked(c, entries), write=True)
+            return self._run(lambda c: self._append_locked(c, items), write=True)
         except _DuplicateError as e:
             # Only rows written around the head lock collide: fail closed, loudly.
             raise BackendUnavailableError(
                 "audit sequence taken by a row written outside the audit writer; "
                 "run `medvault audit verify`"
             ) from e
+
+    def run_change(self, change: Change[T]) -> T:
+        """Run ``change`` in a transaction of its own (only when auditing is disabled)."""
+        return self._run(change, write=True)
 
     def head(self) -> tuple[int, bytes]:
         """The sequence and hash of the last committed event (0 and zeros when empty)."""
@@ -296,19 +325,25 @@ class SqlAuditLog:
         row = self._run(lambda c: c.execute(query).first())
         return _to_checkpoint(row) if row is not None else None
 
-    def _append_locked(
-        self, connection: Connection, entries: Sequence[AuditEntry]
-    ) -> list[ChainedEvent]:
+    def _append_locked(self, connection: Connection, items: Sequence[Pending]) -> list[Appended]:
         sequence, prev = self._lock_head(connection)
-        chained: list[ChainedEvent] = []
-        for entry in entries:
+        done: list[Appended] = []
+        rows: list[dict[str, Any]] = []
+        for item in items:
+            value, error = _apply(connection, item.change) if item.change else (None, None)
+            if error is not None:
+                done.append(Appended(None, error=error))
+                continue
             sequence += 1
-            digest = chain_hash(prev, sequence, entry)
-            chained.append(ChainedEvent(sequence, entry, prev, digest))
+            digest = chain_hash(prev, sequence, item.entry)
+            event_ = ChainedEvent(sequence, item.entry, prev, digest)
+            rows.append(_row_values(event_))
+            done.append(Appended(event_, value))
             prev = digest
-        connection.execute(_INSERT_EVENTS, [_row_values(e) for e in chained])
-        connection.execute(_UPDATE_HEAD.values(sequence=sequence, hash=prev))
-        return chained
+        if rows:
+            connection.execute(_INSERT_EVENTS, rows)
+            connection.execute(_UPDATE_HEAD.values(sequence=sequence, hash=prev))
+        return done
 
     def _lock_head(self, connection: Connection) -> tuple[int, bytes]:
         """Take the writers' lock and read the head under it, in one statement.
@@ -342,8 +377,41 @@ _LAST_CHECKPOINT_SEQUENCE = sa.select(sa.func.max(audit_checkpoints.c.sequence))
 _UPDATE_HEAD = audit_head.update().where(audit_head.c.id == HEAD_ID)
 
 
+def _apply(connection: Connection, change: Change[Any]) -> tuple[Any, Exception | None]:
+    """Run ``change`` under a savepoint: its result, or its error after rolling it back.
+
+    If the rollback itself fails (the connection is gone) that error propagates and
+    the whole batch fails: only a change's own error is the change's caller's alone.
+    """
+    savepoint = connection.begin_nested()
+    try:
+        value = change(connection)
+    except Exception as e:  # noqa: BLE001  (reported to the change's caller only)
+        savepoint.rollback()
+        return None, e
+    savepoint.commit()
+    return value, None
+
+
+class AuditEventRejectedError(StorageError):
+    """The database refused an event or a batch for its content, not for an outage
+    (e.g. a value it cannot store): retrying the events one by one isolates it."""
+
+
 class _DuplicateError(StorageError):
     """A row with that key exists already (internal: add_checkpoint turns it into False)."""
+
+
+# InternalError covers PostgreSQL's read-only transactions (hot standby, or
+# default_transaction_read_only); ProgrammingError a missing table (not migrated);
+# TimeoutError is the connection pool's.
+_OUTAGES = (
+    exc.OperationalError,
+    exc.InterfaceError,
+    exc.InternalError,
+    exc.ProgrammingError,
+    exc.TimeoutError,
+)
 
 
 @contextmanager
@@ -353,13 +421,17 @@ def _translated(engine: Engine) -> Iterator[None]:
         yield
     except exc.IntegrityError as e:
         raise _DuplicateError("audit row exists already") from e
-    except exc.DBAPIError as e:
-        # Any database failure (unreachable, read-only, missing table) means the trail
-        # cannot be written now: callers fail closed.
+    except _OUTAGES as e:
+        # The database cannot be written now (unreachable, locked, read-only): every
+        # caller fails closed, and retrying event by event would only wait longer.
         where = "local SQLite file" if engine.dialect.name == "sqlite" else engine.url.host
+        name = type(e.orig).__name__ if isinstance(e, exc.DBAPIError) else type(e).__name__
         raise BackendUnavailableError(
-            f"audit database unavailable at {where} ({type(e.orig).__name__}); retry later"
+            f"audit database unavailable at {where} ({name}); retry later"
         ) from e
+    except (exc.DBAPIError, exc.StatementError, ValueError) as e:
+        # Refused for what was sent (a value the column or driver cannot take).
+        raise AuditEventRejectedError(f"audit database refused a value ({type(e).__name__})") from e
     except exc.NoResultFound as e:
         raise BackendUnavailableError("audit head row missing; run the migrations") from e
     except exc.SQLAlchemyError as e:

@@ -40,6 +40,7 @@ from storage.sql_metadata import (
     metadata,
     run_in_transaction,
     to_utc,
+    translated_change,
 )
 from storage.validation import check_printable
 
@@ -173,6 +174,18 @@ class SqlGrantStore:
         now: datetime,
     ) -> Grant:
         """Give ``principal`` care-team access to the patient, until ``expires_at`` if set."""
+        grant = self.new_grant(patient_index, principal, granted_by, expires_at, now)
+        return self._run(self.insert_change(grant), write=True)
+
+    def new_grant(
+        self,
+        patient_index: bytes,
+        principal: str,
+        granted_by: str,
+        expires_at: datetime | None,
+        now: datetime,
+    ) -> Grant:
+        """A checked care-team grant, not stored yet (``insert_change`` stores it)."""
         _check_patient(patient_index)
         _check_actor("principal", principal)
         _check_actor("granted_by", granted_by)
@@ -181,8 +194,7 @@ class SqlGrantStore:
             expires_at = to_utc(expires_at, "expires_at")
             if expires_at <= now:
                 raise InvalidRecordError("expires_at", "is not in the future")
-        grant = _new(secrets.token_hex(16), patient_index, principal, granted_by, now, expires_at)
-        return self._insert(grant, None)
+        return _new(secrets.token_hex(16), patient_index, principal, granted_by, now, expires_at)
 
     def break_glass(
         self,
@@ -193,6 +205,18 @@ class SqlGrantStore:
         now: datetime,
     ) -> Grant:
         """Emergency access the principal gives itself: time-limited, reasoned, reviewed."""
+        grant = self.new_break_glass(patient_index, principal, reason, duration, now)
+        return self._run(self.insert_change(grant), write=True)
+
+    def new_break_glass(
+        self,
+        patient_index: bytes,
+        principal: str,
+        reason: str,
+        duration: timedelta,
+        now: datetime,
+    ) -> Grant:
+        """A checked break-the-glass grant, not stored yet (``insert_change`` stores it)."""
         _check_patient(patient_index)
         _check_actor("principal", principal)
         _check_text("reason", reason)
@@ -204,11 +228,16 @@ class SqlGrantStore:
         grant_id = secrets.token_hex(16)
         # granted_by is the principal: nobody else is asked, that is the point of it.
         grant = _new(grant_id, patient_index, principal, principal, now, now + duration)
-        grant = dataclasses.replace(grant, break_glass=True, reason=reason)
-        return self._insert(grant, self._sealer.seal_reason(grant_id, reason))
+        return dataclasses.replace(grant, break_glass=True, reason=reason)
 
     def revoke(self, grant_id: str, revoked_by: str, now: datetime) -> Grant:
         """End a grant now; ``RecordConflictError`` if it was revoked already."""
+        return self._run(self.revoke_change(grant_id, revoked_by, now), write=True)
+
+    def revoke_change(
+        self, grant_id: str, revoked_by: str, now: datetime
+    ) -> Callable[[Connection], Grant]:
+        """``revoke`` as a function of a connection (checked now, applied when called)."""
         _check_grant_id(grant_id)
         _check_actor("revoked_by", revoked_by)
         now = to_utc(now, "now")
@@ -218,7 +247,7 @@ class SqlGrantStore:
             .where(access_grants.c.id == grant_id, access_grants.c.revoked_at.is_(None))
             .values(revoked_at=now, revoked_by=revoked_by)
         )
-        return self._update(grant_id, update, lambda _: "the grant is revoked already")
+        return _update(grant_id, update, lambda _: "the grant is revoked already")
 
     def get(self, grant_id: str) -> Grant:
         """The grant ``grant_id`` as stored (free text not opened); ``RecordNotFoundError``."""
@@ -298,6 +327,13 @@ class SqlGrantStore:
     def review(self, grant_id: str, reviewer: str, comment: str, now: datetime) -> Grant:
         """Mark a break-the-glass grant reviewed; once only, only break-the-glass, and
         never by the principal who broke the glass."""
+        return self._run(self.review_change(grant_id, reviewer, comment, now), write=True)
+
+    def review_change(
+        self, grant_id: str, reviewer: str, comment: str, now: datetime
+    ) -> Callable[[Connection], Grant]:
+        """``review`` as a function of a connection (checked and sealed now, applied when
+        called); the result has its reason and comment opened."""
         _check_grant_id(grant_id)
         _check_actor("reviewer", reviewer)
         _check_text("comment", comment)
@@ -313,11 +349,15 @@ class SqlGrantStore:
             )
             .values(reviewed_at=now, reviewed_by=reviewer, sealed_comment=sealed)
         )
-        reviewed = self._update(grant_id, update, lambda g: _review_conflict(g, reviewer))
-        row = self._run(
-            lambda c: c.execute(sa.select(access_grants).where(access_grants.c.id == grant_id))
-        ).first()
-        return reviewed if row is None else self._opened(row)
+        apply = _update(grant_id, update, lambda g: _review_conflict(g, reviewer))
+
+        def review(connection: Connection) -> Grant:
+            reviewed = apply(connection)
+            select = sa.select(access_grants).where(access_grants.c.id == grant_id)
+            row = connection.execute(select).first()
+            return reviewed if row is None else self._opened(row)
+
+        return review
 
     def _verified(self, row: Row[Any]) -> bool:
         m = row._mapping
@@ -352,7 +392,14 @@ class SqlGrantStore:
             return _with_review(grant, None, None)
         return dataclasses.replace(grant, review_comment=comment)
 
-    def _insert(self, grant: Grant, sealed_reason: bytes | None) -> Grant:
+    def insert_change(self, grant: Grant) -> Callable[[Connection], Grant]:
+        """Store ``grant`` (from ``new_grant``/``new_break_glass``) on a connection; the
+        reason is sealed and the row MACed in the token now, outside the transaction."""
+        sealed_reason = (
+            self._sealer.seal_reason(grant.id, grant.reason)
+            if grant.break_glass and grant.reason is not None
+            else None
+        )
         columns = access_grants.columns
         values = {column.name: getattr(grant, column.name, None) for column in columns}
         values.update(
@@ -361,22 +408,30 @@ class SqlGrantStore:
             sealed_reason=sealed_reason,
             mac=self._sealer.mac(grant, sealed_reason),
         )
-        self._run(lambda c: c.execute(access_grants.insert().values(**values)), write=True)
-        return grant
 
-    def _update(self, grant_id: str, update: sa.Update, conflict: Callable[[Grant], str]) -> Grant:
-        """Run a conditional UPDATE and return the row; tell why when it matched nothing.
+        def insert(connection: Connection) -> Grant:
+            connection.execute(access_grants.insert().values(**values))
+            return grant
 
-        The UPDATE's own WHERE decides, so concurrent callers cannot both succeed; the
-        re-read in the same transaction explains a miss (unknown id or wrong state).
-        """
+        return translated_change(insert)
 
-        def apply(connection: Connection) -> tuple[int, Row[Any] | None]:
-            changed = connection.execute(update).rowcount
-            select = sa.select(access_grants).where(access_grants.c.id == grant_id)
-            return changed, connection.execute(select).first()
+    def _run(self, fn: Callable[[Connection], T], *, write: bool = False) -> T:
+        return run_in_transaction(self._engine, fn, write=write)
 
-        changed, row = self._run(apply, write=True)
+
+def _update(
+    grant_id: str, update: sa.Update, conflict: Callable[[Grant], str]
+) -> Callable[[Connection], Grant]:
+    """A conditional UPDATE returning the row; it tells why when it matched nothing.
+
+    The UPDATE's own WHERE decides, so concurrent callers cannot both succeed; the
+    re-read in the same transaction explains a miss (unknown id or wrong state).
+    """
+
+    def apply(connection: Connection) -> Grant:
+        changed = connection.execute(update).rowcount
+        select = sa.select(access_grants).where(access_grants.c.id == grant_id)
+        row = connection.execute(select).first()
         if row is None:
             raise RecordNotFoundError("no such grant")
         grant = row_to_grant(row)
@@ -384,8 +439,7 @@ class SqlGrantStore:
             raise RecordConflictError(conflict(grant))
         return grant
 
-    def _run(self, fn: Callable[[Connection], T], *, write: bool = False) -> T:
-        return run_in_transaction(self._engine, fn, write=write)
+    return translated_change(apply)
 
 
 def _new(  # noqa: PLR0917  (one call site per kind of grant; names are at the calls)

@@ -6,10 +6,13 @@ concrete backends are chosen in ``service.bootstrap``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +92,11 @@ class MetadataStore(Protocol):
 
     def insert(self, row: StoredRecord) -> None:
         """Add a version; ``RecordConflictError`` if (id, version) exists already."""
+        ...
+
+    def insert_change(self, row: StoredRecord) -> Callable[[Connection], None]:
+        """``insert`` as a function of a connection: it commits in the caller's
+        transaction (the audit trail's, with the write's event)."""
         ...
 
     def get(self, record_id: str, version: int | None = None) -> StoredRecord:

@@ -25,7 +25,7 @@ when no backup within retention holds keys wrapped by it any more.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -50,7 +50,12 @@ from storage.sql_metadata import (
     kek_versions,
     records,
     translated,
+    translated_change,
 )
+
+# Commits a state change (a function of a connection) with its audit event, in one
+# transaction (the service's audit trail); None commits the change on its own.
+Committer = Callable[[Callable[[Connection], None]], None]
 
 DEFAULT_BATCH = 200
 MAX_BATCH = 5000
@@ -261,19 +266,27 @@ class KekManager:
             _mark_active(connection, current)
         return current
 
-    def rotate(self) -> KekVersionInfo:
-        """Create KEK v(N+1) and make it current; ``RecordConflictError`` if raced."""
+    def rotate(
+        self, commit: Callable[[int, Callable[[Connection], None]], None] | None = None
+    ) -> KekVersionInfo:
+        """Create KEK v(N+1) and make it current; ``RecordConflictError`` if raced.
+
+        ``commit(version, claim)`` commits the claim of the number with its audit event
+        (one transaction) before the key is created on the token: no key without its
+        event.
+        """
         current = self.sync()
-        with translated(self._engine), self._engine.begin() as connection:
+        with translated(self._engine), self._engine.connect() as connection:
             highest = connection.scalar(sa.select(sa.func.max(kek_versions.c.version))) or 0
-            version = max(current, int(highest)) + 1
-            # Claim the number first: a second replica rotating now hits the primary
-            # key and fails, instead of creating a second key with the same label.
-            connection.execute(
-                kek_versions.insert().values(
-                    version=version, state="previous", created_at=datetime.now(UTC)
-                )
-            )
+        version = max(current, int(highest)) + 1
+        # Claim the number first: a second replica rotating now hits the primary key
+        # and fails, instead of creating a second key with the same label.
+        claim = translated_change(lambda c: _claim(c, version))
+        if commit is None:
+            with translated(self._engine), self._engine.begin() as connection:
+                claim(connection)
+        else:
+            commit(version, claim)
         try:
             self._ring.create_version(version)
         except BaseException:
@@ -326,8 +339,13 @@ class KekManager:
         job.done = job.keys_done and (job.reseal is None or count_legacy(self._engine) == 0)
         return job
 
-    def retire(self, version: int, *, destroy_key: bool = False) -> KekVersionInfo:
+    def retire(
+        self, version: int, *, destroy_key: bool = False, commit: Committer | None = None
+    ) -> KekVersionInfo:
         """Mark ``version`` retired (no new wraps); refused while in use or active.
+
+        ``commit`` commits the retirement with its audit event (one transaction),
+        before the key is destroyed if asked: no event, no retirement, no deletion.
 
         The key stays on the token unless ``destroy_key``: backups of the database hold
         rows wrapped by it, and restoring one needs it. Destroy it only once no backup
@@ -342,13 +360,25 @@ class KekManager:
                 f"KEK version {version} is the active one (new writes use it); "
                 "rotate first, rewrap, then retire it"
             )
-        with translated(self._engine), self._engine.begin() as connection:
-            _mark_retired(connection, version)
+        mark = translated_change(lambda c: _mark_retired(c, version))
+        if commit is None:
+            with translated(self._engine), self._engine.begin() as connection:
+                mark(connection)
+        else:
+            commit(mark)
         if destroy_key:
             # After the commit nothing can start using it; an interrupted deletion is
             # finished by retiring again.
             self._ring.destroy_version(version)
         return self._info(version)
+
+
+def _claim(connection: Connection, version: int) -> None:
+    connection.execute(
+        kek_versions.insert().values(
+            version=version, state="previous", created_at=datetime.now(UTC)
+        )
+    )
 
 
 def _mark_active(connection: Connection, current: int) -> None:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
 
+from sqlalchemy.engine import Connection
+
 from keystore.interfaces import BlindIndexer, KeyWrapper
 from storage.envelope import StreamingAead
 from storage.errors import (
@@ -57,6 +59,10 @@ class RecordRef:
 # Called with the record about to be written or read; raises to refuse. The service
 # checks patient scope and commits the audit event here, before any byte moves.
 Gate = Callable[[RecordRef], None]
+# Commits a new row: called with the record and the insert (a function of a database
+# connection), it must run the insert in the same transaction as the write's audit
+# event (DESIGN.md, write path step 5), and raise what the insert raised.
+CommitGate = Callable[[RecordRef, Callable[[Connection], None]], None]
 
 
 def _admit(gate: Gate | None, ref: RecordRef) -> None:
@@ -133,12 +139,13 @@ class RecordStore:
         creator: str,
         *,
         admit: Gate | None = None,
-        on_commit: Gate | None = None,
+        on_commit: CommitGate | None = None,
     ) -> RecordInfo:
         """Store a new record, or a new version of ``header.supersedes``.
 
-        ``admit`` runs before the upload; ``on_commit`` after it, just before the row is
-        inserted (an error there deletes the object and stores nothing).
+        ``admit`` runs before the upload; ``on_commit`` after it, committing the row
+        with the write's audit event in one transaction (an error there deletes the
+        object and stores nothing). Without it the row commits on its own.
         """
         check_header(header)
         patient_index = self._indexer.blind_index(header.patient.canonical())
@@ -182,25 +189,33 @@ class RecordStore:
         if self._before_commit is not None:
             self._before_commit()
         try:
-            _admit(on_commit, RecordRef(record_id, version, patient_index))
-            self._insert(row, dek, ad)
+            self._insert(row, dek, ad, on_commit)
         except BaseException:
             self._blobs.delete(object_key)
             raise
         return VerifiedRecord(row, dek, sealed).info()
 
-    def _insert(self, row: StoredRecord, dek: bytes, ad: bytes) -> None:
-        """Insert the row; if its KEK version was retired meanwhile, wrap the same data
-        key again with the (refreshed) current version and insert once more."""
+    def _insert(
+        self, row: StoredRecord, dek: bytes, ad: bytes, on_commit: CommitGate | None = None
+    ) -> None:
+        """Insert the row (with its audit event, through ``on_commit``); if its KEK
+        version was retired meanwhile, wrap the same data key again with the (refreshed)
+        current version and insert once more."""
         try:
-            self._metadata.insert(row)
+            self._commit(row, on_commit)
         except KekRetiredError:
             if isinstance(self._wrapper, RefreshableKeyWrapper):
                 self._wrapper.refresh()
             wrapped = self._wrapper.wrap(dek, ad)
-            self._metadata.insert(
-                replace(row, kek_version=wrapped.kek_version, wrapped_dek=wrapped.blob)
-            )
+            again = replace(row, kek_version=wrapped.kek_version, wrapped_dek=wrapped.blob)
+            self._commit(again, on_commit)
+
+    def _commit(self, row: StoredRecord, on_commit: CommitGate | None) -> None:
+        if on_commit is None:
+            self._metadata.insert(row)
+            return
+        ref = RecordRef(row.id, row.version, row.patient_index)
+        on_commit(ref, self._metadata.insert_change(row))
 
     def _next_version(self, header: NewRecord, patient_index: bytes) -> tuple[str, int]:
         if header.supersedes is None:

@@ -23,6 +23,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, Row
 
+from storage import sqlite_guard
 from storage.errors import (
     BackendUnavailableError,
     InvalidRecordError,
@@ -129,6 +130,7 @@ def make_engine(url: str) -> Engine:
         if parsed.database and parsed.database != ":memory:":
             private_sqlite_files(parsed.database)
         engine = sa.create_engine(parsed, hide_parameters=True)
+        sqlite_guard.install(engine)  # a read-only file: UNAVAILABLE, never SIGBUS
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     # pre-ping drops connections a database restart has killed; a short connect
@@ -241,9 +243,10 @@ def translated(engine: Engine) -> Iterator[None]:
     except exc.IntegrityError as e:
         raise RecordConflictError("that record version (or its object key) exists already") from e
     except (exc.OperationalError, exc.InterfaceError) as e:
+        unwritable = isinstance(e.orig, sqlite_guard.UnwritableDatabaseError)
         raise BackendUnavailableError(
             f"metadata database unavailable at {_where_label(engine)} "
-            f"({type(e.orig).__name__}); retry later"
+            f"({e.orig if unwritable else type(e.orig).__name__}); retry later"
         ) from e
     except exc.SQLAlchemyError as e:
         raise StorageError(f"metadata database error ({type(e).__name__})") from e
@@ -270,6 +273,17 @@ def run_in_transaction(
             return fn(connection)
 
 
+def translated_change(fn: Callable[[Connection], T]) -> Callable[[Connection], T]:
+    """``fn`` reporting driver errors as ``run_in_transaction`` does, for a change that
+    runs in another component's transaction (the audit trail's, with its event)."""
+
+    def change(connection: Connection) -> T:
+        with translated(connection.engine):
+            return fn(connection)
+
+    return change
+
+
 class SqlMetadataStore:
     """Record rows in one SQL table; every statement is parameterised."""
 
@@ -279,9 +293,14 @@ class SqlMetadataStore:
     def insert(self, row: StoredRecord) -> None:
         """Add a version; ``RecordConflictError`` if (id, version) exists already,
         ``KekRetiredError`` if its KEK version was retired (nothing is stored)."""
+        self._run(self.insert_change(row), write=True)
+
+    def insert_change(self, row: StoredRecord) -> Callable[[Connection], None]:
+        """``insert`` as a function of a connection, to commit in the caller's transaction
+        (with the write's audit event); the same errors, nothing stored if it raises."""
         values = {column.name: getattr(row, column.name) for column in records.columns}
         values["created_at"] = to_utc(row.created_at, "created_at")
-        self._run(lambda c: _insert_guarded(c, values), write=True)
+        return translated_change(lambda c: _insert_guarded(c, values))
 
     def get(self, record_id: str, version: int | None = None) -> StoredRecord:
         """That version, or the latest; ``RecordNotFoundError`` if absent."""

@@ -4,9 +4,20 @@
 transaction: they put the entry and a ``Future`` on a queue, and one writer thread takes
 everything waiting (up to ``MAX_BATCH``) and appends it in a single transaction, so one
 fsync serves a whole batch. This is how the trail keeps up with many concurrent reads
-without weakening durability. If the append fails, every caller of that batch gets
-``AuditUnavailableError``: an event is either committed and acknowledged, or its caller
-knows it was not.
+without weakening durability. An event is either committed and acknowledged, or its
+caller knows it was not (``AuditUnavailableError``).
+
+One caller must not fail another's event: every entry is normalised before it is
+queued (``storage.audit_fields``: control characters escaped, over-long values cut
+with a marker), and if a batch is still refused for its content, its events are
+retried one by one so that only the faulty event's caller sees the error. An outage
+(database unreachable or read-only) fails the whole batch at once, without retries.
+
+State changes commit with their event (``record_change``): the change runs on the
+batch's connection under a savepoint, before the events are chained. A change that
+raises is rolled back and only its caller gets the error; the rest of the batch
+commits. So a grant, a revocation or a record row exists exactly when its audit
+event does.
 
 Checkpoints: after ``checkpoint_every`` events written by this trail, or after
 ``checkpoint_seconds`` with unsigned events, the writer signs the committed head with
@@ -23,15 +34,18 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import Final
+from dataclasses import dataclass, field
+from typing import Any, Final, TypeVar, cast
 
 from keystore.interfaces import Signer
 from service.audit import AuditUnavailableError
 from service.audit.checkpoints import Checkpointer, signature_checker
-from storage.audit_log import SqlAuditLog
+from storage.audit_fields import normalise
+from storage.audit_log import Appended, Change, Pending, SqlAuditLog
 from storage.audit_model import GENESIS_HASH, AuditEntry, ChainedEvent, Checkpoint, VerifyResult
 from storage.audit_verify import verify_chain
 from storage.audit_witness import CheckpointWitness
+from storage.errors import BackendUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +55,16 @@ LINGER_SECONDS: Final = 0.002
 # A caller waits at most this long for its event to commit, then the call is refused.
 RECORD_TIMEOUT_SECONDS: Final = 30.0
 
-_Item = tuple[AuditEntry, "Future[ChainedEvent]"]
+T = TypeVar("T")
 _STOP: Final = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """A queued event, its optional state change, and the future its caller waits on."""
+
+    pending: Pending
+    future: Future[tuple[ChainedEvent, Any]] = field(default_factory=Future)
 
 
 class AuditTrail:
@@ -71,7 +93,7 @@ class AuditTrail:
         self._every = checkpoint_every
         self._seconds = checkpoint_seconds
         self._enabled = enabled
-        self._queue: queue.SimpleQueue[_Item | object] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._state_lock = threading.Lock()
         self._closed = False
         self._last_batch = 0  # size of the previous batch: >1 means concurrent callers
@@ -88,16 +110,38 @@ class AuditTrail:
         if not self._enabled:
             # Benchmark-only: a placeholder, never written (see the class docstring).
             return ChainedEvent(0, entry, GENESIS_HASH, GENESIS_HASH)
-        future: Future[ChainedEvent] = Future()
+        event, _ = self._submit(Pending(normalise(entry)))
+        return event
+
+    def record_change(self, entry: AuditEntry, change: Change[T]) -> T:
+        """Run ``change`` and commit ``entry`` in the same transaction; the change's result.
+
+        Both happen or neither: the change's own error (a conflict, a missing row) is
+        raised here with nothing written; ``AuditUnavailableError`` if the trail cannot
+        commit, and then the change did not happen either.
+        """
+        if not self._enabled:
+            return self._log.run_change(change)  # benchmark-only: no event, still the change
+        _, value = self._submit(Pending(normalise(entry), change))
+        return cast(T, value)
+
+    def _submit(self, pending: Pending) -> tuple[ChainedEvent, Any]:
+        item = _Item(pending)
         with self._state_lock:
             if self._closed or not self._writer.is_alive():
                 raise AuditUnavailableError("the audit trail is closed; the event was not recorded")
-            self._queue.put((entry, future))
+            self._queue.put(item)
         try:
-            return future.result(timeout=RECORD_TIMEOUT_SECONDS)
+            return item.future.result(timeout=RECORD_TIMEOUT_SECONDS)
         except TimeoutError as e:
-            # Fail closed rather than hold the caller forever: the call is refused.
-            raise AuditUnavailableError("the audit trail did not commit in time") from e
+            # Fail closed rather than hold the caller forever: the call is refused, and
+            # the item, still queued, is cancelled so it is never written.
+            if item.future.cancel() or pending.change is None:
+                raise AuditUnavailableError("the audit trail did not commit in time") from e
+        # Its transaction is under way: the caller must learn whether the change committed
+        # (a put deletes its object on an error; a row committed after that would point
+        # at nothing).
+        return item.future.result()
 
     def checkpoint_now(self) -> Checkpoint | None:
         """Sign the committed head now; None if nothing new to sign or no signer.
@@ -154,7 +198,7 @@ class AuditTrail:
                 self._write(batch)
             self._checkpoint_if_due()
 
-    def _drain(self, first: _Item | object) -> tuple[list[_Item], bool]:
+    def _drain(self, first: object) -> tuple[list[_Item], bool]:
         """``first`` and everything queued behind it, up to MAX_BATCH; True on stop.
 
         Under concurrent load (the previous batch held several events) the writer
@@ -167,7 +211,10 @@ class AuditTrail:
         while True:
             if item is _STOP:
                 return batch, True
-            batch.append(item)  # type: ignore[arg-type]  # only _Item or _STOP is queued
+            queued = cast(_Item, item)  # only _Item or _STOP is queued
+            # False if its caller gave up waiting (cancelled): then it is not written.
+            if queued.future.set_running_or_notify_cancel():
+                batch.append(queued)
             if len(batch) >= MAX_BATCH:
                 break
             try:
@@ -182,23 +229,51 @@ class AuditTrail:
         return batch, False
 
     def _write(self, batch: list[_Item]) -> None:
-        """Append one batch; every caller gets its event or the same failure."""
+        """Append one batch; on a refusal (not an outage) retry its events one by one."""
         try:
-            chained = self._log.append([entry for entry, _ in batch])
-        except Exception as e:  # noqa: BLE001  (any failure fails the whole batch closed)
-            # Not log.exception: a database error's text carries the statement's bound
-            # parameters (principal, blind index), which must not reach the log.
-            logger.error(  # noqa: TRY400
-                "audit append failed", extra={"events": len(batch), "error": type(e).__name__}
-            )
-            for _, future in batch:
-                failure = AuditUnavailableError("audit trail unavailable; retry later")
-                failure.__cause__ = e
-                future.set_exception(failure)
+            done = self._log.append_pending([i.pending for i in batch])
+        except BackendUnavailableError as e:
+            self._fail(batch, e)  # an outage: every caller now, no retries to wait on
             return
-        self._unsigned += len(chained)
-        for (_, future), event in zip(batch, chained, strict=True):
-            future.set_result(event)
+        except Exception as e:  # noqa: BLE001  (isolated below, event by event)
+            if len(batch) == 1:
+                self._fail(batch, e)
+                return
+            logger.warning(
+                "audit batch refused; retrying its events one by one",
+                extra={"events": len(batch), "error": type(e).__name__},
+            )
+        else:
+            self._settle(batch, done)
+            return
+        for n, item in enumerate(batch):
+            try:
+                self._settle([item], self._log.append_pending([item.pending]))
+            except BackendUnavailableError as e:
+                self._fail(batch[n:], e)
+                return
+            except Exception as e:  # noqa: BLE001  (this event's caller alone)
+                self._fail([item], e)
+
+    def _settle(self, batch: Sequence[_Item], done: Sequence[Appended]) -> None:
+        """Hand each caller its committed event (and change result) or its change's error."""
+        for item, appended in zip(batch, done, strict=True):
+            if appended.event is None:
+                item.future.set_exception(appended.error or AuditUnavailableError("not recorded"))
+                continue
+            self._unsigned += 1
+            item.future.set_result((appended.event, appended.value))
+
+    def _fail(self, batch: Sequence[_Item], error: Exception) -> None:
+        # Not log.exception: a database error's text carries the statement's bound
+        # parameters (principal, blind index), which must not reach the log.
+        logger.error(
+            "audit append failed", extra={"events": len(batch), "error": type(error).__name__}
+        )
+        for item in batch:
+            failure = AuditUnavailableError("audit trail unavailable; retry later")
+            failure.__cause__ = error
+            item.future.set_exception(failure)
 
     def _until_checkpoint(self) -> float | None:
         """How long the writer may sleep before a time-based checkpoint is due."""

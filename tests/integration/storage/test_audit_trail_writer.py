@@ -1,0 +1,188 @@
+# ruff: noqa: F811  (the fixtures of test_audit_log are imported, then requested by name)
+"""The audit writer on SQLite and PostgreSQL: isolation of a bad event, outages, state
+changes committed with their events, and no busy loop once another process signed.
+
+Batches are handed to the writer directly (``_write``) so that which events share a
+transaction is certain, not left to thread timing.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from keystore.signing import Pkcs11Signer
+from service.audit import AuditUnavailableError
+from service.audit.checkpoints import make_checkpoint
+from service.audit.trail import AuditTrail, _Item
+from storage.audit_log import Pending, SqlAuditLog
+from storage.audit_model import AuditEntry
+from storage.errors import BackendUnavailableError, RecordConflictError
+from tests.integration.storage.test_audit_log import (  # noqa: F401  (fixtures)
+    audit_engine,
+    audit_log,
+    audit_url,
+    entry,
+    signer,
+    verify,
+)
+
+pytestmark = pytest.mark.integration
+
+scratch = sa.Table("trail_scratch", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True))
+
+
+@pytest.fixture
+def trail(audit_log: SqlAuditLog) -> Iterator[AuditTrail]:
+    with AuditTrail(audit_log, None) as t:
+        yield t
+
+
+@pytest.fixture
+def scratch_table(audit_engine: Engine) -> Engine:
+    scratch.create(audit_engine)
+    return audit_engine
+
+
+def _ids(engine: Engine) -> list[int]:
+    with engine.connect() as c:
+        return sorted(c.scalars(sa.select(scratch.c.id)))
+
+
+def _insert(n: int) -> Callable[[Connection], int]:
+    def change(connection: Connection) -> int:
+        try:
+            connection.execute(scratch.insert().values(id=n))
+        except sa.exc.IntegrityError as e:
+            raise RecordConflictError("exists") from e
+        return n
+
+    return change
+
+
+def _raw(bad: AuditEntry) -> _Item:
+    """An item that skipped normalisation (a caller bypassing ``record``)."""
+    return _Item(Pending(bad))
+
+
+def test_refused_batch_fails_only_the_bad_events(
+    trail: AuditTrail, audit_log: SqlAuditLog, signer: Pkcs11Signer
+) -> None:
+    good = [_Item(Pending(entry(n))) for n in range(20)]
+    bad = [_raw(entry(90, resource="r" * 300)), _raw(entry(91, principal="p\x00" * 200))]
+    batch = good[:7] + bad[:1] + good[7:15] + bad[1:] + good[15:]
+    trail._write(batch)
+    for item in good:
+        assert item.future.result(timeout=5)[0].sequence > 0
+    for item in bad:
+        with pytest.raises(AuditUnavailableError):
+            item.future.result(timeout=5)
+    assert audit_log.head()[0] == 20
+    assert verify(audit_log, signer)[0] is None
+
+
+def test_outage_fails_the_batch_at_once(trail: AuditTrail, audit_log: SqlAuditLog) -> None:
+    calls = 0
+
+    def down(items: object) -> object:
+        nonlocal calls
+        calls += 1
+        raise BackendUnavailableError("database down")
+
+    audit_log.append_pending = down  # type: ignore[method-assign]
+    batch = [_Item(Pending(entry(n))) for n in range(300)]
+    trail._write(batch)
+    assert calls == 1, "an outage must not be retried event by event"
+    assert all(isinstance(i.future.exception(timeout=1), AuditUnavailableError) for i in batch)
+
+
+def test_changes_commit_with_their_events_or_not_at_all(
+    trail: AuditTrail, audit_log: SqlAuditLog, scratch_table: Engine, signer: Pkcs11Signer
+) -> None:
+    with scratch_table.begin() as c:
+        c.execute(scratch.insert().values(id=2))  # change 2 will conflict
+    items = [_Item(Pending(entry(n), _insert(n))) for n in range(5)]
+    reads = [_Item(Pending(entry(10 + n))) for n in range(3)]
+    trail._write(items[:2] + reads + items[2:])
+    assert [i.future.result(timeout=5)[1] for i in items if i is not items[2]] == [0, 1, 3, 4]
+    with pytest.raises(RecordConflictError):
+        items[2].future.result(timeout=5)  # the change's own error, to its caller only
+    assert all(r.future.result(timeout=5) for r in reads)
+    assert _ids(scratch_table) == [0, 1, 2, 3, 4]
+    assert audit_log.head()[0] == 7, "an event was written for the refused change"
+    # An event that cannot be written takes its change with it.
+    bad = _Item(Pending(entry(20, resource="r" * 300), _insert(20)))
+    trail._write([bad, _Item(Pending(entry(21), _insert(21)))])
+    with pytest.raises(AuditUnavailableError):
+        bad.future.result(timeout=5)
+    assert _ids(scratch_table) == [0, 1, 2, 3, 4, 21]
+    assert verify(audit_log, signer)[0] is None
+
+
+def test_record_change_returns_the_result_through_the_queue(
+    trail: AuditTrail, scratch_table: Engine
+) -> None:
+    results: list[int] = []
+
+    def one(n: int) -> None:
+        results.append(trail.record_change(entry(n), _insert(n)))
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == list(range(40))
+    assert _ids(scratch_table) == list(range(40))
+
+
+class _CountingLog(SqlAuditLog):
+    heads = 0
+
+    def head(self) -> tuple[int, bytes]:
+        self.heads += 1
+        return super().head()
+
+
+def test_idle_writer_sleeps_once_another_process_signed(
+    audit_engine: Engine, signer: Pkcs11Signer
+) -> None:
+    """Issue 10: the head is already checkpointed elsewhere, the writer must not spin."""
+    log = _CountingLog(audit_engine)
+    with AuditTrail(log, signer, checkpoint_seconds=0.05) as trail:
+        trail.record(entry(1))
+        sequence, head_hash = log.head()  # another replica (or the CLI) signs first
+        assert log.add_checkpoint(make_checkpoint(signer, sequence, head_hash, datetime.now(UTC)))
+        log.heads = 0
+        threading.Event().wait(0.4)  # eight checkpoint periods
+        assert log.heads <= 2, f"writer busy-looped: {log.heads} head reads in 0.4 s"
+        assert trail._unsigned == 0
+        trail.record(replace(entry(2)))
+        assert log.heads <= 3
+
+
+def test_a_change_whose_caller_gave_up_is_never_written(
+    trail: AuditTrail, scratch_table: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A put deletes its object when the trail times out: its row must not come later."""
+    monkeypatch.setattr("service.audit.trail.RECORD_TIMEOUT_SECONDS", 0.2)
+    release = threading.Event()
+
+    def slow(connection: Connection) -> int:
+        release.wait(10)  # holds the writer inside a batch
+        return _insert(1)(connection)
+
+    first = threading.Thread(target=trail.record_change, args=(entry(1), slow))
+    first.start()
+    with pytest.raises(AuditUnavailableError):
+        trail.record_change(entry(2), _insert(2))  # queued behind it; times out
+    release.set()
+    first.join()
+    assert trail.record_change(entry(3), _insert(3)) == 3
+    assert _ids(scratch_table) == [1, 3]
