@@ -172,14 +172,18 @@ def test_a_change_whose_caller_gave_up_is_never_written(
 ) -> None:
     """A put deletes its object when the trail times out: its row must not come later."""
     monkeypatch.setattr("service.audit.trail.RECORD_TIMEOUT_SECONDS", 0.2)
-    release = threading.Event()
+    release, inside = threading.Event(), threading.Event()
 
     def slow(connection: Connection) -> int:
+        inside.set()
         release.wait(10)  # holds the writer inside a batch
         return _insert(1)(connection)
 
     first = threading.Thread(target=trail.record_change, args=(entry(1), slow))
     first.start()
+    # Queue the second only once the first's batch is running: drained into the same
+    # batch it would be "already running" and (rightly) waited for, not cancelled.
+    assert inside.wait(10), "the writer never ran the first change"
     with pytest.raises(AuditUnavailableError):
         trail.record_change(entry(2), _insert(2))  # queued behind it; times out
     release.set()
