@@ -5,7 +5,8 @@ the patient gate (scope check, then the allowed event for ``record/<id>/v<n>`` w
 action ``signatures.sign`` or ``signatures.verify``) before any byte is read. A signer's
 key may be used only by its own principal (a person's certificate CN, or the user an
 application delegates for); anything else is denied and audited on ``signer/<name>``.
-A new signature is audited once more, as ``signature/<id>``, after it is stored.
+A new signature is audited once more, as ``signature/<id>``: that event commits in the
+same transaction as the signature row (``AccessGuard.audit_change``), or neither does.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from service.convert import resource_id, version_from_pb
 from service.guard import AccessGuard, Call
 from service.signing import DocumentSigning
 from service.signing.validation import Verdict
+from storage.audit_log import Change
 from storage.errors import InvalidRecordError
 from storage.records import Gate, RecordRef
 from storage.signatures import Signature
@@ -87,12 +89,13 @@ class SigningServicer(pb_grpc.SigningServiceServicer):  # type: ignore[misc]  # 
         call = entered(state)
         self._check_signer(call, request.signer)
         gate = _RememberingGate(self._guard.patient_gate(call))
-        signature = self._signing.sign(
-            request.record_id, version_from_pb(request.version, "version"), request.signer, gate
-        )
-        state.resource = f"signature/{signature.id}"
-        self._guard.audit(call, state.resource, gate.patient_index, outcome="allowed")
-        return signature
+
+        def commit(signature_id: str, insert: Change[Signature]) -> Signature:
+            state.resource = f"signature/{signature_id}"
+            return self._guard.audit_change(call, state.resource, insert, gate.patient_index)
+
+        version = version_from_pb(request.version, "version")
+        return self._signing.sign(request.record_id, version, request.signer, gate, commit)
 
     def _verify(
         self, state: CallState, request: pb.VerifyRecordRequest

@@ -15,7 +15,9 @@ editing any of them in the database makes the signature fail to unseal
 Layout: ``0x01 ‖ nonce (12) ‖ ciphertext ‖ tag (16)``.
 
 Every access goes through ``RecordStore.open_with_key`` and so through its admit gate:
-patient scope and the audit event come first, exactly as for reading the record.
+patient scope and the audit event come first, exactly as for reading the record. A new
+row is stored by the change ``SignedRecord.prepare`` returns, which the service commits
+with the signature's own audit event (``AuditTrail.record_change``).
 """
 
 from __future__ import annotations
@@ -29,15 +31,22 @@ from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine, Row
+from sqlalchemy.engine import Connection, Engine, Row
 
+from storage.audit_log import Change
 from storage.errors import InvalidRecordError, RecordNotFoundError
 from storage.model import RecordInfo
 from storage.records import Gate, OpenRecord, RecordStore
 from storage.row_auth import associated_data
 from storage.sealing import seal_bytes
 from storage.sealing import unseal_bytes as _unseal
-from storage.sql_metadata import from_db_time, metadata, to_utc, translated
+from storage.sql_metadata import (
+    from_db_time,
+    metadata,
+    to_utc,
+    translated,
+    translated_change,
+)
 
 _INFO = b"medvault:signature:v1"
 _WHAT = "stored signature"
@@ -145,6 +154,14 @@ def unseal_p7s(dek: bytes, row: Any) -> bytes:
 
 
 
+def _select_row(connection: Connection, signature_id: str) -> Row[Any]:
+    query = sa.select(record_signatures).where(record_signatures.c.id == signature_id)
+    row = connection.execute(query).first()
+    if row is None:
+        raise RecordNotFoundError(f"signature {signature_id} not found")
+    return row
+
+
 class SignedRecord:
     """One record version opened for signing or verifying: content, and its signatures."""
 
@@ -154,8 +171,14 @@ class SignedRecord:
         self.content: Iterator[bytes] = opened.content
         self._dek = dek
 
-    def add(self, new: NewSignature) -> Signature:
-        """Seal and store ``new``; return it with its id."""
+    def prepare(self, new: NewSignature) -> tuple[str, Change[Signature]]:
+        """Seal ``new`` now; its id, and the change that stores it on a connection.
+
+        The change is meant for the audit trail's ``record_change``: the signature row
+        commits with its audit event in one transaction, or neither does. It reads the
+        row back on that connection and unseals it, so a sealing mistake is caught
+        before the transaction commits.
+        """
         sig_id = secrets.token_hex(16)
         subject = new.certificate_subject[:MAX_SUBJECT_LENGTH]
         signing_time = to_utc(new.signing_time, "signing_time")
@@ -169,8 +192,12 @@ class SignedRecord:
             "signing_time": signing_time, "created_at": datetime.now(UTC),
             "sealed_p7s": seal_bytes(self._dek, _INFO, aad, new.p7s),
         }  # fmt: skip
-        self._store.insert(values)
-        return self.unseal(self._store.row(sig_id))
+
+        def insert(connection: Connection) -> Signature:
+            connection.execute(record_signatures.insert().values(**values))
+            return self.unseal(_select_row(connection, sig_id))
+
+        return sig_id, translated_change(insert)
 
     def signatures(self) -> list[Signature]:
         """Every signature of this version, oldest first."""
@@ -209,19 +236,10 @@ class SignatureStore:
         signed = self.open(row.record_id, row.version, admit=admit, content=False)
         return signed.info, signed.unseal(row)
 
-    def insert(self, values: dict[str, Any]) -> None:
-        """Insert one sealed row."""
-        with translated(self._engine), self._engine.begin() as connection:
-            connection.execute(record_signatures.insert().values(**values))
-
     def row(self, signature_id: str) -> Row[Any]:
         """The sealed row ``signature_id``; ``RecordNotFoundError`` when absent."""
-        query = sa.select(record_signatures).where(record_signatures.c.id == signature_id)
         with translated(self._engine), self._engine.connect() as connection:
-            row = connection.execute(query).first()
-        if row is None:
-            raise RecordNotFoundError(f"signature {signature_id} not found")
-        return row
+            return _select_row(connection, signature_id)
 
     def rows_for(self, record_id: str, version: int) -> list[Row[Any]]:
         """The sealed rows of one record version, oldest first."""

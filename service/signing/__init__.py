@@ -14,7 +14,7 @@ import hashlib
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -25,6 +25,7 @@ from keystore.interfaces import Signer as KeySigner
 from keystore.pkcs11_session import Pkcs11SessionPool
 from service.signing.cms import algorithm_name, sign_digest
 from service.signing.validation import SignatureValidator, Verdict
+from storage.audit_log import Change
 from storage.errors import IntegrityError
 from storage.records import Gate
 from storage.signatures import NewSignature, Signature, SignatureStore
@@ -32,6 +33,9 @@ from storage.signatures import NewSignature, Signature, SignatureStore
 # How long a signer's key handle and certificate are reused before the token is asked
 # again (an operator may import a renewed certificate while the service runs).
 SIGNER_CACHE_SECONDS = 60.0
+
+# Stores a prepared signature (its id, the change inserting it) with its audit event.
+CommitSignature = Callable[[str, Change[Signature]], Signature]
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +96,15 @@ class DocumentSigning:
             )
         return cached
 
-    def sign(self, record_id: str, version: int | None, name: str, admit: Gate) -> Signature:
-        """Sign one record version (the latest when ``version`` is None) as ``name``."""
+    def sign(
+        self, record_id: str, version: int | None, name: str, admit: Gate, commit: CommitSignature
+    ) -> Signature:
+        """Sign one record version (the latest when ``version`` is None) as ``name``.
+
+        ``commit`` stores the signature with its audit event in one transaction (it gets
+        the new signature's id and the change that inserts the row), so a signature
+        exists exactly when its event does.
+        """
         identity = self.identity(name)  # before any read: an unusable signer reads nothing
         signed = self._signatures.open(record_id, version, admit=admit)
         digest = content_digest(signed.content)
@@ -108,7 +119,8 @@ class DocumentSigning:
             signing_time=signing_time,
             p7s=p7s,
         )
-        return signed.add(new)
+        signature_id, insert = signed.prepare(new)
+        return commit(signature_id, insert)
 
     def verify(
         self, record_id: str, version: int | None, admit: Gate

@@ -38,7 +38,7 @@ from storage.model import NewRecord, PatientRef, RecordKind
 from storage.records import RecordStore
 from storage.s3_blobs import MIB, S3BlobStore
 from storage.signatures import SignatureStore
-from storage.sql_metadata import make_engine, upgrade
+from storage.sql_metadata import make_engine, run_in_transaction, upgrade
 from tests.fixtures.databases import PG_ADMIN_URL
 from tests.integration.backup.helpers import AUTHORITY, ROOT, Source
 
@@ -114,7 +114,10 @@ def populate(source: Source, signer: DocSigner) -> SignedSource:
     info = store.put(header, [amended], "test-app")
     digests[(info.id, info.version)] = hashlib.sha256(amended).digest()
     signing = DocumentSigning(SignatureStore(store, source.engine), source.pool, signer.validator())
-    signing.sign(info.id, info.version, signer.name, _admit)
+    signing.sign(
+        info.id, info.version, signer.name, _admit,
+        lambda _id, insert: run_in_transaction(source.engine, insert, write=True),
+    )  # fmt: skip
     _audit(source)
     return SignedSource(source, digests, (info.id, info.version), signer)
 

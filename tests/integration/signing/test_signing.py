@@ -228,3 +228,66 @@ def test_edited_signature_column_is_data_loss(
     code = code_of(stub.VerifyRecord, spb.VerifyRecordRequest(record_id=record_id),
                    timeout=TIMEOUT)  # fmt: skip
     assert code == grpc.StatusCode.DATA_LOSS
+
+
+def _refuse_signature_events(engine: sa.Engine, sqlite: bool) -> None:
+    """Make the database refuse exactly the audit events of new signatures."""
+    with engine.begin() as c:
+        if sqlite:
+            c.execute(sa.text(
+                "CREATE TRIGGER sig_audit_fail BEFORE INSERT ON audit_events "
+                "WHEN NEW.resource LIKE 'signature/%' "
+                "BEGIN SELECT RAISE(ABORT, 'injected audit write error'); END"
+            ))  # fmt: skip
+            return
+        c.execute(sa.text(
+            "CREATE FUNCTION sig_audit_fail() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.resource LIKE 'signature/%' THEN RAISE EXCEPTION 'injected'; END IF; "
+            "RETURN NEW; END $$"
+        ))  # fmt: skip
+        c.execute(sa.text(
+            "CREATE TRIGGER sig_audit_fail BEFORE INSERT ON audit_events "
+            "FOR EACH ROW EXECUTE FUNCTION sig_audit_fail()"
+        ))  # fmt: skip
+
+
+def _allow_signature_events(engine: sa.Engine, sqlite: bool) -> None:
+    with engine.begin() as c:
+        if sqlite:
+            c.execute(sa.text("DROP TRIGGER sig_audit_fail"))
+        else:
+            c.execute(sa.text("DROP TRIGGER sig_audit_fail ON audit_events"))
+            c.execute(sa.text("DROP FUNCTION sig_audit_fail()"))
+
+
+def _signature_events(stack: SigningStack) -> list[str]:
+    found = events(stack.clients["officer-s"], principal="dr-ec", action="signatures.sign")
+    return [e.resource for e in found if e.resource.startswith("signature/")]
+
+
+def test_signature_not_stored_when_its_event_cannot_commit(stack: SigningStack) -> None:
+    """Fail closed: the signature row commits with its own audit event, or not at all."""
+    record_id = _record(stack, "dr-ec")
+    before = _signature_events(stack)
+    sqlite = stack.database_url.startswith("sqlite")
+    engine = engine_for(stack.database_url)
+    try:
+        _refuse_signature_events(engine, sqlite)
+        try:
+            request = spb.SignRecordRequest(record_id=record_id, signer="dr-ec")
+            code = code_of(_stub(stack.clients["dr-ec"]).SignRecord, request, timeout=TIMEOUT)
+        finally:
+            _allow_signature_events(engine, sqlite)
+        assert code == grpc.StatusCode.UNAVAILABLE, code.name
+        with engine.connect() as c:
+            stored = c.execute(
+                sa.select(sa.func.count()).where(record_signatures.c.record_id == record_id)
+            ).scalar_one()
+        assert stored == 0, "a signature was stored without its audit event"
+    finally:
+        engine.dispose()
+    assert _verify(stack, "dr-ec", record_id) == []
+    assert _signature_events(stack) == before
+    signature = _sign(stack, "dr-ec", record_id)  # works again once events commit
+    assert [r.valid for r in _verify(stack, "dr-ec", record_id)] == [True]
+    assert _signature_events(stack) == [*before, f"signature/{signature.id}"]
