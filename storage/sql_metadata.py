@@ -2,8 +2,10 @@
 
 Times are stored in UTC. SQLite keeps no zone, so every datetime is converted to UTC
 before it is written or compared and made UTC-aware again when it is read.
-Database errors are translated here: unreachable -> ``BackendUnavailableError`` naming
-the host (never a row's data), duplicate version -> ``RecordConflictError``.
+Database errors are translated here: unreachable or read-only (PostgreSQL standby,
+``default_transaction_read_only``; an unwritable SQLite file) ->
+``BackendUnavailableError`` naming the host (never a row's data), duplicate version ->
+``RecordConflictError``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from storage.errors import (
 from storage.interfaces import ListCursor, StoredRecord
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+# SQLSTATE read_only_sql_transaction: a standby or default_transaction_read_only=on.
+READ_ONLY_SQLSTATE = "25006"
 _IN_BATCH = 500  # bound the IN (...) list; SQLite caps bound parameters per statement
 
 T = TypeVar("T")
@@ -247,6 +251,16 @@ def translated(engine: Engine) -> Iterator[None]:
         raise BackendUnavailableError(
             f"metadata database unavailable at {_where_label(engine)} "
             f"({e.orig if unwritable else type(e.orig).__name__}); retry later"
+        ) from e
+    except exc.InternalError as e:
+        # PostgreSQL reports a read-only transaction (a hot standby, or
+        # default_transaction_read_only) and a broken transaction state as InternalError:
+        # the database cannot take this now, which is an outage, not a bug.
+        read_only = getattr(e.orig, "sqlstate", None) == READ_ONLY_SQLSTATE
+        what = "is read-only" if read_only else "refused the transaction"
+        raise BackendUnavailableError(
+            f"metadata database at {_where_label(engine)} {what} "
+            f"({type(e.orig).__name__}); retry later"
         ) from e
     except exc.SQLAlchemyError as e:
         raise StorageError(f"metadata database error ({type(e).__name__})") from e

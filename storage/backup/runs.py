@@ -148,7 +148,8 @@ def _to_run(m: Any) -> ScheduledRun:
 
 
 def _translate(e: exc.SQLAlchemyError) -> StorageError:
-    if isinstance(e, exc.OperationalError | exc.InterfaceError):
+    # InternalError: PostgreSQL read-only (standby, default_transaction_read_only).
+    if isinstance(e, exc.OperationalError | exc.InterfaceError | exc.InternalError):
         return BackendUnavailableError(
             f"metadata database unavailable ({type(e.orig).__name__}); retry later"
         )
