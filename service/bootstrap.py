@@ -246,6 +246,7 @@ def _wire(config: Config, pool: Pkcs11SessionPool) -> Components:
     store = RecordStore(
         blobs, metadata, wrapper, indexer, limits,
         before_commit=_fault_hook(),
+        accept_legacy=config.server.accept_legacy_sealed_rows,
         on_tampered=lambda e: guard.incidents.tampered(
             "row-tampered", e.resource,
             "metadata row failed authentication (changed in the database); the read was refused",

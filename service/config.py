@@ -53,6 +53,11 @@ class ServerConfig:
     keepalive_seconds: float = 60.0
     keepalive_timeout_seconds: float = 20.0
     max_connection_idle_seconds: float = 600.0
+    # Legacy (v1) sealed rows carry no sealed copy of their columns: only their patient
+    # is checked. Set false once `medvault keys rewrap` has upgraded every row
+    # (docs/keys.md): a v1 row is then refused with DATA_LOSS, so a database writer
+    # cannot put back an older v1 blob to edit a row's other columns undetected.
+    accept_legacy_sealed_rows: bool = True
 
     @property
     def principal_share(self) -> int:

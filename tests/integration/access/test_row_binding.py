@@ -296,3 +296,37 @@ def test_paging_never_skips_verification(world: World) -> None:
     )
     assert code == grpc.StatusCode.DATA_LOSS, f"second page {code.name}"
     wait_for(lambda: len(_incidents(world, ids[0])) == 1, what="the incident")
+
+
+@pytest.fixture(scope="module")
+def strict_world(
+    service_factory: Any, fresh_database: str, issue: Any, keystore_pool: Pkcs11SessionPool,
+    world: World,
+) -> Iterator[World]:
+    """A second server on the same database with ``accept_legacy_sealed_rows = false``."""
+    service: RunningService = service_factory(fresh_database, accept_legacy_sealed_rows=False)
+    clerk = client(service, issue("clerk-rows", "records_clerk"))
+    doctor = client(service, issue(DOCTOR, "physician"))
+    officer = client(service, issue("officer-rows", "security_officer"))
+    admin = client(service, issue("keyadmin-rows", "key_admin"))
+    yield World(
+        service, world.engine, clerk, doctor, officer,
+        kpb_grpc.KeyServiceStub(admin.channel), keystore_pool,
+    )  # fmt: skip
+    for c in (clerk, doctor, officer, admin):
+        c.close()
+    service.stop()
+
+
+def test_legacy_rows_refused_once_the_switch_is_off(strict_world: World) -> None:
+    """With ``[server] accept_legacy_sealed_rows = false`` a v1 row (e.g. an older blob a
+    database writer put back, to edit columns v1 does not bind) is DATA_LOSS, audited
+    under the record and raised as an incident; v2 rows read as before."""
+    w = strict_world
+    patient, record = w.new_granted()
+    assert fetch(w.doctor, record.id).content == CONTENT, "a v2 row is refused"
+    _make_legacy(w, record.id)
+    _expect_refused(w, record.id, patient)
+    # The rewrap cannot upgrade it either: it does not verify here any more.
+    list(w.keys.Rewrap(kpb.RewrapRequest(), timeout=120))
+    assert bytes(w.row(record.id).sealed_meta)[:1] == META_V1, "refused row was resealed"
