@@ -116,8 +116,11 @@ class Checkpointer:
     Each stored checkpoint is then written to every witness. A witness that fails is
     logged and counted, and the checkpoint is kept in memory and written again at the
     next attempt: the trail (and every read waiting on it) never fails because a
-    witness is down. Pending copies are lost if the process stops first; they remain in
-    the database and the next checkpoint, which chains to them, is witnessed.
+    witness is down. Copies still pending when the process stops are not lost: at its
+    first checkpoint attempt a new process catches each witness up (``_catch_up``): it
+    reads the newest genuine checkpoint the witness holds, verifies the chain from it
+    to the head (as before signing) and copies every newer checkpoint of the database.
+    A witness it cannot read is tried again at the next attempt.
     """
 
     def __init__(
@@ -136,6 +139,8 @@ class Checkpointer:
         self._read_back = False
         self._pending: list[tuple[CheckpointWitness, Checkpoint]] = []
         self._refusal: Problem | None = None
+        # Witnesses (by position) this process has caught up with the database.
+        self._caught_up: set[int] = set()
 
     def checker(self) -> Callable[[Checkpoint], bool]:
         """The signature check pinned to the token's current audit key."""
@@ -144,6 +149,7 @@ class Checkpointer:
     def checkpoint(self) -> Checkpoint | None:
         """Sign the head if it is new and reachable from the anchor; None if nothing new."""
         with self._lock:
+            self._catch_up()  # first: it reads what the witness held before this process
             self._retry_pending()
             sequence, head_hash = self._log.head()
             last = self._log.last_checkpoint()
@@ -231,6 +237,44 @@ class Checkpointer:
             )  # fmt: skip
             self._pending.append((witness, checkpoint))
             del self._pending[:-MAX_PENDING]
+
+    def _catch_up(self) -> None:
+        """Once per process and witness: copy the checkpoints it misses (e.g. the copies
+        pending when the previous process stopped), if the chain reaches them."""
+        for n, witness in enumerate(self._witnesses):
+            if n in self._caught_up:
+                continue
+            checker = self.checker()
+            try:
+                newest = gather([witness], checker).latest_genuine()
+            except WitnessError as e:
+                logger.warning(
+                    "audit witness unreadable; catching up at the next checkpoint",
+                    extra={"witness": witness.describe(), "error": type(e).__name__},
+                )  # fmt: skip
+                continue
+            self._caught_up.add(n)
+            if newest is None:
+                continue  # an empty witness starts with the next checkpoint
+            missing = self._log.checkpoints(newest.sequence)
+            if not missing:
+                continue
+            problem = verify_since(self._log, newest, checker)
+            if problem is not None:
+                # Not copied: signing refuses this chain too, and raises the incident.
+                logger.warning(
+                    "audit checkpoints not copied to a witness: the chain does not reach "
+                    "them from its newest copy",
+                    extra={"witness": witness.describe(), "sequence": problem[0]},
+                )  # fmt: skip
+                continue
+            # Copied now (or queued again by _witness if this fails).
+            self._pending = [
+                (w, c) for w, c in self._pending
+                if w is not witness or c.sequence <= newest.sequence
+            ]  # fmt: skip
+            for checkpoint in missing:
+                self._witness(witness, checkpoint)
 
     def _retry_pending(self) -> None:
         pending, self._pending = self._pending, []

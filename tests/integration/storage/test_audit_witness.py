@@ -323,3 +323,56 @@ def test_witness_down_checkpoints_anyway_and_retries(
         False, None, WITNESS_UNAVAILABLE,
     )  # fmt: skip
 
+
+
+def _break(path: Path) -> None:
+    """The witness file replaced by a directory: appends and reads both fail."""
+    path.rename(path.with_suffix(".kept"))
+    path.mkdir()
+
+
+def _restore(path: Path) -> None:
+    path.rmdir()
+    path.with_suffix(".kept").rename(path)
+
+
+def test_copies_missed_before_a_restart_are_caught_up(
+    audit_log: SqlAuditLog, signer: Pkcs11Signer, tmp_path: Path
+) -> None:
+    """Checkpoints whose copy failed (pending in memory) survive a restart: the next
+    process copies every checkpoint newer than the witness's newest, once it can."""
+    path = tmp_path / "checkpoints.jsonl"
+    witness = FileCheckpointWitness(path)
+    grow(audit_log, Checkpointer(audit_log, signer, [witness]), rounds=1, tail=0)
+    _break(path)
+    first = Checkpointer(audit_log, signer, [witness])
+    grow(audit_log, first, rounds=2, tail=0)  # both copies fail and stay pending
+    del first  # the process stops: its pending copies are gone
+    second = Checkpointer(audit_log, signer, [witness])  # restarted, witness still down
+    grow(audit_log, second, rounds=1, tail=0)
+    _restore(path)
+    assert [c.sequence for c in witness.claims()] == [EVERY]
+    audit_log.append([entry(n) for n in range(3)])
+    assert second.checkpoint() is not None
+    stored = [c.sequence for c in audit_log.checkpoints()]
+    assert [c.sequence for c in witness.claims()] == stored  # every one, once, in order
+    assert stored == [EVERY, 2 * EVERY, 3 * EVERY, 4 * EVERY, 4 * EVERY + 3]
+    assert verify(audit_log, signer, witness).ok
+
+
+def test_catch_up_copies_nothing_over_a_forged_chain(
+    audit_log: SqlAuditLog, audit_engine: Engine, signer: Pkcs11Signer, tmp_path: Path
+) -> None:
+    """A database rewritten after the witness's newest copy is not copied to it."""
+    path = tmp_path / "checkpoints.jsonl"
+    witness = FileCheckpointWitness(path)
+    grow(audit_log, Checkpointer(audit_log, signer, [witness]), rounds=1, tail=0)
+    _break(path)
+    grow(audit_log, Checkpointer(audit_log, signer, [witness]), rounds=2, tail=0)
+    _restore(path)
+    rewrite_history(audit_engine, EVERY + 2, keep_through=3 * EVERY)
+    restarted = Checkpointer(audit_log, signer, [witness])
+    audit_log.append([entry(n) for n in range(3)])
+    with pytest.raises(AuditChainError):
+        restarted.checkpoint()
+    assert [c.sequence for c in witness.claims()] == [EVERY]
