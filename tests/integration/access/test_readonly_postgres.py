@@ -63,8 +63,10 @@ def _set_read_only(admin: Engine, database: str, on: bool) -> None:
     """Make new sessions of ``database`` read-only (or not) and end the existing ones."""
     with admin.connect() as c:
         # The name is a random hex one made by the fixture; identifiers cannot be bound.
-        setting = "SET default_transaction_read_only = on" if on else (
-            "RESET default_transaction_read_only"
+        setting = (
+            "SET default_transaction_read_only = on"
+            if on
+            else ("RESET default_transaction_read_only")
         )
         c.execute(sa.text(f'ALTER DATABASE "{database}" {setting}'))
         c.execute(

@@ -300,7 +300,10 @@ def test_paging_never_skips_verification(world: World) -> None:
 
 @pytest.fixture(scope="module")
 def strict_world(
-    service_factory: Any, fresh_database: str, issue: Any, keystore_pool: Pkcs11SessionPool,
+    service_factory: Any,
+    fresh_database: str,
+    issue: Any,
+    keystore_pool: Pkcs11SessionPool,
     world: World,
 ) -> Iterator[World]:
     """A second server on the same database with ``accept_legacy_sealed_rows = false``."""

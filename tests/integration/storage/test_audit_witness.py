@@ -36,6 +36,7 @@ from service.audit.checkpoints import (
     make_checkpoint,
     signature_checker,
 )
+from service.audit.trail import AuditTrail
 from storage.audit_log import SqlAuditLog, audit_checkpoints, audit_events, audit_head
 from storage.audit_model import AuditEntry, Checkpoint, chain_hash, checkpoint_message
 from storage.audit_verify import (
@@ -376,3 +377,31 @@ def test_catch_up_copies_nothing_over_a_forged_chain(
     with pytest.raises(AuditChainError):
         restarted.checkpoint()
     assert [c.sequence for c in witness.claims()] == [EVERY]
+
+
+def test_restarted_trail_copies_what_the_stopped_one_missed(
+    audit_log: SqlAuditLog, signer: Pkcs11Signer, tmp_path: Path
+) -> None:
+    """The same through ``AuditTrail``: stop it while the witness is down, restore the
+    witness, start a new trail; its next checkpoint brings the witness up to date."""
+    path = tmp_path / "checkpoints.jsonl"
+    witness = FileCheckpointWitness(path)
+
+    def trail() -> AuditTrail:
+        return AuditTrail(audit_log, signer, checkpoint_every=10_000, witnesses=[witness])
+
+    with trail() as first:
+        first.record(entry(1))
+        assert first.checkpoint_now() is not None
+        _break(path)
+        for n in range(2):
+            first.record(entry(2 + n))
+            assert first.checkpoint_now() is not None
+    _restore(path)
+    assert len(witness.claims()) == 1
+    with trail() as second:
+        second.record(entry(9))
+        assert second.checkpoint_now() is not None
+    stored = [c.sequence for c in audit_log.checkpoints()]
+    assert [c.sequence for c in witness.claims()] == stored
+    assert len(stored) == 4
