@@ -24,15 +24,16 @@ from tests.integration.keys.helpers import (
 
 pytestmark = pytest.mark.integration
 RECORDS = 2000
+WRITERS = 8  # one principal: within its call share (server.max_calls_per_principal)
 
 
 def _fill(server: Any) -> list[tuple[str, bytes]]:
     def batch(_: int) -> list[tuple[str, bytes]]:
         stub, who = records_stub(server), patient()
-        return [write(stub, who, 256) for _ in range(RECORDS // 16)]
+        return [write(stub, who, 256) for _ in range(RECORDS // WRITERS)]
 
-    with ThreadPoolExecutor(16) as pool:
-        return [w for chunk in pool.map(batch, range(16)) for w in chunk]
+    with ThreadPoolExecutor(WRITERS) as pool:
+        return [w for chunk in pool.map(batch, range(WRITERS)) for w in chunk]
 
 
 def _first(stream: Any, n: int) -> list[kpb.RewrapProgress]:
