@@ -34,7 +34,7 @@ from keystore.pkcs11_session import Pkcs11SessionPool
 from keystore.signing import Pkcs11Signer
 
 SIGNER_PREFIX = "medvault-signer-"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}\Z")
 
 
 class SignerNotFoundError(KeyNotFoundError):

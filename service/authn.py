@@ -208,12 +208,19 @@ def verify_token(config: DelegationConfig, token: str) -> dict[str, Any]:
         raise AuthenticationError(_problem(e)) from e
 
 
-def _subject(claims: Mapping[str, Any]) -> str:
+def _subject(policy: Policy, claims: Mapping[str, Any]) -> str:
     sub = claims.get("sub")
     # The subject goes into logs and the audit trail: printable and bounded only.
     if not isinstance(sub, str):
         raise AuthenticationError("malformed token: sub must be a non-empty string")
-    return check_name("malformed token: sub", sub)
+    subject = check_name("malformed token: sub", sub)
+    # Grants, call shares and the trail key on the name alone: a user the IdP calls
+    # "pacs-app" would act as that application. Compared without case, so that a
+    # look-alike differing in case cannot pass for it in the officer's reports either.
+    folded = subject.casefold()
+    if any(folded == name.casefold() for name in policy.applications):
+        raise AuthenticationError("malformed token: sub names an application of the policy")
+    return subject
 
 
 def _check_azp(application: Application, claims: Mapping[str, Any]) -> None:
@@ -297,7 +304,7 @@ class Authenticator:
             )
         claims = verify_token(policy.delegation, token)
         _check_azp(application, claims)
-        subject = _subject(claims)
+        subject = _subject(policy, claims)
         roles = _user_roles(policy, subject, claims)
         delegation = policy.delegation
         if delegation.replay_cache:

@@ -23,7 +23,7 @@ _KIND_CODES = {kind: code for code, kind in _KINDS.items()}
 # Versions are SQL INTEGER columns: a larger uint32 must not reach the database.
 MAX_VERSION = (1 << 31) - 1
 # What an id in an audit resource may look like (record, grant, signature, backup ids).
-_RESOURCE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_RESOURCE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}\Z")
 
 
 def resource_id(value: str) -> str:

@@ -23,6 +23,7 @@ from service.audit import AuditUnavailableError
 from service.authn import AuthenticationError, DelegationNotAllowedError
 from service.authz import PermissionDeniedError
 from service.limits import StreamDeadlineError, TooManyCallsError
+from service.streams import StreamCancelledError
 from storage.errors import (
     BackendUnavailableError,
     IntegrityError,
@@ -41,6 +42,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (AuditUnavailableError, grpc.StatusCode.UNAVAILABLE),  # fail closed: no event, no data
     (TooManyCallsError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # this caller only, over share
     (StreamDeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (StreamCancelledError, grpc.StatusCode.CANCELLED),
     (InvalidRecordError, grpc.StatusCode.INVALID_ARGUMENT),
     (RecordNotFoundError, grpc.StatusCode.NOT_FOUND),
     (RecordConflictError, grpc.StatusCode.FAILED_PRECONDITION),

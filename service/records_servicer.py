@@ -9,10 +9,11 @@ sending overlap.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 
 from grpc import aio
+from sqlalchemy.engine import Connection
 
 from service import convert
 from service._gen.medvault.v1 import records_pb2 as pb
@@ -22,7 +23,7 @@ from service.guard import AccessGuard
 from service.streams import SyncRequests, prefetch
 from storage.errors import InvalidRecordError
 from storage.model import NewRecord, RecordInfo, RecordQuery
-from storage.records import OpenRecord, RecordStore
+from storage.records import OpenRecord, RecordRef, RecordStore
 from storage.row_auth import RowTamperedError
 
 
@@ -66,15 +67,23 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
     # then one store call whose gates check patient scope and commit the audit event.
 
     def _put(
-        self, state: CallState, header: NewRecord, chunks: Iterator[bytes]
+        self, state: CallState, header: NewRecord, requests: SyncRequests[pb.PutRecordRequest]
     ) -> RecordInfo:
         call = entered(state)
+        commit = self._guard.commit_gate(call)
+
+        def on_commit(ref: RecordRef, insert: Callable[[Connection], None]) -> None:
+            # The last moment to learn that the caller went away: the stream's end may
+            # have been a cancellation, seen by the handler only now.
+            requests.check_live()
+            commit(ref, insert)
+
         return self._store.put(
             header,
-            chunks,
+            _content(requests),
             call.principal.name,
             admit=self._guard.scope_gate(call),
-            on_commit=self._guard.commit_gate(call),
+            on_commit=on_commit,
         )
 
     def _open(
@@ -119,8 +128,12 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
                 raise InvalidRecordError("header", "must be the first message of the stream")
             header = convert.header_from_pb(first.header)
             state.resource = f"record/{header.supersedes or 'new'}"
-            chunks = _content(SyncRequests(request_iterator, asyncio.get_running_loop()))
-            info = await asyncio.to_thread(self._put, state, header, chunks)
+            requests = SyncRequests(request_iterator, asyncio.get_running_loop())
+            try:
+                info = await asyncio.to_thread(self._put, state, header, requests)
+            except asyncio.CancelledError:
+                requests.abandon()  # the worker runs on: it must not commit
+                raise
             return convert.record_to_pb(info)
         raise AssertionError("unreachable")  # pragma: no cover  (abort raised)
 

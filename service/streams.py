@@ -1,7 +1,8 @@
 """Bridges between the asyncio gRPC server and the blocking record store.
 
 The store (S3, SQL and PKCS#11 clients) is synchronous; it runs in worker threads.
-``SyncRequests`` lets a worker pull request messages from the event loop, and
+``SyncRequests`` lets a worker pull request messages from the event loop (and learn
+that the call was cancelled), and
 ``prefetch`` runs a blocking iterator in a worker so that producing the next chunk
 (S3 read, decryption) overlaps sending the current one.
 """
@@ -20,12 +21,35 @@ _END = object()
 IDLE_TIMEOUT_SECONDS = 360.0
 
 
+class StreamCancelledError(Exception):
+    """The call was cancelled while its worker ran (CANCELLED): what it received must not
+    be stored, since the end of its request stream may not have been the client's."""
+
+
 class SyncRequests(Generic[T]):
-    """A blocking iterator over an async iterator, for use from a worker thread."""
+    """A blocking iterator over an async iterator, for use from a worker thread.
+
+    grpc ends the request stream of a cancelled call exactly as if the client had
+    finished sending, and tells the handler (its task is cancelled) separately, in no
+    fixed order. A worker that took such an end for the end of the content would commit
+    a truncated record after its caller was told the call was cancelled, and after the
+    call's slot was released. So the handler ``abandon``-s the worker when it is
+    cancelled, and the worker checks (``check_live``) before it commits anything.
+    """
 
     def __init__(self, source: AsyncIterator[T], loop: asyncio.AbstractEventLoop) -> None:
         self._source = source
         self._loop = loop
+        self._abandoned = threading.Event()
+
+    def abandon(self) -> None:
+        """The handler stopped waiting for the worker (the call was cancelled)."""
+        self._abandoned.set()
+
+    def check_live(self) -> None:
+        """``StreamCancelledError`` once the call was cancelled."""
+        if self._abandoned.is_set():
+            raise StreamCancelledError("the call was cancelled; nothing was stored")
 
     def __iter__(self) -> Iterator[T]:
         return self
@@ -37,6 +61,7 @@ class SyncRequests(Generic[T]):
             return _END
 
     def __next__(self) -> T:
+        self.check_live()
         future = asyncio.run_coroutine_threadsafe(self._next(), self._loop)
         item = future.result(timeout=IDLE_TIMEOUT_SECONDS)
         if item is _END:

@@ -49,7 +49,7 @@ MAX_TEXT_LENGTH = 1000  # reason and review comment
 # The contract's ceiling for break-the-glass (access.proto); policy may ask for less.
 MAX_BREAK_GLASS_DURATION = timedelta(hours=4)
 PATIENT_INDEX_LENGTH = 32  # HMAC-SHA256
-_GRANT_ID = re.compile(r"^[0-9a-f]{32}$")
+_GRANT_ID = re.compile(r"^[0-9a-f]{32}\Z")
 # The Alembic attribute through which migration 0009 adopts legacy rows (see below).
 GRANT_ADOPTER = "medvault.grant_adopter"
 LEGACY_MARK = "[legacy row, not verified]"

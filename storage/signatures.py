@@ -50,7 +50,7 @@ from storage.sql_metadata import (
 
 _INFO = b"medvault:signature:v1"
 _WHAT = "stored signature"
-_SIGNATURE_ID = re.compile(r"^[0-9a-f]{32}$")
+_SIGNATURE_ID = re.compile(r"^[0-9a-f]{32}\Z")
 MAX_SUBJECT_LENGTH = 1024
 
 # The schema as queries see it; storage/migrations/versions/0004_signatures.py made it.

@@ -10,11 +10,14 @@ from storage.model import NewRecord, PatientRef
 MAX_ID_LENGTH = 128
 MAX_TITLE_LENGTH = 1024
 # RFC 6838 type/subtype with optional parameters; enough to reject garbage and injection.
+# Only spaces around ";" and no control character inside quotes: a content type is shown
+# in tables and exports, where a newline or CR would forge a line. "\Z", not "$", which
+# also matches before a final newline (so do the other patterns of this package).
 _CONTENT_TYPE = re.compile(
     r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
-    r"(\s*;\s*[A-Za-z0-9!#$&^_.+-]+=(\"[^\"]*\"|[A-Za-z0-9!#$&^_.+-]+))*$"
+    r"( *; *[A-Za-z0-9!#$&^_.+-]+=(\"[^\"\x00-\x1f\x7f]*\"|[A-Za-z0-9!#$&^_.+-]+))*\Z"
 )
-_RECORD_ID = re.compile(r"^[0-9a-f]{32}$")
+_RECORD_ID = re.compile(r"^[0-9a-f]{32}\Z")
 
 
 def check_printable(field: str, value: str, limit: int, *, required: bool) -> None:

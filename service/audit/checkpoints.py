@@ -40,6 +40,9 @@ from storage.audit_witness import CheckpointWitness, WitnessError, gather
 
 logger = logging.getLogger(__name__)
 CHAIN_INCIDENT: Final = "audit-chain"
+TAIL_CHANGED: Final = (
+    "event committed by this service changed or removed (the unsigned tail was rewritten)"
+)
 # Checkpoints kept for a witness that is down; older ones are dropped (still in the DB).
 MAX_PENDING: Final = 10_000
 WITNESS_FAILURES = Counter(
@@ -113,6 +116,12 @@ class Checkpointer:
     checkpoint is refused (``AuditChainError``), an ``audit-chain`` incident is raised
     and ``verify`` reports the refusal.
 
+    The walk cannot see a rewrite of the unsigned tail (events after the anchor,
+    re-hashed with the head): it is self-consistent. So the trail also tells the
+    checkpointer the last event it committed itself (``note_committed``), and a head from
+    which that event is gone or changed is refused the same way. Events of another
+    replica after it, or written before this process started, are not covered.
+
     Each stored checkpoint is then written to every witness. A witness that fails is
     logged and counted, and the checkpoint is kept in memory and written again at the
     next attempt: the trail (and every read waiting on it) never fails because a
@@ -141,6 +150,13 @@ class Checkpointer:
         self._refusal: Problem | None = None
         # Witnesses (by position) this process has caught up with the database.
         self._caught_up: set[int] = set()
+        self._committed: tuple[int, bytes] | None = None  # (sequence, hash) we wrote last
+
+    def note_committed(self, sequence: int, event_hash: bytes) -> None:
+        """Remember an event this process committed; the next checkpoint must contain it."""
+        with self._lock:
+            if self._committed is None or sequence > self._committed[0]:
+                self._committed = (sequence, event_hash)
 
     def checker(self) -> Callable[[Checkpoint], bool]:
         """The signature check pinned to the token's current audit key."""
@@ -155,7 +171,7 @@ class Checkpointer:
             last = self._log.last_checkpoint()
             if sequence == 0 or (last is not None and last.sequence >= sequence):
                 return None
-            problem = self._check_chain(last)
+            problem = self._check_chain(last) or self._check_committed()
             if problem is not None:
                 self._refuse(problem)
             made = make_checkpoint(self._signer, sequence, head_hash, self._clock(), last)
@@ -182,7 +198,10 @@ class Checkpointer:
         with self._lock:
             anchor = self._anchor
             if self._refusal is not None and anchor is not None:
-                repaired = verify_since(self._log, anchor, self.checker()) is None
+                repaired = (
+                    verify_since(self._log, anchor, self.checker()) is None
+                    and self._check_committed() is None
+                )
                 if repaired:
                     self._refusal = None
             return self._refusal
@@ -198,6 +217,16 @@ class Checkpointer:
             anchor = last
         self._anchor = anchor  # kept, so that a repaired chain can be recognised
         return verify_since(self._log, anchor, checker)
+
+    def _check_committed(self) -> Problem | None:
+        """The last event this process committed must still be in the chain, unchanged."""
+        if self._committed is None:
+            return None
+        sequence, event_hash = self._committed
+        found = self._log.events(sequence - 1, 1)
+        if not found or found[0].sequence != sequence or found[0].hash != event_hash:
+            return sequence, TAIL_CHANGED
+        return None
 
     def _witnessed_anchor(self, checker: Callable[[Checkpoint], bool]) -> Checkpoint | None:
         """The newest witnessed checkpoint, read back once per process."""

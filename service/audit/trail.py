@@ -262,6 +262,8 @@ class AuditTrail:
                 item.future.set_exception(appended.error or AuditUnavailableError("not recorded"))
                 continue
             self._unsigned += 1
+            if self._checkpointer is not None:  # it refuses a head that lost this event
+                self._checkpointer.note_committed(appended.event.sequence, appended.event.hash)
             item.future.set_result((appended.event, appended.value))
 
     def _fail(self, batch: Sequence[_Item], error: Exception) -> None:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 from service._gen.medvault.v1 import records_pb2
 
-_RELATIVE = re.compile(r"^(\d+)([mhd])$")
+_RELATIVE = re.compile(r"^(\d+)([mhd])\Z")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days"}
 
 

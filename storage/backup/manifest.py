@@ -43,8 +43,8 @@ RUNS_PREFIX = "runs/"
 DRILLS_PREFIX = "drills/"
 _MANIFEST_SUFFIX = ".json"
 _SIGNATURE_SUFFIX = ".sig.json"
-_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
-_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}\Z")
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 def new_backup_id(now: datetime) -> str:

@@ -221,6 +221,8 @@ def _hostile(world: World, channel: grpc.Channel, case: str) -> Any:
     requests: dict[str, Any] = {
         "id-300": lambda: records.StatRecord(pb.StatRecordRequest(id="a" * 300)),
         "id-nul": lambda: records.StatRecord(pb.StatRecordRequest(id="ab\x00cd")),
+        # Python's "$" also matches before a final newline: ids are matched whole.
+        "id-trailing-newline": lambda: records.StatRecord(pb.StatRecordRequest(id="0" * 32 + "\n")),
         "version-huge": lambda: records.StatRecord(
             pb.StatRecordRequest(id="0" * 32, version=2**32 - 1)
         ),
@@ -254,7 +256,8 @@ def _hostile(world: World, channel: grpc.Channel, case: str) -> Any:
 
 
 HOSTILE = [
-    ("id-300", "id"), ("id-nul", "id"), ("version-huge", "version"),
+    ("id-300", "id"), ("id-nul", "id"), ("id-trailing-newline", "id"),
+    ("version-huge", "version"),
     ("created-after-year-10000", "created_after"), ("created-before-year-0", "created_before"),
     ("patient-nul", "patient.id"), ("page-token-garbage", "page_token"),
     ("page-token-huge-version", "page_token"), ("page-token-deep-nesting", "page_token"),
@@ -276,6 +279,24 @@ def test_hostile_input_is_invalid_argument_naming_the_field_and_audited(
     assert len(failed) == before + 1, f"{case}: {len(failed) - before} failed events"
     assert failed[-1].status == "INVALID_ARGUMENT", f"{case}: event status {failed[-1].status}"
     assert field in failed[-1].reason, f"{case}: event reason does not name {field!r}"
+
+
+def test_trailing_newlines_are_invalid_not_stored(world: World) -> None:
+    """A content type or grant id with a final newline is refused, naming the field (a
+    content type with a newline was stored and shown, a grant id one was NOT_FOUND)."""
+    head = pb.RecordHeader(
+        patient=new_patient(), kind=pb.RECORD_KIND_OTHER, content_type="text/plain\n"
+    )
+    stream = iter([pb.PutRecordRequest(header=head), pb.PutRecordRequest(chunk=b"x")])
+    with pytest.raises(grpc.RpcError) as put:
+        world.clerk.records.PutRecord(stream, timeout=TIMEOUT)
+    assert put.value.code() == grpc.StatusCode.INVALID_ARGUMENT, put.value.code().name
+    assert "content_type" in (put.value.details() or "")
+    revoke = apb.RevokeAccessRequest(grant_id="0" * 32 + "\n")
+    with pytest.raises(grpc.RpcError) as revoked:
+        world.clerk.access.RevokeAccess(revoke, timeout=TIMEOUT)
+    assert revoked.value.code() == grpc.StatusCode.INVALID_ARGUMENT, revoked.value.code().name
+    assert "grant_id" in (revoked.value.details() or "")
 
 
 def test_a_grant_expiring_in_year_10000_is_invalid(world: World) -> None:

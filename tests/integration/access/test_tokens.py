@@ -43,6 +43,11 @@ ISSUER = "https://idp.hospital.test"
 AUDIENCE = "medvault-test"
 USER = "dr-token-1"
 WHOAMI = "/medvault.v1.AccessService/WhoAmI"
+HOSTILE_SUBJECTS = {
+    "via-subject": "dr-x via his-app",
+    "application-subject": "lis-app",
+    "application-subject-case": "LIS-App",
+}
 
 
 @dataclass
@@ -173,6 +178,9 @@ def test_valid_tokens_act_for_the_user(world: World) -> None:
         ("other-azp", grpc.StatusCode.UNAUTHENTICATED, "issued to another application"),
         ("no-azp", grpc.StatusCode.UNAUTHENTICATED, "token missing claim azp"),
         ("via-subject", grpc.StatusCode.UNAUTHENTICATED, "malformed token: sub"),
+        # A user named like an application would act as it (its grants, its call share).
+        ("application-subject", grpc.StatusCode.UNAUTHENTICATED, "names an application"),
+        ("application-subject-case", grpc.StatusCode.UNAUTHENTICATED, "names an application"),
     ],
 )
 def test_bad_token_is_refused_and_audited(
@@ -202,8 +210,8 @@ def test_bad_token_is_refused_and_audited(
                 {k: v for k, v in claims().items() if k != "azp"}, world.ec_key,
                 algorithm="ES256", headers={"kid": "ec-test"},
             )  # fmt: skip
-        case "via-subject":
-            token = es256(world, sub="dr-x via his-app")
+        case "via-subject" | "application-subject" | "application-subject-case":
+            token = es256(world, sub=HOSTILE_SUBJECTS[case])
         case _:
             token, cert = es256(world), world.lis
     _, error, ports = whoami(world, cert, token)
