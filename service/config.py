@@ -33,6 +33,9 @@ class ServerConfig:
     segment_size: int = 1 << 20
     workers: int = 32
     orphan_grace_seconds: int = 3600
+    # Seconds between orphan sweeps (one replica sweeps per interval); 0 = a quarter of
+    # the grace period, at least 60.
+    orphan_sweep_seconds: float = 0.0
     # Access policy (roles, applications, delegation); re-read on SIGHUP.
     policy: str = "policy.toml"
     # host:port for Prometheus metrics; empty = off.
@@ -241,6 +244,8 @@ def _check(config: Config) -> None:
         raise ConfigError(
             f"server.first_message_seconds and idle_seconds must be at most {MAX_IDLE_SECONDS:g}"
         )
+    if config.server.orphan_sweep_seconds < 0:
+        raise ConfigError("server.orphan_sweep_seconds must be 0 (default) or more")
     if min(config.server.max_calls_per_principal, config.server.max_calls_per_application) < 0:
         raise ConfigError("server.max_calls_per_principal/application must be 0 (default) or more")
     if not 5 << 20 <= config.s3.part_size <= 5 << 30:
