@@ -36,6 +36,8 @@ class ServerConfig:
     # Seconds between orphan sweeps (one replica sweeps per interval); 0 = a quarter of
     # the grace period, at least 60.
     orphan_sweep_seconds: float = 0.0
+    # How long a PutRecord request id is remembered (a retry within it gets the first result).
+    request_id_retention_hours: float = 24.0
     # Access policy (roles, applications, delegation); re-read on SIGHUP.
     policy: str = "policy.toml"
     # host:port for Prometheus metrics; empty = off.
@@ -224,6 +226,7 @@ def _section(cls: type[Any], name: str, raw: Any) -> Any:
 def _check(config: Config) -> None:
     positive = {
         "server.max_record_size": config.server.max_record_size,
+        "server.request_id_retention_hours": config.server.request_id_retention_hours,
         "server.chunk_size": config.server.chunk_size,
         "server.workers": config.server.workers,
         "keystore.pool_size": config.keystore.pool_size,

@@ -162,10 +162,12 @@ def _sweep_forever(config: Config, components: Components, stop: threading.Event
     replica = f"{socket.gethostname()}:{os.getpid()}"
     while not stop.wait(interval):
         try:
-            sweep_if_due(
+            swept = sweep_if_due(
                 components.engine, components.blobs, components.metadata,
                 grace=grace, interval=timedelta(seconds=interval), replica=replica,
             )  # fmt: skip
+            if swept is not None and components.put_requests is not None:
+                components.put_requests.prune()  # expired PutRecord request ids
         except Exception:  # a failed sweep is retried next round; the service stays up
             log.exception("orphan sweep failed")
 

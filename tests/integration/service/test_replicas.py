@@ -16,15 +16,22 @@ import json
 import os
 import secrets
 import time
+import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+import sqlalchemy as sa
 
 from service._gen.medvault.v1 import records_pb2 as pb
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
-from tests.fixtures.service import RunningService
+from service.guard import REPLAY_REASON
+from tests.fixtures.service import RunningService, TlsFiles
 from tests.integration.access.conftest import new_database
+from tests.integration.access.helpers import engine_for, issue_client
 from tests.integration.service.streams import new_patient
 
 pytestmark = pytest.mark.integration
@@ -51,13 +58,15 @@ def replicas(service_factory: Any, replica_database: str) -> tuple[RunningServic
     return first, second
 
 
-def put(service: RunningService, content: bytes, **header: Any) -> pb.Record:
+def put(
+    service: RunningService, content: bytes, cert: tuple[Path, Path] | None = None, **header: Any
+) -> pb.Record:
     """Store ``content`` for a new synthetic patient (or ``header``'s) through ``service``."""
     header.setdefault("patient", new_patient())
     head = pb.RecordHeader(
         kind=pb.RECORD_KIND_OTHER, content_type="application/octet-stream", **header
     )
-    with service.channel() as channel:
+    with service.channel(*(cert or ())) as channel:
         stub = pb_grpc.RecordServiceStub(channel)
         messages = [pb.PutRecordRequest(header=head), pb.PutRecordRequest(chunk=content)]
         record: pb.Record = stub.PutRecord(iter(messages), timeout=TIMEOUT)
@@ -112,3 +121,94 @@ def test_one_sweep_per_interval_across_replicas(replicas: tuple[RunningService, 
     # One replica per interval: at most rounds + 1 (a boundary); per replica: ~2 * rounds.
     assert swept <= rounds + 2, f"{swept} sweeps in {rounds:.0f} intervals: one per replica"
     assert swept >= 2, f"only {swept} sweeps in {rounds:.0f} intervals"
+
+
+def _count(database: str, query: str, **params: Any) -> int:
+    engine = engine_for(database)
+    try:
+        with engine.connect() as connection:
+            return int(connection.scalar(sa.text(query), params) or 0)
+    finally:
+        engine.dispose()
+
+
+def _refused(call: Any) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value
+
+
+def test_put_retried_on_the_other_replica_returns_the_first_record(
+    replicas: tuple[RunningService, ...], replica_database: str
+) -> None:
+    """The reply of a put on one replica is lost; the retry on the other finds it."""
+    first, second = replicas
+    patient, content, key = new_patient(), secrets.token_bytes(5000), str(uuid.uuid4())
+    rows = _count(replica_database, "SELECT COUNT(*) FROM records")
+    stored = put(first, content, patient=patient, request_id=key)
+    again = put(second, content, patient=patient, request_id=key)
+    assert (again.id, again.version, again.sha256) == (stored.id, stored.version, stored.sha256)
+    assert _count(replica_database, "SELECT COUNT(*) FROM records") == rows + 1
+    replays = _count(
+        replica_database,
+        "SELECT COUNT(*) FROM audit_events WHERE resource = :r AND reason = :why "
+        "AND outcome = 'allowed' AND action = 'records.write'",
+        r=f"record/{stored.id}/v1", why=REPLAY_REASON,
+    )  # fmt: skip
+    assert replays == 1, "the retry is audited as a replay of the first put"
+
+    # An amendment retried likewise: still version 2, not 3.
+    amend_key = str(uuid.uuid4())
+    amended = put(first, b"amended", patient=patient, supersedes=stored.id, request_id=amend_key)
+    retried = put(second, b"amended", patient=patient, supersedes=stored.id, request_id=amend_key)
+    assert (retried.id, retried.version) == (amended.id, 2) == (stored.id, 2)
+
+
+def test_a_request_id_reused_for_different_content_is_refused(
+    replicas: tuple[RunningService, ...], replica_database: str
+) -> None:
+    first, second = replicas
+    patient, key = new_patient(), str(uuid.uuid4())
+    put(first, b"synthetic original", patient=patient, request_id=key)
+    rows = _count(replica_database, "SELECT COUNT(*) FROM records")
+    for changed in (
+        {"patient": patient, "request_id": key, "content": b"synthetic other"},
+        {"patient": patient, "request_id": key, "content": b"synthetic original", "title": "x"},
+        {"patient": new_patient(), "request_id": key, "content": b"synthetic original"},
+    ):
+        content = changed.pop("content")
+        error = _refused(lambda c=content, h=changed: put(second, c, **h))
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "request_id" in (error.details() or "")
+    assert _count(replica_database, "SELECT COUNT(*) FROM records") == rows
+
+
+def test_request_ids_are_per_principal_and_validated(
+    replicas: tuple[RunningService, ...], tls_files: TlsFiles, tmp_path: Path
+) -> None:
+    """Another caller's key is invisible (its own put is stored); a bad key is refused."""
+    first, second = replicas
+    key, content = str(uuid.uuid4()), b"synthetic shared content"
+    mine = put(first, content, request_id=key)
+    clerk = issue_client(tls_files, tmp_path, "clerk-replicas", "records_clerk")
+    theirs = put(second, content, cert=clerk, request_id=key)
+    assert theirs.id != mine.id
+    for bad in ("short", "x" * 65, "abcdefgh/ijklmnop", "abcdefgh ijklmnop", "é" * 20):
+        error = _refused(lambda b=bad: put(first, content, request_id=b))
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+        assert "request_id" in (error.details() or "")
+
+
+def test_concurrent_puts_with_one_request_id_store_one_record(
+    replicas: tuple[RunningService, ...], replica_database: str
+) -> None:
+    """A retry sent while the first attempt is still running: both get one record."""
+    first, second = replicas
+    patient, content, key = new_patient(), secrets.token_bytes(200_000), str(uuid.uuid4())
+    rows = _count(replica_database, "SELECT COUNT(*) FROM records")
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(
+            lambda r: put(r, content, patient=patient, request_id=key), [first, second] * 2
+        ))  # fmt: skip
+    assert {(r.id, r.version) for r in results} == {(results[0].id, 1)}
+    assert _count(replica_database, "SELECT COUNT(*) FROM records") == rows + 1
