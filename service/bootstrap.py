@@ -11,6 +11,7 @@ import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from minio import Minio
@@ -43,6 +44,7 @@ from storage.grant_seal import GrantSealer
 from storage.grants import GRANT_ADOPTER, SqlGrantStore
 from storage.grants_legacy import adopt_legacy
 from storage.kek import KekManager
+from storage.put_requests import SqlPutRequests
 from storage.records import RecordStore, StoreLimits
 from storage.s3_blobs import S3BlobStore, make_minio_client
 from storage.signatures import SignatureStore
@@ -70,6 +72,7 @@ class Components:
     kek: KekManager
     backup: BackupWiring
     revocation: RevocationList | None = None
+    put_requests: SqlPutRequests | None = None
 
     def reloadables(self) -> list[RevocationList]:
         """What SIGHUP re-reads besides the policy (the CRL, when configured)."""
@@ -243,10 +246,13 @@ def _wire(config: Config, pool: Pkcs11SessionPool) -> Components:
         max_record_size=config.server.max_record_size, segment_size=config.server.segment_size
     )
     wrapper = Pkcs11KeyWrapper(pool)
+    retention = timedelta(hours=config.server.request_id_retention_hours)
+    put_requests = SqlPutRequests(engine, retention)
     store = RecordStore(
         blobs, metadata, wrapper, indexer, limits,
         before_commit=_fault_hook(),
         accept_legacy=config.server.accept_legacy_sealed_rows,
+        requests=put_requests,
         on_tampered=lambda e: guard.incidents.tampered(
             "row-tampered", e.resource,
             "metadata row failed authentication (changed in the database); the read was refused",
@@ -265,5 +271,5 @@ def _wire(config: Config, pool: Pkcs11SessionPool) -> Components:
     return Components(
         store=store, blobs=blobs, metadata=metadata, pool=pool, engine=engine, guard=guard,
         audit_log=audit_log, signing=signing, wrapper=wrapper, kek=kek, backup=backup,
-        revocation=revocation,
+        revocation=revocation, put_requests=put_requests,
     )

@@ -33,6 +33,11 @@ class ServerConfig:
     segment_size: int = 1 << 20
     workers: int = 32
     orphan_grace_seconds: int = 3600
+    # Seconds between orphan sweeps (one replica sweeps per interval); 0 = a quarter of
+    # the grace period, at least 60.
+    orphan_sweep_seconds: float = 0.0
+    # How long a PutRecord request id is remembered (a retry within it gets the first result).
+    request_id_retention_hours: float = 24.0
     # Access policy (roles, applications, delegation); re-read on SIGHUP.
     policy: str = "policy.toml"
     # host:port for Prometheus metrics; empty = off.
@@ -221,6 +226,7 @@ def _section(cls: type[Any], name: str, raw: Any) -> Any:
 def _check(config: Config) -> None:
     positive = {
         "server.max_record_size": config.server.max_record_size,
+        "server.request_id_retention_hours": config.server.request_id_retention_hours,
         "server.chunk_size": config.server.chunk_size,
         "server.workers": config.server.workers,
         "keystore.pool_size": config.keystore.pool_size,
@@ -241,6 +247,8 @@ def _check(config: Config) -> None:
         raise ConfigError(
             f"server.first_message_seconds and idle_seconds must be at most {MAX_IDLE_SECONDS:g}"
         )
+    if config.server.orphan_sweep_seconds < 0:
+        raise ConfigError("server.orphan_sweep_seconds must be 0 (default) or more")
     if min(config.server.max_calls_per_principal, config.server.max_calls_per_application) < 0:
         raise ConfigError("server.max_calls_per_principal/application must be 0 (default) or more")
     if not 5 << 20 <= config.s3.part_size <= 5 << 30:

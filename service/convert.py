@@ -81,6 +81,7 @@ def header_from_pb(msg: pb.RecordHeader) -> NewRecord:
         supersedes=msg.supersedes or None,
         supersedes_version=version_from_pb(msg.supersedes_version, "header.supersedes_version"),
         expected_sha256=msg.expected_sha256 or None,
+        request_id=msg.request_id or None,
     )
 
 

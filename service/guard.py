@@ -29,6 +29,8 @@ from storage.records import CommitGate, Gate, RecordRef
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 NO_GRANT = "no active care-team grant or break-the-glass access for this patient"
+# A PutRecord retried with its request id: the version named was stored by the first put.
+REPLAY_REASON = "retry of an earlier put (same request id): its version returned, nothing stored"
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +161,17 @@ class AccessGuard:
 
         def gate(ref: RecordRef) -> None:
             self.check_scope(call, ref)
+
+        return gate
+
+    def replay_gate(self, call: Call) -> Gate:
+        """Commit the allowed event of a retried put answered with the first put's version."""
+
+        def gate(ref: RecordRef) -> None:
+            self.audit(
+                call, record_resource(ref), ref.patient_index, outcome="allowed",
+                reason=REPLAY_REASON,
+            )  # fmt: skip
 
         return gate
 

@@ -84,6 +84,7 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
             call.principal.name,
             admit=self._guard.scope_gate(call),
             on_commit=on_commit,
+            on_replay=self._guard.replay_gate(call),
         )
 
     def _open(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
 import threading
 from concurrent import futures
 from datetime import timedelta
@@ -36,14 +38,13 @@ from service.audit_servicer import AuditServicer
 from service.authz.policy import install_sighup
 from service.backup_servicer import BackupServicer
 from service.bootstrap import Components, build
-from service.config import Config, ConfigError
+from service.config import Config, ConfigError, ServerConfig
 from service.edge import Deadlines, EdgeInterceptor, refusal_reporter
 from service.keys_servicer import KeyServicer
 from service.limits import CallLimiter
 from service.records_servicer import RecordServicer
 from service.signing_servicer import SigningServicer
-from storage.backup.runs import elected
-from storage.sweeper import sweep_orphans
+from storage.sweeper import sweep_if_due
 
 log = logging.getLogger(__name__)
 # Room for one content chunk plus the message framing around it.
@@ -149,14 +150,24 @@ async def create_server(
     return server, port
 
 
-def _sweep_forever(components: Components, grace: timedelta, stop: threading.Event) -> None:
-    """Sweep orphans periodically on one elected replica (DESIGN: scheduled work)."""
-    interval = max(60.0, grace.total_seconds() / 4)
+def sweep_interval(server: ServerConfig) -> float:
+    """Seconds between sweeps: configured, or a quarter of the grace (at least a minute)."""
+    return server.orphan_sweep_seconds or max(60.0, server.orphan_grace_seconds / 4)
+
+
+def _sweep_forever(config: Config, components: Components, stop: threading.Event) -> None:
+    """Sweep orphans once per interval across all replicas (DESIGN: scheduled work)."""
+    interval = sweep_interval(config.server)
+    grace = timedelta(seconds=config.server.orphan_grace_seconds)
+    replica = f"{socket.gethostname()}:{os.getpid()}"
     while not stop.wait(interval):
         try:
-            with elected(components.engine, "sweep") as won:
-                if won:  # another replica holds the lock: it sweeps this round
-                    sweep_orphans(components.blobs, components.metadata, grace)
+            swept = sweep_if_due(
+                components.engine, components.blobs, components.metadata,
+                grace=grace, interval=timedelta(seconds=interval), replica=replica,
+            )  # fmt: skip
+            if swept is not None and components.put_requests is not None:
+                components.put_requests.prune()  # expired PutRecord request ids
         except Exception:  # a failed sweep is retried next round; the service stays up
             log.exception("orphan sweep failed")
 
@@ -191,9 +202,8 @@ def serve(config: Config) -> None:
         if config.server.metrics_listen:
             host, _, port = config.server.metrics_listen.rpartition(":")
             start_http_server(int(port), addr=host or "127.0.0.1")
-        grace = timedelta(seconds=config.server.orphan_grace_seconds)
         threading.Thread(
-            target=_sweep_forever, args=(components, grace, stop), daemon=True, name="sweeper"
+            target=_sweep_forever, args=(config, components, stop), daemon=True, name="sweeper"
         ).start()
         components.backup.scheduler.start()
         asyncio.run(_serve(config, components))

@@ -27,6 +27,11 @@ class RecordConflictError(StorageError):
     """The request conflicts with the stored state (e.g. amending a version that is not latest)."""
 
 
+class RequestReusedError(RecordConflictError):
+    """A PutRecord request id already stored a different record (another header or
+    content): the caller reused a key it meant for another put."""
+
+
 class IntegrityError(StorageError):
     """Stored data failed authentication or its digest: tampered, truncated, swapped.
 

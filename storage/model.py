@@ -42,6 +42,8 @@ class NewRecord:
     supersedes: str | None = None
     supersedes_version: int | None = None
     expected_sha256: bytes | None = None
+    # Client-chosen idempotency key: a retry with it returns the first put's version.
+    request_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

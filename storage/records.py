@@ -29,6 +29,7 @@ from storage.interfaces import BlobStore, MetadataStore, StoredRecord
 from storage.model import NewRecord, PatientRef, RecordInfo, RecordQuery
 from storage.paging import decode_page_token, encode_page_token
 from storage.pipeline import read_ahead
+from storage.put_requests import RequestKeyTakenError, SqlPutRequests, check_replay
 from storage.row_auth import RowVerifier, Tampered, VerifiedRecord, associated_data
 from storage.sealing import RowFields, SealedFields, seal
 from storage.validation import check_header, check_header_patient, check_record_id
@@ -119,8 +120,11 @@ class RecordStore:
         before_commit: Callable[[], None] | None = None,
         on_tampered: Tampered | None = None,
         accept_legacy: bool = True,
+        requests: SqlPutRequests | None = None,
     ) -> None:
         self._blobs = blobs
+        # PutRecord idempotency keys (storage.put_requests); None: request ids are ignored.
+        self._requests = requests
         self._metadata = metadata
         self._wrapper = wrapper
         self._indexer = indexer
@@ -140,16 +144,25 @@ class RecordStore:
         *,
         admit: Gate | None = None,
         on_commit: CommitGate | None = None,
+        on_replay: Gate | None = None,
     ) -> RecordInfo:
         """Store a new record, or a new version of ``header.supersedes``.
 
         ``admit`` runs before the upload; ``on_commit`` after it, committing the row
         with the write's audit event in one transaction (an error there deletes the
-        object and stores nothing). Without it the row commits on its own.
+        object and stores nothing). Without it the row commits on its own. A retry
+        of a put that stored a version under the same ``request_id`` returns that
+        version, stores nothing, and passes ``on_replay`` (its audit event).
         """
         check_header(header)
         patient_index = self._indexer.blind_index(header.patient.canonical())
         _admit(admit, RecordRef(header.supersedes, None, patient_index))
+        earlier = self._earlier(header, creator)
+        if earlier is not None:  # a retry: read its content only to compare digests
+            plain = _Meter(self._limits.max_record_size)
+            for _ in plain.watch(chunks):
+                pass
+            return self._replay(header, creator, patient_index, plain.digest.digest(), on_replay)
         record_id, version = self._next_version(header, patient_index)
         ad = associated_data(record_id, version)
         dek = secrets.token_bytes(32)
@@ -189,33 +202,85 @@ class RecordStore:
         if self._before_commit is not None:
             self._before_commit()
         try:
-            self._insert(row, dek, ad, on_commit)
+            self._insert(row, dek, ad, on_commit, self._remember(header, creator, row))
+        except RequestKeyTakenError:  # a concurrent retry committed first: its result
+            self._blobs.delete(object_key)
+            return self._replay(header, creator, patient_index, sha256, on_replay)
         except BaseException:
             self._blobs.delete(object_key)
             raise
         return VerifiedRecord(row, dek, sealed).info()
 
+    def _remember(
+        self, header: NewRecord, creator: str, row: StoredRecord
+    ) -> Callable[[Connection], None] | None:
+        """The request key's insert, committed with the row; None without a key."""
+        if header.request_id is None or self._requests is None:
+            return None
+        return self._requests.remember_change(creator, header.request_id, row.id, row.version)
+
+    def _earlier(self, header: NewRecord, creator: str) -> tuple[str, int] | None:
+        if header.request_id is None or self._requests is None:
+            return None
+        return self._requests.find(creator, header.request_id)
+
+    def _replay(
+        self,
+        header: NewRecord,
+        creator: str,
+        patient_index: bytes,
+        sha256: bytes,
+        on_replay: Gate | None,
+    ) -> RecordInfo:
+        """The version an earlier put with this request id stored, if the retry matches."""
+        earlier = self._earlier(header, creator)
+        if earlier is None:  # its key expired between the two looks: too late to replay
+            raise RecordConflictError("request_id: the earlier put's key expired; retry")
+        verified = self.verifier.verify(self._metadata.get(*earlier))
+        check_replay(header, creator, patient_index, verified, sha256)
+        _admit(on_replay, RecordRef(verified.row.id, verified.row.version, patient_index))
+        return verified.info()
+
     def _insert(
-        self, row: StoredRecord, dek: bytes, ad: bytes, on_commit: CommitGate | None = None
+        self,
+        row: StoredRecord,
+        dek: bytes,
+        ad: bytes,
+        on_commit: CommitGate | None = None,
+        remember: Callable[[Connection], None] | None = None,
     ) -> None:
-        """Insert the row (with its audit event, through ``on_commit``); if its KEK
-        version was retired meanwhile, wrap the same data key again with the (refreshed)
-        current version and insert once more."""
+        """Insert the row (with its audit event, through ``on_commit``, and its request
+        key); if its KEK version was retired meanwhile, wrap the same data key again
+        with the (refreshed) current version and insert once more."""
         try:
-            self._commit(row, on_commit)
+            self._commit(row, on_commit, remember)
         except KekRetiredError:
             if isinstance(self._wrapper, RefreshableKeyWrapper):
                 self._wrapper.refresh()
             wrapped = self._wrapper.wrap(dek, ad)
             again = replace(row, kek_version=wrapped.kek_version, wrapped_dek=wrapped.blob)
-            self._commit(again, on_commit)
+            self._commit(again, on_commit, remember)
 
-    def _commit(self, row: StoredRecord, on_commit: CommitGate | None) -> None:
-        if on_commit is None:
+    def _commit(
+        self,
+        row: StoredRecord,
+        on_commit: CommitGate | None,
+        remember: Callable[[Connection], None] | None,
+    ) -> None:
+        insert = self._metadata.insert_change(row)
+        if remember is not None:
+            change = insert
+
+            def insert(connection: Connection) -> None:
+                change(connection)
+                remember(connection)
+
+        if on_commit is not None:
+            on_commit(RecordRef(row.id, row.version, row.patient_index), insert)
+        elif self._requests is not None:
+            self._requests.run(insert)
+        else:
             self._metadata.insert(row)
-            return
-        ref = RecordRef(row.id, row.version, row.patient_index)
-        on_commit(ref, self._metadata.insert_change(row))
 
     def _next_version(self, header: NewRecord, patient_index: bytes) -> tuple[str, int]:
         if header.supersedes is None:

@@ -35,6 +35,7 @@ from storage.errors import (
     StorageError,
 )
 from storage.interfaces import ListCursor, StoredRecord
+from storage.migration_lock import migration_lock
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 # SQLSTATE read_only_sql_transaction: a standby or default_transaction_read_only=on.
@@ -187,10 +188,12 @@ def upgrade(
     """Migrate the database to ``revision``; a no-op when it is there already.
 
     ``hooks`` reach migrations through Alembic's ``config.attributes`` (migration 0009
-    adopts legacy grant rows through one, in the migration's transaction).
+    adopts legacy grant rows through one, in the migration's transaction). Concurrent
+    calls (replicas starting together) run one after the other
+    (``storage.migration_lock``); the later ones find the schema at head.
     """
     config = alembic_config()
-    with translated(engine), engine.begin() as connection:
+    with translated(engine), migration_lock(engine), engine.begin() as connection:
         config.attributes.update(hooks or {})
         config.attributes["connection"] = connection
         command.upgrade(config, revision)

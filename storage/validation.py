@@ -18,6 +18,9 @@ _CONTENT_TYPE = re.compile(
     r"( *; *[A-Za-z0-9!#$&^_.+-]+=(\"[^\"\x00-\x1f\x7f]*\"|[A-Za-z0-9!#$&^_.+-]+))*\Z"
 )
 _RECORD_ID = re.compile(r"^[0-9a-f]{32}\Z")
+# Idempotency keys: long enough to be chosen at random (a UUID is 36), nothing that
+# needs escaping anywhere (logs, SQL, audit exports).
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{16,64}\Z")
 
 
 def check_printable(field: str, value: str, limit: int, *, required: bool) -> None:
@@ -53,3 +56,7 @@ def check_header(header: NewRecord) -> None:
         raise InvalidRecordError("supersedes_version", "is set without supersedes")
     if header.expected_sha256 is not None and len(header.expected_sha256) != 32:
         raise InvalidRecordError("expected_sha256", "must be 32 bytes (a SHA-256 digest)")
+    if header.request_id is not None and not _REQUEST_ID.match(header.request_id):
+        raise InvalidRecordError(
+            "request_id", "must be 16 to 64 characters of A-Z a-z 0-9 . _ - (e.g. a UUID)"
+        )

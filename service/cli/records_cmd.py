@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import os
 import sys
+import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -45,7 +46,9 @@ def _file_digest(path: Path) -> bytes:
     return digest.digest()
 
 
-def _requests(ns: argparse.Namespace, path: Path) -> Iterator[pb.PutRecordRequest]:
+def _requests(
+    ns: argparse.Namespace, path: Path, request_id: str
+) -> Iterator[pb.PutRecordRequest]:
     header = pb.RecordHeader(
         patient=pb.PatientId(id=ns.patient, assigning_authority=ns.authority),
         kind=f"RECORD_KIND_{ns.kind}",
@@ -53,6 +56,7 @@ def _requests(ns: argparse.Namespace, path: Path) -> Iterator[pb.PutRecordReques
         title=ns.title,
         supersedes=ns.supersedes or "",
         expected_sha256=_file_digest(path),
+        request_id=request_id,
     )
     yield pb.PutRecordRequest(header=header)
     with path.open("rb") as f, _progress(path.stat().st_size, "upload") as bar:
@@ -73,7 +77,16 @@ def cmd_put(ns: argparse.Namespace) -> int:
     if not path.is_file():
         raise SystemExit(f"medvault: {path}: not a file")
     stub = pb_grpc.RecordServiceStub(channel(ns))
-    record = stub.PutRecord(_requests(ns, path))
+    # One id for the put and its retry: if the first attempt was stored but its reply
+    # lost (a replica died), the retry returns that record instead of a second one.
+    request_id = ns.request_id or str(uuid.uuid4())
+    try:
+        record = stub.PutRecord(_requests(ns, path, request_id))
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        print(f"medvault: {e.details()}; retrying once (request id {request_id})", file=sys.stderr)
+        record = stub.PutRecord(_requests(ns, path, request_id))
     print(f"stored {record.id} version {record.version} ({record.size} bytes)")
     return 0
 
@@ -157,6 +170,11 @@ def register(sub: Any) -> None:
     put.add_argument("--content-type", default="")
     put.add_argument("--title", default="")
     put.add_argument("--supersedes", help="record id this file amends (new version)")
+    put.add_argument(
+        "--request-id", default="",
+        help="idempotency key (16-64 of A-Z a-z 0-9 . _ -); default a random UUID. Reuse it "
+        "to retry a put whose outcome is unknown: the first result is returned",
+    )  # fmt: skip
     put.set_defaults(func=cmd_put)
     get = sub.add_parser("get", help="fetch a record's content")
     get.add_argument("id")

@@ -25,35 +25,35 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19medvault/v1/records.proto\x12\x0bmedvault.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"4\n\tPatientId\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1b\n\x13\x61ssigning_authority\x18\x02 \x01(\t\"\xcc\x01\n\x0cRecordHeader\x12\'\n\x07patient\x18\x01 \x01(\x0b\x32\x16.medvault.v1.PatientId\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.medvault.v1.RecordKind\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\r\n\x05title\x18\x04 \x01(\t\x12\x12\n\nsupersedes\x18\x05 \x01(\t\x12\x1a\n\x12supersedes_version\x18\x06 \x01(\r\x12\x17\n\x0f\x65xpected_sha256\x18\x07 \x01(\x0c\"[\n\x10PutRecordRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.medvault.v1.RecordHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07message\"\xad\x02\n\x06Record\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\'\n\x07patient\x18\x03 \x01(\x0b\x32\x16.medvault.v1.PatientId\x12%\n\x04kind\x18\x04 \x01(\x0e\x32\x17.medvault.v1.RecordKind\x12\x14\n\x0c\x63ontent_type\x18\x05 \x01(\t\x12\r\n\x05title\x18\x06 \x01(\t\x12\x0c\n\x04size\x18\x07 \x01(\x04\x12\x13\n\x0bstored_size\x18\x08 \x01(\x04\x12\x0e\n\x06sha256\x18\t \x01(\x0c\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x0b \x01(\t\x12\x1a\n\x12supersedes_version\x18\x0c \x01(\r\"+\n\tByteRange\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\"V\n\x10GetRecordRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12%\n\x05range\x18\x03 \x01(\x0b\x32\x16.medvault.v1.ByteRange\"X\n\x11GetRecordResponse\x12\'\n\x08metadata\x18\x01 \x01(\x0b\x32\x13.medvault.v1.RecordH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07message\"0\n\x11StatRecordRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"\x88\x02\n\x12ListRecordsRequest\x12\'\n\x07patient\x18\x01 \x01(\x0b\x32\x16.medvault.v1.PatientId\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.medvault.v1.RecordKind\x12\x31\n\rcreated_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12\x12\n\npage_token\x18\x06 \x01(\t\x12\x14\n\x0c\x61ll_versions\x18\x07 \x01(\x08\"T\n\x13ListRecordsResponse\x12$\n\x07records\x18\x01 \x03(\x0b\x32\x13.medvault.v1.Record\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xae\x01\n\nRecordKind\x12\x1b\n\x17RECORD_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11RECORD_KIND_HL7V2\x10\x01\x12\x13\n\x0fRECORD_KIND_CDA\x10\x02\x12\x14\n\x10RECORD_KIND_FHIR\x10\x03\x12\x15\n\x11RECORD_KIND_DICOM\x10\x04\x12\x13\n\x0fRECORD_KIND_PDF\x10\x05\x12\x15\n\x11RECORD_KIND_OTHER\x10\x06\x32\xb5\x02\n\rRecordService\x12\x41\n\tPutRecord\x12\x1d.medvault.v1.PutRecordRequest\x1a\x13.medvault.v1.Record(\x01\x12L\n\tGetRecord\x12\x1d.medvault.v1.GetRecordRequest\x1a\x1e.medvault.v1.GetRecordResponse0\x01\x12\x41\n\nStatRecord\x12\x1e.medvault.v1.StatRecordRequest\x1a\x13.medvault.v1.Record\x12P\n\x0bListRecords\x12\x1f.medvault.v1.ListRecordsRequest\x1a .medvault.v1.ListRecordsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19medvault/v1/records.proto\x12\x0bmedvault.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"4\n\tPatientId\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1b\n\x13\x61ssigning_authority\x18\x02 \x01(\t\"\xe0\x01\n\x0cRecordHeader\x12\'\n\x07patient\x18\x01 \x01(\x0b\x32\x16.medvault.v1.PatientId\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.medvault.v1.RecordKind\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\r\n\x05title\x18\x04 \x01(\t\x12\x12\n\nsupersedes\x18\x05 \x01(\t\x12\x1a\n\x12supersedes_version\x18\x06 \x01(\r\x12\x17\n\x0f\x65xpected_sha256\x18\x07 \x01(\x0c\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"[\n\x10PutRecordRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.medvault.v1.RecordHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07message\"\xad\x02\n\x06Record\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\'\n\x07patient\x18\x03 \x01(\x0b\x32\x16.medvault.v1.PatientId\x12%\n\x04kind\x18\x04 \x01(\x0e\x32\x17.medvault.v1.RecordKind\x12\x14\n\x0c\x63ontent_type\x18\x05 \x01(\t\x12\r\n\x05title\x18\x06 \x01(\t\x12\x0c\n\x04size\x18\x07 \x01(\x04\x12\x13\n\x0bstored_size\x18\x08 \x01(\x04\x12\x0e\n\x06sha256\x18\t \x01(\x0c\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x0b \x01(\t\x12\x1a\n\x12supersedes_version\x18\x0c \x01(\r\"+\n\tByteRange\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0e\n\x06length\x18\x02 \x01(\x04\"V\n\x10GetRecordRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12%\n\x05range\x18\x03 \x01(\x0b\x32\x16.medvault.v1.ByteRange\"X\n\x11GetRecordResponse\x12\'\n\x08metadata\x18\x01 \x01(\x0b\x32\x13.medvault.v1.RecordH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07message\"0\n\x11StatRecordRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"\x88\x02\n\x12ListRecordsRequest\x12\'\n\x07patient\x18\x01 \x01(\x0b\x32\x16.medvault.v1.PatientId\x12%\n\x04kind\x18\x02 \x01(\x0e\x32\x17.medvault.v1.RecordKind\x12\x31\n\rcreated_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x05 \x01(\r\x12\x12\n\npage_token\x18\x06 \x01(\t\x12\x14\n\x0c\x61ll_versions\x18\x07 \x01(\x08\"T\n\x13ListRecordsResponse\x12$\n\x07records\x18\x01 \x03(\x0b\x32\x13.medvault.v1.Record\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xae\x01\n\nRecordKind\x12\x1b\n\x17RECORD_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11RECORD_KIND_HL7V2\x10\x01\x12\x13\n\x0fRECORD_KIND_CDA\x10\x02\x12\x14\n\x10RECORD_KIND_FHIR\x10\x03\x12\x15\n\x11RECORD_KIND_DICOM\x10\x04\x12\x13\n\x0fRECORD_KIND_PDF\x10\x05\x12\x15\n\x11RECORD_KIND_OTHER\x10\x06\x32\xb5\x02\n\rRecordService\x12\x41\n\tPutRecord\x12\x1d.medvault.v1.PutRecordRequest\x1a\x13.medvault.v1.Record(\x01\x12L\n\tGetRecord\x12\x1d.medvault.v1.GetRecordRequest\x1a\x1e.medvault.v1.GetRecordResponse0\x01\x12\x41\n\nStatRecord\x12\x1e.medvault.v1.StatRecordRequest\x1a\x13.medvault.v1.Record\x12P\n\x0bListRecords\x12\x1f.medvault.v1.ListRecordsRequest\x1a .medvault.v1.ListRecordsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'medvault.v1.records_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RECORDKIND']._serialized_start=1360
-  _globals['_RECORDKIND']._serialized_end=1534
+  _globals['_RECORDKIND']._serialized_start=1380
+  _globals['_RECORDKIND']._serialized_end=1554
   _globals['_PATIENTID']._serialized_start=75
   _globals['_PATIENTID']._serialized_end=127
   _globals['_RECORDHEADER']._serialized_start=130
-  _globals['_RECORDHEADER']._serialized_end=334
-  _globals['_PUTRECORDREQUEST']._serialized_start=336
-  _globals['_PUTRECORDREQUEST']._serialized_end=427
-  _globals['_RECORD']._serialized_start=430
-  _globals['_RECORD']._serialized_end=731
-  _globals['_BYTERANGE']._serialized_start=733
-  _globals['_BYTERANGE']._serialized_end=776
-  _globals['_GETRECORDREQUEST']._serialized_start=778
-  _globals['_GETRECORDREQUEST']._serialized_end=864
-  _globals['_GETRECORDRESPONSE']._serialized_start=866
-  _globals['_GETRECORDRESPONSE']._serialized_end=954
-  _globals['_STATRECORDREQUEST']._serialized_start=956
-  _globals['_STATRECORDREQUEST']._serialized_end=1004
-  _globals['_LISTRECORDSREQUEST']._serialized_start=1007
-  _globals['_LISTRECORDSREQUEST']._serialized_end=1271
-  _globals['_LISTRECORDSRESPONSE']._serialized_start=1273
-  _globals['_LISTRECORDSRESPONSE']._serialized_end=1357
-  _globals['_RECORDSERVICE']._serialized_start=1537
-  _globals['_RECORDSERVICE']._serialized_end=1846
+  _globals['_RECORDHEADER']._serialized_end=354
+  _globals['_PUTRECORDREQUEST']._serialized_start=356
+  _globals['_PUTRECORDREQUEST']._serialized_end=447
+  _globals['_RECORD']._serialized_start=450
+  _globals['_RECORD']._serialized_end=751
+  _globals['_BYTERANGE']._serialized_start=753
+  _globals['_BYTERANGE']._serialized_end=796
+  _globals['_GETRECORDREQUEST']._serialized_start=798
+  _globals['_GETRECORDREQUEST']._serialized_end=884
+  _globals['_GETRECORDRESPONSE']._serialized_start=886
+  _globals['_GETRECORDRESPONSE']._serialized_end=974
+  _globals['_STATRECORDREQUEST']._serialized_start=976
+  _globals['_STATRECORDREQUEST']._serialized_end=1024
+  _globals['_LISTRECORDSREQUEST']._serialized_start=1027
+  _globals['_LISTRECORDSREQUEST']._serialized_end=1291
+  _globals['_LISTRECORDSRESPONSE']._serialized_start=1293
+  _globals['_LISTRECORDSRESPONSE']._serialized_end=1377
+  _globals['_RECORDSERVICE']._serialized_start=1557
+  _globals['_RECORDSERVICE']._serialized_end=1866
 # @@protoc_insertion_point(module_scope)

@@ -36,7 +36,7 @@ class PatientId(_message.Message):
     def __init__(self, id: _Optional[str] = ..., assigning_authority: _Optional[str] = ...) -> None: ...
 
 class RecordHeader(_message.Message):
-    __slots__ = ("patient", "kind", "content_type", "title", "supersedes", "supersedes_version", "expected_sha256")
+    __slots__ = ("patient", "kind", "content_type", "title", "supersedes", "supersedes_version", "expected_sha256", "request_id")
     PATIENT_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     CONTENT_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class RecordHeader(_message.Message):
     SUPERSEDES_FIELD_NUMBER: _ClassVar[int]
     SUPERSEDES_VERSION_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_SHA256_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     patient: PatientId
     kind: RecordKind
     content_type: str
@@ -51,7 +52,8 @@ class RecordHeader(_message.Message):
     supersedes: str
     supersedes_version: int
     expected_sha256: bytes
-    def __init__(self, patient: _Optional[_Union[PatientId, _Mapping]] = ..., kind: _Optional[_Union[RecordKind, str]] = ..., content_type: _Optional[str] = ..., title: _Optional[str] = ..., supersedes: _Optional[str] = ..., supersedes_version: _Optional[int] = ..., expected_sha256: _Optional[bytes] = ...) -> None: ...
+    request_id: str
+    def __init__(self, patient: _Optional[_Union[PatientId, _Mapping]] = ..., kind: _Optional[_Union[RecordKind, str]] = ..., content_type: _Optional[str] = ..., title: _Optional[str] = ..., supersedes: _Optional[str] = ..., supersedes_version: _Optional[int] = ..., expected_sha256: _Optional[bytes] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class PutRecordRequest(_message.Message):
     __slots__ = ("header", "chunk")

@@ -1,0 +1,62 @@
+"""When periodic work last ran, cluster-wide: one run per interval, not one per replica.
+
+Each replica wakes on its own timer; the election lock (``storage.backup.runs.elected``)
+only keeps two runs from overlapping. The winner of a round also asks this ledger
+whether another replica ran the work within the interval, and skips if so, so the work
+runs about once per interval however many replicas there are. The check and the update
+happen under the election lock, so two replicas never both claim one round.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from storage.sql_metadata import from_db_time, metadata, run_in_transaction, to_utc
+
+# The schema as queries see it; storage/migrations/versions/0012_replicas.py made it.
+scheduled_work = sa.Table(
+    "scheduled_work",
+    metadata,
+    sa.Column("name", sa.String(32), nullable=False),
+    sa.Column("last_run_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("replica", sa.String(255), nullable=False),
+    sa.PrimaryKeyConstraint("name", name="pk_scheduled_work"),
+)
+
+
+def claim_round(
+    engine: Engine, name: str, min_gap: timedelta, now: datetime, replica: str
+) -> bool:
+    """Record a run of ``name`` at ``now`` unless one ran less than ``min_gap`` before.
+
+    Call it holding the election lock for ``name``; True means this replica runs now.
+    """
+    at = to_utc(now, "now")
+
+    def claim(connection: sa.Connection) -> bool:
+        query = sa.select(scheduled_work.c.last_run_at).where(scheduled_work.c.name == name)
+        last = connection.scalar(query)
+        if last is not None and at - from_db_time(last) < min_gap:
+            return False
+        values = {"last_run_at": at, "replica": replica[:255]}
+        if last is None:
+            connection.execute(scheduled_work.insert().values(name=name, **values))
+        else:
+            connection.execute(
+                scheduled_work.update().where(scheduled_work.c.name == name).values(**values)
+            )
+        return True
+
+    return run_in_transaction(engine, claim, write=True)
+
+
+def last_run(engine: Engine, name: str) -> tuple[datetime, str] | None:
+    """When ``name`` last ran and on which replica; None if never."""
+    query = sa.select(scheduled_work.c.last_run_at, scheduled_work.c.replica).where(
+        scheduled_work.c.name == name
+    )
+    row = run_in_transaction(engine, lambda c: c.execute(query).first())
+    return None if row is None else (from_db_time(row[0]), str(row[1]))
