@@ -13,16 +13,19 @@ from service._gen.medvault.v1 import audit_pb2 as aupb
 from service._gen.medvault.v1 import audit_pb2_grpc as aupb_grpc
 from service.audit.export import chunked, to_csv, to_fhir, to_jsonl
 from service.authz import PermissionDeniedError
+from service.authz.permissions import ACCESS_BREAK_GLASS
 from service.calls import CallState, entered, handled
 from service.convert_audit import event_to_pb, filter_from_pb, review_item, verify_to_pb
 from service.guard import AccessGuard
 from service.streams import prefetch
 from storage.audit_log import SqlAuditLog
 from storage.audit_model import AuditFilter, ChainedEvent, VerifyResult
+from storage.break_glass import BreakGlassReview
 from storage.errors import InvalidRecordError
 from storage.grants_model import Grant
 from storage.records import RecordStore
 
+RESTORED = "reviewed (grant row was missing or altered; restored from the trail, expired)"
 SELF_REVIEW = "a principal cannot review their own break-the-glass access; ask another officer"
 _EXPORTERS: dict[int, Callable[[Iterable[ChainedEvent]], Iterator[bytes]]] = {
     aupb.EXPORT_FORMAT_JSONL: to_jsonl,
@@ -36,6 +39,8 @@ class AuditServicer(aupb_grpc.AuditServiceServicer):  # type: ignore[misc]  # un
         self._store = store
         self._guard = guard
         self._log = log
+        # The queue is the trail's break-the-glass events joined with the grant rows.
+        self._review_queue = BreakGlassReview(guard.grants, ACCESS_BREAK_GLASS)
 
     def _filter(
         self, state: CallState, req: aupb.QueryEventsRequest
@@ -58,29 +63,31 @@ class AuditServicer(aupb_grpc.AuditServiceServicer):  # type: ignore[misc]  # un
     def _queue(self, state: CallState, everything: bool) -> list[Grant]:
         call = entered(state)
         self._guard.audit(call, "break-glass-queue", outcome="allowed")
-        return self._guard.grants.break_glass_queue(everything)
+        return self._review_queue.queue(everything)
 
     def _review(
         self, state: CallState, req: aupb.ReviewBreakGlassRequest
     ) -> Grant:
         call = entered(state)
-        target = self._guard.grants.get(req.grant_id)
-        if target.principal == call.principal.name:
+        # The target's principal comes from the trail when its row is missing or altered:
+        # an edited row must not let the person who broke the glass review it.
+        target = self._review_queue.target(req.grant_id)
+        grant = target.grant
+        if grant.principal == call.principal.name:
             # Four eyes: the review exists to check the person who broke the glass.
             self._guard.audit(
-                call, f"grant/{target.id}", target.patient_index, outcome="denied",
+                call, f"grant/{grant.id}", grant.patient_index, outcome="denied",
                 status="PERMISSION_DENIED", reason=SELF_REVIEW,
             )
             raise PermissionDeniedError(SELF_REVIEW)
-        grants = self._guard.grants
-        patient_index = target.patient_index  # for the event
-        review = grants.review_change(
-            req.grant_id, call.principal.name, req.comment, datetime.now(UTC)
+        review = self._review_queue.review_change(
+            target, call.principal.name, req.comment, datetime.now(UTC)
         )
         # The comment is kept with the grant; the immutable trail records that it was
         # reviewed, in the same transaction as the review.
         return self._guard.audit_change(
-            call, f"grant/{req.grant_id}", review, patient_index, reason="reviewed"
+            call, f"grant/{grant.id}", review, grant.patient_index,
+            reason=RESTORED if target.flagged else "reviewed",
         )
 
     async def QueryEvents(  # noqa: N802  (gRPC method names)

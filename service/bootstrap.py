@@ -203,7 +203,7 @@ def access_guard(  # noqa: PLR0917  (the composition root wires what it is given
     def forged(grant_id: str) -> None:
         incidents.tampered(
             "grant-tampered", f"grant/{grant_id}",
-            "grant row failed authentication; it grants nothing",
+            "grant row missing, altered or failing authentication; it grants nothing",
         )
 
     grants = SqlGrantStore(engine, sealer or GrantSealer(Pkcs11BlindIndexer(pool)), forged)

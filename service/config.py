@@ -50,6 +50,9 @@ class ServerConfig:
     # for) may hold; 0 = a quarter (an application: a half) of ``workers``.
     max_calls_per_principal: int = 0
     max_calls_per_application: int = 0
+    # Uploads (PutRecord) in progress at once over all callers; each holds a store thread
+    # while it streams. 0 = ``workers``: half the pool, so reads always find threads.
+    max_uploads: int = 0
     # Refusals over a share are audited as one event per principal per window.
     refusal_summary_seconds: float = 60.0
     # grpc's own cap on calls in flight: a backstop far above the per-principal shares.
@@ -68,6 +71,11 @@ class ServerConfig:
     def principal_share(self) -> int:
         """Concurrent calls allowed to one principal."""
         return self.max_calls_per_principal or max(1, self.workers // 4)
+
+    @property
+    def upload_cap(self) -> int:
+        """Uploads streaming at once over all callers (below the pool's 2 x workers)."""
+        return self.max_uploads or self.workers
 
     @property
     def application_share(self) -> int:
@@ -251,6 +259,11 @@ def _check(config: Config) -> None:
         raise ConfigError("server.orphan_sweep_seconds must be 0 (default) or more")
     if min(config.server.max_calls_per_principal, config.server.max_calls_per_application) < 0:
         raise ConfigError("server.max_calls_per_principal/application must be 0 (default) or more")
+    if not 0 <= config.server.max_uploads < 2 * config.server.workers:
+        raise ConfigError(
+            "server.max_uploads must be 0 (default: workers) up to 2 x workers - 1, "
+            "so that reads always find a thread"
+        )
     if not 5 << 20 <= config.s3.part_size <= 5 << 30:
         raise ConfigError("s3.part_size must be between 5 MiB and 5 GiB (S3 multipart limits)")
     if config.server.chunk_size > 3 << 20:

@@ -20,12 +20,17 @@ so the interceptor replaces each method's behaviour with one that does the above
 the context it is given, then calls the servicer's own. The entered ``Call`` reaches the
 servicer's ``handled`` block through a context variable (each call runs in its own task).
 Health and reflection need no role; they are held to the certificate's share only.
+
+A method no service registers (UNIMPLEMENTED) is still a call: the interceptor answers it
+itself, after authenticating the caller and within the caller's share, with one denied
+event (``server.unknown_method``) naming the method, normalised (the caller chose it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -36,13 +41,17 @@ from grpc import aio
 
 from service.authn import Principal
 from service.calls import CURRENT_CALL, CallState, facts, handled
-from service.guard import AccessGuard
+from service.guard import AccessGuard, source_host
 from service.limits import CallLimiter, Refusals, StreamDeadlineError, TooManyCallsError
 from service.wire import Rejected, decode
 from storage.errors import InvalidRecordError
 
 _MEDVAULT = "/medvault.v1."
 CALL_LIMIT_ACTION = "server.call_limit"
+UNKNOWN_METHOD_ACTION = "server.unknown_method"
+UNKNOWN_METHOD = "no such method; see the medvault.v1 protos for the services and methods"
+_METHOD_UNSAFE = re.compile(r"[^A-Za-z0-9_./-]")
+_METHOD_MAX = 120  # characters of a caller-chosen method name kept in the trail
 Behavior = Callable[[Any, aio.ServicerContext], Any]
 
 
@@ -109,6 +118,14 @@ def _certificate_principal(context: aio.ServicerContext) -> Principal:
     return Principal(name, None, frozenset(), context.peer())
 
 
+def method_name(raw: str) -> str:
+    """A caller-chosen method path made safe for the trail: unusual characters become
+    ``?`` and a long name is cut (the trail normalises too; this keeps the resource short
+    and readable)."""
+    name = _METHOD_UNSAFE.sub("?", raw)
+    return name if len(name) <= _METHOD_MAX else name[:_METHOD_MAX] + "...[cut]"
+
+
 class EdgeInterceptor(aio.ServerInterceptor):  # type: ignore[misc]  # untyped base
     """Wraps every method's behaviour with entry, limits, deadlines and decoding."""
 
@@ -127,8 +144,8 @@ class EdgeInterceptor(aio.ServerInterceptor):  # type: ignore[misc]  # untyped b
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None:
-            return None
+        if handler is None:  # registered nowhere: answered here, so it is audited
+            return self._unknown_handler(method_name(details.method))
         if details.method.startswith(_MEDVAULT):
             return self._entered_handler(handler, details.method)
         return self._limited_handler(handler)
@@ -179,6 +196,34 @@ class EdgeInterceptor(aio.ServerInterceptor):  # type: ignore[misc]  # untyped b
         return grpc.stream_unary_rpc_method_handler(
             unary, deserializer, handler.response_serializer
         )
+
+    def _unknown_handler(self, name: str) -> Any:
+        """UNIMPLEMENTED, after authentication, within the caller's share, audited once.
+
+        A caller that fails authentication gets the same audited refusal as on any
+        method; one over its share gets RESOURCE_EXHAUSTED (summarised per window). So an
+        unknown method writes no more events than a known method refused to that caller.
+        The request stream is never read.
+        """
+
+        async def unknown(_source: AsyncIterator[Any], context: aio.ServicerContext) -> Any:
+            async with handled(self._guard, context, UNKNOWN_METHOD_ACTION) as state:
+                state.resource = name
+                principal = await asyncio.to_thread(self._guard.identify, facts(context, name))
+                with self._limiter.slot(principal):
+                    await asyncio.to_thread(self._refuse_unknown, principal, name)
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, UNKNOWN_METHOD)
+
+        # No deserializer: the request bytes are never decoded (nor read).
+        return grpc.stream_unary_rpc_method_handler(unknown)
+
+    def _refuse_unknown(self, principal: Principal, name: str) -> None:
+        self._guard.audit_as(
+            principal, UNKNOWN_METHOD_ACTION, name, outcome="denied", status="UNIMPLEMENTED",
+            reason=UNKNOWN_METHOD,
+        )  # fmt: skip
+        # Probing for methods counts as a denial in the source's incident window.
+        self._guard.incidents.denied(source_host(principal.source))
 
     async def _certificate_slot(self, context: aio.ServicerContext) -> Callable[[], None]:
         try:

@@ -22,7 +22,7 @@ from keystore.errors import (
 from service.audit import AuditUnavailableError
 from service.authn import AuthenticationError, DelegationNotAllowedError
 from service.authz import PermissionDeniedError
-from service.limits import StreamDeadlineError, TooManyCallsError
+from service.limits import StreamDeadlineError, TooManyCallsError, UploadsBusyError
 from service.streams import StreamCancelledError
 from storage.errors import (
     BackendUnavailableError,
@@ -41,6 +41,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (AuditUnavailableError, grpc.StatusCode.UNAVAILABLE),  # fail closed: no event, no data
     (TooManyCallsError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # this caller only, over share
+    (UploadsBusyError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # every upload slot taken
     (StreamDeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (StreamCancelledError, grpc.StatusCode.CANCELLED),
     (InvalidRecordError, grpc.StatusCode.INVALID_ARGUMENT),

@@ -101,8 +101,22 @@ class AccessGuard:
 
     def enter(self, facts: CallFacts) -> Call:
         """Authenticate and authorize ``facts``; denials are audited, then raised."""
+        principal = self.identify(facts)
+        decision = self.policy.current.check(principal, facts.method)
+        call = Call(facts, principal, decision)
+        if not decision.allowed:
+            self.audit(
+                call, facts.method, outcome="denied", status="PERMISSION_DENIED",
+                reason=decision.reason,
+            )
+            self._incidents.denied(source_host(facts.peer))
+            raise PermissionDeniedError(decision.reason)
+        return call
+
+    def identify(self, facts: CallFacts) -> Principal:
+        """Authenticate ``facts`` only; a failure is audited and raised."""
         try:
-            principal = self._authn.authenticate(facts.auth_context, facts.metadata, facts.peer)
+            return self._authn.authenticate(facts.auth_context, facts.metadata, facts.peer)
         except (AuthenticationError, PermissionDeniedError) as e:
             # The certificate that presented the bad token is named, so the officer
             # knows which application to ask (its CN is verified by the TLS handshake).
@@ -116,16 +130,6 @@ class AccessGuard:
             )
             self._incidents.denied(source_host(facts.peer))
             raise
-        decision = self.policy.current.check(principal, facts.method)
-        call = Call(facts, principal, decision)
-        if not decision.allowed:
-            self.audit(
-                call, facts.method, outcome="denied", status="PERMISSION_DENIED",
-                reason=decision.reason,
-            )
-            self._incidents.denied(source_host(facts.peer))
-            raise PermissionDeniedError(decision.reason)
-        return call
 
     def check_scope(self, call: Call, ref: RecordRef) -> str:
         """Raise unless ``call`` may touch ``ref``'s patient; the break-the-glass note if any."""

@@ -30,6 +30,39 @@ class TooManyCallsError(Exception):
     """The caller holds its whole share of concurrent calls (RESOURCE_EXHAUSTED)."""
 
 
+class UploadsBusyError(Exception):
+    """Every upload slot of the server is taken (RESOURCE_EXHAUSTED; server.max_uploads)."""
+
+
+class UploadGate:
+    """Counts uploads streaming at once over all callers; refuses beyond ``cap``.
+
+    An upload holds a store thread for as long as its client keeps sending (up to
+    ``idle_seconds`` per message), so without this a few principals, each within its
+    share, could hold every thread of the pool and starve reads. Refused at once rather
+    than queued: a queued upload would hold its call slot without progress. Runs on the
+    event loop (one thread): no lock.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self._cap = cap
+        self._open = 0
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one upload slot; ``UploadsBusyError`` if none is free."""
+        if self._open >= self._cap:
+            raise UploadsBusyError(
+                f"the server is receiving {self._cap} uploads already (server.max_uploads); "
+                "retry shortly"
+            )
+        self._open += 1
+        try:
+            yield
+        finally:
+            self._open -= 1
+
+
 class StreamDeadlineError(Exception):
     """A request stream stayed silent past its deadline (DEADLINE_EXCEEDED; service.edge)."""
 

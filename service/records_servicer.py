@@ -20,6 +20,7 @@ from service._gen.medvault.v1 import records_pb2 as pb
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
 from service.calls import CallState, entered, handled
 from service.guard import AccessGuard
+from service.limits import UploadGate
 from service.streams import SyncRequests, prefetch
 from storage.errors import InvalidRecordError
 from storage.model import NewRecord, RecordInfo, RecordQuery
@@ -58,10 +59,13 @@ def _naming_tampered(state: CallState) -> Iterator[None]:
 class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # untyped stub
     """medvault.v1.RecordService over a ``RecordStore``, behind the access guard."""
 
-    def __init__(self, store: RecordStore, guard: AccessGuard, chunk_size: int) -> None:
+    def __init__(
+        self, store: RecordStore, guard: AccessGuard, chunk_size: int, uploads: UploadGate
+    ) -> None:
         self._store = store
         self._guard = guard
         self._chunk_size = chunk_size
+        self._uploads = uploads
 
     # Each _blocking method runs in a worker thread: enter (authenticate, authorize),
     # then one store call whose gates check patient scope and commit the audit event.
@@ -130,11 +134,13 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
             header = convert.header_from_pb(first.header)
             state.resource = f"record/{header.supersedes or 'new'}"
             requests = SyncRequests(request_iterator, asyncio.get_running_loop())
-            try:
-                info = await asyncio.to_thread(self._put, state, header, requests)
-            except asyncio.CancelledError:
-                requests.abandon()  # the worker runs on: it must not commit
-                raise
+            # The thread is held while the client streams: a global cap keeps reads served.
+            with self._uploads.slot():
+                try:
+                    info = await asyncio.to_thread(self._put, state, header, requests)
+                except asyncio.CancelledError:
+                    requests.abandon()  # the worker runs on: it must not commit
+                    raise
             return convert.record_to_pb(info)
         raise AssertionError("unreachable")  # pragma: no cover  (abort raised)
 

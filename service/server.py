@@ -41,7 +41,7 @@ from service.bootstrap import Components, build
 from service.config import Config, ConfigError, ServerConfig
 from service.edge import Deadlines, EdgeInterceptor, refusal_reporter
 from service.keys_servicer import KeyServicer
-from service.limits import CallLimiter
+from service.limits import CallLimiter, UploadGate
 from service.records_servicer import RecordServicer
 from service.signing_servicer import SigningServicer
 from storage.sweeper import sweep_if_due
@@ -107,7 +107,11 @@ async def create_server(
         maximum_concurrent_rpcs=config.server.max_concurrent_rpcs,
     )
     records_pb2_grpc.add_RecordServiceServicer_to_server(
-        RecordServicer(components.store, components.guard, config.server.chunk_size), server
+        RecordServicer(
+            components.store, components.guard, config.server.chunk_size,
+            UploadGate(config.server.upload_cap),
+        ),
+        server,
     )
     access_pb2_grpc.add_AccessServiceServicer_to_server(
         AccessServicer(components.store, components.guard), server

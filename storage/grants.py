@@ -107,8 +107,14 @@ def _check_patient(patient_index: bytes) -> None:
         raise InvalidRecordError("patient_index", f"must be {PATIENT_INDEX_LENGTH} bytes")
 
 
-def _check_grant_id(grant_id: str) -> None:
-    if not _GRANT_ID.match(grant_id):
+def is_grant_id(value: str) -> bool:
+    """Whether ``value`` has the form of a grant id."""
+    return _GRANT_ID.match(value) is not None
+
+
+def check_grant_id(grant_id: str) -> None:
+    """``InvalidRecordError`` unless ``grant_id`` has the form of a grant id."""
+    if not is_grant_id(grant_id):
         raise InvalidRecordError("grant_id", "is not a grant id (32 lowercase hex digits)")
 
 
@@ -164,6 +170,15 @@ class SqlGrantStore:
         self._engine = engine
         self._sealer = sealer
         self._on_forged = on_forged or (lambda _grant_id: None)
+
+    @property
+    def engine(self) -> Engine:
+        """The database (the review queue reads the trail's events through it)."""
+        return self._engine
+
+    def report_forged(self, grant_id: str) -> None:
+        """Report a grant row that is missing, altered or fails its MAC."""
+        self._on_forged(grant_id)
 
     def grant(
         self,
@@ -238,7 +253,7 @@ class SqlGrantStore:
         self, grant_id: str, revoked_by: str, now: datetime
     ) -> Callable[[Connection], Grant]:
         """``revoke`` as a function of a connection (checked now, applied when called)."""
-        _check_grant_id(grant_id)
+        check_grant_id(grant_id)
         _check_actor("revoked_by", revoked_by)
         now = to_utc(now, "now")
         # Conditional UPDATE: of two concurrent revocations exactly one wins.
@@ -251,7 +266,7 @@ class SqlGrantStore:
 
     def get(self, grant_id: str) -> Grant:
         """The grant ``grant_id`` as stored (free text not opened); ``RecordNotFoundError``."""
-        _check_grant_id(grant_id)
+        check_grant_id(grant_id)
         query = sa.select(access_grants).where(access_grants.c.id == grant_id)
         row = self._run(lambda c: c.execute(query).first())
         if row is None:
@@ -324,6 +339,17 @@ class SqlGrantStore:
         reviewed = [g for g in opened if g.reviewed_at is not None]
         return pending + (reviewed if include_reviewed else [])
 
+    def review_state(self, grant_id: str) -> tuple[Grant | None, tuple[Any, ...] | None]:
+        """The authentic (or legacy) break-the-glass grant ``grant_id`` opened, or None; and
+        the raw row (None if there is none), so that a later change can be detected."""
+        check_grant_id(grant_id)
+        query = sa.select(access_grants).where(access_grants.c.id == grant_id)
+        row = self._run(lambda c: c.execute(query).first())
+        if row is None:
+            return None, None
+        authentic = row._mapping["break_glass"] and (_legacy(row) or self._verified(row))
+        return (self._opened(row) if authentic else None), tuple(row)
+
     def review(self, grant_id: str, reviewer: str, comment: str, now: datetime) -> Grant:
         """Mark a break-the-glass grant reviewed; once only, only break-the-glass, and
         never by the principal who broke the glass."""
@@ -334,7 +360,7 @@ class SqlGrantStore:
     ) -> Callable[[Connection], Grant]:
         """``review`` as a function of a connection (checked and sealed now, applied when
         called); the result has its reason and comment opened."""
-        _check_grant_id(grant_id)
+        check_grant_id(grant_id)
         _check_actor("reviewer", reviewer)
         _check_text("comment", comment)
         now = to_utc(now, "now")

@@ -1,0 +1,164 @@
+"""The break-the-glass review queue, built from the audit trail, checked against grant rows.
+
+A break-the-glass grant and its ``allowed`` audit event on ``grant/<id>`` commit in one
+transaction (``service.access_servicer``), so the trail, hash-chained and checkpointed,
+is the authority on which emergency accesses happened; the grant row only carries the
+sealed reason and the review. A database writer who deletes a row, or sets its
+``break_glass`` to false (its MAC then fails), must not make the access vanish from the
+officer's queue: every recent break-the-glass event whose row is missing, fails its MAC
+or is no longer break-the-glass appears in the queue flagged ``TAMPERED_MARK`` and is
+reported (``SqlGrantStore.report_forged``, a ``grant-tampered`` incident).
+
+Bounded: the queue joins the most recent ``QUEUE_EVENT_SCAN`` break-the-glass events
+(one indexed query on ``audit_events.action``); authentic rows are listed whatever
+their age, as before. An event older than that window whose row is later deleted is
+not flagged by the queue, but ``medvault audit verify`` still holds the event.
+
+Closing a flagged item restores the row from its event (principal, patient index,
+time), expired at once so it grants nothing, with ``RESTORED_MARK`` as its sealed
+reason, and then reviews it: the review and its comment are kept like any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from storage.audit_log import audit_events
+from storage.errors import RecordConflictError, RecordNotFoundError
+from storage.grants import SqlGrantStore, access_grants, check_grant_id, is_grant_id
+from storage.grants_model import Grant
+from storage.sql_metadata import from_db_time, run_in_transaction, translated_change
+
+QUEUE_EVENT_SCAN = 10_000  # most recent break-the-glass events compared with their rows
+TAMPERED_MARK = "[grant row missing or altered]"
+RESTORED_MARK = "[grant row missing or altered; restored from the audit trail on review]"
+_PREFIX = "grant/"
+_NO_PATIENT = bytes(32)  # a restored row needs an index; an event always has one
+
+
+@dataclass(frozen=True, slots=True)
+class BreakGlassEvent:
+    """What the trail says about one break-the-glass access."""
+
+    grant_id: str
+    principal: str
+    patient_index: bytes
+    time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewTarget:
+    """The grant a review is about: its row if authentic, else its event (``flagged``)."""
+
+    grant: Grant
+    flagged: bool
+    seen: tuple[Any, ...] | None  # the raw row when read (None: no row), to detect a change
+
+
+class BreakGlassReview:
+    """The review queue and reviews, over the grant store and the trail's events."""
+
+    def __init__(self, grants: SqlGrantStore, action: str, scan: int = QUEUE_EVENT_SCAN) -> None:
+        self._grants = grants
+        self._action = action  # the trail's action name of break-the-glass (the service's)
+        self._scan = scan
+
+    def queue(self, include_reviewed: bool) -> list[Grant]:
+        """Unreviewed grants oldest first (flagged ones included); then reviewed ones if asked."""
+        # Events first: an event seen implies its row was committed (same transaction),
+        # so reading rows afterwards cannot flag a grant created in between.
+        events = self._run(self._recent)
+        rows = self._grants.break_glass_queue(include_reviewed=True)
+        present = {g.id for g in rows}
+        flagged = [self._flag(e) for e in events if e.grant_id not in present]
+        items = sorted([*rows, *flagged], key=lambda g: (g.created_at, g.id))
+        pending = [g for g in items if g.reviewed_at is None]
+        reviewed = [g for g in items if g.reviewed_at is not None]
+        return pending + (reviewed if include_reviewed else [])
+
+    def target(self, grant_id: str) -> ReviewTarget:
+        """What a review of ``grant_id`` is about; ``RecordNotFoundError`` if nothing."""
+        check_grant_id(grant_id)
+        grant, seen = self._grants.review_state(grant_id)
+        if grant is not None:
+            return ReviewTarget(grant, flagged=False, seen=seen)
+        event = self._run(lambda c: self._event(c, grant_id))
+        if event is None:
+            if seen is None:
+                raise RecordNotFoundError("no such grant")
+            # A care-team grant (or a forged row with no event): the store refuses it.
+            return ReviewTarget(self._grants.get(grant_id), flagged=False, seen=seen)
+        return ReviewTarget(self._flag(event), flagged=True, seen=seen)
+
+    def review_change(
+        self, target: ReviewTarget, reviewer: str, comment: str, now: datetime
+    ) -> Callable[[Connection], Grant]:
+        """Mark ``target`` reviewed (restoring a flagged row first), as a connection change."""
+        review = self._grants.review_change(target.grant.id, reviewer, comment, now)
+        if not target.flagged:
+            return review
+        restored = dataclasses.replace(
+            target.grant, expires_at=target.grant.created_at, reason=RESTORED_MARK
+        )
+        insert = self._grants.insert_change(restored)  # sealed and MACed now, in the token
+        grant_id = target.grant.id
+
+        def restore(connection: Connection) -> Grant:
+            # Audit changes run one at a time (the trail's head lock): if the row is not
+            # what the target saw, another officer closed it meanwhile.
+            select = sa.select(access_grants).where(access_grants.c.id == grant_id)
+            row = connection.execute(select).first()
+            if (None if row is None else tuple(row)) != target.seen:
+                raise RecordConflictError("the grant changed meanwhile; list the queue again")
+            connection.execute(access_grants.delete().where(access_grants.c.id == grant_id))
+            insert(connection)
+            return review(connection)
+
+        return translated_change(restore)
+
+    def _flag(self, event: BreakGlassEvent) -> Grant:
+        self._grants.report_forged(event.grant_id)
+        return Grant(
+            id=event.grant_id, patient_index=event.patient_index, principal=event.principal,
+            granted_by=event.principal, created_at=event.time, expires_at=None,
+            revoked_at=None, revoked_by=None, break_glass=True, reason=TAMPERED_MARK,
+            reviewed_at=None, reviewed_by=None, review_comment=None,
+        )  # fmt: skip
+
+    def _select(self) -> sa.Select[Any]:
+        e = audit_events.c
+        return sa.select(e.sequence, e.time, e.principal, e.patient_index, e.resource).where(
+            e.action == self._action, e.outcome == "allowed", e.resource.like(_PREFIX + "%")
+        )
+
+    def _recent(self, connection: Connection) -> list[BreakGlassEvent]:
+        query = self._select().order_by(audit_events.c.sequence.desc()).limit(self._scan)
+        return _events(connection.execute(query).all())
+
+    def _event(self, connection: Connection, grant_id: str) -> BreakGlassEvent | None:
+        query = self._select().where(audit_events.c.resource == _PREFIX + grant_id)
+        found = _events(connection.execute(query.order_by(audit_events.c.sequence)).all())
+        return found[0] if found else None
+
+    def _run(self, fn: Callable[[Connection], Any]) -> Any:
+        return run_in_transaction(self._grants.engine, fn)
+
+
+def _events(rows: Sequence[sa.Row[Any]]) -> list[BreakGlassEvent]:
+    """Events naming a well-formed grant id, oldest first (one per grant)."""
+    found: dict[str, BreakGlassEvent] = {}
+    for row in sorted(rows, key=lambda r: r.sequence):
+        grant_id = row.resource[len(_PREFIX):]
+        if is_grant_id(grant_id) and grant_id not in found:
+            index = bytes(row.patient_index) if row.patient_index is not None else _NO_PATIENT
+            found[grant_id] = BreakGlassEvent(
+                grant_id, row.principal, index, from_db_time(row.time)
+            )
+    return list(found.values())
