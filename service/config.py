@@ -232,47 +232,43 @@ def _section(cls: type[Any], name: str, raw: Any) -> Any:
 
 
 def _check(config: Config) -> None:
-    positive = {
-        "server.max_record_size": config.server.max_record_size,
-        "server.request_id_retention_hours": config.server.request_id_retention_hours,
-        "server.chunk_size": config.server.chunk_size,
-        "server.workers": config.server.workers,
-        "keystore.pool_size": config.keystore.pool_size,
-        "server.first_message_seconds": config.server.first_message_seconds,
-        "server.idle_seconds": config.server.idle_seconds,
-        "server.refusal_summary_seconds": config.server.refusal_summary_seconds,
-        "server.max_concurrent_rpcs": config.server.max_concurrent_rpcs,
-        "server.max_streams_per_connection": config.server.max_streams_per_connection,
-        "server.keepalive_seconds": config.server.keepalive_seconds,
-        "server.keepalive_timeout_seconds": config.server.keepalive_timeout_seconds,
-        "server.max_connection_idle_seconds": config.server.max_connection_idle_seconds,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive")
-    waits = max(config.server.first_message_seconds, config.server.idle_seconds)
-    if waits > MAX_IDLE_SECONDS:
-        raise ConfigError(
-            f"server.first_message_seconds and idle_seconds must be at most {MAX_IDLE_SECONDS:g}"
-        )
-    if config.server.orphan_sweep_seconds < 0:
-        raise ConfigError("server.orphan_sweep_seconds must be 0 (default) or more")
-    if min(config.server.max_calls_per_principal, config.server.max_calls_per_application) < 0:
-        raise ConfigError("server.max_calls_per_principal/application must be 0 (default) or more")
-    if not 0 <= config.server.max_uploads < 2 * config.server.workers:
-        raise ConfigError(
-            "server.max_uploads must be 0 (default: workers) up to 2 x workers - 1, "
-            "so that reads always find a thread"
-        )
+    _check_server(config.server)
+    if config.keystore.pool_size <= 0:
+        raise ConfigError("keystore.pool_size must be positive")
     if not 5 << 20 <= config.s3.part_size <= 5 << 30:
         raise ConfigError("s3.part_size must be between 5 MiB and 5 GiB (S3 multipart limits)")
-    if config.server.chunk_size > 3 << 20:
-        raise ConfigError("server.chunk_size must be at most 3 MiB (gRPC's 4 MiB message limit)")
     if config.tls.enabled and not (config.tls.cert and config.tls.key and config.tls.client_ca):
         raise ConfigError("[tls] cert, key and client_ca are required when tls.enabled is true")
     _check_audit(config.audit)
     if not config.database.url:
         raise ConfigError("[database] url is required")
+
+
+def _check_server(server: ServerConfig) -> None:
+    positive = (
+        "max_record_size", "request_id_retention_hours", "chunk_size", "workers",
+        "first_message_seconds", "idle_seconds", "refusal_summary_seconds",
+        "max_concurrent_rpcs", "max_streams_per_connection", "keepalive_seconds",
+        "keepalive_timeout_seconds", "max_connection_idle_seconds",
+    )  # fmt: skip
+    for key in positive:
+        if getattr(server, key) <= 0:
+            raise ConfigError(f"server.{key} must be positive")
+    if max(server.first_message_seconds, server.idle_seconds) > MAX_IDLE_SECONDS:
+        raise ConfigError(
+            f"server.first_message_seconds and idle_seconds must be at most {MAX_IDLE_SECONDS:g}"
+        )
+    if server.orphan_sweep_seconds < 0:
+        raise ConfigError("server.orphan_sweep_seconds must be 0 (default) or more")
+    if min(server.max_calls_per_principal, server.max_calls_per_application) < 0:
+        raise ConfigError("server.max_calls_per_principal/application must be 0 (default) or more")
+    if not 0 <= server.max_uploads < 2 * server.workers:
+        raise ConfigError(
+            "server.max_uploads must be 0 (default: workers) up to 2 x workers - 1, "
+            "so that reads always find a thread"
+        )
+    if server.chunk_size > 3 << 20:
+        raise ConfigError("server.chunk_size must be at most 3 MiB (gRPC's 4 MiB message limit)")
 
 
 def _check_audit(audit: AuditConfig) -> None:
