@@ -24,7 +24,7 @@ from tests.integration.keys.helpers import (
 
 pytestmark = pytest.mark.integration
 # Enough that neither the cancel (after 4 batches of 20) nor the kill (10 batches later)
-# can find the rewrap finished even if the server runs a dozen batches ahead of the
+# can find the rewrap finished even if the server runs 25 batches ahead of the
 # client; more records only lengthen the fill and the read-back.
 RECORDS = 800
 
