@@ -24,8 +24,12 @@ log "ruff"
 log "mypy"
 "$VENV/bin/mypy"
 log "pytest"
+# Whole modules go to one worker (--dist loadscope), so a module's servers and databases
+# are set up once; each worker has its own SeaweedFS, SoftHSM2 directory and PostgreSQL
+# databases (tests/fixtures). MEDVAULT_TEST_WORKERS=0 runs in this process, serially.
+workers="${MEDVAULT_TEST_WORKERS:-3}"
 status=0
-"$VENV/bin/pytest" -p no:cacheprovider "$@" || status=$?
+"$VENV/bin/pytest" -p no:cacheprovider -n "$workers" --dist loadscope "$@" || status=$?
 if [ "$status" -eq 5 ]; then
     die "pytest collected no tests; that is a failure, not a pass"
 fi

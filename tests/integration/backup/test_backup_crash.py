@@ -15,7 +15,8 @@ from storage.backup.retention import list_backups
 from storage.backup.targets import S3Target
 from tests.integration.backup.helpers import ROOT, run_cli
 
-RECORDS = 400
+# Ten times the 20 copied objects the kill waits for: the run cannot finish in between.
+RECORDS = 200
 
 
 def _config(path: Path, source: Any, s3_server: Any, token: Any) -> Path:

@@ -3,8 +3,8 @@
 Two real server processes (``service_factory``) share the metadata database
 (PostgreSQL, or one SQLite file on this machine), the record bucket and the backup
 bucket, with the test-only ``schedule_seconds`` key standing in for a cron schedule of
-"every minute" (docs/operations.md): every 3 seconds instead of every 60, so the test
-sees several slots in half a minute. Retention is off so that every backup stays
+"every minute" (docs/operations.md): every 2 seconds instead of every 60, so the test
+sees several slots in a quarter of a minute. Retention is off so that every backup stays
 countable. Afterwards: one ``backup_runs`` row per slot (the primary key), every run
 "ok", one complete manifest per row and no other, one ``backup.run`` audit event by
 "scheduler" per run.
@@ -34,8 +34,8 @@ from tests.integration.access.helpers import (
 )
 
 pytestmark = pytest.mark.integration
-INTERVAL = 3
-WINDOW = 16.0  # seconds both replicas run side by side
+INTERVAL = 2
+WINDOW = 10.0  # seconds both replicas run side by side
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ from tests.integration.service.calls import fetch, rpc_error
 
 pytestmark = pytest.mark.integration
 CLIENTS = 8
-DURATION = 10.0
+DURATION = 6.0  # rotation at 2 s, rewrap under load, then load on the new KEK
 
 
 @dataclass
