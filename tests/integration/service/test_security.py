@@ -100,6 +100,8 @@ def _holding(paths: Iterator[Path], needles: list[bytes]) -> list[str]:
     """Names of the files that contain any of ``needles`` (nothing else is reported)."""
     found = []
     for path in paths:
+        if path.stat().st_size == 0:  # holds nothing (e.g. the migration lock file)
+            continue
         with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
             if any(view.find(needle) != -1 for needle in needles):
                 found.append(path.name)
