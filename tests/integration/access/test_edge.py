@@ -41,7 +41,9 @@ from tests.integration.access.helpers import (
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 SHARE = 2
-DEADLINE = 2.0
+# Long enough that the other principal's calls finish on a loaded 2-core machine while
+# the hog's streams are still held; short enough to wait for their expiry.
+DEADLINE = 4.0
 PUT = "/medvault.v1.RecordService/PutRecord"
 GET = "/medvault.v1.RecordService/GetRecord"
 POLICY_EXTRA = """
@@ -128,12 +130,12 @@ def test_idle_streams_over_share_do_not_affect_another_principal(world: World) -
             held = [f for f in futures if not f.done()]
             assert len(held) == SHARE, f"{len(held)} streams held, expected {SHARE}"
             # Another principal is served while the hog holds its whole share.
-            started = time.monotonic()
             record = put_record(world.clerk, new_patient())
             reply = world.clerk.access.WhoAmI(apb.WhoAmIRequest(), timeout=TIMEOUT)
             assert record.id, "other principal's write failed"
             assert reply.principal == "edge-clerk", "other principal not served"
-            assert time.monotonic() - started < DEADLINE, "other principal was kept waiting"
+            # ...and before any of the hog's streams expired: it did not wait for them.
+            assert not any(f.done() for f in held), "other principal was kept waiting"
             # The held streams end at the first-message deadline, not after the client.
             codes = [_outcome(f) for f in held]
             assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * SHARE, [c.name for c in codes]
