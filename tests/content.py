@@ -89,8 +89,9 @@ def fhir(patient_id: str, authority: str, *, system: str | None = None) -> bytes
     }).encode()
 
 
-def pdf(text: str = "synthetic") -> bytes:
-    """A one-page PDF with a correct cross-reference table."""
+def pdf(text: str = "synthetic", *, filler: bytes = b"") -> bytes:
+    """A one-page PDF with a correct cross-reference table; ``filler`` (any bytes) goes
+    into an extra stream object, to make a large file."""
     objects = [
         b"<< /Type /Catalog /Pages 2 0 R >>",
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
@@ -98,6 +99,8 @@ def pdf(text: str = "synthetic") -> bytes:
     ]
     stream = f"BT /F1 12 Tf 20 100 Td ({text}) Tj ET".encode()
     objects.append(b"<< /Length %d >>\nstream\n%s\nendstream" % (len(stream), stream))
+    if filler:
+        objects.append(b"<< /Length %d >>\nstream\n%s\nendstream" % (len(filler), filler))
     out = bytearray(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
     offsets = []
     for n, body in enumerate(objects, 1):
@@ -118,6 +121,6 @@ def content(kind: str, patient_id: str, authority: str) -> bytes:
         "HL7V2": lambda: hl7v2(patient_id, authority),
         "CDA": lambda: cda(patient_id, authority),
         "FHIR": lambda: fhir(patient_id, authority),
-        "PDF": lambda: pdf(),
+        "PDF": pdf,
     }
     return makers[kind]()

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from service._gen.medvault.v1 import records_pb2 as pb
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
 from storage.sql_metadata import make_engine, records
+from tests.content import pdf
 from tests.fixtures.service import RunningService
 from tests.integration.service.calls import (
     expect_error,
@@ -123,7 +124,7 @@ def test_no_plaintext_at_rest(
     patient = pb.PatientId(id=f"PAT{tag}", assigning_authority=f"urn:oid:2.999.{tag[:6]}")
     title = f"Discharge summary {tag}"
     marker = f"CONTENT-MARKER-{tag}"
-    content = (f"%PDF-1.4 ({marker}) ".encode() * 40000)[: 3 << 20]
+    content = pdf(filler=(f"({marker}) ".encode() * 80000)[: 3 << 20])
     record = put(stub, patient, content, title=title, kind=pb.RECORD_KIND_PDF,
                  content_type="application/pdf")
     expect_same_content(get(stub, record.id)[1], content)  # stored for real
