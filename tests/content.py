@@ -34,7 +34,7 @@ def dicom(patient_id: str, authority: str, *, pixels: bytes = b"\0" * 64,
     ds.IssuerOfPatientID = authority_key(authority) if issuer is None else issuer
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()
-    ds.Rows, ds.Columns, ds.BitsAllocated = 1, len(pixels) // 2, 16
+    ds.Rows, ds.Columns, ds.BitsAllocated = 16, 16, 16  # not checked against the pixels
     for keyword, value in attributes.items():
         if value is None:
             delattr(ds, keyword)
