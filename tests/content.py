@@ -17,7 +17,7 @@ from storage.formats.base import authority_key
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
-def dicom(patient_id: str, authority: str, *, pixels: bytes = b"\0" * 64,
+def dicom(patient_id: str, authority: str, *, pixels: bytes | None = b"\0" * 64,
           issuer: str | None = None, **attributes: object) -> bytes:
     """A DICOM Part 10 CT instance; ``issuer`` defaults to the authority's bare OID."""
     meta = FileMetaDataset()
@@ -40,7 +40,8 @@ def dicom(patient_id: str, authority: str, *, pixels: bytes = b"\0" * 64,
             delattr(ds, keyword)
         else:
             setattr(ds, keyword, value)
-    ds.PixelData = pixels
+    if pixels is not None:
+        ds.PixelData = pixels
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()

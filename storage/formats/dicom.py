@@ -34,13 +34,18 @@ _TYPE2 = ("StudyDate",)  # must be present, may be empty (PS3.3 type 2)
 
 
 class _Prefix(io.BytesIO):
-    """The bytes received so far, noting whether a reader wanted more than is there."""
+    """The bytes received so far, noting whether a reader wanted more than is there.
+
+    pydicom ends a dataset when the 8-byte read of the next element's tag finds nothing:
+    that is a clean end. Any other short read, or a skip past the end, is an element cut
+    short (more bytes are needed, or the file is truncated).
+    """
 
     overrun = False
 
     def read(self, size: int | None = -1, /) -> bytes:
         data = super().read(size)
-        if size is not None and size > len(data):
+        if size is not None and size > len(data) and (data or size != 8):
             self.overrun = True
         return data
 

@@ -70,6 +70,7 @@ class Hl7v2Validator:
         if end is None:
             raise refuse("HL7 v2: no PID segment (PID-3 names the patient)")
         text = _decode(segments[: end + 1])
+        _check_encoding(text[0])
         try:
             message = hl7.parse("\r".join(text) + "\r")
         except Exception as e:  # hl7 raises several types; its messages quote content
@@ -107,13 +108,17 @@ def _decode(segments: list[bytes]) -> list[str]:
         raise refuse(f"HL7 v2: MSH and PID segments are not valid {codec} text") from e
 
 
+def _check_encoding(msh: str) -> None:
+    """MSH-1 and MSH-2: five (2.7: six) distinct punctuation characters."""
+    field_sep = msh[3:4]
+    chars = field_sep + msh[4:].split(field_sep, 1)[0] if field_sep else ""
+    if len(chars) not in (5, 6) or len(set(chars)) != len(chars) or not chars.isprintable() \
+            or any(c.isalnum() or c.isspace() for c in chars):
+        raise refuse("HL7 v2: MSH-1/MSH-2 encoding characters are not valid")
+
+
 def _check_msh(message: hl7.Message) -> None:
     msh = message.segment("MSH")
-    seps = str(msh[2]) if len(msh) > 2 else ""
-    chars = str(msh[1]) + seps
-    if len(seps) not in (4, 5) or len(set(chars)) != len(chars) or not chars.isprintable() \
-            or any(c.isalnum() for c in chars):
-        raise refuse("HL7 v2: MSH-1/MSH-2 encoding characters are not valid")
     code, event = _component(message, "MSH", 9, 1, 1), _component(message, "MSH", 9, 1, 2)
     if not _MESSAGE_CODE.match(code) or not _MESSAGE_CODE.match(event):
         raise refuse("HL7 v2: MSH-9 message type needs a message code and trigger event")
