@@ -101,6 +101,8 @@ def _holding(paths: Iterator[Path], needles: list[bytes]) -> list[str]:
     """Names of the files that contain any of ``needles`` (nothing else is reported)."""
     found = []
     for path in paths:
+        if not path.stat().st_size:  # an empty SQLite -wal/-shm file: nothing to find (and
+            continue                 # mmap refuses empty files)
         with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
             if any(view.find(needle) != -1 for needle in needles):
                 found.append(path.name)
