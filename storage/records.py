@@ -25,6 +25,7 @@ from storage.errors import (
     KekRetiredError,
     RecordConflictError,
 )
+from storage.formats import checked, validator_for
 from storage.interfaces import BlobStore, MetadataStore, StoredRecord
 from storage.model import NewRecord, PatientRef, RecordInfo, RecordQuery
 from storage.paging import decode_page_token, encode_page_token
@@ -171,10 +172,17 @@ class RecordStore:
         plain = _Meter(self._limits.max_record_size)
         cipher = _Meter(aead.ciphertext_size(self._limits.max_record_size))
         object_key = OBJECT_PREFIX + secrets.token_hex(16)  # opaque: nothing about the record
-        ciphertext = cipher.watch(aead.encrypt(plain.watch(chunks), ad))
-        stored = self._blobs.put(
-            object_key, read_ahead(ciphertext, self._limits.read_ahead_segments)
-        )
+        # The content is checked against its kind and patient as it streams past; a
+        # refusal aborts the upload (the delete covers a store that kept a part of it).
+        content = checked(plain.watch(chunks), validator_for(header.kind, header.patient))
+        ciphertext = cipher.watch(aead.encrypt(content, ad))
+        try:
+            stored = self._blobs.put(
+                object_key, read_ahead(ciphertext, self._limits.read_ahead_segments)
+            )
+        except InvalidRecordError:
+            self._blobs.delete(object_key)
+            raise
         sha256 = plain.digest.digest()
         if header.expected_sha256 is not None and header.expected_sha256 != sha256:
             self._blobs.delete(object_key)

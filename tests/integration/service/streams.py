@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from service._gen.medvault.v1 import records_pb2 as pb
+from tests import content
 
 # Plaintext per segment with the default 1 MiB ciphertext segment (storage/envelope.py):
 # segment 0 also carries the 40-byte header; every segment carries a 16-byte tag.
@@ -56,22 +57,12 @@ def stream_sha256(size: int, seed: int = 0) -> bytes:
     return digest.digest()
 
 
-def pdf(marker: str = "") -> bytes:
-    """A minimal synthetic PDF document."""
-    text = f"(synthetic {marker or uuid.uuid4().hex}) Tj"
-    return (
-        b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n"
-        + f"2 0 obj << /Length {len(text)} >> stream\n{text}\nendstream endobj\n".encode()
-        + b"trailer << /Root 1 0 R >>\n%%EOF\n"
-    )
+def pdf(marker: str = "", *, filler: bytes = b"") -> bytes:
+    """A minimal synthetic PDF document (``tests.content.pdf``), distinct per marker."""
+    return content.pdf(f"synthetic {marker or uuid.uuid4().hex}", filler=filler)
 
 
-def hl7v2(control_id: str = "") -> bytes:
-    """A minimal synthetic HL7 v2 ORU message."""
-    control_id = control_id or uuid.uuid4().hex[:20]
-    segments = [
-        f"MSH|^~\\&|LAB|TESTHOSP|EMR|TESTHOSP|20240101120000||ORU^R01|{control_id}|P|2.5",
-        "PID|1||SYNTHETIC^^^TEST||Doe^Jane",
-        "OBX|1|NM|718-7^Hemoglobin^LN||13.5|g/dL",
-    ]
-    return ("\r".join(segments) + "\r").encode()
+def hl7v2(patient: pb.PatientId, control_id: str = "") -> bytes:
+    """A synthetic HL7 v2 ORU message about ``patient`` (``tests.content.hl7v2``)."""
+    return content.hl7v2(patient.id, patient.assigning_authority,
+                         control_id=control_id or uuid.uuid4().hex[:20])

@@ -38,7 +38,7 @@ def _ok(result: subprocess.CompletedProcess[str]) -> str:
 def test_put_ls_get_stat_round_trip(medvault_service: RunningService, tmp_path: Path) -> None:
     patient = new_patient().id
     source = tmp_path / "report.pdf"
-    source.write_bytes(pdf() + data(3 << 20, seed=5))  # a few segments and CLI chunks
+    source.write_bytes(pdf(filler=data(3 << 20, seed=5)))  # a few segments and CLI chunks
 
     out = _ok(_cli(medvault_service, "put", str(source), "--patient", patient,
                    "--authority", AUTHORITY, "--kind", "PDF", "--title", "cli report"))

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from service._gen.medvault.v1 import records_pb2 as pb
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
 from storage.sql_metadata import make_engine, records
+from tests.content import pdf
 from tests.fixtures.service import RunningService
 from tests.integration.service.calls import (
     expect_error,
@@ -100,8 +101,8 @@ def _holding(paths: Iterator[Path], needles: list[bytes]) -> list[str]:
     """Names of the files that contain any of ``needles`` (nothing else is reported)."""
     found = []
     for path in paths:
-        if path.stat().st_size == 0:  # holds nothing (e.g. the migration lock file)
-            continue
+        if not path.stat().st_size:  # an empty SQLite -wal/-shm file: nothing to find (and
+            continue                 # mmap refuses empty files)
         with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
             if any(view.find(needle) != -1 for needle in needles):
                 found.append(path.name)
@@ -125,7 +126,7 @@ def test_no_plaintext_at_rest(
     patient = pb.PatientId(id=f"PAT{tag}", assigning_authority=f"urn:oid:2.999.{tag[:6]}")
     title = f"Discharge summary {tag}"
     marker = f"CONTENT-MARKER-{tag}"
-    content = (f"%PDF-1.4 ({marker}) ".encode() * 40000)[: 3 << 20]
+    content = pdf(filler=(f"({marker}) ".encode() * 80000)[: 3 << 20])
     record = put(stub, patient, content, title=title, kind=pb.RECORD_KIND_PDF,
                  content_type="application/pdf")
     expect_same_content(get(stub, record.id)[1], content)  # stored for real

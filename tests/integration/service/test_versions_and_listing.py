@@ -107,7 +107,7 @@ def seven(stub: pb_grpc.RecordServiceStub, patient: pb.PatientId) -> list[pb.Rec
         if i % 2 == 0:
             records.append(put(stub, patient, pdf(), title=f"doc {i}", **PDF))
         else:
-            records.append(put(stub, patient, hl7v2(), title=f"msg {i}", **HL7))
+            records.append(put(stub, patient, hl7v2(patient), title=f"msg {i}", **HL7))
     neighbour = new_patient()
     put(stub, neighbour, pdf(), **PDF)
     put(stub, pb.PatientId(id=patient.id, assigning_authority="urn:oid:2.999.42.2"), pdf(),

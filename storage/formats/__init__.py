@@ -1,0 +1,42 @@
+"""Content checks per record kind: a record is what its header claims, for its patient.
+
+``validator_for`` picks the validator of a kind from one table; ``checked`` runs the
+plaintext of a put through it as the stream passes to encryption. See docs/formats.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+from storage.formats.base import ContentValidator, Opaque
+from storage.formats.cda import CdaValidator
+from storage.formats.dicom import DicomValidator
+from storage.formats.fhir import FhirValidator
+from storage.formats.hl7v2 import Hl7v2Validator
+from storage.formats.pdf import PdfValidator
+from storage.model import PatientRef, RecordKind
+
+__all__ = ["ContentValidator", "checked", "validator_for"]
+
+_VALIDATORS: dict[RecordKind, Callable[[PatientRef], ContentValidator]] = {
+    RecordKind.HL7V2: Hl7v2Validator,
+    RecordKind.CDA: CdaValidator,
+    RecordKind.FHIR: FhirValidator,
+    RecordKind.DICOM: DicomValidator,
+    RecordKind.PDF: lambda _patient: PdfValidator(),  # a PDF names no patient
+    RecordKind.OTHER: lambda _patient: Opaque(),
+}
+
+
+def validator_for(kind: RecordKind, patient: PatientRef) -> ContentValidator:
+    """A fresh validator for one record of ``kind`` claimed to be ``patient``'s."""
+    return _VALIDATORS[kind](patient)
+
+
+def checked(chunks: Iterable[bytes], validator: ContentValidator) -> Iterator[bytes]:
+    """Yield ``chunks`` unchanged after ``validator`` has seen each; ``finish`` runs
+    before the stream ends, so a refusal aborts the upload before it completes."""
+    for chunk in chunks:
+        validator.feed(chunk)
+        yield chunk
+    validator.finish()

@@ -1,0 +1,177 @@
+"""DICOM Part 10: preamble and ``DICM``, file meta, and the identifying attributes, read
+by pydicom from a bounded prefix; parsing stops before the pixel data.
+
+The prefix is parsed again each time it has doubled (so the work stays linear in the
+prefix), until pydicom reaches an element past the last attribute we need (pixel data at
+the latest), or the stream ends. Large values before that point (a private blob) are
+skipped by pydicom (``defer_size``), not decoded; if the attributes are not found within
+``HEADER_CAP`` bytes the record is refused.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset, read_preamble
+from pydicom.tag import BaseTag
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from storage.errors import InvalidRecordError
+from storage.formats.base import mismatch, refuse, same_patient
+from storage.model import PatientRef
+
+HEADER_CAP = 4 << 20
+FIRST_TRY = 4 << 10
+DEFER_SIZE = 16 << 10  # values longer than this are skipped, never decoded
+# Every attribute we read is in groups 0008-0020; the first element of a later group
+# (the image pixel module, 0028, or pixel data, 7FE0) ends the part we need.
+_STOP_GROUP = 0x0021
+_REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+             "Modality", "PatientID")
+_TYPE2 = ("StudyDate",)  # must be present, may be empty (PS3.3 type 2)
+
+
+class _Prefix(io.BytesIO):
+    """The bytes received so far, noting whether a reader wanted more than is there.
+
+    pydicom ends a dataset when the 8-byte read of the next element's tag finds nothing:
+    that is a clean end. Any other short read, or a skip past the end, is an element cut
+    short (more bytes are needed, or the file is truncated).
+    """
+
+    overrun = False
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        data = super().read(size)
+        if size is not None and size > len(data) and (data or size != 8):
+            self.overrun = True
+        return data
+
+    def seek(self, offset: int, whence: int = 0, /) -> int:
+        position = super().seek(offset, whence)
+        if position > len(self.getbuffer()):
+            self.overrun = True
+        return position
+
+
+class DicomValidator:
+    """A DICOM Part 10 file whose PatientID and issuer are the header's patient."""
+
+    def __init__(self, patient: PatientRef) -> None:
+        self._patient = patient
+        self._prefix = bytearray()
+        self._next_try = FIRST_TRY
+        self._done = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held now (0 once the header has been checked)."""
+        return len(self._prefix)
+
+    def feed(self, chunk: bytes) -> None:
+        """Buffer the header; parse it when it has doubled; forget it once checked."""
+        if self._done:
+            return
+        self._prefix += chunk[: HEADER_CAP + 1 - len(self._prefix)]
+        if len(self._prefix) >= 132 and self._prefix[128:132] != b"DICM":
+            raise refuse("is not DICOM Part 10: no DICM prefix after the 128-byte preamble")
+        if len(self._prefix) < self._next_try:
+            return
+        self._next_try = 2 * len(self._prefix)
+        dataset = self._parse(final=False)
+        if dataset is not None:
+            self._check(dataset)
+        elif len(self._prefix) > HEADER_CAP:
+            raise refuse(f"DICOM: identifying attributes not found in the first {HEADER_CAP} "
+                         "bytes")
+
+    def finish(self) -> None:
+        """A file that ended before the stop point (no pixel data) is parsed whole."""
+        if self._done:
+            return
+        if len(self._prefix) > HEADER_CAP:
+            raise refuse(f"DICOM: identifying attributes not found in the first {HEADER_CAP} "
+                         "bytes")
+        dataset = self._parse(final=True)
+        if dataset is None:
+            raise refuse("DICOM: the file is truncated")
+        self._check(dataset)
+
+    def _parse(self, *, final: bool) -> Dataset | None:
+        """The dataset up to the stop point; None if more bytes are needed."""
+        fp = _Prefix(bytes(self._prefix))
+        reached = False
+
+        def stop(tag: BaseTag, _vr: str | None, _length: int) -> bool:
+            nonlocal reached
+            reached = tag.group >= _STOP_GROUP
+            return reached
+
+        try:
+            read_preamble(fp, force=False)
+            meta = read_dataset(fp, is_implicit_VR=False, is_little_endian=True,
+                                stop_when=lambda tag, _vr, _n: tag.group != 2)
+            implicit, little = _encoding(meta)
+            dataset = read_dataset(fp, implicit, little, stop_when=stop, defer_size=DEFER_SIZE)
+        except InvalidRecordError:
+            raise
+        except Exception as e:  # pydicom raises many types on malformed input
+            if final or len(self._prefix) > HEADER_CAP:
+                raise refuse("is not DICOM Part 10: the header does not parse") from e
+            return None
+        if fp.overrun and not reached:  # cut inside an element: need more, or truncated
+            return None
+        if not reached and not final:
+            return None
+        return dataset
+
+    def _check(self, dataset: Dataset) -> None:
+        self._done = True
+        self._prefix = bytearray()  # the header is checked; the rest streams past
+        for keyword in _REQUIRED:
+            if not _value(dataset, keyword):
+                raise refuse(f"DICOM: {keyword} is missing or empty")
+        for keyword in _TYPE2:
+            if keyword not in dataset:
+                raise refuse(f"DICOM: {keyword} is missing")
+        issuers = [_value(dataset, "IssuerOfPatientID"), *_universal_ids(dataset)]
+        if not any(issuers):
+            raise refuse("DICOM: IssuerOfPatientID (0010,0021) is missing: the assigning "
+                         "authority cannot be matched")
+        if not same_patient(self._patient, _value(dataset, "PatientID"), issuers):
+            raise mismatch("PatientID (0010,0020) + IssuerOfPatientID (0010,0021)")
+
+
+def _encoding(meta: Dataset) -> tuple[bool, bool]:
+    """(implicit VR, little endian) of the dataset after the file meta."""
+    syntax = meta.get("TransferSyntaxUID")
+    if not syntax:
+        raise refuse("DICOM: the file meta has no TransferSyntaxUID")
+    uid = UID(str(syntax))
+    # Deflate would inflate a bounded prefix into an unbounded dataset (a zip bomb).
+    if uid == DeflatedExplicitVRLittleEndian:
+        raise refuse("DICOM: the deflated transfer syntax is not accepted")
+    if not uid.is_transfer_syntax:
+        return False, True  # encapsulated or private: explicit VR little endian (PS3.5 A.4)
+    return uid.is_implicit_VR, uid.is_little_endian
+
+
+def _value(dataset: Dataset, keyword: str) -> str:
+    """An attribute's value as stripped text ('' when absent or empty)."""
+    try:
+        value: Any = dataset.get(keyword)
+        return "" if value is None else str(value).strip()
+    except Exception as e:  # a value that does not decode (or was deferred as too long)
+        raise refuse(f"DICOM: {keyword} does not decode") from e
+
+
+def _universal_ids(dataset: Dataset) -> list[str]:
+    """UniversalEntityID of the IssuerOfPatientIDQualifiersSequence (0010,0024), if any."""
+    try:
+        qualifiers = dataset.get("IssuerOfPatientIDQualifiersSequence") or []
+        items = list(qualifiers)
+    except Exception as e:  # malformed or over-long sequence
+        raise refuse("DICOM: IssuerOfPatientIDQualifiersSequence does not decode") from e
+    return [_value(item, "UniversalEntityID") for item in items]

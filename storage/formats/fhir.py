@@ -1,0 +1,150 @@
+"""FHIR R4 JSON: strict JSON, a known resourceType, and a patient that is the header's.
+
+The JSON is parsed whole by the standard library, so it is capped at ``MAX_BYTES``
+(larger FHIR content is refused: attach large documents as PDF or CDA records). It
+must be UTF-8 (FHIR R4, 2.6.2), with no duplicate names and no NaN/Infinity.
+
+How the patient is matched (each must hold, see docs/formats.md):
+- a ``Patient``: one of its ``identifier`` entries (system + value);
+- a resource with ``subject`` (or ``patient``): the reference's ``identifier``, else the
+  ``Patient`` it points at: ``#id`` in ``contained``, or, inside a Bundle, the entry whose
+  ``fullUrl`` or ``Patient/id`` the reference names;
+- a ``Bundle``: every entry resource that is a Patient or names one; at least one must.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from storage.formats.base import mismatch, refuse, same_patient
+from storage.model import PatientRef
+
+MAX_BYTES = 8 << 20
+RESOURCE_TYPES = frozenset({
+    "Bundle", "DocumentReference", "DiagnosticReport", "Observation", "Patient",
+    "Composition", "ImagingStudy", "Condition", "Procedure", "Encounter",
+    "AllergyIntolerance", "Immunization", "MedicationRequest", "ServiceRequest",
+})  # fmt: skip
+_SUBJECT_FIELDS = ("subject", "patient")
+Json = dict[str, Any]
+
+
+class FhirValidator:
+    """One FHIR R4 resource (or Bundle) about the header's patient."""
+
+    def __init__(self, patient: PatientRef) -> None:
+        self._patient = patient
+        self._data = bytearray()
+
+    def feed(self, chunk: bytes) -> None:
+        """Buffer up to the cap."""
+        if len(self._data) + len(chunk) > MAX_BYTES:
+            raise refuse(f"FHIR: JSON larger than {MAX_BYTES} bytes is not accepted")
+        self._data += chunk
+
+    def finish(self) -> None:
+        """Parse strictly, then check the resource and its patient."""
+        resource = _parse(bytes(self._data))
+        self._data = bytearray()
+        kind = resource.get("resourceType")
+        if kind not in RESOURCE_TYPES:
+            raise refuse("FHIR: resourceType is missing or not an accepted R4 resource")
+        entries = _bundle_entries(resource) if kind == "Bundle" else [(None, resource)]
+        index = {key: r for full_url, r in entries for key in _keys(full_url, r)}
+        claims = 0
+        for _, item in entries:
+            for identifiers in _claims(item, index):
+                claims += 1
+                if not self._any_matches(identifiers):
+                    raise mismatch("patient identifier (system + value)")
+        if not claims:
+            raise refuse("FHIR: no Patient identifier or subject/patient reference names "
+                         "the patient")
+
+    def _any_matches(self, identifiers: list[Any]) -> bool:
+        return any(
+            isinstance(i, dict) and isinstance(i.get("value"), str)
+            and isinstance(i.get("system"), str)
+            and same_patient(self._patient, i["value"], [i["system"]])
+            for i in identifiers
+        )  # fmt: skip
+
+
+def _parse(data: bytes) -> Json:
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> Json:
+        names = [k for k, _ in pairs]
+        if len(set(names)) != len(names):
+            raise refuse("FHIR: a JSON object has a duplicate name")
+        return dict(pairs)
+
+    def no_constant(_: str) -> None:
+        raise refuse("FHIR: NaN and Infinity are not JSON")
+
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise refuse("FHIR: is not UTF-8") from e
+    try:
+        value = json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constant)
+    except (ValueError, RecursionError) as e:
+        raise refuse("is not FHIR JSON: not valid JSON (or nested too deeply)") from e
+    if not isinstance(value, dict):
+        raise refuse("is not FHIR JSON: not a JSON object")
+    return value
+
+
+def _bundle_entries(bundle: Json) -> list[tuple[str | None, Json]]:
+    entries = bundle.get("entry", [])
+    if not isinstance(entries, list):
+        raise refuse("FHIR: Bundle.entry is not an array")
+    found: list[tuple[str | None, Json]] = []
+    for entry in entries:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if isinstance(resource, dict):
+            url = entry.get("fullUrl")
+            found.append((url if isinstance(url, str) else None, resource))
+    return found
+
+
+def _keys(full_url: str | None, resource: Json) -> list[str]:
+    """The references by which a Bundle entry can be named."""
+    keys = [full_url] if full_url else []
+    if isinstance(resource.get("id"), str):
+        keys.append(f"{resource.get('resourceType')}/{resource['id']}")
+    return keys
+
+
+def _claims(resource: Json, index: dict[str, Json]) -> list[list[Any]]:
+    """Each patient this resource names, as that patient's list of identifiers."""
+    if resource.get("resourceType") == "Patient":
+        identifiers = resource.get("identifier")
+        if not isinstance(identifiers, list) or not identifiers:
+            raise refuse("FHIR: a Patient has no identifier")
+        return [identifiers]
+    claims = []
+    for name in _SUBJECT_FIELDS:
+        reference = resource.get(name)
+        if isinstance(reference, dict):
+            claims.append(_identifiers_of(name, reference, resource, index))
+    return claims
+
+
+def _identifiers_of(name: str, reference: Json, resource: Json,
+                    index: dict[str, Json]) -> list[Any]:
+    if isinstance(reference.get("identifier"), dict):
+        return [reference["identifier"]]
+    target = reference.get("reference")
+    patient: Any = None
+    if isinstance(target, str) and target.startswith("#"):
+        contained = resource.get("contained")
+        patient = next((r for r in contained if isinstance(r, dict)
+                        and r.get("id") == target[1:]), None) if isinstance(
+            contained, list) else None
+    elif isinstance(target, str):
+        patient = index.get(target)
+    if not isinstance(patient, dict) or patient.get("resourceType") != "Patient":
+        raise refuse(f"FHIR: {name} cannot be matched to the header patient: give "
+                     f"{name}.identifier or include the Patient it references")
+    identifiers = patient.get("identifier")
+    return identifiers if isinstance(identifiers, list) else []

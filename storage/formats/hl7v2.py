@@ -1,0 +1,136 @@
+"""HL7 v2 (ER7, pipe-delimited): MSH encoding characters, message type, control id, and
+the PID-3 patient identifiers, parsed by the ``hl7`` package.
+
+Only the prefix up to the end of the first PID segment is kept (an ORU can carry a
+large OBX-5 attachment after it); it must fit in ``HEADER_CAP`` bytes. Segments end in
+CR (HL7 2.x section 2.5.5); LF and CRLF, which files often have, are read as CR.
+"""
+
+from __future__ import annotations
+
+import re
+
+import hl7
+
+from storage.formats.base import mismatch, refuse, same_patient
+from storage.model import PatientRef
+
+HEADER_CAP = 1 << 20
+# MSH-18 values (HL7 table 0211) we decode; absent means ASCII, which UTF-8 covers.
+_CHARSETS = {"": "utf-8", "ASCII": "ascii", "UNICODE UTF-8": "utf-8", "8859/1": "latin-1"}
+_SEGMENT_END = re.compile(rb"\r\n|\n|\r")
+_PID_START = re.compile(rb"[\r\n]PID")
+_LINE_END = re.compile(rb"[\r\n]")
+_MESSAGE_CODE = re.compile(r"[A-Z0-9]{3}\Z")
+_MAX_CONTROL_ID = 199
+
+
+class Hl7v2Validator:
+    """An HL7 v2 message whose PID-3 names the header's patient."""
+
+    def __init__(self, patient: PatientRef) -> None:
+        self._patient = patient
+        self._prefix = bytearray()
+        self._done = False
+        self._pid: int | None = None  # where the first PID segment starts
+
+    def feed(self, chunk: bytes) -> None:
+        """Keep the prefix until a whole PID segment is in it, then check it.
+
+        Each byte is scanned once (a stream of tiny chunks costs no more than one)."""
+        if self._done:
+            return
+        if not self._prefix and chunk and not chunk.startswith(b"MSH"[: len(chunk)]):
+            raise refuse("is not HL7 v2: does not start with an MSH segment")
+        seen = len(self._prefix)
+        self._prefix += chunk
+        if self._pid is None:
+            start = _PID_START.search(self._prefix, max(0, seen - 3))
+            self._pid = None if start is None else start.start() + 1
+        if self._pid is not None:
+            end = _LINE_END.search(self._prefix, max(self._pid, seen))
+            if end is not None and end.start() <= HEADER_CAP:
+                self._check(_SEGMENT_END.split(bytes(self._prefix[: end.start()])))
+                return
+        if len(self._prefix) > HEADER_CAP:
+            raise refuse(f"HL7 v2: no complete PID segment in the first {HEADER_CAP} bytes")
+
+    def finish(self) -> None:
+        """Check what came if the message ended before a PID was complete."""
+        if not self._done:
+            self._check(_SEGMENT_END.split(bytes(self._prefix)))
+
+    def _check(self, segments: list[bytes]) -> None:
+        self._done = True
+        self._prefix = bytearray()  # checked once; the rest streams past
+        segments = [s for s in segments if s]
+        end = next((i for i, s in enumerate(segments) if s.startswith(b"PID")), None)
+        if not segments or not segments[0].startswith(b"MSH"):
+            raise refuse("is not HL7 v2: does not start with an MSH segment")
+        if end is None:
+            raise refuse("HL7 v2: no PID segment (PID-3 names the patient)")
+        text = _decode(segments[: end + 1])
+        _check_encoding(text[0])
+        try:
+            message = hl7.parse("\r".join(text) + "\r")
+        except Exception as e:  # hl7 raises several types; its messages quote content
+            raise refuse("is not HL7 v2: the MSH/PID segments do not parse") from e
+        _check_msh(message)
+        self._check_pid(message)
+
+    def _check_pid(self, message: hl7.Message) -> None:
+        pid = message.segment("PID")
+        if len(pid) <= 3 or not str(pid[3]):
+            raise refuse("HL7 v2: PID-3 (patient identifier list) is empty")
+        matched = False
+        for r in range(1, len(pid[3]) + 1):
+            cx1 = _component(message, "PID", 3, r, 1)
+            cx4 = [_component(message, "PID", 3, r, 4, s) for s in (1, 2)]  # HD.1, HD.2
+            if not cx1 or not any(cx4):
+                raise refuse("HL7 v2: a PID-3 identifier has no CX.1 or no CX.4 "
+                             "(assigning authority)")
+            matched = matched or same_patient(self._patient, cx1, cx4)
+        if not matched:
+            raise mismatch("PID-3 (CX.1 + CX.4)")
+
+
+def _decode(segments: list[bytes]) -> list[str]:
+    msh = segments[0].decode("latin-1")  # only to read MSH-18; ASCII-compatible
+    sep = msh[3:4]
+    fields = msh.split(sep) if sep else []
+    charset = fields[17].split(msh[4:5])[0].strip() if len(fields) > 17 and msh[4:5] else ""
+    codec = _CHARSETS.get(charset)
+    if codec is None:
+        raise refuse("HL7 v2: MSH-18 character set is not one of ASCII, UNICODE UTF-8, 8859/1")
+    try:
+        return [s.decode(codec) for s in segments]
+    except UnicodeDecodeError as e:
+        raise refuse(f"HL7 v2: MSH and PID segments are not valid {codec} text") from e
+
+
+def _check_encoding(msh: str) -> None:
+    """MSH-1 and MSH-2: five (2.7: six) distinct punctuation characters."""
+    field_sep = msh[3:4]
+    chars = field_sep + msh[4:].split(field_sep, 1)[0] if field_sep else ""
+    if len(chars) not in (5, 6) or len(set(chars)) != len(chars) or not chars.isprintable() \
+            or any(c.isalnum() or c.isspace() for c in chars):
+        raise refuse("HL7 v2: MSH-1/MSH-2 encoding characters are not valid")
+
+
+def _check_msh(message: hl7.Message) -> None:
+    msh = message.segment("MSH")
+    code, event = _component(message, "MSH", 9, 1, 1), _component(message, "MSH", 9, 1, 2)
+    if not _MESSAGE_CODE.match(code) or not _MESSAGE_CODE.match(event):
+        raise refuse("HL7 v2: MSH-9 message type needs a message code and trigger event")
+    control = str(msh[10]) if len(msh) > 10 else ""
+    if not control or len(control) > _MAX_CONTROL_ID:
+        raise refuse("HL7 v2: MSH-10 message control id is missing or too long")
+
+
+def _component(message: hl7.Message, seg: str, field: int, rep: int, comp: int,  # noqa: PLR0917  (HL7's own address: segment, field, repetition, component, subcomponent)
+               sub: int = 1) -> str:
+    """One (sub)component as text; '' when absent."""
+    try:
+        return str(message.extract_field(seg, 1, field, rep, comp, sub)).strip()
+    except (IndexError, KeyError, ValueError):
+        return ""
