@@ -15,7 +15,8 @@ their age, as before. An event older than that window whose row is later deleted
 not flagged by the queue, but ``medvault audit verify`` still holds the event.
 
 Closing a flagged item restores the row from its event (principal, patient index,
-time), expired at once so it grants nothing, with ``RESTORED_MARK`` as its sealed
+time), expired at once (at the event's time, or now if the event claims a later one)
+so it grants nothing, with ``RESTORED_MARK`` as its sealed
 reason, and then reviews it: the review and its comment are kept like any other.
 """
 
@@ -104,9 +105,11 @@ class BreakGlassReview:
         review = self._grants.review_change(target.grant.id, reviewer, comment, now)
         if not target.flagged:
             return review
-        restored = dataclasses.replace(
-            target.grant, expires_at=target.grant.created_at, reason=RESTORED_MARK
-        )
+        # Expired at once, whatever time the event claims: a database writer can insert
+        # an event dated years ahead, and the token MACs this row, so an expiry taken
+        # from the event alone would turn the officer's close into a live grant.
+        expired = min(target.grant.created_at, now)
+        restored = dataclasses.replace(target.grant, expires_at=expired, reason=RESTORED_MARK)
         insert = self._grants.insert_change(restored)  # sealed and MACed now, in the token
         grant_id = target.grant.id
 
