@@ -23,7 +23,7 @@ from service._gen.medvault.v1 import audit_pb2 as aupb
 from service.audit_servicer import SELF_REVIEW
 from service.authz.permissions import ACCESS_BREAK_GLASS
 from storage.audit_log import audit_events
-from storage.break_glass import RESTORED_MARK, TAMPERED_MARK
+from storage.break_glass import QUEUE_EVENT_SCAN, RESTORED_MARK, TAMPERED_MARK
 from storage.grants import access_grants
 from tests.fixtures.service import DEFAULT_POLICY, TEST_POLICY_EXTRA, RunningService
 from tests.integration.access.helpers import (
@@ -185,3 +185,36 @@ def _break_glass_for(w: World, patient: Any) -> apb.Grant:
     request = apb.BreakGlassRequest(patient=patient, reason="synthetic emergency (test)")
     grant: apb.Grant = w.dr.access.BreakGlass(request, timeout=TIMEOUT)
     return grant
+
+
+def test_repeated_events_of_one_grant_cannot_push_a_deleted_one_out(world: World) -> None:
+    """A database writer deletes a row, then inserts as many events as the queue scans,
+    all naming one grant that exists (so nothing new shows): the deleted one must stay."""
+    present, target = _break_glass(world), _break_glass(world)
+    _tamper(world, access_grants.delete().where(access_grants.c.id == target.id))
+    engine = engine_for(world.database)
+    try:
+        with engine.begin() as connection:
+            base = connection.execute(sa.select(audit_events).where(
+                audit_events.c.resource == f"grant/{present.id}",
+                audit_events.c.action == ACCESS_BREAK_GLASS,
+            )).mappings().first()  # fmt: skip
+            assert base is not None
+            top = int(connection.execute(sa.select(sa.func.max(audit_events.c.sequence))).scalar())
+            flood = [
+                {**base, "sequence": top + 3_000_000 + i} for i in range(QUEUE_EVENT_SCAN)
+            ]
+            connection.execute(audit_events.insert(), flood)
+        try:
+            queue = _queue(world)
+            assert target.id in queue, "a flood of one grant's events hid a deleted grant"
+            assert queue[target.id].event.reason == TAMPERED_MARK
+        finally:
+            with engine.begin() as connection:
+                connection.execute(sa.delete(audit_events).where(
+                    audit_events.c.sequence > top + 3_000_000 - 1
+                ))  # fmt: skip
+    finally:
+        engine.dispose()
+    assert _review(world, world.officer, target.id) == grpc.StatusCode.OK
+    assert _review(world, world.officer, present.id) == grpc.StatusCode.OK
