@@ -5,7 +5,9 @@ one (``workers = 1``), a single leak refuses every later upload. Each way an upl
 end is tried in turn — the client cancels mid-stream, its deadline expires, the server's
 idle deadline ends it, it is refused for patient scope, its request id was used for
 other content, its content breaks the size limit — and after each a normal upload must
-be accepted again within seconds.
+be accepted again within seconds. And a trickle — a few bytes sent just often enough to
+never be idle — is ended by ``server.min_upload_bytes_per_second`` instead of holding
+its slot for ever.
 
 PYTEST_DONT_REWRITE: failures name codes, never what was sent.
 """
@@ -13,6 +15,7 @@ PYTEST_DONT_REWRITE: failures name codes, never what was sent.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,6 +30,7 @@ from tests.integration.access.helpers import TIMEOUT, Client, client, new_patien
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 IDLE = 2.0
+RATE = 1000  # bytes/s an upload must average after its first IDLE seconds
 
 
 def _header(patient: pb.PatientId, **fields: Any) -> pb.PutRecordRequest:
@@ -42,6 +46,14 @@ def _stalled(patient: pb.PatientId, started: threading.Event, hold: float) -> It
     yield pb.PutRecordRequest(chunk=b"synthetic part")
     started.set()
     threading.Event().wait(hold)
+
+
+def _trickle(patient: pb.PatientId) -> Iterator[Any]:
+    """The header, then ten bytes every half second: never idle, never done."""
+    yield _header(patient)
+    for _ in range(120):
+        time.sleep(0.5)
+        yield pb.PutRecordRequest(chunk=b"synthetic!")
 
 
 def _code(run: Callable[[], Any]) -> grpc.StatusCode:
@@ -72,6 +84,7 @@ def test_upload_slots_come_back_however_an_upload_ends(
     service = service_factory(
         fresh_database, policy=DEFAULT_POLICY.read_text(), workers=1, max_calls_per_principal=4,
         first_message_seconds=IDLE, idle_seconds=IDLE, max_record_size=1024,
+        min_upload_bytes_per_second=RATE,
     )  # fmt: skip
     clerk = client(service, issue("slots-clerk", "records_clerk"))
     physician = client(service, issue("slots-physician", "physician"))  # no grant
@@ -97,6 +110,13 @@ def test_upload_slots_come_back_however_an_upload_ends(
         idle = _stalled(new_patient(), threading.Event(), IDLE + 3)
         code = _code(lambda: clerk.records.PutRecord(idle, timeout=TIMEOUT))
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED, code.name
+        _slot_is_free(clerk)
+
+        # A trickle (never silent for IDLE) is ended by the rate floor, not held for ever.
+        began = time.monotonic()
+        code = _code(lambda: clerk.records.PutRecord(_trickle(new_patient()), timeout=TIMEOUT))
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED, code.name
+        assert time.monotonic() - began < IDLE + 5, "the trickle held its slot too long"
         _slot_is_free(clerk)
 
         # Refused for patient scope (no grant), after the header.
