@@ -46,6 +46,9 @@ class ServerConfig:
     # first_message_seconds of the call's start, each later one within idle_seconds.
     first_message_seconds: float = 10.0
     idle_seconds: float = 30.0
+    # After its first idle_seconds, an upload must average at least this many bytes per
+    # second, else DEADLINE_EXCEEDED: a trickle would hold an upload slot for ever. 0 = off.
+    min_upload_bytes_per_second: int = 4096
     # Concurrent calls one principal (or one application, over all the users it relays
     # for) may hold; 0 = a quarter (an application: a half) of ``workers``.
     max_calls_per_principal: int = 0
@@ -258,6 +261,8 @@ def _check_server(server: ServerConfig) -> None:
         raise ConfigError(
             f"server.first_message_seconds and idle_seconds must be at most {MAX_IDLE_SECONDS:g}"
         )
+    if server.min_upload_bytes_per_second < 0:
+        raise ConfigError("server.min_upload_bytes_per_second must be 0 (off) or more")
     if server.orphan_sweep_seconds < 0:
         raise ConfigError("server.orphan_sweep_seconds must be 0 (default) or more")
     if min(server.max_calls_per_principal, server.max_calls_per_application) < 0:

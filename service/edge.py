@@ -57,38 +57,65 @@ Behavior = Callable[[Any, aio.ServicerContext], Any]
 
 @dataclass(frozen=True, slots=True)
 class Deadlines:
-    """How long the server waits for a stream's first message, then for each next one."""
+    """How long the server waits for a stream's first message, then for each next one;
+    and the slowest average a request stream may keep up after its first ``idle_seconds``
+    (bytes per second, 0 = no floor)."""
 
     first_message_seconds: float
     idle_seconds: float
+    min_bytes_per_second: int = 0
 
 
 class Messages:
-    """A call's request stream, read under deadlines, refused messages raised."""
+    """A call's request stream, read under deadlines, refused messages raised.
+
+    The idle deadline alone lets a client trickle a byte per ``idle_seconds`` and hold
+    its upload slot (``server.max_uploads``) for ever; so, after a grace of
+    ``idle_seconds``, each next message is awaited only as long as the bytes received
+    so far buy at ``min_bytes_per_second``.
+    """
 
     def __init__(self, source: AsyncIterator[Any], deadlines: Deadlines) -> None:
         self._source = source
         self._deadlines = deadlines
         self._received = 0
+        self._bytes = 0
+        self._start = asyncio.get_running_loop().time()
 
     def __aiter__(self) -> Messages:
         return self
 
-    async def __anext__(self) -> Any:
-        first = self._received == 0
+    def _timeout(self) -> tuple[float, str]:
+        """How long to wait for the next message, and the error if it does not come."""
         d = self._deadlines
-        timeout = d.first_message_seconds if first else d.idle_seconds
+        if self._received == 0:
+            return d.first_message_seconds, (
+                f"no first request message within {d.first_message_seconds:g} s "
+                "(server.first_message_seconds); send messages without pausing"
+            )
+        if d.min_bytes_per_second:
+            earned = d.idle_seconds + self._bytes / d.min_bytes_per_second
+            left = self._start + earned - asyncio.get_running_loop().time()
+            if left < d.idle_seconds:
+                return max(left, 0.0), (
+                    f"request stream slower than {d.min_bytes_per_second} bytes/s on average "
+                    "(server.min_upload_bytes_per_second); send faster"
+                )
+        return d.idle_seconds, (
+            f"no next request message within {d.idle_seconds:g} s (server.idle_seconds); "
+            "send messages without pausing"
+        )
+
+    async def __anext__(self) -> Any:
+        timeout, message = self._timeout()
         try:
             item = await asyncio.wait_for(anext(self._source), timeout)
         except TimeoutError as e:
-            which, key = ("first", "first_message") if first else ("next", "idle")
-            raise StreamDeadlineError(
-                f"no {which} request message within {timeout:g} s (server.{key}_seconds); "
-                "send messages without pausing"
-            ) from e
+            raise StreamDeadlineError(message) from e
         self._received += 1
         if isinstance(item, Rejected):
             raise item.error
+        self._bytes += item.ByteSize()
         return item
 
     async def single(self) -> Any:

@@ -91,7 +91,9 @@ def edge_interceptor(config: Config, components: Components) -> EdgeInterceptor:
         server.principal_share, server.application_share, server.refusal_summary_seconds,
         refusal_reporter(components.guard),
     )  # fmt: skip
-    deadlines = Deadlines(server.first_message_seconds, server.idle_seconds)
+    deadlines = Deadlines(
+        server.first_message_seconds, server.idle_seconds, server.min_upload_bytes_per_second
+    )
     return EdgeInterceptor(components.guard, limiter, deadlines)
 
 

@@ -9,13 +9,16 @@ officer's queue: every recent break-the-glass event whose row is missing, fails 
 or is no longer break-the-glass appears in the queue flagged ``TAMPERED_MARK`` and is
 reported (``SqlGrantStore.report_forged``, a ``grant-tampered`` incident).
 
-Bounded: the queue joins the most recent ``QUEUE_EVENT_SCAN`` break-the-glass events
-(one indexed query on ``audit_events.action``); authentic rows are listed whatever
-their age, as before. An event older than that window whose row is later deleted is
-not flagged by the queue, but ``medvault audit verify`` still holds the event.
+Bounded: the queue joins the first events of the ``QUEUE_EVENT_SCAN`` grants with the
+most recent break-the-glass events (one query on ``audit_events.action``, grouped by
+resource, so that repeating one grant's event cannot push another's out); authentic
+rows are listed whatever their age, as before. An event older than that window whose
+row is later deleted is not flagged by the queue, but ``medvault audit verify`` still
+holds the event.
 
 Closing a flagged item restores the row from its event (principal, patient index,
-time), expired at once so it grants nothing, with ``RESTORED_MARK`` as its sealed
+time), expired at once (at the event's time, or now if the event claims a later one)
+so it grants nothing, with ``RESTORED_MARK`` as its sealed
 reason, and then reviews it: the review and its comment are kept like any other.
 """
 
@@ -36,7 +39,7 @@ from storage.grants import SqlGrantStore, access_grants, check_grant_id, is_gran
 from storage.grants_model import Grant
 from storage.sql_metadata import from_db_time, run_in_transaction, translated_change
 
-QUEUE_EVENT_SCAN = 10_000  # most recent break-the-glass events compared with their rows
+QUEUE_EVENT_SCAN = 10_000  # most recent break-the-glass grants (by event) compared with rows
 TAMPERED_MARK = "[grant row missing or altered]"
 RESTORED_MARK = "[grant row missing or altered; restored from the audit trail on review]"
 _PREFIX = "grant/"
@@ -104,9 +107,11 @@ class BreakGlassReview:
         review = self._grants.review_change(target.grant.id, reviewer, comment, now)
         if not target.flagged:
             return review
-        restored = dataclasses.replace(
-            target.grant, expires_at=target.grant.created_at, reason=RESTORED_MARK
-        )
+        # Expired at once, whatever time the event claims: a database writer can insert
+        # an event dated years ahead, and the token MACs this row, so an expiry taken
+        # from the event alone would turn the officer's close into a live grant.
+        expired = min(target.grant.created_at, now)
+        restored = dataclasses.replace(target.grant, expires_at=expired, reason=RESTORED_MARK)
         insert = self._grants.insert_change(restored)  # sealed and MACed now, in the token
         grant_id = target.grant.id
 
@@ -139,7 +144,18 @@ class BreakGlassReview:
         )
 
     def _recent(self, connection: Connection) -> list[BreakGlassEvent]:
-        query = self._select().order_by(audit_events.c.sequence.desc()).limit(self._scan)
+        # The window counts grants, not events: events repeating one grant's resource
+        # (a database writer's flood) must not push another grant's event out of it.
+        e = audit_events.c
+        firsts = (
+            sa.select(sa.func.min(e.sequence).label("first"))
+            .where(e.action == self._action, e.outcome == "allowed", e.resource.like(_PREFIX + "%"))
+            .group_by(e.resource)
+            .order_by(sa.func.max(e.sequence).desc())
+            .limit(self._scan)
+            .subquery()
+        )
+        query = self._select().join(firsts, e.sequence == firsts.c.first)
         return _events(connection.execute(query).all())
 
     def _event(self, connection: Connection, grant_id: str) -> BreakGlassEvent | None:

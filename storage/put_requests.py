@@ -121,7 +121,13 @@ def check_replay(
 ) -> None:
     """Raise ``RequestReusedError`` unless the retry asks for exactly the earlier put."""
     info = earlier.info()
-    amends = info.id == header.supersedes if header.supersedes else info.version == 1
+    # An amendment retried must find an amendment (version > 1) of that record, never
+    # the record's first version that a put under the same key created.
+    amends = (
+        info.id == header.supersedes and info.version > 1
+        if header.supersedes
+        else info.version == 1
+    )
     same = (
         info.created_by == creator
         and secrets.compare_digest(earlier.patient_index, patient_index)

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -169,9 +170,16 @@ def test_a_request_id_reused_for_different_content_is_refused(
 ) -> None:
     first, second = replicas
     patient, key = new_patient(), str(uuid.uuid4())
-    put(first, b"synthetic original", patient=patient, request_id=key)
+    original = put(first, b"synthetic original", patient=patient, request_id=key)
     rows = _count(replica_database, "SELECT COUNT(*) FROM records")
     for changed in (
+        # The same key reused to amend the record it created: not its first version back.
+        {
+            "patient": patient,
+            "request_id": key,
+            "content": b"synthetic original",
+            "supersedes": original.id,
+        },
         {"patient": patient, "request_id": key, "content": b"synthetic other"},
         {"patient": patient, "request_id": key, "content": b"synthetic original", "title": "x"},
         {"patient": new_patient(), "request_id": key, "content": b"synthetic original"},
@@ -181,6 +189,37 @@ def test_a_request_id_reused_for_different_content_is_refused(
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "request_id" in (error.details() or "")
     assert _count(replica_database, "SELECT COUNT(*) FROM records") == rows
+
+
+def test_a_forged_key_cannot_return_another_principals_record(
+    replicas: tuple[RunningService, ...],
+    replica_database: str,
+    tls_files: TlsFiles,
+    tmp_path: Path,
+) -> None:
+    """A database writer maps a caller's request id to another principal's record of the
+    same patient and content: the caller's put is refused, never answered with it."""
+    first, second = replicas
+    patient, content, key = new_patient(), b"synthetic shared", str(uuid.uuid4())
+    clerk = issue_client(tls_files, tmp_path, "clerk-forged-key", "records_clerk")
+    theirs = put(second, content, cert=clerk, patient=patient)
+    mine = put(first, b"synthetic probe")  # learns this caller's principal name
+    engine = engine_for(replica_database)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "INSERT INTO put_requests (principal, request_id, record_id, version, "
+                    "created_at) VALUES (:p, :k, :r, 1, :t)"
+                ),
+                {"p": mine.created_by, "k": key, "r": theirs.id,
+                 "t": datetime.now(UTC)},
+            )  # fmt: skip
+    finally:
+        engine.dispose()
+    error = _refused(lambda: put(first, content, patient=patient, request_id=key))
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert theirs.id not in (error.details() or "")
 
 
 def test_request_ids_are_per_principal_and_validated(
