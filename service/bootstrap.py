@@ -74,6 +74,15 @@ class Components:
     revocation: RevocationList | None = None
     put_requests: SqlPutRequests | None = None
 
+    def missing_row(self, object_key: str) -> None:
+        """The sweeper's report of a committed object without a row: a ``row-tampered``
+        incident naming the object (its key is opaque: no patient data)."""
+        self.guard.incidents.tampered(
+            "row-tampered", f"object/{object_key}",
+            "a committed record's object has no row (deleted or re-pointed in the "
+            "database); the object is kept: restore its row from a backup",
+        )  # fmt: skip
+
     def reloadables(self) -> list[RevocationList]:
         """What SIGHUP re-reads besides the policy (the CRL, when configured)."""
         return [self.revocation] if self.revocation is not None else []

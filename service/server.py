@@ -161,19 +161,32 @@ def sweep_interval(server: ServerConfig) -> float:
     return server.orphan_sweep_seconds or max(60.0, server.orphan_grace_seconds / 4)
 
 
+# After a replica's first (full) sweep, later sweeps look for untagged referenced objects
+# among those modified within this long: an object the write path failed to tag.
+BACKFILL_LOOKBACK = timedelta(days=1)
+
+
 def _sweep_forever(config: Config, components: Components, stop: threading.Event) -> None:
-    """Sweep orphans once per interval across all replicas (DESIGN: scheduled work)."""
+    """Sweep orphans once per interval across all replicas (DESIGN: scheduled work).
+
+    This replica's first sweep checks the tag of every referenced object (records stored
+    before tags existed, or whose tagging failed); later ones only recent objects.
+    """
     interval = sweep_interval(config.server)
     grace = timedelta(seconds=config.server.orphan_grace_seconds)
     replica = f"{socket.gethostname()}:{os.getpid()}"
+    backfill: timedelta | None = None
     while not stop.wait(interval):
         try:
             swept = sweep_if_due(
                 components.engine, components.blobs, components.metadata,
                 grace=grace, interval=timedelta(seconds=interval), replica=replica,
+                backfill=backfill, on_missing_row=components.missing_row,
             )  # fmt: skip
-            if swept is not None and components.put_requests is not None:
-                components.put_requests.prune()  # expired PutRecord request ids
+            if swept is not None:
+                backfill = BACKFILL_LOOKBACK
+                if components.put_requests is not None:
+                    components.put_requests.prune()  # expired PutRecord request ids
         except Exception:  # a failed sweep is retried next round; the service stays up
             log.exception("orphan sweep failed")
 

@@ -86,6 +86,14 @@ class BlobStore(Protocol):
         """Every object under ``prefix``."""
         ...
 
+    def mark_committed(self, key: str) -> None:
+        """Mark the object as a committed record's: the sweeper never deletes it."""
+        ...
+
+    def committed(self, key: str) -> bool:
+        """Whether the object is so marked; ``RecordNotFoundError`` if absent."""
+        ...
+
 
 class MetadataStore(Protocol):
     """Record rows in a SQL database."""

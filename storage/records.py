@@ -3,12 +3,15 @@
 Write order (DESIGN.md): wrap a fresh data key in the token, stream the ciphertext into
 an object under an opaque key, then insert the metadata row last. Before the row
 commits the record does not exist; a crash in between leaves only an unreferenced
-object, which ``storage.sweeper`` removes after a grace period.
+object, which ``storage.sweeper`` removes after a grace period. Once the row has
+committed, the object is tagged as committed, and the sweeper never deletes a tagged
+object (a row a database writer deleted must not take the ciphertext with it).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -24,6 +27,7 @@ from storage.errors import (
     InvalidRecordError,
     KekRetiredError,
     RecordConflictError,
+    StorageError,
 )
 from storage.formats import checked, validator_for
 from storage.interfaces import BlobStore, MetadataStore, StoredRecord
@@ -37,6 +41,7 @@ from storage.validation import check_header, check_header_patient, check_record_
 
 OBJECT_PREFIX = "objects/"
 MAX_PAGE_SIZE = 500
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +222,21 @@ class RecordStore:
         except BaseException:
             self._blobs.delete(object_key)
             raise
+        self._mark_committed(object_key)
         return VerifiedRecord(row, dek, sealed).info()
+
+    def _mark_committed(self, object_key: str) -> None:
+        """Tag the object of a committed row; the record is stored whatever happens here.
+
+        Only after the commit: a tagged object is never swept, so tagging earlier would
+        keep a failed write's object for ever. An untagged committed object is
+        referenced, hence safe, and the sweep tags it (``storage.sweeper``).
+        """
+        try:
+            self._blobs.mark_committed(object_key)
+        except StorageError:
+            log.warning("object not tagged as committed; a later sweep tags it",
+                        extra={"object_key": object_key})  # fmt: skip
 
     def _remember(
         self, header: NewRecord, creator: str, row: StoredRecord

@@ -12,6 +12,7 @@ from typing import BinaryIO, TypeVar, cast
 
 import urllib3
 from minio import Minio
+from minio.commonconfig import Tags
 from minio.error import InvalidResponseError, S3Error, ServerError
 
 from storage.errors import BackendUnavailableError, RecordNotFoundError, StorageError
@@ -24,6 +25,9 @@ DEFAULT_PART_SIZE = 8 * MIB
 _MIN_PART_SIZE = 5 * MIB  # the S3 minimum for every part but the last
 _READ_CHUNK = 256 * 1024
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchObject", "NoSuchVersion"})
+# The object tag that says a record row committed over the object (the sweeper never
+# deletes such an object). It names nothing about the record.
+COMMITTED_TAG = ("medvault-committed", "1")
 
 T = TypeVar("T")
 
@@ -190,6 +194,19 @@ class S3BlobStore:
     def delete(self, key: str) -> None:
         """Remove ``key``; an absent object is not an error (S3 semantics)."""
         self._call("delete object", lambda: self._client.remove_object(self._bucket, key))
+
+    def mark_committed(self, key: str) -> None:
+        """Tag ``key`` as a committed record's object (replaces its tags; we set no other)."""
+        tags = Tags.new_object_tags()
+        tags[COMMITTED_TAG[0]] = COMMITTED_TAG[1]
+        self._call("tag object", lambda: self._client.set_object_tags(self._bucket, key, tags))
+
+    def committed(self, key: str) -> bool:
+        """Whether ``key`` carries the committed tag; ``RecordNotFoundError`` if absent."""
+        tags = self._call(
+            "read object tags", lambda: self._client.get_object_tags(self._bucket, key)
+        )
+        return tags is not None and tags.get(COMMITTED_TAG[0]) == COMMITTED_TAG[1]
 
     def list(self, prefix: str = "") -> Iterator[BlobInfo]:
         """Every object under ``prefix``, recursively, in key order."""

@@ -46,11 +46,13 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     components = build(load(_config_path(ns)))
     try:
         result = sweep_orphans(
-            components.blobs, components.metadata, timedelta(seconds=ns.grace_seconds)
-        )
+            components.blobs, components.metadata, timedelta(seconds=ns.grace_seconds),
+            on_missing_row=components.missing_row,
+        )  # every referenced object's tag is checked: backfill=None
     finally:
         components.close()
-    print(f"scanned {result.scanned} objects, removed {result.removed} orphans")
+    print(f"scanned {result.scanned} objects, removed {result.removed} orphans, "
+          f"tagged {result.tagged} committed, kept {result.missing_rows} without a row")
     return 0
 
 
