@@ -20,10 +20,13 @@ from typing import Any
 import grpc
 import psutil
 import pytest
+import sqlalchemy as sa
 
 from service._gen.medvault.v1 import records_pb2 as pb
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
 from service.localstack.seaweed import SeaweedServer, find_free_port
+from storage.audit_log import audit_events
+from storage.sql_metadata import records
 from tests.fixtures.seaweed import S3Server, _write_secret
 from tests.fixtures.service import ROOT, RunningService
 from tests.fixtures.softhsm import WRONG_PIN_TOKEN_LABEL, SoftHsmToken
@@ -206,14 +209,8 @@ def test_crash_between_upload_and_commit(
         orphans = _object_keys(s3_server, bucket)
         assert len(orphans) == 1, f"{len(orphans)} objects instead of one orphan"
 
-        sweep = subprocess.run(
-            [sys.executable, "-m", "service", "sweep", "--config", str(service.config_path),
-             "--grace-seconds", "0"],
-            cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
-            env={**os.environ, "SOFTHSM2_CONF": str(softhsm_token.conf_path)},
-        )
-        assert sweep.returncode == 0, f"sweep exit {sweep.returncode}: {sweep.stderr[-500:]}"
-        assert "removed 1 orphans" in sweep.stdout, sweep.stdout
+        sweep = _sweep_cli(service, softhsm_token)
+        assert "removed 1 orphans" in sweep, sweep
         assert _object_keys(s3_server, bucket) == [], "the orphan is still there"
 
         content = data(400_000, seed=87)
@@ -222,6 +219,32 @@ def test_crash_between_upload_and_commit(
         keys = _object_keys(s3_server, bucket)
         assert len(keys) == 1, f"{len(keys)} objects after one put"
         assert keys != orphans, "the new record reuses the orphan's key"
+
+    # A database writer deletes the row: the sweep keeps the object and raises an incident.
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.begin() as c:
+            c.execute(records.delete().where(records.c.id == record.id))
+        assert "removed 0 orphans" in _sweep_cli(service, softhsm_token)
+        assert _object_keys(s3_server, bucket) == keys, "the record's object was swept"
+        with engine.connect() as c:
+            incidents = c.execute(sa.select(audit_events.c.status).where(
+                audit_events.c.resource == f"object/{keys[0]}")).scalars().all()
+        assert incidents == ["row-tampered"], incidents
+    finally:
+        engine.dispose()
+
+
+def _sweep_cli(service: RunningService, softhsm_token: SoftHsmToken) -> str:
+    """``medvault sweep --grace-seconds 0`` against the service's config; its stdout."""
+    sweep = subprocess.run(
+        [sys.executable, "-m", "service", "sweep", "--config", str(service.config_path),
+         "--grace-seconds", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "SOFTHSM2_CONF": str(softhsm_token.conf_path)},
+    )
+    assert sweep.returncode == 0, f"sweep exit {sweep.returncode}: {sweep.stderr[-500:]}"
+    return sweep.stdout
 
 
 def _failed_start(service_factory: Factory, tmp_path: Path, **keystore: Any) -> str:
