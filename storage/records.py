@@ -27,6 +27,7 @@ from storage.errors import (
     InvalidRecordError,
     KekRetiredError,
     RecordConflictError,
+    RecordNotFoundError,
     StorageError,
 )
 from storage.formats import checked, validator_for
@@ -220,10 +221,32 @@ class RecordStore:
             self._blobs.delete(object_key)
             return self._replay(header, creator, patient_index, sha256, on_replay)
         except BaseException:
-            self._blobs.delete(object_key)
+            self._discard(row)
             raise
         self._mark_committed(object_key)
         return VerifiedRecord(row, dek, sealed).info()
+
+    def _discard(self, row: StoredRecord) -> None:
+        """After a failed commit, delete the object only if its row is known absent.
+
+        The error may come after the row committed (a connection lost during COMMIT, a
+        gate raising after its change ran): deleting then would leave a row without its
+        content. When the database cannot tell, the object stays for the sweeper, which
+        removes unreferenced, untagged objects after the grace period.
+        """
+        try:
+            stored = self._metadata.get(row.id, row.version)
+        except RecordNotFoundError:
+            self._blobs.delete(row.object_key)
+            return
+        except StorageError:
+            log.warning("commit outcome unknown; the object is left for the sweeper",
+                        extra={"object_key": row.object_key})  # fmt: skip
+            return
+        if stored.object_key == row.object_key:
+            self._mark_committed(row.object_key)  # it did commit: the caller may retry
+        else:
+            self._blobs.delete(row.object_key)  # that version is another write's
 
     def _mark_committed(self, object_key: str) -> None:
         """Tag the object of a committed row; the record is stored whatever happens here.

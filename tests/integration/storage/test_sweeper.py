@@ -14,11 +14,12 @@ PYTEST_DONT_REWRITE: failures name counts and flags only.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from keystore import Pkcs11BlindIndexer, Pkcs11KeyWrapper, Pkcs11SessionPool
 from storage.errors import BackendUnavailableError
@@ -204,3 +205,36 @@ class _NoTag(S3BlobStore):
 
     def mark_committed(self, key: str) -> None:
         raise BackendUnavailableError("object store unreachable: tag object failed")
+
+
+def test_an_error_after_the_commit_keeps_the_object(world: _World) -> None:
+    """A commit whose outcome the caller never learns (the connection lost during COMMIT)
+    must not cost the record its content: the row committed, so the object stays."""
+
+    def committed_then_lost(_ref: object, insert: Callable[[Connection], None]) -> None:
+        with world.engine.begin() as connection:
+            insert(connection)
+        raise ConnectionError("connection lost during COMMIT")
+
+    before = world.objects()
+    header = NewRecord(PatientRef(f"SYNTH{secrets.token_hex(6)}", "urn:oid:2.999.1"),
+                       RecordKind.OTHER, "application/octet-stream", title="synthetic")
+    with pytest.raises(ConnectionError):
+        world.store.put(header, [CONTENT], "test-app", on_commit=committed_then_lost)
+    (key,) = world.objects() - before  # the committed record's object was not deleted
+    with world.engine.connect() as c:
+        rows = c.execute(sa.select(records.c.id).where(records.c.object_key == key)).all()
+    assert len(rows) == 1, "no row references the object"
+    assert world.bucket.store.committed(key), "the committed object was not tagged"
+
+
+def test_an_error_before_the_commit_removes_the_object(world: _World) -> None:
+    def refused(_ref: object, _insert: Callable[[Connection], None]) -> None:
+        raise ConnectionError("audit trail unavailable")
+
+    before = world.objects()
+    header = NewRecord(PatientRef(f"SYNTH{secrets.token_hex(6)}", "urn:oid:2.999.1"),
+                       RecordKind.OTHER, "application/octet-stream", title="synthetic")
+    with pytest.raises(ConnectionError):
+        world.store.put(header, [CONTENT], "test-app", on_commit=refused)
+    assert world.objects() == before, "a refused write left its object behind"
