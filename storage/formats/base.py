@@ -64,6 +64,19 @@ def same_patient(header: PatientRef, content_id: str, authorities: Iterable[str]
     return any(a and authority_key(a) == want for a in authorities)
 
 
+def names_other(header: PatientRef, content_id: str, authorities: Iterable[str]) -> bool:
+    """True if the content gives another identifier in the header's assigning authority.
+
+    A list of identifiers (PID-3, a Patient's ``identifier``, a patientRole's ids) is
+    one patient's; one naming the header's patient beside another patient's in the same
+    authority is a record two readers would file under different patients.
+    """
+    want = authority_key(header.authority)
+    return content_id.strip() != header.id and any(
+        a and authority_key(a) == want for a in authorities
+    )
+
+
 class Opaque:
     """``OTHER``: bytes the store does not interpret."""
 

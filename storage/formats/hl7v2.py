@@ -12,7 +12,8 @@ import re
 
 import hl7
 
-from storage.formats.base import mismatch, refuse, same_patient
+from storage.errors import InvalidRecordError
+from storage.formats.base import mismatch, names_other, refuse, same_patient
 from storage.model import PatientRef
 
 HEADER_CAP = 1 << 20
@@ -23,6 +24,9 @@ _PID_START = re.compile(rb"[\r\n]PID")
 _LINE_END = re.compile(rb"[\r\n]")
 _MESSAGE_CODE = re.compile(r"[A-Z0-9]{3}\Z")
 _MAX_CONTROL_ID = 199
+# The hl7 package makes an object per field, repetition and component: a 1 MiB segment
+# of separators cost ~430 MiB and seconds to parse. MSH and PID have far fewer.
+MAX_DELIMITERS = 2000
 
 
 class Hl7v2Validator:
@@ -33,12 +37,16 @@ class Hl7v2Validator:
         self._prefix = bytearray()
         self._done = False
         self._pid: int | None = None  # where the first PID segment starts
+        self._carry = b""  # the last bytes seen after the check, to find a second PID
 
     def feed(self, chunk: bytes) -> None:
         """Keep the prefix until a whole PID segment is in it, then check it.
 
-        Each byte is scanned once (a stream of tiny chunks costs no more than one)."""
+        Each byte is scanned once (a stream of tiny chunks costs no more than one).
+        After the check the rest is scanned for a second PID segment: one record names
+        one patient (an ORU may carry several patients' results)."""
         if self._done:
+            self._after_pid(chunk)
             return
         if not self._prefix and chunk and not chunk.startswith(b"MSH"[: len(chunk)]):
             raise refuse("is not HL7 v2: does not start with an MSH segment")
@@ -50,10 +58,18 @@ class Hl7v2Validator:
         if self._pid is not None:
             end = _LINE_END.search(self._prefix, max(self._pid, seen))
             if end is not None and end.start() <= HEADER_CAP:
+                rest = bytes(self._prefix[end.start() :])
                 self._check(_SEGMENT_END.split(bytes(self._prefix[: end.start()])))
+                self._after_pid(rest)
                 return
         if len(self._prefix) > HEADER_CAP:
             raise refuse(f"HL7 v2: no complete PID segment in the first {HEADER_CAP} bytes")
+
+    def _after_pid(self, chunk: bytes) -> None:
+        tail = self._carry + chunk
+        if _PID_START.search(tail):
+            raise refuse("HL7 v2: more than one PID segment (a record names one patient)")
+        self._carry = tail[-3:]
 
     def finish(self) -> None:
         """Check what came if the message ended before a PID was complete."""
@@ -64,19 +80,28 @@ class Hl7v2Validator:
         self._done = True
         self._prefix = bytearray()  # checked once; the rest streams past
         segments = [s for s in segments if s]
-        end = next((i for i, s in enumerate(segments) if s.startswith(b"PID")), None)
         if not segments or not segments[0].startswith(b"MSH"):
             raise refuse("is not HL7 v2: does not start with an MSH segment")
+        pid = b"PID" + segments[0][3:4]
+        end = next((i for i, s in enumerate(segments) if s.startswith(pid)), None)
         if end is None:
             raise refuse("HL7 v2: no PID segment (PID-3 names the patient)")
-        text = _decode(segments[: end + 1])
+        if any(_PID_START.match(b"\r" + s) for s in segments[end + 1 :]):
+            raise refuse("HL7 v2: more than one PID segment (a record names one patient)")
+        for name, segment in (("MSH", segments[0]), ("PID", segments[end])):
+            if sum(segment.count(c) for c in set(segments[0][3:9])) > MAX_DELIMITERS:
+                raise refuse(f"HL7 v2: {name} has more than {MAX_DELIMITERS} delimiters")
+        # Only MSH and PID are parsed: the segments between are skipped, not objects.
+        text = _decode([segments[0], segments[end]])
         _check_encoding(text[0])
         try:
             message = hl7.parse("\r".join(text) + "\r")
+            _check_msh(message)
+            self._check_pid(message)
+        except InvalidRecordError:
+            raise
         except Exception as e:  # hl7 raises several types; its messages quote content
             raise refuse("is not HL7 v2: the MSH/PID segments do not parse") from e
-        _check_msh(message)
-        self._check_pid(message)
 
     def _check_pid(self, message: hl7.Message) -> None:
         pid = message.segment("PID")
@@ -89,6 +114,8 @@ class Hl7v2Validator:
             if not cx1 or not any(cx4):
                 raise refuse("HL7 v2: a PID-3 identifier has no CX.1 or no CX.4 "
                              "(assigning authority)")
+            if names_other(self._patient, cx1, cx4):
+                raise mismatch("PID-3 (CX.1 + CX.4)")
             matched = matched or same_patient(self._patient, cx1, cx4)
         if not matched:
             raise mismatch("PID-3 (CX.1 + CX.4)")

@@ -161,3 +161,39 @@ def test_pdf_large_and_with_a_cross_reference_stream() -> None:
 ])
 def test_pdf_refusals_name_the_problem(change: object, named: str) -> None:
     assert named in refused(RecordKind.PDF, change(content.pdf()))  # type: ignore[operator]
+
+
+# --- HL7 v2: hostile messages (attack review) ---------------------------------------
+
+def test_hl7_separator_floods_before_or_in_pid_are_cheap() -> None:
+    """A 1 MiB segment of separators before PID cost ~430 MiB and seconds when every
+    segment up to PID was parsed; only MSH and PID are parsed now, and their delimiters
+    are capped (many PID-3 repetitions times many segments was quadratic)."""
+    message = content.hl7v2(ID, AUTH)
+    pid = message.index(b"PID")
+    fields, components = b"|" * (hl7v2.HEADER_CAP - 4096), b"^&~" * 340_000
+    for filler in (b"NTE" + fields + b"\r", b"NTE|" + components + b"\r"):
+        run(RecordKind.HL7V2, message[:pid] + filler + message[pid:])
+    reps = (f"{ID}^^^&2.999.42.1&ISO~" * 3000).encode()
+    flood = message[:pid] + b"Z\r" * 60_000 + b"PID|1||" + reps + b"\r"
+    assert "PID has more than" in refused(RecordKind.HL7V2, flood)
+
+
+def test_hl7_a_pid_like_segment_is_not_an_internal_error() -> None:
+    message = content.hl7v2(ID, AUTH).replace(b"\rPID|", b"\rPIDX|")
+    assert "no PID segment" in refused(RecordKind.HL7V2, message)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 16])
+def test_hl7_a_second_patient_is_refused(chunk: int) -> None:
+    """An ORU may carry several patients' results: the record would be filed under the
+    first PID while holding another patient's data."""
+    second = f"PID|1||T0418^^^HOSP&{AUTH[8:]}&ISO^MR\rOBX|1|NM|718-7||9|g/dL\r".encode()
+    message = content.hl7v2(ID, AUTH) + second
+    assert "more than one PID" in refused(RecordKind.HL7V2, message, chunk=chunk)
+
+
+def test_hl7_another_identifier_in_the_header_authority_is_a_mismatch() -> None:
+    other = f"^MR~T0418^^^HOSP&{AUTH[8:]}&ISO^PI|".encode()
+    message = content.hl7v2(ID, AUTH).replace(b"^MR|", other)
+    assert "PID-3" in refused(RecordKind.HL7V2, message)
