@@ -95,3 +95,52 @@ def test_truncated_header_is_refused() -> None:
     data = _dicom()
     cut = data.index(b"\x10\x00\x20\x00") + 6  # inside PatientID
     assert "DICOM" in refused(DICOM, data[:cut])
+
+
+# --- hostile headers (attack review) ------------------------------------------------
+
+def _insert_before_patient_id(data: bytes, extra: bytes) -> bytes:
+    at = data.index(b"\x10\x00\x20\x00LO")  # (0010,0020) in explicit VR little endian
+    return data[:at] + extra + data[at:]
+
+
+def _private(count: int, size: int = 0) -> bytes:
+    """``count`` private OB elements of ``size`` bytes in groups 0009, 000B, ... (ascending)."""
+    return b"".join(
+        (9 + 2 * (e >> 16)).to_bytes(2, "little") + (e & 0xFFFF).to_bytes(2, "little")
+        + b"OB\0\0" + size.to_bytes(4, "little") + bytes(size)
+        for e in range(0x1000, 0x1000 + count)
+    )
+
+
+def test_many_tiny_elements_are_refused_cheaply() -> None:
+    """500k 8-byte elements in a 4 MiB prefix cost seconds and ~130 MiB per parse."""
+    data = _insert_before_patient_id(_dicom(), _private(300_000)[: 12 * 300_000])
+    assert "elements before the pixel data" in refused(DICOM, data)
+
+
+@pytest.mark.parametrize("value", [b"T0418 ", b"T0417 "])
+def test_a_repeated_patient_id_is_refused(value: bytes) -> None:
+    """pydicom keeps the last of two (0010,0020); another reader may keep the first."""
+    data = _dicom()
+    second = b"\x10\x00\x20\x00LO" + len(value).to_bytes(2, "little") + value
+    at = data.index(b"\x10\x00\x21\x00LO")  # before IssuerOfPatientID: out of order
+    assert "out of order" in refused(DICOM, data[:at] + second + data[at:])
+
+
+def test_a_header_between_half_the_cap_and_the_cap_is_read_in_any_chunking() -> None:
+    """The prefix was parsed when it doubled; at the cap it was never parsed again, so a
+    3 MiB header sent in 1.25 MiB chunks was refused, and junk was refused only at the
+    end of the stream, after all of it had been uploaded."""
+    chunk = 1280 << 10
+    good = _insert_before_patient_id(_dicom(pixels=bytes(8 << 20)), _private(200, 15_000))
+    run(DICOM, good, chunk=chunk)
+    junk = _dicom()[:200] + bytes(12 << 20)
+    validator = DicomValidator(PATIENT)
+
+    def feed_all() -> None:  # feed only: the refusal comes at the cap, not at finish
+        for start in range(0, len(junk), chunk):
+            validator.feed(junk[start : start + chunk])
+
+    with pytest.raises(InvalidRecordError):
+        feed_all()
