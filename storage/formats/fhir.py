@@ -17,10 +17,15 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from storage.formats.base import mismatch, refuse, same_patient
+from storage.formats.base import mismatch, names_other, refuse, same_patient
 from storage.model import PatientRef
 
 MAX_BYTES = 8 << 20
+# Parsed JSON costs ~30x its size when it is all small values (8 MiB of "{}," was
+# ~230 MiB and seconds); every value but the first follows one of these bytes, so
+# counting them (in strings too: an over-count) bounds the objects json.loads makes.
+MAX_TOKENS = 250_000
+_TOKENS = b"{[,:"
 RESOURCE_TYPES = frozenset({
     "Bundle", "DocumentReference", "DiagnosticReport", "Observation", "Patient",
     "Composition", "ImagingStudy", "Condition", "Procedure", "Encounter",
@@ -36,11 +41,15 @@ class FhirValidator:
     def __init__(self, patient: PatientRef) -> None:
         self._patient = patient
         self._data = bytearray()
+        self._tokens = 0
 
     def feed(self, chunk: bytes) -> None:
-        """Buffer up to the cap."""
+        """Buffer up to the caps (bytes, and values as counted by their separators)."""
         if len(self._data) + len(chunk) > MAX_BYTES:
             raise refuse(f"FHIR: JSON larger than {MAX_BYTES} bytes is not accepted")
+        self._tokens += sum(chunk.count(c) for c in _TOKENS)
+        if self._tokens > MAX_TOKENS:
+            raise refuse(f"FHIR: JSON with more than {MAX_TOKENS} values is not accepted")
         self._data += chunk
 
     def finish(self) -> None:
@@ -61,14 +70,34 @@ class FhirValidator:
         if not claims:
             raise refuse("FHIR: no Patient identifier or subject/patient reference names "
                          "the patient")
+        self._check_nested(resource)
+
+    def _check_nested(self, resource: Json) -> None:
+        """Every Patient, and every ``subject``/``patient`` identifier, anywhere in the
+        content (``contained``, a Bundle inside a Bundle, any extension) names the
+        header's patient: a record must not carry another patient's resources."""
+        stack: list[Any] = [resource]
+        while stack:
+            value = stack.pop()
+            if isinstance(value, list):
+                stack.extend(value)
+            elif isinstance(value, dict):
+                if "resourceType" in value:
+                    for identifiers in _claims(value, {}, resolve=False):
+                        if not self._any_matches(identifiers):
+                            raise mismatch("patient identifier (system + value)")
+                stack.extend(value.values())
 
     def _any_matches(self, identifiers: list[Any]) -> bool:
-        return any(
-            isinstance(i, dict) and isinstance(i.get("value"), str)
+        """One identifier is the header patient's, none another's in its authority."""
+        pairs = [
+            (i["value"], i["system"]) for i in identifiers
+            if isinstance(i, dict) and isinstance(i.get("value"), str)
             and isinstance(i.get("system"), str)
-            and same_patient(self._patient, i["value"], [i["system"]])
-            for i in identifiers
-        )  # fmt: skip
+        ]  # fmt: skip
+        if any(names_other(self._patient, value, [system]) for value, system in pairs):
+            return False
+        return any(same_patient(self._patient, value, [system]) for value, system in pairs)
 
 
 def _parse(data: bytes) -> Json:
@@ -115,8 +144,9 @@ def _keys(full_url: str | None, resource: Json) -> list[str]:
     return keys
 
 
-def _claims(resource: Json, index: dict[str, Json]) -> list[list[Any]]:
-    """Each patient this resource names, as that patient's list of identifiers."""
+def _claims(resource: Json, index: dict[str, Json], *, resolve: bool = True) -> list[list[Any]]:
+    """Each patient this resource names, as that patient's list of identifiers (without
+    ``resolve``, only those its ``subject``/``patient`` give as an identifier)."""
     if resource.get("resourceType") == "Patient":
         identifiers = resource.get("identifier")
         if not isinstance(identifiers, list) or not identifiers:
@@ -125,7 +155,7 @@ def _claims(resource: Json, index: dict[str, Json]) -> list[list[Any]]:
     claims = []
     for name in _SUBJECT_FIELDS:
         reference = resource.get(name)
-        if isinstance(reference, dict):
+        if isinstance(reference, dict) and (resolve or "identifier" in reference):
             claims.append(_identifiers_of(name, reference, resource, index))
     return claims
 

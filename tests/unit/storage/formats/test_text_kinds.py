@@ -197,3 +197,32 @@ def test_hl7_another_identifier_in_the_header_authority_is_a_mismatch() -> None:
     other = f"^MR~T0418^^^HOSP&{AUTH[8:]}&ISO^PI|".encode()
     message = content.hl7v2(ID, AUTH).replace(b"^MR|", other)
     assert "PID-3" in refused(RecordKind.HL7V2, message)
+
+
+# --- FHIR: hostile JSON (attack review) ---------------------------------------------
+
+def test_fhir_many_small_values_are_refused_before_parsing() -> None:
+    """8 MiB of ``{},`` parsed to ~230 MiB of objects in seconds; the values are counted
+    as the bytes arrive, so the buffer is refused before json.loads sees it."""
+    head = b'{"resourceType": "Patient", "identifier": [' + _json(IDENT) + b'], "x": ['
+    for item in (b"{},", b"[],", b"1e9999,", b'"",'):
+        data = head + item * (fhir.MAX_TOKENS + 1) + b"0]}"
+        assert "values" in refused(RecordKind.FHIR, data)
+
+
+OTHER = {"system": AUTH, "value": "T0418"}
+
+
+@pytest.mark.parametrize("resource", [
+    {"resourceType": "Bundle", "type": "collection", "entry": [  # a Bundle in a Bundle
+        {"resource": {"resourceType": "Patient", "identifier": [IDENT]}},
+        {"resource": {"resourceType": "Bundle", "entry": [
+            {"resource": {"resourceType": "Patient", "identifier": [OTHER]}}]}}]},
+    {"resourceType": "Observation", "subject": {"identifier": IDENT},  # unreferenced
+     "contained": [{"resourceType": "Patient", "identifier": [OTHER]}]},
+    {"resourceType": "DiagnosticReport", "subject": {"identifier": IDENT},
+     "contained": [{"resourceType": "Observation", "subject": {"identifier": OTHER}}]},
+    {"resourceType": "Patient", "identifier": [IDENT, OTHER]},  # two in one authority
+])
+def test_fhir_another_patient_anywhere_is_a_mismatch(resource: dict[str, object]) -> None:
+    assert "does not match" in refused(RecordKind.FHIR, _json(resource))
