@@ -11,11 +11,12 @@ CDA schema and must be found within ``HEADER_CAP`` bytes.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from lxml import etree
 
-from storage.formats.base import mismatch, refuse, same_patient
+from storage.formats.base import mismatch, names_other, refuse, same_patient
 from storage.model import PatientRef
 
 HEADER_CAP = 1 << 20
@@ -25,6 +26,26 @@ _CODE = (_DOC, V3 + "code")
 _TIME = (_DOC, V3 + "effectiveTime")
 _PATIENT_ID = (_DOC, V3 + "recordTarget", V3 + "patientRole", V3 + "id")
 _RECORD_TARGET = (_DOC, V3 + "recordTarget")
+# libxml2 holds a whole start tag: 11 MiB of attributes (or xmlns declarations) on one
+# element took ~400 MiB. '<' cannot occur in an attribute value, so a tag's attributes
+# lie between its '<' and the next: their '=' signs, counted there, bound them.
+MAX_ATTRIBUTES = 1000
+# Encodings in which '<' and '=' are those bytes and every XML reader decodes alike: a
+# document in UTF-7, EBCDIC or UTF-32 reads as other markup to a reader that does not
+# decode it as libxml2 does (iconv), e.g. a recordTarget hidden in a comment; in UTF-16
+# the bytes '<' and '=' also occur inside other characters (the attribute count above).
+_ENCODINGS = frozenset({"utf-8", "utf8", "us-ascii", "ascii", "iso-8859-1", "latin1"})
+_HEAD = 256
+_DECLARED = re.compile(r"\A\s*<\?xml[^>]*?encoding\s*=\s*[\"']([^\"']*)[\"']")
+
+
+def _check_encoding(head: bytes) -> None:
+    """The document is UTF-8 (or its subsets US-ASCII, or ISO-8859-1), by declaration."""
+    text = head.removeprefix(b"\xef\xbb\xbf").decode("latin-1")
+    declared = _DECLARED.match(text)
+    encoding = declared.group(1).strip().lower() if declared else "utf-8"
+    if not text.lstrip().startswith("<") or encoding not in _ENCODINGS:
+        raise refuse("CDA: the encoding must be UTF-8 (or US-ASCII, ISO-8859-1)")
 
 
 class CdaValidator:
@@ -42,9 +63,16 @@ class CdaValidator:
         self._code = self._time = False
         self._ids: list[tuple[str, str]] = []
         self._header_done = False
+        self._head = b""
+        self._equals = 0  # '=' since the last '<'
 
     def feed(self, chunk: bytes) -> None:
         """Parse the next bytes; check the header once recordTarget has ended."""
+        if len(self._head) < _HEAD:
+            self._head += chunk[: _HEAD - len(self._head)]
+            if len(self._head) == _HEAD:
+                _check_encoding(self._head)
+        self._count_attributes(chunk)
         self._seen += len(chunk)
         try:
             self._parser.feed(chunk)
@@ -55,8 +83,17 @@ class CdaValidator:
             raise refuse(f"CDA: code, effectiveTime and recordTarget not found in the first "
                          f"{HEADER_CAP} bytes")
 
+    def _count_attributes(self, chunk: bytes) -> None:
+        pieces = chunk.split(b"<")
+        counts = [self._equals + pieces[0].count(b"=")] + [p.count(b"=") for p in pieces[1:]]
+        if max(counts) > MAX_ATTRIBUTES:
+            raise refuse(f"CDA: an element has more than {MAX_ATTRIBUTES} attributes")
+        self._equals = counts[-1]
+
     def finish(self) -> None:
         """The document must be complete and well-formed, its header checked."""
+        if len(self._head) < _HEAD:
+            _check_encoding(self._head)
         try:
             self._parser.close()
         except etree.XMLSyntaxError as e:
@@ -105,6 +142,7 @@ class CdaValidator:
                 raise refuse("CDA: ClinicalDocument/effectiveTime/@value is missing")
         if not self._ids:
             raise refuse("CDA: recordTarget/patientRole/id is missing")
-        if not any(same_patient(self._patient, ext, [root]) for ext, root in self._ids):
+        if any(names_other(self._patient, ext, [root]) for ext, root in self._ids) or \
+                not any(same_patient(self._patient, ext, [root]) for ext, root in self._ids):
             raise mismatch("recordTarget/patientRole/id (@extension + @root)")
         self._ids = []

@@ -226,3 +226,35 @@ OTHER = {"system": AUTH, "value": "T0418"}
 ])
 def test_fhir_another_patient_anywhere_is_a_mismatch(resource: dict[str, object]) -> None:
     assert "does not match" in refused(RecordKind.FHIR, _json(resource))
+
+
+# --- CDA: hostile XML (attack review) ------------------------------------------------
+
+def _cda_with(where: bytes, extra: bytes) -> bytes:
+    document = content.cda(ID, AUTH)
+    at = document.index(where) + len(where)
+    return document[:at] + extra + document[at:]
+
+
+@pytest.mark.parametrize("where", [b"<ClinicalDocument", b"<structuredBody"])
+@pytest.mark.parametrize("attribute", [b' a%d="x"', b' xmlns:n%d="urn:x"'])
+def test_cda_an_element_with_very_many_attributes_is_refused(where: bytes,
+                                                             attribute: bytes) -> None:
+    """libxml2 holds a whole start tag: 11 MiB of attributes took ~400 MiB (in the body,
+    after the header cap, there was no bound at all)."""
+    flood = b"".join(attribute % k for k in range(cda.MAX_ATTRIBUTES + 1))
+    assert "attributes" in refused(RecordKind.CDA, _cda_with(where, flood), chunk=4096)
+
+
+@pytest.mark.parametrize("encoding", ["UTF-7", "UTF-16", "IBM037", "UTF-32"])
+def test_cda_in_an_encoding_other_readers_decode_differently_is_refused(encoding: str) -> None:
+    document = content.cda(ID, AUTH)
+    body = document[document.index(b"<ClinicalDocument") :].decode()
+    data = f'<?xml version="1.0" encoding="{encoding}"?>\n{body}'.encode(
+        encoding if encoding != "UTF-7" else "ascii")
+    assert "encoding" in refused(RecordKind.CDA, data)
+
+
+def test_cda_a_second_id_in_the_header_authority_is_a_mismatch() -> None:
+    second = f'<id root="{AUTH[8:]}" extension="T0418"/>'.encode()
+    assert "does not match" in refused(RecordKind.CDA, _cda_with(b"<patientRole>", second))
