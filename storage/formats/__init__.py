@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
+from storage.errors import InvalidRecordError
 from storage.formats.base import ContentValidator, Opaque
 from storage.formats.cda import CdaValidator
 from storage.formats.dicom import DicomValidator
@@ -37,6 +38,23 @@ def checked(chunks: Iterable[bytes], validator: ContentValidator) -> Iterator[by
     """Yield ``chunks`` unchanged after ``validator`` has seen each; ``finish`` runs
     before the stream ends, so a refusal aborts the upload before it completes."""
     for chunk in chunks:
-        validator.feed(chunk)
+        _guarded(validator.feed, chunk)
         yield chunk
-    validator.finish()
+    _guarded(validator.finish)
+
+
+def _guarded(step: Callable[..., None], *args: bytes) -> None:
+    """Run a validator step; a library error it did not wrap is a refusal, not INTERNAL.
+
+    Parsers raise many types on hostile input (KeyError, RecursionError, ...); the
+    message is dropped (it may quote content). MemoryError is left alone: it is the
+    process's, not this record's.
+    """
+    try:
+        step(*args)
+    except InvalidRecordError:
+        raise
+    except (MemoryError, GeneratorExit):
+        raise
+    except Exception as e:
+        raise InvalidRecordError("content", "does not parse as the kind it claims") from e

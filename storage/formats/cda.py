@@ -44,7 +44,9 @@ def _check_encoding(head: bytes) -> None:
     text = head.removeprefix(b"\xef\xbb\xbf").decode("latin-1")
     declared = _DECLARED.match(text)
     encoding = declared.group(1).strip().lower() if declared else "utf-8"
-    if not text.lstrip().startswith("<") or encoding not in _ENCODINGS:
+    if not text.lstrip().startswith("<"):
+        raise refuse("is not well-formed XML in UTF-8 (or US-ASCII, ISO-8859-1)")
+    if encoding not in _ENCODINGS:
         raise refuse("CDA: the encoding must be UTF-8 (or US-ASCII, ISO-8859-1)")
 
 

@@ -32,6 +32,10 @@ def _rows(engine: sa.Engine) -> int:
         return int(c.scalar(sa.select(sa.func.count()).select_from(records)) or 0)
 
 
+def _hl7(patient: Any) -> bytes:
+    return content.hl7v2(patient.id, patient.assigning_authority)
+
+
 def test_wrong_kind_or_patient_is_refused_stores_nothing_and_is_audited(
     service_factory: Any, fresh_database: str, issue: Any, s3_server: Any
 ) -> None:
@@ -51,6 +55,14 @@ def test_wrong_kind_or_patient_is_refused_stores_nothing_and_is_audited(
         (pb.RECORD_KIND_HL7V2, content.hl7v2(other.id, other.assigning_authority), "PID-3"),
         (pb.RECORD_KIND_DICOM, content.dicom(other.id, other.assigning_authority,
                                              pixels=bytes(3 << 20)), "PatientID"),
+        # Hostile content (attack review): each was INTERNAL, or cost hundreds of MiB.
+        (pb.RECORD_KIND_HL7V2, _hl7(patient).replace(b"\rPID|", b"\rPIDX|"), "PID"),
+        (pb.RECORD_KIND_HL7V2, _hl7(patient) + _hl7(other)[_hl7(other).index(b"PID"):],
+         "more than one PID"),
+        (pb.RECORD_KIND_FHIR, b'{"resourceType": "Patient", "x": [' + b"{}," * 300_000
+         + b"{}]}", "values"),
+        (pb.RECORD_KIND_CDA, content.cda(patient.id, patient.assigning_authority).replace(
+            b"<structuredBody", b"<structuredBody" + b' a="x"' * 2000), "attributes"),
     ]
     try:
         objects_before, rows_before = _objects(s3, bucket), _rows(engine)

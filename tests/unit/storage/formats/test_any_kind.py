@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from storage.formats import validator_for
+from storage.errors import InvalidRecordError
+from storage.formats import checked, validator_for
 from storage.model import PatientRef, RecordKind
 from tests import content
 from tests.unit.storage.formats.helpers import OTHER_PATIENT, PATIENT, refused, run
@@ -77,3 +78,20 @@ def test_other_stays_opaque() -> None:
 def test_every_kind_has_a_validator() -> None:
     for kind in RecordKind:
         assert validator_for(kind, PATIENT) is not None, kind
+
+
+def test_an_unexpected_library_error_is_a_refusal_not_internal() -> None:
+    """A validator bug or a parser raising a type it does not document (the HL7 check
+    raised KeyError for a ``PIDX`` segment) must be INVALID_ARGUMENT on ``content``."""
+
+    class Broken:
+        def feed(self, chunk: bytes) -> None:
+            raise KeyError(chunk[:4])  # the message would quote content
+
+        def finish(self) -> None:
+            """Not reached."""
+
+    with pytest.raises(InvalidRecordError) as caught:
+        list(checked([b"SECRET"], Broken()))
+    assert caught.value.field == "content"
+    assert "SECRET" not in str(caught.value)
