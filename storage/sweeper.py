@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 _BATCH = 500
 # Called with the key of a committed object that no row references.
 MissingRow = Callable[[str], None]
+# Each report is an incident (an audit event and an alert). A bucket writer can add any
+# number of tagged objects: one sweep reports this many, counts the rest in one warning.
+MAX_REPORTED = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +88,9 @@ def sweep_orphans(
                     _orphan(blobs, blob.key, tally, on_missing_row)
             except RecordNotFoundError:
                 continue  # removed meanwhile (S3 lists what existed when asked)
+    if tally.missing_rows > MAX_REPORTED:
+        log.warning("committed objects without a row beyond the report cap",
+                    extra={"unreported": tally.missing_rows - MAX_REPORTED})  # fmt: skip
     log.info("orphan sweep", extra=vars(tally))
     return SweepResult(tally.scanned, tally.removed, tally.tagged, tally.missing_rows)
 
@@ -98,9 +104,10 @@ def _backfill(blobs: BlobStore, key: str, tally: _Tally) -> None:
 def _orphan(blobs: BlobStore, key: str, tally: _Tally, on_missing_row: MissingRow | None) -> None:
     if blobs.committed(key):  # a record's object whose row is gone: never delete it
         tally.missing_rows += 1
-        log.warning("committed object without a row kept", extra={"object_key": key})
-        if on_missing_row is not None:
-            on_missing_row(key)
+        if tally.missing_rows <= MAX_REPORTED:
+            log.warning("committed object without a row kept", extra={"object_key": key})
+            if on_missing_row is not None:
+                on_missing_row(key)
         return
     blobs.delete(key)
     tally.removed += 1

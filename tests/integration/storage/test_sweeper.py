@@ -238,3 +238,20 @@ def test_an_error_before_the_commit_removes_the_object(world: _World) -> None:
     with pytest.raises(ConnectionError):
         world.store.put(header, [CONTENT], "test-app", on_commit=refused)
     assert world.objects() == before, "a refused write left its object behind"
+
+
+def test_a_bucket_writer_cannot_flood_incidents_with_tagged_garbage(
+    world: _World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bucket writer can upload objects already tagged committed: they are kept (a tag
+    is all the sweeper has), but one sweep reports at most ``MAX_REPORTED`` of them as
+    incidents; the rest are counted (each report is an audit event and an alert)."""
+    monkeypatch.setattr("storage.sweeper.MAX_REPORTED", 2)
+    garbage = [f"objects/{secrets.token_hex(16)}" for _ in range(5)]
+    for key in garbage:
+        world.bucket.store.put(key, iter([b"junk"]))
+        world.bucket.store.mark_committed(key)
+    result = world.sweep()
+    assert (result.removed, result.missing_rows) == (0, 5), f"{result}"
+    assert len(world.missing) == 2, f"{len(world.missing)} incidents"
+    assert set(garbage) <= world.objects()
