@@ -11,6 +11,7 @@ skipped by pydicom (``defer_size``), not decoded; if the attributes are not foun
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -20,6 +21,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from storage.errors import InvalidRecordError
 from storage.formats.base import mismatch, refuse, same_patient
+from storage.formats.dicom_tail import TailWalker
 from storage.model import PatientRef
 
 HEADER_CAP = 4 << 20
@@ -63,6 +65,13 @@ class _Prefix(io.BytesIO):
         return position
 
 
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    dataset: Dataset
+    tail: TailWalker | None  # None: the file was read to its end
+    stop_at: int  # where the element that stopped pydicom starts
+
+
 class DicomValidator:
     """A DICOM Part 10 file whose PatientID and issuer are the header's patient."""
 
@@ -71,6 +80,7 @@ class DicomValidator:
         self._prefix = bytearray()
         self._next_try = FIRST_TRY
         self._done = False
+        self._tail: TailWalker | None = None  # set when the header stopped before the end
 
     @property
     def buffered(self) -> int:
@@ -78,35 +88,39 @@ class DicomValidator:
         return len(self._prefix)
 
     def feed(self, chunk: bytes) -> None:
-        """Buffer the header; parse it when it has doubled; forget it once checked."""
+        """Buffer the header; parse it when it has doubled; then walk the rest."""
         if self._done:
+            if self._tail is not None:
+                self._tail.feed(chunk)
             return
-        self._prefix += chunk[: HEADER_CAP + 1 - len(self._prefix)]
+        room = HEADER_CAP + 1 - len(self._prefix)
+        self._prefix += chunk[:room]
         if len(self._prefix) >= 132 and self._prefix[128:132] != b"DICM":
             raise refuse("is not DICOM Part 10: no DICM prefix after the 128-byte preamble")
         if len(self._prefix) < self._next_try and len(self._prefix) <= HEADER_CAP:
             return  # (at the cap: parse now, whatever was tried last)
         self._next_try = 2 * len(self._prefix)
-        dataset = self._parse(final=False)
-        if dataset is not None:
-            self._check(dataset)
+        parsed = self._parse(final=False)
+        if parsed is not None:
+            self._check(parsed, chunk[room:])
         elif len(self._prefix) > HEADER_CAP:
             raise refuse(f"DICOM: identifying attributes not found in the first {HEADER_CAP} "
                          "bytes")
 
     def finish(self) -> None:
         """A file that ended before the stop point (no pixel data) is parsed whole."""
-        if self._done:
-            return
-        if len(self._prefix) > HEADER_CAP:
-            raise refuse(f"DICOM: identifying attributes not found in the first {HEADER_CAP} "
-                         "bytes")
-        dataset = self._parse(final=True)
-        if dataset is None:
-            raise refuse("DICOM: the file is truncated")
-        self._check(dataset)
+        if not self._done:
+            if len(self._prefix) > HEADER_CAP:
+                raise refuse(f"DICOM: identifying attributes not found in the first "
+                             f"{HEADER_CAP} bytes")
+            parsed = self._parse(final=True)
+            if parsed is None:
+                raise refuse("DICOM: the file is truncated")
+            self._check(parsed, b"")
+        if self._tail is not None:
+            self._tail.finish()
 
-    def _parse(self, *, final: bool) -> Dataset | None:
+    def _parse(self, *, final: bool) -> _Parsed | None:
         """The dataset up to the stop point; None if more bytes are needed."""
         fp = _Prefix(bytes(self._prefix))
         reached, last = False, -1
@@ -117,7 +131,9 @@ class DicomValidator:
             nonlocal reached, last
             if tag <= last:
                 raise refuse("DICOM: data elements are repeated or out of order")
-            reached, last = tag.group >= _STOP_GROUP, int(tag)
+            reached = tag.group >= _STOP_GROUP
+            if not reached:
+                last = int(tag)
             return reached
 
         try:
@@ -136,10 +152,15 @@ class DicomValidator:
             return None
         if not reached and not final:
             return None
-        return dataset
+        # pydicom leaves the file at the start of the element that stopped it.
+        tail = TailWalker(implicit=implicit, little=little, last_tag=last) if reached else None
+        return _Parsed(dataset, tail, fp.tell())
 
-    def _check(self, dataset: Dataset) -> None:
-        self._done = True
+    def _check(self, parsed: _Parsed, beyond_cap: bytes) -> None:
+        dataset = parsed.dataset
+        self._done, self._tail = True, parsed.tail
+        if self._tail is not None:  # the bytes from the stop point on are walked
+            self._tail.feed(bytes(self._prefix[parsed.stop_at :]) + beyond_cap)
         self._prefix = bytearray()  # the header is checked; the rest streams past
         for keyword in _REQUIRED:
             if not _value(dataset, keyword):

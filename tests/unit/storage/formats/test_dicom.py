@@ -5,9 +5,16 @@ from __future__ import annotations
 import io
 
 import pytest
-from pydicom import dcmread
+from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+)
 
 from storage.errors import InvalidRecordError
 from storage.formats import checked
@@ -144,3 +151,50 @@ def test_a_header_between_half_the_cap_and_the_cap_is_read_in_any_chunking() -> 
 
     with pytest.raises(InvalidRecordError):
         feed_all()
+
+
+def _saved(ds: Dataset) -> bytes:
+    out = io.BytesIO()
+    syntax = ds.file_meta.TransferSyntaxUID
+    dcmwrite(out, ds, implicit_vr=syntax.is_implicit_VR, little_endian=syntax.is_little_endian,
+             force_encoding=True)
+    return out.getvalue()
+
+
+def _with_syntax(syntax: str, *, encapsulated: bool = False) -> bytes:
+    ds = dcmread(io.BytesIO(_dicom(pixels=bytes(64 << 10))))
+    ds.file_meta.TransferSyntaxUID = syntax
+    if encapsulated:
+        ds.PixelData = encapsulate([b"\xff\xd8frame-one\xff\xd9", b"\xff\xd8frame-two\xff\xd9"])
+        ds["PixelData"].is_undefined_length = True
+    item = Dataset()
+    item.CodeValue = "X"  # an undefined-length sequence after the pixel data
+    ds.DataSetTrailingPadding = b"\0" * 8
+    ds.add_new(0x00431010, "SQ", [item])  # (odd group: private), before pixel data order
+    ds[0x00431010].is_undefined_length = True
+    return _saved(ds)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 16])
+@pytest.mark.parametrize(("syntax", "encapsulated"), [
+    (ExplicitVRLittleEndian, False), (ImplicitVRLittleEndian, False),
+    (ExplicitVRBigEndian, False), (JPEGBaseline8Bit, True),
+])
+def test_the_rest_of_the_file_is_walked_in_any_syntax(syntax: str, encapsulated: bool,
+                                                      chunk: int) -> None:
+    run(DICOM, _with_syntax(syntax, encapsulated=encapsulated), chunk=chunk)
+
+
+@pytest.mark.parametrize("chunk", [5, 1 << 16])
+def test_a_patient_id_after_the_pixel_data_is_refused(chunk: int) -> None:
+    """pydicom's dcmread keeps the last of two (0010,0020): this file reads as T0418."""
+    value = b"T0418 "
+    data = _dicom(pixels=bytes(1 << 20)) + b"\x10\x00\x20\x00LO" + len(value).to_bytes(
+        2, "little") + value
+    assert dcmread(io.BytesIO(data)).PatientID == "T0418"
+    assert "out of order" in refused(DICOM, data, chunk=chunk)
+
+
+def test_a_file_cut_inside_the_pixel_data_is_refused() -> None:
+    data = _dicom(pixels=bytes(1 << 20))
+    assert "truncated" in refused(DICOM, data[:-100])
