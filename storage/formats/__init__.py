@@ -54,7 +54,7 @@ def _guarded(step: Callable[..., None], *args: bytes) -> None:
         step(*args)
     except InvalidRecordError:
         raise
-    except (MemoryError, GeneratorExit):
+    except MemoryError:
         raise
     except Exception as e:
         raise InvalidRecordError("content", "does not parse as the kind it claims") from e

@@ -28,8 +28,10 @@ _PATIENT_ID = (_DOC, V3 + "recordTarget", V3 + "patientRole", V3 + "id")
 _RECORD_TARGET = (_DOC, V3 + "recordTarget")
 # libxml2 holds a whole start tag: 11 MiB of attributes (or xmlns declarations) on one
 # element took ~400 MiB. '<' cannot occur in an attribute value, so a tag's attributes
-# lie between its '<' and the next: their '=' signs, counted there, bound them.
+# lie between its '<' and the next: their '="' (or "='"), counted there, bound them (a
+# text node of '=' signs is not counted; one split by a chunk boundary may be missed).
 MAX_ATTRIBUTES = 1000
+_ATTRIBUTE = re.compile(rb"=[ \t\r\n]*[\"']")
 # Encodings in which '<' and '=' are those bytes and every XML reader decodes alike: a
 # document in UTF-7, EBCDIC or UTF-32 reads as other markup to a reader that does not
 # decode it as libxml2 does (iconv), e.g. a recordTarget hidden in a comment; in UTF-16
@@ -66,7 +68,7 @@ class CdaValidator:
         self._ids: list[tuple[str, str]] = []
         self._header_done = False
         self._head = b""
-        self._equals = 0  # '=' since the last '<'
+        self._equals = 0  # attribute values begun since the last '<'
 
     def feed(self, chunk: bytes) -> None:
         """Parse the next bytes; check the header once recordTarget has ended."""
@@ -87,7 +89,8 @@ class CdaValidator:
 
     def _count_attributes(self, chunk: bytes) -> None:
         pieces = chunk.split(b"<")
-        counts = [self._equals + pieces[0].count(b"=")] + [p.count(b"=") for p in pieces[1:]]
+        counts = [len(_ATTRIBUTE.findall(p)) for p in pieces]
+        counts[0] += self._equals
         if max(counts) > MAX_ATTRIBUTES:
             raise refuse(f"CDA: an element has more than {MAX_ATTRIBUTES} attributes")
         self._equals = counts[-1]

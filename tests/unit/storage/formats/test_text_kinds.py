@@ -258,3 +258,9 @@ def test_cda_in_an_encoding_other_readers_decode_differently_is_refused(encoding
 def test_cda_a_second_id_in_the_header_authority_is_a_mismatch() -> None:
     second = f'<id root="{AUTH[8:]}" extension="T0418"/>'.encode()
     assert "does not match" in refused(RecordKind.CDA, _cda_with(b"<patientRole>", second))
+
+
+def test_cda_equals_signs_in_text_are_not_attributes() -> None:
+    ruler = b"<text>" + b"=" * 80 * 50 + b"</text>"
+    run(RecordKind.CDA, _cda_with(b"<structuredBody>", b"<component><section>" + ruler
+                                  + b"</section></component>"))
