@@ -55,9 +55,12 @@ class Source:
         store = self.store()
         ids = []
         for n in range(count):
-            body = (f"MSH|^~\\&|TEST|TEST|||20260101||ORU^R01|{n}|P|2.5\r"
-                    f"PID|1||{self.patient}^^^{AUTHORITY}||DOE^SYNTH\rNTE|1||{self.marker}\r")
-            content = (body * (size // len(body) + 1)).encode()[:size]
+            # One message (one MSH, one PID: a record names one patient), padded to
+            # ``size`` with notes carrying the marker.
+            head = (f"MSH|^~\\&|TEST|TEST|||20260101||ORU^R01|{n}|P|2.5\r"
+                    f"PID|1||{self.patient}^^^{AUTHORITY}||DOE^SYNTH\r")
+            note = f"NTE|1||{self.marker}\r"
+            content = (head + note * (size // len(note) + 1)).encode()[:size]
             info = store.put(
                 NewRecord(PatientRef(self.patient, AUTHORITY), RecordKind.HL7V2,
                           "x-application/hl7-v2+er7", title=f"note {n} {self.marker}"),
