@@ -32,7 +32,7 @@ from tests.integration.access.helpers import (
     put_record,
     verify,
 )
-from tests.integration.storage.test_audit_witness import rewrite_history
+from tests.integration.storage.audit_attacks import rewrite_history
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 EVERY = 10

@@ -21,6 +21,7 @@ from keystore.signing import Pkcs11Signer
 from service.audit import AuditChainError
 from service.audit.trail import AuditTrail
 from storage.audit_log import SqlAuditLog, audit_events, audit_head
+from tests.integration.storage.audit_attacks import incidents, rewrite_history
 from tests.integration.storage.test_audit_log import (  # noqa: F401 - fixtures
     audit_engine,
     audit_log,
@@ -28,7 +29,6 @@ from tests.integration.storage.test_audit_log import (  # noqa: F401 - fixtures
     entry,
     signer,
 )
-from tests.integration.storage.test_audit_witness import incidents, rewrite_history
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

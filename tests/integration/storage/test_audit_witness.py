@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 from minio import Minio
 from minio.commonconfig import COMPLIANCE, GOVERNANCE
 from minio.error import S3Error
@@ -37,8 +36,8 @@ from service.audit.checkpoints import (
     signature_checker,
 )
 from service.audit.trail import AuditTrail
-from storage.audit_log import SqlAuditLog, audit_checkpoints, audit_events, audit_head
-from storage.audit_model import AuditEntry, Checkpoint, chain_hash, checkpoint_message
+from storage.audit_log import SqlAuditLog, audit_checkpoints
+from storage.audit_model import Checkpoint, checkpoint_message
 from storage.audit_verify import (
     CHECKPOINT_DELETED,
     WITNESS_FORGED,
@@ -54,6 +53,7 @@ from storage.audit_witness import (
     encode,
 )
 from storage.backup.targets import S3Target
+from tests.integration.storage.audit_attacks import incidents, rewrite_history
 from tests.integration.storage.test_audit_log import (  # noqa: F401 - fixtures
     audit_engine,
     audit_log,
@@ -97,42 +97,12 @@ def grow(log: SqlAuditLog, checkpointer: Checkpointer, rounds: int, tail: int = 
     log.append([entry(1000 + n) for n in range(tail)])
 
 
-def rewrite_history(engine: Engine, k: int, keep_through: int) -> None:
-    """The attack: edit event k, re-hash all later events and the head, drop checkpoints."""
-    with engine.begin() as c:
-        rows = [dict(r._mapping) for r in c.execute(
-            sa.select(audit_events).where(audit_events.c.sequence >= k)
-            .order_by(audit_events.c.sequence)
-        )]  # fmt: skip
-        prev = bytes(rows[0]["prev_hash"])
-        for n, row in enumerate(rows):
-            if n == 0:
-                row["principal"] = "someone-else"
-            e = AuditEntry(
-                time=row["time"].replace(tzinfo=UTC), principal=row["principal"],
-                application=row["application"], role=row["role"], action=row["action"],
-                resource=row["resource"], outcome=row["outcome"],
-                patient_index=row["patient_index"], status=row["status"],
-                reason=row["reason"], source=row["source"],
-            )  # fmt: skip
-            digest = chain_hash(prev, row["sequence"], e)
-            c.execute(audit_events.update().where(audit_events.c.sequence == row["sequence"])
-                      .values(principal=row["principal"], prev_hash=prev, hash=digest))
-            prev = digest
-        c.execute(audit_head.update().values(hash=prev))
-        c.execute(audit_checkpoints.delete().where(audit_checkpoints.c.sequence > keep_through))
-
-
 def checker(signer: Pkcs11Signer) -> Any:
     return signature_checker(signer.public_key_der())
 
 
 def verify(log: SqlAuditLog, signer: Pkcs11Signer, *witnesses: CheckpointWitness) -> Any:
     return verify_chain(log, checker(signer), witnesses=witnesses, batch_size=16)
-
-
-def incidents(log: SqlAuditLog) -> int:
-    return sum(1 for e in log.events(0, 10_000) if e.entry.action == "incident")
 
 
 def test_full_rewrite_named_by_witnesses_and_not_signed(
