@@ -79,7 +79,7 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
         def on_commit(ref: RecordRef, insert: Callable[[Connection], None]) -> None:
             # The last moment to learn that the caller went away: the stream's end may
             # have been a cancellation, seen by the handler only now.
-            requests.check_live()
+            requests.confirm_live()
             commit(ref, insert)
 
         return self._store.put(
@@ -133,7 +133,9 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
                 raise InvalidRecordError("header", "must be the first message of the stream")
             header = convert.header_from_pb(first.header)
             state.resource = f"record/{header.supersedes or 'new'}"
-            requests = SyncRequests(request_iterator, asyncio.get_running_loop())
+            requests = SyncRequests(
+                request_iterator, asyncio.get_running_loop(), context.cancelled
+            )
             # The thread is held while the client streams: a global cap keeps reads served.
             with self._uploads.slot():
                 try:

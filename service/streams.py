@@ -37,9 +37,15 @@ class SyncRequests(Generic[T]):
     cancelled, and the worker checks (``check_live``) before it commits anything.
     """
 
-    def __init__(self, source: AsyncIterator[T], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        source: AsyncIterator[T],
+        loop: asyncio.AbstractEventLoop,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> None:
         self._source = source
         self._loop = loop
+        self._cancelled = cancelled  # the call's own flag, read on the loop
         self._abandoned = threading.Event()
 
     def abandon(self) -> None:
@@ -50,6 +56,20 @@ class SyncRequests(Generic[T]):
         """``StreamCancelledError`` once the call was cancelled."""
         if self._abandoned.is_set():
             raise StreamCancelledError("the call was cancelled; nothing was stored")
+
+    def confirm_live(self) -> None:
+        """``check_live`` after a hop through the event loop, for the last moment before
+        a commit: the loop first runs what is pending (a cancellation delivered after the
+        stream's end), and the call's own cancelled flag is read there."""
+
+        async def cancelled() -> bool:
+            await asyncio.sleep(0)
+            return self._cancelled()
+
+        future = asyncio.run_coroutine_threadsafe(cancelled(), self._loop)
+        if future.result(timeout=IDLE_TIMEOUT_SECONDS):
+            self._abandoned.set()
+        self.check_live()
 
     def __iter__(self) -> Iterator[T]:
         return self

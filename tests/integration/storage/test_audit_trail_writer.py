@@ -155,18 +155,20 @@ def test_idle_writer_sleeps_once_another_process_signed(
 ) -> None:
     """Issue 10: the head is already checkpointed elsewhere, the writer must not spin."""
     log = _CountingLog(audit_engine)
-    with AuditTrail(log, signer, checkpoint_seconds=0.05) as trail:
+    # The period leaves the test time to sign first on a loaded machine (with 0.05 s the
+    # writer's own checkpoint sometimes won the race, and the setup failed).
+    with AuditTrail(log, signer, checkpoint_seconds=0.3) as trail:
         trail.record(entry(1))
         sequence, head_hash = log.head()  # another replica (or the CLI) signs first
         assert log.add_checkpoint(make_checkpoint(signer, sequence, head_hash, datetime.now(UTC)))
         log.heads = 0
-        threading.Event().wait(0.4)  # eight checkpoint periods
-        assert log.heads <= 2, f"writer busy-looped: {log.heads} head reads in 0.4 s"
+        threading.Event().wait(0.8)  # past the due time, then idle: a spin reads ~100 times
+        assert log.heads <= 2, f"writer busy-looped: {log.heads} head reads in 0.8 s"
         assert trail._unsigned == 0
         trail.record(replace(entry(2)))
         # A new event is signed once (a checkpoint reads the head a few times), then the
         # writer sleeps again: a spinning writer reads it ~100 times in this window.
-        threading.Event().wait(0.4)
+        threading.Event().wait(0.8)
         assert log.heads <= 8, f"writer busy-looped after a new event: {log.heads} head reads"
 
 
