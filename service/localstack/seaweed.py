@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,9 +23,11 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import urllib3
+from minio import Minio
+
 from service.localstack.ca import private_opener as _private_opener
 from service.localstack.ca import write_private
-from storage.s3_blobs import make_minio_client
 
 # weed serves gRPC on every HTTP port + 10000 unless told otherwise.
 _GRPC_OFFSET = 10000
@@ -34,10 +37,18 @@ _PID_FILE = "weed.pid"
 _S3_CONFIG_FILE = "s3_identities.json"
 # Small volumes keep disk use modest: each bucket is a collection with its own volumes.
 _VOLUME_SIZE_LIMIT_MB = 64
+# weed's message when a listener's port is taken (Go's net package wording).
+_ADDRESS_IN_USE = "address already in use"
+_PORT_RETRIES = 3
 
 
 class SeaweedError(RuntimeError):
     """The SeaweedFS process could not be started, reached or stopped."""
+
+    def __init__(self, message: str, *, address_in_use: bool = False) -> None:
+        super().__init__(message)
+        #: weed exited because one of its ports was taken: another port may do.
+        self.address_in_use = address_in_use
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,11 +145,36 @@ class SeaweedServer:
         return self.pid is not None
 
     def start(self, timeout: float = 60.0) -> None:
-        """Start the server unless it runs already; return once S3 answers."""
+        """Start the server unless it runs already; return once S3 answers.
+
+        Internal ports are chosen free, but another process may bind one between the
+        choice and weed's own bind (weed opens its listeners one after another over
+        seconds). When this start chose the ports and weed exits because an address
+        is taken, the ports are chosen again, up to ``_PORT_RETRIES`` times. Ports
+        persisted by an earlier start are never changed: the raft state names them.
+        """
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        if not self.is_running():
+        if self.is_running():
+            self._wait_ready(timeout)
+            return
+        for attempt in range(_PORT_RETRIES + 1):
+            fresh_ports = not (self.data_dir / _PORTS_FILE).exists()
+            log_offset = self._log_size()
             self._spawn()
-        self._wait_ready(timeout)
+            try:
+                self._wait_ready(timeout)
+            except SeaweedError as e:
+                taken = _ports_in_use(self._log_since(log_offset))
+                e.address_in_use = bool(taken)
+                # The S3 port (and its gRPC twin) is the caller's: choosing other
+                # internal ports cannot help when it is the one taken.
+                internal_only = not taken & {self.s3_port, self.s3_port + _GRPC_OFFSET}
+                if not (fresh_ports and taken and internal_only and attempt < _PORT_RETRIES):
+                    raise
+            else:
+                return
+            self.stop(timeout=5)
+            (self.data_dir / _PORTS_FILE).unlink(missing_ok=True)
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the server, SIGKILL it after ``timeout`` seconds; idempotent."""
@@ -257,14 +293,42 @@ class SeaweedServer:
             )
         write_private(self._pid_file, f"{self._process.pid}\n".encode())
 
+    def _log_size(self) -> int:
+        try:
+            return self.log_file.stat().st_size
+        except OSError:
+            return 0
+
+    def _log_since(self, offset: int) -> str:
+        """What weed wrote to its log after ``offset`` (bounded; no secrets are logged)."""
+        try:
+            with open(self.log_file, "rb") as f:
+                f.seek(offset)
+                return f.read(1 << 20).decode(errors="replace")
+        except OSError:
+            return ""
+
+    def _log_reason(self, lines: int = 4) -> str:
+        """weed's error and fatal lines near the log's end, for an error read in CI output.
+
+        glog marks them ``E`` and ``F`` at the start of a line; a Go stack trace after
+        a fatal line says nothing an operator can act on, so it is left out.
+        """
+        recent = self._log_since(max(0, self._log_size() - 65536)).splitlines()
+        errors = [line for line in recent if line[:1] in ("E", "F") and line[1:5].isdigit()]
+        return "\n".join(errors[-lines:]) or "(nothing marked as an error)"
+
     def _wait_ready(self, timeout: float) -> None:
         """Poll S3 ``ListBuckets`` until it succeeds, the process dies or time runs out."""
-        client = make_minio_client(self.endpoint, self._access_key, self._secret_key)
+        client = _readiness_client(self.endpoint, self._access_key, self._secret_key)
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
             if not self.is_running():
-                raise SeaweedError(f"weed exited during start-up; see {self.log_file}")
+                raise SeaweedError(
+                    f"weed exited during start-up; see {self.log_file}; it said:\n"
+                    f"{self._log_reason()}"
+                )
             try:
                 client.list_buckets()
             except Exception as e:  # noqa: BLE001 - any failure means "not ready yet"
@@ -288,6 +352,33 @@ class SeaweedServer:
             elif not _pid_alive(pid):
                 return True
         return False
+
+
+_BIND_FAILURE = re.compile(r"listen tcp [0-9.]+:(\d+): bind: " + _ADDRESS_IN_USE)
+
+
+def _ports_in_use(log: str) -> set[int]:
+    """The ports weed's log says it could not bind because they were taken."""
+    return {int(port) for port in _BIND_FAILURE.findall(log)}
+
+
+def _readiness_client(endpoint: str, access_key: str, secret_key: str) -> Minio:
+    """A client for the start-up probe: no retries and a 2 s read timeout.
+
+    A port taken by something that accepts but never answers must not hold the probe
+    for the service client's 30 s read timeout, while weed has long exited.
+    """
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=1.0, read=2.0), retries=False, maxsize=1
+    )
+    return Minio(
+        endpoint,
+        access_key=access_key,
+        secret_key=secret_key,
+        secure=False,
+        region="us-east-1",
+        http_client=http,
+    )
 
 
 def _poll_until(deadline: float, interval: float = 0.1) -> Iterator[None]:

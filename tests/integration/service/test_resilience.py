@@ -24,10 +24,9 @@ import sqlalchemy as sa
 
 from service._gen.medvault.v1 import records_pb2 as pb
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
-from service.localstack.seaweed import SeaweedServer, find_free_port
 from storage.audit_log import audit_events
 from storage.sql_metadata import records
-from tests.fixtures.seaweed import S3Server, _write_secret
+from tests.fixtures.seaweed import S3Server, _write_secret, start_seaweed
 from tests.fixtures.service import ROOT, RunningService
 from tests.fixtures.softhsm import WRONG_PIN_TOKEN_LABEL, SoftHsmToken
 from tests.integration.service.calls import (
@@ -129,8 +128,7 @@ def test_200_mib_record_in_bounded_server_memory(
 def own_s3(tmp_path: Path) -> Iterator[S3Server]:
     """A SeaweedFS of this test only, which it may stop and start again."""
     access_key, secret_key = secrets.token_hex(10), secrets.token_hex(20)
-    server = SeaweedServer(tmp_path / "seaweed", find_free_port(), access_key, secret_key)
-    server.start()
+    server = start_seaweed(tmp_path / "seaweed", access_key, secret_key)
     try:
         yield S3Server(
             server=server,
