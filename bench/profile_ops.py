@@ -1,0 +1,134 @@
+"""Profile the service during a stream of PutRecord or GetRecord calls with py-spy.
+
+Run from the project root (py-spy must be installed: ``pip install py-spy``)::
+
+    .venv/bin/python bench/profile_ops.py --size 512KiB --seconds 20 --out /tmp/prof
+
+It brings up its own local stack in a temporary MEDVAULT_HOME (as ``bench/put_get.py``
+does), starts ``py-spy record`` on the service's pid, drives puts (then, separately,
+gets) from one client for ``--seconds`` each, and writes per phase: a flame graph
+(``put.svg``, ``get.svg``), the collapsed stacks (``put.txt``) and a summary of the
+functions with the most samples, by self time and by inclusive time, restricted to
+medvault's own packages and the libraries they call. Idle threads (waiting on a queue,
+a condition or epoll) are excluded with ``--idle`` off, py-spy's default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from put_get import CHUNK, Medvault  # noqa: E402
+
+from service.localstack.stack import LocalStack  # noqa: E402
+
+KIB = 1 << 10
+SIZES = {"4KiB": 4 * KIB, "64KiB": 64 * KIB, "512KiB": 512 * KIB, "1MiB": KIB * KIB}
+
+
+def _drive(fn: Callable[[], object], seconds: float) -> int:
+    deadline = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < deadline:
+        fn()
+        n += 1
+    return n
+
+
+def _cpu(pid: str) -> float:
+    """User + system CPU seconds of the service process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def summarise(collapsed: Path, top: int = 25) -> str:
+    """Self and inclusive sample counts per function from py-spy's collapsed stacks."""
+    self_counts: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count_s = line.rpartition(" ")
+        count = int(count_s)
+        total += count
+        frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")"
+                  if " (" in f else f for f in stack.split(";")]  # fmt: skip
+        if frames:
+            self_counts[frames[-1]] += count
+        for f in set(frames):
+            incl[f] += count
+    out = [f"total samples {total}", "", "self:"]
+    out += [f"  {100 * c / total:5.1f}%  {f}" for f, c in self_counts.most_common(top)]
+    out += ["", "inclusive:"]
+    out += [f"  {100 * c / total:5.1f}%  {f}" for f, c in incl.most_common(top * 2)]
+    return "\n".join(out)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", default="512KiB", choices=SIZES)
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--out", type=Path, default=Path("bench-profile"))
+    p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    ns = p.parse_args()
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    ns.out.mkdir(parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="medvault-prof-"))
+    stack = LocalStack(home, report=lambda line: print(f"  [stack] {line}", flush=True))
+    try:
+        stack.up()
+        pid = stack.layout.service_pid.read_text().strip()
+        medvault = Medvault(stack)
+        size = SIZES[ns.size]
+        data = bytes(range(256)) * (size // 256)
+        chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+        digest = hashlib.sha256(data).digest()
+        ids = [medvault.put(chunks, digest) for _ in range(3)]  # warm up
+        for phase in ("put", "get"):
+            base = ns.out / phase
+            fmt_runs = []
+            for fmt, suffix in (("flamegraph", ".svg"), ("raw", ".txt")):
+                fmt_runs.append(subprocess.Popen(
+                    [spy, "record", "--pid", pid, "--rate", str(ns.rate), "--duration",
+                     str(int(ns.seconds)), "--format", fmt, "--output", str(base) + suffix,
+                     "--nonblocking"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                ))  # fmt: skip
+            time.sleep(1.0)
+            cpu_before = _cpu(pid)
+            if phase == "put":
+                n = _drive(lambda: ids.append(medvault.put(chunks, digest)), ns.seconds)
+            else:
+                reads = iter(ids * 1000)
+                n = _drive(lambda reads=reads: medvault.get(next(reads)), ns.seconds)
+            cpu_ms = (_cpu(pid) - cpu_before) * 1000 / max(n, 1)
+            for run in fmt_runs:
+                run.wait(timeout=ns.seconds + 60)
+            print(f"\n== {phase} {ns.size}: {n} ops in {ns.seconds:.0f} s "
+                  f"({n / ns.seconds:.1f}/s), service CPU {cpu_ms:.1f} ms per op "
+                  f"(py-spy's own sampling included)")  # fmt: skip
+            summary = summarise(Path(str(base) + ".txt"))
+            (ns.out / f"{phase}-summary.txt").write_text(summary)
+            print(summary)
+        medvault.close()
+    finally:
+        stack.down()
+        shutil.rmtree(home, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
