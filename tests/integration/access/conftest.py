@@ -6,15 +6,12 @@ tampering with the trail or renaming a table never leaks into another module.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
-from sqlalchemy.engine import Engine
 
-from tests.fixtures.databases import PG_ADMIN_URL
+from tests.fixtures.databases import new_database
 from tests.fixtures.service import TlsFiles
 from tests.integration.access.helpers import issue_client
 
@@ -33,21 +30,6 @@ def fresh_database(
     yield from new_database(request, database_url, tmp_path_factory)
 
 
-def new_database(
-    request: pytest.FixtureRequest, backend_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    if is_sqlite(backend_url):
-        yield f"sqlite:///{tmp_path_factory.mktemp('access-db') / 'metadata.db'}"
-        return
-    admin: Engine = request.getfixturevalue("postgres_admin")
-    name = f"medvault_a_{secrets.token_hex(6)}"
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(scope="module")

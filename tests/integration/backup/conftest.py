@@ -4,32 +4,16 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 
 from keystore import Pkcs11SessionPool
 from storage.backup.targets import S3Target
 from storage.s3_blobs import MIB, S3BlobStore
 from storage.sql_metadata import make_engine, upgrade
-from tests.fixtures.databases import PG_ADMIN_URL
+from tests.fixtures.databases import new_database
 from tests.integration.backup.helpers import Source
-
-
-def _fresh_url(kind: str, tmp_path: Path, admin: Any) -> Iterator[str]:
-    if kind == "sqlite":
-        yield f"sqlite:///{tmp_path / f'meta-{secrets.token_hex(4)}.db'}"
-        return
-    name = f"medvault_bk_{secrets.token_hex(6)}"
-    with admin.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as c:
-            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -39,13 +23,14 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+def fresh_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
     """``fresh_url(kind)``: a new, empty database URL (dropped after the test)."""
     opened: list[Iterator[str]] = []
 
     def make(kind: str) -> str:
-        admin = request.getfixturevalue("postgres_admin") if kind == "postgresql" else None
-        gen = _fresh_url(kind, tmp_path, admin)
+        gen = new_database(request, kind, tmp_path_factory)
         opened.append(gen)
         return next(gen)
 

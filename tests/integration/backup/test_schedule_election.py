@@ -25,7 +25,7 @@ from service.backup.scheduler import IntervalSchedule, JobResult, ScheduledJob, 
 from storage.audit_model import AuditEntry
 from storage.backup.runs import SqlRunLedger, backup_runs, elected
 from storage.sql_metadata import make_engine, upgrade
-from tests.integration.access.conftest import new_database
+from tests.fixtures.databases import new_database
 
 pytestmark = pytest.mark.integration
 REPLICAS = 4

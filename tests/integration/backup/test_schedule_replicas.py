@@ -23,8 +23,8 @@ import sqlalchemy as sa
 
 from storage.backup.manifest import MANIFESTS_PREFIX, backup_id_of
 from storage.backup.runs import backup_runs
+from tests.fixtures.databases import new_database
 from tests.fixtures.service import TlsFiles
-from tests.integration.access.conftest import new_database
 from tests.integration.access.helpers import (
     client,
     engine_for,

@@ -16,9 +16,9 @@ import pytest
 
 from service.localstack.softhsm import init_token
 from service.localstack.tokenkeys import ensure_token_keys
+from tests.fixtures.databases import new_database
 from tests.fixtures.service import RunningService, TlsFiles
 from tests.fixtures.softhsm import SoftHsmToken
-from tests.integration.access.conftest import new_database
 from tests.integration.access.helpers import issue_client
 
 

@@ -25,7 +25,7 @@ from storage.errors import KekInUseError, KekRetiredError
 from storage.interfaces import StoredRecord
 from storage.kek import KekManager, _mark_retired
 from storage.sql_metadata import SqlMetadataStore, _insert_guarded, make_engine, records, upgrade
-from tests.integration.access.conftest import new_database
+from tests.fixtures.databases import new_database
 
 pytestmark = pytest.mark.integration
 

@@ -30,8 +30,8 @@ import sqlalchemy as sa
 from service._gen.medvault.v1 import records_pb2 as pb
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
 from service.guard import REPLAY_REASON
+from tests.fixtures.databases import new_database
 from tests.fixtures.service import RunningService, TlsFiles
-from tests.integration.access.conftest import new_database
 from tests.integration.access.helpers import engine_for, issue_client
 from tests.integration.service.streams import new_patient
 

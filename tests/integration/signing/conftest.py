@@ -17,8 +17,8 @@ import pytest
 from keystore import Pkcs11SessionPool
 from keystore.certificates import create_signer_key, import_certificate, make_csr
 from service.localstack.ca import DevCA
+from tests.fixtures.databases import new_database
 from tests.fixtures.service import RunningService, TlsFiles
-from tests.integration.access.conftest import new_database
 from tests.integration.access.helpers import Client, client, issue_client
 
 # name -> (key kind, issuing CA: "trusted" | "rogue" | "expired")

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import secrets
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -30,6 +28,7 @@ from storage.audit_model import (
 from storage.audit_verify import verify_chain
 from storage.errors import BackendUnavailableError, InvalidRecordError
 from storage.sql_metadata import make_engine, upgrade
+from tests.fixtures.databases import new_database
 
 pytestmark = pytest.mark.integration
 
@@ -54,20 +53,11 @@ def entry(n: int = 0, **changes: object) -> AuditEntry:
 
 
 @pytest.fixture
-def audit_url(database_url: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+def audit_url(
+    database_url: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """A fresh, empty database per test, on the backend ``database_url`` selects."""
-    if database_url.startswith("sqlite"):
-        yield f"sqlite:///{tmp_path / 'audit.db'}"
-        return
-    admin: Engine = request.getfixturevalue("postgres_admin")
-    name = f"medvault_audit_{secrets.token_hex(6)}"
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield sa.make_url(database_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    yield from new_database(request, database_url, tmp_path_factory)
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from storage.grant_seal import GrantSealer
 from storage.grants import GRANT_ADOPTER, LEGACY_MARK, SqlGrantStore, access_grants
 from storage.grants_legacy import adopt_legacy
 from storage.sql_metadata import make_engine, upgrade
-from tests.fixtures.databases import PG_ADMIN_URL
+from tests.fixtures.databases import new_database
 
 pytestmark = pytest.mark.integration
 
@@ -44,18 +44,7 @@ def fresh_url(
     request: pytest.FixtureRequest, database_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """An empty database of this test only, on ``database_url``'s backend."""
-    if database_url.startswith("sqlite"):
-        yield f"sqlite:///{tmp_path_factory.mktemp('grants') / 'metadata.db'}"
-        return
-    admin: Engine = request.getfixturevalue("postgres_admin")
-    name = f"medvault_g_{secrets.token_hex(6)}"
-    with admin.connect() as connection:
-        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    yield from new_database(request, database_url, tmp_path_factory)
 
 
 @pytest.fixture
