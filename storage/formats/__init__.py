@@ -6,7 +6,11 @@ plaintext of a put through it as the stream passes to encryption. See docs/forma
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
+
+import hl7.containers
+import hl7.util
 
 from storage.errors import InvalidRecordError
 from storage.formats.base import ContentValidator, Opaque
@@ -18,6 +22,14 @@ from storage.formats.pdf import PdfValidator
 from storage.model import PatientRef, RecordKind
 
 __all__ = ["ContentValidator", "checked", "validator_for"]
+
+# The parsers' own loggers quote what they parse (pydicom a malformed value, hl7 a stray
+# segment): that is patient data, and the root logger writes the service's log. Their
+# records stop here; a refusal says what was wrong without them. (hl7 names its loggers
+# by file path, not by module.)
+for _logger in (logging.getLogger("pydicom"), hl7.util.logger, hl7.containers.logger):
+    _logger.propagate = False
+    _logger.addHandler(logging.NullHandler())
 
 _VALIDATORS: dict[RecordKind, Callable[[PatientRef], ContentValidator]] = {
     RecordKind.HL7V2: Hl7v2Validator,

@@ -14,6 +14,7 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
+from pydicom import config as pydicom_config
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset, read_preamble
 from pydicom.tag import BaseTag
@@ -23,6 +24,12 @@ from storage.errors import InvalidRecordError
 from storage.formats.base import mismatch, refuse, same_patient
 from storage.formats.dicom_tail import TailWalker
 from storage.model import PatientRef
+
+# pydicom reports a value that breaks its VR's rules by logging *and* warning with the
+# value quoted (a malformed PatientID, say): patient data in the service's log. We check
+# what we need ourselves, so its read-time validation is off (its logger is cut off from
+# the service's log in storage/formats/__init__.py).
+pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
 
 HEADER_CAP = 4 << 20
 FIRST_TRY = 4 << 10

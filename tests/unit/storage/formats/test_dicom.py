@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import logging
+from collections.abc import Iterator
 
+import hl7.util
 import pytest
 from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
@@ -198,3 +201,56 @@ def test_a_patient_id_after_the_pixel_data_is_refused(chunk: int) -> None:
 def test_a_file_cut_inside_the_pixel_data_is_refused() -> None:
     data = _dicom(pixels=bytes(1 << 20))
     assert "truncated" in refused(DICOM, data[:-100])
+
+
+class _RootRecords(logging.Handler):
+    """What the service's log would receive: records that reach the root logger.
+
+    (pytest's own capture also hooks non-propagating loggers, so ``caplog`` cannot
+    show what stops short of the root.)
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def root_log() -> Iterator[_RootRecords]:
+    root = logging.getLogger()
+    handler, level = _RootRecords(), root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def test_pydicom_never_logs_or_warns_a_value_from_the_content(
+    root_log: _RootRecords, recwarn: pytest.WarningsRecorder
+) -> None:
+    """Malformed values are quoted by pydicom's own validation: none may reach a log."""
+    marker = "ZQXJ7731"
+    bad_uid = f"1.2.{marker}"  # not a valid UI value: pydicom would quote it
+    data = content.dicom(PATIENT.id, PATIENT.authority, SeriesInstanceUID=bad_uid,
+                         StudyDescription=marker * 20)  # LO longer than 64
+    recwarn.clear()
+    outcome = ""
+    try:
+        run(RecordKind.DICOM, data)
+    except InvalidRecordError as e:
+        outcome = str(e)
+    assert marker not in outcome
+    assert not [m for m in root_log.messages if marker in m], "a value reached the log"
+    assert not [w for w in recwarn if marker in str(w.message)], "pydicom warned with a value"
+
+
+def test_hl7_parser_records_do_not_reach_the_service_log(root_log: _RootRecords) -> None:
+    """The hl7 package logs stray segments verbatim (hl7.util): cut off like pydicom's."""
+    hl7.util.logger.error("Segment received before message header [%s]", "PID|X")
+    assert not [m for m in root_log.messages if "PID|X" in m]
