@@ -42,6 +42,7 @@ from service.config import Config, ConfigError, ServerConfig
 from service.edge import Deadlines, EdgeInterceptor, refusal_reporter
 from service.keys_servicer import KeyServicer
 from service.limits import CallLimiter, UploadGate
+from service.metrics import MetricsInterceptor
 from service.records_servicer import RecordServicer
 from service.signing_servicer import SigningServicer
 from storage.sweeper import sweep_if_due
@@ -102,7 +103,11 @@ async def create_server(
 ) -> tuple[aio.Server, int]:
     """A started asyncio server with every service registered; returns it and its port."""
     server = aio.server(
-        interceptors=[edge or edge_interceptor(config, components)],
+        # Metrics outermost: a call refused at the edge is still counted, with its code.
+        interceptors=[
+            MetricsInterceptor(_registered_methods()),
+            edge or edge_interceptor(config, components),
+        ],
         options=server_options(config),
         # Fairness comes from the per-principal shares (service.limits); this global cap
         # is only a backstop far above them, since whoever fills it locks everyone out.
@@ -154,6 +159,21 @@ async def create_server(
     for name in ("", *names[:6]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server, port
+
+
+def _registered_methods() -> frozenset[str]:
+    """Every ``/package.Service/Method`` this server registers (the metrics' labels)."""
+    services = [
+        module.DESCRIPTOR.services_by_name[name]
+        for module, name in (
+            (records_pb2, "RecordService"), (access_pb2, "AccessService"),
+            (audit_pb2, "AuditService"), (signing_pb2, "SigningService"),
+            (keys_pb2, "KeyService"), (backup_pb2, "BackupService"),
+        )
+    ]  # fmt: skip
+    methods = {f"/{s.full_name}/{m.name}" for s in services for m in s.methods}
+    methods |= {f"/{health.SERVICE_NAME}/Check", f"/{health.SERVICE_NAME}/Watch"}
+    return frozenset(methods)
 
 
 def sweep_interval(server: ServerConfig) -> float:

@@ -1,0 +1,123 @@
+"""Per-method call metrics in the Prometheus format operators already scrape.
+
+``medvault_rpc_calls_total{method, code}`` counts finished calls by method and final
+status; ``medvault_rpc_seconds{method}`` is their latency histogram (from the handler's
+start to its last message). Served on ``server.metrics_listen`` with the incident and
+witness counters. The method label is the registered name (``RecordService/GetRecord``);
+a name no service registers is counted as ``other``: callers choose method names, and a
+label per name would let them grow the server's memory and the scrape without bound.
+No label carries a principal, patient or record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+from prometheus_client import Counter, Histogram
+
+CALLS = Counter(
+    "medvault_rpc_calls_total", "Finished gRPC calls by method and status code",
+    ["method", "code"],
+)  # fmt: skip
+LATENCY = Histogram(
+    "medvault_rpc_seconds", "gRPC call duration by method (handler start to end)",
+    ["method"],
+    buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)  # fmt: skip
+OTHER = "other"
+
+
+def _code(context: aio.ServicerContext, error: BaseException | None) -> str:
+    """The call's final status: what the handler set, else OK or (on an exception) UNKNOWN."""
+    if isinstance(error, asyncio.CancelledError):
+        return "CANCELLED"  # the client went away or its deadline passed
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    if isinstance(code, int):  # grpc.aio reports the cygrpc integer on some paths
+        for status in grpc.StatusCode:
+            if status.value[0] == code:
+                return str(status.name)
+    return "UNKNOWN" if error is not None else "OK"
+
+
+class MetricsInterceptor(aio.ServerInterceptor):  # type: ignore[misc]  # untyped base
+    """Outermost interceptor: times each call and counts it by method and final code."""
+
+    def __init__(self, registered: frozenset[str]) -> None:
+        self._registered = registered
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        full = str(details.method)
+        label = full.rsplit(".", 1)[-1] if full in self._registered else OTHER
+        return _timed(handler, label)
+
+
+def _timed(handler: grpc.RpcMethodHandler, label: str) -> grpc.RpcMethodHandler:
+    unary, stream = _unary_response(label), _stream_response(label)
+    common = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **common)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **common)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **common)
+    return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), **common)
+
+
+def _finish(label: str, started: float, context: aio.ServicerContext,
+            error: BaseException | None) -> None:  # fmt: skip
+    LATENCY.labels(label).observe(time.perf_counter() - started)
+    CALLS.labels(label, _code(context, error)).inc()
+
+
+def _unary_response(label: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Any]]:
+    def unary_response(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+        async def wrapped(request: Any, context: aio.ServicerContext) -> Any:
+            started, error = time.perf_counter(), None
+            try:
+                return await behavior(request, context)
+            except BaseException as e:
+                error = e
+                raise
+            finally:
+                _finish(label, started, context, error)
+
+        return wrapped
+
+    return unary_response
+
+
+def _stream_response(
+    label: str,
+) -> Callable[[Callable[..., AsyncIterator[Any]]], Callable[..., Any]]:
+    def stream_response(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
+        async def wrapped(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            started, error = time.perf_counter(), None
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            except BaseException as e:
+                error = e
+                raise
+            finally:
+                _finish(label, started, context, error)
+
+        return wrapped
+
+    return stream_response

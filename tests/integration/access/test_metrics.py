@@ -1,0 +1,116 @@
+"""Prometheus metrics of every call: counted by method and final code, timed, and with
+no caller-chosen label (an unknown method is ``other``) and no principal or patient."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service._gen.medvault.v1 import access_pb2 as apb
+from tests.fixtures.service import DEFAULT_POLICY, RunningService, free_port
+from tests.integration.access.helpers import (
+    TIMEOUT,
+    Client,
+    client,
+    fetch,
+    new_patient,
+    put_record,
+)
+
+pytestmark = pytest.mark.integration
+
+GET = "RecordService/GetRecord"
+PUT = "RecordService/PutRecord"
+
+
+@dataclass
+class World:
+    service: RunningService
+    metrics_port: int
+    doctor: Client
+    clerk: Client
+    stranger: Client
+
+
+@pytest.fixture(scope="module")
+def world(service_factory: Any, fresh_database: str, issue: Any) -> Iterator[World]:
+    port = free_port()
+    service: RunningService = service_factory(
+        fresh_database, policy=DEFAULT_POLICY.read_text(), metrics_listen=f"127.0.0.1:{port}"
+    )
+    w = World(
+        service, port,
+        doctor=client(service, issue("metrics-dr", "physician")),
+        clerk=client(service, issue("metrics-clerk", "records_clerk")),
+        stranger=client(service, issue("metrics-other-dr", "physician")),
+    )  # fmt: skip
+    yield w
+    for c in (w.doctor, w.clerk, w.stranger):
+        c.close()
+    service.stop()
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("medvault_rpc_")
+    }
+
+
+def _calls(scraped: dict[Any, float], method: str, code: str) -> float:
+    key = ("medvault_rpc_calls_total", (("code", code), ("method", method)))
+    return scraped.get(key, 0.0)
+
+
+def test_calls_are_counted_by_method_and_code_and_timed(world: World) -> None:
+    before = _scrape(world.metrics_port)
+    patient = new_patient()
+    world.clerk.access.GrantAccess(
+        apb.GrantAccessRequest(patient=patient, principal="metrics-dr"), timeout=TIMEOUT
+    )
+    record = put_record(world.doctor, patient, b"synthetic metrics note")
+    assert fetch(world.doctor, record.id).error is None
+    refused = fetch(world.stranger, record.id)
+    assert refused.error is not None
+    refused_code = refused.code.name
+    after = _scrape(world.metrics_port)
+
+    assert _calls(after, PUT, "OK") - _calls(before, PUT, "OK") == 1
+    assert _calls(after, GET, "OK") - _calls(before, GET, "OK") == 1
+    assert _calls(after, GET, refused_code) - _calls(before, GET, refused_code) == 1
+    timed = ("medvault_rpc_seconds_count", (("method", GET),))
+    assert after[timed] - before.get(timed, 0.0) == 2
+
+
+def test_unknown_methods_share_one_label(world: World) -> None:
+    channel = world.doctor.channel
+    for name in ("/x.Y/Probe1", "/medvault.v1.RecordService/Nope", "/a/" + "b" * 200):
+        with pytest.raises(grpc.RpcError) as raised:
+            channel.unary_unary(name)(b"", timeout=TIMEOUT)
+        assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    scraped = _scrape(world.metrics_port)
+    methods = {dict(labels).get("method") for _, labels in scraped}
+    assert _calls(scraped, "other", "UNIMPLEMENTED") >= 3
+    assert not [m for m in methods if m and ("Probe1" in m or "Nope" in m or "bbb" in m)]
+
+
+def test_no_label_names_a_principal_or_patient(world: World) -> None:
+    patient = new_patient()
+    world.clerk.access.GrantAccess(
+        apb.GrantAccessRequest(patient=patient, principal="metrics-dr"), timeout=TIMEOUT
+    )
+    put_record(world.doctor, patient)
+    scraped = _scrape(world.metrics_port)
+    label_values = {v for _, labels in scraped for _, v in labels}
+    assert not [v for v in label_values if "metrics-" in v or patient.id in v]
+    assert {k for _, labels in scraped for k, _ in labels} <= {"method", "code", "le"}
