@@ -9,9 +9,26 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from contextvars import ContextVar
 from datetime import UTC, datetime
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+#: The id of the gRPC call being served, set for each call (``service.metrics``) and
+#: written as ``call`` on every log line made while serving it; the client receives it
+#: in the ``x-medvault-call`` trailer, so an error it reports can be found in the log.
+CALL_ID: ContextVar[str | None] = ContextVar("medvault_call_id", default=None)
+
+
+class CallIdFilter(logging.Filter):
+    """Adds the current call's id (if any) to a record as ``call``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Always keeps the record; only annotates it."""
+        call = CALL_ID.get()
+        if call is not None and not hasattr(record, "call"):
+            record.call = call
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -35,6 +52,7 @@ def setup(level: str = "INFO") -> None:
     """Send the root logger's records to stderr as JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(CallIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

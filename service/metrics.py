@@ -1,4 +1,5 @@
-"""Per-method call metrics in the Prometheus format operators already scrape.
+"""Per-method call metrics in the Prometheus format operators already scrape, and the
+call id that ties a client's error to the service's log lines.
 
 ``medvault_rpc_calls_total{method, code}`` counts finished calls by method and final
 status; ``medvault_rpc_seconds{method}`` is their latency histogram (from the handler's
@@ -7,11 +8,17 @@ witness counters. The method label is the registered name (``RecordService/GetRe
 a name no service registers is counted as ``other``: callers choose method names, and a
 label per name would let them grow the server's memory and the scrape without bound.
 No label carries a principal, patient or record.
+
+Each call gets a random id (``service.logs.CALL_ID``): every log line made while serving
+it carries it as ``call``, and the client receives it in the ``x-medvault-call`` trailing
+metadata (shown by the CLI with an error), so support can find the call in the log
+without the client sending anything identifying.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -19,6 +26,8 @@ from typing import Any
 import grpc
 from grpc import aio
 from prometheus_client import Counter, Histogram
+
+from service.logs import CALL_ID
 
 CALLS = Counter(
     "medvault_rpc_calls_total", "Finished gRPC calls by method and status code",
@@ -30,6 +39,15 @@ LATENCY = Histogram(
     buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )  # fmt: skip
 OTHER = "other"
+CALL_TRAILER = "x-medvault-call"
+
+
+def _begin(context: aio.ServicerContext) -> float:
+    """Give the call its id (log lines, trailer) and return its start time."""
+    call = secrets.token_hex(8)
+    CALL_ID.set(call)  # each call runs in a task of its own, with its own context
+    context.set_trailing_metadata(((CALL_TRAILER, call),))
+    return time.perf_counter()
 
 
 def _code(context: aio.ServicerContext, error: BaseException | None) -> str:
@@ -89,7 +107,7 @@ def _finish(label: str, started: float, context: aio.ServicerContext,
 def _unary_response(label: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Any]]:
     def unary_response(behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
         async def wrapped(request: Any, context: aio.ServicerContext) -> Any:
-            started, error = time.perf_counter(), None
+            started, error = _begin(context), None
             try:
                 return await behavior(request, context)
             except BaseException as e:
@@ -108,7 +126,7 @@ def _stream_response(
 ) -> Callable[[Callable[..., AsyncIterator[Any]]], Callable[..., Any]]:
     def stream_response(behavior: Callable[..., AsyncIterator[Any]]) -> Callable[..., Any]:
         async def wrapped(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-            started, error = time.perf_counter(), None
+            started, error = _begin(context), None
             try:
                 async for response in behavior(request, context):
                     yield response

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import signal
@@ -11,6 +12,7 @@ import threading
 from concurrent import futures
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -161,6 +163,19 @@ async def create_server(
     return server, port
 
 
+class ContextExecutor(futures.ThreadPoolExecutor):
+    """A thread pool that runs each job in a copy of its submitter's context.
+
+    ``loop.run_in_executor`` does not carry context variables into the pool (unlike
+    ``asyncio.to_thread``): without this, a log line written by the store for a call
+    would lose the call's id.
+    """
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
+        """Schedule ``fn`` in a copy of the current context."""
+        return super().submit(contextvars.copy_context().run, fn, *args, **kwargs)
+
+
 def _registered_methods() -> frozenset[str]:
     """Every ``/package.Service/Method`` this server registers (the metrics' labels)."""
     services = [
@@ -215,7 +230,7 @@ async def _serve(config: Config, components: Components) -> None:
     loop = asyncio.get_running_loop()
     # The store's blocking calls run here; the default pool (cores + 4) is far too small.
     loop.set_default_executor(
-        futures.ThreadPoolExecutor(2 * config.server.workers, thread_name_prefix="store")
+        ContextExecutor(2 * config.server.workers, thread_name_prefix="store")
     )
     edge = edge_interceptor(config, components)
     server, port = await create_server(config, components, edge)

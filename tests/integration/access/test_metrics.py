@@ -3,6 +3,7 @@ no caller-chosen label (an unknown method is ``other``) and no principal or pati
 
 from __future__ import annotations
 
+import json
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service._gen.medvault.v1 import access_pb2 as apb
+from service.metrics import CALL_TRAILER
 from tests.fixtures.service import DEFAULT_POLICY, RunningService, free_port
 from tests.integration.access.helpers import (
     TIMEOUT,
@@ -21,6 +23,7 @@ from tests.integration.access.helpers import (
     fetch,
     new_patient,
     put_record,
+    wait_for,
 )
 
 pytestmark = pytest.mark.integration
@@ -114,3 +117,29 @@ def test_no_label_names_a_principal_or_patient(world: World) -> None:
     label_values = {v for _, labels in scraped for _, v in labels}
     assert not [v for v in label_values if "metrics-" in v or patient.id in v]
     assert {k for _, labels in scraped for k, _ in labels} <= {"method", "code", "le"}
+
+
+def test_a_refused_call_names_its_call_id_to_the_client_and_in_the_log(world: World) -> None:
+    patient = new_patient()
+    world.clerk.access.GrantAccess(
+        apb.GrantAccessRequest(patient=patient, principal="metrics-dr"), timeout=TIMEOUT
+    )
+    record = put_record(world.doctor, patient, b"synthetic note")
+    refused = fetch(world.stranger, record.id)
+    assert refused.error is not None
+    trailers = dict(refused.error.trailing_metadata() or ())
+    call = trailers.get(CALL_TRAILER)
+    assert call is not None, "no call id in the trailer"
+    assert len(call) == 16, call
+
+    def logged() -> list[dict[str, Any]]:
+        lines = world.service.log_path.read_text(errors="replace").splitlines()
+        entries = [json.loads(line) for line in lines if line.startswith("{")]
+        return [e for e in entries if e.get("call") == call]
+
+    wait_for(lambda: bool(logged()), what="a log line with the call id")
+    assert {e["msg"] for e in logged()} >= {"rpc failed"}
+    # The same id is never handed to two calls.
+    again = fetch(world.stranger, record.id)
+    assert again.error is not None
+    assert dict(again.error.trailing_metadata() or ()).get(CALL_TRAILER) not in (None, call)
