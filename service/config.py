@@ -42,6 +42,9 @@ class ServerConfig:
     policy: str = "policy.toml"
     # host:port for Prometheus metrics; empty = off.
     metrics_listen: str = ""
+    # Seconds between probes of the database, object store and token, reported in the
+    # gRPC health service as medvault.dependency.* (service/health.py).
+    health_probe_seconds: float = 10.0
     # Edge limits (docs/security.md). A stream's first message must arrive within
     # first_message_seconds of the call's start, each later one within idle_seconds.
     first_message_seconds: float = 10.0

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import sqlalchemy as sa
 from grpc import aio
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -42,6 +43,7 @@ from service.backup_servicer import BackupServicer
 from service.bootstrap import Components, build
 from service.config import Config, ConfigError, ServerConfig
 from service.edge import Deadlines, EdgeInterceptor, refusal_reporter
+from service.health import Probe, probe_forever
 from service.keys_servicer import KeyServicer
 from service.limits import CallLimiter, UploadGate
 from service.metrics import MetricsInterceptor
@@ -160,7 +162,32 @@ async def create_server(
     await server.start()
     for name in ("", *names[:6]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    prober = asyncio.create_task(probe_forever(
+        health_servicer, dependency_probes(components), config.server.health_probe_seconds
+    ))  # fmt: skip
+    _BACKGROUND.add(prober)  # a reference, so the task is not collected while it runs
+    prober.add_done_callback(_BACKGROUND.discard)
     return server, port
+
+
+_BACKGROUND: set[asyncio.Task[None]] = set()
+
+
+def dependency_probes(components: Components) -> list[Probe]:
+    """The cheapest real operation on each dependency (``service.health``)."""
+
+    def database() -> None:
+        with components.engine.connect() as connection:
+            connection.execute(sa.text("SELECT 1"))
+
+    def object_store() -> None:
+        next(iter(components.blobs.list("medvault-health-probe/")), None)
+
+    def token() -> None:
+        components.pool.run(lambda session: session.generate_random(64))
+
+    return [Probe("database", database), Probe("object_store", object_store),
+            Probe("token", token)]  # fmt: skip
 
 
 class ContextExecutor(futures.ThreadPoolExecutor):
