@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, TypeVar
 import pkcs11
 from pkcs11 import Attribute, ObjectClass
 from pkcs11 import exceptions as p11e
+from prometheus_client import Histogram
 
 from keystore.config import Pkcs11Config
 from keystore.errors import KeyNotFoundError, KeystoreError, PinError, TokenUnavailableError
@@ -53,6 +54,12 @@ SESSION_LOST_ERRORS: tuple[type[p11e.PKCS11Error], ...] = (
     p11e.ObjectHandleInvalid,
 )
 
+
+# Token operations are on every put and get (key wrap, unwrap, blind index, signing).
+TOKEN_SECONDS = Histogram(
+    "medvault_token_seconds", "Time of one PKCS#11 token operation (session wait included)",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+)  # fmt: skip
 
 class SessionLostError(TokenUnavailableError):
     """The session broke during use (token restarted or removed); a retry may succeed."""
@@ -284,12 +291,13 @@ class Pkcs11SessionPool:
 
         Only for idempotent operations (encrypt, decrypt, sign, lookups).
         """
-        try:
-            with self.session() as session:
-                return operation(session)
-        except SessionLostError:
-            with self.session() as session:
-                return operation(session)
+        with TOKEN_SECONDS.time():
+            try:
+                with self.session() as session:
+                    return operation(session)
+            except SessionLostError:
+                with self.session() as session:
+                    return operation(session)
 
     def find_key(
         self, session: pkcs11.Session, label: str, object_class: ObjectClass

@@ -37,6 +37,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar, cast
 
+from prometheus_client import Histogram
+
 from keystore.interfaces import Signer
 from service.audit import AuditUnavailableError
 from service.audit.checkpoints import Checkpointer, signature_checker
@@ -48,6 +50,11 @@ from storage.audit_witness import CheckpointWitness
 from storage.errors import BackendUnavailableError
 
 logger = logging.getLogger(__name__)
+# A read's data leaves only after its event commits: this is on every read's path.
+COMMIT_SECONDS = Histogram(
+    "medvault_audit_commit_seconds", "Time to commit one batch of audit events",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)  # fmt: skip
 
 MAX_BATCH: Final = 512
 # Longest wait for stragglers before a commit under concurrent load.
@@ -231,7 +238,8 @@ class AuditTrail:
     def _write(self, batch: list[_Item]) -> None:
         """Append one batch; on a refusal (not an outage) retry its events one by one."""
         try:
-            done = self._log.append_pending([i.pending for i in batch])
+            with COMMIT_SECONDS.time():
+                done = self._log.append_pending([i.pending for i in batch])
         except BackendUnavailableError as e:
             self._fail(batch, e)  # an outage: every caller now, no retries to wait on
             return

@@ -143,3 +143,25 @@ def test_a_refused_call_names_its_call_id_to_the_client_and_in_the_log(world: Wo
     again = fetch(world.stranger, record.id)
     assert again.error is not None
     assert dict(again.error.trailing_metadata() or ()).get(CALL_TRAILER) not in (None, call)
+
+
+def test_token_and_audit_commit_latency_are_measured(world: World) -> None:
+    def counts() -> tuple[float, float]:
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{world.metrics_port}/metrics", timeout=10
+        ) as reply:
+            families = {f.name: f for f in text_string_to_metric_families(reply.read().decode())}
+        def count(name: str) -> float:
+            return sum(s.value for s in families[name].samples if s.name == f"{name}_count")
+        return count("medvault_token_seconds"), count("medvault_audit_commit_seconds")
+
+    token_before, commits_before = counts()
+    patient = new_patient()
+    world.clerk.access.GrantAccess(
+        apb.GrantAccessRequest(patient=patient, principal="metrics-dr"), timeout=TIMEOUT
+    )
+    record = put_record(world.doctor, patient, b"synthetic note")
+    assert fetch(world.doctor, record.id).error is None
+    token_after, commits_after = counts()
+    assert token_after - token_before >= 2, "a put and a get wrap and unwrap a key"
+    assert commits_after > commits_before, "the read's event was committed"
