@@ -39,6 +39,7 @@ from storage.audit_witness import (
     WitnessError,
 )
 from storage.backup.targets import S3Target
+from storage.commit_tags import CommitTagger
 from storage.errors import StorageError
 from storage.grant_seal import GrantSealer
 from storage.grants import GRANT_ADOPTER, SqlGrantStore
@@ -91,6 +92,7 @@ class Components:
         """Flush the audit trail, release the token sessions and database connections."""
         self.backup.scheduler.stop()  # after its current run; before what it uses closes
         try:
+            self.store.close()  # the commit tags still queued
             self.guard.trail.close()
         finally:
             self.pool.close()
@@ -262,6 +264,7 @@ def _wire(config: Config, pool: Pkcs11SessionPool) -> Components:
         before_commit=_fault_hook(),
         accept_legacy=config.server.accept_legacy_sealed_rows,
         requests=put_requests,
+        tagger=CommitTagger(blobs.mark_committed),
         on_tampered=lambda e: guard.incidents.tampered(
             "row-tampered", e.resource,
             "metadata row failed authentication (changed in the database); the read was refused",

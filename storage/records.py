@@ -21,6 +21,7 @@ from typing import Protocol, runtime_checkable
 from sqlalchemy.engine import Connection
 
 from keystore.interfaces import BlindIndexer, KeyWrapper
+from storage.commit_tags import CommitTagger
 from storage.envelope import StreamingAead
 from storage.errors import (
     IntegrityError,
@@ -128,10 +129,12 @@ class RecordStore:
         on_tampered: Tampered | None = None,
         accept_legacy: bool = True,
         requests: SqlPutRequests | None = None,
+        tagger: CommitTagger | None = None,
     ) -> None:
         self._blobs = blobs
         # PutRecord idempotency keys (storage.put_requests); None: request ids are ignored.
         self._requests = requests
+        self._tagger = tagger
         self._metadata = metadata
         self._wrapper = wrapper
         self._indexer = indexer
@@ -226,6 +229,11 @@ class RecordStore:
         self._mark_committed(object_key)
         return VerifiedRecord(row, dek, sealed).info()
 
+    def close(self) -> None:
+        """Finish the background work: tag the committed objects still queued."""
+        if self._tagger is not None:
+            self._tagger.close()
+
     def _discard(self, row: StoredRecord) -> None:
         """After a failed commit, delete the object only if its row is known absent.
 
@@ -255,6 +263,9 @@ class RecordStore:
         keep a failed write's object for ever. An untagged committed object is
         referenced, hence safe, and the sweep tags it (``storage.sweeper``).
         """
+        if self._tagger is not None:  # off the write path (storage.commit_tags)
+            self._tagger.submit(object_key)
+            return
         try:
             self._blobs.mark_committed(object_key)
         except StorageError:

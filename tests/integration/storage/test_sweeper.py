@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from keystore import Pkcs11BlindIndexer, Pkcs11KeyWrapper, Pkcs11SessionPool
+from storage.commit_tags import CommitTagger
 from storage.errors import BackendUnavailableError
 from storage.model import NewRecord, PatientRef, RecordKind
 from storage.records import RecordStore
@@ -255,3 +256,31 @@ def test_a_bucket_writer_cannot_flood_incidents_with_tagged_garbage(
     assert (result.removed, result.missing_rows) == (0, 5), f"{result}"
     assert len(world.missing) == 2, f"{len(world.missing)} incidents"
     assert set(garbage) <= world.objects()
+
+
+def test_background_tagging_tags_after_the_reply_and_a_lost_tag_is_swept_in(
+    world: _World,
+) -> None:
+    """With the service's tagger the put returns before its tag; the tag follows, and a
+    tag lost with the process (the tagger never ran) is set by the next sweep."""
+    tagger = CommitTagger(world.bucket.store.mark_committed)
+    store = RecordStore(
+        world.bucket.store, world.metadata, world.store._wrapper, world.store._indexer,
+        tagger=tagger,
+    )  # fmt: skip
+    _, key = world.put(store)
+    tagger.join()
+    assert world.bucket.store.committed(key), "the background tagger did not tag"
+
+    lost = CommitTagger(lambda _key: None)  # a process killed before its tags ran
+    crashed = RecordStore(
+        world.bucket.store, world.metadata, world.store._wrapper, world.store._indexer,
+        tagger=lost,
+    )  # fmt: skip
+    _, untagged = world.put(crashed)
+    lost.join()
+    assert not world.bucket.store.committed(untagged)
+    assert world.sweep(now=datetime.now(UTC)).tagged >= 1
+    assert world.bucket.store.committed(untagged), "the sweep did not tag a committed object"
+    tagger.close()
+    lost.close()
