@@ -8,7 +8,6 @@ composition root (``service.bootstrap``), which chooses the concrete target.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -183,9 +182,9 @@ def build(
     """
     # Imported here: service.backup.drill imports this package (DrillRunner).
     from service.backup.drill import drill_checks, drill_runner  # noqa: PLC0415
-    from service.cli.backup_cmd import make_target, settings  # noqa: PLC0415
+    from service.backup.targets import backup_settings, make_target  # noqa: PLC0415
 
-    chosen = settings(config, argparse.Namespace())
+    chosen = backup_settings(config)
     target = make_target(config, chosen)
     signer = Pkcs11Signer(pool, chosen.signing_key_label)
     validator = SignatureValidator(

@@ -12,7 +12,6 @@ import argparse
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,51 +21,21 @@ from tqdm import tqdm
 
 from keystore import Pkcs11SessionPool
 from keystore.signing import Pkcs11Signer
+from service.backup.targets import backup_settings, make_target
 from service.cli.tables import print_table, utc
-from service.config import BackupConfig, Config, ConfigError, load, read_secret
+from service.config import BackupConfig, Config, ConfigError, load
 from storage.backup.retention import DEFAULT_GRACE, list_backups, prune
 from storage.backup.runner import BackupProgress, run_backup, source_identity
-from storage.backup.targets import BackupTarget, DirectoryTarget, S3Target
 from storage.backup.verify import verify_backup
-from storage.s3_blobs import make_minio_client
 from storage.sql_metadata import make_engine
 
 
 def settings(config: Config, ns: argparse.Namespace) -> BackupConfig:
     """``[backup]`` of ``config`` with the command line's overrides."""
-    overrides = {
-        flag: getattr(ns, flag)
-        for flag in ("target", "bucket", "directory")
-        if getattr(ns, flag, None)
-    }
-    if "directory" in overrides:  # a path given on the command line is used as given
-        overrides["directory"] = str(Path(overrides["directory"]).resolve())
-    return replace(config.backup, **overrides)
-
-
-def make_target(config: Config, s: BackupConfig) -> BackupTarget:
-    """The configured target, created if absent; S3 defaults to the ``[s3]`` endpoint."""
-    if s.target == "directory":
-        directory = DirectoryTarget(config.base_dir / s.directory)
-        directory.ensure()
-        return directory
-    if s.target != "s3":
-        raise ConfigError(f"[backup] target must be 's3' or 'directory', not {s.target!r}")
-    s3 = config.s3
-    if s.access_key_file:
-        access = read_secret("", s.access_key_file)
-        secret = read_secret("", s.secret_key_file)
-    else:
-        access = read_secret(s3.access_key_env, s3.access_key_file)
-        secret = read_secret(s3.secret_key_env, s3.secret_key_file)
-    client = make_minio_client(
-        s.endpoint or s3.endpoint, access, secret,
-        secure=s3.secure if s.secure is None else s.secure,
-        ca_file=(s.ca_file or s3.ca_file) or None,
-    )
-    target = S3Target(client, s.bucket, lock_days=s.object_lock_days)
-    target.ensure_bucket()
-    return target
+    return backup_settings(
+        config, target=getattr(ns, "target", "") or "", bucket=getattr(ns, "bucket", "") or "",
+        directory=getattr(ns, "directory", "") or "",
+    )  # fmt: skip
 
 
 @contextmanager

@@ -23,7 +23,8 @@ from typing import Any
 
 from keystore import Pkcs11KeyWrapper, Pkcs11SessionPool
 from keystore.signing import Pkcs11Signer
-from service.cli.backup_cmd import _Bars, _trusted_key, make_target, settings
+from service.backup.targets import make_target
+from service.cli.backup_cmd import _Bars, _trusted_key, settings
 from service.cli.tables import print_table
 from service.config import Config, ConfigError, load, read_secret
 from storage.backup.drill import DrillReport
