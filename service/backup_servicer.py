@@ -81,7 +81,7 @@ def drill_pb(report: DrillReport) -> bpb.DrillReport:
         signatures_verified=int(doc.get("verified", {}).get("signatures", 0)),
         audit_chain_ok=bool(doc.get("audit_chain", {}).get("ok", False)),
         failures=[_failure_line(f) for f in report.failures],
-        report_json=canonical_json(doc),
+        report_json=canonical_json(doc), report_key=report.key,
     )  # fmt: skip
 
 

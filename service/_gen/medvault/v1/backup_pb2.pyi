@@ -106,7 +106,7 @@ class RunRestoreDrillRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class DrillReport(_message.Message):
-    __slots__ = ("backup_id", "ok", "recovery_seconds", "records_verified", "bytes_verified", "signatures_verified", "audit_chain_ok", "failures", "report_json")
+    __slots__ = ("backup_id", "ok", "recovery_seconds", "records_verified", "bytes_verified", "signatures_verified", "audit_chain_ok", "failures", "report_json", "report_key")
     BACKUP_ID_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class DrillReport(_message.Message):
     AUDIT_CHAIN_OK_FIELD_NUMBER: _ClassVar[int]
     FAILURES_FIELD_NUMBER: _ClassVar[int]
     REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
+    REPORT_KEY_FIELD_NUMBER: _ClassVar[int]
     backup_id: str
     ok: bool
     recovery_seconds: float
@@ -125,7 +126,8 @@ class DrillReport(_message.Message):
     audit_chain_ok: bool
     failures: _containers.RepeatedScalarFieldContainer[str]
     report_json: bytes
-    def __init__(self, backup_id: _Optional[str] = ..., ok: _Optional[bool] = ..., recovery_seconds: _Optional[float] = ..., records_verified: _Optional[int] = ..., bytes_verified: _Optional[int] = ..., signatures_verified: _Optional[int] = ..., audit_chain_ok: _Optional[bool] = ..., failures: _Optional[_Iterable[str]] = ..., report_json: _Optional[bytes] = ...) -> None: ...
+    report_key: str
+    def __init__(self, backup_id: _Optional[str] = ..., ok: _Optional[bool] = ..., recovery_seconds: _Optional[float] = ..., records_verified: _Optional[int] = ..., bytes_verified: _Optional[int] = ..., signatures_verified: _Optional[int] = ..., audit_chain_ok: _Optional[bool] = ..., failures: _Optional[_Iterable[str]] = ..., report_json: _Optional[bytes] = ..., report_key: _Optional[str] = ...) -> None: ...
 
 class RunRestoreDrillResponse(_message.Message):
     __slots__ = ("progress", "report")
