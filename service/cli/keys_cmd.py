@@ -86,9 +86,9 @@ def cmd_create_signer(ns: argparse.Namespace) -> int:
 def cmd_import_cert(ns: argparse.Namespace) -> int:
     """Store the CA-signed certificate beside the signer's key."""
     try:
-        data = Path(ns.cert).read_bytes()
+        data = Path(ns.certificate).read_bytes()
     except OSError as e:
-        raise ConfigError(f"certificate {ns.cert}: {e.strerror or e}") from e
+        raise ConfigError(f"certificate {ns.certificate}: {e.strerror or e}") from e
     request = kpb.ImportCertificateRequest(name=ns.name, certificate=data)
     signer = _stub(ns).ImportCertificate(request, timeout=TIMEOUT)
     print(f"signer {ns.name}: certificate {signer.certificate_subject} "
@@ -130,7 +130,7 @@ def register(sub: Any) -> None:
     create.set_defaults(func=cmd_create_signer)
     imp = commands.add_parser("import-cert", help="store a signer's certificate")
     imp.add_argument("name", help="signer name")
-    imp.add_argument("cert", help="certificate file, PEM or DER")
+    imp.add_argument("certificate", metavar="CERT", help="certificate file, PEM or DER")
     imp.set_defaults(func=cmd_import_cert)
     lst = commands.add_parser("list", help="signers and certificate expiry")
     lst.set_defaults(func=cmd_list)

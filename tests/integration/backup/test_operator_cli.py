@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import secrets
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +32,7 @@ from tests.integration.access.helpers import (
     new_patient,
     put_record,
 )
-from tests.integration.backup.helpers import ROOT
+from tests.integration.backup.helpers import medvault_as
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 UNKNOWN_ID = "20200101T000000Z-0badc0de"
@@ -68,23 +66,9 @@ def deployment(
 
 def medvault(d: Deployment, cn: str, role: str, *args: str,
              cwd: Path) -> subprocess.CompletedProcess[str]:  # fmt: skip
-    """``medvault ARGS`` as ``cn`` (a certificate whose OU is ``role``), and nothing else.
-
-    The environment holds the endpoint and the caller's TLS files only: no config file,
-    no PIN, no database, no token (``SOFTHSM2_CONF`` and every ``MEDVAULT_*`` removed).
-    """
+    """``medvault ARGS`` as ``cn`` (a certificate whose OU is ``role``), and nothing else."""
     cert, key = issue_client(d.tls, d.certs, cn, role)  # issued once, then kept
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MEDVAULT_", "SOFTHSM2")) and k != "PYTHONPATH"}  # fmt: skip
-    env.update(
-        PYTHONPATH=str(ROOT), MEDVAULT_HOME=str(cwd / "no-home"),
-        MEDVAULT_ENDPOINT=d.server.endpoint, MEDVAULT_CA=str(d.tls.ca),
-        MEDVAULT_CERT=str(cert), MEDVAULT_KEY=str(key),
-    )  # fmt: skip
-    return subprocess.run(
-        [sys.executable, "-m", "service", *args], cwd=cwd, env=env,
-        capture_output=True, text=True, timeout=240, check=False,
-    )  # fmt: skip
+    return medvault_as(d.server.endpoint, d.tls.ca, cert, key, *args, cwd=cwd)
 
 
 def _events(d: Deployment, where: str, **params: Any) -> list[Any]:
