@@ -11,6 +11,7 @@ the service exports verifies a real manifest with the ``openssl`` binary alone.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 import secrets
@@ -220,3 +221,29 @@ def test_public_key_verifies_a_manifest_with_openssl(
                   "manifest.sig", "manifest.json")  # fmt: skip
     assert bad.returncode != 0
     assert "Verification failure" in bad.stdout + bad.stderr
+
+
+def test_drill_of_a_corrupted_backup_fails_and_says_so(
+    deployment: Deployment, tmp_path: Path, s3_server: Any
+) -> None:
+    d = deployment
+    operator = f"op-{secrets.token_hex(3)}"
+    backup_id = _run_backup(d, operator, tmp_path)
+    s3 = s3_server.client()
+    biggest = max(s3.list_objects(d.bucket, "objects/", recursive=True),
+                  key=lambda o: o.size or 0)  # fmt: skip
+    original = _object(s3_server, d.bucket, biggest.object_name)
+    flipped = bytearray(original)
+    flipped[len(flipped) // 2] ^= 0x01
+    s3.put_object(d.bucket, biggest.object_name, io.BytesIO(bytes(flipped)), len(flipped))
+    try:
+        drill = medvault(d, operator, "backup_operator", "restore-drill", backup_id,
+                         cwd=tmp_path)  # fmt: skip
+    finally:  # the other tests of this deployment back up the same objects
+        s3.put_object(d.bucket, biggest.object_name, io.BytesIO(original), len(original))
+    assert drill.returncode == 1, drill.stdout + drill.stderr
+    assert f"drill of backup {backup_id}: FAILED" in drill.stdout
+    assert "object:" in drill.stdout, drill.stdout
+    assert "signed report: drills/" in drill.stdout
+    ends = [e for e in _events(d, "principal = :p", p=operator) if "drill" in e.reason]
+    assert ends[-1].outcome == "failed"
