@@ -106,14 +106,6 @@ def _metadata(engine: Engine):  # type: ignore[no-untyped-def]
     return SqlMetadataStore(engine)
 
 
-def run_cli(config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """``medvault backup ARGS``, the real command."""
-    return subprocess.run(
-        [sys.executable, "-m", "service", "backup", *args, "--config", str(config)],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
-    )
-
-
 def medvault_as(
     endpoint: str, ca: Path, cert: Path, key: Path, *args: str, cwd: Path
 ) -> subprocess.CompletedProcess[str]:
