@@ -194,6 +194,11 @@ def test_public_key_verifies_a_manifest_with_openssl(
     pem = tmp_path / "backup-key.pem"
     assert pem.read_text().startswith("-----BEGIN PUBLIC KEY-----")
     assert _events(d, "principal = :p AND reason LIKE 'export%'", p=operator)
+    offline = medvault(d, operator, "backup_operator", "backup", "verify", backup_id,
+                       "--trusted-key", "backup-key.pem", "--config", str(d.server.config_path),
+                       cwd=tmp_path)  # fmt: skip
+    assert offline.returncode == 0, offline.stdout + offline.stderr
+    assert "signature valid" in offline.stdout
 
     # The auditor's steps of docs/operations.md, with openssl alone.
     manifest = tmp_path / "manifest.json"
@@ -247,3 +252,30 @@ def test_drill_of_a_corrupted_backup_fails_and_says_so(
     assert "signed report: drills/" in drill.stdout
     ends = [e for e in _events(d, "principal = :p", p=operator) if "drill" in e.reason]
     assert ends[-1].outcome == "failed"
+
+
+def test_prune_applies_the_callers_rules_and_refuses_keeping_nothing(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    d = deployment
+    operator = f"op-{secrets.token_hex(3)}"
+    _run_backup(d, operator, tmp_path)
+    newest = _run_backup(d, operator, tmp_path)
+    dry = medvault(d, operator, "backup_operator", "backup", "prune", "--dry-run",
+                   "--keep-daily", "1", "--keep-weekly", "0", "--keep-monthly", "0",
+                   cwd=tmp_path)  # fmt: skip
+    assert dry.returncode == 0, dry.stderr
+    removed = int(re.search(r"would remove (\d+):", dry.stdout).group(1))  # type: ignore[union-attr]
+    assert removed >= 1, dry.stdout  # two backups today, the rule keeps one
+    assert newest not in dry.stdout.splitlines()[0].partition(":")[2], "the newest stays"
+    listing = medvault(d, operator, "backup_operator", "backup", "list", cwd=tmp_path)
+    assert newest in listing.stdout
+
+    nothing = medvault(d, operator, "backup_operator", "backup", "prune", "--keep-daily", "0",
+                       "--keep-weekly", "0", "--keep-monthly", "0", cwd=tmp_path)  # fmt: skip
+    assert nothing.returncode == 1
+    assert "INVALID_ARGUMENT" in nothing.stderr
+    assert "keep nothing" in nothing.stderr
+    reasons = [e.reason for e in _events(d, "principal = :p", p=operator)]
+    assert any("prune (dry run)" in r for r in reasons), reasons
+    assert any("keep nothing" in r for r in reasons), "the refused prune is audited"
