@@ -1,4 +1,6 @@
-"""BackupService: run, list, verify and drill backups (the ``backup_operator`` role).
+"""BackupService: run, list, verify, drill and prune backups, and export the public key
+that signs their manifests (the ``backup_operator`` role). ``medvault backup`` and
+``medvault restore-drill`` are clients of this service, with the operator's certificate.
 
 Backups are ciphertext and this role never holds ``records.read``: nothing here returns
 record content. Long calls stream ``Progress`` messages, then their result. The work
@@ -8,9 +10,11 @@ of objects), and always the last one of a phase.
 
 Audit: each allowed call writes one event when it starts and one when it ends (with
 the backup id and the outcome), like a rewrap; the resource is ``backup/<id>``, or
-``backup`` before an id exists. A client that goes away stops a verify or a drill at
-its next progress report; a backup it started runs to completion (a backup begun is
-worth finishing, and an interrupted one would be resumed by the next run anyway).
+``backup`` before an id exists. A verify or drill of an id with no complete backup is
+refused (NOT_FOUND, audited as failed) before anything is read, restored or written.
+A client that goes away stops a verify or a drill at its next progress report; a backup
+it started runs to completion (a backup begun is worth finishing, and an interrupted one
+would be resumed by the next run anyway).
 """
 
 from __future__ import annotations

@@ -105,7 +105,8 @@ def follow(stream: Iterable[Any], result_field: str, bars: Bars) -> Any:
     finally:
         bars.close()
     if result is None:
-        raise ConfigError("the service ended the call without a result")
+        raise SystemExit("medvault: the service ended the call without a result; "
+                         "see the service's log")  # fmt: skip
     return result
 
 
