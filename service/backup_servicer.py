@@ -1,4 +1,6 @@
-"""BackupService: run, list, verify and drill backups (the ``backup_operator`` role).
+"""BackupService: run, list, verify, drill and prune backups, and export the public key
+that signs their manifests (the ``backup_operator`` role). ``medvault backup`` and
+``medvault restore-drill`` are clients of this service, with the operator's certificate.
 
 Backups are ciphertext and this role never holds ``records.read``: nothing here returns
 record content. Long calls stream ``Progress`` messages, then their result. The work
@@ -8,9 +10,11 @@ of objects), and always the last one of a phase.
 
 Audit: each allowed call writes one event when it starts and one when it ends (with
 the backup id and the outcome), like a rewrap; the resource is ``backup/<id>``, or
-``backup`` before an id exists. A client that goes away stops a verify or a drill at
-its next progress report; a backup it started runs to completion (a backup begun is
-worth finishing, and an interrupted one would be resumed by the next run anyway).
+``backup`` before an id exists. A verify or drill of an id with no complete backup is
+refused (NOT_FOUND, audited as failed) before anything is read, restored or written.
+A client that goes away stops a verify or a drill at its next progress report; a backup
+it started runs to completion (a backup begun is worth finishing, and an interrupted one
+would be resumed by the next run anyway).
 """
 
 from __future__ import annotations
@@ -20,28 +24,31 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import Generic, TypeVar
 
 from grpc import aio
 
 from service._gen.medvault.v1 import backup_pb2 as bpb
 from service._gen.medvault.v1 import backup_pb2_grpc as bpb_grpc
-from service.backup import Backups
+from service.backup import Backups, RetentionPolicy
 from service.calls import CallState, entered, handled
 from service.convert_audit import timestamp
 from service.guard import AccessGuard, Call
 from storage.audit_model import Outcome
 from storage.backup.drill import DrillReport
-from storage.backup.manifest import canonical_json, check_backup_id
+from storage.backup.manifest import ALGORITHM, canonical_json, check_backup_id
 from storage.backup.restore import RestoreFailure
-from storage.backup.retention import BackupSummary
+from storage.backup.retention import DEFAULT_GRACE, BackupSummary
 from storage.backup.runner import BackupProgress, BackupResult
 from storage.backup.verify import VerifyReport
 from storage.errors import InvalidRecordError, StorageError
 
 log = logging.getLogger(__name__)
 PROGRESS_INTERVAL = 0.25
+# A retention rule beyond this many periods is a typo, not a policy.
+MAX_KEEP = 10_000
 R = TypeVar("R")
 # What a call's closing event says about its result: (resource, outcome, reason).
 Ending = Callable[[R], tuple[str, Outcome, str]]
@@ -78,7 +85,7 @@ def drill_pb(report: DrillReport) -> bpb.DrillReport:
         signatures_verified=int(doc.get("verified", {}).get("signatures", 0)),
         audit_chain_ok=bool(doc.get("audit_chain", {}).get("ok", False)),
         failures=[_failure_line(f) for f in report.failures],
-        report_json=canonical_json(doc),
+        report_json=canonical_json(doc), report_key=report.key,
     )  # fmt: skip
 
 
@@ -242,6 +249,8 @@ class BackupServicer(bpb_grpc.BackupServiceServicer):  # type: ignore[misc]  # u
         async with handled(self._guard, context, "VerifyBackup") as state:
             backup_id = _checked_id(request.id)
             how = " --read-data" if request.read_data else ""
+            state.resource = f"backup/{backup_id}"
+            await asyncio.to_thread(self._backups.require_complete, backup_id)
             call = await self._enter_async(state, f"backup/{backup_id}", f"verify{how} started"
             )
             work = self._audited(
@@ -260,6 +269,9 @@ class BackupServicer(bpb_grpc.BackupServiceServicer):  # type: ignore[misc]  # u
         """Restore into a scratch place and check every record; stream, then the report."""
         async with handled(self._guard, context, "RunRestoreDrill") as state:
             backup_id = _checked_id(request.id)
+            state.resource = f"backup/{backup_id}"
+            # Refused (NOT_FOUND, audited) before anything is restored or a report written.
+            await asyncio.to_thread(self._backups.require_complete, backup_id)
             call = await self._enter_async(state, f"backup/{backup_id}", "restore drill started"
             )
             work = self._audited(call, lambda r: self._backups.drill(backup_id, r), _drill_ending)
@@ -268,6 +280,65 @@ class BackupServicer(bpb_grpc.BackupServiceServicer):  # type: ignore[misc]  # u
                     yield bpb.RunRestoreDrillResponse(progress=_progress_pb(item))
                 else:
                     yield bpb.RunRestoreDrillResponse(report=drill_pb(item))
+
+    async def PruneBackups(  # noqa: N802
+        self, request: bpb.PruneBackupsRequest, context: aio.ServicerContext
+    ) -> bpb.PruneBackupsResponse:
+        """Apply the retention policy (the configured one, or this call's overrides)."""
+        async with handled(self._guard, context, "PruneBackups") as state:
+            policy = _policy(self._backups.retention, request)
+            grace = timedelta(hours=request.grace_hours) if request.HasField(
+                "grace_hours") else DEFAULT_GRACE  # fmt: skip
+            if grace < timedelta(0):
+                raise InvalidRecordError("grace_hours", "must not be negative")
+            dry = " (dry run)" if request.dry_run else ""
+            rules = (f"keep daily {policy.keep_daily}, weekly {policy.keep_weekly}, "
+                     f"monthly {policy.keep_monthly}")  # fmt: skip
+            call = await self._enter_async(state, "backup", f"prune started{dry}: {rules}")
+            result = await asyncio.to_thread(
+                self._backups.prune, policy=policy, grace=grace, dry_run=request.dry_run
+            )
+            verb = "would remove" if request.dry_run else "removed"
+            await asyncio.to_thread(
+                self._end, call, "backup", "allowed",
+                f"prune{dry}: kept {len(result.kept)}, {verb} {len(result.removed)} backups, "
+                f"{result.objects_removed} objects, {result.bytes_removed} bytes",
+            )  # fmt: skip
+            return bpb.PruneBackupsResponse(
+                kept=list(result.kept), removed=list(result.removed),
+                objects_removed=result.objects_removed, bytes_removed=result.bytes_removed,
+                leftovers_removed=result.leftovers_removed,
+                objects_deferred=result.objects_deferred, dry_run=request.dry_run,
+            )  # fmt: skip
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def GetBackupPublicKey(  # noqa: N802
+        self, request: bpb.GetBackupPublicKeyRequest, context: aio.ServicerContext
+    ) -> bpb.BackupPublicKey:
+        """The manifest-signing public key (PEM), for verification without the token."""
+        async with handled(self._guard, context, "GetBackupPublicKey") as state:
+            await self._enter_async(state, "backup", "export manifest-signing public key")
+            pem = await asyncio.to_thread(self._backups.public_key_pem)
+            return bpb.BackupPublicKey(
+                public_key_pem=pem, key_label=self._backups.key_label, algorithm=ALGORITHM
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _policy(configured: RetentionPolicy, request: bpb.PruneBackupsRequest) -> RetentionPolicy:
+    """The configured retention with this call's overrides (each checked)."""
+    values = {}
+    for rule in ("keep_daily", "keep_weekly", "keep_monthly"):
+        values[rule] = (
+            getattr(request, rule) if request.HasField(rule) else getattr(configured, rule)
+        )
+        if values[rule] > MAX_KEEP:
+            raise InvalidRecordError(rule, f"must be at most {MAX_KEEP}")
+    if not any(values.values()):
+        raise InvalidRecordError(
+            "keep_daily", "the retention policy would keep nothing; refusing to prune every backup"
+        )
+    return replace(configured, **values)
 
 
 def _backup_ending(result: BackupResult) -> tuple[str, Outcome, str]:

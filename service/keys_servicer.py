@@ -1,9 +1,11 @@
-"""KeyService: master-key rotation, listing, rewrap and retirement, each audited.
+"""KeyService: master keys (rotation, listing, rewrap, retirement) and document signers
+(list, create with a CSR, import a certificate), each audited.
 
 Every call needs ``keys.manage`` (the ``key_admin`` role). The audit resource is the
-version concerned, ``kek/v<N>``; a rewrap writes one event when it starts and one when
-it ends (finished, stopped by the client, or failed), not one per batch: a large store
-has tens of thousands of batches and the end event carries the counts.
+version concerned, ``kek/v<N>``, or the signer, ``signer/<name>``; a rewrap writes one
+event when it starts and one when it ends (finished, stopped by the client, or failed),
+not one per batch: a large store has tens of thousands of batches and the end event
+carries the counts.
 """
 
 from __future__ import annotations
@@ -12,8 +14,20 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
+from cryptography import x509
 from grpc import aio
 
+from keystore import Pkcs11SessionPool
+from keystore.admin import SigningKeyKind
+from keystore.certificates import (
+    CertificateMismatchError,
+    SignerSummary,
+    create_signer_key,
+    import_certificate,
+    list_signers,
+    make_csr,
+    signer_label,
+)
 from service._gen.medvault.v1 import keys_pb2 as kpb
 from service._gen.medvault.v1 import keys_pb2_grpc as kpb_grpc
 from service.calls import CallState, entered, handled
@@ -21,7 +35,7 @@ from service.convert import version_from_pb
 from service.convert_audit import timestamp
 from service.guard import AccessGuard, Call
 from storage.audit_model import Outcome
-from storage.errors import IntegrityError
+from storage.errors import IntegrityError, InvalidRecordError
 from storage.kek import DEFAULT_BATCH, KekManager, KekVersionInfo, RewrapJob
 
 log = logging.getLogger(__name__)
@@ -41,12 +55,69 @@ def kek_to_pb(info: KekVersionInfo) -> kpb.KekVersion:
     )
 
 
+def signer_to_pb(s: SignerSummary) -> kpb.Signer:
+    """The proto of one signer (no private material exists to put in it)."""
+    return kpb.Signer(
+        name=s.name, key_type=s.key_type, certificate_subject=s.subject,
+        not_after=timestamp(s.not_after) if s.not_after is not None else None,
+    )  # fmt: skip
+
+
+def _signer_name(name: str) -> None:
+    try:
+        signer_label(name)
+    except ValueError as e:
+        raise InvalidRecordError(
+            "name", "must be 1-100 letters, digits, '.', '_', '@' or '-'"
+        ) from e
+
+
 class KeyServicer(kpb_grpc.KeyServiceServicer):  # type: ignore[misc]  # untyped stub
     """medvault.v1.KeyService."""
 
-    def __init__(self, kek: KekManager, guard: AccessGuard) -> None:
+    def __init__(self, kek: KekManager, guard: AccessGuard, pool: Pkcs11SessionPool) -> None:
         self._kek = kek
         self._guard = guard
+        self._pool = pool
+
+    def _list_signers(self, state: CallState) -> list[SignerSummary]:
+        call = entered(state)
+        state.resource = "signer"
+        self._guard.audit(call, "signer", outcome="allowed", reason="list signers")
+        return list_signers(self._pool)
+
+    def _create_signer(
+        self, state: CallState, request: kpb.CreateSignerRequest
+    ) -> tuple[bool, bytes]:
+        call = entered(state)
+        _signer_name(request.name)
+        subject = request.subject or f"CN={request.name}"
+        try:
+            x509.Name.from_rfc4514_string(subject)
+        except ValueError as e:
+            raise InvalidRecordError("subject", "is not an RFC 4514 name") from e
+        state.resource = f"signer/{request.name}"
+        kind: SigningKeyKind = "rsa-2048" if request.rsa else "ec-p256"
+        # The event commits before the key is created: no event, no new key.
+        self._guard.audit(call, state.resource, outcome="allowed",
+                          reason=f"create signer key ({kind}) and CSR")  # fmt: skip
+        created = create_signer_key(self._pool, request.name, kind)
+        return created, make_csr(self._pool, request.name, subject)
+
+    def _import_certificate(
+        self, state: CallState, request: kpb.ImportCertificateRequest
+    ) -> SignerSummary:
+        call = entered(state)
+        _signer_name(request.name)
+        state.resource = f"signer/{request.name}"
+        self._guard.audit(call, state.resource, outcome="allowed", reason="import certificate")
+        try:
+            cert = import_certificate(self._pool, request.name, request.certificate)
+        except CertificateMismatchError as e:
+            raise InvalidRecordError("certificate", str(e)) from e
+        return SignerSummary(
+            request.name, "", cert.subject.rfc4514_string(), cert.not_valid_after_utc
+        )
 
     def _rotate(self, state: CallState) -> KekVersionInfo:
         call = entered(state)
@@ -136,6 +207,33 @@ class KeyServicer(kpb_grpc.KeyServiceServicer):  # type: ignore[misc]  # untyped
         async with handled(self._guard, context, "RetireKek") as state:
             retired = await asyncio.to_thread(self._retire, state, request)
             return kek_to_pb(retired)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def ListSigners(  # noqa: N802
+        self, request: kpb.ListSignersRequest, context: aio.ServicerContext
+    ) -> kpb.ListSignersResponse:
+        """Signer keys on the token and their certificates' subject and expiry."""
+        async with handled(self._guard, context, "ListSigners") as state:
+            signers = await asyncio.to_thread(self._list_signers, state)
+            return kpb.ListSignersResponse(signers=[signer_to_pb(s) for s in signers])
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def CreateSigner(  # noqa: N802
+        self, request: kpb.CreateSignerRequest, context: aio.ServicerContext
+    ) -> kpb.CreateSignerResponse:
+        """Create a signer key on the token (kept if it exists) and return its CSR."""
+        async with handled(self._guard, context, "CreateSigner") as state:
+            created, csr = await asyncio.to_thread(self._create_signer, state, request)
+            return kpb.CreateSignerResponse(created=created, csr_pem=csr)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def ImportCertificate(  # noqa: N802
+        self, request: kpb.ImportCertificateRequest, context: aio.ServicerContext
+    ) -> kpb.Signer:
+        """Store a CA-signed certificate beside its signer's key."""
+        async with handled(self._guard, context, "ImportCertificate") as state:
+            summary = await asyncio.to_thread(self._import_certificate, state, request)
+            return signer_to_pb(summary)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def Rewrap(  # noqa: N802

@@ -134,7 +134,7 @@ async def create_server(
         SigningServicer(components.signing, components.guard), server
     )
     keys_pb2_grpc.add_KeyServiceServicer_to_server(
-        KeyServicer(components.kek, components.guard), server
+        KeyServicer(components.kek, components.guard, components.pool), server
     )
     backup_pb2_grpc.add_BackupServiceServicer_to_server(
         BackupServicer(components.backup.backups, components.guard), server

@@ -58,10 +58,15 @@ RPC_PERMISSIONS: Mapping[str, str] = MappingProxyType({
     _KEYS + "ListKeks": KEYS_MANAGE,
     _KEYS + "Rewrap": KEYS_MANAGE,
     _KEYS + "RetireKek": KEYS_MANAGE,
+    _KEYS + "ListSigners": KEYS_MANAGE,
+    _KEYS + "CreateSigner": KEYS_MANAGE,
+    _KEYS + "ImportCertificate": KEYS_MANAGE,
     _BACKUP + "RunBackup": BACKUP_RUN,
     _BACKUP + "ListBackups": BACKUP_READ,
     _BACKUP + "VerifyBackup": BACKUP_READ,
     _BACKUP + "RunRestoreDrill": BACKUP_RUN,
+    _BACKUP + "PruneBackups": BACKUP_RUN,
+    _BACKUP + "GetBackupPublicKey": BACKUP_READ,
 })  # fmt: skip
 
 KNOWN_PERMISSIONS: frozenset[str] = frozenset(RPC_PERMISSIONS.values())

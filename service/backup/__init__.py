@@ -8,13 +8,13 @@ composition root (``service.bootstrap``), which chooses the concrete target.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import TypeVar
 
+from cryptography.hazmat.primitives import serialization
 from sqlalchemy.engine import Engine
 
 from keystore import Pkcs11SessionPool
@@ -31,13 +31,20 @@ from service.config import Config, read_secret
 from service.signing.validation import SignatureValidator, load_pem_certificates
 from storage.audit_model import AuditEntry
 from storage.backup.drill import DrillReport
-from storage.backup.manifest import SourceInfo
+from storage.backup.manifest import SourceInfo, check_backup_id, manifest_key, signature_key
 from storage.backup.restore import s3_scratch
-from storage.backup.retention import BackupSummary, PruneResult, list_backups, prune
+from storage.backup.retention import (
+    DEFAULT_GRACE,
+    BackupSummary,
+    PruneResult,
+    list_backups,
+    prune,
+)
 from storage.backup.runner import BackupResult, ProgressCallback, run_backup, source_identity
 from storage.backup.runs import SqlRunLedger, elected
 from storage.backup.targets import BackupTarget
 from storage.backup.verify import VerifyReport, verify_backup
+from storage.errors import RecordNotFoundError
 from storage.interfaces import BlobStore
 from storage.s3_blobs import S3BlobStore, make_minio_client
 
@@ -45,6 +52,10 @@ T = TypeVar("T")
 
 # (backup id, progress) -> the signed report; ``service.backup.drill`` builds one.
 DrillRunner = Callable[[str, ProgressCallback], DrillReport]
+
+
+class BackupNotFoundError(RecordNotFoundError):
+    """No complete backup (manifest and signature) has the id asked for (NOT_FOUND)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,16 +117,55 @@ class Backups:
             read_data=read_data, progress=progress, workers=self._workers,
         )  # fmt: skip
 
+    def public_key_pem(self) -> str:
+        """The manifest-signing public key as PEM (SubjectPublicKeyInfo)."""
+        key = serialization.load_der_public_key(self.trusted_key())
+        return key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
+
+    @property
+    def key_label(self) -> str:
+        """The token label of the manifest-signing key."""
+        return self._signer.key_label
+
+    def require_complete(self, backup_id: str) -> None:
+        """``BackupNotFoundError`` unless the target holds that backup's manifest and signature."""
+        check_backup_id(backup_id)
+        if self.target.stat(manifest_key(backup_id)) is None or (
+            self.target.stat(signature_key(backup_id)) is None
+        ):
+            raise BackupNotFoundError(
+                f"no complete backup {backup_id} in {self.target.describe()} "
+                "(see `medvault backup list`)"
+            )
+
     def drill(self, backup_id: str, progress: ProgressCallback) -> DrillReport:
-        """Restore into a scratch place and check every record (the drill's report)."""
+        """Restore into a scratch place and check every record (the drill's report).
+
+        An id the target holds no complete backup for is refused before anything is
+        restored or written: no report for a backup that does not exist.
+        """
         if self._drill is None:
             raise NotImplementedError("restore drills are not configured in this service")
+        self.require_complete(backup_id)
         return self._drill(backup_id, progress)
 
-    def prune(self, now: datetime | None = None) -> PruneResult:
-        """Apply the retention policy; never removes what a kept backup references."""
-        r = self.retention
-        return prune(self.target, r.keep_daily, r.keep_weekly, r.keep_monthly, now)
+    def prune(
+        self,
+        now: datetime | None = None,
+        *,
+        policy: RetentionPolicy | None = None,
+        grace: timedelta = DEFAULT_GRACE,
+        dry_run: bool = False,
+    ) -> PruneResult:
+        """Apply the retention policy (the configured one unless ``policy``); never
+        removes what a kept backup references."""
+        r = policy or self.retention
+        return prune(
+            self.target, r.keep_daily, r.keep_weekly, r.keep_monthly, now,
+            grace=grace, dry_run=dry_run,
+        )  # fmt: skip
 
     def scheduled_jobs(self, backup: Schedule | None, drill: Schedule | None) -> list[ScheduledJob]:
         """The scheduler's jobs for the configured schedules (none when both are off)."""
@@ -183,9 +233,9 @@ def build(
     """
     # Imported here: service.backup.drill imports this package (DrillRunner).
     from service.backup.drill import drill_checks, drill_runner  # noqa: PLC0415
-    from service.cli.backup_cmd import make_target, settings  # noqa: PLC0415
+    from service.backup.targets import backup_settings, make_target  # noqa: PLC0415
 
-    chosen = settings(config, argparse.Namespace())
+    chosen = backup_settings(config)
     target = make_target(config, chosen)
     signer = Pkcs11Signer(pool, chosen.signing_key_label)
     validator = SignatureValidator(

@@ -60,7 +60,8 @@ def cmd_rewrap(ns: argparse.Namespace) -> int:
         for last in stream:
             if bar is None:
                 bar = tqdm(total=last.rewrapped + last.remaining, unit="key",
-                           desc=f"rewrap to v{last.target_version}", disable=ns.quiet)  # fmt: skip
+                           desc=f"rewrap to v{last.target_version}",
+                           disable=ns.quiet or not sys.stderr.isatty())  # fmt: skip
             bar.total = max(bar.total or 0, last.rewrapped + last.remaining)
             bar.update(last.rewrapped - bar.n)
     except KeyboardInterrupt:

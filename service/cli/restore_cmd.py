@@ -1,35 +1,35 @@
-"""``medvault restore-drill ID`` and ``medvault restore ID --into CONFIG [--force]``.
+"""``medvault restore-drill ID`` (a BackupService call) and ``medvault restore ID --into``.
 
-Like ``medvault sweep`` and ``medvault backup``, both work straight from config files
-(no server needed). The backup target is the ``[backup]`` section of ``--config``
-(``--target``, ``--bucket``, ``--directory`` override it). Both need the token: the
-master keys (KEKs) never leave it, so a backup is only restorable with the token's own
-backup (docs/operations.md).
-
-* ``restore-drill`` restores into a scratch bucket (random name, on the configured S3)
-  and a scratch database (a temporary SQLite file, or a new database on the PostgreSQL
-  server ``--scratch-database`` names), checks every record, writes the signed report
-  and an audit event, removes the scratch place. Exit 1 on any failure.
-* ``restore`` restores into the deployment ``--into`` describes (its bucket, database
-  and token); it refuses a target holding any record or object unless ``--force``.
+* ``restore-drill`` asks the service to restore the backup into a scratch place (a random
+  bucket on its S3, and a temporary SQLite file or a new database on the PostgreSQL
+  server of its ``[backup] drill_database``), check every record, write the signed
+  report and remove the scratch place. It is made with the caller's certificate and
+  audited under that name; progress streams to the terminal. Exit 1 on any failure; an
+  id with no complete backup is refused (NOT_FOUND) and no report is written.
+* ``restore`` runs **locally**: it fills a new deployment that has no running service
+  yet, from config files (the backup target from ``--config``'s ``[backup]``, the
+  deployment's bucket, database and token from ``--into``). It refuses a target holding
+  any record or object unless ``--force``, and writes its own audit event
+  (``backup.restore``, principal ``console:<OS user>``) into the deployment it restored.
+  The master keys (KEKs) never leave the token, so only a deployment with the token's
+  own backup can be restored into (docs/operations.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import getpass
+import logging
 import socket
+from datetime import UTC, datetime
 from typing import Any
 
-from keystore import Pkcs11KeyWrapper, Pkcs11SessionPool
-from keystore.signing import Pkcs11Signer
-from service.cli.backup_cmd import _Bars, _trusted_key, make_target, settings
+from service._gen.medvault.v1 import backup_pb2 as bpb
+from service.cli.backup_cmd import Bars, _trusted_key, follow, human_size, stub
+from service.cli.client import add_connection_flags
 from service.cli.tables import print_table
-from service.config import Config, ConfigError, load, read_secret
-from storage.backup.drill import DrillReport
-from storage.backup.restore import Deployment, restore, s3_scratch
-from storage.s3_blobs import make_minio_client
-from storage.sql_metadata import make_engine, upgrade
+
+RESTORE_ACTION = "backup.restore"
 
 
 def _config_path(ns: argparse.Namespace) -> str:
@@ -38,94 +38,58 @@ def _config_path(ns: argparse.Namespace) -> str:
     return default_path(ns)
 
 
-def _operator() -> str:
-    """Who ran the command, for the audit event (the OS account at this console)."""
+def console_principal() -> str:
+    """Who ran a local command, for its audit event (the OS account at this console)."""
     try:
         return f"console:{getpass.getuser()}"
     except (KeyError, OSError):
         return "console"
 
 
-def _print_report(report: DrillReport) -> None:
-    doc = report.document
-    verified = doc.get("verified", {})
-    print(f"drill of backup {report.backup_id}: {'PASSED' if report.ok else 'FAILED'}")
-    print(f"recovery time {report.recovery_seconds:.2f} s; {verified.get('records', 0)} "
-          f"records, {verified.get('bytes', 0)} bytes, {verified.get('signatures', 0)} "
-          "signatures verified")  # fmt: skip
-    chain = doc.get("audit_chain")
-    if chain:
-        print(f"audit chain: {chain['reason']} ({chain['events_checked']} events, "
-              f"{chain['checkpoints_checked']} checkpoints)")  # fmt: skip
-    if report.failures:
-        rows = [(f.check, f.record_id and f"{f.record_id} v{f.version}", f.object_key, f.detail)
-                for f in report.failures]  # fmt: skip
-        print_table(("CHECK", "RECORD", "OBJECT", "PROBLEM"), rows)
-    print(f"signed report: {report.key}")
+def quiet_migrations() -> None:
+    """Alembic's INFO lines ("Running upgrade ...") are not for the operator's terminal."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def _scratch_client(config: Config) -> Any:
-    s3 = config.s3
-    return make_minio_client(
-        s3.endpoint,
-        read_secret(s3.access_key_env, s3.access_key_file),
-        read_secret(s3.secret_key_env, s3.secret_key_file),
-        secure=s3.secure,
-        ca_file=s3.ca_file or None,
-    )
+def _print_report(r: bpb.DrillReport, key: str) -> None:
+    print(f"drill of backup {r.backup_id}: {'PASSED' if r.ok else 'FAILED'}")
+    print(f"recovery time {r.recovery_seconds:.2f} s; {r.records_verified} records, "
+          f"{human_size(r.bytes_verified)} verified, {r.signatures_verified} signatures "
+          "verified")  # fmt: skip
+    print(f"audit chain: {'ok' if r.audit_chain_ok else 'BROKEN'}")
+    if r.failures:
+        print_table(("PROBLEM",), [(line,) for line in r.failures])
+    if key:
+        print(f"signed report: {key}")
 
 
 def cmd_drill(ns: argparse.Namespace) -> int:
     """Restore into a scratch place, verify every record, report; exit 1 on any failure."""
-    from service.backup.drill import audited_drill, drill_checks  # noqa: PLC0415
-    from service.bootstrap import build  # noqa: PLC0415
-    from service.signing.validation import SignatureValidator  # noqa: PLC0415
-    from storage.backup.drill import DrillRequest  # noqa: PLC0415
-
-    config = load(_config_path(ns))
-    s = settings(config, ns)
-    target = make_target(config, s)
-    scratch = s3_scratch(_scratch_client(config), ns.scratch_database or None)
-    components = build(config)  # the live deployment's token and audit trail
-    bars = _Bars()
-    try:
-        trust = SignatureValidator(_anchors(config))
-        checks = drill_checks(
-            components.pool, trust, audit_key_label=config.audit.signing_key_label,
-            backup_key_label=s.signing_key_label,
-        )  # fmt: skip
-        report = audited_drill(
-            DrillRequest(target, ns.id, scratch, bars), checks,
-            audit=components.guard.trail.record, principal=_operator(),
-            role="backup_operator", source=socket.gethostname(),
-        )  # fmt: skip
-    finally:
-        bars.close()
-        components.close()
-    _print_report(report)
+    request = bpb.RunRestoreDrillRequest(id=ns.id)
+    report = follow(stub(ns).RunRestoreDrill(request), "report", Bars(ns.quiet))
+    _print_report(report, report.report_key)
     return 0 if report.ok else 1
 
 
-def _anchors(config: Config) -> list[bytes]:
-    """The ``[signing] trust_anchors`` certificates the record signatures must chain to."""
-    from service.signing.validation import load_pem_certificates  # noqa: PLC0415
-
-    try:
-        return load_pem_certificates(config.signing.trust_anchors)
-    except ValueError as e:
-        raise ConfigError(f"[signing] trust_anchors: {e}") from e
-
-
 def cmd_restore(ns: argparse.Namespace) -> int:
-    """Restore a backup into the (empty) deployment ``--into`` describes."""
+    """Restore a backup into the (empty) deployment ``--into`` describes (locally)."""
+    from keystore import Pkcs11KeyWrapper, Pkcs11SessionPool  # noqa: PLC0415
+    from keystore.signing import Pkcs11Signer  # noqa: PLC0415
+    from service.backup.targets import backup_settings, make_target  # noqa: PLC0415
     from service.bootstrap import blob_store, keystore_config  # noqa: PLC0415
+    from service.config import load  # noqa: PLC0415
+    from storage.backup.restore import Deployment, restore  # noqa: PLC0415
+    from storage.sql_metadata import make_engine, upgrade  # noqa: PLC0415
 
+    quiet_migrations()
     source = load(_config_path(ns))
     into = load(ns.into)
-    s = settings(source, ns)
+    s = backup_settings(source, target=ns.target or "", bucket=ns.bucket or "",
+                        directory=ns.directory or "")  # fmt: skip
     target = make_target(source, s)
     engine = make_engine(into.database.url)
-    bars = _Bars()
+    bars = Bars()
+    progress = _storage_progress(bars)
     try:
         upgrade(engine)
         with Pkcs11SessionPool(keystore_config(into)) as pool:
@@ -134,17 +98,44 @@ def cmd_restore(ns: argparse.Namespace) -> int:
             result = restore(
                 target, ns.id, Deployment(engine, blob_store(into)),
                 keks=Pkcs11KeyWrapper(pool), token_label=pool.config.token_label,
-                trusted_public_key=trusted, force=ns.force, strict=True, progress=bars,
+                trusted_public_key=trusted, force=ns.force, strict=True, progress=progress,
             )  # fmt: skip
+        bars.close()
+        counts = ", ".join(f"{n} {name}" for name, n in sorted(result.tables.items()))
+        record_local_event(
+            engine, RESTORE_ACTION, f"backup/{ns.id}",
+            f"restored from {target.describe()}{' (--force)' if ns.force else ''}: "
+            f"{result.objects} objects, {result.bytes} bytes; rows: {counts}",
+        )  # fmt: skip
     finally:
         bars.close()
         engine.dispose()
-    counts = ", ".join(f"{n} {name}" for name, n in sorted(result.tables.items()))
     print(f"backup {ns.id} restored into {into.s3.bucket} and the database of {ns.into}: "
-          f"{result.objects} objects ({result.bytes} bytes); rows: {counts}")  # fmt: skip
-    print("counts match the manifest; start the service on that config, then run "
-          "`medvault audit verify` and a drill of the next backup")  # fmt: skip
+          f"{result.objects} objects ({human_size(result.bytes)}); rows: {counts}")  # fmt: skip
+    print("counts match the manifest; an audit event (backup.restore) records the restore. "
+          "Start the service on that config, then run `medvault audit verify` and a drill "
+          "of the next backup")  # fmt: skip
     return 0
+
+
+def record_local_event(engine: Any, action: str, resource: str, reason: str) -> None:
+    """Append one audit event for a local command to the deployment's own chain."""
+    from storage.audit_fields import normalise  # noqa: PLC0415
+    from storage.audit_log import SqlAuditLog  # noqa: PLC0415
+    from storage.audit_model import AuditEntry  # noqa: PLC0415
+
+    SqlAuditLog(engine).append([normalise(AuditEntry(
+        time=datetime.now(UTC), principal=console_principal(), action=action,
+        resource=resource, outcome="allowed", reason=reason[:1000],
+        source=socket.gethostname(),
+    ))])  # fmt: skip
+
+
+def _storage_progress(bars: Bars) -> Any:
+    def report(p: Any) -> None:
+        bars(bpb.Progress(phase=p.phase, done=p.done, total=p.total, bytes_done=p.bytes))
+
+    return report
 
 
 def _target_flags(parser: argparse.ArgumentParser) -> None:
@@ -157,14 +148,26 @@ def _target_flags(parser: argparse.ArgumentParser) -> None:
 
 def register(sub: Any) -> None:
     """Add ``restore-drill`` and ``restore`` to the ``medvault`` parser."""
-    drill = sub.add_parser("restore-drill", help="restore a backup into scratch and verify it all")
+    drill = sub.add_parser(
+        "restore-drill",
+        help="have the service restore a backup into scratch and verify it all",
+        description="A BackupService call made with your certificate (backup_operator): "
+        "the service restores the backup into a scratch bucket and database (its "
+        "[backup] drill_database), verifies every record, writes a signed report into "
+        "the backup target and an audit event naming you. Exit 1 on any failure.",
+    )  # fmt: skip
     drill.add_argument("id", help="backup id (see `medvault backup list`)")
-    drill.add_argument("--scratch-database", default="",
-                       help="PostgreSQL URL of a server to create the scratch database on "
-                       "(default: a temporary SQLite file)")  # fmt: skip
-    _target_flags(drill)
+    drill.add_argument("--quiet", action="store_true", help="no progress output")
+    add_connection_flags(drill)
     drill.set_defaults(func=cmd_drill)
-    real = sub.add_parser("restore", help="restore a backup into a new, empty deployment")
+    real = sub.add_parser(
+        "restore",
+        help="restore a backup into a new, empty deployment (runs locally)",
+        description="Runs locally, not through a service: the deployment --into describes "
+        "has no service yet. Needs that deployment's token (PIN), database and bucket. "
+        "Writes an audit event (backup.restore, principal console:<OS user>) into the "
+        "restored deployment's audit trail.",
+    )  # fmt: skip
     real.add_argument("id", help="backup id (see `medvault backup list`)")
     real.add_argument("--into", required=True, help="config file of the deployment to fill")
     real.add_argument("--force", action="store_true",

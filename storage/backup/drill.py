@@ -14,7 +14,7 @@ plain callables (:class:`DrillChecks`); ``service.backup.drill`` builds them fro
 configuration, writes the audit event, and is what the CLI and the servicer call.
 
 The report (format ``medvault-drill/1``) is canonical JSON at
-``drills/<backup-id>/<drill-time>.json``, signed like a manifest (``.sig.json``, the
+``drills/<backup-id>/<drill-time>-<8 hex>.json``, signed like a manifest (``.sig.json``, the
 backup key). It names records, objects and tables, never content or patient data.
 """
 
@@ -339,8 +339,11 @@ def _count_section(
 
 
 def report_key(backup_id: str, at: datetime) -> str:
-    """``drills/<backup-id>/<UTC yyyymmddThhmmssZ>.json``."""
-    return f"{DRILLS_PREFIX}{backup_id}/{at.astimezone(UTC):%Y%m%dT%H%M%SZ}.json"
+    """``drills/<backup-id>/<UTC yyyymmddThhmmssZ>-<8 hex>.json``: sorts by time, and two
+    drills of one backup in the same second (two replicas, two operators) never share a
+    name, so neither report overwrites the other."""
+    stamp = f"{at.astimezone(UTC):%Y%m%dT%H%M%SZ}"
+    return f"{DRILLS_PREFIX}{backup_id}/{stamp}-{secrets.token_hex(4)}.json"
 
 
 def _write_report(

@@ -6,6 +6,7 @@ keys, encrypted objects, metadata rows). Every identifier is synthetic and rando
 
 from __future__ import annotations
 
+import os
 import secrets
 import subprocess
 import sys
@@ -105,12 +106,25 @@ def _metadata(engine: Engine):  # type: ignore[no-untyped-def]
     return SqlMetadataStore(engine)
 
 
-def run_cli(config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """``medvault backup ARGS``, the real command."""
+def medvault_as(
+    endpoint: str, ca: Path, cert: Path, key: Path, *args: str, cwd: Path
+) -> subprocess.CompletedProcess[str]:
+    """``medvault ARGS`` with a caller's certificate and nothing from the server's machine.
+
+    The environment holds the endpoint and the caller's TLS files only: no config file,
+    no PIN, no database, no token (``SOFTHSM2_CONF`` and every other ``MEDVAULT_*``
+    removed; ``MEDVAULT_HOME`` is a directory that does not exist).
+    """
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MEDVAULT_", "SOFTHSM2")) and k != "PYTHONPATH"}  # fmt: skip
+    env.update(
+        PYTHONPATH=str(ROOT), MEDVAULT_HOME=str(cwd / "no-home"), MEDVAULT_ENDPOINT=endpoint,
+        MEDVAULT_CA=str(ca), MEDVAULT_CERT=str(cert), MEDVAULT_KEY=str(key),
+    )  # fmt: skip
     return subprocess.run(
-        [sys.executable, "-m", "service", "backup", *args, "--config", str(config)],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
-    )
+        [sys.executable, "-m", "service", *args], cwd=cwd, env=env,
+        capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
 
 
 def table_rows(engine: Engine, table: sa.Table) -> list[dict[str, object]]:

@@ -1,7 +1,8 @@
-"""The commands: ``restore ID --into CONFIG [--force]`` and ``restore-drill ID``.
+"""The local command ``restore ID --into CONFIG [--force]``.
 
 Run as the operator would, in a subprocess from config files (SQLite only: the code
-paths below the CLI run on both backends in the other restore and drill tests).
+paths below the CLI run on both backends in the other restore tests). ``restore-drill``
+is a service call: tests/integration/backup/test_operator_cli.py.
 """
 
 # Fixtures come from restore_fixtures (the backup conftest is another module's): pytest
@@ -19,8 +20,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from storage.backup.manifest import object_key
-from storage.backup.targets import S3Target, read_all
+from storage.backup.targets import S3Target
 from tests.integration.backup.helpers import ROOT
 from tests.integration.backup.restore_fixtures import (  # noqa: F401  (fixtures)
     SignedSource,
@@ -72,8 +72,13 @@ def test_restore_command_refuses_non_empty_target_without_force(
 
     first = _cli("restore", backup.backup_id, *flags)
     assert first.returncode == 0, first.stderr[-2000:]
+    assert "Running upgrade" not in first.stdout + first.stderr  # no alembic lines
     engine = sa.create_engine(url)
     assert count(engine, "records") == backup.counts["records"]
+    # The restore wrote its own event into the deployment it filled, as the console user.
+    restored = (f"audit_events WHERE action = 'backup.restore' AND principal LIKE 'console%' "
+                f"AND resource = 'backup/{backup.backup_id}'")
+    assert count(engine, restored) == 1
 
     again = _cli("restore", backup.backup_id, *flags)
     assert again.returncode == 1
@@ -83,34 +88,7 @@ def test_restore_command_refuses_non_empty_target_without_force(
     forced = _cli("restore", backup.backup_id, *flags, "--force")
     assert forced.returncode == 0, forced.stderr[-2000:]
     assert count(engine, "records") == backup.counts["records"]
+    assert count(engine, restored) == 1  # the snapshot replaced the first one's
+    help_text = " ".join(_cli("restore", "--help").stdout.split())
+    assert "Runs locally" in help_text
     engine.dispose()
-
-
-def test_drill_command_passes_then_fails_on_a_flipped_byte(
-    sqlite_source: SignedSource, s3_target: S3Target, s3_server: Any, softhsm_token: Any,
-    tmp_path: Path,
-) -> None:  # fmt: skip
-    source = sqlite_source.source
-    backup = source.backup(s3_target)
-    url = source.engine.url.render_as_string(hide_password=False)
-    config = _config(tmp_path, "live", s3_server, softhsm_token, source.blobs.bucket, url,
-                     sqlite_source.signer.ca_der)  # fmt: skip
-    flags = ["--config", config, "--bucket", s3_target.describe().removeprefix("s3://")]
-
-    good = _cli("restore-drill", backup.backup_id, *flags)
-    assert good.returncode == 0, good.stdout[-2000:] + good.stderr[-2000:]
-    assert "PASSED" in good.stdout
-    assert "recovery time" in good.stdout
-    assert count(source.engine, "audit_events WHERE action = 'backup.drill'") == 1
-
-    victim = backup.manifest.objects[0]
-    key = object_key(victim.sha256)
-    data = bytearray(read_all(s3_target, key))
-    data[-1] ^= 0x80
-    s3_target.delete(key)
-    s3_target.put(key, [bytes(data)])
-    bad = _cli("restore-drill", backup.backup_id, *flags)
-    assert bad.returncode == 1
-    assert "FAILED" in bad.stdout
-    assert victim.object_key in bad.stdout
-    assert not drill_buckets(s3_server)

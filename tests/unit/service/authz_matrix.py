@@ -42,10 +42,15 @@ _TABLE = """
 /medvault.v1.KeyService/ListKeks            . . . . . . A .
 /medvault.v1.KeyService/Rewrap              . . . . . . A .
 /medvault.v1.KeyService/RetireKek           . . . . . . A .
+/medvault.v1.KeyService/ListSigners         . . . . . . A .
+/medvault.v1.KeyService/CreateSigner        . . . . . . A .
+/medvault.v1.KeyService/ImportCertificate   . . . . . . A .
 /medvault.v1.BackupService/RunBackup        . . . . . A . .
 /medvault.v1.BackupService/ListBackups      . . . . . A . .
 /medvault.v1.BackupService/VerifyBackup     . . . . . A . .
 /medvault.v1.BackupService/RunRestoreDrill  . . . . . A . .
+/medvault.v1.BackupService/PruneBackups     . . . . . A . .
+/medvault.v1.BackupService/GetBackupPublicKey . . . . . A . .
 """
 
 _CODES = {"P": PATIENT, "A": ALLOW, ".": DENY}

@@ -106,7 +106,7 @@ class RunRestoreDrillRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class DrillReport(_message.Message):
-    __slots__ = ("backup_id", "ok", "recovery_seconds", "records_verified", "bytes_verified", "signatures_verified", "audit_chain_ok", "failures", "report_json")
+    __slots__ = ("backup_id", "ok", "recovery_seconds", "records_verified", "bytes_verified", "signatures_verified", "audit_chain_ok", "failures", "report_json", "report_key")
     BACKUP_ID_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class DrillReport(_message.Message):
     AUDIT_CHAIN_OK_FIELD_NUMBER: _ClassVar[int]
     FAILURES_FIELD_NUMBER: _ClassVar[int]
     REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
+    REPORT_KEY_FIELD_NUMBER: _ClassVar[int]
     backup_id: str
     ok: bool
     recovery_seconds: float
@@ -125,7 +126,8 @@ class DrillReport(_message.Message):
     audit_chain_ok: bool
     failures: _containers.RepeatedScalarFieldContainer[str]
     report_json: bytes
-    def __init__(self, backup_id: _Optional[str] = ..., ok: _Optional[bool] = ..., recovery_seconds: _Optional[float] = ..., records_verified: _Optional[int] = ..., bytes_verified: _Optional[int] = ..., signatures_verified: _Optional[int] = ..., audit_chain_ok: _Optional[bool] = ..., failures: _Optional[_Iterable[str]] = ..., report_json: _Optional[bytes] = ...) -> None: ...
+    report_key: str
+    def __init__(self, backup_id: _Optional[str] = ..., ok: _Optional[bool] = ..., recovery_seconds: _Optional[float] = ..., records_verified: _Optional[int] = ..., bytes_verified: _Optional[int] = ..., signatures_verified: _Optional[int] = ..., audit_chain_ok: _Optional[bool] = ..., failures: _Optional[_Iterable[str]] = ..., report_json: _Optional[bytes] = ..., report_key: _Optional[str] = ...) -> None: ...
 
 class RunRestoreDrillResponse(_message.Message):
     __slots__ = ("progress", "report")
@@ -134,3 +136,49 @@ class RunRestoreDrillResponse(_message.Message):
     progress: Progress
     report: DrillReport
     def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., report: _Optional[_Union[DrillReport, _Mapping]] = ...) -> None: ...
+
+class PruneBackupsRequest(_message.Message):
+    __slots__ = ("keep_daily", "keep_weekly", "keep_monthly", "grace_hours", "dry_run")
+    KEEP_DAILY_FIELD_NUMBER: _ClassVar[int]
+    KEEP_WEEKLY_FIELD_NUMBER: _ClassVar[int]
+    KEEP_MONTHLY_FIELD_NUMBER: _ClassVar[int]
+    GRACE_HOURS_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    keep_daily: int
+    keep_weekly: int
+    keep_monthly: int
+    grace_hours: float
+    dry_run: bool
+    def __init__(self, keep_daily: _Optional[int] = ..., keep_weekly: _Optional[int] = ..., keep_monthly: _Optional[int] = ..., grace_hours: _Optional[float] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class PruneBackupsResponse(_message.Message):
+    __slots__ = ("kept", "removed", "objects_removed", "bytes_removed", "leftovers_removed", "objects_deferred", "dry_run")
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    LEFTOVERS_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_DEFERRED_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    kept: _containers.RepeatedScalarFieldContainer[str]
+    removed: _containers.RepeatedScalarFieldContainer[str]
+    objects_removed: int
+    bytes_removed: int
+    leftovers_removed: int
+    objects_deferred: bool
+    dry_run: bool
+    def __init__(self, kept: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[str]] = ..., objects_removed: _Optional[int] = ..., bytes_removed: _Optional[int] = ..., leftovers_removed: _Optional[int] = ..., objects_deferred: _Optional[bool] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class GetBackupPublicKeyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class BackupPublicKey(_message.Message):
+    __slots__ = ("public_key_pem", "key_label", "algorithm")
+    PUBLIC_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
+    KEY_LABEL_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    public_key_pem: str
+    key_label: str
+    algorithm: str
+    def __init__(self, public_key_pem: _Optional[str] = ..., key_label: _Optional[str] = ..., algorithm: _Optional[str] = ...) -> None: ...

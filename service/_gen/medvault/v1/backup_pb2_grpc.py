@@ -54,6 +54,16 @@ class BackupServiceStub:
                 request_serializer=medvault_dot_v1_dot_backup__pb2.RunRestoreDrillRequest.SerializeToString,
                 response_deserializer=medvault_dot_v1_dot_backup__pb2.RunRestoreDrillResponse.FromString,
                 _registered_method=True)
+        self.PruneBackups = channel.unary_unary(
+                '/medvault.v1.BackupService/PruneBackups',
+                request_serializer=medvault_dot_v1_dot_backup__pb2.PruneBackupsRequest.SerializeToString,
+                response_deserializer=medvault_dot_v1_dot_backup__pb2.PruneBackupsResponse.FromString,
+                _registered_method=True)
+        self.GetBackupPublicKey = channel.unary_unary(
+                '/medvault.v1.BackupService/GetBackupPublicKey',
+                request_serializer=medvault_dot_v1_dot_backup__pb2.GetBackupPublicKeyRequest.SerializeToString,
+                response_deserializer=medvault_dot_v1_dot_backup__pb2.BackupPublicKey.FromString,
+                _registered_method=True)
 
 
 class BackupServiceServicer:
@@ -78,6 +88,20 @@ class BackupServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RunRestoreDrill(self, request, context):
+        """NOT_FOUND (and no report written) when no complete backup has that id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PruneBackups(self, request, context):
+        """Apply the retention policy; never removes an object a kept backup references.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBackupPublicKey(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -105,6 +129,16 @@ def add_BackupServiceServicer_to_server(servicer, server):
                     servicer.RunRestoreDrill,
                     request_deserializer=medvault_dot_v1_dot_backup__pb2.RunRestoreDrillRequest.FromString,
                     response_serializer=medvault_dot_v1_dot_backup__pb2.RunRestoreDrillResponse.SerializeToString,
+            ),
+            'PruneBackups': grpc.unary_unary_rpc_method_handler(
+                    servicer.PruneBackups,
+                    request_deserializer=medvault_dot_v1_dot_backup__pb2.PruneBackupsRequest.FromString,
+                    response_serializer=medvault_dot_v1_dot_backup__pb2.PruneBackupsResponse.SerializeToString,
+            ),
+            'GetBackupPublicKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBackupPublicKey,
+                    request_deserializer=medvault_dot_v1_dot_backup__pb2.GetBackupPublicKeyRequest.FromString,
+                    response_serializer=medvault_dot_v1_dot_backup__pb2.BackupPublicKey.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +249,60 @@ class BackupService:
             '/medvault.v1.BackupService/RunRestoreDrill',
             medvault_dot_v1_dot_backup__pb2.RunRestoreDrillRequest.SerializeToString,
             medvault_dot_v1_dot_backup__pb2.RunRestoreDrillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PruneBackups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/medvault.v1.BackupService/PruneBackups',
+            medvault_dot_v1_dot_backup__pb2.PruneBackupsRequest.SerializeToString,
+            medvault_dot_v1_dot_backup__pb2.PruneBackupsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBackupPublicKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/medvault.v1.BackupService/GetBackupPublicKey',
+            medvault_dot_v1_dot_backup__pb2.GetBackupPublicKeyRequest.SerializeToString,
+            medvault_dot_v1_dot_backup__pb2.BackupPublicKey.FromString,
             options,
             channel_credentials,
             insecure,

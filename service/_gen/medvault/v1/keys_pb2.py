@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16medvault/v1/keys.proto\x12\x0bmedvault.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"r\n\nKekVersion\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\r\n\x05state\x18\x02 \x01(\t\x12\x14\n\x0cwrapped_keys\x18\x03 \x01(\x04\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x12\n\x10RotateKekRequest\"=\n\x11RotateKekResponse\x12(\n\x07\x63reated\x18\x01 \x01(\x0b\x32\x17.medvault.v1.KekVersion\"\x11\n\x0fListKeksRequest\"=\n\x10ListKeksResponse\x12)\n\x08versions\x18\x01 \x03(\x0b\x32\x17.medvault.v1.KekVersion\"9\n\rRewrapRequest\x12\x14\n\x0c\x66rom_version\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\"N\n\x0eRewrapProgress\x12\x11\n\trewrapped\x18\x01 \x01(\x04\x12\x11\n\tremaining\x18\x02 \x01(\x04\x12\x16\n\x0etarget_version\x18\x03 \x01(\r\"8\n\x10RetireKekRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x13\n\x0b\x64\x65stroy_key\x18\x02 \x01(\x08\x32\xab\x02\n\nKeyService\x12J\n\tRotateKek\x12\x1d.medvault.v1.RotateKekRequest\x1a\x1e.medvault.v1.RotateKekResponse\x12G\n\x08ListKeks\x12\x1c.medvault.v1.ListKeksRequest\x1a\x1d.medvault.v1.ListKeksResponse\x12\x43\n\x06Rewrap\x12\x1a.medvault.v1.RewrapRequest\x1a\x1b.medvault.v1.RewrapProgress0\x01\x12\x43\n\tRetireKek\x12\x1d.medvault.v1.RetireKekRequest\x1a\x17.medvault.v1.KekVersionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16medvault/v1/keys.proto\x12\x0bmedvault.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"r\n\nKekVersion\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\r\n\x05state\x18\x02 \x01(\t\x12\x14\n\x0cwrapped_keys\x18\x03 \x01(\x04\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x12\n\x10RotateKekRequest\"=\n\x11RotateKekResponse\x12(\n\x07\x63reated\x18\x01 \x01(\x0b\x32\x17.medvault.v1.KekVersion\"\x11\n\x0fListKeksRequest\"=\n\x10ListKeksResponse\x12)\n\x08versions\x18\x01 \x03(\x0b\x32\x17.medvault.v1.KekVersion\"9\n\rRewrapRequest\x12\x14\n\x0c\x66rom_version\x18\x01 \x01(\r\x12\x12\n\nbatch_size\x18\x02 \x01(\r\"N\n\x0eRewrapProgress\x12\x11\n\trewrapped\x18\x01 \x01(\x04\x12\x11\n\tremaining\x18\x02 \x01(\x04\x12\x16\n\x0etarget_version\x18\x03 \x01(\r\"8\n\x10RetireKekRequest\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x13\n\x0b\x64\x65stroy_key\x18\x02 \x01(\x08\"t\n\x06Signer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08key_type\x18\x02 \x01(\t\x12\x1b\n\x13\x63\x65rtificate_subject\x18\x03 \x01(\t\x12-\n\tnot_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x14\n\x12ListSignersRequest\";\n\x13ListSignersResponse\x12$\n\x07signers\x18\x01 \x03(\x0b\x32\x13.medvault.v1.Signer\"A\n\x13\x43reateSignerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03rsa\x18\x02 \x01(\x08\x12\x0f\n\x07subject\x18\x03 \x01(\t\"8\n\x14\x43reateSignerResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\"=\n\x18ImportCertificateRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x02 \x01(\x0c\x32\xa3\x04\n\nKeyService\x12J\n\tRotateKek\x12\x1d.medvault.v1.RotateKekRequest\x1a\x1e.medvault.v1.RotateKekResponse\x12G\n\x08ListKeks\x12\x1c.medvault.v1.ListKeksRequest\x1a\x1d.medvault.v1.ListKeksResponse\x12\x43\n\x06Rewrap\x12\x1a.medvault.v1.RewrapRequest\x1a\x1b.medvault.v1.RewrapProgress0\x01\x12\x43\n\tRetireKek\x12\x1d.medvault.v1.RetireKekRequest\x1a\x17.medvault.v1.KekVersion\x12P\n\x0bListSigners\x12\x1f.medvault.v1.ListSignersRequest\x1a .medvault.v1.ListSignersResponse\x12S\n\x0c\x43reateSigner\x12 .medvault.v1.CreateSignerRequest\x1a!.medvault.v1.CreateSignerResponse\x12O\n\x11ImportCertificate\x12%.medvault.v1.ImportCertificateRequest\x1a\x13.medvault.v1.Signerb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,6 +48,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REWRAPPROGRESS']._serialized_end=490
   _globals['_RETIREKEKREQUEST']._serialized_start=492
   _globals['_RETIREKEKREQUEST']._serialized_end=548
-  _globals['_KEYSERVICE']._serialized_start=551
-  _globals['_KEYSERVICE']._serialized_end=850
+  _globals['_SIGNER']._serialized_start=550
+  _globals['_SIGNER']._serialized_end=666
+  _globals['_LISTSIGNERSREQUEST']._serialized_start=668
+  _globals['_LISTSIGNERSREQUEST']._serialized_end=688
+  _globals['_LISTSIGNERSRESPONSE']._serialized_start=690
+  _globals['_LISTSIGNERSRESPONSE']._serialized_end=749
+  _globals['_CREATESIGNERREQUEST']._serialized_start=751
+  _globals['_CREATESIGNERREQUEST']._serialized_end=816
+  _globals['_CREATESIGNERRESPONSE']._serialized_start=818
+  _globals['_CREATESIGNERRESPONSE']._serialized_end=874
+  _globals['_IMPORTCERTIFICATEREQUEST']._serialized_start=876
+  _globals['_IMPORTCERTIFICATEREQUEST']._serialized_end=937
+  _globals['_KEYSERVICE']._serialized_start=940
+  _globals['_KEYSERVICE']._serialized_end=1487
 # @@protoc_insertion_point(module_scope)

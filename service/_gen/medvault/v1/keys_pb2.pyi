@@ -66,3 +66,51 @@ class RetireKekRequest(_message.Message):
     version: int
     destroy_key: bool
     def __init__(self, version: _Optional[int] = ..., destroy_key: _Optional[bool] = ...) -> None: ...
+
+class Signer(_message.Message):
+    __slots__ = ("name", "key_type", "certificate_subject", "not_after")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KEY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    key_type: str
+    certificate_subject: str
+    not_after: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., key_type: _Optional[str] = ..., certificate_subject: _Optional[str] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListSignersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSignersResponse(_message.Message):
+    __slots__ = ("signers",)
+    SIGNERS_FIELD_NUMBER: _ClassVar[int]
+    signers: _containers.RepeatedCompositeFieldContainer[Signer]
+    def __init__(self, signers: _Optional[_Iterable[_Union[Signer, _Mapping]]] = ...) -> None: ...
+
+class CreateSignerRequest(_message.Message):
+    __slots__ = ("name", "rsa", "subject")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    RSA_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    rsa: bool
+    subject: str
+    def __init__(self, name: _Optional[str] = ..., rsa: _Optional[bool] = ..., subject: _Optional[str] = ...) -> None: ...
+
+class CreateSignerResponse(_message.Message):
+    __slots__ = ("created", "csr_pem")
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    created: bool
+    csr_pem: bytes
+    def __init__(self, created: _Optional[bool] = ..., csr_pem: _Optional[bytes] = ...) -> None: ...
+
+class ImportCertificateRequest(_message.Message):
+    __slots__ = ("name", "certificate")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    certificate: bytes
+    def __init__(self, name: _Optional[str] = ..., certificate: _Optional[bytes] = ...) -> None: ...

@@ -54,6 +54,21 @@ class KeyServiceStub:
                 request_serializer=medvault_dot_v1_dot_keys__pb2.RetireKekRequest.SerializeToString,
                 response_deserializer=medvault_dot_v1_dot_keys__pb2.KekVersion.FromString,
                 _registered_method=True)
+        self.ListSigners = channel.unary_unary(
+                '/medvault.v1.KeyService/ListSigners',
+                request_serializer=medvault_dot_v1_dot_keys__pb2.ListSignersRequest.SerializeToString,
+                response_deserializer=medvault_dot_v1_dot_keys__pb2.ListSignersResponse.FromString,
+                _registered_method=True)
+        self.CreateSigner = channel.unary_unary(
+                '/medvault.v1.KeyService/CreateSigner',
+                request_serializer=medvault_dot_v1_dot_keys__pb2.CreateSignerRequest.SerializeToString,
+                response_deserializer=medvault_dot_v1_dot_keys__pb2.CreateSignerResponse.FromString,
+                _registered_method=True)
+        self.ImportCertificate = channel.unary_unary(
+                '/medvault.v1.KeyService/ImportCertificate',
+                request_serializer=medvault_dot_v1_dot_keys__pb2.ImportCertificateRequest.SerializeToString,
+                response_deserializer=medvault_dot_v1_dot_keys__pb2.Signer.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -86,6 +101,27 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSigners(self, request, context):
+        """Document signers on the token: their keys and certificates (never private keys).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateSigner(self, request, context):
+        """Create a signer key on the token (idempotent) and return its CSR.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportCertificate(self, request, context):
+        """Store the CA-signed certificate beside the signer's key (it must match the key).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +144,21 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.RetireKek,
                     request_deserializer=medvault_dot_v1_dot_keys__pb2.RetireKekRequest.FromString,
                     response_serializer=medvault_dot_v1_dot_keys__pb2.KekVersion.SerializeToString,
+            ),
+            'ListSigners': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSigners,
+                    request_deserializer=medvault_dot_v1_dot_keys__pb2.ListSignersRequest.FromString,
+                    response_serializer=medvault_dot_v1_dot_keys__pb2.ListSignersResponse.SerializeToString,
+            ),
+            'CreateSigner': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSigner,
+                    request_deserializer=medvault_dot_v1_dot_keys__pb2.CreateSignerRequest.FromString,
+                    response_serializer=medvault_dot_v1_dot_keys__pb2.CreateSignerResponse.SerializeToString,
+            ),
+            'ImportCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportCertificate,
+                    request_deserializer=medvault_dot_v1_dot_keys__pb2.ImportCertificateRequest.FromString,
+                    response_serializer=medvault_dot_v1_dot_keys__pb2.Signer.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +269,87 @@ class KeyService:
             '/medvault.v1.KeyService/RetireKek',
             medvault_dot_v1_dot_keys__pb2.RetireKekRequest.SerializeToString,
             medvault_dot_v1_dot_keys__pb2.KekVersion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSigners(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/medvault.v1.KeyService/ListSigners',
+            medvault_dot_v1_dot_keys__pb2.ListSignersRequest.SerializeToString,
+            medvault_dot_v1_dot_keys__pb2.ListSignersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSigner(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/medvault.v1.KeyService/CreateSigner',
+            medvault_dot_v1_dot_keys__pb2.CreateSignerRequest.SerializeToString,
+            medvault_dot_v1_dot_keys__pb2.CreateSignerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/medvault.v1.KeyService/ImportCertificate',
+            medvault_dot_v1_dot_keys__pb2.ImportCertificateRequest.SerializeToString,
+            medvault_dot_v1_dot_keys__pb2.Signer.FromString,
             options,
             channel_credentials,
             insecure,
