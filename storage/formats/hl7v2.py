@@ -14,9 +14,23 @@ import hl7
 
 from storage.errors import InvalidRecordError
 from storage.formats.base import mismatch, names_other, refuse, same_patient
+from storage.index import (
+    CONTROL_ID,
+    DATE,
+    MAX_ENTRIES,
+    MESSAGE_TYPE,
+    OBSERVATION,
+    IndexEntry,
+    bounded,
+    day,
+    entry,
+)
 from storage.model import PatientRef
 
 HEADER_CAP = 1 << 20
+# Of each segment after PID, only this prefix is kept to index OBR/OBX (an OBX-5 can be
+# a large attachment); fields cut by it are not indexed.
+SEGMENT_CAP = 64 << 10
 # MSH-18 values (HL7 table 0211) we decode; absent means ASCII, which UTF-8 covers.
 _CHARSETS = {"": "utf-8", "ASCII": "ascii", "UNICODE UTF-8": "utf-8", "8859/1": "latin-1"}
 _SEGMENT_END = re.compile(rb"\r\n|\n|\r")
@@ -38,6 +52,14 @@ class Hl7v2Validator:
         self._done = False
         self._pid: int | None = None  # where the first PID segment starts
         self._carry = b""  # the last bytes seen after the check, to find a second PID
+        self._line = bytearray()  # the segment being received after PID (its prefix)
+        self._cut = False  # that segment is longer than SEGMENT_CAP
+        self._separators = ("|", "^", "~")  # field, component, repetition (from MSH)
+        self._codec = "utf-8"
+        self._index: list[IndexEntry | None] = []
+        self._observations = 0
+        self._msh_date: str | None = None
+        self._obr_date: str | None = None
 
     def feed(self, chunk: bytes) -> None:
         """Keep the prefix until a whole PID segment is in it, then check it.
@@ -70,11 +92,62 @@ class Hl7v2Validator:
         if _PID_START.search(tail):
             raise refuse("HL7 v2: more than one PID segment (a record names one patient)")
         self._carry = tail[-3:]
+        start = 0
+        for end in _LINE_END.finditer(chunk):
+            self._keep(chunk[start : end.start()])
+            self._segment(bytes(self._line), cut=self._cut)
+            self._line, self._cut = bytearray(), False
+            start = end.end()
+        self._keep(chunk[start:])
+
+    def _keep(self, piece: bytes) -> None:
+        room = SEGMENT_CAP - len(self._line)
+        self._line += piece[: max(room, 0)]
+        self._cut = self._cut or len(piece) > room
 
     def finish(self) -> None:
         """Check what came if the message ended before a PID was complete."""
         if not self._done:
             self._check(_SEGMENT_END.split(bytes(self._prefix)))
+        elif self._line:
+            self._segment(bytes(self._line), cut=self._cut)
+            self._line = bytearray()
+
+    def index(self) -> list[IndexEntry]:
+        """MSH-9 message type, MSH-10 control id, each OBX-3 observation code (with its
+        OBX-5 value, OBX-6 unit and OBX-14 time) and the date (OBR-7, else MSH-7)."""
+        return bounded([*self._index, entry(DATE, self._obr_date or self._msh_date)])
+
+    def _segment(self, raw: bytes, *, cut: bool) -> None:
+        """Index an OBR or OBX segment after PID (others pass unread)."""
+        field_sep, component, repetition = self._separators
+        name = raw[:4]
+        if name not in (b"OBX" + field_sep.encode("latin-1"), b"OBR" + field_sep.encode("latin-1")):
+            return
+        try:
+            fields = raw.decode(self._codec).split(field_sep)
+        except UnicodeDecodeError:
+            return  # not indexed; the validator does not read segments past PID
+        if cut:
+            fields = fields[:-1]  # the last field was cut short
+
+        def part(n: int, c: int = 0) -> str:
+            if n >= len(fields):
+                return ""
+            pieces = fields[n].split(repetition)[0].split(component)
+            return pieces[c] if c < len(pieces) else ""
+
+        if name.startswith(b"OBR"):
+            self._obr_date = self._obr_date or day(part(7))
+            return
+        if self._observations >= MAX_ENTRIES or not part(3):
+            return
+        self._observations += 1
+        details = {"quantity": part(5) if part(2) in ("NM", "SN", "ST", "") else None,
+                   "unit": part(6), "observed_at": part(14)}
+        self._index.append(entry(OBSERVATION, part(3), part(3, 2), **details))
+        if part(3, 2) == "MDC" and part(3, 1).startswith("MDC_"):  # ISO/IEEE 11073-10101
+            self._index.append(entry(OBSERVATION, part(3, 1), "MDC", **details))
 
     def _check(self, segments: list[bytes]) -> None:
         self._done = True
@@ -102,6 +175,17 @@ class Hl7v2Validator:
             raise
         except Exception as e:  # hl7 raises several types; its messages quote content
             raise refuse("is not HL7 v2: the MSH/PID segments do not parse") from e
+        self._index_msh(message, text[0])
+        for segment in segments[end + 1 :]:  # the rest, when the message was short
+            self._segment(segment, cut=False)
+
+    def _index_msh(self, message: hl7.Message, msh: str) -> None:
+        self._separators = (msh[3], msh[4], msh[5])
+        self._codec = _codec_of(msh)
+        code, event = _component(message, "MSH", 9, 1, 1), _component(message, "MSH", 9, 1, 2)
+        self._index.append(entry(MESSAGE_TYPE, f"{code}^{event}"))
+        self._index.append(entry(CONTROL_ID, str(message.segment("MSH")[10])))
+        self._msh_date = day(_component(message, "MSH", 7, 1, 1))
 
     def _check_pid(self, message: hl7.Message) -> None:
         pid = message.segment("PID")
@@ -121,14 +205,19 @@ class Hl7v2Validator:
             raise mismatch("PID-3 (CX.1 + CX.4)")
 
 
-def _decode(segments: list[bytes]) -> list[str]:
-    msh = segments[0].decode("latin-1")  # only to read MSH-18; ASCII-compatible
+def _codec_of(msh: str) -> str:
+    """The codec MSH-18 names (read from MSH decoded as latin-1 or as itself)."""
     sep = msh[3:4]
     fields = msh.split(sep) if sep else []
     charset = fields[17].split(msh[4:5])[0].strip() if len(fields) > 17 and msh[4:5] else ""
     codec = _CHARSETS.get(charset)
     if codec is None:
         raise refuse("HL7 v2: MSH-18 character set is not one of ASCII, UNICODE UTF-8, 8859/1")
+    return codec
+
+
+def _decode(segments: list[bytes]) -> list[str]:
+    codec = _codec_of(segments[0].decode("latin-1"))  # ASCII-compatible, to read MSH-18
     try:
         return [s.decode(codec) for s in segments]
     except UnicodeDecodeError as e:
