@@ -39,6 +39,7 @@ from storage.index import (
     MODALITY,
     OBSERVATION,
     SERIES_UID,
+    SOP_UID,
     STUDY_UID,
     IndexEntry,
 )
@@ -117,6 +118,17 @@ class _Meter:
                 raise InvalidRecordError("content", f"exceeds the limit of {self.limit} bytes")
             self.digest.update(chunk)
             yield chunk
+
+
+@dataclass(frozen=True, slots=True)
+class StudyMember:
+    """A record version indexed as an instance of a study (its series and SOP instance
+    UIDs as indexed: labels, the record itself is verified when opened)."""
+
+    id: str
+    version: int
+    series_uid: str
+    sop_uid: str
 
 
 @runtime_checkable
@@ -492,13 +504,22 @@ class RecordStore:
             key=lambda s: (s.study_date, s.study_uid), reverse=True,
         )  # fmt: skip
 
-    def study_records(self, study_uid: str) -> list[tuple[str, int]]:
-        """(id, version) of the latest versions indexed under ``study_uid``, oldest first:
-        candidates only, each to be opened (verified, scope-checked) on its own."""
+    def study_members(self, study_uid: str) -> list[StudyMember]:
+        """The latest versions indexed under ``study_uid``, oldest first: candidates only,
+        each to be opened (verified, scope-checked) on its own."""
         check_uid("study_uid", study_uid)
         rows = self._metadata.study_records(study_uid=study_uid, limit=MAX_STUDY_INSTANCES + 1)
         _check_study_size(rows)
-        return [(r.id, r.version) for r in rows]
+        entries = self._metadata.index_entries([(r.id, r.version) for r in rows])
+
+        def first(found: list[IndexEntry], field: str) -> str:
+            return next((e.value for e in found if e.field == field), "")
+
+        return [
+            StudyMember(r.id, r.version, first(entries.get((r.id, r.version), []), SERIES_UID),
+                        first(entries.get((r.id, r.version), []), SOP_UID))
+            for r in rows
+        ]  # fmt: skip
 
     def list(
         self, query: RecordQuery, *, admit: Gate | None = None
