@@ -54,7 +54,8 @@ class Hl7v2Validator:
         self._carry = b""  # the last bytes seen after the check, to find a second PID
         self._line = bytearray()  # the segment being received after PID (its prefix)
         self._cut = False  # that segment is longer than SEGMENT_CAP
-        self._separators = ("|", "^", "~")  # field, component, repetition (from MSH)
+        # field, component, repetition (from MSH); None: not ASCII, OBR/OBX not indexed
+        self._separators: tuple[str, str, str] | None = None
         self._codec = "utf-8"
         self._index: list[IndexEntry | None] = []
         self._observations = 0
@@ -120,9 +121,11 @@ class Hl7v2Validator:
 
     def _segment(self, raw: bytes, *, cut: bool) -> None:
         """Index an OBR or OBX segment after PID (others pass unread)."""
+        if self._separators is None:
+            return
         field_sep, component, repetition = self._separators
         name = raw[:4]
-        if name not in (b"OBX" + field_sep.encode("latin-1"), b"OBR" + field_sep.encode("latin-1")):
+        if name not in (b"OBX" + field_sep.encode(), b"OBR" + field_sep.encode()):
             return
         try:
             fields = raw.decode(self._codec).split(field_sep)
@@ -180,7 +183,8 @@ class Hl7v2Validator:
             self._segment(segment, cut=False)
 
     def _index_msh(self, message: hl7.Message, msh: str) -> None:
-        self._separators = (msh[3], msh[4], msh[5])
+        separators = (msh[3], msh[4], msh[5])
+        self._separators = separators if "".join(separators).isascii() else None
         self._codec = _codec_of(msh)
         code, event = _component(message, "MSH", 9, 1, 1), _component(message, "MSH", 9, 1, 2)
         self._index.append(entry(MESSAGE_TYPE, f"{code}^{event}"))

@@ -160,3 +160,12 @@ def test_values_that_are_not_codes_are_not_indexed() -> None:
 
 def test_a_fresh_validator_has_no_entries() -> None:
     assert validator_for(RecordKind.CDA, PATIENT).index() == []
+
+
+def test_hl7_with_non_ascii_separators_is_stored_without_observations() -> None:
+    """A separator outside ASCII (here U+00A6) is valid HL7; the message is stored, only
+    its OBR/OBX fields are not indexed."""
+    data = content.hl7v2(ID, AUTH).decode().replace("|", "\u00a6").encode()
+    fields = _fields(run(RecordKind.HL7V2, data).index())
+    assert OBSERVATION not in fields
+    assert fields[CONTROL_ID] == ["MSG00001"]
