@@ -35,6 +35,13 @@ SEGMENT_CAP = 64 << 10
 _CHARSETS = {"": "utf-8", "ASCII": "ascii", "UNICODE UTF-8": "utf-8", "8859/1": "latin-1"}
 _SEGMENT_END = re.compile(rb"\r\n|\n|\r")
 _PID_START = re.compile(rb"[\r\n]PID")
+# After the first PID: the segment starts looked for, by (OBR wanted, OBX wanted).
+_WANTED = {
+    (True, True): re.compile(rb"[\r\n](PID|OBR|OBX)"),
+    (True, False): re.compile(rb"[\r\n](PID|OBR)"),
+    (False, True): re.compile(rb"[\r\n](PID|OBX)"),
+    (False, False): re.compile(rb"[\r\n](PID)"),
+}
 _LINE_END = re.compile(rb"[\r\n]")
 _MESSAGE_CODE = re.compile(r"[A-Z0-9]{3}\Z")
 _MAX_CONTROL_ID = 199
@@ -52,13 +59,15 @@ class Hl7v2Validator:
         self._done = False
         self._pid: int | None = None  # where the first PID segment starts
         self._carry = b""  # the last bytes seen after the check, to find a second PID
-        self._line = bytearray()  # the segment being received after PID (its prefix)
+        # The OBR/OBX segment being received after PID (its prefix), if any.
+        self._line: bytearray | None = None
         self._cut = False  # that segment is longer than SEGMENT_CAP
+        self._obr_seen = False
         # field, component, repetition (from MSH); None: not ASCII, OBR/OBX not indexed
         self._separators: tuple[str, str, str] | None = None
         self._codec = "utf-8"
         self._index: list[IndexEntry | None] = []
-        self._observations = 0
+        self._obx_read = 0  # OBX segments read after PID (indexed or not)
         self._msh_date: str | None = None
         self._obr_date: str | None = None
 
@@ -89,30 +98,55 @@ class Hl7v2Validator:
             raise refuse(f"HL7 v2: no complete PID segment in the first {HEADER_CAP} bytes")
 
     def _after_pid(self, chunk: bytes) -> None:
-        tail = self._carry + chunk
-        if _PID_START.search(tail):
-            raise refuse("HL7 v2: more than one PID segment (a record names one patient)")
-        self._carry = tail[-3:]
-        start = 0
-        for end in _LINE_END.finditer(chunk):
-            self._keep(chunk[start : end.start()])
-            self._segment(bytes(self._line), cut=self._cut)
-            self._line, self._cut = bytearray(), False
-            start = end.end()
-        self._keep(chunk[start:])
+        """Scan what follows the first PID: a second PID is refused; OBR/OBX segments
+        (their first ``SEGMENT_CAP`` bytes) are indexed. One regex finds the segment
+        starts that matter; the bytes between stream past unread, and once no more OBR
+        or OBX is wanted only PID is looked for, as before indexing."""
+        data = self._carry + chunk
+        pos = 0
+        while True:
+            if self._line is not None:  # inside an OBR/OBX segment
+                end = _LINE_END.search(data, pos)
+                stop = len(data) if end is None else end.start()
+                room = SEGMENT_CAP - len(self._line)
+                if room > 0:  # only the kept prefix is copied (an attachment streams past)
+                    self._line += data[pos : min(stop, pos + room)]
+                self._cut = self._cut or stop - pos > room
+                if end is None:
+                    self._carry = b""  # no segment starts before this one's end
+                    return
+                self._segment(bytes(self._line), cut=self._cut)
+                self._line, self._cut = None, False
+                pos = stop  # the line end may start the next segment
+            start = self._starts().search(data, pos)
+            if start is None:
+                self._carry = data[-3:]  # shorter than a match: none is found twice
+                return
+            if start.group(1) == b"PID":
+                raise refuse("HL7 v2: more than one PID segment (a record names one patient)")
+            # Counted when found, valid or not: a stream of bogus "OBX" lines is read at
+            # most MAX_ENTRIES times, then passes at the speed of the PID search.
+            if start.group(1) == b"OBR":
+                self._obr_seen = True
+            else:
+                self._obx_read += 1
+            self._line = bytearray()
+            pos = start.start() + 1
 
-    def _keep(self, piece: bytes) -> None:
-        room = SEGMENT_CAP - len(self._line)
-        self._line += piece[: max(room, 0)]
-        self._cut = self._cut or len(piece) > room
+    def _starts(self) -> re.Pattern[bytes]:
+        """The segment starts still wanted: PID always, OBR until one was read, OBX
+        until ``MAX_ENTRIES`` were (none if the separators are not ASCII)."""
+        obr = self._separators is not None and not self._obr_seen
+        obx = self._separators is not None and self._obx_read < MAX_ENTRIES
+        return _WANTED[obr, obx]
 
     def finish(self) -> None:
         """Check what came if the message ended before a PID was complete."""
         if not self._done:
             self._check(_SEGMENT_END.split(bytes(self._prefix)))
-        elif self._line:
+        elif self._line is not None:
             self._segment(bytes(self._line), cut=self._cut)
-            self._line = bytearray()
+            self._line = None
 
     def index(self) -> list[IndexEntry]:
         """MSH-9 message type, MSH-10 control id, each OBX-3 observation code (with its
@@ -143,9 +177,8 @@ class Hl7v2Validator:
         if name.startswith(b"OBR"):
             self._obr_date = self._obr_date or day(part(7))
             return
-        if self._observations >= MAX_ENTRIES or not part(3):
+        if not part(3):
             return
-        self._observations += 1
         details = {"quantity": part(5) if part(2) in ("NM", "SN", "ST", "") else None,
                    "unit": part(6), "observed_at": part(14)}
         self._index.append(entry(OBSERVATION, part(3), part(3, 2), **details))

@@ -29,7 +29,7 @@ from storage.index import (
 )
 from storage.model import RecordKind
 from tests import content
-from tests.unit.storage.formats.helpers import PATIENT, run
+from tests.unit.storage.formats.helpers import PATIENT, refused, run
 
 ID, AUTH = PATIENT.id, PATIENT.authority
 
@@ -169,3 +169,14 @@ def test_hl7_with_non_ascii_separators_is_stored_without_observations() -> None:
     fields = _fields(run(RecordKind.HL7V2, data).index())
     assert OBSERVATION not in fields
     assert fields[CONTROL_ID] == ["MSG00001"]
+
+
+def test_hl7_reads_at_most_max_entries_obx_segments_but_always_looks_for_pid() -> None:
+    """Bogus OBX lines use up the OBX budget (so a stream of them costs no more than the
+    PID search); a second PID after them is still refused."""
+    bogus = ["OBX"] * MAX_ENTRIES
+    late = content.PCD01_OBSERVATIONS[:1]
+    data = content.hl7v2(ID, AUTH, observations=[*bogus, *late])
+    assert OBSERVATION not in _fields(run(RecordKind.HL7V2, data, chunk=4096).index())
+    second_pid = content.hl7v2(ID, AUTH, observations=[*bogus, "PID|1||X^^^HOSP"])
+    assert "more than one PID" in refused(RecordKind.HL7V2, second_pid, chunk=4096)
