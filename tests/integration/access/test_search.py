@@ -359,6 +359,31 @@ def test_unknown_study_is_not_found_and_audited(w: World) -> None:
     assert "study_uid" in (error.details() or "")
 
 
+def test_an_amended_instance_is_found_under_its_latest_version_only(w: World) -> None:
+    patient = _granted(w)
+    first_study, second_study = str(generate_uid()), str(generate_uid())
+    first = w.dicom(patient, first_study, str(generate_uid()), Modality="CT")
+    data = content.dicom(patient.id, patient.assigning_authority,
+                         StudyInstanceUID=second_study, Modality="MR")
+    code, content_type = KINDS["DICOM"]
+    head = pb.RecordHeader(patient=patient, kind=code, content_type=content_type,
+                           supersedes=first.id)
+    second = w.clerk.records.PutRecord(
+        iter([pb.PutRecordRequest(header=head), pb.PutRecordRequest(chunk=data)]),
+        timeout=TIMEOUT)
+    assert second.version == 2
+    assert w.ids(patient, study_uid=first_study) == set()
+    assert w.ids(patient, study_uid=second_study) == {first.id}
+    versions = w.doctor.records.ListRecords(pb.ListRecordsRequest(
+        patient=patient, modality="CT", all_versions=True), timeout=TIMEOUT)
+    assert [(r.id, r.version) for r in versions.records] == [(first.id, 1)]
+    _, _, error = _get_study(w.doctor, first_study)
+    assert error is not None
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    instances, _, _ = _get_study(w.doctor, second_study)
+    assert [(i.record.id, i.record.version) for i in instances] == [(first.id, 2)]
+
+
 # --- a database writer edits the index ---------------------------------------------
 
 
