@@ -9,7 +9,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from service._gen.medvault.v1 import records_pb2 as pb
 from storage.errors import InvalidRecordError
-from storage.model import NewRecord, PatientRef, RecordInfo, RecordKind, RecordQuery
+from storage.model import (
+    NewRecord,
+    PatientRef,
+    RecordInfo,
+    RecordKind,
+    RecordQuery,
+    StudySummary,
+)
 
 _KINDS: dict[pb.RecordKind, RecordKind] = {
     pb.RECORD_KIND_HL7V2: RecordKind.HL7V2,
@@ -121,6 +128,25 @@ def query_from_pb(msg: pb.ListRecordsRequest) -> RecordQuery:
         page_size=msg.page_size or 50,
         page_token=msg.page_token,
         all_versions=msg.all_versions,
+        document_code=msg.document_code or None,
+        study_uid=msg.study_uid or None,
+        series_uid=msg.series_uid or None,
+        modality=msg.modality or None,
+        observation_code=msg.observation_code or None,
+        date_from=msg.date_from or None,
+        date_to=msg.date_to or None,
+    )
+
+
+def study_to_pb(study: StudySummary) -> pb.Study:
+    """A study summary as sent (its date as YYYY-MM-DD)."""
+    date = study.study_date
+    return pb.Study(
+        study_uid=study.study_uid,
+        study_date=f"{date[:4]}-{date[4:6]}-{date[6:8]}" if len(date) == 8 else "",
+        modalities=list(study.modalities),
+        series_count=study.series_count,
+        instance_count=study.instance_count,
     )
 
 

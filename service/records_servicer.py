@@ -18,13 +18,14 @@ from sqlalchemy.engine import Connection
 from service import convert
 from service._gen.medvault.v1 import records_pb2 as pb
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
+from service.authz import PermissionDeniedError
 from service.calls import CallState, entered, handled
-from service.guard import AccessGuard
+from service.guard import NO_GRANT, AccessGuard, Call
 from service.limits import UploadGate
 from service.streams import SyncRequests, prefetch
-from storage.errors import InvalidRecordError
-from storage.model import NewRecord, RecordInfo, RecordQuery
-from storage.records import OpenRecord, RecordRef, RecordStore
+from storage.errors import InvalidRecordError, RecordNotFoundError
+from storage.model import NewRecord, PatientRef, RecordInfo, RecordQuery, StudySummary
+from storage.records import Gate, OpenRecord, RecordRef, RecordStore, StudyMember
 from storage.row_auth import RowTamperedError
 
 
@@ -54,6 +55,28 @@ def _naming_tampered(state: CallState) -> Iterator[None]:
     except RowTamperedError as e:
         state.resource = e.resource
         raise
+
+
+class _SkippedError(Exception):
+    """An instance of a patient already refused in this GetStudy call."""
+
+
+def _study_gate(guard: AccessGuard, call: Call) -> Gate:
+    """The read gate of GetStudy: scope checked (and audited) per instance, but a patient
+    refused once in the call is refused again without another event for each instance."""
+    inner = guard.patient_gate(call)
+    refused: set[bytes] = set()
+
+    def gate(ref: RecordRef) -> None:
+        if ref.patient_index in refused:
+            raise _SkippedError
+        try:
+            inner(ref)
+        except PermissionDeniedError:
+            refused.add(ref.patient_index)
+            raise
+
+    return gate
 
 
 class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # untyped stub
@@ -123,6 +146,27 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
         with _naming_tampered(state):
             return self._store.list(query, admit=self._guard.patient_gate(call))
 
+    def _studies(self, state: CallState, patient: PatientRef) -> list[StudySummary]:
+        call = entered(state)
+        with _naming_tampered(state):
+            return self._store.studies(patient, admit=self._guard.patient_gate(call))
+
+    def _study_members(self, state: CallState, study_uid: str) -> tuple[list[StudyMember], Gate]:
+        call = entered(state)
+        return self._store.study_members(study_uid), _study_gate(self._guard, call)
+
+    def _open_member(self, state: CallState, member: StudyMember, gate: Gate) -> OpenRecord | None:
+        """The instance opened (verified, in scope, its read audited), or None if the
+        caller may not read it (the refusal is audited by the gate)."""
+        try:
+            with _naming_tampered(state):
+                return self._store.open(member.id, member.version, admit=gate)
+        except (PermissionDeniedError, _SkippedError):
+            return None
+
+    def _chunks(self, opened: OpenRecord) -> Callable[[], Iterator[bytes]]:
+        return lambda: _pieces(opened.content, self._chunk_size)
+
     async def PutRecord(  # noqa: N802  (gRPC method names)
         self, request_iterator: AsyncIterator[pb.PutRecordRequest], context: aio.ServicerContext
     ) -> pb.Record:
@@ -184,3 +228,43 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
                 records=[convert.record_to_pb(r) for r in records], next_page_token=token
             )
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def ListStudies(  # noqa: N802
+        self, request: pb.ListStudiesRequest, context: aio.ServicerContext
+    ) -> pb.ListStudiesResponse:
+        """The patient's imaging studies, newest first."""
+        async with handled(self._guard, context, "ListStudies") as state:
+            state.resource = "patient-studies"
+            if not request.HasField("patient"):
+                raise InvalidRecordError("patient", "is required")
+            patient = convert.patient_from_pb(request.patient)
+            studies = await asyncio.to_thread(self._studies, state, patient)
+            return pb.ListStudiesResponse(studies=[convert.study_to_pb(s) for s in studies])
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def GetStudy(  # noqa: N802
+        self, request: pb.GetStudyRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.GetStudyResponse]:
+        """Stream every instance of the study the caller may read: each as an instance
+        message (its record) then its content chunks."""
+        async with handled(self._guard, context, "GetStudy") as state:
+            state.resource = f"study/{convert.resource_id(request.study_uid)}"
+            members, gate = await asyncio.to_thread(
+                self._study_members, state, request.study_uid
+            )
+            if not members:
+                raise RecordNotFoundError("no such study")
+            sent = 0
+            for member in members:
+                opened = await asyncio.to_thread(self._open_member, state, member, gate)
+                if opened is None:
+                    continue
+                sent += 1
+                yield pb.GetStudyResponse(instance=pb.StudyInstance(
+                    record=convert.record_to_pb(opened.info), series_uid=member.series_uid,
+                    sop_instance_uid=member.sop_uid,
+                ))  # fmt: skip
+                async for piece in prefetch(self._chunks(opened), depth=4):
+                    yield pb.GetStudyResponse(chunk=piece)
+            if not sent:
+                raise PermissionDeniedError(NO_GRANT)  # each instance's refusal is audited

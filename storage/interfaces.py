@@ -6,13 +6,15 @@ concrete backends are chosen in ``service.bootstrap``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
+
+    from storage.index import IndexEntry
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,17 @@ class ListCursor:
     created_at: datetime
     id: str
     version: int
+
+
+@dataclass(frozen=True, slots=True)
+class IndexFilter:
+    """A search condition on the record index: an entry of one of ``fields`` equal to
+    ``value``, or (for dates) between ``low`` and ``high`` inclusive."""
+
+    fields: frozenset[str]
+    value: str | None = None
+    low: str | None = None
+    high: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,17 +111,32 @@ class BlobStore(Protocol):
 class MetadataStore(Protocol):
     """Record rows in a SQL database."""
 
-    def insert(self, row: StoredRecord) -> None:
-        """Add a version; ``RecordConflictError`` if (id, version) exists already."""
+    def insert(self, row: StoredRecord, entries: Sequence[IndexEntry] = ()) -> None:
+        """Add a version and its index entries; ``RecordConflictError`` if (id, version)
+        exists already."""
         ...
 
-    def insert_change(self, row: StoredRecord) -> Callable[[Connection], None]:
+    def insert_change(
+        self, row: StoredRecord, entries: Sequence[IndexEntry] = ()
+    ) -> Callable[[Connection], None]:
         """``insert`` as a function of a connection: it commits in the caller's
         transaction (the audit trail's, with the write's event)."""
         ...
 
     def get(self, record_id: str, version: int | None = None) -> StoredRecord:
         """Return that version, or the latest; ``RecordNotFoundError`` if absent."""
+        ...
+
+    def study_records(
+        self, *, patient_index: bytes | None = None, study_uid: str | None = None, limit: int
+    ) -> list[StoredRecord]:
+        """Latest versions indexed with a study UID, the patient's or the study's."""
+        ...
+
+    def index_entries(
+        self, keys: Sequence[tuple[str, int]]
+    ) -> dict[tuple[str, int], list[IndexEntry]]:
+        """The index entries of each (record id, version)."""
         ...
 
     def list(
@@ -121,8 +149,10 @@ class MetadataStore(Protocol):
         all_versions: bool,
         after: ListCursor | None,
         limit: int,
+        filters: Sequence[IndexFilter] = (),
     ) -> list[StoredRecord]:
-        """A page of the patient's rows, newest first, starting after ``after``."""
+        """A page of the patient's rows, newest first, starting after ``after``, each
+        matching every filter."""
         ...
 
     def referenced(self, object_keys: Iterable[str]) -> set[str]:

@@ -75,3 +75,23 @@ class RecordQuery:
     page_size: int = 50
     page_token: str = ""
     all_versions: bool = False
+    # Filters on the record index (storage.index); None matches any record. Dates are
+    # YYYYMMDD, inclusive, compared with the record's clinical date.
+    document_code: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    modality: str | None = None
+    observation_code: str | None = None
+    date_from: str | None = None
+    date_to: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StudySummary:
+    """One imaging study of a patient, as its indexed instances describe it."""
+
+    study_uid: str
+    study_date: str  # YYYYMMDD, or "" when the instances give none
+    modalities: tuple[str, ...]
+    series_count: int
+    instance_count: int

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import secrets
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
@@ -32,8 +33,19 @@ from storage.errors import (
     StorageError,
 )
 from storage.formats import checked, validator_for
-from storage.interfaces import BlobStore, MetadataStore, StoredRecord
-from storage.model import NewRecord, PatientRef, RecordInfo, RecordQuery
+from storage.index import (
+    DATE,
+    DOCUMENT_CODE,
+    MAX_VALUE,
+    MODALITY,
+    OBSERVATION,
+    SERIES_UID,
+    SOP_UID,
+    STUDY_UID,
+    IndexEntry,
+)
+from storage.interfaces import BlobStore, IndexFilter, MetadataStore, StoredRecord
+from storage.model import NewRecord, PatientRef, RecordInfo, RecordQuery, StudySummary
 from storage.paging import decode_page_token, encode_page_token
 from storage.pipeline import read_ahead
 from storage.put_requests import RequestKeyTakenError, SqlPutRequests, check_replay
@@ -43,6 +55,10 @@ from storage.validation import check_header, check_header_patient, check_record_
 
 OBJECT_PREFIX = "objects/"
 MAX_PAGE_SIZE = 500
+# ListStudies and GetStudy read at most this many instances (each row is verified).
+MAX_STUDY_INSTANCES = 5000
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*\Z")
+_DAY = re.compile(r"(\d{4})-?(\d{2})-?(\d{2})\Z")
 log = logging.getLogger(__name__)
 
 
@@ -103,6 +119,17 @@ class _Meter:
                 raise InvalidRecordError("content", f"exceeds the limit of {self.limit} bytes")
             self.digest.update(chunk)
             yield chunk
+
+
+@dataclass(frozen=True, slots=True)
+class StudyMember:
+    """A record version indexed as an instance of a study (its series and SOP instance
+    UIDs as indexed: labels, the record itself is verified when opened)."""
+
+    id: str
+    version: int
+    series_uid: str
+    sop_uid: str
 
 
 @runtime_checkable
@@ -183,7 +210,8 @@ class RecordStore:
         object_key = OBJECT_PREFIX + secrets.token_hex(16)  # opaque: nothing about the record
         # The content is checked against its kind and patient as it streams past; a
         # refusal aborts the upload (the delete covers a store that kept a part of it).
-        content = checked(plain.watch(chunks), validator_for(header.kind, header.patient))
+        validator = validator_for(header.kind, header.patient)
+        content = checked(plain.watch(chunks), validator)
         ciphertext = cipher.watch(aead.encrypt(content, ad))
         try:
             stored = self._blobs.put(
@@ -216,10 +244,12 @@ class RecordStore:
         )
         sealed = SealedFields(header.patient, header.title, sha256, RowFields.of(row))
         row = replace(row, sealed_meta=seal(dek, ad, sealed))
+        entries = validator.index()  # committed with the row (storage.index)
         if self._before_commit is not None:
             self._before_commit()
         try:
-            self._insert(row, dek, ad, on_commit, self._remember(header, creator, row))
+            self._insert(row, dek, ad, on_commit, self._remember(header, creator, row),
+                         entries=entries)  # fmt: skip
         except RequestKeyTakenError:  # a concurrent retry committed first: its result
             self._blobs.delete(object_key)
             return self._replay(header, creator, patient_index, sha256, on_replay)
@@ -309,26 +339,30 @@ class RecordStore:
         ad: bytes,
         on_commit: CommitGate | None = None,
         remember: Callable[[Connection], None] | None = None,
+        *,
+        entries: Sequence[IndexEntry] = (),
     ) -> None:
-        """Insert the row (with its audit event, through ``on_commit``, and its request
-        key); if its KEK version was retired meanwhile, wrap the same data key again
-        with the (refreshed) current version and insert once more."""
+        """Insert the row and its index entries (with its audit event, through
+        ``on_commit``, and its request key); if its KEK version was retired meanwhile,
+        wrap the same data key again with the (refreshed) current version and insert
+        once more."""
         try:
-            self._commit(row, on_commit, remember)
+            self._commit(row, on_commit, remember, entries)
         except KekRetiredError:
             if isinstance(self._wrapper, RefreshableKeyWrapper):
                 self._wrapper.refresh()
             wrapped = self._wrapper.wrap(dek, ad)
             again = replace(row, kek_version=wrapped.kek_version, wrapped_dek=wrapped.blob)
-            self._commit(again, on_commit, remember)
+            self._commit(again, on_commit, remember, entries)
 
     def _commit(
         self,
         row: StoredRecord,
         on_commit: CommitGate | None,
         remember: Callable[[Connection], None] | None,
+        entries: Sequence[IndexEntry] = (),
     ) -> None:
-        insert = self._metadata.insert_change(row)
+        insert = self._metadata.insert_change(row, entries)
         if remember is not None:
             change = insert
 
@@ -341,7 +375,7 @@ class RecordStore:
         elif self._requests is not None:
             self._requests.run(insert)
         else:
-            self._metadata.insert(row)
+            self._metadata.insert(row, entries)
 
     def _next_version(self, header: NewRecord, patient_index: bytes) -> tuple[str, int]:
         if header.supersedes is None:
@@ -460,6 +494,44 @@ class RecordStore:
         blob = seal(verified.dek, verified.ad, sealed)
         return self._metadata.replace_sealed(row.id, row.version, row.sealed_meta, blob)
 
+    def studies(self, patient: PatientRef, *, admit: Gate | None = None) -> list[StudySummary]:
+        """The patient's imaging studies, newest study date first, from the index of
+        their DICOM records; every row read is verified as this patient's first."""
+        patient_index = self.patient_index(patient)
+        _admit(admit, RecordRef(None, None, patient_index))
+        rows = self._metadata.study_records(
+            patient_index=patient_index, limit=MAX_STUDY_INSTANCES + 1
+        )
+        _check_study_size(rows)
+        verified = [self.verifier.verify(r, patient_index=patient_index).row for r in rows]
+        entries = self._metadata.index_entries([(r.id, r.version) for r in verified])
+        studies: dict[str, list[list[IndexEntry]]] = {}
+        for r in verified:
+            found = entries.get((r.id, r.version), [])
+            for uid in {e.value for e in found if e.field == STUDY_UID}:
+                studies.setdefault(uid, []).append(found)
+        return sorted(
+            (_summary(uid, instances) for uid, instances in studies.items()),
+            key=lambda s: (s.study_date, s.study_uid), reverse=True,
+        )  # fmt: skip
+
+    def study_members(self, study_uid: str) -> list[StudyMember]:
+        """The latest versions indexed under ``study_uid``, oldest first: candidates only,
+        each to be opened (verified, scope-checked) on its own."""
+        check_uid("study_uid", study_uid)
+        rows = self._metadata.study_records(study_uid=study_uid, limit=MAX_STUDY_INSTANCES + 1)
+        _check_study_size(rows)
+        entries = self._metadata.index_entries([(r.id, r.version) for r in rows])
+
+        def first(found: list[IndexEntry], field: str) -> str:
+            return next((e.value for e in found if e.field == field), "")
+
+        return [
+            StudyMember(r.id, r.version, first(entries.get((r.id, r.version), []), SERIES_UID),
+                        first(entries.get((r.id, r.version), []), SOP_UID))
+            for r in rows
+        ]  # fmt: skip
+
     def list(
         self, query: RecordQuery, *, admit: Gate | None = None
     ) -> tuple[list[RecordInfo], str]:
@@ -472,6 +544,7 @@ class RecordStore:
         """
         if not 0 < query.page_size <= MAX_PAGE_SIZE:
             raise InvalidRecordError("page_size", f"must be between 1 and {MAX_PAGE_SIZE}")
+        filters = search_filters(query)
         patient_index = self.patient_index(query.patient)
         after = decode_page_token(query.page_token)
         _admit(admit, RecordRef(None, None, patient_index))
@@ -483,6 +556,7 @@ class RecordStore:
             all_versions=query.all_versions,
             after=after,
             limit=query.page_size + 1,
+            filters=filters,
         )
         page = [
             self.verifier.verify(r, patient_index=patient_index) for r in rows[: query.page_size]
@@ -494,3 +568,76 @@ class RecordStore:
         """The keyed blind index of ``patient`` (for grants and audit queries)."""
         check_header_patient(patient)
         return self._indexer.blind_index(patient.canonical())
+
+
+def check_uid(field: str, value: str) -> None:
+    """A DICOM UID: digits and dots, at most 64 characters (PS3.5 9.1)."""
+    if not value or len(value) > 64 or not _UID.match(value):
+        raise InvalidRecordError(field, "is not a DICOM UID (digits and dots, at most 64)")
+
+
+def _check_code(field: str, value: str) -> None:
+    if not value.strip() or len(value) > MAX_VALUE or any(
+        ord(c) < 0x20 or ord(c) == 0x7F for c in value
+    ):
+        raise InvalidRecordError(
+            field, f"must be 1 to {MAX_VALUE} printable characters (a code)"
+        )
+
+
+def _check_day(field: str, value: str) -> str:
+    """``YYYY-MM-DD`` or ``YYYYMMDD`` as ``YYYYMMDD``, a real calendar day."""
+    match = _DAY.match(value)
+    if match is not None:
+        try:
+            return datetime.strptime("".join(match.groups()), "%Y%m%d").strftime("%Y%m%d")
+        except ValueError:
+            pass
+    raise InvalidRecordError(field, "is not a date (YYYY-MM-DD)")
+
+
+def search_filters(query: RecordQuery) -> list[IndexFilter]:
+    """The index filters of ``query``, each value checked (errors name the field)."""
+    filters: list[IndexFilter] = []
+    for name, value, fields in (
+        ("document_code", query.document_code, {DOCUMENT_CODE}),
+        ("modality", query.modality, {MODALITY}),
+        ("observation_code", query.observation_code, {OBSERVATION}),
+    ):
+        if value is not None:
+            _check_code(name, value)
+            filters.append(IndexFilter(frozenset(fields), value=value))
+    for name, value, fields in (("study_uid", query.study_uid, {STUDY_UID}),
+                                ("series_uid", query.series_uid, {SERIES_UID})):
+        if value is not None:
+            check_uid(name, value)
+            filters.append(IndexFilter(frozenset(fields), value=value))
+    low = _check_day("date_from", query.date_from) if query.date_from is not None else None
+    high = _check_day("date_to", query.date_to) if query.date_to is not None else None
+    if low is not None and high is not None and low > high:
+        raise InvalidRecordError("date_from", "is after date_to")
+    if low is not None or high is not None:
+        filters.append(IndexFilter(frozenset({DATE}), low=low, high=high))
+    return filters
+
+
+def _check_study_size(rows: Sequence[StoredRecord]) -> None:
+    if len(rows) > MAX_STUDY_INSTANCES:
+        raise InvalidRecordError(
+            "study", f"has more than {MAX_STUDY_INSTANCES} instances; list its series "
+            "with ListRecords (study_uid, series_uid filters) instead",
+        )  # fmt: skip
+
+
+def _summary(uid: str, instances: list[list[IndexEntry]]) -> StudySummary:
+    def values(field: str) -> set[str]:
+        return {e.value for found in instances for e in found if e.field == field}
+
+    dates = sorted(values(DATE))
+    return StudySummary(
+        study_uid=uid,
+        study_date=dates[0] if dates else "",
+        modalities=tuple(sorted(values(MODALITY))),
+        series_count=len(values(SERIES_UID)),
+        instance_count=len(instances),
+    )

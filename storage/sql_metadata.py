@@ -34,7 +34,8 @@ from storage.errors import (
     RecordNotFoundError,
     StorageError,
 )
-from storage.interfaces import ListCursor, StoredRecord
+from storage.index import STUDY_UID, IndexEntry
+from storage.interfaces import IndexFilter, ListCursor, StoredRecord
 from storage.migration_lock import migration_lock
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
@@ -71,6 +72,32 @@ records = sa.Table(
     sa.Index("ix_records_patient_created", "patient_index", "created_at"),
     sa.Index("ix_records_kek_version", "kek_version"),
 )
+
+
+# Searchable fields of each record version (migration 0013; storage/index.py says what
+# they are). Written with the record row, in its transaction. ``patient_index`` is the
+# record's keyed blind index; the other columns are codes, UIDs, dates and modality in
+# clear (docs/formats.md). Searches return only record rows that verify.
+record_index = sa.Table(
+    "record_index",
+    metadata,
+    sa.Column("record_id", sa.String(64), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("patient_index", sa.LargeBinary(32), nullable=False),
+    sa.Column("field", sa.String(32), nullable=False),
+    sa.Column("value", sa.String(128), nullable=False),
+    sa.Column("system", sa.String(255), nullable=True),
+    sa.Column("quantity", sa.String(64), nullable=True),
+    sa.Column("unit", sa.String(64), nullable=True),
+    sa.Column("observed_at", sa.String(64), nullable=True),
+    sa.ForeignKeyConstraint(
+        ["record_id", "version"], ["records.id", "records.version"],
+        name="fk_record_index_records",
+    ),
+    sa.Index("ix_record_index_record", "record_id", "version"),
+    sa.Index("ix_record_index_field_value", "field", "value"),
+    sa.Index("ix_record_index_patient_field", "patient_index", "field", "value"),
+)  # fmt: skip
 
 
 # Master-key versions and their state (migration 0005; storage/kek.py manages it). The
@@ -113,9 +140,20 @@ def kek_state(connection: Connection, version: int) -> str | None:
     return state
 
 
-def _insert_guarded(connection: Connection, values: dict[str, Any]) -> None:
-    """Insert a records row unless its KEK version is retired (same transaction)."""
+def _insert_guarded(
+    connection: Connection, values: dict[str, Any], entries: Sequence[IndexEntry] = ()
+) -> None:
+    """Insert a records row (and its index entries) unless its KEK version is retired
+    (same transaction)."""
     connection.execute(records.insert().values(**values))
+    if entries:
+        connection.execute(record_index.insert(), [
+            {"record_id": values["id"], "version": values["version"],
+             "patient_index": values["patient_index"], "field": e.field, "value": e.value,
+             "system": e.system, "quantity": e.quantity, "unit": e.unit,
+             "observed_at": e.observed_at}
+            for e in entries
+        ])  # fmt: skip
     version = values["kek_version"]
     state = kek_state(connection, version)
     if state is None:  # first use of a version no rotation registered (e.g. KEK v1)
@@ -278,6 +316,28 @@ def _latest_only() -> sa.ColumnElement[bool]:
     return records.c.version == latest.scalar_subquery()
 
 
+def _indexed(f: IndexFilter) -> sa.ColumnElement[bool]:
+    """The row has an index entry of one of ``f.fields`` matching ``f``."""
+    match = sa.and_(
+        record_index.c.record_id == records.c.id,
+        record_index.c.version == records.c.version,
+        record_index.c.patient_index == records.c.patient_index,
+        record_index.c.field.in_(sorted(f.fields)),
+    )
+    if f.value is not None:
+        match = sa.and_(match, record_index.c.value == f.value)
+    if f.low is not None:
+        match = sa.and_(match, record_index.c.value >= f.low)
+    if f.high is not None:
+        match = sa.and_(match, record_index.c.value <= f.high)
+    return sa.exists().where(match)
+
+
+def _entries_of(ids: Sequence[str]) -> Callable[[Connection], Sequence[Row[Any]]]:
+    query = sa.select(record_index).where(record_index.c.record_id.in_(ids))
+    return lambda c: c.execute(query).all()
+
+
 def run_in_transaction(
     engine: Engine, fn: Callable[[Connection], T], *, write: bool = False
 ) -> T:
@@ -307,17 +367,20 @@ class SqlMetadataStore:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
-    def insert(self, row: StoredRecord) -> None:
-        """Add a version; ``RecordConflictError`` if (id, version) exists already,
-        ``KekRetiredError`` if its KEK version was retired (nothing is stored)."""
-        self._run(self.insert_change(row), write=True)
+    def insert(self, row: StoredRecord, entries: Sequence[IndexEntry] = ()) -> None:
+        """Add a version (and its index entries); ``RecordConflictError`` if (id, version)
+        exists already, ``KekRetiredError`` if its KEK version was retired (nothing is
+        stored)."""
+        self._run(self.insert_change(row, entries), write=True)
 
-    def insert_change(self, row: StoredRecord) -> Callable[[Connection], None]:
+    def insert_change(
+        self, row: StoredRecord, entries: Sequence[IndexEntry] = ()
+    ) -> Callable[[Connection], None]:
         """``insert`` as a function of a connection, to commit in the caller's transaction
         (with the write's audit event); the same errors, nothing stored if it raises."""
         values = {column.name: getattr(row, column.name) for column in records.columns}
         values["created_at"] = to_utc(row.created_at, "created_at")
-        return translated_change(lambda c: _insert_guarded(c, values))
+        return translated_change(lambda c: _insert_guarded(c, values, entries))
 
     def get(self, record_id: str, version: int | None = None) -> StoredRecord:
         """That version, or the latest; ``RecordNotFoundError`` if absent."""
@@ -331,6 +394,42 @@ class SqlMetadataStore:
             raise RecordNotFoundError("no such record" if version is None else "no such version")
         return to_stored_record(row)
 
+    def study_records(
+        self, *, patient_index: bytes | None = None, study_uid: str | None = None, limit: int
+    ) -> list[StoredRecord]:
+        """Latest versions with a study UID entry: the patient's (``patient_index``) or
+        the study's (``study_uid``), oldest first. Unverified: the caller verifies each."""
+        match = sa.and_(
+            record_index.c.record_id == records.c.id,
+            record_index.c.version == records.c.version,
+            record_index.c.field == STUDY_UID,
+        )
+        if study_uid is not None:
+            match = sa.and_(match, record_index.c.value == study_uid)
+        query = sa.select(records).where(sa.exists().where(match)).where(_latest_only())
+        if patient_index is not None:
+            query = query.where(records.c.patient_index == patient_index)
+        query = query.order_by(records.c.created_at, records.c.id).limit(limit)
+        rows = self._run(lambda c: c.execute(query).all())
+        return [to_stored_record(r) for r in rows]
+
+    def index_entries(
+        self, keys: Sequence[tuple[str, int]]
+    ) -> dict[tuple[str, int], list[IndexEntry]]:
+        """The index entries of each (record id, version) in ``keys``."""
+        found: dict[tuple[str, int], list[IndexEntry]] = {k: [] for k in keys}
+        ids = sorted({k[0] for k in keys})
+        for start in range(0, len(ids), _IN_BATCH):
+            for r in self._run(_entries_of(ids[start : start + _IN_BATCH])):
+                m = r._mapping
+                key = (m["record_id"], m["version"])
+                if key in found:
+                    found[key].append(IndexEntry(
+                        m["field"], m["value"], m["system"], m["quantity"], m["unit"],
+                        m["observed_at"],
+                    ))  # fmt: skip
+        return found
+
     def list(
         self,
         patient_index: bytes,
@@ -341,11 +440,15 @@ class SqlMetadataStore:
         all_versions: bool,
         after: ListCursor | None,
         limit: int,
+        filters: Sequence[IndexFilter] = (),
     ) -> list[StoredRecord]:
-        """A page of the patient's rows, newest first, starting after ``after``."""
+        """A page of the patient's rows, newest first, starting after ``after``; with
+        ``filters``, only rows that have a matching index entry for each."""
         if limit < 1:
             raise InvalidRecordError("limit", "must be at least 1")
         query = sa.select(records).where(records.c.patient_index == patient_index)
+        for f in filters:
+            query = query.where(_indexed(f))
         if kind is not None:
             query = query.where(records.c.kind == kind)
         if created_after is not None:

@@ -48,28 +48,41 @@ def dicom(patient_id: str, authority: str, *, pixels: bytes | None = b"\0" * 64,
 
 
 def hl7v2(patient_id: str, authority: str, *, control_id: str = "MSG00001",
-          message_type: str = "ORU^R01^ORU_R01", sep: str = "\r") -> bytes:
-    """An ORU^R01 with one OBX; CX.4 carries the authority as HD namespace&OID&ISO."""
+          message_type: str = "ORU^R01^ORU_R01", sep: str = "\r",
+          observations: list[str] | None = None, obr_time: str = "") -> bytes:
+    """An ORU^R01 with one OBX (or the OBX segments ``observations``); CX.4 carries the
+    authority as HD namespace&OID&ISO."""
     hd = f"HOSP&{authority_key(authority)}&ISO"
     segments = [
         f"MSH|^~\\&|LAB|HOSP|EMR|HOSP|20260101120000||{message_type}|{control_id}|P|2.5.1",
         f"PID|1||{patient_id}^^^{hd}^MR||SYNTHETIC^PATIENT",
-        "OBR|1||ORD1|718-7^Hemoglobin^LN",
-        "OBX|1|NM|718-7^Hemoglobin^LN||13.5|g/dL|||||F",
+        f"OBR|1||ORD1|718-7^Hemoglobin^LN|||{obr_time}",
+        *(observations if observations is not None
+          else ["OBX|1|NM|718-7^Hemoglobin^LN||13.5|g/dL|||||F"]),
     ]
     return (sep.join(segments) + sep).encode()
 
 
-def cda(patient_id: str, authority: str, *, body: str = "", prolog: str = "") -> bytes:
-    """A minimal CDA R2 discharge summary header (LOINC 18842-5)."""
+# IHE PCD-01 device observations: ISO/IEEE 11073-10101 (MDC) codes in OBX-3.
+PCD01_OBSERVATIONS = [
+    "OBX|1|NM|150456^MDC_PULS_OXIM_SAT_O2^MDC|1.0.1.1|97|262688^MDC_DIM_PERCENT^MDC|||||F"
+    "|||20260102103000",
+    "OBX|2|NM|149530^MDC_PULS_OXIM_PULS_RATE^MDC|1.0.1.2|72|264864^MDC_DIM_BEAT_PER_MIN^MDC"
+    "|||||F|||20260102103000",
+]
+
+
+def cda(patient_id: str, authority: str, *, body: str = "", prolog: str = "",
+        code: str = "18842-5", effective: str = "20260101120000") -> bytes:
+    """A minimal CDA R2 document header (by default a discharge summary, LOINC 18842-5)."""
     return (
         f'<?xml version="1.0" encoding="UTF-8"?>\n{prolog}'
         '<ClinicalDocument xmlns="urn:hl7-org:v3">'
         '<typeId root="2.16.840.1.113883.1.3" extension="POCD_HD000040"/>'
         '<id root="2.999.1" extension="doc-1"/>'
-        '<code code="18842-5" codeSystem="2.16.840.1.113883.6.1"/>'
+        f'<code code="{code}" codeSystem="2.16.840.1.113883.6.1"/>'
         '<title>Discharge summary</title>'
-        '<effectiveTime value="20260101120000"/>'
+        f'<effectiveTime value="{effective}"/>'
         '<recordTarget><patientRole>'
         f'<id root="{authority_key(authority)}" extension="{patient_id}"/>'
         '</patientRole></recordTarget>'
@@ -78,12 +91,14 @@ def cda(patient_id: str, authority: str, *, body: str = "", prolog: str = "") ->
     ).encode()
 
 
-def fhir(patient_id: str, authority: str, *, system: str | None = None) -> bytes:
+def fhir(patient_id: str, authority: str, *, system: str | None = None,
+         code: str = "718-7") -> bytes:
     """A FHIR R4 Observation whose subject is given by identifier."""
     return json.dumps({
         "resourceType": "Observation",
         "status": "final",
-        "code": {"coding": [{"system": "http://loinc.org", "code": "718-7"}]},
+        "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+        "effectiveDateTime": "2026-01-03T08:00:00Z",
         "subject": {"identifier": {"system": authority if system is None else system,
                                    "value": patient_id}},
         "valueQuantity": {"value": 13.5, "unit": "g/dL"},

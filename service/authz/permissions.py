@@ -41,6 +41,8 @@ RPC_PERMISSIONS: Mapping[str, str] = MappingProxyType({
     _RECORDS + "GetRecord": RECORDS_READ,
     _RECORDS + "StatRecord": RECORDS_STAT,
     _RECORDS + "ListRecords": RECORDS_LIST,
+    _RECORDS + "ListStudies": RECORDS_LIST,
+    _RECORDS + "GetStudy": RECORDS_READ,
     _ACCESS + "GrantAccess": ACCESS_GRANT,
     _ACCESS + "RevokeAccess": ACCESS_GRANT,
     _ACCESS + "ListGrants": ACCESS_LIST,

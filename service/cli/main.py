@@ -20,6 +20,7 @@ from service.cli import (
     restore_cmd,
     signing_cmd,
     stack_cmd,
+    studies_cmd,
 )
 from service.config import ConfigError, load
 from storage.errors import StorageError
@@ -68,6 +69,7 @@ def parser() -> argparse.ArgumentParser:
     sweep.add_argument("--grace-seconds", type=int, default=3600)
     sweep.set_defaults(func=cmd_sweep)
     records_cmd.register(sub)
+    studies_cmd.register(sub)
     access_cmd.register(sub)
     audit_cmd.register(sub)
     signing_cmd.register(sub)

@@ -139,7 +139,10 @@ def cmd_ls(ns: argparse.Namespace) -> int:
         kind=f"RECORD_KIND_{ns.kind}" if ns.kind else "RECORD_KIND_UNSPECIFIED",
         all_versions=ns.all_versions,
         page_size=100,
-    )
+        document_code=ns.document_code, study_uid=ns.study, series_uid=ns.series,
+        modality=ns.modality, observation_code=ns.observation, date_from=ns.date_from,
+        date_to=ns.date_to,
+    )  # fmt: skip
     if ns.since:
         request.created_after.FromDatetime(datetime.fromisoformat(ns.since))
     while True:
@@ -190,6 +193,15 @@ def register(sub: Any) -> None:
     ls.add_argument("--kind", choices=KINDS)
     ls.add_argument("--since", help="ISO date-time; records created after it")
     ls.add_argument("--all-versions", action="store_true")
+    ls.add_argument("--document-code", default="",
+                    help="document code, e.g. LOINC 18842-5 (CDA, FHIR documents)")
+    ls.add_argument("--study", default="", help="DICOM Study Instance UID")
+    ls.add_argument("--series", default="", help="DICOM Series Instance UID")
+    ls.add_argument("--modality", default="", help="DICOM modality, e.g. CT")
+    ls.add_argument("--observation", default="",
+                    help="observation code: HL7 v2 OBX-3 (e.g. 11073 150456) or FHIR")
+    ls.add_argument("--date-from", default="", help="clinical date YYYY-MM-DD, inclusive")
+    ls.add_argument("--date-to", default="", help="clinical date YYYY-MM-DD, inclusive")
     ls.set_defaults(func=cmd_ls)
     for p in (put, get, stat, ls):
         add_connection_flags(p)

@@ -40,9 +40,9 @@ from storage.backup.manifest import ManifestObject
 from storage.sql_metadata import metadata
 
 ALEMBIC = "alembic_version"
-# Parents before children (record_signatures references records).
+# Parents before children (record_signatures and record_index reference records).
 _ORDER = (
-    "kek_versions", "records", "record_signatures", "access_grants",
+    "kek_versions", "records", "record_index", "record_signatures", "access_grants",
     "audit_events", "audit_head", "audit_checkpoints",
 )
 # Rows a freshly migrated database already has, replaced by the snapshot's.

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from storage.errors import InvalidRecordError
+from storage.index import IndexEntry
 from storage.model import PatientRef
 
 _OID_URN = "urn:oid:"
@@ -26,6 +27,10 @@ class ContentValidator(Protocol):
 
     def finish(self) -> None:
         """The stream ended: raise ``InvalidRecordError`` unless the content was valid."""
+        ...
+
+    def index(self) -> list[IndexEntry]:
+        """After ``finish``: the searchable fields found (``storage.index``)."""
         ...
 
 
@@ -85,3 +90,7 @@ class Opaque:
 
     def finish(self) -> None:
         """Nothing is checked."""
+
+    def index(self) -> list[IndexEntry]:
+        """Nothing is indexed."""
+        return []

@@ -17,6 +17,7 @@ from typing import Any
 from lxml import etree
 
 from storage.formats.base import mismatch, names_other, refuse, same_patient
+from storage.index import DATE, DOCUMENT_CODE, IndexEntry, bounded, day, entry
 from storage.model import PatientRef
 
 HEADER_CAP = 1 << 20
@@ -65,6 +66,7 @@ class CdaValidator:
         self._path: list[str] = []
         self._seen = 0
         self._code = self._time = False
+        self._index: list[IndexEntry | None] = []
         self._ids: list[tuple[str, str]] = []
         self._header_done = False
         self._head = b""
@@ -107,6 +109,10 @@ class CdaValidator:
         if not self._header_done:
             raise refuse("CDA: recordTarget/patientRole/id is missing")
 
+    def index(self) -> list[IndexEntry]:
+        """The document code (LOINC, with its code system) and the effectiveTime's day."""
+        return bounded(self._index)
+
     def _events(self) -> None:
         for event, element in self._parser.read_events():
             if event == "start":
@@ -124,8 +130,11 @@ class CdaValidator:
         path = tuple(self._path)
         if path == _CODE:
             self._code = bool(element.get("code")) and bool(element.get("codeSystem"))
+            self._index.append(entry(DOCUMENT_CODE, element.get("code"),
+                                     element.get("codeSystem")))
         elif path == _TIME:
             self._time = bool(element.get("value"))
+            self._index.append(entry(DATE, day(element.get("value"))))
         elif path == _PATIENT_ID:
             self._ids.append((element.get("extension") or "", element.get("root") or ""))
 

@@ -23,6 +23,18 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from storage.errors import InvalidRecordError
 from storage.formats.base import mismatch, refuse, same_patient
 from storage.formats.dicom_tail import TailWalker
+from storage.index import (
+    DATE,
+    MODALITY,
+    SERIES_UID,
+    SOP_CLASS,
+    SOP_UID,
+    STUDY_UID,
+    IndexEntry,
+    bounded,
+    day,
+    entry,
+)
 from storage.model import PatientRef
 
 # pydicom reports a value that breaks its VR's rules by logging *and* warning with the
@@ -88,6 +100,7 @@ class DicomValidator:
         self._next_try = FIRST_TRY
         self._done = False
         self._tail: TailWalker | None = None  # set when the header stopped before the end
+        self._index: list[IndexEntry] = []
 
     @property
     def buffered(self) -> int:
@@ -181,6 +194,18 @@ class DicomValidator:
                          "authority cannot be matched")
         if not same_patient(self._patient, _value(dataset, "PatientID"), issuers):
             raise mismatch("PatientID (0010,0020) + IssuerOfPatientID (0010,0021)")
+        self._index = bounded([
+            entry(STUDY_UID, _value(dataset, "StudyInstanceUID")),
+            entry(SERIES_UID, _value(dataset, "SeriesInstanceUID")),
+            entry(SOP_UID, _value(dataset, "SOPInstanceUID")),
+            entry(SOP_CLASS, _value(dataset, "SOPClassUID")),
+            entry(MODALITY, _value(dataset, "Modality")),
+            entry(DATE, day(_value(dataset, "StudyDate"))),
+        ])  # fmt: skip
+
+    def index(self) -> list[IndexEntry]:
+        """Study, series and SOP instance UIDs, SOP class, modality, study date."""
+        return self._index
 
 
 def _encoding(meta: Dataset) -> tuple[bool, bool]:

@@ -18,6 +18,17 @@ import json
 from typing import Any
 
 from storage.formats.base import mismatch, names_other, refuse, same_patient
+from storage.index import (
+    CODE,
+    DATE,
+    DOCUMENT_CODE,
+    OBSERVATION,
+    RESOURCE_TYPE,
+    IndexEntry,
+    bounded,
+    day,
+    entry,
+)
 from storage.model import PatientRef
 
 MAX_BYTES = 8 << 20
@@ -32,6 +43,12 @@ RESOURCE_TYPES = frozenset({
     "AllergyIntolerance", "Immunization", "MedicationRequest", "ServiceRequest",
 })  # fmt: skip
 _SUBJECT_FIELDS = ("subject", "patient")
+# Where a resource gives its code, and what the code means for search: the kind of a
+# document, an observation, or another code.
+_DOCUMENT_CODES = {"DocumentReference": "type", "Composition": "type",
+                   "DiagnosticReport": "code"}
+_DATES = ("effectiveDateTime", "issued", "date", "authoredOn", "recordedDate",
+          "onsetDateTime", "occurrenceDateTime", "started")
 Json = dict[str, Any]
 
 
@@ -42,6 +59,7 @@ class FhirValidator:
         self._patient = patient
         self._data = bytearray()
         self._tokens = 0
+        self._index: list[IndexEntry] = []
 
     def feed(self, chunk: bytes) -> None:
         """Buffer up to the caps (bytes, and values as counted by their separators)."""
@@ -71,6 +89,15 @@ class FhirValidator:
             raise refuse("FHIR: no Patient identifier or subject/patient reference names "
                          "the patient")
         self._check_nested(resource)
+        self._index = bounded(
+            e for r in [resource, *(r for _, r in entries if r is not resource)]
+            for e in _entries(r)
+        )
+
+    def index(self) -> list[IndexEntry]:
+        """resourceType of the resource and of each Bundle entry, their codes (document
+        codes, observation codes, others) and the clinical date."""
+        return self._index
 
     def _check_nested(self, resource: Json) -> None:
         """Every Patient, and every ``subject``/``patient`` identifier, anywhere in the
@@ -98,6 +125,38 @@ class FhirValidator:
         if any(names_other(self._patient, value, [system]) for value, system in pairs):
             return False
         return any(same_patient(self._patient, value, [system]) for value, system in pairs)
+
+
+def _entries(resource: Json) -> list[IndexEntry | None]:
+    kind = resource.get("resourceType")
+    found = [entry(RESOURCE_TYPE, kind if isinstance(kind, str) else None)]
+    if kind == "Observation":
+        field, element = OBSERVATION, "code"
+    elif isinstance(kind, str) and kind in _DOCUMENT_CODES:
+        field, element = DOCUMENT_CODE, _DOCUMENT_CODES[kind]
+    else:
+        field, element = CODE, "code"
+    quantity = resource.get("valueQuantity") if kind == "Observation" else None
+    value, unit = (quantity.get("value"), quantity.get("unit") or quantity.get("code")) \
+        if isinstance(quantity, dict) else (None, None)
+    observed = resource.get("effectiveDateTime")
+    for coding in _codings(resource.get(element)):
+        found.append(entry(field, coding.get("code"), coding.get("system"),
+                           quantity=value, unit=unit, observed_at=observed))
+    for name in _DATES:
+        date = day(resource.get(name)) if isinstance(resource.get(name), str) else None
+        if date:
+            found.append(entry(DATE, date))
+            break
+    return found
+
+
+def _codings(concept: Any) -> list[Json]:
+    """The codings of a CodeableConcept that have a string code."""
+    codings = concept.get("coding") if isinstance(concept, dict) else None
+    if not isinstance(codings, list):
+        return []
+    return [c for c in codings if isinstance(c, dict) and isinstance(c.get("code"), str)]
 
 
 def _parse(data: bytes) -> Json:
@@ -128,10 +187,10 @@ def _bundle_entries(bundle: Json) -> list[tuple[str | None, Json]]:
     if not isinstance(entries, list):
         raise refuse("FHIR: Bundle.entry is not an array")
     found: list[tuple[str | None, Json]] = []
-    for entry in entries:
-        resource = entry.get("resource") if isinstance(entry, dict) else None
+    for item in entries:
+        resource = item.get("resource") if isinstance(item, dict) else None
         if isinstance(resource, dict):
-            url = entry.get("fullUrl")
+            url = item.get("fullUrl")
             found.append((url if isinstance(url, str) else None, resource))
     return found
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 from storage.formats.base import refuse
+from storage.index import IndexEntry
 
 HEAD_BYTES = 16
 # The end of file: startxref, its offset and %%EOF (plus any trailing whitespace a writer
@@ -65,3 +66,7 @@ class PdfValidator:
                              "cross-reference section")
             if section.startswith(b"xref") and b"trailer" not in section:
                 raise refuse("is not a complete PDF: xref table without trailer")
+
+    def index(self) -> list[IndexEntry]:
+        """A PDF is not indexed (its header's patient is the record's)."""
+        return []

@@ -17,11 +17,13 @@ from typing import Any
 
 import grpc
 import pytest
+from pydicom.uid import generate_uid
 
 from service._gen.medvault.v1 import access_pb2 as apb
 from service._gen.medvault.v1 import audit_pb2 as aupb
 from service._gen.medvault.v1 import records_pb2 as pb
 from service.authz.permissions import RPC_PERMISSIONS
+from tests import content
 from tests.fixtures.service import RunningService
 from tests.integration.access.helpers import (
     TIMEOUT,
@@ -57,6 +59,7 @@ class Target:
 
     patient: pb.PatientId
     record: pb.Record
+    study_uid: str = ""  # of the patient's one DICOM instance
 
 
 @dataclass
@@ -79,14 +82,28 @@ def world(service_factory: Any, fresh_database: str, issue: Any) -> Iterator[Wor
     own: dict[str, Target] = {}
     for role in CLINICAL:
         patient = new_patient()
-        own[role] = Target(patient, put_record(clerk, patient, CONTENT))
+        own[role] = Target(patient, put_record(clerk, patient, CONTENT), _study(clerk, patient))
         grant(clerk, patient, f"{role}-1")
     other_patient = new_patient()
-    other = Target(other_patient, put_record(clerk, other_patient, CONTENT))
+    other = Target(other_patient, put_record(clerk, other_patient, CONTENT),
+                   _study(clerk, other_patient))
     yield World(service, clients, clerk, officer, own, other, issue)
     for c in (*clients.values(), clerk, officer):
         c.close()
     service.stop()
+
+
+def _study(clerk: Client, patient: pb.PatientId) -> str:
+    """Store one DICOM instance of a new study for ``patient``; its study UID."""
+    uid = generate_uid()
+    head = pb.RecordHeader(patient=patient, kind=pb.RECORD_KIND_DICOM,
+                           content_type="application/dicom")
+    data = content.dicom(patient.id, patient.assigning_authority, StudyInstanceUID=uid)
+    clerk.records.PutRecord(
+        iter([pb.PutRecordRequest(header=head), pb.PutRecordRequest(chunk=data)]),
+        timeout=TIMEOUT,
+    )
+    return str(uid)
 
 
 def call(c: Client, method: str, target: Target) -> grpc.StatusCode:  # noqa: C901
@@ -115,6 +132,14 @@ def call(c: Client, method: str, target: Target) -> grpc.StatusCode:  # noqa: C9
         case "ListRecords":
             return code_of(
                 c.records.ListRecords, pb.ListRecordsRequest(patient=target.patient), timeout=t
+            )
+        case "ListStudies":
+            return code_of(
+                c.records.ListStudies, pb.ListStudiesRequest(patient=target.patient), timeout=t
+            )
+        case "GetStudy":
+            return code_of(
+                c.records.GetStudy, pb.GetStudyRequest(study_uid=target.study_uid), timeout=t
             )
         case "GrantAccess":
             request = apb.GrantAccessRequest(patient=new_patient(), principal="nobody-matrix")

@@ -25,6 +25,8 @@ _TABLE = """
 /medvault.v1.RecordService/GetRecord        P P P . . . . .
 /medvault.v1.RecordService/StatRecord       P P P . . . . .
 /medvault.v1.RecordService/ListRecords      P P P . . . . .
+/medvault.v1.RecordService/ListStudies      P P P . . . . .
+/medvault.v1.RecordService/GetStudy         P P P . . . . .
 /medvault.v1.AccessService/GrantAccess      . . . A . . . A
 /medvault.v1.AccessService/RevokeAccess     . . . A . . . A
 /medvault.v1.AccessService/ListGrants       . . . A A . . A

@@ -126,7 +126,7 @@ class StatRecordRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ListRecordsRequest(_message.Message):
-    __slots__ = ("patient", "kind", "created_after", "created_before", "page_size", "page_token", "all_versions")
+    __slots__ = ("patient", "kind", "created_after", "created_before", "page_size", "page_token", "all_versions", "document_code", "study_uid", "series_uid", "modality", "observation_code", "date_from", "date_to")
     PATIENT_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     CREATED_AFTER_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,13 @@ class ListRecordsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ALL_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_CODE_FIELD_NUMBER: _ClassVar[int]
+    STUDY_UID_FIELD_NUMBER: _ClassVar[int]
+    SERIES_UID_FIELD_NUMBER: _ClassVar[int]
+    MODALITY_FIELD_NUMBER: _ClassVar[int]
+    OBSERVATION_CODE_FIELD_NUMBER: _ClassVar[int]
+    DATE_FROM_FIELD_NUMBER: _ClassVar[int]
+    DATE_TO_FIELD_NUMBER: _ClassVar[int]
     patient: PatientId
     kind: RecordKind
     created_after: _timestamp_pb2.Timestamp
@@ -141,7 +148,14 @@ class ListRecordsRequest(_message.Message):
     page_size: int
     page_token: str
     all_versions: bool
-    def __init__(self, patient: _Optional[_Union[PatientId, _Mapping]] = ..., kind: _Optional[_Union[RecordKind, str]] = ..., created_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., all_versions: _Optional[bool] = ...) -> None: ...
+    document_code: str
+    study_uid: str
+    series_uid: str
+    modality: str
+    observation_code: str
+    date_from: str
+    date_to: str
+    def __init__(self, patient: _Optional[_Union[PatientId, _Mapping]] = ..., kind: _Optional[_Union[RecordKind, str]] = ..., created_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., all_versions: _Optional[bool] = ..., document_code: _Optional[str] = ..., study_uid: _Optional[str] = ..., series_uid: _Optional[str] = ..., modality: _Optional[str] = ..., observation_code: _Optional[str] = ..., date_from: _Optional[str] = ..., date_to: _Optional[str] = ...) -> None: ...
 
 class ListRecordsResponse(_message.Message):
     __slots__ = ("records", "next_page_token")
@@ -150,3 +164,53 @@ class ListRecordsResponse(_message.Message):
     records: _containers.RepeatedCompositeFieldContainer[Record]
     next_page_token: str
     def __init__(self, records: _Optional[_Iterable[_Union[Record, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ListStudiesRequest(_message.Message):
+    __slots__ = ("patient",)
+    PATIENT_FIELD_NUMBER: _ClassVar[int]
+    patient: PatientId
+    def __init__(self, patient: _Optional[_Union[PatientId, _Mapping]] = ...) -> None: ...
+
+class Study(_message.Message):
+    __slots__ = ("study_uid", "study_date", "modalities", "series_count", "instance_count")
+    STUDY_UID_FIELD_NUMBER: _ClassVar[int]
+    STUDY_DATE_FIELD_NUMBER: _ClassVar[int]
+    MODALITIES_FIELD_NUMBER: _ClassVar[int]
+    SERIES_COUNT_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    study_uid: str
+    study_date: str
+    modalities: _containers.RepeatedScalarFieldContainer[str]
+    series_count: int
+    instance_count: int
+    def __init__(self, study_uid: _Optional[str] = ..., study_date: _Optional[str] = ..., modalities: _Optional[_Iterable[str]] = ..., series_count: _Optional[int] = ..., instance_count: _Optional[int] = ...) -> None: ...
+
+class ListStudiesResponse(_message.Message):
+    __slots__ = ("studies",)
+    STUDIES_FIELD_NUMBER: _ClassVar[int]
+    studies: _containers.RepeatedCompositeFieldContainer[Study]
+    def __init__(self, studies: _Optional[_Iterable[_Union[Study, _Mapping]]] = ...) -> None: ...
+
+class GetStudyRequest(_message.Message):
+    __slots__ = ("study_uid",)
+    STUDY_UID_FIELD_NUMBER: _ClassVar[int]
+    study_uid: str
+    def __init__(self, study_uid: _Optional[str] = ...) -> None: ...
+
+class StudyInstance(_message.Message):
+    __slots__ = ("record", "series_uid", "sop_instance_uid")
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    SERIES_UID_FIELD_NUMBER: _ClassVar[int]
+    SOP_INSTANCE_UID_FIELD_NUMBER: _ClassVar[int]
+    record: Record
+    series_uid: str
+    sop_instance_uid: str
+    def __init__(self, record: _Optional[_Union[Record, _Mapping]] = ..., series_uid: _Optional[str] = ..., sop_instance_uid: _Optional[str] = ...) -> None: ...
+
+class GetStudyResponse(_message.Message):
+    __slots__ = ("instance", "chunk")
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    instance: StudyInstance
+    chunk: bytes
+    def __init__(self, instance: _Optional[_Union[StudyInstance, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...

@@ -54,6 +54,16 @@ class RecordServiceStub:
                 request_serializer=medvault_dot_v1_dot_records__pb2.ListRecordsRequest.SerializeToString,
                 response_deserializer=medvault_dot_v1_dot_records__pb2.ListRecordsResponse.FromString,
                 _registered_method=True)
+        self.ListStudies = channel.unary_unary(
+                '/medvault.v1.RecordService/ListStudies',
+                request_serializer=medvault_dot_v1_dot_records__pb2.ListStudiesRequest.SerializeToString,
+                response_deserializer=medvault_dot_v1_dot_records__pb2.ListStudiesResponse.FromString,
+                _registered_method=True)
+        self.GetStudy = channel.unary_stream(
+                '/medvault.v1.RecordService/GetStudy',
+                request_serializer=medvault_dot_v1_dot_records__pb2.GetStudyRequest.SerializeToString,
+                response_deserializer=medvault_dot_v1_dot_records__pb2.GetStudyResponse.FromString,
+                _registered_method=True)
 
 
 class RecordServiceServicer:
@@ -83,6 +93,22 @@ class RecordServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListStudies(self, request, context):
+        """The patient's imaging studies (audited as a listing of the patient's records).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStudy(self, request, context):
+        """Every instance of the study that the caller may read, each audited as a read; an
+        instance of a patient out of the caller's scope is skipped (its refusal audited),
+        and PERMISSION_DENIED when none may be read; NOT_FOUND for an unknown study.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecordServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +131,16 @@ def add_RecordServiceServicer_to_server(servicer, server):
                     servicer.ListRecords,
                     request_deserializer=medvault_dot_v1_dot_records__pb2.ListRecordsRequest.FromString,
                     response_serializer=medvault_dot_v1_dot_records__pb2.ListRecordsResponse.SerializeToString,
+            ),
+            'ListStudies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListStudies,
+                    request_deserializer=medvault_dot_v1_dot_records__pb2.ListStudiesRequest.FromString,
+                    response_serializer=medvault_dot_v1_dot_records__pb2.ListStudiesResponse.SerializeToString,
+            ),
+            'GetStudy': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetStudy,
+                    request_deserializer=medvault_dot_v1_dot_records__pb2.GetStudyRequest.FromString,
+                    response_serializer=medvault_dot_v1_dot_records__pb2.GetStudyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +251,60 @@ class RecordService:
             '/medvault.v1.RecordService/ListRecords',
             medvault_dot_v1_dot_records__pb2.ListRecordsRequest.SerializeToString,
             medvault_dot_v1_dot_records__pb2.ListRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListStudies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/medvault.v1.RecordService/ListStudies',
+            medvault_dot_v1_dot_records__pb2.ListStudiesRequest.SerializeToString,
+            medvault_dot_v1_dot_records__pb2.ListStudiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStudy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/medvault.v1.RecordService/GetStudy',
+            medvault_dot_v1_dot_records__pb2.GetStudyRequest.SerializeToString,
+            medvault_dot_v1_dot_records__pb2.GetStudyResponse.FromString,
             options,
             channel_credentials,
             insecure,
