@@ -86,12 +86,17 @@ def test_calls_are_counted_by_method_and_code_and_timed(world: World) -> None:
     refused = fetch(world.stranger, record.id)
     assert refused.error is not None
     refused_code = refused.code.name
+    timed = ("medvault_rpc_seconds_count", (("method", GET),))
+    # A call is counted when its handler ends, which may be just after the client has
+    # its last message: wait for the counts, then check they are exact.
+    wait_for(lambda: _scrape(world.metrics_port).get(timed, 0.0) - before.get(timed, 0.0) >= 2
+             and _calls(_scrape(world.metrics_port), PUT, "OK") > _calls(before, PUT, "OK"),
+             what="the calls counted")  # fmt: skip
     after = _scrape(world.metrics_port)
 
     assert _calls(after, PUT, "OK") - _calls(before, PUT, "OK") == 1
     assert _calls(after, GET, "OK") - _calls(before, GET, "OK") == 1
     assert _calls(after, GET, refused_code) - _calls(before, GET, refused_code) == 1
-    timed = ("medvault_rpc_seconds_count", (("method", GET),))
     assert after[timed] - before.get(timed, 0.0) == 2
 
 
@@ -101,6 +106,8 @@ def test_unknown_methods_share_one_label(world: World) -> None:
         with pytest.raises(grpc.RpcError) as raised:
             channel.unary_unary(name)(b"", timeout=TIMEOUT)
         assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    wait_for(lambda: _calls(_scrape(world.metrics_port), "other", "UNIMPLEMENTED") >= 3,
+             what="the unknown calls counted")  # fmt: skip
     scraped = _scrape(world.metrics_port)
     methods = {dict(labels).get("method") for _, labels in scraped}
     assert _calls(scraped, "other", "UNIMPLEMENTED") >= 3
@@ -162,6 +169,7 @@ def test_token_and_audit_commit_latency_are_measured(world: World) -> None:
     )
     record = put_record(world.doctor, patient, b"synthetic note")
     assert fetch(world.doctor, record.id).error is None
+    wait_for(lambda: counts()[1] > commits_before, what="the read's event committed")
     token_after, commits_after = counts()
     assert token_after - token_before >= 2, "a put and a get wrap and unwrap a key"
     assert commits_after > commits_before, "the read's event was committed"

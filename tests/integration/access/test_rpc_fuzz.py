@@ -9,7 +9,8 @@ input or missing rights, never ``UNKNOWN``, ``INTERNAL`` or ``DATA_LOSS``; after
 the service is healthy, a legitimate round trip works and the audit chain verifies.
 
 Methods that start long jobs or change key state (backup runs and drills, KEK rotation,
-retirement, rewrap, pruning) are fuzzed only by callers whose role may not call them:
+retirement, rewrap, pruning, signer creation and import) are fuzzed only by callers
+whose role may not call them:
 the refusal path is what a hostile caller meets; their decoding is the same code
 (``service/wire.py``) as every other method's.
 
@@ -65,7 +66,8 @@ FUZZ = settings(
 CALL_TIMEOUT = 30
 ROLES = ["physician", "records_clerk", "security_officer", "backup_operator", "key_admin",
          "admin", None]  # fmt: skip
-SIDE_EFFECTS = ("RunBackup", "RunRestoreDrill", "RotateKek", "RetireKek", "Rewrap", "Prune")
+SIDE_EFFECTS = ("RunBackup", "RunRestoreDrill", "RotateKek", "RetireKek", "Rewrap", "Prune",
+                "CreateSigner", "ImportCertificate")
 # What bad input or missing rights may legitimately end in.
 DOCUMENTED = {
     grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
