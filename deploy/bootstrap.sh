@@ -32,8 +32,33 @@ ensure_softhsm() {
     command -v apt-get >/dev/null 2>&1 \
         || die "SoftHSM2 is missing and apt-get is not available; install softhsm2 by hand"
     log "installing SoftHSM2 (Debian package softhsm2)"
-    as_root apt-get update
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y softhsm2
+    apt_get update
+    apt_get install -y softhsm2
+}
+
+# apt-get, waiting for apt's locks instead of failing when another apt or dpkg runs
+# (unattended-upgrades on a fresh machine, a second terminal). dpkg's lock is waited
+# for by apt itself (DPkg::Lock::Timeout); the lists lock of `update` is not, so a
+# "Could not get lock" is retried until the same deadline. Other failures are not.
+APT_LOCK_WAIT="${MEDVAULT_APT_LOCK_WAIT:-600}"
+APT_RETRY_SECONDS="${MEDVAULT_APT_RETRY_SECONDS:-5}"
+apt_get() {
+    local deadline=$((SECONDS + APT_LOCK_WAIT)) errors status
+    errors="$(mktemp)"
+    while true; do
+        status=0
+        as_root env DEBIAN_FRONTEND=noninteractive \
+            apt-get -o DPkg::Lock::Timeout="$APT_LOCK_WAIT" "$@" 2> >(tee "$errors" >&2) \
+            || status=$?
+        wait  # for tee: $errors is complete
+        if [ "$status" -eq 0 ] || ! grep -q "Could not get lock" "$errors" \
+            || [ "$SECONDS" -ge "$deadline" ]; then
+            rm -f "$errors"
+            return "$status"
+        fi
+        log "apt is busy (another apt or dpkg holds its lock); waiting"
+        sleep "$APT_RETRY_SECONDS"
+    done
 }
 
 find_python() {
@@ -68,5 +93,8 @@ ensure_venv() {
     fi
 }
 
-ensure_softhsm
-ensure_venv
+# MEDVAULT_BOOTSTRAP_FUNCTIONS_ONLY=1: define the functions and stop (for tests).
+if [ "${MEDVAULT_BOOTSTRAP_FUNCTIONS_ONLY:-}" != 1 ]; then
+    ensure_softhsm
+    ensure_venv
+fi

@@ -2,7 +2,7 @@
 
 Each RPC passes through ``AccessGuard.enter`` (who is calling, may their roles call
 this?) and, for patient data, a gate that checks the care-team grant and commits the
-audit event before anything is read (DESIGN.md, read path step 1). Denials and
+audit event before anything is read (docs/architecture.md, read path step 1). Denials and
 failures are audited too. Everything here blocks (token, database), so servicers call
 it from worker threads.
 """

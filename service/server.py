@@ -86,6 +86,9 @@ def server_options(config: Config) -> list[tuple[str, int]]:
         # Clients may ping at most every keepalive/2 s; a client pinging faster is cut off.
         ("grpc.http2.min_ping_interval_without_data_ms", max(1000, keepalive_ms // 2)),
         ("grpc.http2.max_ping_strikes", 2),
+        # gRPC sets SO_REUSEPORT by default: a second server on the same port would then
+        # start too and share its connections. A taken port must fail the start instead.
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -152,13 +155,18 @@ async def create_server(
         reflection.SERVICE_NAME,
     )
     reflection.enable_server_reflection(names, server)
-    if config.tls.enabled:
-        port = server.add_secure_port(config.server.listen, _credentials(config))
-    else:
-        log.warning("TLS is disabled: clients are not authenticated")
-        port = server.add_insecure_port(config.server.listen)
+    try:
+        if config.tls.enabled:
+            port = server.add_secure_port(config.server.listen, _credentials(config))
+        else:
+            log.warning("TLS is disabled: clients are not authenticated")
+            port = server.add_insecure_port(config.server.listen)
+    except RuntimeError:  # grpc's "Failed to bind": taken, or not an address of this host
+        port = 0
     if port == 0:
-        raise ConfigError(f"[server] cannot listen on {config.server.listen}")
+        raise ConfigError(
+            f"[server] cannot listen on {config.server.listen} (port taken or address invalid)"
+        )
     await server.start()
     for name in ("", *names[:6]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -1,6 +1,6 @@
 """The record store use cases: put, open (read), stat and list encrypted records.
 
-Write order (DESIGN.md): wrap a fresh data key in the token, stream the ciphertext into
+Write order (docs/architecture.md): wrap a fresh data key in the token, stream the ciphertext into
 an object under an opaque key, then insert the metadata row last. Before the row
 commits the record does not exist; a crash in between leaves only an unreferenced
 object, which ``storage.sweeper`` removes after a grace period. Once the row has
@@ -86,7 +86,7 @@ class RecordRef:
 Gate = Callable[[RecordRef], None]
 # Commits a new row: called with the record and the insert (a function of a database
 # connection), it must run the insert in the same transaction as the write's audit
-# event (DESIGN.md, write path step 5), and raise what the insert raised.
+# event (docs/architecture.md, write path step 5), and raise what the insert raised.
 CommitGate = Callable[[RecordRef, Callable[[Connection], None]], None]
 
 

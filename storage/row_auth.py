@@ -1,6 +1,6 @@
 """The one place a metadata row becomes trusted: :class:`RowVerifier`.
 
-The database may be written by someone without the token (DESIGN.md, "Rows are not
+The database may be written by someone without the token (docs/architecture.md, "Rows are not
 trusted"). Before anything of a row is used (its patient for the access gate, its sizes,
 object key and times for the read and the reply), the row is verified:
 

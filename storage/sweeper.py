@@ -1,7 +1,7 @@
 """Orphan sweeper: removes objects that no metadata row references.
 
 An object without a row is what a crash between upload and commit leaves behind
-(DESIGN.md, write path step 6). Only objects older than a grace period are removed, so
+(docs/architecture.md, write path step 6). Only objects older than a grace period are removed, so
 an upload still in flight (its row not yet committed) is never touched. In the service
 it runs once per interval across all replicas (``sweep_if_due``).
 

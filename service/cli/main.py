@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import sys
 from datetime import timedelta
@@ -57,16 +58,27 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("medvault")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed; run from a source tree)"
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     top = argparse.ArgumentParser(prog="medvault", description="medvault medical-record store")
+    top.add_argument("--version", action="version", version=f"medvault {_version()}")
     sub = top.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gRPC service")
     serve.add_argument("--config", help="config file (default $MEDVAULT_HOME/config.toml)")
     serve.set_defaults(func=cmd_serve)
     sweep = sub.add_parser("sweep", help="remove orphaned objects left by interrupted writes")
-    sweep.add_argument("--config")
-    sweep.add_argument("--grace-seconds", type=int, default=3600)
+    sweep.add_argument("--config", help="config file (default $MEDVAULT_HOME/config.toml)")
+    sweep.add_argument(
+        "--grace-seconds", type=int, default=3600,
+        help="keep unreferenced objects younger than this, in seconds (default 3600)",
+    )  # fmt: skip
     sweep.set_defaults(func=cmd_sweep)
     records_cmd.register(sub)
     studies_cmd.register(sub)
@@ -94,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     except (KeystoreError, StorageError) as e:
         # Start-up failures (token, PIN, database, object store) name what is missing.
         print(f"medvault: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        # A file the command needed (its message names it), not a bug: no traceback.
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"medvault: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

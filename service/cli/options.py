@@ -79,6 +79,12 @@ def patient_id(ns: argparse.Namespace) -> records_pb2.PatientId | None:
 
 def add_time_flags(parser: argparse.ArgumentParser, *, until: bool = True) -> None:
     """``--since`` (and ``--until``): ISO-8601 or a span back from now."""
-    parser.add_argument("--since", type=parse_when, help="ISO-8601 time or span (24h, 7d)")
+    parser.add_argument(
+        "--since", type=parse_when,
+        help="from this time: ISO-8601 (UTC unless it names a zone) or a span back from now "
+        "such as 30m, 24h, 7d",
+    )  # fmt: skip
     if until:
-        parser.add_argument("--until", type=parse_when, help="ISO-8601 time or span")
+        parser.add_argument(
+            "--until", type=parse_when, help="up to this time: ISO-8601 or a span (24h, 7d)"
+        )

@@ -10,14 +10,14 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import grpc
 from tqdm import tqdm
 
 from service._gen.medvault.v1 import records_pb2 as pb
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
-from service.cli.client import add_connection_flags, channel
+from service.cli.client import add_connection_flags, channel, describe_rpc_error
 from service.cli.files import create_private
 
 CHUNK = 1 << 20
@@ -91,15 +91,32 @@ def cmd_put(ns: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_get(ns: argparse.Namespace) -> int:
-    """Fetch a record's content into a file (mode 0600); a partial file is removed on error."""
-    stub = pb_grpc.RecordServiceStub(channel(ns))
-    out = Path(ns.output)
+def _open_output(out: Path) -> tuple[Path, BinaryIO]:
+    """Create ``out``'s scratch file now: a path that cannot be written fails before the read."""
+    if out.is_dir():
+        raise SystemExit(f"medvault: -o {out}: is a directory; name a file")
+    if not out.parent.is_dir():
+        raise SystemExit(f"medvault: -o {out}: directory {out.parent} does not exist")
     partial = out.with_name(out.name + ".partial")
-    stream = stub.GetRecord(pb.GetRecordRequest(id=ns.id, version=ns.version))
     try:
         partial.unlink(missing_ok=True)  # a fresh file: a stale one keeps no say
-        with create_private(partial, exclusive=True) as f:  # patient data: owner only
+        return partial, create_private(partial, exclusive=True)  # patient data: owner only
+    except OSError as e:
+        raise SystemExit(f"medvault: -o {out}: cannot write: {e.strerror}") from None
+
+
+def cmd_get(ns: argparse.Namespace) -> int:
+    """Fetch a record's content into a file (mode 0600); a partial file is removed on error.
+
+    The output file is created before the read is requested, so a path that cannot be
+    written costs no audited read of content that would never be delivered.
+    """
+    out = Path(ns.output)
+    partial, f = _open_output(out)
+    try:
+        with f:
+            stub = pb_grpc.RecordServiceStub(channel(ns))
+            stream = stub.GetRecord(pb.GetRecordRequest(id=ns.id, version=ns.version))
             bar = None
             for response in stream:
                 if response.WhichOneof("message") == "metadata":
@@ -167,11 +184,16 @@ def _patient_flags(p: argparse.ArgumentParser) -> None:
 def register(sub: Any) -> None:
     """Add put, get, stat and ls to the CLI."""
     put = sub.add_parser("put", help="store a file as a record")
-    put.add_argument("file")
+    put.add_argument("file", help="the file to store")
     _patient_flags(put)
-    put.add_argument("--kind", required=True, choices=KINDS)
-    put.add_argument("--content-type", default="")
-    put.add_argument("--title", default="")
+    put.add_argument(
+        "--kind", required=True, choices=KINDS, help="record kind (sets the default --content-type)"
+    )
+    put.add_argument(
+        "--content-type", default="",
+        help="MIME type stored with the record (default: the kind's, e.g. application/pdf)",
+    )  # fmt: skip
+    put.add_argument("--title", default="", help="a short title shown by ls (default: none)")
     put.add_argument("--supersedes", help="record id this file amends (new version)")
     put.add_argument(
         "--request-id", default="",
@@ -180,19 +202,22 @@ def register(sub: Any) -> None:
     )  # fmt: skip
     put.set_defaults(func=cmd_put)
     get = sub.add_parser("get", help="fetch a record's content")
-    get.add_argument("id")
-    get.add_argument("-o", "--output", required=True)
-    get.add_argument("--version", type=int, default=0, help="0 = latest")
+    get.add_argument("id", help="record id (32 hex digits)")
+    get.add_argument(
+        "-o", "--output", required=True,
+        help="file to write (created 0600; its directory must exist)",
+    )  # fmt: skip
+    get.add_argument("--version", type=int, default=0, help="version to fetch (0 = latest)")
     get.set_defaults(func=cmd_get)
     stat = sub.add_parser("stat", help="show a record's metadata")
-    stat.add_argument("id")
-    stat.add_argument("--version", type=int, default=0)
+    stat.add_argument("id", help="record id (32 hex digits)")
+    stat.add_argument("--version", type=int, default=0, help="version to show (0 = latest)")
     stat.set_defaults(func=cmd_stat)
     ls = sub.add_parser("ls", help="list a patient's records")
     _patient_flags(ls)
-    ls.add_argument("--kind", choices=KINDS)
+    ls.add_argument("--kind", choices=KINDS, help="only records of this kind")
     ls.add_argument("--since", help="ISO date-time; records created after it")
-    ls.add_argument("--all-versions", action="store_true")
+    ls.add_argument("--all-versions", action="store_true", help="every version, not the latest")
     ls.add_argument("--document-code", default="",
                     help="document code, e.g. LOINC 18842-5 (CDA, FHIR documents)")
     ls.add_argument("--study", default="", help="DICOM Study Instance UID")
@@ -208,6 +233,6 @@ def register(sub: Any) -> None:
 
 
 def rpc_error_exit(e: grpc.RpcError) -> int:
-    """Print a failed call's status and message; exit code 1."""
-    print(f"medvault: {e.code().name}: {e.details()}", file=sys.stderr)
+    """Print a failed call's status and message (or why it could not connect); exit 1."""
+    print(describe_rpc_error(e), file=sys.stderr)
     return 1

@@ -14,7 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.localstack.stack import LocalStack, LocalStackError, default_home
+from service.localstack.stack import (
+    DEFAULT_CLIENTS,
+    ComponentStatus,
+    LocalStack,
+    LocalStackError,
+    default_home,
+)
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -40,7 +46,10 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     down = commands.add_parser("down", parents=[common], help="stop the service and SeaweedFS")
     down.set_defaults(func=_down)
 
-    status = commands.add_parser("status", parents=[common], help="show each component")
+    status = commands.add_parser(
+        "status", parents=[common],
+        help="show each component; exit status 1 when one is stopped or absent",
+    )  # fmt: skip
     status.set_defaults(func=_status)
 
     env = commands.add_parser(
@@ -51,9 +60,8 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         dest="client",
         default="local-admin",
         metavar="ROLE|NAME",
-        help="act as the sample person of a role (physician, nurse, radiologist, "
-        "records_clerk, security_officer, backup_operator, key_admin, admin) or as a "
-        "client certificate name (default: local-admin)",
+        help=f"act as the sample client of a role ({', '.join(DEFAULT_CLIENTS.values())}) "
+        f"or as a client certificate name ({', '.join(DEFAULT_CLIENTS)}); default local-admin",
     )
     env.set_defaults(func=_env)
 
@@ -85,7 +93,14 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    return _run(lambda: _stack(args).status())
+    components: list[ComponentStatus] = []
+    code = _run(lambda: components.extend(_stack(args).status()))
+    down = [c.name for c in components if c.state in ("stopped", "absent")]
+    if code == 0 and down:
+        print(f"medvault stack: not up: {', '.join(down)} (run `medvault stack up`)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    return code
 
 
 def _env(args: argparse.Namespace) -> int:

@@ -59,6 +59,10 @@ DEFAULT_CLIENTS = {
 DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "deploy" / "policy.toml"
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}  # noqa: S104 - names, not a bind
+# How often a start moves off a port another stack bound between probe and bind.
+_PORT_RETRIES = 3
+# The service's start-up error when its listen address is taken (service.server).
+_LISTEN_FAILED = "cannot listen on"
 
 
 class LocalStackError(Exception):
@@ -74,7 +78,7 @@ class ComponentStatus:
     """One line of ``medvault stack status``."""
 
     name: str
-    state: str  # running | stopped for processes, present | absent for files
+    state: str  # running | stopped for processes, present | absent for files, or external
     pid: int | None = None
     endpoint: str = ""
     detail: str = ""
@@ -242,10 +246,19 @@ class LocalStack:
         if seaweed.is_running():
             self._report(f"SeaweedFS already running (pid {seaweed.pid}) on {seaweed.endpoint}")
             return seaweed
-        if not _s3_port_free(port):
-            self._relocate_ports("S3", port)
-            seaweed = self._seaweed()
-        seaweed.start()
+        for attempt in range(_PORT_RETRIES + 1):
+            if not _s3_port_free(port):
+                self._relocate_ports("S3", port)
+                seaweed = self._seaweed()
+                port = seaweed.s3_port
+            try:
+                seaweed.start()
+                break
+            except SeaweedError as e:
+                # Free when probed, taken when weed bound it: another stack started at
+                # the same moment. The bind decides; the loop records another port.
+                if not (e.address_in_use and not _s3_port_free(port) and attempt < _PORT_RETRIES):
+                    raise
         self._report(f"started SeaweedFS on {seaweed.endpoint} (log {self.layout.weed_log})")
         return seaweed
 
@@ -253,16 +266,30 @@ class LocalStack:
         if self._service.pid is not None:
             self._report(f"medvault service already running (pid {self._service.pid})")
             return
-        _, port = _split_endpoint(self._config().server.listen)
-        if not port_free(port):
-            self._relocate_ports("service", port)
-        endpoint = self.endpoint()
         env = {
             "SOFTHSM2_CONF": str(self.layout.softhsm_dir / "softhsm2.conf"),
             "MEDVAULT_HOME": str(self.home),
         }
-        pid = self._service.start(env)
-        self._service.wait_healthy(endpoint, self.tls_client(), health_timeout)
+        for attempt in range(_PORT_RETRIES + 1):
+            _, port = _split_endpoint(self._config().server.listen)
+            if not port_free(port):
+                self._relocate_ports("service", port)
+            endpoint = self.endpoint()
+            log_offset = _size(self.layout.service_log)
+            pid = self._service.start(env)
+            try:
+                self._service.wait_healthy(endpoint, self.tls_client(), health_timeout)
+                break
+            except ServiceProcessError:
+                # The port was free when probed, but a stack started at the same moment
+                # bound it first: the service's own bind decides, then config records.
+                lost_bind = (
+                    self._service.pid is None
+                    and _LISTEN_FAILED in _text_since(self.layout.service_log, log_offset)
+                    and not port_free(port)
+                )
+                if not (lost_bind and attempt < _PORT_RETRIES):
+                    raise
         self._report(f"started medvault service on {endpoint} (pid {pid})")
 
     # -- inspection --------------------------------------------------------------
@@ -271,11 +298,15 @@ class LocalStack:
         """The state of each component, also reported line by line."""
         components = [self._ca_status(), self._token_status()]
         if self.layout.config.exists():
-            seaweed = self._seaweed()
-            weed_pid = seaweed.pid
-            components.append(
-                ComponentStatus("seaweedfs", _process_state(weed_pid), weed_pid, seaweed.endpoint)
-            )
+            s3_host, s3_port = _split_endpoint(self._config().s3.endpoint)
+            if s3_host in _LOCAL_HOSTS:
+                seaweed = self._seaweed()
+                weed_pid = seaweed.pid
+                components.append(ComponentStatus(
+                    "seaweedfs", _process_state(weed_pid), weed_pid, seaweed.endpoint
+                ))  # fmt: skip
+            else:  # not ours to start: `up` leaves it alone, and so does the exit status
+                components.append(ComponentStatus("s3", "external", None, f"{s3_host}:{s3_port}"))
             pid = self._service.pid
             components.append(
                 ComponentStatus("service", _process_state(pid), pid, self.endpoint(),
@@ -369,6 +400,23 @@ class LocalStack:
                 yield
             except _COMPONENT_ERRORS as e:
                 raise LocalStackError(str(e)) from e
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _text_since(path: Path, offset: int) -> str:
+    """What was appended to a log after ``offset`` (bounded: the tail of a start-up)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return f.read(1 << 20).decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _process_state(pid: int | None) -> str:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -15,9 +17,11 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from service import config as service_config
-from service.localstack.layout import DEFAULT_SERVICE_PORT
+from service.localstack import stack as stack_module
+from service.localstack.layout import DEFAULT_SERVICE_PORT, find_pkcs11_module, rewrite_ports
 from service.localstack.service_proc import check_health
 from service.localstack.stack import LocalStack, LocalStackError
+from tests.fixtures.service import ROOT
 
 pytestmark = pytest.mark.integration
 
@@ -187,3 +191,58 @@ def test_state_files_are_owner_only(stack: LocalStack) -> None:
             assert mode == 0o700, f"{path.relative_to(stack.home)}: {oct(mode)}"
         elif not path.name.endswith((".pem", ".crl")):
             assert mode == 0o600, f"{path.relative_to(stack.home)}: {oct(mode)}"
+
+
+def _medvault(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MEDVAULT_")}
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        cwd=ROOT, env={**clean, "MEDVAULT_HOME": str(home), **env},
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+
+
+def test_status_exits_non_zero_while_a_component_is_down(stack: LocalStack) -> None:
+    result = _medvault(stack.home, "stack", "status")
+    assert result.returncode == 1, "status of a stack never prepared succeeded"
+    stack.prepare()
+    result = _medvault(stack.home, "stack", "status")
+    assert result.returncode == 1, "status of a stopped stack succeeded"
+    assert "not up: seaweedfs, service" in result.stderr
+
+
+def test_two_stacks_started_at_once_never_share_a_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = LocalStack(tmp_path / "first", report=lambda line: None)
+    second = LocalStack(tmp_path / "second", report=lambda line: None)
+    try:
+        first.up(health_timeout=60)
+        second.prepare()
+        # The race: the second stack chose and probed its port before the first bound
+        # it. Record the first's port in the second's config, and let the probe miss.
+        taken = int(first.endpoint().rpartition(":")[2])
+        s3_port = int(service_config.load(second.layout.config).s3.endpoint.rpartition(":")[2])
+        assert rewrite_ports(second.layout, taken, s3_port, find_pkcs11_module())
+        second.start_seaweed()
+        probes = iter([True])
+        real_port_free = stack_module.port_free
+        monkeypatch.setattr(stack_module, "port_free",
+                            lambda port, *a: next(probes, None) or real_port_free(port, *a))
+        second.start_service(health_timeout=60)
+        assert next(probes, None) is None, "the service start did not probe its port"
+
+        assert second.endpoint() != first.endpoint(), "both services listen on one port"
+        for one in (first, second):  # each answers with its own CA and certificates
+            assert check_health(one.endpoint(), one.tls_client())
+        assert not check_health(first.endpoint(), second.tls_client())
+
+        # A running stack: status succeeds, and a client without MEDVAULT_ENDPOINT uses
+        # this stack and says so.
+        assert _medvault(first.home, "stack", "status").returncode == 0
+        listed = _medvault(first.home, "ls", "--patient", "P-1", "--authority", "urn:x")
+        assert f"using the local stack in {first.home} ({first.endpoint()})" in listed.stderr
+        assert "Traceback" not in listed.stderr
+    finally:
+        second.down()
+        first.down()

@@ -6,6 +6,7 @@ patient data; the helpers in calls.py name what differs instead.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import subprocess
@@ -13,7 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
+from storage.audit_log import SqlAuditLog
 from tests.fixtures.service import ROOT, RunningService
 from tests.integration.service.calls import expect_same_content
 from tests.integration.service.streams import AUTHORITY, data, new_patient, pdf
@@ -104,3 +107,63 @@ def test_malformed_id_fails_with_one_line(medvault_service: RunningService) -> N
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, f"{len(lines)} error lines"
     assert lines[0].startswith("medvault: INVALID_ARGUMENT: id"), "the error line is unclear"
+
+
+def _reads_of(database_url: str, record_id: str, after_sequence: int) -> int:
+    """Allowed reads of ``record_id`` audited after ``after_sequence``."""
+    engine = sa.create_engine(database_url)
+    try:
+        events = SqlAuditLog(engine).events(after_sequence, limit=100_000)
+    finally:
+        engine.dispose()
+    return sum(1 for e in events if e.entry.action == "records.read"
+               and e.entry.resource.startswith(f"record/{record_id}")
+               and e.entry.outcome == "allowed")  # fmt: skip
+
+
+def test_get_into_a_path_that_cannot_be_written_fails_before_the_read(
+    medvault_service: RunningService, database_url: str, tmp_path: Path
+) -> None:
+    source = tmp_path / "note.pdf"
+    source.write_bytes(pdf())
+    out = _ok(_cli(medvault_service, "put", str(source), "--patient", new_patient().id,
+                   "--authority", AUTHORITY, "--kind", "PDF"))  # fmt: skip
+    record_id = out.split()[1]
+    engine = sa.create_engine(database_url)
+    try:
+        head = SqlAuditLog(engine).head()[0]
+    finally:
+        engine.dispose()
+    blocker = tmp_path / "a-file"
+    blocker.write_bytes(b"")
+    cases = {
+        "missing directory": (tmp_path / "no" / "such" / "dir" / "x.pdf", "does not exist"),
+        "a directory": (tmp_path, "is a directory"),
+        "under a file": (blocker / "x.pdf", "does not exist"),
+    }
+    for name, (target, why) in cases.items():
+        result = _cli(medvault_service, "get", record_id, "-o", str(target))
+        assert result.returncode != 0, f"{name}: get succeeded"
+        assert "Traceback" not in result.stderr, f"{name}: a traceback was printed"
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, f"{name}: {len(lines)} error lines"
+        assert lines[0].startswith(f"medvault: -o {target}"), f"{name}: the line names no path"
+        assert why in lines[0], f"{name}: the line does not say why"
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        result = _cli(medvault_service, "get", record_id, "-o", str(locked / "x.pdf"))
+        assert "cannot write: Permission denied" in result.stderr, "unwritable dir not named"
+    # Missing TLS files are found before the read too.
+    env = {**medvault_service.cli_env(), "MEDVAULT_KEY": str(tmp_path / "absent.key")}
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "get", record_id, "-o", str(tmp_path / "y.pdf")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.stderr.startswith("medvault: cannot read --key"), "missing key not named"
+    assert not list(tmp_path.glob("*.partial")), "a partial file was left"
+    assert _reads_of(database_url, record_id, head) == 0, "a failed get was audited as a read"
+
+    # The control: a get that delivers is audited once, so the count above can see one.
+    _ok(_cli(medvault_service, "get", record_id, "-o", str(tmp_path / "copy.pdf")))
+    assert _reads_of(database_url, record_id, head) == 1, "the delivered read is not audited"
