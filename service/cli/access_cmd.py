@@ -100,7 +100,7 @@ def review_cell(grant: pb.Grant) -> str:
     if grant.altered:
         return ""
     if grant.reviewed_by:
-        return f"{grant.reviewed_by} {utc(grant.reviewed_at)}: {grant.review_comment}"
+        return f"{grant.reviewed_by}: {grant.review_comment}"  # when: audit review --all
     # Unreviewed, or a review in the database that did not authenticate (a marker).
     return grant.review_comment or ("pending" if grant.break_glass and grant.reason else "")
 
