@@ -326,12 +326,16 @@ class SqlGrantStore:
         authenticate is shown as ``REVIEW_ALTERED_MARK`` and does not count). Rows that
         fail their MAC are included as altered, as stored but with ``ALTERED_MARK`` for a
         reason and no review: the officer sees that something was edited, never text
-        the service did not seal. Each is reported (an incident).
+        the service did not seal. Each is reported (an incident). Legacy rows (never
+        adopted, see ``adopt_legacy``) grant nothing either: listed as altered, their
+        clear text marked ``LEGACY_MARK``.
         """
         query = _list_query(patient_index, principal, include_inactive, now)
         listed: builtins.list[tuple[Grant, bool]] = []
         for row in self._run(lambda c: c.execute(query).all()):
-            if _legacy(row) or self._verified(row):
+            if _legacy(row):  # its text, marked; it grants nothing until re-granted
+                listed.append((self._opened(row), True))
+            elif self._verified(row):
                 listed.append((self._opened(row), False))
             else:
                 grant = _with_review(row_to_grant(row), None, None)

@@ -94,6 +94,7 @@ def event_row(event: pb.AuditEvent, *, full_ids: bool = False) -> list[object]:
 
 
 EVENT_HEADERS = ["SEQ", "TIME", "PRINCIPAL", "ROLE", "ACTION", "RESOURCE", "OUTCOME", "REASON"]
+REVIEW_HEADERS = ["GRANT", "WHEN", "WHO", "ROLE", "PATIENT", "REASON", "REVIEWED", "COMMENT"]
 
 
 def cmd_query(ns: argparse.Namespace) -> int:
@@ -187,8 +188,7 @@ def cmd_review(ns: argparse.Namespace) -> int:
          i.event.patient_index[:INDEX_PREFIX], i.event.reason, _review_state(i), i.comment]
         for i in items
     )  # fmt: skip
-    headers = ["GRANT", "WHEN", "WHO", "ROLE", "PATIENT", "REASON", "REVIEWED", "COMMENT"]
-    shown = print_table(headers, rows, max_widths={5: 50, 7: 50}, shrink=REVIEW_SHRINK)
+    shown = print_table(REVIEW_HEADERS, rows, max_widths={5: 50, 7: 50}, shrink=REVIEW_SHRINK)
     print(plural(shown, "break-the-glass grant") + ("" if ns.all else " awaiting review"),
           file=sys.stderr)
     return 0
