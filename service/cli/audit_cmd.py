@@ -41,7 +41,7 @@ INDEX_PREFIX = 12  # hex digits of a blind index shown in tables
 REASON_WIDTH = 60
 # Table columns that give up width on a narrow terminal, first to last: the free text
 # (reason, comment) goes last, so ids and names are cut before it is.
-QUERY_SHRINK = (5, 2, 4, 7)  # RESOURCE, PRINCIPAL, ACTION, REASON
+QUERY_SHRINK = (5, 3, 6, 2, 4, 7)  # RESOURCE, ROLE, OUTCOME, PRINCIPAL, ACTION, REASON
 REVIEW_SHRINK = (2, 6, 7, 5)  # WHO, REVIEWED, COMMENT, REASON
 
 

@@ -5,15 +5,14 @@ those widths (longer cells truncated), so a long audit query prints in bounded m
 Cells are made terminal-safe: control characters (an ANSI escape in a break-the-glass
 reason, say) are shown escaped, never sent to the terminal.
 
-On a terminal (or with ``COLUMNS`` set) a table is fitted to the width: the columns a
-command names as ``shrink`` give up width in that order, each down to ``MIN_WIDTH``, so a
-command lists its free-text column last and that text stays readable. Piped output is
-not cut to a width (only to ``max_widths``).
+On a terminal a table is fitted to its width (``COLUMNS`` overrides the size): the
+columns a command names as ``shrink`` give up width in that order, each down to
+``MIN_WIDTH``, so a command lists its free-text column last and that text stays readable.
+Piped output is not cut to a width (only to ``max_widths``).
 """
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import sys
@@ -37,10 +36,8 @@ def short_ids(text: str) -> str:
 
 
 def terminal_width(out: TextIO) -> int | None:
-    """The width to fit a table to: ``COLUMNS`` if set, the terminal's if ``out`` is one."""
-    columns = os.environ.get("COLUMNS", "")
-    if columns.isdigit() and int(columns) > 0:
-        return int(columns)
+    """The width to fit a table to when ``out`` is a terminal (``COLUMNS`` overrides its
+    size, as ``shutil.get_terminal_size`` does); None for a pipe or a file."""
     try:
         return shutil.get_terminal_size().columns if out.isatty() else None
     except (AttributeError, ValueError, OSError):

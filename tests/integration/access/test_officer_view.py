@@ -10,10 +10,14 @@ The CLI runs as a subprocess with each person's own certificate.
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
 import re
+import struct
 import subprocess
 import sys
+import termios
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,21 +67,44 @@ class World:
     clerk: Client
     ward: Client
 
-    def cli(self, who: str, *args: str, columns: int | None = None) -> str:
-        """Run ``medvault ARGS`` as ``who``; its stdout (exit 0 asserted)."""
+    def command(self, who: str, *args: str) -> list[str]:
         cert, key = self.certs[who]
+        return [sys.executable, "-m", "service", *args, "--endpoint", self.service.endpoint,
+                "--ca", str(self.service.tls.ca), "--cert", str(cert), "--key", str(key)]
+
+    def cli(self, who: str, *args: str) -> str:
+        """Run ``medvault ARGS`` as ``who`` into a pipe; its stdout (exit 0 asserted)."""
         env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
-        if columns is not None:
-            env["COLUMNS"] = str(columns)
-        command = [*args, "--endpoint", self.service.endpoint, "--ca", str(self.service.tls.ca),
-                   "--cert", str(cert), "--key", str(key)]  # fmt: skip
         result = subprocess.run(
-            [sys.executable, "-m", "service", *command], cwd=ROOT, env=env,
+            self.command(who, *args), cwd=ROOT, env=env,
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-300:]}"
         assert "Traceback" not in result.stderr
         return result.stdout
+
+    def cli_on_terminal(self, who: str, *args: str, columns: int) -> str:
+        """Run ``medvault ARGS`` with stdout on a pseudo-terminal ``columns`` wide."""
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        with subprocess.Popen(
+            self.command(who, *args), cwd=ROOT, env=env, stdout=slave, stderr=subprocess.PIPE
+        ) as process:
+            os.close(slave)
+            output = bytearray()
+            while True:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not data:
+                    break
+                output += data
+            os.close(master)
+            stderr = process.stderr.read() if process.stderr else b""
+            assert process.wait(timeout=60) == 0, stderr.decode()[-300:]
+        return output.decode().replace("\r\n", "\n")
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +298,7 @@ def test_audit_query_keeps_the_reason_visible(world: World) -> None:
     assert fetch(world.dr, record.id).error is None
     reason = f"break-the-glass grant {grant.id}"
     args = ("audit", "query", "--principal", "dr-view", "--action", "records.read")
-    narrow = world.cli("so-view", *args, columns=120)
+    narrow = world.cli_on_terminal("so-view", *args, columns=120)
     lines = narrow.splitlines()
     assert all(len(line) <= 120 for line in lines), "table wider than the terminal"
     # The reason is whole (its id shortened); RESOURCE gave up width first.
@@ -281,3 +308,6 @@ def test_audit_query_keeps_the_reason_visible(world: World) -> None:
     full = world.cli("so-view", *args, "--full-ids")
     assert reason in full
     assert f"record/{record.id}/v1" in full
+    piped = world.cli("so-view", *args)  # a pipe is not fitted, ids still shortened
+    assert f"record/{record.id[:8]}…/v1" in piped
+    assert grant.id not in piped

@@ -92,13 +92,18 @@ def test_fit_takes_width_from_the_shrink_columns_in_order() -> None:
     assert tables.fit([10, 40, 40], headers, 200, shrink=(1, 2)) == [10, 40, 40]
 
 
-def test_print_table_fits_the_columns_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("COLUMNS", "40")
-    out = io.StringIO()
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_print_table_fits_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "40")  # the terminal's size, as shutil reads it
+    out = _Terminal()
     tables.print_table(["A", "TEXT"], [["x" * 30, "y" * 30]], out=out, shrink=(0, 1))
     assert all(len(line) <= 40 for line in out.getvalue().splitlines())
     assert "y" * 20 in out.getvalue(), "the last shrink column was cut first"
-    monkeypatch.delenv("COLUMNS")
-    out = io.StringIO()  # not a terminal: never cut to a width
-    tables.print_table(["A", "TEXT"], [["x" * 30, "y" * 30]], out=out, shrink=(0, 1))
-    assert "y" * 30 in out.getvalue()
+    piped = io.StringIO()  # not a terminal: never cut to a width, whatever COLUMNS says
+    tables.print_table(["A", "TEXT"], [["x" * 30, "y" * 30]], out=piped, shrink=(0, 1))
+    assert "x" * 30 in piped.getvalue()
+    assert "y" * 30 in piped.getvalue()
