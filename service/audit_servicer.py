@@ -32,6 +32,7 @@ from storage.grants_model import Grant
 from storage.records import RecordStore
 
 RESTORED = "reviewed (grant row was missing or altered; restored from the trail, expired)"
+REPLACED = "reviewed (a review written in the database did not authenticate; replaced)"
 SELF_REVIEW = "a principal cannot review their own break-the-glass access; ask another officer"
 _EXPORTERS: dict[int, Callable[[Iterable[ChainedEvent]], Iterator[bytes]]] = {
     aupb.EXPORT_FORMAT_JSONL: to_jsonl,
@@ -97,7 +98,9 @@ class AuditServicer(aupb_grpc.AuditServiceServicer):  # type: ignore[misc]  # un
         # reviewed, in the same transaction as the review.
         return self._guard.audit_change(
             call, f"grant/{grant.id}", review, grant.patient_index,
-            reason=RESTORED if target.flagged else "reviewed",
+            reason=RESTORED if target.flagged else (
+                REPLACED if target.forged_review else "reviewed"
+            ),
         )
 
     async def QueryEvents(  # noqa: N802  (gRPC method names)

@@ -20,6 +20,10 @@ Each item carries the role and application of its event (the row holds neither),
 officer sees in which capacity the glass was broken; for rows older than the window
 their events are looked up by grant.
 
+A review written into the database (it does not open) is replaced by the officer's
+real one in the same transaction, if the row is still as the officer's request saw it:
+otherwise it would block the review, which applies only to an unreviewed row.
+
 Closing a flagged item restores the row from its event (principal, patient index,
 time), expired at once (at the event's time, or now if the event claims a later one)
 so it grants nothing, with ``RESTORED_MARK`` as its sealed
@@ -84,6 +88,15 @@ class ReviewTarget:
     flagged: bool
     seen: tuple[Any, ...] | None  # the raw row when read (None: no row), to detect a change
 
+    @property
+    def forged_review(self) -> bool:
+        """The row carries a review that does not authenticate (written in the database)."""
+        if self.flagged or self.seen is None or self.grant.reviewed_at is not None:
+            return False
+        return dict(zip(access_grants.columns.keys(), self.seen, strict=True))[
+            "reviewed_at"
+        ] is not None
+
 
 class BreakGlassReview:
     """The review queue and reviews, over the grant store and the trail's events."""
@@ -130,6 +143,10 @@ class BreakGlassReview:
     ) -> Callable[[Connection], Grant]:
         """Mark ``target`` reviewed (restoring a flagged row first), as a connection change."""
         review = self._grants.review_change(target.grant.id, reviewer, comment, now)
+        if target.forged_review:
+            # Not a review (it does not open), but it would block the real one, which
+            # only applies to an unreviewed row: clear it first, if the row is as seen.
+            return translated_change(_after(self._clear_review(target), review))
         if not target.flagged:
             return review
         # Expired at once, whatever time the event claims: a database writer can insert
@@ -152,6 +169,23 @@ class BreakGlassReview:
             return review(connection)
 
         return translated_change(restore)
+
+    @staticmethod
+    def _clear_review(target: ReviewTarget) -> Callable[[Connection], None]:
+        grant_id = target.grant.id
+
+        def clear(connection: Connection) -> None:
+            select = sa.select(access_grants).where(access_grants.c.id == grant_id)
+            row = connection.execute(select).first()
+            if (None if row is None else tuple(row)) != target.seen:
+                raise RecordConflictError("the grant changed meanwhile; list the queue again")
+            connection.execute(
+                access_grants.update()
+                .where(access_grants.c.id == grant_id)
+                .values(reviewed_at=None, reviewed_by=None, sealed_comment=None)
+            )
+
+        return clear
 
     def _flag(self, event: BreakGlassEvent) -> Grant:
         self._grants.report_forged(event.grant_id)
@@ -215,6 +249,16 @@ def _events(rows: Sequence[sa.Row[Any]]) -> list[BreakGlassEvent]:
                 application=row.application or "", role=row.role or "",
             )  # fmt: skip
     return list(found.values())
+
+
+def _after(
+    first: Callable[[Connection], None], then: Callable[[Connection], Grant]
+) -> Callable[[Connection], Grant]:
+    def both(connection: Connection) -> Grant:
+        first(connection)
+        return then(connection)
+
+    return both
 
 
 def _item(grant: Grant, event: BreakGlassEvent | None) -> QueueItem:

@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from service._gen.medvault.v1 import access_pb2 as apb
 from service._gen.medvault.v1 import audit_pb2 as aupb
 from service._gen.medvault.v1 import records_pb2 as pb
+from service.audit_servicer import REPLACED
 from service.cli.access_cmd import ALTERED
 from storage.break_glass import TAMPERED_MARK
 from storage.grants import ALTERED_MARK, REVIEW_ALTERED_MARK, access_grants
@@ -289,6 +290,12 @@ def test_swapped_review_is_marked_and_does_not_count(world: World) -> None:
     listing = world.cli("so-view", "access", "list", "--principal", "dr-view", "--all")
     assert _cells(listing, target.id)["REVIEW"] == REVIEW_ALTERED_MARK
     assert _tampered(world, target.id), "no grant-tampered incident"
+    # The planted review does not block the real one; the event says it was replaced.
+    world.cli("so-view", "audit", "review", target.id, "--comment", "synthetic: real review")
+    row = _cells(world.cli("so-view", "audit", "review", "--all"), target.id)
+    assert row["REVIEWED"].startswith("yes, so-view ")
+    assert row["COMMENT"] == "synthetic: real review"
+    assert _last_event(world, "so-view", f"grant/{target.id}").reason == REPLACED
 
 
 def test_audit_query_keeps_the_reason_visible(world: World) -> None:
