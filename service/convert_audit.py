@@ -12,7 +12,9 @@ from service._gen.medvault.v1 import audit_pb2 as aupb
 from service._gen.medvault.v1 import records_pb2 as rpb
 from service.convert import timestamp_from_pb
 from storage.audit_model import AuditFilter, ChainedEvent, Outcome, VerifyResult
+from storage.break_glass import RESTORED_MARK, TAMPERED_MARK
 from storage.errors import InvalidRecordError
+from storage.grants import ALTERED_MARK, REASON_UNREADABLE_MARK, REVIEW_ALTERED_MARK
 from storage.grants_model import Grant
 
 _OUTCOMES: dict[aupb.Outcome, Outcome] = {
@@ -21,6 +23,9 @@ _OUTCOMES: dict[aupb.Outcome, Outcome] = {
     aupb.OUTCOME_FAILED: "failed",
 }
 _OUTCOME_CODES = {name: code for code, name in _OUTCOMES.items()}
+_MARKS = frozenset({
+    TAMPERED_MARK, RESTORED_MARK, ALTERED_MARK, REASON_UNREADABLE_MARK, REVIEW_ALTERED_MARK,
+})  # fmt: skip
 
 
 def timestamp(value: datetime | None) -> Timestamp | None:
@@ -147,11 +152,14 @@ def review_item(
 
 
 def opened_note(grants: Iterable[Grant]) -> str:
-    """The audit reason of a call that showed sealed text: how much of it, never the text."""
+    """The audit reason of a call that showed sealed text: how much of it, never the text.
+
+    Markers the service puts in place of text it would not show are not counted.
+    """
     reasons = comments = 0
     for grant in grants:
-        reasons += bool(grant.break_glass and grant.reason)
-        comments += bool(grant.review_comment)
+        reasons += bool(grant.break_glass and grant.reason and grant.reason not in _MARKS)
+        comments += bool(grant.review_comment and grant.review_comment not in _MARKS)
     return (
         f"sealed text shown: {reasons} break-the-glass reason{'' if reasons == 1 else 's'}, "
         f"{comments} review comment{'' if comments == 1 else 's'}"

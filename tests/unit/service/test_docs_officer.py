@@ -130,7 +130,9 @@ def test_markers_and_audit_reason_are_documented_as_the_code_writes_them() -> No
         break_glass=True, reason="r", reviewed_at=None, reviewed_by=None, review_comment="c",
     )  # fmt: skip
     other = Grant(**{**{f: getattr(grant, f) for f in grant.__slots__}, "review_comment": None})
-    note = opened_note([grant, other])
+    marked = Grant(**{**{f: getattr(grant, f) for f in grant.__slots__},
+                      "reason": TAMPERED_MARK, "review_comment": REVIEW_ALTERED_MARK})
+    note = opened_note([grant, other, marked])  # markers are not sealed text shown
     assert note == "sealed text shown: 2 break-the-glass reasons, 1 review comment"
     for text in (SECURITY, AUDIT):
         assert note in text.replace("\n", " ")
