@@ -19,10 +19,12 @@ import subprocess
 import sys
 import termios
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import sqlalchemy as sa
 
@@ -34,6 +36,7 @@ from service.cli.access_cmd import ALTERED
 from storage.break_glass import TAMPERED_MARK
 from storage.grants import ALTERED_MARK, REVIEW_ALTERED_MARK, access_grants
 from tests.fixtures.service import DEFAULT_POLICY, ROOT, TEST_POLICY_EXTRA, RunningService
+from tests.integration.access.conftest import is_sqlite
 from tests.integration.access.helpers import (
     AUTHORITY,
     TIMEOUT,
@@ -318,3 +321,51 @@ def test_audit_query_keeps_the_reason_visible(world: World) -> None:
     piped = world.cli("so-view", *args)  # a pipe is not fitted, ids still shortened
     assert f"record/{record.id[:8]}…/v1" in piped
     assert grant.id not in piped
+
+
+@contextmanager
+def _officer_events_fail(w: World) -> Iterator[None]:
+    """The trail refuses the events of the officer's listings (and only those)."""
+    sqlite = is_sqlite(w.database)
+    engine = engine_for(w.database)
+    when = "NEW.resource IN ('grants', 'break-glass-queue')"
+    try:
+        with engine.begin() as c:
+            if sqlite:
+                c.execute(sa.text(
+                    f"CREATE TRIGGER officer_fail BEFORE INSERT ON audit_events WHEN {when} "
+                    "BEGIN SELECT RAISE(FAIL, 'injected audit write error'); END"
+                ))  # fmt: skip
+            else:
+                c.execute(sa.text(
+                    "CREATE FUNCTION officer_fail() RETURNS trigger LANGUAGE plpgsql AS "
+                    f"$$ BEGIN IF {when} THEN RAISE EXCEPTION 'injected audit write error'; "
+                    "END IF; RETURN NEW; END $$"
+                ))  # fmt: skip
+                c.execute(sa.text(
+                    "CREATE TRIGGER officer_fail BEFORE INSERT ON audit_events "
+                    "FOR EACH ROW EXECUTE FUNCTION officer_fail()"
+                ))  # fmt: skip
+        yield
+    finally:
+        with engine.begin() as c:
+            if sqlite:
+                c.execute(sa.text("DROP TRIGGER IF EXISTS officer_fail"))
+            else:
+                c.execute(sa.text("DROP TRIGGER IF EXISTS officer_fail ON audit_events"))
+                c.execute(sa.text("DROP FUNCTION IF EXISTS officer_fail()"))
+        engine.dispose()
+
+
+def test_no_sealed_text_leaves_unless_its_reading_is_audited(world: World) -> None:
+    grant = _break_glass(world, new_patient(), "synthetic: fail-closed reason")
+    listing = apb.ListGrantsRequest(principal="dr-view", include_inactive=True)
+    queue = aupb.ListBreakGlassRequest(include_reviewed=True)
+    with _officer_events_fail(world):
+        for call, request in ((world.officer.access.ListGrants, listing),
+                              (world.officer.audit.ListBreakGlass, queue)):  # fmt: skip
+            with pytest.raises(grpc.RpcError) as caught:
+                call(request, timeout=TIMEOUT)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    reply = world.officer.access.ListGrants(listing, timeout=TIMEOUT)
+    assert {g.id: g.reason for g in reply.grants}[grant.id] == "synthetic: fail-closed reason"
