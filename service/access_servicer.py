@@ -11,8 +11,9 @@ from service import convert
 from service._gen.medvault.v1 import access_pb2 as apb
 from service._gen.medvault.v1 import access_pb2_grpc as apb_grpc
 from service.authz import PermissionDeniedError
+from service.authz.permissions import AUDIT_REVIEW
 from service.calls import CallState, entered, handled
-from service.convert_audit import grant_to_pb, when
+from service.convert_audit import grant_to_pb, opened_note, when
 from service.guard import AccessGuard, Call
 from storage.errors import InvalidRecordError
 from storage.grants_model import Grant
@@ -87,14 +88,30 @@ class AccessServicer(apb_grpc.AccessServiceServicer):  # type: ignore[misc]  # u
 
     def _list(
         self, state: CallState, req: apb.ListGrantsRequest
-    ) -> list[Grant]:
+    ) -> list[apb.Grant]:
         call = entered(state)
         index = (
             self._store.patient_index(convert.patient_from_pb(req.patient))
             if req.HasField("patient") else None
         )
-        self._guard.audit(call, "grants", index, outcome="allowed")
-        return self._guard.grants.list(index, req.principal or None, req.include_inactive, _now())
+        echo = req.patient if req.HasField("patient") else None
+        grants = self._guard.grants
+        principal = req.principal or None
+        if not self._officer(call):
+            self._guard.audit(call, "grants", index, outcome="allowed")
+            listed = grants.list(index, principal, req.include_inactive, _now())
+            return [grant_to_pb(g, echo) for g in listed]
+        # A security officer (audit.review) sees the sealed reasons and reviews, opened
+        # here in the service; the event, committed before the reply, says how many.
+        opened = grants.list_opened(index, principal, req.include_inactive, _now())
+        note = opened_note(g for g, altered in opened if not altered)
+        self._guard.audit(call, "grants", index, outcome="allowed", reason=note)
+        return [grant_to_pb(g, echo, opened=True, altered=a) for g, a in opened]
+
+    def _officer(self, call: Call) -> bool:
+        """Whether the caller may read break-the-glass reasons and review comments."""
+        permissions = self._guard.policy.current.permissions_for(call.principal.roles)
+        return AUDIT_REVIEW in permissions
 
     def _whoami(self, state: CallState) -> apb.WhoAmIResponse:
         call = entered(state)
@@ -133,8 +150,7 @@ class AccessServicer(apb_grpc.AccessServiceServicer):  # type: ignore[misc]  # u
         """Grants of a patient or of a principal."""
         async with handled(self._guard, context, "ListGrants") as state:
             grants = await asyncio.to_thread(self._list, state, request)
-            echo = request.patient if request.HasField("patient") else None
-            return apb.ListGrantsResponse(grants=[grant_to_pb(g, echo) for g in grants])
+            return apb.ListGrantsResponse(grants=grants)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def BreakGlass(  # noqa: N802

@@ -15,17 +15,24 @@ from service.audit.export import chunked, to_csv, to_fhir, to_jsonl
 from service.authz import PermissionDeniedError
 from service.authz.permissions import ACCESS_BREAK_GLASS
 from service.calls import CallState, entered, handled
-from service.convert_audit import event_to_pb, filter_from_pb, review_item, verify_to_pb
+from service.convert_audit import (
+    event_to_pb,
+    filter_from_pb,
+    opened_note,
+    review_item,
+    verify_to_pb,
+)
 from service.guard import AccessGuard
 from service.streams import prefetch
 from storage.audit_log import SqlAuditLog
 from storage.audit_model import AuditFilter, ChainedEvent, VerifyResult
-from storage.break_glass import BreakGlassReview
+from storage.break_glass import BreakGlassReview, QueueItem
 from storage.errors import InvalidRecordError
 from storage.grants_model import Grant
 from storage.records import RecordStore
 
 RESTORED = "reviewed (grant row was missing or altered; restored from the trail, expired)"
+REPLACED = "reviewed (a review written in the database did not authenticate; replaced)"
 SELF_REVIEW = "a principal cannot review their own break-the-glass access; ask another officer"
 _EXPORTERS: dict[int, Callable[[Iterable[ChainedEvent]], Iterator[bytes]]] = {
     aupb.EXPORT_FORMAT_JSONL: to_jsonl,
@@ -60,10 +67,14 @@ class AuditServicer(aupb_grpc.AuditServiceServicer):  # type: ignore[misc]  # un
         self._guard.audit(call, "audit-trail", outcome="allowed")
         return self._guard.trail.verify()
 
-    def _queue(self, state: CallState, everything: bool) -> list[Grant]:
+    def _queue(self, state: CallState, everything: bool) -> list[QueueItem]:
         call = entered(state)
-        self._guard.audit(call, "break-glass-queue", outcome="allowed")
-        return self._review_queue.queue(everything)
+        items = self._review_queue.queue(everything)
+        # Committed before the reply leaves: reading the sealed reasons and comments is
+        # itself an audited disclosure (counts only; the text stays with the grants).
+        note = opened_note(item.grant for item in items)
+        self._guard.audit(call, "break-glass-queue", outcome="allowed", reason=note)
+        return items
 
     def _review(
         self, state: CallState, req: aupb.ReviewBreakGlassRequest
@@ -87,7 +98,9 @@ class AuditServicer(aupb_grpc.AuditServiceServicer):  # type: ignore[misc]  # un
         # reviewed, in the same transaction as the review.
         return self._guard.audit_change(
             call, f"grant/{grant.id}", review, grant.patient_index,
-            reason=RESTORED if target.flagged else "reviewed",
+            reason=RESTORED if target.flagged else (
+                REPLACED if target.forged_review else "reviewed"
+            ),
         )
 
     async def QueryEvents(  # noqa: N802  (gRPC method names)
@@ -125,10 +138,10 @@ class AuditServicer(aupb_grpc.AuditServiceServicer):  # type: ignore[misc]  # un
     ) -> aupb.ListBreakGlassResponse:
         """The break-the-glass review queue (unreviewed first)."""
         async with handled(self._guard, context, "ListBreakGlass") as state:
-            grants = await asyncio.to_thread(
-                self._queue, state, request.include_reviewed
+            items = await asyncio.to_thread(self._queue, state, request.include_reviewed)
+            return aupb.ListBreakGlassResponse(
+                items=[review_item(i.grant, i.application, i.role) for i in items]
             )
-            return aupb.ListBreakGlassResponse(items=[review_item(g) for g in grants])
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def ReviewBreakGlass(  # noqa: N802

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -11,7 +12,9 @@ from service._gen.medvault.v1 import audit_pb2 as aupb
 from service._gen.medvault.v1 import records_pb2 as rpb
 from service.convert import timestamp_from_pb
 from storage.audit_model import AuditFilter, ChainedEvent, Outcome, VerifyResult
+from storage.break_glass import RESTORED_MARK, TAMPERED_MARK
 from storage.errors import InvalidRecordError
+from storage.grants import ALTERED_MARK, REASON_UNREADABLE_MARK, REVIEW_ALTERED_MARK
 from storage.grants_model import Grant
 
 _OUTCOMES: dict[aupb.Outcome, Outcome] = {
@@ -20,6 +23,9 @@ _OUTCOMES: dict[aupb.Outcome, Outcome] = {
     aupb.OUTCOME_FAILED: "failed",
 }
 _OUTCOME_CODES = {name: code for code, name in _OUTCOMES.items()}
+_MARKS = frozenset({
+    TAMPERED_MARK, RESTORED_MARK, ALTERED_MARK, REASON_UNREADABLE_MARK, REVIEW_ALTERED_MARK,
+})  # fmt: skip
 
 
 def timestamp(value: datetime | None) -> Timestamp | None:
@@ -36,10 +42,22 @@ def when(ts: Timestamp, present: bool, field: str) -> datetime | None:
     return timestamp_from_pb(ts, field) if present else None
 
 
-def grant_to_pb(grant: Grant, patient: rpb.PatientId | None = None) -> apb.Grant:
-    """The proto form of a grant; the patient is echoed only when the caller named it."""
+def grant_to_pb(
+    grant: Grant,
+    patient: rpb.PatientId | None = None,
+    *,
+    opened: bool = False,
+    altered: bool = False,
+) -> apb.Grant:
+    """The proto form of a grant; the patient is echoed only when the caller named it.
+
+    The review is filled only when ``opened`` (the security officer's listing, whose
+    reason and comment the store opened); otherwise the row's review columns, which
+    authenticate only by opening the comment, are not passed on.
+    """
     msg = apb.Grant(
         id=grant.id,
+        patient_index=grant.patient_index.hex(),
         principal=grant.principal,
         granted_by=grant.granted_by,
         created_at=timestamp(grant.created_at),
@@ -48,7 +66,14 @@ def grant_to_pb(grant: Grant, patient: rpb.PatientId | None = None) -> apb.Grant
         revoked_by=grant.revoked_by or "",
         break_glass=grant.break_glass,
         reason=grant.reason or "",
+        altered=altered,
     )
+    if opened:
+        msg.reviewed_by = grant.reviewed_by or ""
+        msg.review_comment = grant.review_comment or ""
+        reviewed_at = timestamp(grant.reviewed_at)
+        if reviewed_at is not None:
+            msg.reviewed_at.CopyFrom(reviewed_at)
     if patient is not None:
         msg.patient.CopyFrom(patient)
     return msg
@@ -102,12 +127,16 @@ def verify_to_pb(result: VerifyResult) -> aupb.VerifyChainResponse:
     )
 
 
-def review_item(grant: Grant) -> aupb.BreakGlassReviewItem:
-    """A break-the-glass grant as an item of the review queue."""
+def review_item(
+    grant: Grant, application: str = "", role: str = ""
+) -> aupb.BreakGlassReviewItem:
+    """A break-the-glass grant as an item of the review queue (role from its event)."""
     return aupb.BreakGlassReviewItem(
         event=aupb.AuditEvent(
             time=timestamp(grant.created_at),
             principal=grant.principal,
+            application=application,
+            role=role,
             action="access.break_glass",
             resource=f"grant/{grant.id}",
             patient_index=grant.patient_index.hex(),
@@ -119,4 +148,19 @@ def review_item(grant: Grant) -> aupb.BreakGlassReviewItem:
         reviewed_by=grant.reviewed_by or "",
         reviewed_at=timestamp(grant.reviewed_at),
         comment=grant.review_comment or "",
+    )
+
+
+def opened_note(grants: Iterable[Grant]) -> str:
+    """The audit reason of a call that showed sealed text: how much of it, never the text.
+
+    Markers the service puts in place of text it would not show are not counted.
+    """
+    reasons = comments = 0
+    for grant in grants:
+        reasons += bool(grant.break_glass and grant.reason and grant.reason not in _MARKS)
+        comments += bool(grant.review_comment and grant.review_comment not in _MARKS)
+    return (
+        f"sealed text shown: {reasons} break-the-glass reason{'' if reasons == 1 else 's'}, "
+        f"{comments} review comment{'' if comments == 1 else 's'}"
     )

@@ -16,6 +16,14 @@ rows are listed whatever their age, as before. An event older than that window w
 row is later deleted is not flagged by the queue, but ``medvault audit verify`` still
 holds the event.
 
+Each item carries the role and application of its event (the row holds neither), so the
+officer sees in which capacity the glass was broken; for rows older than the window
+their events are looked up by grant.
+
+A review written into the database (it does not open) is replaced by the officer's
+real one in the same transaction, if the row is still as the officer's request saw it:
+otherwise it would block the review, which applies only to an unreviewed row.
+
 Closing a flagged item restores the row from its event (principal, patient index,
 time), expired at once (at the event's time, or now if the event claims a later one)
 so it grants nothing, with ``RESTORED_MARK`` as its sealed
@@ -44,6 +52,7 @@ TAMPERED_MARK = "[grant row missing or altered]"
 RESTORED_MARK = "[grant row missing or altered; restored from the audit trail on review]"
 _PREFIX = "grant/"
 _NO_PATIENT = bytes(32)  # a restored row needs an index; an event always has one
+_BATCH = 500  # grant ids per IN (...) lookup of older events
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +63,21 @@ class BreakGlassEvent:
     principal: str
     patient_index: bytes
     time: datetime
+    application: str = ""
+    role: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueItem:
+    """One entry of the review queue: the grant, and who broke the glass as the trail says.
+
+    ``application`` and ``role`` come from the break-the-glass event (the grant row does
+    not hold them); empty when no event names the grant.
+    """
+
+    grant: Grant
+    application: str
+    role: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +88,15 @@ class ReviewTarget:
     flagged: bool
     seen: tuple[Any, ...] | None  # the raw row when read (None: no row), to detect a change
 
+    @property
+    def forged_review(self) -> bool:
+        """The row carries a review that does not authenticate (written in the database)."""
+        if self.flagged or self.seen is None or self.grant.reviewed_at is not None:
+            return False
+        return dict(zip(access_grants.columns.keys(), self.seen, strict=True))[
+            "reviewed_at"
+        ] is not None
+
 
 class BreakGlassReview:
     """The review queue and reviews, over the grant store and the trail's events."""
@@ -73,7 +106,7 @@ class BreakGlassReview:
         self._action = action  # the trail's action name of break-the-glass (the service's)
         self._scan = scan
 
-    def queue(self, include_reviewed: bool) -> list[Grant]:
+    def queue(self, include_reviewed: bool) -> list[QueueItem]:
         """Unreviewed grants oldest first (flagged ones included); then reviewed ones if asked."""
         # Events first: an event seen implies its row was committed (same transaction),
         # so reading rows afterwards cannot flag a grant created in between.
@@ -81,10 +114,15 @@ class BreakGlassReview:
         rows = self._grants.break_glass_queue(include_reviewed=True)
         present = {g.id for g in rows}
         flagged = [self._flag(e) for e in events if e.grant_id not in present]
-        items = sorted([*rows, *flagged], key=lambda g: (g.created_at, g.id))
-        pending = [g for g in items if g.reviewed_at is None]
-        reviewed = [g for g in items if g.reviewed_at is not None]
-        return pending + (reviewed if include_reviewed else [])
+        grants = sorted([*rows, *flagged], key=lambda g: (g.created_at, g.id))
+        pending = [g for g in grants if g.reviewed_at is None]
+        reviewed = [g for g in grants if g.reviewed_at is not None]
+        shown = pending + (reviewed if include_reviewed else [])
+        by_id = {e.grant_id: e for e in events}
+        older = [g.id for g in shown if g.id not in by_id]  # authentic rows past the window
+        if older:
+            by_id.update(self._run(lambda c: self._events_of(c, older)))
+        return [_item(g, by_id.get(g.id)) for g in shown]
 
     def target(self, grant_id: str) -> ReviewTarget:
         """What a review of ``grant_id`` is about; ``RecordNotFoundError`` if nothing."""
@@ -105,6 +143,10 @@ class BreakGlassReview:
     ) -> Callable[[Connection], Grant]:
         """Mark ``target`` reviewed (restoring a flagged row first), as a connection change."""
         review = self._grants.review_change(target.grant.id, reviewer, comment, now)
+        if target.forged_review:
+            # Not a review (it does not open), but it would block the real one, which
+            # only applies to an unreviewed row: clear it first, if the row is as seen.
+            return translated_change(_after(self._clear_review(target), review))
         if not target.flagged:
             return review
         # Expired at once, whatever time the event claims: a database writer can insert
@@ -128,6 +170,23 @@ class BreakGlassReview:
 
         return translated_change(restore)
 
+    @staticmethod
+    def _clear_review(target: ReviewTarget) -> Callable[[Connection], None]:
+        grant_id = target.grant.id
+
+        def clear(connection: Connection) -> None:
+            select = sa.select(access_grants).where(access_grants.c.id == grant_id)
+            row = connection.execute(select).first()
+            if (None if row is None else tuple(row)) != target.seen:
+                raise RecordConflictError("the grant changed meanwhile; list the queue again")
+            connection.execute(
+                access_grants.update()
+                .where(access_grants.c.id == grant_id)
+                .values(reviewed_at=None, reviewed_by=None, sealed_comment=None)
+            )
+
+        return clear
+
     def _flag(self, event: BreakGlassEvent) -> Grant:
         self._grants.report_forged(event.grant_id)
         return Grant(
@@ -139,9 +198,20 @@ class BreakGlassReview:
 
     def _select(self) -> sa.Select[Any]:
         e = audit_events.c
-        return sa.select(e.sequence, e.time, e.principal, e.patient_index, e.resource).where(
+        columns = (e.sequence, e.time, e.principal, e.application, e.role, e.patient_index,
+                   e.resource)  # fmt: skip
+        return sa.select(*columns).where(
             e.action == self._action, e.outcome == "allowed", e.resource.like(_PREFIX + "%")
         )
+
+    def _events_of(self, connection: Connection, ids: list[str]) -> dict[str, BreakGlassEvent]:
+        """The first break-the-glass event of each of ``ids`` (bounded batches)."""
+        found: dict[str, BreakGlassEvent] = {}
+        for start in range(0, len(ids), _BATCH):
+            resources = [_PREFIX + i for i in ids[start:start + _BATCH]]
+            query = self._select().where(audit_events.c.resource.in_(resources))
+            found.update((e.grant_id, e) for e in _events(connection.execute(query).all()))
+        return found
 
     def _recent(self, connection: Connection) -> list[BreakGlassEvent]:
         # The window counts grants, not events: events repeating one grant's resource
@@ -175,6 +245,23 @@ def _events(rows: Sequence[sa.Row[Any]]) -> list[BreakGlassEvent]:
         if is_grant_id(grant_id) and grant_id not in found:
             index = bytes(row.patient_index) if row.patient_index is not None else _NO_PATIENT
             found[grant_id] = BreakGlassEvent(
-                grant_id, row.principal, index, from_db_time(row.time)
-            )
+                grant_id, row.principal, index, from_db_time(row.time),
+                application=row.application or "", role=row.role or "",
+            )  # fmt: skip
     return list(found.values())
+
+
+def _after(
+    first: Callable[[Connection], None], then: Callable[[Connection], Grant]
+) -> Callable[[Connection], Grant]:
+    def both(connection: Connection) -> Grant:
+        first(connection)
+        return then(connection)
+
+    return both
+
+
+def _item(grant: Grant, event: BreakGlassEvent | None) -> QueueItem:
+    if event is None:
+        return QueueItem(grant, "", "")
+    return QueueItem(grant, event.application, event.role)

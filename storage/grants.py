@@ -5,7 +5,8 @@ blind index; the store never sees a plaintext identifier. Rows are not trusted
 (``storage.grant_seal``): each carries a MAC under a token-derived key, and a row whose
 MAC does not verify grants nothing and is reported to ``on_forged``. The break-the-glass
 reason and the review comment (free text that may name the patient) are stored only
-sealed (``sealed_reason``, ``sealed_comment``); only the review queue opens them. The
+sealed (``sealed_reason``, ``sealed_comment``); only the review queue and the
+security officer's listing (``list_opened``) open them. The
 clear ``reason`` column holds "" for sealed rows (its CHECK constraint predates sealing)
 and text only in legacy rows that could not be adopted (see ``adopt_legacy``).
 
@@ -53,6 +54,10 @@ _GRANT_ID = re.compile(r"^[0-9a-f]{32}\Z")
 # The Alembic attribute through which migration 0009 adopts legacy rows (see below).
 GRANT_ADOPTER = "medvault.grant_adopter"
 LEGACY_MARK = "[legacy row, not verified]"
+# Shown to the security officer instead of text that does not authenticate.
+ALTERED_MARK = "[grant row altered in the database: not verified, grants nothing]"
+REASON_UNREADABLE_MARK = "[sealed reason does not open: altered]"
+REVIEW_ALTERED_MARK = "[review altered in the database: does not count]"
 
 T = TypeVar("T")
 
@@ -305,19 +310,37 @@ class SqlGrantStore:
         At least one filter is required: an unfiltered listing would be a dump of who may
         see whom across the hospital.
         """
-        if patient_index is None and principal is None:
-            raise InvalidRecordError("patient_index", "give a patient, a principal or both")
-        query = sa.select(access_grants)
-        if patient_index is not None:
-            _check_patient(patient_index)
-            query = query.where(access_grants.c.patient_index == patient_index)
-        if principal is not None:
-            _check_actor("principal", principal)
-            query = query.where(access_grants.c.principal == principal)
-        if not include_inactive:
-            query = query.where(_active_at(to_utc(now, "now")))
-        query = query.order_by(access_grants.c.created_at.desc(), access_grants.c.id)
+        query = _list_query(patient_index, principal, include_inactive, now)
         return self._authentic(self._run(lambda c: c.execute(query).all()))
+
+    def list_opened(
+        self,
+        patient_index: bytes | None,
+        principal: str | None,
+        include_inactive: bool,
+        now: datetime,
+    ) -> builtins.list[tuple[Grant, bool]]:
+        """``list`` for a security officer: (grant, altered) pairs, free text opened.
+
+        Authentic rows come with their reason and review opened (a review that does not
+        authenticate is shown as ``REVIEW_ALTERED_MARK`` and does not count). Rows that
+        fail their MAC are included as altered, as stored but with ``ALTERED_MARK`` for a
+        reason and no review: the officer sees that something was edited, never text
+        the service did not seal. Each is reported (an incident). Legacy rows (never
+        adopted, see ``adopt_legacy``) grant nothing either: listed as altered, their
+        clear text marked ``LEGACY_MARK``.
+        """
+        query = _list_query(patient_index, principal, include_inactive, now)
+        listed: builtins.list[tuple[Grant, bool]] = []
+        for row in self._run(lambda c: c.execute(query).all()):
+            if _legacy(row):  # its text, marked; it grants nothing until re-granted
+                listed.append((self._opened(row), True))
+            elif self._verified(row):
+                listed.append((self._opened(row), False))
+            else:
+                grant = _with_review(row_to_grant(row), None, None)
+                listed.append((dataclasses.replace(grant, reason=ALTERED_MARK), True))
+        return listed
 
     # builtins.list: inside the class body ``list`` names the method above.
     def break_glass_queue(self, include_reviewed: bool) -> builtins.list[Grant]:
@@ -405,8 +428,7 @@ class SqlGrantStore:
             return dataclasses.replace(
                 grant, reason=f"{LEGACY_MARK} {m['reason']}", review_comment=m["review_comment"]
             )
-        reason = self._sealer.open_reason(grant.id, sealed_reason) if sealed_reason else None
-        grant = dataclasses.replace(grant, reason=reason)
+        grant = dataclasses.replace(grant, reason=self._open_reason(grant.id, sealed_reason))
         if grant.reviewed_at is None or grant.reviewed_by is None:
             return _with_review(grant, None, None)
         try:
@@ -414,9 +436,21 @@ class SqlGrantStore:
                 grant.id, grant.reviewed_by, grant.reviewed_at, bytes(m["sealed_comment"] or b"")
             )
         except IntegrityError:
+            # Set in the database, not by the service: not a review, and said so.
             self._on_forged(grant.id)
-            return _with_review(grant, None, None)
+            unreviewed = _with_review(grant, None, None)
+            return dataclasses.replace(unreviewed, review_comment=REVIEW_ALTERED_MARK)
         return dataclasses.replace(grant, review_comment=comment)
+
+    def _open_reason(self, grant_id: str, sealed: bytes | None) -> str | None:
+        """The reason of a row whose MAC verified (which covers the seal's digest)."""
+        if not sealed:
+            return None
+        try:
+            return self._sealer.open_reason(grant_id, sealed)
+        except IntegrityError:  # only with the MAC forged too: never show unopened text
+            self._on_forged(grant_id)
+            return REASON_UNREADABLE_MARK
 
     def insert_change(self, grant: Grant) -> Callable[[Connection], Grant]:
         """Store ``grant`` (from ``new_grant``/``new_break_glass``) on a connection; the
@@ -481,6 +515,24 @@ def _new(  # noqa: PLR0917  (one call site per kind of grant; names are at the c
         created_at=now, expires_at=expires_at, revoked_at=None, revoked_by=None,
         break_glass=False, reason=None, reviewed_at=None, reviewed_by=None, review_comment=None,
     )  # fmt: skip
+
+
+def _list_query(
+    patient_index: bytes | None, principal: str | None, include_inactive: bool, now: datetime
+) -> sa.Select[Any]:
+    """The checked query of ``SqlGrantStore.list``: newest first."""
+    if patient_index is None and principal is None:
+        raise InvalidRecordError("patient_index", "give a patient, a principal or both")
+    query = sa.select(access_grants)
+    if patient_index is not None:
+        _check_patient(patient_index)
+        query = query.where(access_grants.c.patient_index == patient_index)
+    if principal is not None:
+        _check_actor("principal", principal)
+        query = query.where(access_grants.c.principal == principal)
+    if not include_inactive:
+        query = query.where(_active_at(to_utc(now, "now")))
+    return query.order_by(access_grants.c.created_at.desc(), access_grants.c.id)
 
 
 def _legacy(row: Row[Any]) -> bool:

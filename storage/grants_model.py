@@ -20,8 +20,8 @@ class Grant:
     reviews it (``reviewed_at``, ``reviewed_by``, ``review_comment``).
 
     ``reason`` and ``review_comment`` are free text typed by people and may mention the
-    patient: treat them as sensitive (never log them), although they are stored in clear
-    because the audit review needs to read them.
+    patient: treat them as sensitive (never log them). They are stored only sealed
+    (``storage.grant_seal``) and opened for the security officer alone.
     """
 
     id: str

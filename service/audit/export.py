@@ -22,8 +22,9 @@ FHIR (``to_fhir``): NDJSON, one R4 ``AuditEvent`` per line, as in FHIR bulk data
 * ``action``: C for records.write, R for records.read / records.stat, E otherwise.
 * ``outcome``: 0 allowed, 4 denied (minor failure), 8 failed (serious failure);
   ``outcomeDesc`` is the status code and the reason of a denial or failure.
-* ``purposeOfEvent[0].text``: the reason of an allowed event (the break-the-glass
-  reason, or the review comment).
+* ``purposeOfEvent[0].text``: the reason of an allowed event (``break-the-glass grant
+  <id>`` for a read through break-the-glass; never the clinician's reason or a review
+  comment, which stay sealed with the grant).
 * ``agent[0]``: the principal (``requestor``), its roles as ``role[].text`` and its
   network address (type 2); ``agent[1]``: the delegating application, when present.
 * ``source.observer.display``: ``medvault``.

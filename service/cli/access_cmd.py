@@ -1,4 +1,10 @@
-"""``medvault access grant|revoke|list|break-glass`` and ``medvault whoami``."""
+"""``medvault access grant|revoke|list|break-glass`` and ``medvault whoami``.
+
+``access list`` shows the patient as the caller named it (``--patient``) or, listing by
+principal, as a prefix of its blind index: the service stores no identifier to show.
+Break-the-glass reasons and reviews appear only for a caller holding ``audit.review``
+(the service opens them, and audits that it did); for others those cells stay empty.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +24,10 @@ from service.cli.options import (
     positive_int,
 )
 from service.cli.tables import print_table, utc
+
+INDEX_PREFIX = 12  # hex digits of a blind index shown (as in ``audit review``)
+LIST_SHRINK = (1, 7, 9, 8)  # PRINCIPAL, BY, REVIEW, REASON: the reason keeps width longest
+ALTERED = "ALTERED (grants nothing)"
 
 
 def _stub(ns: argparse.Namespace) -> pb_grpc.AccessServiceStub:
@@ -42,7 +52,9 @@ def expiry(ns: argparse.Namespace, now: datetime | None = None) -> datetime | No
 
 
 def grant_state(grant: pb.Grant, now: datetime | None = None) -> str:
-    """``active``, ``expired`` or ``revoked by X``."""
+    """``active``, ``expired``, ``revoked by X``, or ``ALTERED`` for a row that failed its check."""
+    if grant.altered:
+        return ALTERED
     if grant.HasField("revoked_at"):
         return f"revoked by {grant.revoked_by}" if grant.revoked_by else "revoked"
     moment = now or datetime.now(UTC)
@@ -76,17 +88,35 @@ def cmd_revoke(ns: argparse.Namespace) -> int:
     return 0
 
 
-def grant_row(grant: pb.Grant, *, with_patient: bool) -> list[object]:
+def patient_cell(grant: pb.Grant) -> str:
+    """``ID^AUTHORITY`` when the caller named the patient, else the blind-index prefix."""
+    if grant.HasField("patient") and grant.patient.id:
+        return f"{grant.patient.id}^{grant.patient.assigning_authority}"
+    return grant.patient_index[:INDEX_PREFIX] or "-"
+
+
+def review_cell(grant: pb.Grant) -> str:
+    """A break-the-glass grant's review as the service showed it (officers only)."""
+    if grant.altered:
+        return ""
+    if grant.reviewed_by:
+        return f"{grant.reviewed_by}: {grant.review_comment}"  # when: audit review --all
+    # Unreviewed, or a review in the database that did not authenticate (a marker).
+    return grant.review_comment or ("pending" if grant.break_glass and grant.reason else "")
+
+
+def grant_row(grant: pb.Grant) -> list[object]:
     """One row of the ``access list`` table."""
-    row: list[object] = [grant.id, grant.principal]
-    if with_patient:
-        row.append(f"{grant.patient.id}^{grant.patient.assigning_authority}")
-    row += [
+    return [
+        grant.id, grant.principal, patient_cell(grant),
         "break-glass" if grant.break_glass else "care-team",
         utc(grant.created_at), utc(grant.expires_at) if grant.HasField("expires_at") else "-",
-        grant_state(grant), grant.granted_by, grant.reason,
+        grant_state(grant), grant.granted_by, grant.reason, review_cell(grant),
     ]  # fmt: skip
-    return row
+
+
+LIST_HEADERS = ["GRANT", "PRINCIPAL", "PATIENT", "KIND", "CREATED", "EXPIRES", "STATE", "BY",
+                "REASON", "REVIEW"]  # fmt: skip
 
 
 def cmd_list(ns: argparse.Namespace) -> int:
@@ -96,12 +126,8 @@ def cmd_list(ns: argparse.Namespace) -> int:
     if patient is not None:
         request.patient.CopyFrom(patient)
     grants = _stub(ns).ListGrants(request).grants
-    # Listing by principal answers "which patients": the identifier is what was asked.
-    with_patient = patient is None
-    headers = ["GRANT", "PRINCIPAL", *(["PATIENT"] if with_patient else []),
-               "KIND", "CREATED", "EXPIRES", "STATE", "BY", "REASON"]  # fmt: skip
-    rows = (grant_row(g, with_patient=with_patient) for g in grants)
-    print_table(headers, rows, max_widths={len(headers) - 1: 50})
+    rows = (grant_row(g) for g in grants)
+    print_table(LIST_HEADERS, rows, max_widths={8: 50, 9: 60}, shrink=LIST_SHRINK)
     return 0
 
 

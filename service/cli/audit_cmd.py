@@ -3,7 +3,9 @@
 query, verify, export, review (the break-the-glass queue), and three reports built on
 ``QueryEvents``: disclosure (who read one patient's records), denied (denied-access
 summary) and top-readers. Every one of these calls is itself audited by the service.
-Patients appear only as a prefix of their blind index, never by identifier.
+Patients appear only as a prefix of their blind index, never by identifier. The
+break-the-glass reasons and review comments that ``review`` shows are opened by the
+service for a caller holding ``audit.review``, and that reading is audited too.
 """
 
 from __future__ import annotations
@@ -29,14 +31,18 @@ from service.cli.options import (
     patient_id,
     positive_int,
 )
-from service.cli.tables import print_table, utc
+from service.cli.tables import print_table, short_ids, utc
 
 OUTCOMES = {"allowed": pb.OUTCOME_ALLOWED, "denied": pb.OUTCOME_DENIED,
             "failed": pb.OUTCOME_FAILED}  # fmt: skip
 FORMATS = {"jsonl": pb.EXPORT_FORMAT_JSONL, "csv": pb.EXPORT_FORMAT_CSV,
            "fhir": pb.EXPORT_FORMAT_FHIR}  # fmt: skip
 INDEX_PREFIX = 12  # hex digits of a blind index shown in tables
-REASON_WIDTH = 40
+REASON_WIDTH = 60
+# Table columns that give up width on a narrow terminal, first to last: the free text
+# (reason, comment) goes last, so ids and names are cut before it is.
+QUERY_SHRINK = (5, 3, 6, 2, 4, 7)  # RESOURCE, ROLE, OUTCOME, PRINCIPAL, ACTION, REASON
+REVIEW_SHRINK = (2, 6, 7, 5)  # WHO, REVIEWED, COMMENT, REASON
 
 
 def plural(count: int, noun: str) -> str:
@@ -74,23 +80,29 @@ def outcome_text(event: pb.AuditEvent) -> str:
     return f"{name}/{event.status}" if event.status and name != "allowed" else name
 
 
-def event_row(event: pb.AuditEvent) -> list[object]:
-    """One row of the ``audit query`` table."""
+def event_row(event: pb.AuditEvent, *, full_ids: bool = False) -> list[object]:
+    """One row of the ``audit query`` table; 32-hex ids shortened unless ``full_ids``."""
+    resource, reason = event.resource, event.reason
+    if not full_ids:
+        # A 32-hex grant or record id would take most of the reason column: 8 digits
+        # tell events apart on screen; --full-ids or export give the whole id.
+        resource, reason = short_ids(resource), short_ids(reason)
     return [
         event.sequence, utc(event.time), reports.who(event), event.role, event.action,
-        event.resource, outcome_text(event), event.reason,
+        resource, outcome_text(event), reason,
     ]  # fmt: skip
 
 
 EVENT_HEADERS = ["SEQ", "TIME", "PRINCIPAL", "ROLE", "ACTION", "RESOURCE", "OUTCOME", "REASON"]
+REVIEW_HEADERS = ["GRANT", "WHEN", "WHO", "ROLE", "PATIENT", "REASON", "REVIEWED", "COMMENT"]
 
 
 def cmd_query(ns: argparse.Namespace) -> int:
     """Print the events matching the filters, oldest first."""
     events = _stub(ns).QueryEvents(query_request(ns))
     shown = print_table(
-        EVENT_HEADERS, (event_row(e) for e in events),
-        max_widths={2: 40, 5: 48, 7: REASON_WIDTH}, numeric=[0],
+        EVENT_HEADERS, (event_row(e, full_ids=ns.full_ids) for e in events),
+        max_widths={2: 40, 5: 48, 7: REASON_WIDTH}, numeric=[0], shrink=QUERY_SHRINK,
     )  # fmt: skip
     note = " (limit reached; --limit 0 for all)" if ns.limit and shown >= ns.limit else ""
     print(f"{plural(shown, 'event')}{note}", file=sys.stderr)
@@ -172,12 +184,11 @@ def cmd_review(ns: argparse.Namespace) -> int:
         raise SystemExit("medvault: --comment needs a GRANT_ID")
     items = stub.ListBreakGlass(pb.ListBreakGlassRequest(include_reviewed=ns.all)).items
     rows = (
-        [i.grant_id, utc(i.event.time), reports.who(i.event), i.event.role,
-         i.event.patient_index[:INDEX_PREFIX], i.event.reason, _review_state(i)]
+        [i.grant_id, utc(i.event.time), reports.who(i.event), i.event.role or "-",
+         i.event.patient_index[:INDEX_PREFIX], i.event.reason, _review_state(i), i.comment]
         for i in items
     )  # fmt: skip
-    headers = ["GRANT", "WHEN", "WHO", "ROLE", "PATIENT", "REASON", "REVIEWED"]
-    shown = print_table(headers, rows, max_widths={5: 50})
+    shown = print_table(REVIEW_HEADERS, rows, max_widths={5: 50, 7: 50}, shrink=REVIEW_SHRINK)
     print(plural(shown, "break-the-glass grant") + ("" if ns.all else " awaiting review"),
           file=sys.stderr)
     return 0
@@ -245,6 +256,10 @@ def _commands(audit: Any) -> Iterator[argparse.ArgumentParser]:
     """Add each ``audit`` sub-command; yields the parsers for the connection flags."""
     query = audit.add_parser("query", help="events matching filters, as a table")
     _add_filters(query, limit=1000)
+    query.add_argument(
+        "--full-ids", action="store_true",
+        help="print record and grant ids whole (default: first 8 hex digits and …)",
+    )  # fmt: skip
     yield _with(query, cmd_query)
     verify = audit.add_parser("verify", help="verify the hash chain and signed checkpoints")
     yield _with(verify, cmd_verify)

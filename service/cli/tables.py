@@ -4,10 +4,17 @@ Widths come from the header and the first ``sample`` rows; later rows are stream
 those widths (longer cells truncated), so a long audit query prints in bounded memory.
 Cells are made terminal-safe: control characters (an ANSI escape in a break-the-glass
 reason, say) are shown escaped, never sent to the terminal.
+
+On a terminal a table is fitted to its width (``COLUMNS`` overrides the size): the
+columns a command names as ``shrink`` give up width in that order, each down to
+``MIN_WIDTH``, so a command lists its free-text column last and that text stays readable.
+Piped output is not cut to a width (only to ``max_widths``).
 """
 
 from __future__ import annotations
 
+import re
+import shutil
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -18,6 +25,39 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 ELLIPSIS = "…"
 GAP = "  "
+MIN_WIDTH = 12  # a shrinking column keeps at least this (or its header)
+SHORT_ID = 8  # hex digits kept of a 32-hex id by ``short_ids``
+_HEX_ID = re.compile(r"(?<![0-9a-f])([0-9a-f]{8})[0-9a-f]{24}(?![0-9a-f])")
+
+
+def short_ids(text: str) -> str:
+    """``text`` with each 32-hex id (record, grant) cut to its first 8 digits and ``…``."""
+    return _HEX_ID.sub(r"\1" + ELLIPSIS, text)
+
+
+def terminal_width(out: TextIO) -> int | None:
+    """The width to fit a table to when ``out`` is a terminal (``COLUMNS`` overrides its
+    size, as ``shutil.get_terminal_size`` does); None for a pipe or a file."""
+    try:
+        return shutil.get_terminal_size().columns if out.isatty() else None
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def fit(
+    widths: Sequence[int], headers: Sequence[str], width: int, shrink: Sequence[int]
+) -> list[int]:
+    """``widths`` narrowed to ``width`` in total (with gaps), taking from ``shrink`` in order."""
+    fitted = list(widths)
+    excess = sum(fitted) + len(GAP) * (len(fitted) - 1) - width
+    for i in shrink:
+        if excess <= 0:
+            break
+        floor = min(fitted[i], max(MIN_WIDTH, len(headers[i])))
+        cut = min(excess, fitted[i] - floor)
+        fitted[i] -= cut
+        excess -= cut
+    return fitted
 
 
 def clean(value: object) -> str:
@@ -63,8 +103,11 @@ def render(
     max_widths: Mapping[int, int] | None = None,
     numeric: Iterable[int] = (),
     sample: int = 500,
+    width: int | None = None,
+    shrink: Sequence[int] = (),
 ) -> Iterator[str]:
-    """The lines of a table: header, rule, rows. Columns in ``numeric`` align right."""
+    """The lines of a table: header, rule, rows. Columns in ``numeric`` align right;
+    with ``width``, the ``shrink`` columns narrow (in that order) to fit it."""
     limits = dict(max_widths or {})
     right = frozenset(numeric)
     iterator = iter(rows)
@@ -75,6 +118,8 @@ def render(
             raise ValueError(f"row has {len(row)} cells for {len(headers)} columns")
         widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
     widths = [min(w, limits.get(i, w)) for i, w in enumerate(widths)]
+    if width is not None:
+        widths = fit(widths, headers, width, shrink)
     yield _fit(headers, widths, right)
     yield GAP.join("-" * w for w in widths)
     for row in first:
@@ -90,11 +135,16 @@ def print_table(
     max_widths: Mapping[int, int] | None = None,
     numeric: Iterable[int] = (),
     out: TextIO | None = None,
+    shrink: Sequence[int] = (),
 ) -> int:
-    """Print a table to ``out`` (stdout); the number of rows printed."""
+    """Print a table to ``out`` (stdout), fitted to its width; the number of rows printed."""
     stream = out if out is not None else sys.stdout
     count = -2  # header and rule
-    for line in render(headers, rows, max_widths=max_widths, numeric=numeric):
+    lines = render(
+        headers, rows, max_widths=max_widths, numeric=numeric,
+        width=terminal_width(stream), shrink=shrink,
+    )  # fmt: skip
+    for line in lines:
         print(line, file=stream)
         count += 1
     return count

@@ -84,10 +84,24 @@ def test_grant_state() -> None:
     assert access_cmd.grant_state(revoked, now=T0) == "revoked by admin"
 
 
-def test_grant_row_shows_the_patient_only_when_asked_by_principal() -> None:
-    g = grant(break_glass=True, reason="ED")
+def test_grant_row_patient_is_the_echoed_identifier_or_the_index_prefix() -> None:
+    g = grant(break_glass=True, reason="ED", patient_index="ab" * 32)
+    by_principal = access_cmd.grant_row(g)
+    assert by_principal[:4] == ["g-1", "dr-a", "ab" * 6, "break-glass"]
+    assert "^" not in str(by_principal[2])
     g.patient.id, g.patient.assigning_authority = "P1", "H"
-    by_patient = access_cmd.grant_row(g, with_patient=False)
-    assert "P1^H" not in by_patient
-    assert by_patient[:3] == ["g-1", "dr-a", "break-glass"]
-    assert access_cmd.grant_row(g, with_patient=True)[2] == "P1^H"
+    assert access_cmd.grant_row(g)[2] == "P1^H"
+
+
+def test_grant_row_reason_review_and_altered() -> None:
+    pending = grant(break_glass=True, reason="ED")
+    assert access_cmd.grant_row(pending)[8:] == ["ED", "pending"]
+    reviewed = grant(break_glass=True, reason="ED", reviewed_by="so-thu",
+                     review_comment="confirmed")
+    reviewed.reviewed_at.FromDatetime(T0)
+    assert access_cmd.review_cell(reviewed) == "so-thu: confirmed"
+    not_shown = grant(break_glass=True)  # a caller without audit.review: nothing opened
+    assert access_cmd.grant_row(not_shown)[8:] == ["", ""]
+    altered = grant(break_glass=True, reason="[altered]", altered=True)
+    row = access_cmd.grant_row(altered)
+    assert (row[6], row[9]) == (access_cmd.ALTERED, "")

@@ -177,3 +177,13 @@ def test_event_row_and_outcome_text() -> None:
     assert row == [42, "2026-01-02T03:04:05Z", "dr-a via his", "", "records.read", "",
                    "denied/PERMISSION_DENIED", "no grant"]
     assert audit_cmd.outcome_text(event()) == "allowed"
+
+
+def test_event_row_shortens_ids_unless_asked() -> None:
+    grant = "0f3b9e2c" + "1" * 24
+    read = event(resource=f"record/{'9' * 32}/v1", reason=f"break-the-glass grant {grant}")
+    row = audit_cmd.event_row(read)
+    assert (row[5], row[7]) == ("record/99999999…/v1", "break-the-glass grant 0f3b9e2c…")
+    full = audit_cmd.event_row(read, full_ids=True)
+    assert (full[5], full[7]) == (f"record/{'9' * 32}/v1", f"break-the-glass grant {grant}")
+    assert parse("audit", "query", "--full-ids").full_ids

@@ -71,3 +71,39 @@ def test_truncate_edges() -> None:
     assert tables.truncate("abc", 3) == "abc"
     assert tables.truncate("abcd", 3) == "ab…"
     assert tables.truncate("abc", 0) == ""
+
+
+def test_short_ids_cuts_32_hex_ids_only() -> None:
+    grant = "0f3b9e2c" + "a" * 24
+    assert tables.short_ids(f"break-the-glass grant {grant}") == "break-the-glass grant 0f3b9e2c…"
+    assert tables.short_ids(f"record/{grant}/v2") == "record/0f3b9e2c…/v2"
+    assert tables.short_ids("ab" * 32) == "ab" * 32  # a 64-hex digest is not an id
+    assert tables.short_ids("no active care-team grant") == "no active care-team grant"
+
+
+def test_fit_takes_width_from_the_shrink_columns_in_order() -> None:
+    headers = ["ID", "RESOURCE", "REASON"]
+    # 10 + 40 + 40 + 2 gaps of 2 = 94 columns; fit to 80: RESOURCE gives up 14 first.
+    assert tables.fit([10, 40, 40], headers, 80, shrink=(1, 2)) == [10, 26, 40]
+    # To 60: RESOURCE goes down to MIN_WIDTH, then REASON gives the rest.
+    assert tables.fit([10, 40, 40], headers, 60, shrink=(1, 2)) == [10, 12, 34]
+    # Never below a column's header or MIN_WIDTH, even if the table stays too wide.
+    assert tables.fit([10, 40, 40], headers, 10, shrink=(1, 2)) == [10, 12, 12]
+    assert tables.fit([10, 40, 40], headers, 200, shrink=(1, 2)) == [10, 40, 40]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_print_table_fits_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "40")  # the terminal's size, as shutil reads it
+    out = _Terminal()
+    tables.print_table(["A", "TEXT"], [["x" * 30, "y" * 30]], out=out, shrink=(0, 1))
+    assert all(len(line) <= 40 for line in out.getvalue().splitlines())
+    assert "y" * 20 in out.getvalue(), "the last shrink column was cut first"
+    piped = io.StringIO()  # not a terminal: never cut to a width, whatever COLUMNS says
+    tables.print_table(["A", "TEXT"], [["x" * 30, "y" * 30]], out=piped, shrink=(0, 1))
+    assert "x" * 30 in piped.getvalue()
+    assert "y" * 30 in piped.getvalue()

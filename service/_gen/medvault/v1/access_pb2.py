@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from service._gen.medvault.v1 import records_pb2 as medvault_dot_v1_dot_records__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18medvault/v1/access.proto\x12\x0bmedvault.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19medvault/v1/records.proto\"\xac\x02\n\x05Grant\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x07patient\x18\x02 \x01(\x0b\x32\x16.medvault.v1.PatientId\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x12\n\ngranted_by\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrevoked_by\x18\x08 \x01(\t\x12\x13\n\x0b\x62reak_glass\x18\t \x01(\x08\x12\x0e\n\x06reason\x18\n \x01(\t\"\x80\x01\n\x12GrantAccessRequest\x12\'\n\x07patient\x18\x01 \x01(\x0b\x32\x16.medvault.v1.PatientId\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\'\n\x13RevokeAccessRequest\x12\x10\n\x08grant_id\x18\x01 \x01(\t\"i\n\x11ListGrantsRequest\x12\'\n\x07patient\x18\x01 \x01(\x0b\x32\x16.medvault.v1.PatientId\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x18\n\x10include_inactive\x18\x03 \x01(\x08\"8\n\x12ListGrantsResponse\x12\"\n\x06grants\x18\x01 \x03(\x0b\x32\x12.medvault.v1.Grant\"f\n\x11\x42reakGlassRequest\x12\'\n\x07patient\x18\x01 \x01(\x0b\x32\x16.medvault.v1.PatientId\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x18\n\x10\x64uration_seconds\x18\x03 \x01(\r\"\x0f\n\rWhoAmIRequest\"\\\n\x0eWhoAmIResponse\x12\x11\n\tprincipal\x18\x01 \x01(\t\x12\x13\n\x0b\x61pplication\x18\x02 \x01(\t\x12\r\n\x05roles\x18\x03 \x03(\t\x12\x13\n\x0bpermissions\x18\x04 \x03(\t2\xed\x02\n\rAccessService\x12\x42\n\x0bGrantAccess\x12\x1f.medvault.v1.GrantAccessRequest\x1a\x12.medvault.v1.Grant\x12\x44\n\x0cRevokeAccess\x12 .medvault.v1.RevokeAccessRequest\x1a\x12.medvault.v1.Grant\x12M\n\nListGrants\x12\x1e.medvault.v1.ListGrantsRequest\x1a\x1f.medvault.v1.ListGrantsResponse\x12@\n\nBreakGlass\x12\x1e.medvault.v1.BreakGlassRequest\x1a\x12.medvault.v1.Grant\x12\x41\n\x06WhoAmI\x12\x1a.medvault.v1.WhoAmIRequest\x1a\x1b.medvault.v1.WhoAmIResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18medvault/v1/access.proto\x12\x0bmedvault.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19medvault/v1/records.proto\"\xb2\x03\n\x05Grant\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x07patient\x18\x02 \x01(\x0b\x32\x16.medvault.v1.PatientId\x12\x11\n\tprincipal\x18\x03 \x01(\t\x12\x12\n\ngranted_by\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrevoked_by\x18\x08 \x01(\t\x12\x13\n\x0b\x62reak_glass\x18\t \x01(\x08\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x15\n\rpatient_index\x18\x0b \x01(\t\x12/\n\x0breviewed_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0breviewed_by\x18\r \x01(\t\x12\x16\n\x0ereview_comment\x18\x0e \x01(\t\x12\x0f\n\x07\x61ltered\x18\x0f \x01(\x08\"\x80\x01\n\x12GrantAccessRequest\x12\'\n\x07patient\x18\x01 \x01(\x0b\x32\x16.medvault.v1.PatientId\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\'\n\x13RevokeAccessRequest\x12\x10\n\x08grant_id\x18\x01 \x01(\t\"i\n\x11ListGrantsRequest\x12\'\n\x07patient\x18\x01 \x01(\x0b\x32\x16.medvault.v1.PatientId\x12\x11\n\tprincipal\x18\x02 \x01(\t\x12\x18\n\x10include_inactive\x18\x03 \x01(\x08\"8\n\x12ListGrantsResponse\x12\"\n\x06grants\x18\x01 \x03(\x0b\x32\x12.medvault.v1.Grant\"f\n\x11\x42reakGlassRequest\x12\'\n\x07patient\x18\x01 \x01(\x0b\x32\x16.medvault.v1.PatientId\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x18\n\x10\x64uration_seconds\x18\x03 \x01(\r\"\x0f\n\rWhoAmIRequest\"\\\n\x0eWhoAmIResponse\x12\x11\n\tprincipal\x18\x01 \x01(\t\x12\x13\n\x0b\x61pplication\x18\x02 \x01(\t\x12\r\n\x05roles\x18\x03 \x03(\t\x12\x13\n\x0bpermissions\x18\x04 \x03(\t2\xed\x02\n\rAccessService\x12\x42\n\x0bGrantAccess\x12\x1f.medvault.v1.GrantAccessRequest\x1a\x12.medvault.v1.Grant\x12\x44\n\x0cRevokeAccess\x12 .medvault.v1.RevokeAccessRequest\x1a\x12.medvault.v1.Grant\x12M\n\nListGrants\x12\x1e.medvault.v1.ListGrantsRequest\x1a\x1f.medvault.v1.ListGrantsResponse\x12@\n\nBreakGlass\x12\x1e.medvault.v1.BreakGlassRequest\x1a\x12.medvault.v1.Grant\x12\x41\n\x06WhoAmI\x12\x1a.medvault.v1.WhoAmIRequest\x1a\x1b.medvault.v1.WhoAmIResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,21 +34,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'medvault.v1.access_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GRANT']._serialized_start=102
-  _globals['_GRANT']._serialized_end=402
-  _globals['_GRANTACCESSREQUEST']._serialized_start=405
-  _globals['_GRANTACCESSREQUEST']._serialized_end=533
-  _globals['_REVOKEACCESSREQUEST']._serialized_start=535
-  _globals['_REVOKEACCESSREQUEST']._serialized_end=574
-  _globals['_LISTGRANTSREQUEST']._serialized_start=576
-  _globals['_LISTGRANTSREQUEST']._serialized_end=681
-  _globals['_LISTGRANTSRESPONSE']._serialized_start=683
-  _globals['_LISTGRANTSRESPONSE']._serialized_end=739
-  _globals['_BREAKGLASSREQUEST']._serialized_start=741
-  _globals['_BREAKGLASSREQUEST']._serialized_end=843
-  _globals['_WHOAMIREQUEST']._serialized_start=845
-  _globals['_WHOAMIREQUEST']._serialized_end=860
-  _globals['_WHOAMIRESPONSE']._serialized_start=862
-  _globals['_WHOAMIRESPONSE']._serialized_end=954
-  _globals['_ACCESSSERVICE']._serialized_start=957
-  _globals['_ACCESSSERVICE']._serialized_end=1322
+  _globals['_GRANT']._serialized_end=536
+  _globals['_GRANTACCESSREQUEST']._serialized_start=539
+  _globals['_GRANTACCESSREQUEST']._serialized_end=667
+  _globals['_REVOKEACCESSREQUEST']._serialized_start=669
+  _globals['_REVOKEACCESSREQUEST']._serialized_end=708
+  _globals['_LISTGRANTSREQUEST']._serialized_start=710
+  _globals['_LISTGRANTSREQUEST']._serialized_end=815
+  _globals['_LISTGRANTSRESPONSE']._serialized_start=817
+  _globals['_LISTGRANTSRESPONSE']._serialized_end=873
+  _globals['_BREAKGLASSREQUEST']._serialized_start=875
+  _globals['_BREAKGLASSREQUEST']._serialized_end=977
+  _globals['_WHOAMIREQUEST']._serialized_start=979
+  _globals['_WHOAMIREQUEST']._serialized_end=994
+  _globals['_WHOAMIRESPONSE']._serialized_start=996
+  _globals['_WHOAMIRESPONSE']._serialized_end=1088
+  _globals['_ACCESSSERVICE']._serialized_start=1091
+  _globals['_ACCESSSERVICE']._serialized_end=1456
 # @@protoc_insertion_point(module_scope)

@@ -11,7 +11,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Grant(_message.Message):
-    __slots__ = ("id", "patient", "principal", "granted_by", "created_at", "expires_at", "revoked_at", "revoked_by", "break_glass", "reason")
+    __slots__ = ("id", "patient", "principal", "granted_by", "created_at", "expires_at", "revoked_at", "revoked_by", "break_glass", "reason", "patient_index", "reviewed_at", "reviewed_by", "review_comment", "altered")
     ID_FIELD_NUMBER: _ClassVar[int]
     PATIENT_FIELD_NUMBER: _ClassVar[int]
     PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,11 @@ class Grant(_message.Message):
     REVOKED_BY_FIELD_NUMBER: _ClassVar[int]
     BREAK_GLASS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    PATIENT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    REVIEWED_AT_FIELD_NUMBER: _ClassVar[int]
+    REVIEWED_BY_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_COMMENT_FIELD_NUMBER: _ClassVar[int]
+    ALTERED_FIELD_NUMBER: _ClassVar[int]
     id: str
     patient: _records_pb2.PatientId
     principal: str
@@ -32,7 +37,12 @@ class Grant(_message.Message):
     revoked_by: str
     break_glass: bool
     reason: str
-    def __init__(self, id: _Optional[str] = ..., patient: _Optional[_Union[_records_pb2.PatientId, _Mapping]] = ..., principal: _Optional[str] = ..., granted_by: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_by: _Optional[str] = ..., break_glass: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    patient_index: str
+    reviewed_at: _timestamp_pb2.Timestamp
+    reviewed_by: str
+    review_comment: str
+    altered: bool
+    def __init__(self, id: _Optional[str] = ..., patient: _Optional[_Union[_records_pb2.PatientId, _Mapping]] = ..., principal: _Optional[str] = ..., granted_by: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_by: _Optional[str] = ..., break_glass: _Optional[bool] = ..., reason: _Optional[str] = ..., patient_index: _Optional[str] = ..., reviewed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reviewed_by: _Optional[str] = ..., review_comment: _Optional[str] = ..., altered: _Optional[bool] = ...) -> None: ...
 
 class GrantAccessRequest(_message.Message):
     __slots__ = ("patient", "principal", "expires_at")
