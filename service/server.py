@@ -14,7 +14,6 @@ from pathlib import Path
 
 import grpc
 from grpc import aio
-from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -130,7 +129,7 @@ async def create_server(
     backup_pb2_grpc.add_BackupServiceServicer_to_server(
         BackupServicer(components.backup.backups, components.guard), server
     )
-    health_servicer = health_aio.HealthServicer()
+    health_servicer = health.aio.HealthServicer()  # the package's public alias
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (
         records_pb2.DESCRIPTOR.services_by_name["RecordService"].full_name,
