@@ -18,12 +18,16 @@ from service.calls import CallState, entered, handled
 from service.convert_audit import event_to_pb, filter_from_pb, review_item, verify_to_pb
 from service.guard import AccessGuard
 from service.streams import prefetch
-from storage.audit_log import SqlAuditLog
-from storage.audit_model import AuditFilter, ChainedEvent, VerifyResult
-from storage.break_glass import BreakGlassReview
-from storage.errors import InvalidRecordError
-from storage.grants_model import Grant
-from storage.records import RecordStore
+from storage import (
+    AuditFilter,
+    AuditLog,
+    BreakGlassReview,
+    ChainedEvent,
+    Grant,
+    InvalidRecordError,
+    RecordStore,
+    VerifyResult,
+)
 
 RESTORED = "reviewed (grant row was missing or altered; restored from the trail, expired)"
 SELF_REVIEW = "a principal cannot review their own break-the-glass access; ask another officer"
@@ -35,7 +39,7 @@ _EXPORTERS: dict[int, Callable[[Iterable[ChainedEvent]], Iterator[bytes]]] = {
 class AuditServicer(aupb_grpc.AuditServiceServicer):  # type: ignore[misc]  # untyped stub
     """medvault.v1.AuditService."""
 
-    def __init__(self, store: RecordStore, guard: AccessGuard, log: SqlAuditLog) -> None:
+    def __init__(self, store: RecordStore, guard: AccessGuard, log: AuditLog) -> None:
         self._store = store
         self._guard = guard
         self._log = log

@@ -8,8 +8,7 @@ from datetime import UTC, datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from service._gen.medvault.v1 import records_pb2 as pb
-from storage.errors import InvalidRecordError
-from storage.model import NewRecord, PatientRef, RecordInfo, RecordKind, RecordQuery
+from storage import InvalidRecordError, NewRecord, PatientRef, RecordInfo, RecordKind, RecordQuery
 
 _KINDS: dict[pb.RecordKind, RecordKind] = {
     pb.RECORD_KIND_HL7V2: RecordKind.HL7V2,

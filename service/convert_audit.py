@@ -10,9 +10,7 @@ from service._gen.medvault.v1 import access_pb2 as apb
 from service._gen.medvault.v1 import audit_pb2 as aupb
 from service._gen.medvault.v1 import records_pb2 as rpb
 from service.convert import timestamp_from_pb
-from storage.audit_model import AuditFilter, ChainedEvent, Outcome, VerifyResult
-from storage.errors import InvalidRecordError
-from storage.grants_model import Grant
+from storage import AuditFilter, ChainedEvent, Grant, InvalidRecordError, Outcome, VerifyResult
 
 _OUTCOMES: dict[aupb.Outcome, Outcome] = {
     aupb.OUTCOME_ALLOWED: "allowed",

@@ -23,7 +23,7 @@ from typing import Protocol
 from prometheus_client import Counter
 
 from service.authz.model import IncidentConfig
-from storage.audit_model import AuditEntry
+from storage import AuditEntry
 
 log = logging.getLogger(__name__)
 _TAMPER_MEMORY = 10_000  # resources remembered for the quiet window

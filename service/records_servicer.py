@@ -22,10 +22,16 @@ from service.calls import CallState, entered, handled
 from service.guard import AccessGuard
 from service.limits import UploadGate
 from service.streams import SyncRequests, prefetch
-from storage.errors import InvalidRecordError
-from storage.model import NewRecord, RecordInfo, RecordQuery
-from storage.records import OpenRecord, RecordRef, RecordStore
-from storage.row_auth import RowTamperedError
+from storage import (
+    InvalidRecordError,
+    NewRecord,
+    OpenRecord,
+    RecordInfo,
+    RecordQuery,
+    RecordRef,
+    RecordStore,
+    RowTamperedError,
+)
 
 
 def _content(requests: Iterator[pb.PutRecordRequest]) -> Iterator[bytes]:

@@ -43,7 +43,7 @@ from service.keys_servicer import KeyServicer
 from service.limits import CallLimiter, UploadGate
 from service.records_servicer import RecordServicer
 from service.signing_servicer import SigningServicer
-from storage.sweeper import sweep_if_due
+from storage import sweep_if_due
 
 log = logging.getLogger(__name__)
 # Room for one content chunk plus the message framing around it.
@@ -107,27 +107,29 @@ async def create_server(
         # is only a backstop far above them, since whoever fills it locks everyone out.
         maximum_concurrent_rpcs=config.server.max_concurrent_rpcs,
     )
+    app = components.app  # the use cases; the servicers get nothing else
     records_pb2_grpc.add_RecordServiceServicer_to_server(
         RecordServicer(
-            components.store, components.guard, config.server.chunk_size,
+            app.records, app.access, config.server.chunk_size,
             UploadGate(config.server.upload_cap),
         ),
         server,
     )
     access_pb2_grpc.add_AccessServiceServicer_to_server(
-        AccessServicer(components.store, components.guard), server
+        AccessServicer(app.records, app.access), server
     )
     audit_pb2_grpc.add_AuditServiceServicer_to_server(
-        AuditServicer(components.store, components.guard, components.audit_log), server
+        AuditServicer(app.records, app.access, app.audit), server
     )
     signing_pb2_grpc.add_SigningServiceServicer_to_server(
-        SigningServicer(components.signing, components.guard), server
+        SigningServicer(app.signing, app.access), server
     )
     keys_pb2_grpc.add_KeyServiceServicer_to_server(
-        KeyServicer(components.kek, components.guard), server
+        # The KekManager itself until KeyServicer takes the KekRegistry role (issue #9).
+        KeyServicer(components.kek, app.access), server
     )
     backup_pb2_grpc.add_BackupServiceServicer_to_server(
-        BackupServicer(components.backup.backups, components.guard), server
+        BackupServicer(app.backups, app.access), server
     )
     health_servicer = health.aio.HealthServicer()  # the package's public alias
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -14,6 +14,8 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Generic, TypeVar
 
+from service.errors import ServiceError
+
 T = TypeVar("T")
 _END = object()
 # A backstop only: the edge ends a silent stream after server.idle_seconds (at most
@@ -21,7 +23,7 @@ _END = object()
 IDLE_TIMEOUT_SECONDS = 360.0
 
 
-class StreamCancelledError(Exception):
+class StreamCancelledError(ServiceError):
     """The call was cancelled while its worker ran (CANCELLED): what it received must not
     be stored, since the end of its request stream may not have been the client's."""
 

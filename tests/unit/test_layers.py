@@ -10,6 +10,9 @@ so a second user means it should be promoted, or the code that needs it moved.
 from __future__ import annotations
 
 import ast
+import importlib
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,3 +106,32 @@ def _without_line(violation: str) -> str:
 def test_the_check_sees_each_form(source: str, expected: int) -> None:
     """The check itself: each form of private use is found, public names pass."""
     assert len(violations(source, "probe.py")) == expected
+
+
+@pytest.mark.parametrize("package", ["storage", "keystore"])
+def test_each_face_exports_what_it_declares(package: str) -> None:
+    """The face's lazy table, its ``__all__`` and its type-checking imports agree, and
+    every name resolves to the object its defining module holds."""
+    face = importlib.import_module(package)
+    exports: dict[str, str] = face._EXPORTS  # the face's own table, under test
+    assert sorted(face.__all__) == sorted(exports)  # ruff orders __all__ its own way
+    tree = ast.parse((ROOT / package / "__init__.py").read_text(encoding="utf-8"))
+    typed = {
+        alias.name: node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module and node.module != "__future__"
+        for alias in node.names
+        if node.module.startswith(f"{package}.")
+    }
+    assert typed == exports
+    for name, module in exports.items():
+        assert getattr(face, name) is getattr(importlib.import_module(module), name)
+
+
+def test_a_face_loads_nothing_until_asked() -> None:
+    """Importing ``storage.errors`` (as the CLI does) does not load the whole package."""
+    code = "import sys, storage.errors; print('storage.records' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"
