@@ -19,16 +19,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from storage.audit_log import Appended, Change, Pending
+from storage.audit_log import Appended, Change, Pending, SqlAuditLog
 from storage.audit_model import AuditEntry, AuditFilter, ChainedEvent, Checkpoint
-from storage.backup.runs import RunKind, RunOutcome, ScheduledRun
+from storage.backup.runs import RunKind, RunOutcome, ScheduledRun, SqlRunLedger
+from storage.grants import SqlGrantStore
 from storage.grants_model import Grant
-from storage.kek import DEFAULT_BATCH, Committer, KekVersionInfo, RewrapJob
+from storage.kek import DEFAULT_BATCH, Committer, KekManager, KekVersionInfo, RewrapJob
 from storage.model import RecordInfo
 from storage.records import Gate
-from storage.signatures import Signature, SignedRecord
+from storage.signatures import Signature, SignatureStore, SignedRecord
 
 T = TypeVar("T")
 
@@ -197,3 +198,15 @@ class RunLedger(Protocol):
     def list(self, kind: RunKind | None = None, limit: int = 1000) -> list[ScheduledRun]:
         """The newest ``limit`` runs (of ``kind``), newest first."""
         ...
+
+
+if TYPE_CHECKING:
+    # mypy proves here that each SQL store fits its role (Protocols are structural).
+    def _fits(
+        grants: SqlGrantStore,
+        log: SqlAuditLog,
+        signatures: SignatureStore,
+        keks: KekManager,
+        runs: SqlRunLedger,
+    ) -> tuple[GrantStore, AuditLog, RecordSignatures, KekRegistry, RunLedger]:
+        return grants, log, signatures, keks, runs
