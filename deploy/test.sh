@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Run every check and test: stub staleness, ruff, mypy, then pytest (arguments are
-# passed to pytest). Integration tests start their own components; PostgreSQL must be
-# reachable on 127.0.0.1:5432 because the CI run fails, never skips, without it.
+# Run every check and test: stub staleness, ruff, mypy, import contracts, then pytest
+# (arguments are passed to pytest). Integration tests start their own components;
+# PostgreSQL must be reachable on 127.0.0.1:5432 because the CI run fails, never skips,
+# without it.
 set -euo pipefail
 # shellcheck source=deploy/bootstrap.sh
 source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
@@ -23,6 +24,9 @@ log "ruff"
 "$VENV/bin/ruff" check .
 log "mypy"
 "$VENV/bin/mypy"
+log "import contracts"
+# Layers, CLI outside the runtime, no cycles: [tool.importlinter] in pyproject.toml.
+"$VENV/bin/lint-imports" --no-cache
 log "pytest"
 # Whole modules go to one worker (--dist loadscope), so a module's servers and databases
 # are set up once; each worker has its own SeaweedFS, SoftHSM2 directory and PostgreSQL

@@ -227,3 +227,22 @@ def _serial_der(der: bytes) -> bytes:
 
 class SignerUnusableError(KeyNotFoundError):
     """The signer exists but cannot sign now: its certificate is outside its validity."""
+
+
+class Pkcs11Signers:
+    """``SignerFactory`` over one token: signers and signer certificates, on demand."""
+
+    def __init__(self, pool: Pkcs11SessionPool) -> None:
+        self._pool = pool
+
+    def by_label(self, key_label: str) -> Pkcs11Signer:
+        """The signer of key ``key_label``; ``KeyNotFoundError`` if absent."""
+        return Pkcs11Signer(self._pool, key_label)
+
+    def document_signer(self, name: str) -> Pkcs11Signer:
+        """Signer ``name``'s key; ``SignerNotFoundError`` names the command to run."""
+        return signer(self._pool, name)
+
+    def document_certificate(self, name: str) -> bytes:
+        """The DER certificate of signer ``name``; ``SignerNotFoundError`` when none."""
+        return load_certificate(self._pool, name)

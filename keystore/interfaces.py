@@ -57,3 +57,23 @@ class Signer(Protocol):
     def public_key_der(self) -> bytes:
         """The matching public key as DER SubjectPublicKeyInfo."""
         ...
+
+
+class SignerFactory(Protocol):
+    """Signers made on demand, each over one token-held key; the keys never leave.
+
+    Roles: the audit and backup keys by their token label; document signers by name,
+    with the certificate an operator imported for them.
+    """
+
+    def by_label(self, key_label: str) -> Signer:
+        """The signer of key ``key_label``; ``KeyNotFoundError`` if the token lacks it."""
+        ...
+
+    def document_signer(self, name: str) -> Signer:
+        """Signer ``name``'s key; ``SignerNotFoundError`` names the command to create it."""
+        ...
+
+    def document_certificate(self, name: str) -> bytes:
+        """The DER certificate imported for signer ``name``; ``SignerNotFoundError``."""
+        ...

@@ -15,9 +15,7 @@ from service.authz.permissions import AUDIT_REVIEW
 from service.calls import CallState, entered, handled
 from service.convert_audit import grant_to_pb, opened_note, when
 from service.guard import AccessGuard, Call
-from storage.errors import InvalidRecordError
-from storage.grants_model import Grant
-from storage.records import RecordStore
+from storage import Grant, InvalidRecordError, RecordStore
 
 SELF_GRANT = "a principal cannot grant itself access; use break-the-glass (reviewed)"
 

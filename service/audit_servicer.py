@@ -24,12 +24,17 @@ from service.convert_audit import (
 )
 from service.guard import AccessGuard
 from service.streams import prefetch
-from storage.audit_log import SqlAuditLog
-from storage.audit_model import AuditFilter, ChainedEvent, VerifyResult
-from storage.break_glass import BreakGlassReview, QueueItem
-from storage.errors import InvalidRecordError
-from storage.grants_model import Grant
-from storage.records import RecordStore
+from storage import (
+    AuditFilter,
+    AuditLog,
+    BreakGlassReview,
+    ChainedEvent,
+    Grant,
+    InvalidRecordError,
+    QueueItem,
+    RecordStore,
+    VerifyResult,
+)
 
 RESTORED = "reviewed (grant row was missing or altered; restored from the trail, expired)"
 REPLACED = "reviewed (a review written in the database did not authenticate; replaced)"
@@ -42,7 +47,7 @@ _EXPORTERS: dict[int, Callable[[Iterable[ChainedEvent]], Iterator[bytes]]] = {
 class AuditServicer(aupb_grpc.AuditServiceServicer):  # type: ignore[misc]  # untyped stub
     """medvault.v1.AuditService."""
 
-    def __init__(self, store: RecordStore, guard: AccessGuard, log: SqlAuditLog) -> None:
+    def __init__(self, store: RecordStore, guard: AccessGuard, log: AuditLog) -> None:
         self._store = store
         self._guard = guard
         self._log = log

@@ -33,6 +33,7 @@ from cryptography.x509.oid import NameOID
 
 from service.authz.model import Application, DelegationConfig, PermissionDeniedError, Policy
 from service.authz.policy import PolicyHolder
+from service.errors import ServiceError
 from service.replay import ReplayCache, ReplayError
 
 ANONYMOUS = "anonymous"
@@ -46,7 +47,7 @@ _RESERVED_NAMES = frozenset({ANONYMOUS, "unauthenticated", "unknown"})
 _REQUIRED_CLAIMS = ["exp", "iss", "aud", "sub"]
 
 
-class AuthenticationError(Exception):
+class AuthenticationError(ServiceError):
     """No or bad credentials (UNAUTHENTICATED); the message never contains the token."""
 
 

@@ -1,8 +1,10 @@
 """Composition root: the one place where concrete backends are chosen and wired.
 
 Everything else receives Protocols (``BlobStore``, ``MetadataStore``, ``KeyWrapper``,
-``BlindIndexer``), so SoftHSM2 or a hardware HSM, SQLite or PostgreSQL, SeaweedFS or
-another S3 differ here by configuration and nowhere else.
+``BlindIndexer``, ``SignerFactory``, and the role Protocols of ``storage.roles``), so
+SoftHSM2 or a hardware HSM, SQLite or PostgreSQL, SeaweedFS or another S3 differ here
+by configuration and nowhere else. ``build`` returns the process's ``Components``; their
+``app`` is the one application object whose use cases the servicers call.
 """
 
 from __future__ import annotations
@@ -17,13 +19,19 @@ from pathlib import Path
 from minio import Minio
 from sqlalchemy import Engine
 
-from keystore import Pkcs11BlindIndexer, Pkcs11Config, Pkcs11KeyWrapper, Pkcs11SessionPool
-from keystore.admin import Pkcs11KekRing
-from keystore.signing import Pkcs11Signer
+from keystore import (
+    Pkcs11BlindIndexer,
+    Pkcs11Config,
+    Pkcs11KekRing,
+    Pkcs11KeyWrapper,
+    Pkcs11SessionPool,
+    Pkcs11Signer,
+    Pkcs11Signers,
+)
 from service.audit.trail import AuditTrail
 from service.authn import Authenticator
 from service.authz.policy import PolicyHolder
-from service.backup import BackupWiring
+from service.backup import Backups, BackupWiring
 from service.backup import build as build_backups
 from service.config import Config, ConfigError, read_secret
 from service.guard import AccessGuard
@@ -31,30 +39,53 @@ from service.incidents import IncidentDetector
 from service.revocation import RevocationError, RevocationList
 from service.signing import DocumentSigning
 from service.signing.validation import SignatureValidator, load_pem_certificates
-from storage.audit_log import SqlAuditLog
-from storage.audit_witness import (
+from storage import (
+    GRANT_ADOPTER,
+    AuditLog,
     CheckpointWitness,
+    CommitTagger,
     FileCheckpointWitness,
+    GrantSealer,
+    KekManager,
+    KekRegistry,
+    RecordStore,
+    S3BlobStore,
     S3CheckpointWitness,
+    S3Target,
+    SignatureStore,
+    SqlAuditLog,
+    SqlGrantStore,
+    SqlMetadataStore,
+    SqlPutRequests,
+    StorageError,
+    StoreLimits,
     WitnessError,
+    adopt_legacy,
+    make_engine,
+    make_minio_client,
+    upgrade,
 )
-from storage.backup.targets import S3Target
-from storage.commit_tags import CommitTagger
-from storage.errors import StorageError
-from storage.grant_seal import GrantSealer
-from storage.grants import GRANT_ADOPTER, SqlGrantStore
-from storage.grants_legacy import adopt_legacy
-from storage.kek import KekManager
-from storage.put_requests import SqlPutRequests
-from storage.records import RecordStore, StoreLimits
-from storage.s3_blobs import S3BlobStore, make_minio_client
-from storage.signatures import SignatureStore
-from storage.sql_metadata import SqlMetadataStore, make_engine, upgrade
 
 # Fault injection for the crash-safety tests (docs/operations.md): with this variable set
 # to "crash-before-commit" the process dies between the object upload and the metadata
 # commit, exactly where a power cut would hurt most.
 FAULT_ENV = "MEDVAULT_FAULT"
+
+
+@dataclass(frozen=True)
+class Application:
+    """The use cases of one service process: what the servicers call.
+
+    Typed by role where a Protocol exists, so a test can build one from in-memory fakes
+    (``tests/unit/fakes.py``) and the servicers cannot reach past a role to its backend.
+    """
+
+    records: RecordStore
+    access: AccessGuard
+    audit: AuditLog
+    signing: DocumentSigning
+    keys: KekRegistry
+    backups: Backups
 
 
 @dataclass
@@ -74,6 +105,14 @@ class Components:
     backup: BackupWiring
     revocation: RevocationList | None = None
     put_requests: SqlPutRequests | None = None
+
+    @property
+    def app(self) -> Application:
+        """The use cases the servicers call (the backends above stay with the process)."""
+        return Application(
+            records=self.store, access=self.guard, audit=self.audit_log,
+            signing=self.signing, keys=self.kek, backups=self.backup.backups,
+        )  # fmt: skip
 
     def missing_row(self, object_key: str) -> None:
         """The sweeper's report of a committed object without a row: a ``row-tampered``
@@ -275,7 +314,7 @@ def _wire(config: Config, pool: Pkcs11SessionPool) -> Components:
     kek.sync()  # register the token's KEK versions in kek_versions
     signing = DocumentSigning(
         SignatureStore(store, engine),
-        pool,
+        Pkcs11Signers(pool),
         SignatureValidator(_certificates(config.signing.trust_anchors, "trust_anchors")),
         chain=_certificates(config.signing.chain, "chain"),
     )

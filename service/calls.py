@@ -18,9 +18,9 @@ from grpc import aio
 from service.audit import AuditUnavailableError
 from service.authn import AuthenticationError
 from service.authz import PermissionDeniedError
-from service.errors import status_for
 from service.guard import AccessGuard, Call, CallFacts
 from service.limits import TooManyCallsError
+from service.status import status_for
 
 log = logging.getLogger(__name__)
 # Already audited (denials), summarised (over a share) or impossible to audit (trail down).

@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.errors import ServiceError
+
 # Longest wait for a request message that the edge allows (service.streams relies on it).
 MAX_IDLE_SECONDS = 300.0
 
 
-class ConfigError(Exception):
+class ConfigError(ServiceError):
     """The configuration file is missing or invalid; the message names the key."""
 
 

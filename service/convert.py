@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from service._gen.medvault.v1 import records_pb2 as pb
-from storage.errors import InvalidRecordError
-from storage.model import (
+from storage import (
+    InvalidRecordError,
     NewRecord,
     PatientRef,
     RecordInfo,

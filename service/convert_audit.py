@@ -11,11 +11,19 @@ from service._gen.medvault.v1 import access_pb2 as apb
 from service._gen.medvault.v1 import audit_pb2 as aupb
 from service._gen.medvault.v1 import records_pb2 as rpb
 from service.convert import timestamp_from_pb
-from storage.audit_model import AuditFilter, ChainedEvent, Outcome, VerifyResult
-from storage.break_glass import RESTORED_MARK, TAMPERED_MARK
-from storage.errors import InvalidRecordError
-from storage.grants import ALTERED_MARK, REASON_UNREADABLE_MARK, REVIEW_ALTERED_MARK
-from storage.grants_model import Grant
+from storage import (
+    ALTERED_MARK,
+    REASON_UNREADABLE_MARK,
+    RESTORED_MARK,
+    REVIEW_ALTERED_MARK,
+    TAMPERED_MARK,
+    AuditFilter,
+    ChainedEvent,
+    Grant,
+    InvalidRecordError,
+    Outcome,
+    VerifyResult,
+)
 
 _OUTCOMES: dict[aupb.Outcome, Outcome] = {
     aupb.OUTCOME_ALLOWED: "allowed",

@@ -44,7 +44,7 @@ from service.calls import CURRENT_CALL, CallState, facts, handled
 from service.guard import AccessGuard, source_host
 from service.limits import CallLimiter, Refusals, StreamDeadlineError, TooManyCallsError
 from service.wire import Rejected, decode
-from storage.errors import InvalidRecordError
+from storage import InvalidRecordError
 
 _MEDVAULT = "/medvault.v1."
 CALL_LIMIT_ACTION = "server.call_limit"

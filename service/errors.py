@@ -1,69 +1,16 @@
-"""The one table mapping domain errors to gRPC status codes.
+"""The service layer's error root; the gRPC status of each error is in ``service.status``.
 
-Messages of mapped errors are written for the caller (they name the field or the
-missing component, never patient data). Anything unmapped becomes INTERNAL with a
-correlation id; its details go to the log only.
+Every error the service raises for a caller or an operator derives from ``ServiceError``
+(as the storage layer's do from ``StorageError`` and the keystore's from
+``KeystoreError``), so a caller can tell a refusal of the service from a fault of a
+layer below. This module imports nothing of medvault: every service module may use it.
 """
 
 from __future__ import annotations
 
-import logging
-import uuid
 
-import grpc
-
-from keystore.errors import (
-    KeyNotFoundError,
-    KeystoreError,
-    PinError,
-    TokenUnavailableError,
-    UnwrapError,
-)
-from service.audit import AuditUnavailableError
-from service.authn import AuthenticationError, DelegationNotAllowedError
-from service.authz import PermissionDeniedError
-from service.limits import StreamDeadlineError, TooManyCallsError, UploadsBusyError
-from service.streams import StreamCancelledError
-from storage.errors import (
-    BackendUnavailableError,
-    IntegrityError,
-    InvalidRecordError,
-    RecordConflictError,
-    RecordNotFoundError,
-)
-
-log = logging.getLogger(__name__)
-
-# Most specific first: the first matching class wins.
-STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
-    (DelegationNotAllowedError, grpc.StatusCode.PERMISSION_DENIED),
-    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
-    (AuditUnavailableError, grpc.StatusCode.UNAVAILABLE),  # fail closed: no event, no data
-    (TooManyCallsError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # this caller only, over share
-    (UploadsBusyError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # every upload slot taken
-    (StreamDeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (StreamCancelledError, grpc.StatusCode.CANCELLED),
-    (InvalidRecordError, grpc.StatusCode.INVALID_ARGUMENT),
-    (RecordNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (RecordConflictError, grpc.StatusCode.FAILED_PRECONDITION),
-    (IntegrityError, grpc.StatusCode.DATA_LOSS),
-    (UnwrapError, grpc.StatusCode.DATA_LOSS),
-    (BackendUnavailableError, grpc.StatusCode.UNAVAILABLE),
-    (TokenUnavailableError, grpc.StatusCode.UNAVAILABLE),
-    (PinError, grpc.StatusCode.UNAVAILABLE),
-    (KeyNotFoundError, grpc.StatusCode.FAILED_PRECONDITION),
-    (KeystoreError, grpc.StatusCode.UNAVAILABLE),
-)
+class ServiceError(Exception):
+    """Root of the service layer's errors."""
 
 
-def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and caller-facing message for ``error``."""
-    for cls, code in STATUS_TABLE:
-        if isinstance(error, cls):
-            return code, str(error)
-    correlation = uuid.uuid4().hex[:12]
-    # The traceback goes to the log (which holds no patient data by construction of the
-    # domain errors); the caller gets only the correlation id.
-    log.error("unexpected error", exc_info=error, extra={"correlation_id": correlation})
-    return grpc.StatusCode.INTERNAL, f"internal error (correlation id {correlation})"
+__all__ = ["ServiceError"]

@@ -21,10 +21,7 @@ from service.authz import PermissionDeniedError
 from service.authz.model import Decision
 from service.authz.policy import PolicyHolder
 from service.incidents import IncidentDetector
-from storage.audit_log import Change
-from storage.audit_model import AuditEntry, Outcome
-from storage.grants import SqlGrantStore
-from storage.records import CommitGate, Gate, RecordRef
+from storage import AuditEntry, Change, CommitGate, Gate, Outcome, RecordRef, SqlGrantStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -84,6 +81,8 @@ class AccessGuard:
         self,
         policy: PolicyHolder,
         authenticator: Authenticator,
+        # The SQL store, not the GrantStore role: the officer's review queue
+        # (storage.break_glass) is built from it and needs its database (issue #9).
         grants: SqlGrantStore,
         trail: AuditTrail,
         incidents: IncidentDetector,

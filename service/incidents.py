@@ -18,15 +18,12 @@ from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import Counter
 
 from service.authz.model import IncidentConfig
-from storage.audit_model import AuditEntry
-
-if TYPE_CHECKING:  # the trail's checkpoints raise incidents too (signal, incident_entry)
-    from service.audit.trail import AuditTrail
+from storage import AuditEntry
 
 log = logging.getLogger(__name__)
 _TAMPER_MEMORY = 10_000  # resources remembered for the quiet window
@@ -73,13 +70,25 @@ class _Window:
         return False
 
 
+class EventRecorder(Protocol):
+    """Where incident events go: the audit trail (``service.audit.trail.AuditTrail``).
+
+    A Protocol rather than the trail's class: the trail's checkpoints raise incidents
+    too (``signal``, ``incident_entry``), so this module must not import the trail.
+    """
+
+    def record(self, entry: AuditEntry, /) -> object:
+        """Commit ``entry`` to the trail."""
+        ...
+
+
 class IncidentDetector:
     """Counts denials per source and reads per principal; raises incidents."""
 
     def __init__(
         self,
         thresholds: Callable[[], IncidentConfig],
-        trail: AuditTrail,
+        trail: EventRecorder,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._thresholds = thresholds

@@ -17,11 +17,11 @@ from collections.abc import AsyncIterator
 from cryptography import x509
 from grpc import aio
 
-from keystore import Pkcs11SessionPool
-from keystore.admin import SigningKeyKind
-from keystore.certificates import (
+from keystore import (
     CertificateMismatchError,
+    Pkcs11SessionPool,
     SignerSummary,
+    SigningKeyKind,
     create_signer_key,
     import_certificate,
     list_signers,

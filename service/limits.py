@@ -22,15 +22,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from service.authn import Principal
+from service.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
 
-class TooManyCallsError(Exception):
+class TooManyCallsError(ServiceError):
     """The caller holds its whole share of concurrent calls (RESOURCE_EXHAUSTED)."""
 
 
-class UploadsBusyError(Exception):
+class UploadsBusyError(ServiceError):
     """Every upload slot of the server is taken (RESOURCE_EXHAUSTED; server.max_uploads)."""
 
 
@@ -63,7 +64,7 @@ class UploadGate:
             self._open -= 1
 
 
-class StreamDeadlineError(Exception):
+class StreamDeadlineError(ServiceError):
     """A request stream stayed silent past its deadline (DEADLINE_EXCEEDED; service.edge)."""
 
 

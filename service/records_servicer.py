@@ -23,10 +23,21 @@ from service.calls import CallState, entered, handled
 from service.guard import NO_GRANT, AccessGuard, Call
 from service.limits import UploadGate
 from service.streams import SyncRequests, prefetch
-from storage.errors import InvalidRecordError, RecordNotFoundError
-from storage.model import NewRecord, PatientRef, RecordInfo, RecordQuery, StudySummary
-from storage.records import Gate, OpenRecord, RecordRef, RecordStore, StudyMember
-from storage.row_auth import RowTamperedError
+from storage import (
+    Gate,
+    InvalidRecordError,
+    NewRecord,
+    OpenRecord,
+    PatientRef,
+    RecordInfo,
+    RecordNotFoundError,
+    RecordQuery,
+    RecordRef,
+    RecordStore,
+    RowTamperedError,
+    StudyMember,
+    StudySummary,
+)
 
 
 def _content(requests: Iterator[pb.PutRecordRequest]) -> Iterator[bytes]:

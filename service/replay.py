@@ -19,10 +19,12 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from service.errors import ServiceError
+
 _MAX_JTI_LENGTH = 256
 
 
-class ReplayError(Exception):
+class ReplayError(ServiceError):
     """The token is not acceptable as a one-time token; the message never echoes it."""
 
 

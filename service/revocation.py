@@ -23,10 +23,12 @@ from pathlib import Path
 
 from cryptography import x509
 
+from service.errors import ServiceError
+
 log = logging.getLogger(__name__)
 
 
-class RevocationError(Exception):
+class RevocationError(ServiceError):
     """The CRL file is missing, unreadable, or not signed by the client CA."""
 
 

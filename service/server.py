@@ -17,7 +17,6 @@ from typing import Any
 import grpc
 import sqlalchemy as sa
 from grpc import aio
-from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -49,7 +48,7 @@ from service.limits import CallLimiter, UploadGate
 from service.metrics import MetricsInterceptor
 from service.records_servicer import RecordServicer
 from service.signing_servicer import SigningServicer
-from storage.sweeper import sweep_if_due
+from storage import sweep_if_due
 
 log = logging.getLogger(__name__)
 # Room for one content chunk plus the message framing around it.
@@ -120,29 +119,31 @@ async def create_server(
         # is only a backstop far above them, since whoever fills it locks everyone out.
         maximum_concurrent_rpcs=config.server.max_concurrent_rpcs,
     )
+    app = components.app  # the use cases; the servicers get nothing else
     records_pb2_grpc.add_RecordServiceServicer_to_server(
         RecordServicer(
-            components.store, components.guard, config.server.chunk_size,
+            app.records, app.access, config.server.chunk_size,
             UploadGate(config.server.upload_cap),
         ),
         server,
     )
     access_pb2_grpc.add_AccessServiceServicer_to_server(
-        AccessServicer(components.store, components.guard), server
+        AccessServicer(app.records, app.access), server
     )
     audit_pb2_grpc.add_AuditServiceServicer_to_server(
-        AuditServicer(components.store, components.guard, components.audit_log), server
+        AuditServicer(app.records, app.access, app.audit), server
     )
     signing_pb2_grpc.add_SigningServiceServicer_to_server(
-        SigningServicer(components.signing, components.guard), server
+        SigningServicer(app.signing, app.access), server
     )
     keys_pb2_grpc.add_KeyServiceServicer_to_server(
-        KeyServicer(components.kek, components.guard, components.pool), server
+        # The KekManager itself until KeyServicer takes the KekRegistry role (issue #9).
+        KeyServicer(components.kek, app.access, components.pool), server
     )
     backup_pb2_grpc.add_BackupServiceServicer_to_server(
-        BackupServicer(components.backup.backups, components.guard), server
+        BackupServicer(app.backups, app.access), server
     )
-    health_servicer = health_aio.HealthServicer()
+    health_servicer = health.aio.HealthServicer()  # the package's public alias
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (
         records_pb2.DESCRIPTOR.services_by_name["RecordService"].full_name,

@@ -25,10 +25,7 @@ from service.convert import resource_id, version_from_pb
 from service.guard import AccessGuard, Call
 from service.signing import DocumentSigning
 from service.signing.validation import Verdict
-from storage.audit_log import Change
-from storage.errors import InvalidRecordError
-from storage.records import Gate, RecordRef
-from storage.signatures import Signature
+from storage import Change, Gate, InvalidRecordError, RecordRef, Signature
 
 
 def signature_to_pb(signature: Signature) -> pb.SignatureInfo:

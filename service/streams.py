@@ -2,17 +2,20 @@
 
 The store (S3, SQL and PKCS#11 clients) is synchronous; it runs in worker threads.
 ``SyncRequests`` lets a worker pull request messages from the event loop (and learn
-that the call was cancelled), and
-``prefetch`` runs a blocking iterator in a worker so that producing the next chunk
-(S3 read, decryption) overlaps sending the current one.
+that the call was cancelled); the other way, ``run_in_thread`` (over ``ThreadToLoop``)
+is the one bridge from a worker thread to the loop: ``prefetch`` runs a blocking
+iterator on it so that producing the next chunk (S3 read, decryption) overlaps sending
+the current one, and long runs report their progress through it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import Generic, TypeVar
+
+from service.errors import ServiceError
 
 T = TypeVar("T")
 _END = object()
@@ -21,7 +24,7 @@ _END = object()
 IDLE_TIMEOUT_SECONDS = 360.0
 
 
-class StreamCancelledError(Exception):
+class StreamCancelledError(ServiceError):
     """The call was cancelled while its worker ran (CANCELLED): what it received must not
     be stored, since the end of its request stream may not have been the client's."""
 
@@ -89,58 +92,108 @@ class SyncRequests(Generic[T]):
         return item  # type: ignore[return-value]  # _END is the only non-T value
 
 
-class _Producer(Generic[T]):
-    """Runs ``make()`` in a worker thread, handing items to the loop ``depth`` ahead."""
+class ThreadToLoop(Generic[T]):
+    """Items from one worker thread to the event loop, in order, ``depth`` at most in
+    flight; the end and the worker's error travel the same way, so no caller needs a
+    sentinel of its own. ``run_in_thread`` is how it is used.
 
-    def __init__(self, make: Callable[[], Iterator[T]], depth: int) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.items: asyncio.Queue[tuple[object, BaseException | None]] = asyncio.Queue()
-        self.slots = threading.Semaphore(depth)
-        self.stop = threading.Event()
-        self._make = make
+    The consumer leaving (the client went away, the call was cancelled) or the loop
+    closing (the server is shutting down) sets ``gone``: the worker's next ``put`` says
+    so, and a worker that reports progress stops there.
+    """
 
-    def _hand_over(self, item: object, error: BaseException | None) -> None:
+    def __init__(self, depth: int | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._items: asyncio.Queue[tuple[object, BaseException | None]] = asyncio.Queue()
+        self._slots = threading.Semaphore(depth) if depth else None
+        self._gone = threading.Event()
+
+    @property
+    def gone(self) -> bool:
+        """Whether the consumer has stopped reading (or the loop closed)."""
+        return self._gone.is_set()
+
+    def put(self, item: T) -> bool:
+        """From the worker: hand ``item`` over, waiting while ``depth`` items are in
+        flight; False once the consumer has gone (the worker should stop)."""
+        if self._slots is not None:
+            self._slots.acquire()
+        if self._gone.is_set():
+            return False
+        return self._hand_over(item, None)
+
+    def end(self, error: BaseException | None = None) -> None:
+        """From the worker: no more items; ``error`` is raised in the consumer if given."""
+        self._hand_over(_END, error)
+
+    def _hand_over(self, item: object, error: BaseException | None) -> bool:
         try:
-            self.loop.call_soon_threadsafe(self.items.put_nowait, (item, error))
+            self._loop.call_soon_threadsafe(self._items.put_nowait, (item, error))
         except RuntimeError:  # the loop closed: the server is shutting down
-            self.stop.set()
+            self._gone.set()
+            return False
+        return True
 
-    def run(self) -> None:
-        iterator = self._make()
+    async def get(self) -> object:
+        """On the loop: the next item, or ``_END``; the worker's error is raised here."""
+        item, error = await self._items.get()
+        if error is not None:
+            raise error
+        if item is not _END and self._slots is not None:
+            self._slots.release()
+        return item
+
+    def leave(self) -> None:
+        """On the loop: the consumer stops reading; a worker waiting for room wakes."""
+        self._gone.set()
+        if self._slots is not None:
+            self._slots.release()
+
+
+async def run_in_thread(
+    work: Callable[[ThreadToLoop[T]], None], *, name: str, depth: int | None = None
+) -> AsyncGenerator[T, None]:
+    """Yield what ``work`` puts into its channel, ``work`` running in a thread of its own.
+
+    A thread of its own, not the shared pool: a client that stops reading, or a run
+    that lasts hours, holds only its own thread, never a worker that record calls, the
+    guard and the audit trail need. ``work``'s exception is re-raised here, unchanged.
+    Nothing starts until the first item is asked for.
+    """
+    channel: ThreadToLoop[T] = ThreadToLoop(depth)
+
+    def run() -> None:
         try:
-            for item in iterator:
-                self.slots.acquire()
-                if self.stop.is_set():
-                    return
-                self._hand_over(item, None)
-            self._hand_over(_END, None)
+            work(channel)
         except BaseException as e:  # noqa: BLE001  (handed to the consumer)
-            self._hand_over(_END, e)
-        finally:
-            close = getattr(iterator, "close", None)
-            if close is not None:
-                close()
+            channel.end(e)
+        else:
+            channel.end()
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    try:
+        while (item := await channel.get()) is not _END:
+            yield item  # type: ignore[misc]  # only _END is not a T
+    finally:
+        channel.leave()
 
 
-async def prefetch(make: Callable[[], Iterator[T]], depth: int = 2) -> AsyncIterator[T]:
+def prefetch(make: Callable[[], Iterator[T]], depth: int = 2) -> AsyncGenerator[T, None]:
     """Yield the items of ``make()``, produced in a worker thread up to ``depth`` ahead.
 
     Errors of the producer are re-raised here. If the consumer stops early (the client
     went away), the producer stops at its next item and closes its iterator.
     """
-    producer = _Producer(make, depth)
-    # A thread of its own, not the shared pool: a client that stops reading holds only
-    # its own producer, never a worker the guard and the audit trail need.
-    threading.Thread(target=producer.run, name="prefetch", daemon=True).start()
-    try:
-        while True:
-            item, error = await producer.items.get()
-            if error is not None:
-                raise error
-            if item is _END:
-                return
-            producer.slots.release()
-            yield item  # type: ignore[misc]  # only _END is not a T
-    finally:
-        producer.stop.set()
-        producer.slots.release()
+
+    def produce(channel: ThreadToLoop[T]) -> None:
+        iterator = make()
+        try:
+            for item in iterator:
+                if not channel.put(item):
+                    return
+        finally:
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    return run_in_thread(produce, name="prefetch", depth=depth)

@@ -25,7 +25,7 @@ import base64
 import io
 import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -34,7 +34,6 @@ from typing import Any, Final, Protocol
 from minio import Minio
 
 from storage.audit_model import Checkpoint
-from storage.backup.targets import S3Target
 from storage.errors import StorageError
 from storage.s3_blobs import VENDOR_ERRORS
 
@@ -133,10 +132,34 @@ def decode(data: bytes) -> Checkpoint | None:
         return None
 
 
+class LockedBucket(Protocol):
+    """A bucket written with Object Lock retention (``storage.backup.targets.S3Target``).
+
+    A Protocol, not the class: the backup package verifies audit chains (its drill
+    imports :mod:`storage.audit_verify`, which reads witnesses), so importing it here
+    would close an import cycle.
+    """
+
+    @property
+    def locking(self) -> bool:
+        """Whether objects are written with a retention."""
+        ...
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if absent, with Object Lock when retention is configured."""
+        ...
+
+    def put(self, key: str, chunks: Iterable[bytes]) -> int:
+        """Write ``key`` atomically from ``chunks``; return the bytes written."""
+        ...
+
+
 class S3CheckpointWitness:
     """Checkpoints as Object Lock objects in their own bucket (see the module docstring)."""
 
-    def __init__(self, client: Minio, target: S3Target, bucket: str, deployment: str) -> None:
+    def __init__(
+        self, client: Minio, target: LockedBucket, bucket: str, deployment: str
+    ) -> None:
         if not deployment or "/" in deployment:
             raise ValueError("the deployment name must be one path segment")
         self._client = client

@@ -35,7 +35,7 @@ import threading
 from collections import OrderedDict
 from datetime import datetime
 
-from keystore.interfaces import BlindIndexer
+from keystore import BlindIndexer
 from storage.grants_model import Grant
 from storage.sealing import seal_bytes, unseal_bytes
 

@@ -33,8 +33,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from keystore.errors import UnwrapError
-from keystore.interfaces import KeyWrapper, WrappedKey
+from keystore import KeyWrapper, UnwrapError, WrappedKey
 from storage.errors import (
     InvalidRecordError,
     KekInUseError,

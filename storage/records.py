@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 
 from sqlalchemy.engine import Connection
 
-from keystore.interfaces import BlindIndexer, KeyWrapper
+from keystore import BlindIndexer, KeyWrapper
 from storage.commit_tags import CommitTagger
 from storage.envelope import StreamingAead
 from storage.errors import (

@@ -24,8 +24,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from keystore.errors import UnwrapError
-from keystore.interfaces import BlindIndexer, KeyWrapper, WrappedKey
+from keystore import BlindIndexer, KeyWrapper, UnwrapError, WrappedKey
 from storage.errors import IntegrityError
 from storage.interfaces import StoredRecord
 from storage.model import RecordInfo, RecordKind

@@ -32,7 +32,8 @@ COMMITTED_TAG = ("medvault-committed", "1")
 T = TypeVar("T")
 
 # What the SDK and its transport raise; anything else is a bug and propagates as is.
-_VENDOR_ERRORS = (
+# Public: the other storage modules that talk to the SDK directly catch the same set.
+VENDOR_ERRORS = (
     S3Error,
     ServerError,
     InvalidResponseError,
@@ -40,8 +41,6 @@ _VENDOR_ERRORS = (
     OSError,
     ValueError,
 )
-# Public name for other storage modules that talk to the SDK directly.
-VENDOR_ERRORS = _VENDOR_ERRORS
 
 
 def make_minio_client(
@@ -80,8 +79,11 @@ def make_minio_client(
     )
 
 
-class _ChunkReader:
+class ChunkReader:
     """A read()-able view of a chunk iterator that buffers at most one request's worth.
+
+    The minio SDK uploads from a file-like object; ``S3BlobStore.put`` and the backup
+    target's locked writes (``storage.backup.targets``) hand it one of these.
 
     An exception from the iterator is remembered so ``put`` re-raises it unchanged:
     it is the caller's error (e.g. invalid content), not the object store's.
@@ -147,7 +149,7 @@ class S3BlobStore:
         The SDK aborts the multipart upload when any part (or the source) fails, so
         nothing becomes visible under ``key``.
         """
-        reader = _ChunkReader(chunks)
+        reader = ChunkReader(chunks)
         try:
             self._client.put_object(
                 self._bucket,
@@ -158,10 +160,10 @@ class S3BlobStore:
                 # Parallel uploads would hold several parts in memory at once.
                 num_parallel_uploads=1,
             )
-        except _VENDOR_ERRORS as e:
+        except VENDOR_ERRORS as e:
             if reader.failure is e:
                 raise  # the caller's stream failed: its error, unchanged
-            raise self._translate("put object", e) from e
+            raise self.translate_error("put object", e) from e
         return reader.total
 
     def read(self, key: str, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
@@ -232,11 +234,15 @@ class S3BlobStore:
         """Run one SDK call, translating its errors."""
         try:
             return fn()
-        except _VENDOR_ERRORS as e:
-            raise self._translate(operation, e) from e
+        except VENDOR_ERRORS as e:
+            raise self.translate_error(operation, e) from e
 
-    def _translate(self, operation: str, error: BaseException) -> StorageError:
-        """Map one SDK or transport error to the storage error hierarchy."""
+    def translate_error(self, operation: str, error: BaseException) -> StorageError:
+        """Map one SDK or transport error to the storage error hierarchy.
+
+        Public for code that calls the SDK on this store's bucket itself (the backup
+        target's Object Lock calls), so every S3 error reads the same.
+        """
         where = self._endpoint()
         if isinstance(error, S3Error):
             if error.code in _NOT_FOUND_CODES:

@@ -7,8 +7,10 @@ writer.
 
 from __future__ import annotations
 
+from service.errors import ServiceError
 
-class AuditError(Exception):
+
+class AuditError(ServiceError):
     """Root of the audit trail's errors."""
 
 

@@ -23,20 +23,25 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from prometheus_client import Counter
 
-from keystore.interfaces import Signer
+from keystore import Signer
 from service.audit import AuditChainError
 from service.incidents import incident_entry, signal
-from storage.audit_log import SqlAuditLog
-from storage.audit_model import (
+from storage import (
     GENESIS_HASH,
+    SIGNATURE_INVALID,
+    AuditLog,
     Checkpoint,
+    CheckpointWitness,
+    Problem,
     VerifyResult,
+    WitnessError,
     checkpoint_digest,
     checkpoint_message_v2,
+    gather,
     signed_message,
+    verify_chain,
+    verify_since,
 )
-from storage.audit_verify import SIGNATURE_INVALID, Problem, verify_chain, verify_since
-from storage.audit_witness import CheckpointWitness, WitnessError, gather
 
 logger = logging.getLogger(__name__)
 CHAIN_INCIDENT: Final = "audit-chain"
@@ -134,7 +139,7 @@ class Checkpointer:
 
     def __init__(
         self,
-        log: SqlAuditLog,
+        log: AuditLog,
         signer: Signer,
         witnesses: Sequence[CheckpointWitness] = (),
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, Final
 
-from storage.audit_model import ChainedEvent, event_document, format_time
+from storage import ChainedEvent, event_document, format_time
 
 FIELDS: Final = (
     "sequence", "time", "principal", "application", "role", "action", "resource",

@@ -39,15 +39,24 @@ from typing import Any, Final, TypeVar, cast
 
 from prometheus_client import Histogram
 
-from keystore.interfaces import Signer
+from keystore import Signer
 from service.audit import AuditUnavailableError
 from service.audit.checkpoints import Checkpointer, signature_checker
-from storage.audit_fields import normalise
-from storage.audit_log import Appended, Change, Pending, SqlAuditLog
-from storage.audit_model import GENESIS_HASH, AuditEntry, ChainedEvent, Checkpoint, VerifyResult
-from storage.audit_verify import verify_chain
-from storage.audit_witness import CheckpointWitness
-from storage.errors import BackendUnavailableError
+from storage import (
+    GENESIS_HASH,
+    Appended,
+    AuditEntry,
+    AuditLog,
+    BackendUnavailableError,
+    ChainedEvent,
+    Change,
+    Checkpoint,
+    CheckpointWitness,
+    Pending,
+    VerifyResult,
+    normalise,
+    verify_chain,
+)
 
 logger = logging.getLogger(__name__)
 # A read's data leaves only after its event commits: this is on every read's path.
@@ -84,7 +93,7 @@ class AuditTrail:
 
     def __init__(
         self,
-        log: SqlAuditLog,
+        log: AuditLog,
         signer: Signer | None,
         *,
         checkpoint_every: int = 1000,

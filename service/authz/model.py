@@ -20,6 +20,7 @@ from service.authz.permissions import (
     is_public,
     permission_for,
 )
+from service.errors import ServiceError
 
 # Asymmetric algorithms only: with HS* the verification key is the signing key, and a
 # public JWKS key used as an HMAC secret is the classic algorithm-confusion forgery.
@@ -27,7 +28,7 @@ SUPPORTED_ALGORITHMS = ("ES256", "RS256")
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
-class PolicyError(Exception):
+class PolicyError(ServiceError):
     """The policy file is missing or invalid; the message names the key and line."""
 
     def __init__(self, message: str, path: tuple[str, ...] = ()) -> None:
@@ -35,7 +36,7 @@ class PolicyError(Exception):
         self.path = path  # TOML key path of the offending entry, used to find its line
 
 
-class PermissionDeniedError(Exception):
+class PermissionDeniedError(ServiceError):
     """The caller is authenticated but not allowed to do this (PERMISSION_DENIED)."""
 
 

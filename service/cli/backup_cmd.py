@@ -29,6 +29,7 @@ from service._gen.medvault.v1 import backup_pb2 as bpb
 from service._gen.medvault.v1 import backup_pb2_grpc as bpb_grpc
 from service.backup.targets import backup_settings
 from service.cli.client import add_connection_flags, channel
+from service.cli.options import config_path
 from service.cli.tables import print_table, utc
 from service.config import BackupConfig, Config, ConfigError
 
@@ -176,10 +177,9 @@ def cmd_verify(ns: argparse.Namespace) -> int:
 
 
 def _offline_settings(ns: argparse.Namespace) -> tuple[Config, BackupConfig]:
-    from service.cli.main import _config_path  # noqa: PLC0415  (main imports this module)
     from service.config import load  # noqa: PLC0415
 
-    config = load(_config_path(ns))
+    config = load(config_path(ns))
     return config, backup_settings(
         config, target=ns.target or "", bucket=ns.bucket or "", directory=ns.directory or ""
     )
@@ -246,7 +246,7 @@ def cmd_public_key(ns: argparse.Namespace) -> int:
 
 
 def _non_negative(text: str) -> int:
-    from service.cli.options import non_negative_int  # noqa: PLC0415
+    from service.cli.options import non_negative_int  # noqa: PLC0415, config_path
 
     return non_negative_int(text)
 

@@ -22,17 +22,12 @@ from service._gen.medvault.v1 import keys_pb2 as kpb
 from service._gen.medvault.v1 import keys_pb2_grpc as kpb_grpc
 from service.cli.client import add_connection_flags, channel
 from service.cli.kek_cmd import register_kek
+from service.cli.options import config_path
 from service.cli.tables import print_table, utc
 from service.config import ConfigError
 
 INIT_ACTION = "keys.init_token"
 TIMEOUT = 60
-
-
-def _config_path(ns: argparse.Namespace) -> str:
-    from service.cli.main import _config_path as default_path  # noqa: PLC0415  (cycle)
-
-    return default_path(ns)
 
 
 def _stub(ns: argparse.Namespace) -> kpb_grpc.KeyServiceStub:
@@ -48,7 +43,7 @@ def cmd_init_token(ns: argparse.Namespace) -> int:
     from storage.sql_metadata import make_engine, upgrade  # noqa: PLC0415
 
     quiet_migrations()
-    config = load(_config_path(ns))
+    config = load(config_path(ns))
     with Pkcs11SessionPool(keystore_config(config)) as pool:
         created = ensure_keys(pool, pool.config)
         label = pool.config.token_label

@@ -23,20 +23,16 @@ from service.cli import (
     stack_cmd,
     studies_cmd,
 )
+from service.cli.options import config_path
 from service.config import ConfigError, load
 from storage.errors import StorageError
-
-
-def _config_path(ns: argparse.Namespace) -> str:
-    home = os.environ.get("MEDVAULT_HOME", ".medvault")
-    return str(ns.config or os.path.join(home, "config.toml"))
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
     """Run the gRPC service in the foreground."""
     from service.server import serve  # noqa: PLC0415  (keeps client commands light)
 
-    serve(load(_config_path(ns)))
+    serve(load(config_path(ns)))
     return 0
 
 
@@ -45,7 +41,7 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     from service.bootstrap import build  # noqa: PLC0415
     from storage.sweeper import sweep_orphans  # noqa: PLC0415
 
-    components = build(load(_config_path(ns)))
+    components = build(load(config_path(ns)))
     try:
         result = sweep_orphans(
             components.blobs, components.metadata, timedelta(seconds=ns.grace_seconds),

@@ -88,3 +88,9 @@ def add_time_flags(parser: argparse.ArgumentParser, *, until: bool = True) -> No
         parser.add_argument(
             "--until", type=parse_when, help="up to this time: ISO-8601 or a span (24h, 7d)"
         )
+
+
+def config_path(ns: argparse.Namespace) -> str:
+    """The config file: ``--config``, else ``$MEDVAULT_HOME/config.toml`` (``.medvault``)."""
+    home = os.environ.get("MEDVAULT_HOME", ".medvault")
+    return str(getattr(ns, "config", None) or os.path.join(home, "config.toml"))

@@ -27,15 +27,10 @@ from typing import Any
 from service._gen.medvault.v1 import backup_pb2 as bpb
 from service.cli.backup_cmd import Bars, _trusted_key, follow, human_size, stub
 from service.cli.client import add_connection_flags
+from service.cli.options import config_path
 from service.cli.tables import print_table
 
 RESTORE_ACTION = "backup.restore"
-
-
-def _config_path(ns: argparse.Namespace) -> str:
-    from service.cli.main import _config_path as default_path  # noqa: PLC0415  (cycle)
-
-    return default_path(ns)
 
 
 def console_principal() -> str:
@@ -82,7 +77,7 @@ def cmd_restore(ns: argparse.Namespace) -> int:
     from storage.sql_metadata import make_engine, upgrade  # noqa: PLC0415
 
     quiet_migrations()
-    source = load(_config_path(ns))
+    source = load(config_path(ns))
     into = load(ns.into)
     s = backup_settings(source, target=ns.target or "", bucket=ns.bucket or "",
                         directory=ns.directory or "")  # fmt: skip

@@ -20,15 +20,11 @@ from datetime import UTC, datetime
 
 from cryptography import x509
 
-from keystore.certificates import SignerUnusableError, load_certificate, signer
-from keystore.interfaces import Signer as KeySigner
-from keystore.pkcs11_session import Pkcs11SessionPool
+from keystore import Signer as KeySigner
+from keystore import SignerFactory, SignerUnusableError
 from service.signing.cms import algorithm_name, sign_digest
 from service.signing.validation import SignatureValidator, Verdict
-from storage.audit_log import Change
-from storage.errors import IntegrityError
-from storage.records import Gate
-from storage.signatures import NewSignature, Signature, SignatureStore
+from storage import Change, Gate, IntegrityError, NewSignature, RecordSignatures, Signature
 
 # How long a signer's key handle and certificate are reused before the token is asked
 # again (an operator may import a renewed certificate while the service runs).
@@ -62,13 +58,13 @@ class DocumentSigning:
 
     def __init__(
         self,
-        signatures: SignatureStore,
-        pool: Pkcs11SessionPool,
+        signatures: RecordSignatures,
+        signers: SignerFactory,
         validator: SignatureValidator,
         chain: Sequence[bytes] = (),
     ) -> None:
         self._signatures = signatures
-        self._pool = pool
+        self._signers = signers
         self._validator = validator
         self._chain = tuple(chain)
         self._cache: dict[str, SignerIdentity] = {}
@@ -79,8 +75,9 @@ class DocumentSigning:
         with self._lock:
             cached = self._cache.get(name)
         if cached is None or time.monotonic() - cached.loaded_at > SIGNER_CACHE_SECONDS:
-            key = signer(self._pool, name)  # first: a missing key names create-signer
-            der = load_certificate(self._pool, name)
+            # The key first: a missing key's error names create-signer.
+            key = self._signers.document_signer(name)
+            der = self._signers.document_certificate(name)
             cached = SignerIdentity(
                 name, key, der, x509.load_der_x509_certificate(der), time.monotonic()
             )

@@ -26,7 +26,7 @@ from asn1crypto import x509 as asn1_x509
 from pyhanko.sign.signers.pdf_cms import PdfCMSSignedAttributes, Signer
 from pyhanko_certvalidator.registry import SimpleCertificateStore
 
-from keystore.interfaces import Signer as KeySigner
+from keystore import Signer as KeySigner
 
 DIGEST_ALGORITHM = "sha256"
 

@@ -31,8 +31,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from keystore.errors import KeystoreError
-from keystore.interfaces import BlindIndexer, KeyWrapper, Signer
+from keystore import BlindIndexer, KeystoreError, KeyWrapper, Signer
 from storage.audit_log import SqlAuditLog
 from storage.audit_model import Checkpoint
 from storage.audit_verify import verify_chain

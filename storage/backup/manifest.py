@@ -31,7 +31,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from keystore.interfaces import Signer
+from keystore import Signer
 from storage.backup import BackupError
 
 FORMAT = "medvault-backup/1"

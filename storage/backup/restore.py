@@ -224,7 +224,7 @@ def _check_keks(spool: IO[bytes], keks: KekInventory, token_label: str) -> None:
     # The snapshot's own reader (one pass over the spooled file, rows not kept).
     needed = {
         int(row["kek_version"])
-        for table, row in snapshot._decoded_lines(_chunks(spool))
+        for table, row in snapshot.decoded_lines(_chunks(spool))
         if table == "records"
     }
     spool.seek(0)

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy.engine import Engine
 
-from keystore.interfaces import Signer
+from keystore import Signer
 from storage.backup import SourceIntegrityError
 from storage.backup.manifest import (
     OBJECTS_PREFIX,

@@ -164,7 +164,12 @@ def export(engine: Engine) -> SnapshotExport:
     return SnapshotExport(engine)
 
 
-def _decoded_lines(chunks: Iterable[bytes]) -> Iterator[tuple[str, dict[str, Any]]]:
+def decoded_lines(chunks: Iterable[bytes]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The (table, row) pairs of a gzipped snapshot, one line at a time.
+
+    ``SnapshotLoadError`` names the first malformed line; a restore also reads a
+    snapshot with this before loading it (the KEK versions its records need).
+    """
     gz = zlib.decompressobj(31)
     pending = b""
     number = 0
@@ -216,7 +221,7 @@ def load(engine: Engine, chunks: Iterable[bytes]) -> dict[str, int]:
     batch: list[dict[str, Any]] = []
     current: sa.Table | None = None
     with engine.begin() as connection:
-        lines = _decoded_lines(chunks)
+        lines = decoded_lines(chunks)
         first = next(lines, None)
         if first is None or first[0] != ALEMBIC:
             raise SnapshotLoadError("snapshot does not start with its schema revision")

@@ -30,7 +30,7 @@ from minio.retention import Retention
 
 from storage.backup import BackupError
 from storage.errors import RecordNotFoundError
-from storage.s3_blobs import _VENDOR_ERRORS, DEFAULT_PART_SIZE, S3BlobStore, _ChunkReader
+from storage.s3_blobs import DEFAULT_PART_SIZE, VENDOR_ERRORS, ChunkReader, S3BlobStore
 
 _READ_CHUNK = 1 << 20
 _TEMP_PREFIX = ".tmp-"
@@ -116,9 +116,9 @@ class S3Target:
                 self._client.make_bucket(bucket, object_lock=self._lock_days > 0)
         except S3Error as e:
             if e.code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
-                raise self._store._translate("create bucket", e) from e
-        except _VENDOR_ERRORS as e:
-            raise self._store._translate("create bucket", e) from e
+                raise self._store.translate_error("create bucket", e) from e
+        except VENDOR_ERRORS as e:
+            raise self._store.translate_error("create bucket", e) from e
 
     @property
     def locking(self) -> bool:
@@ -134,9 +134,9 @@ class S3Target:
             # Not configured, or a service without Object Lock: write without retention.
             if e.code in {"ObjectLockConfigurationNotFoundError", "NotImplemented"}:
                 return False
-            raise self._store._translate("read object lock configuration", e) from e
-        except _VENDOR_ERRORS as e:
-            raise self._store._translate("read object lock configuration", e) from e
+            raise self._store.translate_error("read object lock configuration", e) from e
+        except VENDOR_ERRORS as e:
+            raise self._store.translate_error("read object lock configuration", e) from e
         return True
 
     def put(self, key: str, chunks: Iterable[bytes]) -> int:
@@ -144,7 +144,7 @@ class S3Target:
         if not self.locking:
             return self._store.put(key, chunks)
         until = datetime.now(UTC) + timedelta(days=self._lock_days)
-        reader = _ChunkReader(chunks)
+        reader = ChunkReader(chunks)
         try:
             self._client.put_object(
                 self._store.bucket,
@@ -155,10 +155,10 @@ class S3Target:
                 num_parallel_uploads=1,
                 retention=Retention(self._lock_mode, until),
             )
-        except _VENDOR_ERRORS as e:
+        except VENDOR_ERRORS as e:
             if reader.failure is e:
                 raise
-            raise self._store._translate("put object", e) from e
+            raise self._store.translate_error("put object", e) from e
         return reader.total
 
     def stat(self, key: str) -> int | None:

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from keystore import Pkcs11SessionPool
+from keystore import Pkcs11SessionPool, Pkcs11Signers
 from keystore.certificates import create_signer_key, import_certificate, make_csr
 from keystore.signing import Pkcs11Signer
 from service.audit.trail import AuditTrail
@@ -87,7 +87,9 @@ class SignedSource:
     def signing(self) -> DocumentSigning:
         store = self.store()
         return DocumentSigning(
-            SignatureStore(store, self.source.engine), self.source.pool, self.signer.validator()
+            SignatureStore(store, self.source.engine),
+            Pkcs11Signers(self.source.pool),
+            self.signer.validator(),
         )
 
 
@@ -113,7 +115,9 @@ def populate(source: Source, signer: DocSigner) -> SignedSource:
                        supersedes=first.id)  # fmt: skip
     info = store.put(header, [amended], "test-app")
     digests[(info.id, info.version)] = hashlib.sha256(amended).digest()
-    signing = DocumentSigning(SignatureStore(store, source.engine), source.pool, signer.validator())
+    signing = DocumentSigning(
+        SignatureStore(store, source.engine), Pkcs11Signers(source.pool), signer.validator()
+    )
     signing.sign(
         info.id, info.version, signer.name, _admit,
         lambda _id, insert: run_in_transaction(source.engine, insert, write=True),

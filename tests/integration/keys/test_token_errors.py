@@ -22,7 +22,7 @@ from keystore import (
     WrappedKey,
 )
 from keystore.pkcs11_session import load_module
-from service.errors import status_for
+from service.status import status_for
 from tests.fixtures.softhsm import SoftHsmToken
 
 pytestmark = pytest.mark.integration

@@ -30,7 +30,7 @@ from service.authn import (
 )
 from service.authz import PolicyHolder
 from service.authz.policy import load
-from service.errors import status_for
+from service.status import status_for
 
 ROOT = Path(__file__).resolve().parents[3]
 ISSUER = "https://idp.hospital.example"

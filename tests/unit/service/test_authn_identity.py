@@ -17,9 +17,9 @@ from cryptography.x509.oid import NameOID
 
 from service.authn import AuthenticationError, Authenticator
 from service.authz import PolicyHolder
-from service.errors import status_for
 from service.replay import ReplayCache, ReplayError
 from service.revocation import RevocationError, RevocationList, load_crl
+from service.status import status_for
 from tests.unit.service.test_authn import PEER, POLICY, Keys, _bearer, _cert_context, _es256
 
 
