@@ -27,10 +27,14 @@ def _stub(ns: argparse.Namespace) -> pb_grpc.SigningServiceStub:
 
 
 def cmd_sign(ns: argparse.Namespace) -> int:
-    """Sign a record version with the caller's signer."""
-    request = pb.SignRecordRequest(record_id=ns.record, version=ns.version, signer=ns.signer)
+    """Sign a record version with the caller's signer (``--pades``: a new PDF version)."""
+    fmt = pb.SIGNATURE_FORMAT_PADES if ns.pades else pb.SIGNATURE_FORMAT_CADES_DETACHED
+    request = pb.SignRecordRequest(
+        record_id=ns.record, version=ns.version, signer=ns.signer, format=fmt
+    )
     info = _stub(ns).SignRecord(request, timeout=TIMEOUT)
-    print(f"signature {info.id}: record {info.record_id} v{info.version} signed by "
+    what = "PAdES signature embedded in new version" if ns.pades else "signed"
+    print(f"signature {info.id}: record {info.record_id} v{info.version} {what} by "
           f"{info.signer} ({info.algorithm}) at {utc(info.signing_time)}")  # fmt: skip
     return 0
 
@@ -79,6 +83,11 @@ def register(sub: Any) -> None:
     sign.add_argument("record")
     sign.add_argument("--signer", required=True, help="signer name (your own principal)")
     sign.add_argument("--version", type=int, default=0, help="0 = latest")
+    sign.add_argument(
+        "--pades", action="store_true",
+        help="PDF records: embed a PAdES-B-B signature in a new version (PDF readers show "
+        "it) instead of a detached .p7s",
+    )  # fmt: skip
     sign.set_defaults(func=cmd_sign)
     verify = sub.add_parser("verify", help="verify every signature of a record")
     verify.add_argument("record")
