@@ -34,6 +34,7 @@ from pyhanko.sign.validation.pdf_embedded import (
 from pyhanko.sign.validation.settings import KeyUsageConstraints
 from pyhanko.sign.validation.status import SignatureCoverageLevel, StandardCMSSignatureStatus
 from pyhanko_certvalidator import ValidationContext
+from pyhanko_certvalidator.errors import InvalidCertificateError
 
 from service.signing.cms import DIGEST_ALGORITHM
 
@@ -42,6 +43,12 @@ _USAGE = KeyUsageConstraints(
     extd_key_usage={"email_protection", "any_extended_key_usage"},
     explicit_extd_key_usage_required=False,
 )
+
+# pyHanko's PDF validator rebuilds its constraints without explicit_extd_key_usage_required
+# (so a certificate without an EKU extension would fail there): it checks key usage only,
+# and validate_pdf applies _USAGE to the signer's certificate itself, as for CAdES.
+_PDF_USAGE = KeyUsageConstraints(key_usage={"non_repudiation"})
+_USAGE_FAILED = "certificate chain constraints failed (key usage or CA flags)"
 
 
 def load_pem_certificates(path: str) -> list[bytes]:
@@ -102,13 +109,19 @@ class SignatureValidator:
                 async_validate_pdf_signature(
                     embedded,
                     signer_validation_context=self._context(signing_time),
-                    key_usage_settings=_USAGE,
+                    key_usage_settings=_PDF_USAGE,
                 )
             )
         except Exception as e:  # noqa: BLE001  (any malformed input is just "invalid")
             return Verdict(False, f"malformed signature ({type(e).__name__})")
         verdict = _verdict(status)
-        if verdict.valid and status.coverage != SignatureCoverageLevel.ENTIRE_FILE:
+        if not verdict.valid:
+            return verdict
+        try:
+            _USAGE.validate(status.signing_cert)
+        except InvalidCertificateError:
+            return Verdict(False, _USAGE_FAILED)
+        if status.coverage != SignatureCoverageLevel.ENTIRE_FILE:
             return Verdict(False, "the PDF was changed after it was signed")
         return verdict
 
@@ -178,7 +191,7 @@ _TRUST_REASONS = {
     "OUT_OF_BOUNDS_NOT_REVOKED": "certificate not valid at the signing time (expired or not yet)",
     "EXPIRED": "certificate expired at the signing time",
     "NOT_YET_VALID": "certificate not yet valid at the signing time",
-    "CHAIN_CONSTRAINTS_FAILURE": "certificate chain constraints failed (key usage or CA flags)",
+    "CHAIN_CONSTRAINTS_FAILURE": _USAGE_FAILED,
     "REVOKED": "certificate revoked",
     "REVOKED_NO_POE": "certificate revoked",
     "CRYPTO_CONSTRAINTS_FAILURE": "algorithm or key size not allowed at the signing time",
