@@ -29,6 +29,7 @@ from service._gen.medvault.v1 import audit_pb2 as aupb
 from service._gen.medvault.v1 import records_pb2 as pb
 from service._gen.medvault.v1 import signing_pb2 as spb
 from service._gen.medvault.v1 import signing_pb2_grpc as spb_grpc
+from service.signing.pades import MAX_PADES_BYTES
 from tests.content import pdf
 from tests.integration.access.helpers import Client, code_of, events, grant, new_patient
 from tests.integration.signing.conftest import SigningStack
@@ -44,8 +45,10 @@ def _stub(c: Client) -> spb_grpc.SigningServiceStub:
 
 def _put(c: Client, patient: pb.PatientId, content: bytes, kind: int) -> str:
     head = pb.RecordHeader(patient=patient, kind=kind, content_type="application/pdf")
-    stream = iter([pb.PutRecordRequest(header=head), pb.PutRecordRequest(chunk=content)])
-    return str(c.records.PutRecord(stream, timeout=TIMEOUT).id)
+    pieces = [content[i : i + (1 << 20)] for i in range(0, len(content), 1 << 20)]
+    stream = iter([pb.PutRecordRequest(header=head)]
+                  + [pb.PutRecordRequest(chunk=p) for p in pieces])  # fmt: skip
+    return str(c.records.PutRecord(stream, timeout=120).id)
 
 
 def _record(
@@ -249,3 +252,18 @@ def test_cades_detached_stays_the_default(stack: SigningStack) -> None:
     assert [(r.valid, r.signature.format) for r in results] == [
         (True, spb.SIGNATURE_FORMAT_CADES_DETACHED)
     ]
+
+
+def test_pdf_over_the_pades_cap_is_refused(stack: SigningStack) -> None:
+    """The refusal names the field and the cap, and stores nothing; CAdES still signs."""
+    big = pdf("big synthetic", filler=bytes(MAX_PADES_BYTES))
+    record_id = _record(stack, "dr-ec", content=big)
+    with pytest.raises(grpc.RpcError) as raised:
+        _sign(stack, "dr-ec", record_id)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = raised.value.details() or ""
+    assert details.startswith("format:")
+    assert str(MAX_PADES_BYTES) in details
+    assert _latest_version(stack, "dr-ec", record_id) == 1
+    info = _sign(stack, "dr-ec", record_id, spb.SIGNATURE_FORMAT_CADES_DETACHED)
+    assert info.version == 1  # a detached signature has no size cap
