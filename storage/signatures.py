@@ -247,6 +247,11 @@ class SignatureStore:
         opened, dek = self._records.open_with_key(info.id, info.version, content=False)
         return SignedRecord(self, opened, dek)
 
+    def latest_version(self, record_id: str) -> int:
+        """The record's latest version number (its row verified; no event: the caller
+        has opened a version of this record through its gate already)."""
+        return self._records.stat(record_id).version
+
     def get(self, signature_id: str, *, admit: Gate) -> tuple[RecordInfo, Signature]:
         """One signature by id, with the record it signs (``admit`` runs on that record)."""
         if not _SIGNATURE_ID.match(signature_id):

@@ -40,7 +40,7 @@ from service.signing.pades import (
 )
 from service.signing.validation import SignatureValidator, Verdict
 from storage.audit_log import Change
-from storage.errors import IntegrityError, InvalidRecordError
+from storage.errors import IntegrityError, InvalidRecordError, RecordConflictError
 from storage.model import NewRecord, RecordKind
 from storage.records import CommitGate, Gate
 from storage.signatures import NewSignature, Signature, SignatureStore, SignedRecord
@@ -186,6 +186,12 @@ class DocumentSigning:
                 "format", f"PADES signs PDF records only; this record is {info.kind.value}"
             )
         check_size(info.size)  # before reading a byte
+        latest = self._signatures.latest_version(info.id)
+        if info.version != latest:
+            raise RecordConflictError(
+                f"version: PADES signs the latest version only ({latest}), as it adds one; "
+                f"sign version {info.version} as CADES_DETACHED"
+            )
         pdf = read_bounded(signed.content)
         if not secrets.compare_digest(hashlib.sha256(pdf).digest(), info.sha256):
             raise IntegrityError("stored record failed authentication")

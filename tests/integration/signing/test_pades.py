@@ -172,6 +172,12 @@ def test_cosigning_with_pades_keeps_the_first_signature(stack: SigningStack) -> 
     assert [(r.signature.id, r.valid) for r in _verify(stack, "dr-ec", record_id, 2)] == [
         (first.id, True)
     ]
+    older = spb.SignRecordRequest(record_id=record_id, version=2, signer="dr-ec", format=PADES)
+    with pytest.raises(grpc.RpcError) as raised:
+        _stub(stack.clients["dr-ec"]).SignRecord(older, timeout=TIMEOUT)
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "latest version only (3)" in (raised.value.details() or "")
+    assert _latest_version(stack, "dr-ec", record_id) == 3
     _, signed = _read(stack.clients["dr-ec"], record_id)
     statuses = [_pyhanko_status(stack, e) for e in _embedded(signed)]
     assert [s.bottom_line for s in statuses] == [True, True]  # the first: a benign update
