@@ -7,6 +7,8 @@ key may be used only by its own principal (a person's certificate CN, or the use
 application delegates for); anything else is denied and audited on ``signer/<name>``.
 A new signature is audited once more, as ``signature/<id>``: that event commits in the
 same transaction as the signature row (``AccessGuard.audit_change``), or neither does.
+A PAdES signature also writes a new version of the PDF record, audited as a put is
+(``record/<id>/v<n>``, committed with the version's row) under ``signatures.sign``.
 """
 
 from __future__ import annotations
@@ -23,13 +25,33 @@ from service.authz import PermissionDeniedError
 from service.calls import CallState, entered, handled
 from service.convert import resource_id, version_from_pb
 from service.guard import AccessGuard, Call
-from service.signing import DocumentSigning
+from service.signing import DocumentSigning, SignatureFormat, VersionWriter
 from service.signing.validation import Verdict
 from storage import Change, Gate, InvalidRecordError, RecordRef, Signature
 
+_FORMATS: dict[int, SignatureFormat] = {
+    pb.SIGNATURE_FORMAT_UNSPECIFIED: SignatureFormat.CADES_DETACHED,
+    pb.SIGNATURE_FORMAT_CADES_DETACHED: SignatureFormat.CADES_DETACHED,
+    pb.SIGNATURE_FORMAT_PADES: SignatureFormat.PADES,
+}
+_FORMATS_PB = {
+    SignatureFormat.CADES_DETACHED: pb.SIGNATURE_FORMAT_CADES_DETACHED,
+    SignatureFormat.PADES: pb.SIGNATURE_FORMAT_PADES,
+}
 
-def signature_to_pb(signature: Signature) -> pb.SignatureInfo:
-    """The API view of a stored signature (no ``.p7s`` bytes)."""
+
+def format_from_pb(value: int) -> SignatureFormat:
+    """The requested format (unspecified: CAdES detached); unknown values are refused."""
+    try:
+        return _FORMATS[value]
+    except KeyError:
+        raise InvalidRecordError("format", "is not a known signature format") from None
+
+
+def signature_to_pb(
+    signature: Signature, fmt: SignatureFormat | None = None
+) -> pb.SignatureInfo:
+    """The API view of a stored signature (no ``.p7s`` bytes); its format when known."""
     signing_time = Timestamp()
     signing_time.FromDatetime(signature.signing_time.astimezone(UTC))
     return pb.SignatureInfo(
@@ -40,12 +62,15 @@ def signature_to_pb(signature: Signature) -> pb.SignatureInfo:
         certificate_subject=signature.certificate_subject,
         signing_time=signing_time,
         algorithm=signature.algorithm,
+        format=_FORMATS_PB[fmt] if fmt else pb.SIGNATURE_FORMAT_UNSPECIFIED,
     )
 
 
-def _verification(signature: Signature, verdict: Verdict) -> pb.SignatureVerification:
+def _verification(
+    signature: Signature, verdict: Verdict, fmt: SignatureFormat
+) -> pb.SignatureVerification:
     return pb.SignatureVerification(
-        signature=signature_to_pb(signature), valid=verdict.valid, reason=verdict.reason
+        signature=signature_to_pb(signature, fmt), valid=verdict.valid, reason=verdict.reason
     )
 
 
@@ -92,11 +117,18 @@ class SigningServicer(pb_grpc.SigningServiceServicer):  # type: ignore[misc]  # 
             return self._guard.audit_change(call, state.resource, insert, gate.patient_index)
 
         version = version_from_pb(request.version, "version")
+        if format_from_pb(request.format) is SignatureFormat.PADES:
+            writer = VersionWriter(
+                call.principal.name, self._guard.scope_gate(call), self._guard.commit_gate(call)
+            )
+            return self._signing.sign_pades(
+                request.record_id, version, request.signer, gate, writer=writer, commit=commit
+            )
         return self._signing.sign(request.record_id, version, request.signer, gate, commit)
 
     def _verify(
         self, state: CallState, request: pb.VerifyRecordRequest
-    ) -> list[tuple[Signature, Verdict]]:
+    ) -> list[tuple[Signature, Verdict, SignatureFormat]]:
         call = entered(state)
         gate = self._guard.patient_gate(call)
         version = version_from_pb(request.version, "version")
@@ -115,7 +147,7 @@ class SigningServicer(pb_grpc.SigningServiceServicer):  # type: ignore[misc]  # 
         async with handled(self._guard, context, "SignRecord") as state:
             state.resource = f"record/{resource_id(request.record_id)}"
             signature = await asyncio.to_thread(self._sign, state, request)
-            return signature_to_pb(signature)
+            return signature_to_pb(signature, format_from_pb(request.format))
         raise AssertionError("unreachable")  # pragma: no cover  (abort raised)
 
     async def VerifyRecord(  # noqa: N802
@@ -125,7 +157,7 @@ class SigningServicer(pb_grpc.SigningServiceServicer):  # type: ignore[misc]  # 
         async with handled(self._guard, context, "VerifyRecord") as state:
             state.resource = f"record/{resource_id(request.record_id)}"
             results = await asyncio.to_thread(self._verify, state, request)
-            return pb.VerifyRecordResponse(results=[_verification(s, v) for s, v in results])
+            return pb.VerifyRecordResponse(results=[_verification(*r) for r in results])
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def GetSignature(  # noqa: N802

@@ -17,7 +17,7 @@ event, so an action and its audit event happen together or not at all.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
@@ -27,8 +27,8 @@ from storage.backup.runs import RunKind, RunOutcome, ScheduledRun, SqlRunLedger
 from storage.grants import SqlGrantStore
 from storage.grants_model import Grant
 from storage.kek import DEFAULT_BATCH, Committer, KekManager, KekVersionInfo, RewrapJob
-from storage.model import RecordInfo
-from storage.records import Gate
+from storage.model import NewRecord, RecordInfo
+from storage.records import CommitGate, Gate
 from storage.signatures import Signature, SignatureStore, SignedRecord
 
 T = TypeVar("T")
@@ -146,6 +146,22 @@ class RecordSignatures(Protocol):
 
     def get(self, signature_id: str, *, admit: Gate) -> tuple[RecordInfo, Signature]:
         """One signature with the record it signs (``admit`` runs on that record)."""
+        ...
+
+    def add_version(
+        self,
+        header: NewRecord,
+        content: Iterable[bytes],
+        creator: str,
+        *,
+        admit: Gate,
+        on_commit: CommitGate,
+    ) -> SignedRecord:
+        """Store a new version (a PAdES-signed PDF) and open it to attach its signature."""
+        ...
+
+    def latest_version(self, record_id: str) -> int:
+        """The record's latest version number."""
         ...
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -35,8 +35,8 @@ from sqlalchemy.engine import Connection, Engine, Row
 
 from storage.audit_log import Change
 from storage.errors import InvalidRecordError, RecordNotFoundError
-from storage.model import RecordInfo
-from storage.records import Gate, OpenRecord, RecordStore
+from storage.model import NewRecord, RecordInfo
+from storage.records import CommitGate, Gate, OpenRecord, RecordStore
 from storage.row_auth import associated_data
 from storage.sealing import seal_bytes
 from storage.sealing import unseal_bytes as _unseal
@@ -227,6 +227,30 @@ class SignatureStore:
         """Open a record version (``admit`` checks scope and audits first)."""
         opened, dek = self._records.open_with_key(record_id, version, admit=admit, content=content)
         return SignedRecord(self, opened, dek)
+
+    def add_version(
+        self,
+        header: NewRecord,
+        content: Iterable[bytes],
+        creator: str,
+        *,
+        admit: Gate,
+        on_commit: CommitGate,
+    ) -> SignedRecord:
+        """Store a new version (a PDF with an embedded signature) and open it, without
+        content, to attach that signature's row.
+
+        The write passes ``admit`` and commits with its own event through ``on_commit``,
+        as a put does; the reopening is part of the same call and audits nothing more.
+        """
+        info = self._records.put(header, content, creator, admit=admit, on_commit=on_commit)
+        opened, dek = self._records.open_with_key(info.id, info.version, content=False)
+        return SignedRecord(self, opened, dek)
+
+    def latest_version(self, record_id: str) -> int:
+        """The record's latest version number (its row verified; no event: the caller
+        has opened a version of this record through its gate already)."""
+        return self._records.stat(record_id).version
 
     def get(self, signature_id: str, *, admit: Gate) -> tuple[RecordInfo, Signature]:
         """One signature by id, with the record it signs (``admit`` runs on that record)."""

@@ -6,25 +6,52 @@ and the digest is signed in the token as a detached CAdES-BES ``.p7s``
 (``service.signing.cms``) or checked against every stored signature
 (``service.signing.validation``). Signer keys and certificates live on the token
 (``keystore.certificates``).
+
+A PDF record may instead be signed with PAdES (``service.signing.pades``): the signed
+PDF, with the signature embedded, is stored as a new version of the record, and the
+signature's row is attached to that version (its CMS is the ``.p7s`` then). Verifying
+recognises such a row by finding its CMS embedded in the version's PDF.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cryptography import x509
+from pyhanko.sign.validation.pdf_embedded import EmbeddedPdfSignature
 
 from keystore import Signer as KeySigner
 from keystore import SignerFactory, SignerUnusableError
 from service.signing.cms import algorithm_name, sign_digest
+from service.signing.pades import (
+    MAX_PADES_BYTES,
+    check_size,
+    embedded_by_cms,
+    read_bounded,
+    sign_pdf,
+)
 from service.signing.validation import SignatureValidator, Verdict
-from storage import Change, Gate, IntegrityError, NewSignature, RecordSignatures, Signature
+from storage import (
+    Change,
+    CommitGate,
+    Gate,
+    IntegrityError,
+    InvalidRecordError,
+    NewRecord,
+    NewSignature,
+    RecordConflictError,
+    RecordKind,
+    RecordSignatures,
+    Signature,
+    SignedRecord,
+)
 
 # How long a signer's key handle and certificate are reused before the token is asked
 # again (an operator may import a renewed certificate while the service runs).
@@ -32,6 +59,24 @@ SIGNER_CACHE_SECONDS = 60.0
 
 # Stores a prepared signature (its id, the change inserting it) with its audit event.
 CommitSignature = Callable[[str, Change[Signature]], Signature]
+# Pieces of a signed PDF as it is stored (the record store encrypts it segment by segment).
+PIECE_SIZE = 1 << 20
+
+
+class SignatureFormat(enum.Enum):
+    """How a signature is made and kept."""
+
+    CADES_DETACHED = "cades-detached"  # a .p7s beside the unchanged version
+    PADES = "pades"  # embedded in a new version of a PDF record
+
+
+@dataclass(frozen=True, slots=True)
+class VersionWriter:
+    """How a PAdES-signed PDF is written for the caller: as a put would be."""
+
+    creator: str
+    admit: Gate
+    on_commit: CommitGate
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +88,12 @@ class SignerIdentity:
     certificate_der: bytes
     certificate: x509.Certificate
     loaded_at: float
+
+
+def _pieces(data: bytes) -> Iterator[bytes]:
+    view = memoryview(data)
+    for start in range(0, len(view), PIECE_SIZE):
+        yield bytes(view[start : start + PIECE_SIZE])
 
 
 def content_digest(chunks: Iterable[bytes]) -> bytes:
@@ -119,16 +170,89 @@ class DocumentSigning:
         signature_id, insert = signed.prepare(new)
         return commit(signature_id, insert)
 
+    def sign_pades(
+        self,
+        record_id: str,
+        version: int | None,
+        name: str,
+        admit: Gate,
+        *,
+        writer: VersionWriter,
+        commit: CommitSignature,
+    ) -> Signature:
+        """Embed a PAdES-B-B signature by ``name`` in a PDF record's latest version,
+        store the result as the next version, and attach the signature to it.
+
+        The new version commits with its write event (``writer``), then the signature
+        row with its own event (``commit``). Should the second fail, the new version
+        still carries its embedded signature, but ``VerifyRecord`` lists none.
+        """
+        identity = self.identity(name)
+        signed = self._signatures.open(record_id, version, admit=admit)
+        info = signed.info
+        if info.kind is not RecordKind.PDF:
+            raise InvalidRecordError(
+                "format", f"PADES signs PDF records only; this record is {info.kind.value}"
+            )
+        check_size(info.size)  # before reading a byte
+        latest = self._signatures.latest_version(info.id)
+        if info.version != latest:
+            raise RecordConflictError(
+                f"version: PADES signs the latest version only ({latest}), as it adds one; "
+                f"sign version {info.version} as CADES_DETACHED"
+            )
+        pdf = read_bounded(signed.content)
+        if not secrets.compare_digest(hashlib.sha256(pdf).digest(), info.sha256):
+            raise IntegrityError("stored record failed authentication")
+        result = sign_pdf(identity.key, identity.certificate_der, pdf, self._chain)
+        del pdf
+        header = NewRecord(
+            patient=info.patient, kind=RecordKind.PDF, content_type=info.content_type,
+            title=info.title, supersedes=info.id, supersedes_version=info.version,
+        )  # fmt: skip
+        added = self._signatures.add_version(
+            header, _pieces(result.pdf), writer.creator,
+            admit=writer.admit, on_commit=writer.on_commit,
+        )  # fmt: skip
+        new = NewSignature(
+            signer=name,
+            certificate_subject=identity.certificate.subject.rfc4514_string(),
+            algorithm=algorithm_name(identity.certificate_der),
+            signing_time=result.signing_time,
+            p7s=result.cms,
+        )
+        signature_id, insert = added.prepare(new)
+        return commit(signature_id, insert)
+
     def verify(
         self, record_id: str, version: int | None, admit: Gate
-    ) -> list[tuple[Signature, Verdict]]:
-        """Every signature of the version, each with its verdict (content hashed once)."""
+    ) -> list[tuple[Signature, Verdict, SignatureFormat]]:
+        """Every signature of the version, each with its verdict and format (content
+        read once: hashed as it streams, or held whole for a PDF that may embed some)."""
         signed = self._signatures.open(record_id, version, admit=admit)
         stored = signed.signatures()
         if not stored:
             return []
-        digest = content_digest(signed.content)
-        return [(s, self._validator.validate(s.p7s, digest, s.signing_time)) for s in stored]
+        digest, embedded = self._read_for_verify(signed)
+        results = []
+        for s in stored:
+            pdf_signature = embedded.get(s.p7s)
+            if pdf_signature is not None:
+                verdict = self._validator.validate_pdf(pdf_signature, s.signing_time)
+                results.append((s, verdict, SignatureFormat.PADES))
+            else:
+                verdict = self._validator.validate(s.p7s, digest, s.signing_time)
+                results.append((s, verdict, SignatureFormat.CADES_DETACHED))
+        return results
+
+    @staticmethod
+    def _read_for_verify(signed: SignedRecord) -> tuple[bytes, dict[bytes, EmbeddedPdfSignature]]:
+        """The content's SHA-256, and the PDF's embedded signatures by their CMS."""
+        info = signed.info
+        if info.kind is not RecordKind.PDF or info.size > MAX_PADES_BYTES:
+            return content_digest(signed.content), {}
+        pdf = read_bounded(signed.content)
+        return hashlib.sha256(pdf).digest(), embedded_by_cms(pdf)
 
     def get(self, signature_id: str, admit: Gate) -> Signature:
         """One stored signature (its record passes ``admit`` first)."""

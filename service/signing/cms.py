@@ -62,8 +62,8 @@ class TokenCmsSigner(Signer):
         """Sign SHA-256(``data``) (the DER signed attributes) in the token."""
         if digest_algorithm != DIGEST_ALGORITHM:
             raise ValueError(f"only {DIGEST_ALGORITHM} is supported, not {digest_algorithm}")
-        if dry_run:  # pragma: no cover  (pyHanko asks only when sizing PDF placeholders)
-            return bytes(512)
+        if dry_run:  # PAdES: pyHanko sizes the PDF's /Contents placeholder with this;
+            return bytes(512)  # more than RSA-2048 (256) or DER ECDSA P-256 (<= 72) needs
         return self._key_signer.sign(data)
 
 

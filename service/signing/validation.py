@@ -10,6 +10,10 @@ The signing time is the one the server recorded when it signed (it equals the
 signed ``signing-time`` attribute); without a trusted timestamp that is the best
 evidence of when the signature was made. No network fetching: revocation is checked
 only from what the configuration provides (none by default, "soft-fail").
+
+A PAdES signature embedded in a PDF (``service.signing.pades``) is checked the same way
+by pyHanko's PDF validator, which hashes the signature's byte range itself, and must
+cover the whole file: the stored version is the one that was signed last.
 """
 
 from __future__ import annotations
@@ -23,9 +27,14 @@ from pathlib import Path
 from asn1crypto import cms, pem
 from asn1crypto import x509 as asn1_x509
 from pyhanko.sign.validation.generic_cms import cms_basic_validation, collect_timing_info
+from pyhanko.sign.validation.pdf_embedded import (
+    EmbeddedPdfSignature,
+    async_validate_pdf_signature,
+)
 from pyhanko.sign.validation.settings import KeyUsageConstraints
-from pyhanko.sign.validation.status import StandardCMSSignatureStatus
+from pyhanko.sign.validation.status import SignatureCoverageLevel, StandardCMSSignatureStatus
 from pyhanko_certvalidator import ValidationContext
+from pyhanko_certvalidator.errors import InvalidCertificateError
 
 from service.signing.cms import DIGEST_ALGORITHM
 
@@ -34,6 +43,12 @@ _USAGE = KeyUsageConstraints(
     extd_key_usage={"email_protection", "any_extended_key_usage"},
     explicit_extd_key_usage_required=False,
 )
+
+# pyHanko's PDF validator rebuilds its constraints without explicit_extd_key_usage_required
+# (so a certificate without an EKU extension would fail there): it checks key usage only,
+# and validate_pdf applies _USAGE to the signer's certificate itself, as for CAdES.
+_PDF_USAGE = KeyUsageConstraints(key_usage={"non_repudiation"})
+_USAGE_FAILED = "certificate chain constraints failed (key usage or CA flags)"
 
 
 def load_pem_certificates(path: str) -> list[bytes]:
@@ -85,18 +100,46 @@ class SignatureValidator:
             return Verdict(False, f"malformed signature ({type(e).__name__})")
         return _verdict(status)
 
-    async def _status(
-        self, signed_data: cms.SignedData, content_sha256: bytes, signing_time: datetime
-    ) -> StandardCMSSignatureStatus:
-        # Mirrors pyHanko 0.38's async_validate_detached_cms, except that the content's
-        # digest is computed once by the caller (streamed) for all co-signatures.
-        context = ValidationContext(
+    def validate_pdf(self, embedded: EmbeddedPdfSignature, signing_time: datetime) -> Verdict:
+        """Validate one signature embedded in a PDF (PAdES), as of ``signing_time``."""
+        if not self._anchors:
+            return Verdict(False, "no trust anchors configured ([signing] trust_anchors)")
+        try:
+            status = asyncio.run(
+                async_validate_pdf_signature(
+                    embedded,
+                    signer_validation_context=self._context(signing_time),
+                    key_usage_settings=_PDF_USAGE,
+                )
+            )
+        except Exception as e:  # noqa: BLE001  (any malformed input is just "invalid")
+            return Verdict(False, f"malformed signature ({type(e).__name__})")
+        verdict = _verdict(status)
+        if not verdict.valid:
+            return verdict
+        try:
+            _USAGE.validate(status.signing_cert)
+        except InvalidCertificateError:
+            return Verdict(False, _USAGE_FAILED)
+        if status.coverage != SignatureCoverageLevel.ENTIRE_FILE:
+            return Verdict(False, "the PDF was changed after it was signed")
+        return verdict
+
+    def _context(self, signing_time: datetime) -> ValidationContext:
+        return ValidationContext(
             trust_roots=self._anchors,
             moment=signing_time,
             best_signature_time=signing_time,
             allow_fetching=False,
             revocation_mode="soft-fail",
         )
+
+    async def _status(
+        self, signed_data: cms.SignedData, content_sha256: bytes, signing_time: datetime
+    ) -> StandardCMSSignatureStatus:
+        # Mirrors pyHanko 0.38's async_validate_detached_cms, except that the content's
+        # digest is computed once by the caller (streamed) for all co-signatures.
+        context = self._context(signing_time)
         signer_info = signed_data["signer_infos"][0]
         kwargs = await collect_timing_info(
             signer_info, ts_validation_context=context, raw_digest=lambda _: content_sha256
@@ -148,7 +191,7 @@ _TRUST_REASONS = {
     "OUT_OF_BOUNDS_NOT_REVOKED": "certificate not valid at the signing time (expired or not yet)",
     "EXPIRED": "certificate expired at the signing time",
     "NOT_YET_VALID": "certificate not yet valid at the signing time",
-    "CHAIN_CONSTRAINTS_FAILURE": "certificate chain constraints failed (key usage or CA flags)",
+    "CHAIN_CONSTRAINTS_FAILURE": _USAGE_FAILED,
     "REVOKED": "certificate revoked",
     "REVOKED_NO_POE": "certificate revoked",
     "CRYPTO_CONSTRAINTS_FAILURE": "algorithm or key size not allowed at the signing time",

@@ -25,27 +25,29 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19medvault/v1/signing.proto\x12\x0bmedvault.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"G\n\x11SignRecordRequest\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06signer\x18\x03 \x01(\t\"\xb1\x01\n\rSignatureInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\trecord_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0e\n\x06signer\x18\x04 \x01(\t\x12\x1b\n\x13\x63\x65rtificate_subject\x18\x05 \x01(\t\x12\x30\n\x0csigning_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\talgorithm\x18\x07 \x01(\t\"9\n\x13VerifyRecordRequest\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"e\n\x15SignatureVerification\x12-\n\tsignature\x18\x01 \x01(\x0b\x32\x1a.medvault.v1.SignatureInfo\x12\r\n\x05valid\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"K\n\x14VerifyRecordResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".medvault.v1.SignatureVerification\"+\n\x13GetSignatureRequest\x12\x14\n\x0csignature_id\x18\x01 \x01(\t\"R\n\x14GetSignatureResponse\x12-\n\tsignature\x18\x01 \x01(\x0b\x32\x1a.medvault.v1.SignatureInfo\x12\x0b\n\x03p7s\x18\x02 \x01(\x0c\x32\x84\x02\n\x0eSigningService\x12H\n\nSignRecord\x12\x1e.medvault.v1.SignRecordRequest\x1a\x1a.medvault.v1.SignatureInfo\x12S\n\x0cVerifyRecord\x12 .medvault.v1.VerifyRecordRequest\x1a!.medvault.v1.VerifyRecordResponse\x12S\n\x0cGetSignature\x12 .medvault.v1.GetSignatureRequest\x1a!.medvault.v1.GetSignatureResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19medvault/v1/signing.proto\x12\x0bmedvault.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"u\n\x11SignRecordRequest\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\x12\x0e\n\x06signer\x18\x03 \x01(\t\x12,\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x1c.medvault.v1.SignatureFormat\"\xdf\x01\n\rSignatureInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\trecord_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0e\n\x06signer\x18\x04 \x01(\t\x12\x1b\n\x13\x63\x65rtificate_subject\x18\x05 \x01(\t\x12\x30\n\x0csigning_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\talgorithm\x18\x07 \x01(\t\x12,\n\x06\x66ormat\x18\x08 \x01(\x0e\x32\x1c.medvault.v1.SignatureFormat\"9\n\x13VerifyRecordRequest\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\"e\n\x15SignatureVerification\x12-\n\tsignature\x18\x01 \x01(\x0b\x32\x1a.medvault.v1.SignatureInfo\x12\r\n\x05valid\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"K\n\x14VerifyRecordResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".medvault.v1.SignatureVerification\"+\n\x13GetSignatureRequest\x12\x14\n\x0csignature_id\x18\x01 \x01(\t\"R\n\x14GetSignatureResponse\x12-\n\tsignature\x18\x01 \x01(\x0b\x32\x1a.medvault.v1.SignatureInfo\x12\x0b\n\x03p7s\x18\x02 \x01(\x0c*t\n\x0fSignatureFormat\x12 \n\x1cSIGNATURE_FORMAT_UNSPECIFIED\x10\x00\x12#\n\x1fSIGNATURE_FORMAT_CADES_DETACHED\x10\x01\x12\x1a\n\x16SIGNATURE_FORMAT_PADES\x10\x02\x32\x84\x02\n\x0eSigningService\x12H\n\nSignRecord\x12\x1e.medvault.v1.SignRecordRequest\x1a\x1a.medvault.v1.SignatureInfo\x12S\n\x0cVerifyRecord\x12 .medvault.v1.VerifyRecordRequest\x1a!.medvault.v1.VerifyRecordResponse\x12S\n\x0cGetSignature\x12 .medvault.v1.GetSignatureRequest\x1a!.medvault.v1.GetSignatureResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'medvault.v1.signing_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SIGNATUREFORMAT']._serialized_start=788
+  _globals['_SIGNATUREFORMAT']._serialized_end=904
   _globals['_SIGNRECORDREQUEST']._serialized_start=75
-  _globals['_SIGNRECORDREQUEST']._serialized_end=146
-  _globals['_SIGNATUREINFO']._serialized_start=149
-  _globals['_SIGNATUREINFO']._serialized_end=326
-  _globals['_VERIFYRECORDREQUEST']._serialized_start=328
-  _globals['_VERIFYRECORDREQUEST']._serialized_end=385
-  _globals['_SIGNATUREVERIFICATION']._serialized_start=387
-  _globals['_SIGNATUREVERIFICATION']._serialized_end=488
-  _globals['_VERIFYRECORDRESPONSE']._serialized_start=490
-  _globals['_VERIFYRECORDRESPONSE']._serialized_end=565
-  _globals['_GETSIGNATUREREQUEST']._serialized_start=567
-  _globals['_GETSIGNATUREREQUEST']._serialized_end=610
-  _globals['_GETSIGNATURERESPONSE']._serialized_start=612
-  _globals['_GETSIGNATURERESPONSE']._serialized_end=694
-  _globals['_SIGNINGSERVICE']._serialized_start=697
-  _globals['_SIGNINGSERVICE']._serialized_end=957
+  _globals['_SIGNRECORDREQUEST']._serialized_end=192
+  _globals['_SIGNATUREINFO']._serialized_start=195
+  _globals['_SIGNATUREINFO']._serialized_end=418
+  _globals['_VERIFYRECORDREQUEST']._serialized_start=420
+  _globals['_VERIFYRECORDREQUEST']._serialized_end=477
+  _globals['_SIGNATUREVERIFICATION']._serialized_start=479
+  _globals['_SIGNATUREVERIFICATION']._serialized_end=580
+  _globals['_VERIFYRECORDRESPONSE']._serialized_start=582
+  _globals['_VERIFYRECORDRESPONSE']._serialized_end=657
+  _globals['_GETSIGNATUREREQUEST']._serialized_start=659
+  _globals['_GETSIGNATUREREQUEST']._serialized_end=702
+  _globals['_GETSIGNATURERESPONSE']._serialized_start=704
+  _globals['_GETSIGNATURERESPONSE']._serialized_end=786
+  _globals['_SIGNINGSERVICE']._serialized_start=907
+  _globals['_SIGNINGSERVICE']._serialized_end=1167
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,133 @@
+"""PAdES-B-B signatures embedded in PDFs: made by pyHanko's PDF signer, signed in the token.
+
+pyHanko adds an approval signature field and a signature dictionary to the PDF as an
+incremental update (the original bytes stay a prefix of the result, so earlier
+signatures stay intact), with ``/SubFilter /ETSI.CAdES.detached``. The CMS inside is
+built by the same :class:`~service.signing.cms.TokenCmsSigner` as the detached
+``.p7s``: only the raw signature over the DER signed attributes comes from the token.
+
+Level **B-B** (ETSI EN 319 142-1): signed attributes content-type, message-digest (of
+the PDF's signed byte range) and signing-certificate-v2; the signing time is the
+signature dictionary's ``/M`` (not a signed attribute, as PAdES requires). There is no
+trusted timestamp (that would be B-T) and no validation data in the document (B-LT),
+so the signing time is the server's claim, as for the CAdES signatures.
+
+pyHanko needs the whole file in memory and seekable, so PDFs are signed up to
+:data:`MAX_PADES_BYTES`; a larger record is refused before any of it is read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from asn1crypto import cms
+from asn1crypto import x509 as asn1_x509
+from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
+from pyhanko.pdf_utils.misc import PdfError
+from pyhanko.pdf_utils.reader import PdfFileReader
+from pyhanko.sign.fields import SigSeedSubFilter
+from pyhanko.sign.general import SigningError
+from pyhanko.sign.signers.pdf_signer import PdfSignatureMetadata, PdfSigner
+from pyhanko.sign.validation.pdf_embedded import EmbeddedPdfSignature
+
+from keystore import Signer as KeySigner
+from service.signing.cms import DIGEST_ALGORITHM, TokenCmsSigner
+from storage import InvalidRecordError
+
+# The largest PDF signed with PAdES: pyHanko holds the file (and its signed copy) in
+# memory, so each concurrent PAdES signing costs about three times this at most.
+MAX_PADES_BYTES = 64 << 20
+FIELD_PREFIX = "medvault-signature-"
+
+
+@dataclass(frozen=True, slots=True)
+class SignedPdf:
+    """A PDF with one more embedded signature: its bytes, that signature's CMS, its /M."""
+
+    pdf: bytes
+    cms: bytes
+    signing_time: datetime
+
+
+def check_size(size: int) -> None:
+    """Refuse a PDF too large to sign in memory (``InvalidRecordError`` naming the cap)."""
+    if size > MAX_PADES_BYTES:
+        raise InvalidRecordError(
+            "format", f"PADES signs PDFs of at most {MAX_PADES_BYTES} bytes; "
+            f"this version has {size} (sign it as CADES_DETACHED)",
+        )  # fmt: skip
+
+
+def read_bounded(chunks: Iterable[bytes]) -> bytes:
+    """The whole stream, refused once it exceeds :data:`MAX_PADES_BYTES`."""
+    buffer = bytearray()
+    for chunk in chunks:
+        buffer += chunk
+        check_size(len(buffer))
+    return bytes(buffer)
+
+
+def cms_of(embedded: EmbeddedPdfSignature) -> bytes:
+    """The DER CMS ContentInfo of an embedded signature, without its zero padding."""
+    contents = bytes(embedded.sig_object["/Contents"])
+    return bytes(cms.ContentInfo.load(contents).dump())
+
+
+def embedded_signatures(pdf: bytes) -> list[EmbeddedPdfSignature]:
+    """Every signature embedded in ``pdf`` (``[]`` if it does not parse as a PDF)."""
+    try:
+        return list(PdfFileReader(io.BytesIO(pdf), strict=False).embedded_signatures)
+    except (PdfError, ValueError, KeyError, TypeError):
+        return []
+
+
+def embedded_by_cms(pdf: bytes) -> dict[bytes, EmbeddedPdfSignature]:
+    """The signatures embedded in ``pdf``, by their CMS (unparsable ones left out)."""
+    found = {}
+    for embedded in embedded_signatures(pdf):
+        try:
+            found[cms_of(embedded)] = embedded
+        except (ValueError, KeyError, TypeError):
+            continue
+    return found
+
+
+def sign_pdf(
+    key_signer: KeySigner,
+    certificate_der: bytes,
+    pdf: bytes,
+    chain: Sequence[bytes] = (),
+) -> SignedPdf:
+    """``pdf`` with a new PAdES-B-B approval signature made in the token.
+
+    Blocking (the token signs); call it from a worker thread. ``InvalidRecordError``
+    (naming no content) when pyHanko cannot sign the file: encrypted, damaged, or
+    certified against further changes.
+    """
+    certificate = asn1_x509.Certificate.load(certificate_der)
+    signer = TokenCmsSigner(key_signer, certificate, [asn1_x509.Certificate.load(c) for c in chain])
+    field = FIELD_PREFIX + secrets.token_hex(8)
+    meta = PdfSignatureMetadata(
+        field_name=field, md_algorithm=DIGEST_ALGORITHM, subfilter=SigSeedSubFilter.PADES
+    )
+    try:
+        writer = IncrementalPdfFileWriter(io.BytesIO(pdf), strict=False)
+        if writer.prev.encrypted:
+            raise InvalidRecordError("record_id", "is an encrypted PDF; PADES cannot sign it")
+        out = asyncio.run(PdfSigner(meta, signer).async_sign_pdf(writer, output=io.BytesIO()))
+    except (PdfError, SigningError, ValueError, KeyError, TypeError) as e:
+        raise InvalidRecordError(
+            "record_id", "is a PDF that cannot be signed with PADES (damaged structure, "
+            "or certified against further changes); sign it as CADES_DETACHED",
+        ) from e  # fmt: skip
+    signed = out.getvalue()
+    ours = [s for s in embedded_signatures(signed) if s.field_name == field]
+    if len(ours) != 1 or ours[0].self_reported_timestamp is None:
+        raise SigningError("the signed PDF does not carry the new signature")
+    when = ours[0].self_reported_timestamp.astimezone(UTC)
+    return SignedPdf(signed, cms_of(ours[0]), when)
