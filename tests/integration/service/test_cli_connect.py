@@ -11,7 +11,6 @@ import datetime as dt
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import sys
 import threading
@@ -201,15 +200,6 @@ def test_missing_tls_file(pki: Pki, good_server: str, tmp_path: Path, flag: str)
     files[flag] = tmp_path / "absent.pem"
     result = _stat(tmp_path, good_server, files["ca"], files["cert"], files["key"])
     _one_line(result, f"cannot read --{flag} {files[flag]}", "No such file")
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_unreadable_key(pki: Pki, good_server: str, tmp_path: Path) -> None:
-    key = tmp_path / "locked.key"
-    shutil.copy(pki.client.key, key)
-    key.chmod(0)
-    result = _stat(tmp_path, good_server, pki.ca, pki.client.cert, key)
-    _one_line(result, f"cannot read --key {key}", "Permission denied")
 
 
 def test_key_of_another_certificate(pki: Pki, good_server: str, tmp_path: Path) -> None:
