@@ -166,7 +166,7 @@ def _access_commands(access: Any) -> list[argparse.ArgumentParser]:
                        help="expire after this many hours")
     grant.set_defaults(func=cmd_grant)
     revoke = access.add_parser("revoke", help="end a grant")
-    revoke.add_argument("grant_id")
+    revoke.add_argument("grant_id", help="grant id: 32 hex digits, as access grant prints it")
     revoke.set_defaults(func=cmd_revoke)
     listing = access.add_parser("list", help="a patient's or a principal's grants")
     whose = listing.add_mutually_exclusive_group(required=True)

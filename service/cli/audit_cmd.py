@@ -245,7 +245,8 @@ def _add_filters(p: argparse.ArgumentParser, *, limit: int) -> None:
     p.add_argument("--principal", help="person or application name")
     add_patient_flags(p, required=False)
     p.add_argument("--action", help="e.g. records.read, access.break_glass, incident")
-    p.add_argument("--outcome", choices=sorted(OUTCOMES))
+    p.add_argument("--outcome", choices=sorted(OUTCOMES),
+                   help="allowed, denied (refused by policy or scope) or failed (an error)")
     p.add_argument(
         "--limit", type=non_negative_int, default=limit,
         help=f"most events (default {limit}; 0 means no limit)",
@@ -264,7 +265,8 @@ def _commands(audit: Any) -> Iterator[argparse.ArgumentParser]:
     verify = audit.add_parser("verify", help="verify the hash chain and signed checkpoints")
     yield _with(verify, cmd_verify)
     export = audit.add_parser("export", help="events to a file: JSON lines, CSV or FHIR")
-    export.add_argument("--format", required=True, choices=sorted(FORMATS))
+    export.add_argument("--format", required=True, choices=sorted(FORMATS),
+                        help="jsonl (one event per line), csv, or fhir (R4 AuditEvent bundle)")
     export.add_argument("-o", "--output", required=True, help="file to write (mode 0600)")
     _add_filters(export, limit=0)
     yield _with(export, cmd_export)

@@ -82,7 +82,7 @@ def cmd_signature(ns: argparse.Namespace) -> int:
 def register(sub: Any) -> None:
     """Add sign, verify and signature to the CLI."""
     sign = sub.add_parser("sign", help="sign a record with your signer's token key")
-    sign.add_argument("record")
+    sign.add_argument("record", help="record id (as printed by put or ls)")
     sign.add_argument("--signer", required=True, help="signer name (your own principal)")
     sign.add_argument("--version", type=int, default=0, help="0 = latest")
     sign.add_argument(
@@ -92,11 +92,12 @@ def register(sub: Any) -> None:
     )  # fmt: skip
     sign.set_defaults(func=cmd_sign)
     verify = sub.add_parser("verify", help="verify every signature of a record")
-    verify.add_argument("record")
+    verify.add_argument("record", help="record id (as printed by put or ls)")
     verify.add_argument("--version", type=int, default=0, help="0 = latest")
     verify.set_defaults(func=cmd_verify)
     signature = sub.add_parser("signature", help="export a signature as a .p7s file")
-    signature.add_argument("record", nargs="?", default="")
+    signature.add_argument("record", nargs="?", default="",
+                           help="record id (or give --id alone)")
     signature.add_argument("--id", default="", help="signature id (default: the latest)")
     signature.add_argument("--version", type=int, default=0, help="0 = latest")
     signature.add_argument("-o", "--output", required=True, help="FILE.p7s (DER)")
