@@ -67,7 +67,9 @@ def test_killed_run_is_never_complete(
     assert done.returncode == 0, done.stderr
     [backup] = list_backups(s3_target)
     assert backup.records == RECORDS
-    assert backup.copied_objects == RECORDS - copied_before
+    # The resumed run copies what is missing and keeps what the killed run copied; an
+    # object whose copy the kill caught may be copied again (under load it was one).
+    assert RECORDS - copied_before <= backup.copied_objects < RECORDS - copied_before + 3
     verify = medvault("backup", "verify", backup.id, "--read-data")
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "OK" in verify.stdout

@@ -41,6 +41,7 @@ def test_retention_policy(make_source: Any, tmp_path: Path, trusted_key: bytes) 
         if name == "b1":  # a record whose object only b1 holds
             with source.engine.begin() as c:
                 row = c.execute(sa.text("SELECT id, ciphertext_sha256 FROM records LIMIT 1")).one()
+                c.execute(sa.text("DELETE FROM record_index WHERE record_id = :i"), {"i": row[0]})
                 c.execute(sa.text("DELETE FROM records WHERE id = :i"), {"i": row[0]})
             only_in_b1 = OBJECTS_PREFIX + bytes(row[1]).hex()
         source.add_records(1)

@@ -71,7 +71,7 @@ def test_backup_wipe_restore_every_record_identical_and_signed(
     record_id, version = signed_source.signed
     verdicts = signed_source.signing().verify(record_id, version, lambda _: None)
     assert verdicts, "the signed record lost its signature"
-    assert all(v.valid for _, v in verdicts), [v.reason for _, v in verdicts]
+    assert all(v.valid for _, v, _ in verdicts), [v.reason for _, v, _ in verdicts]
     assert SqlAuditLog(source.engine).head()[0] == backup.manifest.audit_head["sequence"]
 
 
