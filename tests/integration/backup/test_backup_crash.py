@@ -67,9 +67,11 @@ def test_killed_run_is_never_complete(
     assert done.returncode == 0, done.stderr
     [backup] = list_backups(s3_target)
     assert backup.records == RECORDS
-    # The resumed run copies what is missing and keeps what the killed run copied; an
-    # object whose copy the kill caught may be copied again (under load it was one).
-    assert RECORDS - copied_before <= backup.copied_objects < RECORDS - copied_before + 3
+    # The resumed run keeps what the killed run copied and copies the rest (verify
+    # --read-data below proves every object is there). The count taken after the kill
+    # can be off by an object the kill caught mid-copy (seen once under load: 171 copied
+    # after 28 counted), so it is compared within two.
+    assert abs(backup.copied_objects - (RECORDS - copied_before)) <= 2, backup.copied_objects
     verify = medvault("backup", "verify", backup.id, "--read-data")
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "OK" in verify.stdout
