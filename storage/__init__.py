@@ -192,6 +192,11 @@ if TYPE_CHECKING:
         make_engine,
         upgrade,
     )
+    from storage.stats import (
+        CountCell,
+        MonthlyCounts,
+        RecordStatistics,
+    )
     from storage.sweeper import (
         sweep_if_due,
         sweep_orphans,
@@ -320,6 +325,9 @@ _EXPORTS: dict[str, str] = {
     "REVIEW_ALTERED_MARK": "storage.grants",
     "CommitTagger": "storage.commit_tags",
     "StudyMember": "storage.records",
+    "CountCell": "storage.stats",
+    "MonthlyCounts": "storage.stats",
+    "RecordStatistics": "storage.stats",
 }
 
 __all__ = [
@@ -353,6 +361,7 @@ __all__ = [
     "CheckpointWitness",
     "CommitGate",
     "CommitTagger",
+    "CountCell",
     "Deployment",
     "DirectoryTarget",
     "DrillChecks",
@@ -370,6 +379,7 @@ __all__ = [
     "KekVersionInfo",
     "LockedBucket",
     "MetadataStore",
+    "MonthlyCounts",
     "NewRecord",
     "NewSignature",
     "OpenRecord",
@@ -387,6 +397,7 @@ __all__ = [
     "RecordQuery",
     "RecordRef",
     "RecordSignatures",
+    "RecordStatistics",
     "RecordStore",
     "RestoreFailure",
     "RewrapJob",
