@@ -202,8 +202,8 @@ class StatsConfig:
     """Aggregate statistics for SDMX-HD reporting (docs/statistics.md)."""
 
     # The facility code the counts are reported under (the Ministry's code of this
-    # hospital); every record of this deployment counts for it.
-    facility: str = "UNSPECIFIED"
+    # hospital); every record of this deployment counts for it. Empty: exports refused.
+    facility: str = ""
     # IANA time zone in which a month starts and ends.
     time_zone: str = "UTC"
     # Counts from 1 to min_cell - 1 are withheld (suppressed); zero is shown.
@@ -307,7 +307,7 @@ def _check_audit(audit: AuditConfig) -> None:
 
 def _check_stats(stats: StatsConfig) -> None:
     # The code becomes an SDMX key value: the IDType characters, as the DSD declares.
-    if not re.fullmatch(r"[A-Za-z0-9_@$-]{1,20}", stats.facility):
+    if stats.facility and not re.fullmatch(r"[A-Za-z0-9_@$-]{1,20}", stats.facility):
         raise ConfigError("stats.facility must be 1 to 20 letters, digits, _ @ $ or -")
     try:
         ZoneInfo(stats.time_zone)

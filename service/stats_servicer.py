@@ -19,7 +19,7 @@ from service.calls import CallState, entered, handled
 from service.guard import AccessGuard
 from storage import MonthlyCounts, RecordStatistics
 
-_PERIOD = re.compile(r"\d{4}-\d{2}")
+_PERIOD = re.compile(r"[0-9]{4}-[0-9]{2}")
 
 
 def resource(period: str) -> str:

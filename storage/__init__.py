@@ -196,6 +196,7 @@ if TYPE_CHECKING:
         CountCell,
         MonthlyCounts,
         RecordStatistics,
+        StatisticsNotConfiguredError,
     )
     from storage.sweeper import (
         sweep_if_due,
@@ -328,6 +329,7 @@ _EXPORTS: dict[str, str] = {
     "CountCell": "storage.stats",
     "MonthlyCounts": "storage.stats",
     "RecordStatistics": "storage.stats",
+    "StatisticsNotConfiguredError": "storage.stats",
 }
 
 __all__ = [
@@ -420,6 +422,7 @@ __all__ = [
     "SqlMetadataStore",
     "SqlPutRequests",
     "SqlRunLedger",
+    "StatisticsNotConfiguredError",
     "StorageError",
     "StoreLimits",
     "StoredRecord",

@@ -21,14 +21,18 @@ from zoneinfo import ZoneInfo
 import sqlalchemy as sa
 from sqlalchemy import Engine
 
-from storage.errors import InvalidRecordError
+from storage.errors import InvalidRecordError, RecordConflictError
 from storage.model import RecordKind
 from storage.row_auth import RowVerifier
 from storage.sql_metadata import records, run_in_transaction, to_stored_record, to_utc
 
-_MONTH = re.compile(r"(\d{4})-(0[1-9]|1[0-2])")
+_MONTH = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")
 # Rows fetched per round trip while counting (a server-side cursor on PostgreSQL).
 _BATCH = 500
+
+
+class StatisticsNotConfiguredError(RecordConflictError):
+    """No facility is configured: counts reported under no facility would be useless."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +99,11 @@ class RecordStatistics:
     def monthly(self, period: str) -> MonthlyCounts:
         """The suppressed counts of ``period`` (YYYY-MM, in the facility's time zone)."""
         start, end = month_bounds(period, self._zone)
+        if not self._facility:
+            raise StatisticsNotConfiguredError(
+                "this deployment has no facility code: set [stats] facility in the service "
+                "configuration to the Ministry's code of this facility (docs/statistics.md)"
+            )
         return MonthlyCounts(
             period=period, facility=self._facility, time_zone=self._zone_name,
             min_cell=self._min_cell, cells=suppress(self.count(start, end), self._min_cell),

@@ -21,7 +21,7 @@ from service._gen.medvault.v1 import stats_pb2_grpc as spb_grpc
 from service.cli import sdmx
 from service.cli.client import add_connection_flags, channel
 
-_MONTH = re.compile(r"\d{4}-(0[1-9]|1[0-2])")
+_MONTH = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])")
 
 
 def month(text: str) -> str:
