@@ -59,3 +59,17 @@ def test_a_withheld_cell_has_no_value_and_is_flagged_confidential() -> None:
     ).header
     assert header.id == "MEDVAULT_79001_2026-10_20261102T083000Z"
     assert header.sender.id == "79001"
+
+
+def test_shipped_data_schema_has_the_dsd_codes_and_namespace() -> None:
+    xs = "{http://www.w3.org/2001/XMLSchema}"
+    schema = etree.parse(str(Path(writer.__file__).parent / "medvault-records-data.xsd"))
+    assert schema.getroot().get("targetNamespace") == writer.DATA_NAMESPACE
+    enumerations = {
+        simple.get("name"): {e.get("value") for e in simple.iter(f"{xs}enumeration")}
+        for simple in schema.getroot().iter(f"{xs}simpleType")
+    }
+    structures = sdmx.read_sdmx(io.BytesIO(writer.structure_message()))
+    for codelist in ("CL_FREQ", "CL_RECORD_KIND", "CL_CONF_STATUS"):
+        codes = {code.id for code in structures.codelist[codelist]}
+        assert enumerations[f"{codelist}Type"] == codes, codelist
