@@ -59,10 +59,10 @@ def cmd_export(ns: argparse.Namespace) -> int:
     _write(message, ns.output)
     withheld = sum(1 for o in observations if o.count is None)
     where = "" if ns.output == "-" else f" to {ns.output}"
+    rule = f"counts from 1 to {reply.min_cell - 1}" if reply.min_cell > 1 else "stats.min_cell 1"
     print(
         f"wrote {len(observations)} observations for facility {reply.facility}, "
-        f"{reply.period} ({reply.time_zone}){where}; {withheld} withheld "
-        f"(counts from 1 to {reply.min_cell - 1})",
+        f"{reply.period} ({reply.time_zone}){where}; {withheld} withheld ({rule})",
         file=sys.stderr,
     )
     return 0

@@ -45,7 +45,7 @@ from tests.integration.access.helpers import (
     events,
     new_patient,
 )
-from tests.unit.service.authz_matrix import ROLES
+from tests.unit.service.authz_matrix import DENY, EXPECTED, ROLES
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -249,7 +249,11 @@ def test_each_export_is_one_audit_event(world: World, tmp_path: Path) -> None:
     assert not event.patient_index, "an aggregate export names no patient"
 
 
-@pytest.mark.parametrize("role", [r for r in ROLES if r != "records_clerk"])
+def test_the_matrix_gives_the_export_to_the_records_clerk_only() -> None:
+    assert [r for r in ROLES if EXPECTED[r][METHOD] != DENY] == ["records_clerk"]
+
+
+@pytest.mark.parametrize("role", [r for r in ROLES if EXPECTED[r][METHOD] == DENY])
 def test_roles_without_the_permission_are_refused_and_audited(world: World, role: str) -> None:
     name = f"stats-{role}"
     c = client(world.service, world.issue(name, role))
