@@ -48,6 +48,7 @@ from storage import (
     GrantSealer,
     KekManager,
     KekRegistry,
+    RecordStatistics,
     RecordStore,
     S3BlobStore,
     S3CheckpointWitness,
@@ -86,6 +87,7 @@ class Application:
     signing: DocumentSigning
     keys: KekRegistry
     backups: Backups
+    stats: RecordStatistics
 
 
 @dataclass
@@ -103,6 +105,7 @@ class Components:
     wrapper: Pkcs11KeyWrapper
     kek: KekManager
     backup: BackupWiring
+    stats: RecordStatistics
     revocation: RevocationList | None = None
     put_requests: SqlPutRequests | None = None
 
@@ -112,6 +115,7 @@ class Components:
         return Application(
             records=self.store, access=self.guard, audit=self.audit_log,
             signing=self.signing, keys=self.kek, backups=self.backup.backups,
+            stats=self.stats,
         )  # fmt: skip
 
     def missing_row(self, object_key: str) -> None:
@@ -319,8 +323,13 @@ def _wire(config: Config, pool: Pkcs11SessionPool) -> Components:
         chain=_certificates(config.signing.chain, "chain"),
     )
     backup = build_backups(config, engine, blobs, pool, guard.trail.record)
+    stats = RecordStatistics(
+        engine, store.verifier, facility=config.stats.facility,
+        time_zone=config.stats.time_zone, min_cell=config.stats.min_cell,
+    )  # fmt: skip
     return Components(
         store=store, blobs=blobs, metadata=metadata, pool=pool, engine=engine, guard=guard,
         audit_log=audit_log, signing=signing, wrapper=wrapper, kek=kek, backup=backup,
+        stats=stats,
         revocation=revocation, put_requests=put_requests,
     )

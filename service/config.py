@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from service.errors import ServiceError
 
@@ -196,6 +198,19 @@ class BackupConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StatsConfig:
+    """Aggregate statistics for SDMX-HD reporting (docs/statistics.md)."""
+
+    # The facility code the counts are reported under (the Ministry's code of this
+    # hospital); every record of this deployment counts for it. Empty: exports refused.
+    facility: str = ""
+    # IANA time zone in which a month starts and ends.
+    time_zone: str = "UTC"
+    # Counts from 1 to min_cell - 1 are withheld (suppressed); zero is shown.
+    min_cell: int = 5
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole service configuration."""
 
@@ -207,6 +222,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     signing: SigningConfig = field(default_factory=SigningConfig)
     backup: BackupConfig = field(default_factory=BackupConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
     base_dir: Path = Path()
 
 
@@ -248,6 +264,7 @@ def _check(config: Config) -> None:
     if config.tls.enabled and not (config.tls.cert and config.tls.key and config.tls.client_ca):
         raise ConfigError("[tls] cert, key and client_ca are required when tls.enabled is true")
     _check_audit(config.audit)
+    _check_stats(config.stats)
     if not config.database.url:
         raise ConfigError("[database] url is required")
 
@@ -286,6 +303,18 @@ def _check_audit(audit: AuditConfig) -> None:
         raise ConfigError("audit.witness_lock_mode must be COMPLIANCE or GOVERNANCE")
     if audit.witness_lock_days < 0:
         raise ConfigError("audit.witness_lock_days must be 0 (no Object Lock) or more")
+
+
+def _check_stats(stats: StatsConfig) -> None:
+    # The code becomes an SDMX key value: the IDType characters, as the DSD declares.
+    if stats.facility and not re.fullmatch(r"[A-Za-z0-9_@$-]{1,20}", stats.facility):
+        raise ConfigError("stats.facility must be 1 to 20 letters, digits, _ @ $ or -")
+    try:
+        ZoneInfo(stats.time_zone)
+    except (ZoneInfoNotFoundError, ValueError) as e:
+        raise ConfigError("stats.time_zone must be an IANA time zone, e.g. Asia/Ho_Chi_Minh") from e
+    if stats.min_cell < 1:
+        raise ConfigError("stats.min_cell must be at least 1")
 
 
 def parse(raw: dict[str, Any], base_dir: Path) -> Config:

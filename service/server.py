@@ -34,6 +34,8 @@ from service._gen.medvault.v1 import (
     records_pb2_grpc,
     signing_pb2,
     signing_pb2_grpc,
+    stats_pb2,
+    stats_pb2_grpc,
 )
 from service.access_servicer import AccessServicer
 from service.audit_servicer import AuditServicer
@@ -48,6 +50,7 @@ from service.limits import CallLimiter, UploadGate
 from service.metrics import MetricsInterceptor
 from service.records_servicer import RecordServicer
 from service.signing_servicer import SigningServicer
+from service.stats_servicer import StatsServicer
 from storage import sweep_if_due
 
 log = logging.getLogger(__name__)
@@ -143,6 +146,7 @@ async def create_server(
     backup_pb2_grpc.add_BackupServiceServicer_to_server(
         BackupServicer(app.backups, app.access), server
     )
+    stats_pb2_grpc.add_StatsServiceServicer_to_server(StatsServicer(app.stats, app.access), server)
     health_servicer = health.aio.HealthServicer()  # the package's public alias
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (
@@ -152,6 +156,7 @@ async def create_server(
         signing_pb2.DESCRIPTOR.services_by_name["SigningService"].full_name,
         keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
         backup_pb2.DESCRIPTOR.services_by_name["BackupService"].full_name,
+        stats_pb2.DESCRIPTOR.services_by_name["StatsService"].full_name,
         health.SERVICE_NAME,
         reflection.SERVICE_NAME,
     )
@@ -169,7 +174,7 @@ async def create_server(
             f"[server] cannot listen on {config.server.listen} (port taken or address invalid)"
         )
     await server.start()
-    for name in ("", *names[:6]):
+    for name in ("", *names[:7]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     prober = asyncio.create_task(probe_forever(
         health_servicer, dependency_probes(components), config.server.health_probe_seconds
@@ -220,6 +225,7 @@ def _registered_methods() -> frozenset[str]:
             (records_pb2, "RecordService"), (access_pb2, "AccessService"),
             (audit_pb2, "AuditService"), (signing_pb2, "SigningService"),
             (keys_pb2, "KeyService"), (backup_pb2, "BackupService"),
+            (stats_pb2, "StatsService"),
         )
     ]  # fmt: skip
     methods = {f"/{s.full_name}/{m.name}" for s in services for m in s.methods}

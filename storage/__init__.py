@@ -192,6 +192,12 @@ if TYPE_CHECKING:
         make_engine,
         upgrade,
     )
+    from storage.stats import (
+        CountCell,
+        MonthlyCounts,
+        RecordStatistics,
+        StatisticsNotConfiguredError,
+    )
     from storage.sweeper import (
         sweep_if_due,
         sweep_orphans,
@@ -320,6 +326,10 @@ _EXPORTS: dict[str, str] = {
     "REVIEW_ALTERED_MARK": "storage.grants",
     "CommitTagger": "storage.commit_tags",
     "StudyMember": "storage.records",
+    "CountCell": "storage.stats",
+    "MonthlyCounts": "storage.stats",
+    "RecordStatistics": "storage.stats",
+    "StatisticsNotConfiguredError": "storage.stats",
 }
 
 __all__ = [
@@ -353,6 +363,7 @@ __all__ = [
     "CheckpointWitness",
     "CommitGate",
     "CommitTagger",
+    "CountCell",
     "Deployment",
     "DirectoryTarget",
     "DrillChecks",
@@ -370,6 +381,7 @@ __all__ = [
     "KekVersionInfo",
     "LockedBucket",
     "MetadataStore",
+    "MonthlyCounts",
     "NewRecord",
     "NewSignature",
     "OpenRecord",
@@ -387,6 +399,7 @@ __all__ = [
     "RecordQuery",
     "RecordRef",
     "RecordSignatures",
+    "RecordStatistics",
     "RecordStore",
     "RestoreFailure",
     "RewrapJob",
@@ -409,6 +422,7 @@ __all__ = [
     "SqlMetadataStore",
     "SqlPutRequests",
     "SqlRunLedger",
+    "StatisticsNotConfiguredError",
     "StorageError",
     "StoreLimits",
     "StoredRecord",

@@ -28,6 +28,7 @@ SIGNATURES_SIGN = "signatures.sign"
 SIGNATURES_VERIFY = "signatures.verify"
 BACKUP_RUN = "backup.run"
 BACKUP_READ = "backup.read"
+STATS_EXPORT = "stats.export"
 
 _RECORDS = "/medvault.v1.RecordService/"
 _ACCESS = "/medvault.v1.AccessService/"
@@ -35,6 +36,7 @@ _AUDIT = "/medvault.v1.AuditService/"
 _SIGNING = "/medvault.v1.SigningService/"
 _KEYS = "/medvault.v1.KeyService/"
 _BACKUP = "/medvault.v1.BackupService/"
+_STATS = "/medvault.v1.StatsService/"
 
 RPC_PERMISSIONS: Mapping[str, str] = MappingProxyType({
     _RECORDS + "PutRecord": RECORDS_WRITE,
@@ -69,6 +71,7 @@ RPC_PERMISSIONS: Mapping[str, str] = MappingProxyType({
     _BACKUP + "RunRestoreDrill": BACKUP_RUN,
     _BACKUP + "PruneBackups": BACKUP_RUN,
     _BACKUP + "GetBackupPublicKey": BACKUP_READ,
+    _STATS + "CountRecords": STATS_EXPORT,
 })  # fmt: skip
 
 KNOWN_PERMISSIONS: frozenset[str] = frozenset(RPC_PERMISSIONS.values())

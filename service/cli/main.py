@@ -21,6 +21,7 @@ from service.cli import (
     restore_cmd,
     signing_cmd,
     stack_cmd,
+    stats_cmd,
     studies_cmd,
 )
 from service.cli.options import config_path
@@ -85,6 +86,7 @@ def parser() -> argparse.ArgumentParser:
     backup_cmd.register(sub)
     restore_cmd.register(sub)
     stack_cmd.register(sub)
+    stats_cmd.register(sub)
     return top
 
 

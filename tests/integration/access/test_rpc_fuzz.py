@@ -42,6 +42,7 @@ from service._gen.medvault.v1 import (
     keys_pb2,
     records_pb2,
     signing_pb2,
+    stats_pb2,
 )
 from tests.fixtures.service import DEFAULT_POLICY, RunningService
 from tests.integration.access.helpers import (
@@ -100,7 +101,8 @@ INT_RANGES = {
 def _methods() -> list[tuple[str, MethodDescriptor]]:
     pool = descriptor_pool.Default()
     found = []
-    for module in (access_pb2, audit_pb2, backup_pb2, keys_pb2, records_pb2, signing_pb2):
+    for module in (access_pb2, audit_pb2, backup_pb2, keys_pb2, records_pb2, signing_pb2,
+                   stats_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
             for method in service.methods:
                 found.append((f"/{service.full_name}/{method.name}", method))

@@ -53,6 +53,7 @@ _TABLE = """
 /medvault.v1.BackupService/RunRestoreDrill  . . . . . A . .
 /medvault.v1.BackupService/PruneBackups     . . . . . A . .
 /medvault.v1.BackupService/GetBackupPublicKey . . . . . A . .
+/medvault.v1.StatsService/CountRecords      . . . A . . . .
 """
 
 _CODES = {"P": PATIENT, "A": ALLOW, ".": DENY}

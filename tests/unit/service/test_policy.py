@@ -18,6 +18,7 @@ from service._gen.medvault.v1 import (
     keys_pb2,
     records_pb2,
     signing_pb2,
+    stats_pb2,
 )
 from service.authz import PermissionDeniedError, Policy, PolicyError, PolicyHolder
 from service.authz.permissions import KNOWN_PERMISSIONS, RPC_PERMISSIONS
@@ -79,6 +80,7 @@ def test_every_rpc_of_the_protos_has_a_permission() -> None:
         signing_pb2.DESCRIPTOR.services_by_name["SigningService"],
         keys_pb2.DESCRIPTOR.services_by_name["KeyService"],
         backup_pb2.DESCRIPTOR.services_by_name["BackupService"],
+        stats_pb2.DESCRIPTOR.services_by_name["StatsService"],
     ]
     methods = {f"/{s.full_name}/{m.name}" for s in services for m in s.methods}
     assert methods == set(RPC_PERMISSIONS)
