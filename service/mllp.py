@@ -195,8 +195,8 @@ class Handler:
         """The ACK of one frame (stored, or refused and audited)."""
         try:
             call = self._guard.enter(facts)  # a denial is audited here
-        except (PermissionDeniedError, AuthenticationError) as e:
-            return ack(_envelope_or_none(frame), AckError(REJECT, INTERNAL, str(e)))
+        except Exception as e:  # noqa: BLE001  (a denial, or the trail down: AR either way)
+            return ack(_envelope_or_none(frame), _unaudited(e))
         env: Envelope | None = None
         try:
             message = message_of(frame)
@@ -205,16 +205,21 @@ class Handler:
             self._store_message(call, env, message)
             return ack(env)
         except Exception as e:  # noqa: BLE001  (every error becomes an audited AE/AR)
-            return ack(env, self._refused(call, e))
+            refusal = self._refused(call, e)
+            log.warning("mllp message refused", extra={
+                "ack": refusal.ack, "err": refusal.code, "error": type(e).__name__,
+            })  # fmt: skip
+            return ack(env, refusal)
 
     def refuse(self, facts: CallFacts, frame: bytes, refusal: AckError, status: str) -> bytes:
         """Audit ``refusal`` of a frame that is not handled (too large) and its AR."""
         try:
             call = self._guard.enter(facts)
-        except (PermissionDeniedError, AuthenticationError):
-            pass  # audited by enter
+        except Exception as e:  # noqa: BLE001  (audited by enter, or the trail is down)
+            _unaudited(e)
         else:
             self._guard.audit_failure(call, RESOURCE, status, refusal.text)
+        log.warning("mllp frame refused", extra={"status": status})
         return ack(_envelope_or_none(frame), refusal)
 
     def _store_message(self, call: Call, env: Envelope, message: bytes) -> None:
@@ -249,6 +254,16 @@ class Handler:
             status, refusal = code.name, AckError(REJECT, INTERNAL, f"{text}; resend later")
         self._guard.audit_failure(call, RESOURCE, status, refusal.text)
         return refusal
+
+
+def _unaudited(error: Exception) -> AckError:
+    """The AR of a message refused before it was entered (denied: audited by the guard;
+    an authentication refused; the trail or the token down: nothing can be audited)."""
+    if isinstance(error, PermissionDeniedError | AuthenticationError):
+        log.warning("mllp message denied", extra={"error": type(error).__name__})
+        return AckError(REJECT, INTERNAL, str(error))
+    _code, text = status_for(error)  # logs an unexpected error with a correlation id
+    return AckError(REJECT, INTERNAL, f"{text}; resend later")
 
 
 def _envelope_or_none(frame: bytes) -> Envelope | None:
@@ -317,13 +332,18 @@ class MllpListener:
                 return
             try:
                 principal = await asyncio.to_thread(self._identify, facts)  # audited
-            except (AuthenticationError, PermissionDeniedError):
+            except Exception as e:  # noqa: BLE001  (refused, or the trail down: closed)
+                _unaudited(e)
                 return
             name = principal.name
             if self._per_principal[name] >= self._config.max_connections_per_principal:
                 reason = (f"too many MLLP connections for this principal (at most "
                           f"{self._config.max_connections_per_principal})")
-                await asyncio.to_thread(self._refuse_connection, principal, reason)
+                log.warning("mllp connection refused: over the principal's share")
+                try:
+                    await asyncio.to_thread(self._refuse_connection, principal, reason)
+                except Exception as e:  # noqa: BLE001  (closed all the same)
+                    _unaudited(e)
                 return
             self._per_principal[name] += 1
             try:
@@ -335,6 +355,8 @@ class MllpListener:
                     del self._per_principal[name]
         except (ConnectionError, ssl.SSLError, TimeoutError):
             pass  # the peer went away
+        except Exception as e:  # this connection only; the listener stays
+            log.exception("mllp connection failed", extra={"error": type(e).__name__})
         finally:
             del self._connections[task]
             writer.close()
