@@ -178,7 +178,9 @@ def _facts(writer: asyncio.StreamWriter) -> CallFacts | None:
 
 @dataclass
 class _Connection:
+    writer: asyncio.StreamWriter
     busy: bool = False  # a message is being stored: let it finish on shutdown
+    stopping: bool = False  # shutdown: no further message is read
 
 
 class Handler:
@@ -305,23 +307,25 @@ class MllpListener:
         return bound
 
     async def stop(self) -> None:
-        """Stop listening; let messages being stored finish, close idle connections."""
+        """Stop listening; let messages being stored finish (their ACK sent), drop the
+        connections. Dropped, not cancelled: a pending read ends with the stream."""
         if self._server is None:
             return
         self._server.close()
-        for task, connection in list(self._connections.items()):
-            if not connection.busy:
-                task.cancel()
+        for connection in self._connections.values():
+            connection.stopping = True
+            if not connection.busy:  # nothing owed to it: dropped without a TLS goodbye
+                connection.writer.transport.abort()
         if self._connections:
             await asyncio.wait(list(self._connections), timeout=_STOP_GRACE)
-        for task in list(self._connections):
-            task.cancel()
+        for connection in self._connections.values():
+            connection.writer.transport.abort()  # still storing after the grace
 
     async def _connected(self, reader: asyncio.StreamReader,
                          writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        connection = _Connection()
+        connection = _Connection(writer)
         self._connections[task] = connection
         try:
             if len(self._connections) > self._config.max_connections:
@@ -355,6 +359,10 @@ class MllpListener:
                     del self._per_principal[name]
         except (ConnectionError, ssl.SSLError, TimeoutError):
             pass  # the peer went away
+        except asyncio.CancelledError:
+            # The loop is closing (shutdown past the grace). Not re-raised: Python 3.11's
+            # stream protocol logs a cancelled client task as an error.
+            pass
         except Exception as e:  # this connection only; the listener stays
             log.exception("mllp connection failed", extra={"error": type(e).__name__})
         finally:
@@ -389,6 +397,8 @@ class MllpListener:
             finally:
                 connection.busy = False
             await self._send(writer, reply)
+            if connection.stopping:
+                return
 
     async def _send(self, writer: asyncio.StreamWriter, reply: bytes) -> None:
         writer.write(START + reply + END)

@@ -358,3 +358,24 @@ def test_connections_per_principal_are_capped(
             break
     else:
         pytest.fail("a freed connection slot was never reused")
+
+
+def test_shutdown_closes_idle_connections_and_exits_cleanly(
+    service_factory: Any, fresh_database: str, issue: Any
+) -> None:
+    port = free_port()
+    service: RunningService = service_factory(
+        fresh_database, policy=DEFAULT_POLICY.read_text() + TEST_POLICY_EXTRA + LAB_ROLE,
+        extra_sections={"mllp": {"listen": f"127.0.0.1:{port}"}},
+    )
+    lab = Mllp(port, service.tls.ca, issue("lab-stop", "lab_interface"))
+    try:
+        lab.send(message(new_patient(), "STOP-1"))
+        assert msa(lab.ack())[0] == "AA"
+        service.terminate()  # the connection stays open and idle meanwhile
+        assert lab.closed(), "the idle connection was not closed on shutdown"
+        assert service.process.wait(timeout=60) == 0, "the server did not exit cleanly"
+        assert "Traceback" not in service.log_path.read_text()
+    finally:
+        lab.close()
+        service.stop()
