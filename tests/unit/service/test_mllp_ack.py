@@ -5,15 +5,23 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 
 import hl7
 import pytest
 
 from service import hl7_ack
+from service.audit import AuditUnavailableError
+from service.authz import PermissionDeniedError
 from service.config import ConfigError, parse
 from service.hl7_ack import AckError, ack, authority, check_envelope, envelope, patient
-from service.mllp import Frames, FrameTimeoutError, FrameTooLargeError, message_of
-from storage import PatientRef
+from service.mllp import Frames, FrameTimeoutError, FrameTooLargeError, Handler, message_of
+from storage import (
+    BackendUnavailableError,
+    InvalidRecordError,
+    PatientRef,
+    RecordConflictError,
+)
 from tests import content
 
 AUTH = "urn:oid:2.999.1"
@@ -167,3 +175,76 @@ def test_mllp_needs_tls() -> None:
     with pytest.raises(ConfigError, match=r"\[mllp\] needs \[tls\]"):
         parse(raw, Path())
     assert parse(_config(), Path()).mllp.listen == ""  # off by default
+
+
+class _Guard:
+    """Just what ``Handler`` asks of the access guard; records the failures audited."""
+
+    def __init__(self, enter_error: Exception | None = None) -> None:
+        self.enter_error = enter_error
+        self.failures: list[tuple[str, str]] = []
+
+    def enter(self, facts: object) -> object:
+        if self.enter_error is not None:
+            raise self.enter_error
+        return SimpleNamespace(principal=SimpleNamespace(name="lab"))
+
+    def audit_failure(self, call: object, resource: str, status: str, reason: str) -> None:
+        self.failures.append((status, reason))
+
+    def scope_gate(self, call: object) -> object:
+        return None
+
+    commit_gate = replay_gate = scope_gate
+
+
+class _Store:
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+        self.headers: list[object] = []
+
+    def put(self, header: object, chunks: object, creator: str, **gates: object) -> None:
+        self.headers.append(header)
+        if self.error is not None:
+            raise self.error
+
+
+def _answer(guard: _Guard, store: _Store) -> hl7.Message:
+    handler = Handler(store, guard, 1 << 20, "oid")  # type: ignore[arg-type]
+    frame = b"\x0b" + content.hl7v2("P1", AUTH, control_id="C-9")
+    return _parsed(handler.message(None, frame))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("error", "expected", "status"), [
+    (None, ("AA", ""), None),
+    (RecordConflictError("request_id: already used"), ("AE", "205"), "FAILED_PRECONDITION"),
+    (InvalidRecordError("content", "HL7 v2: more than one PID"), ("AE", "102"),
+     "INVALID_ARGUMENT"),
+    (BackendUnavailableError("database unavailable"), ("AR", "207"), "UNAVAILABLE"),
+    (RuntimeError("boom P1"), ("AR", "207"), "INTERNAL"),
+    (AuditUnavailableError("audit trail unavailable"), ("AR", "207"), None),
+    (PermissionDeniedError("no active care-team grant"), ("AR", "207"), None),
+])
+def test_handler_maps_each_outcome_to_its_ack_and_audit(
+    error: Exception | None, expected: tuple[str, str], status: str | None
+) -> None:
+    guard, store = _Guard(), _Store(error)
+    reply = _answer(guard, store)
+    code = str(reply.extract_field("ERR", 1, 3, 1, 1)) if expected[0] != "AA" else ""
+    assert (str(reply.segment("MSA")[1]), code) == expected
+    assert str(reply.segment("MSA")[2]) == "C-9"
+    assert [s for s, _ in guard.failures] == ([status] if status else [])
+    assert "P1" not in str(reply)
+    header = store.headers[0]
+    assert (header.patient, header.kind.value) == (PatientRef("P1", AUTH), "HL7V2")
+
+
+def test_handler_rejects_before_reading_when_not_authorised() -> None:
+    store = _Store()
+    reply = _answer(_Guard(PermissionDeniedError("role(s) x lack records.write")), store)
+    assert str(reply.segment("MSA")[1]) == "AR"
+    assert "records.write" in str(reply.segment("ERR")[8])
+    assert store.headers == []
+    reply = _answer(_Guard(AuditUnavailableError("audit trail unavailable")), store)
+    assert "resend later" in str(reply.segment("ERR")[8])
+    assert store.headers == []
