@@ -37,6 +37,7 @@ from service.authz import PermissionDeniedError
 from service.config import Config, ConfigError, MllpConfig
 from service.guard import AccessGuard, Call, CallFacts
 from service.hl7_ack import (
+    DATA_TYPE,
     DUPLICATE_KEY,
     ERROR,
     INTERNAL,
@@ -246,7 +247,7 @@ class Handler:
             refusal = error
         elif isinstance(error, InvalidRecordError):
             field = "PID-3" if error.field.startswith("patient") else error.field
-            refusal = AckError(ERROR, 102, f"{field}: {error.problem}")
+            refusal = AckError(ERROR, DATA_TYPE, f"{field}: {error.problem}")
         elif isinstance(error, RecordConflictError):
             status = "FAILED_PRECONDITION"
             refusal = AckError(ERROR, DUPLICATE_KEY, "MSH-10 control id already used by this "
