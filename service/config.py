@@ -211,6 +211,29 @@ class StatsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MllpConfig:
+    """HL7 v2 over MLLP on the [tls] certificates (service.mllp, docs/formats.md).
+
+    Off unless ``listen`` is set. Each connection must present a client certificate of
+    ``[tls] client_ca``; it names the principal exactly as on gRPC.
+    """
+
+    listen: str = ""  # host:port, e.g. "0.0.0.0:2575"; empty = no MLLP listener
+    # A frame (one message) longer than this is answered AR and its connection closed.
+    max_frame_bytes: int = 4 << 20
+    # A connection with no complete frame for this long is closed (also mid-frame).
+    idle_seconds: float = 120.0
+    max_connections: int = 64
+    max_connections_per_principal: int = 4
+    # Which part of PID-3 CX.4 becomes the record's assigning authority: "oid"
+    # (urn:oid:<HD.2> when HD.3 is ISO, else HD.1) or "namespace" (HD.1 first).
+    authority: str = "oid"
+
+
+MAX_MLLP_FRAME = 64 << 20
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole service configuration."""
 
@@ -223,6 +246,7 @@ class Config:
     signing: SigningConfig = field(default_factory=SigningConfig)
     backup: BackupConfig = field(default_factory=BackupConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
+    mllp: MllpConfig = field(default_factory=MllpConfig)
     base_dir: Path = Path()
 
 
@@ -265,6 +289,7 @@ def _check(config: Config) -> None:
         raise ConfigError("[tls] cert, key and client_ca are required when tls.enabled is true")
     _check_audit(config.audit)
     _check_stats(config.stats)
+    _check_mllp(config.mllp, tls_enabled=config.tls.enabled)
     if not config.database.url:
         raise ConfigError("[database] url is required")
 
@@ -296,6 +321,23 @@ def _check_server(server: ServerConfig) -> None:
         )
     if server.chunk_size > 3 << 20:
         raise ConfigError("server.chunk_size must be at most 3 MiB (gRPC's 4 MiB message limit)")
+
+
+def _check_mllp(mllp: MllpConfig, *, tls_enabled: bool) -> None:
+    if not mllp.listen:
+        return
+    if not tls_enabled:
+        raise ConfigError("[mllp] needs [tls] enabled: MLLP is served only on TLS with "
+                          "client certificates")
+    if not 1024 <= mllp.max_frame_bytes <= MAX_MLLP_FRAME:
+        raise ConfigError(f"mllp.max_frame_bytes must be between 1024 and {MAX_MLLP_FRAME}")
+    if not 0 < mllp.idle_seconds <= 3600:
+        raise ConfigError("mllp.idle_seconds must be positive and at most 3600")
+    if min(mllp.max_connections, mllp.max_connections_per_principal) <= 0:
+        raise ConfigError("mllp.max_connections and max_connections_per_principal must be "
+                          "positive")
+    if mllp.authority not in {"oid", "namespace"}:
+        raise ConfigError('mllp.authority must be "oid" or "namespace"')
 
 
 def _check_audit(audit: AuditConfig) -> None:

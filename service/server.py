@@ -48,6 +48,7 @@ from service.health import Probe, probe_forever
 from service.keys_servicer import KeyServicer
 from service.limits import CallLimiter, UploadGate
 from service.metrics import MetricsInterceptor
+from service.mllp import listener as mllp_listener
 from service.records_servicer import RecordServicer
 from service.signing_servicer import SigningServicer
 from service.stats_servicer import StatsServicer
@@ -275,6 +276,11 @@ async def _serve(config: Config, components: Components) -> None:
         ContextExecutor(2 * config.server.workers, thread_name_prefix="store")
     )
     edge = edge_interceptor(config, components)
+    # HL7 v2 over MLLP (service.mllp) listens before gRPC reports SERVING.
+    app = components.app
+    mllp = mllp_listener(config, app.records, app.access) if config.mllp.listen else None
+    if mllp is not None:
+        await mllp.start()
     server, port = await create_server(config, components, edge)
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -284,6 +290,8 @@ async def _serve(config: Config, components: Components) -> None:
     )
     await stopping.wait()
     log.info("stopping")
+    if mllp is not None:
+        await mllp.stop()
     await server.stop(grace=10)
     await edge.flush()  # the refusal windows still open become their audit events
 
