@@ -261,6 +261,12 @@ softhsm2_conf = "softhsm/softhsm2.conf"
 
 [signing]
 trust_anchors = "ca/ca.pem"
+
+[stats]
+# The Ministry's facility code of this hospital in SDMX exports (docs/statistics.md);
+# "DEV-LOCAL" marks a development stack's figures as such.
+facility = "DEV-LOCAL"
+time_zone = "Asia/Ho_Chi_Minh"
 """
 
 
