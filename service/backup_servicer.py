@@ -36,14 +36,21 @@ from service.backup import Backups, RetentionPolicy
 from service.calls import CallState, entered, handled
 from service.convert_audit import timestamp
 from service.guard import AccessGuard, Call
-from storage.audit_model import Outcome
-from storage.backup.drill import DrillReport
-from storage.backup.manifest import ALGORITHM, canonical_json, check_backup_id
-from storage.backup.restore import RestoreFailure
-from storage.backup.retention import DEFAULT_GRACE, BackupSummary
-from storage.backup.runner import BackupProgress, BackupResult
-from storage.backup.verify import VerifyReport
-from storage.errors import InvalidRecordError, StorageError
+from storage import (
+    ALGORITHM,
+    DEFAULT_GRACE,
+    BackupProgress,
+    BackupResult,
+    BackupSummary,
+    DrillReport,
+    InvalidRecordError,
+    Outcome,
+    RestoreFailure,
+    StorageError,
+    VerifyReport,
+    canonical_json,
+    check_backup_id,
+)
 
 log = logging.getLogger(__name__)
 PROGRESS_INTERVAL = 0.25
@@ -251,8 +258,7 @@ class BackupServicer(bpb_grpc.BackupServiceServicer):  # type: ignore[misc]  # u
             how = " --read-data" if request.read_data else ""
             state.resource = f"backup/{backup_id}"
             await asyncio.to_thread(self._backups.require_complete, backup_id)
-            call = await self._enter_async(state, f"backup/{backup_id}", f"verify{how} started"
-            )
+            call = await self._enter_async(state, f"backup/{backup_id}", f"verify{how} started")
             work = self._audited(
                 call, lambda r: self._backups.verify(backup_id, request.read_data, r),
                 lambda report: _verify_ending(report, how),
@@ -272,8 +278,7 @@ class BackupServicer(bpb_grpc.BackupServiceServicer):  # type: ignore[misc]  # u
             state.resource = f"backup/{backup_id}"
             # Refused (NOT_FOUND, audited) before anything is restored or a report written.
             await asyncio.to_thread(self._backups.require_complete, backup_id)
-            call = await self._enter_async(state, f"backup/{backup_id}", "restore drill started"
-            )
+            call = await self._enter_async(state, f"backup/{backup_id}", "restore drill started")
             work = self._audited(call, lambda r: self._backups.drill(backup_id, r), _drill_ending)
             async for item in _with_progress(work, stoppable=True):
                 if isinstance(item, BackupProgress):

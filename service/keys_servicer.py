@@ -34,9 +34,15 @@ from service.calls import CallState, entered, handled
 from service.convert import version_from_pb
 from service.convert_audit import timestamp
 from service.guard import AccessGuard, Call
-from storage.audit_model import Outcome
-from storage.errors import IntegrityError, InvalidRecordError
-from storage.kek import DEFAULT_BATCH, KekManager, KekVersionInfo, RewrapJob
+from storage import (
+    DEFAULT_BATCH,
+    IntegrityError,
+    InvalidRecordError,
+    KekManager,
+    KekVersionInfo,
+    Outcome,
+    RewrapJob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +141,7 @@ class KeyServicer(kpb_grpc.KeyServiceServicer):  # type: ignore[misc]  # untyped
         self._guard.audit(call, "kek", outcome="allowed", reason="list versions")
         return self._kek.list()
 
-    def _retire(
-        self, state: CallState, request: kpb.RetireKekRequest
-    ) -> KekVersionInfo:
+    def _retire(self, state: CallState, request: kpb.RetireKekRequest) -> KekVersionInfo:
         call = entered(state)
         version_from_pb(request.version, "version")  # an SQL INTEGER: refuse what cannot be one
         state.resource = _resource(request.version)
@@ -153,9 +157,7 @@ class KeyServicer(kpb_grpc.KeyServiceServicer):  # type: ignore[misc]  # untyped
             ),
         )
 
-    def _start_rewrap(
-        self, state: CallState, request: kpb.RewrapRequest
-    ) -> RewrapJob:
+    def _start_rewrap(self, state: CallState, request: kpb.RewrapRequest) -> RewrapJob:
         call = entered(state)
         version_from_pb(request.from_version, "from_version")
         job = self._kek.rewrap(request.from_version, request.batch_size or DEFAULT_BATCH)

@@ -63,9 +63,12 @@ if TYPE_CHECKING:
         run_drill,
     )
     from storage.backup.manifest import (
+        ALGORITHM,
         SourceInfo,
         canonical_json,
         check_backup_id,
+        manifest_key,
+        signature_key,
     )
     from storage.backup.restore import (
         Deployment,
@@ -330,9 +333,13 @@ _EXPORTS: dict[str, str] = {
     "MonthlyCounts": "storage.stats",
     "RecordStatistics": "storage.stats",
     "StatisticsNotConfiguredError": "storage.stats",
+    "ALGORITHM": "storage.backup.manifest",
+    "manifest_key": "storage.backup.manifest",
+    "signature_key": "storage.backup.manifest",
 }
 
 __all__ = [
+    "ALGORITHM",
     "ALTERED_MARK",
     "DEFAULT_BATCH",
     "DEFAULT_GRACE",
@@ -443,12 +450,14 @@ __all__ = [
     "list_backups",
     "make_engine",
     "make_minio_client",
+    "manifest_key",
     "normalise",
     "prune",
     "restore",
     "run_backup",
     "run_drill",
     "s3_scratch",
+    "signature_key",
     "signed_message",
     "source_identity",
     "sweep_if_due",

@@ -17,9 +17,7 @@ from typing import TypeVar
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy.engine import Engine
 
-from keystore import Pkcs11SessionPool
-from keystore.interfaces import Signer
-from keystore.signing import Pkcs11Signer
+from keystore import Pkcs11SessionPool, Pkcs11Signer, Signer
 from service.backup.scheduler import (
     JobResult,
     Schedule,
@@ -29,24 +27,33 @@ from service.backup.scheduler import (
 )
 from service.config import Config, read_secret
 from service.signing.validation import SignatureValidator, load_pem_certificates
-from storage.audit_model import AuditEntry
-from storage.backup.drill import DrillReport
-from storage.backup.manifest import SourceInfo, check_backup_id, manifest_key, signature_key
-from storage.backup.restore import s3_scratch
-from storage.backup.retention import (
+from storage import (
     DEFAULT_GRACE,
+    AuditEntry,
+    BackupResult,
     BackupSummary,
+    BackupTarget,
+    BlobStore,
+    DrillReport,
+    ProgressCallback,
     PruneResult,
+    RecordNotFoundError,
+    S3BlobStore,
+    SourceInfo,
+    SqlRunLedger,
+    VerifyReport,
+    check_backup_id,
+    elected,
     list_backups,
+    make_minio_client,
+    manifest_key,
     prune,
+    run_backup,
+    s3_scratch,
+    signature_key,
+    source_identity,
+    verify_backup,
 )
-from storage.backup.runner import BackupResult, ProgressCallback, run_backup, source_identity
-from storage.backup.runs import SqlRunLedger, elected
-from storage.backup.targets import BackupTarget
-from storage.backup.verify import VerifyReport, verify_backup
-from storage.errors import RecordNotFoundError
-from storage.interfaces import BlobStore
-from storage.s3_blobs import S3BlobStore, make_minio_client
 
 T = TypeVar("T")
 
@@ -263,9 +270,7 @@ def build(
     )  # fmt: skip
     jobs = backups.scheduled_jobs(
         schedule_from(config.backup.schedule, config.backup.schedule_seconds),
-        schedule_from(
-            config.backup.drill_schedule, config.backup.drill_schedule_seconds
-        ),
+        schedule_from(config.backup.drill_schedule, config.backup.drill_schedule_seconds),
     )
     scheduler = Scheduler(jobs, SqlRunLedger(engine), partial(elected, engine), audit)
     return BackupWiring(backups, scheduler)

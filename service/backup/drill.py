@@ -13,16 +13,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from keystore import Pkcs11BlindIndexer, Pkcs11KeyWrapper, Pkcs11SessionPool
-from keystore.signing import Pkcs11Signer
+from keystore import Pkcs11BlindIndexer, Pkcs11KeyWrapper, Pkcs11SessionPool, Pkcs11Signer
 from service.audit.checkpoints import signature_checker
 from service.backup import DrillRunner
 from service.signing.validation import SignatureValidator
-from storage.audit_model import AuditEntry
-from storage.backup.drill import DrillChecks, DrillReport, DrillRequest, SignatureCheck, run_drill
-from storage.backup.restore import Scratch
-from storage.backup.runner import ProgressCallback
-from storage.backup.targets import BackupTarget
+from storage import (
+    AuditEntry,
+    BackupTarget,
+    DrillChecks,
+    DrillReport,
+    DrillRequest,
+    ProgressCallback,
+    Scratch,
+    SignatureCheck,
+    run_drill,
+)
 
 ACTION = "backup.drill"
 Audit = Callable[[AuditEntry], object]

@@ -25,8 +25,7 @@ from typing import Protocol
 
 from croniter import croniter
 
-from storage.audit_model import AuditEntry
-from storage.backup.runs import RunKind, RunOutcome, SqlRunLedger
+from storage import AuditEntry, RunKind, RunOutcome, SqlRunLedger
 
 log = logging.getLogger(__name__)
 PRINCIPAL = "scheduler"

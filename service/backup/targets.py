@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from service.config import BackupConfig, Config, ConfigError, read_secret
-from storage.backup.targets import BackupTarget, DirectoryTarget, S3Target
-from storage.s3_blobs import make_minio_client
+from storage import BackupTarget, DirectoryTarget, S3Target, make_minio_client
 
 
 def backup_settings(

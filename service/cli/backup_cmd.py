@@ -134,7 +134,7 @@ def cmd_list(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _trusted_key(path: str) -> bytes:
+def trusted_key(path: str) -> bytes:
     """The DER SubjectPublicKeyInfo of a PEM or DER public key file."""
     try:
         data = Path(path).read_bytes()
@@ -188,9 +188,9 @@ def _offline_settings(ns: argparse.Namespace) -> tuple[Config, BackupConfig]:
 def _verify_offline(ns: argparse.Namespace) -> int:
     """Verify against a public key, reading the target directly (no token, no service)."""
     from service.backup.targets import make_target  # noqa: PLC0415  (storage clients)
-    from storage.backup.verify import verify_backup  # noqa: PLC0415
+    from storage import verify_backup  # noqa: PLC0415
 
-    trusted = _trusted_key(ns.trusted_key)
+    trusted = trusted_key(ns.trusted_key)
     config, s = _offline_settings(ns)
     bars = Bars(ns.quiet)
     report = verify_backup(make_target(config, s), ns.id, trusted_public_key=trusted,

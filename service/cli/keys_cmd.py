@@ -40,7 +40,7 @@ def cmd_init_token(ns: argparse.Namespace) -> int:
     from service.bootstrap import keystore_config  # noqa: PLC0415
     from service.cli.restore_cmd import quiet_migrations, record_local_event  # noqa: PLC0415
     from service.config import load  # noqa: PLC0415
-    from storage.sql_metadata import make_engine, upgrade  # noqa: PLC0415
+    from storage import make_engine, upgrade  # noqa: PLC0415
 
     quiet_migrations()
     config = load(config_path(ns))

@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import grpc
 
-from keystore.errors import KeystoreError
+from keystore import KeystoreError
 from service import logs
 from service.cli import (
     access_cmd,
@@ -26,7 +26,7 @@ from service.cli import (
 )
 from service.cli.options import config_path
 from service.config import ConfigError, load
-from storage.errors import StorageError
+from storage import StorageError
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
@@ -40,7 +40,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 def cmd_sweep(ns: argparse.Namespace) -> int:
     """Remove objects no record references, older than the grace period."""
     from service.bootstrap import build  # noqa: PLC0415
-    from storage.sweeper import sweep_orphans  # noqa: PLC0415
+    from storage import sweep_orphans  # noqa: PLC0415
 
     components = build(load(config_path(ns)))
     try:

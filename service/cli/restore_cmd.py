@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from service._gen.medvault.v1 import backup_pb2 as bpb
-from service.cli.backup_cmd import Bars, _trusted_key, follow, human_size, stub
+from service.cli.backup_cmd import Bars, follow, human_size, stub, trusted_key
 from service.cli.client import add_connection_flags
 from service.cli.options import config_path
 from service.cli.tables import print_table
@@ -68,13 +68,15 @@ def cmd_drill(ns: argparse.Namespace) -> int:
 
 def cmd_restore(ns: argparse.Namespace) -> int:
     """Restore a backup into the (empty) deployment ``--into`` describes (locally)."""
-    from keystore import Pkcs11KeyWrapper, Pkcs11SessionPool  # noqa: PLC0415
-    from keystore.signing import Pkcs11Signer  # noqa: PLC0415
+    from keystore import (  # noqa: PLC0415
+        Pkcs11KeyWrapper,
+        Pkcs11SessionPool,
+        Pkcs11Signer,
+    )
     from service.backup.targets import backup_settings, make_target  # noqa: PLC0415
     from service.bootstrap import blob_store, keystore_config  # noqa: PLC0415
     from service.config import load  # noqa: PLC0415
-    from storage.backup.restore import Deployment, restore  # noqa: PLC0415
-    from storage.sql_metadata import make_engine, upgrade  # noqa: PLC0415
+    from storage import Deployment, make_engine, restore, upgrade  # noqa: PLC0415  # noqa: PLC0415
 
     quiet_migrations()
     source = load(config_path(ns))
@@ -88,7 +90,7 @@ def cmd_restore(ns: argparse.Namespace) -> int:
     try:
         upgrade(engine)
         with Pkcs11SessionPool(keystore_config(into)) as pool:
-            trusted = (_trusted_key(ns.trusted_key) if ns.trusted_key
+            trusted = (trusted_key(ns.trusted_key) if ns.trusted_key
                        else Pkcs11Signer(pool, s.signing_key_label).public_key_der())  # fmt: skip
             result = restore(
                 target, ns.id, Deployment(engine, blob_store(into)),
@@ -115,9 +117,7 @@ def cmd_restore(ns: argparse.Namespace) -> int:
 
 def record_local_event(engine: Any, action: str, resource: str, reason: str) -> None:
     """Append one audit event for a local command to the deployment's own chain."""
-    from storage.audit_fields import normalise  # noqa: PLC0415
-    from storage.audit_log import SqlAuditLog  # noqa: PLC0415
-    from storage.audit_model import AuditEntry  # noqa: PLC0415
+    from storage import AuditEntry, SqlAuditLog, normalise  # noqa: PLC0415
 
     SqlAuditLog(engine).append([normalise(AuditEntry(
         time=datetime.now(UTC), principal=console_principal(), action=action,

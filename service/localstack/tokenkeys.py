@@ -22,15 +22,17 @@ from pathlib import Path
 
 from cryptography import x509
 
-from keystore import Pkcs11Config, Pkcs11SessionPool, ensure_keys
-from keystore.certificates import (
+from keystore import (
+    KeystoreError,
+    Pkcs11Config,
+    Pkcs11SessionPool,
     SignerNotFoundError,
     create_signer_key,
+    ensure_keys,
     import_certificate,
     load_certificate,
     make_csr,
 )
-from keystore.errors import KeystoreError
 from service.localstack.ca import DevCA
 
 

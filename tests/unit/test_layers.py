@@ -33,15 +33,6 @@ VENDOR_PRIVATE = {
     "_base_url",  # minio: the endpoint for error messages, no public accessor
 }
 
-# The CLI's own (service/cli/*): branch opsgrpc rewrites these modules (issue #9).
-# Entries that no longer occur are harmless; remove them when that branch lands.
-KNOWN_IN_CLI = {
-    "service/cli/backup_cmd.py: from service.cli.main import _config_path",
-    "service/cli/restore_cmd.py: from service.cli.backup_cmd import _Bars",
-    "service/cli/restore_cmd.py: from service.cli.backup_cmd import _trusted_key",
-    "service/cli/restore_cmd.py: from service.cli.main import _config_path",
-}
-
 
 def _is_private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
@@ -80,7 +71,6 @@ def test_no_module_uses_another_modules_private_names() -> None:
         v
         for path in _sources()
         for v in violations(path.read_text(encoding="utf-8"), path.relative_to(ROOT).as_posix())
-        if _without_line(v) not in KNOWN_IN_CLI
     ]
     assert found == [], "promote these names or move the code that needs them:\n" + "\n".join(
         found
