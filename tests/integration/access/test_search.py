@@ -7,6 +7,7 @@ PYTEST_DONT_REWRITE: failures name fields, codes and counts, never identifiers.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -171,6 +172,37 @@ def test_each_kind_is_indexed_with_the_record_under_its_blind_patient_index(w: W
     spo2 = next(r for r in w.index_rows(stored["HL7V2"].id) if r.value == "150456")
     assert (spo2.system, spo2.quantity, spo2.unit, spo2.observed_at) == (
         "MDC", "97", "262688", "20260102103000"), "11073 observation details"
+
+
+FREE_TEXT = "Reviewed with SYNTHETIC-FREETEXT at home"  # what a note could say
+
+
+def test_free_text_in_observation_fields_is_not_stored_in_clear(w: World) -> None:
+    """Attack (cold review): the index stores observation values and times in clear on
+    the ground that they are numbers, codes and dates. An HL7 OBX of type ST (or with no
+    type), an OBX-14 or a FHIR valueQuantity/effectiveDateTime holding text is free text
+    that can name a patient or a diagnosis: it must not reach the database in clear."""
+    patient = _granted(w)
+    pid, auth = patient.id, patient.assigning_authority
+    hl7 = w.put(patient, "HL7V2", content.hl7v2(pid, auth, observations=[
+        f"OBX|1|ST|11526-1^Pathology study^LN||{FREE_TEXT}||||||F",
+        f"OBX|2||11529-5^Surgical pathology^LN||{FREE_TEXT}||||||F",
+        f"OBX|3|NM|718-7^Hemoglobin^LN||13.5|g/dL|||||F|||{FREE_TEXT}",
+        "OBX|4|NM|718-7^Hemoglobin^LN||13.7|g/dL|||||F|||20260102103000",
+    ]))  # fmt: skip
+    observation = json.loads(content.fhir(pid, auth, code="8867-4"))
+    observation["valueQuantity"] = {"value": FREE_TEXT, "unit": "g/dL"}
+    observation["effectiveDateTime"] = FREE_TEXT
+    fhir = w.put(patient, "FHIR", json.dumps(observation).encode())
+
+    for record in (hl7, fhir):
+        for row in w.index_rows(record.id):
+            for column in ("value", "system", "quantity", "unit", "observed_at"):
+                text = getattr(row, column) or ""
+                assert "SYNTHETIC-FREETEXT" not in text, f"free text in clear in {column}"
+    kept = [r for r in w.index_rows(hl7.id) if r.quantity == "13.7"]
+    assert [(r.unit, r.observed_at) for r in kept] == [("g/dL", "20260102103000")], (
+        "a numeric observation keeps its value, unit and time")
 
 
 def test_a_refused_put_leaves_no_index_row(w: World) -> None:
