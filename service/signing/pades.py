@@ -43,6 +43,10 @@ from storage import InvalidRecordError
 # memory, so each concurrent PAdES signing costs about three times this at most.
 MAX_PADES_BYTES = 64 << 20
 FIELD_PREFIX = "medvault-signature-"
+# What pyHanko raises on a PDF it cannot read. RecursionError: its parser recurses once
+# per nesting level of an array or dictionary, and any writer can store a PDF nested
+# thousands deep (the put does not parse a PDF's objects).
+_UNREADABLE = (PdfError, ValueError, KeyError, TypeError, RecursionError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +86,7 @@ def embedded_signatures(pdf: bytes) -> list[EmbeddedPdfSignature]:
     """Every signature embedded in ``pdf`` (``[]`` if it does not parse as a PDF)."""
     try:
         return list(PdfFileReader(io.BytesIO(pdf), strict=False).embedded_signatures)
-    except (PdfError, ValueError, KeyError, TypeError):
+    except _UNREADABLE:
         return []
 
 
@@ -92,7 +96,7 @@ def embedded_by_cms(pdf: bytes) -> dict[bytes, EmbeddedPdfSignature]:
     for embedded in embedded_signatures(pdf):
         try:
             found[cms_of(embedded)] = embedded
-        except (ValueError, KeyError, TypeError):
+        except _UNREADABLE:
             continue
     return found
 
@@ -120,7 +124,7 @@ def sign_pdf(
         if writer.prev.encrypted:
             raise InvalidRecordError("record_id", "is an encrypted PDF; PADES cannot sign it")
         out = asyncio.run(PdfSigner(meta, signer).async_sign_pdf(writer, output=io.BytesIO()))
-    except (PdfError, SigningError, ValueError, KeyError, TypeError) as e:
+    except (SigningError, *_UNREADABLE) as e:
         raise InvalidRecordError(
             "record_id", "is a PDF that cannot be signed with PADES (damaged structure, "
             "or certified against further changes); sign it as CADES_DETACHED",

@@ -273,3 +273,47 @@ def test_pdf_over_the_pades_cap_is_refused(stack: SigningStack) -> None:
     assert _latest_version(stack, "dr-ec", record_id) == 1
     info = _sign(stack, "dr-ec", record_id, spb.SIGNATURE_FORMAT_CADES_DETACHED)
     assert info.version == 1  # a detached signature has no size cap
+
+
+def _nested_pdf(depth: int = 5000) -> bytes:
+    """A well-formed PDF (cross-reference table right) whose signature field's value is
+    an array nested ``depth`` deep: any parser that recurses per level runs out of stack."""
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R /AcroForm << /Fields [4 0 R] >> >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] >>",
+        b"<< /FT /Sig /T (synthetic) /V " + b"[" * depth + b"]" * depth + b" >>",
+    ]
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for n, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (n, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1, xref)  # fmt: skip
+    return bytes(out)
+
+
+def test_a_deeply_nested_pdf_is_refused_for_pades_and_its_cades_signature_verifies(
+    stack: SigningStack,
+) -> None:
+    """Attack (cold review): pyHanko recurses per nesting level; a PDF any writer can
+    store made SignRecord PADES and every VerifyRecord of the record fail INTERNAL (a
+    RecursionError the PDF code did not expect), each with a thousand-frame traceback in
+    the service log: its CAdES signature could never be verified again."""
+    record_id = _record(stack, "dr-ec", content=_nested_pdf())
+    with pytest.raises(grpc.RpcError) as raised:
+        _sign(stack, "dr-ec", record_id)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.code().name
+    assert (raised.value.details() or "").startswith("record_id:")
+    assert _latest_version(stack, "dr-ec", record_id) == 1
+    _sign(stack, "dr-ec", record_id, spb.SIGNATURE_FORMAT_CADES_DETACHED)
+    results = _verify(stack, "dr-ec", record_id)
+    assert [(r.valid, r.signature.format) for r in results] == [
+        (True, spb.SIGNATURE_FORMAT_CADES_DETACHED)
+    ]
+    assert "RecursionError" not in stack.service.log_path.read_text(errors="replace"), (
+        "a traceback of the nesting in the service log")
