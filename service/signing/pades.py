@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,15 @@ from pyhanko.sign.validation.pdf_embedded import EmbeddedPdfSignature
 from keystore import Signer as KeySigner
 from service.signing.cms import DIGEST_ALGORITHM, TokenCmsSigner
 from storage import InvalidRecordError
+
+# pyHanko's reader logs what it trips over quoting the PDF (a repeated dictionary key
+# by its name, a bad stream's error): that is patient content, and the root logger
+# writes the service's log. As for pydicom and hl7 (storage.formats), its records stop
+# here; a refusal says what was wrong without them. pyhanko_certvalidator (certificates,
+# not content) still logs.
+_PYHANKO_LOG = logging.getLogger("pyhanko")
+_PYHANKO_LOG.propagate = False
+_PYHANKO_LOG.addHandler(logging.NullHandler())
 
 # The largest PDF signed with PAdES: pyHanko holds the file (and its signed copy) in
 # memory, so each concurrent PAdES signing costs about three times this at most.

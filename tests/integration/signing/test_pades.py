@@ -275,14 +275,14 @@ def test_pdf_over_the_pades_cap_is_refused(stack: SigningStack) -> None:
     assert info.version == 1  # a detached signature has no size cap
 
 
-def _nested_pdf(depth: int = 5000) -> bytes:
-    """A well-formed PDF (cross-reference table right) whose signature field's value is
-    an array nested ``depth`` deep: any parser that recurses per level runs out of stack."""
+def _pdf_of(catalog: bytes, *more: bytes) -> bytes:
+    """A PDF of one empty page with this catalog (and objects 4...), its cross-reference
+    table right."""
     objects = [
-        b"<< /Type /Catalog /Pages 2 0 R /AcroForm << /Fields [4 0 R] >> >>",
+        catalog,
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
         b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] >>",
-        b"<< /FT /Sig /T (synthetic) /V " + b"[" * depth + b"]" * depth + b" >>",
+        *more,
     ]
     out = bytearray(b"%PDF-1.4\n")
     offsets = []
@@ -295,6 +295,15 @@ def _nested_pdf(depth: int = 5000) -> bytes:
     out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
         len(objects) + 1, xref)  # fmt: skip
     return bytes(out)
+
+
+def _nested_pdf(depth: int = 5000) -> bytes:
+    """A well-formed PDF whose signature field's value is an array nested ``depth``
+    deep: any parser that recurses per level runs out of stack."""
+    return _pdf_of(
+        b"<< /Type /Catalog /Pages 2 0 R /AcroForm << /Fields [4 0 R] >> >>",
+        b"<< /FT /Sig /T (synthetic) /V " + b"[" * depth + b"]" * depth + b" >>",
+    )
 
 
 def test_a_deeply_nested_pdf_is_refused_for_pades_and_its_cades_signature_verifies(
@@ -317,3 +326,19 @@ def test_a_deeply_nested_pdf_is_refused_for_pades_and_its_cades_signature_verifi
     ]
     assert "RecursionError" not in stack.service.log_path.read_text(errors="replace"), (
         "a traceback of the nesting in the service log")
+
+
+def test_pyhanko_never_writes_pdf_content_to_the_service_log(stack: SigningStack) -> None:
+    """Attack (cold review): pyHanko's reader logs what it trips over, quoting the PDF
+    (a repeated dictionary key by its name). The PDF is patient content; as for pydicom
+    and hl7, the parser's records must not reach the service log."""
+    marker = b"Synthetic#20Patient#20Nameinlog"
+    body = _pdf_of(b"<< /Type /Catalog /Pages 2 0 R /" + marker + b" 1 /" + marker + b" 2 >>")
+    record_id = _record(stack, "dr-ec", content=body)
+    _sign(stack, "dr-ec", record_id, spb.SIGNATURE_FORMAT_CADES_DETACHED)
+    _verify(stack, "dr-ec", record_id)
+    code_of(_stub(stack.clients["dr-ec"]).SignRecord,
+            spb.SignRecordRequest(record_id=record_id, signer="dr-ec", format=PADES),
+            timeout=TIMEOUT)  # fmt: skip
+    assert "Nameinlog" not in stack.service.log_path.read_text(errors="replace"), (
+        "PDF content in the service log")
