@@ -451,6 +451,37 @@ def test_index_rows_a_database_writer_adds_never_release_another_patients_record
     assert [(s.study_uid, s.instance_count) for s in reply.studies] == [(study, 1)]
 
 
+def test_a_non_dicom_record_filed_in_a_study_by_a_database_writer_is_not_an_instance(
+    w: World,
+) -> None:
+    """Attack (cold review): the index proposes candidates, and a writer can file any
+    record of the patient under a study UID. GetStudy then streamed a PDF (or an HL7
+    message) as a DICOM instance, which the CLI saves as <sop>.dcm for a viewer, and
+    ListStudies listed a study that has no image. A record's kind is part of its
+    verified row: only DICOM records are instances."""
+    patient = _granted(w)
+    study = str(generate_uid())
+    note = w.put(patient, "PDF", content.pdf())
+    with w.engine.connect() as c:
+        index = bytes(c.scalar(sa.select(records.c.patient_index)
+                               .where(records.c.id == note.id)))
+    with w.engine.begin() as c:
+        c.execute(record_index.insert(), [
+            {"record_id": note.id, "version": note.version, "patient_index": index,
+             "field": field, "value": value}
+            for field, value in (("study_uid", study), ("series_uid", "1.2.3"),
+                                 ("sop_uid", "1.2.3.4"), ("modality", "CT"))
+        ])  # fmt: skip
+    instances, contents, error = _get_study(w.doctor, study)
+    assert not instances, "a PDF was streamed as a DICOM instance"
+    assert not contents
+    assert error is not None
+    assert error.code() == grpc.StatusCode.NOT_FOUND, error.code().name
+    reply = w.doctor.records.ListStudies(pb.ListStudiesRequest(patient=patient),
+                                         timeout=TIMEOUT)  # fmt: skip
+    assert study not in [s.study_uid for s in reply.studies], "a study without an image"
+
+
 def test_a_record_row_moved_under_the_granted_patient_fails_the_search(w: World) -> None:
     mine, theirs = _granted(w), new_patient()
     study = str(generate_uid())
