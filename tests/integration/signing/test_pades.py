@@ -12,6 +12,7 @@ import asyncio
 import io
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -306,14 +307,25 @@ def _nested_pdf(depth: int = 5000) -> bytes:
     )
 
 
-def test_a_deeply_nested_pdf_is_refused_for_pades_and_its_cades_signature_verifies(
-    stack: SigningStack,
+def _wrong_type_pdf() -> bytes:
+    """A well-formed PDF whose signature field's value is a number, not a dictionary
+    (pyHanko's reader raised AttributeError on it; found by fuzzing)."""
+    return _pdf_of(
+        b"<< /Type /Catalog /Pages 2 0 R /AcroForm << /Fields [4 0 R] >> >>",
+        b"<< /FT /Sig /T (synthetic) /V 7 >>",
+    )
+
+
+@pytest.mark.parametrize("hostile", [_nested_pdf, _wrong_type_pdf], ids=["nested", "wrong-type"])
+def test_a_hostile_pdf_is_refused_for_pades_and_its_cades_signature_verifies(
+    stack: SigningStack, hostile: Any
 ) -> None:
-    """Attack (cold review): pyHanko recurses per nesting level; a PDF any writer can
-    store made SignRecord PADES and every VerifyRecord of the record fail INTERNAL (a
-    RecursionError the PDF code did not expect), each with a thousand-frame traceback in
-    the service log: its CAdES signature could never be verified again."""
-    record_id = _record(stack, "dr-ec", content=_nested_pdf())
+    """Attack (cold review): pyHanko raises more than PdfError on a PDF any writer can
+    store (RecursionError on deep nesting, AttributeError on an object of the wrong
+    type, its own assertions, OverflowError): SignRecord PADES and every VerifyRecord of
+    the record failed INTERNAL, each with a traceback in the service log, so the
+    record's CAdES signature could never be verified again."""
+    record_id = _record(stack, "dr-ec", content=hostile())
     with pytest.raises(grpc.RpcError) as raised:
         _sign(stack, "dr-ec", record_id)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.code().name
@@ -324,8 +336,9 @@ def test_a_deeply_nested_pdf_is_refused_for_pades_and_its_cades_signature_verifi
     assert [(r.valid, r.signature.format) for r in results] == [
         (True, spb.SIGNATURE_FORMAT_CADES_DETACHED)
     ]
-    assert "RecursionError" not in stack.service.log_path.read_text(errors="replace"), (
-        "a traceback of the nesting in the service log")
+    log = stack.service.log_path.read_text(errors="replace")
+    for error in ("RecursionError", "AttributeError"):
+        assert error not in log, "a traceback of the PDF's parse in the service log"
 
 
 def test_pyhanko_never_writes_pdf_content_to_the_service_log(stack: SigningStack) -> None:
