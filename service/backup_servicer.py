@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 PROGRESS_INTERVAL = 0.25
 # A retention rule beyond this many periods is a typo, not a policy.
 MAX_KEEP = 10_000
+# A grace beyond ten years is a typo too (and a double can overflow a timedelta).
+MAX_GRACE_HOURS = 24 * 366 * 10
 R = TypeVar("R")
 # What a call's closing event says about its result: (resource, outcome, reason).
 Ending = Callable[[R], tuple[str, Outcome, str]]
@@ -292,10 +294,7 @@ class BackupServicer(bpb_grpc.BackupServiceServicer):  # type: ignore[misc]  # u
         """Apply the retention policy (the configured one, or this call's overrides)."""
         async with handled(self._guard, context, "PruneBackups") as state:
             policy = _policy(self._backups.retention, request)
-            grace = timedelta(hours=request.grace_hours) if request.HasField(
-                "grace_hours") else DEFAULT_GRACE  # fmt: skip
-            if grace < timedelta(0):
-                raise InvalidRecordError("grace_hours", "must not be negative")
+            grace = _grace(request)
             dry = " (dry run)" if request.dry_run else ""
             rules = (f"keep daily {policy.keep_daily}, weekly {policy.keep_weekly}, "
                      f"monthly {policy.keep_monthly}")  # fmt: skip
@@ -328,6 +327,18 @@ class BackupServicer(bpb_grpc.BackupServiceServicer):  # type: ignore[misc]  # u
                 public_key_pem=pem, key_label=self._backups.key_label, algorithm=ALGORITHM
             )
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _grace(request: bpb.PruneBackupsRequest) -> timedelta:
+    """The call's grace (hours, 0 to ``MAX_GRACE_HOURS``), or the default."""
+    if not request.HasField("grace_hours"):
+        return DEFAULT_GRACE
+    hours = request.grace_hours
+    if not 0 <= hours <= MAX_GRACE_HOURS:  # NaN fails both comparisons
+        raise InvalidRecordError(
+            "grace_hours", f"must be a number of hours from 0 to {MAX_GRACE_HOURS}"
+        )
+    return timedelta(hours=hours)
 
 
 def _policy(configured: RetentionPolicy, request: bpb.PruneBackupsRequest) -> RetentionPolicy:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,6 +63,42 @@ class UploadGate:
             yield
         finally:
             self._open -= 1
+
+
+class PdfBusyError(ServiceError):
+    """Every slot for holding a whole PDF in memory is taken (RESOURCE_EXHAUSTED)."""
+
+
+class PdfSlots:
+    """Counts PDFs held whole in memory at once (PAdES signing, verifying a PDF that may
+    embed signatures); refuses beyond ``cap``.
+
+    pyHanko needs the whole file (up to 64 MiB) and more for its copy and parse: without
+    a bound across callers, a few principals each within their share of calls could
+    hold gigabytes. Refused at once, as uploads are, rather than queued on a store
+    thread. Taken from the store's worker threads: a lock guards the count.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self._cap = cap
+        self._held = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one slot; ``PdfBusyError`` if none is free."""
+        with self._lock:
+            if self._held >= self._cap:
+                raise PdfBusyError(
+                    f"the server holds {self._cap} PDFs for signing or verifying already; "
+                    "retry shortly"
+                )
+            self._held += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held -= 1
 
 
 class StreamDeadlineError(ServiceError):

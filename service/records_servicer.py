@@ -24,7 +24,6 @@ from service.guard import NO_GRANT, AccessGuard, Call
 from service.limits import UploadGate
 from service.streams import SyncRequests, prefetch
 from storage import (
-    Gate,
     InvalidRecordError,
     NewRecord,
     OpenRecord,
@@ -72,22 +71,28 @@ class _SkippedError(Exception):
     """An instance of a patient already refused in this GetStudy call."""
 
 
-def _study_gate(guard: AccessGuard, call: Call) -> Gate:
+class _StudyGate:
     """The read gate of GetStudy: scope checked (and audited) per instance, but a patient
-    refused once in the call is refused again without another event for each instance."""
-    inner = guard.patient_gate(call)
-    refused: set[bytes] = set()
+    refused once in the call is refused again without another event for each instance,
+    and a member whose row names a refused patient is skipped before it is opened (its
+    key is not unwrapped in the token just to be refused)."""
 
-    def gate(ref: RecordRef) -> None:
-        if ref.patient_index in refused:
+    def __init__(self, guard: AccessGuard, call: Call) -> None:
+        self._inner = guard.patient_gate(call)
+        self._refused: set[bytes] = set()
+
+    def skips(self, member: StudyMember) -> bool:
+        """Whether ``member``'s row names a patient already refused in this call."""
+        return member.patient_index in self._refused
+
+    def __call__(self, ref: RecordRef) -> None:
+        if ref.patient_index in self._refused:
             raise _SkippedError
         try:
-            inner(ref)
+            self._inner(ref)
         except PermissionDeniedError:
-            refused.add(ref.patient_index)
+            self._refused.add(ref.patient_index)
             raise
-
-    return gate
 
 
 class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # untyped stub
@@ -162,13 +167,19 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
         with _naming_tampered(state):
             return self._store.studies(patient, admit=self._guard.patient_gate(call))
 
-    def _study_members(self, state: CallState, study_uid: str) -> tuple[list[StudyMember], Gate]:
+    def _study_members(
+        self, state: CallState, study_uid: str
+    ) -> tuple[list[StudyMember], _StudyGate]:
         call = entered(state)
-        return self._store.study_members(study_uid), _study_gate(self._guard, call)
+        return self._store.study_members(study_uid), _StudyGate(self._guard, call)
 
-    def _open_member(self, state: CallState, member: StudyMember, gate: Gate) -> OpenRecord | None:
+    def _open_member(
+        self, state: CallState, member: StudyMember, gate: _StudyGate
+    ) -> OpenRecord | None:
         """The instance opened (verified, in scope, its read audited), or None if the
         caller may not read it (the refusal is audited by the gate)."""
+        if gate.skips(member):
+            return None
         try:
             with _naming_tampered(state):
                 return self._store.open(member.id, member.version, admit=gate)

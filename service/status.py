@@ -16,7 +16,12 @@ from keystore import KeyNotFoundError, KeystoreError, PinError, TokenUnavailable
 from service.audit import AuditUnavailableError
 from service.authn import AuthenticationError, DelegationNotAllowedError
 from service.authz import PermissionDeniedError
-from service.limits import StreamDeadlineError, TooManyCallsError, UploadsBusyError
+from service.limits import (
+    PdfBusyError,
+    StreamDeadlineError,
+    TooManyCallsError,
+    UploadsBusyError,
+)
 from service.streams import StreamCancelledError
 from storage import (
     BackendUnavailableError,
@@ -36,6 +41,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (AuditUnavailableError, grpc.StatusCode.UNAVAILABLE),  # fail closed: no event, no data
     (TooManyCallsError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # this caller only, over share
     (UploadsBusyError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # every upload slot taken
+    (PdfBusyError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # every whole-PDF slot taken
     (StreamDeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (StreamCancelledError, grpc.StatusCode.CANCELLED),
     (InvalidRecordError, grpc.StatusCode.INVALID_ARGUMENT),

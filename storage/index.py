@@ -46,6 +46,15 @@ MAX_DETAIL = 64
 # stored, its first entries indexed (docs/formats.md).
 MAX_ENTRIES = 1000
 _DIGITS8 = re.compile(r"(\d{4})-?(\d{2})-?(\d{2})")
+# An observation's value and time are stored in clear only in these shapes: a decimal
+# number; an HL7 TS (YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]) or an ISO 8601 date-time.
+# Anything else in those fields (an ST result, a note in OBX-14) is free text that may
+# name a patient, and is not indexed (docs/formats.md).
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d{1,3})?\Z")
+_INSTANT = re.compile(
+    r"\d{4}(\d{2}){0,5}(\.\d{1,4})?([+-]\d{4})?\Z"
+    r"|\d{4}(-\d{2}(-\d{2}(T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}:\d{2})?)?)?)?\Z"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +81,20 @@ def entry(field: str, value: object, system: object = None, *, quantity: object 
         field, text, _text(system, MAX_SYSTEM) or None, _text(quantity, MAX_DETAIL) or None,
         _text(unit, MAX_DETAIL) or None, _text(observed_at, MAX_DETAIL) or None,
     )  # fmt: skip
+
+
+def number(value: object) -> str | None:
+    """``value`` as text if it is a decimal number, else None (not indexed)."""
+    if isinstance(value, bool):
+        return None
+    text = _text(value, MAX_DETAIL)
+    return text if _NUMBER.match(text) else None
+
+
+def instant(value: object) -> str | None:
+    """``value`` as text if it is an HL7 TS or an ISO 8601 date(-time), else None."""
+    text = _text(value, MAX_DETAIL)
+    return text if _INSTANT.match(text) else None
 
 
 def day(value: object) -> str | None:

@@ -124,12 +124,19 @@ class _Meter:
 @dataclass(frozen=True, slots=True)
 class StudyMember:
     """A record version indexed as an instance of a study (its series and SOP instance
-    UIDs as indexed: labels, the record itself is verified when opened)."""
+    UIDs as indexed: labels, the record itself is verified when opened).
+
+    ``patient_index`` is the row's, unverified: GetStudy skips, without opening it, a
+    member whose row names a patient already refused in the call (an edited row can
+    only hide itself that way), so refusing a large study costs one token operation
+    per patient, not one per instance.
+    """
 
     id: str
     version: int
     series_uid: str
     sop_uid: str
+    patient_index: bytes = b""
 
 
 @runtime_checkable
@@ -528,7 +535,7 @@ class RecordStore:
 
         return [
             StudyMember(r.id, r.version, first(entries.get((r.id, r.version), []), SERIES_UID),
-                        first(entries.get((r.id, r.version), []), SOP_UID))
+                        first(entries.get((r.id, r.version), []), SOP_UID), r.patient_index)
             for r in rows
         ]  # fmt: skip
 

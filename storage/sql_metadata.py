@@ -37,6 +37,7 @@ from storage.errors import (
 from storage.index import STUDY_UID, IndexEntry
 from storage.interfaces import IndexFilter, ListCursor, StoredRecord
 from storage.migration_lock import migration_lock
+from storage.model import RecordKind
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 # SQLSTATE read_only_sql_transaction: a standby or default_transaction_read_only=on.
@@ -397,8 +398,8 @@ class SqlMetadataStore:
     def study_records(
         self, *, patient_index: bytes | None = None, study_uid: str | None = None, limit: int
     ) -> list[StoredRecord]:
-        """Latest versions with a study UID entry: the patient's (``patient_index``) or
-        the study's (``study_uid``), oldest first. Unverified: the caller verifies each."""
+        """Latest DICOM versions with a study UID entry: the patient's (``patient_index``)
+        or the study's (``study_uid``), oldest first. Unverified: the caller verifies each."""
         match = sa.and_(
             record_index.c.record_id == records.c.id,
             record_index.c.version == records.c.version,
@@ -406,7 +407,13 @@ class SqlMetadataStore:
         )
         if study_uid is not None:
             match = sa.and_(match, record_index.c.value == study_uid)
-        query = sa.select(records).where(sa.exists().where(match)).where(_latest_only())
+        # DICOM records only: an index row a writer adds can file any record under a
+        # study UID, but the kind column is part of the verified row (a row whose kind
+        # was edited fails verification when opened).
+        query = (
+            sa.select(records).where(records.c.kind == RecordKind.DICOM.value)
+            .where(sa.exists().where(match)).where(_latest_only())
+        )  # fmt: skip
         if patient_index is not None:
             query = query.where(records.c.patient_index == patient_index)
         query = query.order_by(records.c.created_at, records.c.id).limit(limit)

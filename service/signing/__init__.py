@@ -29,9 +29,11 @@ from pyhanko.sign.validation.pdf_embedded import EmbeddedPdfSignature
 
 from keystore import Signer as KeySigner
 from keystore import SignerFactory, SignerUnusableError
+from service.limits import PdfSlots
 from service.signing.cms import algorithm_name, sign_digest
 from service.signing.pades import (
     MAX_PADES_BYTES,
+    SignedPdf,
     check_size,
     embedded_by_cms,
     read_bounded,
@@ -59,6 +61,9 @@ SIGNER_CACHE_SECONDS = 60.0
 
 # Stores a prepared signature (its id, the change inserting it) with its audit event.
 CommitSignature = Callable[[str, Change[Signature]], Signature]
+# PDFs held whole in memory at once over all callers (service.limits.PdfSlots): each
+# costs up to about three times MAX_PADES_BYTES while pyHanko signs or reads it.
+MAX_PDFS_AT_ONCE = 4
 # Pieces of a signed PDF as it is stored (the record store encrypts it segment by segment).
 PIECE_SIZE = 1 << 20
 
@@ -113,7 +118,10 @@ class DocumentSigning:
         signers: SignerFactory,
         validator: SignatureValidator,
         chain: Sequence[bytes] = (),
+        *,
+        pdf_slots: int = MAX_PDFS_AT_ONCE,
     ) -> None:
+        self._pdfs = PdfSlots(pdf_slots)
         self._signatures = signatures
         self._signers = signers
         self._validator = validator
@@ -201,19 +209,16 @@ class DocumentSigning:
                 f"version: PADES signs the latest version only ({latest}), as it adds one; "
                 f"sign version {info.version} as CADES_DETACHED"
             )
-        pdf = read_bounded(signed.content)
-        if not secrets.compare_digest(hashlib.sha256(pdf).digest(), info.sha256):
-            raise IntegrityError("stored record failed authentication")
-        result = sign_pdf(identity.key, identity.certificate_der, pdf, self._chain)
-        del pdf
         header = NewRecord(
             patient=info.patient, kind=RecordKind.PDF, content_type=info.content_type,
             title=info.title, supersedes=info.id, supersedes_version=info.version,
         )  # fmt: skip
-        added = self._signatures.add_version(
-            header, _pieces(result.pdf), writer.creator,
-            admit=writer.admit, on_commit=writer.on_commit,
-        )  # fmt: skip
+        with self._pdfs.slot():  # until the signed copy is stored
+            result = self._signed_pdf(signed, identity)
+            added = self._signatures.add_version(
+                header, _pieces(result.pdf), writer.creator,
+                admit=writer.admit, on_commit=writer.on_commit,
+            )  # fmt: skip
         new = NewSignature(
             signer=name,
             certificate_subject=identity.certificate.subject.rfc4514_string(),
@@ -233,7 +238,21 @@ class DocumentSigning:
         stored = signed.signatures()
         if not stored:
             return []
-        digest, embedded = self._read_for_verify(signed)
+        if signed.info.kind is RecordKind.PDF and signed.info.size <= MAX_PADES_BYTES:
+            with self._pdfs.slot():
+                return self._verified(stored, *self._read_for_verify(signed))
+        return self._verified(stored, *self._read_for_verify(signed))
+
+    def _signed_pdf(self, signed: SignedRecord, identity: SignerIdentity) -> SignedPdf:
+        pdf = read_bounded(signed.content)
+        if not secrets.compare_digest(hashlib.sha256(pdf).digest(), signed.info.sha256):
+            raise IntegrityError("stored record failed authentication")
+        return sign_pdf(identity.key, identity.certificate_der, pdf, self._chain)
+
+    def _verified(
+        self, stored: Sequence[Signature], digest: bytes,
+        embedded: dict[bytes, EmbeddedPdfSignature],
+    ) -> list[tuple[Signature, Verdict, SignatureFormat]]:
         results = []
         for s in stored:
             pdf_signature = embedded.get(s.p7s)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -28,21 +29,35 @@ from datetime import UTC, datetime
 from asn1crypto import cms
 from asn1crypto import x509 as asn1_x509
 from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
-from pyhanko.pdf_utils.misc import PdfError
 from pyhanko.pdf_utils.reader import PdfFileReader
 from pyhanko.sign.fields import SigSeedSubFilter
-from pyhanko.sign.general import SigningError
 from pyhanko.sign.signers.pdf_signer import PdfSignatureMetadata, PdfSigner
 from pyhanko.sign.validation.pdf_embedded import EmbeddedPdfSignature
 
+from keystore import KeystoreError
 from keystore import Signer as KeySigner
 from service.signing.cms import DIGEST_ALGORITHM, TokenCmsSigner
 from storage import InvalidRecordError
+
+# pyHanko's reader logs what it trips over quoting the PDF (a repeated dictionary key
+# by its name, a bad stream's error): that is patient content, and the root logger
+# writes the service's log. As for pydicom and hl7 (storage.formats), its records stop
+# here; a refusal says what was wrong without them. pyhanko_certvalidator (certificates,
+# not content) still logs.
+_PYHANKO_LOG = logging.getLogger("pyhanko")
+_PYHANKO_LOG.propagate = False
+_PYHANKO_LOG.addHandler(logging.NullHandler())
 
 # The largest PDF signed with PAdES: pyHanko holds the file (and its signed copy) in
 # memory, so each concurrent PAdES signing costs about three times this at most.
 MAX_PADES_BYTES = 64 << 20
 FIELD_PREFIX = "medvault-signature-"
+# A PDF any writer can store (the put does not parse a PDF's objects) makes pyHanko
+# raise far more than PdfError: its own assertions, AttributeError and OverflowError on
+# objects of the wrong type or size, RecursionError on nesting thousands deep (all
+# found by fuzzing). Reading treats any of them as "no embedded signature"; signing as
+# a PDF that cannot be signed. Token errors are never the PDF's fault: they pass.
+_PASS = (KeystoreError,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +97,7 @@ def embedded_signatures(pdf: bytes) -> list[EmbeddedPdfSignature]:
     """Every signature embedded in ``pdf`` (``[]`` if it does not parse as a PDF)."""
     try:
         return list(PdfFileReader(io.BytesIO(pdf), strict=False).embedded_signatures)
-    except (PdfError, ValueError, KeyError, TypeError):
+    except Exception:  # noqa: BLE001  (any failure to read a hostile PDF: see _PASS)
         return []
 
 
@@ -92,9 +107,16 @@ def embedded_by_cms(pdf: bytes) -> dict[bytes, EmbeddedPdfSignature]:
     for embedded in embedded_signatures(pdf):
         try:
             found[cms_of(embedded)] = embedded
-        except (ValueError, KeyError, TypeError):
+        except Exception:  # noqa: BLE001, S112  (an unreadable signature object: skipped)
             continue
     return found
+
+
+def _unsignable() -> InvalidRecordError:
+    return InvalidRecordError(
+        "record_id", "is a PDF that cannot be signed with PADES (damaged structure, "
+        "or certified against further changes); sign it as CADES_DETACHED",
+    )  # fmt: skip
 
 
 def sign_pdf(
@@ -117,17 +139,20 @@ def sign_pdf(
     )
     try:
         writer = IncrementalPdfFileWriter(io.BytesIO(pdf), strict=False)
-        if writer.prev.encrypted:
-            raise InvalidRecordError("record_id", "is an encrypted PDF; PADES cannot sign it")
+        encrypted = writer.prev.encrypted
+    except Exception as e:  # pyHanko on a hostile PDF: see _PASS
+        raise _unsignable() from e
+    if encrypted:
+        raise InvalidRecordError("record_id", "is an encrypted PDF; PADES cannot sign it")
+    try:
         out = asyncio.run(PdfSigner(meta, signer).async_sign_pdf(writer, output=io.BytesIO()))
-    except (PdfError, SigningError, ValueError, KeyError, TypeError) as e:
-        raise InvalidRecordError(
-            "record_id", "is a PDF that cannot be signed with PADES (damaged structure, "
-            "or certified against further changes); sign it as CADES_DETACHED",
-        ) from e  # fmt: skip
+    except _PASS:
+        raise
+    except Exception as e:  # pyHanko on a hostile PDF: see _PASS
+        raise _unsignable() from e
     signed = out.getvalue()
     ours = [s for s in embedded_signatures(signed) if s.field_name == field]
     if len(ours) != 1 or ours[0].self_reported_timestamp is None:
-        raise SigningError("the signed PDF does not carry the new signature")
+        raise _unsignable()  # the result does not read back: the structure is damaged
     when = ours[0].self_reported_timestamp.astimezone(UTC)
     return SignedPdf(signed, cms_of(ours[0]), when)

@@ -10,10 +10,11 @@ What is deleted, and what never is:
 * a pruned backup's manifest (first: it stops being complete), signature and snapshot;
 * objects no kept manifest references. An object still referenced by any kept
   manifest is never deleted. Objects of a run in progress are referenced by no
-  manifest yet, so while a run marker younger than ``grace`` exists no object is
-  deleted at all; without one, objects that no manifest references are deleted only
-  when older than ``grace`` (leftovers of a run killed midway), objects that only
-  pruned backups referenced at once;
+  manifest yet, so while a run marker younger than ``grace`` (and never less than
+  ``RUN_GRACE``, whatever grace is given) exists no object is deleted at all, nor
+  that run's snapshot or half-written manifest; without one, objects that no
+  manifest references are deleted only when older than ``grace`` (leftovers of a run
+  killed midway), objects that only pruned backups referenced at once;
 * leftover snapshots, half-written manifest pairs and stale run markers older than
   ``grace``. If any manifest cannot be read, no object is deleted (its references are
   unknown).
@@ -41,6 +42,9 @@ from storage.backup.targets import BackupTarget, TargetEntry, read_all
 from storage.errors import RecordNotFoundError
 
 DEFAULT_GRACE = timedelta(days=1)
+# The least age at which a run marker is taken for a killed run's leftover, whatever
+# grace a prune is given (a backup of a large store runs for hours).
+RUN_GRACE = DEFAULT_GRACE
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,10 +180,13 @@ def prune(
         if not dry_run:
             for key in (manifest_key(m.id), signature_key(m.id), snapshot_key(m.id)):
                 target.delete(key)
-    leftovers = _prune_leftovers(target, cutoff, dry_run)
+    # A run marker younger than RUN_GRACE is a run in progress whatever the caller's
+    # grace: a shorter grace must not delete its snapshot, objects or marker.
+    run_cutoff = now - max(grace, RUN_GRACE)
     runs = list(target.entries(RUNS_PREFIX))
-    active = any(r.modified > cutoff for r in runs)
-    leftovers += _delete_all(target, (r.key for r in runs if r.modified <= cutoff), dry_run)
+    active = any(r.modified > run_cutoff for r in runs)
+    leftovers = _prune_leftovers(target, run_cutoff if active else cutoff, dry_run)
+    leftovers += _delete_all(target, (r.key for r in runs if r.modified <= run_cutoff), dry_run)
     removed_objects, removed_bytes = 0, 0
     deferred = active or bool(unreadable)
     if not deferred:

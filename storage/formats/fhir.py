@@ -28,6 +28,8 @@ from storage.index import (
     bounded,
     day,
     entry,
+    instant,
+    number,
 )
 from storage.model import PatientRef
 
@@ -139,7 +141,8 @@ def _entries(resource: Json) -> list[IndexEntry | None]:
     quantity = resource.get("valueQuantity") if kind == "Observation" else None
     value, unit = (quantity.get("value"), quantity.get("unit") or quantity.get("code")) \
         if isinstance(quantity, dict) else (None, None)
-    observed = resource.get("effectiveDateTime")
+    value = number(value)  # in clear only as a number and a timestamp (storage.index)
+    observed = instant(resource.get("effectiveDateTime"))
     for coding in _codings(resource.get(element)):
         found.append(entry(field, coding.get("code"), coding.get("system"),
                            quantity=value, unit=unit, observed_at=observed))

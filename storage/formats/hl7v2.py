@@ -24,6 +24,8 @@ from storage.index import (
     bounded,
     day,
     entry,
+    instant,
+    number,
 )
 from storage.model import PatientRef
 
@@ -179,8 +181,10 @@ class Hl7v2Validator:
             return
         if not part(3):
             return
-        details = {"quantity": part(5) if part(2) in ("NM", "SN", "ST", "") else None,
-                   "unit": part(6), "observed_at": part(14)}
+        # Value and time only as a number and a timestamp: an ST result or a note is
+        # free text, never stored in clear (storage.index.number, instant).
+        details = {"quantity": number(part(5)), "unit": part(6),
+                   "observed_at": instant(part(14))}
         self._index.append(entry(OBSERVATION, part(3), part(3, 2), **details))
         if part(3, 2) == "MDC" and part(3, 1).startswith("MDC_"):  # ISO/IEEE 11073-10101
             self._index.append(entry(OBSERVATION, part(3, 1), "MDC", **details))

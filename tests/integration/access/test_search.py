@@ -7,6 +7,7 @@ PYTEST_DONT_REWRITE: failures name fields, codes and counts, never identifiers.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -171,6 +172,37 @@ def test_each_kind_is_indexed_with_the_record_under_its_blind_patient_index(w: W
     spo2 = next(r for r in w.index_rows(stored["HL7V2"].id) if r.value == "150456")
     assert (spo2.system, spo2.quantity, spo2.unit, spo2.observed_at) == (
         "MDC", "97", "262688", "20260102103000"), "11073 observation details"
+
+
+FREE_TEXT = "Reviewed with SYNTHETIC-FREETEXT at home"  # what a note could say
+
+
+def test_free_text_in_observation_fields_is_not_stored_in_clear(w: World) -> None:
+    """Attack (cold review): the index stores observation values and times in clear on
+    the ground that they are numbers, codes and dates. An HL7 OBX of type ST (or with no
+    type), an OBX-14 or a FHIR valueQuantity/effectiveDateTime holding text is free text
+    that can name a patient or a diagnosis: it must not reach the database in clear."""
+    patient = _granted(w)
+    pid, auth = patient.id, patient.assigning_authority
+    hl7 = w.put(patient, "HL7V2", content.hl7v2(pid, auth, observations=[
+        f"OBX|1|ST|11526-1^Pathology study^LN||{FREE_TEXT}||||||F",
+        f"OBX|2||11529-5^Surgical pathology^LN||{FREE_TEXT}||||||F",
+        f"OBX|3|NM|718-7^Hemoglobin^LN||13.5|g/dL|||||F|||{FREE_TEXT}",
+        "OBX|4|NM|718-7^Hemoglobin^LN||13.7|g/dL|||||F|||20260102103000",
+    ]))  # fmt: skip
+    observation = json.loads(content.fhir(pid, auth, code="8867-4"))
+    observation["valueQuantity"] = {"value": FREE_TEXT, "unit": "g/dL"}
+    observation["effectiveDateTime"] = FREE_TEXT
+    fhir = w.put(patient, "FHIR", json.dumps(observation).encode())
+
+    for record in (hl7, fhir):
+        for row in w.index_rows(record.id):
+            for column in ("value", "system", "quantity", "unit", "observed_at"):
+                text = getattr(row, column) or ""
+                assert "SYNTHETIC-FREETEXT" not in text, f"free text in clear in {column}"
+    kept = [r for r in w.index_rows(hl7.id) if r.quantity == "13.7"]
+    assert [(r.unit, r.observed_at) for r in kept] == [("g/dL", "20260102103000")], (
+        "a numeric observation keeps its value, unit and time")
 
 
 def test_a_refused_put_leaves_no_index_row(w: World) -> None:
@@ -417,6 +449,37 @@ def test_index_rows_a_database_writer_adds_never_release_another_patients_record
     assert w.ids(mine, document_code="18842-5") == set()
     reply = w.doctor.records.ListStudies(pb.ListStudiesRequest(patient=mine), timeout=TIMEOUT)
     assert [(s.study_uid, s.instance_count) for s in reply.studies] == [(study, 1)]
+
+
+def test_a_non_dicom_record_filed_in_a_study_by_a_database_writer_is_not_an_instance(
+    w: World,
+) -> None:
+    """Attack (cold review): the index proposes candidates, and a writer can file any
+    record of the patient under a study UID. GetStudy then streamed a PDF (or an HL7
+    message) as a DICOM instance, which the CLI saves as <sop>.dcm for a viewer, and
+    ListStudies listed a study that has no image. A record's kind is part of its
+    verified row: only DICOM records are instances."""
+    patient = _granted(w)
+    study = str(generate_uid())
+    note = w.put(patient, "PDF", content.pdf())
+    with w.engine.connect() as c:
+        index = bytes(c.scalar(sa.select(records.c.patient_index)
+                               .where(records.c.id == note.id)))
+    with w.engine.begin() as c:
+        c.execute(record_index.insert(), [
+            {"record_id": note.id, "version": note.version, "patient_index": index,
+             "field": field, "value": value}
+            for field, value in (("study_uid", study), ("series_uid", "1.2.3"),
+                                 ("sop_uid", "1.2.3.4"), ("modality", "CT"))
+        ])  # fmt: skip
+    instances, contents, error = _get_study(w.doctor, study)
+    assert not instances, "a PDF was streamed as a DICOM instance"
+    assert not contents
+    assert error is not None
+    assert error.code() == grpc.StatusCode.NOT_FOUND, error.code().name
+    reply = w.doctor.records.ListStudies(pb.ListStudiesRequest(patient=patient),
+                                         timeout=TIMEOUT)  # fmt: skip
+    assert study not in [s.study_uid for s in reply.studies], "a study without an image"
 
 
 def test_a_record_row_moved_under_the_granted_patient_fails_the_search(w: World) -> None:

@@ -12,6 +12,7 @@ import asyncio
 import io
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -273,3 +274,84 @@ def test_pdf_over_the_pades_cap_is_refused(stack: SigningStack) -> None:
     assert _latest_version(stack, "dr-ec", record_id) == 1
     info = _sign(stack, "dr-ec", record_id, spb.SIGNATURE_FORMAT_CADES_DETACHED)
     assert info.version == 1  # a detached signature has no size cap
+
+
+def _pdf_of(catalog: bytes, *more: bytes) -> bytes:
+    """A PDF of one empty page with this catalog (and objects 4...), its cross-reference
+    table right."""
+    objects = [
+        catalog,
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] >>",
+        *more,
+    ]
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for n, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (n, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1, xref)  # fmt: skip
+    return bytes(out)
+
+
+def _nested_pdf(depth: int = 5000) -> bytes:
+    """A well-formed PDF whose signature field's value is an array nested ``depth``
+    deep: any parser that recurses per level runs out of stack."""
+    return _pdf_of(
+        b"<< /Type /Catalog /Pages 2 0 R /AcroForm << /Fields [4 0 R] >> >>",
+        b"<< /FT /Sig /T (synthetic) /V " + b"[" * depth + b"]" * depth + b" >>",
+    )
+
+
+def _wrong_type_pdf() -> bytes:
+    """A well-formed PDF whose signature field's value is a number, not a dictionary
+    (pyHanko's reader raised AttributeError on it; found by fuzzing)."""
+    return _pdf_of(
+        b"<< /Type /Catalog /Pages 2 0 R /AcroForm << /Fields [4 0 R] >> >>",
+        b"<< /FT /Sig /T (synthetic) /V 7 >>",
+    )
+
+
+@pytest.mark.parametrize("hostile", [_nested_pdf, _wrong_type_pdf], ids=["nested", "wrong-type"])
+def test_a_hostile_pdf_is_refused_for_pades_and_its_cades_signature_verifies(
+    stack: SigningStack, hostile: Any
+) -> None:
+    """Attack (cold review): pyHanko raises more than PdfError on a PDF any writer can
+    store (RecursionError on deep nesting, AttributeError on an object of the wrong
+    type, its own assertions, OverflowError): SignRecord PADES and every VerifyRecord of
+    the record failed INTERNAL, each with a traceback in the service log, so the
+    record's CAdES signature could never be verified again."""
+    record_id = _record(stack, "dr-ec", content=hostile())
+    with pytest.raises(grpc.RpcError) as raised:
+        _sign(stack, "dr-ec", record_id)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.code().name
+    assert (raised.value.details() or "").startswith("record_id:")
+    assert _latest_version(stack, "dr-ec", record_id) == 1
+    _sign(stack, "dr-ec", record_id, spb.SIGNATURE_FORMAT_CADES_DETACHED)
+    results = _verify(stack, "dr-ec", record_id)
+    assert [(r.valid, r.signature.format) for r in results] == [
+        (True, spb.SIGNATURE_FORMAT_CADES_DETACHED)
+    ]
+    log = stack.service.log_path.read_text(errors="replace")
+    for error in ("RecursionError", "AttributeError"):
+        assert error not in log, "a traceback of the PDF's parse in the service log"
+
+
+def test_pyhanko_never_writes_pdf_content_to_the_service_log(stack: SigningStack) -> None:
+    """Attack (cold review): pyHanko's reader logs what it trips over, quoting the PDF
+    (a repeated dictionary key by its name). The PDF is patient content; as for pydicom
+    and hl7, the parser's records must not reach the service log."""
+    marker = b"Synthetic#20Patient#20Nameinlog"
+    body = _pdf_of(b"<< /Type /Catalog /Pages 2 0 R /" + marker + b" 1 /" + marker + b" 2 >>")
+    record_id = _record(stack, "dr-ec", content=body)
+    _sign(stack, "dr-ec", record_id, spb.SIGNATURE_FORMAT_CADES_DETACHED)
+    _verify(stack, "dr-ec", record_id)
+    code_of(_stub(stack.clients["dr-ec"]).SignRecord,
+            spb.SignRecordRequest(record_id=record_id, signer="dr-ec", format=PADES),
+            timeout=TIMEOUT)  # fmt: skip
+    assert "Nameinlog" not in stack.service.log_path.read_text(errors="replace"), (
+        "PDF content in the service log")
