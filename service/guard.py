@@ -130,6 +130,13 @@ class AccessGuard:
             self._incidents.denied(source_host(facts.peer))
             raise
 
+    def in_scope(self, call: Call, patient_index: bytes) -> bool:
+        """Whether ``call`` may touch the patient, asked quietly (no event, no incident):
+        for choosing what to attempt, never instead of the gate that audits the attempt."""
+        if not call.decision.patient_scoped:
+            return True
+        return self.grants.has_access(call.principal.name, patient_index, _now()) is not None
+
     def check_scope(self, call: Call, ref: RecordRef) -> str:
         """Raise unless ``call`` may touch ``ref``'s patient; the break-the-glass note if any."""
         if not call.decision.patient_scoped:

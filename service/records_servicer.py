@@ -170,8 +170,23 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
     def _study_members(
         self, state: CallState, study_uid: str
     ) -> tuple[list[StudyMember], _StudyGate]:
+        """The study's instances to attempt, and the gate that audits each attempt.
+
+        Instances of patients the caller may not read are left out quietly when some of
+        the study is theirs: a writer who files an instance of another patient under a
+        study's UID must not put a refusal (and an incident count) in the name of every
+        reader of that study. Each instance attempted is still verified (its row names
+        its patient under a MAC) and audited by the gate. When none is the caller's,
+        all are attempted and the first refusal is audited, as for any read.
+        """
         call = entered(state)
-        return self._store.study_members(study_uid), _StudyGate(self._guard, call)
+        members = self._store.study_members(study_uid)
+        readable: dict[bytes, bool] = {}
+        for member in members:
+            if member.patient_index not in readable:
+                readable[member.patient_index] = self._guard.in_scope(call, member.patient_index)
+        mine = [m for m in members if readable[m.patient_index]]
+        return (mine or members), _StudyGate(self._guard, call)
 
     def _open_member(
         self, state: CallState, member: StudyMember, gate: _StudyGate

@@ -119,13 +119,6 @@ def test_get_study_of_a_refused_patient_costs_one_token_operation_not_one_per_in
     assert len(denied) == 1, "the refusal is audited once per patient per call"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "open (cold review): GetStudy's candidates are every record indexed under the study "
-    "UID, whatever patient; a writer who puts an instance under another patient with "
-    "that UID makes each reader of the study refused and audited (an incident counted "
-    "against their host) for a record they never asked for. Fix needs a design choice: "
-    "refuse at write a DICOM instance whose StudyInstanceUID is indexed under another "
-    "patient, or scope GetStudy to one patient (a patient field in GetStudyRequest)"))
 def test_an_instance_planted_in_a_study_does_not_put_a_refusal_in_its_readers_name(
     w: World, issue: Any
 ) -> None:
