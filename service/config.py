@@ -196,6 +196,18 @@ class BackupConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DicomConfig:
+    """The DICOM network service (service/dicom, docs/formats.md); off unless ``listen``."""
+
+    listen: str = ""  # host:port; empty = no DICOM listener
+    ae_title: str = "MEDVAULT"
+    # Largest instance a C-STORE may send, and a C-GET may hold in memory while sending.
+    max_instance_size: int = 1 << 30
+    max_associations: int = 16
+    network_timeout_seconds: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole service configuration."""
 
@@ -207,6 +219,7 @@ class Config:
     audit: AuditConfig = field(default_factory=AuditConfig)
     signing: SigningConfig = field(default_factory=SigningConfig)
     backup: BackupConfig = field(default_factory=BackupConfig)
+    dicom: DicomConfig = field(default_factory=DicomConfig)
     base_dir: Path = Path()
 
 
@@ -248,6 +261,7 @@ def _check(config: Config) -> None:
     if config.tls.enabled and not (config.tls.cert and config.tls.key and config.tls.client_ca):
         raise ConfigError("[tls] cert, key and client_ca are required when tls.enabled is true")
     _check_audit(config.audit)
+    _check_dicom(config)
     if not config.database.url:
         raise ConfigError("[database] url is required")
 
@@ -286,6 +300,25 @@ def _check_audit(audit: AuditConfig) -> None:
         raise ConfigError("audit.witness_lock_mode must be COMPLIANCE or GOVERNANCE")
     if audit.witness_lock_days < 0:
         raise ConfigError("audit.witness_lock_days must be 0 (no Object Lock) or more")
+
+
+def _check_dicom(config: Config) -> None:
+    dicom = config.dicom
+    if not dicom.listen:
+        return
+    if not config.tls.enabled:
+        raise ConfigError("[dicom] listen requires [tls] enabled: DICOM is served over TLS only")
+    host, sep, port = dicom.listen.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError("dicom.listen must be host:port")
+    title = dicom.ae_title
+    if not 1 <= len(title) <= 16 or not title.isascii() or not title.isprintable() or (
+        "\\" in title or not title.strip()
+    ):
+        raise ConfigError("dicom.ae_title must be 1 to 16 printable ASCII characters, no backslash")
+    for key in ("max_instance_size", "max_associations", "network_timeout_seconds"):
+        if getattr(dicom, key) <= 0:
+            raise ConfigError(f"dicom.{key} must be positive")
 
 
 def parse(raw: dict[str, Any], base_dir: Path) -> Config:

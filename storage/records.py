@@ -40,6 +40,7 @@ from storage.index import (
     MODALITY,
     OBSERVATION,
     SERIES_UID,
+    SOP_CLASS,
     SOP_UID,
     STUDY_UID,
     IndexEntry,
@@ -130,6 +131,10 @@ class StudyMember:
     version: int
     series_uid: str
     sop_uid: str
+    # Indexed labels too (the DICOM service answers C-FIND from them).
+    sop_class: str = ""
+    modality: str = ""
+    study_date: str = ""
 
 
 @runtime_checkable
@@ -526,11 +531,14 @@ class RecordStore:
         def first(found: list[IndexEntry], field: str) -> str:
             return next((e.value for e in found if e.field == field), "")
 
-        return [
-            StudyMember(r.id, r.version, first(entries.get((r.id, r.version), []), SERIES_UID),
-                        first(entries.get((r.id, r.version), []), SOP_UID))
-            for r in rows
-        ]  # fmt: skip
+        def member(row: StoredRecord) -> StudyMember:
+            found = entries.get((row.id, row.version), [])
+            return StudyMember(
+                row.id, row.version, first(found, SERIES_UID), first(found, SOP_UID),
+                first(found, SOP_CLASS), first(found, MODALITY), first(found, DATE),
+            )  # fmt: skip
+
+        return [member(r) for r in rows]
 
     def list(
         self, query: RecordQuery, *, admit: Gate | None = None
