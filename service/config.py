@@ -304,13 +304,6 @@ def _check_audit(audit: AuditConfig) -> None:
 
 def _check_dicom(config: Config) -> None:
     dicom = config.dicom
-    if not dicom.listen:
-        return
-    if not config.tls.enabled:
-        raise ConfigError("[dicom] listen requires [tls] enabled: DICOM is served over TLS only")
-    host, sep, port = dicom.listen.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ConfigError("dicom.listen must be host:port")
     title = dicom.ae_title
     if not 1 <= len(title) <= 16 or not title.isascii() or not title.isprintable() or (
         "\\" in title or not title.strip()
@@ -319,6 +312,13 @@ def _check_dicom(config: Config) -> None:
     for key in ("max_instance_size", "max_associations", "network_timeout_seconds"):
         if getattr(dicom, key) <= 0:
             raise ConfigError(f"dicom.{key} must be positive")
+    if not dicom.listen:
+        return
+    if not config.tls.enabled:
+        raise ConfigError("[dicom] listen requires [tls] enabled: DICOM is served over TLS only")
+    host, sep, port = dicom.listen.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError("dicom.listen must be host:port")
 
 
 def parse(raw: dict[str, Any], base_dir: Path) -> Config:

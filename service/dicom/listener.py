@@ -17,6 +17,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 
 from service.config import Config, ConfigError
+from service.dicom import spool
 from service.dicom.identity import server_context
 from service.dicom.scp import DimseHandlers
 from service.guard import AccessGuard
@@ -70,6 +71,7 @@ class DicomListener:
     def __init__(self, config: Config, store: RecordStore, guard: AccessGuard) -> None:
         self._config = config
         self._handlers = DimseHandlers(store, guard, config.dicom.max_instance_size)
+        spool.install(config.dicom.max_instance_size)
         self._ae = _application_entity(config)
         self._server: Any = None
 

@@ -29,6 +29,7 @@ from service.audit import AuditUnavailableError
 from service.authn import AuthenticationError
 from service.authz import PermissionDeniedError
 from service.dicom.identity import ECHO, FIND, GET, STORE, call_facts
+from service.dicom.spool import oversized
 from service.guard import NO_GRANT, AccessGuard, Call
 from service.limits import TooManyCallsError
 from service.status import status_for
@@ -223,7 +224,7 @@ class DimseHandlers:
         request = event.request
         path = Path(event.dataset_path)
         try:
-            if path.stat().st_size > self._cap:
+            if oversized(str(path)) or path.stat().st_size > self._cap:
                 return self._refused(call, "record/new", InvalidRecordError(
                     "content", f"exceeds the DICOM instance limit of {self._cap} bytes"),
                     OUT_OF_RESOURCES)  # fmt: skip

@@ -35,6 +35,7 @@ from tests.integration.access.dicom_tools import (
     Peer,
     findscu,
     getscu,
+    run,
     storescu,
     tls_tunnel,
 )
@@ -354,3 +355,32 @@ def test_a_client_without_a_trusted_certificate_cannot_associate(w: World) -> No
     assoc = ae.associate("127.0.0.1", w.port, ae_title=AE_TITLE, tls_args=(bare, None))
     assert not assoc.is_established, "associated without a certificate"
     assert _index_count(w, study.uid) == 0, "stored without a trusted certificate"
+
+
+def test_an_instance_over_the_cap_is_refused_while_it_arrives(
+    w: World, service_factory: Any, fresh_database: str, issue: Any
+) -> None:
+    port = free_port()
+    small: RunningService = service_factory(fresh_database, extra_sections={"dicom": {
+        "listen": f"127.0.0.1:{port}", "ae_title": AE_TITLE,
+        "max_instance_size": 64 << 10}})  # fmt: skip
+    try:
+        capped = World(**{**w.__dict__, "service": small, "port": port})
+        patient = new_patient()
+        fits = _instance(patient, pixels=os.urandom(32 << 10))
+        assert _store(capped, w.modality, fits) == 0x0000, "an instance under the cap"
+        over = _instance(patient, pixels=os.urandom(256 << 10))
+        assert _store(capped, w.modality, over) == 0xA700, "an instance over the cap"
+        assert _index_count(w, str(over.SOPInstanceUID)) == 0, "stored over the cap"
+        assert _index_count(w, str(fits.SOPInstanceUID)) == 1
+    finally:
+        small.stop()
+
+
+def test_echoscu_over_tls(w: World) -> None:
+    echo = run(["echoscu", *w.reader.tls(), "-aet", "VIEWER", "-aec", AE_TITLE,
+                "127.0.0.1", str(w.port)])
+    assert echo.returncode == 0, f"echoscu exit {echo.returncode}"
+    wrong_title = run(["echoscu", *w.reader.tls(), "-aet", "VIEWER", "-aec", "NOTMEDVAULT",
+                       "127.0.0.1", str(w.port)])
+    assert wrong_title.returncode != 0, "an association to another AE title was accepted"
