@@ -173,6 +173,9 @@ def _scu() -> AE:
     return ae
 
 
+COMMENTS: list[str] = []  # the ErrorComment of each failed C-STORE, in order
+
+
 def _store(w: World, peer: Peer, payload: Dataset | Path) -> int:
     """The status of one C-STORE (pynetdicom as the SCU, on TLS with ``peer``'s cert)."""
     ae = _scu()
@@ -181,6 +184,8 @@ def _store(w: World, peer: Peer, payload: Dataset | Path) -> int:
     assert assoc.is_established, "association refused"
     try:
         reply = assoc.send_c_store(payload)
+        if int(reply.Status):
+            COMMENTS.append(str(reply.get("ErrorComment", "")))
         return int(reply.Status)
     finally:
         assoc.release()
@@ -307,8 +312,10 @@ def test_refused_instances_get_failure_statuses_store_nothing_and_are_audited(
     w: World,
 ) -> None:
     patient = new_patient()
+    COMMENTS.clear()
     no_issuer = _instance(patient, IssuerOfPatientID=None)
     assert _store(w, w.modality, no_issuer) == 0xA900, "no IssuerOfPatientID"
+    assert "IssuerOfPatientID" in COMMENTS[-1], "the ErrorComment names the field"
     # A writer scoped to its patients (a radiologist) storing for another patient.
     other = _instance(patient)
     assert _store(w, w.reader, other) == 0x0124, "outside the writer's scope"
@@ -328,6 +335,8 @@ def test_refused_instances_get_failure_statuses_store_nothing_and_are_audited(
         assert status == 0xC000, f"not DICOM: {status:#06x}"
     finally:
         pynetdicom._config.STORE_SEND_CHUNKED_DATASET = False
+    assert len(COMMENTS) == 4, f"{len(COMMENTS)} failure comments"
+    assert all(c and patient.id not in c for c in COMMENTS), "an empty or revealing comment"
     for ds in (no_issuer, other, wrong):
         assert _index_count(w, str(ds.SOPInstanceUID)) == 0, "a refused instance was indexed"
     assert _index_count(w, garbage_sop) == 0
