@@ -13,6 +13,7 @@ the guard and the store block, which is what they expect.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import re
@@ -38,6 +39,7 @@ from storage import (
     InvalidRecordError,
     NewRecord,
     PatientRef,
+    RecordConflictError,
     RecordInfo,
     RecordKind,
     RecordRef,
@@ -53,6 +55,7 @@ PENDING = 0xFF00
 CANCEL = 0xFE00
 NOT_AUTHORISED = 0x0124  # PS3.7 C: Refused: Not Authorized
 PROCESSING_FAILURE = 0x0110
+DUPLICATE_INSTANCE = 0x0111  # PS3.7 C: Duplicate SOP Instance
 OUT_OF_RESOURCES = 0xA700  # C-STORE and C-FIND
 GET_OUT_OF_RESOURCES = 0xA702  # C-GET: unable to perform sub-operations
 DOES_NOT_MATCH = 0xA900  # the data set / identifier does not match the SOP class
@@ -100,6 +103,14 @@ def _comment(status: int, text: str) -> Dataset:
     reply.Status = status
     reply.ErrorComment = text[:64]
     return reply
+
+
+def instance_key(sop_instance: str) -> str:
+    """The PutRecord request id of a C-STORE: a sender that sends an instance again (a
+    retry after a lost response) gets the first put's record, not a second record, while
+    ``server.request_id_retention_hours`` remembers it; the same UID with other content
+    is refused (Duplicate SOP Instance)."""
+    return "dicom." + hashlib.sha256(sop_instance.encode()).hexdigest()[:48]
 
 
 def patient_of(path: Path, sop_class: str, sop_instance: str) -> PatientRef:
@@ -187,7 +198,7 @@ class DimseHandlers:
         if isinstance(error, AuditUnavailableError | BackendUnavailableError):
             return _comment(OUT_OF_RESOURCES if status != GET_OUT_OF_RESOURCES else status,
                             "service unavailable, try again")  # fmt: skip
-        if not isinstance(error, InvalidRecordError):
+        if not isinstance(error, InvalidRecordError | RecordConflictError):
             log.warning("DIMSE request failed", extra={"error": type(error).__name__})
             return _comment(PROCESSING_FAILURE, message)
         return _comment(status, message)
@@ -231,7 +242,8 @@ class DimseHandlers:
             patient = patient_of(
                 path, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
             )
-            header = NewRecord(patient, RecordKind.DICOM, "application/dicom")
+            header = NewRecord(patient, RecordKind.DICOM, "application/dicom",
+                               request_id=instance_key(str(request.AffectedSOPInstanceUID)))
             with path.open("rb") as f:
                 self._store.put(
                     header, iter(lambda: f.read(CHUNK), b""), call.principal.name,
@@ -242,6 +254,8 @@ class DimseHandlers:
         except Exception as e:  # noqa: BLE001  (every error leaves as a DICOM status)
             # Content that does not parse: cannot understand; else it does not match.
             status = CANNOT_UNDERSTAND if "parse" in str(e) else DOES_NOT_MATCH
+            if isinstance(e, RecordConflictError):  # the UID again, with other content
+                status = DUPLICATE_INSTANCE
             return self._refused(call, "record/new", e, status)
         return SUCCESS
 

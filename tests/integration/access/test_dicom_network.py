@@ -255,6 +255,11 @@ def test_storescu_then_findscu_and_getscu_byte_identical(w: World) -> None:
                 copy = received[str(dcmread(f).SOPInstanceUID)]
                 assert _dataset_part(copy) == _dataset_part(original), "data set differs"
                 assert dcmread(io.BytesIO(copy)).PixelData == dcmread(f).PixelData
+    # A sender that sends the same instances again (a retry) makes no second record.
+    assert storescu(w.modality, w.port, a.files).returncode == 0
+    again = w.doctor.records.ListStudies(pb.ListStudiesRequest(patient=patient),
+                                         timeout=TIMEOUT).studies
+    assert {s.study_uid: s.instance_count for s in again} == {a.uid: 3, b.uid: 2}, "resent"
     reads = events(w.officer, principal=DOCTOR, action="records.read",
                    outcome=aupb.OUTCOME_ALLOWED)
     assert len(reads) >= 5, f"{len(reads)} read events"
@@ -347,6 +352,17 @@ def test_refused_instances_get_failure_statuses_store_nothing_and_are_audited(
     denied = events(w.officer, principal=DOCTOR, action="records.write",
                     outcome=aupb.OUTCOME_DENIED)
     assert denied, "the out-of-scope write was not audited"
+
+
+def test_the_same_instance_uid_with_other_content_is_a_duplicate(w: World) -> None:
+    patient = new_patient()
+    first = _instance(patient)
+    assert _store(w, w.modality, first) == 0x0000
+    assert _store(w, w.modality, first) == 0x0000, "a retry of the same instance"
+    first.StudyDate = "20260102"
+    status = _store(w, w.modality, first)
+    assert status == 0x0111, f"other content under the same UID: {status:#06x}"
+    assert _index_count(w, str(first.SOPInstanceUID)) == 1, "one record for the instance"
 
 
 def test_a_client_without_a_trusted_certificate_cannot_associate(w: World) -> None:
