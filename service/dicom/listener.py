@@ -34,6 +34,7 @@ pynetdicom._config.LOG_RESPONSE_IDENTIFIERS = False
 pynetdicom._config.LOG_HANDLER_LEVEL = "none"
 logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
+MAX_PDU = 1 << 20
 VERIFICATION = "1.2.840.10008.1.1"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
@@ -54,6 +55,9 @@ def _application_entity(config: Config) -> AE:
     ae.network_timeout = dicom.network_timeout_seconds
     ae.acse_timeout = dicom.network_timeout_seconds
     ae.dimse_timeout = dicom.network_timeout_seconds
+    # Peers send P-DATA PDUs up to this size (pynetdicom's default is 16 KiB: 32 PDUs
+    # for a 512 KiB instance). One PDU is held in memory while it is decoded.
+    ae.maximum_pdu_size = MAX_PDU
     ae.require_called_aet = True  # an association addressed to another AE is refused
     for abstract_syntax in (VERIFICATION, STUDY_ROOT_FIND, STUDY_ROOT_GET):
         ae.add_supported_context(abstract_syntax)
