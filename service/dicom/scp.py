@@ -61,6 +61,7 @@ GET_OUT_OF_RESOURCES = 0xA702  # C-GET: unable to perform sub-operations
 DOES_NOT_MATCH = 0xA900  # the data set / identifier does not match the SOP class
 CANNOT_UNDERSTAND = 0xC000  # C-STORE: cannot understand; C-FIND/C-GET: unable to process
 CHUNK = 1 << 20
+MAX_QUERY_STUDIES = 100  # study UIDs in one C-FIND (each is a query of the index)
 _OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+\Z")
 _URN_OID = "urn:oid:"
 # Already audited by the guard (denials) or impossible to audit (the trail is down).
@@ -418,6 +419,8 @@ def find_matches(store: RecordStore, guard: AccessGuard, call: Call, query: Data
         raise InvalidRecordError("QueryRetrieveLevel", "must be STUDY, SERIES or IMAGE")
     if not studies or (level != "STUDY" and len(studies) != 1):
         raise InvalidRecordError("StudyInstanceUID", "is required below STUDY level (one UID)")
+    if len(studies) > MAX_QUERY_STUDIES:
+        raise InvalidRecordError("StudyInstanceUID", f"at most {MAX_QUERY_STUDIES} UIDs per query")
     replies: list[Dataset] = []
     refused = False
     for study in studies:

@@ -230,6 +230,14 @@ def test_storescu_then_findscu_and_getscu_byte_identical(w: World) -> None:
     assert {str(r.StudyInstanceUID): int(r.NumberOfStudyRelatedInstances) for r in rows} == {
         a.uid: 3, b.uid: 2}
     assert {str(r.ModalitiesInStudy) for r in rows} == {"CT"}
+    # By a list of study UIDs, with a date range that matches and one that does not.
+    for name, dates, want in (("in-range", "20261001-20261130", {a.uid, b.uid}),
+                              ("out-of-range", "20250101-20250201", set())):
+        findscu(w.reader, w.port, w.tmp / name, {
+            "QueryRetrieveLevel": "STUDY", "StudyInstanceUID": f"{a.uid}\\{b.uid}",
+            "StudyDate": dates})  # fmt: skip
+        got = {str(r.StudyInstanceUID) for r in _responses(w.tmp / name)}
+        assert got == want, f"{name}: {len(got)} studies"
     findscu(w.reader, w.port, w.tmp / "find-series", {
         "QueryRetrieveLevel": "SERIES", "StudyInstanceUID": a.uid, "SeriesInstanceUID": "",
         "NumberOfSeriesRelatedInstances": ""})  # fmt: skip
