@@ -410,6 +410,13 @@ def test_an_instance_over_the_cap_is_refused_while_it_arrives(
         assert _store(capped, w.modality, over) == 0xA700, "an instance over the cap"
         assert _index_count(w, str(over.SOPInstanceUID)) == 0, "stored over the cap"
         assert _index_count(w, str(fits.SOPInstanceUID)) == 1
+        # Shutdown with an association open: the service still stops by itself.
+        assoc = _scu().associate("127.0.0.1", port, ae_title=AE_TITLE,
+                                 tls_args=(w.modality.context(), None))
+        assert assoc.is_established
+        small.stop()
+        assert small.process.returncode == 0, f"exit {small.process.returncode}"
+        assoc.abort()
     finally:
         small.stop()
 
