@@ -189,16 +189,17 @@ class DimseHandlers:
     def _enter(self, event: Any, method: str) -> Call:
         return self._guard.enter(call_facts(event.assoc, method))
 
-    def _refused(self, call: Call, resource: str, error: Exception, status: int) -> Dataset:
-        """Audit the failure of an allowed request (unless already audited); its status."""
+    def _refused(self, call: Call, resource: str, error: Exception, status: int,
+                 unavailable: int = OUT_OF_RESOURCES) -> Dataset:  # fmt: skip
+        """Audit the failure of an allowed request (unless already audited); its status:
+        ``status`` for bad input, ``unavailable`` when a dependency is down."""
         code, message = status_for(error)
         if not isinstance(error, _NOT_AUDITED_AGAIN):
             self._guard.audit_failure(call, resource, code.name, message)
         if isinstance(error, PermissionDeniedError | AuthenticationError):
             return _comment(NOT_AUTHORISED, message)
         if isinstance(error, AuditUnavailableError | BackendUnavailableError):
-            return _comment(OUT_OF_RESOURCES if status != GET_OUT_OF_RESOURCES else status,
-                            "service unavailable, try again")  # fmt: skip
+            return _comment(unavailable, "service unavailable, try again")
         if not isinstance(error, InvalidRecordError | RecordConflictError):
             log.warning("DIMSE request failed", extra={"error": type(error).__name__})
             return _comment(PROCESSING_FAILURE, message)
@@ -320,7 +321,7 @@ class DimseHandlers:
             members = self._get_members(call, event.identifier)
         except Exception as e:  # noqa: BLE001
             yield 1
-            yield self._refused(call, "study", e, CANNOT_UNDERSTAND), None
+            yield self._refused(call, "study", e, CANNOT_UNDERSTAND, GET_OUT_OF_RESOURCES), None
             return
         yield len(members)
         for member, info in members:
