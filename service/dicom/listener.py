@@ -9,6 +9,7 @@ Received instances are spooled to a temporary file by pynetdicom, not held in me
 from __future__ import annotations
 
 import logging
+import ssl
 from typing import Any
 
 import pynetdicom
@@ -95,9 +96,16 @@ class DicomListener:
             (evt.EVT_C_GET, self._handlers.on_get),
         ]
         try:
+            context = server_context(tls.cert, tls.key, tls.client_ca)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(
+                "[tls] cert, key or client_ca cannot be loaded for [dicom]: "
+                f"{getattr(e, 'strerror', None) or type(e).__name__}"
+            ) from e
+        try:
             self._server = self._ae.start_server(
                 (host.strip("[]"), int(port)), block=False, evt_handlers=handlers,
-                ssl_context=server_context(tls.cert, tls.key, tls.client_ca),
+                ssl_context=context,
             )  # fmt: skip
         except OSError as e:
             raise ConfigError(

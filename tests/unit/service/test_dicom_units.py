@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from service.config import ConfigError, parse
+from service.config import Config, ConfigError, DicomConfig, TlsConfig, parse
+from service.dicom.listener import DicomListener
 from service.dicom.scp import authority, issuer
 from service.dicom.spool import BoundedSpool, oversized
 
@@ -75,3 +76,13 @@ def test_dicom_needs_tls(tmp_path: Path) -> None:
 
 def test_dicom_is_off_unless_listen_is_set(tmp_path: Path) -> None:
     _config(tmp_path, {}, tls=False)
+
+
+def test_unloadable_tls_files_are_a_config_error(tmp_path: Path) -> None:
+    config = Config(tls=TlsConfig(cert=str(tmp_path / "none.pem"), key=str(tmp_path / "k"),
+                                  client_ca=str(tmp_path / "ca.pem")),
+                    dicom=DicomConfig(listen="127.0.0.1:0"))  # fmt: skip
+    listener = DicomListener(config, None, None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"cannot be loaded for \[dicom\]"):
+        listener.start()
+    listener.stop()
