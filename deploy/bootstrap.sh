@@ -36,6 +36,19 @@ ensure_softhsm() {
     apt_get install -y softhsm2
 }
 
+# The DICOM tests drive medvault with dcmtk's storescu, findscu and getscu, as hospitals do.
+ensure_dcmtk() {
+    if command -v storescu >/dev/null 2>&1 && command -v findscu >/dev/null 2>&1 \
+        && command -v getscu >/dev/null 2>&1; then
+        return
+    fi
+    command -v apt-get >/dev/null 2>&1 \
+        || die "dcmtk is missing and apt-get is not available; install dcmtk by hand"
+    log "installing dcmtk (Debian package dcmtk, for the DICOM tests)"
+    apt_get update
+    apt_get install -y dcmtk
+}
+
 # apt-get, waiting for apt's locks instead of failing when another apt or dpkg runs
 # (unattended-upgrades on a fresh machine, a second terminal). dpkg's lock is waited
 # for by apt itself (DPkg::Lock::Timeout); the lists lock of `update` is not, so a
@@ -96,5 +109,6 @@ ensure_venv() {
 # MEDVAULT_BOOTSTRAP_FUNCTIONS_ONLY=1: define the functions and stop (for tests).
 if [ "${MEDVAULT_BOOTSTRAP_FUNCTIONS_ONLY:-}" != 1 ]; then
     ensure_softhsm
+    ensure_dcmtk
     ensure_venv
 fi

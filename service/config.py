@@ -234,6 +234,18 @@ MAX_MLLP_FRAME = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
+class DicomConfig:
+    """The DICOM network service (service/dicom, docs/formats.md); off unless ``listen``."""
+
+    listen: str = ""  # host:port; empty = no DICOM listener
+    ae_title: str = "MEDVAULT"
+    # Largest instance a C-STORE may send, and a C-GET may hold in memory while sending.
+    max_instance_size: int = 1 << 30
+    max_associations: int = 16
+    network_timeout_seconds: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole service configuration."""
 
@@ -247,6 +259,7 @@ class Config:
     backup: BackupConfig = field(default_factory=BackupConfig)
     stats: StatsConfig = field(default_factory=StatsConfig)
     mllp: MllpConfig = field(default_factory=MllpConfig)
+    dicom: DicomConfig = field(default_factory=DicomConfig)
     base_dir: Path = Path()
 
 
@@ -290,6 +303,7 @@ def _check(config: Config) -> None:
     _check_audit(config.audit)
     _check_stats(config.stats)
     _check_mllp(config.mllp, tls_enabled=config.tls.enabled)
+    _check_dicom(config)
     if not config.database.url:
         raise ConfigError("[database] url is required")
 
@@ -357,6 +371,25 @@ def _check_stats(stats: StatsConfig) -> None:
         raise ConfigError("stats.time_zone must be an IANA time zone, e.g. Asia/Ho_Chi_Minh") from e
     if stats.min_cell < 1:
         raise ConfigError("stats.min_cell must be at least 1")
+
+
+def _check_dicom(config: Config) -> None:
+    dicom = config.dicom
+    title = dicom.ae_title
+    if not 1 <= len(title) <= 16 or not title.isascii() or not title.isprintable() or (
+        "\\" in title or not title.strip()
+    ):
+        raise ConfigError("dicom.ae_title must be 1 to 16 printable ASCII characters, no backslash")
+    for key in ("max_instance_size", "max_associations", "network_timeout_seconds"):
+        if getattr(dicom, key) <= 0:
+            raise ConfigError(f"dicom.{key} must be positive")
+    if not dicom.listen:
+        return
+    if not config.tls.enabled:
+        raise ConfigError("[dicom] listen requires [tls] enabled: DICOM is served over TLS only")
+    host, sep, port = dicom.listen.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError("dicom.listen must be host:port")
 
 
 def parse(raw: dict[str, Any], base_dir: Path) -> Config:

@@ -43,6 +43,7 @@ from service.authz.policy import install_sighup
 from service.backup_servicer import BackupServicer
 from service.bootstrap import Components, build
 from service.config import Config, ConfigError, ServerConfig
+from service.dicom import DicomListener
 from service.edge import Deadlines, EdgeInterceptor, refusal_reporter
 from service.health import Probe, probe_forever
 from service.keys_servicer import KeyServicer
@@ -300,6 +301,7 @@ def serve(config: Config) -> None:
     """Run until SIGTERM or SIGINT, then drain in-flight calls and release resources."""
     components = build(config)
     stop = threading.Event()
+    dicom: DicomListener | None = None
     try:
         # `kill -HUP` re-reads the access policy and the client-certificate CRL.
         install_sighup(components.guard.policy, *components.reloadables())
@@ -310,7 +312,12 @@ def serve(config: Config) -> None:
             target=_sweep_forever, args=(config, components, stop), daemon=True, name="sweeper"
         ).start()
         components.backup.scheduler.start()
+        if config.dicom.listen:  # the DICOM service, in threads of its own (service/dicom)
+            dicom = DicomListener(config, components.app.records, components.app.access)
+            dicom.start()
         asyncio.run(_serve(config, components))
     finally:
+        if dicom is not None:
+            dicom.stop()
         stop.set()
         components.close()

@@ -40,6 +40,7 @@ from storage.index import (
     MODALITY,
     OBSERVATION,
     SERIES_UID,
+    SOP_CLASS,
     SOP_UID,
     STUDY_UID,
     IndexEntry,
@@ -137,6 +138,10 @@ class StudyMember:
     series_uid: str
     sop_uid: str
     patient_index: bytes = b""
+    # Indexed labels too (the DICOM service answers C-FIND from them).
+    sop_class: str = ""
+    modality: str = ""
+    study_date: str = ""
 
 
 @runtime_checkable
@@ -533,11 +538,15 @@ class RecordStore:
         def first(found: list[IndexEntry], field: str) -> str:
             return next((e.value for e in found if e.field == field), "")
 
-        return [
-            StudyMember(r.id, r.version, first(entries.get((r.id, r.version), []), SERIES_UID),
-                        first(entries.get((r.id, r.version), []), SOP_UID), r.patient_index)
-            for r in rows
-        ]  # fmt: skip
+        def member(row: StoredRecord) -> StudyMember:
+            found = entries.get((row.id, row.version), [])
+            return StudyMember(
+                row.id, row.version, first(found, SERIES_UID), first(found, SOP_UID),
+                patient_index=row.patient_index, sop_class=first(found, SOP_CLASS),
+                modality=first(found, MODALITY), study_date=first(found, DATE),
+            )  # fmt: skip
+
+        return [member(r) for r in rows]
 
     def list(
         self, query: RecordQuery, *, admit: Gate | None = None

@@ -31,6 +31,7 @@ VENDOR_PRIVATE = {
     "_Hash",  # hashlib._Hash: the only name typeshed gives a hash object's type
     "_SubParsersAction",  # argparse: the type of add_subparsers(), no public alias
     "_base_url",  # minio: the endpoint for error messages, no public accessor
+    "_config",  # pynetdicom._config: the library's documented settings module
 }
 
 

@@ -1,0 +1,123 @@
+"""The DICOM listener: a pynetdicom AE on TLS with client certificates, in its own threads.
+
+``medvault serve`` starts it when ``[dicom] listen`` is set and stops it on shutdown
+(docs/formats.md, "DICOM network service"). It accepts the storage SOP classes (as
+SCP, and as SCU within a C-GET), Study Root C-FIND and C-GET, and Verification.
+Received instances are spooled to a temporary file by pynetdicom, not held in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Any
+
+import pynetdicom
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+
+from service.config import Config, ConfigError
+from service.dicom import spool
+from service.dicom.identity import server_context
+from service.dicom.scp import DimseHandlers
+from service.guard import AccessGuard
+from storage import RecordStore
+
+log = logging.getLogger(__name__)
+
+# A C-STORE's data set goes to a temporary file as it arrives, not into memory.
+pynetdicom._config.STORE_RECV_CHUNKED_DATASET = True
+# pynetdicom logs the identifiers of queries and responses: patient data. Off, and its
+# logger kept out of the service's log below WARNING.
+pynetdicom._config.LOG_REQUEST_IDENTIFIERS = False
+pynetdicom._config.LOG_RESPONSE_IDENTIFIERS = False
+pynetdicom._config.LOG_HANDLER_LEVEL = "none"
+logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+MAX_PDU = 1 << 20
+VERIFICATION = "1.2.840.10008.1.1"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
+# Deflate would inflate a bounded stream into an unbounded data set (the validator
+# refuses it too): never negotiated. Explicit VR little endian first: when a peer offers
+# several syntaxes in one context, the first of ours it offers is chosen, and a C-GET
+# sends an instance unchanged only in the syntax it was stored in (the usual one).
+TRANSFER_SYNTAXES = [ExplicitVRLittleEndian] + [
+    ts for ts in ALL_TRANSFER_SYNTAXES
+    if ts not in (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian)
+]
+
+
+def _application_entity(config: Config) -> AE:
+    dicom = config.dicom
+    ae = AE(ae_title=dicom.ae_title)
+    ae.maximum_associations = dicom.max_associations
+    ae.network_timeout = dicom.network_timeout_seconds
+    ae.acse_timeout = dicom.network_timeout_seconds
+    ae.dimse_timeout = dicom.network_timeout_seconds
+    # Peers send P-DATA PDUs up to this size (pynetdicom's default is 16 KiB: 32 PDUs
+    # for a 512 KiB instance). One PDU is held in memory while it is decoded.
+    ae.maximum_pdu_size = MAX_PDU
+    ae.require_called_aet = True  # an association addressed to another AE is refused
+    for abstract_syntax in (VERIFICATION, STUDY_ROOT_FIND, STUDY_ROOT_GET):
+        ae.add_supported_context(abstract_syntax)
+    for context in AllStoragePresentationContexts:
+        # SCP for C-STORE, SCU for the C-STORE sub-operations of a C-GET.
+        ae.add_supported_context(
+            str(context.abstract_syntax), TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+        )
+    return ae
+
+
+class DicomListener:
+    """The running DICOM service; ``stop`` closes the socket and its associations."""
+
+    def __init__(self, config: Config, store: RecordStore, guard: AccessGuard) -> None:
+        self._config = config
+        self._handlers = DimseHandlers(store, guard, config.dicom.max_instance_size)
+        spool.install(config.dicom.max_instance_size)
+        self._ae = _application_entity(config)
+        self._server: Any = None
+
+    @property
+    def port(self) -> int:
+        """The port listened on (useful with port 0)."""
+        return int(self._server.server_address[1]) if self._server is not None else 0
+
+    def start(self) -> int:
+        """Listen (non-blocking); ``ConfigError`` if the address cannot be bound."""
+        host, _, port = self._config.dicom.listen.rpartition(":")
+        tls = self._config.tls
+        handlers: list[Any] = [
+            (evt.EVT_C_ECHO, self._handlers.on_echo),
+            (evt.EVT_C_STORE, self._handlers.on_store),
+            (evt.EVT_C_FIND, self._handlers.on_find),
+            (evt.EVT_C_GET, self._handlers.on_get),
+        ]
+        try:
+            context = server_context(tls.cert, tls.key, tls.client_ca)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(
+                "[tls] cert, key or client_ca cannot be loaded for [dicom]: "
+                f"{getattr(e, 'strerror', None) or type(e).__name__}"
+            ) from e
+        try:
+            self._server = self._ae.start_server(
+                (host.strip("[]"), int(port)), block=False, evt_handlers=handlers,
+                ssl_context=context,
+            )  # fmt: skip
+        except OSError as e:
+            raise ConfigError(
+                f"[dicom] cannot listen on {self._config.dicom.listen}: {e.strerror}"
+            ) from e
+        log.info("dicom serving", extra={"listen": self._config.dicom.listen, "port": self.port,
+                                         "ae_title": self._config.dicom.ae_title})  # fmt: skip
+        return self.port
+
+    def stop(self) -> None:
+        """Stop accepting, abort the open associations."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self._ae.shutdown()

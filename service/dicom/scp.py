@@ -1,0 +1,482 @@
+"""The DIMSE services: C-ECHO, C-STORE, C-FIND and C-GET over the records use case.
+
+Each request is entered through the access guard as the gRPC call it corresponds to
+(``service.dicom.identity``): C-STORE is a PutRecord (``records.write``), C-FIND a
+ListStudies (``records.list``), C-GET a GetStudy (``records.read``). So the principal,
+its permissions, its patient scope, and the audit events (allowed, denied, failed) are
+those of the gRPC service, and every refusal is answered with a DICOM failure status
+carrying a short ErrorComment that names the problem, never a value from the data.
+
+pynetdicom runs each association in a thread of its own and calls these handlers there;
+the guard and the store block, which is what they expect.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import re
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from service.audit import AuditUnavailableError
+from service.authn import AuthenticationError
+from service.authz import PermissionDeniedError
+from service.dicom.identity import ECHO, FIND, GET, STORE, call_facts
+from service.dicom.spool import oversized
+from service.guard import NO_GRANT, AccessGuard, Call
+from service.limits import TooManyCallsError
+from service.status import status_for
+from storage import (
+    BackendUnavailableError,
+    InvalidRecordError,
+    NewRecord,
+    PatientRef,
+    RecordConflictError,
+    RecordInfo,
+    RecordKind,
+    RecordRef,
+    RecordStore,
+    StudyMember,
+    StudySummary,
+)
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+PENDING = 0xFF00
+CANCEL = 0xFE00
+NOT_AUTHORISED = 0x0124  # PS3.7 C: Refused: Not Authorized
+PROCESSING_FAILURE = 0x0110
+DUPLICATE_INSTANCE = 0x0111  # PS3.7 C: Duplicate SOP Instance
+OUT_OF_RESOURCES = 0xA700  # C-STORE and C-FIND
+GET_OUT_OF_RESOURCES = 0xA702  # C-GET: unable to perform sub-operations
+DOES_NOT_MATCH = 0xA900  # the data set / identifier does not match the SOP class
+CANNOT_UNDERSTAND = 0xC000  # C-STORE: cannot understand; C-FIND/C-GET: unable to process
+CHUNK = 1 << 20
+MAX_QUERY_STUDIES = 100  # study UIDs in one C-FIND (each is a query of the index)
+_OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+\Z")
+_URN_OID = "urn:oid:"
+# Already audited by the guard (denials) or impossible to audit (the trail is down).
+_NOT_AUDITED_AGAIN = (
+    PermissionDeniedError, AuthenticationError, AuditUnavailableError, TooManyCallsError,
+)  # fmt: skip
+_PATIENT_TAGS = ("PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence",
+                 "SOPClassUID", "SOPInstanceUID")  # fmt: skip
+
+
+class _SkippedError(Exception):
+    """A record of a patient already refused (and audited) in this request."""
+
+
+def authority(issuer: str) -> str:
+    """The assigning authority medvault files a DICOM issuer under: an OID as
+    ``urn:oid:<OID>`` (the form gRPC headers and FHIR systems use), anything else as is."""
+    return _URN_OID + issuer if _OID.match(issuer) else issuer
+
+
+def issuer(authority_value: str) -> str:
+    """The IssuerOfPatientID of an authority (``urn:oid:`` dropped)."""
+    if authority_value[: len(_URN_OID)].lower() == _URN_OID:
+        return authority_value[len(_URN_OID) :]
+    return authority_value
+
+
+Status = int | Dataset  # a status code, or a Dataset with Status and ErrorComment
+Reply = tuple[Status, Dataset | None]
+
+
+def _text(dataset: Dataset, keyword: str) -> str:
+    value: Any = dataset.get(keyword)
+    return "" if value is None else str(value).strip()
+
+
+def _comment(status: int, text: str) -> Dataset:
+    """A failure status with an ErrorComment (LO: at most 64 characters)."""
+    reply = Dataset()
+    reply.Status = status
+    reply.ErrorComment = text[:64]
+    return reply
+
+
+def instance_key(sop_instance: str) -> str:
+    """The PutRecord request id of a C-STORE: a sender that sends an instance again (a
+    retry after a lost response) gets the first put's record, not a second record, while
+    ``server.request_id_retention_hours`` remembers it; the same UID with other content
+    is refused (Duplicate SOP Instance)."""
+    return "dicom." + hashlib.sha256(sop_instance.encode()).hexdigest()[:48]
+
+
+def patient_of(path: Path, sop_class: str, sop_instance: str) -> PatientRef:
+    """The patient a received instance names; it must be the instance the command names."""
+    try:
+        with warnings.catch_warnings():  # pydicom's guesses about a malformed file
+            warnings.simplefilter("ignore")
+            dataset = dcmread(path, stop_before_pixels=True, defer_size=16 << 10,
+                              specific_tags=list(_PATIENT_TAGS))  # fmt: skip
+        values = {k: _text(dataset, k) for k in _PATIENT_TAGS[:2] + _PATIENT_TAGS[3:]}
+        qualifiers = list(dataset.get("IssuerOfPatientIDQualifiersSequence") or [])
+        universal = [_text(q, "UniversalEntityID") for q in qualifiers]
+    except Exception as e:
+        raise InvalidRecordError("content", "is not DICOM: the data set does not parse") from e
+    if not values["SOPClassUID"] or not values["SOPInstanceUID"]:
+        raise InvalidRecordError("content", "does not parse as DICOM: no SOP Class/Instance UID")
+    if values["SOPClassUID"] != sop_class or values["SOPInstanceUID"] != sop_instance:
+        raise InvalidRecordError(
+            "content", "SOP Class/Instance UID differ from the C-STORE command's"
+        )
+    if not values["PatientID"]:
+        raise InvalidRecordError("content", "DICOM: PatientID (0010,0020) is missing or empty")
+    found = values["IssuerOfPatientID"] or next((u for u in universal if u), "")
+    if not found:
+        raise InvalidRecordError("content", "DICOM: IssuerOfPatientID (0010,0021) is missing")
+    return PatientRef(values["PatientID"], authority(found))
+
+
+@dataclass
+class _Scope:
+    """Patient scope within one request: each patient checked (and audited) once."""
+
+    guard: AccessGuard
+    call: Call
+    allowed: set[bytes] = field(default_factory=set)
+    refused: set[bytes] = field(default_factory=set)
+
+    def gate(self, ref: RecordRef) -> None:
+        """Admit a record of an allowed patient; the first of each patient is audited."""
+        if ref.patient_index in self.allowed:
+            return
+        if ref.patient_index in self.refused:
+            raise _SkippedError
+        try:
+            self.guard.patient_gate(self.call)(ref)
+        except PermissionDeniedError:
+            self.refused.add(ref.patient_index)
+            raise
+        self.allowed.add(ref.patient_index)
+
+    def check_only(self, ref: RecordRef) -> None:
+        """Scope only (a refusal is audited, an allowance is audited at the read)."""
+        if ref.patient_index in self.allowed:
+            return
+        if ref.patient_index in self.refused:
+            raise _SkippedError
+        try:
+            self.guard.check_scope(self.call, ref)
+        except PermissionDeniedError:
+            self.refused.add(ref.patient_index)
+            raise
+        self.allowed.add(ref.patient_index)
+
+
+class DimseHandlers:
+    """The pynetdicom event handlers over the record store, behind the access guard."""
+
+    def __init__(self, store: RecordStore, guard: AccessGuard, max_instance_size: int) -> None:
+        self._store = store
+        self._guard = guard
+        self._cap = max_instance_size
+
+    # --- shared --------------------------------------------------------------------
+
+    def _enter(self, event: Any, method: str) -> Call:
+        return self._guard.enter(call_facts(event.assoc, method))
+
+    def _refused(self, call: Call, resource: str, error: Exception, status: int,
+                 unavailable: int = OUT_OF_RESOURCES) -> Dataset:  # fmt: skip
+        """Audit the failure of an allowed request (unless already audited); its status:
+        ``status`` for bad input, ``unavailable`` when a dependency is down."""
+        code, message = status_for(error)
+        if not isinstance(error, _NOT_AUDITED_AGAIN):
+            self._guard.audit_failure(call, resource, code.name, message)
+        if isinstance(error, PermissionDeniedError | AuthenticationError):
+            return _comment(NOT_AUTHORISED, message)
+        if isinstance(error, AuditUnavailableError | BackendUnavailableError):
+            return _comment(unavailable, "service unavailable, try again")
+        if not isinstance(error, InvalidRecordError | RecordConflictError):
+            log.warning("DIMSE request failed", extra={"error": type(error).__name__})
+            return _comment(PROCESSING_FAILURE, message)
+        return _comment(status, message)
+
+    def _members(self, study_uid: str, admit: Callable[[RecordRef], None]
+                 ) -> list[tuple[StudyMember, RecordInfo]]:  # fmt: skip
+        """The instances of a study within the caller's scope, each row verified."""
+        found: list[tuple[StudyMember, RecordInfo]] = []
+        for member in self._store.study_members(study_uid):
+            try:
+                found.append((member, self._store.stat(member.id, member.version, admit=admit)))
+            except (PermissionDeniedError, _SkippedError):
+                continue
+        return found
+
+    # --- C-ECHO --------------------------------------------------------------------
+
+    def on_echo(self, event: Any) -> int:
+        """Success for a peer whose certificate names a principal."""
+        try:
+            self._guard.identify(call_facts(event.assoc, ECHO))
+        except (AuthenticationError, PermissionDeniedError):
+            return NOT_AUTHORISED
+        return SUCCESS
+
+    # --- C-STORE -------------------------------------------------------------------
+
+    def on_store(self, event: Any) -> int | Dataset:
+        """Store the received instance as a DICOM record of the patient it names."""
+        try:
+            call = self._enter(event, STORE)
+        except (AuthenticationError, PermissionDeniedError) as e:
+            return _comment(NOT_AUTHORISED, str(e))
+        request = event.request
+        path = Path(event.dataset_path)
+        try:
+            if oversized(str(path)) or path.stat().st_size > self._cap:
+                return self._refused(call, "record/new", InvalidRecordError(
+                    "content", f"exceeds the DICOM instance limit of {self._cap} bytes"),
+                    OUT_OF_RESOURCES)  # fmt: skip
+            patient = patient_of(
+                path, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
+            )
+            header = NewRecord(patient, RecordKind.DICOM, "application/dicom",
+                               request_id=instance_key(str(request.AffectedSOPInstanceUID)))
+            with path.open("rb") as f:
+                self._store.put(
+                    header, iter(lambda: f.read(CHUNK), b""), call.principal.name,
+                    admit=self._guard.scope_gate(call),
+                    on_commit=self._guard.commit_gate(call),
+                    on_replay=self._guard.replay_gate(call),
+                )  # fmt: skip
+        except Exception as e:  # noqa: BLE001  (every error leaves as a DICOM status)
+            # Content that does not parse: cannot understand; else it does not match.
+            status = CANNOT_UNDERSTAND if "parse" in str(e) else DOES_NOT_MATCH
+            if isinstance(e, RecordConflictError):  # the UID again, with other content
+                status = DUPLICATE_INSTANCE
+            return self._refused(call, "record/new", e, status)
+        return SUCCESS
+
+    # --- C-FIND --------------------------------------------------------------------
+
+    def on_find(self, event: Any) -> Iterator[Reply]:
+        """Study Root C-FIND at STUDY, SERIES and IMAGE level, within the caller's scope."""
+        try:
+            call = self._enter(event, FIND)
+        except (AuthenticationError, PermissionDeniedError) as e:
+            yield _comment(NOT_AUTHORISED, str(e)), None
+            return
+        try:
+            query = event.identifier
+            matches = find_matches(self._store, self._guard, call, query)
+        except Exception as e:  # noqa: BLE001
+            yield self._refused(call, "patient-studies", e, CANNOT_UNDERSTAND), None
+            return
+        for match in matches:
+            if event.is_cancelled:
+                yield CANCEL, None
+                return
+            yield PENDING, match
+        yield SUCCESS, None
+
+    # --- C-GET ---------------------------------------------------------------------
+
+    def _get_members(self, call: Call, query: Dataset) -> list[tuple[StudyMember, RecordInfo]]:
+        """The instances a C-GET names that the caller may read (refusals audited)."""
+        study, series, sops = _retrieve_keys(query)
+        scope = _Scope(self._guard, call)
+        members = [
+            (m, info) for m, info in self._members(study, scope.check_only)
+            if (not series or m.series_uid in series) and (not sops or m.sop_uid in sops)
+        ]  # fmt: skip
+        if not members and scope.refused:
+            raise PermissionDeniedError(NO_GRANT)  # each patient's refusal is audited
+        if not members:
+            raise InvalidRecordError("StudyInstanceUID", "no instance matches")
+        return members
+
+    def _read(self, call: Call, member: StudyMember, info: RecordInfo) -> Dataset:
+        """One instance as stored (its read audited), in memory up to the cap."""
+        if info.size > self._cap:
+            raise InvalidRecordError(
+                "content", f"instance exceeds the C-GET limit of {self._cap} bytes"
+            )
+        opened = self._store.open(member.id, member.version, admit=self._guard.patient_gate(call))
+        return dcmread(io.BytesIO(b"".join(opened.content)))
+
+    def on_get(self, event: Any) -> Iterator[int | Reply]:
+        """Study Root C-GET: the instances of a study (or series, or instances) the caller
+        may read, each as it was stored, each read audited."""
+        try:
+            call = self._enter(event, GET)
+        except (AuthenticationError, PermissionDeniedError) as e:
+            yield 1
+            yield _comment(NOT_AUTHORISED, str(e)), None
+            return
+        try:
+            members = self._get_members(call, event.identifier)
+        except Exception as e:  # noqa: BLE001
+            yield 1
+            yield self._refused(call, "study", e, CANNOT_UNDERSTAND, GET_OUT_OF_RESOURCES), None
+            return
+        yield len(members)
+        for member, info in members:
+            if event.is_cancelled:
+                yield CANCEL, None
+                return
+            try:
+                dataset = self._read(call, member, info)
+            except Exception as e:  # noqa: BLE001
+                yield (
+                    self._refused(
+                        call, f"record/{member.id}/v{member.version}", e, GET_OUT_OF_RESOURCES
+                    ),
+                    None,
+                )
+                return
+            yield PENDING, dataset
+
+
+def _values(query: Dataset, keyword: str) -> list[str]:
+    """A key's values (a UID list is multi-valued); [] when empty (universal matching)."""
+    value: Any = query.get(keyword)
+    if value is None:
+        return []
+    items = str(value).split("\\") if isinstance(value, str) else list(value)
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
+def _retrieve_keys(query: Dataset) -> tuple[str, set[str], set[str]]:
+    studies = _values(query, "StudyInstanceUID")
+    if len(studies) != 1:
+        raise InvalidRecordError("StudyInstanceUID", "one study UID is required")
+    return (
+        studies[0],
+        set(_values(query, "SeriesInstanceUID")),
+        set(_values(query, "SOPInstanceUID")),
+    )
+
+
+def _date_match(wanted: str, day: str) -> bool:
+    """DA matching: a single date or a range ``A-B`` (either side may be open)."""
+    if not wanted:
+        return True
+    low, dash, high = wanted.replace(" ", "").partition("-")
+    if not dash:
+        return day == low
+    return bool(day) and (not low or low <= day) and (not high or day <= high)
+
+
+def _reply(query: Dataset, level: str, known: dict[str, Any]) -> Dataset:
+    """The requested keys with the values known for this match (others empty)."""
+    reply = Dataset()
+    reply.QueryRetrieveLevel = level
+    for element in query:
+        keyword = element.keyword
+        if keyword and keyword != "QueryRetrieveLevel":
+            setattr(reply, keyword, known.get(keyword, ""))
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        if keyword in known and keyword not in reply:
+            setattr(reply, keyword, known[keyword])
+    return reply
+
+
+def _patient_keys(patient: PatientRef) -> dict[str, Any]:
+    return {"PatientID": patient.id, "IssuerOfPatientID": issuer(patient.authority)}
+
+
+def _study_reply(query: Dataset, s: StudySummary, patient: PatientRef) -> Dataset:
+    return _reply(query, "STUDY", {
+        **_patient_keys(patient), "StudyInstanceUID": s.study_uid, "StudyDate": s.study_date,
+        "ModalitiesInStudy": list(s.modalities) or "",
+        "NumberOfStudyRelatedSeries": s.series_count,
+        "NumberOfStudyRelatedInstances": s.instance_count,
+    })  # fmt: skip
+
+
+def find_matches(store: RecordStore, guard: AccessGuard, call: Call, query: Dataset
+                 ) -> list[Dataset]:  # fmt: skip
+    """The C-FIND responses for ``query``; every record read is scope-checked and audited."""
+    level = _text(query, "QueryRetrieveLevel").upper()
+    studies = _values(query, "StudyInstanceUID")
+    date, modality = _text(query, "StudyDate"), _text(query, "ModalitiesInStudy")
+    if level == "STUDY" and not studies:
+        pid, issued = _text(query, "PatientID"), _text(query, "IssuerOfPatientID")
+        if not pid or not issued or "*" in pid or "?" in pid:
+            raise InvalidRecordError(
+                "identifier", "give StudyInstanceUID, or PatientID and IssuerOfPatientID"
+            )
+        patient = PatientRef(pid, authority(issued))
+        found = store.studies(patient, admit=guard.patient_gate(call))
+        return [
+            _study_reply(query, s, patient) for s in found
+            if _date_match(date, s.study_date) and (not modality or modality in s.modalities)
+        ]  # fmt: skip
+    if level not in ("STUDY", "SERIES", "IMAGE"):
+        raise InvalidRecordError("QueryRetrieveLevel", "must be STUDY, SERIES or IMAGE")
+    if not studies or (level != "STUDY" and len(studies) != 1):
+        raise InvalidRecordError("StudyInstanceUID", "is required below STUDY level (one UID)")
+    if len(studies) > MAX_QUERY_STUDIES:
+        raise InvalidRecordError("StudyInstanceUID", f"at most {MAX_QUERY_STUDIES} UIDs per query")
+    replies: list[Dataset] = []
+    refused = False
+    for study in studies:
+        scope = _Scope(guard, call)
+        members: list[tuple[StudyMember, RecordInfo]] = []
+        for member in store.study_members(study):
+            try:
+                members.append((member, store.stat(member.id, member.version, admit=scope.gate)))
+            except (PermissionDeniedError, _SkippedError):
+                continue
+        replies += _level_replies(query, level, study, members)
+        refused = refused or bool(scope.refused)
+    if not replies and refused:
+        raise PermissionDeniedError(NO_GRANT)  # each patient's refusal is audited
+    return replies
+
+
+def _level_replies(query: Dataset, level: str, study: str,
+                   members: list[tuple[StudyMember, RecordInfo]]) -> list[Dataset]:  # fmt: skip
+    if not members:
+        return []
+    patient = members[0][1].patient
+    if level == "STUDY":
+        dates = sorted(m.study_date for m, _ in members if m.study_date)
+        summary = StudySummary(
+            study, dates[0] if dates else "", tuple(sorted({m.modality for m, _ in members})),
+            len({m.series_uid for m, _ in members}), len(members),
+        )  # fmt: skip
+        date, modality = _text(query, "StudyDate"), _text(query, "ModalitiesInStudy")
+        if not _date_match(date, summary.study_date) or (
+            modality and modality not in summary.modalities
+        ):
+            return []
+        return [_study_reply(query, summary, patient)]
+    series_wanted = set(_values(query, "SeriesInstanceUID"))
+    modality = _text(query, "Modality")
+    chosen = [
+        (m, i) for m, i in members
+        if (not series_wanted or m.series_uid in series_wanted)
+        and (not modality or m.modality == modality)
+    ]  # fmt: skip
+    base = {**_patient_keys(patient), "StudyInstanceUID": study}
+    if level == "SERIES":
+        by_series: dict[str, list[StudyMember]] = {}
+        for m, _ in chosen:
+            by_series.setdefault(m.series_uid, []).append(m)
+        return [
+            _reply(query, "SERIES", {**base, "SeriesInstanceUID": uid,
+                                     "Modality": items[0].modality,
+                                     "NumberOfSeriesRelatedInstances": len(items)})
+            for uid, items in by_series.items()
+        ]  # fmt: skip
+    sops = set(_values(query, "SOPInstanceUID"))
+    return [
+        _reply(query, "IMAGE", {**base, "SeriesInstanceUID": m.series_uid,
+                                "SOPInstanceUID": m.sop_uid, "SOPClassUID": m.sop_class})
+        for m, _ in chosen if not sops or m.sop_uid in sops
+    ]  # fmt: skip

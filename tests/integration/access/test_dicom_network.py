@@ -1,0 +1,430 @@
+"""The DICOM network service (issue 11, item 3) against a running service on SQLite and
+PostgreSQL, with dcmtk's storescu, findscu and getscu over TLS with client certificates:
+instances stored through C-STORE are findable and retrievable byte-identical, within
+the caller's patient scope; refusals get DICOM failure statuses, store nothing and are
+audited; a client without a trusted certificate cannot associate.
+
+PYTEST_DONT_REWRITE: failures name fields, statuses and counts, never identifiers.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pynetdicom
+import pytest
+import sqlalchemy as sa
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+
+from service._gen.medvault.v1 import audit_pb2 as aupb
+from service._gen.medvault.v1 import records_pb2 as pb
+from storage.sql_metadata import record_index
+from tests import content
+from tests.fixtures.service import RunningService, TlsFiles, free_port
+from tests.integration.access.dicom_tools import (
+    AE_TITLE,
+    Peer,
+    findscu,
+    getscu,
+    run,
+    storescu,
+    tls_tunnel,
+)
+from tests.integration.access.helpers import (
+    TIMEOUT,
+    Client,
+    client,
+    engine_for,
+    events,
+    grant,
+    new_patient,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+MODALITY = "ct-scanner-dimse"
+DOCTOR = "radiologist-dimse"
+STRANGER = "physician-dimse-nogrant"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+
+
+@dataclass
+class World:
+    service: RunningService
+    port: int
+    engine: sa.Engine
+    clerk: Client
+    doctor: Client
+    officer: Client
+    modality: Peer
+    reader: Peer
+    stranger: Peer
+    rogue: Peer
+    tmp: Path
+
+
+@pytest.fixture(scope="module")
+def w(service_factory: Any, fresh_database: str, issue: Any, tls_files: TlsFiles,
+      tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    port = free_port()
+    service: RunningService = service_factory(fresh_database, extra_sections={
+        "dicom": {"listen": f"127.0.0.1:{port}", "ae_title": AE_TITLE}})
+    ca = tls_files.ca
+
+    def peer(name: str, role: str) -> Peer:
+        cert, key = issue(name, role)
+        return Peer(cert, key, ca)
+
+    world = World(
+        service, port, engine_for(fresh_database),
+        client(service, issue("clerk-dimse", "records_clerk")),
+        client(service, issue(DOCTOR, "radiologist")),
+        client(service, issue("officer-dimse", "security_officer")),
+        peer(MODALITY, "records_clerk"), peer(DOCTOR, "radiologist"),
+        peer(STRANGER, "physician"),
+        Peer(tls_files.other_ca_client_cert, tls_files.other_ca_client_key, ca),
+        tmp_path_factory.mktemp("dimse"),
+    )  # fmt: skip
+    yield world
+    for c in (world.clerk, world.doctor, world.officer):
+        c.close()
+    world.engine.dispose()
+    service.stop()
+
+
+@dataclass
+class Study:
+    uid: str
+    series: dict[str, list[Path]]  # series uid -> instance files
+
+    @property
+    def files(self) -> list[Path]:
+        return [f for files in self.series.values() for f in files]
+
+
+def _make_study(w: World, patient: pb.PatientId, shape: list[int], name: str) -> Study:
+    """A synthetic study with ``len(shape)`` series of ``shape[i]`` instances."""
+    study = Study(str(generate_uid()), {})
+    folder = w.tmp / name
+    folder.mkdir()
+    for s, count in enumerate(shape):
+        series = str(generate_uid())
+        study.series[series] = []
+        for i in range(count):
+            data = content.dicom(patient.id, patient.assigning_authority,
+                                 StudyInstanceUID=study.uid, SeriesInstanceUID=series,
+                                 StudyDate="20261101", pixels=os.urandom(512))
+            path = folder / f"s{s}i{i}.dcm"
+            path.write_bytes(data)
+            study.series[series].append(path)
+    return study
+
+
+def _dataset_part(data: bytes) -> bytes:
+    """The bytes after the File Meta Information (its group length says where it ends)."""
+    assert data[128:132] == b"DICM", "not Part 10"
+    assert data[132:136] == b"\x02\x00\x00\x00", "file meta group length first"
+    return data[144 + int.from_bytes(data[140:144], "little"):]
+
+
+def _grpc_study(c: Client, uid: str) -> list[bytes]:
+    """The contents GetStudy streams (gRPC), one per instance."""
+    contents: list[bytearray] = []
+    for response in c.records.GetStudy(pb.GetStudyRequest(study_uid=uid), timeout=TIMEOUT):
+        if response.WhichOneof("message") == "instance":
+            contents.append(bytearray())
+        else:
+            contents[-1] += response.chunk
+    return [bytes(b) for b in contents]
+
+
+def _responses(folder: Path) -> list[Dataset]:
+    return [dcmread(p) for p in sorted(folder.glob("rsp*.dcm"))]
+
+
+def _received(folder: Path) -> dict[str, bytes]:
+    """Files getscu wrote, by SOP instance UID."""
+    found = {}
+    for path in folder.iterdir():
+        data = path.read_bytes()
+        found[str(dcmread(io.BytesIO(data)).SOPInstanceUID)] = data
+    return found
+
+
+def _index_count(w: World, value: str) -> int:
+    with w.engine.connect() as c:
+        return int(c.scalar(sa.select(sa.func.count()).select_from(record_index)
+                            .where(record_index.c.value == value)) or 0)
+
+
+def _scu() -> AE:
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(content.CT_IMAGE, ExplicitVRLittleEndian)
+    ae.add_requested_context(STUDY_ROOT_FIND)
+    return ae
+
+
+COMMENTS: list[str] = []  # the ErrorComment of each failed C-STORE, in order
+
+
+def _store(w: World, peer: Peer, payload: Dataset | Path) -> int:
+    """The status of one C-STORE (pynetdicom as the SCU, on TLS with ``peer``'s cert)."""
+    ae = _scu()
+    assoc = ae.associate("127.0.0.1", w.port, ae_title=AE_TITLE,
+                         tls_args=(peer.context(), None))
+    assert assoc.is_established, "association refused"
+    try:
+        reply = assoc.send_c_store(payload)
+        if int(reply.Status):
+            COMMENTS.append(str(reply.get("ErrorComment", "")))
+        return int(reply.Status)
+    finally:
+        assoc.release()
+
+
+# --- the hospital path: storescu, findscu, getscu ------------------------------------
+
+
+def test_storescu_then_findscu_and_getscu_byte_identical(w: World) -> None:
+    """200 instances of two studies (issue 11's test), one storescu association."""
+    patient = new_patient()
+    grant(w.clerk, patient, DOCTOR)
+    a = _make_study(w, patient, [70, 50], "a")
+    b = _make_study(w, patient, [80], "b")
+    counts = {a.uid: len(a.files), b.uid: len(b.files)}
+    sent = storescu(w.modality, w.port, a.files + b.files)
+    assert sent.returncode == 0, f"storescu exit {sent.returncode}"
+
+    # Stored as DICOM records of the patient the header names, each write audited.
+    studies = w.doctor.records.ListStudies(pb.ListStudiesRequest(patient=patient),
+                                           timeout=TIMEOUT).studies
+    assert {s.study_uid: s.instance_count for s in studies} == counts
+    # What medvault stored is the data set exactly as sent (behind its own file meta).
+    originals = {str(dcmread(f).SOPInstanceUID): _dataset_part(f.read_bytes())
+                 for f in a.files + b.files}
+    for study in (a, b):
+        stored = _grpc_study(w.doctor, study.uid)
+        assert len(stored) == len(study.files), "instances stored"
+        for data in stored:
+            sop = str(dcmread(io.BytesIO(data)).SOPInstanceUID)
+            assert _dataset_part(data) == originals[sop], "stored data set differs"
+    writes = events(w.officer, principal=MODALITY, action="records.write",
+                    outcome=aupb.OUTCOME_ALLOWED)
+    assert len(writes) >= 200, f"{len(writes)} write events"
+
+    # C-FIND at STUDY level by patient, then SERIES and IMAGE level in study a.
+    found = findscu(w.reader, w.port, w.tmp / "find-study", {
+        "QueryRetrieveLevel": "STUDY", "PatientID": patient.id,
+        "IssuerOfPatientID": patient.assigning_authority.removeprefix("urn:oid:"),
+        "StudyInstanceUID": "", "NumberOfStudyRelatedInstances": "", "StudyDate": "",
+        "ModalitiesInStudy": ""})  # fmt: skip
+    assert found.returncode == 0, f"findscu exit {found.returncode}"
+    rows = _responses(w.tmp / "find-study")
+    assert {str(r.StudyInstanceUID): int(r.NumberOfStudyRelatedInstances) for r in rows} == (
+        counts)
+    assert {str(r.ModalitiesInStudy) for r in rows} == {"CT"}
+    # By a list of study UIDs, with a date range that matches and one that does not.
+    for name, dates, want in (("in-range", "20261001-20261130", {a.uid, b.uid}),
+                              ("out-of-range", "20250101-20250201", set())):
+        findscu(w.reader, w.port, w.tmp / name, {
+            "QueryRetrieveLevel": "STUDY", "StudyInstanceUID": f"{a.uid}\\{b.uid}",
+            "StudyDate": dates})  # fmt: skip
+        got = {str(r.StudyInstanceUID) for r in _responses(w.tmp / name)}
+        assert got == want, f"{name}: {len(got)} studies"
+    findscu(w.reader, w.port, w.tmp / "find-series", {
+        "QueryRetrieveLevel": "SERIES", "StudyInstanceUID": a.uid, "SeriesInstanceUID": "",
+        "NumberOfSeriesRelatedInstances": ""})  # fmt: skip
+    series = {str(r.SeriesInstanceUID): int(r.NumberOfSeriesRelatedInstances)
+              for r in _responses(w.tmp / "find-series")}
+    assert series == {uid: len(files) for uid, files in a.series.items()}
+    findscu(w.reader, w.port, w.tmp / "find-image", {
+        "QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": a.uid, "SOPInstanceUID": ""})
+    sops = {str(r.SOPInstanceUID) for r in _responses(w.tmp / "find-image")}
+    assert sops == {str(dcmread(f).SOPInstanceUID) for f in a.files}
+
+    # C-GET of each study (getscu through a TLS tunnel): byte-identical data sets.
+    before = len(events(w.officer, principal=DOCTOR, action="records.read",
+                        outcome=aupb.OUTCOME_ALLOWED))
+    with tls_tunnel(w.reader, w.port) as tunnel:
+        for study in (a, b):
+            out = w.tmp / f"get-{study.uid}"
+            got = getscu(tunnel, out, {"QueryRetrieveLevel": "STUDY",
+                                       "StudyInstanceUID": study.uid})
+            assert got.returncode == 0, f"getscu exit {got.returncode}"
+            received = _received(out)
+            assert len(received) == len(study.files), "instances retrieved"
+            for f in study.files:
+                original = f.read_bytes()
+                copy = received[str(dcmread(f).SOPInstanceUID)]
+                assert _dataset_part(copy) == _dataset_part(original), "data set differs"
+                assert dcmread(io.BytesIO(copy)).PixelData == dcmread(f).PixelData
+    # A sender that sends the same instances again (a retry) makes no second record.
+    assert storescu(w.modality, w.port, a.files[:10]).returncode == 0
+    again = w.doctor.records.ListStudies(pb.ListStudiesRequest(patient=patient),
+                                         timeout=TIMEOUT).studies
+    assert {s.study_uid: s.instance_count for s in again} == counts, "resent"
+    reads = events(w.officer, principal=DOCTOR, action="records.read",
+                   outcome=aupb.OUTCOME_ALLOWED)
+    assert len(reads) - before == 200, f"{len(reads) - before} C-GET read events"
+
+
+def test_a_caller_without_a_grant_finds_and_gets_nothing_and_is_audited(w: World) -> None:
+    patient = new_patient()
+    grant(w.clerk, patient, DOCTOR)
+    study = _make_study(w, patient, [2], "scope")
+    assert storescu(w.modality, w.port, study.files).returncode == 0
+    issuer = patient.assigning_authority.removeprefix("urn:oid:")
+    findscu(w.stranger, w.port, w.tmp / "stranger-study", {
+        "QueryRetrieveLevel": "STUDY", "PatientID": patient.id, "IssuerOfPatientID": issuer,
+        "StudyInstanceUID": ""})  # fmt: skip
+    findscu(w.stranger, w.port, w.tmp / "stranger-uid", {
+        "QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study.uid})
+    findscu(w.stranger, w.port, w.tmp / "stranger-image", {
+        "QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": study.uid, "SOPInstanceUID": ""})
+    for name in ("stranger-study", "stranger-uid", "stranger-image"):
+        assert not _responses(w.tmp / name), f"{name}: matches outside scope"
+    with tls_tunnel(w.stranger, w.port) as tunnel:
+        getscu(tunnel, w.tmp / "stranger-get", {"QueryRetrieveLevel": "STUDY",
+                                                "StudyInstanceUID": study.uid})
+    assert not list((w.tmp / "stranger-get").iterdir()), "instances retrieved outside scope"
+    denied = events(w.officer, principal=STRANGER, outcome=aupb.OUTCOME_DENIED)
+    actions = {e.action for e in denied}
+    assert {"records.list", "records.read"} <= actions, f"denied actions: {sorted(actions)}"
+    assert all(e.status == "PERMISSION_DENIED" for e in denied)
+
+
+# --- refusals: DICOM failure statuses, nothing stored, audited -----------------------
+
+
+def _instance(patient: pb.PatientId, **attrs: Any) -> Dataset:
+    return dcmread(io.BytesIO(content.dicom(patient.id, patient.assigning_authority,
+                                            **attrs)))  # fmt: skip
+
+
+def _raw_file(w: World, name: str, meta_sop: str, body: bytes) -> Path:
+    """A Part 10 file whose meta names ``meta_sop`` and whose data set bytes are ``body``."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = content.CT_IMAGE
+    meta.MediaStorageSOPInstanceUID = meta_sop
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    path = w.tmp / name
+    path.write_bytes(out.getvalue() + body)
+    return path
+
+
+def test_refused_instances_get_failure_statuses_store_nothing_and_are_audited(
+    w: World,
+) -> None:
+    patient = new_patient()
+    COMMENTS.clear()
+    no_issuer = _instance(patient, IssuerOfPatientID=None)
+    assert _store(w, w.modality, no_issuer) == 0xA900, "no IssuerOfPatientID"
+    assert "IssuerOfPatientID" in COMMENTS[-1], "the ErrorComment names the field"
+    # A writer scoped to its patients (a radiologist) storing for another patient.
+    other = _instance(patient)
+    assert _store(w, w.reader, other) == 0x0124, "outside the writer's scope"
+    # Sent from files as they are: data set bytes that are not DICOM, and a data set
+    # that is another instance than the one the C-STORE command names.
+    wrong = _instance(patient)
+    buffer = io.BytesIO()
+    wrong.save_as(buffer, enforce_file_format=True)
+    mismatched = _raw_file(w, "mismatch.dcm", str(generate_uid()),
+                           _dataset_part(buffer.getvalue()))
+    garbage_sop = str(generate_uid())
+    garbage = _raw_file(w, "garbage.dcm", garbage_sop, b"this is not a DICOM data set\0" * 8)
+    pynetdicom._config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assert _store(w, w.modality, mismatched) == 0xA900, "instance differs from command"
+        status = _store(w, w.modality, garbage)
+        assert status == 0xC000, f"not DICOM: {status:#06x}"
+    finally:
+        pynetdicom._config.STORE_SEND_CHUNKED_DATASET = False
+    assert len(COMMENTS) == 4, f"{len(COMMENTS)} failure comments"
+    assert all(c and patient.id not in c for c in COMMENTS), "an empty or revealing comment"
+    for ds in (no_issuer, other, wrong):
+        assert _index_count(w, str(ds.SOPInstanceUID)) == 0, "a refused instance was indexed"
+    assert _index_count(w, garbage_sop) == 0
+    failed = events(w.officer, principal=MODALITY, action="records.write",
+                    outcome=aupb.OUTCOME_FAILED)
+    assert len(failed) >= 3, f"{len(failed)} failed writes audited"
+    assert all(e.status == "INVALID_ARGUMENT" for e in failed)
+    denied = events(w.officer, principal=DOCTOR, action="records.write",
+                    outcome=aupb.OUTCOME_DENIED)
+    assert denied, "the out-of-scope write was not audited"
+
+
+def test_the_same_instance_uid_with_other_content_is_a_duplicate(w: World) -> None:
+    patient = new_patient()
+    first = _instance(patient)
+    assert _store(w, w.modality, first) == 0x0000
+    assert _store(w, w.modality, first) == 0x0000, "a retry of the same instance"
+    first.StudyDate = "20260102"
+    status = _store(w, w.modality, first)
+    assert status == 0x0111, f"other content under the same UID: {status:#06x}"
+    assert _index_count(w, str(first.SOPInstanceUID)) == 1, "one record for the instance"
+
+
+def test_a_client_without_a_trusted_certificate_cannot_associate(w: World) -> None:
+    patient = new_patient()
+    study = _make_study(w, patient, [1], "rogue")
+    sent = storescu(w.rogue, w.port, study.files)
+    assert sent.returncode != 0, "storescu with an untrusted certificate succeeded"
+    ae = _scu()
+    assoc = ae.associate("127.0.0.1", w.port, ae_title=AE_TITLE,
+                         tls_args=(w.rogue.context(), None))
+    assert not assoc.is_established, "associated with an untrusted certificate"
+    # No certificate at all.
+    bare = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(w.rogue.ca))
+    bare.check_hostname = False
+    assoc = ae.associate("127.0.0.1", w.port, ae_title=AE_TITLE, tls_args=(bare, None))
+    assert not assoc.is_established, "associated without a certificate"
+    assert _index_count(w, study.uid) == 0, "stored without a trusted certificate"
+
+
+def test_an_instance_over_the_cap_is_refused_while_it_arrives(
+    w: World, service_factory: Any, fresh_database: str, issue: Any
+) -> None:
+    port = free_port()
+    small: RunningService = service_factory(fresh_database, extra_sections={"dicom": {
+        "listen": f"127.0.0.1:{port}", "ae_title": AE_TITLE,
+        "max_instance_size": 64 << 10}})  # fmt: skip
+    try:
+        capped = World(**{**w.__dict__, "service": small, "port": port})
+        patient = new_patient()
+        fits = _instance(patient, pixels=os.urandom(32 << 10))
+        assert _store(capped, w.modality, fits) == 0x0000, "an instance under the cap"
+        over = _instance(patient, pixels=os.urandom(256 << 10))
+        assert _store(capped, w.modality, over) == 0xA700, "an instance over the cap"
+        assert _index_count(w, str(over.SOPInstanceUID)) == 0, "stored over the cap"
+        assert _index_count(w, str(fits.SOPInstanceUID)) == 1
+        # Shutdown with an association open: the service still stops by itself.
+        assoc = _scu().associate("127.0.0.1", port, ae_title=AE_TITLE,
+                                 tls_args=(w.modality.context(), None))
+        assert assoc.is_established
+        small.stop()
+        assert small.process.returncode == 0, f"exit {small.process.returncode}"
+        assoc.abort()
+    finally:
+        small.stop()
+
+
+def test_echoscu_over_tls(w: World) -> None:
+    echo = run(["echoscu", *w.reader.tls(), "-aet", "VIEWER", "-aec", AE_TITLE,
+                "127.0.0.1", str(w.port)])
+    assert echo.returncode == 0, f"echoscu exit {echo.returncode}"
+    wrong_title = run(["echoscu", *w.reader.tls(), "-aet", "VIEWER", "-aec", "NOTMEDVAULT",
+                       "127.0.0.1", str(w.port)])
+    assert wrong_title.returncode != 0, "an association to another AE title was accepted"

@@ -1,0 +1,88 @@
+"""The DICOM service's pure parts: the bounded spool, the issuer mapping, the config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from service.config import Config, ConfigError, DicomConfig, TlsConfig, parse
+from service.dicom.listener import DicomListener
+from service.dicom.scp import authority, issuer
+from service.dicom.spool import BoundedSpool, oversized
+
+
+def test_the_spool_keeps_nothing_past_the_cap_and_says_so_once() -> None:
+    spool = BoundedSpool(1000, delete=False, mode="wb", suffix=".dcm")
+    try:
+        assert spool.write(b"x" * 600) == 600
+        spool.file.flush()
+        assert not oversized(spool.name)
+        for _ in range(5):  # each write is accepted (read off the wire) and dropped
+            assert spool.write(b"y" * 600) == 600
+        spool.file.flush()
+        assert os.path.getsize(spool.name) == 0, "the spool kept bytes past the cap"
+        assert oversized(spool.name)
+        assert not oversized(spool.name), "reported twice"
+    finally:
+        spool.close()
+        Path(spool.name).unlink()
+
+
+def test_a_spool_under_the_cap_keeps_everything() -> None:
+    spool = BoundedSpool(1000, delete=False, mode="wb")
+    try:
+        spool.write(b"a" * 1000)
+        spool.file.flush()
+        assert Path(spool.name).read_bytes() == b"a" * 1000
+        assert not oversized(spool.name)
+    finally:
+        spool.close()
+        Path(spool.name).unlink()
+
+
+@pytest.mark.parametrize(("dicom", "stored"), [
+    ("1.2.3", "urn:oid:1.2.3"), ("2.16.840.1.113883.19.5", "urn:oid:2.16.840.1.113883.19.5"),
+    ("HOSP", "HOSP"), ("1.2.03", "1.2.03"), ("9.1", "9.1"),
+])  # fmt: skip
+def test_an_oid_issuer_is_filed_under_its_urn(dicom: str, stored: str) -> None:
+    assert authority(dicom) == stored
+    assert issuer(stored) == dicom
+
+
+def _config(tmp_path: Path, dicom: dict[str, object], tls: bool = True) -> None:
+    raw = {"database": {"url": "sqlite:///x.db"}, "dicom": dicom,
+           "tls": {"enabled": tls, "cert": "c", "key": "k", "client_ca": "ca"}}  # fmt: skip
+    parse(raw, tmp_path)
+
+
+@pytest.mark.parametrize(("dicom", "field"), [
+    ({"listen": "nohost"}, "dicom.listen"),
+    ({"listen": "127.0.0.1:11112", "ae_title": "A" * 17}, "dicom.ae_title"),
+    ({"listen": "127.0.0.1:11112", "ae_title": "BAD\\AE"}, "dicom.ae_title"),
+    ({"listen": "127.0.0.1:11112", "max_instance_size": 0}, "dicom.max_instance_size"),
+])  # fmt: skip
+def test_bad_dicom_settings_are_named(tmp_path: Path, dicom: dict[str, object], field: str
+                                      ) -> None:  # fmt: skip
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        _config(tmp_path, dicom)
+
+
+def test_dicom_needs_tls(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\[dicom\] listen requires \[tls\]"):
+        _config(tmp_path, {"listen": "127.0.0.1:11112"}, tls=False)
+
+
+def test_dicom_is_off_unless_listen_is_set(tmp_path: Path) -> None:
+    _config(tmp_path, {}, tls=False)
+
+
+def test_unloadable_tls_files_are_a_config_error(tmp_path: Path) -> None:
+    config = Config(tls=TlsConfig(cert=str(tmp_path / "none.pem"), key=str(tmp_path / "k"),
+                                  client_ca=str(tmp_path / "ca.pem")),
+                    dicom=DicomConfig(listen="127.0.0.1:0"))  # fmt: skip
+    listener = DicomListener(config, None, None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"cannot be loaded for \[dicom\]"):
+        listener.start()
+    listener.stop()
