@@ -27,7 +27,6 @@ from tqdm import tqdm
 
 from service._gen.medvault.v1 import backup_pb2 as bpb
 from service._gen.medvault.v1 import backup_pb2_grpc as bpb_grpc
-from service.backup.targets import backup_settings
 from service.cli.client import add_connection_flags, channel
 from service.cli.options import config_path
 from service.cli.tables import print_table, utc
@@ -177,6 +176,9 @@ def cmd_verify(ns: argparse.Namespace) -> int:
 
 
 def _offline_settings(ns: argparse.Namespace) -> tuple[Config, BackupConfig]:
+    # Importing service.backup loads the backup use cases (signing, parsers): seconds of
+    # CPU that only this local command needs, not every `medvault` invocation.
+    from service.backup.targets import backup_settings  # noqa: PLC0415
     from service.config import load  # noqa: PLC0415
 
     config = load(config_path(ns))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -58,3 +60,18 @@ def test_stack_env_as_lists_every_role_it_accepts() -> None:
     text = _help_of("stack env", "--as")
     for role in DEFAULT_CLIENTS.values():
         assert role in text, role
+
+
+def test_the_cli_loads_no_server_side_machinery() -> None:
+    """Every `medvault` command is a gRPC client: importing the CLI must not load the
+    backup use cases, the PDF signer or the content parsers (they cost a second of CPU
+    per invocation, which every command and every CLI test paid)."""
+    probe = (
+        "import sys, service.cli.main\n"
+        "heavy = ('service.backup', 'service.signing', 'pyhanko', 'pydicom', 'storage.formats')\n"
+        "print(','.join(m for m in heavy if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.strip()
+    assert out == "", f"loaded by the CLI: {out}"
