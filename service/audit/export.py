@@ -15,10 +15,13 @@ by users). Such cells then differ from the hashed value; verify with JSON lines.
 
 FHIR (``to_fhir``): NDJSON, one R4 ``AuditEvent`` per line, as in FHIR bulk data.
 
-* ``type``: a DICOM audit event code (``DCM``), from ``FHIR_EVENT_TYPES`` by action;
-  events denied at authentication are 110114 User Authentication, anything unknown
-  110100 Application Activity. ``subtype`` keeps medvault's action
-  (system ``urn:medvault:action``).
+* ``type``: a DICOM audit event ID (``DCM``) of the R4 ``audit-event-type`` value set,
+  from ``FHIR_EVENT_TYPES`` by action; events denied at authentication are 110114 User
+  Authentication, anything unknown 110100 Application Activity. ``subtype`` keeps
+  medvault's action (system ``urn:medvault:action``), after the DICOM event type code
+  of ``FHIR_EVENT_SUBTYPES`` when there is one: grants and break-the-glass are 110113
+  Security Alert with subtype 110136 Security Roles Changed or 110127 Emergency
+  Override Started (DICOM CID 403; 110136 is not an event ID, so it cannot be the type).
 * ``action``: C for records.write, R for records.read / records.stat, E otherwise.
 * ``outcome``: 0 allowed, 4 denied (minor failure), 8 failed (serious failure);
   ``outcomeDesc`` is the status code and the reason of a denial or failure.
@@ -26,7 +29,10 @@ FHIR (``to_fhir``): NDJSON, one R4 ``AuditEvent`` per line, as in FHIR bulk data
   <id>`` for a read through break-the-glass; never the clinician's reason or a review
   comment, which stay sealed with the grant).
 * ``agent[0]``: the principal (``requestor``), its roles as ``role[].text`` and its
-  network address (type 2); ``agent[1]``: the delegating application, when present.
+  network address: a bare IP address (type 2) from gRPC's peer string
+  (``ipv4:10.0.0.7:51234`` -> ``10.0.0.7``, ``ipv6:[::1]:5000`` -> ``::1``), or a
+  machine name (type 1) for events a replica writes under its host name; none for
+  other peers (``unix:``). ``agent[1]``: the delegating application, when present.
 * ``source.observer.display``: ``medvault``.
 * ``entity``: the resource touched (``what.identifier.value``), and the patient as its
   blind index only (system ``urn:medvault:patient-index``), never the identifier.
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import csv
 import io
+import ipaddress
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
@@ -65,19 +72,20 @@ AUDIT_LOG_USED: Final = ("110101", "Audit Log Used")
 QUERY: Final = ("110112", "Query")
 SECURITY_ALERT: Final = ("110113", "Security Alert")
 USER_AUTHENTICATION: Final = ("110114", "User Authentication")
-SECURITY_ROLES_CHANGED: Final = ("110136", "Security Roles Changed")
 APPLICATION_ACTIVITY: Final = ("110100", "Application Activity")
+SECURITY_ROLES_CHANGED: Final = ("110136", "Security Roles Changed")
+EMERGENCY_OVERRIDE_STARTED: Final = ("110127", "Emergency Override Started")
 
-# medvault action -> DICOM audit event type. Grants and break-the-glass change who may
-# see a patient, hence "Security Roles Changed"; listing grants or one's own identity
-# is a query.
+# medvault action -> DICOM audit event ID (the R4 audit-event-type value set). Grants
+# and break-the-glass change who may see a patient: a Security Alert, told apart by
+# their subtype below; listing grants or one's own identity is a query.
 FHIR_EVENT_TYPES: Mapping[str, tuple[str, str]] = MappingProxyType({
     "records.write": PATIENT_RECORD,
     "records.read": PATIENT_RECORD,
     "records.stat": PATIENT_RECORD,
     "records.list": QUERY,
-    "access.grant": SECURITY_ROLES_CHANGED,
-    "access.break_glass": SECURITY_ROLES_CHANGED,
+    "access.grant": SECURITY_ALERT,
+    "access.break_glass": SECURITY_ALERT,
     "access.list": QUERY,
     "access.whoami": QUERY,
     "audit.query": AUDIT_LOG_USED,
@@ -85,6 +93,12 @@ FHIR_EVENT_TYPES: Mapping[str, tuple[str, str]] = MappingProxyType({
     "audit.export": AUDIT_LOG_USED,
     "audit.review": AUDIT_LOG_USED,
     "incident": SECURITY_ALERT,
+})  # fmt: skip
+
+# medvault action -> DICOM Security Alert event type code (CID 403), the first subtype.
+FHIR_EVENT_SUBTYPES: Mapping[str, tuple[str, str]] = MappingProxyType({
+    "access.grant": SECURITY_ROLES_CHANGED,
+    "access.break_glass": EMERGENCY_OVERRIDE_STARTED,
 })  # fmt: skip
 
 FHIR_ACTIONS: Mapping[str, str] = MappingProxyType(
@@ -150,14 +164,43 @@ def fhir_event_type(event: ChainedEvent) -> tuple[str, str]:
     return FHIR_EVENT_TYPES.get(entry.action, APPLICATION_ACTIVITY)
 
 
+def ip_address_of(source: str) -> str | None:
+    """The bare IP address in a gRPC peer string, or None if it holds none.
+
+    ``ipv4:10.0.0.7:51234`` -> ``10.0.0.7``; ``ipv6:[::1]:5000`` -> ``::1``;
+    ``ipv4:10.0.0.7`` (a peer kept without its port) -> ``10.0.0.7``; a host name,
+    ``unix:...`` or ``unknown`` -> None.
+    """
+    rest = source.removeprefix("ipv4:").removeprefix("ipv6:")
+    if rest.startswith("["):
+        rest = rest[1:].partition("]")[0]
+    for candidate in (rest, rest.rpartition(":")[0]):
+        try:
+            return str(ipaddress.ip_address(candidate))
+        except ValueError:
+            continue
+    return None
+
+
+def _network(source: str) -> dict[str, str] | None:
+    """``agent.network``: type 2 (IP address) or 1 (machine name), None for neither."""
+    address = ip_address_of(source)
+    if address is not None:
+        return {"address": address, "type": "2"}
+    if source and source != "unknown" and ":" not in source and "/" not in source:
+        return {"address": source, "type": "1"}  # a replica's host name
+    return None
+
+
 def _agents(event: ChainedEvent) -> list[dict[str, Any]]:
     entry = event.entry
     person: dict[str, Any] = {"who": {"identifier": {"value": entry.principal}}, "requestor": True}
     roles = [role for role in entry.role.split(",") if role]
     if roles:
         person["role"] = [{"text": role} for role in roles]
-    if entry.source:
-        person["network"] = {"address": entry.source, "type": "2"}
+    network = _network(entry.source)
+    if network is not None:
+        person["network"] = network
     agents = [person]
     if entry.application:
         agents.append({
@@ -198,6 +241,14 @@ def _chain_extension(event: ChainedEvent) -> dict[str, Any]:
     }
 
 
+def _subtypes(action: str) -> list[dict[str, str]]:
+    subtypes = [{"system": ACTION_SYSTEM, "code": action}]
+    if action in FHIR_EVENT_SUBTYPES:
+        code, display = FHIR_EVENT_SUBTYPES[action]
+        subtypes.insert(0, {"system": DCM, "code": code, "display": display})
+    return subtypes
+
+
 def fhir_audit_event(event: ChainedEvent) -> dict[str, Any]:
     """One FHIR R4 AuditEvent resource (as a JSON-ready dict); see the module docstring."""
     entry = event.entry
@@ -207,7 +258,7 @@ def fhir_audit_event(event: ChainedEvent) -> dict[str, Any]:
         "id": f"medvault-audit-{event.sequence}",
         "extension": [_chain_extension(event)],
         "type": {"system": DCM, "code": code, "display": display},
-        "subtype": [{"system": ACTION_SYSTEM, "code": entry.action}],
+        "subtype": _subtypes(entry.action),
         "action": FHIR_ACTIONS.get(entry.action, "E"),
         "recorded": format_time(entry.time),
         "outcome": FHIR_OUTCOMES[entry.outcome],

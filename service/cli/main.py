@@ -16,6 +16,7 @@ from service.cli import (
     access_cmd,
     audit_cmd,
     backup_cmd,
+    import_cmd,
     keys_cmd,
     records_cmd,
     restore_cmd,
@@ -79,6 +80,7 @@ def parser() -> argparse.ArgumentParser:
     sweep.set_defaults(func=cmd_sweep)
     records_cmd.register(sub)
     studies_cmd.register(sub)
+    import_cmd.register(sub)
     access_cmd.register(sub)
     audit_cmd.register(sub)
     signing_cmd.register(sub)

@@ -17,7 +17,9 @@ from tqdm import tqdm
 
 from service._gen.medvault.v1 import records_pb2 as pb
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
+from service.cli import bulk
 from service.cli.client import add_connection_flags, channel, describe_rpc_error
+from service.cli.detect import detect_kind
 from service.cli.files import create_private
 
 CHUNK = 1 << 20
@@ -71,9 +73,33 @@ def _print_record(r: pb.Record) -> None:
     print(f"{r.id}  v{r.version}  {kind:<6} {r.size:>12}  {created}Z  {r.title}")
 
 
+def _bulk_header(ns: argparse.Namespace, path: Path) -> pb.RecordHeader:
+    kind = detect_kind(path) if ns.kind == "auto" else ns.kind
+    return pb.RecordHeader(
+        patient=pb.PatientId(id=ns.patient, assigning_authority=ns.authority),
+        kind=f"RECORD_KIND_{kind}",
+        content_type=ns.content_type or _CONTENT_TYPES[kind],
+        title=ns.title,
+        request_id=str(uuid.uuid4()),  # for the retry on UNAVAILABLE
+    )
+
+
+def cmd_bulk_put(ns: argparse.Namespace) -> int:
+    """Store every file named and under the folders named; see ``service.cli.bulk``."""
+    for flag, value in (("--supersedes", ns.supersedes), ("--request-id", ns.request_id)):
+        if value:
+            raise SystemExit(f"medvault: {flag} applies to one file, not to a bulk put")
+    if ns.kind == "auto" and ns.content_type:
+        raise SystemExit("medvault: --content-type needs one --kind, not auto")
+    paths = bulk.files_under(ns.file)
+    return bulk.run(channel(ns), paths, lambda path: _bulk_header(ns, path))
+
+
 def cmd_put(ns: argparse.Namespace) -> int:
-    """Store FILE as a record (or a new version with --supersedes)."""
-    path = Path(ns.file)
+    """Store FILE as a record (or a new version with --supersedes); several: a bulk put."""
+    if len(ns.file) > 1 or ns.kind == "auto" or Path(ns.file[0]).is_dir():
+        return cmd_bulk_put(ns)
+    path = Path(ns.file[0])
     if not path.is_file():
         raise SystemExit(f"medvault: {path}: not a file")
     stub = pb_grpc.RecordServiceStub(channel(ns))
@@ -183,12 +209,16 @@ def _patient_flags(p: argparse.ArgumentParser) -> None:
 
 def register(sub: Any) -> None:
     """Add put, get, stat and ls to the CLI."""
-    put = sub.add_parser("put", help="store a file as a record")
-    put.add_argument("file", help="the file to store")
+    put = sub.add_parser("put", help="store files as records (folders: every file under them)")
+    put.add_argument(
+        "file", nargs="+",
+        help="the file to store; several files or folders: a bulk put (4 at a time, a summary)",
+    )  # fmt: skip
     _patient_flags(put)
     put.add_argument(
-        "--kind", required=True, choices=KINDS, help="record kind (sets the default --content-type)"
-    )
+        "--kind", required=True, choices=[*KINDS, "auto"],
+        help="record kind (sets the default --content-type); auto: told from each file's content",
+    )  # fmt: skip
     put.add_argument(
         "--content-type", default="",
         help="MIME type stored with the record (default: the kind's, e.g. application/pdf)",

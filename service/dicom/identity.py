@@ -26,8 +26,9 @@ ECHO = "/medvault.v1.AccessService/WhoAmI"  # access.whoami (C-ECHO answers anyo
 
 def _peer(assoc: Any) -> str:
     address = str(assoc.requestor.address)
-    family = "ipv6" if ":" in address else "ipv4"
-    return f"{family}:{address}:{assoc.requestor.port}"
+    if ":" in address:  # bracketed as gRPC does, so the port can be told from the address
+        return f"ipv6:[{address}]:{assoc.requestor.port}"
+    return f"ipv4:{address}:{assoc.requestor.port}"
 
 
 def _common_name(der: bytes) -> list[bytes]:

@@ -114,8 +114,14 @@ def instance_key(sop_instance: str) -> str:
     return "dicom." + hashlib.sha256(sop_instance.encode()).hexdigest()[:48]
 
 
-def patient_of(path: Path, sop_class: str, sop_instance: str) -> PatientRef:
-    """The patient a received instance names; it must be the instance the command names."""
+def instance_patient(path: Path, command: tuple[str, str] | None = None
+                     ) -> tuple[PatientRef, str]:
+    """The patient and SOP Instance UID a DICOM data set or Part 10 file names.
+
+    With ``command`` (SOP Class and Instance UIDs of a C-STORE), the data set must be
+    that instance. ``medvault import-dicom`` reads files with it, so a CD's instances are
+    filed exactly as a C-STORE of them would be.
+    """
     try:
         with warnings.catch_warnings():  # pydicom's guesses about a malformed file
             warnings.simplefilter("ignore")
@@ -128,7 +134,7 @@ def patient_of(path: Path, sop_class: str, sop_instance: str) -> PatientRef:
         raise InvalidRecordError("content", "is not DICOM: the data set does not parse") from e
     if not values["SOPClassUID"] or not values["SOPInstanceUID"]:
         raise InvalidRecordError("content", "does not parse as DICOM: no SOP Class/Instance UID")
-    if values["SOPClassUID"] != sop_class or values["SOPInstanceUID"] != sop_instance:
+    if command is not None and (values["SOPClassUID"], values["SOPInstanceUID"]) != command:
         raise InvalidRecordError(
             "content", "SOP Class/Instance UID differ from the C-STORE command's"
         )
@@ -137,7 +143,12 @@ def patient_of(path: Path, sop_class: str, sop_instance: str) -> PatientRef:
     found = values["IssuerOfPatientID"] or next((u for u in universal if u), "")
     if not found:
         raise InvalidRecordError("content", "DICOM: IssuerOfPatientID (0010,0021) is missing")
-    return PatientRef(values["PatientID"], authority(found))
+    return PatientRef(values["PatientID"], authority(found)), values["SOPInstanceUID"]
+
+
+def patient_of(path: Path, sop_class: str, sop_instance: str) -> PatientRef:
+    """The patient a received instance names; it must be the instance the command names."""
+    return instance_patient(path, (sop_class, sop_instance))[0]
 
 
 @dataclass

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from fhir.resources.R4B.auditevent import AuditEvent
 
 from service.audit import export
 from storage.audit_model import GENESIS_HASH, AuditEntry, ChainedEvent, canonical_bytes, chain_hash
@@ -137,7 +138,7 @@ def test_fhir_codes() -> None:
         ("110110", "R", "0"),  # records.read
         ("110110", "C", "0"),  # records.write
         ("110112", "E", "0"),  # records.list
-        ("110136", "E", "0"),  # break-the-glass
+        ("110113", "E", "0"),  # break-the-glass
         ("110101", "E", "0"),  # audit.query
         ("110113", "E", "8"),  # incident
         ("110114", "E", "4"),  # failed authentication
@@ -150,7 +151,7 @@ def test_fhir_agents_entities_and_chain() -> None:
     person, app = read["agent"]
     assert person["who"]["identifier"]["value"] == "dr-test"
     assert person["role"] == [{"text": "physician"}]
-    assert person["network"] == {"address": "ipv4:10.0.0.7:51234", "type": "2"}
+    assert person["network"] == {"address": "10.0.0.7", "type": "2"}
     assert app["who"]["identifier"]["value"] == "his-app"
     assert app["requestor"] is False
     record, patient = read["entity"]
@@ -196,3 +197,71 @@ def test_chunked_regroups_without_loss() -> None:
     assert list(export.chunked([], size=64)) == []
     with pytest.raises(ValueError, match="positive"):
         list(export.chunked(pieces, size=0))
+
+
+# The R4 value sets the exported codes must come from (hl7.org/fhir/R4: audit-event-type
+# is the DICOM event IDs 110100-110114 plus the REST codes; network-type; outcome; action).
+R4_AUDIT_EVENT_TYPES = {f"1101{n:02d}" for n in range(15)}
+R4_NETWORK_TYPES = {"1", "2", "3", "4", "5"}
+R4_OUTCOMES = {"0", "4", "8", "12"}
+R4_ACTIONS = {"C", "R", "U", "D", "E"}
+
+
+def all_kinds() -> list[ChainedEvent]:
+    """``sample()`` plus a grant, an IPv6 caller, a replica's own event and a unix peer."""
+    return make_chain(
+        *(event.entry for event in sample()),
+        entry(action="access.grant", resource="grant/g-2", source="ipv6:[::1]:5555"),
+        entry(action="backup.run", resource="backup", source="replica-a", patient_index=None),
+        entry(action="records.list", source="unix:/run/medvault.sock"),
+    )
+
+
+def test_fhir_exports_parse_as_r4_audit_events_with_r4_codes() -> None:
+    # fhir.resources (R4B, whose AuditEvent is R4's) is an independent reading of the spec.
+    for line in joined(export.to_fhir(all_kinds())).decode("utf-8").splitlines():
+        resource = AuditEvent.model_validate_json(line)
+        assert resource.type.system == export.DCM
+        assert resource.type.code in R4_AUDIT_EVENT_TYPES
+        assert resource.outcome in R4_OUTCOMES
+        assert resource.action in R4_ACTIONS
+        network = resource.agent[0].network
+        if network is not None:
+            assert network.type in R4_NETWORK_TYPES
+
+
+def test_fhir_grants_and_break_glass_are_security_alerts_with_dicom_subtypes() -> None:
+    resources = fhir(all_kinds())
+    glass, grant = resources[3], resources[8]
+    assert glass["type"]["code"] == grant["type"]["code"] == "110113"
+    assert glass["subtype"] == [
+        {"system": export.DCM, "code": "110127", "display": "Emergency Override Started"},
+        {"system": export.ACTION_SYSTEM, "code": "access.break_glass"},
+    ]
+    assert grant["subtype"][0] == {
+        "system": export.DCM, "code": "110136", "display": "Security Roles Changed"
+    }
+    assert resources[0]["subtype"] == [{"system": export.ACTION_SYSTEM, "code": "records.read"}]
+
+
+def test_fhir_network_addresses() -> None:
+    resources = fhir(all_kinds())
+    assert resources[8]["agent"][0]["network"] == {"address": "::1", "type": "2"}
+    assert resources[9]["agent"][0]["network"] == {"address": "replica-a", "type": "1"}
+    assert "network" not in resources[10]["agent"][0]
+
+
+@pytest.mark.parametrize(("source", "address"), [
+    ("ipv4:127.0.0.1:5555", "127.0.0.1"),
+    ("ipv4:10.0.0.7", "10.0.0.7"),
+    ("ipv6:[::1]:5555", "::1"),
+    ("ipv6:[fe80::1]", "fe80::1"),
+    ("ipv6:[2001:db8::7]:443", "2001:db8::7"),
+    ("127.0.0.1", "127.0.0.1"),
+    ("unix:/run/x.sock", None),
+    ("unknown", None),
+    ("replica-a", None),
+    ("", None),
+])  # fmt: skip
+def test_ip_address_of(source: str, address: str | None) -> None:
+    assert export.ip_address_of(source) == address
