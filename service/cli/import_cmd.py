@@ -17,13 +17,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from pydicom.errors import InvalidDicomError
-from pydicom.fileset import FileSet
-
 from service._gen.medvault.v1 import records_pb2 as pb
 from service.cli import bulk
 from service.cli.client import add_connection_flags, channel
-from service.dicom.scp import instance_key, instance_patient
 from storage import InvalidRecordError
 
 DICOMDIR = "DICOMDIR"
@@ -44,6 +40,9 @@ def instances(path: Path) -> list[Path]:
     dicomdir = _dicomdir(path)
     if dicomdir is None:
         return bulk.files_under([str(path)])
+    from pydicom.errors import InvalidDicomError  # noqa: PLC0415  (loaded on use)
+    from pydicom.fileset import FileSet  # noqa: PLC0415
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -61,6 +60,9 @@ def _is_part10(path: Path) -> bool:
 
 def header(ns: argparse.Namespace, path: Path) -> pb.RecordHeader:
     """The PutRecord header of one instance; RefusedError / SkippedError otherwise."""
+    # Loaded on use: pydicom and the DICOM service's mapping cost every other command
+    # a second at start (tests/unit/service/test_cli_help.py holds the CLI to that).
+    from service.dicom.scp import instance_key, instance_patient  # noqa: PLC0415
     if not path.exists():
         raise bulk.RefusedError("listed in the DICOMDIR but missing")
     if not _is_part10(path):
