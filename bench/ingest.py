@@ -97,7 +97,7 @@ def make_instances(n: int, study_uid: str) -> list[bytes]:
     pixels = secrets.token_bytes(SIZE)
     return [
         content.dicom(PATIENT.id, PATIENT.assigning_authority, pixels=pixels,
-                      StudyInstanceUID=study_uid)  # fmt: skip
+                      StudyInstanceUID=study_uid)
         for _ in range(n)
     ]
 
