@@ -254,3 +254,29 @@ def test_hl7_parser_records_do_not_reach_the_service_log(root_log: _RootRecords)
     """The hl7 package logs stray segments verbatim (hl7.util): cut off like pydicom's."""
     hl7.util.logger.error("Segment received before message header [%s]", "PID|X")
     assert not [m for m in root_log.messages if "PID|X" in m]
+
+
+def test_a_1_gib_instance_streams_through_in_bounded_memory() -> None:
+    """Issue 11: a 1 GiB DICOM never sits in memory. The header is parsed from a bounded
+    prefix and the pixel data is walked past by its length, chunk by chunk."""
+    import struct  # noqa: PLC0415
+    import tracemalloc  # noqa: PLC0415
+
+    size = 1 << 30
+    head = content.dicom(PATIENT.id, PATIENT.authority, pixels=None)
+    # (7FE0,0010) OB, explicit VR little endian: tag, VR, 2 reserved bytes, 32-bit length.
+    pixel_header = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, size)
+    chunk = bytes(1 << 20)
+    validator = DicomValidator(PATIENT)
+    tracemalloc.start()
+    try:
+        passed = 0
+        for piece in checked(iter([head + pixel_header, *([chunk] * (size // len(chunk)))]),
+                             validator):  # fmt: skip
+            passed += len(piece)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert passed == len(head) + len(pixel_header) + size
+    assert peak < 64 << 20, f"peak {peak >> 20} MiB while 1 GiB streamed through"
+    assert validator.index()  # the header's fields were read (UIDs, modality)
