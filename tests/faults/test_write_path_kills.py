@@ -4,7 +4,8 @@ One server process per (point, round) on one database and bucket: it SIGKILLs it
 (``MEDVAULT_FAULT=sigkill:<point>:<n>``) the n-th time a put passes the point while four
 clients put records; the next process starts on what it left. Then a clean server must
 show every acknowledged put byte-identical, every listed record readable and matching its
-digest, and a sweep with no grace must leave exactly the referenced objects.
+digest, and a sweep with no grace must leave exactly the referenced objects; each row
+has one write event and the audit chain verifies.
 
 PYTEST_DONT_REWRITE: failures name counts and keys, never content.
 """
@@ -15,6 +16,7 @@ import json
 import signal
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -25,8 +27,9 @@ from storage.records import WRITE_FAULT_POINTS
 from tests.faults.common import Ledger, Seeds, referenced_keys, run_clients, sweep
 from tests.fixtures.databases import new_database
 from tests.fixtures.seaweed import S3Server
-from tests.fixtures.service import RunningService
+from tests.fixtures.service import RunningService, TlsFiles
 from tests.fixtures.softhsm import SoftHsmToken
+from tests.integration.access.helpers import client, issue_client, verify
 from tests.integration.service.calls import expect_same_content, get, list_all, server_bucket
 from tests.integration.service.streams import new_patient
 
@@ -52,7 +55,7 @@ def own_database(
 @pytest.mark.timeout(400)
 def test_sigkill_at_each_write_point(
     service_factory: Factory, own_database: str, s3_server: S3Server,
-    softhsm_token: SoftHsmToken,
+    softhsm_token: SoftHsmToken, tls_files: TlsFiles, tmp_path: Path,
 ) -> None:
     patients = [new_patient() for _ in range(CLIENTS)]
     ledger = Ledger()
@@ -101,6 +104,14 @@ def test_sigkill_at_each_write_point(
         f"{len(referenced - keys_after)} referenced objects gone"
     )
     _expect_one_event_per_row(own_database)
+    officer = client(
+        service, issue_client(tls_files, tmp_path, "fault-officer", "security_officer")
+    )
+    try:
+        chain = verify(officer)
+    finally:
+        officer.close()
+    assert chain.ok, f"audit chain: {chain.reason} at {chain.first_bad_sequence}"
 
     figures = {
         "backend": own_database.split(":", maxsplit=1)[0],
@@ -114,6 +125,7 @@ def test_sigkill_at_each_write_point(
         "acknowledged_lost": len(lost),
         "orphans_swept": len(keys_before - referenced),
         "sweep": swept.strip(),
+        "audit_events_checked": chain.events_checked,
         "restart_seconds_max": round(max(restarts), 2),
         "restart_seconds_mean": round(sum(restarts) / len(restarts), 2),
     }
