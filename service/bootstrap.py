@@ -218,9 +218,10 @@ def _fault_points() -> Callable[[str], None] | None:
     if not value.startswith("sigkill:"):
         return None
     _, point, *rest = value.split(":")
-    if point not in WRITE_FAULT_POINTS or len(rest) > 1 or not all(r.isdigit() for r in rest):
+    if (point not in WRITE_FAULT_POINTS or len(rest) > 1
+            or not all(r.isdigit() and int(r) > 0 for r in rest)):
         raise ConfigError(
-            f"{FAULT_ENV}: expected sigkill:<point>[:<n>], point one of "
+            f"{FAULT_ENV}: expected sigkill:<point>[:<n>], n >= 1, point one of "
             + ", ".join(WRITE_FAULT_POINTS)
         )
     remaining = [int(rest[0]) if rest else 1]
