@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -41,6 +43,7 @@ from service.signing import DocumentSigning
 from service.signing.validation import SignatureValidator, load_pem_certificates
 from storage import (
     GRANT_ADOPTER,
+    WRITE_FAULT_POINTS,
     AuditLog,
     CheckpointWitness,
     CommitTagger,
@@ -67,9 +70,10 @@ from storage import (
     upgrade,
 )
 
-# Fault injection for the crash-safety tests (docs/operations.md): with this variable set
-# to "crash-before-commit" the process dies between the object upload and the metadata
-# commit, exactly where a power cut would hurt most.
+# Fault injection for the crash-safety tests (docs/reliability.md): "crash-before-commit"
+# makes the process exit (86) between the object upload and the metadata commit;
+# "sigkill:<point>[:<n>]" makes it SIGKILL itself the n-th time (default the first) a
+# put passes the named point of storage.records.WRITE_FAULT_POINTS.
 FAULT_ENV = "MEDVAULT_FAULT"
 
 
@@ -208,6 +212,32 @@ def _fault_hook() -> Callable[[], None] | None:
     return None
 
 
+def _fault_points() -> Callable[[str], None] | None:
+    """The ``sigkill:<point>[:<n>]`` fault of ``MEDVAULT_FAULT``, or None."""
+    value = os.environ.get(FAULT_ENV, "")
+    if not value.startswith("sigkill:"):
+        return None
+    _, point, *rest = value.split(":")
+    if (point not in WRITE_FAULT_POINTS or len(rest) > 1
+            or not all(r.isdigit() and int(r) > 0 for r in rest)):
+        raise ConfigError(
+            f"{FAULT_ENV}: expected sigkill:<point>[:<n>], n >= 1, point one of "
+            + ", ".join(WRITE_FAULT_POINTS)
+        )
+    remaining = [int(rest[0]) if rest else 1]
+    lock = threading.Lock()
+
+    def fault(name: str) -> None:
+        if name != point:
+            return
+        with lock:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return fault
+
+
 BENCHMARK_ENV = "MEDVAULT_BENCHMARK"
 
 
@@ -305,6 +335,7 @@ def _wire(config: Config, pool: Pkcs11SessionPool) -> Components:
     store = RecordStore(
         blobs, metadata, wrapper, indexer, limits,
         before_commit=_fault_hook(),
+        fault=_fault_points(),
         accept_legacy=config.server.accept_legacy_sealed_rows,
         requests=put_requests,
         tagger=CommitTagger(blobs.mark_committed),

@@ -162,6 +162,7 @@ if TYPE_CHECKING:
         SqlPutRequests,
     )
     from storage.records import (
+        WRITE_FAULT_POINTS,
         CommitGate,
         Gate,
         OpenRecord,
@@ -311,6 +312,7 @@ _EXPORTS: dict[str, str] = {
     "StorageError": "storage.errors",
     "StoredRecord": "storage.interfaces",
     "StoreLimits": "storage.records",
+    "WRITE_FAULT_POINTS": "storage.records",
     "sweep_if_due": "storage.sweeper",
     "sweep_orphans": "storage.sweeper",
     "upgrade": "storage.sql_metadata",
@@ -350,6 +352,7 @@ __all__ = [
     "REVIEW_ALTERED_MARK",
     "SIGNATURE_INVALID",
     "TAMPERED_MARK",
+    "WRITE_FAULT_POINTS",
     "Appended",
     "AuditEntry",
     "AuditFilter",

@@ -55,6 +55,11 @@ from storage.sealing import RowFields, SealedFields, seal
 from storage.validation import check_header, check_header_patient, check_record_id
 
 OBJECT_PREFIX = "objects/"
+# The write path's named fault points, in the order a put passes them (RecordStore's
+# ``fault`` seam; MEDVAULT_FAULT in service.bootstrap, docs/reliability.md).
+WRITE_FAULT_POINTS = (
+    "after-key-wrap", "after-upload", "before-commit", "during-audit-write", "after-commit",
+)
 MAX_PAGE_SIZE = 500
 # ListStudies and GetStudy read at most this many instances (each row is verified).
 MAX_STUDY_INSTANCES = 5000
@@ -165,6 +170,7 @@ class RecordStore:
         limits: StoreLimits | None = None,
         *,
         before_commit: Callable[[], None] | None = None,
+        fault: Callable[[str], None] | None = None,
         on_tampered: Tampered | None = None,
         accept_legacy: bool = True,
         requests: SqlPutRequests | None = None,
@@ -180,6 +186,9 @@ class RecordStore:
         self._limits = limits or StoreLimits()
         # Fault-injection seam for crash tests: runs after the upload, before the row.
         self._before_commit = before_commit
+        # Named fault points of the write path (``WRITE_FAULT_POINTS``), for the
+        # fault-injection suite: called with each point's name as the put passes it.
+        self._fault = fault
         # Every row is verified here before any of it is trusted (storage.row_auth).
         self.verifier = RowVerifier(
             wrapper, indexer, accept_legacy=accept_legacy, on_tampered=on_tampered
@@ -216,6 +225,7 @@ class RecordStore:
         ad = associated_data(record_id, version)
         dek = secrets.token_bytes(32)
         wrapped = self._wrapper.wrap(dek, ad)
+        self._at("after-key-wrap")
         aead = StreamingAead(dek, self._limits.segment_size)
         plain = _Meter(self._limits.max_record_size)
         cipher = _Meter(aead.ciphertext_size(self._limits.max_record_size))
@@ -236,6 +246,7 @@ class RecordStore:
         if header.expected_sha256 is not None and header.expected_sha256 != sha256:
             self._blobs.delete(object_key)
             raise InvalidRecordError("expected_sha256", "does not match the content received")
+        self._at("after-upload")
         row = StoredRecord(
             id=record_id,
             version=version,
@@ -259,6 +270,7 @@ class RecordStore:
         entries = validator.index()  # committed with the row (storage.index)
         if self._before_commit is not None:
             self._before_commit()
+        self._at("before-commit")
         try:
             self._insert(row, dek, ad, on_commit, self._remember(header, creator, row),
                          entries=entries)  # fmt: skip
@@ -268,8 +280,13 @@ class RecordStore:
         except BaseException:
             self._discard(row)
             raise
+        self._at("after-commit")
         self._mark_committed(object_key)
         return VerifiedRecord(row, dek, sealed).info()
+
+    def _at(self, point: str) -> None:
+        if self._fault is not None:
+            self._fault(point)
 
     def close(self) -> None:
         """Finish the background work: tag the committed objects still queued."""
@@ -375,12 +392,16 @@ class RecordStore:
         entries: Sequence[IndexEntry] = (),
     ) -> None:
         insert = self._metadata.insert_change(row, entries)
-        if remember is not None:
+        if remember is not None or self._fault is not None:
             change = insert
 
             def insert(connection: Connection) -> None:
                 change(connection)
-                remember(connection)
+                if remember is not None:
+                    remember(connection)
+                # Inside the audit batch's transaction: the row is written, its event
+                # not yet chained, nothing committed.
+                self._at("during-audit-write")
 
         if on_commit is not None:
             on_commit(RecordRef(row.id, row.version, row.patient_index), insert)

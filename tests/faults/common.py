@@ -1,0 +1,138 @@
+"""Helpers shared by the fault-injection tests: puts from several threads, sweeps."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import sqlalchemy as sa
+
+from service._gen.medvault.v1 import records_pb2 as pb
+from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
+from storage.sql_metadata import records
+from tests.fixtures.service import ROOT, RunningService
+from tests.integration.service.calls import header, pieces, requests
+from tests.integration.service.streams import data
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One put attempt: its content is ``data(size, seed)``."""
+
+    patient: pb.PatientId
+    size: int
+    seed: int
+
+    def content(self) -> bytes:
+        return data(self.size, self.seed)
+
+    def sha256(self) -> bytes:
+        return hashlib.sha256(self.content()).digest()
+
+
+@dataclass
+class Ledger:
+    """What the clients attempted and what the server acknowledged (id, version)."""
+
+    attempted: list[Sent] = field(default_factory=list)
+    acknowledged: dict[tuple[str, int], Sent] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    details: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def attempt(self, sent: Sent) -> None:
+        with self.lock:
+            self.attempted.append(sent)
+
+    def ack(self, record: pb.Record, sent: Sent) -> None:
+        with self.lock:
+            self.acknowledged[(record.id, record.version)] = sent
+
+    def fail(self, error: grpc.RpcError) -> None:
+        with self.lock:
+            name = error.code().name
+            self.errors[name] = self.errors.get(name, 0) + 1
+            self.details.append(error.details() or "")
+
+
+def put_one(stub: pb_grpc.RecordServiceStub, sent: Sent, timeout: float = 30) -> pb.Record:
+    record: pb.Record = stub.PutRecord(
+        requests(header(sent.patient), pieces(sent.content())), timeout=timeout
+    )
+    return record
+
+
+def run_clients(
+    service: RunningService,
+    patients: list[pb.PatientId],
+    next_seed: Callable[[], int],
+    keep_going: Callable[[], bool],
+    ledger: Ledger,
+    *,
+    stop_on_error: bool,
+    size: Callable[[int], int] = lambda seed: 2_000 + (seed * 7919) % 60_000,
+) -> None:
+    """One thread per patient putting records until ``keep_going`` is false (or, with
+    ``stop_on_error``, until its first failed put)."""
+
+    def client(patient: pb.PatientId) -> None:
+        with service.channel() as channel:
+            stub = pb_grpc.RecordServiceStub(channel)
+            while keep_going():
+                seed = next_seed()
+                sent = Sent(patient, size(seed), seed)
+                ledger.attempt(sent)
+                try:
+                    ledger.ack(put_one(stub, sent), sent)
+                except grpc.RpcError as e:
+                    ledger.fail(e)
+                    if stop_on_error:
+                        return
+
+    threads = [threading.Thread(target=client, args=(p,), daemon=True) for p in patients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+        assert not t.is_alive(), "a client thread is stuck"
+
+
+class Seeds:
+    """Distinct content seeds across threads."""
+
+    def __init__(self, start: int) -> None:
+        self._next = start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> int:
+        with self._lock:
+            self._next += 1
+            return self._next
+
+
+def sweep(service: RunningService, softhsm_conf: str) -> str:
+    """``medvault sweep --grace-seconds 0`` against the service's config; its stdout."""
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "sweep", "--config", str(service.config_path),
+         "--grace-seconds", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "SOFTHSM2_CONF": softhsm_conf},
+    )
+    assert done.returncode == 0, f"sweep exit {done.returncode}: {done.stderr[-500:]}"
+    return done.stdout
+
+
+def referenced_keys(database_url: str) -> set[str]:
+    """The object keys the database's record rows reference."""
+    engine = sa.create_engine(database_url)
+    try:
+        with engine.connect() as c:
+            return set(c.execute(sa.select(records.c.object_key)).scalars())
+    finally:
+        engine.dispose()

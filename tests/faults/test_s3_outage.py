@@ -1,0 +1,239 @@
+"""The S3 gateway (the whole single-node SeaweedFS) stopped under load, then back.
+
+Four clients put and read records without pause; the object store goes away for
+``MEDVAULT_FAULT_OUTAGE_SECONDS`` (3 s in CI, plus the stop and start; the issue's 30 s
+by hand) and comes back on the same port. During the outage every failed call is
+UNAVAILABLE naming the object store; of the first calls begun after its return at least
+99% succeed (stricter than the issue's "99% within 10 s of its return", and it needs no
+10 s wait); no acknowledged put is lost; the audit chain verifies; a sweep leaves exactly the
+referenced objects.
+The server is never restarted.
+
+PYTEST_DONT_REWRITE: failures name counts, never content.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from service._gen.medvault.v1 import records_pb2 as pb
+from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
+from tests.faults.common import Sent, put_one, referenced_keys, sweep
+from tests.fixtures.databases import new_database
+from tests.fixtures.seaweed import S3Server, _write_secret, start_seaweed
+from tests.fixtures.service import RunningService, TlsFiles
+from tests.fixtures.softhsm import SoftHsmToken
+from tests.integration.access.helpers import client, issue_client, verify
+from tests.integration.service.calls import expect_same_content, get, list_all, server_bucket
+from tests.integration.service.streams import new_patient
+
+pytestmark = pytest.mark.integration
+
+Factory = Callable[..., RunningService]
+CLIENTS = 4
+OUTAGE_SECONDS = float(os.environ.get("MEDVAULT_FAULT_OUTAGE_SECONDS", "3"))
+AFTER_RETURN_CALLS = 200  # the calls begun after the return that must succeed at 99%
+
+
+@pytest.fixture
+def own_s3(tmp_path: Path) -> Iterator[S3Server]:
+    """A SeaweedFS of this test only, which it stops and starts again."""
+    access_key, secret_key = secrets.token_hex(10), secrets.token_hex(20)
+    server = start_seaweed(tmp_path / "seaweed", access_key, secret_key)
+    try:
+        yield S3Server(
+            server=server, access_key=access_key, secret_key=secret_key,
+            access_key_file=_write_secret(tmp_path / "access_key", access_key),
+            secret_key_file=_write_secret(tmp_path / "secret_key", secret_key),
+        )
+    finally:
+        server.stop(timeout=2)
+
+
+@pytest.fixture
+def own_database(
+    request: pytest.FixtureRequest, database_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    yield from new_database(request, database_url, tmp_path_factory)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call's start and end (monotonic), kind and outcome (None: OK)."""
+
+    began: float
+    ended: float
+    kind: str
+    code: str | None
+    details: str
+
+
+class Load:
+    """Clients alternating a put and a read of one of their acknowledged records."""
+
+    def __init__(self, service: RunningService) -> None:
+        self.service = service
+        self.calls: list[Call] = []
+        self.acknowledged: dict[tuple[str, int], Sent] = {}
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._seed = 50_000
+        self._threads = [threading.Thread(target=self._client, daemon=True)
+                         for _ in range(CLIENTS)]
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for t in self._threads:
+            t.join(timeout=120)
+            assert not t.is_alive(), "a client thread is stuck"
+
+    def _next(self) -> int:
+        with self._lock:
+            self._seed += 1
+            return self._seed
+
+    def _note(self, began: float, kind: str, error: grpc.RpcError | None) -> None:
+        call = Call(began, time.monotonic(), kind, error.code().name if error else None,
+                    (error.details() or "") if error else "")
+        with self._lock:
+            self.calls.append(call)
+
+    def _client(self) -> None:
+        patient = new_patient()
+        mine: list[tuple[str, int]] = []
+        with self.service.channel() as channel:
+            stub = pb_grpc.RecordServiceStub(channel)
+            while not self.stop.is_set():
+                seed = self._next()
+                sent = Sent(patient, 1_000 + seed % 20_000, seed)
+                began = time.monotonic()
+                try:
+                    record = put_one(stub, sent, timeout=20)
+                except grpc.RpcError as e:
+                    self._note(began, "put", e)
+                else:
+                    self._note(began, "put", None)
+                    with self._lock:
+                        self.acknowledged[(record.id, record.version)] = sent
+                    mine.append((record.id, record.version))
+                if mine:
+                    self._read(stub, mine[seed % len(mine)])
+
+    def _read(self, stub: pb_grpc.RecordServiceStub, key: tuple[str, int]) -> None:
+        began = time.monotonic()
+        try:
+            for _ in stub.GetRecord(pb.GetRecordRequest(id=key[0], version=key[1]), timeout=20):
+                pass
+        except grpc.RpcError as e:
+            self._note(began, "get", e)
+        else:
+            self._note(began, "get", None)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.calls)
+
+    def calls_since(self, moment: float) -> list[Call]:
+        with self._lock:
+            return [c for c in self.calls if c.began >= moment]
+
+
+def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"still not {what} after {timeout:.0f} s"
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(300)
+def test_s3_gateway_outage_under_load(
+    service_factory: Factory, own_s3: S3Server, own_database: str,
+    softhsm_token: SoftHsmToken, tls_files: TlsFiles, tmp_path: Path,
+) -> None:
+    service = service_factory(own_database, s3=own_s3)
+    bucket = server_bucket(service.config_path)
+    with Load(service) as load:
+        _wait(lambda: len(load.acknowledged) >= 20, 60, "20 puts acknowledged")
+        stopped_at = time.monotonic()
+        own_s3.server.stop(timeout=2)
+        down_from = time.monotonic()
+        _wait(lambda: time.monotonic() - down_from >= OUTAGE_SECONDS, OUTAGE_SECONDS + 5,
+              "through the outage")
+        own_s3.server.start()
+        back_at = time.monotonic()
+        _wait(lambda: len(load.calls_since(back_at)) >= AFTER_RETURN_CALLS, 120,
+              f"{AFTER_RETURN_CALLS} calls after the return")
+    assert service.process.poll() is None, "the server died"
+
+    during = [c for c in load.calls_since(down_from) if c.began < back_at]
+    failed_during = [c for c in during if c.code is not None]
+    assert failed_during, "no call failed while the object store was down"
+    codes = {c.code for c in failed_during}
+    assert codes == {"UNAVAILABLE"}, f"outage failures: {sorted(codes)}"  # type: ignore[type-var]
+    unclear = [c for c in failed_during
+               if "object store" not in c.details or "retry later" not in c.details]
+    assert not unclear, f"{len(unclear)} UNAVAILABLE replies do not name the object store"
+
+    since_back = load.calls_since(back_at)
+    after = sorted(since_back, key=lambda c: c.began)[:AFTER_RETURN_CALLS]
+    ok_after = sum(c.code is None for c in after)
+    assert ok_after >= 0.99 * len(after), f"{ok_after} of {len(after)} calls succeeded"
+    first_ok = min((c.ended for c in load.calls if c.code is None and c.ended >= back_at),
+                   default=None)
+    assert first_ok is not None, "no call succeeded after the object store came back"
+    failures_since_back = [c for c in load.calls if c.code is not None and c.ended >= back_at]
+    last_failure = max((c.ended for c in failures_since_back), default=back_at)
+    longest_failure = max((c.ended - c.began for c in failed_during), default=0.0)
+
+    with service.channel() as channel:
+        stub = pb_grpc.RecordServiceStub(channel)
+        patients = {s.patient.id: s.patient for s in load.acknowledged.values()}
+        visible = {(r.id, r.version) for p in patients.values()
+                   for r in list_all(stub, p, all_versions=True)}
+        lost = [k for k in load.acknowledged if k not in visible]
+        assert not lost, f"{len(lost)} acknowledged puts lost"
+        for (record_id, version), sent in load.acknowledged.items():
+            expect_same_content(get(stub, record_id, version)[1], sent.content())
+    officer = client(
+        service, issue_client(tls_files, tmp_path, "fault-officer", "security_officer")
+    )
+    try:
+        chain = verify(officer)
+    finally:
+        officer.close()
+    assert chain.ok, f"audit chain: {chain.reason} at {chain.first_bad_sequence}"
+    sweep(service, str(softhsm_token.conf_path))
+    keys = {o.object_name for o in own_s3.client().list_objects(bucket, recursive=True)}
+    assert keys == referenced_keys(own_database), "objects and rows differ after the sweep"
+
+    print(json.dumps({
+        "backend": own_database.split(":", maxsplit=1)[0],
+        "outage_seconds": round(back_at - stopped_at, 1),
+        "calls": len(load.calls),
+        "calls_during_outage": len(during),
+        "failed_during_outage": len(failed_during),
+        "longest_failing_call_s": round(longest_failure, 2),
+        "puts_acknowledged": len(load.acknowledged),
+        "acknowledged_lost": len(lost),
+        "first_success_ended_after_return_s": round(first_ok - back_at, 2),
+        "failures_after_return": len(failures_since_back),
+        "last_failure_ended_after_return_s": round(last_failure - back_at, 2),
+        "first_calls_after_return": len(after),
+        "of_which_succeeded": ok_after,
+        "those_calls_spanned_s": round(after[-1].began - back_at, 2),
+    }))
