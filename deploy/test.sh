@@ -31,7 +31,7 @@ log "pytest"
 # Whole modules go to one worker (--dist loadscope), so a module's servers and databases
 # are set up once; each worker has its own SeaweedFS, SoftHSM2 directory and PostgreSQL
 # databases (tests/fixtures). MEDVAULT_TEST_WORKERS=0 runs in this process, serially.
-workers="${MEDVAULT_TEST_WORKERS:-3}"
+workers="${MEDVAULT_TEST_WORKERS:-4}"
 status=0
 "$VENV/bin/pytest" -p no:cacheprovider -n "$workers" --dist loadscope "$@" || status=$?
 if [ "$status" -eq 5 ]; then
