@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
+from prometheus_client import REGISTRY, start_http_server
 
 from service._gen.medvault.v1 import (
     access_pb2,
@@ -48,12 +48,12 @@ from service.edge import Deadlines, EdgeInterceptor, refusal_reporter
 from service.health import Probe, probe_forever
 from service.keys_servicer import KeyServicer
 from service.limits import CallLimiter, UploadGate
-from service.metrics import MetricsInterceptor
+from service.metrics import MetricsInterceptor, ScheduledRunsCollector
 from service.mllp import listener as mllp_listener
 from service.records_servicer import RecordServicer
 from service.signing_servicer import SigningServicer
 from service.stats_servicer import StatsServicer
-from storage import sweep_if_due
+from storage import SqlRunLedger, sweep_if_due
 
 log = logging.getLogger(__name__)
 # Room for one content chunk plus the message framing around it.
@@ -307,6 +307,7 @@ def serve(config: Config) -> None:
         install_sighup(components.guard.policy, *components.reloadables())
         if config.server.metrics_listen:
             host, _, port = config.server.metrics_listen.rpartition(":")
+            REGISTRY.register(ScheduledRunsCollector(SqlRunLedger(components.engine)))
             start_http_server(int(port), addr=host or "127.0.0.1")
         threading.Thread(
             target=_sweep_forever, args=(config, components, stop), daemon=True, name="sweeper"

@@ -1,0 +1,60 @@
+"""Backup age and drill result as Prometheus gauges, read from the run ledger at each
+scrape (service.metrics.ScheduledRunsCollector), on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.engine import Engine
+
+from service.metrics import ScheduledRunsCollector
+from storage import SqlRunLedger
+from storage.backup.runs import backup_runs
+
+
+def _gauges(ledger: SqlRunLedger) -> dict[str, float]:
+    registry = CollectorRegistry()
+    registry.register(ScheduledRunsCollector(ledger))
+    text = generate_latest(registry).decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_backup_age_and_drill_result_follow_the_ledger(metadata_engine: Engine) -> None:
+    with metadata_engine.begin() as c:
+        c.execute(backup_runs.delete())
+    ledger = SqlRunLedger(metadata_engine)
+    assert _gauges(ledger) == {"medvault_run_ledger_up": 1.0}, "no run yet: no gauge"
+
+    base = datetime(2026, 11, 1, 2, tzinfo=UTC)
+    ledger.claim(base, "backup", "r1", base)
+    ledger.finish(base, "backup", base + timedelta(minutes=5), outcome="ok", backup_id="b1")
+    later = base + timedelta(days=1)
+    ledger.claim(later, "backup", "r1", later)  # failed: the last success stays b1's
+    ledger.finish(later, "backup", later + timedelta(minutes=1), outcome="failed",
+                  backup_id=None)  # fmt: skip
+    ledger.claim(later, "drill", "r1", later)
+    ledger.finish(later, "drill", later + timedelta(minutes=9), outcome="failed",
+                  backup_id="b1")  # fmt: skip
+    gauges = _gauges(ledger)
+    assert gauges["medvault_backup_last_success_timestamp_seconds"] == (
+        base + timedelta(minutes=5)
+    ).timestamp()
+    assert gauges["medvault_drill_last_result"] == 0.0
+    assert gauges["medvault_drill_last_timestamp_seconds"] == (
+        later + timedelta(minutes=9)
+    ).timestamp()
+
+    again = later + timedelta(days=1)
+    ledger.claim(again, "drill", "r1", again)
+    assert _gauges(ledger)["medvault_drill_last_result"] == 0.0, "a running drill is no result"
+    ledger.finish(again, "drill", again + timedelta(minutes=8), outcome="ok", backup_id="b1")
+    assert _gauges(ledger)["medvault_drill_last_result"] == 1.0
+
+
+def test_an_unreadable_ledger_is_reported_not_raised() -> None:
+    broken = sa.create_engine("sqlite:////nonexistent/dir/metadata.db")
+    gauges = _gauges(SqlRunLedger(broken))
+    assert gauges == {"medvault_run_ledger_up": 0.0}
