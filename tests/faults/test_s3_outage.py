@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,7 +29,7 @@ from service._gen.medvault.v1 import records_pb2 as pb
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
 from tests.faults.common import Sent, put_one, referenced_keys, sweep
 from tests.fixtures.databases import new_database
-from tests.fixtures.seaweed import S3Server, _write_secret, start_seaweed
+from tests.fixtures.seaweed import S3Server
 from tests.fixtures.service import RunningService, TlsFiles
 from tests.fixtures.softhsm import SoftHsmToken
 from tests.integration.access.helpers import client, issue_client, verify
@@ -43,21 +42,6 @@ Factory = Callable[..., RunningService]
 CLIENTS = 4
 OUTAGE_SECONDS = float(os.environ.get("MEDVAULT_FAULT_OUTAGE_SECONDS", "3"))
 AFTER_RETURN_CALLS = 200  # the calls begun after the return that must succeed at 99%
-
-
-@pytest.fixture
-def own_s3(tmp_path: Path) -> Iterator[S3Server]:
-    """A SeaweedFS of this test only, which it stops and starts again."""
-    access_key, secret_key = secrets.token_hex(10), secrets.token_hex(20)
-    server = start_seaweed(tmp_path / "seaweed", access_key, secret_key)
-    try:
-        yield S3Server(
-            server=server, access_key=access_key, secret_key=secret_key,
-            access_key_file=_write_secret(tmp_path / "access_key", access_key),
-            secret_key_file=_write_secret(tmp_path / "secret_key", secret_key),
-        )
-    finally:
-        server.stop(timeout=2)
 
 
 @pytest.fixture

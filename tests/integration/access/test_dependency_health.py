@@ -5,9 +5,6 @@ SERVING, and it comes back by itself."""
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -15,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.health import PREFIX
-from tests.fixtures.seaweed import S3Server, _write_secret, start_seaweed
+from tests.fixtures.seaweed import S3Server
 from tests.fixtures.service import DEFAULT_POLICY, RunningService
 from tests.integration.access.helpers import wait_for
 
@@ -24,20 +21,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 DEPENDENCIES = ("database", "object_store", "token")
-
-
-@pytest.fixture
-def own_s3(tmp_path: Path) -> Iterator[S3Server]:
-    access_key, secret_key = secrets.token_hex(10), secrets.token_hex(20)
-    server = start_seaweed(tmp_path / "seaweed", access_key, secret_key)
-    try:
-        yield S3Server(
-            server=server, access_key=access_key, secret_key=secret_key,
-            access_key_file=_write_secret(tmp_path / "access_key", access_key),
-            secret_key_file=_write_secret(tmp_path / "secret_key", secret_key),
-        )  # fmt: skip
-    finally:
-        server.stop(timeout=2)
 
 
 def _statuses(service: RunningService) -> dict[str, int]:

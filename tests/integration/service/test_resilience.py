@@ -26,7 +26,7 @@ from service._gen.medvault.v1 import records_pb2 as pb
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
 from storage.audit_log import audit_events
 from storage.sql_metadata import records
-from tests.fixtures.seaweed import S3Server, _write_secret, start_seaweed
+from tests.fixtures.seaweed import S3Server
 from tests.fixtures.service import ROOT, RunningService
 from tests.fixtures.softhsm import WRONG_PIN_TOKEN_LABEL, SoftHsmToken
 from tests.integration.service.calls import (
@@ -122,23 +122,6 @@ def test_200_mib_record_in_bounded_server_memory(
     growth = {"put": put_rss.growth_mib, "get": get_rss.growth_mib}
     report = ", ".join(f"{rpc} {mib:.0f} MiB" for rpc, mib in growth.items())
     assert max(growth.values()) < 100, f"server RSS grew beyond 100 MiB: {report}"
-
-
-@pytest.fixture
-def own_s3(tmp_path: Path) -> Iterator[S3Server]:
-    """A SeaweedFS of this test only, which it may stop and start again."""
-    access_key, secret_key = secrets.token_hex(10), secrets.token_hex(20)
-    server = start_seaweed(tmp_path / "seaweed", access_key, secret_key)
-    try:
-        yield S3Server(
-            server=server,
-            access_key=access_key,
-            secret_key=secret_key,
-            access_key_file=_write_secret(tmp_path / "access_key", access_key),
-            secret_key_file=_write_secret(tmp_path / "secret_key", secret_key),
-        )
-    finally:
-        server.stop(timeout=2)
 
 
 def _object_keys(s3: S3Server, bucket: str) -> list[str]:
