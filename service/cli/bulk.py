@@ -53,13 +53,26 @@ class Outcome:
     earlier: bool = False  # the server already had it (same request id): nothing new
 
 
+def _walk(folder: Path) -> list[Path]:
+    """The regular files under ``folder``, in order. A symbolic link met on the way is
+    not followed (a CD or folder from elsewhere could link to any file of this machine,
+    which would then be sent): it is named on stderr as skipped."""
+    found: list[Path] = []
+    for p in sorted(folder.rglob("*")):
+        if p.is_symlink():
+            print(f"skipped {p}: a symbolic link, not followed", file=sys.stderr)
+        elif p.is_file():
+            found.append(p)
+    return found
+
+
 def files_under(paths: Iterable[str]) -> list[Path]:
     """The files named and those under the folders named (recursively), in order."""
     found: list[Path] = []
     for name in paths:
         path = Path(name)
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+            found.extend(_walk(path))
         elif path.is_file():
             found.append(path)
         else:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 from typing import Any
 
 import pynetdicom
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.transport import ThreadedAssociationServer
 
 from service.config import Config, ConfigError
 from service.dicom import spool
@@ -70,6 +72,30 @@ def _application_entity(config: Config) -> AE:
     return ae
 
 
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's server with the TLS handshake moved out of the accepting thread.
+
+    pynetdicom wraps each accepted socket in the one thread that accepts, and the
+    accepted socket has no timeout: a peer that connects and sends nothing (no
+    certificate needed) held every later association off for good. Here the accepting
+    thread only accepts; the handshake runs in the connection's own thread, bounded by
+    the network timeout, and a failed handshake only closes that connection.
+    """
+
+    def get_request(self) -> tuple[Any, Any]:
+        return self.socket.accept()  # type: ignore[union-attr]
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            request.settimeout(self.ae.network_timeout)
+            tls = self.ssl_context.wrap_socket(request, server_side=True)  # type: ignore[union-attr]
+            tls.settimeout(None)  # as pynetdicom has it once associated
+        except (OSError, ValueError):
+            request.close()
+            return
+        super().process_request_thread(tls, client_address)
+
+
 class DicomListener:
     """The running DICOM service; ``stop`` closes the socket and its associations."""
 
@@ -103,14 +129,18 @@ class DicomListener:
                 f"{getattr(e, 'strerror', None) or type(e).__name__}"
             ) from e
         try:
-            self._server = self._ae.start_server(
-                (host.strip("[]"), int(port)), block=False, evt_handlers=handlers,
-                ssl_context=context,
+            self._server = self._ae.make_server(
+                (host.strip("[]"), int(port)), evt_handlers=handlers, ssl_context=context,
+                server_class=_Server,
             )  # fmt: skip
         except OSError as e:
             raise ConfigError(
                 f"[dicom] cannot listen on {self._config.dicom.listen}: {e.strerror}"
             ) from e
+        thread = threading.Thread(target=self._server.serve_forever, name="dicom-accept",
+                                  daemon=True)  # fmt: skip
+        thread.start()
+        self._ae._servers.append(self._server)  # so that AE.shutdown stops it too
         log.info("dicom serving", extra={"listen": self._config.dicom.listen, "port": self.port,
                                          "ae_title": self._config.dicom.ae_title})  # fmt: skip
         return self.port

@@ -9,8 +9,10 @@ PYTEST_DONT_REWRITE: failures name fields, statuses and counts, never identifier
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import socket
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -428,3 +430,29 @@ def test_echoscu_over_tls(w: World) -> None:
     wrong_title = run(["echoscu", *w.reader.tls(), "-aet", "VIEWER", "-aec", "NOTMEDVAULT",
                        "127.0.0.1", str(w.port)])
     assert wrong_title.returncode != 0, "an association to another AE title was accepted"
+
+
+def test_a_silent_connection_does_not_hold_the_listener(w: World) -> None:
+    """Anyone who can reach the port (no certificate needed) opens TCP connections and
+    sends nothing. The TLS handshake must not run in the one thread that accepts: while
+    the silent connections are still open, a modality still associates and echoes."""
+    silent = [socket.create_connection(("127.0.0.1", w.port), timeout=30) for _ in range(3)]
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+        ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 20
+        assoc = ae.associate("127.0.0.1", w.port, ae_title=AE_TITLE,
+                             tls_args=(w.modality.context(), None))
+        try:
+            assert assoc.is_established, "a silent connection blocked the listener"
+            status = assoc.send_c_echo()
+            assert status.Status == 0x0000, "C-ECHO failed"
+        finally:
+            assoc.release()
+        for s in silent:  # still held open by the peer: the check above was not after
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                assert s.recv(1) != b"", "a silent connection was closed before the check"
+    finally:
+        for s in silent:
+            s.close()

@@ -174,3 +174,27 @@ def test_import_dicom_refuses_instances_of_another_patient(
     outcomes = sorted((w.outcome == "allowed", w.status) for w in writes)
     assert outcomes == [(False, "INVALID_ARGUMENT"), (True, "")], (
         "the mismatch is not audited as a refused write")
+
+
+def test_import_dicom_of_a_folder_does_not_follow_a_symbolic_link_out_of_it(
+    medvault_service: RunningService, tmp_path: Path
+) -> None:
+    """A folder (a USB stick, an unpacked CD) links to a file elsewhere on the machine:
+    the link is named as skipped and the file it points at is not read or sent."""
+    patient = new_patient().id
+    folder, elsewhere = tmp_path / "stick", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    (folder / "img1").write_bytes(content.dicom(patient, AUTHORITY))
+    outside = elsewhere / "img2"
+    outside.write_bytes(content.dicom(patient, AUTHORITY))
+    (folder / "img2").symlink_to(outside)
+    (folder / "sub").symlink_to(elsewhere, target_is_directory=True)
+
+    result = _cli(medvault_service, "import-dicom", str(folder))
+
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-300:]}"
+    assert "stored 1, already stored 0, refused 0" in result.stdout, "a link was followed"
+    assert f"skipped {folder / 'img2'}: a symbolic link, not followed" in result.stderr, (
+        "the link is not named as skipped")
+    assert len(_listed(medvault_service, patient)) == 1, "the linked file was stored"
