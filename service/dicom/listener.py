@@ -8,6 +8,7 @@ Received instances are spooled to a temporary file by pynetdicom, not held in me
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import ssl
 import threading
@@ -21,7 +22,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from service.config import Config, ConfigError
 from service.dicom import spool
-from service.dicom.identity import server_context
+from service.dicom.identity import call_facts, server_context
 from service.dicom.scp import DimseHandlers
 from service.guard import AccessGuard
 from storage import RecordStore
@@ -96,6 +97,57 @@ class _Server(ThreadedAssociationServer):
         super().process_request_thread(tls, client_address)
 
 
+class _PeerShares:
+    """Associations held per client certificate: one certificate may hold at most a
+    quarter of ``max_associations`` (at least one), so a single peer (any certificate
+    of the client CA, with or without a role) cannot take every association and keep
+    them alive with C-ECHOs. An association over its certificate's share is aborted as
+    it opens, and logged with the certificate's CN (no patient data)."""
+
+    def __init__(self, max_associations: int) -> None:
+        self.share = max(1, max_associations // 4)
+        self._held: dict[bytes, int] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(assoc: Any) -> bytes | None:
+        sock = getattr(getattr(assoc.dul, "socket", None), "socket", None)
+        der = sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
+        return hashlib.sha256(der).digest() if der else None
+
+    def on_open(self, event: Any) -> None:
+        key = self._key(event.assoc)
+        if key is None:
+            return
+        with self._lock:
+            held = self._held.get(key, 0)
+            if held >= self.share:
+                over = True
+            else:
+                over = False
+                self._held[key] = held + 1
+        event.assoc._medvault_share = None if over else key
+        if over:
+            facts = call_facts(event.assoc, "dicom.association")
+            names = facts.auth_context.get("x509_common_name") or [b"?"]
+            log.warning("dicom association over its certificate's share; aborted",
+                        extra={"peer_cn": names[0].decode(errors="replace"),
+                               "share": self.share})  # fmt: skip
+            event.assoc.abort()
+
+    def on_close(self, event: Any) -> None:
+        key = getattr(event.assoc, "_medvault_share", None)
+        if key is None:
+            return
+        event.assoc._medvault_share = None
+        with self._lock:
+            left = self._held.get(key, 1) - 1
+            if left > 0:
+                self._held[key] = left
+            else:
+                self._held.pop(key, None)
+
+
 class DicomListener:
     """The running DICOM service; ``stop`` closes the socket and its associations."""
 
@@ -104,6 +156,7 @@ class DicomListener:
         self._handlers = DimseHandlers(store, guard, config.dicom.max_instance_size)
         spool.install(config.dicom.max_instance_size)
         self._ae = _application_entity(config)
+        self._shares = _PeerShares(config.dicom.max_associations)
         self._server: Any = None
 
     @property
@@ -120,6 +173,10 @@ class DicomListener:
             (evt.EVT_C_STORE, self._handlers.on_store),
             (evt.EVT_C_FIND, self._handlers.on_find),
             (evt.EVT_C_GET, self._handlers.on_get),
+            (evt.EVT_ACCEPTED, self._shares.on_open),
+            (evt.EVT_RELEASED, self._shares.on_close),
+            (evt.EVT_ABORTED, self._shares.on_close),
+            (evt.EVT_CONN_CLOSE, self._shares.on_close),
         ]
         try:
             context = server_context(tls.cert, tls.key, tls.client_ca)

@@ -14,6 +14,7 @@ import io
 import os
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -456,3 +457,42 @@ def test_a_silent_connection_does_not_hold_the_listener(w: World) -> None:
     finally:
         for s in silent:
             s.close()
+
+
+def test_one_certificate_cannot_hold_every_association(w: World) -> None:
+    """Attack (cold review): any certificate of the client CA opened all 16 associations
+    and kept them alive with C-ECHOs, and no modality could connect. One certificate now
+    holds at most a quarter of them; another certificate still associates."""
+
+    def associate(peer: Peer) -> Any:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+        ae.acse_timeout = ae.connection_timeout = 20
+        ae.network_timeout = 120  # the client itself never gives up during the test
+        return ae.associate("127.0.0.1", w.port, ae_title=AE_TITLE,
+                            tls_args=(peer.context(), None))  # fmt: skip
+
+    share = 16 // 4  # the default max_associations, a quarter per certificate
+    held = [associate(w.stranger) for _ in range(share)]
+    try:
+        assert all(a.is_established for a in held), "the share itself was refused"
+        extra = associate(w.stranger)
+        # Aborted by the service as it opens (the client would wait 120 s on its own).
+        deadline = time.monotonic() + 10
+        while extra.is_established and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not extra.is_established, "a certificate held more than its share"
+        other = associate(w.modality)
+        try:
+            assert other.is_established, "another certificate was locked out"
+            assert other.send_c_echo().Status == 0x0000
+        finally:
+            other.release()
+    finally:
+        for a in held:
+            a.release()
+    again = associate(w.stranger)  # released associations give the share back
+    try:
+        assert again.is_established, "a released association was not counted down"
+    finally:
+        again.release()
