@@ -22,7 +22,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from service.config import Config, ConfigError
 from service.dicom import spool
-from service.dicom.identity import call_facts, server_context
+from service.dicom.identity import ECHO, call_facts, server_context
 from service.dicom.scp import DimseHandlers
 from service.guard import AccessGuard
 from storage import RecordStore
@@ -104,8 +104,9 @@ class _PeerShares:
     them alive with C-ECHOs. An association over its certificate's share is aborted as
     it opens, and logged with the certificate's CN (no patient data)."""
 
-    def __init__(self, max_associations: int) -> None:
+    def __init__(self, max_associations: int, guard: AccessGuard) -> None:
         self.share = max(1, max_associations // 4)
+        self._guard = guard
         self._held: dict[bytes, int] = {}
         self._lock = threading.Lock()
 
@@ -128,12 +129,21 @@ class _PeerShares:
                 self._held[key] = held + 1
         event.assoc._medvault_share = None if over else key
         if over:
-            facts = call_facts(event.assoc, "dicom.association")
-            names = facts.auth_context.get("x509_common_name") or [b"?"]
-            log.warning("dicom association over its certificate's share; aborted",
-                        extra={"peer_cn": names[0].decode(errors="replace"),
-                               "share": self.share})  # fmt: skip
             event.assoc.abort()
+            self._audit_refusal(event.assoc)
+
+    def _audit_refusal(self, assoc: Any) -> None:
+        """One denied event under the certificate's principal (entering as a C-ECHO
+        would: a principal the policy refuses is audited by the guard itself)."""
+        try:
+            call = self._guard.enter(call_facts(assoc, ECHO))
+            self._guard.audit(
+                call, "dicom/association", outcome="denied", status="RESOURCE_EXHAUSTED",
+                reason=f"over the certificate's share of {self.share} DICOM associations",
+            )  # fmt: skip
+        except Exception as e:  # noqa: BLE001  (refused or unaudited: the abort stands)
+            log.warning("dicom association over its share; aborted",
+                        extra={"share": self.share, "error": type(e).__name__})  # fmt: skip
 
     def on_close(self, event: Any) -> None:
         key = getattr(event.assoc, "_medvault_share", None)
@@ -156,7 +166,7 @@ class DicomListener:
         self._handlers = DimseHandlers(store, guard, config.dicom.max_instance_size)
         spool.install(config.dicom.max_instance_size)
         self._ae = _application_entity(config)
-        self._shares = _PeerShares(config.dicom.max_associations)
+        self._shares = _PeerShares(config.dicom.max_associations, guard)
         self._server: Any = None
 
     @property

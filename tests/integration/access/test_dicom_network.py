@@ -482,6 +482,10 @@ def test_one_certificate_cannot_hold_every_association(w: World) -> None:
         while extra.is_established and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not extra.is_established, "a certificate held more than its share"
+        refusals = [e for e in events(w.officer, outcome=aupb.OUTCOME_DENIED)
+                    if e.resource == "dicom/association"]  # fmt: skip
+        assert refusals, "the refused association was not audited"
+        assert refusals[-1].status == "RESOURCE_EXHAUSTED"
         other = associate(w.modality)
         try:
             assert other.is_established, "another certificate was locked out"
