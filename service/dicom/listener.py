@@ -108,6 +108,7 @@ class _PeerShares:
         self.share = max(1, max_associations // 4)
         self._guard = guard
         self._held: dict[bytes, int] = {}
+        self._counted: dict[int, bytes] = {}  # id(association) -> its certificate's key
         self._lock = threading.Lock()
 
     @staticmethod
@@ -122,12 +123,10 @@ class _PeerShares:
             return
         with self._lock:
             held = self._held.get(key, 0)
-            if held >= self.share:
-                over = True
-            else:
-                over = False
+            over = held >= self.share
+            if not over:
                 self._held[key] = held + 1
-        event.assoc._medvault_share = None if over else key
+                self._counted[id(event.assoc)] = key
         if over:
             event.assoc.abort()
             self._audit_refusal(event.assoc)
@@ -146,11 +145,10 @@ class _PeerShares:
                         extra={"share": self.share, "error": type(e).__name__})  # fmt: skip
 
     def on_close(self, event: Any) -> None:
-        key = getattr(event.assoc, "_medvault_share", None)
-        if key is None:
-            return
-        event.assoc._medvault_share = None
         with self._lock:
+            key = self._counted.pop(id(event.assoc), None)  # counted down once
+            if key is None:
+                return
             left = self._held.get(key, 1) - 1
             if left > 0:
                 self._held[key] = left
@@ -207,7 +205,9 @@ class DicomListener:
         thread = threading.Thread(target=self._server.serve_forever, name="dicom-accept",
                                   daemon=True)  # fmt: skip
         thread.start()
-        self._ae._servers.append(self._server)  # so that AE.shutdown stops it too
+        # AE.shutdown stops (and aborts the associations of) the servers it knows; a
+        # server made by make_server is not registered, and pynetdicom has no public way.
+        self._ae._servers.append(self._server)
         log.info("dicom serving", extra={"listen": self._config.dicom.listen, "port": self.port,
                                          "ae_title": self._config.dicom.ae_title})  # fmt: skip
         return self.port

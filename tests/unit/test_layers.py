@@ -32,6 +32,7 @@ VENDOR_PRIVATE = {
     "_SubParsersAction",  # argparse: the type of add_subparsers(), no public alias
     "_base_url",  # minio: the endpoint for error messages, no public accessor
     "_config",  # pynetdicom._config: the library's documented settings module
+    "_servers",  # pynetdicom AE: registering a server made by make_server, no public way
 }
 
 
