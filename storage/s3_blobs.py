@@ -49,24 +49,25 @@ def make_minio_client(
     secret_key: str,
     secure: bool = False,
     ca_file: str | None = None,
+    *,
+    read_timeout: float = 30.0,
+    retry: bool = True,
 ) -> Minio:
     """A minio client whose HTTP pool reports an outage within seconds, not minutes.
 
     The SDK's default pool waits five minutes to connect and retries five times; a
-    record write would hang that long when the object store is down.
+    record write would hang that long when the object store is down. A probe (is the
+    server up yet?) passes a short ``read_timeout`` and ``retry=False``.
     """
+    retries = urllib3.Retry(
+        total=2, connect=1, read=1, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
+    ) if retry else False  # fmt: skip
     http = urllib3.PoolManager(
-        timeout=urllib3.Timeout(connect=2.0, read=30.0),
+        timeout=urllib3.Timeout(connect=2.0, read=read_timeout),
         maxsize=10,
         cert_reqs="CERT_REQUIRED" if secure else "CERT_NONE",
         ca_certs=ca_file,
-        retries=urllib3.Retry(
-            total=2,
-            connect=1,
-            read=1,
-            backoff_factor=0.2,
-            status_forcelist=[500, 502, 503, 504],
-        ),
+        retries=retries,
     )
     # A fixed region spares a GetBucketLocation round trip before the first request.
     return Minio(

@@ -23,11 +23,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import urllib3
-from minio import Minio
-
 from service.localstack.ca import private_opener as _private_opener
 from service.localstack.ca import write_private
+from storage import make_minio_client
 
 # weed serves gRPC on every HTTP port + 10000 unless told otherwise.
 _GRPC_OFFSET = 10000
@@ -320,7 +318,11 @@ class SeaweedServer:
 
     def _wait_ready(self, timeout: float) -> None:
         """Poll S3 ``ListBuckets`` until it succeeds, the process dies or time runs out."""
-        client = _readiness_client(self.endpoint, self._access_key, self._secret_key)
+        # A silent listener on the port must not hold the probe for the service
+        # client's 30 s read timeout while weed has long exited.
+        client = make_minio_client(
+            self.endpoint, self._access_key, self._secret_key, read_timeout=2.0, retry=False
+        )
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
@@ -360,25 +362,6 @@ _BIND_FAILURE = re.compile(r"listen tcp [0-9.]+:(\d+): bind: " + _ADDRESS_IN_USE
 def _ports_in_use(log: str) -> set[int]:
     """The ports weed's log says it could not bind because they were taken."""
     return {int(port) for port in _BIND_FAILURE.findall(log)}
-
-
-def _readiness_client(endpoint: str, access_key: str, secret_key: str) -> Minio:
-    """A client for the start-up probe: no retries and a 2 s read timeout.
-
-    A port taken by something that accepts but never answers must not hold the probe
-    for the service client's 30 s read timeout, while weed has long exited.
-    """
-    http = urllib3.PoolManager(
-        timeout=urllib3.Timeout(connect=1.0, read=2.0), retries=False, maxsize=1
-    )
-    return Minio(
-        endpoint,
-        access_key=access_key,
-        secret_key=secret_key,
-        secure=False,
-        region="us-east-1",
-        http_client=http,
-    )
 
 
 def _poll_until(deadline: float, interval: float = 0.1) -> Iterator[None]:

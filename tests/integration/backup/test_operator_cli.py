@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from tests.fixtures.databases import new_database
 from tests.fixtures.service import RunningService, TlsFiles
-from tests.integration.access.conftest import new_database
 from tests.integration.access.helpers import (
     client,
     engine_for,

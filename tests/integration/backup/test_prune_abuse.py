@@ -21,8 +21,8 @@ import sqlalchemy as sa
 from service._gen.medvault.v1 import backup_pb2 as bpb
 from service._gen.medvault.v1 import backup_pb2_grpc as bpb_grpc
 from storage.backup.manifest import OBJECTS_PREFIX, RUNS_PREFIX
+from tests.fixtures.databases import new_database
 from tests.fixtures.service import RunningService, TlsFiles
-from tests.integration.access.conftest import new_database
 from tests.integration.access.helpers import (
     TIMEOUT,
     Client,
