@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import sqlalchemy as sa
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -151,17 +152,8 @@ async def create_server(
     stats_pb2_grpc.add_StatsServiceServicer_to_server(StatsServicer(app.stats, app.access), server)
     health_servicer = health.aio.HealthServicer()  # the package's public alias
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (
-        records_pb2.DESCRIPTOR.services_by_name["RecordService"].full_name,
-        access_pb2.DESCRIPTOR.services_by_name["AccessService"].full_name,
-        audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
-        signing_pb2.DESCRIPTOR.services_by_name["SigningService"].full_name,
-        keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name,
-        backup_pb2.DESCRIPTOR.services_by_name["BackupService"].full_name,
-        stats_pb2.DESCRIPTOR.services_by_name["StatsService"].full_name,
-        health.SERVICE_NAME,
-        reflection.SERVICE_NAME,
-    )
+    services = [service.full_name for service in _medvault_services()]
+    names = (*services, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
     try:
         if config.tls.enabled:
@@ -176,7 +168,7 @@ async def create_server(
             f"[server] cannot listen on {config.server.listen} (port taken or address invalid)"
         )
     await server.start()
-    for name in ("", *names[:7]):
+    for name in ("", *services):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     prober = asyncio.create_task(probe_forever(
         health_servicer, dependency_probes(components), config.server.health_probe_seconds
@@ -219,9 +211,9 @@ class ContextExecutor(futures.ThreadPoolExecutor):
         return super().submit(contextvars.copy_context().run, fn, *args, **kwargs)
 
 
-def _registered_methods() -> frozenset[str]:
-    """Every ``/package.Service/Method`` this server registers (the metrics' labels)."""
-    services = [
+def _medvault_services() -> list[ServiceDescriptor]:
+    """The medvault services this server registers, from their generated descriptors."""
+    return [
         module.DESCRIPTOR.services_by_name[name]
         for module, name in (
             (records_pb2, "RecordService"), (access_pb2, "AccessService"),
@@ -230,7 +222,11 @@ def _registered_methods() -> frozenset[str]:
             (stats_pb2, "StatsService"),
         )
     ]  # fmt: skip
-    methods = {f"/{s.full_name}/{m.name}" for s in services for m in s.methods}
+
+
+def _registered_methods() -> frozenset[str]:
+    """Every ``/package.Service/Method`` this server registers (the metrics' labels)."""
+    methods = {f"/{s.full_name}/{m.name}" for s in _medvault_services() for m in s.methods}
     methods |= {f"/{health.SERVICE_NAME}/Check", f"/{health.SERVICE_NAME}/Watch"}
     return frozenset(methods)
 
