@@ -364,8 +364,10 @@ class MllpListener:
             # The loop is closing (shutdown past the grace). Not re-raised: Python 3.11's
             # stream protocol logs a cancelled client task as an error.
             pass
-        except Exception as e:  # this connection only; the listener stays
-            log.exception("mllp connection failed", extra={"error": type(e).__name__})
+        except Exception as e:  # noqa: BLE001  (this connection only; the listener stays)
+            # The type only, no traceback: an error raised while reading a message may
+            # quote it (as trail.py does for database errors).
+            log.error("mllp connection failed", extra={"error": type(e).__name__})  # noqa: TRY400
         finally:
             del self._connections[task]
             writer.close()
