@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from service.cli.health_cmd import probe_parser
 from service.cli.main import parser
 from service.config import Config
 
@@ -72,6 +73,19 @@ def env_read_by_service(config: Config) -> set[str]:
 def cli_args(argv: list[str]) -> Any:
     """``argv`` (after ``medvault``) parsed by the real CLI parser; SystemExit if unknown."""
     return parser().parse_args(argv)
+
+
+PROBE_MODULE = ["python", "-m", "service.cli.health_cmd"]
+
+
+def probe_args(command: list[str]) -> Any:
+    """A health probe's command parsed: ``medvault health ...`` or the module alone."""
+    if command[: len(PROBE_MODULE)] == PROBE_MODULE:
+        return probe_parser().parse_args(command[len(PROBE_MODULE) :])
+    assert command[0] == "medvault", command
+    args = cli_args(command[1:])
+    assert args.command == "health", command
+    return args
 
 
 def under(path: str, folders: set[str]) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from service.cli.health_cmd import cmd_health
 from service.config import Config, load
 from tests.unit.deploy.manifests import (
     DEPLOY,
@@ -23,6 +24,7 @@ from tests.unit.deploy.manifests import (
     config_paths,
     env_read_by_service,
     load_yaml,
+    probe_args,
     under,
 )
 
@@ -93,8 +95,8 @@ def test_replicas_run_the_real_serve_command_on_the_mounted_config(
         assert mounts[args.config] == "config medvault_config"
         assert compose["configs"]["medvault_config"]["file"] == "./config.toml"
         probe = service["healthcheck"]["test"]
-        assert probe[:2] == ["CMD", "medvault"]
-        assert cli_args(probe[2:]).command == "health"
+        assert probe[0] == "CMD"
+        assert probe_args(probe[1:]).func is cmd_health
 
 
 def test_every_file_the_config_names_is_mounted(compose: dict[str, Any], config: Config) -> None:

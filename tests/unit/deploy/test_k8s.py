@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import PurePosixPath
 from typing import Any
 
 import pytest
 import yaml
 
-from service.cli.health_cmd import DEPENDENCIES
+from service.cli.health_cmd import DEPENDENCIES, cmd_health
 from service.config import Config, load
 from tests.unit.deploy.manifests import (
     DEPLOY,
@@ -19,6 +20,7 @@ from tests.unit.deploy.manifests import (
     env_read_by_service,
     image_files,
     load_yaml,
+    probe_args,
     under,
 )
 
@@ -145,14 +147,19 @@ def test_environment_and_secrets_are_what_the_service_reads(
 
 def test_probes_run_the_health_command(pod: dict[str, Any]) -> None:
     """Kubernetes' grpc probe cannot present a client certificate: the probes run
-    ``medvault health``, naming only services the health service answers for."""
+    ``medvault health`` (as a module), naming only services the health service answers."""
     (container,) = pod["containers"]
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        command = container[probe]["exec"]["command"]
-        assert command[0] == "medvault"
-        args = cli_args(command[1:])
-        assert args.command == "health"
+        args = probe_args(container[probe]["exec"]["command"])
+        assert args.func is cmd_health
         assert set(args.service) <= set(DEPENDENCIES), probe
+        assert container[probe]["timeoutSeconds"] > args.timeout  # the call's own deadline
+    run = subprocess.run(
+        [sys.executable, "-m", "service.cli.health_cmd", "--help"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "--dependencies" in run.stdout
 
 
 def test_pod_is_locked_down_and_sized(pod: dict[str, Any]) -> None:
