@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 import yaml
 
 from service.cli.health_cmd import probe_parser
@@ -86,6 +87,20 @@ def probe_args(command: list[str]) -> Any:
     args = cli_args(command[1:])
     assert args.command == "health", command
     return args
+
+
+def assert_production(config: Config) -> None:
+    """What a production config must have: mutual TLS, audit, PostgreSQL without a
+    password in the URL, a write-once witness, and no test-only switch."""
+    assert config.tls.enabled
+    assert config.audit.enabled
+    assert config.audit.witness_bucket or config.audit.witness_file
+    assert config.database.url.startswith("postgresql+psycopg://")
+    assert sa.make_url(config.database.url).password is None  # libpq's env or file
+    assert not config.backup.schedule_seconds
+    assert not config.backup.drill_schedule_seconds
+    assert config.backup.schedule
+    assert config.server.listen.startswith("0.0.0.0:")
 
 
 def under(path: str, folders: set[str]) -> bool:

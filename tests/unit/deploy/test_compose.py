@@ -20,6 +20,7 @@ from service.cli.health_cmd import cmd_health
 from service.config import Config, load
 from tests.unit.deploy.manifests import (
     DEPLOY,
+    assert_production,
     cli_args,
     config_paths,
     env_read_by_service,
@@ -110,11 +111,8 @@ def test_every_file_the_config_names_is_mounted(compose: dict[str, Any], config:
         assert mounts[str(PurePosixPath(config.keystore.module).parent)] == "volume"
         assert config.keystore.pin_file.startswith("/run/secrets/")
         assert "secret" in mounts[config.tls.key]
-    assert config.tls.enabled
-    assert config.audit.enabled
-    assert config.database.url.startswith("postgresql+psycopg://")
+    assert_production(config)
     assert "@postgres:" in config.database.url
-    assert ":@" not in config.database.url
     assert config.s3.endpoint.split(":")[0] in compose["services"]
 
 

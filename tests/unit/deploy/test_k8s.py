@@ -15,6 +15,7 @@ from service.cli.health_cmd import DEPENDENCIES, cmd_health
 from service.config import Config, load
 from tests.unit.deploy.manifests import (
     DEPLOY,
+    assert_production,
     cli_args,
     config_paths,
     env_read_by_service,
@@ -115,10 +116,7 @@ def test_every_file_the_config_names_is_mounted(pod: dict[str, Any], config: Con
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert int(config.server.listen.rsplit(":", 1)[1]) == ports["grpc"]
     assert int(config.server.metrics_listen.rsplit(":", 1)[1]) == ports["metrics"]
-    assert config.tls.enabled
-    assert config.audit.enabled
-    assert config.database.url.startswith("postgresql+psycopg://")
-    assert ":@" not in config.database.url
+    assert_production(config)
 
 
 def test_environment_and_secrets_are_what_the_service_reads(

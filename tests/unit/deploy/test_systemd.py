@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from service.config import load
-from tests.unit.deploy.manifests import DEPLOY, cli_args, config_paths, under
+from tests.unit.deploy.manifests import DEPLOY, assert_production, cli_args, config_paths, under
 
 UNITS = DEPLOY / "systemd"
 MEDVAULT = Path(sys.executable).with_name("medvault")
@@ -76,9 +76,7 @@ def test_every_credential_the_config_names_is_loaded(
     env = dict(e.split("=", 1) for e in d["Environment"])
     assert env["PGPASSFILE"] == "%d/pgpass"
     assert "pgpass" in loaded
-    assert config.database.url.startswith("postgresql+psycopg://")
-    assert ":@" not in config.database.url
-    assert "password" not in config.database.url
+    assert_production(config)
     # What the service writes lies in the unit's writable paths.
     writable = {_instance(UNITS / name, p) for p in d["ReadWritePaths"]}
     if config.audit.witness_file and "@" not in name:
