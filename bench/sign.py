@@ -17,8 +17,10 @@ and grants dr-lan. Then, in one run and against the same record, as dr-lan:
 3. the service is stopped, and this process signs SHA-256 digests with ``CKM_ECDSA``
    on the same key with python-pkcs11 in a tight loop (the token's speed).
 
-``--profile DIR`` records the service with ``py-spy`` during the many-client SignRecord
-phase (``DIR/sign.svg``, ``DIR/sign.txt`` and ``DIR/sign-summary.txt``).
+Each phase also reports the service's CPU time per call (``/proc``), the figure that
+a busy shared machine disturbs least. ``--profile DIR`` records the service with
+``py-spy`` during the many-client SignRecord phase (``DIR/sign.svg``, ``DIR/sign.txt``
+and ``DIR/sign-summary.txt``).
 
 Targets (issue 12), printed PASS/MISS: SignRecord at ``--clients`` (8) clients
 >= 300 signatures/s; its p50 <= 3 x GetRecord's p50 at the same concurrency (the 1-client
@@ -107,14 +109,21 @@ def _get_call(record_id: str) -> Callable[[grpc.Channel], Callable[[], object]]:
     return bind
 
 
+def _cpu(pid: str) -> float:
+    """User + system CPU seconds of the service process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(
     stack: LocalStack,
     bind: Callable[[grpc.Channel], Callable[[], object]],
     clients: int,
     seconds: float,
     during: Callable[[], None] | None = None,
-) -> tuple[float, float]:
-    """Calls per second and p50 latency (seconds) over ``clients`` threads."""
+) -> tuple[float, float, float]:
+    """Calls per second, p50 latency and service CPU per call (seconds) over
+    ``clients`` threads."""
     latencies: list[list[float]] = [[] for _ in range(clients)]
     measuring, stop = threading.Event(), threading.Event()
     ready = threading.Barrier(clients + 1)
@@ -138,16 +147,17 @@ def measure(
     time.sleep(0.5)
     if during is not None:
         during()
+    pid = stack.layout.service_pid.read_text().strip()
     measuring.set()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu(pid)
     time.sleep(seconds)
     measuring.clear()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, _cpu(pid) - cpu
     stop.set()
     for t in threads:
         t.join()
     every = [x for per in latencies for x in per]
-    return len(every) / elapsed, statistics.median(every)
+    return len(every) / elapsed, statistics.median(every), cpu / max(len(every), 1)
 
 
 def pkcs11_rate(stack: LocalStack, seconds: float) -> float:
@@ -217,11 +227,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stack.down()
     bare = pkcs11_rate(stack, ns.seconds)
-    ms = 1000.0
-    print(f"GetRecord  4 KiB, 1 client:   {get1[0]:8.1f}/s  p50 {get1[1] * ms:6.2f} ms")
-    print(f"GetRecord  4 KiB, {n} clients:  {getn[0]:8.1f}/s  p50 {getn[1] * ms:6.2f} ms")
-    print(f"SignRecord 4 KiB, 1 client:   {sign1[0]:8.1f}/s  p50 {sign1[1] * ms:6.2f} ms")
-    print(f"SignRecord 4 KiB, {n} clients:  {signn[0]:8.1f}/s  p50 {signn[1] * ms:6.2f} ms")
+    for what, (rate, p50, cpu) in (
+        ("GetRecord  4 KiB, 1 client: ", get1), (f"GetRecord  4 KiB, {n} clients:", getn),
+        ("SignRecord 4 KiB, 1 client: ", sign1), (f"SignRecord 4 KiB, {n} clients:", signn),
+    ):  # fmt: skip
+        print(f"{what} {rate:8.1f}/s  p50 {p50 * 1e3:6.2f} ms  service CPU {cpu * 1e3:5.2f} ms")
     print(f"bare python-pkcs11 CKM_ECDSA loop (1 thread): {bare:8.1f}/s")
     print(f"SignRecord / bare token loop: {signn[0] / bare:.3f}x ({n} clients), "
           f"{sign1[0] / bare:.3f}x (1 client)")  # fmt: skip
