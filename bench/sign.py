@@ -180,8 +180,11 @@ def pkcs11_rate(stack: LocalStack, seconds: float) -> float:
         return done / (time.perf_counter() - start)
 
 
-def _profiler(stack: LocalStack, out: Path, seconds: float) -> tuple[Callable[[], None], list]:
-    """A starter for py-spy on the service (flame graph and collapsed stacks)."""
+def _profiler(
+    stack: LocalStack, out: Path, seconds: float, gil: bool
+) -> tuple[Callable[[], None], list]:
+    """A starter for py-spy on the service (flame graph and collapsed stacks); with
+    ``gil``, only the thread holding the GIL is sampled (where Python's CPU goes)."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     pid = stack.layout.service_pid.read_text().strip()
     runs: list[subprocess.Popen[bytes]] = []
@@ -192,7 +195,7 @@ def _profiler(stack: LocalStack, out: Path, seconds: float) -> tuple[Callable[[]
             runs.append(subprocess.Popen(
                 [spy, "record", "--pid", pid, "--rate", "200", "--duration",
                  str(int(seconds)), "--format", fmt, "--output", str(out / "sign") + suffix,
-                 "--nonblocking"],
+                 "--nonblocking", *(["--gil"] if gil else [])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             ))  # fmt: skip
 
@@ -210,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--home", type=Path, default=None)
     parser.add_argument("--profile", type=Path, default=None, help="py-spy output directory")
+    parser.add_argument("--gil", action="store_true", help="profile the GIL holder only")
     ns = parser.parse_args(argv)
     home = ns.home or Path(tempfile.mkdtemp(prefix="medvault-sign-bench-"))
     stack = LocalStack(home, report=lambda line: print(f"  [stack] {line}", flush=True))
@@ -220,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         get1 = measure(stack, _get_call(record_id), 1, ns.seconds)
         getn = measure(stack, _get_call(record_id), n, ns.seconds)
         sign1 = measure(stack, _sign_call(record_id), 1, ns.seconds)
-        start, runs = (None, []) if ns.profile is None else _profiler(stack, ns.profile, ns.seconds)
+        start, runs = (
+            (None, []) if ns.profile is None else _profiler(stack, ns.profile, ns.seconds, ns.gil)
+        )
         signn = measure(stack, _sign_call(record_id), n, ns.seconds, during=start)
         for run in runs:
             run.wait(timeout=ns.seconds + 60)
