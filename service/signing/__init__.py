@@ -176,7 +176,8 @@ class DocumentSigning:
         identity = self.identity(name)  # before any read: an unusable signer reads nothing
         # The content is not read again: the verified row's SHA-256 was sealed under the
         # record's token-wrapped key by the put that hashed and encrypted this content,
-        # bound to this record id and version (docs/signatures.md, "What is signed").
+        # bound to this record id and version (docs/signatures.md, "Why the stored digest
+        # may be signed without reading the content").
         signed = self._signatures.open(record_id, version, admit=admit, content=False)
         signing_time = datetime.now(UTC).replace(microsecond=0)
         p7s = identity.cades.sign(signed.info.sha256, signing_time)

@@ -186,15 +186,3 @@ class CadesSigner:
         )  # fmt: skip
         signed_data = _tlv(_SEQUENCE, self._signed_data_head, _tlv(_SET, signer_info))
         return _tlv(_SEQUENCE, _SIGNED_DATA_TYPE, _tlv(_CONTEXT_0, signed_data))
-
-
-def sign_digest(
-    key_signer: KeySigner,
-    certificate_der: bytes,
-    content_sha256: bytes,
-    signing_time: datetime,
-    chain: Iterable[bytes] = (),
-) -> bytes:
-    """A detached CAdES-BES ``.p7s`` for a one-off signature (prefer a kept
-    :class:`CadesSigner` when one signer signs many times)."""
-    return CadesSigner(key_signer, certificate_der, chain).sign(content_sha256, signing_time)
