@@ -5,6 +5,7 @@ pytest_plugins = [
     "tests.fixtures.seaweed",
     "tests.fixtures.databases",
     "tests.fixtures.service",
+    "tests.fixtures.private_postgres",
 ]
 
 
