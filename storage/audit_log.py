@@ -424,7 +424,12 @@ def _translated(engine: Engine) -> Iterator[None]:
     except _OUTAGES as e:
         # The database cannot be written now (unreachable, locked, read-only): every
         # caller fails closed, and retrying event by event would only wait longer.
-        where = "local SQLite file" if engine.dialect.name == "sqlite" else engine.url.host
+        url = engine.url
+        where = (
+            "local SQLite file"
+            if engine.dialect.name == "sqlite"
+            else f"{url.host or 'localhost'}:{url.port or 'default port'}"
+        )
         name = type(e.orig).__name__ if isinstance(e, exc.DBAPIError) else type(e).__name__
         raise BackendUnavailableError(
             f"audit database unavailable at {where} ({name}); retry later"
