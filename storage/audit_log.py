@@ -36,7 +36,7 @@ from storage.audit_model import (
     chain_hash,
 )
 from storage.errors import BackendUnavailableError, InvalidRecordError, StorageError
-from storage.sql_metadata import from_db_time, metadata
+from storage.sql_metadata import connect, from_db_time, metadata
 
 T = TypeVar("T")
 
@@ -357,12 +357,13 @@ class SqlAuditLog:
 
     def _run(self, fn: Callable[[Connection], T], *, write: bool = False) -> T:
         """Run ``fn`` in one transaction (committed if ``write``), translating errors."""
-        with _translated(self._engine):
+        # Connected apart: a failure to connect is DatabaseUnreachableError (nothing
+        # sent, so a put's object can go at once), unlike a connection lost later.
+        with _translated(self._engine), connect(self._engine, "audit database") as connection:
             if write:
-                with self._engine.begin() as connection:
+                with connection.begin():
                     return fn(connection)
-            with self._engine.connect() as connection:
-                return fn(connection)
+            return fn(connection)
 
 
 # Built once: statement construction showed up in profiles of the audit writer.

@@ -23,7 +23,7 @@ from service.audit.checkpoints import make_checkpoint
 from service.audit.trail import AuditTrail, _Item
 from storage.audit_log import Pending, SqlAuditLog
 from storage.audit_model import AuditEntry
-from storage.errors import BackendUnavailableError, RecordConflictError
+from storage.errors import BackendUnavailableError, DatabaseUnreachableError, RecordConflictError
 from storage.sql_metadata import make_engine
 from tests.fixtures.service import free_port
 from tests.integration.storage.test_audit_log import (  # noqa: F401  (fixtures)
@@ -209,7 +209,7 @@ def test_an_unreachable_database_is_named_by_host_and_port() -> None:
     port = free_port()  # nothing listens there
     engine = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/absent")
     try:
-        with pytest.raises(BackendUnavailableError, match=f"at 127.0.0.1:{port} "):
+        with pytest.raises(DatabaseUnreachableError, match=f"at 127.0.0.1:{port} "):
             SqlAuditLog(engine).append([entry(1)])
     finally:
         engine.dispose()
