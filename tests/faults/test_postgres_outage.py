@@ -51,6 +51,7 @@ CALL_DEADLINE = 10.0  # every load call's deadline: an outage must not hold a ca
 AFTER_RETURN_CALLS = 200  # the calls begun after the return that must succeed at 99%
 CRASH_SECONDS = 3.0  # then crashes (SIGKILL), shorter: the 30 s is the stop's
 CRASHES = int(os.environ.get("MEDVAULT_FAULT_PG_CRASHES", "1"))
+CHECKPOINT_SECONDS = 2  # the audit checkpoint period: they are attempted during the outage
 SWEEP_SECONDS = 5  # the server's orphan sweep interval: it runs during and after each outage
 RECOVERY_LIMIT = 10.0  # the issue: 99% success within 10 s of the database's return
 DATABASE = "medvault.dependency.database"
@@ -280,8 +281,9 @@ def _check_outage(
     return figures, [f"{o.how} {o.stopped_wall:.0f}: {p}" for p in problems]
 
 
-def _log_after(log_path: Path, message: str, after_wall: float) -> int:
-    """How many lines of the server's JSON log say ``message`` after ``after_wall``."""
+def _log_after(log_path: Path, message: str, after_wall: float, until: float = 1e12) -> int:
+    """How many lines of the server's JSON log say ``message`` after ``after_wall``
+    (and before ``until``, wall clock)."""
     count = 0
     for line in log_path.read_text(errors="replace").splitlines():
         try:
@@ -289,7 +291,7 @@ def _log_after(log_path: Path, message: str, after_wall: float) -> int:
         except ValueError:
             continue
         when = datetime.fromisoformat(entry.get("time", "1970-01-01T00:00:00+00:00"))
-        count += entry.get("msg") == message and when.timestamp() >= after_wall
+        count += entry.get("msg") == message and after_wall <= when.timestamp() < until
     return count
 
 
@@ -312,7 +314,7 @@ def test_postgres_outage_under_load(
 ) -> None:  # fmt: skip
     service = service_factory(
         outage_database, health_probe_seconds=0.5, orphan_sweep_seconds=SWEEP_SECONDS,
-        audit={"checkpoint_seconds": 2},
+        audit={"checkpoint_seconds": CHECKPOINT_SECONDS},
     )  # fmt: skip
     bucket = server_bucket(service.config_path)
     with HealthWatch(service) as health, Load(service) as load:
@@ -371,6 +373,14 @@ def test_postgres_outage_under_load(
     )
     _wait(lambda: _log_after(service.log_path, "orphan sweep", back_wall) > 0,
           2 * SWEEP_SECONDS + 5, "an orphan sweep after the return")  # fmt: skip
+    # The audit writer does not spin on a dead database: at most one checkpoint attempt
+    # per period (a busy loop would log thousands).
+    stop = outages[0]
+    attempts = _log_after(service.log_path, "audit checkpoint failed", stop.stopped_wall,
+                          stop.back_wall)  # fmt: skip
+    assert attempts <= OUTAGE_SECONDS / CHECKPOINT_SECONDS + 2, (
+        f"{attempts} checkpoint attempts in {OUTAGE_SECONDS:.0f} s down"
+    )
     # No stored version lost its object. A put refused because no connection could be
     # made deleted its object at once; only one cut mid-transaction (at most one per
     # client and outage) cannot know whether it committed and leaves it to the sweeper.
@@ -394,4 +404,5 @@ def test_postgres_outage_under_load(
         "successful_reads": reads_ok,
         "allowed_read_events": len(read_events),
         "events_verified": chain.events_checked,
+        "checkpoint_attempts_while_stopped": attempts,
     }))  # fmt: skip
