@@ -1,17 +1,21 @@
-"""PostgreSQL stopped under load for 30 s, then back; medvault is never restarted.
+"""PostgreSQL stopped under load for 30 s, then crashed; medvault is never restarted.
 
 The database is a private server of this module (``tests.fixtures.private_postgres``):
 the machine's PostgreSQL is shared and is never stopped. Four clients put and read
 records without pause; a fifth thread watches the health service's
 ``medvault.dependency.database``. The server is stopped with ``pg_ctl stop -m fast``,
 kept down ``MEDVAULT_FAULT_PG_OUTAGE_SECONDS`` (30 s, the issue's figure) and started
-again on the same port and data directory. Checked: every call that failed while it was
-down is UNAVAILABLE naming the database (never INTERNAL, never past its deadline); the
-database dependency went NOT_SERVING and came back; of the first calls begun after the
-return at least 99% succeed, and the recovery is measured; every acknowledged put reads
-back byte-identical; the allowed read events equal the successful reads exactly; each
-stored version has exactly one write event; the audit chain verifies and a checkpoint
-is signed after the return; a sweep leaves exactly the referenced objects.
+again on the same port and data directory; then it is crashed (SIGKILL of all its
+processes) for 3 s, ``MEDVAULT_FAULT_PG_CRASHES`` times (1). Checked for each outage:
+every call that failed while it was down is UNAVAILABLE naming the database (never
+INTERNAL, never past its deadline); the database dependency went NOT_SERVING and came
+back; at least 99% of the first 200 calls begun after the return succeed and none fails
+later than 10 s after it (the recovery is measured). At the end: every acknowledged put
+reads back byte-identical; the allowed read events equal the successful reads exactly;
+each stored version has exactly one write event; the audit chain verifies and a
+checkpoint is signed after the return; the sweeper and the audit writer carried on
+without spinning; no stored version lost its object, and refused puts left (almost)
+none. docs/reliability.md has the figures.
 
 PYTEST_DONT_REWRITE: failures name counts, never content.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -298,7 +303,7 @@ def _log_after(log_path: Path, message: str, after_wall: float, until: float = 1
 @pytest.fixture
 def outage_database(private_postgres: PrivatePostgres) -> Iterator[str]:
     """A database on the private server; the server is running again afterwards."""
-    yield private_postgres.create_database("medvault_outage")
+    yield private_postgres.create_database(f"medvault_{secrets.token_hex(4)}")
     if private_postgres.process is None or private_postgres.process.poll() is not None:
         private_postgres.start()
 
@@ -368,9 +373,10 @@ def test_postgres_outage_under_load(
         "no checkpoint signed after the database came back"
     )
     # The background loops failed while it was down and carried on after each return.
-    assert _log_after(service.log_path, "orphan sweep failed", outages[0].stopped_wall), (
-        "the sweeper never ran while the database was down"
-    )
+    if OUTAGE_SECONDS >= 2 * SWEEP_SECONDS:  # long enough for a sweep to fall in it
+        assert _log_after(service.log_path, "orphan sweep failed", outages[0].stopped_wall), (
+            "the sweeper never ran while the database was down"
+        )
     _wait(lambda: _log_after(service.log_path, "orphan sweep", back_wall) > 0,
           2 * SWEEP_SECONDS + 5, "an orphan sweep after the return")  # fmt: skip
     # The audit writer does not spin on a dead database: at most one checkpoint attempt
