@@ -31,6 +31,7 @@ from storage.errors import (
     RecordConflictError,
     RecordNotFoundError,
     StorageError,
+    never_reached_database,
 )
 from storage.formats import checked, validator_for
 from storage.index import (
@@ -277,8 +278,8 @@ class RecordStore:
         except RequestKeyTakenError:  # a concurrent retry committed first: its result
             self._blobs.delete(object_key)
             return self._replay(header, creator, patient_index, sha256, on_replay)
-        except BaseException:
-            self._discard(row)
+        except BaseException as e:
+            self._discard(row, e)
             raise
         self._at("after-commit")
         self._mark_committed(object_key)
@@ -293,14 +294,19 @@ class RecordStore:
         if self._tagger is not None:
             self._tagger.close()
 
-    def _discard(self, row: StoredRecord) -> None:
+    def _discard(self, row: StoredRecord, error: BaseException) -> None:
         """After a failed commit, delete the object only if its row is known absent.
 
         The error may come after the row committed (a connection lost during COMMIT, a
         gate raising after its change ran): deleting then would leave a row without its
         content. When the database cannot tell, the object stays for the sweeper, which
-        removes unreferenced, untagged objects after the grace period.
+        removes unreferenced, untagged objects after the grace period. A commit that
+        never reached the database (no connection could be made: the usual failure
+        while it is down) committed nothing, and its object goes at once.
         """
+        if never_reached_database(error):
+            self._blobs.delete(row.object_key)
+            return
         try:
             stored = self._metadata.get(row.id, row.version)
         except RecordNotFoundError:
