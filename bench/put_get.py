@@ -1,19 +1,36 @@
-"""PutRecord/GetRecord throughput through gRPC + mutual TLS vs raw S3 on the same SeaweedFS.
+"""Issue 12's yardsticks in one run: medvault against raw S3 and the gRPC transport floor.
 
 Run from the project root::
 
-    .venv/bin/python bench/put_get.py            # full run (about 5-10 minutes on 2 cores)
-    .venv/bin/python bench/put_get.py --quick    # smoke run (about a minute)
+    .venv/bin/python bench/put_get.py            # full run (about 10 minutes on 2 cores)
+    .venv/bin/python bench/put_get.py --quick    # smoke run (well under a minute)
 
 It brings up its own local stack (``LocalStack(home).up()``, exactly what ``medvault
 stack up`` runs) in a temporary MEDVAULT_HOME, measures, and stops the processes at the
-end. The raw baseline writes to a separate bucket of the *same* SeaweedFS with a minio
-client built by the same ``make_minio_client`` the service uses, streaming with the same
-16 MiB part size and one upload at a time; its GET reads the whole body.
+end. Three things are measured against each other, on the same SeaweedFS, in the same run:
 
-Medvault and raw operations are interleaved (A B A B ...) so that a noisy neighbour on a
-shared machine slows both alike; the figures are medians. The exit status is always 0:
-a benchmark informs, it does not gate.
+* **medvault**: PutRecord / GetRecord over gRPC + mutual TLS, 1 MiB chunks (the
+  service's ``chunk_size``) as the CLI streams them; the records clerk writes, the
+  physician (with a care-team grant) reads, so every read passes the grant check and
+  commits its audit event.
+* **raw S3**: the minio SDK from the service's own ``make_minio_client``, same endpoint,
+  credentials and signing, a separate bucket; puts stream with ``length=-1``, the
+  service's part size and one part in flight (as ``S3BlobStore.put``), gets read the
+  whole body.
+* **transport floor**: a trivial grpc.aio server (``--floor-server``) with the
+  service's TLS setup (its certificate, client CA, client certificates required) and
+  its channel options (``service.server.server_options``): GetRecord streams a metadata
+  message and pre-made chunks of ``chunk_size`` from memory, PutRecord receives the
+  stream and discards it. Same client, same messages. No store can beat it.
+
+Yardsticks: ``medvault p50 / (raw p50 + floor p50)`` at one client for each size and
+direction (operations interleaved medvault, raw, floor, ... so a noisy neighbour slows
+all alike), and throughput at 1, 4 and 16 clients (threads, each with its own
+connection) against raw S3 at the same concurrency (timed phases alternating medvault,
+raw over several rounds). Service CPU per operation is read from ``/proc/PID/stat``
+(utime + stime) of the service process and all its descendants (worker processes), and
+the floor server's likewise. The exit status is always 0: a benchmark informs, it does
+not gate.
 """
 
 from __future__ import annotations
@@ -22,15 +39,17 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -47,80 +66,115 @@ from service.localstack.stack import LocalStack  # noqa: E402
 from storage.s3_blobs import make_minio_client  # noqa: E402
 
 KIB, MIB = 1 << 10, 1 << 20
-CHUNK = 1 * MIB  # what the CLI streams
+CHUNK = 1 * MIB  # what the CLI streams (and the service's default chunk_size)
 MAX_MESSAGE = 4 * MIB  # the CLI's channel limit
 BENCH_PATIENT = pb.PatientId(id="BENCH-0001", assigning_authority="BENCH")
 RAW_BUCKET = "bench-raw"
 RAW_READ = 1 * MIB
 
-SIZES = {"4KiB": 4 * KIB, "1MiB": 1 * MIB, "64MiB": 64 * MIB}
-FULL_OPS = {"4KiB": 300, "1MiB": 40, "64MiB": 5}
-QUICK_OPS = {"4KiB": 60, "1MiB": 10, "64MiB": 2}
-# Throughput targets (medvault / raw) and the small-record latency target (medvault / raw).
-THROUGHPUT_TARGET = 0.8
-LATENCY_TARGET = 2.0
+SIZES = {"4KiB": 4 * KIB, "512KiB": 512 * KIB, "1MiB": 1 * MIB, "64MiB": 64 * MIB}
+FULL_OPS = {"4KiB": 200, "512KiB": 60, "1MiB": 40, "64MiB": 4}
+QUICK_OPS = {"4KiB": 8, "512KiB": 4, "1MiB": 3, "64MiB": 1}
+OPS_FLAGS = {"4KiB": "ops_4k", "512KiB": "ops_512k", "1MiB": "ops_1m", "64MiB": "ops_64m"}
+# Targets of issue 12.
+LATENCY_TARGET = 1.3  # medvault p50 <= 1.3 x (raw p50 + floor p50), 1 client
+THROUGHPUT_TARGET = 0.8  # medvault/s >= 0.8 x raw/s at 16 clients, 512 KiB
+THROUGHPUT_TARGET_SIZE, THROUGHPUT_TARGET_CLIENTS = "512KiB", 16
 
 
-@dataclass
-class Samples:
-    """Per-operation wall times, seconds."""
-
-    medvault: list[float] = field(default_factory=list)
-    raw: list[float] = field(default_factory=list)
+# -- CPU of a process tree -------------------------------------------------------------
 
 
-# -- the two clients -------------------------------------------------------------------
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        tree.setdefault(int(fields[1]), []).append(int(entry))
+    return tree
 
 
-def _channel(stack: LocalStack, role: str) -> grpc.Channel:
+def tree_cpu(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and all its live descendants (all threads)."""
+    tree, todo, total = _children(), [pid], 0.0
+    ticks = os.sysconf("SC_CLK_TCK")
+    while todo:
+        current = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks
+        todo += tree.get(current, [])
+    return total
+
+
+# -- the three clients -----------------------------------------------------------------
+
+
+def _credentials(stack: LocalStack, role: str) -> grpc.ChannelCredentials:
     tls = stack.tls_client(role)
-    creds = grpc.ssl_channel_credentials(
+    return grpc.ssl_channel_credentials(
         root_certificates=tls.ca.read_bytes(),
         private_key=tls.key.read_bytes(),
         certificate_chain=tls.cert.read_bytes(),
     )
-    options = [
+
+
+def _channel(stack: LocalStack, role: str, target: str | None = None) -> grpc.Channel:
+    options: list[tuple[str, object]] = [
         ("grpc.max_receive_message_length", MAX_MESSAGE),
         ("grpc.max_send_message_length", MAX_MESSAGE),
+        # A connection of its own per client object (concurrent clients do not share one).
+        ("grpc.use_local_subchannel_pool", 1),
     ]
-    return grpc.secure_channel(stack.endpoint(), creds, options=options)
+    if target is not None:
+        options.append(("grpc.ssl_target_name_override", "localhost"))
+    return grpc.secure_channel(target or stack.endpoint(), _credentials(stack, role), options)
+
+
+def _put_requests(chunks: list[bytes], digest: bytes) -> Iterator[pb.PutRecordRequest]:
+    yield pb.PutRecordRequest(
+        header=pb.RecordHeader(
+            patient=BENCH_PATIENT,
+            kind=pb.RECORD_KIND_OTHER,
+            content_type="application/octet-stream",
+            title="benchmark",
+            expected_sha256=digest,  # as the CLI sends it
+        )
+    )
+    for chunk in chunks:
+        yield pb.PutRecordRequest(chunk=chunk)
 
 
 class Medvault:
     """gRPC clients over mutual TLS, streaming 1 MiB chunks as the CLI does.
 
     The real access path: the records clerk writes, puts the sample physician on the
-    patient's care team, and the physician reads (grant check and audit on every read).
+    patient's care team (``grant``; once per stack is enough), and the physician reads
+    (grant check and audit on every read).
     """
 
-    def __init__(self, stack: LocalStack) -> None:
+    def __init__(self, stack: LocalStack, grant: bool = True) -> None:
         self._writer = _channel(stack, "records_clerk")
         self._reader = _channel(stack, "physician")
         self._stub = pb_grpc.RecordServiceStub(self._writer)
         self._read_stub = pb_grpc.RecordServiceStub(self._reader)
-        access_pb2_grpc.AccessServiceStub(self._writer).GrantAccess(
-            access_pb2.GrantAccessRequest(patient=BENCH_PATIENT, principal="dr-lan")
-        )
+        if grant:
+            access_pb2_grpc.AccessServiceStub(self._writer).GrantAccess(
+                access_pb2.GrantAccessRequest(patient=BENCH_PATIENT, principal="dr-lan")
+            )
 
     def close(self) -> None:
         self._writer.close()
         self._reader.close()
 
     def put(self, chunks: list[bytes], digest: bytes) -> str:
-        def requests() -> Iterator[pb.PutRecordRequest]:
-            yield pb.PutRecordRequest(
-                header=pb.RecordHeader(
-                    patient=BENCH_PATIENT,
-                    kind=pb.RECORD_KIND_OTHER,
-                    content_type="application/octet-stream",
-                    title="benchmark",
-                    expected_sha256=digest,  # as the CLI sends it
-                )
-            )
-            for chunk in chunks:
-                yield pb.PutRecordRequest(chunk=chunk)
-
-        return str(self._stub.PutRecord(requests()).id)
+        return str(self._stub.PutRecord(_put_requests(chunks, digest)).id)
 
     def get(self, record_id: str) -> int:
         total = 0
@@ -131,7 +185,11 @@ class Medvault:
 
 
 class Raw:
-    """The minio SDK straight against a bucket of the same SeaweedFS."""
+    """The minio SDK straight against a bucket of the same SeaweedFS, built by the
+    service's own client factory from the service's configuration."""
+
+    _counter = 0
+    _lock = threading.Lock()
 
     def __init__(self, stack: LocalStack) -> None:
         config = service_config.load(stack.layout.config)
@@ -144,13 +202,19 @@ class Raw:
             ca_file=s3.ca_file or None,
         )
         self._part_size = s3.part_size
-        if not self._client.bucket_exists(RAW_BUCKET):
-            self._client.make_bucket(RAW_BUCKET)
-        self._count = 0
+        with Raw._lock:
+            if not self._client.bucket_exists(RAW_BUCKET):
+                self._client.make_bucket(RAW_BUCKET)
 
-    def put(self, data: bytes) -> str:
-        self._count += 1
-        key = f"raw/{self._count:06d}"
+    def close(self) -> None:
+        pass
+
+    def put(self, chunks: list[bytes], digest: bytes) -> str:
+        del digest  # the SDK signs the payload itself
+        with Raw._lock:
+            Raw._counter += 1
+            key = f"raw/{Raw._counter:07d}"
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         # As S3BlobStore.put: unknown length, same part size, one part in flight.
         self._client.put_object(
             RAW_BUCKET, key, io.BytesIO(data), length=-1,
@@ -170,60 +234,92 @@ class Raw:
         return total
 
 
-class Floor:
-    """gRPC + mutual TLS with nothing behind it: a server process that streams the
-    requested number of bytes from memory, in 1 MiB messages, with the stack's
-    certificates. No store can make GetRecord faster than this transport."""
+class FloorServer:
+    """The ``--floor-server`` process: its port and pid."""
 
     def __init__(self, stack: LocalStack) -> None:
-        ca_dir = stack.layout.ca_dir
         self._process = subprocess.Popen(
-            [sys.executable, __file__, "--floor-server", str(ca_dir)],
+            [sys.executable, __file__, "--floor-server", str(stack.layout.config)],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert self._process.stdout is not None
-        port = int(self._process.stdout.readline())
-        tls = stack.tls_client("physician")
-        creds = grpc.ssl_channel_credentials(
-            tls.ca.read_bytes(), tls.key.read_bytes(), tls.cert.read_bytes()
-        )
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE),
-                   ("grpc.ssl_target_name_override", "localhost")]  # fmt: skip
-        self._channel = grpc.secure_channel(f"127.0.0.1:{port}", creds, options=options)
-        self._stub = pb_grpc.RecordServiceStub(self._channel)
-
-    def get(self, size: int) -> int:
-        request = pb.GetRecordRequest(range=pb.ByteRange(length=size))
-        return sum(len(r.chunk) for r in self._stub.GetRecord(request))
+        line = self._process.stdout.readline()
+        if not line.strip().isdigit():
+            self._process.kill()
+            raise SystemExit("the transport-floor server did not start (see its stderr above)")
+        self.port = int(line)
+        self.pid = self._process.pid
 
     def close(self) -> None:
-        self._channel.close()
         self._process.kill()
         self._process.wait()
 
 
-def floor_server(ca_dir: Path) -> None:
-    """Serve GetRecord from memory (``--floor-server``); print the port, run until killed."""
+class Floor:
+    """A client of the floor server: the same messages as medvault's, nothing behind them.
+    ``get`` takes the size to stream (the floor has no records)."""
+
+    def __init__(self, stack: LocalStack, server: FloorServer) -> None:
+        self._channel = _channel(stack, "physician", f"127.0.0.1:{server.port}")
+        self._stub = pb_grpc.RecordServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def put(self, chunks: list[bytes], digest: bytes) -> str:
+        return str(self._stub.PutRecord(_put_requests(chunks, digest)).id)
+
+    def get(self, size: int) -> int:
+        request = pb.GetRecordRequest(range=pb.ByteRange(length=size))
+        total = 0
+        for response in self._stub.GetRecord(request):
+            if response.WhichOneof("message") == "chunk":
+                total += len(response.chunk)
+        return total
+
+
+def floor_server(config_path: Path) -> None:
+    """Serve the floor (``--floor-server CONFIG``); print the port, run until killed.
+
+    grpc.aio like the service, the service's server credentials and channel options;
+    GetRecord streams a metadata message then pre-made ``chunk_size`` chunks, PutRecord
+    receives every message and discards it.
+    """
     import asyncio  # noqa: PLC0415
 
     from grpc import aio  # noqa: PLC0415
 
-    block = os.urandom(MIB)
+    from service.server import server_options  # noqa: PLC0415
+
+    config = service_config.load(config_path)
+    chunk_size = config.server.chunk_size
+    block = os.urandom(chunk_size)
+    tails: dict[int, bytes] = {}
 
     class Servicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]
         async def GetRecord(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
             yield pb.GetRecordResponse(metadata=pb.Record(id="floor"))
             left = request.range.length
-            while left > 0:
-                yield pb.GetRecordResponse(chunk=block[: min(left, MIB)])
-                left -= min(left, MIB)
+            while left >= chunk_size:
+                yield pb.GetRecordResponse(chunk=block)
+                left -= chunk_size
+            if left:
+                tail = tails.get(left) or tails.setdefault(left, block[:left])
+                yield pb.GetRecordResponse(chunk=tail)
+
+        async def PutRecord(self, request_iterator, context):  # type: ignore[no-untyped-def]  # noqa: N802
+            size = 0
+            async for request in request_iterator:
+                size += len(request.chunk)
+            return pb.Record(id="floor", size=size)
 
     async def serve() -> None:
-        server = aio.server(options=[("grpc.max_send_message_length", MAX_MESSAGE)])
+        server = aio.server(options=server_options(config))
         pb_grpc.add_RecordServiceServicer_to_server(Servicer(), server)
+        tls = config.tls
         creds = grpc.ssl_server_credentials(
-            [((ca_dir / "server.key").read_bytes(), (ca_dir / "server.pem").read_bytes())],
-            root_certificates=(ca_dir / "ca.pem").read_bytes(),
+            [(Path(tls.key).read_bytes(), Path(tls.cert).read_bytes())],
+            root_certificates=Path(tls.client_ca).read_bytes(),
             require_client_auth=True,
         )
         port = server.add_secure_port("127.0.0.1:0", creds)
@@ -234,13 +330,131 @@ def floor_server(ca_dir: Path) -> None:
     asyncio.run(serve())
 
 
-def measure_floor(floor: Floor, size: int, ops: int) -> list[float]:
-    """Wall times of ``ops`` transport-only gets of ``size`` bytes."""
-    floor.get(size)  # warm-up
-    return [_timed(lambda: floor.get(size))[0] for _ in range(ops)]
+# -- one client: latencies -------------------------------------------------------------
+
+KINDS = ("medvault", "raw", "floor")
 
 
-# -- measuring -------------------------------------------------------------------------
+@dataclass
+class Payload:
+    size: int
+    data: bytes
+    chunks: list[bytes]
+    digest: bytes
+
+    @classmethod
+    def random(cls, size: int, chunk: int) -> Payload:
+        data = os.urandom(size)  # incompressible, so nobody gains from compression
+        chunks = [data[i : i + chunk] for i in range(0, size, chunk)]
+        return cls(size, data, chunks, hashlib.sha256(data).digest())
+
+
+@dataclass
+class Clients:
+    """One client of each kind (one connection each)."""
+
+    medvault: Medvault
+    raw: Raw
+    floor: Floor
+
+    def close(self) -> None:
+        self.medvault.close()
+        self.raw.close()
+        self.floor.close()
+
+
+@dataclass
+class LatencyRow:
+    """p50s at one client, one size, one direction; CPU in ms per operation."""
+
+    size: str
+    op: str
+    n: int
+    medvault_p50_ms: float
+    raw_p50_ms: float
+    floor_p50_ms: float
+    medvault_p90_ms: float
+    ratio: float  # medvault / (raw + floor)
+    medvault_per_s: float  # 1 client: operations / summed wall time
+    raw_per_s: float
+    service_cpu_ms: float
+    floor_cpu_ms: float
+
+
+def _ms(values: list[float]) -> float:
+    return statistics.median(values) * 1e3
+
+
+def _p90(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))] * 1e3
+
+
+class Pids:
+    def __init__(self, service: int, floor: int) -> None:
+        self.service, self.floor = service, floor
+
+    def cpu(self) -> tuple[float, float]:
+        return tree_cpu(self.service), tree_cpu(self.floor)
+
+
+def measure_latency(
+    name: str, payload: Payload, ops: int, clients: Clients, pids: Pids
+) -> tuple[list[LatencyRow], list[str], list[str]]:
+    """``ops`` puts, then ``ops`` gets, of each kind interleaved; one warm-up each.
+
+    Returns the rows and the medvault ids and raw keys written (read by the gets)."""
+    size = payload.size
+    clients.medvault.put(payload.chunks, payload.digest)  # warm-up: code paths, sessions
+    clients.raw.put(payload.chunks, payload.digest)
+    clients.floor.put(payload.chunks, payload.digest)
+    times: dict[str, list[float]] = {k: [] for k in KINDS}
+    ids: list[str] = []
+    keys: list[str] = []
+    cpu0 = pids.cpu()
+    for _ in range(ops):
+        elapsed, record_id = _timed(lambda: clients.medvault.put(payload.chunks, payload.digest))
+        times["medvault"].append(elapsed)
+        ids.append(str(record_id))
+        elapsed, key = _timed(lambda: clients.raw.put(payload.chunks, payload.digest))
+        times["raw"].append(elapsed)
+        keys.append(str(key))
+        times["floor"].append(_timed(lambda: clients.floor.put(payload.chunks, payload.digest))[0])
+    cpu1 = pids.cpu()
+    rows = [_latency_row(name, "put", ops, times, cpu0, cpu1)]
+    _check(clients.medvault.get(ids[0]), size, "GetRecord")  # warm-up
+    _check(clients.raw.get(keys[0]), size, "raw GET")
+    _check(clients.floor.get(size), size, "floor GetRecord")
+    times = {k: [] for k in KINDS}
+    cpu0 = pids.cpu()
+    for record_id, key in zip(ids, keys, strict=True):
+        elapsed, got = _timed(lambda: clients.medvault.get(record_id))  # noqa: B023  (called at once)
+        _check(got, size, "GetRecord")
+        times["medvault"].append(elapsed)
+        elapsed, got = _timed(lambda: clients.raw.get(key))  # noqa: B023
+        _check(got, size, "raw GET")
+        times["raw"].append(elapsed)
+        elapsed, got = _timed(lambda: clients.floor.get(size))
+        _check(got, size, "floor GetRecord")
+        times["floor"].append(elapsed)
+    cpu1 = pids.cpu()
+    rows.append(_latency_row(name, "get", ops, times, cpu0, cpu1))
+    print(f"  latency {name}: {ops} ops of each kind and direction done", flush=True)
+    return rows, ids, keys
+
+
+def _latency_row(
+    name: str, op: str, ops: int, times: dict[str, list[float]],
+    cpu0: tuple[float, float], cpu1: tuple[float, float],
+) -> LatencyRow:  # fmt: skip
+    mv, raw, floor = _ms(times["medvault"]), _ms(times["raw"]), _ms(times["floor"])
+    return LatencyRow(
+        size=name, op=op, n=ops, medvault_p50_ms=mv, raw_p50_ms=raw, floor_p50_ms=floor,
+        medvault_p90_ms=_p90(times["medvault"]), ratio=mv / (raw + floor),
+        medvault_per_s=ops / sum(times["medvault"]), raw_per_s=ops / sum(times["raw"]),
+        service_cpu_ms=(cpu1[0] - cpu0[0]) * 1e3 / ops,
+        floor_cpu_ms=(cpu1[1] - cpu0[1]) * 1e3 / ops,
+    )  # fmt: skip
 
 
 def _timed(fn: Callable[[], object]) -> tuple[float, object]:
@@ -249,107 +463,197 @@ def _timed(fn: Callable[[], object]) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
-def measure_size(
-    name: str, size: int, ops: int, medvault: Medvault, raw: Raw
-) -> tuple[Samples, Samples]:
-    """``ops`` puts then ``ops`` gets of each kind, interleaved A B A B; one warm-up each."""
-    data = os.urandom(size)  # incompressible, so nobody gains from compression
-    chunks = [data[i : i + CHUNK] for i in range(0, size, CHUNK)]
-    digest = hashlib.sha256(data).digest()
-    medvault.put(chunks, digest)  # warm-up: connections, TLS sessions, code paths
-    raw.put(data)
-    puts, gets = Samples(), Samples()
-    ids: list[str] = []
-    keys: list[str] = []
-    for _ in range(ops):
-        elapsed, record_id = _timed(lambda: medvault.put(chunks, digest))
-        puts.medvault.append(elapsed)
-        ids.append(str(record_id))
-        elapsed, key = _timed(lambda: raw.put(data))
-        puts.raw.append(elapsed)
-        keys.append(str(key))
-    medvault.get(ids[0])
-    raw.get(keys[0])
-    for record_id, key in zip(ids, keys, strict=True):
-        elapsed, got = _timed(lambda: medvault.get(record_id))  # noqa: B023  (called at once)
-        if got != size:
-            raise SystemExit(f"GetRecord returned {got} bytes, expected {size}")
-        gets.medvault.append(elapsed)
-        elapsed, got = _timed(lambda: raw.get(key))  # noqa: B023
-        if got != size:
-            raise SystemExit(f"raw GET returned {got} bytes, expected {size}")
-        gets.raw.append(elapsed)
-    print(f"  {name}: {ops} ops of each kind done", flush=True)
-    return puts, gets
+def _check(got: int, size: int, what: str) -> None:
+    if got != size:
+        raise SystemExit(f"{what} returned {got} bytes, expected {size}")
+
+
+# -- several clients: throughput -------------------------------------------------------
+
+
+@dataclass
+class ThroughputRow:
+    """Operations per second at ``clients`` concurrent clients, summed over rounds."""
+
+    size: str
+    op: str
+    clients: int
+    seconds: float  # measured time per kind, all rounds
+    medvault_ops: int
+    raw_ops: int
+    medvault_per_s: float
+    raw_per_s: float
+    ratio: float  # medvault / raw
+    medvault_p50_ms: float
+    raw_p50_ms: float
+    service_cpu_ms: float  # per medvault operation
+
+
+def _phase(
+    workers: list[Callable[[int], object]], seconds: float
+) -> tuple[int, float, list[float]]:
+    """Run each worker in its own thread for ``seconds``; ops, elapsed, latencies."""
+    start_gate = threading.Barrier(len(workers) + 1)
+    latencies: list[list[float]] = [[] for _ in workers]
+    failures: list[Exception] = []
+    deadline = [0.0]
+
+    def loop(n: int) -> None:
+        start_gate.wait()
+        i = 0
+        try:
+            while time.perf_counter() < deadline[0]:
+                latencies[n].append(_timed(lambda: workers[n](i))[0])  # noqa: B023
+                i += 1
+        except Exception as e:  # noqa: BLE001  (reported below, once every thread stopped)
+            failures.append(e)
+
+    threads = [threading.Thread(target=loop, args=(n,), daemon=True) for n in range(len(workers))]
+    for thread in threads:
+        thread.start()
+    start = time.perf_counter()
+    deadline[0] = start + seconds
+    start_gate.wait()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    if failures:
+        raise SystemExit(f"a client failed: {failures[0]!r}")
+    flat = [x for lat in latencies for x in lat]
+    return len(flat), elapsed, flat
+
+
+def measure_throughput(
+    name: str, payload: Payload, levels: list[int], seconds: float, rounds: int,
+    pool: list[Clients], ids: list[str], keys: list[str], pids: Pids,
+) -> list[ThroughputRow]:  # fmt: skip
+    """Per level and direction, ``rounds`` x (medvault phase, raw phase), ``seconds`` each."""
+    rows = []
+    new_ids: list[str] = []
+    new_keys: list[str] = []
+    for op in ("put", "get"):
+        for level in levels:
+            clients = pool[:level]
+            counts = {"medvault": 0, "raw": 0}
+            spent = {"medvault": 0.0, "raw": 0.0}
+            lat: dict[str, list[float]] = {"medvault": [], "raw": []}
+            cpu = 0.0
+            for r in range(rounds):
+                for kind in ("medvault", "raw") if r % 2 == 0 else ("raw", "medvault"):
+                    workers = [
+                        _worker(op, kind, c, n, level, payload, ids + new_ids, keys + new_keys,
+                                new_ids, new_keys)
+                        for n, c in enumerate(clients)
+                    ]  # fmt: skip
+                    before = tree_cpu(pids.service)
+                    n, elapsed, latencies = _phase(workers, seconds)
+                    if kind == "medvault":
+                        cpu += tree_cpu(pids.service) - before
+                    counts[kind] += n
+                    spent[kind] += elapsed
+                    lat[kind] += latencies
+            mv_rate = counts["medvault"] / spent["medvault"]
+            raw_rate = counts["raw"] / spent["raw"]
+            rows.append(ThroughputRow(
+                size=name, op=op, clients=level, seconds=spent["medvault"],
+                medvault_ops=counts["medvault"], raw_ops=counts["raw"],
+                medvault_per_s=mv_rate, raw_per_s=raw_rate, ratio=mv_rate / raw_rate,
+                medvault_p50_ms=_ms(lat["medvault"]), raw_p50_ms=_ms(lat["raw"]),
+                service_cpu_ms=cpu * 1e3 / max(counts["medvault"], 1),
+            ))  # fmt: skip
+            print(f"  throughput {name} {op} x{level}: medvault {mv_rate:.1f}/s, "
+                  f"raw {raw_rate:.1f}/s", flush=True)  # fmt: skip
+    return rows
+
+
+def _worker(
+    op: str, kind: str, clients: Clients, n: int, level: int, payload: Payload,
+    ids: list[str], keys: list[str], new_ids: list[str], new_keys: list[str],
+) -> Callable[[int], object]:  # fmt: skip
+    client: Medvault | Raw = clients.medvault if kind == "medvault" else clients.raw
+    if op == "put":
+        written = new_ids if kind == "medvault" else new_keys
+
+        def put(i: int) -> object:
+            written.append(client.put(payload.chunks, payload.digest))  # list.append: atomic
+            return None
+
+        return put
+    names = ids if kind == "medvault" else keys
+
+    def get(i: int) -> object:
+        # Client n reads every level-th object from its own offset: spread over objects.
+        key = names[(n + i * level) % len(names)]
+        _check(client.get(key), payload.size, f"{kind} get")
+        return None
+
+    return get
 
 
 # -- reporting -------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Row:
-    """One line of the result table."""
-
-    size_name: str
-    size: int
-    op: str
-    raw_p50: float
-    medvault_p50: float
-    raw_p90: float
-    medvault_p90: float
-
-    @property
-    def latency_bound(self) -> bool:
-        return self.size < MIB
-
-    def figures(self) -> tuple[str, str, float]:
-        """Raw and medvault figures as text, and the ratio medvault/raw of them."""
-        if self.latency_bound:
-            return (f"{self.raw_p50 * 1e3:.2f} ms", f"{self.medvault_p50 * 1e3:.2f} ms",
-                    self.medvault_p50 / self.raw_p50)  # fmt: skip
-        raw_mbs = self.size / self.raw_p50 / 1e6
-        mv_mbs = self.size / self.medvault_p50 / 1e6
-        return f"{raw_mbs:.1f} MB/s", f"{mv_mbs:.1f} MB/s", mv_mbs / raw_mbs
-
-    def target(self) -> tuple[str, bool] | None:
-        """The target this row is judged by, and whether it is met; None if none."""
-        _, _, ratio = self.figures()
-        if not self.latency_bound:
-            return f">= {THROUGHPUT_TARGET}x raw MB/s", ratio >= THROUGHPUT_TARGET
-        if self.op == "get":
-            return f"p50 <= {LATENCY_TARGET}x raw p50", ratio <= LATENCY_TARGET
-        return None
+@dataclass
+class Verdict:
+    target: str
+    passed: bool
+    detail: str
 
 
-def rows_for(name: str, size: int, puts: Samples, gets: Samples) -> list[Row]:
-    def row(op: str, s: Samples) -> Row:
-        return Row(name, size, op, statistics.median(s.raw), statistics.median(s.medvault),
-                   _p90(s.raw), _p90(s.medvault))  # fmt: skip
+def verdicts(latency: list[LatencyRow], throughput: list[ThroughputRow]) -> list[Verdict]:
+    out = []
+    worst = max(latency, key=lambda r: r.ratio, default=None)
+    if worst is not None:
+        missed = [f"{r.size} {r.op} {r.ratio:.2f}x" for r in latency if r.ratio > LATENCY_TARGET]
+        detail = (f"worst {worst.size} {worst.op} {worst.ratio:.2f}x; over: "
+                  f"{', '.join(missed) or 'none'}")  # fmt: skip
+        out.append(Verdict(
+            f"p50 at 1 client: medvault <= {LATENCY_TARGET} x (raw S3 + transport floor), "
+            f"put and get, {', '.join(dict.fromkeys(r.size for r in latency))}",
+            not missed, detail,
+        ))  # fmt: skip
+    for op in ("put", "get"):
+        row = next((r for r in throughput if r.size == THROUGHPUT_TARGET_SIZE and r.op == op
+                    and r.clients == THROUGHPUT_TARGET_CLIENTS), None)  # fmt: skip
+        if row is None:
+            continue
+        out.append(Verdict(
+            f"throughput at {row.clients} clients, {row.size} {op}: >= {THROUGHPUT_TARGET} x "
+            "raw S3 at the same concurrency",
+            row.ratio >= THROUGHPUT_TARGET,
+            f"{row.medvault_per_s:.1f}/s vs raw {row.raw_per_s:.1f}/s = {row.ratio:.2f}x",
+        ))  # fmt: skip
+    return out
 
-    return [row("put", puts), row("get", gets)]
 
-
-def _p90(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
-
-
-def print_table(rows: list[Row], ops: dict[str, int]) -> None:
-    header = (f"{'size':>6} {'op':<4} {'n':>4} {'raw':>12} {'medvault':>12} {'mv/raw':>7}"
-              f" {'raw p50/p90 ms':>17} {'mv p50/p90 ms':>17}  target")  # fmt: skip
+def print_report(report: dict[str, object]) -> None:
+    latency = [LatencyRow(**r) for r in report["latency"]]  # type: ignore[attr-defined]
+    throughput = [ThroughputRow(**r) for r in report["throughput"]]  # type: ignore[attr-defined]
+    print(f"\nyardsticks - {report['when']}, {report['machine']}\n")
+    header = (f"{'size':>6} {'op':<4} {'n':>4} {'raw p50':>9} {'floor p50':>10} "
+              f"{'mv p50':>9} {'mv p90':>9} {'mv/(raw+floor)':>15} {'svc CPU/op':>11} "
+              f"{'floor CPU/op':>13}")  # fmt: skip
+    print("1 client, interleaved (ms):")
     print(header)
     print("-" * len(header))
-    for r in rows:
-        raw, mv, ratio = r.figures()
-        target = r.target()
-        verdict = "-" if target is None else f"{'PASS' if target[1] else 'MISS'} ({target[0]})"
-        print(
-            f"{r.size_name:>6} {r.op:<4} {ops[r.size_name]:>4} {raw:>12} {mv:>12} {ratio:>6.2f}x"
-            f" {r.raw_p50 * 1e3:>8.2f}/{r.raw_p90 * 1e3:<8.2f}"
-            f" {r.medvault_p50 * 1e3:>8.2f}/{r.medvault_p90 * 1e3:<8.2f}  {verdict}"
-        )
-    print("MB/s = 10^6 bytes per second of plaintext, from the median op time; "
-          "4 KiB rows are p50 latencies (ratio: medvault/raw, lower is better).")  # fmt: skip
+    for r in latency:
+        print(f"{r.size:>6} {r.op:<4} {r.n:>4} {r.raw_p50_ms:>9.2f} {r.floor_p50_ms:>10.2f} "
+              f"{r.medvault_p50_ms:>9.2f} {r.medvault_p90_ms:>9.2f} {r.ratio:>14.2f}x "
+              f"{r.service_cpu_ms:>11.2f} {r.floor_cpu_ms:>13.2f}")  # fmt: skip
+    if throughput:
+        print("\nthroughput, timed phases alternating medvault / raw (operations per second):")
+        header = (f"{'size':>6} {'op':<4} {'clients':>7} {'raw/s':>8} {'mv/s':>8} "
+                  f"{'mv/raw':>7} {'raw p50':>9} {'mv p50':>9} {'svc CPU/op':>11}")  # fmt: skip
+        print(header)
+        print("-" * len(header))
+        for t in throughput:
+            print(f"{t.size:>6} {t.op:<4} {t.clients:>7} {t.raw_per_s:>8.1f} "
+                  f"{t.medvault_per_s:>8.1f} {t.ratio:>6.2f}x {t.raw_p50_ms:>9.2f} "
+                  f"{t.medvault_p50_ms:>9.2f} {t.service_cpu_ms:>11.2f}")  # fmt: skip
+    print()
+    for v in report["verdicts"]:  # type: ignore[attr-defined]
+        print(f"{'PASS' if v['passed'] else 'MISS'} {v['target']}: {v['detail']}")
+    print(f"load average before / after: {report['load_before']} / {report['load_after']}")
 
 
 # -- main ------------------------------------------------------------------------------
@@ -357,59 +661,103 @@ def print_table(rows: list[Row], ops: dict[str, int]) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help=f"fewer ops: {QUICK_OPS}")
-    for flag, name in (("--ops-4k", "4KiB"), ("--ops-1m", "1MiB"), ("--ops-64m", "64MiB")):
-        p.add_argument(flag, type=int, help=f"ops per kind for {name} (default {FULL_OPS[name]})")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run: ops {QUICK_OPS}, 512KiB throughput at 1 and 4 clients "
+                   "for 0.5 s, one round")  # fmt: skip
+    for name, dest in OPS_FLAGS.items():
+        flag = "--" + dest.replace("_", "-")
+        p.add_argument(flag, dest=dest, type=int,
+                       help=f"1-client ops per kind and direction for {name} "
+                       f"(default {FULL_OPS[name]})")  # fmt: skip
     p.add_argument("--sizes", default=",".join(SIZES), help="comma-separated subset of sizes")
+    p.add_argument("--throughput-sizes", default=None,
+                   help="sizes measured at several clients (default 4KiB,512KiB; "
+                   "--quick: 512KiB; empty: none)")  # fmt: skip
+    p.add_argument("--clients", default=None, help="client counts (default 1,4,16; --quick 1,4)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="seconds per throughput phase (default 5; --quick 0.5)")  # fmt: skip
+    p.add_argument("--rounds", type=int, default=None,
+                   help="medvault/raw phase pairs per cell (default 2; --quick 1)")  # fmt: skip
     p.add_argument("--home", type=Path, help="stack home to use (default: a fresh temp dir)")
     p.add_argument("--keep", action="store_true", help="leave the stack running and the home")
-    p.add_argument("--json", type=Path, help="also write the raw samples here")
+    p.add_argument("--json", type=Path, help="also write the report here")
     return p.parse_args(argv)
 
 
-def _ops(ns: argparse.Namespace) -> dict[str, int]:
-    ops = dict(QUICK_OPS if ns.quick else FULL_OPS)
-    for name, flag in (("4KiB", ns.ops_4k), ("1MiB", ns.ops_1m), ("64MiB", ns.ops_64m)):
-        if flag is not None:
-            ops[name] = max(1, flag)
-    return ops
-
-
-def run(ns: argparse.Namespace, stack: LocalStack) -> None:
-    ops = _ops(ns)
-    names = [n.strip() for n in ns.sizes.split(",") if n.strip()]
+def _sizes(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in SIZES]
     if unknown:
         raise SystemExit(f"unknown sizes {unknown}; known: {', '.join(SIZES)}")
-    medvault, raw, floor = Medvault(stack), Raw(stack), Floor(stack)
-    pid = stack.layout.service_pid.read_text().strip()
-    print(f"service pid {pid}, endpoint {stack.endpoint()}", flush=True)
-    rows: list[Row] = []
-    samples: dict[str, object] = {}
-    floors: dict[str, float] = {}
+    return names
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def run(ns: argparse.Namespace, stack: LocalStack) -> dict[str, object]:
+    ops = dict(QUICK_OPS if ns.quick else FULL_OPS)
+    for name, dest in OPS_FLAGS.items():
+        if getattr(ns, dest) is not None:
+            ops[name] = max(1, getattr(ns, dest))
+    names = _sizes(ns.sizes)
+    conc = _sizes(ns.throughput_sizes if ns.throughput_sizes is not None
+                  else "512KiB" if ns.quick else "4KiB,512KiB")  # fmt: skip
+    levels = [int(x) for x in (ns.clients or ("1,4" if ns.quick else "1,4,16")).split(",")]
+    seconds = ns.seconds if ns.seconds is not None else 0.5 if ns.quick else 5.0
+    rounds = ns.rounds if ns.rounds is not None else 1 if ns.quick else 2
+    chunk = service_config.load(stack.layout.config).server.chunk_size
+    load_before = _load()
+    server = FloorServer(stack)
+    pids = Pids(int(stack.layout.service_pid.read_text().strip()), server.pid)
+    print(f"service pid {pids.service}, endpoint {stack.endpoint()}; floor server pid "
+          f"{pids.floor}, port {server.port}; load {load_before}", flush=True)  # fmt: skip
+    first = Medvault(stack)  # grants the physician access
+    pool = [Clients(first, Raw(stack), Floor(stack, server))]
+    pool += [Clients(Medvault(stack, grant=False), Raw(stack), Floor(stack, server))
+             for _ in range(max(levels, default=1) - 1)]  # fmt: skip
+    latency: list[LatencyRow] = []
+    throughput: list[ThroughputRow] = []
     try:
-        for name in names:
-            puts, gets = measure_size(name, SIZES[name], ops[name], medvault, raw)
-            rows += rows_for(name, SIZES[name], puts, gets)
-            samples[name] = {"put": puts.__dict__, "get": gets.__dict__}
-            floors[name] = statistics.median(measure_floor(floor, SIZES[name], ops[name]))
-            floors[name + " raw"] = statistics.median(gets.raw)
+        for name in dict.fromkeys(names + conc):
+            payload = Payload.random(SIZES[name], chunk)
+            ids: list[str] = []
+            keys: list[str] = []
+            if name in names:
+                rows, ids, keys = measure_latency(name, payload, ops[name], pool[0], pids)
+                latency += rows
+            if name in conc and levels:
+                throughput += measure_throughput(
+                    name, payload, levels, seconds, rounds, pool, ids, keys, pids
+                )
     finally:
-        medvault.close()
-        floor.close()
-    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"\nmedvault vs raw minio SDK on the same SeaweedFS - {when}, "
-          f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}\n")  # fmt: skip
-    print_table(rows, ops)
-    print("\ntransport floor: GetRecord over gRPC + mutual TLS from a server holding the bytes")
-    print("in memory (no S3, no database, no token, no decryption), same client and certificates")
-    for name in names:
-        best = floors[name + " raw"] / (floors[name + " raw"] + floors[name])
-        floor_ms, raw_ms = floors[name] * 1000, floors[name + " raw"] * 1000
-        print(f"  {name:>6}  floor p50 {floor_ms:8.2f} ms   raw S3 GET p50 {raw_ms:8.2f} ms"
-              f"   best serial ratio ~{best:.2f}x")  # fmt: skip
-    if ns.json:
-        ns.json.write_text(json.dumps({"when": when, "ops": ops, "samples": samples}, indent=1))
+        for clients in pool:
+            clients.close()
+        server.close()
+    report: dict[str, object] = {
+        "when": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}, "
+        f"grpcio {grpc.__version__}",
+        "load_before": load_before,
+        "load_after": _load(),
+        "ops": ops,
+        "latency": [asdict(r) for r in latency],
+        "throughput": [asdict(t) for t in throughput],
+        "verdicts": [asdict(v) for v in verdicts(latency, throughput)],
+    }
+    bad = [k for k, v in _ratios(report) if not (math.isfinite(v) and v > 0)]
+    if bad:
+        print(f"warning: ratios that are not positive finite numbers: {bad}")
+    return report
+
+
+def _ratios(report: dict[str, object]) -> list[tuple[str, float]]:
+    """Every ratio in the report, named (the CI test checks them)."""
+    out = [(f"latency {r['size']} {r['op']}", r["ratio"]) for r in report["latency"]]  # type: ignore[attr-defined]
+    out += [(f"throughput {t['size']} {t['op']} x{t['clients']}", t["ratio"])
+            for t in report["throughput"]]  # type: ignore[attr-defined]  # fmt: skip
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -422,12 +770,15 @@ def main(argv: list[str] | None = None) -> int:
     stack = LocalStack(home, report=lambda line: print(f"  [stack] {line}", flush=True))
     try:
         stack.up()
-        run(ns, stack)
+        report = run(ns, stack)
     finally:
         if not ns.keep:
             stack.down()
             if ns.home is None:
                 shutil.rmtree(home, ignore_errors=True)
+    print_report(report)
+    if ns.json:
+        ns.json.write_text(json.dumps(report, indent=1))
     return 0
 
 
