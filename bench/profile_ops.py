@@ -83,6 +83,8 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--out", type=Path, default=Path("bench-profile"))
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
+    p.add_argument("--gil", action="store_true",
+                   help="sample only the GIL holder (where Python CPU goes)")  # fmt: skip
     ns = p.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     ns.out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +106,7 @@ def main() -> int:
                 fmt_runs.append(subprocess.Popen(
                     [spy, "record", "--pid", pid, "--rate", str(ns.rate), "--duration",
                      str(int(ns.seconds)), "--format", fmt, "--output", str(base) + suffix,
-                     "--nonblocking"],
+                     "--nonblocking", *(["--gil"] if ns.gil else [])],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 ))  # fmt: skip
             time.sleep(1.0)

@@ -63,6 +63,7 @@ from service import config as service_config  # noqa: E402  (after the path fix)
 from service._gen.medvault.v1 import access_pb2, access_pb2_grpc  # noqa: E402
 from service._gen.medvault.v1 import records_pb2 as pb  # noqa: E402
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc  # noqa: E402
+from service.localstack.seaweed import SeaweedServer  # noqa: E402
 from service.localstack.service_proc import ServiceProcess  # noqa: E402
 from service.localstack.stack import LocalStack  # noqa: E402
 from storage.s3_blobs import make_minio_client  # noqa: E402
@@ -240,17 +241,25 @@ class FloorServer:
     """The ``--floor-server`` process: its port and pid."""
 
     def __init__(self, stack: LocalStack) -> None:
+        """Start it (it needs the prepared config and certificates, not the stack)."""
         self._process = subprocess.Popen(
             [sys.executable, __file__, "--floor-server", str(stack.layout.config)],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
-        assert self._process.stdout is not None
-        line = self._process.stdout.readline()
-        if not line.strip().isdigit():
-            self._process.kill()
-            raise SystemExit("the transport-floor server did not start (see its stderr above)")
-        self.port = int(line)
         self.pid = self._process.pid
+        self._port = 0
+
+    @property
+    def port(self) -> int:
+        """Its port, once it listens (waits for it)."""
+        if not self._port:
+            assert self._process.stdout is not None
+            line = self._process.stdout.readline()
+            if not line.strip().isdigit():
+                self._process.kill()
+                raise SystemExit("the transport-floor server did not start (see stderr above)")
+            self._port = int(line)
+        return self._port
 
     def close(self) -> None:
         self._process.kill()
@@ -728,11 +737,27 @@ def _share_for(stack: LocalStack, clients: int) -> None:
     stack.start_service()
 
 
+def _discard(stack: LocalStack) -> None:
+    """Stop a throwaway stack: SIGTERM, then SIGKILL after 3 s (service) or 1 s (weed).
+
+    weed takes 15 s or more to exit on SIGTERM; its data is deleted right after anyway.
+    """
+    layout = stack.layout
+    ServiceProcess(layout.config, layout.service_pid, layout.service_log).stop(timeout=3.0)
+    config = service_config.load(layout.config)
+    SeaweedServer(
+        layout.s3_dir, int(config.s3.endpoint.rsplit(":", 1)[1]),
+        layout.s3_access_key_file.read_text().strip(),
+        layout.s3_secret_key_file.read_text().strip(), log_file=layout.weed_log,
+    ).stop(timeout=1.0)  # fmt: skip
+    stack.down()  # nothing left to stop: releases whatever the stack still tracks
+
+
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def run(ns: argparse.Namespace, stack: LocalStack) -> dict[str, object]:
+def run(ns: argparse.Namespace, stack: LocalStack, server: FloorServer) -> dict[str, object]:
     ops = dict(QUICK_OPS if ns.quick else FULL_OPS)
     for name, dest in OPS_FLAGS.items():
         if getattr(ns, dest) is not None:
@@ -745,7 +770,6 @@ def run(ns: argparse.Namespace, stack: LocalStack) -> dict[str, object]:
     rounds = ns.rounds if ns.rounds is not None else 1 if ns.quick else 2
     chunk = service_config.load(stack.layout.config).server.chunk_size
     load_before = _load()
-    server = FloorServer(stack)
     pids = Pids(int(stack.layout.service_pid.read_text().strip()), server.pid)
     print(f"service pid {pids.service}, endpoint {stack.endpoint()}; floor server pid "
           f"{pids.floor}, port {server.port}; load {load_before}", flush=True)  # fmt: skip
@@ -770,7 +794,6 @@ def run(ns: argparse.Namespace, stack: LocalStack) -> dict[str, object]:
     finally:
         for clients in pool:
             clients.close()
-        server.close()
     report: dict[str, object] = {
         "when": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{os.cpu_count()} CPUs, python {sys.version.split()[0]}, "
@@ -804,15 +827,22 @@ def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
     home = ns.home or Path(tempfile.mkdtemp(prefix="medvault-bench-"))
     stack = LocalStack(home, report=lambda line: print(f"  [stack] {line}", flush=True))
+    server: FloorServer | None = None
     try:
+        stack.prepare()
+        server = FloorServer(stack)  # starts while the stack comes up
         stack.up()
         _share_for(stack, max(_levels(ns), default=1))
-        report = run(ns, stack)
+        report = run(ns, stack, server)
     finally:
+        if server is not None:
+            server.close()
         if not ns.keep:
-            stack.down()
             if ns.home is None:
+                _discard(stack)
                 shutil.rmtree(home, ignore_errors=True)
+            else:
+                stack.down()
     print_report(report)
     if ns.json:
         ns.json.write_text(json.dumps(report, indent=1))

@@ -37,7 +37,7 @@ def test_quick_run_reports_every_yardstick(tmp_path: Path) -> None:
     # The smallest run that still has every part: two sizes, two client counts.
     run = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "put_get.py"), "--quick",
-         "--sizes", "4KiB,512KiB", "--clients", "1,2", "--seconds", "0.3",
+         "--sizes", "4KiB,512KiB", "--clients", "1,2", "--seconds", "0.2",
          "--ops-4k", "3", "--ops-512k", "2", "--json", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
