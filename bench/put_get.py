@@ -498,6 +498,8 @@ class ThroughputRow:
     medvault_p50_ms: float
     raw_p50_ms: float
     service_cpu_ms: float  # per medvault operation
+    client_cpu_ms: float  # the bench process's CPU per medvault operation
+    raw_client_cpu_ms: float  # and per raw operation (both: all client threads)
 
 
 def _phase(
@@ -549,6 +551,7 @@ def measure_throughput(
             spent = {"medvault": 0.0, "raw": 0.0}
             lat: dict[str, list[float]] = {"medvault": [], "raw": []}
             cpu = 0.0
+            client = {"medvault": 0.0, "raw": 0.0}
             for r in range(rounds):
                 for kind in ("medvault", "raw") if r % 2 == 0 else ("raw", "medvault"):
                     workers = [
@@ -556,8 +559,9 @@ def measure_throughput(
                                 new_ids, new_keys)
                         for n, c in enumerate(clients)
                     ]  # fmt: skip
-                    before = tree_cpu(pids.service)
+                    before, own = tree_cpu(pids.service), time.process_time()
                     n, elapsed, latencies = _phase(workers, seconds)
+                    client[kind] += time.process_time() - own
                     if kind == "medvault":
                         cpu += tree_cpu(pids.service) - before
                     counts[kind] += n
@@ -571,6 +575,8 @@ def measure_throughput(
                 medvault_per_s=mv_rate, raw_per_s=raw_rate, ratio=mv_rate / raw_rate,
                 medvault_p50_ms=_ms(lat["medvault"]), raw_p50_ms=_ms(lat["raw"]),
                 service_cpu_ms=cpu * 1e3 / max(counts["medvault"], 1),
+                client_cpu_ms=client["medvault"] * 1e3 / max(counts["medvault"], 1),
+                raw_client_cpu_ms=client["raw"] * 1e3 / max(counts["raw"], 1),
             ))  # fmt: skip
             print(f"  throughput {name} {op} x{level}: medvault {mv_rate:.1f}/s, "
                   f"raw {raw_rate:.1f}/s", flush=True)  # fmt: skip
@@ -654,13 +660,15 @@ def print_report(report: dict[str, object]) -> None:
     if throughput:
         print("\nthroughput, timed phases alternating medvault / raw (operations per second):")
         header = (f"{'size':>6} {'op':<4} {'clients':>7} {'raw/s':>8} {'mv/s':>8} "
-                  f"{'mv/raw':>7} {'raw p50':>9} {'mv p50':>9} {'svc CPU/op':>11}")  # fmt: skip
+                  f"{'mv/raw':>7} {'raw p50':>9} {'mv p50':>9} {'svc CPU/op':>11} "
+                  f"{'client CPU/op mv, raw':>22}")  # fmt: skip
         print(header)
         print("-" * len(header))
         for t in throughput:
             print(f"{t.size:>6} {t.op:<4} {t.clients:>7} {t.raw_per_s:>8.1f} "
                   f"{t.medvault_per_s:>8.1f} {t.ratio:>6.2f}x {t.raw_p50_ms:>9.2f} "
-                  f"{t.medvault_p50_ms:>9.2f} {t.service_cpu_ms:>11.2f}")  # fmt: skip
+                  f"{t.medvault_p50_ms:>9.2f} {t.service_cpu_ms:>11.2f} "
+                  f"{t.client_cpu_ms:>14.2f}, {t.raw_client_cpu_ms:>5.2f}")  # fmt: skip
     print()
     for v in report["verdicts"]:  # type: ignore[attr-defined]
         print(f"{'PASS' if v['passed'] else 'MISS'} {v['target']}: {v['detail']}")

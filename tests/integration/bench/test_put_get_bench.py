@@ -25,6 +25,7 @@ LATENCY_KEYS = {
 THROUGHPUT_KEYS = {
     "size", "op", "clients", "seconds", "medvault_ops", "raw_ops", "medvault_per_s",
     "raw_per_s", "ratio", "medvault_p50_ms", "raw_p50_ms", "service_cpu_ms",
+    "client_cpu_ms", "raw_client_cpu_ms",
 }  # fmt: skip
 
 
