@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from service.localstack.cluster import DEFAULT_REPLICAS, TOPOLOGIES, open_stack
 from service.localstack.stack import (
     DEFAULT_CLIENTS,
     ComponentStatus,
@@ -41,6 +42,21 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     up.add_argument(
         "--timeout", type=float, default=30.0, help="seconds to wait for the service health"
     )
+    up.add_argument(
+        "--topology", choices=TOPOLOGIES, default=None,
+        help="single: one service, one SeaweedFS server, SQLite (default for a new home); "
+        "cluster: service replicas over the machine's PostgreSQL and a SeaweedFS cluster "
+        "(master, 3 volume servers, filer, S3 gateway). A home keeps its topology",
+    )  # fmt: skip
+    up.add_argument(
+        "--replicas", type=int, default=None,
+        help=f"cluster: how many service replicas (default {DEFAULT_REPLICAS}; kept for later ups)",
+    )  # fmt: skip
+    up.add_argument(
+        "--database-url", default=None,
+        help="cluster, new home: the PostgreSQL database (default: medvault_stack_<hash> on "
+        "the machine's PostgreSQL at 127.0.0.1:5432, created if missing)",
+    )  # fmt: skip
     up.set_defaults(func=_up)
 
     down = commands.add_parser("down", parents=[common], help="stop the service and SeaweedFS")
@@ -71,7 +87,12 @@ def _stack(args: argparse.Namespace) -> LocalStack:
     # refused connection as a retry warning.
     logging.getLogger("urllib3").setLevel(logging.ERROR)
     home: Path | None = args.home
-    return LocalStack(home.absolute() if home else default_home())
+    return open_stack(
+        home.absolute() if home else default_home(),
+        getattr(args, "topology", None),
+        replicas=getattr(args, "replicas", None),
+        database_url=getattr(args, "database_url", None),
+    )
 
 
 def _run(action: Callable[[], object]) -> int:
