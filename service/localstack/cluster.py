@@ -24,6 +24,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -131,8 +132,12 @@ class ClusterStack(LocalStack):
     def down(self) -> None:
         """Stop every replica, then the SeaweedFS cluster; the database is kept."""
         with self._locked():
-            for index in self._known_replicas():
-                if self.replica(index).stop():
+            # In parallel: each takes seconds to drain its calls and close its pools.
+            indexes = self._known_replicas()
+            with ThreadPoolExecutor(max(1, len(indexes))) as pool:
+                stopped = list(pool.map(lambda i: self.replica(i).stop(), indexes))
+            for index, was_running in zip(indexes, stopped, strict=True):
+                if was_running:
                     self._report(f"stopped medvault replica {index}")
             cluster = self.seaweed_cluster()
             if cluster.is_running():
@@ -342,7 +347,7 @@ class ClusterStack(LocalStack):
         """``replica-<i>.toml``: config.toml with this replica's own ports."""
         text = self.layout.config.read_text()
         ports = self._replica_ports_chosen(index, text)
-        derived = _with_ports(text, ports)
+        derived = with_listener_ports(text, ports)
         header = (
             f"# Replica {index} of the cluster stack: written by `medvault stack up` from "
             "config.toml at every start.\n# Edit config.toml, not this file.\n"
@@ -355,7 +360,7 @@ class ClusterStack(LocalStack):
         # Each configured port, counted up by replica (7443, 7444, ...) where free.
         wanted = {name: int(value.rpartition(":")[2] or 0) + index - 1
                   for (section, key), name in _LISTENERS.items()
-                  if (value := _value(text, section, key))}  # fmt: skip
+                  if (value := config_value(text, section, key))}  # fmt: skip
         taken = {p for i, ports in topology["ports"].items() if i != str(index)
                  for p in ports.values()}  # fmt: skip
         ports = {k: v for k, v in topology["ports"].get(str(index), {}).items() if k in wanted}
@@ -368,7 +373,7 @@ class ClusterStack(LocalStack):
         return ports
 
 
-def _value(text: str, section: str, key: str) -> str:
+def config_value(text: str, section: str, key: str) -> str:
     """The string value of ``key`` in ``[section]`` of a TOML text ("" when absent)."""
     current = ""
     for line in text.splitlines():
@@ -379,7 +384,7 @@ def _value(text: str, section: str, key: str) -> str:
     return ""
 
 
-def _with_ports(text: str, ports: dict[str, int]) -> str:
+def with_listener_ports(text: str, ports: dict[str, int]) -> str:
     """``text`` with each configured listener's port replaced (its host kept)."""
     out, current = [], ""
     for line in text.splitlines(keepends=True):
