@@ -127,6 +127,9 @@ class ClusterStack(LocalStack):
             self._ensure_database()
             self._start_cluster()
             self._start_service(health_timeout)
+            for index in set(self._known_replicas()) - set(self._replica_range()):
+                if self.replica(index).stop():  # --replicas lowered: the surplus goes
+                    self._report(f"stopped medvault replica {index} (beyond --replicas)")
         self._report(f"medvault cluster stack is up in {self.home}: {self.endpoint()}")
 
     def down(self) -> None:

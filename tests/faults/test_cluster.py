@@ -11,7 +11,8 @@ CLI's own channel: both replica addresses, round robin, retries of idempotent ca
   writes go on (the master drops the lost server's volumes from the writable set);
 * a replica SIGKILLed under concurrent uploads and downloads: every acknowledged record
   reads back identical through the survivor, nothing unacknowledged is visible, no put
-  is stored twice, and the clients finish on the survivor.
+  is stored twice, and the clients finish on the survivor while the killed replica is
+  restarted (``stack up``, as a supervisor would).
 
 Figures are printed as one JSON line per test (``-s`` shows them; docs/reliability.md).
 PYTEST_DONT_REWRITE: failures name counts, never content.
@@ -305,6 +306,14 @@ def test_a_replica_killed_during_uploads_and_downloads(cluster: Cluster) -> None
     stack = cluster.stack
     victim, survivor = REPLICAS, 1
     load = Workload(cluster)
+    back_in: list[float] = []
+
+    def restart_victim() -> None:
+        began = time.monotonic()
+        stack.start_service(health_timeout=90)
+        back_in.append(time.monotonic() - began)
+
+    restart = threading.Thread(target=restart_victim, daemon=True)
     threads = load.run()
     try:
         _wait(lambda: load.puts_acknowledged() >= 25, 60, "25 puts acknowledged")
@@ -312,6 +321,10 @@ def test_a_replica_killed_during_uploads_and_downloads(cluster: Cluster) -> None
         assert pid is not None, "the replica to kill is not running"
         os.killpg(pid, signal.SIGKILL)  # the whole replica, whatever its processes
         killed_at, acked_at_kill = time.monotonic(), load.puts_acknowledged()
+        # Restarted once it has exited, as a supervisor (systemd's Restart=) would, while
+        # the load goes on: `stack up` starts the missing replica, returns once healthy.
+        _wait(lambda: stack.replica(victim).pid is None, 10, "the killed replica gone")
+        restart.start()
         _wait(
             lambda: (
                 load.puts_acknowledged() >= acked_at_kill + 25 and time.monotonic() - killed_at >= 3
@@ -321,9 +334,12 @@ def test_a_replica_killed_during_uploads_and_downloads(cluster: Cluster) -> None
         )
     finally:
         load.stop.set()
-        for t in threads:
-            t.join(timeout=120)
+        for t in [*threads, restart]:
+            if t.ident is not None:
+                t.join(timeout=120)
     assert not any(t.is_alive() for t in threads), "a client thread is stuck"
+    assert back_in, "the killed replica did not come back (see its log)"
+    assert stack.replica(victim).pid not in (None, pid), "the killed replica is not running"
     assert not load.gave_up, f"clients gave up: {load.gave_up}"
     assert load.mismatches == 0, f"{load.mismatches} reads differed from what was stored"
 
@@ -338,9 +354,6 @@ def test_a_replica_killed_during_uploads_and_downloads(cluster: Cluster) -> None
     assert not unacknowledged, f"{len(unacknowledged)} records visible but never acknowledged"
     assert differ == 0, f"{differ} acknowledged records read back different via the survivor"
 
-    restarted = time.monotonic()
-    stack.start_service()  # starts the missing replica, returns once it is healthy
-    back_in = time.monotonic() - restarted
     chain = verify_chain(cluster)
     assert chain.ok, f"audit chain: {chain.reason} at {chain.first_bad_sequence}"
     events, _ = one_chain(cluster)
@@ -367,6 +380,6 @@ def test_a_replica_killed_during_uploads_and_downloads(cluster: Cluster) -> None
                                                default=0.0), 2),
         "first_success_after_kill_s": round(first_ok - killed_at, 2),
         "acknowledged_lost": len(lost), "unacknowledged_visible": len(unacknowledged),
-        "orphan_objects_left": orphans, "replica_restart_s": round(back_in, 2),
+        "orphan_objects_left": orphans, "replica_restart_s": round(back_in[0], 2),
         "audit_events": events,
     }))  # fmt: skip
