@@ -42,6 +42,7 @@ IDEMPOTENT = {
 }  # fmt: skip
 MAX_ATTEMPTS = 3
 RETRY_BUFFER = 8 << 20  # bytes of one call's requests kept for a replay
+MAX_RECONNECT_BACKOFF_MS = 5_000
 
 SERVICE_CONFIG = {
     "loadBalancingConfig": [{"round_robin": {}}],
@@ -80,6 +81,9 @@ class Target:
             ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
             ("grpc.enable_retries", 1),
             ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER),
+            # A replica back from a restart is used again within seconds, not after
+            # gRPC's default reconnect backoff of up to 120 s (long bulk imports).
+            ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
             ("grpc.default_authority", self.authority),
         ]
 

@@ -1,0 +1,46 @@
+"""A stack home keeps its topology; cluster-only flags need the cluster topology."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.localstack.cluster import (
+    CLUSTER_FILE,
+    ClusterStack,
+    default_database_url,
+    open_stack,
+)
+from service.localstack.stack import LocalStack, LocalStackError
+
+
+def test_a_new_home_gets_the_topology_asked_for(tmp_path: Path) -> None:
+    assert type(open_stack(tmp_path / "a")) is LocalStack
+    assert type(open_stack(tmp_path / "b", "cluster", replicas=3)) is ClusterStack
+
+
+def test_a_home_keeps_its_topology(tmp_path: Path) -> None:
+    single, cluster = tmp_path / "single", tmp_path / "cluster"
+    single.mkdir()
+    (single / "config.toml").write_text("")
+    cluster.mkdir()
+    (cluster / CLUSTER_FILE).write_text('{"replicas": 2, "ports": {}}')
+    with pytest.raises(LocalStackError, match="single-topology stack; use another --home"):
+        open_stack(single, "cluster")
+    with pytest.raises(LocalStackError, match="cluster-topology stack"):
+        open_stack(cluster, "single")
+    assert type(open_stack(cluster)) is ClusterStack  # status, env, down: no flags
+
+
+def test_cluster_flags_need_the_cluster_topology(tmp_path: Path) -> None:
+    with pytest.raises(LocalStackError, match="need --topology cluster"):
+        open_stack(tmp_path, replicas=2)
+    with pytest.raises(LocalStackError, match="at least 1"):
+        open_stack(tmp_path, "cluster", replicas=0)
+
+
+def test_the_default_database_is_the_homes_own(tmp_path: Path) -> None:
+    one, other = default_database_url(tmp_path / "a"), default_database_url(tmp_path / "b")
+    assert one != other
+    assert one.startswith("postgresql+psycopg://postgres@127.0.0.1:5432/medvault_stack_")
