@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -107,6 +107,23 @@ def one_chain(cluster: Cluster) -> tuple[int, int]:
     return int(count), int(high)
 
 
+def scheduled_backups(cluster: Cluster) -> tuple[list[Any], int]:
+    """Finished scheduled backup runs, and the scheduler's ``backup.run`` audit events."""
+    engine = cluster.engine()
+    try:
+        with engine.connect() as c:
+            runs = c.execute(sa.text(
+                "SELECT slot, replica, outcome FROM backup_runs WHERE kind = 'backup'"
+            )).all()  # fmt: skip
+            events = c.scalar(sa.text(
+                "SELECT COUNT(*) FROM audit_events WHERE action = 'backup.run' "
+                "AND principal = 'scheduler'"
+            ))  # fmt: skip
+    finally:
+        engine.dispose()
+    return [r for r in runs if r.outcome != "running"], int(events or 0)
+
+
 def test_calls_spread_one_chain_one_sweeper_one_scheduled_run(cluster: Cluster) -> None:
     stack = cluster.stack
     puts_before = [cluster.calls(i, "RecordService/PutRecord") for i in range(1, REPLICAS + 1)]
@@ -145,22 +162,21 @@ def test_calls_spread_one_chain_one_sweeper_one_scheduled_run(cluster: Cluster) 
     rounds = (time.monotonic() - began) / SWEEP_SECONDS
     assert 2 <= swept <= rounds + 2, f"{swept} sweeps in {rounds:.0f} intervals"
 
-    engine = cluster.engine()
+    # A run's ledger row is finished before its audit event is committed: wait for both.
+    seen: list[tuple[list[Any], int]] = []
+
+    def settled() -> bool:
+        seen.append(scheduled_backups(cluster))
+        finished, events = seen[-1]
+        return len(finished) >= 2 and events == len(finished)
+
     try:
-        with engine.connect() as c:
-            runs = c.execute(sa.text(
-                "SELECT slot, replica, outcome, backup_id FROM backup_runs WHERE kind = 'backup'"
-            )).all()  # fmt: skip
-            events = c.scalar(sa.text(
-                "SELECT COUNT(*) FROM audit_events WHERE action = 'backup.run' "
-                "AND principal = 'scheduler'"
-            ))  # fmt: skip
-    finally:
-        engine.dispose()
-    finished = [r for r in runs if r.outcome != "running"]
-    assert len(finished) >= 2, f"{len(finished)} scheduled backups"
+        _wait(settled, 30, "two scheduled backups, each with its audit event")
+    except AssertionError:
+        finished, events = seen[-1]
+        raise AssertionError(f"{len(finished)} scheduled backups, {events} audit events") from None
+    finished = seen[-1][0]
     assert all(r.outcome == "ok" for r in finished), [r.outcome for r in finished]
-    assert events == len(finished), f"{events} scheduler events for {len(finished)} runs"
 
     chain = verify_chain(cluster)
     assert chain.ok, f"audit chain: {chain.reason} at {chain.first_bad_sequence}"
@@ -375,6 +391,7 @@ def test_a_replica_killed_during_uploads_and_downloads(cluster: Cluster) -> None
         "gets": sum(c.kind == "get" for c in load.calls),
         "calls_retried_by_client": sum(c.retries > 0 for c in load.calls),
         "client_retries": sum(c.retries for c in load.calls),
+        "client_retried_kinds": sorted(c.kind for c in load.calls if c.retries > 0),
         "calls_in_flight_at_kill": len(straddling),
         "longest_call_across_kill_s": round(max((c.ended - c.began for c in straddling),
                                                default=0.0), 2),
