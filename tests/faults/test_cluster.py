@@ -40,7 +40,7 @@ from service._gen.medvault.v1 import audit_pb2 as aupb
 from service._gen.medvault.v1 import audit_pb2_grpc as aupb_grpc
 from service._gen.medvault.v1 import records_pb2 as pb
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
-from service.localstack.cluster import open_stack
+from service.cli.main import parser
 from service.localstack.seaweed_cluster import component_names
 from storage import make_minio_client
 from tests.faults.cluster import BACKUP_SECONDS, REPLICAS, SWEEP_SECONDS, Cluster, cluster_stack
@@ -124,7 +124,15 @@ def scheduled_backups(cluster: Cluster) -> tuple[list[Any], int]:
     return [r for r in runs if r.outcome != "running"], int(events or 0)
 
 
-def test_calls_spread_one_chain_one_sweeper_one_scheduled_run(cluster: Cluster) -> None:
+def stack_command(*args: str) -> int:
+    """``medvault stack ...`` in this process (what the console script runs, minus logging)."""
+    ns = parser().parse_args(["stack", *args])
+    return int(ns.func(ns))
+
+
+def test_calls_spread_one_chain_one_sweeper_one_scheduled_run(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
     stack = cluster.stack
     puts_before = [cluster.calls(i, "RecordService/PutRecord") for i in range(1, REPLICAS + 1)]
     stored: dict[tuple[str, int], bytes] = {}
@@ -142,11 +150,13 @@ def test_calls_spread_one_chain_one_sweeper_one_scheduled_run(cluster: Cluster) 
     assert min(spread) >= len(stored) // 4, f"round robin left a replica idle: {spread}"
 
     # What `medvault stack status` and `stack env` say of this home, found without flags.
-    reopened = open_stack(stack.home, report=lambda _: None)
-    states = {c.name: c.state for c in reopened.status()}
+    capsys.readouterr()
+    assert stack_command("status", "--home", str(stack.home)) == 0, "a component is down"
+    states = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
     assert all(states[n] == "running" for n in component_names()), states
     assert all(states[f"replica-{i}"] == "running" for i in range(1, REPLICAS + 1)), states
-    assert f"MEDVAULT_ENDPOINT={','.join(stack.endpoints())}\n" in reopened.env()
+    assert stack_command("env", "--home", str(stack.home)) == 0
+    assert f"MEDVAULT_ENDPOINT={','.join(stack.endpoints())}\n" in capsys.readouterr().out
 
     ports = [stack.replica_ports(i) for i in range(1, REPLICAS + 1)]
     for listener in ("grpc", "metrics", "mllp", "dicom"):

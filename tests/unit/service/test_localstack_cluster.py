@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from service.cli.main import parser
 from service.localstack.cluster import (
     CLUSTER_FILE,
     ClusterStack,
@@ -44,3 +45,12 @@ def test_the_default_database_is_the_homes_own(tmp_path: Path) -> None:
     one, other = default_database_url(tmp_path / "a"), default_database_url(tmp_path / "b")
     assert one != other
     assert one.startswith("postgresql+psycopg://postgres@127.0.0.1:5432/medvault_stack_")
+
+
+def test_stack_up_refuses_cluster_flags_on_a_single_home_before_starting_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ns = parser().parse_args(["stack", "up", "--home", str(tmp_path), "--replicas", "2"])
+    assert ns.func(ns) == 1
+    assert "--replicas and --database-url need --topology cluster" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir()), "nothing is created"
