@@ -38,8 +38,9 @@ IDEMPOTENT = {
     "medvault.v1.KeyService": ("ListKeks", "ListSigners"),
     "medvault.v1.SigningService": ("VerifyRecord", "GetSignature"),
     "medvault.v1.StatsService": ("CountRecords",),
-    "grpc.health.v1.Health": ("Check",),
 }  # fmt: skip
+# Not the health check: `medvault health` asks whether *this* address serves, and a
+# retry (on another replica, or after a backoff) would blur the answer a probe needs.
 MAX_ATTEMPTS = 3
 RETRY_BUFFER = 8 << 20  # bytes of one call's requests kept for a replay
 MAX_RECONNECT_BACKOFF_MS = 5_000
