@@ -70,6 +70,15 @@ class Component:
     endpoint: str
 
 
+@dataclass(frozen=True)
+class Volume:
+    """One volume of a collection: its replica placement (``001``) and the servers holding it."""
+
+    id: int
+    placement: str
+    holders: tuple[str, ...]
+
+
 class SeaweedCluster:
     """Start, find and stop the cluster whose state lives in ``data_dir``."""
 
@@ -140,6 +149,25 @@ class SeaweedCluster:
             for dc in topology.get("DataCenters") or []
             for rack in dc.get("Racks") or []
         )
+
+    def volumes(self, collection: str) -> dict[int, Volume]:
+        """The master's view of ``collection``'s volumes: placement, servers holding a copy."""
+        ports = self._read_ports() or {}
+        names = {f"127.0.0.1:{port}": name for name, port in ports.items()}
+        status = _get_json(f"http://127.0.0.1:{ports['master']}/vol/status")
+        found: dict[int, Volume] = {}
+        for racks in (status.get("Volumes") or {}).get("DataCenters", {}).values():
+            for nodes in racks.values():
+                for node, volumes in nodes.items():
+                    for v in volumes or []:
+                        if v.get("Collection") != collection:
+                            continue
+                        p = v.get("ReplicaPlacement") or {}
+                        placement = f"{p.get('dc', 0)}{p.get('rack', 0)}{p.get('node', 0)}"
+                        held = found.get(v["Id"], Volume(v["Id"], placement, ()))
+                        holders = (*held.holders, names.get(node, node))
+                        found[v["Id"]] = Volume(v["Id"], placement, tuple(sorted(holders)))
+        return found
 
     # -- lifecycle ---------------------------------------------------------------
 

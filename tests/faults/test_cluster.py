@@ -28,6 +28,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -52,6 +53,7 @@ from tests.integration.service.streams import new_patient
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 20
+RECORDS_BUCKET = "medvault-records"  # the stack's config.toml
 T = TypeVar("T")
 CLIENTS = 4
 
@@ -201,7 +203,7 @@ def test_calls_spread_one_chain_one_sweeper_one_scheduled_run(
 
 
 def test_a_volume_server_lost(cluster: Cluster) -> None:
-    """SIGKILL one of three volume servers: reads and writes go on; it rejoins."""
+    """SIGKILL the volume server holding the most copies: reads and writes go on; it rejoins."""
     seaweed = cluster.stack.seaweed_cluster()
     stored: dict[tuple[str, int], bytes] = {}
     patient = new_patient()
@@ -211,7 +213,14 @@ def test_a_volume_server_lost(cluster: Cluster) -> None:
             content = secrets.token_bytes(2_000 + 1_000 * n)
             record = put(stub, patient, content, str(uuid.uuid4()))
             stored[(record.id, record.version)] = content
-        seaweed.stop_component("volume-1", signal.SIGKILL)
+        # Every volume of the records' bucket is written twice (001) on two servers; the
+        # one lost is the server holding the most of them.
+        volumes = seaweed.volumes(RECORDS_BUCKET).values()
+        assert volumes, "the master lists no volume of the records' bucket"
+        assert {(v.placement, len(v.holders)) for v in volumes} == {("001", 2)}, volumes
+        held = Counter(h for v in volumes for h in v.holders)
+        victim = held.most_common(1)[0][0]
+        seaweed.stop_component(victim, signal.SIGKILL)
         lost_at = time.monotonic()
         nodes_after = seaweed.data_nodes()
         bad_reads = sum(read(stub, k) != content for k, content in stored.items())
@@ -228,14 +237,16 @@ def test_a_volume_server_lost(cluster: Cluster) -> None:
                 written[(record.id, record.version)] = content
         bad_new = sum(read(stub, k) != content for k, content in written.items())
         restarted = time.monotonic()
-        seaweed.start_component("volume-1")  # returns once the master counts it again
+        seaweed.start_component(victim)  # returns once the master counts it again
         rejoined = time.monotonic() - restarted
         bad_after = sum(read(stub, k) != c for k, c in {**stored, **written}.items())
     assert bad_reads == 0, f"{bad_reads} of {len(stored)} reads differ with a volume server lost"
     assert not refused, f"writes refused with a volume server lost: {refused}"
     assert bad_new == bad_after == 0, "a record written during the loss reads back different"
     print(json.dumps({
-        "records_before": len(stored), "volume_servers_alive_after_kill": nodes_after,
+        "records_before": len(stored), "volumes": len(volumes),
+        "volumes_on_the_lost_server": held[victim],
+        "volume_servers_alive_after_kill": nodes_after,
         "reads_after_kill": len(stored), "reads_failed": bad_reads,
         "reads_took_s": round(reads_took, 2), "writes_during_loss": 20,
         "writes_refused": len(refused), "volume_server_rejoined_s": round(rejoined, 2),
@@ -392,7 +403,7 @@ def test_a_replica_killed_during_uploads_and_downloads(cluster: Cluster) -> None
     objects = make_minio_client(
         s3.endpoint, (stack.layout.s3_access_key_file.read_text().strip()),
         stack.layout.s3_secret_key_file.read_text().strip(), read_timeout=10, retry=False,
-    ).list_objects("medvault-records", recursive=True)  # fmt: skip
+    ).list_objects(RECORDS_BUCKET, recursive=True)  # fmt: skip
     orphans = len({o.object_name for o in objects} - referenced_keys(cluster.database_url))
     print(json.dumps({
         "calls": len(load.calls),
