@@ -40,8 +40,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "up", parents=[common], help="create what is missing and start everything"
     )
     up.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds to wait for the service health"
-    )
+        "--timeout", type=float, default=None,
+        help="seconds to wait for the service's health (default 30; cluster 60, per replica)",
+    )  # fmt: skip
     up.add_argument(
         "--topology", choices=TOPOLOGIES, default=None,
         help="single: one service, one SeaweedFS server, SQLite (default for a new home); "
@@ -106,7 +107,8 @@ def _run(action: Callable[[], object]) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    return _run(lambda: _stack(args).up(health_timeout=args.timeout))
+    timeout = {} if args.timeout is None else {"health_timeout": args.timeout}
+    return _run(lambda: _stack(args).up(**timeout))
 
 
 def _down(args: argparse.Namespace) -> int:
