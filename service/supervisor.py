@@ -72,16 +72,36 @@ def reserve_port(listen: str) -> list[socket.socket]:
             with socket.socket(family, kind, proto) as probe:  # what a lone server does
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 probe.bind(address)
-            hold = socket.socket(family, kind, proto)
-            held.append(hold)
-            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            hold.bind(address)  # never listens: receives no connection
+            held.append(_hold(family, kind, proto, address))
     except OSError as e:
         for sock in held:
             sock.close()
         raise ConfigError(failed) from e
     return held
+
+
+def _hold(family: int, kind: int, proto: int, address: tuple[object, ...]) -> socket.socket:
+    """A socket bound to ``address`` with SO_REUSEPORT only; it never listens.
+
+    Without SO_REUSEADDR, Linux lets nothing bind beside it but SO_REUSEPORT sockets of
+    the same user. Connections a lone server closed may linger in TIME_WAIT and refuse
+    that bind for a minute; then the hold also sets SO_REUSEADDR, which keeps out only
+    programs that do not set it (a lone gRPC server could then bind while no worker
+    listens).
+    """
+    for reuse_address in (False, True):
+        hold = socket.socket(family, kind, proto)
+        try:
+            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, int(reuse_address))
+            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            hold.bind(address)
+        except OSError:
+            hold.close()
+            if reuse_address:
+                raise
+            continue
+        return hold
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 @dataclass
