@@ -139,7 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             if count > 1:  # the other workers start once the first serves
                 _wait_for_line(stack.layout.service_log, offset, "supervisor serving")
             pids = service_pids(int(stack.layout.service_pid.read_text()))
-            print(f"processes={count}: service pids {pids}", flush=True)
+            started = sum(_cpu(p) for p in pids)
+            figures[f"start/{count}"] = {"cpu_s": started}
+            print(f"processes={count}: service pids {pids}, start-up CPU {started:.1f} s",
+                  flush=True)  # fmt: skip
             for clients in CLIENTS:
                 figures[f"{count}/{clients}"] = _cell(stack, clients, ns.ops)
             stack.down()
@@ -151,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     print("processes clients  op    ops/s    MB/s   service CPU ms/op   vs 1 process")
     for key, cell in figures.items():
         count, clients = key.split("/")
+        if count == "start":
+            continue
         for op, row in cell.items():  # type: ignore[attr-defined]
             base = figures[f"1/{clients}"][op]["ops_per_s"]  # type: ignore[index]
             print(f"{count:>9} {clients:>7}  {op:4} {row['ops_per_s']:7.1f} "

@@ -138,7 +138,7 @@ class Supervisor:
         try:
             self._serve_metrics()
             if not self._start_all(wake_r):
-                return 1
+                return 0 if self._stopping() else 1
             log.info("supervisor serving", extra={
                 "listen": self._config.server.listen, "processes": len(self._workers),
             })  # fmt: skip

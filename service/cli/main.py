@@ -44,6 +44,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
     worker = None
     if ns.worker is not None:
+        if ns.ready_fd is None or ns.supervisor_pid is None:
+            raise SystemExit("medvault serve: --worker is for the supervisor's workers only")
         worker = WorkerRole(ns.worker, ns.ready_fd, ns.supervisor_pid)
     serve(config, worker)
     return 0
