@@ -82,8 +82,11 @@ def _wait_for_line(log: Path, offset: int, message: str, timeout: float = 120) -
 
 
 def _set_processes(config: Path, count: int) -> None:
-    text = re.sub(r"(?m)^processes = \d+\n", "", config.read_text())
-    config.write_text(text.replace("[server]\n", f"[server]\nprocesses = {count}\n", 1))
+    """``processes = count``; all clients are one principal: lift its share (per process)
+    of concurrent calls (service.limits), as bench/audit_overhead.py does."""
+    text = re.sub(r"(?m)^(processes|max_calls_per_principal) = \d+\n", "", config.read_text())
+    lines = f"[server]\nprocesses = {count}\nmax_calls_per_principal = 256\n"
+    config.write_text(text.replace("[server]\n", lines, 1))
 
 
 def _cell(stack: LocalStack, clients: int, ops: int) -> dict[str, dict[str, float]]:

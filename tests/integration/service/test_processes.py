@@ -7,6 +7,7 @@ knows both did. Then a worker is SIGKILLed: the supervisor starts another, and c
 on new connections keep succeeding. Afterwards every acknowledged record reads back
 byte-identical, the audit chain (written by three processes) verifies, the summed
 metrics count every acknowledged put, and stopping the supervisor stops its workers.
+SIGHUP to the supervisor makes every worker re-read its policy (and CRL).
 """
 
 from __future__ import annotations
@@ -143,6 +144,11 @@ def test_two_worker_processes_share_one_port_safely(
     pids = _serving_workers(service)
     assert set(pids) == {0, 1}
     assert service.process.pid not in pids.values()
+
+    # SIGHUP (policy and CRL reload: one handler in each process) reaches every worker.
+    os.kill(service.process.pid, signal.SIGHUP)
+    wait_for(lambda: {e.get("worker") for e in _log(service, "policy reloaded")} == {0, 1}, 30,
+             "both workers reloading the policy")  # fmt: skip
 
     shared: dict[str, bytes] = {}
     with ThreadPoolExecutor(CLIENTS) as pool:
