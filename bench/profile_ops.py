@@ -89,6 +89,10 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="medvault-prof-"))
     stack = LocalStack(home, report=lambda line: print(f"  [stack] {line}", flush=True))
     try:
+        stack.prepare()
+        # One service process: py-spy and the CPU figures follow the pid file's process.
+        config = stack.layout.config
+        config.write_text(config.read_text().replace("[server]\n", "[server]\nprocesses = 1\n", 1))
         stack.up()
         pid = stack.layout.service_pid.read_text().strip()
         medvault = Medvault(stack)
