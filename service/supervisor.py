@@ -47,7 +47,8 @@ from types import FrameType
 from service.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
-STOP_SECONDS = 15.0  # a worker's drain (10 s grace) and close, then SIGKILL
+STOP_SECONDS = 12.0  # a worker's drain (10 s grace) and close, then SIGKILL; below the 15 s
+# after which `medvault stack down` SIGKILLs the whole group
 START_SECONDS = 120.0  # the first start of a worker: token, database, bucket
 RESTART_FIRST, RESTART_MAX = 0.5, 30.0
 HEALTHY_SECONDS = 60.0  # a worker that served this long starts its backoff afresh
