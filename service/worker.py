@@ -37,6 +37,9 @@ class WorkerRole:
     def enter(self) -> None:
         """Tag the log, and stop (SIGTERM) when the supervisor dies; call first thing."""
         logs.set_worker(self.index)
+        # A reload forwarded while this worker starts must not kill it (SIGHUP's default);
+        # it reads the policy and CRL as it starts, then serve() installs the reload.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
