@@ -283,6 +283,25 @@ _PATH_KEYS = {
 }
 
 
+# A path key may start with this: systemd's credentials folder of the unit (LoadCredential=,
+# docs/deployment.md). Its location depends on the unit's name (an instance of a template
+# unit has its own), so a config shared by instances names the variable, not the folder.
+CREDENTIALS_PREFIX = "$CREDENTIALS_DIRECTORY/"
+
+
+def _resolve_path(section: str, key: str, value: str, base_dir: Path) -> str:
+    """A path key's value: relative to the config file, or in systemd's credentials folder."""
+    if not value.startswith(CREDENTIALS_PREFIX):
+        return str(base_dir / value)
+    folder = os.environ.get("CREDENTIALS_DIRECTORY", "")
+    if not folder:
+        raise ConfigError(
+            f"[{section}] {key} names $CREDENTIALS_DIRECTORY, which is not set: systemd sets "
+            "it for a unit with LoadCredential=; elsewhere name the file itself"
+        )
+    return str(Path(folder) / value.removeprefix(CREDENTIALS_PREFIX))
+
+
 def _section(cls: type[Any], name: str, raw: Any) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"[{name}] must be a table")
@@ -416,7 +435,9 @@ def parse(raw: dict[str, Any], base_dir: Path) -> Config:
             raise ConfigError(f"unknown section [{name}]")
         if isinstance(value, dict):
             value = {  # noqa: PLW2901  (relative paths resolved in place)
-                k: str(base_dir / v) if (name, k) in _PATH_KEYS and v else v
+                k: _resolve_path(name, k, v, base_dir)
+                if (name, k) in _PATH_KEYS and isinstance(v, str) and v
+                else v
                 for k, v in value.items()
             }
         sections[name] = _section(cls, name, value)

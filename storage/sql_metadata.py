@@ -362,6 +362,17 @@ def translated_change(fn: Callable[[Connection], T]) -> Callable[[Connection], T
     return change
 
 
+# The statements on every read's path, built once: a statement built per call costs
+# SQLAlchemy a new cache key each time (bench/sign.py's GIL profile).
+_LATEST = (
+    sa.select(records).where(records.c.id == sa.bindparam("record_id"))
+    .order_by(records.c.version.desc()).limit(1)
+)  # fmt: skip
+_VERSION = sa.select(records).where(
+    records.c.id == sa.bindparam("record_id"), records.c.version == sa.bindparam("version")
+)
+
+
 class SqlMetadataStore:
     """Record rows in one SQL table; every statement is parameterised."""
 
@@ -385,12 +396,12 @@ class SqlMetadataStore:
 
     def get(self, record_id: str, version: int | None = None) -> StoredRecord:
         """That version, or the latest; ``RecordNotFoundError`` if absent."""
-        query = sa.select(records).where(records.c.id == record_id)
+        params: dict[str, object]
         if version is None:
-            query = query.order_by(records.c.version.desc()).limit(1)
+            query, params = _LATEST, {"record_id": record_id}
         else:
-            query = query.where(records.c.version == version)
-        row = self._run(lambda c: c.execute(query).first())
+            query, params = _VERSION, {"record_id": record_id, "version": version}
+        row = self._run(lambda c: c.execute(query, params).first())
         if row is None:
             raise RecordNotFoundError("no such record" if version is None else "no such version")
         return to_stored_record(row)

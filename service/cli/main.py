@@ -17,6 +17,7 @@ from service.cli import (
     access_cmd,
     audit_cmd,
     backup_cmd,
+    health_cmd,
     import_cmd,
     keys_cmd,
     records_cmd,
@@ -105,6 +106,7 @@ def parser() -> argparse.ArgumentParser:
     restore_cmd.register(sub)
     stack_cmd.register(sub)
     stats_cmd.register(sub)
+    health_cmd.register(sub)
     return top
 
 
