@@ -91,8 +91,9 @@ def main() -> int:
     try:
         stack.prepare()
         # One service process: py-spy and the CPU figures follow the pid file's process.
-        config = stack.layout.config
-        config.write_text(config.read_text().replace("[server]\n", "[server]\nprocesses = 1\n", 1))
+        config, text = stack.layout.config, stack.layout.config.read_text()
+        if "\nprocesses = " not in text:
+            config.write_text(text.replace("[server]\n", "[server]\nprocesses = 1\n", 1))
         stack.up()
         pid = stack.layout.service_pid.read_text().strip()
         medvault = Medvault(stack)
