@@ -21,6 +21,8 @@ from service.errors import ServiceError
 
 # Longest wait for a request message that the edge allows (service.streams relies on it).
 MAX_IDLE_SECONDS = 300.0
+# More service processes than this on one host is a typo, not a plan.
+MAX_PROCESSES = 256
 
 
 class ConfigError(ServiceError):
@@ -32,6 +34,9 @@ class ServerConfig:
     """Listening address and limits."""
 
     listen: str = "127.0.0.1:7443"
+    # Service processes sharing ``listen`` (SO_REUSEPORT, service.supervisor); 0 = one per
+    # core this process may run on. 1 = no supervisor: the server runs in this process.
+    processes: int = 0
     max_record_size: int = 4 << 30
     chunk_size: int = 1 << 20
     segment_size: int = 1 << 20
@@ -76,6 +81,11 @@ class ServerConfig:
     # (docs/keys.md): a v1 row is then refused with DATA_LOSS, so a database writer
     # cannot put back an older v1 blob to edit a row's other columns undetected.
     accept_legacy_sealed_rows: bool = True
+
+    @property
+    def process_count(self) -> int:
+        """How many service processes to run: ``processes``, or one per usable core."""
+        return self.processes or len(os.sched_getaffinity(0))
 
     @property
     def principal_share(self) -> int:
@@ -340,6 +350,10 @@ def _check_server(server: ServerConfig) -> None:
     if max(server.first_message_seconds, server.idle_seconds) > MAX_IDLE_SECONDS:
         raise ConfigError(
             f"server.first_message_seconds and idle_seconds must be at most {MAX_IDLE_SECONDS:g}"
+        )
+    if not 0 <= server.processes <= MAX_PROCESSES:
+        raise ConfigError(
+            f"server.processes must be 0 (one per core) or a count from 1 to {MAX_PROCESSES}"
         )
     if server.min_upload_bytes_per_second < 0:
         raise ConfigError("server.min_upload_bytes_per_second must be 0 (off) or more")

@@ -54,6 +54,7 @@ from service.mllp import listener as mllp_listener
 from service.records_servicer import RecordServicer
 from service.signing_servicer import SigningServicer
 from service.stats_servicer import StatsServicer
+from service.worker import WorkerRole
 from storage import SqlRunLedger, sweep_if_due
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,11 @@ def _credentials(config: Config) -> grpc.ServerCredentials:
     )
 
 
-def server_options(config: Config) -> list[tuple[str, int]]:
-    """Transport limits: message sizes, keepalive, streams per connection (README)."""
+def server_options(config: Config, *, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """Transport limits: message sizes, keepalive, streams per connection (README).
+
+    ``reuse_port`` only for a supervisor's workers, which share the port on purpose.
+    """
     server = config.server
     limit = server.chunk_size + _FRAME_OVERHEAD
     keepalive_ms = int(server.keepalive_seconds * 1000)
@@ -93,7 +97,9 @@ def server_options(config: Config) -> list[tuple[str, int]]:
         ("grpc.http2.max_ping_strikes", 2),
         # gRPC sets SO_REUSEPORT by default: a second server on the same port would then
         # start too and share its connections. A taken port must fail the start instead.
-        ("grpc.so_reuseport", 0),
+        # A supervisor's workers share it on purpose; the supervisor checked it was free
+        # and holds it (service.supervisor).
+        ("grpc.so_reuseport", int(reuse_port)),
     ]
 
 
@@ -111,7 +117,11 @@ def edge_interceptor(config: Config, components: Components) -> EdgeInterceptor:
 
 
 async def create_server(
-    config: Config, components: Components, edge: EdgeInterceptor | None = None
+    config: Config,
+    components: Components,
+    edge: EdgeInterceptor | None = None,
+    *,
+    reuse_port: bool = False,
 ) -> tuple[aio.Server, int]:
     """A started asyncio server with every service registered; returns it and its port."""
     server = aio.server(
@@ -120,7 +130,7 @@ async def create_server(
             MetricsInterceptor(_registered_methods()),
             edge or edge_interceptor(config, components),
         ],
-        options=server_options(config),
+        options=server_options(config, reuse_port=reuse_port),
         # Fairness comes from the per-principal shares (service.limits); this global cap
         # is only a backstop far above them, since whoever fills it locks everyone out.
         maximum_concurrent_rpcs=config.server.max_concurrent_rpcs,
@@ -266,7 +276,7 @@ def _sweep_forever(config: Config, components: Components, stop: threading.Event
             log.exception("orphan sweep failed")
 
 
-async def _serve(config: Config, components: Components) -> None:
+async def _serve(config: Config, components: Components, worker: WorkerRole | None) -> None:
     loop = asyncio.get_running_loop()
     # The store's blocking calls run here; the default pool (cores + 4) is far too small.
     loop.set_default_executor(
@@ -275,16 +285,20 @@ async def _serve(config: Config, components: Components) -> None:
     edge = edge_interceptor(config, components)
     # HL7 v2 over MLLP (service.mllp) listens before gRPC reports SERVING.
     app = components.app
-    mllp = mllp_listener(config, app.records, app.access) if config.mllp.listen else None
-    if mllp is not None:
+    hospital = worker is None or worker.listens_for_hospital_protocols
+    mllp = None
+    if config.mllp.listen and hospital:
+        mllp = mllp_listener(config, app.records, app.access)
         await mllp.start()
-    server, port = await create_server(config, components, edge)
+    server, port = await create_server(config, components, edge, reuse_port=worker is not None)
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     log.info(
         "serving", extra={"listen": config.server.listen, "port": port, "tls": config.tls.enabled}
     )
+    if worker is not None:
+        worker.ready(port)
     await stopping.wait()
     log.info("stopping")
     if mllp is not None:
@@ -293,15 +307,22 @@ async def _serve(config: Config, components: Components) -> None:
     await edge.flush()  # the refusal windows still open become their audit events
 
 
-def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT, then drain in-flight calls and release resources."""
+def serve(config: Config, worker: WorkerRole | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then drain in-flight calls and release resources.
+
+    ``worker``: this process is one of a supervisor's (``service.supervisor``); it
+    shares the port, leaves metrics to the supervisor, and only worker 0 runs the DICOM
+    and MLLP listeners.
+    """
+    if worker is not None:
+        worker.enter()
     components = build(config)
     stop = threading.Event()
     dicom: DicomListener | None = None
     try:
         # `kill -HUP` re-reads the access policy and the client-certificate CRL.
         install_sighup(components.guard.policy, *components.reloadables())
-        if config.server.metrics_listen:
+        if config.server.metrics_listen and worker is None:  # a supervisor serves its own
             host, _, port = config.server.metrics_listen.rpartition(":")
             REGISTRY.register(ScheduledRunsCollector(SqlRunLedger(components.engine)))
             start_http_server(int(port), addr=host or "127.0.0.1")
@@ -309,10 +330,11 @@ def serve(config: Config) -> None:
             target=_sweep_forever, args=(config, components, stop), daemon=True, name="sweeper"
         ).start()
         components.backup.scheduler.start()
-        if config.dicom.listen:  # the DICOM service, in threads of its own (service/dicom)
+        # The DICOM service, in threads of its own (service/dicom); one per supervisor.
+        if config.dicom.listen and (worker is None or worker.listens_for_hospital_protocols):
             dicom = DicomListener(config, components.app.records, components.app.access)
             dicom.start()
-        asyncio.run(_serve(config, components))
+        asyncio.run(_serve(config, components, worker))
     finally:
         if dicom is not None:
             dicom.stop()

@@ -7,6 +7,7 @@ import importlib.metadata
 import os
 import sys
 from datetime import timedelta
+from pathlib import Path
 
 import grpc
 
@@ -32,10 +33,22 @@ from storage import StorageError
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
-    """Run the gRPC service in the foreground."""
-    from service.server import serve  # noqa: PLC0415  (keeps client commands light)
+    """Run the gRPC service in the foreground: in this process, or supervised workers."""
+    path = config_path(ns)
+    config = load(path)
+    if ns.worker is None and config.server.process_count > 1:
+        from service.supervisor import supervise  # noqa: PLC0415
 
-    serve(load(config_path(ns)))
+        return supervise(Path(path), config, config.server.process_count)
+    from service.server import serve  # noqa: PLC0415  (keeps client commands light)
+    from service.worker import WorkerRole  # noqa: PLC0415
+
+    worker = None
+    if ns.worker is not None:
+        if ns.ready_fd is None or ns.supervisor_pid is None:
+            raise SystemExit("medvault serve: --worker is for the supervisor's workers only")
+        worker = WorkerRole(ns.worker, ns.ready_fd, ns.supervisor_pid)
+    serve(config, worker)
     return 0
 
 
@@ -71,6 +84,9 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gRPC service")
     serve.add_argument("--config", help="config file (default $MEDVAULT_HOME/config.toml)")
+    # Set by the supervisor for its workers (service.supervisor); not for people.
+    for hidden in ("--worker", "--ready-fd", "--supervisor-pid"):
+        serve.add_argument(hidden, type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
     sweep = sub.add_parser("sweep", help="remove orphaned objects left by interrupted writes")
     sweep.add_argument("--config", help="config file (default $MEDVAULT_HOME/config.toml)")
