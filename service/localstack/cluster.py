@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -350,7 +351,8 @@ class ClusterStack(LocalStack):
         """``replica-<i>.toml``: config.toml with this replica's own ports."""
         text = self.layout.config.read_text()
         ports = self._replica_ports_chosen(index, text)
-        derived = with_listener_ports(text, ports)
+        share = max(1, len(os.sched_getaffinity(0)) // len(self._replica_range()))
+        derived = with_process_share(with_listener_ports(text, ports), share)
         header = (
             f"# Replica {index} of the cluster stack: written by `medvault stack up` from "
             "config.toml at every start.\n# Edit config.toml, not this file.\n"
@@ -402,6 +404,30 @@ def with_listener_ports(text: str, ports: dict[str, int]) -> str:
                 replaced = f'{indent}{key}{equals}"{host}:{ports[name]}"{rest}\n'
         out.append(replaced)
     return "".join(out)
+
+
+_PROCESSES = re.compile(r"^(\s*)processes(\s*=\s*)(\d+)(.*)$")
+
+
+def with_process_share(text: str, share: int) -> str:
+    """``text`` with ``server.processes`` set to ``share`` where it is absent or 0 (one per
+    core): replicas on one host divide its cores between them instead of each starting one
+    process per core. A count set in config.toml is kept."""
+    lines = text.splitlines(keepends=True)
+    current, server_at = "", None
+    for i, line in enumerate(lines):
+        if head := _SECTION.match(line):
+            current = head.group(1)
+            server_at = i if current == "server" else server_at
+        elif current == "server" and (found := _PROCESSES.match(line.rstrip("\n"))):
+            if int(found.group(3)) != 0:
+                return text
+            lines[i] = f"{found.group(1)}processes{found.group(2)}{share}{found.group(4)}\n"
+            return "".join(lines)
+    if server_at is None:
+        return f"{text}\n[server]\nprocesses = {share}\n"
+    lines.insert(server_at + 1, f"processes = {share}\n")
+    return "".join(lines)
 
 
 def _size(path: Path) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from service.localstack.cluster import (
     ClusterStack,
     default_database_url,
     open_stack,
+    with_process_share,
 )
 from service.localstack.stack import LocalStack, LocalStackError
 
@@ -54,3 +56,17 @@ def test_stack_up_refuses_cluster_flags_on_a_single_home_before_starting_anythin
     assert ns.func(ns) == 1
     assert "--replicas and --database-url need --topology cluster" in capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "nothing is created"
+
+
+def test_replicas_share_the_cores_unless_config_sets_a_count() -> None:
+    text = '[server]\nlisten = "127.0.0.1:7443"\n\n[s3]\nendpoint = "x"\n'
+    shared = tomllib.loads(with_process_share(text, 3))
+    assert shared["server"] == {"listen": "127.0.0.1:7443", "processes": 3}
+    assert shared["s3"] == {"endpoint": "x"}
+    per_core = text.replace("[s3]", "processes = 0\n[s3]")
+    assert tomllib.loads(with_process_share(per_core, 2))["server"]["processes"] == 2
+    fixed = text.replace("[s3]", "processes = 4  # set by hand\n[s3]")
+    assert with_process_share(fixed, 2) == fixed
+    assert tomllib.loads(with_process_share('[s3]\nendpoint = "x"\n', 1))["server"] == {
+        "processes": 1
+    }
