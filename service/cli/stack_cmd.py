@@ -12,16 +12,12 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from service.localstack.cluster import DEFAULT_REPLICAS, TOPOLOGIES, open_stack
-from service.localstack.stack import (
-    DEFAULT_CLIENTS,
-    ComponentStatus,
-    LocalStack,
-    LocalStackError,
-    default_home,
-)
+from service.localstack.names import DEFAULT_CLIENTS, DEFAULT_REPLICAS, TOPOLOGIES
+
+if TYPE_CHECKING:
+    from service.localstack.stack import ComponentStatus, LocalStack
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -87,6 +83,10 @@ def _stack(args: argparse.Namespace) -> LocalStack:
     # Readiness polls of a starting SeaweedFS fail by design; urllib3 would log every
     # refused connection as a retry warning.
     logging.getLogger("urllib3").setLevel(logging.ERROR)
+    # The stack's machinery is imported when a stack command runs, not to build the parser.
+    from service.localstack.cluster import open_stack  # noqa: PLC0415
+    from service.localstack.stack import default_home  # noqa: PLC0415
+
     home: Path | None = args.home
     return open_stack(
         home.absolute() if home else default_home(),
@@ -98,6 +98,8 @@ def _stack(args: argparse.Namespace) -> LocalStack:
 
 def _run(action: Callable[[], object]) -> int:
     """Run ``action``; a stack error becomes one line on stderr and exit status 1."""
+    from service.localstack.stack import LocalStackError  # noqa: PLC0415
+
     try:
         action()
     except LocalStackError as e:

@@ -43,6 +43,7 @@ from service.localstack.layout import (
     rewrite_ports,
     write_config,
 )
+from service.localstack.names import DEFAULT_REPLICAS
 from service.localstack.seaweed import SeaweedServer, find_free_port
 from service.localstack.seaweed_cluster import SeaweedCluster
 from service.localstack.service_proc import ServiceProcess, ServiceProcessError
@@ -58,9 +59,7 @@ from service.localstack.stack import (
 )
 
 CLUSTER_FILE = "cluster.json"
-DEFAULT_REPLICAS = 2
 DEFAULT_PG_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
-TOPOLOGIES = ("single", "cluster")
 _PORT_RETRIES = 3
 _LISTEN_FAILED = "cannot listen on"
 # The listeners a replica may have, by config section and key.

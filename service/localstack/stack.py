@@ -36,26 +36,13 @@ from service.localstack.layout import (
     rewrite_ports,
     write_config,
 )
+from service.localstack.names import DEFAULT_CLIENTS
 from service.localstack.seaweed import SeaweedError, SeaweedServer, find_free_port
 from service.localstack.service_proc import ServiceProcess, ServiceProcessError, TlsClient
 from service.localstack.softhsm import SoftHsmError
 from service.localstack.tokenkeys import TokenKeysError, ensure_token_keys
 
 TOKEN_LABEL = "medvault"  # noqa: S105 - a token label, not a password
-# Client certificates every stack gets, with the role carried in their OU: an
-# application, and a sample person for each default role of deploy/policy.toml, so
-# anyone can try the roles by hand (`medvault stack env --as physician`).
-DEFAULT_CLIENTS = {
-    "local-admin": "admin",
-    "local-app": "application",
-    "dr-lan": "physician",
-    "nurse-hoa": "nurse",
-    "rad-minh": "radiologist",
-    "clerk-thu": "records_clerk",
-    "officer-an": "security_officer",
-    "backup-op": "backup_operator",
-    "keys-admin": "key_admin",
-}
 DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "deploy" / "policy.toml"
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}  # noqa: S104 - names, not a bind
