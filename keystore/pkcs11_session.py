@@ -357,7 +357,7 @@ class Pkcs11SessionPool:
         left = self._time_left()
         if left is None:
             self._slots.acquire()
-        elif left <= 0 or not self._slots.acquire(timeout=left):
+        elif left <= 0 or not self._slots.acquire(timeout=min(left, threading.TIMEOUT_MAX)):
             raise TokenDeadlineError(
                 f"no session of token {self.config.token_label} was free within the call's "
                 "deadline; the token operation was not started"

@@ -25,6 +25,7 @@ from storage.errors import DeadlineExceededError
 SQLITE_BUSY_MS = 5000  # storage.sql_metadata's PRAGMA busy_timeout, restored after a cut
 _QUERY_CANCELED = "57014"  # PostgreSQL's SQLSTATE for a statement timeout or cancel
 _CUT = "medvault_busy_cut"
+_MAX_MS = 2**31 - 1  # PostgreSQL's largest statement_timeout (a client may ask for days)
 
 
 def install_statement_deadlines(engine: Engine) -> None:
@@ -43,7 +44,7 @@ def _millis() -> int | None:
     if left is None:
         return None
     check_deadline("a database statement")
-    return max(1, math.ceil(left * 1000))
+    return min(max(1, math.ceil(left * 1000)), _MAX_MS)
 
 
 def _postgres_before(_conn: Any, cursor: Any, *_args: Any) -> None:
