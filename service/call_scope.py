@@ -35,7 +35,7 @@ class CallScope:
 
     def __init__(self, deadline: CallDeadline) -> None:
         self.deadline = deadline
-        self.expiry_audited = False  # the first ``handled`` block to see it audits it
+        self.end_judged = False  # whether the call's end was judged for the audit yet
         self._loop = asyncio.get_running_loop()
         self._lock = threading.Lock()
         self._jobs = 0

@@ -18,7 +18,7 @@ from grpc import aio
 from service.audit import AuditUnavailableError
 from service.authn import AuthenticationError
 from service.authz import PermissionDeniedError
-from service.call_scope import CALL_SCOPE
+from service.call_scope import CALL_SCOPE, CallScope
 from service.guard import AccessGuard, Call, CallFacts
 from service.limits import TooManyCallsError
 from service.status import status_for
@@ -53,20 +53,23 @@ class CallState:
 
     call: Call | None = None
     resource: str = ""
+    scope: CallScope | None = None  # the call's deadline and workers (service.edge)
 
 
 @asynccontextmanager
 async def handled(
-    guard: AccessGuard, context: aio.ServicerContext, rpc: str
+    guard: AccessGuard, context: aio.ServicerContext, rpc: str, *, expiry: bool = True
 ) -> AsyncIterator[CallState]:
-    """Map any error to its status code; audit the failure of an allowed call."""
-    state = CallState(CURRENT_CALL.get())
+    """Map any error to its status code; audit the failure of an allowed call, and (with
+    ``expiry``: the servicers' blocks, not the edge's) its end by its deadline."""
+    state = CallState(CURRENT_CALL.get(), scope=CALL_SCOPE.get())
     try:
         yield state
     except (asyncio.CancelledError, GeneratorExit):
         # The client went away or its deadline passed: the handler's task is cancelled,
         # or (a stream paused at a reply) the handler is closed.
-        await _audit_expiry(guard, context, state, rpc)
+        if expiry:
+            await _audit_expiry(guard, context, state, rpc)
         raise
     except aio.AbortError:
         raise  # aborted (mapped and audited) by a handled block within
@@ -90,15 +93,16 @@ async def _audit_expiry(
     guard: AccessGuard, context: aio.ServicerContext, state: CallState, rpc: str
 ) -> None:
     """A call grpc cancelled because its deadline passed is audited as failed with
-    DEADLINE_EXCEEDED, once (by the innermost ``handled`` block): it was allowed, its
-    work was stopped, its client got that status. A client that cancels is not."""
-    scope = CALL_SCOPE.get()
-    left = context.time_remaining()
-    if state.call is None or scope is None or scope.expiry_audited:
+    DEADLINE_EXCEEDED: it was allowed, its work was stopped, its client got that status.
+    A client that cancels is not. Judged once per call, by the servicer's block (it
+    names the resource); the edge's own deadlines are audited as errors of their own."""
+    scope = state.scope
+    if state.call is None or scope is None or scope.end_judged:
         return
+    scope.end_judged = True
+    left = context.time_remaining()
     if left is None or left > _EXPIRY_TOLERANCE_SECONDS:
         return
-    scope.expiry_audited = True
     try:
         await asyncio.to_thread(
             _audit_failure, guard, state.call, state.resource or rpc, "DEADLINE_EXCEEDED",

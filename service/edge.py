@@ -47,7 +47,7 @@ from service.calls import CURRENT_CALL, CallState, facts, handled
 from service.guard import AccessGuard, source_host
 from service.limits import CallLimiter, Refusals, StreamDeadlineError, TooManyCallsError
 from service.wire import Rejected, decode
-from storage import CallDeadline, InvalidRecordError, bounded
+from storage import CallDeadline, InvalidRecordError, set_deadline
 
 _MEDVAULT = "/medvault.v1."
 CALL_LIMIT_ACTION = "server.call_limit"
@@ -184,7 +184,7 @@ class EdgeInterceptor(aio.ServerInterceptor):  # type: ignore[misc]  # untyped b
     async def _entered(self, context: aio.ServicerContext, method: str) -> AsyncIterator[CallState]:
         """Enter, hold a slot, map and audit errors of the edge itself."""
         rpc = method.rsplit("/", 1)[-1]
-        async with handled(self._guard, context, rpc) as state:
+        async with handled(self._guard, context, rpc, expiry=False) as state:
             state.resource = method
             call = state.call = await asyncio.to_thread(self._guard.enter, facts(context, method))
             release = self._limiter.acquire(call.principal)
@@ -193,9 +193,10 @@ class EdgeInterceptor(aio.ServerInterceptor):  # type: ignore[misc]  # untyped b
             # No reset: each call runs in a task of its own, with its own context.
             CURRENT_CALL.set(call)
             CALL_SCOPE.set(scope)
+            state.scope = scope
+            set_deadline(scope.deadline)  # no reset either: see CURRENT_CALL
             try:
-                with bounded(scope.deadline):
-                    yield state
+                yield state
             finally:
                 scope.deadline.stop()  # what still runs for it stops at its next step
                 scope.after_jobs(release)  # the slot is the principal's until then

@@ -120,6 +120,7 @@ if TYPE_CHECKING:
         check_deadline,
         current_deadline,
         grace,
+        set_deadline,
         time_left,
     )
     from storage.errors import (
@@ -233,6 +234,7 @@ _EXPORTS: dict[str, str] = {
     "DeadlineExceededError": "storage.errors",
     "grace": "storage.deadlines",
     "install_statement_deadlines": "storage.sql_deadlines",
+    "set_deadline": "storage.deadlines",
     "time_left": "storage.deadlines",
     "BackupError": "storage.backup",
     "BackupNotFoundError": "storage.backup",
@@ -485,6 +487,7 @@ __all__ = [
     "run_backup",
     "run_drill",
     "s3_scratch",
+    "set_deadline",
     "signature_key",
     "signed_message",
     "source_identity",

@@ -99,6 +99,12 @@ def bounded(deadline: CallDeadline | None) -> Iterator[None]:
         _CURRENT.reset(token)
 
 
+def set_deadline(deadline: CallDeadline | None) -> None:
+    """Set the deadline of the running task's context for good: an RPC's task, whose
+    context ends with it (``bounded`` resets, which only works in the same context)."""
+    _CURRENT.set(deadline)
+
+
 def grace(seconds: float = GRACE_SECONDS) -> AbstractContextManager[None]:
     """Run the block under a short deadline of its own: cleanup after the call is over."""
     return bounded(CallDeadline.within(seconds))

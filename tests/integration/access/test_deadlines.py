@@ -219,6 +219,10 @@ def test_a_deadline_stops_the_work_of_the_call(
         large = _put(tester, patient, os.urandom(2 << 20))
         small = _put(tester, patient, b"a short synthetic note")
         before = _rows(engine)
+        # Committed objects are tagged in the background: not this test's subject, and a
+        # tag request caught by the stall would wait out the S3 client's timeouts.
+        blobs = S3BlobStore(own_s3.client(), server_bucket(service.config_path))
+        wait_for(lambda: all(blobs.committed(key) for key in before), 10, "the tags")
 
         # Mid-stream, store healthy: the client stops reading; its worker stops too.
         reader = SlowReader(service, cert, large.id)
@@ -253,7 +257,6 @@ def test_a_deadline_stops_the_work_of_the_call(
         want = sorted([f"record/{large.id}"] * 2 + [f"record/{small.id}", "record/new"])
         assert resources == want, resources  # the mid-stream read, then the three
 
-        blobs = S3BlobStore(own_s3.client(), server_bucket(service.config_path))
         left = {b.key for b in blobs.list()} - before
         assert all(not blobs.committed(key) for key in left), "an abandoned object is tagged"
         sweep_orphans(blobs, SqlMetadataStore(engine), grace=timedelta(0))
