@@ -3,7 +3,8 @@
 The service serves each call's work in worker threads; without this, a worker whose
 client gave up (its deadline passed, or it cancelled) would go on reading S3, waiting
 for the database or the token, and holding its thread, for as long as those take. The
-service sets the call's ``CallDeadline`` in the worker's context (``bounded``); the S3
+service sets the call's ``CallDeadline`` in the call's context (``set_deadline``; a
+block of its own: ``bounded``), which its worker threads run in; the S3
 client (``storage.s3_blobs``), the SQL engine (``storage.sql_deadlines``) and the token
 pool (through the hook ``time_left``) bound each request by the time left and start
 nothing once it is gone; a stream checks between chunks.
@@ -69,11 +70,6 @@ class CallDeadline:
 
 
 _CURRENT: ContextVar[CallDeadline | None] = ContextVar("medvault_deadline", default=None)
-
-
-def current_deadline() -> CallDeadline | None:
-    """The deadline of the call this thread works for, if any."""
-    return _CURRENT.get()
 
 
 def time_left() -> float | None:
