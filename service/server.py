@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import os
 import signal
 import socket
 import threading
-from concurrent import futures
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import grpc
 import sqlalchemy as sa
@@ -43,6 +40,7 @@ from service.audit_servicer import AuditServicer
 from service.authz.policy import install_sighup
 from service.backup_servicer import BackupServicer
 from service.bootstrap import Components, build
+from service.call_scope import ContextExecutor
 from service.config import Config, ConfigError, ServerConfig
 from service.dicom import DicomListener
 from service.edge import Deadlines, EdgeInterceptor, refusal_reporter
@@ -206,19 +204,6 @@ def dependency_probes(components: Components) -> list[Probe]:
 
     return [Probe("database", database), Probe("object_store", object_store),
             Probe("token", token)]  # fmt: skip
-
-
-class ContextExecutor(futures.ThreadPoolExecutor):
-    """A thread pool that runs each job in a copy of its submitter's context.
-
-    ``loop.run_in_executor`` does not carry context variables into the pool (unlike
-    ``asyncio.to_thread``): without this, a log line written by the store for a call
-    would lose the call's id.
-    """
-
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
-        """Schedule ``fn`` in a copy of the current context."""
-        return super().submit(contextvars.copy_context().run, fn, *args, **kwargs)
 
 
 def _medvault_services() -> list[ServiceDescriptor]:
