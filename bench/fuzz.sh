@@ -40,7 +40,7 @@ for target in "${targets[@]}"; do
     echo "== $target: ${seconds} s"
     if ! "$PYTHON" -m tests.fuzz.run "$target" -max_total_time="$seconds" -timeout=10 \
             -rss_limit_mb=2048 -max_len=65536 -artifact_prefix="fuzz-findings/$target-" \
-            -print_final_stats=1 2>&1 | grep -v -E '^#[0-9]+ +(NEW|REDUCE|pulse)'; then
+            -print_final_stats=1 2>&1 | grep -v -E '^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse)'; then
         failed+=("$target")
     fi
 done
