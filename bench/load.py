@@ -17,10 +17,13 @@ the time is up over a weighted mix: PutRecord (an HL7 v2 message, ~2 KiB), GetRe
 one of its records (the bytes must hash to what was put), ListRecords, SignRecord
 (CAdES, the clinician's signer), QueryEvents (as the security officer) and, when a DICOM
 listener is given, C-STORE of a small CT instance (as the clerk, over one association
-per client). Certificates: the clinician's from ``--cert``/``$MEDVAULT_CERT`` (its CN
-names the signer); the officer's and the clerk's from ``--officer``/``--clerk`` (a
-``client-NAME.pem`` beside the clinician's, as the local stack issues them:
-``officer-an`` and ``clerk-thu``).
+per client, for the first ``--dicom-senders`` clients: the listener allows one
+certificate 4 associations by default). Each clinician call is one of the certificate's
+concurrent calls, at most 8 by default (``server.max_calls_per_principal``): more
+clients get RESOURCE_EXHAUSTED, as they should. Certificates: the clinician's from
+``--cert``/``$MEDVAULT_CERT`` (its CN names the signer); the officer's and the clerk's
+from ``--officer``/``--clerk`` (a ``client-NAME.pem`` beside the clinician's, as the
+local stack issues them: ``officer-an`` and ``clerk-thu``).
 
 Afterwards, as the officer: the ``records.read`` events of the run's patients in the
 run's window must equal the successful reads exactly (per patient; none denied or
@@ -127,6 +130,10 @@ class Settings:
     seconds: float
     dicom: str = ""  # host:port of the DICOM listener, "" for none
     dicom_ae: str = "MEDVAULT"
+    # Clients that C-STORE, one association each: all use the clerk's certificate, and
+    # the listener aborts a certificate's associations past its share (max_associations
+    # // 4: 4 by default), as it should a runaway modality.
+    dicom_senders: int = 4
     seed: int = 1
 
 
@@ -170,7 +177,7 @@ class Client:
 
     def __init__(self, settings: Settings, index: int, patient: pb.PatientId) -> None:
         endpoint = settings.endpoints[index % len(settings.endpoints)]
-        self.settings, self.patient = settings, patient
+        self.settings, self.patient, self.index = settings, patient, index
         self.rng = random.Random(settings.seed * 1000 + index)
         self._channel = settings.clinician.channel(endpoint)
         self._officer_channel = settings.officer.channel(endpoint)
@@ -232,10 +239,16 @@ class Client:
 
         assoc = self._dicom_association()
         data = content.dicom(self.patient.id, AUTHORITY, pixels=bytes(2048))
-        status = assoc.send_c_store(dcmread(io.BytesIO(data)))
-        if not status or status.Status != 0x0000:
+        try:
+            status = assoc.send_c_store(dcmread(io.BytesIO(data)))
+        except RuntimeError as e:  # pynetdicom: the association ended under it
             self._association = None
-            raise LoadError(f"DICOM_{getattr(status, 'Status', 0xFFFF):04X}")
+            raise LoadError("DICOM_ASSOCIATION_LOST") from e
+        if not status:  # no response within the DIMSE timeout, or aborted
+            self._association = None
+            raise LoadError("DICOM_NO_RESPONSE")
+        if status.Status != 0x0000:
+            raise LoadError(f"DICOM_STATUS_{status.Status:04X}")
 
     def _dicom_association(self) -> Any:
         from pynetdicom import AE  # noqa: PLC0415
@@ -270,7 +283,7 @@ def run_client(client: Client, deadline: float) -> Tally:
         "put": client.put, "get": client.get, "list": client.list, "sign": client.sign,
         "audit": client.audit_query, "store": client.store,
     }  # fmt: skip
-    if not client.settings.dicom:
+    if not client.settings.dicom or client.index >= client.settings.dicom_senders:
         del ops["store"]
     names = list(ops)
     weights = [MIX[n] for n in names]
@@ -478,6 +491,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clerk", default="clerk-thu", help="records clerk: as --officer")
     p.add_argument("--dicom", default="", help="HOST:PORT of the DICOM listener (C-STORE)")
     p.add_argument("--dicom-ae", default="MEDVAULT")
+    p.add_argument(
+        "--dicom-senders",
+        type=int,
+        default=4,
+        help="clients that C-STORE (the listener's share of one certificate)",
+    )
+    p.add_argument("--keep", action="store_true", help="--spawn: leave the stack running")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--json", type=Path, help="also write the report here")
     return p.parse_args(argv)
@@ -497,7 +517,7 @@ def settings_from(ns: argparse.Namespace) -> Settings:
         endpoints=[e.strip() for e in ns.endpoint.split(",") if e.strip()],
         clinician=Tls.load(ca, cert, key), officer=Tls.load(ca, *officer),
         clerk=Tls.load(ca, *clerk), clients=max(1, ns.clients), seconds=ns.seconds,
-        dicom=ns.dicom, dicom_ae=ns.dicom_ae, seed=ns.seed,
+        dicom=ns.dicom, dicom_ae=ns.dicom_ae, dicom_senders=ns.dicom_senders, seed=ns.seed,
     )  # fmt: skip
 
 
@@ -521,8 +541,11 @@ def spawned(ns: argparse.Namespace) -> Iterator[None]:
         ns.dicom = f"127.0.0.1:{port}"
         yield
     finally:
-        stack.down()
-        shutil.rmtree(home, ignore_errors=True)
+        if ns.keep:
+            print(f"stack left running in {home} (MEDVAULT_HOME={home} medvault stack down)")
+        else:
+            stack.down()
+            shutil.rmtree(home, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
