@@ -38,9 +38,9 @@ mkdir -p fuzz-findings "$MEDVAULT_FUZZ_CORPUS"
 failed=()
 for target in "${targets[@]}"; do
     echo "== $target: ${seconds} s"
-    if ! "$PYTHON" -m tests.fuzz.run "$target" -max_total_time="$seconds" -timeout=10 \
+    if ! "$PYTHON" -m tests.fuzz.run "$target" --seconds="$seconds" -timeout=10 \
             -rss_limit_mb=2048 -max_len=65536 -artifact_prefix="fuzz-findings/$target-" \
-            -print_final_stats=1 2>&1 | grep -v -E '^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse)'; then
+            2>&1 | grep -v -E '^#[0-9]+[[:space:]]+(NEW|REDUCE|pulse)'; then
         failed+=("$target")
     fi
 done

@@ -2,14 +2,14 @@
 
     python -m tests.fuzz.run TARGET [libFuzzer flags ...]
 
-e.g. ``-atheris_runs=2000 -timeout=10 -max_len=8192``; ``--inputs=N`` (ours) ends the
-process at once after N inputs (CI's budget, see ``counted``). The target's seeds (valid
-synthetic input, from ``tests.content``) are written to a corpus directory that
-libFuzzer grows: ``$MEDVAULT_FUZZ_CORPUS/TARGET`` if that variable is set (kept between
-runs), else a temporary one. ``MEDVAULT_FUZZ_DEEP=1`` also instruments the libraries
-under the target (slower start, better guidance: for long runs). Exit status 0: no
-finding; otherwise libFuzzer's report, and the input it wrote (``-artifact_prefix``),
-name the finding.
+e.g. ``-timeout=10 -max_len=8192``. The budget is ours: ``--inputs=N`` and/or
+``--seconds=S`` end the process at once after N inputs or S seconds (see ``budgeted``).
+The target's seeds (valid synthetic input, from ``tests.content``) are written to a
+corpus directory that libFuzzer grows: ``$MEDVAULT_FUZZ_CORPUS/TARGET`` if that variable
+is set (kept between runs), else a temporary one. ``MEDVAULT_FUZZ_DEEP=1`` also
+instruments the libraries under the target (slower start, better guidance: for long
+runs). Exit status 0: no finding; otherwise libFuzzer's report, and the input it wrote
+(``-artifact_prefix``), name the finding.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import importlib
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,33 +50,36 @@ def main(argv: list[str]) -> None:
         raise SystemExit("usage: python -m tests.fuzz.run TARGET [libFuzzer flags]; "
                          f"targets: {', '.join(TARGETS)}")  # fmt: skip
     name, flags = argv[1], argv[2:]
-    inputs = [int(f.split("=", 1)[1]) for f in flags if f.startswith("--inputs=")]
-    flags = [f for f in flags if not f.startswith("--inputs=")]
+    ours = {f.split("=", 1)[0]: float(f.split("=", 1)[1]) for f in flags if f.startswith("--")}
+    flags = [f for f in flags if not f.startswith("--")]
     spec = TARGETS[name]
     deep = os.environ.get("MEDVAULT_FUZZ_DEEP") == "1"
     with atheris.instrument_imports(include=spec.instrumented(deep=deep)):
         target = _load(spec.target)
     corpus = [] if any(not f.startswith("-") for f in flags) else [
         str(corpus_for(name, _load(spec.seeds)))]  # fmt: skip
-    atheris.Setup([argv[0], *flags, *corpus], counted(target, inputs[0]) if inputs else target)
+    if ours:
+        target = budgeted(target, int(ours.get("--inputs", 0)), ours.get("--seconds", 0.0))
+    atheris.Setup([argv[0], *flags, *corpus], target)
     atheris.Fuzz()
 
 
-def counted(target: Callable[[bytes], None], budget: int) -> Callable[[bytes], None]:
-    """``target``, ending the process after ``budget`` inputs.
+def budgeted(target: Callable[[bytes], None], inputs: int, seconds: float
+             ) -> Callable[[bytes], None]:  # fmt: skip
+    """``target``, ending the process after ``inputs`` inputs or ``seconds`` (0: no limit).
 
-    The process ends with ``os._exit``: after ``-atheris_runs`` (or ``-runs``) the
-    interpreter finalizes normally, and on a loaded machine that can take longer than
-    libFuzzer's ``-timeout`` alarm interval; the alarm then kills the process (SIGALRM,
-    exit -14) although every input passed.
+    The process ends with ``os._exit``: after libFuzzer's ``-atheris_runs``, ``-runs``
+    or ``-max_total_time`` the interpreter finalizes normally, and on a loaded machine
+    that can outlast libFuzzer's ``-timeout`` alarm interval; the alarm then kills the
+    process (SIGALRM, exit -14) although every input passed.
     """
-    done = 0
+    done, end = 0, time.monotonic() + seconds
 
     def run_one(data: bytes) -> None:
         nonlocal done
         target(data)
         done += 1
-        if done >= budget:
+        if (inputs and done >= inputs) or (seconds and time.monotonic() >= end):
             print(f"Done {done} inputs, no finding", file=sys.stderr, flush=True)
             sys.stdout.flush()
             os._exit(0)

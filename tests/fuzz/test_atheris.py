@@ -35,7 +35,7 @@ def fuzz(name: str, workdir: Path, runs: int = RUNS) -> subprocess.CompletedProc
     command = [
         sys.executable, "-m", "tests.fuzz.run", name, f"--inputs={runs}", "-seed=1",
         f"-timeout={PER_INPUT_SECONDS}", "-rss_limit_mb=1536", "-max_len=8192",
-        f"-artifact_prefix={workdir}/", "-print_final_stats=1",
+        f"-artifact_prefix={workdir}/",
     ]  # fmt: skip
     return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True,
                           timeout=PROCESS_SECONDS, check=False)  # fmt: skip
