@@ -58,7 +58,10 @@ def test_a_short_load_run_is_clean(
     report = tmp_path / "report.json"
     done = subprocess.run(
         [sys.executable, "bench/load.py", "--clients", "2", "--seconds", str(SECONDS),
-         "--endpoint", service.endpoint, "--ca", str(tls_files.ca), "--cert", str(cert),
+         # The address twice: the replica list's code path (one channel per client,
+         # spread over the list), on one server.
+         "--endpoint", f"{service.endpoint},{service.endpoint}",
+         "--ca", str(tls_files.ca), "--cert", str(cert),
          "--key", str(key), "--officer", "officer-load", "--clerk", "clerk-load",
          "--dicom", f"127.0.0.1:{dicom_port}", "--json", str(report)],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
@@ -72,3 +75,4 @@ def test_a_short_load_run_is_clean(
     assert r["writes_ok"] == r["write_events"] == r["ops"]["put"]["ok"] + r["ops"]["store"]["ok"]
     assert r["refused_events"] == 0
     assert r["chain_ok"]
+    assert r["endpoints"] == [service.endpoint] * 2
