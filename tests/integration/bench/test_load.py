@@ -1,4 +1,4 @@
-"""``bench/load.py`` end to end, briefly: 2 clients for 4 seconds on a test server with a
+"""``bench/load.py`` end to end, briefly: 2 clients for 3 seconds on a test server with a
 DICOM listener, every operation of the mix. The report must be clean: no error of any
 kind, the read and write events of the run's patients equal to the successful reads and
 writes, the chain verified, and every operation run at least once.
@@ -27,7 +27,7 @@ from tests.integration.access.helpers import issue_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180),
               pytest.mark.backend("postgresql")]  # fmt: skip
-SECONDS = 4
+SECONDS = 3
 
 
 @pytest.fixture
