@@ -73,9 +73,7 @@ if TYPE_CHECKING:
     from storage.backup.restore import (
         Deployment,
         RestoreFailure,
-        Scratch,
         restore,
-        s3_scratch,
     )
     from storage.backup.retention import (
         DEFAULT_GRACE,
@@ -97,6 +95,10 @@ if TYPE_CHECKING:
         ScheduledRun,
         SqlRunLedger,
         elected,
+    )
+    from storage.backup.scratch import (
+        Scratch,
+        s3_scratch,
     )
     from storage.backup.targets import (
         BackupTarget,
@@ -291,11 +293,11 @@ _EXPORTS: dict[str, str] = {
     "RunLedger": "storage.roles",
     "RunOutcome": "storage.backup.runs",
     "ScheduledRun": "storage.backup.runs",
-    "s3_scratch": "storage.backup.restore",
+    "s3_scratch": "storage.backup.scratch",
     "S3BlobStore": "storage.s3_blobs",
     "S3CheckpointWitness": "storage.audit_witness",
     "S3Target": "storage.backup.targets",
-    "Scratch": "storage.backup.restore",
+    "Scratch": "storage.backup.scratch",
     "Signature": "storage.signatures",
     "SIGNATURE_INVALID": "storage.audit_verify",
     "SignatureCheck": "storage.backup.drill",
