@@ -96,6 +96,11 @@ if TYPE_CHECKING:
         SqlRunLedger,
         elected,
     )
+    from storage.backup.sampling import (
+        SamplePlan,
+        check_plan,
+        parse_seed,
+    )
     from storage.backup.scratch import (
         Scratch,
         s3_scratch,
@@ -288,6 +293,9 @@ _EXPORTS: dict[str, str] = {
     "RewrapJob": "storage.kek",
     "RowTamperedError": "storage.row_auth",
     "run_backup": "storage.backup.runner",
+    "SamplePlan": "storage.backup.sampling",
+    "check_plan": "storage.backup.sampling",
+    "parse_seed": "storage.backup.sampling",
     "run_drill": "storage.backup.drill",
     "RunKind": "storage.backup.runs",
     "RunLedger": "storage.roles",
@@ -422,6 +430,7 @@ __all__ = [
     "S3BlobStore",
     "S3CheckpointWitness",
     "S3Target",
+    "SamplePlan",
     "ScheduledRun",
     "Scratch",
     "Signature",
@@ -446,6 +455,7 @@ __all__ = [
     "adopt_legacy",
     "canonical_json",
     "check_backup_id",
+    "check_plan",
     "checkpoint_digest",
     "checkpoint_message_v2",
     "elected",
@@ -457,6 +467,7 @@ __all__ = [
     "make_minio_client",
     "manifest_key",
     "normalise",
+    "parse_seed",
     "prune",
     "restore",
     "run_backup",
