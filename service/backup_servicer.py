@@ -82,7 +82,8 @@ def verify_pb(report: VerifyReport) -> bpb.VerifyReport:
     return bpb.VerifyReport(
         id=report.backup_id, ok=report.ok, manifest_signature_valid=report.signature_ok,
         objects_checked=report.objects_checked, bytes_checked=report.bytes_read,
-        failures=[f"{f.key}: {f.problem}" for f in report.failures],
+        failures=[f"{f.key}: {f.problem}" for f in report.failures], seconds=report.seconds,
+        bytes_per_second=report.bytes_per_second, objects_per_second=report.objects_per_second,
     )  # fmt: skip
 
 

@@ -76,20 +76,26 @@ class VerifyBackupRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., read_data: _Optional[bool] = ...) -> None: ...
 
 class VerifyReport(_message.Message):
-    __slots__ = ("id", "ok", "manifest_signature_valid", "objects_checked", "bytes_checked", "failures")
+    __slots__ = ("id", "ok", "manifest_signature_valid", "objects_checked", "bytes_checked", "failures", "seconds", "bytes_per_second", "objects_per_second")
     ID_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_SIGNATURE_VALID_FIELD_NUMBER: _ClassVar[int]
     OBJECTS_CHECKED_FIELD_NUMBER: _ClassVar[int]
     BYTES_CHECKED_FIELD_NUMBER: _ClassVar[int]
     FAILURES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     id: str
     ok: bool
     manifest_signature_valid: bool
     objects_checked: int
     bytes_checked: int
     failures: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., ok: _Optional[bool] = ..., manifest_signature_valid: _Optional[bool] = ..., objects_checked: _Optional[int] = ..., bytes_checked: _Optional[int] = ..., failures: _Optional[_Iterable[str]] = ...) -> None: ...
+    seconds: float
+    bytes_per_second: float
+    objects_per_second: float
+    def __init__(self, id: _Optional[str] = ..., ok: _Optional[bool] = ..., manifest_signature_valid: _Optional[bool] = ..., objects_checked: _Optional[int] = ..., bytes_checked: _Optional[int] = ..., failures: _Optional[_Iterable[str]] = ..., seconds: _Optional[float] = ..., bytes_per_second: _Optional[float] = ..., objects_per_second: _Optional[float] = ...) -> None: ...
 
 class VerifyBackupResponse(_message.Message):
     __slots__ = ("progress", "report")
