@@ -12,12 +12,16 @@ removed), SQLite scratch databases (the full drill's tests run both backends).
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from service.backup.drill import ACTION, audited_drill, sample_plan
+from service.backup import Backups, RetentionPolicy
+from service.backup.drill import ACTION, audited_drill, drill_runner, sample_plan
+from service.backup.scheduler import IntervalSchedule
 from storage.audit_model import AuditEntry
 from storage.backup.drill import DrillReport, DrillRequest
 from storage.backup.manifest import object_key
@@ -175,3 +179,31 @@ def test_sample_settings_are_checked_before_anything_runs() -> None:
         with pytest.raises(InvalidRecordError) as caught:
             sample_plan(*args)
         assert caught.value.field == field
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_a_scheduled_drill_is_sampled_when_configured(
+    signed_source: SignedSource, s3_target: S3Target, s3_server: Any,
+) -> None:  # fmt: skip
+    source = signed_source.source
+    backup = source.backup(s3_target)
+    runner = drill_runner(s3_target, scratch_for(s3_server, "sqlite"),
+                          checks_for(source.pool, signed_source.signer), workers=2)  # fmt: skip
+    backups = Backups(
+        source.engine, source.blobs, s3_target, source.signer(), source.identity(),
+        retention=RetentionPolicy(prune=False), drill=runner, workers=2,
+        scheduled_sample=partial(sample_plan, 0.5, 0.5, ""),  # as [backup] would configure
+    )  # fmt: skip
+    [job] = backups.scheduled_jobs(None, IntervalSchedule(3600))
+
+    result = job.run(datetime.now(UTC))
+
+    assert result.ok, result.detail
+    assert result.backup_id == backup.backup_id
+    assert "sampled drill (1 of 4 records decrypted, confidence 0.5" in result.detail
+    assert "records/s" in result.detail
+    reports = [k for k in s3_target.list(f"drills/{backup.backup_id}/") if k.endswith(".json")
+               and not k.endswith(".sig.json")]  # fmt: skip
+    [doc] = [json.loads(read_all(s3_target, k)) for k in reports]
+    assert doc["mode"] == "sampled"
+    assert len(doc["sample"]["seed"]) == 32  # a new 128-bit seed, recorded
