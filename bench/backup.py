@@ -24,7 +24,12 @@ clerk), keeps the same plaintext as files in a scratch directory, then measures:
   and read whole, with the same number of parallel workers as medvault (``--workers``).
 
 Medvault and the yardsticks alternate for ``--rounds`` rounds; the best round of each
-phase counts (a noisy neighbour slows one round, not the method). Targets: medvault's
+phase counts (a noisy neighbour slows one round, not the method). Beside wall time, each
+phase's CPU seconds are shown: for medvault this process (every thread) plus the
+SeaweedFS server, for restic its own (``RUSAGE_CHILDREN``); on a machine shared with
+other work the CPU figures move much less than the wall times. With ``--profile`` round 1
+runs under py-spy (flame graph ``<phase>.svg`` and raw stacks ``<phase>.txt``) and does
+not count unless it is the only round. Targets: medvault's
 backup + verify + drill <= 2x restic's backup + check --read-data + restore; backup
 >= 0.5x raw copy; verify >= 0.7x raw GET. The exit status is always 0: a benchmark
 informs.
@@ -35,6 +40,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -284,12 +290,17 @@ class Restic:
             raise SystemExit(f"restic {args[0]} failed: {done.stderr.strip()[:500]}")
         return done.stdout
 
-    def _timed(self, *args: str) -> float:
+    def _timed(self, *args: str) -> tuple[float, float]:
+        """Wall seconds and CPU seconds (user + system) of one restic command."""
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         self._run(*args)
-        return time.perf_counter() - start
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        return wall, cpu
 
-    def round(self) -> dict[str, float]:
+    def round(self) -> dict[str, tuple[float, float]]:
         """init (untimed), backup, check --read-data, restore; then remove it all."""
         repo, into = self.scratch / "repo", self.scratch / "restored"
         for path in (repo, into, self.scratch / "cache"):
@@ -305,55 +316,91 @@ class Restic:
         return times
 
 
-def measure(bench: Bench, restic: Restic, rounds: int, profile: Path | None) -> dict[str, float]:
-    """Best seconds of each phase over ``rounds`` alternating rounds."""
-    best: dict[str, float] = {}
+class Meter:
+    """Wall and CPU seconds of a medvault phase: this process (every thread) plus the
+    SeaweedFS server it talks to, so work moved to the server is counted too."""
 
-    def keep(name: str, seconds: float) -> None:
-        best[name] = min(best.get(name, seconds), seconds)
+    def __init__(self, weed_pid: int) -> None:
+        self._stat = Path(f"/proc/{weed_pid}/stat")
+
+    def _weed_cpu(self) -> float:
+        fields = self._stat.read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    @contextmanager
+    def phase(self, into: dict[str, tuple[float, float]], name: str) -> Iterator[None]:
+        wall, cpu, weed = time.perf_counter(), time.process_time(), self._weed_cpu()
+        yield
+        server = self._weed_cpu() - weed
+        into[name] = (time.perf_counter() - wall, time.process_time() - cpu + server)
+        into[f"{name} S3"] = (0.0, server)
+
+
+Best = dict[str, tuple[float, float]]  # phase -> (best wall seconds, best CPU seconds)
+
+
+def measure(bench: Bench, restic: Restic, rounds: int, profile: Path | None,
+            meter: Meter) -> Best:  # fmt: skip
+    """Best wall and CPU seconds of each phase over ``rounds`` alternating rounds."""
+    best: Best = {}
+
+    def keep(name: str, seconds: float, cpu: float = 0.0) -> None:
+        wall0, cpu0 = best.get(name, (seconds, cpu))
+        best[name] = (min(wall0, seconds), min(cpu0, cpu))
 
     for n in range(1, rounds + 1):
         keep("raw copy", bench.raw_copy())
         keep("raw GET", bench.raw_get())
         first = profile if n == 1 else None
-        with profiled(first, "backup"):
-            seconds, target, backup_id = bench.backup()
-        keep("backup", seconds)
-        with profiled(first, "verify"):
-            keep("verify", bench.verify(target, backup_id))
-        with profiled(first, "drill"):
-            keep("drill", bench.drill(target, backup_id))
+        got: dict[str, tuple[float, float]] = {}
+        with profiled(first, "backup"), meter.phase(got, "backup"):
+            _, target, backup_id = bench.backup()
+        with profiled(first, "verify"), meter.phase(got, "verify"):
+            bench.verify(target, backup_id)
+        with profiled(first, "drill"), meter.phase(got, "drill"):
+            bench.drill(target, backup_id)
+        if first is None or rounds == 1:  # py-spy's attach and sampling would count
+            for name, (seconds, cpu) in got.items():
+                keep(name, seconds, cpu)
         bench.empty(bench.last_target)
         bench.buckets.remove(bench.last_target)
-        for name, seconds in restic.round().items():
-            keep(f"restic {name}", seconds)
+        for name, (seconds, cpu) in restic.round().items():
+            keep(f"restic {name}", seconds, cpu)
         print(f"  round {n}/{rounds} done", flush=True)
     return best
 
 
-def report(best: dict[str, float], bench: Bench, restic: Restic, plaintext: int) -> None:
+def report(best: Best, bench: Bench, restic: Restic, plaintext: int) -> None:
     records = len(bench.objects)
     print(f"\n{records} records, {plaintext / MIB:.0f} MiB of plaintext, "
           f"{bench.bytes / MIB:.0f} MiB of ciphertext; {bench.workers} workers; "
-          f"{restic.version()}\n")  # fmt: skip
-    print(f"{'phase':<28} {'seconds':>8} {'MiB/s':>8} {'records/s':>10}   yardstick")
+          f"{restic.version()}; load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores\n")  # fmt: skip
+    print(f"{'phase':<16} {'wall s':>7} {'MiB/s':>7} {'rec/s':>7} {'CPU s':>7} {'of it S3':>8}")
     pairs = (("backup", "restic backup"), ("verify", "restic check"),
              ("drill", "restic restore"))  # fmt: skip
     for ours, theirs in pairs:
         for name in (ours, theirs):
-            s = best[name]
-            print(f"{name:<28} {s:8.2f} {plaintext / MIB / s:8.1f} {records / s:10.1f}")
-        print(f"{'  ratio ' + ours + ' / ' + theirs:<28} {best[ours] / best[theirs]:8.2f}x")
-    total = sum(best[p] for p, _ in pairs)
-    theirs = sum(best[p] for _, p in pairs)
+            s, cpu = best[name]
+            server = f"{best[name + ' S3'][1]:8.2f}" if name == ours else ""
+            print(f"{name:<16} {s:7.2f} {plaintext / MIB / s:7.1f} {records / s:7.1f} {cpu:7.2f} "
+                  f"{server}")  # fmt: skip
+        ratio, cpu_ratio = best[ours][0] / best[theirs][0], best[ours][1] / best[theirs][1]
+        print(f"{'  ratio':<16} {ratio:6.2f}x {'':>15} {cpu_ratio:6.2f}x")
+    total = sum(best[p][0] for p, _ in pairs)
+    theirs = sum(best[p][0] for _, p in pairs)
+    total_cpu = sum(best[p][1] for p, _ in pairs)
+    theirs_cpu = sum(best[p][1] for _, p in pairs)
     ratio = total / theirs
     verdict = "PASS" if ratio <= RESTIC_TARGET else "MISS"
-    print(f"\nmedvault backup + verify --read-data + drill: {total:.2f} s; restic backup + "
-          f"check --read-data + restore: {theirs:.2f} s")  # fmt: skip
-    print(f"medvault / restic: {ratio:.2f}x (target <= {RESTIC_TARGET}x) {verdict}")
+    print(f"\nmedvault backup + verify --read-data + drill: {total:.2f} s wall, {total_cpu:.2f} "
+          f"s CPU; restic backup + check --read-data + restore: {theirs:.2f} s wall, "
+          f"{theirs_cpu:.2f} s CPU")  # fmt: skip
+    print(f"medvault / restic: {ratio:.2f}x wall (target <= {RESTIC_TARGET}x) {verdict}; "
+          f"{total_cpu / theirs_cpu:.2f}x CPU")  # fmt: skip
     for what, base, target in (("backup", "raw copy", BACKUP_TARGET),
                                ("verify", "raw GET", VERIFY_TARGET)):  # fmt: skip
-        speed = best[base] / best[what]
+        speed = best[base][0] / best[what][0]
         verdict = "PASS" if speed >= target else "MISS"
         print(f"{what} speed / {base}: {speed:.2f}x (target >= {target}x) {verdict}")
 
@@ -390,7 +437,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
         bench = Bench(stack, ns.workers, files)
         try:
-            report(measure(bench, restic, ns.rounds, ns.profile), bench, restic, written)
+            meter = Meter(int((stack.layout.s3_dir / "weed.pid").read_text().strip()))
+            best = measure(bench, restic, ns.rounds, ns.profile, meter)
+            report(best, bench, restic, written)
         finally:
             bench.close()
     finally:
