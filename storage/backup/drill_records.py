@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -210,9 +211,10 @@ def walk_records(
     """Check every record version of ``into`` on ``workers`` threads; name each failure."""
     tally = Tally()
     report(BackupProgress("records", 0, total, 0))
-    for done, checked in enumerate(bounded_map(checks, _rows(into.engine), workers), 1):
-        _count(tally, checked)
-        report(BackupProgress("records", done, total, tally.bytes))
+    with closing(bounded_map(checks, _rows(into.engine), workers)) as results:
+        for done, checked in enumerate(results, 1):
+            _count(tally, checked)
+            report(BackupProgress("records", done, total, tally.bytes))
     return tally
 
 

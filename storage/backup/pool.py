@@ -11,7 +11,7 @@ AES-GCM over large buffers, PKCS#11 calls), so threads overlap well.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -28,12 +28,13 @@ def check_workers(workers: int) -> int:
     return workers
 
 
-def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
+def bounded_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Generator[R, None, None]:
     """``fn`` over ``items`` on ``workers`` threads, at most ``2 x workers`` in flight.
 
     Results are yielded in the order of ``items``; an exception of ``fn`` is raised when
-    its result is reached. Closing the iterator early (the consumer raised, e.g. a
-    client that went away) cancels what has not started and waits for what has.
+    its result is reached. Closing the generator early (callers wrap it in
+    ``contextlib.closing``, so a consumer that raises, e.g. for a client that went
+    away, closes it at once) cancels what has not started and waits for what has.
     """
     check_workers(workers)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="backup-walk")

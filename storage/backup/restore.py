@@ -28,7 +28,7 @@ import hashlib
 import secrets
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Protocol
 
@@ -278,13 +278,14 @@ def restore_objects(
     total = len(objects)
     report(BackupProgress("objects", 0, total, 0))
     copy = _copier(target, blobs)
-    for done, (obj, written, failure) in enumerate(bounded_map(copy, objects, workers), 1):
-        if failure is not None:
-            result.failures.append(RestoreFailure("object", failure, obj.object_key))
-        else:
-            result.objects += 1
-            result.bytes += written
-        report(BackupProgress("objects", done, total, result.bytes))
+    with closing(bounded_map(copy, objects, workers)) as results:
+        for done, (obj, written, failure) in enumerate(results, 1):
+            if failure is not None:
+                result.failures.append(RestoreFailure("object", failure, obj.object_key))
+            else:
+                result.objects += 1
+                result.bytes += written
+            report(BackupProgress("objects", done, total, result.bytes))
 
 
 _Copied = tuple[ManifestObject, int, str | None]  # (object, bytes written, failure)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 
 from storage.backup import BackupError, BackupNotFoundError
@@ -182,11 +183,12 @@ def _read_objects(  # noqa: PLR0917  (private helper of verify_backup)
     def hashed(obj: ManifestObject) -> tuple[ManifestObject, tuple[str, int]]:
         return obj, _sha256_of(target, obj.target_key)
 
-    for done, (obj, (digest, size)) in enumerate(bounded_map(hashed, to_read.values(), workers), 1):
-        bytes_read += size
-        if digest != obj.sha256:
-            corrupt.add(obj.sha256)
-        report(BackupProgress("verify", done, total, bytes_read))
+    with closing(bounded_map(hashed, to_read.values(), workers)) as results:
+        for done, (obj, (digest, size)) in enumerate(results, 1):
+            bytes_read += size
+            if digest != obj.sha256:
+                corrupt.add(obj.sha256)
+            report(BackupProgress("verify", done, total, bytes_read))
     failures.extend(
         VerifyFailure(o.object_key, f"SHA-256 differs from the manifest (corrupt: {o.target_key})")
         for o in manifest.objects
