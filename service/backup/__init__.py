@@ -233,8 +233,10 @@ def _drill_detail(report: DrillReport) -> str:
 def report_kind(report: DrillReport) -> str:
     """Either "full drill" or "sampled drill (n of N records decrypted, confidence, ...)"."""
     sample = report.document.get("sample")
-    if not report.sampled or not isinstance(sample, dict):
+    if not report.sampled:
         return "full drill"
+    if not isinstance(sample, dict):
+        return "sampled drill (stopped before the sample was drawn)"
     return (
         f"sampled drill ({sample['size']} of {sample['population']} records decrypted, "
         f"confidence {sample['confidence']:g}, max defect rate {sample['max_defect_rate']:g}, "
