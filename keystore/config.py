@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from keystore.errors import PinError
-
-# Group and world permission bits: any of them makes a PIN file readable by others.
-_SHARED_BITS = stat.S_IRWXG | stat.S_IRWXO
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,13 +64,40 @@ class Pkcs11Config:
         )
 
 
+# POSIX ACL xattr (Linux's binary form): a 4-byte version, then 8-byte entries of
+# tag (u16), permissions (u16), id (u32), little-endian.
+_ACL_XATTR = "system.posix_acl_access"
+_ACL_USER = 0x02
+_ACL_SHARED_TAGS = {0x04: "its group", 0x08: "a named group", 0x20: "others"}
+
+
+def _acl_grants_others(path: Path) -> str | None:
+    """Whom a POSIX ACL on ``path`` lets read it besides this process's user, or None.
+
+    systemd hands a credential (``LoadCredential=``) to a unit's user by an ACL entry
+    where the file system has them: the mode then shows the ACL's mask in its group
+    bits, though no group can read the file. Only the ACL itself says who can.
+    """
+    try:
+        raw = os.getxattr(path, _ACL_XATTR)
+    except OSError:
+        return "its group"  # no ACL: the group bits are the group's
+    for offset in range(4, len(raw) - 7, 8):
+        tag, perm, ident = struct.unpack_from("<HHI", raw, offset)
+        if tag in _ACL_SHARED_TAGS and perm:
+            return _ACL_SHARED_TAGS[tag]
+        if tag == _ACL_USER and perm and ident != os.getuid():
+            return f"user {ident}"
+    return None
+
+
 def _read_pin_file(path: Path) -> str:
-    """Read a PIN file after checking that only its owner can read it."""
+    """Read a PIN file after checking that only its owner (or this user) can read it."""
     try:
         mode = path.stat().st_mode
     except OSError as e:
         raise PinError(f"PIN file {path} cannot be read: {e.strerror}") from e
-    if mode & _SHARED_BITS:
+    if mode & stat.S_IRWXO or (mode & stat.S_IRWXG and _acl_grants_others(path)):
         raise PinError(f"PIN file {path} is readable by group or others; run `chmod 600 {path}`")
     try:
         pin = path.read_text(encoding="utf-8").strip()

@@ -21,6 +21,8 @@ from service.errors import ServiceError
 
 # Longest wait for a request message that the edge allows (service.streams relies on it).
 MAX_IDLE_SECONDS = 300.0
+# More service processes than this on one host is a typo, not a plan.
+MAX_PROCESSES = 256
 
 
 class ConfigError(ServiceError):
@@ -32,6 +34,9 @@ class ServerConfig:
     """Listening address and limits."""
 
     listen: str = "127.0.0.1:7443"
+    # Service processes sharing ``listen`` (SO_REUSEPORT, service.supervisor); 0 = one per
+    # core this process may run on. 1 = no supervisor: the server runs in this process.
+    processes: int = 0
     max_record_size: int = 4 << 30
     chunk_size: int = 1 << 20
     segment_size: int = 1 << 20
@@ -76,6 +81,11 @@ class ServerConfig:
     # (docs/keys.md): a v1 row is then refused with DATA_LOSS, so a database writer
     # cannot put back an older v1 blob to edit a row's other columns undetected.
     accept_legacy_sealed_rows: bool = True
+
+    @property
+    def process_count(self) -> int:
+        """How many service processes to run: ``processes``, or one per usable core."""
+        return self.processes or len(os.sched_getaffinity(0))
 
     @property
     def principal_share(self) -> int:
@@ -278,6 +288,25 @@ _PATH_KEYS = {
 }
 
 
+# A path key may start with this: systemd's credentials folder of the unit (LoadCredential=,
+# docs/deployment.md). Its location depends on the unit's name (an instance of a template
+# unit has its own), so a config shared by instances names the variable, not the folder.
+CREDENTIALS_PREFIX = "$CREDENTIALS_DIRECTORY/"
+
+
+def _resolve_path(section: str, key: str, value: str, base_dir: Path) -> str:
+    """A path key's value: relative to the config file, or in systemd's credentials folder."""
+    if not value.startswith(CREDENTIALS_PREFIX):
+        return str(base_dir / value)
+    folder = os.environ.get("CREDENTIALS_DIRECTORY", "")
+    if not folder:
+        raise ConfigError(
+            f"[{section}] {key} names $CREDENTIALS_DIRECTORY, which is not set: systemd sets "
+            "it for a unit with LoadCredential=; elsewhere name the file itself"
+        )
+    return str(Path(folder) / value.removeprefix(CREDENTIALS_PREFIX))
+
+
 def _section(cls: type[Any], name: str, raw: Any) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"[{name}] must be a table")
@@ -327,6 +356,10 @@ def _check_server(server: ServerConfig) -> None:
     if max(server.first_message_seconds, server.idle_seconds) > MAX_IDLE_SECONDS:
         raise ConfigError(
             f"server.first_message_seconds and idle_seconds must be at most {MAX_IDLE_SECONDS:g}"
+        )
+    if not 0 <= server.processes <= MAX_PROCESSES:
+        raise ConfigError(
+            f"server.processes must be 0 (one per core) or a count from 1 to {MAX_PROCESSES}"
         )
     if server.min_upload_bytes_per_second < 0:
         raise ConfigError("server.min_upload_bytes_per_second must be 0 (off) or more")
@@ -420,7 +453,9 @@ def parse(raw: dict[str, Any], base_dir: Path) -> Config:
             raise ConfigError(f"unknown section [{name}]")
         if isinstance(value, dict):
             value = {  # noqa: PLW2901  (relative paths resolved in place)
-                k: str(base_dir / v) if (name, k) in _PATH_KEYS and v else v
+                k: _resolve_path(name, k, v, base_dir)
+                if (name, k) in _PATH_KEYS and isinstance(v, str) and v
+                else v
                 for k, v in value.items()
             }
         sections[name] = _section(cls, name, value)

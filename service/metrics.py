@@ -3,10 +3,13 @@ call id that ties a client's error to the service's log lines.
 
 ``medvault_rpc_calls_total{method, code}`` counts finished calls by method and final
 status; ``medvault_rpc_seconds{method}`` is their latency histogram (from the handler's
-start to its last message). Served on ``server.metrics_listen`` with the incident and
-witness counters. The method label is the registered name (``RecordService/GetRecord``);
-a name no service registers is counted as ``other``: callers choose method names, and a
-label per name would let them grow the server's memory and the scrape without bound.
+start to its last message); ``medvault_rpc_received_bytes_total{method}`` and
+``medvault_rpc_sent_bytes_total{method}`` count serialized message bytes in and out
+(protobuf payloads, before gRPC's framing and TLS). Served on ``server.metrics_listen``
+with the incident and witness counters. The method label is the registered name
+(``RecordService/GetRecord``); a name no service registers is counted as ``other``:
+callers choose method names, and a label per name would let them grow the server's
+memory and the scrape without bound.
 No label carries a principal, patient or record.
 
 Each call gets a random id (``service.logs.CALL_ID``): every log line made while serving
@@ -18,7 +21,6 @@ without the client sending anything identifying.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -28,7 +30,7 @@ from grpc import aio
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from service.logs import CALL_ID
+from service.logs import CALL_ID, new_call_id
 from storage import RunLedger
 
 CALLS = Counter(
@@ -40,13 +42,20 @@ LATENCY = Histogram(
     ["method"],
     buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )  # fmt: skip
+RECEIVED = Counter(
+    "medvault_rpc_received_bytes_total", "Serialized request bytes received, by method",
+    ["method"],
+)  # fmt: skip
+SENT = Counter(
+    "medvault_rpc_sent_bytes_total", "Serialized response bytes sent, by method", ["method"]
+)
 OTHER = "other"
 CALL_TRAILER = "x-medvault-call"
 
 
 def _begin(context: aio.ServicerContext) -> float:
     """Give the call its id (log lines, trailer) and return its start time."""
-    call = secrets.token_hex(8)
+    call = new_call_id()
     CALL_ID.set(call)  # each call runs in a task of its own, with its own context
     context.set_trailing_metadata(((CALL_TRAILER, call),))
     return time.perf_counter()
@@ -85,11 +94,35 @@ class MetricsInterceptor(aio.ServerInterceptor):  # type: ignore[misc]  # untype
         return _timed(handler, label)
 
 
+def _counted_in(deserializer: Callable[[bytes], Any] | None, label: str) -> Callable[[bytes], Any]:
+    """The request deserializer, counting each message's wire size first (so a message
+    that fails to parse is counted too: it was received)."""
+    received = RECEIVED.labels(label)
+
+    def deserialize(data: bytes) -> Any:
+        received.inc(len(data))
+        return deserializer(data) if deserializer is not None else data
+
+    return deserialize
+
+
+def _counted_out(serializer: Callable[[Any], bytes] | None, label: str) -> Callable[[Any], bytes]:
+    """The response serializer, counting each message's wire size."""
+    sent = SENT.labels(label)
+
+    def serialize(message: Any) -> bytes:
+        data: bytes = serializer(message) if serializer is not None else message
+        sent.inc(len(data))
+        return data
+
+    return serialize
+
+
 def _timed(handler: grpc.RpcMethodHandler, label: str) -> grpc.RpcMethodHandler:
     unary, stream = _unary_response(label), _stream_response(label)
     common = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
+        "request_deserializer": _counted_in(handler.request_deserializer, label),
+        "response_serializer": _counted_out(handler.response_serializer, label),
     }
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **common)

@@ -36,7 +36,7 @@ from storage.audit_model import (
     chain_hash,
 )
 from storage.errors import BackendUnavailableError, InvalidRecordError, StorageError
-from storage.sql_metadata import from_db_time, metadata
+from storage.sql_metadata import connect, from_db_time, metadata
 
 T = TypeVar("T")
 
@@ -357,12 +357,13 @@ class SqlAuditLog:
 
     def _run(self, fn: Callable[[Connection], T], *, write: bool = False) -> T:
         """Run ``fn`` in one transaction (committed if ``write``), translating errors."""
-        with _translated(self._engine):
+        # Connected apart: a failure to connect is DatabaseUnreachableError (nothing
+        # sent, so a put's object can go at once), unlike a connection lost later.
+        with _translated(self._engine), connect(self._engine, "audit database") as connection:
             if write:
-                with self._engine.begin() as connection:
+                with connection.begin():
                     return fn(connection)
-            with self._engine.connect() as connection:
-                return fn(connection)
+            return fn(connection)
 
 
 # Built once: statement construction showed up in profiles of the audit writer.
@@ -424,7 +425,12 @@ def _translated(engine: Engine) -> Iterator[None]:
     except _OUTAGES as e:
         # The database cannot be written now (unreachable, locked, read-only): every
         # caller fails closed, and retrying event by event would only wait longer.
-        where = "local SQLite file" if engine.dialect.name == "sqlite" else engine.url.host
+        url = engine.url
+        where = (
+            "local SQLite file"
+            if engine.dialect.name == "sqlite"
+            else f"{url.host or 'localhost'}:{url.port or 'default port'}"
+        )
         name = type(e.orig).__name__ if isinstance(e, exc.DBAPIError) else type(e).__name__
         raise BackendUnavailableError(
             f"audit database unavailable at {where} ({name}); retry later"

@@ -43,6 +43,22 @@ class BackendUnavailableError(StorageError):
     """Object store, database or key store cannot be reached; retry later."""
 
 
+class DatabaseUnreachableError(BackendUnavailableError):
+    """No connection to the database could be had: nothing of the attempt was sent, so
+    none of its changes can have committed (unlike a connection lost mid-transaction,
+    whose COMMIT may have taken effect)."""
+
+
+def never_reached_database(error: BaseException | None) -> bool:
+    """Whether ``error`` was caused (anywhere along ``__cause__``) by a failure to
+    connect at all, i.e. the attempt provably committed nothing."""
+    while error is not None:
+        if isinstance(error, DatabaseUnreachableError):
+            return True
+        error = error.__cause__
+    return False
+
+
 class KekRetiredError(BackendUnavailableError):
     """A wrapped key names a master-key version retired meanwhile; wrap again and retry.
 
@@ -53,3 +69,8 @@ class KekRetiredError(BackendUnavailableError):
 
 class KekInUseError(RecordConflictError):
     """A master-key version cannot be retired: it is the active one or keys still use it."""
+
+
+class DeadlineExceededError(StorageError):
+    """The call this work serves is over (its deadline passed, or its client went away):
+    the work stopped before its next step (DEADLINE_EXCEEDED; ``storage.deadlines``)."""

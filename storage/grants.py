@@ -155,12 +155,25 @@ def _with_review(grant: Grant, reviewed_at: datetime | None, by: str | None) -> 
     return dataclasses.replace(grant, reviewed_at=reviewed_at, reviewed_by=by)
 
 
-def _active_at(now: datetime) -> sa.ColumnElement[bool]:
+def _active_at(now: datetime | sa.BindParameter[datetime]) -> sa.ColumnElement[bool]:
     """The SQL form of ``Grant.active``: not revoked, and no expiry or expiring later."""
     return sa.and_(
         access_grants.c.revoked_at.is_(None),
         sa.or_(access_grants.c.expires_at.is_(None), access_grants.c.expires_at > now),
     )
+
+
+# On every read's path: built once (a statement built per call costs SQLAlchemy a new
+# cache key each time, bench/sign.py's GIL profile).
+_HAS_ACCESS = (
+    sa.select(access_grants)
+    .where(
+        access_grants.c.principal == sa.bindparam("principal"),
+        access_grants.c.patient_index == sa.bindparam("patient_index"),
+        _active_at(sa.bindparam("now", type_=access_grants.c.expires_at.type)),
+    )
+    .order_by(access_grants.c.break_glass, access_grants.c.created_at.desc())
+)
 
 
 class SqlGrantStore:
@@ -286,16 +299,9 @@ class SqlGrantStore:
         team covers is not flagged as an emergency access. Rows failing their MAC are
         skipped (they grant nothing) and reported.
         """
-        query = (
-            sa.select(access_grants)
-            .where(
-                access_grants.c.principal == principal,
-                access_grants.c.patient_index == patient_index,
-                _active_at(to_utc(now, "now")),
-            )
-            .order_by(access_grants.c.break_glass, access_grants.c.created_at.desc())
-        )
-        rows = self._run(lambda c: c.execute(query).all())
+        params = {"principal": principal, "patient_index": patient_index,
+                  "now": to_utc(now, "now")}  # fmt: skip
+        rows = self._run(lambda c: c.execute(_HAS_ACCESS, params).all())
         return next(iter(self._authentic(rows)), None)
 
     def list(

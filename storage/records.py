@@ -23,14 +23,17 @@ from sqlalchemy.engine import Connection
 
 from keystore import BlindIndexer, KeyWrapper
 from storage.commit_tags import CommitTagger
+from storage.deadlines import check_deadline, grace
 from storage.envelope import StreamingAead
 from storage.errors import (
+    DeadlineExceededError,
     IntegrityError,
     InvalidRecordError,
     KekRetiredError,
     RecordConflictError,
     RecordNotFoundError,
     StorageError,
+    never_reached_database,
 )
 from storage.formats import checked, validator_for
 from storage.index import (
@@ -239,12 +242,12 @@ class RecordStore:
             stored = self._blobs.put(
                 object_key, read_ahead(ciphertext, self._limits.read_ahead_segments)
             )
-        except InvalidRecordError:
-            self._blobs.delete(object_key)
+        except (InvalidRecordError, DeadlineExceededError):
+            self._drop(object_key)
             raise
         sha256 = plain.digest.digest()
         if header.expected_sha256 is not None and header.expected_sha256 != sha256:
-            self._blobs.delete(object_key)
+            self._drop(object_key)
             raise InvalidRecordError("expected_sha256", "does not match the content received")
         self._at("after-upload")
         row = StoredRecord(
@@ -271,14 +274,15 @@ class RecordStore:
         if self._before_commit is not None:
             self._before_commit()
         self._at("before-commit")
+        check_deadline("committing the record")  # a caller who gave up gets no record
         try:
             self._insert(row, dek, ad, on_commit, self._remember(header, creator, row),
                          entries=entries)  # fmt: skip
         except RequestKeyTakenError:  # a concurrent retry committed first: its result
-            self._blobs.delete(object_key)
+            self._drop(object_key)
             return self._replay(header, creator, patient_index, sha256, on_replay)
-        except BaseException:
-            self._discard(row)
+        except BaseException as e:
+            self._discard(row, e)
             raise
         self._at("after-commit")
         self._mark_committed(object_key)
@@ -293,18 +297,34 @@ class RecordStore:
         if self._tagger is not None:
             self._tagger.close()
 
-    def _discard(self, row: StoredRecord) -> None:
+    def _drop(self, object_key: str) -> None:
+        """Delete an object no row will reference, also after the call is over (a short
+        grace of its own); if the store does not answer, the sweeper removes it later."""
+        try:
+            with grace():
+                self._blobs.delete(object_key)
+        except StorageError:
+            log.warning("uncommitted object not deleted; the sweeper removes it",
+                        extra={"object_key": object_key})  # fmt: skip
+
+    def _discard(self, row: StoredRecord, error: BaseException) -> None:
         """After a failed commit, delete the object only if its row is known absent.
 
         The error may come after the row committed (a connection lost during COMMIT, a
         gate raising after its change ran): deleting then would leave a row without its
         content. When the database cannot tell, the object stays for the sweeper, which
-        removes unreferenced, untagged objects after the grace period.
+        removes unreferenced, untagged objects after the grace period. A commit that
+        never reached the database (no connection could be made: the usual failure
+        while it is down) committed nothing, and its object goes at once.
         """
+        if never_reached_database(error):
+            self._drop(row.object_key)
+            return
         try:
-            stored = self._metadata.get(row.id, row.version)
+            with grace():  # the call may be over (cancelled, its deadline passed)
+                stored = self._metadata.get(row.id, row.version)
         except RecordNotFoundError:
-            self._blobs.delete(row.object_key)
+            self._drop(row.object_key)
             return
         except StorageError:
             log.warning("commit outcome unknown; the object is left for the sweeper",
@@ -313,7 +333,7 @@ class RecordStore:
         if stored.object_key == row.object_key:
             self._mark_committed(row.object_key)  # it did commit: the caller may retry
         else:
-            self._blobs.delete(row.object_key)  # that version is another write's
+            self._drop(row.object_key)  # that version is another write's
 
     def _mark_committed(self, object_key: str) -> None:
         """Tag the object of a committed row; the record is stored whatever happens here.

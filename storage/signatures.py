@@ -152,11 +152,15 @@ def unseal_p7s(dek: bytes, row: Any) -> bytes:
     return _unseal(dek, _INFO, _row_aad(row), bytes(row.sealed_p7s), what=_WHAT)
 
 
+# Built once: a statement made per call with its values inlined costs SQLAlchemy a new
+# cache key and coercion of every value, on the audit writer's thread, which every
+# audited call of the process waits for (bench/sign.py's GIL profile, docs/performance.md).
+_INSERT = record_signatures.insert()
+_BY_ID = sa.select(record_signatures).where(record_signatures.c.id == sa.bindparam("sig_id"))
 
 
 def _select_row(connection: Connection, signature_id: str) -> Row[Any]:
-    query = sa.select(record_signatures).where(record_signatures.c.id == signature_id)
-    row = connection.execute(query).first()
+    row = connection.execute(_BY_ID, {"sig_id": signature_id}).first()
     if row is None:
         raise RecordNotFoundError(f"signature {signature_id} not found")
     return row
@@ -194,7 +198,7 @@ class SignedRecord:
         }  # fmt: skip
 
         def insert(connection: Connection) -> Signature:
-            connection.execute(record_signatures.insert().values(**values))
+            connection.execute(_INSERT, values)
             return self.unseal(_select_row(connection, sig_id))
 
         return sig_id, translated_change(insert)

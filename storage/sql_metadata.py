@@ -28,6 +28,7 @@ from sqlalchemy.engine import Connection, Engine, Row
 from storage import sqlite_guard
 from storage.errors import (
     BackendUnavailableError,
+    DatabaseUnreachableError,
     InvalidRecordError,
     KekRetiredError,
     RecordConflictError,
@@ -304,8 +305,29 @@ def translated(engine: Engine) -> Iterator[None]:
             f"metadata database at {_where_label(engine)} {what} "
             f"({type(e.orig).__name__}); retry later"
         ) from e
+    except exc.TimeoutError as e:  # the pool's: every connection busy past its timeout
+        raise BackendUnavailableError(
+            f"metadata database at {_where_label(engine)} busy (no free connection); "
+            "retry later"
+        ) from e
     except exc.SQLAlchemyError as e:
         raise StorageError(f"metadata database error ({type(e).__name__})") from e
+
+
+def connect(engine: Engine, what: str = "metadata database") -> Connection:
+    """A connection from ``engine``; ``DatabaseUnreachableError`` if none can be made.
+
+    Kept apart from the statements so that callers can tell "nothing was sent" (the
+    write surely did not commit: its object can go at once) from a connection lost
+    mid-transaction (the COMMIT may have taken effect).
+    """
+    try:
+        return engine.connect()
+    except (exc.OperationalError, exc.InterfaceError) as e:
+        raise DatabaseUnreachableError(
+            f"{what} unavailable at {_where_label(engine)} "
+            f"({type(e.orig).__name__}); retry later"
+        ) from e
 
 
 
@@ -343,12 +365,11 @@ def run_in_transaction(
     engine: Engine, fn: Callable[[Connection], T], *, write: bool = False
 ) -> T:
     """Run ``fn`` in one transaction (committed if ``write``), translating driver errors."""
-    with translated(engine):
+    with translated(engine), connect(engine) as connection:
         if write:
-            with engine.begin() as connection:
+            with connection.begin():
                 return fn(connection)
-        with engine.connect() as connection:
-            return fn(connection)
+        return fn(connection)
 
 
 def translated_change(fn: Callable[[Connection], T]) -> Callable[[Connection], T]:
@@ -360,6 +381,17 @@ def translated_change(fn: Callable[[Connection], T]) -> Callable[[Connection], T
             return fn(connection)
 
     return change
+
+
+# The statements on every read's path, built once: a statement built per call costs
+# SQLAlchemy a new cache key each time (bench/sign.py's GIL profile).
+_LATEST = (
+    sa.select(records).where(records.c.id == sa.bindparam("record_id"))
+    .order_by(records.c.version.desc()).limit(1)
+)  # fmt: skip
+_VERSION = sa.select(records).where(
+    records.c.id == sa.bindparam("record_id"), records.c.version == sa.bindparam("version")
+)
 
 
 class SqlMetadataStore:
@@ -385,12 +417,12 @@ class SqlMetadataStore:
 
     def get(self, record_id: str, version: int | None = None) -> StoredRecord:
         """That version, or the latest; ``RecordNotFoundError`` if absent."""
-        query = sa.select(records).where(records.c.id == record_id)
+        params: dict[str, object]
         if version is None:
-            query = query.order_by(records.c.version.desc()).limit(1)
+            query, params = _LATEST, {"record_id": record_id}
         else:
-            query = query.where(records.c.version == version)
-        row = self._run(lambda c: c.execute(query).first())
+            query, params = _VERSION, {"record_id": record_id, "version": version}
+        row = self._run(lambda c: c.execute(query, params).first())
         if row is None:
             raise RecordNotFoundError("no such record" if version is None else "no such version")
         return to_stored_record(row)

@@ -289,8 +289,11 @@ class AuditTrail:
         logger.error(
             "audit append failed", extra={"events": len(batch), "error": type(error).__name__}
         )
+        # An outage's message names the database and its address, never a row's data
+        # (storage builds it so): the caller and the operator see what is down.
+        why = f": {error}" if isinstance(error, BackendUnavailableError) else "; retry later"
         for item in batch:
-            failure = AuditUnavailableError("audit trail unavailable; retry later")
+            failure = AuditUnavailableError(f"audit trail unavailable{why}")
             failure.__cause__ = error
             item.future.set_exception(failure)
 

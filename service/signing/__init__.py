@@ -1,11 +1,12 @@
 """Document signatures: the use cases behind ``SigningService`` (sign, verify, get).
 
 A record version is opened through ``storage.signatures`` (so patient scope and the
-audit event come first), its plaintext is hashed while it streams (never held whole),
-and the digest is signed in the token as a detached CAdES-BES ``.p7s``
-(``service.signing.cms``) or checked against every stored signature
-(``service.signing.validation``). Signer keys and certificates live on the token
-(``keystore.certificates``).
+audit event come first). To sign, its authenticated SHA-256 (sealed in the verified
+row at put time, ``storage.row_auth``; see docs/signatures.md) is signed in the token
+as a detached CAdES-BES ``.p7s`` (``service.signing.cms``) without reading the content
+again; to verify, its plaintext is hashed while it streams (never held whole) and
+checked against every stored signature (``service.signing.validation``). Signer keys
+and certificates live on the token (``keystore.certificates``).
 
 A PDF record may instead be signed with PAdES (``service.signing.pades``): the signed
 PDF, with the signature embedded, is stored as a new version of the record, and the
@@ -30,7 +31,7 @@ from pyhanko.sign.validation.pdf_embedded import EmbeddedPdfSignature
 from keystore import Signer as KeySigner
 from keystore import SignerFactory, SignerUnusableError
 from service.limits import PdfSlots
-from service.signing.cms import algorithm_name, sign_digest
+from service.signing.cms import CadesSigner, algorithm_name
 from service.signing.pades import (
     MAX_PADES_BYTES,
     SignedPdf,
@@ -86,13 +87,26 @@ class VersionWriter:
 
 @dataclass(frozen=True, slots=True)
 class SignerIdentity:
-    """A token signer ready to sign: its key, its certificate (DER) and that parsed."""
+    """A token signer ready to sign: its key, its certificate (DER) and that parsed,
+    and what depends on them alone (built once per load, not per signature)."""
 
     name: str
     key: KeySigner
     certificate_der: bytes
     certificate: x509.Certificate
     loaded_at: float
+    cades: CadesSigner
+    subject: str
+    algorithm: str
+
+    @classmethod
+    def load(cls, name: str, key: KeySigner, der: bytes, chain: Sequence[bytes]) -> SignerIdentity:
+        """The identity of ``name`` with its CAdES template built."""
+        certificate = x509.load_der_x509_certificate(der)
+        return cls(
+            name, key, der, certificate, time.monotonic(), CadesSigner(key, der, chain),
+            certificate.subject.rfc4514_string(), algorithm_name(der),
+        )  # fmt: skip
 
 
 def _pieces(data: bytes) -> Iterator[bytes]:
@@ -137,9 +151,7 @@ class DocumentSigning:
             # The key first: a missing key's error names create-signer.
             key = self._signers.document_signer(name)
             der = self._signers.document_certificate(name)
-            cached = SignerIdentity(
-                name, key, der, x509.load_der_x509_certificate(der), time.monotonic()
-            )
+            cached = SignerIdentity.load(name, key, der, self._chain)
             with self._lock:
                 self._cache[name] = cached
         now = datetime.now(UTC)
@@ -162,16 +174,17 @@ class DocumentSigning:
         exists exactly when its event does.
         """
         identity = self.identity(name)  # before any read: an unusable signer reads nothing
-        signed = self._signatures.open(record_id, version, admit=admit)
-        digest = content_digest(signed.content)
-        if not secrets.compare_digest(digest, signed.info.sha256):
-            raise IntegrityError("stored record failed authentication")
+        # The content is not read again: the verified row's SHA-256 was sealed under the
+        # record's token-wrapped key by the put that hashed and encrypted this content,
+        # bound to this record id and version (docs/signatures.md, "Why the stored digest
+        # may be signed without reading the content").
+        signed = self._signatures.open(record_id, version, admit=admit, content=False)
         signing_time = datetime.now(UTC).replace(microsecond=0)
-        p7s = sign_digest(identity.key, identity.certificate_der, digest, signing_time, self._chain)
+        p7s = identity.cades.sign(signed.info.sha256, signing_time)
         new = NewSignature(
             signer=name,
-            certificate_subject=identity.certificate.subject.rfc4514_string(),
-            algorithm=algorithm_name(identity.certificate_der),
+            certificate_subject=identity.subject,
+            algorithm=identity.algorithm,
             signing_time=signing_time,
             p7s=p7s,
         )
@@ -221,8 +234,8 @@ class DocumentSigning:
             )  # fmt: skip
         new = NewSignature(
             signer=name,
-            certificate_subject=identity.certificate.subject.rfc4514_string(),
-            algorithm=algorithm_name(identity.certificate_der),
+            certificate_subject=identity.subject,
+            algorithm=identity.algorithm,
             signing_time=result.signing_time,
             p7s=result.cms,
         )
@@ -250,7 +263,9 @@ class DocumentSigning:
         return sign_pdf(identity.key, identity.certificate_der, pdf, self._chain)
 
     def _verified(
-        self, stored: Sequence[Signature], digest: bytes,
+        self,
+        stored: Sequence[Signature],
+        digest: bytes,
         embedded: dict[bytes, EmbeddedPdfSignature],
     ) -> list[tuple[Signature, Verdict, SignatureFormat]]:
         results = []

@@ -158,8 +158,10 @@ def test_token_and_audit_commit_latency_are_measured(world: World) -> None:
             f"http://127.0.0.1:{world.metrics_port}/metrics", timeout=10
         ) as reply:
             families = {f.name: f for f in text_string_to_metric_families(reply.read().decode())}
+
         def count(name: str) -> float:
             return sum(s.value for s in families[name].samples if s.name == f"{name}_count")
+
         return count("medvault_token_seconds"), count("medvault_audit_commit_seconds")
 
     token_before, commits_before = counts()
@@ -173,3 +175,28 @@ def test_token_and_audit_commit_latency_are_measured(world: World) -> None:
     token_after, commits_after = counts()
     assert token_after - token_before >= 2, "a put and a get wrap and unwrap a key"
     assert commits_after > commits_before, "the read's event was committed"
+
+
+def _bytes(scraped: dict[Any, float], name: str, method: str) -> float:
+    return scraped.get((name, (("method", method),)), 0.0)
+
+
+def test_bytes_in_and_out_are_counted_by_method(world: World) -> None:
+    patient = new_patient()
+    world.clerk.access.GrantAccess(
+        apb.GrantAccessRequest(patient=patient, principal="metrics-dr"), timeout=TIMEOUT
+    )
+    content = b"synthetic bytes " * 20_000  # 320,000 bytes: several chunks each way
+    before = _scrape(world.metrics_port)
+    record = put_record(world.doctor, patient, content)
+    assert fetch(world.doctor, record.id).content == content
+    received, sent = "medvault_rpc_received_bytes_total", "medvault_rpc_sent_bytes_total"
+    wait_for(lambda: _bytes(_scrape(world.metrics_port), sent, GET)
+             - _bytes(before, sent, GET) >= len(content), what="the bytes counted")  # fmt: skip
+    after = _scrape(world.metrics_port)
+    put_in = _bytes(after, received, PUT) - _bytes(before, received, PUT)
+    get_out = _bytes(after, sent, GET) - _bytes(before, sent, GET)
+    # The content plus the messages' headers and framing fields, and nothing near twice.
+    assert len(content) <= put_in < len(content) + 16_384
+    assert len(content) <= get_out < len(content) + 16_384
+    assert _bytes(after, sent, PUT) - _bytes(before, sent, PUT) < 16_384

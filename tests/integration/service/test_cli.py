@@ -167,3 +167,20 @@ def test_get_into_a_path_that_cannot_be_written_fails_before_the_read(
     # The control: a get that delivers is audited once, so the count above can see one.
     _ok(_cli(medvault_service, "get", record_id, "-o", str(tmp_path / "copy.pdf")))
     assert _reads_of(database_url, record_id, head) == 1, "the delivered read is not audited"
+
+
+def test_health_serves_and_names_what_does_not(medvault_service: RunningService) -> None:
+    """`medvault health` is the container probe: 0 while serving, 1 naming a service that
+    is not (a probe must not hang or pass on an unknown name)."""
+    out = _ok(_cli(medvault_service, "health", "--dependencies"))
+    assert out.split("\n") == [
+        "medvault: SERVING",
+        "medvault.dependency.database: SERVING",
+        "medvault.dependency.object_store: SERVING",
+        "medvault.dependency.token: SERVING",
+        "",
+    ]
+    unknown = _cli(medvault_service, "health", "--quiet", "--service", "no.such.service")
+    assert unknown.returncode != 0
+    assert unknown.stdout == ""
+    assert "NOT_FOUND" in unknown.stderr or "not found" in unknown.stderr.lower()

@@ -291,3 +291,39 @@ def test_signature_not_stored_when_its_event_cannot_commit(stack: SigningStack) 
     signature = _sign(stack, "dr-ec", record_id)  # works again once events commit
     assert [r.valid for r in _verify(stack, "dr-ec", record_id)] == [True]
     assert _signature_events(stack) == [*before, f"signature/{signature.id}"]
+
+
+@pytest.mark.parametrize("columns", ["sealed_meta", "whole row"])
+def test_signs_only_the_digest_sealed_for_this_record(stack: SigningStack, columns: str) -> None:
+    """SignRecord signs the row's sealed SHA-256 without re-reading the content: a
+    database writer who gives record A the metadata of record B (same patient, other
+    content) must get DATA_LOSS, never a signature of B's digest under A's name."""
+    clerk = stack.clients["clerk-s"]
+    patient = new_patient()
+    grant(clerk, patient, "dr-ec")
+    target = str(put_record(clerk, patient, CONTENT).id)
+    other = str(put_record(clerk, patient, CONTENT[::-1]).id)
+    kept = ("id", "version", "object_key")  # object keys are unique: A keeps its own
+    copied = [c.name for c in records.columns if c.name not in kept]
+    if columns == "sealed_meta":
+        copied = ["sealed_meta"]
+    engine = engine_for(stack.database_url)
+    try:
+        with engine.begin() as c:
+            source = c.execute(sa.select(records).where(records.c.id == other)).one()
+            c.execute(
+                records.update().where(records.c.id == target)
+                .values({name: getattr(source, name) for name in copied})
+            )  # fmt: skip
+        request = spb.SignRecordRequest(record_id=target, signer="dr-ec")
+        code = code_of(_stub(stack.clients["dr-ec"]).SignRecord, request, timeout=TIMEOUT)
+        assert code == grpc.StatusCode.DATA_LOSS, code.name
+        with engine.connect() as c:
+            stored = c.execute(
+                sa.select(sa.func.count()).where(record_signatures.c.record_id == target)
+            ).scalar_one()
+        assert stored == 0, "a signature was made over another record's digest"
+    finally:
+        engine.dispose()
+    _sign(stack, "dr-ec", other)  # the record whose metadata was copied is untouched
+    assert [r.valid for r in _verify(stack, "dr-ec", other)] == [True]

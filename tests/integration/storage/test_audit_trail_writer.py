@@ -23,7 +23,9 @@ from service.audit.checkpoints import make_checkpoint
 from service.audit.trail import AuditTrail, _Item
 from storage.audit_log import Pending, SqlAuditLog
 from storage.audit_model import AuditEntry
-from storage.errors import BackendUnavailableError, RecordConflictError
+from storage.errors import BackendUnavailableError, DatabaseUnreachableError, RecordConflictError
+from storage.sql_metadata import make_engine
+from tests.fixtures.service import free_port
 from tests.integration.storage.test_audit_log import (  # noqa: F401  (fixtures)
     audit_engine,
     audit_log,
@@ -93,13 +95,19 @@ def test_outage_fails_the_batch_at_once(trail: AuditTrail, audit_log: SqlAuditLo
     def down(items: object) -> object:
         nonlocal calls
         calls += 1
-        raise BackendUnavailableError("database down")
+        raise BackendUnavailableError(DOWN)
 
     audit_log.append_pending = down  # type: ignore[method-assign]
     batch = [_Item(Pending(entry(n))) for n in range(300)]
     trail._write(batch)
     assert calls == 1, "an outage must not be retried event by event"
-    assert all(isinstance(i.future.exception(timeout=1), AuditUnavailableError) for i in batch)
+    errors = [i.future.exception(timeout=1) for i in batch]
+    assert all(isinstance(e, AuditUnavailableError) for e in errors)
+    # The caller learns what is down (storage's message names no row data).
+    assert {str(e) for e in errors} == {f"audit trail unavailable: {DOWN}"}
+
+
+DOWN = "audit database unavailable at db.example:5432 (OperationalError); retry later"
 
 
 def test_changes_commit_with_their_events_or_not_at_all(
@@ -195,3 +203,13 @@ def test_a_change_whose_caller_gave_up_is_never_written(
     first.join()
     assert trail.record_change(entry(3), _insert(3)) == 3
     assert _ids(scratch_table) == [1, 3]
+
+
+def test_an_unreachable_database_is_named_by_host_and_port() -> None:
+    port = free_port()  # nothing listens there
+    engine = make_engine(f"postgresql+psycopg://postgres@127.0.0.1:{port}/absent")
+    try:
+        with pytest.raises(DatabaseUnreachableError, match=f"at 127.0.0.1:{port} "):
+            SqlAuditLog(engine).append([entry(1)])
+    finally:
+        engine.dispose()

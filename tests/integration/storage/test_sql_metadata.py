@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 
 from storage.errors import (
     BackendUnavailableError,
+    DatabaseUnreachableError,
     InvalidRecordError,
     RecordConflictError,
     RecordNotFoundError,
@@ -224,5 +225,24 @@ def test_unreachable_postgresql_is_backend_unavailable() -> None:
         with pytest.raises(BackendUnavailableError, match=r"127\.0\.0\.1:1") as info:
             SqlMetadataStore(engine).get("rec-1")
         assert "rec-1" not in str(info.value)
+        # Nothing was sent: a write that failed so committed nothing (storage.records).
+        assert isinstance(info.value, DatabaseUnreachableError)
+    finally:
+        engine.dispose()
+
+
+def test_a_connection_pool_with_no_free_connection_is_backend_unavailable(
+    tmp_path: Path,
+) -> None:
+    """Every connection busy past the pool's timeout: UNAVAILABLE for the caller, not an
+    unmapped error (which the service would report as INTERNAL)."""
+    engine = sa.create_engine(
+        f"sqlite:///{tmp_path / 'busy.db'}", pool_size=1, max_overflow=0, pool_timeout=0.1
+    )
+    try:
+        held = engine.connect()  # the only connection
+        with held, pytest.raises(BackendUnavailableError, match="busy") as info:
+            SqlMetadataStore(engine).get("rec-1")
+        assert not isinstance(info.value, DatabaseUnreachableError)
     finally:
         engine.dispose()

@@ -23,7 +23,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from keystore import Pkcs11BlindIndexer, Pkcs11KeyWrapper, Pkcs11SessionPool
 from storage.commit_tags import CommitTagger
-from storage.errors import BackendUnavailableError
+from storage.errors import BackendUnavailableError, DatabaseUnreachableError
 from storage.model import NewRecord, PatientRef, RecordKind
 from storage.records import RecordStore
 from storage.s3_blobs import MIB, S3BlobStore
@@ -239,6 +239,53 @@ def test_an_error_before_the_commit_removes_the_object(world: _World) -> None:
     with pytest.raises(ConnectionError):
         world.store.put(header, [CONTENT], "test-app", on_commit=refused)
     assert world.objects() == before, "a refused write left its object behind"
+
+
+class _DownForLookups:
+    """The metadata store with its lookups failing, as while the database is down."""
+
+    def __init__(self, inner: SqlMetadataStore) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    def get(self, *_args: object, **_kwargs: object) -> object:
+        raise BackendUnavailableError("metadata database unavailable at db:5432; retry later")
+
+
+def _put_failing(world: _World, cause: Exception) -> set[str]:
+    """A put whose commit fails as the audit trail reports ``cause``; the new objects."""
+
+    def failing(_ref: object, _insert: Callable[[Connection], None]) -> None:
+        raise ConnectionError("audit trail unavailable") from cause
+
+    store = RecordStore(
+        world.bucket.store, _DownForLookups(world.metadata),  # type: ignore[arg-type]
+        world.store._wrapper, world.store._indexer,
+    )  # fmt: skip
+    before = world.objects()
+    header = NewRecord(PatientRef(f"SYNTH{secrets.token_hex(6)}", "urn:oid:2.999.1"),
+                       RecordKind.OTHER, "application/octet-stream", title="synthetic")
+    with pytest.raises(ConnectionError):
+        store.put(header, [CONTENT], "test-app", on_commit=failing)
+    return world.objects() - before
+
+
+def test_a_commit_that_never_reached_the_database_removes_its_object(world: _World) -> None:
+    """While the database is down the row cannot be looked up, but a commit that could
+    not even connect committed nothing: its object goes at once, not after the grace."""
+    unreachable = DatabaseUnreachableError("audit database unavailable at db:5432; retry later")
+    assert _put_failing(world, unreachable) == set(), "an unsent write left its object"
+
+
+def test_a_commit_lost_midway_while_the_database_is_down_keeps_the_object(
+    world: _World,
+) -> None:
+    """A connection lost during the transaction may have committed it, and the row cannot
+    be looked up: the object stays for the sweeper."""
+    lost = BackendUnavailableError("audit database unavailable at db:5432; retry later")
+    assert len(_put_failing(world, lost)) == 1, "an in-doubt write's object was deleted"
 
 
 def test_a_bucket_writer_cannot_flood_incidents_with_tagged_garbage(

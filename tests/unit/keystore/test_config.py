@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import struct
 from pathlib import Path
 
 import pytest
@@ -69,3 +71,46 @@ def test_missing_pin_file(tmp_path: Path) -> None:
 def test_pool_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="pool_size"):
         Pkcs11Config(module_path="m", token_label="t", pool_size=0)
+
+
+def _set_acl(path: Path, *entries: tuple[int, int, int]) -> None:
+    """Give ``path`` a POSIX ACL (Linux's xattr form: version 2, then tag/perm/id)."""
+    raw = struct.pack("<I", 2) + b"".join(
+        struct.pack("<HHI", tag, perm, 0xFFFFFFFF if ident < 0 else ident)
+        for tag, perm, ident in entries
+    )
+    try:
+        os.setxattr(path, "system.posix_acl_access", raw)
+    except OSError as e:
+        pytest.fail(f"the test folder's file system refuses POSIX ACLs ({e.strerror})")
+
+
+USER_OBJ, USER, GROUP_OBJ, MASK, OTHER = 0x01, 0x02, 0x04, 0x10, 0x20
+READ = 4
+
+
+def test_systemd_credential_readable_through_an_acl_is_accepted(tmp_path: Path) -> None:
+    """systemd's LoadCredential= grants the unit's user read access by an ACL entry on
+    file systems that have ACLs: the mode then shows 0440 (the ACL mask), though no group
+    can read the PIN. Only this user and the owner can: accepted."""
+    path, pin = _pin_file(tmp_path, 0o400)
+    _set_acl(path, (USER_OBJ, READ, -1), (USER, READ, os.getuid()), (GROUP_OBJ, 0, -1),
+             (MASK, READ, -1), (OTHER, 0, -1))  # fmt: skip
+    assert path.stat().st_mode & 0o777 == 0o440
+    assert _config(pin_file=path).read_pin() == pin
+
+
+@pytest.mark.parametrize(
+    "shared",
+    [(USER, READ, 4242), (GROUP_OBJ, READ, -1)],
+    ids=["another-user", "the-group"],
+)
+def test_acl_letting_someone_else_read_is_refused(
+    tmp_path: Path, shared: tuple[int, int, int]
+) -> None:
+    path, _ = _pin_file(tmp_path, 0o400)
+    entries = {USER_OBJ: (USER_OBJ, READ, -1), GROUP_OBJ: (GROUP_OBJ, 0, -1)}
+    entries[shared[0]] = shared
+    _set_acl(path, *sorted(entries.values()), (MASK, READ, -1), (OTHER, 0, -1))
+    with pytest.raises(PinError, match="readable by group or others"):
+        _config(pin_file=path).read_pin()
