@@ -204,7 +204,12 @@ class BackupConfig:
     drill_schedule_seconds: int = 0
     prune_after_backup: bool = True
     drill_database: str = ""  # PostgreSQL URL for scratch databases; empty = SQLite temp
+    # Threads copying objects, verifying and drilling (1 to 64).
     workers: int = 4
+    # Scheduled drills: 0 = full; else sampled with this confidence (0.5 <= c < 1) of
+    # finding a defect rate of drill_max_defect_rate (docs/operations.md).
+    drill_sample_confidence: float = 0.0
+    drill_max_defect_rate: float = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,6 +335,7 @@ def _check(config: Config) -> None:
     if config.tls.enabled and not (config.tls.cert and config.tls.key and config.tls.client_ca):
         raise ConfigError("[tls] cert, key and client_ca are required when tls.enabled is true")
     _check_audit(config.audit)
+    _check_backup(config.backup)
     _check_stats(config.stats)
     _check_mllp(config.mllp, tls_enabled=config.tls.enabled)
     _check_dicom(config)
@@ -392,6 +398,18 @@ def _check_audit(audit: AuditConfig) -> None:
         raise ConfigError("audit.witness_lock_mode must be COMPLIANCE or GOVERNANCE")
     if audit.witness_lock_days < 0:
         raise ConfigError("audit.witness_lock_days must be 0 (no Object Lock) or more")
+
+
+def _check_backup(backup: BackupConfig) -> None:
+    if not 1 <= backup.workers <= 64:
+        raise ConfigError("backup.workers must be from 1 to 64")
+    c = backup.drill_sample_confidence
+    if c != 0 and not 0.5 <= c < 1:  # NaN fails too
+        raise ConfigError("backup.drill_sample_confidence must be 0 (full drills) or from 0.5 "
+                          "to below 1, e.g. 0.99")  # fmt: skip
+    if not 1e-6 <= backup.drill_max_defect_rate < 1:
+        raise ConfigError("backup.drill_max_defect_rate must be from 0.000001 to below 1, "
+                          "e.g. 0.01")  # fmt: skip
 
 
 def _check_stats(stats: StatsConfig) -> None:

@@ -73,9 +73,7 @@ if TYPE_CHECKING:
     from storage.backup.restore import (
         Deployment,
         RestoreFailure,
-        Scratch,
         restore,
-        s3_scratch,
     )
     from storage.backup.retention import (
         DEFAULT_GRACE,
@@ -97,6 +95,15 @@ if TYPE_CHECKING:
         ScheduledRun,
         SqlRunLedger,
         elected,
+    )
+    from storage.backup.sampling import (
+        SamplePlan,
+        check_plan,
+        parse_seed,
+    )
+    from storage.backup.scratch import (
+        Scratch,
+        s3_scratch,
     )
     from storage.backup.targets import (
         BackupTarget,
@@ -304,16 +311,19 @@ _EXPORTS: dict[str, str] = {
     "RewrapJob": "storage.kek",
     "RowTamperedError": "storage.row_auth",
     "run_backup": "storage.backup.runner",
+    "SamplePlan": "storage.backup.sampling",
+    "check_plan": "storage.backup.sampling",
+    "parse_seed": "storage.backup.sampling",
     "run_drill": "storage.backup.drill",
     "RunKind": "storage.backup.runs",
     "RunLedger": "storage.roles",
     "RunOutcome": "storage.backup.runs",
     "ScheduledRun": "storage.backup.runs",
-    "s3_scratch": "storage.backup.restore",
+    "s3_scratch": "storage.backup.scratch",
     "S3BlobStore": "storage.s3_blobs",
     "S3CheckpointWitness": "storage.audit_witness",
     "S3Target": "storage.backup.targets",
-    "Scratch": "storage.backup.restore",
+    "Scratch": "storage.backup.scratch",
     "Signature": "storage.signatures",
     "SIGNATURE_INVALID": "storage.audit_verify",
     "SignatureCheck": "storage.backup.drill",
@@ -440,6 +450,7 @@ __all__ = [
     "S3BlobStore",
     "S3CheckpointWitness",
     "S3Target",
+    "SamplePlan",
     "ScheduledRun",
     "Scratch",
     "Signature",
@@ -466,6 +477,7 @@ __all__ = [
     "canonical_json",
     "check_backup_id",
     "check_deadline",
+    "check_plan",
     "checkpoint_digest",
     "checkpoint_message_v2",
     "elected",
@@ -479,6 +491,7 @@ __all__ = [
     "make_minio_client",
     "manifest_key",
     "normalise",
+    "parse_seed",
     "prune",
     "restore",
     "run_backup",
