@@ -158,9 +158,11 @@ def configure(stack: LocalStack, audit: bool) -> None:
     free = pick_port(int(port), exclude=set())  # the last phase's port may linger
     # All clients are one principal: lift its share of concurrent calls (service.limits)
     # so the benchmark measures the audit trail, not the fairness limit.
-    text = re.sub(r"\nmax_calls_per_principal = \d+", "", text)
+    # One service process: the CPU figures are read from the pid file's process.
+    text = re.sub(r"\n(max_calls_per_principal|processes) = \d+", "", text)
     text = text.replace(
-        f'listen = "{listen}"', f'listen = "{host}:{free}"\nmax_calls_per_principal = 256'
+        f'listen = "{listen}"',
+        f'listen = "{host}:{free}"\nmax_calls_per_principal = 256\nprocesses = 1',
     )
     text += f"\n[audit]\nenabled = {'true' if audit else 'false'}\n"
     path.write_text(text)

@@ -91,6 +91,11 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix="medvault-prof-"))
     stack = LocalStack(home, report=lambda line: print(f"  [stack] {line}", flush=True))
     try:
+        stack.prepare()
+        # One service process: py-spy and the CPU figures follow the pid file's process.
+        config, text = stack.layout.config, stack.layout.config.read_text()
+        if "\nprocesses = " not in text:
+            config.write_text(text.replace("[server]\n", "[server]\nprocesses = 1\n", 1))
         stack.up()
         pid = stack.layout.service_pid.read_text().strip()
         medvault = Medvault(stack)

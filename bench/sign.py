@@ -219,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     stack = LocalStack(home, report=lambda line: print(f"  [stack] {line}", flush=True))
     n = ns.clients
     try:
+        stack.prepare()
+        # One service process: the CPU figures and py-spy follow the pid file's process.
+        config, text = stack.layout.config, stack.layout.config.read_text()
+        if "\nprocesses = " not in text:
+            config.write_text(text.replace("[server]\n", "[server]\nprocesses = 1\n", 1))
         stack.up()
         record_id = write_record(stack)
         get1 = measure(stack, _get_call(record_id), 1, ns.seconds)

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         KeyNotFoundError,
         KeystoreError,
         PinError,
+        TokenDeadlineError,
         TokenUnavailableError,
         UnwrapError,
     )
@@ -89,6 +90,7 @@ _EXPORTS: dict[str, str] = {
     "SignerNotFoundError": "keystore.certificates",
     "SignerUnusableError": "keystore.certificates",
     "SigningKeyKind": "keystore.admin",
+    "TokenDeadlineError": "keystore.errors",
     "TokenUnavailableError": "keystore.errors",
     "UnwrapError": "keystore.errors",
     "WrappedKey": "keystore.interfaces",
@@ -118,6 +120,7 @@ __all__ = [
     "SignerSummary",
     "SignerUnusableError",
     "SigningKeyKind",
+    "TokenDeadlineError",
     "TokenUnavailableError",
     "UnwrapError",
     "WrappedKey",

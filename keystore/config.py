@@ -92,11 +92,22 @@ def _acl_grants_others(path: Path) -> str | None:
 
 
 def _read_pin_file(path: Path) -> str:
-    """Read a PIN file after checking that only its owner (or this user) can read it."""
+    """Read a PIN file after checking that only its owner (or this user) can read it.
+
+    The owner must be this user or root (systemd's credentials are root's, readable by
+    the unit's user through an ACL): another account owning the file could read and
+    replace the PIN whatever its mode, and a service running as root would still read it.
+    """
     try:
-        mode = path.stat().st_mode
+        info = path.stat()
     except OSError as e:
         raise PinError(f"PIN file {path} cannot be read: {e.strerror}") from e
+    mode = info.st_mode
+    if info.st_uid not in (os.geteuid(), 0):
+        raise PinError(
+            f"PIN file {path} belongs to uid {info.st_uid}, not to this user "
+            f"(uid {os.geteuid()}) or root; run `chown {os.geteuid()} {path}`"
+        )
     if mode & stat.S_IRWXO or (mode & stat.S_IRWXG and _acl_grants_others(path)):
         raise PinError(f"PIN file {path} is readable by group or others; run `chmod 600 {path}`")
     try:

@@ -25,3 +25,8 @@ class KeyNotFoundError(KeystoreError):
 
 class UnwrapError(KeystoreError):
     """A wrapped key failed to authenticate: tampered, swapped or bound to other data."""
+
+
+class TokenDeadlineError(KeystoreError):
+    """The caller's time ran out before a token session was free (or before the
+    operation began): the operation was not started."""

@@ -33,7 +33,13 @@ from pkcs11 import exceptions as p11e
 from prometheus_client import Histogram
 
 from keystore.config import Pkcs11Config
-from keystore.errors import KeyNotFoundError, KeystoreError, PinError, TokenUnavailableError
+from keystore.errors import (
+    KeyNotFoundError,
+    KeystoreError,
+    PinError,
+    TokenDeadlineError,
+    TokenUnavailableError,
+)
 
 if TYPE_CHECKING:
     from pkcs11._pkcs11 import lib as Pkcs11Lib  # noqa: N812 - the vendor's class name
@@ -239,8 +245,13 @@ class Pkcs11SessionPool:
     Do not nest ``session()`` calls in one thread: the pool is bounded.
     """
 
-    def __init__(self, config: Pkcs11Config) -> None:
+    def __init__(
+        self, config: Pkcs11Config, time_left: Callable[[], float | None] = lambda: None
+    ) -> None:
         self.config = config
+        # How long the current caller may still wait (None: no bound; 0: start nothing).
+        # The service passes its call deadlines' (storage.deadlines) here.
+        self._time_left = time_left
         lib = load_module(config.module_path)
         self._token = find_token(lib, config)
         self._login, module_lock = _shared(config, self._token)
@@ -260,8 +271,12 @@ class Pkcs11SessionPool:
 
     @contextmanager
     def session(self) -> Iterator[pkcs11.Session]:
-        """Lend a logged-in session; a session lost during use is dropped, not reused."""
-        with self._slots, self._serialized():
+        """Lend a logged-in session; a session lost during use is dropped, not reused.
+
+        A caller with a deadline (``time_left``) waits for a free session only as long
+        as it has left, and starts nothing once it has none: ``TokenDeadlineError``.
+        """
+        with self._slot(), self._serialized():
             pooled = self._checkout()
             try:
                 yield pooled.session
@@ -335,6 +350,22 @@ class Pkcs11SessionPool:
             self._closed = True
         self._drain_idle()
         self._login.release()
+
+    @contextmanager
+    def _slot(self) -> Iterator[None]:
+        """Hold one of the pool's places, waiting no longer than the caller has left."""
+        left = self._time_left()
+        if left is None:
+            self._slots.acquire()
+        elif left <= 0 or not self._slots.acquire(timeout=min(left, threading.TIMEOUT_MAX)):
+            raise TokenDeadlineError(
+                f"no session of token {self.config.token_label} was free within the call's "
+                "deadline; the token operation was not started"
+            )
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     @contextmanager
     def _serialized(self) -> Iterator[None]:

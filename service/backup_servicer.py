@@ -32,7 +32,8 @@ from grpc import aio
 
 from service._gen.medvault.v1 import backup_pb2 as bpb
 from service._gen.medvault.v1 import backup_pb2_grpc as bpb_grpc
-from service.backup import Backups, RetentionPolicy
+from service.backup import Backups, RetentionPolicy, report_kind
+from service.backup.drill import sample_plan
 from service.calls import CallState, entered, handled
 from service.convert_audit import timestamp
 from service.guard import AccessGuard, Call
@@ -81,13 +82,16 @@ def verify_pb(report: VerifyReport) -> bpb.VerifyReport:
     return bpb.VerifyReport(
         id=report.backup_id, ok=report.ok, manifest_signature_valid=report.signature_ok,
         objects_checked=report.objects_checked, bytes_checked=report.bytes_read,
-        failures=[f"{f.key}: {f.problem}" for f in report.failures],
+        failures=[f"{f.key}: {f.problem}" for f in report.failures], seconds=report.seconds,
+        bytes_per_second=report.bytes_per_second, objects_per_second=report.objects_per_second,
     )  # fmt: skip
 
 
 def drill_pb(report: DrillReport) -> bpb.DrillReport:
     """The proto of a drill report; ``report_json`` is the signed document as stored."""
     doc = report.document
+    rate = doc.get("throughput", {})
+    sample = doc.get("sample", {})
     return bpb.DrillReport(
         backup_id=report.backup_id, ok=report.ok, recovery_seconds=report.recovery_seconds,
         records_verified=report.records_verified, bytes_verified=report.bytes_verified,
@@ -95,6 +99,14 @@ def drill_pb(report: DrillReport) -> bpb.DrillReport:
         audit_chain_ok=bool(doc.get("audit_chain", {}).get("ok", False)),
         failures=[_failure_line(f) for f in report.failures],
         report_json=canonical_json(doc), report_key=report.key,
+        bytes_per_second=float(rate.get("bytes_per_second", 0)),
+        records_per_second=float(rate.get("records_per_second", 0)),
+        workers=int(rate.get("workers", 0)),
+        records_decrypted=int(doc.get("verified", {}).get("decrypted", 0)),
+        sampled=report.sampled, sample_size=int(sample.get("size", 0)),
+        population=int(sample.get("population", 0)),
+        sample_confidence=float(sample.get("confidence", 0)),
+        max_defect_rate=float(sample.get("max_defect_rate", 0)), seed=str(sample.get("seed", "")),
     )  # fmt: skip
 
 
@@ -278,10 +290,18 @@ class BackupServicer(bpb_grpc.BackupServiceServicer):  # type: ignore[misc]  # u
         async with handled(self._guard, context, "RunRestoreDrill") as state:
             backup_id = _checked_id(request.id)
             state.resource = f"backup/{backup_id}"
+            # Bad sample settings: INVALID_ARGUMENT naming the field (audited by handled).
+            plan = sample_plan(request.sample_confidence, request.max_defect_rate, request.seed)
             # Refused (NOT_FOUND, audited) before anything is restored or a report written.
             await asyncio.to_thread(self._backups.require_complete, backup_id)
-            call = await self._enter_async(state, f"backup/{backup_id}", "restore drill started")
-            work = self._audited(call, lambda r: self._backups.drill(backup_id, r), _drill_ending)
+            what = "restore drill started" if plan is None else (
+                f"sampled restore drill started (confidence {plan.confidence:g}, max defect "
+                f"rate {plan.max_defect_rate:g}, {plan.size} records, seed {plan.seed.hex()})"
+            )  # fmt: skip
+            call = await self._enter_async(state, f"backup/{backup_id}", what)
+            work = self._audited(
+                call, lambda r: self._backups.drill(backup_id, r, plan), _drill_ending
+            )
             async for item in _with_progress(work, stoppable=True):
                 if isinstance(item, BackupProgress):
                     yield bpb.RunRestoreDrillResponse(progress=_progress_pb(item))
@@ -375,7 +395,8 @@ def _verify_ending(report: VerifyReport, how: str) -> tuple[str, Outcome, str]:
 
 def _drill_ending(report: DrillReport) -> tuple[str, Outcome, str]:
     resource = f"backup/{report.backup_id}"
+    kind = report_kind(report)
     if report.ok:
         took = f"{report.records_verified} records in {report.recovery_seconds:.1f} s"
-        return resource, "allowed", f"restore drill passed: {took}"
-    return resource, "failed", f"restore drill FAILED: {len(report.failures)} problems"
+        return resource, "allowed", f"restore drill passed ({kind}): {took}"
+    return resource, "failed", f"restore drill FAILED ({kind}): {len(report.failures)} problems"

@@ -65,8 +65,10 @@ from storage import (
     StoreLimits,
     WitnessError,
     adopt_legacy,
+    install_statement_deadlines,
     make_engine,
     make_minio_client,
+    time_left,
     upgrade,
 )
 
@@ -305,7 +307,8 @@ def _certificates(path: str, key: str) -> list[bytes]:
 
 def build(config: Config) -> Components:
     """Open the token, the database (migrated to head) and the object store."""
-    pool = Pkcs11SessionPool(keystore_config(config))
+    # A call's token operations wait for a session no longer than the call has left.
+    pool = Pkcs11SessionPool(keystore_config(config), time_left=time_left)
     try:
         return _wire(config, pool)
     except BaseException:
@@ -316,6 +319,7 @@ def build(config: Config) -> Components:
 def _wire(config: Config, pool: Pkcs11SessionPool) -> Components:
     revocation = revocation_list(config)
     engine = make_engine(config.database.url)
+    install_statement_deadlines(engine)  # a call's statements end with its deadline
     indexer = Pkcs11BlindIndexer(pool)
     sealer = GrantSealer(indexer)
     upgrade(engine, hooks={GRANT_ADOPTER: functools.partial(adopt_legacy, sealer)})

@@ -18,15 +18,21 @@ from grpc import aio
 from service.audit import AuditUnavailableError
 from service.authn import AuthenticationError
 from service.authz import PermissionDeniedError
+from service.call_scope import CALL_SCOPE, CallScope
 from service.guard import AccessGuard, Call, CallFacts
 from service.limits import TooManyCallsError
 from service.status import status_for
+from storage import bounded
 
 log = logging.getLogger(__name__)
 # Already audited (denials), summarised (over a share) or impossible to audit (trail down).
 _NOT_AUDITED_AGAIN = (
     PermissionDeniedError, AuthenticationError, AuditUnavailableError, TooManyCallsError,
 )  # fmt: skip
+# A cancellation this close to the call's deadline is the deadline: the client's timer
+# may fire (and cancel) a moment before the server's.
+_EXPIRY_TOLERANCE_SECONDS = 0.25
+EXPIRED = "the call's deadline passed before it finished; the work done for it was stopped"
 # The call the edge entered for the running task (each call runs in a task of its own).
 CURRENT_CALL: ContextVar[Call | None] = ContextVar("medvault_current_call", default=None)
 
@@ -47,26 +53,63 @@ class CallState:
 
     call: Call | None = None
     resource: str = ""
+    scope: CallScope | None = None  # the call's deadline and workers (service.edge)
 
 
 @asynccontextmanager
 async def handled(
-    guard: AccessGuard, context: aio.ServicerContext, rpc: str
+    guard: AccessGuard, context: aio.ServicerContext, rpc: str, *, expiry: bool = True
 ) -> AsyncIterator[CallState]:
-    """Map any error to its status code; audit the failure of an allowed call."""
-    state = CallState(CURRENT_CALL.get())
+    """Map any error to its status code; audit the failure of an allowed call, and (with
+    ``expiry``: the servicers' blocks, not the edge's) its end by its deadline."""
+    state = CallState(CURRENT_CALL.get(), scope=CALL_SCOPE.get())
     try:
         yield state
-    except (asyncio.CancelledError, aio.AbortError):
-        raise  # cancelled, or aborted (mapped and audited) by a handled block within
+    except (asyncio.CancelledError, GeneratorExit):
+        # The client went away or its deadline passed: the handler's task is cancelled,
+        # or (a stream paused at a reply) the handler is closed.
+        if expiry:
+            await _audit_expiry(guard, context, state, rpc)
+        raise
+    except aio.AbortError:
+        raise  # aborted (mapped and audited) by a handled block within
     except Exception as e:  # noqa: BLE001  (every error leaves as a mapped status)
         code, message = status_for(e)
         log.warning("rpc failed", extra={"rpc": rpc, "code": code.name, "error": type(e).__name__})
         if state.call is not None and not isinstance(e, _NOT_AUDITED_AGAIN):
             await asyncio.to_thread(
-                guard.audit_failure, state.call, state.resource or rpc, code.name, message
+                _audit_failure, guard, state.call, state.resource or rpc, code.name, message
             )
         await context.abort(code, message)
+
+
+def _audit_failure(guard: AccessGuard, call: Call, resource: str, code: str, message: str) -> None:
+    """Audit a failed call; the call may be over, so its deadline does not bound this."""
+    with bounded(None):
+        guard.audit_failure(call, resource, code, message)
+
+
+async def _audit_expiry(
+    guard: AccessGuard, context: aio.ServicerContext, state: CallState, rpc: str
+) -> None:
+    """A call grpc cancelled because its deadline passed is audited as failed with
+    DEADLINE_EXCEEDED: it was allowed, its work was stopped, its client got that status.
+    A client that cancels is not. Judged once per call, by the servicer's block (it
+    names the resource); the edge's own deadlines are audited as errors of their own."""
+    scope = state.scope
+    if state.call is None or scope is None or scope.end_judged:
+        return
+    scope.end_judged = True
+    left = context.time_remaining()
+    if left is None or left > _EXPIRY_TOLERANCE_SECONDS:
+        return
+    try:
+        await asyncio.to_thread(
+            _audit_failure, guard, state.call, state.resource or rpc, "DEADLINE_EXCEEDED",
+            EXPIRED,
+        )  # fmt: skip
+    except Exception:  # the client is gone; the log keeps what the trail could not
+        log.exception("could not audit an expired call", extra={"rpc": rpc})
 
 
 def entered(state: CallState) -> Call:

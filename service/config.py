@@ -21,6 +21,8 @@ from service.errors import ServiceError
 
 # Longest wait for a request message that the edge allows (service.streams relies on it).
 MAX_IDLE_SECONDS = 300.0
+# More service processes than this on one host is a typo, not a plan.
+MAX_PROCESSES = 256
 
 
 class ConfigError(ServiceError):
@@ -32,6 +34,9 @@ class ServerConfig:
     """Listening address and limits."""
 
     listen: str = "127.0.0.1:7443"
+    # Service processes sharing ``listen`` (SO_REUSEPORT, service.supervisor); 0 = one per
+    # core this process may run on. 1 = no supervisor: the server runs in this process.
+    processes: int = 0
     max_record_size: int = 4 << 30
     chunk_size: int = 1 << 20
     segment_size: int = 1 << 20
@@ -76,6 +81,11 @@ class ServerConfig:
     # (docs/keys.md): a v1 row is then refused with DATA_LOSS, so a database writer
     # cannot put back an older v1 blob to edit a row's other columns undetected.
     accept_legacy_sealed_rows: bool = True
+
+    @property
+    def process_count(self) -> int:
+        """How many service processes to run: ``processes``, or one per usable core."""
+        return self.processes or len(os.sched_getaffinity(0))
 
     @property
     def principal_share(self) -> int:
@@ -194,7 +204,12 @@ class BackupConfig:
     drill_schedule_seconds: int = 0
     prune_after_backup: bool = True
     drill_database: str = ""  # PostgreSQL URL for scratch databases; empty = SQLite temp
+    # Threads copying objects, verifying and drilling (1 to 64).
     workers: int = 4
+    # Scheduled drills: 0 = full; else sampled with this confidence (0.5 <= c < 1) of
+    # finding a defect rate of drill_max_defect_rate (docs/operations.md).
+    drill_sample_confidence: float = 0.0
+    drill_max_defect_rate: float = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +335,7 @@ def _check(config: Config) -> None:
     if config.tls.enabled and not (config.tls.cert and config.tls.key and config.tls.client_ca):
         raise ConfigError("[tls] cert, key and client_ca are required when tls.enabled is true")
     _check_audit(config.audit)
+    _check_backup(config.backup)
     _check_stats(config.stats)
     _check_mllp(config.mllp, tls_enabled=config.tls.enabled)
     _check_dicom(config)
@@ -340,6 +356,10 @@ def _check_server(server: ServerConfig) -> None:
     if max(server.first_message_seconds, server.idle_seconds) > MAX_IDLE_SECONDS:
         raise ConfigError(
             f"server.first_message_seconds and idle_seconds must be at most {MAX_IDLE_SECONDS:g}"
+        )
+    if not 0 <= server.processes <= MAX_PROCESSES:
+        raise ConfigError(
+            f"server.processes must be 0 (one per core) or a count from 1 to {MAX_PROCESSES}"
         )
     if server.min_upload_bytes_per_second < 0:
         raise ConfigError("server.min_upload_bytes_per_second must be 0 (off) or more")
@@ -378,6 +398,18 @@ def _check_audit(audit: AuditConfig) -> None:
         raise ConfigError("audit.witness_lock_mode must be COMPLIANCE or GOVERNANCE")
     if audit.witness_lock_days < 0:
         raise ConfigError("audit.witness_lock_days must be 0 (no Object Lock) or more")
+
+
+def _check_backup(backup: BackupConfig) -> None:
+    if not 1 <= backup.workers <= 64:
+        raise ConfigError("backup.workers must be from 1 to 64")
+    c = backup.drill_sample_confidence
+    if c != 0 and not 0.5 <= c < 1:  # NaN fails too
+        raise ConfigError("backup.drill_sample_confidence must be 0 (full drills) or from 0.5 "
+                          "to below 1, e.g. 0.99")  # fmt: skip
+    if not 1e-6 <= backup.drill_max_defect_rate < 1:
+        raise ConfigError("backup.drill_max_defect_rate must be from 0.000001 to below 1, "
+                          "e.g. 0.01")  # fmt: skip
 
 
 def _check_stats(stats: StatsConfig) -> None:

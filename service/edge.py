@@ -4,7 +4,9 @@ One interceptor wraps every method of the server, so no handler repeats it:
 
 1. Authenticate and authorise first, from the TLS auth context and the metadata, before
    waiting for any message (a caller with no role is refused at once, and audited).
-2. Hold one of the principal's call slots (``service.limits``) for the whole call.
+2. Hold one of the principal's call slots (``service.limits``) for the whole call, and
+   until the last of its jobs in worker threads has ended; the client's deadline bounds
+   those jobs' S3, SQL and token steps (``service.call_scope``, ``storage.deadlines``).
 3. Read the request messages under deadlines: the first within
    ``first_message_seconds``, each later one within ``idle_seconds``; a silent stream
    ends with DEADLINE_EXCEEDED, audited as failed.
@@ -40,11 +42,12 @@ import grpc
 from grpc import aio
 
 from service.authn import Principal
+from service.call_scope import CALL_SCOPE, CallScope
 from service.calls import CURRENT_CALL, CallState, facts, handled
 from service.guard import AccessGuard, source_host
 from service.limits import CallLimiter, Refusals, StreamDeadlineError, TooManyCallsError
 from service.wire import Rejected, decode
-from storage import InvalidRecordError
+from storage import CallDeadline, InvalidRecordError, set_deadline
 
 _MEDVAULT = "/medvault.v1."
 CALL_LIMIT_ACTION = "server.call_limit"
@@ -181,13 +184,22 @@ class EdgeInterceptor(aio.ServerInterceptor):  # type: ignore[misc]  # untyped b
     async def _entered(self, context: aio.ServicerContext, method: str) -> AsyncIterator[CallState]:
         """Enter, hold a slot, map and audit errors of the edge itself."""
         rpc = method.rsplit("/", 1)[-1]
-        async with handled(self._guard, context, rpc) as state:
+        async with handled(self._guard, context, rpc, expiry=False) as state:
             state.resource = method
             call = state.call = await asyncio.to_thread(self._guard.enter, facts(context, method))
-            with self._limiter.slot(call.principal):
-                # No reset: each call runs in a task of its own, with its own context.
-                CURRENT_CALL.set(call)
+            release = self._limiter.acquire(call.principal)
+            # The client's deadline bounds the store's work for the call (service.call_scope).
+            scope = CallScope(CallDeadline.within(context.time_remaining()))
+            # No reset: each call runs in a task of its own, with its own context.
+            CURRENT_CALL.set(call)
+            CALL_SCOPE.set(scope)
+            state.scope = scope
+            set_deadline(scope.deadline)  # no reset either: see CURRENT_CALL
+            try:
                 yield state
+            finally:
+                scope.deadline.stop()  # what still runs for it stops at its next step
+                scope.after_jobs(release)  # the slot is the principal's until then
 
     def _entered_handler(self, handler: grpc.RpcMethodHandler, method: str) -> Any:
         single = not handler.request_streaming

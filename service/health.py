@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
+from storage import CallDeadline, bounded
+
 log = logging.getLogger(__name__)
 
 PREFIX = "medvault.dependency."
@@ -36,9 +38,15 @@ class Probe:
     check: Callable[[], object]
 
 
+def _bounded_check(probe: Probe) -> None:
+    with bounded(CallDeadline.within(PROBE_TIMEOUT)):
+        probe.check()
+
+
 async def _probe_once(probe: Probe) -> tuple[bool, str]:
     try:
-        await asyncio.wait_for(asyncio.to_thread(probe.check), PROBE_TIMEOUT)
+        # Bounded in the worker too: a probe of a stalled store gives its thread back.
+        await asyncio.wait_for(asyncio.to_thread(_bounded_check, probe), PROBE_TIMEOUT)
     except Exception as e:  # noqa: BLE001  (any failure means not serving)
         return False, type(e).__name__
     return True, ""

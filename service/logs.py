@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -18,6 +19,21 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 #: written as ``call`` on every log line made while serving it; the client receives it
 #: in the ``x-medvault-call`` trailer, so an error it reports can be found in the log.
 CALL_ID: ContextVar[str | None] = ContextVar("medvault_call_id", default=None)
+# The worker index of this process when a supervisor runs several (service.supervisor):
+# written as ``worker`` on every log line, and the first part of every call id.
+_worker: int | None = None
+
+
+def set_worker(index: int) -> None:
+    """Mark this process as worker ``index`` of a supervisor (log lines, call ids)."""
+    global _worker  # noqa: PLW0603  (one process-wide fact, set once at start-up)
+    _worker = index
+
+
+def new_call_id() -> str:
+    """A random call id; ``w<index>-`` first in a worker, so it names the process too."""
+    call = secrets.token_hex(8)
+    return call if _worker is None else f"w{_worker}-{call}"
 
 
 class CallIdFilter(logging.Filter):
@@ -28,6 +44,8 @@ class CallIdFilter(logging.Filter):
         call = CALL_ID.get()
         if call is not None and not hasattr(record, "call"):
             record.call = call
+        if _worker is not None:
+            record.worker = _worker
         return True
 
 

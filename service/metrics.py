@@ -21,7 +21,6 @@ without the client sending anything identifying.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -31,7 +30,7 @@ from grpc import aio
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from service.logs import CALL_ID
+from service.logs import CALL_ID, new_call_id
 from storage import RunLedger
 
 CALLS = Counter(
@@ -56,7 +55,7 @@ CALL_TRAILER = "x-medvault-call"
 
 def _begin(context: aio.ServicerContext) -> float:
     """Give the call its id (log lines, trailer) and return its start time."""
-    call = secrets.token_hex(8)
+    call = new_call_id()
     CALL_ID.set(call)  # each call runs in a task of its own, with its own context
     context.set_trailing_metadata(((CALL_TRAILER, call),))
     return time.perf_counter()

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 import os
 import signal
 import socket
 import threading
-from concurrent import futures
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import grpc
 import sqlalchemy as sa
@@ -43,6 +40,7 @@ from service.audit_servicer import AuditServicer
 from service.authz.policy import install_sighup
 from service.backup_servicer import BackupServicer
 from service.bootstrap import Components, build
+from service.call_scope import ContextExecutor
 from service.config import Config, ConfigError, ServerConfig
 from service.dicom import DicomListener
 from service.edge import Deadlines, EdgeInterceptor, refusal_reporter
@@ -54,6 +52,7 @@ from service.mllp import listener as mllp_listener
 from service.records_servicer import RecordServicer
 from service.signing_servicer import SigningServicer
 from service.stats_servicer import StatsServicer
+from service.worker import WorkerRole
 from storage import SqlRunLedger, sweep_if_due
 
 log = logging.getLogger(__name__)
@@ -73,8 +72,11 @@ def _credentials(config: Config) -> grpc.ServerCredentials:
     )
 
 
-def server_options(config: Config) -> list[tuple[str, int]]:
-    """Transport limits: message sizes, keepalive, streams per connection (README)."""
+def server_options(config: Config, *, reuse_port: bool = False) -> list[tuple[str, int]]:
+    """Transport limits: message sizes, keepalive, streams per connection (README).
+
+    ``reuse_port`` only for a supervisor's workers, which share the port on purpose.
+    """
     server = config.server
     limit = server.chunk_size + _FRAME_OVERHEAD
     keepalive_ms = int(server.keepalive_seconds * 1000)
@@ -93,7 +95,9 @@ def server_options(config: Config) -> list[tuple[str, int]]:
         ("grpc.http2.max_ping_strikes", 2),
         # gRPC sets SO_REUSEPORT by default: a second server on the same port would then
         # start too and share its connections. A taken port must fail the start instead.
-        ("grpc.so_reuseport", 0),
+        # A supervisor's workers share it on purpose; the supervisor checked it was free
+        # and holds it (service.supervisor).
+        ("grpc.so_reuseport", int(reuse_port)),
     ]
 
 
@@ -111,7 +115,11 @@ def edge_interceptor(config: Config, components: Components) -> EdgeInterceptor:
 
 
 async def create_server(
-    config: Config, components: Components, edge: EdgeInterceptor | None = None
+    config: Config,
+    components: Components,
+    edge: EdgeInterceptor | None = None,
+    *,
+    reuse_port: bool = False,
 ) -> tuple[aio.Server, int]:
     """A started asyncio server with every service registered; returns it and its port."""
     server = aio.server(
@@ -120,7 +128,7 @@ async def create_server(
             MetricsInterceptor(_registered_methods()),
             edge or edge_interceptor(config, components),
         ],
-        options=server_options(config),
+        options=server_options(config, reuse_port=reuse_port),
         # Fairness comes from the per-principal shares (service.limits); this global cap
         # is only a backstop far above them, since whoever fills it locks everyone out.
         maximum_concurrent_rpcs=config.server.max_concurrent_rpcs,
@@ -198,19 +206,6 @@ def dependency_probes(components: Components) -> list[Probe]:
             Probe("token", token)]  # fmt: skip
 
 
-class ContextExecutor(futures.ThreadPoolExecutor):
-    """A thread pool that runs each job in a copy of its submitter's context.
-
-    ``loop.run_in_executor`` does not carry context variables into the pool (unlike
-    ``asyncio.to_thread``): without this, a log line written by the store for a call
-    would lose the call's id.
-    """
-
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
-        """Schedule ``fn`` in a copy of the current context."""
-        return super().submit(contextvars.copy_context().run, fn, *args, **kwargs)
-
-
 def _medvault_services() -> list[ServiceDescriptor]:
     """The medvault services this server registers, from their generated descriptors."""
     return [
@@ -266,7 +261,7 @@ def _sweep_forever(config: Config, components: Components, stop: threading.Event
             log.exception("orphan sweep failed")
 
 
-async def _serve(config: Config, components: Components) -> None:
+async def _serve(config: Config, components: Components, worker: WorkerRole | None) -> None:
     loop = asyncio.get_running_loop()
     # The store's blocking calls run here; the default pool (cores + 4) is far too small.
     loop.set_default_executor(
@@ -275,16 +270,20 @@ async def _serve(config: Config, components: Components) -> None:
     edge = edge_interceptor(config, components)
     # HL7 v2 over MLLP (service.mllp) listens before gRPC reports SERVING.
     app = components.app
-    mllp = mllp_listener(config, app.records, app.access) if config.mllp.listen else None
-    if mllp is not None:
+    hospital = worker is None or worker.listens_for_hospital_protocols
+    mllp = None
+    if config.mllp.listen and hospital:
+        mllp = mllp_listener(config, app.records, app.access)
         await mllp.start()
-    server, port = await create_server(config, components, edge)
+    server, port = await create_server(config, components, edge, reuse_port=worker is not None)
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     log.info(
         "serving", extra={"listen": config.server.listen, "port": port, "tls": config.tls.enabled}
     )
+    if worker is not None:
+        worker.ready(port)
     await stopping.wait()
     log.info("stopping")
     if mllp is not None:
@@ -293,15 +292,22 @@ async def _serve(config: Config, components: Components) -> None:
     await edge.flush()  # the refusal windows still open become their audit events
 
 
-def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT, then drain in-flight calls and release resources."""
+def serve(config: Config, worker: WorkerRole | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then drain in-flight calls and release resources.
+
+    ``worker``: this process is one of a supervisor's (``service.supervisor``); it
+    shares the port, leaves metrics to the supervisor, and only worker 0 runs the DICOM
+    and MLLP listeners.
+    """
+    if worker is not None:
+        worker.enter()
     components = build(config)
     stop = threading.Event()
     dicom: DicomListener | None = None
     try:
         # `kill -HUP` re-reads the access policy and the client-certificate CRL.
         install_sighup(components.guard.policy, *components.reloadables())
-        if config.server.metrics_listen:
+        if config.server.metrics_listen and worker is None:  # a supervisor serves its own
             host, _, port = config.server.metrics_listen.rpartition(":")
             REGISTRY.register(ScheduledRunsCollector(SqlRunLedger(components.engine)))
             start_http_server(int(port), addr=host or "127.0.0.1")
@@ -309,10 +315,11 @@ def serve(config: Config) -> None:
             target=_sweep_forever, args=(config, components, stop), daemon=True, name="sweeper"
         ).start()
         components.backup.scheduler.start()
-        if config.dicom.listen:  # the DICOM service, in threads of its own (service/dicom)
+        # The DICOM service, in threads of its own (service/dicom); one per supervisor.
+        if config.dicom.listen and (worker is None or worker.listens_for_hospital_protocols):
             dicom = DicomListener(config, components.app.records, components.app.access)
             dicom.start()
-        asyncio.run(_serve(config, components))
+        asyncio.run(_serve(config, components, worker))
     finally:
         if dicom is not None:
             dicom.stop()

@@ -12,7 +12,14 @@ import uuid
 
 import grpc
 
-from keystore import KeyNotFoundError, KeystoreError, PinError, TokenUnavailableError, UnwrapError
+from keystore import (
+    KeyNotFoundError,
+    KeystoreError,
+    PinError,
+    TokenDeadlineError,
+    TokenUnavailableError,
+    UnwrapError,
+)
 from service.audit import AuditUnavailableError
 from service.authn import AuthenticationError, DelegationNotAllowedError
 from service.authz import PermissionDeniedError
@@ -25,6 +32,7 @@ from service.limits import (
 from service.streams import StreamCancelledError
 from storage import (
     BackendUnavailableError,
+    DeadlineExceededError,
     IntegrityError,
     InvalidRecordError,
     RecordConflictError,
@@ -44,6 +52,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (PdfBusyError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # every whole-PDF slot taken
     (StreamDeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),
     (StreamCancelledError, grpc.StatusCode.CANCELLED),
+    (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),  # the call's time ran out
     (InvalidRecordError, grpc.StatusCode.INVALID_ARGUMENT),
     (RecordNotFoundError, grpc.StatusCode.NOT_FOUND),
     (RecordConflictError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -52,6 +61,7 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (BackendUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (TokenUnavailableError, grpc.StatusCode.UNAVAILABLE),
     (PinError, grpc.StatusCode.UNAVAILABLE),
+    (TokenDeadlineError, grpc.StatusCode.DEADLINE_EXCEEDED),  # no session within the call's time
     (KeyNotFoundError, grpc.StatusCode.FAILED_PRECONDITION),
     (KeystoreError, grpc.StatusCode.UNAVAILABLE),
 )

@@ -11,10 +11,13 @@ the current one, and long runs report their progress through it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from concurrent import futures
 from typing import Generic, TypeVar
 
+from service.call_scope import track
 from service.errors import ServiceError
 
 T = TypeVar("T")
@@ -162,6 +165,9 @@ async def run_in_thread(
     """
     channel: ThreadToLoop[T] = ThreadToLoop(depth)
 
+    job: futures.Future[None] = futures.Future()
+    track(job)  # counted under the caller's call until the thread ends
+
     def run() -> None:
         try:
             work(channel)
@@ -169,8 +175,12 @@ async def run_in_thread(
             channel.end(e)
         else:
             channel.end()
+        finally:
+            job.set_result(None)
 
-    threading.Thread(target=run, name=name, daemon=True).start()
+    # In the caller's context: the call's id in log lines, its deadline in the store.
+    context = contextvars.copy_context()
+    threading.Thread(target=context.run, args=(run,), name=name, daemon=True).start()
     try:
         while (item := await channel.get()) is not _END:
             yield item  # type: ignore[misc]  # only _END is not a T

@@ -9,7 +9,8 @@ The hash chain and the canonical encoding are defined in :mod:`storage.audit_mod
 
 Durability: the engine's SQLite connections are set to ``synchronous=FULL`` (in WAL
 mode ``NORMAL`` may lose the last commits on power loss, and an audit event must never
-be acknowledged and then lost). PostgreSQL keeps its own ``synchronous_commit``.
+be acknowledged and then lost). On PostgreSQL the engine's sessions never run with
+``synchronous_commit=off`` (``storage.sql_metadata.make_engine``).
 Group commit (``service.audit.trail``) pays for the fsync once per batch instead.
 """
 

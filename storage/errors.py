@@ -69,3 +69,8 @@ class KekRetiredError(BackendUnavailableError):
 
 class KekInUseError(RecordConflictError):
     """A master-key version cannot be retired: it is the active one or keys still use it."""
+
+
+class DeadlineExceededError(StorageError):
+    """The call this work serves is over (its deadline passed, or its client went away):
+    the work stopped before its next step (DEADLINE_EXCEEDED; ``storage.deadlines``)."""

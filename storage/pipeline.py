@@ -6,6 +6,7 @@ parallel instead of in series. The queue is bounded, so memory stays at ``depth`
 
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
 from collections.abc import Iterable, Iterator
@@ -44,7 +45,10 @@ def read_ahead(source: Iterable[T], depth: int) -> Iterator[T]:
             if close is not None:
                 close()
 
-    thread = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    # In the consumer's context: the producer's S3, SQL and token calls work for the same
+    # call, under its deadline (storage.deadlines).
+    context = contextvars.copy_context()
+    thread = threading.Thread(target=context.run, args=(produce,), name="read-ahead", daemon=True)
     thread.start()
     try:
         while True:

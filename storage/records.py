@@ -23,8 +23,10 @@ from sqlalchemy.engine import Connection
 
 from keystore import BlindIndexer, KeyWrapper
 from storage.commit_tags import CommitTagger
+from storage.deadlines import check_deadline, grace
 from storage.envelope import StreamingAead
 from storage.errors import (
+    DeadlineExceededError,
     IntegrityError,
     InvalidRecordError,
     KekRetiredError,
@@ -240,12 +242,12 @@ class RecordStore:
             stored = self._blobs.put(
                 object_key, read_ahead(ciphertext, self._limits.read_ahead_segments)
             )
-        except InvalidRecordError:
-            self._blobs.delete(object_key)
+        except (InvalidRecordError, DeadlineExceededError):
+            self._drop(object_key)
             raise
         sha256 = plain.digest.digest()
         if header.expected_sha256 is not None and header.expected_sha256 != sha256:
-            self._blobs.delete(object_key)
+            self._drop(object_key)
             raise InvalidRecordError("expected_sha256", "does not match the content received")
         self._at("after-upload")
         row = StoredRecord(
@@ -272,11 +274,12 @@ class RecordStore:
         if self._before_commit is not None:
             self._before_commit()
         self._at("before-commit")
+        check_deadline("committing the record")  # a caller who gave up gets no record
         try:
             self._insert(row, dek, ad, on_commit, self._remember(header, creator, row),
                          entries=entries)  # fmt: skip
         except RequestKeyTakenError:  # a concurrent retry committed first: its result
-            self._blobs.delete(object_key)
+            self._drop(object_key)
             return self._replay(header, creator, patient_index, sha256, on_replay)
         except BaseException as e:
             self._discard(row, e)
@@ -294,6 +297,16 @@ class RecordStore:
         if self._tagger is not None:
             self._tagger.close()
 
+    def _drop(self, object_key: str) -> None:
+        """Delete an object no row will reference, also after the call is over (a short
+        grace of its own); if the store does not answer, the sweeper removes it later."""
+        try:
+            with grace():
+                self._blobs.delete(object_key)
+        except StorageError:
+            log.warning("uncommitted object not deleted; the sweeper removes it",
+                        extra={"object_key": object_key})  # fmt: skip
+
     def _discard(self, row: StoredRecord, error: BaseException) -> None:
         """After a failed commit, delete the object only if its row is known absent.
 
@@ -305,12 +318,13 @@ class RecordStore:
         while it is down) committed nothing, and its object goes at once.
         """
         if never_reached_database(error):
-            self._blobs.delete(row.object_key)
+            self._drop(row.object_key)
             return
         try:
-            stored = self._metadata.get(row.id, row.version)
+            with grace():  # the call may be over (cancelled, its deadline passed)
+                stored = self._metadata.get(row.id, row.version)
         except RecordNotFoundError:
-            self._blobs.delete(row.object_key)
+            self._drop(row.object_key)
             return
         except StorageError:
             log.warning("commit outcome unknown; the object is left for the sweeper",
@@ -319,7 +333,7 @@ class RecordStore:
         if stored.object_key == row.object_key:
             self._mark_committed(row.object_key)  # it did commit: the caller may retry
         else:
-            self._blobs.delete(row.object_key)  # that version is another write's
+            self._drop(row.object_key)  # that version is another write's
 
     def _mark_committed(self, object_key: str) -> None:
         """Tag the object of a committed row; the record is stored whatever happens here.

@@ -8,14 +8,20 @@ Vendor errors are translated here and nowhere else: unreachable or failing servi
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import BinaryIO, TypeVar, cast
+from typing import Any, BinaryIO, TypeVar, cast
 
 import urllib3
 from minio import Minio
 from minio.commonconfig import Tags
 from minio.error import InvalidResponseError, S3Error, ServerError
 
-from storage.errors import BackendUnavailableError, RecordNotFoundError, StorageError
+from storage.deadlines import GRACE_SECONDS, check_deadline, time_left
+from storage.errors import (
+    BackendUnavailableError,
+    DeadlineExceededError,
+    RecordNotFoundError,
+    StorageError,
+)
 from storage.interfaces import BlobInfo
 
 MIB = 1024 * 1024
@@ -43,6 +49,50 @@ VENDOR_ERRORS = (
 )
 
 
+_CONNECT_TIMEOUT = 2.0
+
+
+class _DeadlineRetry(urllib3.Retry):
+    """The configured retries, but none once the call's deadline has passed."""
+
+    def is_exhausted(self) -> bool:
+        """Out of retries, or of the call's time."""
+        return super().is_exhausted() or time_left() == 0.0
+
+
+class _DeadlinePool(urllib3.PoolManager):
+    """The HTTP pool of the minio client, bounding each request by the call's deadline.
+
+    The minio SDK takes no per-request timeout; it sends every request through this
+    pool, in the thread that works for the call (``storage.deadlines``). A request gets
+    the configured timeouts or the time the call has left, whichever is shorter; once
+    none is left, no request starts. A DELETE (aborting a failed multipart upload,
+    removing a failed write's object) gets a short grace past the deadline, so that an
+    abandoned write leaves no parts behind when the store answers.
+    """
+
+    def __init__(self, *, connect: float, read: float, **kw: Any) -> None:
+        super().__init__(timeout=urllib3.Timeout(connect=connect, read=read), **kw)
+        self._connect = connect
+        self._read = read
+
+    def urlopen(  # type: ignore[override]  # same signature as the base
+        self, method: str, url: str, redirect: bool = True, **kw: Any
+    ) -> urllib3.BaseHTTPResponse:
+        """The base's ``urlopen`` with the call's deadline applied."""
+        left = time_left()
+        if left is not None:
+            if method == "DELETE":
+                left = max(left, GRACE_SECONDS)
+            elif left == 0.0:
+                check_deadline("an object store request")
+            kw.setdefault(
+                "timeout",
+                urllib3.Timeout(connect=min(self._connect, left), read=min(self._read, left)),
+            )
+        return super().urlopen(method, url, redirect, **kw)
+
+
 def make_minio_client(
     endpoint: str,
     access_key: str,
@@ -57,13 +107,15 @@ def make_minio_client(
 
     The SDK's default pool waits five minutes to connect and retries five times; a
     record write would hang that long when the object store is down. A probe (is the
-    server up yet?) passes a short ``read_timeout`` and ``retry=False``.
+    server up yet?) passes a short ``read_timeout`` and ``retry=False``. Within a call,
+    each request is bounded by the call's deadline too (``_DeadlinePool``).
     """
-    retries = urllib3.Retry(
+    retries = _DeadlineRetry(
         total=2, connect=1, read=1, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
     ) if retry else False  # fmt: skip
-    http = urllib3.PoolManager(
-        timeout=urllib3.Timeout(connect=2.0, read=read_timeout),
+    http = _DeadlinePool(
+        connect=_CONNECT_TIMEOUT,
+        read=read_timeout,
         maxsize=10,
         cert_reqs="CERT_REQUIRED" if secure else "CERT_NONE",
         ca_certs=ca_file,
@@ -78,6 +130,20 @@ def make_minio_client(
         region="us-east-1",
         http_client=http,
     )
+
+
+def _bound_next_read(response: urllib3.BaseHTTPResponse) -> None:
+    """Stop a streamed read once the call is over, and wait for the next bytes of the
+    body no longer than the call has left (the request's read timeout was fixed when
+    it was sent)."""
+    left = time_left()
+    if left is None:
+        return
+    check_deadline("the next read of an object")
+    sock = getattr(response.connection, "sock", None)
+    current = sock.gettimeout() if sock is not None else None
+    if sock is not None and (current is None or current > left):
+        sock.settimeout(left)
 
 
 class ChunkReader:
@@ -179,6 +245,7 @@ class S3BlobStore:
         )
         try:
             while True:
+                _bound_next_read(response)
                 chunk = self._call("read object", lambda: response.read(_READ_CHUNK))
                 if not chunk:
                     return
@@ -244,6 +311,14 @@ class S3BlobStore:
         Public for code that calls the SDK on this store's bucket itself (the backup
         target's Object Lock calls), so every S3 error reads the same.
         """
+        if time_left() == 0.0 and not isinstance(error, S3Error):
+            # A timeout, or no retry, because the call's time ran out: not an outage.
+            return DeadlineExceededError(
+                f"the call's deadline passed during an object store request ({operation})"
+            )
+        return self._translate_vendor(operation, error)
+
+    def _translate_vendor(self, operation: str, error: BaseException) -> StorageError:
         where = self._endpoint()
         if isinstance(error, S3Error):
             if error.code in _NOT_FOUND_CODES:

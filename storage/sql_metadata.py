@@ -180,9 +180,33 @@ def make_engine(url: str) -> Engine:
         return engine
     # pre-ping drops connections a database restart has killed; a short connect
     # timeout reports an outage in seconds.
-    return sa.create_engine(
+    engine = sa.create_engine(
         parsed, hide_parameters=True, pool_pre_ping=True, connect_args={"connect_timeout": 5}
     )
+    if parsed.get_backend_name() == "postgresql":
+        event.listen(engine, "connect", _durable_commits)
+    return engine
+
+
+def _durable_commits(dbapi_connection: Any, _record: Any) -> None:
+    """Never ``synchronous_commit=off`` in the service's sessions.
+
+    ``off`` (a database's or role's default, often set for speed) acknowledges a COMMIT
+    before its WAL is flushed: a crash then loses commits already answered, i.e. audit
+    events of reads whose data has left and rows of puts reported stored. A session
+    setting overrides those defaults; ``local`` and the synchronous-replication levels
+    flush before answering and are kept.
+    """
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True  # a SET in a transaction would roll back with it
+    try:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SHOW synchronous_commit")
+            row = cursor.fetchone()
+            if row is not None and row[0] == "off":
+                cursor.execute("SET synchronous_commit = on")
+    finally:
+        dbapi_connection.autocommit = autocommit
 
 
 def private_sqlite_files(path: str) -> None:

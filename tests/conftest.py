@@ -20,6 +20,7 @@ def pytest_configure(config):  # type: ignore[no-untyped-def]
 # collection order), so that the run does not end with one worker alone on a long
 # module while the others idle. Order only: every test still runs.
 SLOW_FIRST = (
+    "tests/faults/test_cluster.py",
     "tests/faults/test_postgres_outage.py",
     "tests/faults/test_write_path_kills.py",
     "tests/integration/access/test_dicom_network.py",

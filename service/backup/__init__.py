@@ -39,6 +39,7 @@ from storage import (
     PruneResult,
     RecordNotFoundError,
     S3BlobStore,
+    SamplePlan,
     SourceInfo,
     SqlRunLedger,
     VerifyReport,
@@ -57,8 +58,9 @@ from storage import (
 
 T = TypeVar("T")
 
-# (backup id, progress) -> the signed report; ``service.backup.drill`` builds one.
-DrillRunner = Callable[[str, ProgressCallback], DrillReport]
+# (backup id, progress, sample or None for a full drill) -> the signed report;
+# ``service.backup.drill`` builds one.
+DrillRunner = Callable[[str, ProgressCallback, SamplePlan | None], DrillReport]
 
 
 class BackupNotFoundError(RecordNotFoundError):
@@ -90,6 +92,7 @@ class Backups:
         retention: RetentionPolicy,
         drill: DrillRunner | None = None,
         workers: int = 4,
+        scheduled_sample: Callable[[], SamplePlan | None] = lambda: None,
     ) -> None:
         self._engine = engine
         self._blobs = blobs
@@ -99,6 +102,9 @@ class Backups:
         self.retention = retention
         self._drill = drill
         self._workers = workers
+        # A scheduled drill is sampled when [backup] drill_sample_confidence is set; a
+        # new seed each time (the report records it).
+        self._scheduled_sample = scheduled_sample
 
     def trusted_key(self) -> bytes:
         """The token's backup public key: the key every manifest must be signed by."""
@@ -147,8 +153,11 @@ class Backups:
                 "(see `medvault backup list`)"
             )
 
-    def drill(self, backup_id: str, progress: ProgressCallback) -> DrillReport:
-        """Restore into a scratch place and check every record (the drill's report).
+    def drill(
+        self, backup_id: str, progress: ProgressCallback, sample: SamplePlan | None = None
+    ) -> DrillReport:
+        """Restore into a scratch place and check every record, or (``sample``) every
+        row and a random sample of the records (the drill's report).
 
         An id the target holds no complete backup for is refused before anything is
         restored or written: no report for a backup that does not exist.
@@ -156,7 +165,7 @@ class Backups:
         if self._drill is None:
             raise NotImplementedError("restore drills are not configured in this service")
         self.require_complete(backup_id)
-        return self._drill(backup_id, progress)
+        return self._drill(backup_id, progress, sample)
 
     def prune(
         self,
@@ -203,19 +212,36 @@ class Backups:
         if not newest:
             return JobResult("", ok=False, detail="no complete backup to drill")
         backup_id = newest[0].id
-        report = self.drill(backup_id, lambda _p: None)
+        report = self.drill(backup_id, lambda _p: None, self._scheduled_sample())
         return JobResult(backup_id, ok=report.ok, detail=_drill_detail(report))
 
 
 def _drill_detail(report: DrillReport) -> str:
+    rate = report.document.get("throughput", {})
     took = (
-        f"{report.records_verified} records, {report.bytes_verified} bytes in "
-        f"{report.recovery_seconds:.1f} s; report {report.key}"
+        f"{report_kind(report)}: {report.records_verified} records, {report.bytes_verified} "
+        f"bytes in {report.recovery_seconds:.1f} s "
+        f"({rate.get('bytes_per_second', 0) / 1e6:.1f} MB/s, "
+        f"{rate.get('records_per_second', 0):.1f} records/s); report {report.key}"
     )
     if report.ok:
         return f"drill passed: {took}"
     first = "; ".join(f"{f.check}: {f.detail}" for f in report.failures[:3])
     return f"drill FAILED ({len(report.failures)} failures: {first}): {took}"
+
+
+def report_kind(report: DrillReport) -> str:
+    """Either "full drill" or "sampled drill (n of N records decrypted, confidence, ...)"."""
+    sample = report.document.get("sample")
+    if not report.sampled:
+        return "full drill"
+    if not isinstance(sample, dict):
+        return "sampled drill (stopped before the sample was drawn)"
+    return (
+        f"sampled drill ({sample['size']} of {sample['population']} records decrypted, "
+        f"confidence {sample['confidence']:g}, max defect rate {sample['max_defect_rate']:g}, "
+        f"seed {sample['seed']})"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +265,7 @@ def build(
     ``[backup]`` section or a token without ``medvault-backup-v1`` fails at start-up.
     """
     # Imported here: service.backup.drill imports this package (DrillRunner).
-    from service.backup.drill import drill_checks, drill_runner  # noqa: PLC0415
+    from service.backup.drill import drill_checks, drill_runner, sample_plan  # noqa: PLC0415
     from service.backup.targets import backup_settings, make_target  # noqa: PLC0415
 
     chosen = backup_settings(config)
@@ -265,8 +291,12 @@ def build(
             chosen.keep_daily, chosen.keep_weekly, chosen.keep_monthly,
             prune=config.backup.prune_after_backup,
         ),
-        drill=drill_runner(target, scratch, checks),
+        drill=drill_runner(target, scratch, checks, config.backup.workers),
         workers=config.backup.workers,
+        scheduled_sample=partial(
+            sample_plan, config.backup.drill_sample_confidence,
+            config.backup.drill_max_defect_rate, "",
+        ),
     )  # fmt: skip
     jobs = backups.scheduled_jobs(
         schedule_from(config.backup.schedule, config.backup.schedule_seconds),

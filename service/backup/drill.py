@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from keystore import Pkcs11BlindIndexer, Pkcs11KeyWrapper, Pkcs11SessionPool, Pkcs11Signer
 from service.audit.checkpoints import signature_checker
-from service.backup import DrillRunner
+from service.backup import DrillRunner, report_kind
 from service.signing.validation import SignatureValidator
 from storage import (
     AuditEntry,
@@ -23,13 +23,18 @@ from storage import (
     DrillChecks,
     DrillReport,
     DrillRequest,
+    InvalidRecordError,
     ProgressCallback,
+    SamplePlan,
     Scratch,
     SignatureCheck,
+    check_plan,
+    parse_seed,
     run_drill,
 )
 
 ACTION = "backup.drill"
+DEFAULT_DEFECT_RATE = 0.01
 Audit = Callable[[AuditEntry], object]
 
 
@@ -84,8 +89,9 @@ def drill_event(
 ) -> AuditEntry:
     """The audit event of one drill: outcome, counts, the report's key (no patient data)."""
     reason = (
-        f"{report.records_verified} records, {report.bytes_verified} bytes verified in "
-        f"{report.recovery_seconds:.1f} s; {len(report.failures)} failures; report {report.key}"
+        f"{report_kind(report)}: {report.records_verified} records, {report.bytes_verified} "
+        f"bytes verified in {report.recovery_seconds:.1f} s; {len(report.failures)} failures; "
+        f"report {report.key}"
     )
     return AuditEntry(
         time=datetime.now(UTC), principal=principal, role=role, action=ACTION,
@@ -94,10 +100,27 @@ def drill_event(
     )  # fmt: skip
 
 
-def drill_runner(target: BackupTarget, scratch: Scratch, checks: DrillChecks) -> DrillRunner:
+def sample_plan(confidence: float, max_defect_rate: float, seed: str) -> SamplePlan | None:
+    """The sample asked for, checked (``InvalidRecordError`` names the field); None when
+    ``confidence`` is 0 (a full drill). A rate of 0 means the default 0.01."""
+    if confidence == 0:
+        if max_defect_rate or seed:
+            raise InvalidRecordError(
+                "sample_confidence", "is required with max_defect_rate or seed (a sampled drill)"
+            )
+        return None
+    rate = max_defect_rate or DEFAULT_DEFECT_RATE
+    check_plan(confidence, rate)
+    return SamplePlan(confidence, rate, parse_seed(seed))
+
+
+def drill_runner(
+    target: BackupTarget, scratch: Scratch, checks: DrillChecks, workers: int = 4
+) -> DrillRunner:
     """What ``service.backup.Backups`` calls (servicer and scheduler audit it themselves)."""
 
-    def run(backup_id: str, progress: ProgressCallback) -> DrillReport:
-        return run_drill(DrillRequest(target, backup_id, scratch, progress), checks)
+    def run(backup_id: str, progress: ProgressCallback, sample: SamplePlan | None) -> DrillReport:
+        request = DrillRequest(target, backup_id, scratch, progress, workers, sample)
+        return run_drill(request, checks)
 
     return run

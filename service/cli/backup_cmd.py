@@ -154,6 +154,9 @@ def _print_verify(r: bpb.VerifyReport, read_data: bool) -> int:
           f"{r.objects_checked} objects checked"
           + (f", {human_size(r.bytes_checked)} read and hashed" if read_data
              else " (presence and size; --read-data hashes every byte)"))  # fmt: skip
+    if r.seconds:
+        print(f"took {r.seconds:.2f} s: {r.objects_per_second:.1f} objects/s"
+              + (f", {human_size(r.bytes_per_second)}/s" if read_data else ""))  # fmt: skip
     if r.failures:
         print_table(("FILE / RECORD OBJECT", "PROBLEM"), [_two(line) for line in r.failures])
     print("OK" if r.ok else f"FAILED: {len(r.failures)} problem(s)")
@@ -201,7 +204,8 @@ def _verify_offline(ns: argparse.Namespace) -> int:
     return _print_verify(bpb.VerifyReport(
         id=report.backup_id, ok=report.ok, manifest_signature_valid=report.signature_ok,
         objects_checked=report.objects_checked, bytes_checked=report.bytes_read,
-        failures=[f"{f.key}: {f.problem}" for f in report.failures],
+        failures=[f"{f.key}: {f.problem}" for f in report.failures], seconds=report.seconds,
+        bytes_per_second=report.bytes_per_second, objects_per_second=report.objects_per_second,
     ), ns.read_data)  # fmt: skip
 
 

@@ -20,6 +20,8 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from service.cli.targets import EndpointError, parse
+
 MAX_MESSAGE = 4 << 20
 _ENV = {"endpoint": "MEDVAULT_ENDPOINT", "ca": "MEDVAULT_CA", "cert": "MEDVAULT_CERT",
         "key": "MEDVAULT_KEY"}  # fmt: skip
@@ -47,8 +49,9 @@ def add_connection_flags(parser: argparse.ArgumentParser) -> None:
     """Flags naming the endpoint and the client's TLS files (defaults from the environment)."""
     parser.add_argument(
         "--endpoint",
-        help="HOST:PORT of the medvault service (default $MEDVAULT_ENDPOINT, else the local "
-        "stack in $MEDVAULT_HOME or ./.medvault)",
+        help="HOST:PORT of the medvault service, or HOST:PORT,HOST:PORT,... of its replicas "
+        "(calls are balanced over them and reads retried on another; default "
+        "$MEDVAULT_ENDPOINT, else the local stack in $MEDVAULT_HOME or ./.medvault)",
     )
     parser.add_argument(
         "--ca", help="CA certificate that signed the server's certificate (PEM; default "
@@ -69,19 +72,16 @@ def _setting(ns: argparse.Namespace, name: str) -> str:
 
 def _from_local_stack(ns: argparse.Namespace, tls: dict[str, str]) -> str:
     """The endpoint of the local stack (and its admin's TLS files when none are named)."""
-    from service.localstack.stack import (  # noqa: PLC0415 - only without an endpoint
-        LocalStack,
-        LocalStackError,
-        default_home,
-    )
+    from service.localstack.cluster import open_stack  # noqa: PLC0415 - only without an endpoint
+    from service.localstack.stack import LocalStackError, default_home  # noqa: PLC0415
 
     home = default_home()
     if not (home / "config.toml").is_file():
         where = "$MEDVAULT_HOME" if os.environ.get("MEDVAULT_HOME") else "./.medvault"
         raise SystemExit(f"medvault: no service named and no local stack in {home} ({where}); "
                          f"{_SETUP_HINT}")  # fmt: skip
-    stack = LocalStack(home)
     try:
+        stack = open_stack(home)
         endpoint = stack.endpoint()
         who = ""
         if not any(tls.values()) and not ns.insecure:
@@ -142,15 +142,20 @@ def _check_tls_files(ca_path: str, cert_path: str, key_path: str) -> tuple[bytes
 
 def channel(ns: argparse.Namespace) -> grpc.Channel:
     """Open the channel the flags describe; mutual TLS unless ``--insecure``."""
+    tls = {flag: _setting(ns, flag) for flag in ("ca", "cert", "key")}
+    endpoint = _setting(ns, "endpoint") or _from_local_stack(ns, tls)
+    try:
+        target = parse(endpoint)
+    except EndpointError as e:
+        raise SystemExit(f"medvault: {e}") from None
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE),
         ("grpc.max_send_message_length", MAX_MESSAGE),
+        *target.options(),
     ]
-    tls = {flag: _setting(ns, flag) for flag in ("ca", "cert", "key")}
-    endpoint = _setting(ns, "endpoint") or _from_local_stack(ns, tls)
     _last.endpoint, _last.ca, _last.cert = endpoint, tls["ca"], tls["cert"]
     if ns.insecure:
-        return grpc.insecure_channel(endpoint, options=options)
+        return grpc.insecure_channel(target.target, options=options)
     missing = [flag for flag, value in tls.items() if not value]
     if missing:
         names = ", ".join(f"--{flag} (or {_ENV[flag]})" for flag in missing)
@@ -160,7 +165,7 @@ def channel(ns: argparse.Namespace) -> grpc.Channel:
     creds = grpc.ssl_channel_credentials(
         root_certificates=ca, private_key=key, certificate_chain=cert
     )
-    return grpc.secure_channel(endpoint, creds, options=options)
+    return grpc.secure_channel(target.target, creds, options=options)
 
 
 # Substrings of gRPC's connection errors (C-core and BoringSSL wording), first match wins.
@@ -189,7 +194,8 @@ def describe_rpc_error(e: grpc.RpcError) -> str:
     if code == grpc.StatusCode.UNAVAILABLE and _last.endpoint:
         for needle, reason in _CONNECT_REASONS:
             if needle in details:
-                host = _last.endpoint.rpartition(":")[0] or _last.endpoint
+                first = _last.endpoint.split(",")[0]
+                host = first.rpartition(":")[0] or first
                 text = reason.format(ca=_last.ca, cert=_last.cert, host=host)
                 return f"medvault: cannot connect to {_last.endpoint}: {text}"
     first_line = details.splitlines()[0] if details else ""

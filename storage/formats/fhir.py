@@ -77,7 +77,7 @@ class FhirValidator:
         resource = _parse(bytes(self._data))
         self._data = bytearray()
         kind = resource.get("resourceType")
-        if kind not in RESOURCE_TYPES:
+        if not isinstance(kind, str) or kind not in RESOURCE_TYPES:  # an object: unhashable
             raise refuse("FHIR: resourceType is missing or not an accepted R4 resource")
         entries = _bundle_entries(resource) if kind == "Bundle" else [(None, resource)]
         index = {key: r for full_url, r in entries for key in _keys(full_url, r)}

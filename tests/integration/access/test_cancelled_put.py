@@ -6,7 +6,8 @@ the call was cancelled, grpc ends its request stream as if the client had finish
 Before, the worker took that for the end of the content and committed a truncated
 record, with an "allowed" audit event, while the client had been told the call was
 cancelled. Now a stream cut by cancellation is an error in the worker: no row, no
-object kept, no write event.
+object kept, no write event. A put whose client deadline passes mid-stream is the same,
+and is audited as failed with DEADLINE_EXCEEDED (a cancelled one is not audited again).
 
 PYTEST_DONT_REWRITE: failures name counts and codes only.
 """
@@ -78,10 +79,19 @@ def test_a_put_cancelled_mid_stream_stores_nothing(
             stream.release.set()
             with pytest.raises(grpc.FutureCancelledError):
                 future.result()
+        # The client's deadline passes mid-stream: the same, and audited as failed.
+        stream = CutStream()
+        with pytest.raises(grpc.RpcError) as expired:
+            clerk.records.PutRecord(iter(stream), timeout=1.0)
+        stream.release.set()
+        assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, expired.value.code()
         time.sleep(2)  # what a worker would still commit, it commits by now
         assert _rows(engine) == 0, "a cancelled put left a record"
         allowed = events(officer, principal=CLERK, outcome=aupb.OUTCOME_ALLOWED)
         assert len(allowed) == writes_before, "a cancelled put was audited as written"
+        failed = events(officer, principal=CLERK, outcome=aupb.OUTCOME_FAILED)
+        statuses = [(e.resource, e.status) for e in failed]
+        assert statuses == [("record/new", "DEADLINE_EXCEEDED")], statuses
     finally:
         clerk.close()
         officer.close()

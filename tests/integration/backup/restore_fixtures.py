@@ -33,7 +33,8 @@ from storage.audit_log import SqlAuditLog
 from storage.audit_model import AuditEntry
 from storage.backup import snapshot
 from storage.backup.drill import DrillChecks
-from storage.backup.restore import Deployment, Scratch, s3_scratch
+from storage.backup.restore import Deployment
+from storage.backup.scratch import Scratch, s3_scratch
 from storage.model import NewRecord, PatientRef, RecordKind
 from storage.records import RecordStore
 from storage.s3_blobs import MIB, S3BlobStore

@@ -35,6 +35,9 @@ def test_backup_then_verify_read_data_ok(
     )
     assert report.ok, report.failures
     assert report.bytes_read == result.counts["bytes"]
+    assert report.seconds > 0  # the throughput callers show
+    assert report.bytes_per_second == report.bytes_read / report.seconds
+    assert report.objects_per_second > 0
     listed = list_backups(s3_target)
     assert [b.id for b in listed] == [result.backup_id]
     assert listed[0].records == 5

@@ -125,6 +125,7 @@ def test_operator_commands_are_audited_as_the_operator(
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "signature valid" in verify.stdout
     assert verify.stdout.rstrip().endswith("OK")
+    assert re.search(r"took [\d.]+ s: [\d.]+ objects/s, .*/s", verify.stdout), verify.stdout
 
     prune = medvault(d, operator, "backup_operator", "backup", "prune", "--dry-run",
                      cwd=tmp_path)  # fmt: skip
@@ -133,7 +134,8 @@ def test_operator_commands_are_audited_as_the_operator(
 
     drill = medvault(d, operator, "backup_operator", "restore-drill", backup_id, cwd=tmp_path)
     assert drill.returncode == 0, drill.stdout + drill.stderr
-    assert "PASSED" in drill.stdout
+    assert f"full drill of backup {backup_id}: PASSED" in drill.stdout
+    assert re.search(r"throughput .*/s, [\d.]+ records/s \(\d+ workers\)", drill.stdout)
     assert "Running upgrade" not in drill.stdout + drill.stderr  # no alembic lines
     report_key = re.search(r"signed report: (\S+)", drill.stdout).group(1)  # type: ignore[union-attr]
     again = medvault(d, operator, "backup_operator", "restore-drill", backup_id, cwd=tmp_path)
@@ -279,3 +281,31 @@ def test_prune_applies_the_callers_rules_and_refuses_keeping_nothing(
     reasons = [e.reason for e in _events(d, "principal = :p", p=operator)]
     assert any("prune (dry run)" in r for r in reasons), reasons
     assert any("keep nothing" in r for r in reasons), "the refused prune is audited"
+
+
+def test_sampled_drill_through_the_service_says_so_and_can_be_repeated(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    d = deployment
+    operator = f"op-{secrets.token_hex(3)}"
+    backup_id = _run_backup(d, operator, tmp_path)
+    seed = secrets.token_hex(16)
+    args = ("restore-drill", backup_id, "--sample-confidence", "0.5", "--max-defect-rate",
+            "0.5", "--seed", seed)  # fmt: skip
+    drill = medvault(d, operator, "backup_operator", *args, cwd=tmp_path)
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+    assert f"SAMPLED drill of backup {backup_id}: PASSED" in drill.stdout
+    assert re.search(r"sample: 1 of \d+ records decrypted", drill.stdout), drill.stdout
+    assert f"--seed {seed}" in drill.stdout
+    assert re.search(r"throughput .*/s, [\d.]+ records/s \(\d+ workers\)", drill.stdout)
+    reasons = [e.reason for e in _events(d, "principal = :p", p=operator)]
+    assert any(seed in r and r.startswith("sampled restore drill started") for r in reasons)
+    assert any("restore drill passed (sampled drill" in r for r in reasons), reasons
+
+    bad = medvault(d, operator, "backup_operator", "restore-drill", backup_id,
+                   "--sample-confidence", "1.5", cwd=tmp_path)  # fmt: skip
+    assert bad.returncode == 1
+    assert "INVALID_ARGUMENT" in bad.stderr, bad.stderr
+    assert "sample_confidence" in bad.stderr
+    refused = _events(d, "principal = :p AND outcome = 'failed'", p=operator)
+    assert any("sample_confidence" in e.reason for e in refused), "the refusal is audited"

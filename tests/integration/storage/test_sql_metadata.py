@@ -246,3 +246,33 @@ def test_a_connection_pool_with_no_free_connection_is_backend_unavailable(
         assert not isinstance(info.value, DatabaseUnreachableError)
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("default", "expected"), [("off", "on"), ("local", "local"), ("remote_apply", "remote_apply")]
+)
+def test_postgresql_sessions_never_acknowledge_a_commit_before_it_is_durable(
+    postgres_admin: Engine, default: str, expected: str
+) -> None:
+    """Attack (an operator's tuning, or a database writer's ALTER DATABASE): with
+    ``synchronous_commit=off`` PostgreSQL acknowledges a COMMIT before its WAL is flushed,
+    so a crash loses commits already answered: audit events of reads whose data has left,
+    rows of puts acknowledged to their callers (whose objects are tagged and never swept).
+    The service's sessions turn ``off`` back on; a stronger setting (synchronous
+    replication) or ``local`` (flushed here) is kept."""
+    name = f"medvault_t_{secrets.token_hex(6)}"
+    with postgres_admin.connect() as c:  # a random hex name and a fixed value: no injection
+        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        c.execute(sa.text(f'ALTER DATABASE "{name}" SET synchronous_commit = {default}'))
+    engine = make_engine(
+        postgres_admin.url.set(database=name).render_as_string(hide_password=False)
+    )
+    try:
+        for _ in range(2):  # a fresh connection, then one back from the pool
+            with engine.connect() as c:
+                assert c.execute(sa.text("SHOW synchronous_commit")).scalar() == expected
+                c.rollback()  # the setting is the session's, not the transaction's
+    finally:
+        engine.dispose()
+        with postgres_admin.connect() as c:
+            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

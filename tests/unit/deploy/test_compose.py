@@ -171,3 +171,36 @@ def test_docker_compose_config_accepts_the_file() -> None:
         capture_output=True, text=True, timeout=60, check=False, env={**os.environ, **ENV},
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
+
+
+SEAWEED_INTERNALS = ("master", "volume-1", "volume-2", "volume-3", "filer")
+
+
+def _networks(compose: dict[str, Any], name: str) -> set[str]:
+    """The networks a service joins (``default`` when it names none)."""
+    joined = compose["services"][name].get("networks") or ["default"]
+    return set(joined)
+
+
+def test_only_the_s3_gateway_reaches_seaweedfs_internals(compose: dict[str, Any]) -> None:
+    """Attack: SeaweedFS's master, volume servers and filer have no authentication, and
+    the filer's HTTP API deletes any file, Object Lock or not (S3 enforces the lock, the
+    filer does not: a COMPLIANCE-locked witness copy that S3 refuses to delete goes with
+    one `DELETE http://filer:8888/buckets/<bucket>/<key>`). On one shared network a
+    foothold in a medvault replica or in PostgreSQL (a superuser's COPY ... PROGRAM)
+    would delete the witnessed audit checkpoints and the records' objects without any
+    S3 credential. Only the S3 gateway may share a network with them."""
+    internals = set().union(*(_networks(compose, n) for n in SEAWEED_INTERNALS))
+    for name in compose["services"]:
+        if name in (*SEAWEED_INTERNALS, "s3"):
+            continue
+        shared = _networks(compose, name) & internals
+        assert not shared, f"{name} shares {sorted(shared)} with SeaweedFS's internals"
+    for network in internals:
+        assert compose.get("networks", {}).get(network, {}).get("internal") is True, (
+            f"network {network} of SeaweedFS's internals is not internal"
+        )
+    assert _networks(compose, "s3") & internals, "the S3 gateway cannot reach its filer"
+    for name in REPLICAS:  # and the replicas still reach the gateway and the database
+        assert _networks(compose, name) & _networks(compose, "s3"), name
+        assert _networks(compose, name) & _networks(compose, "postgres"), name

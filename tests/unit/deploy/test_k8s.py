@@ -9,6 +9,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 import yaml
 
 from service.cli.health_cmd import DEPENDENCIES, cmd_health
@@ -175,3 +176,17 @@ def test_pod_is_locked_down_and_sized(pod: dict[str, Any]) -> None:
     assert [v["name"] for v in hostpaths] == ["pkcs11"]
     (mount,) = [m for m in container["volumeMounts"] if m["name"] == "pkcs11"]
     assert mount["readOnly"] is True
+
+
+def test_database_connection_verifies_the_server(pod: dict[str, Any], config: Config) -> None:
+    """Attack: the database is another namespace's Service, reached over the cluster
+    network. ``sslmode=require`` encrypts but checks no certificate, so whoever answers
+    for that name (a spoofed Service or DNS entry, a compromised node on the path) gets
+    the metadata and audit connection. docs/deployment.md: verify-full off the host,
+    against a CA file the pod mounts."""
+    query = sa.make_url(config.database.url).query
+    assert query.get("sslmode") == "verify-full", f"sslmode={query.get('sslmode')}"
+    root = query.get("sslrootcert")
+    assert isinstance(root, str), "sslrootcert names no CA file"
+    (container,) = pod["containers"]
+    assert under(root, {m["mountPath"] for m in container["volumeMounts"]}), root

@@ -114,3 +114,19 @@ def test_acl_letting_someone_else_read_is_refused(
     _set_acl(path, *sorted(entries.values()), (MASK, READ, -1), (OTHER, 0, -1))
     with pytest.raises(PinError, match="readable by group or others"):
         _config(pin_file=path).read_pin()
+
+
+def test_pin_file_of_another_user_is_refused(tmp_path: Path) -> None:
+    """Attack: a 0600 PIN file that belongs to another (unprivileged) account. A service
+    running as root reads it, yet that account can read and replace the PIN at will.
+    Only this user's files, or root's (systemd's credentials), are accepted. The owner is
+    changed with chown, which needs root: the situation only arises for a root process."""
+    if os.geteuid() != 0:
+        pytest.fail("this test gives the PIN file another owner (chown): run it as root")
+    path, pin = _pin_file(tmp_path, 0o600)
+    os.chown(path, 4242, 4242)
+    with pytest.raises(PinError, match="belongs to uid 4242") as caught:
+        _config(pin_file=path).read_pin()
+    assert pin not in str(caught.value)
+    os.chown(path, 0, 0)  # root's own file (a systemd credential): accepted
+    assert _config(pin_file=path).read_pin() == pin

@@ -17,6 +17,7 @@ from keystore import (
     Pkcs11BlindIndexer,
     Pkcs11KeyWrapper,
     Pkcs11SessionPool,
+    TokenDeadlineError,
     TokenUnavailableError,
 )
 from keystore.pkcs11_session import find_token, load_module
@@ -130,3 +131,32 @@ def test_pool_recovers_after_sessions_closed_underneath(
     # The shared session-scoped pool lost its sessions too and recovers the same way.
     shared = Pkcs11KeyWrapper(keystore_pool)
     assert shared.unwrap(shared.wrap(dek, b"ad3"), b"ad3") == dek
+
+
+def test_a_caller_out_of_time_starts_no_token_operation(softhsm_token: SoftHsmToken) -> None:
+    """With every session lent, a caller with a deadline waits only as long as it has
+    left (``time_left``), and one with no time left is refused at once; both get
+    ``TokenDeadlineError`` and start nothing. A caller without a deadline is unchanged."""
+    left: list[float | None] = [None]
+    config = replace(softhsm_token.config, pool_size=1)
+    with Pkcs11SessionPool(config, time_left=lambda: left[0]) as pool:
+        lent, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with pool.session():
+                lent.set()
+                release.wait(30)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        try:
+            assert lent.wait(10)
+            for seconds in (0.2, 0.0):
+                left[0] = seconds
+                with pytest.raises(TokenDeadlineError, match="not started"):
+                    pool.run(lambda session: session.generate_random(64))
+        finally:
+            release.set()
+            holder.join(30)
+        left[0] = None  # no deadline: waits for the session as before, and gets it
+        assert len(pool.run(lambda session: session.generate_random(64))) == 8

@@ -76,20 +76,26 @@ class VerifyBackupRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., read_data: _Optional[bool] = ...) -> None: ...
 
 class VerifyReport(_message.Message):
-    __slots__ = ("id", "ok", "manifest_signature_valid", "objects_checked", "bytes_checked", "failures")
+    __slots__ = ("id", "ok", "manifest_signature_valid", "objects_checked", "bytes_checked", "failures", "seconds", "bytes_per_second", "objects_per_second")
     ID_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_SIGNATURE_VALID_FIELD_NUMBER: _ClassVar[int]
     OBJECTS_CHECKED_FIELD_NUMBER: _ClassVar[int]
     BYTES_CHECKED_FIELD_NUMBER: _ClassVar[int]
     FAILURES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     id: str
     ok: bool
     manifest_signature_valid: bool
     objects_checked: int
     bytes_checked: int
     failures: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., ok: _Optional[bool] = ..., manifest_signature_valid: _Optional[bool] = ..., objects_checked: _Optional[int] = ..., bytes_checked: _Optional[int] = ..., failures: _Optional[_Iterable[str]] = ...) -> None: ...
+    seconds: float
+    bytes_per_second: float
+    objects_per_second: float
+    def __init__(self, id: _Optional[str] = ..., ok: _Optional[bool] = ..., manifest_signature_valid: _Optional[bool] = ..., objects_checked: _Optional[int] = ..., bytes_checked: _Optional[int] = ..., failures: _Optional[_Iterable[str]] = ..., seconds: _Optional[float] = ..., bytes_per_second: _Optional[float] = ..., objects_per_second: _Optional[float] = ...) -> None: ...
 
 class VerifyBackupResponse(_message.Message):
     __slots__ = ("progress", "report")
@@ -100,13 +106,19 @@ class VerifyBackupResponse(_message.Message):
     def __init__(self, progress: _Optional[_Union[Progress, _Mapping]] = ..., report: _Optional[_Union[VerifyReport, _Mapping]] = ...) -> None: ...
 
 class RunRestoreDrillRequest(_message.Message):
-    __slots__ = ("id",)
+    __slots__ = ("id", "sample_confidence", "max_defect_rate", "seed")
     ID_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    MAX_DEFECT_RATE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     id: str
-    def __init__(self, id: _Optional[str] = ...) -> None: ...
+    sample_confidence: float
+    max_defect_rate: float
+    seed: str
+    def __init__(self, id: _Optional[str] = ..., sample_confidence: _Optional[float] = ..., max_defect_rate: _Optional[float] = ..., seed: _Optional[str] = ...) -> None: ...
 
 class DrillReport(_message.Message):
-    __slots__ = ("backup_id", "ok", "recovery_seconds", "records_verified", "bytes_verified", "signatures_verified", "audit_chain_ok", "failures", "report_json", "report_key")
+    __slots__ = ("backup_id", "ok", "recovery_seconds", "records_verified", "bytes_verified", "signatures_verified", "audit_chain_ok", "failures", "report_json", "report_key", "bytes_per_second", "records_per_second", "workers", "records_decrypted", "sampled", "sample_size", "population", "sample_confidence", "max_defect_rate", "seed")
     BACKUP_ID_FIELD_NUMBER: _ClassVar[int]
     OK_FIELD_NUMBER: _ClassVar[int]
     RECOVERY_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +129,16 @@ class DrillReport(_message.Message):
     FAILURES_FIELD_NUMBER: _ClassVar[int]
     REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
     REPORT_KEY_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_DECRYPTED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    POPULATION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    MAX_DEFECT_RATE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     backup_id: str
     ok: bool
     recovery_seconds: float
@@ -127,7 +149,17 @@ class DrillReport(_message.Message):
     failures: _containers.RepeatedScalarFieldContainer[str]
     report_json: bytes
     report_key: str
-    def __init__(self, backup_id: _Optional[str] = ..., ok: _Optional[bool] = ..., recovery_seconds: _Optional[float] = ..., records_verified: _Optional[int] = ..., bytes_verified: _Optional[int] = ..., signatures_verified: _Optional[int] = ..., audit_chain_ok: _Optional[bool] = ..., failures: _Optional[_Iterable[str]] = ..., report_json: _Optional[bytes] = ..., report_key: _Optional[str] = ...) -> None: ...
+    bytes_per_second: float
+    records_per_second: float
+    workers: int
+    records_decrypted: int
+    sampled: bool
+    sample_size: int
+    population: int
+    sample_confidence: float
+    max_defect_rate: float
+    seed: str
+    def __init__(self, backup_id: _Optional[str] = ..., ok: _Optional[bool] = ..., recovery_seconds: _Optional[float] = ..., records_verified: _Optional[int] = ..., bytes_verified: _Optional[int] = ..., signatures_verified: _Optional[int] = ..., audit_chain_ok: _Optional[bool] = ..., failures: _Optional[_Iterable[str]] = ..., report_json: _Optional[bytes] = ..., report_key: _Optional[str] = ..., bytes_per_second: _Optional[float] = ..., records_per_second: _Optional[float] = ..., workers: _Optional[int] = ..., records_decrypted: _Optional[int] = ..., sampled: _Optional[bool] = ..., sample_size: _Optional[int] = ..., population: _Optional[int] = ..., sample_confidence: _Optional[float] = ..., max_defect_rate: _Optional[float] = ..., seed: _Optional[str] = ...) -> None: ...
 
 class RunRestoreDrillResponse(_message.Message):
     __slots__ = ("progress", "report")

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from storage.errors import InvalidRecordError
 from storage.formats import cda, fhir, hl7v2
 from storage.model import RecordKind
 from tests import content
@@ -264,3 +265,16 @@ def test_cda_equals_signs_in_text_are_not_attributes() -> None:
     ruler = b"<text>" + b"=" * 80 * 50 + b"</text>"
     run(RecordKind.CDA, _cda_with(b"<structuredBody>", b"<component><section>" + ruler
                                   + b"</section></component>"))
+
+
+# --- found by coverage-guided fuzzing (tests/fuzz) ------------------------------------
+# Each was refused only by the catch-all of ``storage.formats.checked`` ("does not parse
+# as the kind it claims"): the validator itself raised another type. The assertions name
+# the validator's own refusal.
+
+@pytest.mark.parametrize("kind", [{"system": AUTH}, ["Observation"]])
+def test_fhir_resource_type_that_is_not_a_string_is_refused_by_name(kind: object) -> None:
+    validator = fhir.FhirValidator(PATIENT)
+    validator.feed(_json({"resourceType": kind, "status": "final"}))
+    with pytest.raises(InvalidRecordError, match="resourceType is missing"):
+        validator.finish()

@@ -1,0 +1,423 @@
+"""Issue 10 on the cluster topology: replicas, a replicated SeaweedFS, and the faults they absorb.
+
+One ``medvault stack up --topology cluster`` per module (tests/faults/cluster.py): two
+replicas on one PostgreSQL database, one token and one bucket, over a SeaweedFS master,
+three volume servers (replication 001), a filer and the S3 gateway. Clients use the
+CLI's own channel: both replica addresses, round robin, retries of idempotent calls.
+
+* calls spread over both replicas; one audit chain, one sweeper, one scheduled backup
+  per slot across them; MLLP and DICOM listen on every replica;
+* a volume server SIGKILLed: every stored record still reads back identical, and new
+  writes go on (the master drops the lost server's volumes from the writable set);
+* a replica SIGKILLed under concurrent uploads and downloads: every acknowledged record
+  reads back identical through the survivor, nothing unacknowledged is visible, no put
+  is stored twice, and the clients finish on the survivor while the killed replica is
+  restarted (``stack up``, as a supervisor would).
+
+Figures are printed as one JSON line per test (``-s`` shows them; docs/reliability.md).
+PYTEST_DONT_REWRITE: failures name counts, never content.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+import sqlalchemy as sa
+
+from service._gen.medvault.v1 import audit_pb2 as aupb
+from service._gen.medvault.v1 import audit_pb2_grpc as aupb_grpc
+from service._gen.medvault.v1 import records_pb2 as pb
+from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
+from service.cli.main import parser
+from service.localstack.seaweed_cluster import component_names
+from storage import make_minio_client
+from tests.faults.cluster import BACKUP_SECONDS, REPLICAS, SWEEP_SECONDS, Cluster, cluster_stack
+from tests.faults.cluster import orphan_sweeps as sweeps_logged
+from tests.faults.common import referenced_keys
+from tests.fixtures.databases import new_database
+from tests.integration.service.calls import fetch, header, list_all, pieces, requests
+from tests.integration.service.streams import new_patient
+
+pytestmark = pytest.mark.integration
+TIMEOUT = 20
+RECORDS_BUCKET = "medvault-records"  # the stack's config.toml
+T = TypeVar("T")
+CLIENTS = 4
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    databases = new_database(request, "postgresql", tmp_path_factory)
+    try:
+        yield from cluster_stack(tmp_path_factory.mktemp("cluster"), next(databases))
+    finally:
+        databases.close()
+
+
+def put(stub: pb_grpc.RecordServiceStub, patient: pb.PatientId, content: bytes,
+        request_id: str) -> pb.Record:  # fmt: skip
+    record: pb.Record = stub.PutRecord(
+        requests(header(patient, request_id=request_id), pieces(content)), timeout=TIMEOUT
+    )
+    return record
+
+
+def read(stub: pb_grpc.RecordServiceStub, key: tuple[str, int]) -> bytes:
+    fetched = fetch(stub, key[0], key[1])
+    if fetched.error is not None:
+        raise fetched.error
+    return fetched.content
+
+
+def verify_chain(cluster: Cluster) -> aupb.VerifyChainResponse:
+    with cluster.channel(as_="security_officer") as channel:
+        reply: aupb.VerifyChainResponse = aupb_grpc.AuditServiceStub(channel).VerifyChain(
+            aupb.VerifyChainRequest(), timeout=120
+        )
+    return reply
+
+
+def one_chain(cluster: Cluster) -> tuple[int, int]:
+    """(events, highest sequence) of the audit table: one gapless chain from 1."""
+    engine = cluster.engine()
+    try:
+        with engine.connect() as c:
+            row = c.execute(sa.text(
+                "SELECT COUNT(*), COUNT(DISTINCT sequence), MIN(sequence), MAX(sequence) "
+                "FROM audit_events"
+            )).one()  # fmt: skip
+    finally:
+        engine.dispose()
+    count, distinct, low, high = row
+    assert count == distinct == high, f"audit sequences {low}..{high}, {count} rows"
+    assert low == 1, f"audit sequences start at {low}"
+    return int(count), int(high)
+
+
+def scheduled_backups(cluster: Cluster) -> tuple[list[Any], int]:
+    """Finished scheduled backup runs, and the scheduler's ``backup.run`` audit events."""
+    engine = cluster.engine()
+    try:
+        with engine.connect() as c:
+            runs = c.execute(sa.text(
+                "SELECT slot, replica, outcome FROM backup_runs WHERE kind = 'backup'"
+            )).all()  # fmt: skip
+            events = c.scalar(sa.text(
+                "SELECT COUNT(*) FROM audit_events WHERE action = 'backup.run' "
+                "AND principal = 'scheduler'"
+            ))  # fmt: skip
+    finally:
+        engine.dispose()
+    return [r for r in runs if r.outcome != "running"], int(events or 0)
+
+
+def stack_command(*args: str) -> int:
+    """``medvault stack ...`` in this process (what the console script runs, minus logging)."""
+    ns = parser().parse_args(["stack", *args])
+    return int(ns.func(ns))
+
+
+def test_calls_spread_one_chain_one_sweeper_one_scheduled_run(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stack = cluster.stack
+    puts_before = [cluster.calls(i, "RecordService/PutRecord") for i in range(1, REPLICAS + 1)]
+    stored: dict[tuple[str, int], bytes] = {}
+    with cluster.channel() as channel:
+        stub = pb_grpc.RecordServiceStub(channel)
+        patient = new_patient()
+        for n in range(20):
+            content = secrets.token_bytes(1_000 + 500 * n)
+            record = put(stub, patient, content, str(uuid.uuid4()))
+            stored[(record.id, record.version)] = content
+        mismatched = [k for k, content in stored.items() if read(stub, k) != content]
+    assert not mismatched, f"{len(mismatched)} records read back different"
+    spread = [cluster.calls(i, "RecordService/PutRecord") - b for i, b in enumerate(puts_before, 1)]
+    assert sum(spread) == len(stored), f"puts per replica {spread}"
+    assert min(spread) >= len(stored) // 4, f"round robin left a replica idle: {spread}"
+
+    # What `medvault stack status` and `stack env` say of this home, found without flags.
+    capsys.readouterr()
+    assert stack_command("status", "--home", str(stack.home)) == 0, "a component is down"
+    states = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
+    assert all(states[n] == "running" for n in component_names()), states
+    assert all(states[f"replica-{i}"] == "running" for i in range(1, REPLICAS + 1)), states
+    assert stack_command("env", "--home", str(stack.home)) == 0
+    assert f"MEDVAULT_ENDPOINT={','.join(stack.endpoints())}\n" in capsys.readouterr().out
+
+    ports = [stack.replica_ports(i) for i in range(1, REPLICAS + 1)]
+    for listener in ("grpc", "metrics", "mllp", "dicom"):
+        mine = [p[listener] for p in ports]
+        assert len(set(mine)) == REPLICAS, f"{listener} ports shared: {mine}"
+        for port in mine:  # each replica accepts connections on each of its listeners
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+    window = 6.0
+    swept_before, began = sweeps_logged(stack), time.monotonic()
+    time.sleep(window)  # a measurement window: how often the replicas sweep in it
+    swept = sweeps_logged(stack) - swept_before
+    rounds = (time.monotonic() - began) / SWEEP_SECONDS
+    assert 2 <= swept <= rounds + 2, f"{swept} sweeps in {rounds:.0f} intervals"
+
+    # A run's ledger row is finished before its audit event is committed: wait for both.
+    seen: list[tuple[list[Any], int]] = []
+
+    def settled() -> bool:
+        seen.append(scheduled_backups(cluster))
+        finished, events = seen[-1]
+        return len(finished) >= 2 and events == len(finished)
+
+    try:
+        _wait(settled, 30, "two scheduled backups, each with its audit event")
+    except AssertionError:
+        finished, events = seen[-1]
+        raise AssertionError(f"{len(finished)} scheduled backups, {events} audit events") from None
+    finished = seen[-1][0]
+    assert all(r.outcome == "ok" for r in finished), [r.outcome for r in finished]
+
+    chain = verify_chain(cluster)
+    assert chain.ok, f"audit chain: {chain.reason} at {chain.first_bad_sequence}"
+    events_total, _ = one_chain(cluster)
+    print(json.dumps({
+        "puts_per_replica": spread,
+        "sweeps_in_window": swept, "sweep_intervals": round(rounds, 1),
+        "scheduled_backups": len(finished), "backup_every_s": BACKUP_SECONDS,
+        "replicas_that_ran_backups": len({r.replica for r in finished}),
+        "audit_events": events_total,
+    }))  # fmt: skip
+
+
+def test_a_volume_server_lost(cluster: Cluster) -> None:
+    """SIGKILL the volume server holding the most copies: reads and writes go on; it rejoins."""
+    seaweed = cluster.stack.seaweed_cluster()
+    stored: dict[tuple[str, int], bytes] = {}
+    patient = new_patient()
+    with cluster.channel() as channel:
+        stub = pb_grpc.RecordServiceStub(channel)
+        for n in range(30):
+            content = secrets.token_bytes(2_000 + 1_000 * n)
+            record = put(stub, patient, content, str(uuid.uuid4()))
+            stored[(record.id, record.version)] = content
+        # Every volume of the records' bucket is written twice (001) on two servers; the
+        # one lost is the server holding the most of them.
+        volumes = seaweed.volumes(RECORDS_BUCKET).values()
+        assert volumes, "the master lists no volume of the records' bucket"
+        assert {(v.placement, len(v.holders)) for v in volumes} == {("001", 2)}, volumes
+        held = Counter(h for v in volumes for h in v.holders)
+        victim = held.most_common(1)[0][0]
+        seaweed.stop_component(victim, signal.SIGKILL)
+        lost_at = time.monotonic()
+        nodes_after = seaweed.data_nodes()
+        bad_reads = sum(read(stub, k) != content for k, content in stored.items())
+        reads_took = time.monotonic() - lost_at
+        written: dict[tuple[str, int], bytes] = {}
+        refused: list[str] = []
+        for n in range(20):
+            content = secrets.token_bytes(2_000 + 1_000 * n)
+            try:
+                record = put(stub, patient, content, str(uuid.uuid4()))
+            except grpc.RpcError as e:
+                refused.append(e.code().name)
+            else:
+                written[(record.id, record.version)] = content
+        bad_new = sum(read(stub, k) != content for k, content in written.items())
+        restarted = time.monotonic()
+        seaweed.start_component(victim)  # returns once the master counts it again
+        rejoined = time.monotonic() - restarted
+        bad_after = sum(read(stub, k) != c for k, c in {**stored, **written}.items())
+    assert bad_reads == 0, f"{bad_reads} of {len(stored)} reads differ with a volume server lost"
+    assert not refused, f"writes refused with a volume server lost: {refused}"
+    assert bad_new == bad_after == 0, "a record written during the loss reads back different"
+    print(json.dumps({
+        "records_before": len(stored), "volumes": len(volumes),
+        "volumes_on_the_lost_server": held[victim],
+        "volume_servers_alive_after_kill": nodes_after,
+        "reads_after_kill": len(stored), "reads_failed": bad_reads,
+        "reads_took_s": round(reads_took, 2), "writes_during_loss": 20,
+        "writes_refused": len(refused), "volume_server_rejoined_s": round(rejoined, 2),
+    }))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call's start and end (monotonic), kind, outcome (None: OK) and app retries."""
+
+    began: float
+    ended: float
+    kind: str
+    code: str | None
+    retries: int
+
+
+@dataclass
+class Workload:
+    """Clients putting (with a request id, retried on UNAVAILABLE) and reading back."""
+
+    cluster: Cluster
+    acknowledged: dict[tuple[str, int], bytes] = field(default_factory=dict)
+    patients: list[pb.PatientId] = field(default_factory=list)
+    calls: list[Call] = field(default_factory=list)
+    gave_up: list[str] = field(default_factory=list)
+    mismatches: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run(self) -> list[threading.Thread]:
+        threads = [threading.Thread(target=self._client, daemon=True) for _ in range(CLIENTS)]
+        for t in threads:
+            t.start()
+        return threads
+
+    def _attempt(self, kind: str, call: Callable[[], T]) -> T | None:
+        """``call`` until it succeeds or fails other than UNAVAILABLE (5 attempts)."""
+        began = time.monotonic()
+        for retries in range(5):
+            try:
+                result = call()
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNAVAILABLE and retries < 4:
+                    time.sleep(0.2)
+                    continue
+                self._note(Call(began, time.monotonic(), kind, e.code().name, retries))
+                with self.lock:
+                    self.gave_up.append(f"{kind}: {e.code().name}")
+                return None
+            self._note(Call(began, time.monotonic(), kind, None, retries))
+            return result
+        return None
+
+    def _note(self, call: Call) -> None:
+        with self.lock:
+            self.calls.append(call)
+
+    def _client(self) -> None:
+        patient = new_patient()
+        with self.lock:
+            self.patients.append(patient)
+        mine: list[tuple[str, int]] = []
+        with self.cluster.channel() as channel:
+            stub = pb_grpc.RecordServiceStub(channel)
+            while not self.stop.is_set():
+                content = secrets.token_bytes(1_000 + secrets.randbelow(60_000))
+                key = str(uuid.uuid4())
+                record = self._attempt("put", lambda c=content, k=key: put(stub, patient, c, k))
+                if record is not None:
+                    with self.lock:
+                        self.acknowledged[(record.id, record.version)] = content
+                    mine.append((record.id, record.version))
+                if mine:
+                    wanted = mine[secrets.randbelow(len(mine))]
+                    got = self._attempt("get", lambda w=wanted: read(stub, w))
+                    if got is not None and got != self.acknowledged[wanted]:
+                        with self.lock:
+                            self.mismatches += 1
+
+    def puts_acknowledged(self) -> int:
+        with self.lock:
+            return len(self.acknowledged)
+
+
+def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"still not {what} after {timeout:.0f} s"
+        time.sleep(0.05)
+
+
+def test_a_replica_killed_during_uploads_and_downloads(cluster: Cluster) -> None:
+    stack = cluster.stack
+    victim, survivor = REPLICAS, 1
+    load = Workload(cluster)
+    back_in: list[float] = []
+
+    def restart_victim() -> None:
+        began = time.monotonic()
+        stack.start_service(health_timeout=90)
+        back_in.append(time.monotonic() - began)
+
+    restart = threading.Thread(target=restart_victim, daemon=True)
+    threads = load.run()
+    try:
+        _wait(lambda: load.puts_acknowledged() >= 25, 60, "25 puts acknowledged")
+        pid = stack.replica(victim).pid
+        assert pid is not None, "the replica to kill is not running"
+        os.killpg(pid, signal.SIGKILL)  # the whole replica, whatever its processes
+        killed_at, acked_at_kill = time.monotonic(), load.puts_acknowledged()
+        # Restarted once it has exited, as a supervisor (systemd's Restart=) would, while
+        # the load goes on: `stack up` starts the missing replica, returns once healthy.
+        _wait(lambda: stack.replica(victim).pid is None, 10, "the killed replica gone")
+        restart.start()
+        _wait(
+            lambda: (
+                load.puts_acknowledged() >= acked_at_kill + 25 and time.monotonic() - killed_at >= 3
+            ),
+            90,
+            "25 puts acknowledged after the kill",
+        )
+    finally:
+        load.stop.set()
+        for t in [*threads, restart]:
+            if t.ident is not None:
+                t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a client thread is stuck"
+    assert back_in, "the killed replica did not come back (see its log)"
+    assert stack.replica(victim).pid not in (None, pid), "the killed replica is not running"
+    assert not load.gave_up, f"clients gave up: {load.gave_up}"
+    assert load.mismatches == 0, f"{load.mismatches} reads differed from what was stored"
+
+    with cluster.channel([stack.endpoints()[survivor - 1]]) as channel:
+        stub = pb_grpc.RecordServiceStub(channel)
+        visible = {(r.id, r.version) for p in load.patients
+                   for r in list_all(stub, p, all_versions=True)}  # fmt: skip
+        lost = set(load.acknowledged) - visible
+        unacknowledged = visible - set(load.acknowledged)
+        differ = sum(read(stub, k) != c for k, c in load.acknowledged.items())
+    assert not lost, f"{len(lost)} acknowledged records lost"
+    assert not unacknowledged, f"{len(unacknowledged)} records visible but never acknowledged"
+    assert differ == 0, f"{differ} acknowledged records read back different via the survivor"
+
+    chain = verify_chain(cluster)
+    assert chain.ok, f"audit chain: {chain.reason} at {chain.first_bad_sequence}"
+    events, _ = one_chain(cluster)
+
+    after_kill = [c for c in load.calls if c.ended >= killed_at]
+    straddling = [c for c in load.calls if c.began < killed_at <= c.ended]
+    first_ok = min((c.ended for c in after_kill if c.code is None and c.began >= killed_at),
+                   default=float("nan"))  # fmt: skip
+    s3 = stack.seaweed_cluster()
+    objects = make_minio_client(
+        s3.endpoint, (stack.layout.s3_access_key_file.read_text().strip()),
+        stack.layout.s3_secret_key_file.read_text().strip(), read_timeout=10, retry=False,
+    ).list_objects(RECORDS_BUCKET, recursive=True)  # fmt: skip
+    orphans = len({o.object_name for o in objects} - referenced_keys(cluster.database_url))
+    print(json.dumps({
+        "calls": len(load.calls),
+        "puts_acknowledged": len(load.acknowledged),
+        "acknowledged_before_kill": acked_at_kill,
+        "gets": sum(c.kind == "get" for c in load.calls),
+        "calls_retried_by_client": sum(c.retries > 0 for c in load.calls),
+        "client_retries": sum(c.retries for c in load.calls),
+        "client_retried_kinds": sorted(c.kind for c in load.calls if c.retries > 0),
+        "calls_in_flight_at_kill": len(straddling),
+        "longest_call_across_kill_s": round(max((c.ended - c.began for c in straddling),
+                                               default=0.0), 2),
+        "first_success_after_kill_s": round(first_ok - killed_at, 2),
+        "acknowledged_lost": len(lost), "unacknowledged_visible": len(unacknowledged),
+        "orphan_objects_left": orphans, "replica_restart_s": round(back_in[0], 2),
+        "audit_events": events,
+    }))  # fmt: skip

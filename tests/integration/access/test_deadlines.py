@@ -1,0 +1,269 @@
+"""A client's deadline bounds the server's work for the call (docs/reliability.md, Deadlines).
+
+The object store is stalled on purpose: the test's own ``weed`` is SIGSTOPped, so it
+accepts connections and bytes but never answers, as a hung gateway or a partitioned
+network would. Then, with a 1 s deadline each, a read of a large record (streamed from a
+worker thread), a read of a small one (read whole in the pool) and a write are made at
+once by one principal holding a share of exactly three calls. Checked, while the store
+is still stalled:
+
+- each call ends DEADLINE_EXCEEDED for its client, and is audited as ``failed`` with
+  that status;
+- the server's worker jobs (``medvault_worker_jobs``) are back to none within a few
+  seconds, and no more of its threads wait on a socket than before the stall (the
+  kernel's ``wchan``): no worker is left waiting on the store until its 30 s read
+  timeout;
+- the principal's call slots are free: three calls at once (its full share) succeed.
+
+After SIGCONT: the write left no row; whatever object it left is unreferenced and
+untagged, and a sweep removes it. Before the stall, a read whose client stops reading
+mid-stream has its worker stop too.
+
+PYTEST_DONT_REWRITE: failures name counts and codes only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import sqlalchemy as sa
+
+from service._gen.medvault.v1 import audit_pb2 as aupb
+from service._gen.medvault.v1 import records_pb2 as pb
+from storage import S3BlobStore, SqlMetadataStore, sweep_orphans
+from storage.sql_metadata import records
+from tests.fixtures.seaweed import S3Server
+from tests.fixtures.service import RunningService, free_port
+from tests.integration.access.helpers import (
+    TIMEOUT,
+    Client,
+    client,
+    engine_for,
+    events,
+    new_patient,
+    wait_for,
+)
+from tests.integration.service.calls import server_bucket
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+TESTER = "deadline-tester"
+SHARE = 3
+CHUNK = 64 * 1024
+DEADLINE = 1.0
+# How long after the deadline the server may still be working for the calls: well under
+# the S3 client's 30 s read timeout, which bounded it before.
+SETTLE_SECONDS = 10.0
+
+
+def _header(patient: pb.PatientId) -> pb.PutRecordRequest:
+    head = pb.RecordHeader(
+        patient=patient, kind=pb.RECORD_KIND_OTHER, content_type="application/octet-stream"
+    )
+    return pb.PutRecordRequest(header=head)
+
+
+def _put(c: Client, patient: pb.PatientId, content: bytes, timeout: float = TIMEOUT) -> pb.Record:
+    pieces = [content[i : i + CHUNK] for i in range(0, len(content), CHUNK)]
+    stream = iter([_header(patient), *(pb.PutRecordRequest(chunk=p) for p in pieces)])
+    record: pb.Record = c.records.PutRecord(stream, timeout=timeout)
+    return record
+
+
+def _read(c: Client, record_id: str, timeout: float = TIMEOUT) -> None:
+    for _ in c.records.GetRecord(pb.GetRecordRequest(id=record_id), timeout=timeout):
+        pass
+
+
+def _list(c: Client, patient: pb.PatientId) -> None:
+    c.records.ListRecords(pb.ListRecordsRequest(patient=patient), timeout=TIMEOUT)
+
+
+def _code(run: Callable[[], Any]) -> str:
+    try:
+        run()
+    except grpc.RpcError as e:
+        return str(e.code().name)
+    return "OK"
+
+
+def _at_once(calls: list[Callable[[], Any]]) -> list[str]:
+    """Each call's status code, the calls started together in threads."""
+    codes = [""] * len(calls)
+    start = threading.Barrier(len(calls))
+
+    def run(i: int) -> None:
+        start.wait()
+        codes[i] = _code(calls[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    return codes
+
+
+class Metrics:
+    """The server's Prometheus endpoint."""
+
+    def __init__(self, port: int) -> None:
+        self._url = f"http://127.0.0.1:{port}/metrics"
+
+    def value(self, name: str) -> float:
+        with urllib.request.urlopen(self._url, timeout=5) as reply:
+            text = reply.read().decode()
+        found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+        assert found, f"{name} not exported"
+        return float(found.group(1))
+
+
+# Where the kernel has a thread that waits on a socket (a read with a timeout polls).
+_SOCKET_WAITS = ("poll_schedule_timeout", "sk_wait_data", "wait_woken")
+
+
+def _socket_waiters(service: RunningService) -> int:
+    """How many of the server's threads wait on a socket (for S3, in this test)."""
+    tasks = Path(f"/proc/{service.process.pid}/task")
+    count = 0
+    for task in tasks.iterdir():
+        try:
+            where = (task / "wchan").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        count += where.startswith(_SOCKET_WAITS)
+    return count
+
+
+def _rows(engine: sa.Engine) -> set[str]:
+    with engine.connect() as c:
+        return set(c.execute(sa.select(records.c.object_key)).scalars())
+
+
+class SlowReader:
+    """Reads the first message of a stream, then stops reading past its deadline.
+
+    Its channel keeps HTTP/2's initial 64 KiB window (no bandwidth probing), so the
+    server cannot push the whole record into the transport's buffers and finish.
+    """
+
+    def __init__(self, service: RunningService, cert: tuple[Path, Path], record_id: str) -> None:
+        self.code = ""
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=service.tls.ca.read_bytes(),
+            private_key=cert[1].read_bytes(), certificate_chain=cert[0].read_bytes(),
+        )  # fmt: skip
+        options = [("grpc.http2.bdp_probe", 0), ("grpc.max_receive_message_length", 4 << 20)]
+        self._channel = grpc.secure_channel(service.endpoint, creds, options=options)
+        stub = Client("slow", self._channel).records
+        self._replies = stub.GetRecord(pb.GetRecordRequest(id=record_id), timeout=DEADLINE)
+
+    def run(self) -> None:
+        try:
+            next(self._replies)
+            time.sleep(DEADLINE + 0.5)  # the client stops reading past its deadline
+            for _ in self._replies:
+                pass
+        except grpc.RpcError as e:
+            self.code = str(e.code().name)
+        finally:
+            self._channel.close()
+
+
+@pytest.fixture
+def stalled(own_s3: S3Server) -> Iterator[Callable[[bool], None]]:
+    """``stall(True)`` SIGSTOPs the test's own weed, ``stall(False)`` resumes it."""
+    pid = own_s3.server.pid
+    assert pid is not None, "the test's weed is not running"
+
+    def stall(on: bool) -> None:
+        os.kill(pid, signal.SIGSTOP if on else signal.SIGCONT)
+
+    try:
+        yield stall
+    finally:
+        os.kill(pid, signal.SIGCONT)  # never leave it stopped: its own stop would hang
+
+
+def test_a_deadline_stops_the_work_of_the_call(
+    service_factory: Any,
+    fresh_database: str,
+    issue: Any,
+    own_s3: S3Server,
+    stalled: Callable[[bool], None],
+) -> None:
+    metrics_port = free_port()
+    service: RunningService = service_factory(
+        fresh_database, s3=own_s3, max_calls_per_principal=SHARE, chunk_size=CHUNK,
+        metrics_listen=f"127.0.0.1:{metrics_port}", health_probe_seconds=3600,
+        audit={"checkpoint_seconds": 3600},  # no witness write to the stalled store
+    )  # fmt: skip
+    metrics = Metrics(metrics_port)
+    cert = issue(TESTER, "integration_tester")
+    tester = client(service, cert)
+    officer = client(service, issue("deadline-officer", "security_officer"))
+    engine = engine_for(fresh_database)
+    try:
+        patient = new_patient()
+        large = _put(tester, patient, os.urandom(2 << 20))
+        small = _put(tester, patient, b"a short synthetic note")
+        before = _rows(engine)
+        # Committed objects are tagged in the background: not this test's subject, and a
+        # tag request caught by the stall would wait out the S3 client's timeouts.
+        blobs = S3BlobStore(own_s3.client(), server_bucket(service.config_path))
+        wait_for(lambda: all(blobs.committed(key) for key in before), 10, "the tags")
+
+        # Mid-stream, store healthy: the client stops reading; its worker stops too.
+        reader = SlowReader(service, cert, large.id)
+        reader.run()
+        assert reader.code == "DEADLINE_EXCEEDED", reader.code
+        wait_for(lambda: metrics.value("medvault_worker_jobs") == 0, SETTLE_SECONDS,
+                 "the abandoned read's worker to stop")  # fmt: skip
+        baseline = _socket_waiters(service)
+
+        stalled(True)
+        began = time.monotonic()
+        codes = _at_once([
+            lambda: _read(tester, large.id, DEADLINE),
+            lambda: _read(tester, small.id, DEADLINE),
+            lambda: _put(tester, new_patient(), b"synthetic, never stored", DEADLINE),
+        ])  # fmt: skip
+        assert codes == ["DEADLINE_EXCEEDED"] * 3, codes
+        wait_for(lambda: metrics.value("medvault_worker_jobs") == 0, SETTLE_SECONDS,
+                 "the server's workers to give up on the stalled store")  # fmt: skip
+        settled = time.monotonic() - began
+        waiting = _socket_waiters(service)
+        assert waiting <= baseline, f"{waiting} threads wait on sockets, {baseline} before"
+        # Its whole share, at once, while the store is still stalled.
+        listed = _at_once([lambda: _list(tester, patient)] * SHARE)
+        assert listed == ["OK"] * SHARE, listed
+        stalled(False)
+
+        assert _rows(engine) == before, "the write whose deadline passed stored a row"
+        failed = events(officer, principal=TESTER, outcome=aupb.OUTCOME_FAILED)
+        expired = [e for e in failed if e.status == "DEADLINE_EXCEEDED"]
+        resources = sorted(e.resource for e in expired)
+        want = sorted([f"record/{large.id}"] * 2 + [f"record/{small.id}", "record/new"])
+        assert resources == want, resources  # the mid-stream read, then the three
+
+        left = {b.key for b in blobs.list()} - before
+        assert all(not blobs.committed(key) for key in left), "an abandoned object is tagged"
+        sweep_orphans(blobs, SqlMetadataStore(engine), grace=timedelta(0))
+        assert {b.key for b in blobs.list()} == before, "objects and rows differ after a sweep"
+        print(f"\nworkers idle {settled:.1f} s after the calls began; {len(left)} orphan(s)")
+    finally:
+        tester.close()
+        officer.close()
+        engine.dispose()
+        service.stop()
