@@ -267,3 +267,52 @@ def test_a_deadline_stops_the_work_of_the_call(
         officer.close()
         engine.dispose()
         service.stop()
+
+
+def test_a_cancelled_upload_keeps_its_upload_slot_until_its_worker_stops(
+    service_factory: Any,
+    issue: Any,
+    own_s3: S3Server,
+    stalled: Callable[[bool], None],
+    tmp_path: Path,
+) -> None:
+    """Attack: ``server.max_uploads`` keeps upload threads to part of the pool, so reads
+    always find one. An upload whose client cancels (no deadline: its S3 request keeps
+    the store client's 30 s read timeout) used to give its upload slot back at once while
+    its worker still waited on the store, so cancelled uploads could hold threads beyond
+    the cap (each principal's call share still applied). The slot now stays taken until
+    the worker stops, as the call slot does. SQLite only: the database plays no part.
+    """
+    service: RunningService = service_factory(
+        f"sqlite:///{tmp_path / 'metadata.db'}", s3=own_s3, workers=2, max_uploads=1,
+        max_calls_per_principal=2, chunk_size=CHUNK, health_probe_seconds=3600,
+        audit={"checkpoint_seconds": 3600},  # no witness write to the stalled store
+    )  # fmt: skip
+    first = client(service, issue("upload-cancel-a", "integration_tester"))
+    second = client(service, issue("upload-cancel-b", "integration_tester"))
+    held = threading.Event()
+    try:
+        baseline = _socket_waiters(service)
+        stalled(True)
+
+        def stream() -> Iterator[pb.PutRecordRequest]:
+            yield _header(new_patient())
+            for _ in range((9 << 20) // CHUNK):  # over one 8 MiB part: a request is sent
+                yield pb.PutRecordRequest(chunk=os.urandom(CHUNK))
+            held.wait(TIMEOUT)  # the client neither ends nor cancels yet
+
+        upload = first.records.PutRecord.future(stream(), timeout=None)
+        wait_for(lambda: _socket_waiters(service) > baseline, 20, "the upload's S3 request")
+        upload.cancel()
+        held.set()
+        # Its worker still waits on the stalled store: the one upload slot is still taken.
+        code = _code(lambda: _put(second, new_patient(), b"synthetic, never stored", 5))
+        assert code == "RESOURCE_EXHAUSTED", code
+        stalled(False)
+        wait_for(lambda: _code(lambda: _put(second, new_patient(), b"synthetic")) == "OK",
+                 TIMEOUT, "the slot back once the cancelled upload's worker stopped")  # fmt: skip
+    finally:
+        held.set()
+        first.close()
+        second.close()
+        service.stop()
