@@ -25,8 +25,11 @@ from storage import CallDeadline
 
 # Jobs of every call (and of none: health probes, refusal summaries) queued or running on
 # the store's threads; a call that ended leaves none behind for long (docs/reliability.md).
+# Under a supervisor (server.processes > 1) the sum over the live workers: a killed
+# worker's last value leaves the sum (the default kept it, per pid, for ever).
 WORKER_JOBS = Gauge(
-    "medvault_worker_jobs", "Store jobs queued or running in worker threads"
+    "medvault_worker_jobs", "Store jobs queued or running in worker threads",
+    multiprocess_mode="livesum",
 )  # fmt: skip
 
 

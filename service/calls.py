@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Any
 
 from grpc import aio
 
@@ -77,10 +78,26 @@ async def handled(
         code, message = status_for(e)
         log.warning("rpc failed", extra={"rpc": rpc, "code": code.name, "error": type(e).__name__})
         if state.call is not None and not isinstance(e, _NOT_AUDITED_AGAIN):
-            await asyncio.to_thread(
+            await audit_job(
                 _audit_failure, guard, state.call, state.resource or rpc, code.name, message
             )
         await context.abort(code, message)
+
+
+async def audit_job(fn: Callable[..., None], *args: Any) -> None:
+    """Run ``fn(*args)`` (an audit write) in a pool thread, to its end even if the call is
+    cancelled meanwhile: the client cancelling, or its deadline passing, while the job
+    still waits for a free thread would otherwise drop it from the queue, and with it
+    the event of a refusal already decided."""
+    job = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    job.add_done_callback(_settled)
+    await asyncio.shield(job)
+
+
+def _settled(job: asyncio.Future[None]) -> None:
+    """Retrieve a detached audit job's error (it is raised to the call if still there)."""
+    if not job.cancelled() and (error := job.exception()) is not None:
+        log.error("audit of a call's end not written", extra={"error": type(error).__name__})
 
 
 def _audit_failure(guard: AccessGuard, call: Call, resource: str, code: str, message: str) -> None:
@@ -104,7 +121,7 @@ async def _audit_expiry(
     if left is None or left > _EXPIRY_TOLERANCE_SECONDS:
         return
     try:
-        await asyncio.to_thread(
+        await audit_job(
             _audit_failure, guard, state.call, state.resource or rpc, "DEADLINE_EXCEEDED",
             EXPIRED,
         )  # fmt: skip

@@ -43,7 +43,7 @@ from grpc import aio
 
 from service.authn import Principal
 from service.call_scope import CALL_SCOPE, CallScope
-from service.calls import CURRENT_CALL, CallState, facts, handled
+from service.calls import CURRENT_CALL, CallState, audit_job, facts, handled
 from service.guard import AccessGuard, source_host
 from service.limits import CallLimiter, Refusals, StreamDeadlineError, TooManyCallsError
 from service.wire import Rejected, decode
@@ -250,7 +250,7 @@ class EdgeInterceptor(aio.ServerInterceptor):  # type: ignore[misc]  # untyped b
                 state.resource = name
                 principal = await asyncio.to_thread(self._guard.identify, facts(context, name))
                 with self._limiter.slot(principal):
-                    await asyncio.to_thread(self._refuse_unknown, principal, name)
+                    await audit_job(self._refuse_unknown, principal, name)
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, UNKNOWN_METHOD)
 
         # No deserializer: the request bytes are never decoded (nor read).

@@ -50,19 +50,29 @@ class UploadGate:
         self._cap = cap
         self._open = 0
 
-    @contextmanager
-    def slot(self) -> Iterator[None]:
-        """Hold one upload slot; ``UploadsBusyError`` if none is free."""
+    def acquire(self) -> Callable[[], None]:
+        """Take one upload slot; its release (call it once, on the loop).
+        ``UploadsBusyError`` if none is free."""
         if self._open >= self._cap:
             raise UploadsBusyError(
                 f"the server is receiving {self._cap} uploads already (server.max_uploads); "
                 "retry shortly"
             )
         self._open += 1
+
+        def release() -> None:
+            self._open -= 1
+
+        return release
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold one upload slot for the block; ``UploadsBusyError`` if none is free."""
+        release = self.acquire()
         try:
             yield
         finally:
-            self._open -= 1
+            release()
 
 
 class PdfBusyError(ServiceError):

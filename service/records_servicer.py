@@ -218,12 +218,19 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
                 request_iterator, asyncio.get_running_loop(), context.cancelled
             )
             # The thread is held while the client streams: a global cap keeps reads served.
-            with self._uploads.slot():
-                try:
-                    info = await asyncio.to_thread(self._put, state, header, requests)
-                except asyncio.CancelledError:
-                    requests.abandon()  # the worker runs on: it must not commit
-                    raise
+            release = self._uploads.acquire()
+            try:
+                info = await asyncio.to_thread(self._put, state, header, requests)
+            except asyncio.CancelledError:
+                requests.abandon()  # the worker runs on: it must not commit
+                raise
+            finally:
+                # The slot is the upload's until its worker stops (a cancelled one may
+                # still wait on the store), as the call slot is (service.edge).
+                if state.scope is not None:
+                    state.scope.after_jobs(release)
+                else:
+                    release()
             return convert.record_to_pb(info)
         raise AssertionError("unreachable")  # pragma: no cover  (abort raised)
 

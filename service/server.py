@@ -307,6 +307,8 @@ def serve(config: Config, worker: WorkerRole | None = None) -> None:
     try:
         # `kill -HUP` re-reads the access policy and the client-certificate CRL.
         install_sighup(components.guard.policy, *components.reloadables())
+        if worker is not None:
+            worker.reload_if_missed()
         if config.server.metrics_listen and worker is None:  # a supervisor serves its own
             host, _, port = config.server.metrics_listen.rpartition(":")
             REGISTRY.register(ScheduledRunsCollector(SqlRunLedger(components.engine)))

@@ -13,7 +13,9 @@ import ctypes
 import logging
 import os
 import signal
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
+from types import FrameType
 
 from service import logs
 
@@ -28,6 +30,9 @@ class WorkerRole:
     index: int
     ready_fd: int
     supervisor_pid: int
+    # A reload (SIGHUP) forwarded while this worker starts: it may have read the policy
+    # and CRL before the new files were written, so it reloads once it can.
+    _reload_missed: threading.Event = field(default_factory=threading.Event, compare=False)
 
     @property
     def listens_for_hospital_protocols(self) -> bool:
@@ -37,14 +42,26 @@ class WorkerRole:
     def enter(self) -> None:
         """Tag the log, and stop (SIGTERM) when the supervisor dies; call first thing."""
         logs.set_worker(self.index)
-        # A reload forwarded while this worker starts must not kill it (SIGHUP's default);
-        # it reads the policy and CRL as it starts, then serve() installs the reload.
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # A reload forwarded while this worker starts must not kill it (SIGHUP's default),
+        # nor be lost: it may come after the policy or the CRL was read (a revoked
+        # certificate would stay served by this worker). Noted here, done by
+        # ``reload_if_missed`` once serve() has installed the reload.
+        signal.signal(signal.SIGHUP, self._note_reload)
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
         if os.getppid() != self.supervisor_pid:  # it died before the signal was set
             raise SystemExit("medvault worker: the supervisor is gone; not starting")
+
+    def _note_reload(self, _signum: int, _frame: FrameType | None) -> None:
+        self._reload_missed.set()
+
+    def reload_if_missed(self) -> None:
+        """Send this process the SIGHUP it received during start-up again; call after the
+        reload handler is installed (a second reload of unchanged files is harmless)."""
+        if self._reload_missed.is_set():
+            log.info("reload requested during start-up; reloading now")
+            os.kill(os.getpid(), signal.SIGHUP)
 
     def ready(self, port: int) -> None:
         """Tell the supervisor this worker serves (it may have stopped listening)."""

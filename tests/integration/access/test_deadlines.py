@@ -24,6 +24,7 @@ PYTEST_DONT_REWRITE: failures name counts and codes only.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -43,6 +44,7 @@ from service._gen.medvault.v1 import audit_pb2 as aupb
 from service._gen.medvault.v1 import records_pb2 as pb
 from storage import S3BlobStore, SqlMetadataStore, sweep_orphans
 from storage.sql_metadata import records
+from tests.fixtures.databases import new_database
 from tests.fixtures.seaweed import S3Server
 from tests.fixtures.service import RunningService, free_port
 from tests.integration.access.helpers import (
@@ -265,5 +267,145 @@ def test_a_deadline_stops_the_work_of_the_call(
     finally:
         tester.close()
         officer.close()
+        engine.dispose()
+        service.stop()
+
+
+def test_a_cancelled_upload_keeps_its_upload_slot_until_its_worker_stops(
+    service_factory: Any,
+    issue: Any,
+    own_s3: S3Server,
+    stalled: Callable[[bool], None],
+    tmp_path: Path,
+) -> None:
+    """Attack: ``server.max_uploads`` keeps upload threads to part of the pool, so reads
+    always find one. An upload whose client cancels (no deadline: its S3 request keeps
+    the store client's 30 s read timeout) used to give its upload slot back at once while
+    its worker still waited on the store, so cancelled uploads could hold threads beyond
+    the cap (each principal's call share still applied). The slot now stays taken until
+    the worker stops, as the call slot does. SQLite only: the database plays no part.
+    """
+    service: RunningService = service_factory(
+        f"sqlite:///{tmp_path / 'metadata.db'}", s3=own_s3, workers=2, max_uploads=1,
+        max_calls_per_principal=2, chunk_size=CHUNK, health_probe_seconds=3600,
+        audit={"checkpoint_seconds": 3600},  # no witness write to the stalled store
+    )  # fmt: skip
+    first = client(service, issue("upload-cancel-a", "integration_tester"))
+    second = client(service, issue("upload-cancel-b", "integration_tester"))
+    held = threading.Event()
+    try:
+        baseline = _socket_waiters(service)
+        stalled(True)
+
+        def stream() -> Iterator[pb.PutRecordRequest]:
+            yield _header(new_patient())
+            for _ in range((9 << 20) // CHUNK):  # over one 8 MiB part: a request is sent
+                yield pb.PutRecordRequest(chunk=os.urandom(CHUNK))
+            held.wait(TIMEOUT)  # the client neither ends nor cancels yet
+
+        upload = first.records.PutRecord.future(stream(), timeout=None)
+        wait_for(lambda: _socket_waiters(service) > baseline, 20, "the upload's S3 request")
+        upload.cancel()
+        held.set()
+        # Its worker still waits on the stalled store: the one upload slot is still taken.
+        code = _code(lambda: _put(second, new_patient(), b"synthetic, never stored", 5))
+        assert code == "RESOURCE_EXHAUSTED", code
+        stalled(False)
+        wait_for(lambda: _code(lambda: _put(second, new_patient(), b"synthetic")) == "OK",
+                 TIMEOUT, "the slot back once the cancelled upload's worker stopped")  # fmt: skip
+    finally:
+        held.set()
+        first.close()
+        second.close()
+        service.stop()
+
+
+@pytest.fixture
+def postgres_only(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    yield from new_database(request, "postgresql://", tmp_path_factory)
+
+
+def _log_has(service: RunningService, message: str, **fields: str) -> bool:
+    for line in service.log_path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("msg") == message and all(entry.get(k) == v for k, v in fields.items()):
+            return True
+    return False
+
+
+def _lock_waiters(engine: sa.Engine) -> int:
+    with engine.connect() as connection:
+        waiting = connection.scalar(sa.text(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted AND database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())"
+        ))  # fmt: skip
+        return int(waiting or 0)
+
+
+def test_a_refusal_is_audited_even_if_its_client_cancels_while_the_pool_is_busy(
+    service_factory: Any, issue: Any, postgres_only: str
+) -> None:
+    """Attack: leave an allowed call's refusal (here INVALID_ARGUMENT, expected_sha256)
+    out of the trail. The failure's audit event is written from a pool thread; when every
+    thread is busy its job waits in the queue, and the caller who cancels then (or whose
+    deadline passes) cancelled that queued job: no event. The database is only the tool
+    that keeps the pool busy (a table lock), so PostgreSQL only.
+    """
+    metrics_port = free_port()
+    service: RunningService = service_factory(
+        postgres_only, workers=1, max_calls_per_principal=2, chunk_size=CHUNK,
+        metrics_listen=f"127.0.0.1:{metrics_port}", health_probe_seconds=3600,
+        audit={"checkpoint_seconds": 3600},
+    )  # fmt: skip
+    metrics = Metrics(metrics_port)
+    busy = client(service, issue("refusal-pool-filler", "integration_tester"))
+    caller = client(service, issue("refusal-canceller", "integration_tester"))
+    officer = client(service, issue("refusal-officer", "security_officer"))
+    engine = engine_for(postgres_only)
+    send = threading.Event()
+    try:
+        stored = _put(busy, new_patient(), b"synthetic note")
+        head = _header(new_patient())
+        head.header.expected_sha256 = b"\0" * 32  # not the content's: refused at its end
+
+        def stream() -> Iterator[pb.PutRecordRequest]:
+            yield head
+            send.wait(TIMEOUT)
+            yield pb.PutRecordRequest(chunk=b"synthetic content")
+
+        upload = caller.records.PutRecord.future(stream(), timeout=TIMEOUT)
+        # Its worker (one of the pool's two threads) waits for the content.
+        wait_for(lambda: metrics.value("medvault_worker_jobs") == 1, 20, "the upload's worker")
+        with engine.connect() as lock:
+            lock.execute(sa.text(f"LOCK TABLE {records.name} IN ACCESS EXCLUSIVE MODE"))
+            stats = [
+                threading.Thread(target=_code, args=(lambda: busy.records.StatRecord(
+                    pb.StatRecordRequest(id=stored.id), timeout=TIMEOUT),))
+                for _ in range(2)
+            ]  # fmt: skip
+            for t in stats:
+                t.start()
+            # One stat waits on the lock in the other thread, one waits in the queue.
+            wait_for(lambda: metrics.value("medvault_worker_jobs") == 3, 20, "a full pool")
+            wait_for(lambda: _lock_waiters(engine) == 1, 20, "a stat waiting on the lock")
+            send.set()  # the upload ends, refused; its audit job queues behind the stat
+            wait_for(lambda: _log_has(service, "rpc failed", rpc="PutRecord",
+                                      code="INVALID_ARGUMENT"), 20, "the refusal")  # fmt: skip
+            upload.cancel()
+            lock.rollback()
+        for t in stats:
+            t.join(TIMEOUT)
+        wait_for(lambda: metrics.value("medvault_worker_jobs") == 0, 20, "an idle pool")
+        failed = events(officer, principal="refusal-canceller", outcome=aupb.OUTCOME_FAILED)
+        assert [e.status for e in failed] == ["INVALID_ARGUMENT"], [e.status for e in failed]
+    finally:
+        send.set()
+        for c in (busy, caller, officer):
+            c.close()
         engine.dispose()
         service.stop()

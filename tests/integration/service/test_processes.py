@@ -8,25 +8,33 @@ on new connections keep succeeding. Afterwards every acknowledged record reads b
 byte-identical, the audit chain (written by three processes) verifies, the summed
 metrics count every acknowledged put, and stopping the supervisor (SIGTERM) or killing it
 (SIGKILL) stops its workers.
-SIGHUP to the supervisor makes every worker re-read its policy (and CRL).
+SIGHUP to the supervisor makes every worker re-read its policy (and CRL), also a
+worker that is starting when it comes (a revoked certificate is refused by every worker).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import secrets
 import signal
+import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from cryptography import x509
 
+from service._gen.medvault.v1 import access_pb2 as apb
+from service._gen.medvault.v1 import access_pb2_grpc as apb_grpc
 from service._gen.medvault.v1 import records_pb2 as pb
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
+from service.localstack.ca import DevCA
 from service.metrics import CALL_TRAILER
 from tests.fixtures.databases import new_database
 from tests.fixtures.service import RunningService, TlsFiles, free_port
@@ -133,12 +141,94 @@ def _metric_total(port: int, name: str, method: str) -> float:
     )
 
 
+STALE = "CRL is past its nextUpdate; publish a fresh one"
+
+
+def _stale_crl_tls(tls_files: TlsFiles, directory: Path) -> dict[str, Any]:
+    """A ``[tls]`` section with an empty CRL past its nextUpdate: each load of it logs a
+    warning, which shows when a worker has read it."""
+    crl = DevCA.load_or_create(tls_files.ca.parent).issue_crl(
+        directory / "clients.crl", [], validity=dt.timedelta(minutes=-1)
+    )
+    return {"enabled": True, "cert": tls_files.server_cert, "key": tls_files.server_key,
+            "client_ca": tls_files.ca, "crl": crl}  # fmt: skip
+
+
+def _revoke_while_restarting(
+    service: RunningService, tls: dict[str, Any], pid: int, victim: tuple[Path, Path]
+) -> int:
+    """SIGKILL worker 1 (``pid``); once its successor has read the CRL, and while it still
+    starts (SIGSTOPped there), revoke ``victim`` and SIGHUP the supervisor. Its new pid.
+
+    A worker ignored SIGHUP until it installed its reload handler, so the reload was lost
+    and the restarted worker served the revoked certificate until the next SIGHUP.
+    """
+
+    def crl_loads() -> int:
+        return sum(1 for e in _log(service, STALE) if e.get("worker") == 1)
+
+    loads = crl_loads()
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while crl_loads() == loads:  # polled closely: its start goes on for a few tenths
+        assert time.monotonic() < deadline, "worker 1 was not restarted"
+        time.sleep(0.01)
+    new = [e["pid"] for e in _log(service, "worker started") if e["worker"] == 1][-1]
+    os.kill(new, signal.SIGSTOP)
+    try:
+        reloads = len(_log(service, "CRL reloaded"))
+        serial = x509.load_pem_x509_certificate(victim[0].read_bytes()).serial_number
+        DevCA.load_or_create(service.tls.ca.parent).issue_crl(Path(tls["crl"]), [serial])
+        os.kill(service.process.pid, signal.SIGHUP)  # forwarded to both workers
+        wait_for(lambda: len(_log(service, "CRL reloaded")) > reloads, 30, "worker 0 reloading")
+    finally:
+        os.kill(new, signal.SIGCONT)
+    return new
+
+
+def _whoami_on_new_connection(service: RunningService, cert: Path, key: Path) -> tuple[Any, int]:
+    """WhoAmI as ``cert`` on a connection of its own: (status code, worker that served)."""
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=service.tls.ca.read_bytes(),
+        private_key=key.read_bytes(),
+        certificate_chain=cert.read_bytes(),
+    )
+    options = [("grpc.use_local_subchannel_pool", 1)]  # a new TCP connection every time
+    with grpc.secure_channel(service.endpoint, creds, options=options) as channel:
+        stub = apb_grpc.AccessServiceStub(channel)
+        try:
+            _, call = stub.WhoAmI.with_call(apb.WhoAmIRequest(), timeout=TIMEOUT)
+        except grpc.RpcError as e:
+            return e.code(), _worker(e)
+        return grpc.StatusCode.OK, _worker(call)
+
+
+def _refused_by_both_workers(service: RunningService, victim: tuple[Path, Path]) -> None:
+    served: dict[int, Any] = {}
+    for _ in range(64):
+        code, worker = _whoami_on_new_connection(service, *victim)
+        served[worker] = code
+        if len(served) == 2:
+            break
+    assert set(served) == {0, 1}, f"64 connections all reached worker(s) {sorted(served)}"
+    refused = grpc.StatusCode.UNAUTHENTICATED
+    assert served == {0: refused, 1: refused}, f"a revoked certificate is served: {served}"
+
+
+def _metric_lines(port: int, name: str) -> list[str]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return [line for line in text.splitlines() if line.split("{")[0].split(" ")[0] == name]
+
+
 def test_two_worker_processes_share_one_port_safely(
     service_factory: Any, own_database: str, tls_files: TlsFiles, tmp_path: Path
 ) -> None:
     metrics_port = free_port()
+    tls = _stale_crl_tls(tls_files, tmp_path)
+    victim = issue_client(tls_files, tmp_path, "proc-crl-victim", "security_officer")
     service: RunningService = service_factory(
         own_database, processes=2, metrics_listen=f"127.0.0.1:{metrics_port}",
+        extra_sections={"tls": tls},
     )  # fmt: skip
     wait_for(lambda: bool(_log(service, "supervisor serving")), 60, "both workers serving")
     pids = _serving_workers(service)
@@ -158,9 +248,10 @@ def test_two_worker_processes_share_one_port_safely(
 
     # A worker SIGKILLed: the supervisor starts another in its slot; new connections
     # (the killed worker's are gone) are served meanwhile by the survivor, then by both.
-    os.kill(pids[1], signal.SIGKILL)
-    wait_for(lambda: _serving_workers(service).get(1) not in (None, pids[1]), 60,
-             "worker 1 restarted")  # fmt: skip
+    # A certificate revoked (SIGHUP) while the new one starts is refused by it too.
+    new = _revoke_while_restarting(service, tls, pids[1], victim)
+    wait_for(lambda: _serving_workers(service).get(1) == new, 60, "worker 1 restarted")
+    _refused_by_both_workers(service, victim)
     assert _serving_workers(service)[0] == pids[0], "the other worker was restarted too"
     after: set[int] = set()
     with ThreadPoolExecutor(CLIENTS) as pool:
@@ -181,6 +272,9 @@ def test_two_worker_processes_share_one_port_safely(
     # The supervisor's metrics sum the workers', the killed one's included.
     puts = _metric_total(metrics_port, "medvault_rpc_calls_total", "RecordService/PutRecord")
     assert puts >= len(shared)
+    # A gauge is the live workers' sum: the killed one's last value does not stay in it.
+    jobs = _metric_lines(metrics_port, "medvault_worker_jobs")
+    assert len(jobs) == 1, f"medvault_worker_jobs is not one series: {jobs}"
 
     # Each backend ends the supervisor one of the two ways: asked (SIGTERM, forwarded;
     # it waits for its workers), or killed (SIGKILL: the workers' parent-death signal).
@@ -203,3 +297,20 @@ def test_two_worker_processes_share_one_port_safely(
             }
         )
     )
+
+
+def _whoami_on_new_connection(service: RunningService, cert: Path, key: Path) -> tuple[Any, int]:
+    """WhoAmI as ``cert`` on a connection of its own: (status code, worker that served)."""
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=service.tls.ca.read_bytes(),
+        private_key=key.read_bytes(),
+        certificate_chain=cert.read_bytes(),
+    )
+    options = [("grpc.use_local_subchannel_pool", 1)]  # a new TCP connection every time
+    with grpc.secure_channel(service.endpoint, creds, options=options) as channel:
+        stub = apb_grpc.AccessServiceStub(channel)
+        try:
+            _, call = stub.WhoAmI.with_call(apb.WhoAmIRequest(), timeout=TIMEOUT)
+        except grpc.RpcError as e:
+            return e.code(), _worker(e)
+        return grpc.StatusCode.OK, _worker(call)
