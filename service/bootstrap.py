@@ -220,8 +220,11 @@ def _fault_points() -> Callable[[str], None] | None:
     if not value.startswith("sigkill:"):
         return None
     _, point, *rest = value.split(":")
-    if (point not in WRITE_FAULT_POINTS or len(rest) > 1
-            or not all(r.isdigit() and int(r) > 0 for r in rest)):
+    if (
+        point not in WRITE_FAULT_POINTS
+        or len(rest) > 1
+        or not all(r.isdigit() and int(r) > 0 for r in rest)
+    ):
         raise ConfigError(
             f"{FAULT_ENV}: expected sigkill:<point>[:<n>], n >= 1, point one of "
             + ", ".join(WRITE_FAULT_POINTS)
@@ -274,7 +277,7 @@ def access_guard(  # noqa: PLR0917  (the composition root wires what it is given
 ) -> AccessGuard:
     """Policy, authentication, grants, the audit trail and incident detection."""
     _check_audit_switch(config)
-    holder = PolicyHolder.load(config.base_dir / config.server.policy)
+    holder = PolicyHolder.load(config.base_dir / config.server.policy, config.server.process_count)
     audit = config.audit
     trail = AuditTrail(
         log,
@@ -288,7 +291,8 @@ def access_guard(  # noqa: PLR0917  (the composition root wires what it is given
 
     def forged(grant_id: str) -> None:
         incidents.tampered(
-            "grant-tampered", f"grant/{grant_id}",
+            "grant-tampered",
+            f"grant/{grant_id}",
             "grant row missing, altered or failing authentication; it grants nothing",
         )
 
@@ -363,8 +367,18 @@ def _wire(config: Config, pool: Pkcs11SessionPool) -> Components:
         time_zone=config.stats.time_zone, min_cell=config.stats.min_cell,
     )  # fmt: skip
     return Components(
-        store=store, blobs=blobs, metadata=metadata, pool=pool, engine=engine, guard=guard,
-        audit_log=audit_log, signing=signing, wrapper=wrapper, kek=kek, backup=backup,
+        store=store,
+        blobs=blobs,
+        metadata=metadata,
+        pool=pool,
+        engine=engine,
+        guard=guard,
+        audit_log=audit_log,
+        signing=signing,
+        wrapper=wrapper,
+        kek=kek,
+        backup=backup,
         stats=stats,
-        revocation=revocation, put_requests=put_requests,
+        revocation=revocation,
+        put_requests=put_requests,
     )

@@ -337,18 +337,33 @@ def load(path: str | Path) -> Policy:
 # --- the live policy -----------------------------------------------------------------
 
 
+def _one_cache_per_service(policy: Policy, processes: int) -> Policy:
+    """``policy``, refused when it asks for one-time tokens that several processes would
+    each accept once: the replay cache is per process (service/replay.py)."""
+    if policy.delegation.replay_cache and processes > 1:
+        raise PolicyError(
+            f"delegation.replay_cache is true but the service runs {processes} processes "
+            "(server.processes; 0 means one per core): each keeps its own cache, so a "
+            "one-time token would be accepted once per process; set server.processes = 1",
+            ("delegation", "replay_cache"),
+        )
+    return policy
+
+
 class PolicyHolder:
     """The live policy; ``current`` is lock-free, ``reload`` swaps it only when valid."""
 
-    def __init__(self, policy: Policy, path: Path | None = None) -> None:
+    def __init__(self, policy: Policy, path: Path | None = None, processes: int = 1) -> None:
         self._policy = policy
         self._path = path if path is not None else policy.source
+        self._processes = processes
         self._reload_lock = threading.Lock()  # two SIGHUPs in a row must not interleave
 
     @classmethod
-    def load(cls, path: str | Path) -> PolicyHolder:
-        """Load the policy at start-up; an invalid file raises ``PolicyError``."""
-        return cls(load(path), Path(path))
+    def load(cls, path: str | Path, processes: int = 1) -> PolicyHolder:
+        """Load the policy at start-up; an invalid file raises ``PolicyError``, as does
+        a replay cache with ``processes`` > 1 (the service's process count)."""
+        return cls(_one_cache_per_service(load(path), processes), Path(path), processes)
 
     @property
     def current(self) -> Policy:
@@ -367,7 +382,7 @@ class PolicyHolder:
             return False
         with self._reload_lock:
             try:
-                policy = load(self._path)
+                policy = _one_cache_per_service(load(self._path), self._processes)
             except PolicyError as e:
                 # The message names the key and line; a traceback would add nothing.
                 log.error(  # noqa: TRY400

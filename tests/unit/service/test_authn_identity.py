@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from service.authn import AuthenticationError, Authenticator
-from service.authz import PolicyHolder
+from service.authz import PolicyError, PolicyHolder
 from service.replay import ReplayCache, ReplayError
 from service.revocation import RevocationError, RevocationList, load_crl
 from service.status import status_for
@@ -249,3 +249,18 @@ def test_forged_crl_is_refused_and_the_old_one_kept(tmp_path: Path) -> None:
     crl_path.write_bytes(b"not a crl")
     with pytest.raises(RevocationError, match="not a CRL"):
         load_crl(crl_path, [ca])
+
+
+def test_one_time_tokens_are_refused_with_several_processes(tmp_path: Path, keys: Keys) -> None:
+    """Each process keeps its own replay cache: with two, a one-time token would be
+    accepted twice. The policy is refused at start-up, and a reload that turns the cache
+    on keeps the previous policy."""
+    _write_policy(tmp_path, keys, POLICY + "replay_cache = true\n")
+    with pytest.raises(PolicyError, match=r"replay_cache .*server\.processes = 1"):
+        PolicyHolder.load(tmp_path / "policy.toml", processes=2)
+    assert PolicyHolder.load(tmp_path / "policy.toml", processes=1).current.delegation.replay_cache
+    _write_policy(tmp_path, keys, POLICY)
+    holder = PolicyHolder.load(tmp_path / "policy.toml", processes=2)
+    _write_policy(tmp_path, keys, POLICY + "replay_cache = true\n")
+    assert holder.reload() is False
+    assert holder.current.delegation.replay_cache is False
