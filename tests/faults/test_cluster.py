@@ -30,6 +30,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -283,6 +284,8 @@ class Workload:
     cluster: Cluster
     client_retries: int = 4
     read_back: bool = True
+    pause: float = 0.0  # seconds each client waits after a put (pacing, not correctness)
+    max_size: int = 60_000
     acknowledged: dict[tuple[str, int], bytes] = field(default_factory=dict)
     patients: list[pb.PatientId] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
@@ -329,13 +332,15 @@ class Workload:
         with self.cluster.channel() as channel:
             stub = pb_grpc.RecordServiceStub(channel)
             while not self.stop.is_set():
-                content = secrets.token_bytes(1_000 + secrets.randbelow(60_000))
+                content = secrets.token_bytes(1_000 + secrets.randbelow(self.max_size))
                 key = str(uuid.uuid4())
                 record = self._attempt("put", lambda c=content, k=key: put(stub, patient, c, k))
                 if record is not None:
                     with self.lock:
                         self.acknowledged[(record.id, record.version)] = content
                     mine.append((record.id, record.version))
+                if self.pause:
+                    self.stop.wait(self.pause)
                 if mine and self.read_back:
                     wanted = mine[secrets.randbelow(len(mine))]
                     got = self._attempt("get", lambda w=wanted: read(stub, w))
@@ -578,6 +583,8 @@ def test_the_s3_gateway_stopped_under_load(cluster: Cluster) -> None:
     print(json.dumps({
         "outage_s": round(back_at - stopped_at, 1), "calls": len(calls),
         "calls_during_outage": len(during), "failed_during_outage": len(failed),
+        "ok_during_outage_ended_after_return": sum(c.code is None and c.ended >= back_at
+                                                   for c in during),
         "longest_failing_call_s": round(max(c.ended - c.began for c in failed), 2),
         "not_serving_after_stop_s": [_since(d, stopped_at) for d, _ in health_seen.values()],
         "serving_after_return_s": [_since(u, back_at) for _, u in health_seen.values()],
@@ -608,6 +615,12 @@ class Kill:
     status: int | None
 
 
+def _differing(stub: pb_grpc.RecordServiceStub, expected: dict[tuple[str, int], bytes]) -> int:
+    """How many of ``expected`` read back different (four reads at a time)."""
+    with ThreadPoolExecutor(4) as pool:
+        return sum(pool.map(lambda item: read(stub, item[0]) != item[1], expected.items()))
+
+
 def _armed_start(cluster: Cluster, index: int, fault: str) -> Kill:
     """Start replica ``index`` with ``MEDVAULT_FAULT=fault``; return once it has exited."""
     stack = cluster.stack
@@ -635,12 +648,15 @@ def test_sigkill_at_each_write_point_on_a_replica(cluster: Cluster) -> None:
                 for round_ in range(KILL_ROUNDS)
                 for index, point in enumerate(WRITE_FAULT_POINTS)]  # fmt: skip
     stack.replica(victim).stop()  # to be started armed
-    load = Workload(cluster, read_back=False)
+    # Paced (at most 4 puts a second in all) so that the read-back stays short.
+    load = Workload(cluster, read_back=False, pause=1.0, max_size=16_000)
     kills: list[Kill] = []
     threads = load.run()
     try:
         for fault in schedule:
             kills.append(_armed_start(cluster, victim, fault))
+        _wait(lambda: any(c.code is None and c.began >= kills[-1].died for c in load.snapshot()),
+              30, "a put acknowledged after the last kill")  # fmt: skip
         _wait(lambda: sum(c.kind == "put" for c in load.snapshot()) >= KILL_UPLOADS, 900,
               f"{KILL_UPLOADS} uploads")  # fmt: skip
     finally:
@@ -660,7 +676,7 @@ def test_sigkill_at_each_write_point_on_a_replica(cluster: Cluster) -> None:
             lost = set(load.acknowledged) - visible
             unacknowledged = visible - set(load.acknowledged)
             # GetRecord authenticates the row and decrypts and checks the whole object.
-            differ = sum(read(stub, k) != c for k, c in load.acknowledged.items())
+            differ = _differing(stub, load.acknowledged)
         assert not lost, f"{len(lost)} acknowledged records lost"
         assert not unacknowledged, f"{len(unacknowledged)} records visible, never acknowledged"
         assert differ == 0, f"{differ} acknowledged records read back different"
