@@ -644,7 +644,7 @@ def test_sigkill_at_each_write_point_on_a_replica(cluster: Cluster) -> None:
     stack = cluster.stack
     victim, survivor = REPLICAS, 1
     survivor_endpoint = stack.endpoints()[survivor - 1]
-    schedule = [f"sigkill:{point}:{2 + (index + round_) % 3}"
+    schedule = [f"sigkill:{point}:{1 + (index + round_) % 3}"
                 for round_ in range(KILL_ROUNDS)
                 for index, point in enumerate(WRITE_FAULT_POINTS)]  # fmt: skip
     stack.replica(victim).stop()  # to be started armed
