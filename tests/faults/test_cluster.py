@@ -12,7 +12,14 @@ CLI's own channel: both replica addresses, round robin, retries of idempotent ca
 * a replica SIGKILLed under concurrent uploads and downloads: every acknowledged record
   reads back identical through the survivor, nothing unacknowledged is visible, no put
   is stored twice, and the clients finish on the survivor while the killed replica is
-  restarted (``stack up``, as a supervisor would).
+  restarted (``stack up``, as a supervisor would);
+* the S3 gateway stopped for 30 s under load: calls fail UNAVAILABLE naming the object
+  store, the object store's health goes NOT_SERVING on both replicas and back, at least
+  99% of the first 200 calls after its return succeed, nothing acknowledged is lost;
+* replica 2 started with ``MEDVAULT_FAULT=sigkill:<point>:<n>`` for each write-path point
+  in turn while clients put: the clients finish on replica 1, no acknowledged put is lost,
+  nothing unacknowledged or unreadable is visible, and a sweep leaves exactly the
+  referenced objects.
 
 Figures are printed as one JSON line per test (``-s`` shows them; docs/reliability.md).
 PYTEST_DONT_REWRITE: failures name counts, never content.
