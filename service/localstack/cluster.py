@@ -300,10 +300,7 @@ class ClusterStack(LocalStack):
         self._report(f"S3 port {taken} is taken; moved to a free one in config.toml")
 
     def _start_service(self, health_timeout: float) -> None:
-        env = {
-            "SOFTHSM2_CONF": str(self.layout.softhsm_dir / "softhsm2.conf"),
-            "MEDVAULT_HOME": str(self.home),
-        }
+        env = self.service_env()
         for attempt in range(_PORT_RETRIES + 1):
             started = self._spawn_missing(env)
             lost = self._wait_started(started, health_timeout, last=attempt == _PORT_RETRIES)

@@ -107,6 +107,12 @@ class ServiceProcess:
             return None
         return pid if _alive(pid) else None
 
+    @property
+    def exit_status(self) -> int | None:
+        """How a service this object started ended (minus the signal's number when a
+        signal ended it); None while it runs, or when another process started it."""
+        return None if self._process is None else self._process.poll()
+
     def start(self, env: Mapping[str, str]) -> int:
         """Spawn the service with ``env`` added to this environment; return its pid."""
         child_env = {**os.environ, **env}

@@ -254,10 +254,7 @@ class LocalStack:
         if self._service.pid is not None:
             self._report(f"medvault service already running (pid {self._service.pid})")
             return
-        env = {
-            "SOFTHSM2_CONF": str(self.layout.softhsm_dir / "softhsm2.conf"),
-            "MEDVAULT_HOME": str(self.home),
-        }
+        env = self.service_env()
         for attempt in range(_PORT_RETRIES + 1):
             _, port = split_endpoint(self._config().server.listen)
             if not port_free(port):
@@ -322,6 +319,13 @@ class LocalStack:
         """``host:port`` a local client connects to (a wildcard listen becomes loopback)."""
         host, port = split_endpoint(self._config().server.listen)
         return f"{LOOPBACK if host in _WILDCARD_HOSTS else host}:{port}"
+
+    def service_env(self) -> dict[str, str]:
+        """The environment a ``medvault serve`` (or any command) of this stack needs."""
+        return {
+            "SOFTHSM2_CONF": str(self.layout.softhsm_dir / "softhsm2.conf"),
+            "MEDVAULT_HOME": str(self.home),
+        }
 
     def tls_client(self, client: str = "local-admin") -> TlsClient:
         """The CA, certificate and key files of ``client``: a client name or a role."""

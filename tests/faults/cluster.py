@@ -3,15 +3,19 @@
 :func:`cluster_stack` runs exactly what an operator runs (``ClusterStack``: SeaweedFS
 master, three volume servers with replication 001, filer, S3 gateway; two service
 replicas) on a PostgreSQL database of the test's own, with the test settings an operator
-would put in ``config.toml``: a sweep every second, checkpoints every 2 s, a scheduled
-backup every few seconds, a metrics listener (to count each replica's calls) and MLLP
-and DICOM listeners (one port each per replica). Everything is stopped by pid at the end.
+would put in ``config.toml``: a sweep every second, dependency health probed every
+second, checkpoints every 2 s, a scheduled backup every few seconds, a metrics listener
+(to count each replica's calls) and MLLP and DICOM listeners (one port each per
+replica). Everything is stopped by pid at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,10 +29,13 @@ from service.cli.client import channel as cli_channel
 from service.localstack.ca import DevCA
 from service.localstack.cluster import ClusterStack
 from service.localstack.service_proc import TlsClient
-from tests.fixtures.service import TEST_POLICY_EXTRA, free_port
+from storage import make_minio_client
+from tests.fixtures.service import ROOT, TEST_POLICY_EXTRA, free_port
 
 REPLICAS = 2
 SWEEP_SECONDS = 1.0
+HEALTH_PROBE_SECONDS = 1.0
+RECORDS_BUCKET = "medvault-records"  # the stack's config.toml
 BACKUP_SECONDS = 4
 TEST_CLIENT = "test-app"
 
@@ -70,6 +77,30 @@ class Cluster:
     def engine(self) -> sa.Engine:
         return sa.create_engine(self.database_url)
 
+    def bucket_keys(self) -> set[str]:
+        """Every object key in the records' bucket (through the S3 gateway)."""
+        stack = self.stack
+        client = make_minio_client(
+            stack.seaweed_cluster().endpoint,
+            stack.layout.s3_access_key_file.read_text().strip(),
+            stack.layout.s3_secret_key_file.read_text().strip(),
+            read_timeout=10,
+            retry=False,
+        )
+        return {o.object_name for o in client.list_objects(RECORDS_BUCKET, recursive=True)}
+
+    def sweep(self) -> str:
+        """``medvault sweep --grace-seconds 0`` with replica 1's config; its stdout."""
+        stack = self.stack
+        done = subprocess.run(
+            [sys.executable, "-m", "service", "sweep", "--config",
+             str(stack.home / "replica-1.toml"), "--grace-seconds", "0"],
+            cwd=stack.home, capture_output=True, text=True, timeout=120, check=False,
+            env={**os.environ, **stack.service_env(), "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        assert done.returncode == 0, f"sweep exit {done.returncode}: {done.stderr[-500:]}"
+        return done.stdout.strip()
+
 
 def _configure(stack: ClusterStack) -> None:
     """The operator's edits to config.toml and policy.toml, before the first start."""
@@ -78,6 +109,7 @@ def _configure(stack: ClusterStack) -> None:
     text = text.replace("[server]\n", (
         "[server]\n"
         f"orphan_sweep_seconds = {SWEEP_SECONDS}\n"
+        f"health_probe_seconds = {HEALTH_PROBE_SECONDS}\n"
         f'metrics_listen = "127.0.0.1:{free_port()}"\n'
     ), 1)  # fmt: skip
     text += (

@@ -15,6 +15,8 @@ import sqlalchemy as sa
 
 from service._gen.medvault.v1 import records_pb2 as pb
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
+from service.guard import REPLAY_REASON
+from storage.audit_log import audit_events
 from storage.sql_metadata import records
 from tests.fixtures.service import ROOT, RunningService
 from tests.integration.service.calls import header, pieces, requests
@@ -136,3 +138,31 @@ def referenced_keys(database_url: str) -> set[str]:
             return set(c.execute(sa.select(records.c.object_key)).scalars())
     finally:
         engine.dispose()
+
+
+def expect_one_write_event_per_row(database_url: str) -> int:
+    """Each committed version has exactly one allowed write event committed with it (a
+    retried put answered with the first put's version has an event of its own, marked
+    as a replay). Returns the number of replay events, each naming a committed version."""
+    engine = sa.create_engine(database_url)
+    writes = (
+        sa.select(audit_events.c.resource, sa.func.count())
+        .where(audit_events.c.outcome == "allowed")
+        .where(audit_events.c.action == "records.write")
+        .where(audit_events.c.resource.like("record/%/v%"))
+        .group_by(audit_events.c.resource)
+    )
+    try:
+        with engine.connect() as c:
+            rows = c.execute(sa.text("SELECT id, version FROM records")).all()
+            events = c.execute(writes.where(audit_events.c.reason != REPLAY_REASON)).all()
+            replays = c.execute(writes.where(audit_events.c.reason == REPLAY_REASON)).all()
+    finally:
+        engine.dispose()
+    counts = dict(events)
+    missing = [f"record/{i}/v{v}" for i, v in rows if counts.get(f"record/{i}/v{v}") != 1]
+    assert not missing, f"{len(missing)} rows without exactly one write event: {missing[:3]}"
+    assert len(counts) == len(rows), f"{len(counts)} write events for {len(rows)} rows"
+    stray = [resource for resource, _ in replays if resource not in counts]
+    assert not stray, f"{len(stray)} replay events name no committed version: {stray[:3]}"
+    return sum(n for _, n in replays)

@@ -12,7 +12,14 @@ CLI's own channel: both replica addresses, round robin, retries of idempotent ca
 * a replica SIGKILLed under concurrent uploads and downloads: every acknowledged record
   reads back identical through the survivor, nothing unacknowledged is visible, no put
   is stored twice, and the clients finish on the survivor while the killed replica is
-  restarted (``stack up``, as a supervisor would).
+  restarted (``stack up``, as a supervisor would);
+* the S3 gateway stopped for 30 s under load: calls fail UNAVAILABLE naming the object
+  store, the object store's health goes NOT_SERVING on both replicas and back, at least
+  99% of the first 200 calls after its return succeed, nothing acknowledged is lost;
+* replica 2 started with ``MEDVAULT_FAULT=sigkill:<point>:<n>`` for each write-path point
+  in turn while clients put: the clients finish on replica 1, no acknowledged put is lost,
+  nothing unacknowledged or unreadable is visible, and a sweep leaves exactly the
+  referenced objects.
 
 Figures are printed as one JSON line per test (``-s`` shows them; docs/reliability.md).
 PYTEST_DONT_REWRITE: failures name counts, never content.
@@ -30,30 +37,40 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
 import pytest
 import sqlalchemy as sa
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service._gen.medvault.v1 import audit_pb2 as aupb
 from service._gen.medvault.v1 import audit_pb2_grpc as aupb_grpc
 from service._gen.medvault.v1 import records_pb2 as pb
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
+from service.bootstrap import FAULT_ENV
 from service.cli.main import parser
 from service.localstack.seaweed_cluster import component_names
-from storage import make_minio_client
-from tests.faults.cluster import BACKUP_SECONDS, REPLICAS, SWEEP_SECONDS, Cluster, cluster_stack
+from service.localstack.service_proc import check_health
+from storage.records import WRITE_FAULT_POINTS
+from tests.faults.cluster import (
+    BACKUP_SECONDS,
+    RECORDS_BUCKET,
+    REPLICAS,
+    SWEEP_SECONDS,
+    Cluster,
+    cluster_stack,
+)
 from tests.faults.cluster import orphan_sweeps as sweeps_logged
-from tests.faults.common import referenced_keys
+from tests.faults.common import expect_one_write_event_per_row, referenced_keys
 from tests.fixtures.databases import new_database
 from tests.integration.service.calls import fetch, header, list_all, pieces, requests
 from tests.integration.service.streams import new_patient
 
 pytestmark = pytest.mark.integration
 TIMEOUT = 20
-RECORDS_BUCKET = "medvault-records"  # the stack's config.toml
 T = TypeVar("T")
 CLIENTS = 4
 
@@ -255,20 +272,27 @@ def test_a_volume_server_lost(cluster: Cluster) -> None:
 
 @dataclass(frozen=True)
 class Call:
-    """One call's start and end (monotonic), kind, outcome (None: OK) and app retries."""
+    """One call's start and end (monotonic), kind, outcome (None: OK), app retries and
+    the last error's message."""
 
     began: float
     ended: float
     kind: str
     code: str | None
     retries: int
+    details: str = ""
 
 
 @dataclass
 class Workload:
-    """Clients putting (with a request id, retried on UNAVAILABLE) and reading back."""
+    """Clients putting (with a request id, retried on UNAVAILABLE up to ``client_retries``
+    times) and, with ``read_back``, reading one of their records back after each put."""
 
     cluster: Cluster
+    client_retries: int = 4
+    read_back: bool = True
+    pause: float = 0.0  # seconds each client waits after a put (pacing, not correctness)
+    max_size: int = 60_000
     acknowledged: dict[tuple[str, int], bytes] = field(default_factory=dict)
     patients: list[pb.PatientId] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
@@ -284,16 +308,18 @@ class Workload:
         return threads
 
     def _attempt(self, kind: str, call: Callable[[], T]) -> T | None:
-        """``call`` until it succeeds or fails other than UNAVAILABLE (5 attempts)."""
+        """``call`` until it succeeds, fails other than UNAVAILABLE or has been retried
+        ``client_retries`` times."""
         began = time.monotonic()
-        for retries in range(5):
+        for retries in range(self.client_retries + 1):
             try:
                 result = call()
             except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.UNAVAILABLE and retries < 4:
+                if e.code() == grpc.StatusCode.UNAVAILABLE and retries < self.client_retries:
                     time.sleep(0.2)
                     continue
-                self._note(Call(began, time.monotonic(), kind, e.code().name, retries))
+                code, details = e.code().name, e.details() or ""
+                self._note(Call(began, time.monotonic(), kind, code, retries, details))
                 with self.lock:
                     self.gave_up.append(f"{kind}: {e.code().name}")
                 return None
@@ -313,14 +339,16 @@ class Workload:
         with self.cluster.channel() as channel:
             stub = pb_grpc.RecordServiceStub(channel)
             while not self.stop.is_set():
-                content = secrets.token_bytes(1_000 + secrets.randbelow(60_000))
+                content = secrets.token_bytes(1_000 + secrets.randbelow(self.max_size))
                 key = str(uuid.uuid4())
                 record = self._attempt("put", lambda c=content, k=key: put(stub, patient, c, k))
                 if record is not None:
                     with self.lock:
                         self.acknowledged[(record.id, record.version)] = content
                     mine.append((record.id, record.version))
-                if mine:
+                if self.pause:
+                    self.stop.wait(self.pause)
+                if mine and self.read_back:
                     wanted = mine[secrets.randbelow(len(mine))]
                     got = self._attempt("get", lambda w=wanted: read(stub, w))
                     if got is not None and got != self.acknowledged[wanted]:
@@ -330,6 +358,16 @@ class Workload:
     def puts_acknowledged(self) -> int:
         with self.lock:
             return len(self.acknowledged)
+
+    def snapshot(self) -> list[Call]:
+        with self.lock:
+            return list(self.calls)
+
+    def finish(self, threads: list[threading.Thread]) -> None:
+        self.stop.set()
+        for t in threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads), "a client thread is stuck"
 
 
 def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -399,12 +437,7 @@ def test_a_replica_killed_during_uploads_and_downloads(cluster: Cluster) -> None
     straddling = [c for c in load.calls if c.began < killed_at <= c.ended]
     first_ok = min((c.ended for c in after_kill if c.code is None and c.began >= killed_at),
                    default=float("nan"))  # fmt: skip
-    s3 = stack.seaweed_cluster()
-    objects = make_minio_client(
-        s3.endpoint, (stack.layout.s3_access_key_file.read_text().strip()),
-        stack.layout.s3_secret_key_file.read_text().strip(), read_timeout=10, retry=False,
-    ).list_objects(RECORDS_BUCKET, recursive=True)  # fmt: skip
-    orphans = len({o.object_name for o in objects} - referenced_keys(cluster.database_url))
+    orphans = len(cluster.bucket_keys() - referenced_keys(cluster.database_url))
     print(json.dumps({
         "calls": len(load.calls),
         "puts_acknowledged": len(load.acknowledged),
@@ -420,4 +453,279 @@ def test_a_replica_killed_during_uploads_and_downloads(cluster: Cluster) -> None
         "acknowledged_lost": len(lost), "unacknowledged_visible": len(unacknowledged),
         "orphan_objects_left": orphans, "replica_restart_s": round(back_in[0], 2),
         "audit_events": events,
+    }))  # fmt: skip
+
+
+# -- the S3 gateway stopped under load ------------------------------------------------
+
+OUTAGE_SECONDS = float(os.environ.get("MEDVAULT_FAULT_CLUSTER_OUTAGE_SECONDS", "30"))
+AFTER_RETURN_CALLS = 200  # the first calls begun after the return: at least 99% succeed
+RECOVERY_SECONDS = 10.0  # and none begun later than this after the return fails
+OBJECT_STORE = "medvault.dependency.object_store"
+
+
+class HealthWatch:
+    """Polls one dependency's health on each replica (a channel to it alone); keeps each
+    change of status with its time."""
+
+    def __init__(self, cluster: Cluster, service: str) -> None:
+        self.changes: dict[int, list[tuple[float, str]]] = {i: [] for i in range(1, REPLICAS + 1)}
+        self._cluster, self._service = cluster, service
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
+                         for i in self.changes]  # fmt: skip
+
+    def __enter__(self) -> HealthWatch:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=10)
+
+    def _run(self, index: int) -> None:
+        endpoint = self._cluster.stack.endpoints()[index - 1]
+        with self._cluster.channel([endpoint]) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while not self._stop.wait(0.1):
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=self._service),
+                                       timeout=2)  # fmt: skip
+                    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                except grpc.RpcError as e:
+                    status = f"error {e.code().name}"
+                changes = self.changes[index]
+                if not changes or changes[-1][1] != status:
+                    changes.append((time.monotonic(), status))
+
+    def now(self, index: int) -> str:
+        changes = self.changes[index]
+        return changes[-1][1] if changes else ""
+
+    def outage(self, index: int, since: float) -> tuple[float | None, float | None]:
+        """Replica ``index``'s first NOT_SERVING after ``since``, and its first SERVING after it."""
+        changes = list(self.changes[index])
+        down = next((t for t, s in changes if s == "NOT_SERVING" and t >= since), None)
+        up = None if down is None else next(
+            (t for t, s in changes if s == "SERVING" and t >= down), None
+        )  # fmt: skip
+        return down, up
+
+
+def _since(moment: float | None, origin: float) -> float | None:
+    return None if moment is None else round(moment - origin, 2)
+
+
+@pytest.mark.timeout(300)
+def test_the_s3_gateway_stopped_under_load(cluster: Cluster) -> None:
+    """Both replicas lose their object store (the ``weed s3`` gateway) for
+    ``MEDVAULT_FAULT_CLUSTER_OUTAGE_SECONDS`` (30) under load; neither is restarted."""
+    stack, seaweed = cluster.stack, cluster.stack.seaweed_cluster()
+    replicas = range(1, REPLICAS + 1)
+    pids = [stack.replica(i).pid for i in replicas]
+    load = Workload(cluster, client_retries=0)  # each failure counted as the client saw it
+    with HealthWatch(cluster, OBJECT_STORE) as health:
+        _wait(lambda: all(health.now(i) == "SERVING" for i in replicas), 30,
+              "the object store SERVING on both replicas")  # fmt: skip
+        threads = load.run()
+        try:
+            _wait(lambda: load.puts_acknowledged() >= 20, 60, "20 puts acknowledged")
+            stopped_at = time.monotonic()
+            seaweed.stop_component("s3")
+            down_from = time.monotonic()
+            # The outage itself: the fault's length, not a wait for a result.
+            _wait(lambda: time.monotonic() - down_from >= OUTAGE_SECONDS, OUTAGE_SECONDS + 5,
+                  "through the outage")  # fmt: skip
+            seaweed.start_component("s3")  # returns once S3 lists buckets again
+            back_at = time.monotonic()
+            _wait(lambda: sum(c.began >= back_at for c in load.snapshot()) >= AFTER_RETURN_CALLS,
+                  120, f"{AFTER_RETURN_CALLS} calls begun after the return")  # fmt: skip
+            _wait(lambda: all(health.outage(i, stopped_at)[1] for i in replicas), 30,
+                  "the object store SERVING again on both replicas")  # fmt: skip
+        finally:
+            load.finish(threads)
+    assert [stack.replica(i).pid for i in replicas] == pids, "a replica was restarted"
+
+    calls = load.snapshot()
+    during = [c for c in calls if down_from <= c.began < back_at]
+    failed = [c for c in during if c.code is not None]
+    assert failed, "no call failed while the object store was down"
+    codes = sorted({c.code or "" for c in failed})
+    assert codes == ["UNAVAILABLE"], f"outage failures: {codes}"
+    unclear = [c for c in failed if "object store" not in c.details
+               or "retry later" not in c.details]  # fmt: skip
+    assert not unclear, f"{len(unclear)} UNAVAILABLE replies do not name the object store"
+    health_seen = {i: health.outage(i, stopped_at) for i in replicas}
+    for i, (down, up) in health_seen.items():
+        assert (down or back_at) < back_at, f"replica {i}: object store never NOT_SERVING"
+        assert up is not None, f"replica {i}: object store not SERVING again"
+
+    after = sorted((c for c in calls if c.began >= back_at), key=lambda c: c.began)
+    first = after[:AFTER_RETURN_CALLS]
+    ok_first = sum(c.code is None for c in first)
+    assert ok_first >= 0.99 * len(first), f"{ok_first} of the first {len(first)} calls succeeded"
+    late = [c for c in after if c.code is not None and c.began >= back_at + RECOVERY_SECONDS]
+    assert not late, f"{len(late)} calls begun {RECOVERY_SECONDS:.0f} s after the return failed"
+    first_ok = min((c.ended for c in calls if c.code is None and c.ended >= back_at),
+                   default=float("nan"))  # fmt: skip
+    failures_after = [c for c in calls if c.code is not None and c.ended >= back_at]
+
+    with cluster.channel() as channel:
+        stub = pb_grpc.RecordServiceStub(channel)
+        visible = {(r.id, r.version) for p in load.patients
+                   for r in list_all(stub, p, all_versions=True)}  # fmt: skip
+        lost = set(load.acknowledged) - visible
+        unacknowledged = visible - set(load.acknowledged)
+        differ = sum(read(stub, k) != c for k, c in load.acknowledged.items())
+    assert not lost, f"{len(lost)} acknowledged records lost"
+    assert not unacknowledged, f"{len(unacknowledged)} records visible but never acknowledged"
+    assert differ == 0, f"{differ} acknowledged records read back different"
+    keys, referenced = cluster.bucket_keys(), referenced_keys(cluster.database_url)
+    assert referenced <= keys, f"{len(referenced - keys)} rows reference a missing object"
+    chain = verify_chain(cluster)
+    assert chain.ok, f"audit chain: {chain.reason} at {chain.first_bad_sequence}"
+    events, _ = one_chain(cluster)
+    print(json.dumps({
+        "outage_s": round(back_at - stopped_at, 1), "calls": len(calls),
+        "calls_during_outage": len(during), "failed_during_outage": len(failed),
+        "ok_during_outage_ended_after_return": sum(c.code is None and c.ended >= back_at
+                                                   for c in during),
+        "longest_failing_call_s": round(max(c.ended - c.began for c in failed), 2),
+        "not_serving_after_stop_s": [_since(d, stopped_at) for d, _ in health_seen.values()],
+        "serving_after_return_s": [_since(u, back_at) for _, u in health_seen.values()],
+        "puts_acknowledged": len(load.acknowledged), "acknowledged_lost": len(lost),
+        "unacknowledged_visible": len(unacknowledged),
+        "first_success_after_return_s": round(first_ok - back_at, 2),
+        "failures_ending_after_return": len(failures_after),
+        "first_calls_after_return": len(first), "of_which_ok": ok_first,
+        "those_calls_spanned_s": round(first[-1].began - back_at, 2),
+        "orphan_objects": len(keys - referenced), "audit_events": events,
+    }))  # fmt: skip
+
+
+# -- SIGKILL at each named point of the write path, on one replica --------------------
+
+KILL_ROUNDS = int(os.environ.get("MEDVAULT_FAULT_CLUSTER_KILL_ROUNDS", "1"))
+KILL_UPLOADS = int(os.environ.get("MEDVAULT_FAULT_CLUSTER_KILL_UPLOADS", "0"))
+
+
+@dataclass(frozen=True)
+class Kill:
+    """One armed start of a replica: when it was started, seen healthy and gone."""
+
+    fault: str
+    started: float
+    healthy: float | None  # None: it killed itself before a health check passed
+    died: float
+    status: int | None
+
+
+def _differing(stub: pb_grpc.RecordServiceStub, expected: dict[tuple[str, int], bytes]) -> int:
+    """How many of ``expected`` read back different (four reads at a time)."""
+    with ThreadPoolExecutor(4) as pool:
+        return sum(pool.map(lambda item: read(stub, item[0]) != item[1], expected.items()))
+
+
+def _armed_start(cluster: Cluster, index: int, fault: str) -> Kill:
+    """Start replica ``index`` with ``MEDVAULT_FAULT=fault``; return once it has exited."""
+    stack = cluster.stack
+    replica, endpoint, tls = stack.replica(index), stack.endpoints()[index - 1], stack.tls_client()
+    started = time.monotonic()
+    replica.start({**stack.service_env(), FAULT_ENV: fault})
+    healthy = None
+    while replica.pid is not None:
+        if healthy is None and check_health(endpoint, tls, timeout=2.0):
+            healthy = time.monotonic()
+        assert time.monotonic() - started < 120, f"{fault}: replica {index} never fired"
+        time.sleep(0.05)
+    return Kill(fault, started, healthy, time.monotonic(), replica.exit_status)
+
+
+@pytest.mark.timeout(900)
+def test_sigkill_at_each_write_point_on_a_replica(cluster: Cluster) -> None:
+    """Replica 2 is started with ``MEDVAULT_FAULT=sigkill:<point>:<n>`` for each named point
+    in turn (``MEDVAULT_FAULT_CLUSTER_KILL_ROUNDS`` rounds) while clients keep putting
+    through both replicas; each time it kills itself, the next armed start follows."""
+    stack = cluster.stack
+    victim, survivor = REPLICAS, 1
+    survivor_endpoint = stack.endpoints()[survivor - 1]
+    schedule = [f"sigkill:{point}:{1 + (index + round_) % 3}"
+                for round_ in range(KILL_ROUNDS)
+                for index, point in enumerate(WRITE_FAULT_POINTS)]  # fmt: skip
+    stack.replica(victim).stop()  # to be started armed
+    # Paced (at most 4 puts a second in all) so that the read-back stays short.
+    load = Workload(cluster, read_back=False, pause=1.0, max_size=16_000)
+    kills: list[Kill] = []
+    threads = load.run()
+    try:
+        for fault in schedule:
+            kills.append(_armed_start(cluster, victim, fault))
+        _wait(lambda: any(c.code is None and c.began >= kills[-1].died for c in load.snapshot()),
+              30, "a put acknowledged after the last kill")  # fmt: skip
+        _wait(lambda: sum(c.kind == "put" for c in load.snapshot()) >= KILL_UPLOADS, 900,
+              f"{KILL_UPLOADS} uploads")  # fmt: skip
+    finally:
+        load.finish(threads)
+    # Back unarmed, as a supervisor would, while the checks go through the survivor.
+    restart = threading.Thread(target=stack.start_service, kwargs={"health_timeout": 90})
+    restart.start()
+    try:
+        not_killed = [k.fault for k in kills if k.status != -signal.SIGKILL]
+        assert not not_killed, f"replica ended other than by its fault: {not_killed}"
+        assert not load.gave_up, f"clients gave up: {load.gave_up}"
+
+        with cluster.channel([survivor_endpoint]) as channel:
+            stub = pb_grpc.RecordServiceStub(channel)
+            visible = {(r.id, r.version) for p in load.patients
+                       for r in list_all(stub, p, all_versions=True)}  # fmt: skip
+            lost = set(load.acknowledged) - visible
+            unacknowledged = visible - set(load.acknowledged)
+            # GetRecord authenticates the row and decrypts and checks the whole object.
+            differ = _differing(stub, load.acknowledged)
+        assert not lost, f"{len(lost)} acknowledged records lost"
+        assert not unacknowledged, f"{len(unacknowledged)} records visible, never acknowledged"
+        assert differ == 0, f"{differ} acknowledged records read back different"
+
+        keys, referenced = cluster.bucket_keys(), referenced_keys(cluster.database_url)
+        assert referenced <= keys, f"{len(referenced - keys)} rows reference a missing object"
+        swept = cluster.sweep()
+        keys_after = cluster.bucket_keys()
+        assert keys_after == referenced, (
+            f"{len(keys_after - referenced)} unreferenced objects left after the sweep, "
+            f"{len(referenced - keys_after)} referenced objects gone"
+        )
+        replays = expect_one_write_event_per_row(cluster.database_url)
+        chain = verify_chain(cluster)
+        assert chain.ok, f"audit chain: {chain.reason} at {chain.first_bad_sequence}"
+        events, _ = one_chain(cluster)
+    finally:
+        restart.join(timeout=120)
+    assert stack.replica(victim).pid is not None, "the replica did not come back unarmed"
+
+    calls = load.snapshot()
+    puts = [c for c in calls if c.kind == "put"]
+    per_kill = []
+    for k in kills:
+        in_flight = [c for c in calls if c.began < k.died <= c.ended]
+        after = [c.ended for c in calls if c.began >= k.died and c.code is None]
+        per_kill.append({
+            "fault": k.fault.removeprefix("sigkill:"),
+            "start_to_healthy_s": _since(k.healthy, k.started),
+            "healthy_to_kill_s": _since(k.died, k.healthy) if k.healthy else None,
+            "calls_in_flight": len(in_flight),
+            "longest_across_kill_s": round(max((c.ended - c.began for c in in_flight),
+                                               default=0.0), 2),
+            "first_success_after_s": round(min(after, default=float("nan")) - k.died, 2),
+        })  # fmt: skip
+    print(json.dumps({
+        "kills": len(kills), "rounds": KILL_ROUNDS, "uploads": len(puts),
+        "acknowledged": len(load.acknowledged),
+        "uploads_retried_by_client": sum(c.retries > 0 for c in puts),
+        "client_retries": sum(c.retries for c in puts),
+        "acknowledged_lost": len(lost), "unacknowledged_visible": len(unacknowledged),
+        "orphans_swept": len(keys - referenced), "sweep": swept,
+        "kill_cycle_s_mean": round((kills[-1].died - kills[0].started) / len(kills), 2),
+        "replay_events": replays, "audit_events": events, "per_kill": per_kill,
     }))  # fmt: skip

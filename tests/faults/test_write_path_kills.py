@@ -19,12 +19,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
-from storage.audit_log import audit_events
 from storage.records import WRITE_FAULT_POINTS
-from tests.faults.common import Ledger, Seeds, referenced_keys, run_clients, sweep
+from tests.faults.common import (
+    Ledger,
+    Seeds,
+    expect_one_write_event_per_row,
+    referenced_keys,
+    run_clients,
+    sweep,
+)
 from tests.fixtures.databases import new_database
 from tests.fixtures.seaweed import S3Server
 from tests.fixtures.service import RunningService, TlsFiles
@@ -103,7 +108,7 @@ def test_sigkill_at_each_write_point(
         f"{len(keys_after - referenced)} unreferenced objects left, "
         f"{len(referenced - keys_after)} referenced objects gone"
     )
-    _expect_one_event_per_row(own_database)
+    expect_one_write_event_per_row(own_database)
     officer = client(
         service, issue_client(tls_files, tmp_path, "fault-officer", "security_officer")
     )
@@ -132,23 +137,3 @@ def test_sigkill_at_each_write_point(
     print(json.dumps(figures))
     assert len(ledger.attempted) >= 200, f"only {len(ledger.attempted)} uploads"
 
-
-def _expect_one_event_per_row(database_url: str) -> None:
-    """Each committed version has exactly one allowed audit event: committed together."""
-    engine = sa.create_engine(database_url)
-    try:
-        with engine.connect() as c:
-            rows = c.execute(sa.text("SELECT id, version FROM records")).all()
-            events = c.execute(
-                sa.select(audit_events.c.resource, sa.func.count())
-                .where(audit_events.c.outcome == "allowed")
-                .where(audit_events.c.action == "records.write")
-                .where(audit_events.c.resource.like("record/%/v%"))
-                .group_by(audit_events.c.resource)
-            ).all()
-    finally:
-        engine.dispose()
-    counts = dict(events)
-    missing = [f"record/{i}/v{v}" for i, v in rows if counts.get(f"record/{i}/v{v}") != 1]
-    assert not missing, f"{len(missing)} rows without exactly one write event: {missing[:3]}"
-    assert len(counts) == len(rows), f"{len(counts)} write events for {len(rows)} rows"
