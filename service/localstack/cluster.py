@@ -38,9 +38,11 @@ from service.localstack.layout import (
     LOOPBACK,
     config_unedited,
     find_pkcs11_module,
+    log_size,
     pick_port,
     port_free,
     rewrite_ports,
+    text_since,
     write_config,
 )
 from service.localstack.names import DEFAULT_REPLICAS
@@ -55,7 +57,6 @@ from service.localstack.stack import (
     read_secret_file,
     s3_port_free,
     split_endpoint,
-    text_since,
 )
 
 CLUSTER_FILE = "cluster.json"
@@ -320,7 +321,7 @@ class ClusterStack(LocalStack):
                 self._report(f"replica {index} already running (pid {process.pid})")
                 continue
             self._write_replica_config(index)
-            started[index] = _size(process.log_file)
+            started[index] = log_size(process.log_file)
             process.start(env)
         return started
 
@@ -424,10 +425,3 @@ def with_process_share(text: str, share: int) -> str:
         return f"{text}\n[server]\nprocesses = {share}\n"
     lines.insert(server_at + 1, f"processes = {share}\n")
     return "".join(lines)
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0

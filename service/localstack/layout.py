@@ -282,3 +282,21 @@ time_zone = "Asia/Ho_Chi_Minh"
 def _toml_str(value: str) -> str:
     """A TOML basic string (JSON's escapes are a subset TOML accepts)."""
     return json.dumps(value, ensure_ascii=False)
+
+
+def log_size(path: Path) -> int:
+    """A log's size now (0 if absent): the offset to read a start-up's lines from."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def text_since(path: Path, offset: int) -> str:
+    """What was appended to a log after ``offset`` (bounded: the tail of a start-up)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return f.read(1 << 20).decode(errors="replace")
+    except OSError:
+        return ""

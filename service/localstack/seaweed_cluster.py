@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from service.localstack.ca import private_opener, write_private
+from service.localstack.layout import log_size, text_since
 from service.localstack.seaweed import (
     SeaweedError,
     find_free_port,
@@ -177,13 +178,13 @@ class SeaweedCluster:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         for attempt in range(_PORT_RETRIES + 1):
             fresh = self._read_ports() is None
-            offsets = {n: _size(self.log_file(n)) for n in component_names()}
+            offsets = {n: log_size(self.log_file(n)) for n in component_names()}
             try:
                 self._start_missing()
                 self._wait_ready(timeout)
             except SeaweedError as e:
                 taken = set().union(*(
-                    ports_in_use(_text_since(self.log_file(n), o)) for n, o in offsets.items()
+                    ports_in_use(text_since(self.log_file(n), o)) for n, o in offsets.items()
                 ))  # fmt: skip
                 e.address_in_use = bool(taken)
                 caller_port = taken & {self.s3_port, self.s3_port + _GRPC_OFFSET}
@@ -349,19 +350,3 @@ def _get_json(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(url, timeout=2) as reply:  # noqa: S310 - our own loopback URL
         value: dict[str, Any] = json.loads(reply.read())
     return value
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
-def _text_since(path: Path, offset: int) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(offset)
-            return f.read(1 << 20).decode(errors="replace")
-    except OSError:
-        return ""

@@ -31,9 +31,11 @@ from service.localstack.layout import (
     config_unedited,
     ensure_secret,
     find_pkcs11_module,
+    log_size,
     pick_port,
     port_free,
     rewrite_ports,
+    text_since,
     write_config,
 )
 from service.localstack.names import DEFAULT_CLIENTS
@@ -260,7 +262,7 @@ class LocalStack:
             if not port_free(port):
                 self._relocate_ports("service", port)
             endpoint = self.endpoint()
-            log_offset = _size(self.layout.service_log)
+            log_offset = log_size(self.layout.service_log)
             pid = self._service.start(env)
             try:
                 self._service.wait_healthy(endpoint, self.tls_client(), health_timeout)
@@ -392,23 +394,6 @@ class LocalStack:
                 yield
             except _COMPONENT_ERRORS as e:
                 raise LocalStackError(str(e)) from e
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
-def text_since(path: Path, offset: int) -> str:
-    """What was appended to a log after ``offset`` (bounded: the tail of a start-up)."""
-    try:
-        with path.open("rb") as f:
-            f.seek(offset)
-            return f.read(1 << 20).decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def process_state(pid: int | None) -> str:
