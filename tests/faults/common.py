@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ from storage.audit_log import audit_events
 from storage.sql_metadata import records
 from tests.fixtures.service import ROOT, RunningService
 from tests.integration.service.calls import header, pieces, requests
-from tests.integration.service.streams import data
+from tests.integration.service.streams import data, new_patient
 
 
 @dataclass(frozen=True)
@@ -166,3 +167,101 @@ def expect_one_write_event_per_row(database_url: str) -> int:
     stray = [resource for resource, _ in replays if resource not in counts]
     assert not stray, f"{len(stray)} replay events name no committed version: {stray[:3]}"
     return sum(n for _, n in replays)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call's start and end (monotonic), kind and outcome (None: OK)."""
+
+    began: float
+    ended: float
+    kind: str
+    code: str | None
+    details: str
+
+
+class Load:
+    """``clients`` threads, each alternating a put and a read of one of its acknowledged
+    records, every call under ``deadline`` seconds; seeds from ``seed`` up, so that two
+    loads in one run send different content."""
+
+    def __init__(self, service: RunningService, *, clients: int, seed: int,
+                 deadline: float) -> None:  # fmt: skip
+        self.service = service
+        self.calls: list[Call] = []
+        self.acknowledged: dict[tuple[str, int], Sent] = {}
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._seed = seed
+        self._deadline = deadline
+        self._threads = [threading.Thread(target=self._client, daemon=True)
+                         for _ in range(clients)]  # fmt: skip
+
+    def __enter__(self) -> Load:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        for t in self._threads:
+            t.join(timeout=2 * self._deadline + 10)
+            assert not t.is_alive(), "a client thread is stuck"
+
+    def _next(self) -> int:
+        with self._lock:
+            self._seed += 1
+            return self._seed
+
+    def _note(self, began: float, kind: str, error: grpc.RpcError | None) -> None:
+        call = Call(began, time.monotonic(), kind, error.code().name if error else None,
+                    (error.details() or "") if error else "")  # fmt: skip
+        with self._lock:
+            self.calls.append(call)
+
+    def _client(self) -> None:
+        patient = new_patient()
+        mine: list[tuple[str, int]] = []
+        with self.service.channel() as channel:
+            stub = pb_grpc.RecordServiceStub(channel)
+            while not self.stop.is_set():
+                seed = self._next()
+                sent = Sent(patient, 1_000 + seed % 20_000, seed)
+                began = time.monotonic()
+                try:
+                    record = put_one(stub, sent, timeout=self._deadline)
+                except grpc.RpcError as e:
+                    self._note(began, "put", e)
+                else:
+                    self._note(began, "put", None)
+                    with self._lock:
+                        self.acknowledged[(record.id, record.version)] = sent
+                    mine.append((record.id, record.version))
+                if mine:
+                    self._read(stub, mine[seed % len(mine)])
+
+    def _read(self, stub: pb_grpc.RecordServiceStub, key: tuple[str, int]) -> None:
+        began = time.monotonic()
+        request = pb.GetRecordRequest(id=key[0], version=key[1])
+        try:
+            for _ in stub.GetRecord(request, timeout=self._deadline):
+                pass
+        except grpc.RpcError as e:
+            self._note(began, "get", e)
+        else:
+            self._note(began, "get", None)
+
+    def count(self) -> int:
+        """How many calls have ended."""
+        with self._lock:
+            return len(self.calls)
+
+    def snapshot(self) -> list[Call]:
+        """Every call ended so far."""
+        with self._lock:
+            return list(self.calls)
+
+    def calls_since(self, moment: float) -> list[Call]:
+        """The calls begun at or after ``moment``."""
+        with self._lock:
+            return [c for c in self.calls if c.began >= moment]

@@ -37,15 +37,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service._gen.medvault.v1 import audit_pb2 as aupb
-from service._gen.medvault.v1 import records_pb2 as pb
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
-from tests.faults.common import Sent, put_one, referenced_keys
+from tests.faults.common import Call, Load, referenced_keys
 from tests.fixtures.private_postgres import PrivatePostgres
 from tests.fixtures.seaweed import S3Server
 from tests.fixtures.service import RunningService, TlsFiles
 from tests.integration.access.helpers import Client, client, events, issue_client, verify
 from tests.integration.service.calls import expect_same_content, get, list_all, server_bucket
-from tests.integration.service.streams import new_patient
 
 pytestmark = pytest.mark.integration
 
@@ -61,88 +59,6 @@ SWEEP_SECONDS = 5  # the server's orphan sweep interval: it runs during and afte
 RECOVERY_LIMIT = 10.0  # the issue: 99% success within 10 s of the database's return
 DATABASE = "medvault.dependency.database"
 LOAD_PRINCIPAL = "test-app"  # the fixtures' client certificate
-
-
-@dataclass(frozen=True)
-class Call:
-    """One call's start and end (monotonic), kind and outcome (None: OK)."""
-
-    began: float
-    ended: float
-    kind: str
-    code: str | None
-    details: str
-
-
-class Load:
-    """Clients alternating a put and a read of one of their acknowledged records."""
-
-    def __init__(self, service: RunningService) -> None:
-        self.service = service
-        self.calls: list[Call] = []
-        self.acknowledged: dict[tuple[str, int], Sent] = {}
-        self.stop = threading.Event()
-        self._lock = threading.Lock()
-        self._seed = 70_000
-        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(CLIENTS)]
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        for t in self._threads:
-            t.join(timeout=2 * CALL_DEADLINE + 10)
-            assert not t.is_alive(), "a client thread is stuck"
-
-    def _next(self) -> int:
-        with self._lock:
-            self._seed += 1
-            return self._seed
-
-    def _note(self, began: float, kind: str, error: grpc.RpcError | None) -> None:
-        call = Call(began, time.monotonic(), kind, error.code().name if error else None,
-                    (error.details() or "") if error else "")  # fmt: skip
-        with self._lock:
-            self.calls.append(call)
-
-    def _client(self) -> None:
-        patient = new_patient()
-        mine: list[tuple[str, int]] = []
-        with self.service.channel() as channel:
-            stub = pb_grpc.RecordServiceStub(channel)
-            while not self.stop.is_set():
-                seed = self._next()
-                sent = Sent(patient, 1_000 + seed % 20_000, seed)
-                began = time.monotonic()
-                try:
-                    record = put_one(stub, sent, timeout=CALL_DEADLINE)
-                except grpc.RpcError as e:
-                    self._note(began, "put", e)
-                else:
-                    self._note(began, "put", None)
-                    with self._lock:
-                        self.acknowledged[(record.id, record.version)] = sent
-                    mine.append((record.id, record.version))
-                if mine:
-                    self._read(stub, mine[seed % len(mine)])
-
-    def _read(self, stub: pb_grpc.RecordServiceStub, key: tuple[str, int]) -> None:
-        began = time.monotonic()
-        request = pb.GetRecordRequest(id=key[0], version=key[1])
-        try:
-            for _ in stub.GetRecord(request, timeout=CALL_DEADLINE):
-                pass
-        except grpc.RpcError as e:
-            self._note(began, "get", e)
-        else:
-            self._note(began, "get", None)
-
-    def snapshot(self) -> list[Call]:
-        with self._lock:
-            return list(self.calls)
 
 
 class HealthWatch:
@@ -322,7 +238,8 @@ def test_postgres_outage_under_load(
         audit={"checkpoint_seconds": CHECKPOINT_SECONDS},
     )  # fmt: skip
     bucket = server_bucket(service.config_path)
-    with HealthWatch(service) as health, Load(service) as load:
+    load = Load(service, clients=CLIENTS, seed=70_000, deadline=CALL_DEADLINE)
+    with HealthWatch(service) as health, load:
         _wait(lambda: len(load.acknowledged) >= 20, 60, "20 puts acknowledged")
         outages = [_outage(private_postgres, load, health, "stop", OUTAGE_SECONDS)]
         for _ in range(CRASHES):

@@ -16,25 +16,20 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 
-from service._gen.medvault.v1 import records_pb2 as pb
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
-from tests.faults.common import Sent, put_one, referenced_keys, sweep
+from tests.faults.common import Load, referenced_keys, sweep
 from tests.fixtures.databases import new_database
 from tests.fixtures.seaweed import S3Server
 from tests.fixtures.service import RunningService, TlsFiles
 from tests.fixtures.softhsm import SoftHsmToken
 from tests.integration.access.helpers import client, issue_client, verify
 from tests.integration.service.calls import expect_same_content, get, list_all, server_bucket
-from tests.integration.service.streams import new_patient
 
 pytestmark = pytest.mark.integration
 
@@ -51,92 +46,6 @@ def own_database(
     yield from new_database(request, database_url, tmp_path_factory)
 
 
-@dataclass(frozen=True)
-class Call:
-    """One call's start and end (monotonic), kind and outcome (None: OK)."""
-
-    began: float
-    ended: float
-    kind: str
-    code: str | None
-    details: str
-
-
-class Load:
-    """Clients alternating a put and a read of one of their acknowledged records."""
-
-    def __init__(self, service: RunningService) -> None:
-        self.service = service
-        self.calls: list[Call] = []
-        self.acknowledged: dict[tuple[str, int], Sent] = {}
-        self.stop = threading.Event()
-        self._lock = threading.Lock()
-        self._seed = 50_000
-        self._threads = [threading.Thread(target=self._client, daemon=True)
-                         for _ in range(CLIENTS)]
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.stop.set()
-        for t in self._threads:
-            t.join(timeout=120)
-            assert not t.is_alive(), "a client thread is stuck"
-
-    def _next(self) -> int:
-        with self._lock:
-            self._seed += 1
-            return self._seed
-
-    def _note(self, began: float, kind: str, error: grpc.RpcError | None) -> None:
-        call = Call(began, time.monotonic(), kind, error.code().name if error else None,
-                    (error.details() or "") if error else "")
-        with self._lock:
-            self.calls.append(call)
-
-    def _client(self) -> None:
-        patient = new_patient()
-        mine: list[tuple[str, int]] = []
-        with self.service.channel() as channel:
-            stub = pb_grpc.RecordServiceStub(channel)
-            while not self.stop.is_set():
-                seed = self._next()
-                sent = Sent(patient, 1_000 + seed % 20_000, seed)
-                began = time.monotonic()
-                try:
-                    record = put_one(stub, sent, timeout=20)
-                except grpc.RpcError as e:
-                    self._note(began, "put", e)
-                else:
-                    self._note(began, "put", None)
-                    with self._lock:
-                        self.acknowledged[(record.id, record.version)] = sent
-                    mine.append((record.id, record.version))
-                if mine:
-                    self._read(stub, mine[seed % len(mine)])
-
-    def _read(self, stub: pb_grpc.RecordServiceStub, key: tuple[str, int]) -> None:
-        began = time.monotonic()
-        try:
-            for _ in stub.GetRecord(pb.GetRecordRequest(id=key[0], version=key[1]), timeout=20):
-                pass
-        except grpc.RpcError as e:
-            self._note(began, "get", e)
-        else:
-            self._note(began, "get", None)
-
-    def count(self) -> int:
-        with self._lock:
-            return len(self.calls)
-
-    def calls_since(self, moment: float) -> list[Call]:
-        with self._lock:
-            return [c for c in self.calls if c.began >= moment]
-
-
 def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -151,7 +60,7 @@ def test_s3_gateway_outage_under_load(
 ) -> None:
     service = service_factory(own_database, s3=own_s3)
     bucket = server_bucket(service.config_path)
-    with Load(service) as load:
+    with Load(service, clients=CLIENTS, seed=50_000, deadline=20) as load:
         _wait(lambda: len(load.acknowledged) >= 20, 60, "20 puts acknowledged")
         stopped_at = time.monotonic()
         own_s3.server.stop(timeout=2)
