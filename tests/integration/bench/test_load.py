@@ -66,7 +66,7 @@ def test_a_short_load_run_is_clean(
          "--dicom", f"127.0.0.1:{dicom_port}", "--json", str(report)],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + service.state()
     r = json.loads(report.read_text())
     assert r["clean"], r["problems"]
     assert set(r["ops"]) == {"put", "get", "list", "sign", "audit", "store"}, r["ops"]
