@@ -148,8 +148,14 @@ def ensure_secret(path: Path, nbytes: int = 20) -> str:
 
 
 def port_free(port: int, host: str = LOOPBACK) -> bool:
-    """Whether ``host:port`` can be bound now (without SO_REUSEADDR: conservative)."""
+    """Whether a server could listen on ``host:port`` now.
+
+    With SO_REUSEADDR, as weed and gRPC bind: the connections of this stack's own
+    previous run, lingering in TIME_WAIT for a minute after ``down``, do not count as
+    taken (without it, every quick ``down`` and ``up`` moved both ports), a listener does.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

@@ -46,6 +46,7 @@ from service.localstack.tokenkeys import TokenKeysError, ensure_token_keys
 
 TOKEN_LABEL = "medvault"  # noqa: S105 - a token label, not a password
 DEFAULT_POLICY = Path(__file__).resolve().parents[2] / "deploy" / "policy.toml"
+WEED_STOP_GRACE = 3.0  # seconds from SIGTERM to SIGKILL on down (see down)
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}  # noqa: S104 - names, not a bind
 # How often a start moves off a port another stack bound between probe and bind.
@@ -135,8 +136,12 @@ class LocalStack:
                 self._report("stopped medvault service")
             seaweed = self._seaweed()
             if seaweed.is_running():
-                # weed can take several seconds to exit on SIGTERM.
-                seaweed.stop()
+                # On SIGTERM, weed server's filer waits 15 s on its own S3 gateway's
+                # metadata subscription before anything else stops. What weed has
+                # acknowledged is already written to its files (volume appends, the
+                # filer's LevelDB log), which a killed process keeps: SIGKILL after
+                # WEED_STOP_GRACE seconds.
+                seaweed.stop(timeout=WEED_STOP_GRACE)
                 self._report("stopped SeaweedFS")
         self._report("medvault local stack is down")
 
