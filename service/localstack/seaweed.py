@@ -83,8 +83,12 @@ def find_free_port(exclude: set[int] | None = None) -> int:
     raise SeaweedError("no free port pair (port and port+10000) found on 127.0.0.1")
 
 
-def weed_running(pid: int) -> bool:
-    """Whether ``pid`` is a live ``weed`` process (guards against a recycled pid)."""
+def weed_running(pid: int, data_dir: Path) -> bool:
+    """Whether ``pid`` is a live ``weed`` process keeping its state in ``data_dir``.
+
+    A recycled pid (``pid_max`` is 32768 here, and every thread takes one) may belong to
+    another stack's weed, or a test's: one of its arguments must name ``data_dir``.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -101,7 +105,25 @@ def weed_running(pid: int) -> bool:
         return False
     # A zombie has exited already; it only waits for its parent to reap it.
     state = stat.rsplit(")", 1)[-1].split()[0] if ")" in stat else ""
-    return state != "Z" and bool(argv) and Path(argv[0].decode(errors="replace")).name == "weed"
+    return (
+        state != "Z"
+        and bool(argv)
+        and Path(os.fsdecode(argv[0])).name == "weed"
+        and _names_dir(argv[1:], data_dir)
+    )
+
+
+def _names_dir(argv: list[bytes], data_dir: Path) -> bool:
+    """Whether a ``-flag=path`` of ``argv`` is ``data_dir`` or a path inside it."""
+    root = data_dir.resolve()
+    for arg in argv:
+        value = os.fsdecode(arg).partition("=")[2]
+        if not value.startswith("/"):
+            continue
+        path = Path(value).resolve()
+        if path == root or root in path.parents:
+            return True
+    return False
 
 
 class SeaweedServer:
@@ -136,7 +158,7 @@ class SeaweedServer:
         if self._process is not None and self._process.poll() is None:
             return self._process.pid
         pid = self._read_pid()
-        return pid if pid is not None and weed_running(pid) else None
+        return pid if pid is not None and weed_running(pid, self.data_dir) else None
 
     def is_running(self) -> bool:
         """Whether the server process is alive (it may still be starting up)."""
@@ -326,7 +348,7 @@ class SeaweedServer:
             if self._process is not None and self._process.pid == pid:
                 if self._process.poll() is not None:
                     return True
-            elif not weed_running(pid):
+            elif not weed_running(pid, self.data_dir):
                 return True
         return False
 

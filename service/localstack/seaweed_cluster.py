@@ -117,7 +117,7 @@ class SeaweedCluster:
             pid = int(self._pid_file(name).read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if weed_running(pid) else None
+        return pid if weed_running(pid, self.data_dir) else None
 
     def components(self) -> list[Component]:
         """Every component with its pid (None: stopped) and HTTP endpoint."""
@@ -338,7 +338,10 @@ class SeaweedCluster:
         deadline = time.monotonic() + timeout
         child = self._children.get(name)
         while True:
-            gone = child.poll() is not None if child is not None else not weed_running(pid)
+            if child is not None:
+                gone = child.poll() is not None
+            else:
+                gone = not weed_running(pid, self.data_dir)
             if gone:
                 return True
             if time.monotonic() >= deadline:

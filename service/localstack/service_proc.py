@@ -59,8 +59,13 @@ def check_health(endpoint: str, tls: TlsClient, timeout: float = 2.0) -> bool:
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs and is a medvault ``serve`` process (not a recycled pid)."""
+def _alive(pid: int, config: Path) -> bool:
+    """Whether ``pid`` runs and is the medvault ``serve`` process of ``config``.
+
+    Not merely some ``serve``: a pid file outlives its process, and on a busy machine its
+    pid comes round again (``pid_max`` is 32768 here, and every thread takes one), maybe
+    to another stack's or another program's server, which ``down`` must never signal.
+    """
     with contextlib.suppress(ChildProcessError):
         # Our own child (tests start and stop in one process) must be reaped, or it
         # lingers as a zombie that os.kill still reports as alive.
@@ -80,7 +85,19 @@ def _alive(pid: int) -> bool:
         state = (proc / "stat").read_text().rsplit(")", 1)[-1].split()[0]
     except (OSError, IndexError):
         return False
-    return state != "Z" and b"service" in argv and b"serve" in argv
+    return state != "Z" and b"service" in argv and b"serve" in argv and _runs(argv, config)
+
+
+def _runs(argv: list[bytes], config: Path) -> bool:
+    """Whether ``argv``'s ``--config`` names ``config`` (the same file, however spelt)."""
+    try:
+        named = argv[argv.index(b"--config") + 1]
+    except (ValueError, IndexError):
+        return False
+    try:
+        return Path(os.fsdecode(named)).resolve() == config.resolve()
+    except OSError:
+        return False
 
 
 class ServiceProcess:
@@ -105,7 +122,7 @@ class ServiceProcess:
             pid = int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if _alive(pid) else None
+        return pid if _alive(pid, self.config) else None
 
     @property
     def exit_status(self) -> int | None:
@@ -161,9 +178,9 @@ class ServiceProcess:
             return False
         # The service leads its own session: signal the group so helpers go too.
         _signal_group(pid, signal.SIGTERM)
-        if not _wait_exit(pid, timeout):
+        if not _wait_exit(pid, self.config, timeout):
             _signal_group(pid, signal.SIGKILL)
-            if not _wait_exit(pid, 5.0):
+            if not _wait_exit(pid, self.config, 5.0):
                 raise ServiceProcessError(f"the medvault service (pid {pid}) survived SIGKILL")
         self.pid_file.unlink(missing_ok=True)
         self._process = None
@@ -177,9 +194,9 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         os.kill(pid, sig)  # in case it is no longer a group leader
 
 
-def _wait_exit(pid: int, timeout: float) -> bool:
+def _wait_exit(pid: int, config: Path, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while _alive(pid):
+    while _alive(pid, config):
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.1)
