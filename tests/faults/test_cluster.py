@@ -608,7 +608,9 @@ def test_the_s3_gateway_stopped_under_load(cluster: Cluster) -> None:
 # -- SIGKILL at each named point of the write path, on one replica --------------------
 
 KILL_ROUNDS = int(os.environ.get("MEDVAULT_FAULT_CLUSTER_KILL_ROUNDS", "1"))
-KILL_UPLOADS = int(os.environ.get("MEDVAULT_FAULT_CLUSTER_KILL_UPLOADS", "0"))
+# At least 200 uploads across the kills, as in the single-node (SQLite) module: this is
+# the PostgreSQL half of that check.
+KILL_UPLOADS = int(os.environ.get("MEDVAULT_FAULT_CLUSTER_KILL_UPLOADS", "200"))
 
 
 @dataclass(frozen=True)

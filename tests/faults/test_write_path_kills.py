@@ -7,6 +7,10 @@ show every acknowledged put byte-identical, every listed record readable and mat
 digest, and a sweep with no grace must leave exactly the referenced objects; each row
 has one write event and the audit chain verifies.
 
+On SQLite: the same kills on PostgreSQL, over more than 200 uploads too, are
+tests/faults/test_cluster.py's (a replica of the cluster topology, whose database is
+PostgreSQL), so the pair covers both backends without running eleven cold starts twice.
+
 PYTEST_DONT_REWRITE: failures name counts and keys, never content.
 """
 
@@ -38,7 +42,7 @@ from tests.integration.access.helpers import client, issue_client, verify
 from tests.integration.service.calls import expect_same_content, get, list_all, server_bucket
 from tests.integration.service.streams import new_patient
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.backend("sqlite")]
 
 Factory = Callable[..., RunningService]
 ROUNDS = 2  # each round starts one server per point: ~3 s each

@@ -197,12 +197,21 @@ def _store(w: World, peer: Peer, payload: Dataset | Path) -> int:
 # --- the hospital path: storescu, findscu, getscu ------------------------------------
 
 
+# Issue 11's 200 instances in one association on PostgreSQL, the production backend; the
+# same flow with 20 on SQLite: each instance takes the same code path, and the 200 cost
+# some 40 s of a loaded CI run per backend.
+SHAPES = {"postgresql": ([70, 50], [80]), "sqlite": ([7, 5], [8])}
+
+
 def test_storescu_then_findscu_and_getscu_byte_identical(w: World) -> None:
-    """200 instances of two studies (issue 11's test), one storescu association."""
+    """Two studies (200 instances on PostgreSQL), one storescu association."""
     patient = new_patient()
     grant(w.clerk, patient, DOCTOR)
-    a = _make_study(w, patient, [70, 50], "a")
-    b = _make_study(w, patient, [80], "b")
+    shape_a, shape_b = SHAPES[w.engine.dialect.name]
+    a = _make_study(w, patient, shape_a, "a")
+    b = _make_study(w, patient, shape_b, "b")
+    total = len(a.files) + len(b.files)
+    assert total == sum(shape_a) + sum(shape_b)
     counts = {a.uid: len(a.files), b.uid: len(b.files)}
     sent = storescu(w.modality, w.port, a.files + b.files)
     assert sent.returncode == 0, f"storescu exit {sent.returncode}"
@@ -222,7 +231,7 @@ def test_storescu_then_findscu_and_getscu_byte_identical(w: World) -> None:
             assert _dataset_part(data) == originals[sop], "stored data set differs"
     writes = events(w.officer, principal=MODALITY, action="records.write",
                     outcome=aupb.OUTCOME_ALLOWED)
-    assert len(writes) >= 200, f"{len(writes)} write events"
+    assert len(writes) >= total, f"{len(writes)} write events"
 
     # C-FIND at STUDY level by patient, then SERIES and IMAGE level in study a.
     found = findscu(w.reader, w.port, w.tmp / "find-study", {
@@ -277,7 +286,7 @@ def test_storescu_then_findscu_and_getscu_byte_identical(w: World) -> None:
     assert {s.study_uid: s.instance_count for s in again} == counts, "resent"
     reads = events(w.officer, principal=DOCTOR, action="records.read",
                    outcome=aupb.OUTCOME_ALLOWED)
-    assert len(reads) - before == 200, f"{len(reads) - before} C-GET read events"
+    assert len(reads) - before == total, f"{len(reads) - before} C-GET read events"
 
 
 def test_a_caller_without_a_grant_finds_and_gets_nothing_and_is_audited(w: World) -> None:

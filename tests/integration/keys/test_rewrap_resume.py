@@ -23,10 +23,12 @@ from tests.integration.keys.helpers import (
 )
 
 pytestmark = pytest.mark.integration
-# Enough that neither the cancel (after 4 batches of 20) nor the kill (10 batches later)
-# can find the rewrap finished even if the server runs 25 batches ahead of the
-# client; more records only lengthen the fill and the read-back.
-RECORDS = 800
+# 40 batches: enough that neither the cancel (after 4 batches) nor the kill (10 batches
+# later) can find the rewrap finished even if the server runs 25 batches ahead of the
+# client. Small batches keep the count of batches with fewer records: more records only
+# lengthen the fill and the read-back.
+BATCH = 4
+RECORDS = 40 * BATCH
 WRITERS = 8  # one principal: within its call share (server.max_calls_per_principal)
 
 
@@ -59,14 +61,14 @@ def test_rewrap_resumes_after_cancel_and_kill(
     old = max(versions(admin))
     admin.RotateKek(kpb.RotateKekRequest(), timeout=TIMEOUT)
 
-    stream = admin.Rewrap(kpb.RewrapRequest(batch_size=20), timeout=600)
+    stream = admin.Rewrap(kpb.RewrapRequest(batch_size=BATCH), timeout=600)
     seen = _first(stream, 5)
     stream.cancel()
     moved = versions(admin)[old].wrapped_keys
     assert seen[-1].rewrapped > 0
     assert 0 < moved < len(written)
 
-    stream = admin.Rewrap(kpb.RewrapRequest(batch_size=20), timeout=600)
+    stream = admin.Rewrap(kpb.RewrapRequest(batch_size=BATCH), timeout=600)
     _first(stream, 10)
     server.process.kill()  # SIGKILL: no clean shutdown, a batch may be half done
     server.process.wait()
