@@ -10,6 +10,7 @@ import socket
 import threading
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import sqlalchemy as sa
@@ -42,7 +43,6 @@ from service.backup_servicer import BackupServicer
 from service.bootstrap import Components, build
 from service.call_scope import ContextExecutor
 from service.config import Config, ConfigError, ServerConfig
-from service.dicom import DicomListener
 from service.edge import Deadlines, EdgeInterceptor, refusal_reporter
 from service.health import Probe, probe_forever
 from service.keys_servicer import KeyServicer
@@ -54,6 +54,9 @@ from service.signing_servicer import SigningServicer
 from service.stats_servicer import StatsServicer
 from service.worker import WorkerRole
 from storage import SqlRunLedger, sweep_if_due
+
+if TYPE_CHECKING:
+    from service.dicom import DicomListener
 
 log = logging.getLogger(__name__)
 # Room for one content chunk plus the message framing around it.
@@ -319,6 +322,10 @@ def serve(config: Config, worker: WorkerRole | None = None) -> None:
         components.backup.scheduler.start()
         # The DICOM service, in threads of its own (service/dicom); one per supervisor.
         if config.dicom.listen and (worker is None or worker.listens_for_hospital_protocols):
+            # Imported here: pynetdicom and pydicom are a fifth of a start-up's imports,
+            # for a listener most deployments do not configure.
+            from service.dicom import DicomListener  # noqa: PLC0415
+
             dicom = DicomListener(config, components.app.records, components.app.access)
             dicom.start()
         asyncio.run(_serve(config, components, worker))

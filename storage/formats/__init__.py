@@ -15,7 +15,6 @@ import hl7.util
 from storage.errors import InvalidRecordError
 from storage.formats.base import ContentValidator, Opaque
 from storage.formats.cda import CdaValidator
-from storage.formats.dicom import DicomValidator
 from storage.formats.fhir import FhirValidator
 from storage.formats.hl7v2 import Hl7v2Validator
 from storage.formats.pdf import PdfValidator
@@ -31,11 +30,21 @@ for _logger in (logging.getLogger("pydicom"), hl7.util.logger, hl7.containers.lo
     _logger.propagate = False
     _logger.addHandler(logging.NullHandler())
 
+
+
+def _dicom(patient: PatientRef) -> ContentValidator:
+    # Imported on the first DICOM record: pydicom (and the numpy it loads) is a fifth of
+    # the service's start-up imports, and many deployments store no imaging.
+    from storage.formats.dicom import DicomValidator  # noqa: PLC0415
+
+    return DicomValidator(patient)
+
+
 _VALIDATORS: dict[RecordKind, Callable[[PatientRef], ContentValidator]] = {
     RecordKind.HL7V2: Hl7v2Validator,
     RecordKind.CDA: CdaValidator,
     RecordKind.FHIR: FhirValidator,
-    RecordKind.DICOM: DicomValidator,
+    RecordKind.DICOM: _dicom,
     RecordKind.PDF: lambda _patient: PdfValidator(),  # a PDF names no patient
     RecordKind.OTHER: lambda _patient: Opaque(),
 }
