@@ -104,13 +104,23 @@ def _pyhanko_status(stack: SigningStack, embedded: EmbeddedPdfSignature) -> PdfS
     return status
 
 
+def _der_element(padded: bytes) -> bytes:
+    """The DER element at the start of ``padded``, by its own length (the zero padding
+    after it cannot be stripped: the signature's last byte may be zero, 1 in 256)."""
+    assert padded[0] == 0x30, "not a DER SEQUENCE"
+    if padded[1] < 0x80:
+        return padded[: 2 + padded[1]]
+    size = padded[1] & 0x7F
+    return padded[: 2 + size + int.from_bytes(padded[2 : 2 + size], "big")]
+
+
 def _openssl_verify(
     tmp_path: Path, ca: Path, signed: bytes, embedded: EmbeddedPdfSignature
 ) -> bool:
     """``openssl cms -verify`` of the embedded CMS over the PDF's signed byte range."""
     a, b, c, d = (int(x) for x in embedded.sig_object["/ByteRange"])
     (tmp_path / "range.bin").write_bytes(signed[a : a + b] + signed[c : c + d])
-    (tmp_path / "sig.der").write_bytes(bytes(embedded.sig_object["/Contents"]).rstrip(b"\0"))
+    (tmp_path / "sig.der").write_bytes(_der_element(bytes(embedded.sig_object["/Contents"])))
     result = subprocess.run(
         ["openssl", "cms", "-verify", "-binary", "-content", str(tmp_path / "range.bin"),
          "-inform", "DER", "-in", str(tmp_path / "sig.der"), "-CAfile", str(ca),
