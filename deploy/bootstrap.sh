@@ -104,6 +104,10 @@ ensure_venv() {
         "$VENV/bin/python" -m pip install --quiet -e '.[dev]'
         printf '%s\n' "$want" > "$stamp"
     fi
+    # Byte-code for the checkout, written even where PYTHONDONTWRITEBYTECODE is set (as on
+    # the CI machine): without it every service, CLI and test process compiled the
+    # project's modules from source again (~0.15 s of CPU per service start).
+    "$VENV/bin/python" -m compileall -q -j 0 service storage keystore bench tests >/dev/null
 }
 
 # MEDVAULT_BOOTSTRAP_FUNCTIONS_ONLY=1: define the functions and stop (for tests).

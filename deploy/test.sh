@@ -28,12 +28,19 @@ log "import contracts"
 # Layers, CLI outside the runtime, no cycles: [tool.importlinter] in pyproject.toml.
 "$VENV/bin/lint-imports" --no-cache
 log "pytest"
+# Let pytest keep its rewritten test modules (and Python the byte-code of anything
+# compiled since the bootstrap) in this checkout's __pycache__ folders: the variable, set
+# on the CI machine, made each of the four workers rewrite every test module again.
+unset PYTHONDONTWRITEBYTECODE
 # Whole modules go to one worker (--dist loadscope), so a module's servers and databases
 # are set up once; each worker has its own SeaweedFS, SoftHSM2 directory and PostgreSQL
 # databases (tests/fixtures). MEDVAULT_TEST_WORKERS=0 runs in this process, serially.
 workers="${MEDVAULT_TEST_WORKERS:-4}"
 status=0
-"$VENV/bin/pytest" -p no:cacheprovider -n "$workers" --dist loadscope "$@" || status=$?
+# --no-loadscope-reorder: xdist would otherwise hand out modules by their number of tests,
+# ignoring SLOW_FIRST (tests/conftest.py), and a long module could start last.
+"$VENV/bin/pytest" -p no:cacheprovider -n "$workers" --dist loadscope --no-loadscope-reorder \
+    "$@" || status=$?
 if [ "$status" -eq 5 ]; then
     die "pytest collected no tests; that is a failure, not a pass"
 fi
