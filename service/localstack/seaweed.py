@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ _GRPC_OFFSET = 10000
 _MAX_PORT = 65535 - _GRPC_OFFSET
 _PORTS_FILE = "ports.json"
 _PID_FILE = "weed.pid"
+_VOLUME_FILE = re.compile(r"(?:^|_)(\d+)\.dat$")
 _S3_CONFIG_FILE = "s3_identities.json"
 # Small volumes keep disk use modest: each bucket is a collection with its own volumes.
 _VOLUME_SIZE_LIMIT_MB = 64
@@ -321,6 +323,7 @@ class SeaweedServer:
             self.endpoint, self._access_key, self._secret_key, read_timeout=2.0, retry=False
         )
         deadline = time.monotonic() + timeout
+        on_disk = self._volumes_on_disk()
         last: Exception | None = None
         while time.monotonic() < deadline:
             if not self.is_running():
@@ -333,13 +336,41 @@ class SeaweedServer:
             except Exception as e:  # noqa: BLE001 - any failure means "not ready yet"
                 last = e
                 time.sleep(0.25)
-            else:
+                continue
+            # S3 answers before the volume server has told the master about the volumes
+            # already on disk; until it has, reading what they hold fails (500, "volume
+            # not found"): a restarted stack is ready only then.
+            if not self._unregistered(on_disk):
                 return
-        reason = type(last).__name__ if last else "no answer"
+            last = SeaweedError("volumes on disk not registered with the master yet")
+            time.sleep(0.25)
+        reason = "no answer" if last is None else (
+            str(last) if isinstance(last, SeaweedError) else type(last).__name__
+        )
         raise SeaweedError(
             f"SeaweedFS S3 at {self.endpoint} not ready after {timeout:.0f}s ({reason}); "
             f"see {self.log_file}"
         )
+
+    def _volumes_on_disk(self) -> set[int]:
+        """The ids of the volumes in the data folder (``<collection>_<id>.dat``)."""
+        found = (_VOLUME_FILE.search(p.name) for p in (self.data_dir / "data").glob("*.dat"))
+        return {int(m.group(1)) for m in found if m}
+
+    def _unregistered(self, volumes: set[int]) -> set[int]:
+        """Those of ``volumes`` the master cannot locate yet."""
+        master = self._ports().master
+        missing = set()
+        for volume in sorted(volumes):
+            url = f"http://127.0.0.1:{master}/dir/lookup?volumeId={volume}"
+            try:
+                with urllib.request.urlopen(url, timeout=2) as reply:
+                    located = json.loads(reply.read()).get("locations")
+            except (OSError, ValueError):
+                located = None
+            if not located:
+                missing.add(volume)
+        return missing
 
     def _wait_exit(self, pid: int, timeout: float) -> bool:
         """Wait for ``pid`` to exit (reaping it if it is our child)."""

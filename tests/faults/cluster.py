@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.cli.client import channel as cli_channel
 from service.localstack.ca import DevCA
 from service.localstack.cluster import ClusterStack
+from service.localstack.layout import find_pkcs11_module, rewrite_ports
 from service.localstack.service_proc import TlsClient
 from storage import make_minio_client
 from tests.fixtures.service import ROOT, TEST_POLICY_EXTRA, free_port
@@ -102,8 +103,13 @@ class Cluster:
         return done.stdout.strip()
 
 
-def _configure(stack: ClusterStack) -> None:
+def _configure(stack: ClusterStack, database_url: str) -> None:
     """The operator's edits to config.toml and policy.toml, before the first start."""
+    # Ports of its own, not the stack's defaults (7443, 8333): test_localstack's stacks,
+    # on another worker at the same time, take those when free, e.g. while this cluster's
+    # S3 gateway is stopped on purpose, and then it could not come back.
+    assert rewrite_ports(stack.layout, free_port(), free_port(), find_pkcs11_module(),
+                         database_url), "config.toml edited before the first start"
     config = stack.layout.config
     text = config.read_text()
     text = text.replace("[server]\n", (
@@ -130,7 +136,7 @@ def cluster_stack(home: Path, database_url: str) -> Iterator[Cluster]:
     lines: list[str] = []
     stack = ClusterStack(home, lines.append, replicas=REPLICAS, database_url=database_url)
     stack.prepare()
-    _configure(stack)
+    _configure(stack, database_url)
     try:
         stack.up(health_timeout=90)
         yield Cluster(stack, database_url, lines)
