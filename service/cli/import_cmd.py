@@ -43,6 +43,11 @@ def instances(path: Path) -> list[Path]:
     from pydicom.errors import InvalidDicomError  # noqa: PLC0415  (loaded on use)
     from pydicom.fileset import FileSet  # noqa: PLC0415
 
+    # Before the DICOMDIR is read: service.dicom switches pydicom's read-time validation
+    # off (and, through storage, keeps pydicom's logger out of ours); it would log a
+    # malformed value quoted, on this command's stderr.
+    import service.dicom  # noqa: F401, PLC0415
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -96,7 +96,9 @@ def weed_running(pid: int, data_dir: Path) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        # Another user's process: never this stack's weed (which runs as its user),
+        # and one that ``up`` would take as running and ``down`` could not signal.
+        return False
     cmdline = Path(f"/proc/{pid}/cmdline")
     if not cmdline.exists():
         return True  # no procfs (not Linux): trust the signal probe
@@ -122,7 +124,10 @@ def _names_dir(argv: list[bytes], data_dir: Path) -> bool:
         value = os.fsdecode(arg).partition("=")[2]
         if not value.startswith("/"):
             continue
-        path = Path(value).resolve()
+        try:
+            path = Path(value).resolve()
+        except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop (3.11, 3.12)
+            continue
         if path == root or root in path.parents:
             return True
     return False

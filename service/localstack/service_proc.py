@@ -96,7 +96,7 @@ def _runs(argv: list[bytes], config: Path) -> bool:
         return False
     try:
         return Path(os.fsdecode(named)).resolve() == config.resolve()
-    except OSError:
+    except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop (3.11, 3.12)
         return False
 
 

@@ -8,8 +8,10 @@ another stack's files.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +36,12 @@ def strangers() -> Iterator[list[subprocess.Popen[bytes]]]:
 def _stranger(strangers: list[subprocess.Popen[bytes]], argv0: str, *args: str) -> int:
     process = subprocess.Popen([argv0, "-c", SLEEP, *args], executable=sys.executable)
     strangers.append(process)
+    # Until it has exec'd, its command line is still this process's.
+    cmdline = Path(f"/proc/{process.pid}/cmdline")
+    deadline = time.monotonic() + 10
+    while cmdline.read_bytes().split(b"\0")[0] != argv0.encode():
+        assert time.monotonic() < deadline, "the stranger did not start"
+        time.sleep(0.01)
     return process.pid
 
 
@@ -75,3 +83,48 @@ def test_a_recycled_pid_of_another_weed_is_not_ours(
     theirs.mkdir()
     (theirs / "weed.pid").write_text(f"{pid}\n")
     assert SeaweedServer(theirs, 1, "key", "secret").pid == pid
+
+
+def test_another_users_process_at_the_pid_is_not_our_weed(
+    tmp_path: Path, strangers: list[subprocess.Popen[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pid came round to another user's process: the kernel refuses to signal it
+    (EPERM, stood in for here: this test may run as root, whom it never refuses). It is
+    not the stack's weed: ``up`` must start one, ``down`` must not fail on it."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    pid = _stranger(strangers, "weed", "server", f"-dir={mine / 'data'}")
+    kill = os.kill
+
+    def refusing(target: int, sig: int) -> None:
+        if target == pid:
+            raise PermissionError(1, "Operation not permitted")
+        kill(target, sig)
+
+    monkeypatch.setattr(os, "kill", refusing)
+    (mine / "weed.pid").write_text(f"{pid}\n")
+    own = SeaweedServer(mine, 1, "key", "secret")
+    assert own.pid is None
+    own.stop(timeout=1)  # no PermissionError out of `down`
+    assert not (mine / "weed.pid").exists(), "the stale pid file is kept"
+    (mine / "master.pid").write_text(f"{pid}\n")
+    assert SeaweedCluster(mine, tmp_path, 1, "key", "secret").pid("master") is None
+
+
+def test_a_symbolic_link_loop_in_a_strangers_arguments_is_not_an_error(
+    tmp_path: Path, strangers: list[subprocess.Popen[bytes]]
+) -> None:
+    """Paths in a stranger's command line are resolved; a loop (RuntimeError on Python
+    3.11) must leave status, up and down working, the stranger not ours."""
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    weed = _stranger(strangers, "weed", "server", f"-dir={loop / 'data'}")
+    (mine / "weed.pid").write_text(f"{weed}\n")
+    assert SeaweedServer(mine, 1, "key", "secret").pid is None
+    serve = _stranger(strangers, sys.executable, "service", "serve", "--config", str(loop))
+    pid_file = mine / "service.pid"
+    pid_file.write_text(f"{serve}\n")
+    assert ServiceProcess(mine / "config.toml", pid_file, mine / "service.log").pid is None
+    assert all(process.poll() is None for process in strangers)
