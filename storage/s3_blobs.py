@@ -158,25 +158,39 @@ class ChunkReader:
 
     def __init__(self, chunks: Iterable[bytes]) -> None:
         self._chunks = iter(chunks)
-        self._buffer = bytearray()
+        # The chunks not handed out yet, as received: joined once per read, so a part
+        # is copied once (no growing buffer, whose spare capacity outlived the read).
+        self._pending: list[bytes] = []
+        self._pending_size = 0
         self.total = 0
         self.failure: BaseException | None = None
 
     def read(self, size: int = -1) -> bytes:
         """Return up to ``size`` bytes (all remaining if negative); b"" at the end."""
         try:
-            while size < 0 or len(self._buffer) < size:
+            while size < 0 or self._pending_size < size:
                 chunk = next(self._chunks, None)
                 if chunk is None:
                     break
-                self._buffer += chunk
+                if chunk:
+                    self._pending.append(chunk)
+                    self._pending_size += len(chunk)
         except BaseException as e:
             self.failure = e
             raise
-        cut = len(self._buffer) if size < 0 else min(size, len(self._buffer))
-        with memoryview(self._buffer) as view:  # one copy of the part, not two
-            data = bytes(view[:cut])
-        del self._buffer[:cut]
+        if size < 0 or self._pending_size <= size:
+            data = b"".join(self._pending)
+            self._pending = []
+        else:  # the last chunk straddles the cut: its rest waits for the next read
+            taken, rest, count = 0, b"", 0
+            for count, chunk in enumerate(self._pending, start=1):  # noqa: B007
+                if taken + len(chunk) >= size:
+                    head, rest = chunk[: size - taken], chunk[size - taken :]
+                    break
+                taken += len(chunk)
+            data = b"".join([*self._pending[: count - 1], head])
+            self._pending = [rest, *self._pending[count:]] if rest else self._pending[count:]
+        self._pending_size -= len(data)
         self.total += len(data)
         return data
 
