@@ -29,6 +29,7 @@ from service.cli.client import channel as cli_channel
 from service.localstack.ca import DevCA
 from service.localstack.cluster import ClusterStack
 from service.localstack.layout import find_pkcs11_module, rewrite_ports
+from service.localstack.seaweed import find_free_port
 from service.localstack.service_proc import TlsClient
 from storage import make_minio_client
 from tests.fixtures.service import ROOT, TEST_POLICY_EXTRA, free_port
@@ -108,7 +109,7 @@ def _configure(stack: ClusterStack, database_url: str) -> None:
     # Ports of its own, not the stack's defaults (7443, 8333): test_localstack's stacks,
     # on another worker at the same time, take those when free, e.g. while this cluster's
     # S3 gateway is stopped on purpose, and then it could not come back.
-    assert rewrite_ports(stack.layout, free_port(), free_port(), find_pkcs11_module(),
+    assert rewrite_ports(stack.layout, free_port(), find_free_port(), find_pkcs11_module(),
                          database_url), "config.toml edited before the first start"
     config = stack.layout.config
     text = config.read_text()
