@@ -147,6 +147,33 @@ def ensure_secret(path: Path, nbytes: int = 20) -> str:
     return value
 
 
+def live_argv(pid: int) -> list[bytes] | None:
+    """The command line of ``pid``, a live process of this user; None when it has exited,
+    is a zombie, or belongs to another user (never a stack's, which runs as its user, and
+    one ``down`` could not signal). ``[]`` without procfs (not Linux): only the signal
+    probe answered, so the caller cannot tell whose it is.
+
+    Callers check the command line against their own files: a pid file outlives its
+    process, and its pid comes round again (``pid_max`` is 32768 here, and every thread
+    takes one), maybe to another stack's or a test's server.
+    """
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return None
+    proc = Path(f"/proc/{pid}")
+    if not proc.exists():
+        return []
+    try:
+        argv = (proc / "cmdline").read_bytes().split(b"\0")
+        stat = (proc / "stat").read_text()
+    except OSError:
+        return None
+    # A zombie has exited already; it only waits for its parent to reap it.
+    fields = stat.rsplit(")", 1)[-1].split() if ")" in stat else []
+    return None if fields[:1] == ["Z"] else argv
+
+
 def port_free(port: int, host: str = LOOPBACK) -> bool:
     """Whether a server could listen on ``host:port`` now.
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from service.localstack.ca import private_opener as _private_opener
 from service.localstack.ca import write_private
+from service.localstack.layout import live_argv
 from storage import make_minio_client
 
 # weed serves gRPC on every HTTP port + 10000 unless told otherwise.
@@ -86,35 +87,14 @@ def find_free_port(exclude: set[int] | None = None) -> int:
 
 
 def weed_running(pid: int, data_dir: Path) -> bool:
-    """Whether ``pid`` is a live ``weed`` process keeping its state in ``data_dir``.
-
-    A recycled pid (``pid_max`` is 32768 here, and every thread takes one) may belong to
-    another stack's weed, or a test's: one of its arguments must name ``data_dir``.
-    """
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    """Whether ``pid`` is a live ``weed`` process keeping its state in ``data_dir``: one
+    of its arguments must name it (``layout.live_argv``: pids are reused)."""
+    argv = live_argv(pid)
+    if argv is None:
         return False
-    except PermissionError:
-        # Another user's process: never this stack's weed (which runs as its user),
-        # and one that ``up`` would take as running and ``down`` could not signal.
-        return False
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if not cmdline.exists():
+    if not argv:
         return True  # no procfs (not Linux): trust the signal probe
-    try:
-        argv = cmdline.read_bytes().split(b"\0")
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    # A zombie has exited already; it only waits for its parent to reap it.
-    state = stat.rsplit(")", 1)[-1].split()[0] if ")" in stat else ""
-    return (
-        state != "Z"
-        and bool(argv)
-        and Path(os.fsdecode(argv[0])).name == "weed"
-        and _names_dir(argv[1:], data_dir)
-    )
+    return Path(os.fsdecode(argv[0])).name == "weed" and _names_dir(argv[1:], data_dir)
 
 
 def _names_dir(argv: list[bytes], data_dir: Path) -> bool:
@@ -345,7 +325,8 @@ class SeaweedServer:
             # S3 answers before the volume server has told the master about the volumes
             # already on disk; until it has, reading what they hold fails (500, "volume
             # not found"): a restarted stack is ready only then.
-            if not self._unregistered(on_disk):
+            on_disk = self._unregistered(on_disk)  # looked up again: only those missing
+            if not on_disk:
                 return
             last = SeaweedError("volumes on disk not registered with the master yet")
             time.sleep(0.25)

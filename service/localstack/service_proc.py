@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import service
 from service.localstack.ca import private_opener as _private_opener
 from service.localstack.ca import write_private
+from service.localstack.layout import live_argv
 
 # The service package's parent directory: the child imports the very same code.
 _SOURCE_ROOT = Path(service.__file__).resolve().parent.parent
@@ -60,32 +61,19 @@ def check_health(endpoint: str, tls: TlsClient, timeout: float = 2.0) -> bool:
 
 
 def _alive(pid: int, config: Path) -> bool:
-    """Whether ``pid`` runs and is the medvault ``serve`` process of ``config``.
-
-    Not merely some ``serve``: a pid file outlives its process, and on a busy machine its
-    pid comes round again (``pid_max`` is 32768 here, and every thread takes one), maybe
-    to another stack's or another program's server, which ``down`` must never signal.
-    """
+    """Whether ``pid`` runs and is the medvault ``serve`` process of ``config``, not merely
+    some ``serve`` (``layout.live_argv``: pids are reused)."""
     with contextlib.suppress(ChildProcessError):
         # Our own child (tests start and stop in one process) must be reaped, or it
         # lingers as a zombie that os.kill still reports as alive.
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    argv = live_argv(pid)
+    if argv is None:
         return False
-    except PermissionError:
-        return False  # another user's process: not ours, whatever the pid file says
-    proc = Path(f"/proc/{pid}")
-    if not proc.exists():
+    if not argv:
         return True  # no procfs (not Linux): trust the signal probe
-    try:
-        argv = (proc / "cmdline").read_bytes().split(b"\0")
-        state = (proc / "stat").read_text().rsplit(")", 1)[-1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z" and b"service" in argv and b"serve" in argv and _runs(argv, config)
+    return b"service" in argv and b"serve" in argv and _runs(argv, config)
 
 
 def _runs(argv: list[bytes], config: Path) -> bool:
