@@ -101,6 +101,26 @@ def read(stub: pb_grpc.RecordServiceStub, key: tuple[str, int]) -> bytes:
     return fetched.content
 
 
+def _differing(stub: pb_grpc.RecordServiceStub, expected: dict[tuple[str, int], bytes]) -> int:
+    """How many of ``expected`` read back different (four reads at a time)."""
+    with ThreadPoolExecutor(4) as pool:
+        return sum(pool.map(lambda item: read(stub, item[0]) != item[1], expected.items()))
+
+
+def against_acknowledged(
+    cluster: Cluster, load: Workload, endpoints: list[str] | None = None
+) -> tuple[set[tuple[str, int]], set[tuple[str, int]], int]:
+    """Through ``endpoints`` (all replicas by default): the acknowledged records not
+    visible, the visible ones never acknowledged, and how many acknowledged ones read
+    back different (GetRecord authenticates the row and decrypts and checks the object)."""
+    with cluster.channel(endpoints) as channel:
+        stub = pb_grpc.RecordServiceStub(channel)
+        visible = {(r.id, r.version) for p in load.patients
+                   for r in list_all(stub, p, all_versions=True)}  # fmt: skip
+        acknowledged = set(load.acknowledged)
+        return acknowledged - visible, visible - acknowledged, _differing(stub, load.acknowledged)
+
+
 def verify_chain(cluster: Cluster) -> aupb.VerifyChainResponse:
     with cluster.channel(as_="security_officer") as channel:
         reply: aupb.VerifyChainResponse = aupb_grpc.AuditServiceStub(channel).VerifyChain(
@@ -418,13 +438,9 @@ def test_a_replica_killed_during_uploads_and_downloads(cluster: Cluster) -> None
     assert not load.gave_up, f"clients gave up: {load.gave_up}"
     assert load.mismatches == 0, f"{load.mismatches} reads differed from what was stored"
 
-    with cluster.channel([stack.endpoints()[survivor - 1]]) as channel:
-        stub = pb_grpc.RecordServiceStub(channel)
-        visible = {(r.id, r.version) for p in load.patients
-                   for r in list_all(stub, p, all_versions=True)}  # fmt: skip
-        lost = set(load.acknowledged) - visible
-        unacknowledged = visible - set(load.acknowledged)
-        differ = sum(read(stub, k) != c for k, c in load.acknowledged.items())
+    lost, unacknowledged, differ = against_acknowledged(
+        cluster, load, [stack.endpoints()[survivor - 1]]
+    )
     assert not lost, f"{len(lost)} acknowledged records lost"
     assert not unacknowledged, f"{len(unacknowledged)} records visible but never acknowledged"
     assert differ == 0, f"{differ} acknowledged records read back different via the survivor"
@@ -572,13 +588,7 @@ def test_the_s3_gateway_stopped_under_load(cluster: Cluster) -> None:
                    default=float("nan"))  # fmt: skip
     failures_after = [c for c in calls if c.code is not None and c.ended >= back_at]
 
-    with cluster.channel() as channel:
-        stub = pb_grpc.RecordServiceStub(channel)
-        visible = {(r.id, r.version) for p in load.patients
-                   for r in list_all(stub, p, all_versions=True)}  # fmt: skip
-        lost = set(load.acknowledged) - visible
-        unacknowledged = visible - set(load.acknowledged)
-        differ = sum(read(stub, k) != c for k, c in load.acknowledged.items())
+    lost, unacknowledged, differ = against_acknowledged(cluster, load)
     assert not lost, f"{len(lost)} acknowledged records lost"
     assert not unacknowledged, f"{len(unacknowledged)} records visible but never acknowledged"
     assert differ == 0, f"{differ} acknowledged records read back different"
@@ -622,12 +632,6 @@ class Kill:
     healthy: float | None  # None: it killed itself before a health check passed
     died: float
     status: int | None
-
-
-def _differing(stub: pb_grpc.RecordServiceStub, expected: dict[tuple[str, int], bytes]) -> int:
-    """How many of ``expected`` read back different (four reads at a time)."""
-    with ThreadPoolExecutor(4) as pool:
-        return sum(pool.map(lambda item: read(stub, item[0]) != item[1], expected.items()))
 
 
 def _armed_start(cluster: Cluster, index: int, fault: str) -> Kill:
@@ -678,14 +682,7 @@ def test_sigkill_at_each_write_point_on_a_replica(cluster: Cluster) -> None:
         assert not not_killed, f"replica ended other than by its fault: {not_killed}"
         assert not load.gave_up, f"clients gave up: {load.gave_up}"
 
-        with cluster.channel([survivor_endpoint]) as channel:
-            stub = pb_grpc.RecordServiceStub(channel)
-            visible = {(r.id, r.version) for p in load.patients
-                       for r in list_all(stub, p, all_versions=True)}  # fmt: skip
-            lost = set(load.acknowledged) - visible
-            unacknowledged = visible - set(load.acknowledged)
-            # GetRecord authenticates the row and decrypts and checks the whole object.
-            differ = _differing(stub, load.acknowledged)
+        lost, unacknowledged, differ = against_acknowledged(cluster, load, [survivor_endpoint])
         assert not lost, f"{len(lost)} acknowledged records lost"
         assert not unacknowledged, f"{len(unacknowledged)} records visible, never acknowledged"
         assert differ == 0, f"{differ} acknowledged records read back different"

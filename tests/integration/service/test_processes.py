@@ -297,20 +297,3 @@ def test_two_worker_processes_share_one_port_safely(
             }
         )
     )
-
-
-def _whoami_on_new_connection(service: RunningService, cert: Path, key: Path) -> tuple[Any, int]:
-    """WhoAmI as ``cert`` on a connection of its own: (status code, worker that served)."""
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=service.tls.ca.read_bytes(),
-        private_key=key.read_bytes(),
-        certificate_chain=cert.read_bytes(),
-    )
-    options = [("grpc.use_local_subchannel_pool", 1)]  # a new TCP connection every time
-    with grpc.secure_channel(service.endpoint, creds, options=options) as channel:
-        stub = apb_grpc.AccessServiceStub(channel)
-        try:
-            _, call = stub.WhoAmI.with_call(apb.WhoAmIRequest(), timeout=TIMEOUT)
-        except grpc.RpcError as e:
-            return e.code(), _worker(e)
-        return grpc.StatusCode.OK, _worker(call)
