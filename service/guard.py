@@ -2,7 +2,8 @@
 
 Each RPC passes through ``AccessGuard.enter`` (who is calling, may their roles call
 this?) and, for patient data, a gate that checks the care-team grant and commits the
-audit event before anything is read (docs/architecture.md, read path step 1). Denials and
+audit event before anything is released (docs/architecture.md, read path step 1;
+GetRecord fetches while the event commits, ``ReadAdmission``). Denials and
 failures are audited too. Everything here blocks (token, database), so servicers call
 it from worker threads.
 """
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from service.audit.trail import AuditTrail
+from service.audit.trail import AuditTrail, Receipt
 from service.authn import AuthenticationError, Authenticator, Principal
 from service.authz import PermissionDeniedError
 from service.authz.model import Decision
@@ -157,14 +158,18 @@ class AccessGuard:
         """Check patient scope, then commit the allowed event: reads pass this first."""
 
         def gate(ref: RecordRef) -> None:
-            reason = self.check_scope(call, ref)
-            self.audit(
-                call, record_resource(ref), ref.patient_index, outcome="allowed", reason=reason
-            )
-            if call.action in ("records.read", "records.stat"):
-                self._incidents.read(call.principal.name)
+            admission = ReadAdmission(self, call)
+            admission.gate(ref)
+            admission.wait()
 
         return gate
+
+    def read_admission(self, call: Call) -> ReadAdmission:
+        """``patient_gate``'s checks with the allowed event committing in the background:
+        the read fetches meanwhile and calls ``ReadAdmission.wait`` before releasing any
+        of it (docs/architecture.md, read path step 1: the first byte leaves only once
+        the event is committed)."""
+        return ReadAdmission(self, call)
 
     def scope_gate(self, call: Call) -> Gate:
         """Check patient scope only (before an upload starts)."""
@@ -263,6 +268,38 @@ class AccessGuard:
                 outcome=outcome, status=status, reason=reason,
             )
         )
+
+
+class ReadAdmission:
+    """One read's gate and the receipt of its allowed event (``AccessGuard.read_admission``).
+
+    ``gate`` refuses out of scope at once (its denial committed, as ``patient_gate``
+    does) and queues the allowed event without waiting for it; ``wait`` returns once
+    every queued event is committed, and raises ``AuditUnavailableError`` otherwise. The
+    caller fetches and decrypts between the two and sends nothing before ``wait``.
+    """
+
+    def __init__(self, guard: AccessGuard, call: Call) -> None:
+        self._guard = guard
+        self._call = call
+        self._receipts: list[Receipt] = []
+
+    def gate(self, ref: RecordRef) -> None:
+        """The ``Gate``: check scope now, queue the allowed event."""
+        call = self._call
+        reason = self._guard.check_scope(call, ref)
+        entry = _entry(
+            call.principal, call.action, record_resource(ref), ref.patient_index,
+            outcome="allowed", reason=reason,
+        )  # fmt: skip
+        self._receipts.append(self._guard.trail.submit(entry))
+        if call.action in ("records.read", "records.stat"):
+            self._guard.incidents.read(call.principal.name)
+
+    def wait(self) -> None:
+        """Return once the allowed events are committed; raise if one is not."""
+        for receipt in self._receipts:
+            receipt.wait()
 
 
 def _entry(

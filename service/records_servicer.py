@@ -9,8 +9,10 @@ sending overlap.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 from grpc import aio
 from sqlalchemy.engine import Connection
@@ -133,18 +135,28 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
     def _open(
         self, state: CallState, request: pb.GetRecordRequest
     ) -> tuple[OpenRecord, list[bytes] | None]:
+        """Open the record and fetch its first content while the read's audit event
+        commits; nothing is returned, so nothing is sent, before that commit."""
         call = entered(state)
-        with _naming_tampered(state):
-            opened = self._store.open(
-                request.id,
-                convert.version_from_pb(request.version, "version"),
-                request.range.offset,
-                request.range.length,
-                admit=self._guard.patient_gate(call),
-            )
-        if opened.info.size <= self._chunk_size:  # small: read now, saving a thread hop
-            return opened, list(opened.content)
-        return opened, None
+        admission = self._guard.read_admission(call)
+        try:
+            with _naming_tampered(state):
+                opened = self._store.open(
+                    request.id,
+                    convert.version_from_pb(request.version, "version"),
+                    request.range.offset,
+                    request.range.length,
+                    admit=admission.gate,
+                )
+            if opened.info.size <= self._chunk_size:  # small: read now, saving a thread hop
+                return opened, list(opened.content)
+            content = iter(opened.content)
+            first = next(content, None)
+            head = [] if first is None else [first]
+            return replace(opened, content=itertools.chain(head, content)), None
+        finally:
+            # Also after an error: the allowed event precedes the failure's in the trail.
+            admission.wait()
 
     def _stat(
         self, state: CallState, request: pb.StatRecordRequest

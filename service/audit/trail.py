@@ -83,6 +83,35 @@ class _Item:
     future: Future[tuple[ChainedEvent, Any]] = field(default_factory=Future)
 
 
+def _settled(item: _Item) -> tuple[ChainedEvent, Any]:
+    """Wait for ``item``'s commit: its event (and change result), or the error."""
+    try:
+        return item.future.result(timeout=RECORD_TIMEOUT_SECONDS)
+    except TimeoutError as e:
+        # Fail closed rather than hold the caller forever: the call is refused, and
+        # the item, still queued, is cancelled so it is never written.
+        if item.future.cancel() or item.pending.change is None:
+            raise AuditUnavailableError("the audit trail did not commit in time") from e
+    # Its transaction is under way: the caller must learn whether the change committed
+    # (a put deletes its object on an error; a row committed after that would point
+    # at nothing).
+    return item.future.result()
+
+
+class Receipt:
+    """An event queued by ``AuditTrail.submit``: ``wait`` until it is committed."""
+
+    __slots__ = ("_item",)
+
+    def __init__(self, item: _Item | None) -> None:
+        self._item = item
+
+    def wait(self) -> None:
+        """Return once the event is committed; ``AuditUnavailableError`` if it is not."""
+        if self._item is not None:
+            _settled(self._item)
+
+
 class AuditTrail:
     """Records audit events (group commit), signs checkpoints, verifies the chain.
 
@@ -141,23 +170,24 @@ class AuditTrail:
         _, value = self._submit(Pending(normalise(entry), change))
         return cast(T, value)
 
+    def submit(self, entry: AuditEntry) -> Receipt:
+        """Queue ``entry`` now and return at once; ``Receipt.wait`` returns once it is
+        committed (``AuditUnavailableError`` if it cannot be). A read starts fetching while
+        its event commits, and releases nothing before ``wait`` has returned."""
+        if not self._enabled:
+            return Receipt(None)  # benchmark-only: nothing is written (class docstring)
+        return Receipt(self._enqueue(Pending(normalise(entry))))
+
     def _submit(self, pending: Pending) -> tuple[ChainedEvent, Any]:
+        return _settled(self._enqueue(pending))
+
+    def _enqueue(self, pending: Pending) -> _Item:
         item = _Item(pending)
         with self._state_lock:
             if self._closed or not self._writer.is_alive():
                 raise AuditUnavailableError("the audit trail is closed; the event was not recorded")
             self._queue.put(item)
-        try:
-            return item.future.result(timeout=RECORD_TIMEOUT_SECONDS)
-        except TimeoutError as e:
-            # Fail closed rather than hold the caller forever: the call is refused, and
-            # the item, still queued, is cancelled so it is never written.
-            if item.future.cancel() or pending.change is None:
-                raise AuditUnavailableError("the audit trail did not commit in time") from e
-        # Its transaction is under way: the caller must learn whether the change committed
-        # (a put deletes its object on an error; a row committed after that would point
-        # at nothing).
-        return item.future.result()
+        return item
 
     def checkpoint_now(self) -> Checkpoint | None:
         """Sign the committed head now; None if nothing new to sign or no signer.

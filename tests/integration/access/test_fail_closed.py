@@ -1,5 +1,9 @@
 """Fail closed: when the audit event cannot be committed, a read sends nothing.
 
+A read fetches and decrypts its first content while its event commits (issue 12): a
+record of one chunk and one of several (whose first segment is fetched before the
+commit is awaited) are both checked.
+
 Database unavailable (SQLite: the write lock held elsewhere past the busy timeout;
 PostgreSQL: the database refuses connections, or the audit insert fails with a
 connection error) and write errors (the audit table renamed away; an insert trigger
@@ -38,6 +42,8 @@ from tests.integration.access.helpers import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 CONTENT = b"synthetic fail-closed note"
+# Larger than the service's 1 MiB chunk: GetRecord streams it after the metadata message.
+LARGE = bytes(range(256)) * (9 << 10) + b"tail"
 
 
 @dataclass
@@ -49,6 +55,7 @@ class World:
     officer: Client
     patient: pb.PatientId
     record: pb.Record
+    large: pb.Record
     reads_ok: int = 0
 
 
@@ -59,8 +66,15 @@ def world(service_factory: Any, fresh_database: str, issue: Any) -> Iterator[Wor
     officer = client(service, issue("officer-failclosed", "security_officer"))
     patient = new_patient()
     record = put_record(reader, patient, CONTENT)
+    head = pb.RecordHeader(
+        patient=patient, kind=pb.RECORD_KIND_OTHER, content_type="application/octet-stream"
+    )
+    chunks = [
+        pb.PutRecordRequest(chunk=LARGE[i : i + (1 << 20)]) for i in range(0, len(LARGE), 1 << 20)
+    ]
+    large = reader.records.PutRecord(iter([pb.PutRecordRequest(header=head), *chunks]), timeout=60)
     engine = engine_for(fresh_database)
-    w = World(service, fresh_database, engine, reader, officer, patient, record)
+    w = World(service, fresh_database, engine, reader, officer, patient, record, large)
     yield w
     reader.close()
     officer.close()
@@ -69,21 +83,23 @@ def world(service_factory: Any, fresh_database: str, issue: Any) -> Iterator[Wor
 
 
 def read_works(w: World) -> None:
-    fetched = fetch(w.reader, w.record.id)
-    assert fetched.error is None, f"read failed after recovery: {fetched.code.name}"
-    assert fetched.content == CONTENT, "content differs"
-    w.reads_ok += 1
+    for record, content in ((w.record, CONTENT), (w.large, LARGE)):
+        fetched = fetch(w.reader, record.id)
+        assert fetched.error is None, f"read failed after recovery: {fetched.code.name}"
+        assert fetched.content == content, "content differs"
+        w.reads_ok += 1
 
 
 def refused_with_nothing_sent(w: World, cause: Callable[[], AbstractContextManager[Any]]) -> None:
     read_works(w)
     with cause():
-        fetched = fetch(w.reader, w.record.id)
-    assert fetched.code == grpc.StatusCode.UNAVAILABLE, (
-        f"expected UNAVAILABLE, got {fetched.code.name}"
-    )
-    assert fetched.metadata is None, "metadata sent although the event was not committed"
-    assert fetched.content == b"", f"{len(fetched.content)} content bytes sent"
+        refused = [fetch(w.reader, w.record.id), fetch(w.reader, w.large.id)]
+    for size, fetched in zip(("small", "large"), refused, strict=True):
+        assert fetched.code == grpc.StatusCode.UNAVAILABLE, (
+            f"{size}: expected UNAVAILABLE, got {fetched.code.name}"
+        )
+        assert fetched.metadata is None, f"{size}: metadata sent, the event not committed"
+        assert fetched.content == b"", f"{size}: {len(fetched.content)} content bytes sent"
     read_works(w)
     allowed = events(
         w.officer, principal="test-app", action="records.read", outcome=aupb.OUTCOME_ALLOWED
