@@ -14,6 +14,7 @@ A PAdES signature also writes a new version of the PDF record, audited as a put 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import UTC
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -25,7 +26,7 @@ from service.authz import PermissionDeniedError
 from service.calls import CallState, entered, handled
 from service.convert import resource_id, version_from_pb
 from service.guard import AccessGuard, Call
-from service.signing import DocumentSigning, SignatureFormat, VersionWriter
+from service.signing import CommitSignature, DocumentSigning, SignatureFormat, VersionWriter
 from service.signing.validation import Verdict
 from storage import Change, Gate, InvalidRecordError, RecordRef, Signature
 
@@ -110,21 +111,39 @@ class SigningServicer(pb_grpc.SigningServiceServicer):  # type: ignore[misc]  # 
     ) -> Signature:
         call = entered(state)
         self._check_signer(call, request.signer)
-        gate = _RememberingGate(self._guard.patient_gate(call))
-
-        def commit(signature_id: str, insert: Change[Signature]) -> Signature:
-            state.resource = f"signature/{signature_id}"
-            return self._guard.audit_change(call, state.resource, insert, gate.patient_index)
-
         version = version_from_pb(request.version, "version")
         if format_from_pb(request.format) is SignatureFormat.PADES:
+            # PAdES stores a new version of the document before its signature: the read
+            # event commits before anything is read, as patient_gate does.
+            gate = _RememberingGate(self._guard.patient_gate(call))
             writer = VersionWriter(
                 call.principal.name, self._guard.scope_gate(call), self._guard.commit_gate(call)
             )
             return self._signing.sign_pades(
-                request.record_id, version, request.signer, gate, writer=writer, commit=commit
-            )
-        return self._signing.sign(request.record_id, version, request.signer, gate, commit)
+                request.record_id, version, request.signer, gate, writer=writer,
+                commit=self._committer(call, state, gate, lambda: None),
+            )  # fmt: skip
+        # CAdES: the token signs while the read event commits; the signature's own
+        # transaction starts only once that event is committed.
+        admission = self._guard.read_admission(call)
+        gate = _RememberingGate(admission.gate)
+        commit = self._committer(call, state, gate, admission.wait)
+        try:
+            return self._signing.sign(request.record_id, version, request.signer, gate, commit)
+        finally:
+            admission.wait()  # also after an error: the read event precedes its failure
+
+    def _committer(
+        self, call: Call, state: CallState, gate: _RememberingGate, first: Callable[[], None]
+    ) -> CommitSignature:
+        """Store a signature with its event in one transaction, after ``first()``."""
+
+        def commit(signature_id: str, insert: Change[Signature]) -> Signature:
+            first()
+            state.resource = f"signature/{signature_id}"
+            return self._guard.audit_change(call, state.resource, insert, gate.patient_index)
+
+        return commit
 
     def _verify(
         self, state: CallState, request: pb.VerifyRecordRequest

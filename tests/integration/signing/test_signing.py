@@ -230,19 +230,20 @@ def test_edited_signature_column_is_data_loss(
     assert code == grpc.StatusCode.DATA_LOSS
 
 
-def _refuse_signature_events(engine: sa.Engine, sqlite: bool) -> None:
-    """Make the database refuse exactly the audit events of new signatures."""
+def _refuse_signature_events(engine: sa.Engine, sqlite: bool, resource: str = "signature/") -> None:
+    """Make the database refuse exactly the signing audit events of ``resource``: the new
+    signatures' (``signature/``) or the read of the record signed (``record/``)."""
+    like = f"NEW.action = 'signatures.sign' AND NEW.resource LIKE '{resource}%'"
     with engine.begin() as c:
         if sqlite:
             c.execute(sa.text(
-                "CREATE TRIGGER sig_audit_fail BEFORE INSERT ON audit_events "
-                "WHEN NEW.resource LIKE 'signature/%' "
+                f"CREATE TRIGGER sig_audit_fail BEFORE INSERT ON audit_events WHEN {like} "
                 "BEGIN SELECT RAISE(ABORT, 'injected audit write error'); END"
             ))  # fmt: skip
             return
         c.execute(sa.text(
             "CREATE FUNCTION sig_audit_fail() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            "IF NEW.resource LIKE 'signature/%' THEN RAISE EXCEPTION 'injected'; END IF; "
+            f"IF {like} THEN RAISE EXCEPTION 'injected'; END IF; "
             "RETURN NEW; END $$"
         ))  # fmt: skip
         c.execute(sa.text(
@@ -265,14 +266,19 @@ def _signature_events(stack: SigningStack) -> list[str]:
     return [e.resource for e in found if e.resource.startswith("signature/")]
 
 
-def test_signature_not_stored_when_its_event_cannot_commit(stack: SigningStack) -> None:
-    """Fail closed: the signature row commits with its own audit event, or not at all."""
+@pytest.mark.parametrize("refused", ["signature/", "record/"])
+def test_signature_not_stored_when_its_event_cannot_commit(
+    stack: SigningStack, refused: str
+) -> None:
+    """Fail closed: the signature row commits with its own audit event, or not at all;
+    and not at all when the read of the record (queued while the token signs) could not
+    be committed."""
     record_id = _record(stack, "dr-ec")
     before = _signature_events(stack)
     sqlite = stack.database_url.startswith("sqlite")
     engine = engine_for(stack.database_url)
     try:
-        _refuse_signature_events(engine, sqlite)
+        _refuse_signature_events(engine, sqlite, refused)
         try:
             request = spb.SignRecordRequest(record_id=record_id, signer="dr-ec")
             code = code_of(_stub(stack.clients["dr-ec"]).SignRecord, request, timeout=TIMEOUT)
