@@ -48,6 +48,10 @@ def _content(requests: Iterator[pb.PutRecordRequest]) -> Iterator[bytes]:
         yield request.chunk
 
 
+def _chunk_bytes(request: pb.PutRecordRequest) -> int:
+    return len(request.chunk)
+
+
 def _pieces(chunks: Iterator[bytes], size: int) -> Iterator[bytes]:
     for chunk in chunks:
         if len(chunk) <= size:
@@ -232,6 +236,9 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
             # The thread is held while the client streams: a global cap keeps reads served.
             release = self._uploads.acquire()
             try:
+                # A record of one chunk arrives whole before the worker starts (no
+                # hand-off per message); a larger one, its first chunk.
+                await requests.prefill(self._chunk_size, _chunk_bytes)
                 info = await asyncio.to_thread(self._put, state, header, requests)
             except asyncio.CancelledError:
                 requests.abandon()  # the worker runs on: it must not commit

@@ -11,6 +11,7 @@ the current one, and long runs report their progress through it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
@@ -25,6 +26,23 @@ _END = object()
 # A backstop only: the edge ends a silent stream after server.idle_seconds (at most
 # config.MAX_IDLE_SECONDS), which reaches the worker as that call's error well before this.
 IDLE_TIMEOUT_SECONDS = 360.0
+# ``SyncRequests.prefill`` holds at most this many messages (a small record is 1 or 2).
+PREFILL_MESSAGES = 4
+
+
+def _retrieved(read: asyncio.Future[object]) -> None:
+    """Mark a read's error seen: a read left behind by a cancelled handler has no reader."""
+    if not read.cancelled():
+        read.exception()
+
+
+class _Raised:
+    """An error ``SyncRequests.prefill`` met, raised to the worker in its place."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
 
 
 class StreamCancelledError(ServiceError):
@@ -53,6 +71,38 @@ class SyncRequests(Generic[T]):
         self._loop = loop
         self._cancelled = cancelled  # the call's own flag, read on the loop
         self._abandoned = threading.Event()
+        # Messages read on the loop by ``prefill``, then the end or the error met there.
+        self._held: collections.deque[object] = collections.deque()
+
+    async def prefill(
+        self, max_bytes: int, weigh: Callable[[T], int], max_messages: int = PREFILL_MESSAGES
+    ) -> None:
+        """On the loop, read messages until they weigh ``max_bytes``, ``max_messages`` are
+        held (empty ones weigh nothing) or the stream ends.
+
+        A small stream is then whole before the worker starts, and the worker waits on
+        no hand-off per message (two or three thread wake-ups of a small put). An error
+        met here (a refused message, an idle stream) is kept and raised to the worker
+        where it would have met it, so it is handled (and audited) as before.
+        """
+        held = 0
+        while held < max_bytes and len(self._held) < max_messages:
+            # Each read in a task of its own, awaited through a shield, as a worker's
+            # reads are: grpc ends the stream of a cancelled call and cancels the handler
+            # at the same moment, and a cancellation meeting a completed read inside the
+            # edge's ``wait_for`` (Python 3.11) would be lost, the handler never learning
+            # that the call was cancelled (tests/integration/access/test_cancelled_put.py).
+            read = asyncio.ensure_future(self._next())
+            read.add_done_callback(_retrieved)
+            try:
+                item = await asyncio.shield(read)
+            except Exception as e:  # noqa: BLE001  (raised to the worker, in order)
+                self._held.append(_Raised(e))
+                return
+            self._held.append(item)
+            if item is _END:
+                return
+            held += weigh(item)  # type: ignore[arg-type]  # not _END: a message
 
     def abandon(self) -> None:
         """The handler stopped waiting for the worker (the call was cancelled)."""
@@ -88,11 +138,18 @@ class SyncRequests(Generic[T]):
 
     def __next__(self) -> T:
         self.check_live()
-        future = asyncio.run_coroutine_threadsafe(self._next(), self._loop)
-        item = future.result(timeout=IDLE_TIMEOUT_SECONDS)
+        if self._held:
+            item = self._held[0]
+            if item is not _END:  # the end stays: a later next() ends again
+                self._held.popleft()
+            if isinstance(item, _Raised):
+                raise item.error
+        else:
+            future = asyncio.run_coroutine_threadsafe(self._next(), self._loop)
+            item = future.result(timeout=IDLE_TIMEOUT_SECONDS)
         if item is _END:
             raise StopIteration
-        return item  # type: ignore[return-value]  # _END is the only non-T value
+        return item  # type: ignore[return-value]  # _END and _Raised are the only non-T
 
 
 class ThreadToLoop(Generic[T]):

@@ -375,11 +375,14 @@ def test_a_refusal_is_audited_even_if_its_client_cancels_while_the_pool_is_busy(
 
         def stream() -> Iterator[pb.PutRecordRequest]:
             yield head
+            # A full chunk: the handler reads a stream ahead only up to one chunk
+            # (SyncRequests.prefill), then hands it to a worker.
+            yield pb.PutRecordRequest(chunk=b"s" * CHUNK)
             send.wait(TIMEOUT)
             yield pb.PutRecordRequest(chunk=b"synthetic content")
 
         upload = caller.records.PutRecord.future(stream(), timeout=TIMEOUT)
-        # Its worker (one of the pool's two threads) waits for the content.
+        # Its worker (one of the pool's two threads) waits for the rest of the content.
         wait_for(lambda: metrics.value("medvault_worker_jobs") == 1, 20, "the upload's worker")
         with engine.connect() as lock:
             lock.execute(sa.text(f"LOCK TABLE {records.name} IN ACCESS EXCLUSIVE MODE"))

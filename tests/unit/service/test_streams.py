@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.streams import ThreadToLoop, prefetch, run_in_thread
+from service.streams import PREFILL_MESSAGES, SyncRequests, ThreadToLoop, prefetch, run_in_thread
 
 WAIT = 30.0  # a bound on waiting for another thread, never a measured duration
 
@@ -116,3 +116,83 @@ def test_put_reports_a_consumer_that_has_gone() -> None:
     # also have closed by then, which reads the same to the worker.)
     assert finished.wait(WAIT)
     assert answers == [True, False]
+
+
+# --- SyncRequests: the other way, a worker pulling request messages from the loop -------
+
+
+class _Source:
+    """An async request stream that counts the reads asked of it (the end included)."""
+
+    def __init__(self, items: list[bytes], error: Exception | None = None) -> None:
+        self.items = items
+        self.error = error
+        self.calls = 0
+
+    def __aiter__(self) -> _Source:
+        return self
+
+    async def __anext__(self) -> bytes:
+        self.calls += 1
+        if self.calls <= len(self.items):
+            return self.items[self.calls - 1]
+        if self.error is not None:
+            raise self.error
+        raise StopAsyncIteration
+
+
+def _drain_in_worker(source: _Source, max_bytes: int) -> tuple[list[bytes], int, int]:
+    """Prefill on the loop, then iterate to the end in a worker thread: (the items, reads
+    made by prefill, reads the worker had to ask of the loop)."""
+
+    async def main() -> tuple[list[bytes], int]:
+        requests = SyncRequests(source, asyncio.get_running_loop())
+        await requests.prefill(max_bytes, len)
+        on_loop = source.calls
+        return await asyncio.to_thread(list, requests), on_loop
+
+    items, on_loop = asyncio.run(main())
+    return items, on_loop, source.calls - on_loop
+
+
+def test_a_small_stream_is_read_whole_on_the_loop() -> None:
+    items, on_loop, from_worker = _drain_in_worker(_Source([b"a" * 10, b"b" * 10]), 100)
+    assert items == [b"a" * 10, b"b" * 10]
+    assert on_loop == 3  # both messages and the end
+    assert from_worker == 0
+
+
+def test_prefill_stops_at_max_bytes_and_the_worker_reads_the_rest() -> None:
+    chunks = [bytes([i]) * 40 for i in range(5)]
+    items, on_loop, from_worker = _drain_in_worker(_Source(chunks), 100)
+    assert items == chunks
+    assert on_loop == 3  # 40 + 40 + 40 >= 100
+    assert from_worker == 3  # the two left, then the end
+
+
+def test_prefill_holds_a_bounded_number_of_empty_messages() -> None:
+    source = _Source([b""] * 1000)
+    items, on_loop, _ = _drain_in_worker(source, 1 << 20)
+    assert on_loop == PREFILL_MESSAGES
+    assert items == [b""] * 1000
+
+
+def test_an_error_met_by_prefill_reaches_the_worker_after_the_items_before_it() -> None:
+    failure = ValueError("corrupt request message")
+    source = _Source([b"x"], error=failure)
+
+    async def main() -> list[bytes]:
+        requests = SyncRequests(source, asyncio.get_running_loop())
+        await requests.prefill(100, len)
+        got: list[bytes] = []
+
+        def work() -> None:
+            for item in requests:
+                got.append(item)
+
+        with pytest.raises(ValueError, match="corrupt") as caught:
+            await asyncio.to_thread(work)
+        assert caught.value is failure
+        return got
+
+    assert asyncio.run(main()) == [b"x"]
