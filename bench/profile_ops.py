@@ -85,6 +85,9 @@ def main() -> int:
     p.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument("--gil", action="store_true",
                    help="sample only the GIL holder (where Python CPU goes)")  # fmt: skip
+    p.add_argument("--idle", action="store_true",
+                   help="keep waiting threads' samples, one root per thread: where each "
+                        "thread's wall time goes, waits included (a call's timeline)")  # fmt: skip
     ns = p.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     ns.out.mkdir(parents=True, exist_ok=True)
@@ -111,7 +114,8 @@ def main() -> int:
                 fmt_runs.append(subprocess.Popen(
                     [spy, "record", "--pid", pid, "--rate", str(ns.rate), "--duration",
                      str(int(ns.seconds)), "--format", fmt, "--output", str(base) + suffix,
-                     "--nonblocking", *(["--gil"] if ns.gil else [])],
+                     "--nonblocking", *(["--gil"] if ns.gil else []),
+                     *(["--idle", "--threads"] if ns.idle else [])],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 ))  # fmt: skip
             time.sleep(1.0)
