@@ -112,7 +112,13 @@ class Messages:
     async def __anext__(self) -> Any:
         timeout, message = self._timeout()
         try:
-            item = await asyncio.wait_for(anext(self._source), timeout)
+            # Not wait_for: in Python 3.11 it returns a read that completed as the task
+            # was cancelled and drops the cancellation, and grpc ends a cancelled call's
+            # stream and cancels its handler at the same moment: the handler would take
+            # the end for the client's and commit (tests/integration/access/
+            # test_cancelled_put.py).
+            async with asyncio.timeout(timeout):
+                item = await anext(self._source)
         except TimeoutError as e:
             raise StreamDeadlineError(message) from e
         self._received += 1

@@ -30,12 +30,6 @@ IDLE_TIMEOUT_SECONDS = 360.0
 PREFILL_MESSAGES = 4
 
 
-def _retrieved(read: asyncio.Future[object]) -> None:
-    """Mark a read's error seen: a read left behind by a cancelled handler has no reader."""
-    if not read.cancelled():
-        read.exception()
-
-
 class _Raised:
     """An error ``SyncRequests.prefill`` met, raised to the worker in its place."""
 
@@ -87,15 +81,8 @@ class SyncRequests(Generic[T]):
         """
         held = 0
         while held < max_bytes and len(self._held) < max_messages:
-            # Each read in a task of its own, awaited through a shield, as a worker's
-            # reads are: grpc ends the stream of a cancelled call and cancels the handler
-            # at the same moment, and a cancellation meeting a completed read inside the
-            # edge's ``wait_for`` (Python 3.11) would be lost, the handler never learning
-            # that the call was cancelled (tests/integration/access/test_cancelled_put.py).
-            read = asyncio.ensure_future(self._next())
-            read.add_done_callback(_retrieved)
             try:
-                item = await asyncio.shield(read)
+                item = await self._next()
             except Exception as e:  # noqa: BLE001  (raised to the worker, in order)
                 self._held.append(_Raised(e))
                 return
