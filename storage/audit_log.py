@@ -63,6 +63,7 @@ class Appended:
     value: Any = None
     error: Exception | None = None
 
+
 HEAD_ID: Final = 1
 QUERY_BATCH: Final = 500  # rows per round trip when streaming a query
 
@@ -107,6 +108,7 @@ audit_checkpoints = sa.Table(
     sa.Column("prev_sequence", sa.BigInteger, nullable=True),
     sa.Column("prev_digest", sa.LargeBinary(32), nullable=True),
 )
+
 
 def _sqlite_full_sync(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
@@ -343,7 +345,7 @@ class SqlAuditLog:
             prev = digest
         if rows:
             connection.execute(_INSERT_EVENTS, rows)
-            connection.execute(_UPDATE_HEAD.values(sequence=sequence, hash=prev))
+            connection.execute(_UPDATE_HEAD, {"sequence": sequence, "hash": prev})
         return done
 
     def _lock_head(self, connection: Connection) -> tuple[int, bytes]:
@@ -367,7 +369,8 @@ class SqlAuditLog:
             return fn(connection)
 
 
-# Built once: statement construction showed up in profiles of the audit writer.
+# Built once, executed with parameters (no per-call ``.values()``): statement
+# construction showed up in profiles of the audit writer.
 _LOCK_HEAD = (
     audit_head.update()
     .where(audit_head.c.id == HEAD_ID)

@@ -52,8 +52,19 @@ class RequestKeyTakenError(StorageError):
     """A concurrent put with the same key committed first (handled as a replay)."""
 
 
-def _key(principal: str, request_id: str) -> sa.ColumnElement[bool]:
-    return sa.and_(put_requests.c.principal == principal, put_requests.c.request_id == request_id)
+# On the path of every put with a request id: built once and executed with parameters
+# (a statement built per call costs SQLAlchemy its construction and a new cache key).
+_KEY = sa.and_(
+    put_requests.c.principal == sa.bindparam("principal"),
+    put_requests.c.request_id == sa.bindparam("request_id"),
+)
+_FIND = sa.select(put_requests.c.record_id, put_requests.c.version).where(
+    _KEY, put_requests.c.created_at >= sa.bindparam("cutoff")
+)
+_DELETE_EXPIRED = put_requests.delete().where(
+    _KEY, put_requests.c.created_at < sa.bindparam("cutoff")
+)
+_INSERT = put_requests.insert()
 
 
 class SqlPutRequests:
@@ -71,10 +82,8 @@ class SqlPutRequests:
 
     def find(self, principal: str, request_id: str) -> tuple[str, int] | None:
         """The (record id, version) the key stored, unless older than the retention."""
-        query = sa.select(put_requests.c.record_id, put_requests.c.version).where(
-            _key(principal, request_id), put_requests.c.created_at >= self._cutoff()
-        )
-        row = run_in_transaction(self._engine, lambda c: c.execute(query).first())
+        params = {"principal": principal, "request_id": request_id, "cutoff": self._cutoff()}
+        row = run_in_transaction(self._engine, lambda c: c.execute(_FIND, params).first())
         return None if row is None else (str(row[0]), int(row[1]))
 
     def remember_change(
@@ -89,14 +98,12 @@ class SqlPutRequests:
             "principal": principal, "request_id": request_id, "record_id": record_id,
             "version": version, "created_at": to_utc(self._clock(), "now"),
         }  # fmt: skip
-        expired = put_requests.delete().where(
-            _key(principal, request_id), put_requests.c.created_at < self._cutoff()
-        )
+        expired = {"principal": principal, "request_id": request_id, "cutoff": self._cutoff()}
 
         def remember(connection: Connection) -> None:
-            connection.execute(expired)
+            connection.execute(_DELETE_EXPIRED, expired)
             try:
-                connection.execute(put_requests.insert().values(**values))
+                connection.execute(_INSERT, values)
             except exc.IntegrityError as e:
                 raise RequestKeyTakenError("request id taken by a concurrent put") from e
 

@@ -117,15 +117,24 @@ kek_versions = sa.Table(
 )
 
 
+# The put's statements, built once and executed with parameters: built per call they
+# cost the put SQLAlchemy's construction, coercion of each value and a new cache key
+# (issue 12's GIL profile of 4 KiB puts). kek_state's lock is PostgreSQL's FOR SHARE.
+_INSERT_RECORD = records.insert()
+_INSERT_INDEX = record_index.insert()
+_KEK_STATE = sa.select(kek_versions.c.state).where(
+    kek_versions.c.version == sa.bindparam("version")
+)
+_KEK_STATE_SHARED = _KEK_STATE.with_for_update(read=True)
+_KEK_INSERT_PG = postgresql.insert(kek_versions).on_conflict_do_nothing()
+_KEK_INSERT_LITE = sqlite.insert(kek_versions).on_conflict_do_nothing()
+
+
 def kek_insert_ignoring_duplicates(connection: Connection, version: int, state: str) -> None:
     """Register KEK ``version`` unless it is known already (a no-op then, never an error)."""
     values = {"version": version, "state": state, "created_at": datetime.now(UTC)}
-    if connection.dialect.name == "postgresql":
-        pg = postgresql.insert(kek_versions).values(**values).on_conflict_do_nothing()
-        connection.execute(pg)
-    else:
-        lite = sqlite.insert(kek_versions).values(**values).on_conflict_do_nothing()
-        connection.execute(lite)
+    pg = connection.dialect.name == "postgresql"
+    connection.execute(_KEK_INSERT_PG if pg else _KEK_INSERT_LITE, values)
 
 
 def kek_state(connection: Connection, version: int) -> str | None:
@@ -135,10 +144,8 @@ def kek_state(connection: Connection, version: int) -> str | None:
     first, then counts the rows using it): whichever comes second sees the other.
     SQLite needs no lock: the insert before this holds the database's write lock.
     """
-    query = sa.select(kek_versions.c.state).where(kek_versions.c.version == version)
-    if connection.dialect.name == "postgresql":
-        query = query.with_for_update(read=True)
-    state: str | None = connection.scalar(query)
+    query = _KEK_STATE_SHARED if connection.dialect.name == "postgresql" else _KEK_STATE
+    state: str | None = connection.scalar(query, {"version": version})
     return state
 
 
@@ -147,9 +154,9 @@ def _insert_guarded(
 ) -> None:
     """Insert a records row (and its index entries) unless its KEK version is retired
     (same transaction)."""
-    connection.execute(records.insert().values(**values))
+    connection.execute(_INSERT_RECORD, values)
     if entries:
-        connection.execute(record_index.insert(), [
+        connection.execute(_INSERT_INDEX, [
             {"record_id": values["id"], "version": values["version"],
              "patient_index": values["patient_index"], "field": e.field, "value": e.value,
              "system": e.system, "quantity": e.quantity, "unit": e.unit,
@@ -331,8 +338,7 @@ def translated(engine: Engine) -> Iterator[None]:
         ) from e
     except exc.TimeoutError as e:  # the pool's: every connection busy past its timeout
         raise BackendUnavailableError(
-            f"metadata database at {_where_label(engine)} busy (no free connection); "
-            "retry later"
+            f"metadata database at {_where_label(engine)} busy (no free connection); retry later"
         ) from e
     except exc.SQLAlchemyError as e:
         raise StorageError(f"metadata database error ({type(e).__name__})") from e
@@ -349,11 +355,8 @@ def connect(engine: Engine, what: str = "metadata database") -> Connection:
         return engine.connect()
     except (exc.OperationalError, exc.InterfaceError) as e:
         raise DatabaseUnreachableError(
-            f"{what} unavailable at {_where_label(engine)} "
-            f"({type(e.orig).__name__}); retry later"
+            f"{what} unavailable at {_where_label(engine)} ({type(e.orig).__name__}); retry later"
         ) from e
-
-
 
 
 def _latest_only() -> sa.ColumnElement[bool]:
@@ -385,9 +388,7 @@ def _entries_of(ids: Sequence[str]) -> Callable[[Connection], Sequence[Row[Any]]
     return lambda c: c.execute(query).all()
 
 
-def run_in_transaction(
-    engine: Engine, fn: Callable[[Connection], T], *, write: bool = False
-) -> T:
+def run_in_transaction(engine: Engine, fn: Callable[[Connection], T], *, write: bool = False) -> T:
     """Run ``fn`` in one transaction (committed if ``write``), translating driver errors."""
     with translated(engine), connect(engine) as connection:
         if write:
