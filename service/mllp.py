@@ -119,7 +119,10 @@ class Frames:
             if remaining <= 0:
                 raise FrameTimeoutError(self._pending())
             try:
-                data = await asyncio.wait_for(self._reader.read(_READ), remaining)
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a
+                # cancellation (the listener stopping) that meets a completed read.
+                async with asyncio.timeout(remaining):
+                    data = await self._reader.read(_READ)
             except TimeoutError:
                 raise FrameTimeoutError(self._pending()) from None
             if not data:
@@ -405,7 +408,8 @@ class MllpListener:
 
     async def _send(self, writer: asyncio.StreamWriter, reply: bytes) -> None:
         writer.write(START + reply + END)
-        await asyncio.wait_for(writer.drain(), self._config.idle_seconds)
+        async with asyncio.timeout(self._config.idle_seconds):
+            await writer.drain()
 
 
 def listener(config: Config, store: RecordStore, guard: AccessGuard) -> MllpListener:
