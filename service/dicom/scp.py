@@ -316,8 +316,15 @@ class DimseHandlers:
             raise InvalidRecordError(
                 "content", f"instance exceeds the C-GET limit of {self._cap} bytes"
             )
-        opened = self._store.open(member.id, member.version, admit=self._guard.patient_gate(call))
-        return dcmread(io.BytesIO(b"".join(opened.content)))
+        # Fetched while the read event commits; nothing is returned (and so sent) before
+        # the commit, as GetRecord does (service.guard.ReadAdmission).
+        admission = self._guard.read_admission(call)
+        try:
+            opened = self._store.open(member.id, member.version, admit=admission.gate)
+            content = b"".join(opened.content)
+        finally:
+            admission.wait()
+        return dcmread(io.BytesIO(content))
 
     def on_get(self, event: Any) -> Iterator[int | Reply]:
         """Study Root C-GET: the instances of a study (or series, or instances) the caller

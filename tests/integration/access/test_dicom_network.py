@@ -314,6 +314,52 @@ def test_a_caller_without_a_grant_finds_and_gets_nothing_and_is_audited(w: World
     assert all(e.status == "PERMISSION_DENIED" for e in denied)
 
 
+@contextlib.contextmanager
+def _read_events_refused(w: World) -> Iterator[None]:
+    """The database refuses DOCTOR's read events of instances (an audit write error);
+    the C-GET's own events (its study lookup) still commit."""
+    when = (f"NEW.principal = '{DOCTOR}' AND NEW.action = 'records.read' "
+            "AND NEW.resource LIKE 'record/%'")  # fmt: skip
+    sqlite = w.engine.dialect.name == "sqlite"
+    with w.engine.begin() as c:
+        if sqlite:
+            c.execute(sa.text(
+                f"CREATE TRIGGER get_audit_fail BEFORE INSERT ON audit_events WHEN {when} "
+                "BEGIN SELECT RAISE(ABORT, 'injected audit write error'); END"))
+        else:
+            c.execute(sa.text(
+                "CREATE FUNCTION get_audit_fail() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                f"BEGIN IF {when} THEN RAISE EXCEPTION 'injected'; END IF; RETURN NEW; END $$"))
+            c.execute(sa.text(
+                "CREATE TRIGGER get_audit_fail BEFORE INSERT ON audit_events "
+                "FOR EACH ROW EXECUTE FUNCTION get_audit_fail()"))
+    try:
+        yield
+    finally:
+        with w.engine.begin() as c:
+            if sqlite:
+                c.execute(sa.text("DROP TRIGGER get_audit_fail"))
+            else:
+                c.execute(sa.text("DROP TRIGGER get_audit_fail ON audit_events"))
+                c.execute(sa.text("DROP FUNCTION get_audit_fail()"))
+
+
+def test_getscu_receives_nothing_whose_read_event_cannot_commit(w: World) -> None:
+    """Fail closed on C-GET: each instance is fetched while its read event commits, and
+    none is sent when the event fails; once events commit again, every one is."""
+    patient = new_patient()
+    grant(w.clerk, patient, DOCTOR)
+    study = _make_study(w, patient, [2], "failclosed")
+    assert storescu(w.modality, w.port, study.files).returncode == 0
+    keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study.uid}
+    with tls_tunnel(w.reader, w.port) as tunnel:
+        with _read_events_refused(w):
+            getscu(tunnel, w.tmp / "get-refused", keys)
+        assert not list((w.tmp / "get-refused").iterdir()), "sent without its read event"
+        getscu(tunnel, w.tmp / "get-again", keys)
+    assert len(_received(w.tmp / "get-again")) == len(study.files), "not retrieved after"
+
+
 # --- refusals: DICOM failure statuses, nothing stored, audited -----------------------
 
 
