@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -127,9 +127,12 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
             requests.confirm_live()
             commit(ref, insert)
 
+        content: Iterable[bytes] = _content(requests)
+        if requests.whole:  # read to its end on the loop: in memory, checked here
+            content = list(content)
         return self._store.put(
             header,
-            _content(requests),
+            content,
             call.principal.name,
             admit=self._guard.scope_gate(call),
             on_commit=on_commit,

@@ -95,6 +95,11 @@ class SyncRequests(Generic[T]):
         """The handler stopped waiting for the worker (the call was cancelled)."""
         self._abandoned.set()
 
+    @property
+    def whole(self) -> bool:
+        """Whether ``prefill`` read the stream to its end (every message is held)."""
+        return bool(self._held) and self._held[-1] is _END
+
     def check_live(self) -> None:
         """``StreamCancelledError`` once the call was cancelled."""
         if self._abandoned.is_set():

@@ -99,6 +99,12 @@ Gate = Callable[[RecordRef], None]
 CommitGate = Callable[[RecordRef, Callable[[Connection], None]], None]
 
 
+def _in_memory(chunks: Iterable[bytes], segment_size: int) -> bool:
+    """Content already held whole and within one segment: nothing to overlap, so a
+    read-ahead thread would cost a put more (its start, two hand-offs) than it saves."""
+    return isinstance(chunks, Sequence) and sum(len(c) for c in chunks) <= segment_size
+
+
 def _admit(gate: Gate | None, ref: RecordRef) -> None:
     if gate is not None:
         gate(ref)
@@ -209,6 +215,8 @@ class RecordStore:
     ) -> RecordInfo:
         """Store a new record, or a new version of ``header.supersedes``.
 
+        ``chunks`` given as a sequence of at most one segment is taken as held in memory
+        (encrypted as the upload reads it, without a read-ahead thread).
         ``admit`` runs before the upload; ``on_commit`` after it, committing the row
         with the write's audit event in one transaction (an error there deletes the
         object and stores nothing). Without it the row commits on its own. A retry
@@ -238,10 +246,11 @@ class RecordStore:
         validator = validator_for(header.kind, header.patient)
         content = checked(plain.watch(chunks), validator)
         ciphertext = cipher.watch(aead.encrypt(content, ad))
+        if not _in_memory(chunks, self._limits.segment_size):
+            # Encrypt ahead in a thread while the upload sends (and the source waits).
+            ciphertext = read_ahead(ciphertext, self._limits.read_ahead_segments)
         try:
-            stored = self._blobs.put(
-                object_key, read_ahead(ciphertext, self._limits.read_ahead_segments)
-            )
+            stored = self._blobs.put(object_key, ciphertext)
         except (InvalidRecordError, DeadlineExceededError):
             self._drop(object_key)
             raise

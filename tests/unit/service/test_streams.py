@@ -196,3 +196,14 @@ def test_an_error_met_by_prefill_reaches_the_worker_after_the_items_before_it() 
         return got
 
     assert asyncio.run(main()) == [b"x"]
+
+
+def test_whole_says_whether_prefill_reached_the_end() -> None:
+    async def whole_after(items: list[bytes], max_bytes: int) -> bool:
+        requests = SyncRequests(_Source(items), asyncio.get_running_loop())
+        await requests.prefill(max_bytes, len)
+        return requests.whole
+
+    assert asyncio.run(whole_after([b"a" * 10], 100)) is True
+    assert asyncio.run(whole_after([b"a" * 60, b"b" * 60], 100)) is False  # stopped at 120
+    assert asyncio.run(whole_after([], 100)) is True  # a header-only stream: empty content
