@@ -48,8 +48,14 @@ def _content(requests: Iterator[pb.PutRecordRequest]) -> Iterator[bytes]:
         yield request.chunk
 
 
-def _chunk_bytes(request: pb.PutRecordRequest) -> int:
-    return len(request.chunk)
+def wire_size(request: pb.PutRecordRequest) -> int:
+    """What a request message weighs for ``SyncRequests.prefill``: its size on the wire.
+
+    Not ``len(request.chunk)``: a message may carry its bytes elsewhere (unknown fields,
+    a second header, refused later by the worker), and weighing those as nothing let
+    prefill hold ``PREFILL_MESSAGES`` messages of the largest size grpc accepts.
+    """
+    return request.ByteSize()
 
 
 def _pieces(chunks: Iterator[bytes], size: int) -> Iterator[bytes]:
@@ -238,7 +244,7 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
             try:
                 # A record of one chunk arrives whole before the worker starts (no
                 # hand-off per message); a larger one, its first chunk.
-                await requests.prefill(self._chunk_size, _chunk_bytes)
+                await requests.prefill(self._chunk_size, wire_size)
                 info = await asyncio.to_thread(self._put, state, header, requests)
             except asyncio.CancelledError:
                 requests.abandon()  # the worker runs on: it must not commit
