@@ -168,18 +168,14 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
             # Also after an error: the allowed event precedes the failure's in the trail.
             admission.wait()
 
-    def _stat(
-        self, state: CallState, request: pb.StatRecordRequest
-    ) -> RecordInfo:
+    def _stat(self, state: CallState, request: pb.StatRecordRequest) -> RecordInfo:
         call = entered(state)
         gate = self._guard.patient_gate(call)
         version = convert.version_from_pb(request.version, "version")
         with _naming_tampered(state):
             return self._store.stat(request.id, version, admit=gate)
 
-    def _list(
-        self, state: CallState, query: RecordQuery
-    ) -> tuple[list[RecordInfo], str]:
+    def _list(self, state: CallState, query: RecordQuery) -> tuple[list[RecordInfo], str]:
         call = entered(state)
         with _naming_tampered(state):
             return self._store.list(query, admit=self._guard.patient_gate(call))
@@ -236,9 +232,7 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
                 raise InvalidRecordError("header", "must be the first message of the stream")
             header = convert.header_from_pb(first.header)
             state.resource = f"record/{header.supersedes or 'new'}"
-            requests = SyncRequests(
-                request_iterator, asyncio.get_running_loop(), context.cancelled
-            )
+            requests = SyncRequests(request_iterator, asyncio.get_running_loop(), context.cancelled)
             # The thread is held while the client streams: a global cap keeps reads served.
             release = self._uploads.acquire()
             try:
@@ -318,9 +312,7 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
         message (its record) then its content chunks."""
         async with handled(self._guard, context, "GetStudy") as state:
             state.resource = f"study/{convert.resource_id(request.study_uid)}"
-            members, gate = await asyncio.to_thread(
-                self._study_members, state, request.study_uid
-            )
+            members, gate = await asyncio.to_thread(self._study_members, state, request.study_uid)
             if not members:
                 raise RecordNotFoundError("no such study")
             sent = 0
