@@ -28,7 +28,7 @@ from service.convert import resource_id, version_from_pb
 from service.guard import AccessGuard, Call
 from service.signing import CommitSignature, DocumentSigning, SignatureFormat, VersionWriter
 from service.signing.validation import Verdict
-from storage import Change, Gate, InvalidRecordError, RecordRef, Signature
+from storage import Change, Gate, InvalidRecordError, RecordRef, Signature, check_deadline
 
 _FORMATS: dict[int, SignatureFormat] = {
     pb.SIGNATURE_FORMAT_UNSPECIFIED: SignatureFormat.CADES_DETACHED,
@@ -126,8 +126,16 @@ class SigningServicer(pb_grpc.SigningServiceServicer):  # type: ignore[misc]  # 
         # CAdES: the token signs while the read event commits; the signature's own
         # transaction starts only once that event is committed.
         admission = self._guard.read_admission(call)
+
+        def admitted() -> None:
+            admission.wait()
+            # The wait outlasts the token's step, the call's last deadline-bounded one:
+            # a call that ended meanwhile (its deadline, its client cancelling) was told
+            # it failed, so no signature may then be stored in its signer's name.
+            check_deadline("storing the signature")
+
         gate = _RememberingGate(admission.gate)
-        commit = self._committer(call, state, gate, admission.wait)
+        commit = self._committer(call, state, gate, admitted)
         try:
             return self._signing.sign(request.record_id, version, request.signer, gate, commit)
         finally:
