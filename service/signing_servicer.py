@@ -49,9 +49,7 @@ def format_from_pb(value: int) -> SignatureFormat:
         raise InvalidRecordError("format", "is not a known signature format") from None
 
 
-def signature_to_pb(
-    signature: Signature, fmt: SignatureFormat | None = None
-) -> pb.SignatureInfo:
+def signature_to_pb(signature: Signature, fmt: SignatureFormat | None = None) -> pb.SignatureInfo:
     """The API view of a stored signature (no ``.p7s`` bytes); its format when known."""
     signing_time = Timestamp()
     signing_time.FromDatetime(signature.signing_time.astimezone(UTC))
@@ -106,9 +104,7 @@ class SigningServicer(pb_grpc.SigningServiceServicer):  # type: ignore[misc]  # 
             )  # fmt: skip
             raise PermissionDeniedError(reason)
 
-    def _sign(
-        self, state: CallState, request: pb.SignRecordRequest
-    ) -> Signature:
+    def _sign(self, state: CallState, request: pb.SignRecordRequest) -> Signature:
         call = entered(state)
         self._check_signer(call, request.signer)
         version = version_from_pb(request.version, "version")
@@ -161,9 +157,7 @@ class SigningServicer(pb_grpc.SigningServiceServicer):  # type: ignore[misc]  # 
         version = version_from_pb(request.version, "version")
         return self._signing.verify(request.record_id, version, gate)
 
-    def _get(
-        self, state: CallState, request: pb.GetSignatureRequest
-    ) -> Signature:
+    def _get(self, state: CallState, request: pb.GetSignatureRequest) -> Signature:
         call = entered(state)
         return self._signing.get(request.signature_id, self._guard.patient_gate(call))
 
