@@ -48,8 +48,14 @@ def _content(requests: Iterator[pb.PutRecordRequest]) -> Iterator[bytes]:
         yield request.chunk
 
 
-def _chunk_bytes(request: pb.PutRecordRequest) -> int:
-    return len(request.chunk)
+def wire_size(request: pb.PutRecordRequest) -> int:
+    """What a request message weighs for ``SyncRequests.prefill``: its size on the wire.
+
+    Not ``len(request.chunk)``: a message may carry its bytes elsewhere (unknown fields,
+    a second header, refused later by the worker), and weighing those as nothing let
+    prefill hold ``PREFILL_MESSAGES`` messages of the largest size grpc accepts.
+    """
+    return request.ByteSize()
 
 
 def _pieces(chunks: Iterator[bytes], size: int) -> Iterator[bytes]:
@@ -165,18 +171,14 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
             # Also after an error: the allowed event precedes the failure's in the trail.
             admission.wait()
 
-    def _stat(
-        self, state: CallState, request: pb.StatRecordRequest
-    ) -> RecordInfo:
+    def _stat(self, state: CallState, request: pb.StatRecordRequest) -> RecordInfo:
         call = entered(state)
         gate = self._guard.patient_gate(call)
         version = convert.version_from_pb(request.version, "version")
         with _naming_tampered(state):
             return self._store.stat(request.id, version, admit=gate)
 
-    def _list(
-        self, state: CallState, query: RecordQuery
-    ) -> tuple[list[RecordInfo], str]:
+    def _list(self, state: CallState, query: RecordQuery) -> tuple[list[RecordInfo], str]:
         call = entered(state)
         with _naming_tampered(state):
             return self._store.list(query, admit=self._guard.patient_gate(call))
@@ -233,15 +235,13 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
                 raise InvalidRecordError("header", "must be the first message of the stream")
             header = convert.header_from_pb(first.header)
             state.resource = f"record/{header.supersedes or 'new'}"
-            requests = SyncRequests(
-                request_iterator, asyncio.get_running_loop(), context.cancelled
-            )
+            requests = SyncRequests(request_iterator, asyncio.get_running_loop(), context.cancelled)
             # The thread is held while the client streams: a global cap keeps reads served.
             release = self._uploads.acquire()
             try:
                 # A record of one chunk arrives whole before the worker starts (no
                 # hand-off per message); a larger one, its first chunk.
-                await requests.prefill(self._chunk_size, _chunk_bytes)
+                await requests.prefill(self._chunk_size, wire_size)
                 info = await asyncio.to_thread(self._put, state, header, requests)
             except asyncio.CancelledError:
                 requests.abandon()  # the worker runs on: it must not commit
@@ -315,9 +315,7 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
         message (its record) then its content chunks."""
         async with handled(self._guard, context, "GetStudy") as state:
             state.resource = f"study/{convert.resource_id(request.study_uid)}"
-            members, gate = await asyncio.to_thread(
-                self._study_members, state, request.study_uid
-            )
+            members, gate = await asyncio.to_thread(self._study_members, state, request.study_uid)
             if not members:
                 raise RecordNotFoundError("no such study")
             sent = 0

@@ -28,7 +28,7 @@ from service.convert import resource_id, version_from_pb
 from service.guard import AccessGuard, Call
 from service.signing import CommitSignature, DocumentSigning, SignatureFormat, VersionWriter
 from service.signing.validation import Verdict
-from storage import Change, Gate, InvalidRecordError, RecordRef, Signature
+from storage import Change, Gate, InvalidRecordError, RecordRef, Signature, check_deadline
 
 _FORMATS: dict[int, SignatureFormat] = {
     pb.SIGNATURE_FORMAT_UNSPECIFIED: SignatureFormat.CADES_DETACHED,
@@ -49,9 +49,7 @@ def format_from_pb(value: int) -> SignatureFormat:
         raise InvalidRecordError("format", "is not a known signature format") from None
 
 
-def signature_to_pb(
-    signature: Signature, fmt: SignatureFormat | None = None
-) -> pb.SignatureInfo:
+def signature_to_pb(signature: Signature, fmt: SignatureFormat | None = None) -> pb.SignatureInfo:
     """The API view of a stored signature (no ``.p7s`` bytes); its format when known."""
     signing_time = Timestamp()
     signing_time.FromDatetime(signature.signing_time.astimezone(UTC))
@@ -106,9 +104,7 @@ class SigningServicer(pb_grpc.SigningServiceServicer):  # type: ignore[misc]  # 
             )  # fmt: skip
             raise PermissionDeniedError(reason)
 
-    def _sign(
-        self, state: CallState, request: pb.SignRecordRequest
-    ) -> Signature:
+    def _sign(self, state: CallState, request: pb.SignRecordRequest) -> Signature:
         call = entered(state)
         self._check_signer(call, request.signer)
         version = version_from_pb(request.version, "version")
@@ -126,8 +122,16 @@ class SigningServicer(pb_grpc.SigningServiceServicer):  # type: ignore[misc]  # 
         # CAdES: the token signs while the read event commits; the signature's own
         # transaction starts only once that event is committed.
         admission = self._guard.read_admission(call)
+
+        def admitted() -> None:
+            admission.wait()
+            # The wait outlasts the token's step, the call's last deadline-bounded one:
+            # a call that ended meanwhile (its deadline, its client cancelling) was told
+            # it failed, so no signature may then be stored in its signer's name.
+            check_deadline("storing the signature")
+
         gate = _RememberingGate(admission.gate)
-        commit = self._committer(call, state, gate, admission.wait)
+        commit = self._committer(call, state, gate, admitted)
         try:
             return self._signing.sign(request.record_id, version, request.signer, gate, commit)
         finally:
@@ -153,9 +157,7 @@ class SigningServicer(pb_grpc.SigningServiceServicer):  # type: ignore[misc]  # 
         version = version_from_pb(request.version, "version")
         return self._signing.verify(request.record_id, version, gate)
 
-    def _get(
-        self, state: CallState, request: pb.GetSignatureRequest
-    ) -> Signature:
+    def _get(self, state: CallState, request: pb.GetSignatureRequest) -> Signature:
         call = entered(state)
         return self._signing.get(request.signature_id, self._guard.patient_gate(call))
 

@@ -101,15 +101,26 @@ def _settled(item: _Item) -> tuple[ChainedEvent, Any]:
 class Receipt:
     """An event queued by ``AuditTrail.submit``: ``wait`` until it is committed."""
 
-    __slots__ = ("_item",)
+    __slots__ = ("_item", "_refused")
 
     def __init__(self, item: _Item | None) -> None:
         self._item = item
+        self._refused: AuditUnavailableError | None = None
 
     def wait(self) -> None:
-        """Return once the event is committed; ``AuditUnavailableError`` if it is not."""
+        """Return once the event is committed; ``AuditUnavailableError`` if it is not.
+
+        A refusal is final and is raised again by every later ``wait`` (SignRecord waits
+        twice): a timed-out event was cancelled, and its future would now raise a bare
+        ``CancelledError`` (INTERNAL), or make the caller wait out the timeout again."""
+        if self._refused is not None:
+            raise AuditUnavailableError(str(self._refused)) from self._refused
         if self._item is not None:
-            _settled(self._item)
+            try:
+                _settled(self._item)
+            except AuditUnavailableError as e:
+                self._refused = e
+                raise
 
 
 class AuditTrail:

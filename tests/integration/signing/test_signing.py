@@ -8,7 +8,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import sqlite3
 import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,7 @@ from tests.integration.access.helpers import (
     grant,
     new_patient,
     put_record,
+    wait_for,
 )
 from tests.integration.signing.conftest import SigningStack
 
@@ -333,3 +338,68 @@ def test_signs_only_the_digest_sealed_for_this_record(stack: SigningStack, colum
         engine.dispose()
     _sign(stack, "dr-ec", other)  # the record whose metadata was copied is untouched
     assert [r.valid for r in _verify(stack, "dr-ec", other)] == [True]
+
+
+@contextmanager
+def _audit_writer_held(engine: sa.Engine, url: str) -> Iterator[None]:
+    """The audit writer waits (not fails) while the block runs: PostgreSQL, a lock on the
+    chain's head; SQLite, the write lock (shorter than its 5 s busy timeout)."""
+    if url.startswith("sqlite"):
+        holder = sqlite3.connect(sa.make_url(url).database or "", isolation_level=None)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            yield
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        return
+    with engine.connect() as lock:
+        lock.execute(sa.text("LOCK TABLE audit_head IN ACCESS EXCLUSIVE MODE"))
+        try:
+            yield
+        finally:
+            lock.rollback()
+
+
+@pytest.mark.parametrize("ending", ["deadline", "cancel"])
+def test_no_signature_stored_for_a_call_that_ended_while_its_read_event_waited(
+    stack: SigningStack, ending: str
+) -> None:
+    """Attack: SignRecord's token signs while its read event commits; the call's end (its
+    deadline, or its client cancelling) lands while the event still waits. The client is
+    told the call failed, so no signature may appear in its name afterwards: a retry
+    would make a second one, and the signer never saw the first."""
+    record_id = _record(stack, "dr-ec")
+    engine = engine_for(stack.database_url)
+    stub = _stub(stack.clients["dr-ec"])
+    request = spb.SignRecordRequest(record_id=record_id, signer="dr-ec")
+    try:
+        with _audit_writer_held(engine, stack.database_url):
+            if ending == "deadline":
+                code = code_of(stub.SignRecord, request, timeout=1.0)
+                assert code == grpc.StatusCode.DEADLINE_EXCEEDED, code.name
+            else:
+                future = stub.SignRecord.future(request, timeout=TIMEOUT)
+                time.sleep(1.0)  # the token has signed; the read event waits
+                future.cancel()
+                with pytest.raises(grpc.FutureCancelledError):
+                    future.result()
+            time.sleep(2.0)  # the worker waits on, past the call's end
+        wait_for(lambda: _reads_settled(stack, record_id), 40, "the read event to settle")
+        # A barrier: the worker queues the signature's change as soon as its read event
+        # committed; this query's own audit event is queued after that (the trail is
+        # first in, first out) and committed before the query answers.
+        _reads_settled(stack, record_id)
+        with engine.connect() as c:
+            stored = c.execute(
+                sa.select(sa.func.count()).where(record_signatures.c.record_id == record_id)
+            ).scalar_one()
+        assert stored == 0, f"a signature was stored after the call's {ending}"
+    finally:
+        engine.dispose()
+
+
+def _reads_settled(stack: SigningStack, record_id: str) -> bool:
+    """The call's read event is in the trail (it commits once the writer is free)."""
+    found = events(stack.clients["officer-s"], principal="dr-ec", action="signatures.sign")
+    return any(e.resource.startswith(f"record/{record_id}") for e in found)

@@ -213,3 +213,30 @@ def test_an_unreachable_database_is_named_by_host_and_port() -> None:
             SqlAuditLog(engine).append([entry(1)])
     finally:
         engine.dispose()
+
+
+def test_a_receipt_refused_once_is_refused_again_the_same_way(
+    trail: AuditTrail, scratch_table: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SignRecord (CAdES) waits for its read event twice: before storing the signature,
+    and again on the way out. An event that timed out (cancelled, never written) must be
+    refused the second time as the first (UNAVAILABLE), not as a bare cancellation."""
+    monkeypatch.setattr("service.audit.trail.RECORD_TIMEOUT_SECONDS", 0.2)
+    release, inside = threading.Event(), threading.Event()
+
+    def slow(connection: Connection) -> int:
+        inside.set()
+        release.wait(10)  # holds the writer inside a batch
+        return _insert(1)(connection)
+
+    first = threading.Thread(target=trail.record_change, args=(entry(1), slow))
+    first.start()
+    try:
+        assert inside.wait(10), "the writer never ran the first change"
+        receipt = trail.submit(entry(2))  # queued behind it; times out, cancelled
+        for _ in range(2):
+            with pytest.raises(AuditUnavailableError):
+                receipt.wait()
+    finally:
+        release.set()
+        first.join()

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from service._gen.medvault.v1 import records_pb2 as pb
+from service.records_servicer import wire_size
 from service.streams import PREFILL_MESSAGES, SyncRequests, ThreadToLoop, prefetch, run_in_thread
 
 WAIT = 30.0  # a bound on waiting for another thread, never a measured duration
@@ -207,3 +209,31 @@ def test_whole_says_whether_prefill_reached_the_end() -> None:
     assert asyncio.run(whole_after([b"a" * 10], 100)) is True
     assert asyncio.run(whole_after([b"a" * 60, b"b" * 60], 100)) is False  # stopped at 120
     assert asyncio.run(whole_after([], 100)) is True  # a header-only stream: empty content
+
+
+def _unknown_field(size: int) -> pb.PutRecordRequest:
+    """A PutRecordRequest whose bytes travel in an unknown field (number 15): no chunk."""
+    length = bytearray()
+    n = size
+    while True:  # the length as a protobuf varint
+        byte, n = n & 0x7F, n >> 7
+        length.append(byte | (0x80 if n else 0))
+        if not n:
+            break
+    return pb.PutRecordRequest.FromString(bytes([15 << 3 | 2]) + bytes(length) + b"u" * size)
+
+
+def test_prefill_of_put_messages_holds_one_chunk_of_wire_bytes() -> None:
+    """A message whose bytes are not in ``chunk`` (unknown fields here; a second header
+    likewise) weighs its size on the wire: prefill stops after a chunk's worth, instead
+    of holding its 4 messages at grpc's largest size each."""
+    messages = [_unknown_field(600) for _ in range(10)]
+    assert all(m.chunk == b"" and m.ByteSize() > 600 for m in messages)
+    source = _Source(messages)  # type: ignore[arg-type]  # messages here, not bytes
+
+    async def main() -> int:
+        requests = SyncRequests(source, asyncio.get_running_loop())
+        await requests.prefill(1000, wire_size)
+        return source.calls
+
+    assert asyncio.run(main()) == 2  # 2 x 600 wire bytes >= 1000
