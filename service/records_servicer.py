@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 
@@ -133,12 +133,9 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
             requests.confirm_live()
             commit(ref, insert)
 
-        content: Iterable[bytes] = _content(requests)
-        if requests.whole:  # read to its end on the loop: in memory, checked here
-            content = list(content)
         return self._store.put(
             header,
-            content,
+            _content(requests),
             call.principal.name,
             admit=self._guard.scope_gate(call),
             on_commit=on_commit,
@@ -238,15 +235,17 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
             requests = SyncRequests(request_iterator, asyncio.get_running_loop(), context.cancelled)
             # The thread is held while the client streams: a global cap keeps reads served.
             release = self._uploads.acquire()
+            # The stream is read ahead on the loop (a record of one chunk whole, a larger
+            # one its first chunk) while the worker checks the caller's scope; the worker
+            # then takes what is held without a hand-off per message.
+            requests.start_prefill(self._chunk_size, wire_size)
             try:
-                # A record of one chunk arrives whole before the worker starts (no
-                # hand-off per message); a larger one, its first chunk.
-                await requests.prefill(self._chunk_size, wire_size)
                 info = await asyncio.to_thread(self._put, state, header, requests)
             except asyncio.CancelledError:
                 requests.abandon()  # the worker runs on: it must not commit
                 raise
             finally:
+                requests.stop_prefill()
                 # The slot is the upload's until its worker stops (a cancelled one may
                 # still wait on the store), as the call slot is (service.edge).
                 if state.scope is not None:

@@ -67,6 +67,21 @@ class SyncRequests(Generic[T]):
         self._abandoned = threading.Event()
         # Messages read on the loop by ``prefill``, then the end or the error met there.
         self._held: collections.deque[object] = collections.deque()
+        # ``start_prefill``'s task, and its end as the worker sees it.
+        self._filling: asyncio.Future[None] | None = None
+        self._filled = threading.Event()
+
+    def start_prefill(self, max_bytes: int, weigh: Callable[[T], int]) -> None:
+        """Run ``prefill`` on the loop beside the worker, which starts at once (it checks
+        the caller's scope before it asks for content) and waits for this read-ahead only
+        at its first message; ``stop_prefill`` when the call ends."""
+        self._filling = asyncio.ensure_future(self.prefill(max_bytes, weigh))
+        self._filling.add_done_callback(lambda _: self._filled.set())
+
+    def stop_prefill(self) -> None:
+        """Cancel a read-ahead still waiting for the client (the call has ended)."""
+        if self._filling is not None:
+            self._filling.cancel()
 
     async def prefill(
         self, max_bytes: int, weigh: Callable[[T], int], max_messages: int = PREFILL_MESSAGES
@@ -74,10 +89,10 @@ class SyncRequests(Generic[T]):
         """On the loop, read messages until they weigh ``max_bytes``, ``max_messages`` are
         held (empty ones weigh nothing) or the stream ends.
 
-        A small stream is then whole before the worker starts, and the worker waits on
-        no hand-off per message (two or three thread wake-ups of a small put). An error
-        met here (a refused message, an idle stream) is kept and raised to the worker
-        where it would have met it, so it is handled (and audited) as before.
+        A small stream is then whole when the worker first asks for content, and the
+        worker waits on no hand-off per message (two or three thread wake-ups of a small
+        put). An error met here (a refused message, an idle stream) is kept and raised to
+        the worker where it would have met it, so it is handled (and audited) as before.
         """
         held = 0
         while held < max_bytes and len(self._held) < max_messages:
@@ -94,11 +109,6 @@ class SyncRequests(Generic[T]):
     def abandon(self) -> None:
         """The handler stopped waiting for the worker (the call was cancelled)."""
         self._abandoned.set()
-
-    @property
-    def whole(self) -> bool:
-        """Whether ``prefill`` read the stream to its end (every message is held)."""
-        return bool(self._held) and self._held[-1] is _END
 
     def check_live(self) -> None:
         """``StreamCancelledError`` once the call was cancelled."""
@@ -130,6 +140,12 @@ class SyncRequests(Generic[T]):
 
     def __next__(self) -> T:
         self.check_live()
+        if self._filling is not None and not self._filled.is_set():
+            if not self._filled.wait(IDLE_TIMEOUT_SECONDS):
+                raise StreamCancelledError("the request stream stalled; nothing was stored")
+            self.check_live()  # stopped because the call ended
+        if self._filling is not None and self._filling.cancelled():
+            raise StreamCancelledError("the call was cancelled; nothing was stored")
         if self._held:
             item = self._held[0]
             if item is not _END:  # the end stays: a later next() ends again

@@ -11,6 +11,7 @@ object (a row a database writer deleted must not take the ciphertext with it).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import re
 import secrets
@@ -35,7 +36,7 @@ from storage.errors import (
     StorageError,
     never_reached_database,
 )
-from storage.formats import checked, validator_for
+from storage.formats import ContentValidator, checked, validator_for
 from storage.index import (
     DATE,
     DOCUMENT_CODE,
@@ -99,10 +100,31 @@ Gate = Callable[[RecordRef], None]
 CommitGate = Callable[[RecordRef, Callable[[Connection], None]], None]
 
 
-def _in_memory(chunks: Iterable[bytes], segment_size: int) -> bool:
-    """Content already held whole and within one segment: nothing to overlap, so a
-    read-ahead thread would cost a put more (its start, two hand-offs) than it saves."""
-    return isinstance(chunks, Sequence) and sum(len(c) for c in chunks) <= segment_size
+def _ciphertext(
+    chunks: Iterable[bytes],
+    validator: ContentValidator,
+    aead: StreamingAead,
+    ad: bytes,
+    meters: tuple[_Meter, _Meter],
+    *,
+    limits: StoreLimits,
+) -> Iterator[bytes]:
+    """``chunks`` checked against their kind, metered (plaintext, ciphertext) and
+    encrypted; encrypted ahead in a thread while the upload sends, unless small."""
+    plain, cipher = meters
+    source, small = _peek_small(chunks, limits.segment_size)
+    ciphertext = cipher.watch(aead.encrypt(checked(plain.watch(source), validator), ad))
+    return ciphertext if small else read_ahead(ciphertext, limits.read_ahead_segments)
+
+
+def _peek_small(chunks: Iterable[bytes], segment_size: int) -> tuple[Iterator[bytes], bool]:
+    """The content (unchanged) and whether it is one chunk of at most one segment, read
+    here to its end: nothing is left to overlap, and a read-ahead thread would cost a
+    small put more (its start, two hand-offs) than it saves. Called after the gate."""
+    source = iter(chunks)
+    head = list(itertools.islice(source, 2))
+    small = len(head) < 2 and sum(len(c) for c in head) <= segment_size
+    return itertools.chain(head, source), small
 
 
 def _admit(gate: Gate | None, ref: RecordRef) -> None:
@@ -215,8 +237,6 @@ class RecordStore:
     ) -> RecordInfo:
         """Store a new record, or a new version of ``header.supersedes``.
 
-        ``chunks`` given as a sequence of at most one segment is taken as held in memory
-        (encrypted as the upload reads it, without a read-ahead thread).
         ``admit`` runs before the upload; ``on_commit`` after it, committing the row
         with the write's audit event in one transaction (an error there deletes the
         object and stores nothing). Without it the row commits on its own. A retry
@@ -244,11 +264,7 @@ class RecordStore:
         # The content is checked against its kind and patient as it streams past; a
         # refusal aborts the upload (the delete covers a store that kept a part of it).
         validator = validator_for(header.kind, header.patient)
-        content = checked(plain.watch(chunks), validator)
-        ciphertext = cipher.watch(aead.encrypt(content, ad))
-        if not _in_memory(chunks, self._limits.segment_size):
-            # Encrypt ahead in a thread while the upload sends (and the source waits).
-            ciphertext = read_ahead(ciphertext, self._limits.read_ahead_segments)
+        ciphertext = _ciphertext(chunks, validator, aead, ad, (plain, cipher), limits=self._limits)
         try:
             stored = self._blobs.put(object_key, ciphertext)
         except (InvalidRecordError, DeadlineExceededError):

@@ -37,11 +37,6 @@ def _header_then_silence(hold: threading.Event) -> Iterator[pb.PutRecordRequest]
     hold.wait(IDLE * 2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="since cefdc1d PutRecord prefills the stream on the loop before its worker "
-    "checks patient scope (review branch report, finding 2)",
-)
 def test_an_out_of_scope_put_is_refused_before_its_content(
     service_factory: Any, fresh_database: str, issue: Any
 ) -> None:

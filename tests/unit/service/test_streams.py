@@ -10,7 +10,14 @@ import pytest
 
 from service._gen.medvault.v1 import records_pb2 as pb
 from service.records_servicer import wire_size
-from service.streams import PREFILL_MESSAGES, SyncRequests, ThreadToLoop, prefetch, run_in_thread
+from service.streams import (
+    PREFILL_MESSAGES,
+    StreamCancelledError,
+    SyncRequests,
+    ThreadToLoop,
+    prefetch,
+    run_in_thread,
+)
 
 WAIT = 30.0  # a bound on waiting for another thread, never a measured duration
 
@@ -200,15 +207,56 @@ def test_an_error_met_by_prefill_reaches_the_worker_after_the_items_before_it() 
     assert asyncio.run(main()) == [b"x"]
 
 
-def test_whole_says_whether_prefill_reached_the_end() -> None:
-    async def whole_after(items: list[bytes], max_bytes: int) -> bool:
-        requests = SyncRequests(_Source(items), asyncio.get_running_loop())
-        await requests.prefill(max_bytes, len)
-        return requests.whole
+def test_a_started_prefill_is_awaited_by_the_workers_first_message() -> None:
+    """start_prefill reads beside the worker; the worker's first next() takes what it
+    held, with no hand-off of its own."""
+    release = asyncio.Event()
 
-    assert asyncio.run(whole_after([b"a" * 10], 100)) is True
-    assert asyncio.run(whole_after([b"a" * 60, b"b" * 60], 100)) is False  # stopped at 120
-    assert asyncio.run(whole_after([], 100)) is True  # a header-only stream: empty content
+    class Slow(_Source):
+        async def __anext__(self) -> bytes:
+            await release.wait()
+            return await super().__anext__()
+
+    source = Slow([b"a" * 10, b"b" * 10])
+
+    async def main() -> list[bytes]:
+        requests = SyncRequests(source, asyncio.get_running_loop())
+        requests.start_prefill(100, len)
+        worker = asyncio.ensure_future(asyncio.to_thread(list, requests))
+        await asyncio.sleep(0.05)  # the worker is waiting for the read-ahead
+        assert not worker.done()
+        release.set()
+        return await asyncio.wait_for(worker, WAIT)
+
+    assert asyncio.run(main()) == [b"a" * 10, b"b" * 10]
+    assert source.calls == 3  # both messages and the end, all read by the prefill
+
+
+def test_a_stopped_prefill_ends_the_workers_stream_as_cancelled() -> None:
+    async def main() -> None:
+        requests = SyncRequests(_Silent(asyncio.Event()), asyncio.get_running_loop())
+        requests.start_prefill(100, len)
+        worker = asyncio.ensure_future(asyncio.to_thread(list, requests))
+        await asyncio.sleep(0.05)
+        requests.stop_prefill()  # the call ended
+        with pytest.raises(StreamCancelledError):
+            await asyncio.wait_for(worker, WAIT)
+
+    asyncio.run(main())
+
+
+class _Silent:
+    """A request stream whose client never sends."""
+
+    def __init__(self, never: asyncio.Event) -> None:
+        self._never = never
+
+    def __aiter__(self) -> _Silent:
+        return self
+
+    async def __anext__(self) -> bytes:
+        await self._never.wait()
+        raise StopAsyncIteration
 
 
 def _unknown_field(size: int) -> pb.PutRecordRequest:
@@ -233,7 +281,7 @@ def test_prefill_of_put_messages_holds_one_chunk_of_wire_bytes() -> None:
 
     async def main() -> int:
         requests = SyncRequests(source, asyncio.get_running_loop())
-        await requests.prefill(1000, wire_size)
+        await requests.prefill(1000, wire_size)  # type: ignore[arg-type]  # messages here
         return source.calls
 
     assert asyncio.run(main()) == 2  # 2 x 600 wire bytes >= 1000
