@@ -48,6 +48,13 @@ def _content(requests: Iterator[pb.PutRecordRequest]) -> Iterator[bytes]:
         yield request.chunk
 
 
+def _cancelled(context: aio.ServicerContext) -> Callable[[], bool]:
+    """Whether the call was cancelled, read on the loop: grpc's flag, or (what grpc aio
+    1.85 does on a client's cancel, leaving the flag false) its handler task cancelled."""
+    task = asyncio.current_task()
+    return lambda: bool(context.cancelled()) or (task is not None and task.cancelling() > 0)
+
+
 def wire_size(request: pb.PutRecordRequest) -> int:
     """What a request message weighs for ``SyncRequests.prefill``: its size on the wire.
 
@@ -232,7 +239,9 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
                 raise InvalidRecordError("header", "must be the first message of the stream")
             header = convert.header_from_pb(first.header)
             state.resource = f"record/{header.supersedes or 'new'}"
-            requests = SyncRequests(request_iterator, asyncio.get_running_loop(), context.cancelled)
+            requests = SyncRequests(
+                request_iterator, asyncio.get_running_loop(), _cancelled(context)
+            )
             # The thread is held while the client streams: a global cap keeps reads served.
             release = self._uploads.acquire()
             # The stream is read ahead on the loop (a record of one chunk whole, a larger
