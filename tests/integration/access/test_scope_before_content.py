@@ -1,6 +1,6 @@
 """Attack: hold the server's upload slots as a principal with no grant for any patient.
 
-DESIGN.md's write path authorises the patient (step 2) before the content streams in
+docs/architecture.md's write path authorises the patient (step 2) before the content streams in
 (step 3). A patient-scoped caller (here a nurse with no care-team grant) whose put names
 a patient outside its scope must be refused after the header, before the server waits
 for any content: otherwise it holds one of the server's upload slots (``max_uploads``,
