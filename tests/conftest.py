@@ -33,6 +33,7 @@ SLOW_FIRST = (
     "tests/faults/test_postgres_outage.py",  # 45 s
     "tests/integration/access/test_deadlines.py",  # 41 s
     "tests/integration/service/test_replicas.py",  # 37 s
+    "tests/integration/access/test_cancelled_put.py",  # 36 s (2026-11-30, session 5)
     "tests/integration/access/test_dependency_health.py",  # 37 s
     "tests/integration/keys/test_rotation.py",  # 34 s
     "tests/integration/backup/test_schedule_replicas.py",  # 33 s
@@ -40,6 +41,7 @@ SLOW_FIRST = (
     "tests/integration/access/test_edge.py",  # 28 s
     "tests/integration/storage/test_s3_blobs.py",  # 28 s
     "tests/integration/access/test_rpc_fuzz.py",  # 25 s
+    "tests/integration/signing/test_signing.py",  # 24 s (session 5)
     "tests/integration/backup/test_schedule_election.py",  # 24 s
     "tests/integration/access/test_completeness.py",  # 24 s
     "tests/integration/service/test_cli_bulk.py",  # 23 s
@@ -53,7 +55,8 @@ SLOW_FIRST = (
     "tests/integration/access/test_row_binding.py",  # 18 s
     "tests/integration/access/test_upload_slots.py",  # 17 s
     "tests/integration/service/test_roundtrip.py",  # 17 s
-    "tests/integration/access/test_cancelled_put.py",  # 15 s
+    "tests/integration/access/test_read_admission.py",  # 15 s (session 5)
+    "tests/integration/access/test_fail_closed.py",  # 14 s (session 5)
     "tests/integration/access/test_audit_integrity.py",  # 14 s
     "tests/integration/backup/test_drill_report.py",  # 14 s
     "tests/integration/service/test_processes.py",  # 14 s
