@@ -6,9 +6,11 @@ record content or tokens.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,11 +63,18 @@ def client(service: RunningService, cert: tuple[Path, Path], name: str = "") -> 
     return Client(name, service.channel(*cert))
 
 
-def put_record(c: Client, patient: pb.PatientId, content: bytes = b"synthetic note") -> pb.Record:
+def put_record(
+    c: Client, patient: pb.PatientId, content: bytes = b"synthetic note", chunk: int = 0
+) -> pb.Record:
+    """Put ``content`` as one chunk, or as chunks of ``chunk`` bytes."""
     head = pb.RecordHeader(
         patient=patient, kind=pb.RECORD_KIND_OTHER, content_type="application/octet-stream"
     )
-    stream = iter([pb.PutRecordRequest(header=head), pb.PutRecordRequest(chunk=content)])
+    step = chunk or max(len(content), 1)
+    chunks = [
+        pb.PutRecordRequest(chunk=content[i : i + step]) for i in range(0, len(content), step)
+    ]
+    stream = iter([pb.PutRecordRequest(header=head), *(chunks or [pb.PutRecordRequest(chunk=b"")])])
     record: pb.Record = c.records.PutRecord(stream, timeout=TIMEOUT)
     return record
 
@@ -81,13 +90,21 @@ class Fetched:
         return self.error.code() if self.error is not None else grpc.StatusCode.OK
 
 
-def fetch(c: Client, record_id: str, metadata: tuple[tuple[str, str], ...] = ()) -> Fetched:
+def fetch(
+    c: Client,
+    record_id: str,
+    metadata: tuple[tuple[str, str], ...] = (),
+    *,
+    offset: int = 0,
+    length: int = 0,
+    timeout: float = TIMEOUT,
+) -> Fetched:
+    """A whole GetRecord (of ``length`` bytes from ``offset``; 0: to the end)."""
     got: pb.Record | None = None
     content = bytearray()
+    request = pb.GetRecordRequest(id=record_id, range=pb.ByteRange(offset=offset, length=length))
     try:
-        for response in c.records.GetRecord(
-            pb.GetRecordRequest(id=record_id), timeout=TIMEOUT, metadata=metadata or None
-        ):
+        for response in c.records.GetRecord(request, timeout=timeout, metadata=metadata or None):
             if response.WhichOneof("message") == "metadata":
                 got = response.metadata
             else:
@@ -147,3 +164,25 @@ def engine_for(url: str) -> sa.Engine:
 def started(factory: Any, database_url: str, **options: Any) -> RunningService:
     service: RunningService = factory(database_url, **options)
     return service
+
+
+@contextmanager
+def audit_writer_held(url: str, engine: sa.Engine) -> Iterator[None]:
+    """The audit writer waits (not fails) while the block runs: PostgreSQL, a lock on the
+    chain's head; SQLite, the database's write lock (WAL: rows are still readable; keep
+    the block shorter than the 5 s busy timeout)."""
+    if url.startswith("sqlite"):
+        holder = sqlite3.connect(sa.make_url(url).database or "", isolation_level=None)
+        try:
+            holder.execute("BEGIN EXCLUSIVE")
+            yield
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        return
+    with engine.connect() as lock:
+        lock.execute(sa.text("LOCK TABLE audit_head IN ACCESS EXCLUSIVE MODE"))
+        try:
+            yield
+        finally:
+            lock.rollback()

@@ -67,13 +67,7 @@ def world(service_factory: Any, fresh_database: str, issue: Any) -> Iterator[Wor
     officer = client(service, issue("officer-failclosed", "security_officer"))
     patient = new_patient()
     record = put_record(reader, patient, CONTENT)
-    head = pb.RecordHeader(
-        patient=patient, kind=pb.RECORD_KIND_OTHER, content_type="application/octet-stream"
-    )
-    chunks = [
-        pb.PutRecordRequest(chunk=LARGE[i : i + (1 << 20)]) for i in range(0, len(LARGE), 1 << 20)
-    ]
-    large = reader.records.PutRecord(iter([pb.PutRecordRequest(header=head), *chunks]), timeout=60)
+    large = put_record(reader, patient, LARGE, chunk=1 << 20)
     engine = engine_for(fresh_database)
     w = World(service, fresh_database, engine, reader, officer, patient, record, large)
     yield w

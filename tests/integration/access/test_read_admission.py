@@ -17,7 +17,6 @@ PYTEST_DONT_REWRITE: failures name codes, counts and labels only.
 from __future__ import annotations
 
 import io
-import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,16 +28,17 @@ import sqlalchemy as sa
 from minio import Minio
 
 from service._gen.medvault.v1 import audit_pb2 as aupb
-from service._gen.medvault.v1 import records_pb2 as pb
 from storage.sql_metadata import records
 from tests.fixtures.service import RunningService
 from tests.integration.access.conftest import is_sqlite
 from tests.integration.access.helpers import (
     Client,
     Fetched,
+    audit_writer_held,
     client,
     engine_for,
     events,
+    fetch,
     new_patient,
     put_record,
     verify,
@@ -80,37 +80,6 @@ def world(service_factory: Any, fresh_database: str, issue: Any, s3_server: Any)
     officer.close()
     engine.dispose()
     service.stop()
-
-
-def put_large(c: Client) -> pb.Record:
-    head = pb.RecordHeader(
-        patient=new_patient(), kind=pb.RECORD_KIND_OTHER,
-        content_type="application/octet-stream",
-    )  # fmt: skip
-    chunks = [
-        pb.PutRecordRequest(chunk=LARGE[i : i + (1 << 20)]) for i in range(0, len(LARGE), 1 << 20)
-    ]
-    record: pb.Record = c.records.PutRecord(
-        iter([pb.PutRecordRequest(header=head), *chunks]), timeout=60
-    )
-    return record
-
-
-def read(
-    c: Client, record_id: str, offset: int = 0, length: int = 0, timeout: float = 30
-) -> Fetched:
-    got: pb.Record | None = None
-    content = bytearray()
-    request = pb.GetRecordRequest(id=record_id, range=pb.ByteRange(offset=offset, length=length))
-    try:
-        for response in c.records.GetRecord(request, timeout=timeout):
-            if response.WhichOneof("message") == "metadata":
-                got = response.metadata
-            else:
-                content += response.chunk
-    except grpc.RpcError as e:
-        return Fetched(got, bytes(content), e)
-    return Fetched(got, bytes(content), None)
 
 
 def nothing_sent(label: str, fetched: Fetched, code: grpc.StatusCode) -> None:
@@ -155,27 +124,6 @@ def audit_refused(w: World) -> Iterator[None]:
                 c.execute(sa.text("DROP FUNCTION admission_fail()"))
 
 
-@contextmanager
-def audit_writer_held(w: World) -> Iterator[None]:
-    """The audit writer waits (not fails) while the block runs: PostgreSQL, a lock on the
-    chain's head; SQLite, the database's write lock (WAL: rows are still readable)."""
-    if is_sqlite(w.url):
-        holder = sqlite3.connect(sa.make_url(w.url).database or "", isolation_level=None)
-        try:
-            holder.execute("BEGIN EXCLUSIVE")
-            yield
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
-        return
-    with w.engine.connect() as lock:
-        lock.execute(sa.text("LOCK TABLE audit_head IN ACCESS EXCLUSIVE MODE"))
-        try:
-            yield
-        finally:
-            lock.rollback()
-
-
 def tamper(w: World, record_id: str, at: Callable[[int], int]) -> None:
     """Flip one byte of the record's stored object, at ``at(object size)``."""
     with w.engine.connect() as c:
@@ -192,7 +140,7 @@ def tamper(w: World, record_id: str, at: Callable[[int], int]) -> None:
 
 def test_ranged_and_empty_reads_send_nothing_when_their_event_fails(world: World) -> None:
     small = put_record(world.reader, new_patient(), CONTENT)
-    large = put_large(world.reader)
+    large = put_record(world.reader, new_patient(), LARGE, chunk=1 << 20)
     empty = put_record(world.reader, new_patient(), b"")
     cases: list[tuple[str, str, int, int]] = [
         ("small, ranged", small.id, 5, 4),
@@ -202,12 +150,14 @@ def test_ranged_and_empty_reads_send_nothing_when_their_event_fails(world: World
         ("empty", empty.id, 0, 0),
     ]
     for label, record_id, offset, length in cases:  # they read when the trail works
-        fetched = read(world.reader, record_id, offset, length)
+        fetched = fetch(world.reader, record_id, offset=offset, length=length)
         assert fetched.error is None, f"{label}: {fetched.code.name} before the fault"
     allowed_before = len(reads_of(world, small.id) + reads_of(world, large.id))
     allowed_before += len(reads_of(world, empty.id))
     with audit_refused(world):
-        refused = [(label, read(world.reader, rid, o, n)) for label, rid, o, n in cases]
+        refused = [
+            (label, fetch(world.reader, rid, offset=o, length=n)) for label, rid, o, n in cases
+        ]
     for label, fetched in refused:
         nothing_sent(label, fetched, grpc.StatusCode.UNAVAILABLE)
     after = reads_of(world, small.id) + reads_of(world, large.id) + reads_of(world, empty.id)
@@ -218,12 +168,15 @@ def test_ranged_and_empty_reads_send_nothing_when_their_event_fails(world: World
 
 def test_a_deadline_passing_while_the_event_waits_sends_nothing(world: World) -> None:
     small = put_record(world.reader, new_patient(), CONTENT)
-    large = put_large(world.reader)
-    with audit_writer_held(world):
+    large = put_record(world.reader, new_patient(), LARGE, chunk=1 << 20)
+    with audit_writer_held(world.url, world.engine):
         expired = [
-            ("small", read(world.reader, small.id, timeout=1.0)),
-            ("large", read(world.reader, large.id, timeout=1.0)),
-            ("large, ranged", read(world.reader, large.id, (1 << 20) + 10, 100, timeout=1.0)),
+            ("small", fetch(world.reader, small.id, timeout=1.0)),
+            ("large", fetch(world.reader, large.id, timeout=1.0)),
+            (
+                "large, ranged",
+                fetch(world.reader, large.id, offset=(1 << 20) + 10, length=100, timeout=1.0),
+            ),
         ]
     for label, fetched in expired:
         nothing_sent(label, fetched, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -243,7 +196,7 @@ def test_a_deadline_passing_while_the_event_waits_sends_nothing(world: World) ->
                     f"a failure event without its allowed event before it: {n}"
                 )
     for record, content in ((small, CONTENT), (large, LARGE)):
-        fetched = read(world.reader, record.id)
+        fetched = fetch(world.reader, record.id)
         assert fetched.error is None, f"no read after the lock: {fetched.code.name}"
         assert fetched.content == content, "content differs after the lock"
 
@@ -251,13 +204,19 @@ def test_a_deadline_passing_while_the_event_waits_sends_nothing(world: World) ->
 def test_a_tampered_object_is_data_loss_after_its_read_event(world: World) -> None:
     cases = {
         "one chunk": (put_record(world.reader, new_patient(), CONTENT), lambda n: HEADER + 3),
-        "first segment": (put_large(world.reader), lambda n: HEADER + 100),
-        "last segment": (put_large(world.reader), lambda n: n - 20),
+        "first segment": (
+            put_record(world.reader, new_patient(), LARGE, chunk=1 << 20),
+            lambda n: HEADER + 100,
+        ),
+        "last segment": (
+            put_record(world.reader, new_patient(), LARGE, chunk=1 << 20),
+            lambda n: n - 20,
+        ),
     }
     for record, at in cases.values():
         tamper(world, record.id, at)
     for label, (record, _) in cases.items():
-        fetched = read(world.reader, record.id)
+        fetched = fetch(world.reader, record.id)
         assert fetched.code == grpc.StatusCode.DATA_LOSS, f"{label}: {fetched.code.name}"
         if label != "last segment":  # detected before the reply's first message
             assert fetched.metadata is None, f"{label}: metadata sent"
@@ -267,6 +226,6 @@ def test_a_tampered_object_is_data_loss_after_its_read_event(world: World) -> No
             f"{label}: {[(aupb.Outcome.Name(o), s) for o, s in trail]}"
         )
     with audit_refused(world):
-        refused = [(label, read(world.reader, r.id)) for label, (r, _) in cases.items()]
+        refused = [(label, fetch(world.reader, r.id)) for label, (r, _) in cases.items()]
     for label, fetched in refused:
         nothing_sent(f"{label}, audit refused", fetched, grpc.StatusCode.UNAVAILABLE)

@@ -8,11 +8,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +29,7 @@ from storage.signatures import record_signatures
 from storage.sql_metadata import records
 from tests.integration.access.helpers import (
     Client,
+    audit_writer_held,
     code_of,
     engine_for,
     events,
@@ -340,27 +338,6 @@ def test_signs_only_the_digest_sealed_for_this_record(stack: SigningStack, colum
     assert [r.valid for r in _verify(stack, "dr-ec", other)] == [True]
 
 
-@contextmanager
-def _audit_writer_held(engine: sa.Engine, url: str) -> Iterator[None]:
-    """The audit writer waits (not fails) while the block runs: PostgreSQL, a lock on the
-    chain's head; SQLite, the write lock (shorter than its 5 s busy timeout)."""
-    if url.startswith("sqlite"):
-        holder = sqlite3.connect(sa.make_url(url).database or "", isolation_level=None)
-        try:
-            holder.execute("BEGIN EXCLUSIVE")
-            yield
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
-        return
-    with engine.connect() as lock:
-        lock.execute(sa.text("LOCK TABLE audit_head IN ACCESS EXCLUSIVE MODE"))
-        try:
-            yield
-        finally:
-            lock.rollback()
-
-
 @pytest.mark.parametrize("ending", ["deadline", "cancel"])
 def test_no_signature_stored_for_a_call_that_ended_while_its_read_event_waited(
     stack: SigningStack, ending: str
@@ -374,7 +351,7 @@ def test_no_signature_stored_for_a_call_that_ended_while_its_read_event_waited(
     stub = _stub(stack.clients["dr-ec"])
     request = spb.SignRecordRequest(record_id=record_id, signer="dr-ec")
     try:
-        with _audit_writer_held(engine, stack.database_url):
+        with audit_writer_held(stack.database_url, engine):
             if ending == "deadline":
                 code = code_of(stub.SignRecord, request, timeout=1.0)
                 assert code == grpc.StatusCode.DEADLINE_EXCEEDED, code.name
