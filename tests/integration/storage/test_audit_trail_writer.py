@@ -180,11 +180,11 @@ def test_idle_writer_sleeps_once_another_process_signed(
         assert log.heads <= 8, f"writer busy-looped after a new event: {log.heads} head reads"
 
 
-def test_a_change_whose_caller_gave_up_is_never_written(
-    trail: AuditTrail, scratch_table: Engine, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A put deletes its object when the trail times out: its row must not come later."""
-    monkeypatch.setattr("service.audit.trail.RECORD_TIMEOUT_SECONDS", 0.2)
+def _writer_held_in_a_batch(
+    trail: AuditTrail,
+) -> tuple[threading.Thread, threading.Event, threading.Event]:
+    """Record change 1 in a thread whose change holds the writer inside its batch until
+    ``release`` is set; ``inside`` is set once the batch runs."""
     release, inside = threading.Event(), threading.Event()
 
     def slow(connection: Connection) -> int:
@@ -194,6 +194,15 @@ def test_a_change_whose_caller_gave_up_is_never_written(
 
     first = threading.Thread(target=trail.record_change, args=(entry(1), slow))
     first.start()
+    return first, inside, release
+
+
+def test_a_change_whose_caller_gave_up_is_never_written(
+    trail: AuditTrail, scratch_table: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A put deletes its object when the trail times out: its row must not come later."""
+    monkeypatch.setattr("service.audit.trail.RECORD_TIMEOUT_SECONDS", 0.2)
+    first, inside, release = _writer_held_in_a_batch(trail)
     # Queue the second only once the first's batch is running: drained into the same
     # batch it would be "already running" and (rightly) waited for, not cancelled.
     assert inside.wait(10), "the writer never ran the first change"
@@ -222,15 +231,7 @@ def test_a_receipt_refused_once_is_refused_again_the_same_way(
     and again on the way out. An event that timed out (cancelled, never written) must be
     refused the second time as the first (UNAVAILABLE), not as a bare cancellation."""
     monkeypatch.setattr("service.audit.trail.RECORD_TIMEOUT_SECONDS", 0.2)
-    release, inside = threading.Event(), threading.Event()
-
-    def slow(connection: Connection) -> int:
-        inside.set()
-        release.wait(10)  # holds the writer inside a batch
-        return _insert(1)(connection)
-
-    first = threading.Thread(target=trail.record_change, args=(entry(1), slow))
-    first.start()
+    first, inside, release = _writer_held_in_a_batch(trail)
     try:
         assert inside.wait(10), "the writer never ran the first change"
         receipt = trail.submit(entry(2))  # queued behind it; times out, cancelled
