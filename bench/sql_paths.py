@@ -78,6 +78,7 @@ from storage.index import IndexEntry  # noqa: E402
 from storage.interfaces import StoredRecord  # noqa: E402
 from storage.put_requests import SqlPutRequests  # noqa: E402
 from storage.sql_metadata import SqlMetadataStore, make_engine, upgrade  # noqa: E402
+from tests.fixtures.databases import postgres_database  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get(
     "MEDVAULT_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -106,14 +107,9 @@ def database(backend: str) -> Iterator[str]:
             yield f"sqlite:///{Path(tmp) / 'metadata.db'}"
         return
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"medvault_bench_{secrets.token_hex(6)}"  # random hex: safe as an identifier
-    with admin.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
     try:
-        yield sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+        yield from postgres_database(admin)
     finally:
-        with admin.connect() as c:
-            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
 
 
