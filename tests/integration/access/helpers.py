@@ -28,6 +28,9 @@ from service.localstack.ca import DevCA
 from tests.fixtures.service import RunningService, TlsFiles
 
 TIMEOUT = 30
+# Content of three 1 MiB segments (about 2.3 MiB): GetRecord streams it after its
+# metadata message, in several chunks (put it with ``put_record(..., chunk=1 << 20)``).
+THREE_SEGMENTS = bytes(range(256)) * (9 << 10) + b"tail"
 AUTHORITY = "urn:oid:2.999.42.7"
 
 
@@ -168,9 +171,9 @@ def started(factory: Any, database_url: str, **options: Any) -> RunningService:
 
 @contextmanager
 def audit_writer_held(url: str, engine: sa.Engine) -> Iterator[None]:
-    """The audit writer waits (not fails) while the block runs: PostgreSQL, a lock on the
-    chain's head; SQLite, the database's write lock (WAL: rows are still readable; keep
-    the block shorter than the 5 s busy timeout)."""
+    """The audit writer waits while the block runs: PostgreSQL, a lock on the chain's
+    head; SQLite, the database's write lock (WAL: rows are still readable), which fails
+    its append once the block outlasts the 5 s busy timeout."""
     if url.startswith("sqlite"):
         holder = sqlite3.connect(sa.make_url(url).database or "", isolation_level=None)
         try:

@@ -15,7 +15,6 @@ PYTEST_DONT_REWRITE: failures name codes and counts only.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
@@ -31,7 +30,9 @@ from service._gen.medvault.v1 import records_pb2 as pb
 from tests.fixtures.service import RunningService
 from tests.integration.access.conftest import is_sqlite
 from tests.integration.access.helpers import (
+    THREE_SEGMENTS,
     Client,
+    audit_writer_held,
     client,
     engine_for,
     events,
@@ -43,8 +44,7 @@ from tests.integration.access.helpers import (
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 CONTENT = b"synthetic fail-closed note"
-# Larger than the service's 1 MiB chunk: GetRecord streams it after the metadata message.
-LARGE = bytes(range(256)) * (9 << 10) + b"tail"
+LARGE = THREE_SEGMENTS
 
 
 @dataclass
@@ -171,20 +171,8 @@ def test_audit_insert_raises(world: World) -> None:
 
 @pytest.mark.backend("sqlite")
 def test_sqlite_locked_past_busy_timeout(world: World) -> None:
-    path = sa.make_url(world.url).database
-
-    @contextmanager
-    def locked() -> Iterator[None]:
-        # Readers still read (WAL); the audit writer waits out busy_timeout, then fails.
-        holder = sqlite3.connect(path, timeout=30, isolation_level=None)
-        try:
-            holder.execute("BEGIN EXCLUSIVE")
-            yield
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
-
-    refused_with_nothing_sent(world, locked)
+    # Readers still read (WAL); the audit writer waits out busy_timeout, then fails.
+    refused_with_nothing_sent(world, lambda: audit_writer_held(world.url, world.engine))
 
 
 @pytest.mark.backend("postgresql")

@@ -32,6 +32,7 @@ from storage.sql_metadata import records
 from tests.fixtures.service import RunningService
 from tests.integration.access.conftest import is_sqlite
 from tests.integration.access.helpers import (
+    THREE_SEGMENTS,
     Client,
     Fetched,
     audit_writer_held,
@@ -48,8 +49,7 @@ from tests.integration.service.calls import server_bucket
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 CONTENT = b"synthetic read-admission note"
-# Three segments of the default 1 MiB (about 2.3 MiB), sent as three chunks.
-LARGE = bytes(range(256)) * (9 << 10) + b"tail"
+LARGE = THREE_SEGMENTS
 HEADER = 40  # bytes of the envelope header before the first segment's ciphertext
 PRINCIPAL = "test-app"  # unscoped: no grant lookup, so only the audit trail is in the way
 
