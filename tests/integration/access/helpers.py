@@ -189,3 +189,36 @@ def audit_writer_held(url: str, engine: sa.Engine) -> Iterator[None]:
             yield
         finally:
             lock.rollback()
+
+
+@contextmanager
+def audit_inserts_refused(url: str, engine: sa.Engine, when: str = "") -> Iterator[None]:
+    """Audit inserts raise while the block runs (a trigger a database writer could add):
+    every one, or those matching the SQL condition ``when`` over ``NEW``."""
+    sqlite = url.startswith("sqlite")
+    with engine.begin() as c:
+        if sqlite:
+            c.execute(sa.text(
+                "CREATE TRIGGER audit_refused BEFORE INSERT ON audit_events "
+                f"{'WHEN ' + when if when else ''} "
+                "BEGIN SELECT RAISE(FAIL, 'injected audit write error'); END"
+            ))  # fmt: skip
+        else:
+            c.execute(sa.text(
+                "CREATE FUNCTION audit_refused() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"IF {when or 'true'} THEN RAISE EXCEPTION 'injected audit write error'; "
+                "END IF; RETURN NEW; END $$"
+            ))  # fmt: skip
+            c.execute(sa.text(
+                "CREATE TRIGGER audit_refused BEFORE INSERT ON audit_events "
+                "FOR EACH ROW EXECUTE FUNCTION audit_refused()"
+            ))  # fmt: skip
+    try:
+        yield
+    finally:
+        with engine.begin() as c:
+            if sqlite:
+                c.execute(sa.text("DROP TRIGGER audit_refused"))
+            else:
+                c.execute(sa.text("DROP TRIGGER audit_refused ON audit_events"))
+                c.execute(sa.text("DROP FUNCTION audit_refused()"))

@@ -45,6 +45,7 @@ from tests.integration.access.dicom_tools import (
 from tests.integration.access.helpers import (
     TIMEOUT,
     Client,
+    audit_inserts_refused,
     client,
     engine_for,
     events,
@@ -314,34 +315,12 @@ def test_a_caller_without_a_grant_finds_and_gets_nothing_and_is_audited(w: World
     assert all(e.status == "PERMISSION_DENIED" for e in denied)
 
 
-@contextlib.contextmanager
-def _read_events_refused(w: World) -> Iterator[None]:
+def _read_events_refused(w: World) -> contextlib.AbstractContextManager[None]:
     """The database refuses DOCTOR's read events of instances (an audit write error);
     the C-GET's own events (its study lookup) still commit."""
     when = (f"NEW.principal = '{DOCTOR}' AND NEW.action = 'records.read' "
             "AND NEW.resource LIKE 'record/%'")  # fmt: skip
-    sqlite = w.engine.dialect.name == "sqlite"
-    with w.engine.begin() as c:
-        if sqlite:
-            c.execute(sa.text(
-                f"CREATE TRIGGER get_audit_fail BEFORE INSERT ON audit_events WHEN {when} "
-                "BEGIN SELECT RAISE(ABORT, 'injected audit write error'); END"))
-        else:
-            c.execute(sa.text(
-                "CREATE FUNCTION get_audit_fail() RETURNS trigger LANGUAGE plpgsql AS $$ "
-                f"BEGIN IF {when} THEN RAISE EXCEPTION 'injected'; END IF; RETURN NEW; END $$"))
-            c.execute(sa.text(
-                "CREATE TRIGGER get_audit_fail BEFORE INSERT ON audit_events "
-                "FOR EACH ROW EXECUTE FUNCTION get_audit_fail()"))
-    try:
-        yield
-    finally:
-        with w.engine.begin() as c:
-            if sqlite:
-                c.execute(sa.text("DROP TRIGGER get_audit_fail"))
-            else:
-                c.execute(sa.text("DROP TRIGGER get_audit_fail ON audit_events"))
-                c.execute(sa.text("DROP FUNCTION get_audit_fail()"))
+    return audit_inserts_refused(str(w.engine.url), w.engine, when)
 
 
 def test_getscu_receives_nothing_whose_read_event_cannot_commit(w: World) -> None:

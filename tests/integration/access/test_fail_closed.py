@@ -28,10 +28,10 @@ import sqlalchemy as sa
 from service._gen.medvault.v1 import audit_pb2 as aupb
 from service._gen.medvault.v1 import records_pb2 as pb
 from tests.fixtures.service import RunningService
-from tests.integration.access.conftest import is_sqlite
 from tests.integration.access.helpers import (
     THREE_SEGMENTS,
     Client,
+    audit_inserts_refused,
     audit_writer_held,
     client,
     engine_for,
@@ -128,42 +128,7 @@ def test_audit_table_renamed(world: World) -> None:
 
 
 def test_audit_insert_raises(world: World) -> None:
-    sqlite = is_sqlite(world.url)
-
-    @contextmanager
-    def trigger() -> Iterator[None]:
-        with world.engine.begin() as c:
-            if sqlite:
-                c.execute(
-                    sa.text(
-                        "CREATE TRIGGER audit_fail BEFORE INSERT ON audit_events "
-                        "BEGIN SELECT RAISE(FAIL, 'injected audit write error'); END"
-                    )
-                )
-            else:
-                c.execute(
-                    sa.text(
-                        "CREATE FUNCTION audit_fail() RETURNS trigger LANGUAGE plpgsql AS "
-                        "$$ BEGIN RAISE EXCEPTION 'injected audit write error'; END $$"
-                    )
-                )
-                c.execute(
-                    sa.text(
-                        "CREATE TRIGGER audit_fail BEFORE INSERT ON audit_events "
-                        "FOR EACH ROW EXECUTE FUNCTION audit_fail()"
-                    )
-                )
-        try:
-            yield
-        finally:
-            with world.engine.begin() as c:
-                if sqlite:
-                    c.execute(sa.text("DROP TRIGGER audit_fail"))
-                else:
-                    c.execute(sa.text("DROP TRIGGER audit_fail ON audit_events"))
-                    c.execute(sa.text("DROP FUNCTION audit_fail()"))
-
-    refused_with_nothing_sent(world, trigger)
+    refused_with_nothing_sent(world, lambda: audit_inserts_refused(world.url, world.engine))
 
 
 # --- database unavailable --------------------------------------------------------------

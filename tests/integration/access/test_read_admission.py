@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,11 +30,11 @@ from minio import Minio
 from service._gen.medvault.v1 import audit_pb2 as aupb
 from storage.sql_metadata import records
 from tests.fixtures.service import RunningService
-from tests.integration.access.conftest import is_sqlite
 from tests.integration.access.helpers import (
     THREE_SEGMENTS,
     Client,
     Fetched,
+    audit_inserts_refused,
     audit_writer_held,
     client,
     engine_for,
@@ -94,34 +94,9 @@ def reads_of(w: World, record_id: str) -> list[aupb.AuditEvent]:
     return [e for e in found if e.resource.startswith(f"record/{record_id}")]
 
 
-@contextmanager
-def audit_refused(w: World) -> Iterator[None]:
+def audit_refused(w: World) -> AbstractContextManager[None]:
     """Every audit insert raises (a trigger a database writer could add)."""
-    sqlite = is_sqlite(w.url)
-    with w.engine.begin() as c:
-        if sqlite:
-            c.execute(sa.text(
-                "CREATE TRIGGER admission_fail BEFORE INSERT ON audit_events "
-                "BEGIN SELECT RAISE(FAIL, 'injected audit write error'); END"
-            ))  # fmt: skip
-        else:
-            c.execute(sa.text(
-                "CREATE FUNCTION admission_fail() RETURNS trigger LANGUAGE plpgsql AS "
-                "$$ BEGIN RAISE EXCEPTION 'injected audit write error'; END $$"
-            ))  # fmt: skip
-            c.execute(sa.text(
-                "CREATE TRIGGER admission_fail BEFORE INSERT ON audit_events "
-                "FOR EACH ROW EXECUTE FUNCTION admission_fail()"
-            ))  # fmt: skip
-    try:
-        yield
-    finally:
-        with w.engine.begin() as c:
-            if sqlite:
-                c.execute(sa.text("DROP TRIGGER admission_fail"))
-            else:
-                c.execute(sa.text("DROP TRIGGER admission_fail ON audit_events"))
-                c.execute(sa.text("DROP FUNCTION admission_fail()"))
+    return audit_inserts_refused(w.url, w.engine)
 
 
 def tamper(w: World, record_id: str, at: Callable[[int], int]) -> None:
