@@ -29,6 +29,7 @@ from storage.signatures import record_signatures
 from storage.sql_metadata import records
 from tests.integration.access.helpers import (
     Client,
+    audit_inserts_refused,
     audit_writer_held,
     code_of,
     engine_for,
@@ -233,37 +234,6 @@ def test_edited_signature_column_is_data_loss(
     assert code == grpc.StatusCode.DATA_LOSS
 
 
-def _refuse_signature_events(engine: sa.Engine, sqlite: bool, resource: str = "signature/") -> None:
-    """Make the database refuse exactly the signing audit events of ``resource``: the new
-    signatures' (``signature/``) or the read of the record signed (``record/``)."""
-    like = f"NEW.action = 'signatures.sign' AND NEW.resource LIKE '{resource}%'"
-    with engine.begin() as c:
-        if sqlite:
-            c.execute(sa.text(
-                f"CREATE TRIGGER sig_audit_fail BEFORE INSERT ON audit_events WHEN {like} "
-                "BEGIN SELECT RAISE(ABORT, 'injected audit write error'); END"
-            ))  # fmt: skip
-            return
-        c.execute(sa.text(
-            "CREATE FUNCTION sig_audit_fail() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-            f"IF {like} THEN RAISE EXCEPTION 'injected'; END IF; "
-            "RETURN NEW; END $$"
-        ))  # fmt: skip
-        c.execute(sa.text(
-            "CREATE TRIGGER sig_audit_fail BEFORE INSERT ON audit_events "
-            "FOR EACH ROW EXECUTE FUNCTION sig_audit_fail()"
-        ))  # fmt: skip
-
-
-def _allow_signature_events(engine: sa.Engine, sqlite: bool) -> None:
-    with engine.begin() as c:
-        if sqlite:
-            c.execute(sa.text("DROP TRIGGER sig_audit_fail"))
-        else:
-            c.execute(sa.text("DROP TRIGGER sig_audit_fail ON audit_events"))
-            c.execute(sa.text("DROP FUNCTION sig_audit_fail()"))
-
-
 def _signature_events(stack: SigningStack) -> list[str]:
     found = events(stack.clients["officer-s"], principal="dr-ec", action="signatures.sign")
     return [e.resource for e in found if e.resource.startswith("signature/")]
@@ -278,15 +248,14 @@ def test_signature_not_stored_when_its_event_cannot_commit(
     be committed."""
     record_id = _record(stack, "dr-ec")
     before = _signature_events(stack)
-    sqlite = stack.database_url.startswith("sqlite")
     engine = engine_for(stack.database_url)
+    # Exactly the signing events of ``refused``: the new signatures' (``signature/``) or
+    # the read of the record signed (``record/``).
+    when = f"NEW.action = 'signatures.sign' AND NEW.resource LIKE '{refused}%'"
     try:
-        _refuse_signature_events(engine, sqlite, refused)
-        try:
+        with audit_inserts_refused(stack.database_url, engine, when):
             request = spb.SignRecordRequest(record_id=record_id, signer="dr-ec")
             code = code_of(_stub(stack.clients["dr-ec"]).SignRecord, request, timeout=TIMEOUT)
-        finally:
-            _allow_signature_events(engine, sqlite)
         assert code == grpc.StatusCode.UNAVAILABLE, code.name
         with engine.connect() as c:
             stored = c.execute(
