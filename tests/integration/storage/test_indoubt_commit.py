@@ -110,11 +110,13 @@ class CommitReplyDropper:
                 if lost.is_set():  # the COMMIT's answer: never delivered
                     if self._stay_down:
                         self._down.set()
+                    # Before the sockets close: the write path sees the cut at once and
+                    # may fail (stay_down) before this thread would run again.
+                    self.dropped.set()
                     for s in (client, server):
                         with contextlib.suppress(OSError):
                             s.shutdown(socket.SHUT_RDWR)
                         s.close()
-                    self.dropped.set()
                     return
                 client.sendall(data)
         with contextlib.suppress(OSError):
