@@ -1,6 +1,7 @@
 """Shared fixtures: the real components (SoftHSM2, SeaweedFS, SQLite and PostgreSQL)."""
 
 import os
+import resource
 import time
 
 import pytest
@@ -94,15 +95,25 @@ def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def
     items.sort(key=_slow_rank)
 
 
-# MEDVAULT_TEST_TIMELINE=<file>: each worker appends "worker, start, end, test id" per
-# test (tab-separated, epoch seconds), to see how a run's modules fill the workers and
-# which one ends it (README, The two commands).
+# MEDVAULT_TEST_TIMELINE=<file>: each worker appends "worker, start, end, test id, CPU"
+# per test (tab-separated, epoch seconds, CPU seconds), to see how a run's modules fill
+# the workers, which one ends it and which cost the most CPU (README, The two commands).
 if _timeline := os.environ.get("MEDVAULT_TEST_TIMELINE"):
+
+    def _cpu() -> float:
+        """CPU seconds of this worker and of its children reaped so far (the servers a
+        module started count when its fixtures stop them, in its last test)."""
+        own, children = (
+            resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        )
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_protocol(item, nextitem):  # type: ignore[no-untyped-def]
-        began = time.time()
+        began, cpu = time.time(), _cpu()
         yield
         with open(_timeline, "a", encoding="utf-8") as out:
             worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-            out.write(f"{worker}\t{began:.2f}\t{time.time():.2f}\t{item.nodeid}\n")
+            out.write(
+                f"{worker}\t{began:.2f}\t{time.time():.2f}\t{item.nodeid}\t{_cpu() - cpu:.2f}\n"
+            )
