@@ -3,7 +3,8 @@
 Each RPC passes through ``AccessGuard.enter`` (who is calling, may their roles call
 this?) and, for patient data, a gate that checks the care-team grant and commits the
 audit event before anything is released (docs/architecture.md, read path step 1;
-GetRecord fetches while the event commits, ``ReadAdmission``). Denials and
+GetRecord fetches while the event commits, ``ReadAdmission``; SignRecord commits it
+with the signature, in one transaction, ``SigningAdmission``). Denials and
 failures are audited too. Everything here blocks (token, database), so servicers call
 it from worker threads.
 """
@@ -171,6 +172,26 @@ class AccessGuard:
         the event is committed)."""
         return ReadAdmission(self, call)
 
+    def signing_admission(self, call: Call) -> SigningAdmission:
+        """``patient_gate``'s checks with the allowed read event held, to commit in the
+        signature's own transaction (``SigningAdmission.commit_change``), or alone before
+        the error leaves if the signing fails first (``SigningAdmission.settle``)."""
+        return SigningAdmission(self, call)
+
+    def allowed_read(self, call: Call, ref: RecordRef) -> AuditEntry:
+        """The allowed event of ``call`` reading ``ref``, once its scope is checked (a
+        denial is committed and raised): to commit before anything read is released."""
+        reason = self.check_scope(call, ref)
+        return _entry(
+            call.principal, call.action, record_resource(ref), ref.patient_index,
+            outcome="allowed", reason=reason,
+        )  # fmt: skip
+
+    def count_read(self, call: Call) -> None:
+        """Count an admitted read of a record for the bulk-read incident detector."""
+        if call.action in ("records.read", "records.stat"):
+            self._incidents.read(call.principal.name)
+
     def scope_gate(self, call: Call) -> Gate:
         """Check patient scope only (before an upload starts)."""
 
@@ -204,16 +225,19 @@ class AccessGuard:
         patient_index: bytes | None = None,
         *,
         reason: str = "",
+        before: Sequence[AuditEntry] = (),
     ) -> T:
         """Run ``change`` and commit its allowed event in the same transaction, or neither.
 
-        The change's own error (a conflict, a missing row) is raised with nothing
-        written; ``AuditUnavailableError`` if the event cannot be committed.
+        The change's own error (a conflict, a missing row) is raised with its event not
+        written; ``AuditUnavailableError`` if the event cannot be committed. ``before``:
+        events committed in that transaction ahead of it, even if the change raises
+        (``AuditTrail.record_change``).
         """
         entry = _entry(
             call.principal, call.action, resource, patient_index, outcome="allowed", reason=reason
         )
-        return self.trail.record_change(entry, change)
+        return self.trail.record_change(entry, change, before=before)
 
     def audit(
         self,
@@ -286,20 +310,54 @@ class ReadAdmission:
 
     def gate(self, ref: RecordRef) -> None:
         """The ``Gate``: check scope now, queue the allowed event."""
-        call = self._call
-        reason = self._guard.check_scope(call, ref)
-        entry = _entry(
-            call.principal, call.action, record_resource(ref), ref.patient_index,
-            outcome="allowed", reason=reason,
-        )  # fmt: skip
+        entry = self._guard.allowed_read(self._call, ref)
         self._receipts.append(self._guard.trail.submit(entry))
-        if call.action in ("records.read", "records.stat"):
-            self._guard.incidents.read(call.principal.name)
+        self._guard.count_read(self._call)
 
     def wait(self) -> None:
         """Return once the allowed events are committed; raise if one is not."""
         for receipt in self._receipts:
             receipt.wait()
+
+
+class SigningAdmission:
+    """SignRecord's gate and its held read event (``AccessGuard.signing_admission``).
+
+    ``gate`` refuses out of scope at once (its denial committed, as ``patient_gate``)
+    and holds the allowed read event. ``commit_change`` commits the held events, the
+    signature's event and its row in ONE audit transaction (one writer round trip, one
+    fsync); the read events commit even when the row's insert fails. ``settle``, run
+    on every way out, commits the read events still held (the signing failed before
+    its commit) and raises ``AuditUnavailableError`` if it cannot. The caller releases
+    nothing before ``commit_change`` has returned.
+    """
+
+    def __init__(self, guard: AccessGuard, call: Call) -> None:
+        self._guard = guard
+        self._call = call
+        self._held: list[AuditEntry] = []
+
+    def gate(self, ref: RecordRef) -> None:
+        """The ``Gate``: check scope now, hold the allowed event."""
+        self._held.append(self._guard.allowed_read(self._call, ref))
+        self._guard.count_read(self._call)
+
+    def commit_change(
+        self, resource: str, change: Change[T], patient_index: bytes | None = None
+    ) -> T:
+        """Commit the held read events, then ``change`` with its allowed event on
+        ``resource``, in one transaction (``AccessGuard.audit_change`` with ``before``).
+
+        If the trail refuses the transaction, none of its events is written: the call
+        fails (``AuditUnavailableError``), as a read whose event fails."""
+        held, self._held = self._held, []
+        return self._guard.audit_change(self._call, resource, change, patient_index, before=held)
+
+    def settle(self) -> None:
+        """Commit the read events no ``commit_change`` took; raise if one cannot be."""
+        held, self._held = self._held, []
+        for entry in held:
+            self._guard.trail.record(entry)
 
 
 def _entry(

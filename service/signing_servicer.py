@@ -7,6 +7,11 @@ key may be used only by its own principal (a person's certificate CN, or the use
 application delegates for); anything else is denied and audited on ``signer/<name>``.
 A new signature is audited once more, as ``signature/<id>``: that event commits in the
 same transaction as the signature row (``AccessGuard.audit_change``), or neither does.
+A CAdES signature's read event is held past the scope check (a denial is committed
+at once) and commits in that same transaction, just before ``signature/<id>``
+(``AccessGuard.signing_admission``): one audit commit per signature. It commits even
+if the row's insert fails, and alone, before the error leaves, if the signing fails
+before its commit; nothing is returned before it is committed.
 A PAdES signature also writes a new version of the PDF record, audited as a put is
 (``record/<id>/v<n>``, committed with the version's row) under ``signatures.sign``.
 """
@@ -14,7 +19,6 @@ A PAdES signature also writes a new version of the PDF record, audited as a put 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from datetime import UTC
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -28,8 +32,18 @@ from service.convert import resource_id, version_from_pb
 from service.guard import AccessGuard, Call
 from service.signing import CommitSignature, DocumentSigning, SignatureFormat, VersionWriter
 from service.signing.validation import Verdict
-from storage import Change, Gate, InvalidRecordError, RecordRef, Signature, check_deadline
+from storage import (
+    Change,
+    Gate,
+    InvalidRecordError,
+    RecordRef,
+    Signature,
+    check_deadline,
+    checked_when_run,
+)
 
+# The step a call that ended is refused at: nothing is stored in its signer's name.
+_STORING = "storing the signature"
 _FORMATS: dict[int, SignatureFormat] = {
     pb.SIGNATURE_FORMAT_UNSPECIFIED: SignatureFormat.CADES_DETACHED,
     pb.SIGNATURE_FORMAT_CADES_DETACHED: SignatureFormat.CADES_DETACHED,
@@ -117,33 +131,37 @@ class SigningServicer(pb_grpc.SigningServiceServicer):  # type: ignore[misc]  # 
             )
             return self._signing.sign_pades(
                 request.record_id, version, request.signer, gate, writer=writer,
-                commit=self._committer(call, state, gate, lambda: None),
+                commit=self._committer(call, state, gate),
             )  # fmt: skip
-        # CAdES: the token signs while the read event commits; the signature's own
-        # transaction starts only once that event is committed.
-        admission = self._guard.read_admission(call)
+        return self._sign_cades(call, state, request.record_id, version, request.signer)
 
-        def admitted() -> None:
-            admission.wait()
-            # The wait outlasts the token's step, the call's last deadline-bounded one:
-            # a call that ended meanwhile (its deadline, its client cancelling) was told
-            # it failed, so no signature may then be stored in its signer's name.
-            check_deadline("storing the signature")
-
+    def _sign_cades(
+        self, call: Call, state: CallState, record_id: str, version: int | None, signer: str
+    ) -> Signature:
+        """Sign with the read event held: it commits with the signature's event and row,
+        in one audit transaction; or alone, before the error leaves, if signing fails."""
+        admission = self._guard.signing_admission(call)
         gate = _RememberingGate(admission.gate)
-        commit = self._committer(call, state, gate, admitted)
-        try:
-            return self._signing.sign(request.record_id, version, request.signer, gate, commit)
-        finally:
-            admission.wait()  # also after an error: the read event precedes its failure
-
-    def _committer(
-        self, call: Call, state: CallState, gate: _RememberingGate, first: Callable[[], None]
-    ) -> CommitSignature:
-        """Store a signature with its event in one transaction, after ``first()``."""
 
         def commit(signature_id: str, insert: Change[Signature]) -> Signature:
-            first()
+            # A call that ended (its deadline, its client cancelling) was told it failed,
+            # so no signature may then be stored in its signer's name: checked before the
+            # commit is queued, and again in its transaction (the writer may take it up
+            # after the call's end); the read event still commits then.
+            check_deadline(_STORING)
+            state.resource = f"signature/{signature_id}"
+            stored = checked_when_run(insert, _STORING)
+            return admission.commit_change(state.resource, stored, gate.patient_index)
+
+        try:
+            return self._signing.sign(record_id, version, signer, gate, commit)
+        finally:
+            admission.settle()  # also after an error: the read event precedes its failure
+
+    def _committer(self, call: Call, state: CallState, gate: _RememberingGate) -> CommitSignature:
+        """Store a signature with its event in one transaction."""
+
+        def commit(signature_id: str, insert: Change[Signature]) -> Signature:
             state.resource = f"signature/{signature_id}"
             return self._guard.audit_change(call, state.resource, insert, gate.patient_index)
 

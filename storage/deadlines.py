@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
+from typing import ParamSpec, TypeVar
 
 from storage.errors import DeadlineExceededError
 
+P = ParamSpec("P")
+T = TypeVar("T")
 # Cleanup after a failed or abandoned write gets this long, whatever the call had left:
 # plenty for a delete on a working store; on a stalled one the sweeper removes the object.
 GRACE_SECONDS = 1.0
@@ -83,6 +86,21 @@ def check_deadline(step: str) -> None:
     deadline = _CURRENT.get()
     if deadline is not None:
         deadline.check(step)
+
+
+def checked_when_run(fn: Callable[P, T], step: str) -> Callable[P, T]:
+    """``fn``, first checking the current call's deadline for ``step`` each time it runs,
+    in whatever thread runs it: a change the audit writer runs for a call, after the
+    call may have ended, in a thread that does not see the call's deadline."""
+    deadline = _CURRENT.get()
+    if deadline is None:
+        return fn
+
+    def checked(*args: P.args, **kwargs: P.kwargs) -> T:
+        deadline.check(step)
+        return fn(*args, **kwargs)
+
+    return checked
 
 
 @contextmanager

@@ -17,7 +17,11 @@ State changes commit with their event (``record_change``): the change runs on th
 batch's connection under a savepoint, before the events are chained. A change that
 raises is rolled back and only its caller gets the error; the rest of the batch
 commits. So a grant, a revocation or a record row exists exactly when its audit
-event does.
+event does. A caller may queue events without a change ahead of its own (``before``:
+SignRecord's read of the record version it signs) as ONE item: they are appended in
+the same transaction, consecutively, and retried as a unit; they are written whatever
+becomes of the change, and fail with the item when the database refuses any of its
+events. ``MAX_BATCH`` counts events, not items.
 
 Checkpoints: after ``checkpoint_every`` events written by this trail, or after
 ``checkpoint_seconds`` with unsigned events, the writer signs the committed head with
@@ -77,10 +81,20 @@ _STOP: Final = object()
 
 @dataclass(frozen=True, slots=True)
 class _Item:
-    """A queued event, its optional state change, and the future its caller waits on."""
+    """One caller's queued events (the last may carry a state change), appended in one
+    transaction, and the future its caller waits on: the last event and change result."""
 
-    pending: Pending
+    pending: tuple[Pending, ...]
     future: Future[tuple[ChainedEvent, Any]] = field(default_factory=Future)
+
+    @property
+    def changes(self) -> bool:
+        """Whether one of its events carries a state change."""
+        return any(p.change is not None for p in self.pending)
+
+
+def _events(items: Sequence[_Item]) -> int:
+    return sum(len(i.pending) for i in items)
 
 
 def _settled(item: _Item) -> tuple[ChainedEvent, Any]:
@@ -90,7 +104,7 @@ def _settled(item: _Item) -> tuple[ChainedEvent, Any]:
     except TimeoutError as e:
         # Fail closed rather than hold the caller forever: the call is refused, and
         # the item, still queued, is cancelled so it is never written.
-        if item.future.cancel() or item.pending.change is None:
+        if item.future.cancel() or not item.changes:
             raise AuditUnavailableError("the audit trail did not commit in time") from e
     # Its transaction is under way: the caller must learn whether the change committed
     # (a put deletes its object on an error; a row committed after that would point
@@ -110,9 +124,9 @@ class Receipt:
     def wait(self) -> None:
         """Return once the event is committed; ``AuditUnavailableError`` if it is not.
 
-        A refusal is final and is raised again by every later ``wait`` (SignRecord waits
-        twice): a timed-out event was cancelled, and its future would now raise a bare
-        ``CancelledError`` (INTERNAL), or make the caller wait out the timeout again."""
+        A refusal is final and is raised again by every later ``wait``: a timed-out
+        event was cancelled, and its future would now raise a bare ``CancelledError``
+        (INTERNAL), or make the caller wait out the timeout again."""
         if self._refused is not None:
             raise AuditUnavailableError(str(self._refused)) from self._refused
         if self._item is not None:
@@ -152,7 +166,8 @@ class AuditTrail:
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._state_lock = threading.Lock()
         self._closed = False
-        self._last_batch = 0  # size of the previous batch: >1 means concurrent callers
+        self._last_batch = 0  # items in the previous batch: >1 means concurrent callers
+        self._carried: _Item | None = None  # drained, but past MAX_BATCH: opens the next
         self._unsigned = 0  # events this trail committed since its last checkpoint
         self._last_checkpoint = time.monotonic()
         self._writer = threading.Thread(target=self._run, name="audit-writer", daemon=True)
@@ -166,19 +181,28 @@ class AuditTrail:
         if not self._enabled:
             # Benchmark-only: a placeholder, never written (see the class docstring).
             return ChainedEvent(0, entry, GENESIS_HASH, GENESIS_HASH)
-        event, _ = self._submit(Pending(normalise(entry)))
+        event, _ = _settled(self._enqueue(Pending(normalise(entry))))
         return event
 
-    def record_change(self, entry: AuditEntry, change: Change[T]) -> T:
+    def record_change(
+        self, entry: AuditEntry, change: Change[T], *, before: Sequence[AuditEntry] = ()
+    ) -> T:
         """Run ``change`` and commit ``entry`` in the same transaction; the change's result.
 
         Both happen or neither: the change's own error (a conflict, a missing row) is
-        raised here with nothing written; ``AuditUnavailableError`` if the trail cannot
-        commit, and then the change did not happen either.
+        raised here with ``entry`` not written; ``AuditUnavailableError`` if the trail
+        cannot commit, and then the change did not happen either.
+
+        ``before``: events without a change (what the change follows from: the read of
+        the record a signature signs) committed in the same transaction, just ahead of
+        ``entry``. They commit even when the change raises (its error is raised once
+        they are committed), and not at all when the trail refuses any of the events.
         """
         if not self._enabled:
             return self._log.run_change(change)  # benchmark-only: no event, still the change
-        _, value = self._submit(Pending(normalise(entry), change))
+        pending = [Pending(normalise(e)) for e in before]
+        pending.append(Pending(normalise(entry), change))
+        _, value = _settled(self._enqueue(*pending))
         return cast(T, value)
 
     def submit(self, entry: AuditEntry) -> Receipt:
@@ -189,10 +213,7 @@ class AuditTrail:
             return Receipt(None)  # benchmark-only: nothing is written (class docstring)
         return Receipt(self._enqueue(Pending(normalise(entry))))
 
-    def _submit(self, pending: Pending) -> tuple[ChainedEvent, Any]:
-        return _settled(self._enqueue(pending))
-
-    def _enqueue(self, pending: Pending) -> _Item:
+    def _enqueue(self, *pending: Pending) -> _Item:
         item = _Item(pending)
         with self._state_lock:
             if self._closed or not self._writer.is_alive():
@@ -246,7 +267,7 @@ class AuditTrail:
         stop = False
         while not stop:
             try:
-                first = self._queue.get(timeout=self._until_checkpoint())
+                first = self._next()
             except queue.Empty:
                 self._checkpoint_if_due()
                 continue
@@ -255,30 +276,41 @@ class AuditTrail:
                 self._write(batch)
             self._checkpoint_if_due()
 
-    def _drain(self, first: object) -> tuple[list[_Item], bool]:
-        """``first`` and everything queued behind it, up to MAX_BATCH; True on stop.
+    def _next(self) -> object:
+        """The item the previous batch had no room for, else the next one queued."""
+        if self._carried is not None:
+            item, self._carried = self._carried, None
+            return item
+        return self._queue.get(timeout=self._until_checkpoint())
 
-        Under concurrent load (the previous batch held several events) the writer
+    def _drain(self, first: object) -> tuple[list[_Item], bool]:
+        """``first`` and everything queued behind it, up to MAX_BATCH events; True on stop.
+
+        Under concurrent load (the previous batch held several items) the writer
         lingers briefly for stragglers: a commit costs about the same for 1 event or 16,
         so fuller batches cost each caller less than the wait. A lone caller never waits.
+        An item that would take the batch past MAX_BATCH events opens the next one.
         """
         batch: list[_Item] = []
+        events = 0
         item = first
         linger = self._last_batch > 1
         while True:
             if item is _STOP:
                 return batch, True
             queued = cast(_Item, item)  # only _Item or _STOP is queued
+            if batch and events + len(queued.pending) > MAX_BATCH:
+                self._carried = queued
+                break
             # False if its caller gave up waiting (cancelled): then it is not written.
             if queued.future.set_running_or_notify_cancel():
                 batch.append(queued)
-            if len(batch) >= MAX_BATCH:
+                events += len(queued.pending)
+            if events >= MAX_BATCH:
                 break
             try:
                 item = (
-                    self._queue.get(timeout=LINGER_SECONDS)
-                    if linger
-                    else (self._queue.get_nowait())
+                    self._queue.get(timeout=LINGER_SECONDS) if linger else self._queue.get_nowait()
                 )
             except queue.Empty:
                 break
@@ -286,49 +318,59 @@ class AuditTrail:
         return batch, False
 
     def _write(self, batch: list[_Item]) -> None:
-        """Append one batch; on a refusal (not an outage) retry its events one by one."""
+        """Append one batch; on a refusal (not an outage) retry its items one by one."""
         try:
             with COMMIT_SECONDS.time():
-                done = self._log.append_pending([i.pending for i in batch])
+                done = self._log.append_pending([p for i in batch for p in i.pending])
         except BackendUnavailableError as e:
             self._fail(batch, e)  # an outage: every caller now, no retries to wait on
             return
-        except Exception as e:  # noqa: BLE001  (isolated below, event by event)
+        except Exception as e:  # noqa: BLE001  (isolated below, item by item)
             if len(batch) == 1:
                 self._fail(batch, e)
                 return
             logger.warning(
-                "audit batch refused; retrying its events one by one",
-                extra={"events": len(batch), "error": type(e).__name__},
+                "audit batch refused; retrying its callers' events one caller at a time",
+                extra={"events": _events(batch), "error": type(e).__name__},
             )
         else:
             self._settle(batch, done)
             return
         for n, item in enumerate(batch):
             try:
-                self._settle([item], self._log.append_pending([item.pending]))
+                # An item's events stay together: one transaction, all or none of them.
+                self._settle([item], self._log.append_pending(item.pending))
             except BackendUnavailableError as e:
                 self._fail(batch[n:], e)
                 return
-            except Exception as e:  # noqa: BLE001  (this event's caller alone)
+            except Exception as e:  # noqa: BLE001  (this item's caller alone)
                 self._fail([item], e)
 
     def _settle(self, batch: Sequence[_Item], done: Sequence[Appended]) -> None:
-        """Hand each caller its committed event (and change result) or its change's error."""
-        for item, appended in zip(batch, done, strict=True):
-            if appended.event is None:
-                item.future.set_exception(appended.error or AuditUnavailableError("not recorded"))
-                continue
-            self._unsigned += 1
-            if self._checkpointer is not None:  # it refuses a head that lost this event
-                self._checkpointer.note_committed(appended.event.sequence, appended.event.hash)
-            item.future.set_result((appended.event, appended.value))
+        """Hand each caller its last committed event (and change result) or its change's
+        error; every event written counts towards (and is noted for) the checkpoint."""
+        if _events(batch) != len(done):
+            raise ValueError("the audit log answered for another number of events")
+        results = iter(done)
+        for item in batch:
+            appended = [next(results) for _ in item.pending]
+            for a in appended:
+                if a.event is not None:
+                    self._unsigned += 1
+                    if self._checkpointer is not None:  # it refuses a head that lost it
+                        self._checkpointer.note_committed(a.event.sequence, a.event.hash)
+            last = appended[-1]
+            if last.event is not None and all(a.event is not None for a in appended):
+                item.future.set_result((last.event, last.value))
+            else:  # a change raised: its error (its event was not written)
+                error = next((a.error for a in appended if a.error is not None), None)
+                item.future.set_exception(error or AuditUnavailableError("not recorded"))
 
     def _fail(self, batch: Sequence[_Item], error: Exception) -> None:
         # Not log.exception: a database error's text carries the statement's bound
         # parameters (principal, blind index), which must not reach the log.
         logger.error(
-            "audit append failed", extra={"events": len(batch), "error": type(error).__name__}
+            "audit append failed", extra={"events": _events(batch), "error": type(error).__name__}
         )
         # An outage's message names the database and its address, never a row's data
         # (storage builds it so): the caller and the operator see what is down.

@@ -27,6 +27,7 @@ SIGNERS = {
     "dr-rsa": ("rsa-2048", "trusted"),
     "dr-rogue": ("ec-p256", "rogue"),
     "dr-old": ("ec-p256", "expired"),
+    "dr-gone": ("ec-p256", "trusted"),  # its key is destroyed by a test, once loaded
 }
 
 

@@ -1,6 +1,8 @@
 # ruff: noqa: F811  (the fixtures of test_audit_log are imported, then requested by name)
 """The audit writer on SQLite and PostgreSQL: isolation of a bad event, outages, state
-changes committed with their events, and no busy loop once another process signed.
+changes committed with their events, several events queued as one item (SignRecord's
+read and signature: one transaction, all or none, retried as a unit, ``MAX_BATCH``
+counted in events), and no busy loop once another process signed.
 
 Batches are handed to the writer directly (``_write``) so that which events share a
 transaction is certain, not left to thread timing.
@@ -9,7 +11,7 @@ transaction is certain, not left to thread timing.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -20,9 +22,9 @@ from sqlalchemy.engine import Connection, Engine
 from keystore.signing import Pkcs11Signer
 from service.audit import AuditUnavailableError
 from service.audit.checkpoints import make_checkpoint
-from service.audit.trail import AuditTrail, _Item
-from storage.audit_log import Pending, SqlAuditLog
-from storage.audit_model import AuditEntry
+from service.audit.trail import MAX_BATCH, AuditTrail, _Item
+from storage.audit_log import Appended, Pending, SqlAuditLog
+from storage.audit_model import AuditEntry, AuditFilter
 from storage.errors import BackendUnavailableError, DatabaseUnreachableError, RecordConflictError
 from storage.sql_metadata import make_engine
 from tests.fixtures.service import free_port
@@ -70,13 +72,13 @@ def _insert(n: int) -> Callable[[Connection], int]:
 
 def _raw(bad: AuditEntry) -> _Item:
     """An item that skipped normalisation (a caller bypassing ``record``)."""
-    return _Item(Pending(bad))
+    return _Item((Pending(bad),))
 
 
 def test_refused_batch_fails_only_the_bad_events(
     trail: AuditTrail, audit_log: SqlAuditLog, signer: Pkcs11Signer
 ) -> None:
-    good = [_Item(Pending(entry(n))) for n in range(20)]
+    good = [_Item((Pending(entry(n)),)) for n in range(20)]
     bad = [_raw(entry(90, resource="r" * 300)), _raw(entry(91, principal="p\x00" * 200))]
     batch = good[:7] + bad[:1] + good[7:15] + bad[1:] + good[15:]
     trail._write(batch)
@@ -98,7 +100,7 @@ def test_outage_fails_the_batch_at_once(trail: AuditTrail, audit_log: SqlAuditLo
         raise BackendUnavailableError(DOWN)
 
     audit_log.append_pending = down  # type: ignore[method-assign]
-    batch = [_Item(Pending(entry(n))) for n in range(300)]
+    batch = [_Item((Pending(entry(n)),)) for n in range(300)]
     trail._write(batch)
     assert calls == 1, "an outage must not be retried event by event"
     errors = [i.future.exception(timeout=1) for i in batch]
@@ -115,8 +117,8 @@ def test_changes_commit_with_their_events_or_not_at_all(
 ) -> None:
     with scratch_table.begin() as c:
         c.execute(scratch.insert().values(id=2))  # change 2 will conflict
-    items = [_Item(Pending(entry(n), _insert(n))) for n in range(5)]
-    reads = [_Item(Pending(entry(10 + n))) for n in range(3)]
+    items = [_Item((Pending(entry(n), _insert(n)),)) for n in range(5)]
+    reads = [_Item((Pending(entry(10 + n)),)) for n in range(3)]
     trail._write(items[:2] + reads + items[2:])
     assert [i.future.result(timeout=5)[1] for i in items if i is not items[2]] == [0, 1, 3, 4]
     with pytest.raises(RecordConflictError):
@@ -125,8 +127,8 @@ def test_changes_commit_with_their_events_or_not_at_all(
     assert _ids(scratch_table) == [0, 1, 2, 3, 4]
     assert audit_log.head()[0] == 7, "an event was written for the refused change"
     # An event that cannot be written takes its change with it.
-    bad = _Item(Pending(entry(20, resource="r" * 300), _insert(20)))
-    trail._write([bad, _Item(Pending(entry(21), _insert(21)))])
+    bad = _Item((Pending(entry(20, resource="r" * 300), _insert(20)),))
+    trail._write([bad, _Item((Pending(entry(21), _insert(21)),))])
     with pytest.raises(AuditUnavailableError):
         bad.future.result(timeout=5)
     assert _ids(scratch_table) == [0, 1, 2, 3, 4, 21]
@@ -241,3 +243,125 @@ def test_a_receipt_refused_once_is_refused_again_the_same_way(
     finally:
         release.set()
         first.join()
+
+
+class _CountingAppends(SqlAuditLog):
+    """The real log, counting its append transactions."""
+
+    appends = 0
+
+    def append_pending(self, items: Sequence[Pending]) -> list[Appended]:
+        self.appends += 1
+        return super().append_pending(items)
+
+
+def _sequences(log: SqlAuditLog) -> dict[str, int]:
+    return {e.entry.resource: e.sequence for e in log.query(AuditFilter())}
+
+
+def _signing(trail: AuditTrail, n: int) -> int:
+    """SignRecord's shape: the read event, then the signature's event with its change."""
+    before = [entry(n, resource=f"read-{n}")]
+    return trail.record_change(entry(n, resource=f"signature-{n}"), _insert(n), before=before)
+
+
+def test_an_item_commits_its_events_in_one_transaction_consecutively(
+    scratch_table: Engine, signer: Pkcs11Signer
+) -> None:
+    log = _CountingAppends(scratch_table)
+    with AuditTrail(log, signer, checkpoint_every=1000) as trail:
+        assert _signing(trail, 1) == 1
+        assert log.appends == 1, "the read and the signature took separate transactions"
+        assert trail._unsigned == 2, "each event of an item counts towards the checkpoint"
+        # Concurrent items and lone events: each item's events stay adjacent.
+        threads = [threading.Thread(target=_signing, args=(trail, n)) for n in range(10, 30)]
+        threads += [threading.Thread(target=trail.record, args=(entry(n),)) for n in range(40, 60)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seqs = _sequences(log)
+        assert (seqs["read-1"], seqs["signature-1"]) == (1, 2)
+        assert all(seqs[f"signature-{n}"] == seqs[f"read-{n}"] + 1 for n in range(10, 30))
+        assert _ids(scratch_table) == [1, *range(10, 30)]
+        assert log.head()[0] == 62
+        assert trail.checkpoint_now() is not None  # the checkpointer accepts the head
+        assert trail.verify().ok
+
+
+def test_the_events_before_a_failed_change_are_written_and_its_error_raised(
+    trail: AuditTrail, audit_log: SqlAuditLog, scratch_table: Engine
+) -> None:
+    """A signature whose row conflicts: the read stays recorded, the caller gets the error."""
+    with scratch_table.begin() as c:
+        c.execute(scratch.insert().values(id=5))
+    with pytest.raises(RecordConflictError):
+        _signing(trail, 5)
+    assert _sequences(audit_log) == {"read-5": 1}
+    assert _ids(scratch_table) == [5]
+    assert trail.verify().ok
+
+
+def test_an_item_is_refused_whole_and_alone_and_retried_as_a_unit(
+    scratch_table: Engine,
+) -> None:
+    """A bad event (one that skipped normalisation) fails its item's events and change,
+    and no one else's; each item of the refused batch is retried in one transaction."""
+    log = _CountingAppends(scratch_table)
+    trail = AuditTrail(log, None)
+    try:
+        good = [_Item((Pending(entry(n, resource=f"lone-{n}")),)) for n in range(3)]
+        bad = _Item((
+            Pending(entry(10, resource="r" * 300)),  # too wide for its column
+            Pending(entry(11, resource="signature-11"), _insert(11)),
+        ))  # fmt: skip
+        pair = _Item((
+            Pending(entry(20, resource="read-20")),
+            Pending(entry(21, resource="signature-20"), _insert(20)),
+        ))  # fmt: skip
+        trail._write([good[0], bad, good[1], pair, good[2]])
+        assert log.appends == 1 + 5, "one batch, then one transaction per item"
+        with pytest.raises(AuditUnavailableError):
+            bad.future.result(timeout=5)
+        assert pair.future.result(timeout=5)[1] == 20
+        assert all(g.future.result(timeout=5)[0].sequence > 0 for g in good)
+        seqs = _sequences(log)
+        assert sorted(seqs) == ["lone-0", "lone-1", "lone-2", "read-20", "signature-20"]
+        assert seqs["signature-20"] == seqs["read-20"] + 1
+        assert _ids(scratch_table) == [20]
+        # Alone in its batch, a refused item writes none of its events either.
+        lone = _Item((
+            Pending(entry(30, resource="read-30")),
+            Pending(entry(31, principal="p\x00" * 200), _insert(30)),
+        ))  # fmt: skip
+        trail._write([lone])
+        with pytest.raises(AuditUnavailableError):
+            lone.future.result(timeout=5)
+        assert log.head()[0] == 5
+        assert _ids(scratch_table) == [20]
+        assert trail.verify().ok
+    finally:
+        trail.close()
+
+
+def test_max_batch_counts_events_and_never_splits_an_item(audit_log: SqlAuditLog) -> None:
+    trail = AuditTrail(audit_log, None)
+    trail.close()  # no writer thread: the batches are drained here
+    singles = [_Item((Pending(entry(n)),)) for n in range(MAX_BATCH)]
+    pair = _Item((Pending(entry(1)), Pending(entry(2))))
+    for item in [*singles[1:-1], pair, singles[-1]]:
+        trail._queue.put(item)
+    batch, stop = trail._drain(singles[0])
+    assert (len(batch), stop) == (MAX_BATCH - 1, False), "the pair would pass MAX_BATCH"
+    batch, _ = trail._drain(trail._next())
+    assert batch == [pair, singles[-1]]
+
+
+def test_an_item_with_auditing_disabled_writes_nothing_and_runs_the_change(
+    audit_log: SqlAuditLog, scratch_table: Engine
+) -> None:
+    """The benchmark-only switch."""
+    trail = AuditTrail(audit_log, None, enabled=False)
+    assert _signing(trail, 2) == 2
+    assert audit_log.head()[0] == 0
+    assert _ids(scratch_table) == [2]
