@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import grpc  # noqa: E402
 from profile_ops import summarise  # noqa: E402
+from put_get import tree_cpu  # noqa: E402
 
 from service._gen.medvault.v1 import access_pb2 as apb  # noqa: E402
 from service._gen.medvault.v1 import access_pb2_grpc as apb_grpc  # noqa: E402
@@ -110,9 +111,9 @@ def _get_call(record_id: str) -> Callable[[grpc.Channel], Callable[[], object]]:
 
 
 def _cpu(pid: str) -> float:
-    """User + system CPU seconds of the service process so far (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of the service so far: the pid file's process and its
+    worker processes (``--processes``), all threads."""
+    return tree_cpu(int(pid))
 
 
 def measure(
@@ -214,16 +215,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", type=Path, default=None)
     parser.add_argument("--profile", type=Path, default=None, help="py-spy output directory")
     parser.add_argument("--gil", action="store_true", help="profile the GIL holder only")
+    parser.add_argument(
+        "--processes", type=int, default=1,
+        help="service processes (server.processes); py-spy needs 1 (it follows one pid)",
+    )  # fmt: skip
     ns = parser.parse_args(argv)
+    if ns.processes < 1 or (ns.processes > 1 and ns.profile is not None):
+        parser.error("--processes must be >= 1, and 1 with --profile")
     home = ns.home or Path(tempfile.mkdtemp(prefix="medvault-sign-bench-"))
     stack = LocalStack(home, report=lambda line: print(f"  [stack] {line}", flush=True))
     n = ns.clients
     try:
         stack.prepare()
-        # One service process: the CPU figures and py-spy follow the pid file's process.
+        # One service process unless asked: py-spy follows the pid file's process (the
+        # CPU figures add up its worker processes).
         config, text = stack.layout.config, stack.layout.config.read_text()
         if "\nprocesses = " not in text:
-            config.write_text(text.replace("[server]\n", "[server]\nprocesses = 1\n", 1))
+            setting = f"[server]\nprocesses = {ns.processes}\n"
+            config.write_text(text.replace("[server]\n", setting, 1))
         stack.up()
         record_id = write_record(stack)
         get1 = measure(stack, _get_call(record_id), 1, ns.seconds)
