@@ -68,7 +68,12 @@ async def handled(
         yield state
     except (asyncio.CancelledError, GeneratorExit):
         # The client went away or its deadline passed: the handler's task is cancelled,
-        # or (a stream paused at a reply) the handler is closed.
+        # or (a stream paused at a reply) the handler is closed. Its work stops now, not
+        # once the expiry's event below has committed: a change queued for the audit
+        # writer checks the deadline when it runs (SignRecord's signature row), and
+        # must not be stored after the call was judged ended.
+        if state.scope is not None:
+            state.scope.deadline.stop()
         if expiry:
             await _audit_expiry(guard, context, state, rpc)
         raise

@@ -18,7 +18,7 @@ from keystore import Pkcs11SessionPool
 from keystore.certificates import create_signer_key, import_certificate, make_csr
 from service.localstack.ca import DevCA
 from tests.fixtures.databases import new_database
-from tests.fixtures.service import RunningService, TlsFiles
+from tests.fixtures.service import RunningService, TlsFiles, free_port
 from tests.integration.access.helpers import Client, client, issue_client
 
 # name -> (key kind, issuing CA: "trusted" | "rogue" | "expired")
@@ -39,6 +39,7 @@ class SigningStack:
     ca: DevCA
     clients: dict[str, Client]
     database_url: str
+    metrics_port: int  # the server's Prometheus endpoint (its worker jobs)
 
 
 def _make_signers(pool: Pkcs11SessionPool, trusted: DevCA, rogue: DevCA) -> None:
@@ -73,9 +74,12 @@ def stack(
     ca = DevCA.load_or_create(tls_files.ca.parent)
     rogue = DevCA.load_or_create(tls_files.other_ca_client_cert.parent)
     _make_signers(keystore_pool, ca, rogue)
+    metrics_port = free_port()
     service = service_factory(
-        module_database, extra_sections={"signing": {"trust_anchors": tls_files.ca}}
-    )
+        module_database, extra_sections={"signing": {"trust_anchors": tls_files.ca}},
+        # No periodic health probe: its job would count among the server's worker jobs.
+        metrics_listen=f"127.0.0.1:{metrics_port}", health_probe_seconds=3600,
+    )  # fmt: skip
     certs: Path = tmp_path_factory.mktemp("signing-certs")
     roles = {**{name: "physician" for name in SIGNERS}, "dr-none": "physician",
              "dr-nogrant": "physician", "clerk-s": "records_clerk",
@@ -84,6 +88,6 @@ def stack(
         name: client(service, issue_client(tls_files, certs, name, role), name)
         for name, role in roles.items()
     }
-    yield SigningStack(service, ca, clients, module_database)
+    yield SigningStack(service, ca, clients, module_database, metrics_port)
     for c in clients.values():
         c.close()

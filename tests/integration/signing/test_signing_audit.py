@@ -9,6 +9,9 @@ alone before the error leaves. Nothing is returned before it is committed.
 
 from __future__ import annotations
 
+import re
+import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -26,6 +29,7 @@ from service._gen.medvault.v1 import signing_pb2_grpc as spb_grpc
 from storage.signatures import record_signatures
 from tests.integration.access.helpers import (
     audit_inserts_refused,
+    audit_writer_held,
     code_of,
     engine_for,
     events,
@@ -33,6 +37,7 @@ from tests.integration.access.helpers import (
     new_patient,
     put_record,
     verify,
+    wait_for,
 )
 from tests.integration.signing.conftest import SigningStack
 
@@ -171,6 +176,56 @@ def test_a_denial_that_cannot_be_audited_fails_unavailable(stack: SigningStack) 
     denied = [e for e in _sign_events(stack, "dr-ec") if record_id in e.resource]
     assert [e.outcome for e in denied] == [aupb.OUTCOME_DENIED]
     assert _stored(stack, record_id) == 0
+
+
+# service.calls: a cancellation this close to the server's deadline is judged its expiry.
+EXPIRY_TOLERANCE = 0.25
+
+
+def test_a_call_judged_expired_stores_no_signature_though_its_commit_was_queued(
+    stack: SigningStack,
+) -> None:
+    """A client that cancels within the tolerance of its deadline is judged to have
+    reached it (audited ``failed``, DEADLINE_EXCEEDED). The signature's transaction,
+    queued before and still waiting for a busy audit writer (held here), runs after
+    that judgement: it must store nothing, only the read event, before the failure.
+    Before, the call's deadline was stopped only once the failure's event had committed
+    behind that transaction, so its check inside it passed and the signature was stored."""
+    record_id = _record(stack, "dr-ec")
+    stub = spb_grpc.SigningServiceStub(stack.clients["dr-ec"].channel)
+    deadline = 2.0  # SQLite: the writer's busy timeout (5 s) outlasts the hold
+    before = max((e.sequence for e in _sign_events(stack, "dr-ec")), default=0)
+    engine = engine_for(stack.database_url)
+    try:
+        with audit_writer_held(stack.database_url, engine):
+            started = time.monotonic()
+            call = stub.SignRecord.future(_request(record_id, "dr-ec"), timeout=deadline)
+            wait_for(lambda: _worker_jobs(stack) == 1, 10, "the signing's worker")
+            time.sleep(max(0.0, started + deadline - EXPIRY_TOLERANCE / 2 - time.monotonic()))
+            call.cancel()
+            # The server judged the call expired: the failure's audit job waits too.
+            wait_for(lambda: _worker_jobs(stack) == 2, 10, "the expiry's audit job")
+    finally:
+        engine.dispose()
+    wait_for(lambda: _worker_jobs(stack) == 0, 20, "the call's jobs to end")
+    assert _stored(stack, record_id) == 0, "a signature was stored after its call's end"
+    found = [e for e in _sign_events(stack, "dr-ec") if e.sequence > before]
+    shapes = [(e.resource.split("/")[0], e.outcome, e.status) for e in found]
+    assert shapes == [
+        ("record", aupb.OUTCOME_ALLOWED, ""),
+        ("signature", aupb.OUTCOME_FAILED, "DEADLINE_EXCEEDED"),
+    ], shapes
+    assert verify(stack.clients["officer-s"]).ok
+
+
+def _worker_jobs(stack: SigningStack) -> float:
+    """The server's jobs queued or running in worker threads (``medvault_worker_jobs``)."""
+    url = f"http://127.0.0.1:{stack.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    found = re.search(r"^medvault_worker_jobs (\S+)$", text, re.MULTILINE)
+    assert found, "medvault_worker_jobs not exported"
+    return float(found.group(1))
 
 
 @contextmanager
