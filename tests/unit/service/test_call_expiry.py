@@ -1,0 +1,84 @@
+"""An expired call's DEADLINE_EXCEEDED event follows what its worker jobs commit on the
+way out (``service.calls.handled``): SignRecord holds its read event until the signature
+commits and commits it alone when the signing stops, so auditing the expiry at once
+could put the failure before the read in the trail.
+
+In process: the real ``handled`` and ``CallScope``, a recording stand-in for the guard
+(the audit trail's own tests cover the writing) and for grpc's servicer context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from typing import Any
+
+from service import calls
+from service.call_scope import CallScope
+from storage.deadlines import CallDeadline
+
+
+class _Guard:
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.failed = threading.Event()
+
+    def audit_failure(self, call: object, resource: str, status: str, reason: str = "") -> None:
+        self.events.append(f"failed {status}")
+        self.failed.set()
+
+
+class _Context:
+    def time_remaining(self) -> float:
+        return 0.0  # the deadline is reached: the cancellation is the expiry
+
+
+def _expired_call_with_a_running_job(guard: _Guard) -> list[str]:
+    async def scenario() -> list[str]:
+        scope = CallScope(CallDeadline.within(30))
+        state_seen = asyncio.Event()
+        release = threading.Event()
+
+        def job() -> None:  # a worker that commits its held read event as it stops
+            release.wait(10)
+            guard.events.append("allowed read")
+            scope.job_ended()
+
+        async def handler() -> None:
+            token = calls.CALL_SCOPE.set(scope)
+            try:
+                async with calls.handled(guard, _Context(), "SignRecord") as state:  # type: ignore[arg-type]
+                    state.call = object()  # type: ignore[assignment]
+                    state.resource = "record/r/v1"
+                    scope.job_started()
+                    threading.Thread(target=job, daemon=True).start()
+                    state_seen.set()
+                    await asyncio.sleep(60)
+            finally:
+                calls.CALL_SCOPE.reset(token)
+
+        task = asyncio.create_task(handler())
+        await state_seen.wait()
+        task.cancel()
+        # The job ends once the expiry was audited (without the wait) or after 1 s.
+        await asyncio.to_thread(guard.failed.wait, 1.0)
+        release.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return guard.events
+
+    return asyncio.run(scenario())
+
+
+def test_the_expiry_is_audited_after_the_calls_jobs_have_ended() -> None:
+    guard = _Guard()
+    assert _expired_call_with_a_running_job(guard) == ["allowed read", "failed DEADLINE_EXCEEDED"]
+
+
+def test_a_job_that_does_not_end_delays_the_expiry_only_so_long(monkeypatch: Any) -> None:
+    monkeypatch.setattr(calls, "_JOBS_WAIT_SECONDS", 0.2)
+    guard = _Guard()
+    # The job is released only once the failure was recorded (or after 1 s): with the
+    # bound at 0.2 s the expiry is audited first, without waiting for it.
+    assert _expired_call_with_a_running_job(guard) == ["failed DEADLINE_EXCEEDED", "allowed read"]
