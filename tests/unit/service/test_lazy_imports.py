@@ -98,6 +98,16 @@ def test_asn1crypto_maps_end_as_if_pyhanko_had_loaded_at_start(lazy: dict[str, A
     assert lazy["maps"] == eager["maps"]
 
 
+def test_a_database_at_head_is_opened_without_alembic(tmp_path: Path) -> None:
+    """Every start runs ``upgrade``: Alembic loads only when there is something to migrate."""
+    url = f"sqlite:///{tmp_path / 'metadata.db'}"
+    code = ("import sys; from storage.sql_metadata import at_head, make_engine, upgrade; "
+            f"engine = make_engine({url!r}); before = at_head(engine); upgrade(engine); "
+            "print(before, at_head(engine), 'alembic' in sys.modules)")  # fmt: skip
+    assert _run(code) == "False True True"  # an empty database: migrated by Alembic
+    assert _run(code) == "True True False"  # at head: nothing to do, Alembic not loaded
+
+
 QUIET = ("from pydicom import config; "
          "print(config.settings.reading_validation_mode == config.IGNORE)")
 
