@@ -11,9 +11,9 @@ are imported:
   (``qc_statements``) and ``pdf_utils.crypt._iso32004_asn1`` (PDF MAC);
 * pyhanko-certvalidator's ``asn1_types`` (attribute-certificate extensions, ML-DSA).
 
-pyHanko costs about 0.35 s of CPU to import, which most processes (every service start,
-every CLI command) never need, so it loads on first use: the modules that call it
-(:mod:`service.signing.cms`, :mod:`service.signing.pades`,
+pyHanko costs about 0.37 s of CPU to import, which most processes (service starts, CLI
+commands that build the service's components) never need, so it loads on first use:
+the modules that call it (:mod:`service.signing.cms`, :mod:`service.signing.pades`,
 :mod:`service.signing.pyhanko_validation`) are imported by the package's other modules
 only inside the functions that sign or verify. A reverse map built before that (by a
 CSR that ``CreateSigner`` assembled, say) lacks the names registered later, and making
@@ -27,7 +27,10 @@ an attribute by such a name fails: when pyHanko was first made lazy,
   package imports its whole signer on the way, ``pyhanko_certvalidator`` its validator),
   so each module that imports pyHanko calls :func:`complete_name_maps` after its
   imports: every reverse map already built learns the names registered since, and the
-  maps end exactly as they would had pyHanko loaded at start.
+  maps end exactly as they would had pyHanko loaded at start (tests/unit/service/
+  test_lazy_imports.py compares them). One map is a copy instead: asn1crypto's
+  ``AnyAlgorithmId`` copies three others when first instantiated, and it occurs only
+  in a certificate's SupportedAlgorithms attribute, which nothing here parses.
 
 A parsed asn1crypto object also keeps the names it resolved, so no object parsed before
 pyHanko loads is handed to it: trust anchors and certificates are kept as DER until a
