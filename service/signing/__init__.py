@@ -18,28 +18,22 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import logging
 import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from cryptography import x509
-from pyhanko.sign.validation.pdf_embedded import EmbeddedPdfSignature
 
+import service.signing.asn1_registry  # noqa: F401  (asn1crypto's registrations, at start)
 from keystore import Signer as KeySigner
 from keystore import SignerFactory, SignerUnusableError
 from service.limits import PdfSlots
-from service.signing.cms import CadesSigner, algorithm_name
-from service.signing.pades import (
-    MAX_PADES_BYTES,
-    SignedPdf,
-    check_size,
-    embedded_by_cms,
-    read_bounded,
-    sign_pdf,
-)
+from service.signing.pdf_bounds import MAX_PADES_BYTES, check_size, read_bounded
 from service.signing.validation import SignatureValidator, Verdict
 from storage import (
     Change,
@@ -55,6 +49,21 @@ from storage import (
     Signature,
     SignedRecord,
 )
+
+if TYPE_CHECKING:  # these modules import pyHanko: the methods below load them on first use
+    from pyhanko.sign.validation.pdf_embedded import EmbeddedPdfSignature
+
+    from service.signing.cms import CadesSigner
+    from service.signing.pades import SignedPdf
+
+# pyHanko's reader logs what it trips over quoting the PDF (a repeated dictionary key
+# by its name, a bad stream's error): that is patient content, and the root logger
+# writes the service's log. As for pydicom and hl7 (storage.formats), its records stop
+# here, before pyHanko loads; a refusal says what was wrong without them.
+# pyhanko_certvalidator (certificates, not content) still logs.
+_PYHANKO_LOG = logging.getLogger("pyhanko")
+_PYHANKO_LOG.propagate = False
+_PYHANKO_LOG.addHandler(logging.NullHandler())
 
 # How long a signer's key handle and certificate are reused before the token is asked
 # again (an operator may import a renewed certificate while the service runs).
@@ -102,6 +111,8 @@ class SignerIdentity:
     @classmethod
     def load(cls, name: str, key: KeySigner, der: bytes, chain: Sequence[bytes]) -> SignerIdentity:
         """The identity of ``name`` with its CAdES template built."""
+        from service.signing.cms import CadesSigner, algorithm_name  # noqa: PLC0415  (pyHanko)
+
         certificate = x509.load_der_x509_certificate(der)
         return cls(
             name, key, der, certificate, time.monotonic(), CadesSigner(key, der, chain),
@@ -260,6 +271,8 @@ class DocumentSigning:
         pdf = read_bounded(signed.content)
         if not secrets.compare_digest(hashlib.sha256(pdf).digest(), signed.info.sha256):
             raise IntegrityError("stored record failed authentication")
+        from service.signing.pades import sign_pdf  # noqa: PLC0415  (pyHanko, first use)
+
         return sign_pdf(identity.key, identity.certificate_der, pdf, self._chain)
 
     def _verified(
@@ -286,6 +299,8 @@ class DocumentSigning:
         if info.kind is not RecordKind.PDF or info.size > MAX_PADES_BYTES:
             return content_digest(signed.content), {}
         pdf = read_bounded(signed.content)
+        from service.signing.pades import embedded_by_cms  # noqa: PLC0415  (pyHanko, first use)
+
         return hashlib.sha256(pdf).digest(), embedded_by_cms(pdf)
 
     def get(self, signature_id: str, admit: Gate) -> Signature:

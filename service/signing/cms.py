@@ -27,6 +27,10 @@ DER rules kept here: a SET OF is encoded with its elements sorted by their encod
 
 :class:`TokenCmsSigner` remains the pyHanko signer that PAdES (``service.signing.pades``)
 uses: pyHanko writes the PDF around it.
+
+This module imports pyHanko: it is imported on first use only, when a signer's identity
+is loaded or by the other modules that use pyHanko (see
+:mod:`service.signing.asn1_registry`).
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ from pyhanko.sign.signers.pdf_cms import Signer
 from pyhanko_certvalidator.registry import SimpleCertificateStore
 
 from keystore import Signer as KeySigner
+from service.signing.asn1_registry import complete_name_maps
+
+complete_name_maps()  # pyHanko has just been imported: service.signing.asn1_registry
 
 DIGEST_ALGORITHM = "sha256"
 DIGEST_SIZE = 32

@@ -13,16 +13,19 @@ trusted timestamp (that would be B-T) and no validation data in the document (B-
 so the signing time is the server's claim, as for the CAdES signatures.
 
 pyHanko needs the whole file in memory and seekable, so PDFs are signed up to
-:data:`MAX_PADES_BYTES`; a larger record is refused before any of it is read.
+:data:`~service.signing.pdf_bounds.MAX_PADES_BYTES`; a larger record is refused before
+any of it is read.
+
+This module imports pyHanko: it is imported on first use only, by the functions of
+:mod:`service.signing` that sign or verify (see :mod:`service.signing.asn1_registry`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
-import logging
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -36,21 +39,12 @@ from pyhanko.sign.validation.pdf_embedded import EmbeddedPdfSignature
 
 from keystore import KeystoreError
 from keystore import Signer as KeySigner
+from service.signing.asn1_registry import complete_name_maps
 from service.signing.cms import DIGEST_ALGORITHM, TokenCmsSigner
 from storage import InvalidRecordError
 
-# pyHanko's reader logs what it trips over quoting the PDF (a repeated dictionary key
-# by its name, a bad stream's error): that is patient content, and the root logger
-# writes the service's log. As for pydicom and hl7 (storage.formats), its records stop
-# here; a refusal says what was wrong without them. pyhanko_certvalidator (certificates,
-# not content) still logs.
-_PYHANKO_LOG = logging.getLogger("pyhanko")
-_PYHANKO_LOG.propagate = False
-_PYHANKO_LOG.addHandler(logging.NullHandler())
+complete_name_maps()  # pyHanko has just been imported: service.signing.asn1_registry
 
-# The largest PDF signed with PAdES: pyHanko holds the file (and its signed copy) in
-# memory, so each concurrent PAdES signing costs about three times this at most.
-MAX_PADES_BYTES = 64 << 20
 FIELD_PREFIX = "medvault-signature-"
 # A PDF any writer can store (the put does not parse a PDF's objects) makes pyHanko
 # raise far more than PdfError: its own assertions, AttributeError and OverflowError on
@@ -67,24 +61,6 @@ class SignedPdf:
     pdf: bytes
     cms: bytes
     signing_time: datetime
-
-
-def check_size(size: int) -> None:
-    """Refuse a PDF too large to sign in memory (``InvalidRecordError`` naming the cap)."""
-    if size > MAX_PADES_BYTES:
-        raise InvalidRecordError(
-            "format", f"PADES signs PDFs of at most {MAX_PADES_BYTES} bytes; "
-            f"this version has {size} (sign it as CADES_DETACHED)",
-        )  # fmt: skip
-
-
-def read_bounded(chunks: Iterable[bytes]) -> bytes:
-    """The whole stream, refused once it exceeds :data:`MAX_PADES_BYTES`."""
-    buffer = bytearray()
-    for chunk in chunks:
-        buffer += chunk
-        check_size(len(buffer))
-    return bytes(buffer)
 
 
 def cms_of(embedded: EmbeddedPdfSignature) -> bytes:

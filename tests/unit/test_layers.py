@@ -33,6 +33,7 @@ VENDOR_PRIVATE = {
     "_base_url",  # minio: the endpoint for error messages, no public accessor
     "_config",  # pynetdicom._config: the library's documented settings module
     "_servers",  # pynetdicom AE: registering a server made by make_server, no public way
+    "_map",  # asn1crypto's OID-to-name map: pyHanko registers its OIDs there, no public way
 }
 
 

@@ -30,7 +30,7 @@ from service._gen.medvault.v1 import audit_pb2 as aupb
 from service._gen.medvault.v1 import records_pb2 as pb
 from service._gen.medvault.v1 import signing_pb2 as spb
 from service._gen.medvault.v1 import signing_pb2_grpc as spb_grpc
-from service.signing.pades import MAX_PADES_BYTES
+from service.signing.pdf_bounds import MAX_PADES_BYTES
 from tests.content import pdf
 from tests.integration.access.helpers import Client, code_of, events, grant, new_patient
 from tests.integration.signing.conftest import SigningStack

@@ -18,13 +18,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from pyhanko.pdf_utils import generic
 from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
 
-from service.signing.pades import (
-    MAX_PADES_BYTES,
-    check_size,
-    embedded_by_cms,
-    read_bounded,
-    sign_pdf,
-)
+from service.signing.pades import embedded_by_cms, sign_pdf
+from service.signing.pdf_bounds import MAX_PADES_BYTES, check_size, read_bounded
 from service.signing.validation import SignatureValidator
 from storage.errors import InvalidRecordError
 from tests.content import pdf
