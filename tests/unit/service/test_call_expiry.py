@@ -1,7 +1,8 @@
-"""An expired call's DEADLINE_EXCEEDED event follows what its worker jobs commit on the
-way out (``service.calls.handled``): SignRecord holds its read event until the signature
-commits and commits it alone when the signing stops, so auditing the expiry at once
-could put the failure before the read in the trail.
+"""An expired call's work is stopped at once, and its DEADLINE_EXCEEDED event follows
+what its worker jobs commit on the way out (``service.calls.handled``): SignRecord holds
+its read event until the signature commits and commits it alone when the signing stops,
+so auditing the expiry at once could put the failure before the read in the trail; and
+its signature, queued for a busy audit writer, must find the call's deadline stopped.
 
 In process: the real ``handled`` and ``CallScope``, a recording stand-in for the guard
 (the audit trail's own tests cover the writing) and for grpc's servicer context.
@@ -42,7 +43,9 @@ def _expired_call_with_a_running_job(guard: _Guard) -> list[str]:
 
         def job() -> None:  # a worker that commits its held read event as it stops
             release.wait(10)
-            guard.events.append("allowed read")
+            # By then the call's work is stopped: a change still queued for the audit
+            # writer checks this and stores nothing (SignRecord's signature row).
+            guard.events.append("allowed read" if scope.deadline.stopped else "deadline running")
             scope.job_ended()
 
         async def handler() -> None:
