@@ -10,7 +10,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -192,33 +192,46 @@ def audit_writer_held(url: str, engine: sa.Engine) -> Iterator[None]:
 
 
 @contextmanager
-def audit_inserts_refused(url: str, engine: sa.Engine, when: str = "") -> Iterator[None]:
-    """Audit inserts raise while the block runs (a trigger a database writer could add):
-    every one, or those matching the SQL condition ``when`` over ``NEW``."""
+def inserts_refused(
+    url: str, engine: sa.Engine, table: str, message: str, *, when: str = "", sqlstate: str = ""
+) -> Iterator[None]:
+    """Inserts into ``table`` raise ``message`` while the block runs (a trigger a database
+    writer could add): every one, or those matching the SQL condition ``when`` over
+    ``NEW``; on PostgreSQL with ``sqlstate`` if given (SQLite: RAISE(FAIL))."""
+    name = f"{table}_refused"
     sqlite = url.startswith("sqlite")
     with engine.begin() as c:
         if sqlite:
             c.execute(sa.text(
-                "CREATE TRIGGER audit_refused BEFORE INSERT ON audit_events "
+                f"CREATE TRIGGER {name} BEFORE INSERT ON {table} "
                 f"{'WHEN ' + when if when else ''} "
-                "BEGIN SELECT RAISE(FAIL, 'injected audit write error'); END"
+                f"BEGIN SELECT RAISE(FAIL, '{message}'); END"
             ))  # fmt: skip
         else:
+            code = f" USING ERRCODE = '{sqlstate}'" if sqlstate else ""
             c.execute(sa.text(
-                "CREATE FUNCTION audit_refused() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-                f"IF {when or 'true'} THEN RAISE EXCEPTION 'injected audit write error'; "
+                f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                f"IF {when or 'true'} THEN RAISE EXCEPTION '{message}'{code}; "
                 "END IF; RETURN NEW; END $$"
             ))  # fmt: skip
             c.execute(sa.text(
-                "CREATE TRIGGER audit_refused BEFORE INSERT ON audit_events "
-                "FOR EACH ROW EXECUTE FUNCTION audit_refused()"
+                f"CREATE TRIGGER {name} BEFORE INSERT ON {table} "
+                f"FOR EACH ROW EXECUTE FUNCTION {name}()"
             ))  # fmt: skip
     try:
         yield
     finally:
         with engine.begin() as c:
             if sqlite:
-                c.execute(sa.text("DROP TRIGGER audit_refused"))
+                c.execute(sa.text(f"DROP TRIGGER {name}"))
             else:
-                c.execute(sa.text("DROP TRIGGER audit_refused ON audit_events"))
-                c.execute(sa.text("DROP FUNCTION audit_refused()"))
+                c.execute(sa.text(f"DROP TRIGGER {name} ON {table}"))
+                c.execute(sa.text(f"DROP FUNCTION {name}()"))
+
+
+def audit_inserts_refused(
+    url: str, engine: sa.Engine, when: str = ""
+) -> AbstractContextManager[None]:
+    """Audit inserts raise while the block runs (a trigger a database writer could add):
+    every one, or those matching the SQL condition ``when`` over ``NEW``."""
+    return inserts_refused(url, engine, "audit_events", "injected audit write error", when=when)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import re
 import time
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import grpc
 import pytest
@@ -34,6 +33,7 @@ from tests.integration.access.helpers import (
     engine_for,
     events,
     grant,
+    inserts_refused,
     new_patient,
     put_record,
     verify,
@@ -231,31 +231,8 @@ def _worker_jobs(stack: SigningStack) -> float:
     return float(found.group(1))
 
 
-@contextmanager
-def _signature_inserts_conflict(url: str, engine: sa.Engine) -> Iterator[None]:
+def _signature_inserts_conflict(url: str, engine: sa.Engine) -> AbstractContextManager[None]:
     """Signature rows fail to insert as a constraint violation while the block runs."""
-    with engine.begin() as c:
-        if url.startswith("sqlite"):
-            c.execute(sa.text(
-                "CREATE TRIGGER signature_refused BEFORE INSERT ON record_signatures "
-                "BEGIN SELECT RAISE(FAIL, 'injected signature conflict'); END"
-            ))  # fmt: skip
-        else:
-            c.execute(sa.text(
-                "CREATE FUNCTION signature_refused() RETURNS trigger LANGUAGE plpgsql AS $$ "
-                "BEGIN RAISE EXCEPTION 'injected signature conflict' "
-                "USING ERRCODE = 'unique_violation'; END $$"
-            ))  # fmt: skip
-            c.execute(sa.text(
-                "CREATE TRIGGER signature_refused BEFORE INSERT ON record_signatures "
-                "FOR EACH ROW EXECUTE FUNCTION signature_refused()"
-            ))  # fmt: skip
-    try:
-        yield
-    finally:
-        with engine.begin() as c:
-            if url.startswith("sqlite"):
-                c.execute(sa.text("DROP TRIGGER signature_refused"))
-            else:
-                c.execute(sa.text("DROP TRIGGER signature_refused ON record_signatures"))
-                c.execute(sa.text("DROP FUNCTION signature_refused()"))
+    return inserts_refused(
+        url, engine, "record_signatures", "injected signature conflict", sqlstate="unique_violation"
+    )
