@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY, start_http_server
 
+from service import allocator
 from service._gen.medvault.v1 import (
     access_pb2,
     access_pb2_grpc,
@@ -302,6 +303,7 @@ def serve(config: Config, worker: WorkerRole | None = None) -> None:
     shares the port, leaves metrics to the supervisor, and only worker 0 runs the DICOM
     and MLLP listeners.
     """
+    allocator.tune()
     if worker is not None:
         worker.enter()
     components = build(config)
