@@ -20,6 +20,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from service import allocator
 from service.cli.targets import EndpointError, parse
 
 MAX_MESSAGE = 4 << 20
@@ -142,6 +143,7 @@ def _check_tls_files(ca_path: str, cert_path: str, key_path: str) -> tuple[bytes
 
 def channel(ns: argparse.Namespace) -> grpc.Channel:
     """Open the channel the flags describe; mutual TLS unless ``--insecure``."""
+    allocator.tune()  # messages of up to a chunk are (de)serialised on this thread
     tls = {flag: _setting(ns, flag) for flag in ("ca", "cert", "key")}
     endpoint = _setting(ns, "endpoint") or _from_local_stack(ns, tls)
     try:
