@@ -8,11 +8,14 @@ pages the kernel had just taken back and had to zero and fault in again: buildin
 serialising one 512 KiB ``GetRecordResponse`` cost ~0.8 ms on the main thread against
 ~0.05 ms in a worker thread (whose arena is not trimmed that way).
 
-``tune()`` fixes both thresholds (which also turns off glibc's dynamic adjustment):
-blocks up to ``MMAP_THRESHOLD`` come from the heap, and up to ``TRIM_THRESHOLD`` of free
-memory stays at its top for the next message. That bounds what is kept, well under the
-service's memory budget (docs/performance.md). It holds no data: freed memory is only
-reused by the process.
+``tune()`` fixes both thresholds (which also turns off glibc's dynamic adjustment) at
+what that adjustment reaches after the first 8 MiB S3 part buffer of a large put is
+freed: blocks up to ``MMAP_THRESHOLD`` come from the heap (an ``mmap`` per part costs
+fresh pages each time), and up to ``TRIM_THRESHOLD`` of free memory stays at the top of
+each heap for the next message. A process that only ever sees small and medium records
+now gets that state from the start. What is kept stays within the service's memory
+budget (``test_200_mib_record_in_bounded_server_memory``; docs/performance.md). It holds
+no data: freed memory is only reused by the process.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ logger = logging.getLogger(__name__)
 # mallopt(3) parameters (malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-MMAP_THRESHOLD = 4 << 20
+MMAP_THRESHOLD = 32 << 20  # glibc's largest; S3 part buffers (8 MiB) stay in the heap
 TRIM_THRESHOLD = 16 << 20
 
 
