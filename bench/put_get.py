@@ -26,11 +26,19 @@ end. Three things are measured against each other, on the same SeaweedFS, in the
 Yardsticks: ``medvault p50 / (raw p50 + floor p50)`` at one client for each size and
 direction (operations interleaved medvault, raw, floor, ... so a noisy neighbour slows
 all alike), and throughput at 1, 4 and 16 clients (threads, each with its own
-connection) against raw S3 at the same concurrency (timed phases alternating medvault,
-raw over several rounds). Service CPU per operation is read from ``/proc/PID/stat``
-(utime + stime) of the service process and all its descendants (worker processes), and
-the floor server's likewise. The exit status is always 0: a benchmark informs, it does
-not gate.
+connection) against raw S3 at the same concurrency (timed phases of medvault, raw and
+floor over several rounds, the order rotated each round). The floor's throughput
+(``floor/s``, ``mv/floor``) is the transport's ceiling on this host at that concurrency:
+when the throughput target (``THROUGHPUT_TARGET`` x raw) is above it, the verdict's
+detail says so (the verdict itself is unchanged). Service CPU per operation is read
+from ``/proc/PID/stat`` (utime + stime) of the service process and all its descendants
+(worker processes), and the floor server's likewise. The exit status is always 0: a
+benchmark informs, it does not gate.
+
+Both the floor server and the bench's client process call ``service.allocator.tune()``
+at start, as the service's ``serve()`` does: the floor is what the transport costs, and
+must not pay for glibc trimming the heap under every large message when the service no
+longer does; and the clients of all three kinds run under the same allocator settings.
 """
 
 from __future__ import annotations
@@ -50,16 +58,18 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service import config as service_config  # noqa: E402  (after the path fix)
+from service import allocator  # noqa: E402  (after the path fix)
+from service import config as service_config  # noqa: E402
 from service._gen.medvault.v1 import access_pb2, access_pb2_grpc  # noqa: E402
 from service._gen.medvault.v1 import records_pb2 as pb  # noqa: E402
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc  # noqa: E402
@@ -83,6 +93,8 @@ OPS_FLAGS = {"4KiB": "ops_4k", "512KiB": "ops_512k", "1MiB": "ops_1m", "64MiB": 
 LATENCY_TARGET = 1.3  # medvault p50 <= 1.3 x (raw p50 + floor p50), 1 client
 THROUGHPUT_TARGET = 0.8  # medvault/s >= 0.8 x raw/s at 16 clients, 512 KiB
 THROUGHPUT_TARGET_SIZE, THROUGHPUT_TARGET_CLIENTS = "512KiB", 16
+
+T = TypeVar("T")
 
 
 # -- CPU of a process tree -------------------------------------------------------------
@@ -294,7 +306,8 @@ def floor_server(config_path: Path) -> None:
 
     grpc.aio like the service, the service's server credentials and channel options;
     GetRecord streams a metadata message then pre-made ``chunk_size`` chunks, PutRecord
-    receives every message and discards it.
+    receives every message and discards it. glibc's thresholds are fixed first, as the
+    service's ``serve()`` does (``service.allocator``).
     """
     import asyncio  # noqa: PLC0415
 
@@ -302,6 +315,7 @@ def floor_server(config_path: Path) -> None:
 
     from service.server import server_options  # noqa: PLC0415
 
+    allocator.tune()
     config = service_config.load(config_path)
     chunk_size = config.server.chunk_size
     block = os.urandom(chunk_size)
@@ -468,7 +482,7 @@ def _latency_row(
     )  # fmt: skip
 
 
-def _timed(fn: Callable[[], object]) -> tuple[float, object]:
+def _timed(fn: Callable[[], T]) -> tuple[float, T]:
     start = time.perf_counter()
     result = fn()
     return time.perf_counter() - start, result
@@ -500,6 +514,13 @@ class ThroughputRow:
     service_cpu_ms: float  # per medvault operation
     client_cpu_ms: float  # the bench process's CPU per medvault operation
     raw_client_cpu_ms: float  # and per raw operation (both: all client threads)
+    # The transport floor at the same concurrency; 0 in reports from before it was measured.
+    floor_ops: int = 0
+    floor_per_s: float = 0.0
+    floor_ratio: float = 0.0  # medvault / floor
+    floor_p50_ms: float = 0.0
+    floor_cpu_ms: float = 0.0  # the floor server's CPU per floor operation
+    floor_client_cpu_ms: float = 0.0  # the bench process's CPU per floor operation
 
 
 def _phase(
@@ -536,57 +557,88 @@ def _phase(
     return len(flat), elapsed, flat
 
 
+@dataclass
+class _Tally:
+    """One kind's timed phases in one cell (size, op, clients), summed over rounds."""
+
+    ops: int = 0
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+    server_cpu: float = 0.0  # CPU seconds of the server's process tree (raw: not measured)
+    client_cpu: float = 0.0  # CPU seconds of this process (all client threads)
+
+    def run(self, workers: list[Callable[[int], object]], seconds: float, server: int) -> None:
+        """One phase; ``server`` is the pid whose tree's CPU to charge (0: none)."""
+        before, own = tree_cpu(server) if server else 0.0, time.process_time()
+        n, elapsed, latencies = _phase(workers, seconds)
+        self.client_cpu += time.process_time() - own
+        if server:
+            self.server_cpu += tree_cpu(server) - before
+        self.ops += n
+        self.seconds += elapsed
+        self.latencies += latencies
+
+    @property
+    def rate(self) -> float:
+        return self.ops / self.seconds
+
+    def per_op_ms(self, cpu: float) -> float:
+        return cpu * 1e3 / max(self.ops, 1)
+
+
 def measure_throughput(
     name: str, payload: Payload, levels: list[int], seconds: float, rounds: int,
     pool: list[Clients], ids: list[str], keys: list[str], pids: Pids,
 ) -> list[ThroughputRow]:  # fmt: skip
-    """Per level and direction, ``rounds`` x (medvault phase, raw phase), ``seconds`` each."""
+    """Per level and direction, ``rounds`` x (medvault, raw, floor phase), ``seconds`` each.
+
+    The order rotates each round (medvault, raw, floor; raw, floor, medvault; ...), so no
+    kind always runs first, on a service or cache still cold or warm from the last cell."""
     rows = []
     new_ids: list[str] = []
     new_keys: list[str] = []
+    servers = {"medvault": pids.service, "raw": 0, "floor": pids.floor}
     for op in ("put", "get"):
         for level in levels:
-            clients = pool[:level]
-            counts = {"medvault": 0, "raw": 0}
-            spent = {"medvault": 0.0, "raw": 0.0}
-            lat: dict[str, list[float]] = {"medvault": [], "raw": []}
-            cpu = 0.0
-            client = {"medvault": 0.0, "raw": 0.0}
+            tally = {kind: _Tally() for kind in KINDS}
             for r in range(rounds):
-                for kind in ("medvault", "raw") if r % 2 == 0 else ("raw", "medvault"):
+                for kind in KINDS[r % len(KINDS) :] + KINDS[: r % len(KINDS)]:
                     workers = [
                         _worker(op, kind, c, n, level, payload, ids + new_ids, keys + new_keys,
                                 new_ids, new_keys)
-                        for n, c in enumerate(clients)
+                        for n, c in enumerate(pool[:level])
                     ]  # fmt: skip
-                    before, own = tree_cpu(pids.service), time.process_time()
-                    n, elapsed, latencies = _phase(workers, seconds)
-                    client[kind] += time.process_time() - own
-                    if kind == "medvault":
-                        cpu += tree_cpu(pids.service) - before
-                    counts[kind] += n
-                    spent[kind] += elapsed
-                    lat[kind] += latencies
-            mv_rate = counts["medvault"] / spent["medvault"]
-            raw_rate = counts["raw"] / spent["raw"]
-            rows.append(ThroughputRow(
-                size=name, op=op, clients=level, seconds=spent["medvault"],
-                medvault_ops=counts["medvault"], raw_ops=counts["raw"],
-                medvault_per_s=mv_rate, raw_per_s=raw_rate, ratio=mv_rate / raw_rate,
-                medvault_p50_ms=_ms(lat["medvault"]), raw_p50_ms=_ms(lat["raw"]),
-                service_cpu_ms=cpu * 1e3 / max(counts["medvault"], 1),
-                client_cpu_ms=client["medvault"] * 1e3 / max(counts["medvault"], 1),
-                raw_client_cpu_ms=client["raw"] * 1e3 / max(counts["raw"], 1),
-            ))  # fmt: skip
-            print(f"  throughput {name} {op} x{level}: medvault {mv_rate:.1f}/s, "
-                  f"raw {raw_rate:.1f}/s", flush=True)  # fmt: skip
+                    tally[kind].run(workers, seconds, servers[kind])
+            row = _throughput_row(name, op, level, tally)
+            rows.append(row)
+            print(f"  throughput {name} {op} x{level}: medvault {row.medvault_per_s:.1f}/s, "
+                  f"raw {row.raw_per_s:.1f}/s, floor {row.floor_per_s:.1f}/s",
+                  flush=True)  # fmt: skip
     return rows
+
+
+def _throughput_row(name: str, op: str, level: int, tally: dict[str, _Tally]) -> ThroughputRow:
+    mv, raw, floor = tally["medvault"], tally["raw"], tally["floor"]
+    return ThroughputRow(
+        size=name, op=op, clients=level, seconds=mv.seconds,
+        medvault_ops=mv.ops, raw_ops=raw.ops, medvault_per_s=mv.rate, raw_per_s=raw.rate,
+        ratio=mv.rate / raw.rate,
+        medvault_p50_ms=_ms(mv.latencies), raw_p50_ms=_ms(raw.latencies),
+        service_cpu_ms=mv.per_op_ms(mv.server_cpu),
+        client_cpu_ms=mv.per_op_ms(mv.client_cpu),
+        raw_client_cpu_ms=raw.per_op_ms(raw.client_cpu),
+        floor_ops=floor.ops, floor_per_s=floor.rate, floor_ratio=mv.rate / floor.rate,
+        floor_p50_ms=_ms(floor.latencies), floor_cpu_ms=floor.per_op_ms(floor.server_cpu),
+        floor_client_cpu_ms=floor.per_op_ms(floor.client_cpu),
+    )  # fmt: skip
 
 
 def _worker(
     op: str, kind: str, clients: Clients, n: int, level: int, payload: Payload,
     ids: list[str], keys: list[str], new_ids: list[str], new_keys: list[str],
 ) -> Callable[[int], object]:  # fmt: skip
+    if kind == "floor":
+        return _floor_worker(op, clients.floor, payload)
     client: Medvault | Raw = clients.medvault if kind == "medvault" else clients.raw
     if op == "put":
         written = new_ids if kind == "medvault" else new_keys
@@ -602,6 +654,23 @@ def _worker(
         # Client n reads every level-th object from its own offset: spread over objects.
         key = names[(n + i * level) % len(names)]
         _check(client.get(key), payload.size, f"{kind} get")
+        return None
+
+    return get
+
+
+def _floor_worker(op: str, floor: Floor, payload: Payload) -> Callable[[int], object]:
+    """The floor keeps nothing: a put is discarded, a get streams ``payload.size`` bytes."""
+    if op == "put":
+
+        def put(i: int) -> object:
+            floor.put(payload.chunks, payload.digest)
+            return None
+
+        return put
+
+    def get(i: int) -> object:
+        _check(floor.get(payload.size), payload.size, "floor get")
         return None
 
     return get
@@ -638,9 +707,23 @@ def verdicts(latency: list[LatencyRow], throughput: list[ThroughputRow]) -> list
             f"throughput at {row.clients} clients, {row.size} {op}: >= {THROUGHPUT_TARGET} x "
             "raw S3 at the same concurrency",
             row.ratio >= THROUGHPUT_TARGET,
-            f"{row.medvault_per_s:.1f}/s vs raw {row.raw_per_s:.1f}/s = {row.ratio:.2f}x",
+            f"{row.medvault_per_s:.1f}/s vs raw {row.raw_per_s:.1f}/s = {row.ratio:.2f}x"
+            + _ceiling(row),
         ))  # fmt: skip
     return out
+
+
+def _ceiling(row: ThroughputRow) -> str:
+    """The floor's rate beside the target's: explains a verdict, never changes it."""
+    if not row.floor_per_s:
+        return ""  # a report from before the floor's throughput was measured
+    text = f"; transport floor {row.floor_per_s:.1f}/s (medvault {row.floor_ratio:.2f}x of it)"
+    wanted = THROUGHPUT_TARGET * row.raw_per_s
+    if wanted > row.floor_per_s:
+        text += (f"; the target ({THROUGHPUT_TARGET} x raw = {wanted:.1f}/s) is above the "
+                 "transport ceiling measured on this host (a gRPC+mTLS server that does "
+                 "nothing behind the call)")  # fmt: skip
+    return text
 
 
 def print_report(report: dict[str, object]) -> None:
@@ -658,17 +741,7 @@ def print_report(report: dict[str, object]) -> None:
               f"{r.medvault_p50_ms:>9.2f} {r.medvault_p90_ms:>9.2f} {r.ratio:>14.2f}x "
               f"{r.service_cpu_ms:>11.2f} {r.floor_cpu_ms:>13.2f}")  # fmt: skip
     if throughput:
-        print("\nthroughput, timed phases alternating medvault / raw (operations per second):")
-        header = (f"{'size':>6} {'op':<4} {'clients':>7} {'raw/s':>8} {'mv/s':>8} "
-                  f"{'mv/raw':>7} {'raw p50':>9} {'mv p50':>9} {'svc CPU/op':>11} "
-                  f"{'client CPU/op mv, raw':>22}")  # fmt: skip
-        print(header)
-        print("-" * len(header))
-        for t in throughput:
-            print(f"{t.size:>6} {t.op:<4} {t.clients:>7} {t.raw_per_s:>8.1f} "
-                  f"{t.medvault_per_s:>8.1f} {t.ratio:>6.2f}x {t.raw_p50_ms:>9.2f} "
-                  f"{t.medvault_p50_ms:>9.2f} {t.service_cpu_ms:>11.2f} "
-                  f"{t.client_cpu_ms:>14.2f}, {t.raw_client_cpu_ms:>5.2f}")  # fmt: skip
+        _print_throughput(throughput)
     print()
     for v in report["verdicts"]:  # type: ignore[attr-defined]
         print(f"{'PASS' if v['passed'] else 'MISS'} {v['target']}: {v['detail']}")
@@ -676,6 +749,25 @@ def print_report(report: dict[str, object]) -> None:
         print(f"(throughput target not judged: {THROUGHPUT_TARGET_SIZE} at "
               f"{THROUGHPUT_TARGET_CLIENTS} clients was not measured in this run)")  # fmt: skip
     print(f"load average before / after: {report['load_before']} / {report['load_after']}")
+
+
+def _print_throughput(throughput: list[ThroughputRow]) -> None:
+    print("\nthroughput, timed phases of medvault / raw / floor, order rotated each round "
+          "(operations per second; CPU in ms per operation):")  # fmt: skip
+    header = (f"{'size':>6} {'op':<4} {'clients':>7} {'raw/s':>8} {'floor/s':>8} {'mv/s':>8} "
+              f"{'mv/raw':>7} {'mv/floor':>8} {'raw p50':>9} {'mv p50':>9} {'svc CPU':>8} "
+              f"{'floor CPU':>9} {'client CPU mv, raw, floor':>26}")  # fmt: skip
+    print(header)
+    print("-" * len(header))
+    for t in throughput:
+        # A report from before the floor's throughput was measured has zeros there.
+        floor = (f"{t.floor_per_s:>8.1f}", f"{t.floor_ratio:>7.2f}x", f"{t.floor_cpu_ms:>9.2f}",
+                 f"{t.floor_client_cpu_ms:>5.2f}") if t.floor_per_s else (
+                 f"{'-':>8}", f"{'-':>8}", f"{'-':>9}", f"{'-':>5}")  # fmt: skip
+        print(f"{t.size:>6} {t.op:<4} {t.clients:>7} {t.raw_per_s:>8.1f} {floor[0]} "
+              f"{t.medvault_per_s:>8.1f} {t.ratio:>6.2f}x {floor[1]} {t.raw_p50_ms:>9.2f} "
+              f"{t.medvault_p50_ms:>9.2f} {t.service_cpu_ms:>8.2f} {floor[2]} "
+              f"{t.client_cpu_ms:>12.2f}, {t.raw_client_cpu_ms:>5.2f}, {floor[3]}")  # fmt: skip
 
 
 # -- main ------------------------------------------------------------------------------
@@ -699,7 +791,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=None,
                    help="seconds per throughput phase (default 5; --quick 0.5)")  # fmt: skip
     p.add_argument("--rounds", type=int, default=None,
-                   help="medvault/raw phase pairs per cell (default 2; --quick 1)")  # fmt: skip
+                   help="rounds of medvault, raw and floor phases per cell "
+                   "(default 2; --quick 1)")  # fmt: skip
     p.add_argument("--home", type=Path, help="stack home to use (default: a fresh temp dir)")
     p.add_argument("--keep", action="store_true", help="leave the stack running and the home")
     p.add_argument("--json", type=Path, help="also write the report here")
@@ -824,6 +917,8 @@ def _ratios(report: dict[str, object]) -> list[tuple[str, float]]:
     out = [(f"latency {r['size']} {r['op']}", r["ratio"]) for r in report["latency"]]  # type: ignore[attr-defined]
     out += [(f"throughput {t['size']} {t['op']} x{t['clients']}", t["ratio"])
             for t in report["throughput"]]  # type: ignore[attr-defined]  # fmt: skip
+    out += [(f"throughput {t['size']} {t['op']} x{t['clients']} mv/floor", t["floor_ratio"])
+            for t in report["throughput"] if "floor_ratio" in t]  # type: ignore[attr-defined]  # fmt: skip
     return out
 
 
@@ -832,6 +927,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--floor-server"]:
         floor_server(Path(argv[1]))
         return 0
+    allocator.tune()  # the clients' side as the servers' (module docstring)
     ns = parse_args(argv)
     home = ns.home or Path(tempfile.mkdtemp(prefix="medvault-bench-"))
     stack = LocalStack(home, report=lambda line: print(f"  [stack] {line}", flush=True))

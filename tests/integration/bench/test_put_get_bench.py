@@ -25,7 +25,8 @@ LATENCY_KEYS = {
 THROUGHPUT_KEYS = {
     "size", "op", "clients", "seconds", "medvault_ops", "raw_ops", "medvault_per_s",
     "raw_per_s", "ratio", "medvault_p50_ms", "raw_p50_ms", "service_cpu_ms",
-    "client_cpu_ms", "raw_client_cpu_ms",
+    "client_cpu_ms", "raw_client_cpu_ms", "floor_ops", "floor_per_s", "floor_ratio",
+    "floor_p50_ms", "floor_cpu_ms", "floor_client_cpu_ms",
 }  # fmt: skip
 
 
@@ -66,8 +67,10 @@ def test_quick_run_reports_every_yardstick(tmp_path: Path) -> None:
     for row in throughput:
         assert set(row) == THROUGHPUT_KEYS
         assert _positive(row["ratio"]), row
+        assert _positive(row["floor_ratio"]), row
         assert row["medvault_ops"] > 0
         assert row["raw_ops"] > 0
+        assert row["floor_ops"] > 0
 
     # The latency target is always judged; the 16-client target only when 16 ran.
     verdicts = report["verdicts"]
