@@ -59,9 +59,12 @@ def summarise(collapsed: Path, top: int = 25) -> str:
     """Self and inclusive sample counts per function from py-spy's collapsed stacks."""
     self_counts: collections.Counter[str] = collections.Counter()
     incl: collections.Counter[str] = collections.Counter()
+    threads: collections.Counter[str] = collections.Counter()
     total = 0
     for line in collapsed.read_text().splitlines():
         stack, _, count_s = line.rpartition(" ")
+        if not count_s.isdigit():
+            continue  # the rest of a frame name py-spy wrote across lines
         count = int(count_s)
         total += count
         frames = [f.split(" (")[0] + " (" + f.split(" (")[1].split(":")[0].rsplit("/", 1)[-1] + ")"
@@ -70,11 +73,23 @@ def summarise(collapsed: Path, top: int = 25) -> str:
             self_counts[frames[-1]] += count
         for f in set(frames):
             incl[f] += count
-    out = [f"total samples {total}", "", "self:"]
+        threads[_thread_entry(frames)] += count
+    out = [f"total samples {total}", "", "by thread (its entry function):"]
+    out += [f"  {100 * c / total:5.1f}%  {f}" for f, c in threads.most_common(8)]
+    out += ["", "self:"]
     out += [f"  {100 * c / total:5.1f}%  {f}" for f, c in self_counts.most_common(top)]
     out += ["", "inclusive:"]
     out += [f"  {100 * c / total:5.1f}%  {f}" for f, c in incl.most_common(top * 2)]
     return "\n".join(out)
+
+
+def _thread_entry(frames: list[str]) -> str:
+    """What a sample's thread runs: the frame under ``Thread.run`` (the audit writer's
+    ``AuditTrail._run``, a pool's ``_worker``), or the main thread."""
+    for i, frame in enumerate(frames[:-1]):
+        if frame.startswith("Thread.run ("):
+            return frames[i + 1]
+    return "main thread" if frames and not frames[0].startswith("Thread.") else "other"
 
 
 def main() -> int:

@@ -19,6 +19,10 @@ default the local trust-auth one, dropped at the end):
   (``remember_change``) in the put's change.
 * read: ``SqlMetadataStore.get`` of one of those records, ``SqlGrantStore.has_access``
   (one authentic care-team grant) and one audit event ``append``: a GetRecord's SQL.
+* event: one audit event ``append`` alone: the audit writer's batch under one client
+  (connection checkout with its listeners, head lock, insert, head update, commit).
+* batch64: 64 events in one ``append``, per batch: the writer under concurrent load
+  (divide by 64 for the cost per event).
 
 No S3, no token (the grant MACs use a software HMAC key: the same per-call cost in both
 checkouts), no gRPC: what is left is SQLAlchemy, the driver and the database. The audit
@@ -77,6 +81,7 @@ from storage.grants import SqlGrantStore  # noqa: E402
 from storage.index import IndexEntry  # noqa: E402
 from storage.interfaces import StoredRecord  # noqa: E402
 from storage.put_requests import SqlPutRequests  # noqa: E402
+from storage.sql_deadlines import install_statement_deadlines  # noqa: E402
 from storage.sql_metadata import SqlMetadataStore, make_engine, upgrade  # noqa: E402
 from tests.fixtures.databases import postgres_database  # noqa: E402
 
@@ -85,7 +90,7 @@ PG_ADMIN_URL = os.environ.get(
 )
 PATIENT = bytes(range(32))
 PRINCIPAL = "dr-bench"
-PATHS = ("put", "put_key", "read")
+PATHS = ("put", "put_key", "read", "event", "batch64")
 ENTRIES = (IndexEntry("message_type", "ORU^R01"), IndexEntry("control_id", "MSG00001"))
 
 
@@ -155,7 +160,7 @@ class Workload:
         )  # fmt: skip
 
     @staticmethod
-    def event(action: str, resource: str) -> AuditEntry:
+    def entry(action: str, resource: str) -> AuditEntry:
         return AuditEntry(
             time=datetime.now(UTC), principal=PRINCIPAL, action=action, resource=resource,
             outcome="allowed", role="physician", application="his", patient_index=PATIENT,
@@ -163,7 +168,7 @@ class Workload:
         )  # fmt: skip
 
     def commit(self, r: StoredRecord, change: Callable[[Connection], None]) -> None:
-        done = self.log.append_pending([Pending(self.event("PutRecord", f"record/{r.id}"), change)])
+        done = self.log.append_pending([Pending(self.entry("PutRecord", f"record/{r.id}"), change)])
         if done[0].error is not None:
             raise done[0].error
 
@@ -190,13 +195,20 @@ class Workload:
         got = self.meta.get(record_id)
         if self.grants.has_access(PRINCIPAL, got.patient_index, datetime.now(UTC)) is None:
             raise RuntimeError("the bench grant was not found")
-        self.log.append([self.event("GetRecord", f"record/{record_id}")])
+        self.log.append([self.entry("GetRecord", f"record/{record_id}")])
+
+    def event(self) -> None:
+        self.log.append([self.entry("records.read", f"record/{self.stored[0]}/v1")])
+
+    def batch64(self) -> None:
+        self.log.append([self.entry("records.read", f"record/{r}/v1") for r in self.stored[:64]])
 
 
 def run_backend(backend: str, ops: int, warmup: int) -> dict[str, dict[str, float]]:
     """Every path on a fresh database of ``backend`` (reads after the puts); times in us."""
     with database(backend) as url:
         engine = make_engine(url)
+        install_statement_deadlines(engine)  # as service.bootstrap does: its listeners run
         try:
             upgrade(engine)
             work = Workload(engine)
@@ -226,7 +238,7 @@ def compare(args: argparse.Namespace) -> None:
             runs[label].append(json.loads(out))
             print(f"round {n + 1} {label}: done", file=sys.stderr)
     print(f"{args.ops} ops per path, {args.rounds} rounds each, medians over rounds")
-    print(f"{'backend':<11}{'path':<8}{'metric':<13}{'base':>10}{'after':>10}{'after/base':>12}")
+    print(f"{'backend':<11}{'path':<9}{'metric':<13}{'base':>10}{'after':>10}{'after/base':>12}")
     summary: dict[str, Any] = {}
     for backend in args.backends.split(","):
         for path in PATHS:
@@ -237,7 +249,7 @@ def compare(args: argparse.Namespace) -> None:
                 }
                 ratio = med["after"] / med["base"]
                 summary[f"{backend}/{path}/{metric}"] = {**med, "ratio": ratio}
-                print(f"{backend:<11}{path:<8}{metric:<13}"
+                print(f"{backend:<11}{path:<9}{metric:<13}"
                       f"{med['base']:>10.0f}{med['after']:>10.0f}{ratio:>12.2f}")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "runs": runs}, indent=2))
@@ -263,7 +275,7 @@ def main() -> None:
     for backend, paths in report["results"].items():
         for path, m in paths.items():
             cpu, p50, p90 = m["cpu_us"], m["wall_p50_us"], m["wall_p90_us"]
-            print(f"{backend:<11}{path:<8}cpu {cpu:6.0f} us/op  wall p50 {p50:6.0f} p90 {p90:6.0f}")
+            print(f"{backend:<11}{path:<9}cpu {cpu:6.0f} us/op  wall p50 {p50:6.0f} p90 {p90:6.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 

@@ -43,6 +43,8 @@ CHECKPOINT_PREFIX: Final = b"medvault.audit.checkpoint.v1"
 CHECKPOINT_PREFIX_V2: Final = b"medvault.audit.checkpoint.v2"
 CHECKPOINT_VERSIONS: Final = (1, 2)
 OUTCOMES: Final = ("allowed", "denied", "failed")
+# json.dumps's own string escaper when ensure_ascii=False (C, like json.dumps's encoder).
+_quote: Final = json.encoder.encode_basestring
 
 Outcome = Literal["allowed", "denied", "failed"]
 
@@ -135,7 +137,14 @@ class AuditFilter:
 
 def format_time(value: datetime) -> str:
     """The canonical time text: UTC, microseconds, ``Z`` suffix."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    t = value.astimezone(UTC)
+    if t.year < 1000:  # strftime's %Y has no zero padding here (glibc): keep its text
+        return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # The same text as that strftime, built without it (a third less CPU per event).
+    return (
+        f"{t.year}-{t.month:02}-{t.day:02}T{t.hour:02}:{t.minute:02}:{t.second:02}"
+        f".{t.microsecond:06}Z"
+    )
 
 
 def event_document(sequence: int, entry: AuditEntry) -> dict[str, Any]:
@@ -157,10 +166,34 @@ def event_document(sequence: int, entry: AuditEntry) -> dict[str, Any]:
 
 
 def canonical_bytes(sequence: int, entry: AuditEntry) -> bytes:
-    """The canonical encoding of an event (see the module docstring)."""
+    """The canonical encoding of an event (see the module docstring).
+
+    Written key by key in sorted order, each string through the escaper ``json.dumps``
+    itself uses with ``ensure_ascii=False``: the same bytes as ``json.dumps`` of
+    ``event_document`` (``tests/unit/storage/test_audit_model.py`` compares the two), at
+    a third of its CPU; the audit writer encodes every event it commits, and verification
+    every event it reads. A field of another type than the entry declares (``json.dumps``
+    would encode it, the escaper refuses it) takes ``json.dumps`` as before.
+    """
+    if type(sequence) is int:  # not a bool or an int subclass, which json spells apart
+        try:
+            return _written(sequence, entry)
+        except TypeError:
+            pass
     document = event_document(sequence, entry)
     text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return text.encode("utf-8")
+
+
+def _written(sequence: int, e: AuditEntry) -> bytes:
+    q = _quote
+    index = "null" if e.patient_index is None else f'"{e.patient_index.hex()}"'
+    return (
+        f'{{"action":{q(e.action)},"application":{q(e.application)},"outcome":{q(e.outcome)},'
+        f'"patient_index":{index},"principal":{q(e.principal)},"reason":{q(e.reason)},'
+        f'"resource":{q(e.resource)},"role":{q(e.role)},"sequence":{sequence},'
+        f'"source":{q(e.source)},"status":{q(e.status)},"time":{q(format_time(e.time))}}}'
+    ).encode()
 
 
 def chain_hash(prev_hash: bytes, sequence: int, entry: AuditEntry) -> bytes:

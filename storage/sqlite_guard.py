@@ -12,7 +12,9 @@ the immutable flag and read-only mounts, even for root). If one is not, the
 connection goes back to the pool unused and the call fails with
 ``UnwritableDatabaseError`` (an ``OperationalError``, so UNAVAILABLE); it works again
 as soon as the files are writable. The check costs four ``access`` calls per
-transaction, a few microseconds.
+transaction (an ``lstat`` more only for a file ``access`` refuses, to tell a missing
+file from an unwritable one), on path strings built once per engine: it runs before
+every audit batch, and building ``Path`` objects per call cost more than the calls.
 
 What it cannot cover: a file made unwritable in the middle of a transaction that has
 already passed the check. That window is one transaction long; closing it would need
@@ -41,14 +43,32 @@ class UnwritableDatabaseError(sqlite3.OperationalError):
 
 def unwritable(database: Path) -> str | None:
     """What makes ``database`` unusable for writing, or None if nothing does."""
-    directory = database.parent
-    if not os.access(directory, os.W_OK | os.X_OK):
-        return f"directory of {database.name} is read-only"
-    for suffix in _SUFFIXES:
-        path = database.with_name(database.name + suffix)
-        if os.path.lexists(path) and not os.access(path, os.W_OK):
-            return f"{path.name} is read-only or immutable"
-    return None
+    return _Files(database).problem()
+
+
+class _Files:
+    """A database's directory and files as strings, made once, checked many times."""
+
+    __slots__ = ("_directory", "_files", "_name")
+
+    def __init__(self, database: Path) -> None:
+        self._name = database.name
+        self._directory = str(database.parent)
+        self._files = tuple(
+            (database.name + suffix, str(database.with_name(database.name + suffix)))
+            for suffix in _SUFFIXES
+        )
+
+    def problem(self) -> str | None:
+        """What makes the database unusable for writing, or None if nothing does."""
+        if not os.access(self._directory, os.W_OK | os.X_OK):
+            return f"directory of {self._name} is read-only"
+        for name, path in self._files:
+            # access() is False for a missing file too: only then ask whether it exists
+            # (a missing -wal or -shm is fine, SQLite creates it in the writable directory).
+            if not os.access(path, os.W_OK) and os.path.lexists(path):
+                return f"{name} is read-only or immutable"
+        return None
 
 
 def install(engine: Engine) -> None:
@@ -59,12 +79,12 @@ def install(engine: Engine) -> None:
     name = engine.url.database
     if not name or name == ":memory:" or name.startswith("file:"):
         return
-    database = Path(name).absolute()
+    files = _Files(Path(name).absolute())
     last: list[str | None] = [None]  # the problem seen by the previous check
     lock = threading.Lock()
 
     def check(connection: Connection) -> None:
-        problem = unwritable(database)
+        problem = files.problem()
         with lock:
             changed, last[0] = problem != last[0], problem
         if changed:
@@ -82,7 +102,7 @@ def install(engine: Engine) -> None:
 
     def check_new(_dbapi_connection: object, _record: object) -> None:
         # Before the connection's pragmas (WAL), so that start-up names the problem.
-        problem = unwritable(database)
+        problem = files.problem()
         if problem is not None:
             raise UnwritableDatabaseError(problem)
 
