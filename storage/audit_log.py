@@ -2,9 +2,10 @@
 
 Every append runs in one transaction that first locks the single ``audit_head`` row, so
 writers in other threads, processes and replicas serialise on it and the chain stays
-one line: PostgreSQL takes the row lock with ``SELECT ... FOR UPDATE``; SQLite has no
-row locks, so a no-op ``UPDATE`` of the head row takes the database write lock before
-anything is read (a deferred transaction that reads first could see a stale head).
+one line: the first statement is a no-op ``UPDATE`` of the head row ``RETURNING`` it,
+which takes PostgreSQL's row lock and SQLite's database write lock (SQLite has no row
+locks) before anything is read (a deferred transaction that reads first could see a
+stale head), and reads the head under that lock.
 The hash chain and the canonical encoding are defined in :mod:`storage.audit_model`.
 
 Durability: the engine's SQLite connections are set to ``synchronous=FULL`` (in WAL
