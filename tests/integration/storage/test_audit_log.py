@@ -29,6 +29,7 @@ from storage.audit_verify import verify_chain
 from storage.errors import BackendUnavailableError, InvalidRecordError
 from storage.sql_metadata import make_engine, upgrade
 from tests.fixtures.databases import new_database
+from tests.unit.storage.audit_vectors import old_chain
 
 pytestmark = pytest.mark.integration
 
@@ -330,3 +331,21 @@ def test_rewritten_tail_caught_by_checkpoint(
             prev = digest
         c.execute(audit_head.update().values(hash=prev))
     assert verify(chain, signer) == (21, "checkpoint does not match chain")
+
+
+def test_chain_of_the_old_encoding_verifies(audit_log: SqlAuditLog, signer: Pkcs11Signer) -> None:
+    """Odd text, far times and zones survive the database and hash as they did before.
+
+    ``OLD_CHAIN`` is pinned against the encoding before it was written key by key; the
+    NUL is left out here only because PostgreSQL refuses it in text, and the reason cut
+    to the column's 2000 characters.
+    """
+    written = [replace(e, reason=e.reason.replace("\x00", "")[:2000]) for e in old_chain()]
+    audit_log.append(written)
+    checkpoint(audit_log, signer)
+    assert verify(audit_log, signer) == (None, "chain intact")
+    read = audit_log.events(0, 100)
+    assert [canonical_bytes(e.sequence, e.entry) for e in read] == [
+        canonical_bytes(n, e) for n, e in enumerate(written, 1)
+    ]
+

@@ -7,6 +7,7 @@ commits); every hash in every existing chain was made with ``json.dumps`` of
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
@@ -14,7 +15,14 @@ from datetime import UTC, datetime, timedelta, timezone
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from storage.audit_model import AuditEntry, canonical_bytes, event_document, format_time
+from storage.audit_model import (
+    AuditEntry,
+    canonical_bytes,
+    chain_hash,
+    event_document,
+    format_time,
+)
+from tests.unit.storage.audit_vectors import OLD_CHAIN, OLD_HEAD, old_chain
 
 TEXT_FIELDS = (
     "principal",
@@ -105,3 +113,11 @@ def test_a_field_of_another_type_is_encoded_as_json_dumps_does() -> None:
     assert canonical_bytes(1, entry) == dumped(1, entry)
     assert b'"reason":5' in canonical_bytes(1, entry)
     assert canonical_bytes(True, entry) == dumped(True, entry)  # json's true
+
+
+def test_chain_written_by_the_old_encoding_hashes_alike() -> None:
+    prev = bytes(32)
+    for sequence, (entry, (_, digest)) in enumerate(zip(old_chain(), OLD_CHAIN, strict=True), 1):
+        assert hashlib.sha256(canonical_bytes(sequence, entry)).hexdigest()[:16] == digest, sequence
+        prev = chain_hash(prev, sequence, entry)
+    assert prev.hex() == OLD_HEAD
