@@ -110,7 +110,7 @@ class _Walk:
         s = self.expected
         if event.sequence != s:
             return s, MISSING
-        if chain_hash(event.prev_hash, s, event.entry) != event.hash:
+        if not _hashes_at(event, s):
             return _displaced(event)
         if event.prev_hash != self.prev:
             return max(s - 1, 1), LINK_BROKEN
@@ -191,12 +191,25 @@ class _Walk:
         return None
 
 
+def _hashes_at(event: ChainedEvent, sequence: int) -> bool:
+    """Whether ``event``'s content hashes to its stored hash at ``sequence``.
+
+    A field no writer produces (a BLOB in a text column, which SQLite keeps as bytes)
+    has no canonical encoding: the row was altered, and verification names it rather
+    than failing with the encoder's error.
+    """
+    try:
+        return chain_hash(event.prev_hash, sequence, event.entry) == event.hash
+    except (TypeError, ValueError):
+        return False
+
+
 def _displaced(event: ChainedEvent) -> Problem:
     """Where a row whose hash fails belongs: earlier (insert), later (reorder), nowhere."""
     s = event.sequence
     for distance in range(1, DISPLACEMENT_WINDOW + 1):
         for candidate in (s - distance, s + distance):
-            if candidate >= 1 and chain_hash(event.prev_hash, candidate, event.entry) == event.hash:
+            if candidate >= 1 and _hashes_at(event, candidate):
                 return (candidate, INSERTED) if candidate < s else (s, REORDERED)
     return s, ALTERED
 
