@@ -17,14 +17,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
+from storage.sql_metadata import make_engine
+from storage.sqlite_guard import UnwritableDatabaseError, unwritable
 from tests.fixtures.service import ROOT
 
 pytestmark = pytest.mark.integration
 
 IMMUTABLE = os.geteuid() == 0 and shutil.which("chattr") is not None
 
-CHILD = r'''
+CHILD = r"""
 import os, subprocess, sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,7 +64,7 @@ finally:
 log.append([entry])
 print("recovered", log.head()[0])
 engine.dispose()
-'''
+"""
 
 
 @pytest.mark.parametrize("target", ["-shm", "-wal", "", "dir"])
@@ -105,3 +108,54 @@ def test_server_refuses_to_start_on_an_immutable_database(tmp_path: Path) -> Non
             subprocess.run(["chattr", "-i", str(db)], check=True)
     assert result.returncode == 1, result.stderr[-800:]
     assert "metadata.db is read-only or immutable" in result.stdout
+
+
+def _lock(path: Path, on: bool) -> None:
+    if IMMUTABLE:
+        subprocess.run(["chattr", "+i" if on else "-i", str(path)], check=True)
+    else:
+        path.chmod((0o555 if path.is_dir() else 0o444) if on else 0o755)
+
+
+def test_symlinked_files_are_judged_by_their_target(tmp_path: Path) -> None:
+    """A -wal that is a dangling link, or a link to an unwritable file, is refused."""
+    db = tmp_path / "db" / "metadata.db"
+    db.parent.mkdir()
+    db.write_bytes(b"")
+    assert unwritable(db) is None
+    wal = db.with_name("metadata.db-wal")
+    wal.symlink_to(tmp_path / "nowhere")
+    assert unwritable(db) == "metadata.db-wal is read-only or immutable"
+    wal.unlink()
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"")
+    wal.symlink_to(target)
+    assert unwritable(db) is None
+    _lock(target, True)
+    try:
+        assert unwritable(db) == "metadata.db-wal is read-only or immutable"
+    finally:
+        _lock(target, False)
+
+
+def test_directory_replaced_under_a_running_engine_is_refused(tmp_path: Path) -> None:
+    """The paths are fixed when the engine is made: a read-only directory put in their place
+    is checked, not the renamed one the open connections still write to."""
+    db = tmp_path / "db" / "metadata.db"
+    db.parent.mkdir()
+    engine = make_engine(f"sqlite:///{db}")
+    try:
+        with engine.begin() as c:
+            c.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+        db.parent.rename(tmp_path / "moved")
+        db.parent.mkdir()
+        _lock(db.parent, True)
+        try:
+            with pytest.raises(sa.exc.OperationalError) as refused, engine.begin() as c:
+                c.exec_driver_sql("INSERT INTO t VALUES (1)")
+            assert isinstance(refused.value.orig, UnwritableDatabaseError)
+            assert str(refused.value.orig) == "directory of metadata.db is read-only"
+        finally:
+            _lock(db.parent, False)
+    finally:
+        engine.dispose()
