@@ -256,8 +256,8 @@ class FloorServer:
         """Start it (it needs the prepared config and certificates, not the stack)."""
         self._process = subprocess.Popen(
             [sys.executable, __file__, "--floor-server", str(stack.layout.config)],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip  (stdin: its end tells the server this bench is gone, however it died)
         self.pid = self._process.pid
         self._port = 0
 
@@ -302,7 +302,8 @@ class Floor:
 
 
 def floor_server(config_path: Path) -> None:
-    """Serve the floor (``--floor-server CONFIG``); print the port, run until killed.
+    """Serve the floor (``--floor-server CONFIG``); print the port, run until killed or
+    until stdin ends (the bench that started it exited, even by a signal).
 
     grpc.aio like the service, the service's server credentials and channel options;
     GetRecord streams a metadata message then pre-made ``chunk_size`` chunks, PutRecord
@@ -352,6 +353,11 @@ def floor_server(config_path: Path) -> None:
         print(port, flush=True)
         await server.wait_for_termination()
 
+    def orphaned() -> None:
+        sys.stdin.read()  # returns at EOF: the bench's end of the pipe closed
+        os._exit(0)
+
+    threading.Thread(target=orphaned, daemon=True).start()
     asyncio.run(serve())
 
 
