@@ -103,6 +103,9 @@ def main() -> int:
     p.add_argument("--idle", action="store_true",
                    help="keep waiting threads' samples, one root per thread: where each "
                         "thread's wall time goes, waits included (a call's timeline)")  # fmt: skip
+    p.add_argument("--native", action="store_true",
+                   help="also sample C frames (grpc's core, OpenSSL, SQLite); py-spy then "
+                        "pauses the service at each sample, which slows it")  # fmt: skip
     ns = p.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     ns.out.mkdir(parents=True, exist_ok=True)
@@ -129,7 +132,8 @@ def main() -> int:
                 fmt_runs.append(subprocess.Popen(
                     [spy, "record", "--pid", pid, "--rate", str(ns.rate), "--duration",
                      str(int(ns.seconds)), "--format", fmt, "--output", str(base) + suffix,
-                     "--nonblocking", *(["--gil"] if ns.gil else []),
+                     *(["--native"] if ns.native else ["--nonblocking"]),
+                     *(["--gil"] if ns.gil else []),
                      *(["--idle", "--threads"] if ns.idle else [])],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 ))  # fmt: skip

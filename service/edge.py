@@ -44,7 +44,7 @@ from grpc import aio
 from service.authn import Principal
 from service.call_scope import CALL_SCOPE, CallScope
 from service.calls import CURRENT_CALL, CallState, audit_job, facts, handled
-from service.guard import AccessGuard, source_host
+from service.guard import AccessGuard, Call, Refusal, source_host
 from service.limits import CallLimiter, Refusals, StreamDeadlineError, TooManyCallsError
 from service.wire import Rejected, decode
 from storage import CallDeadline, InvalidRecordError, set_deadline
@@ -192,7 +192,12 @@ class EdgeInterceptor(aio.ServerInterceptor):  # type: ignore[misc]  # untyped b
         rpc = method.rsplit("/", 1)[-1]
         async with handled(self._guard, context, rpc, expiry=False) as state:
             state.resource = method
-            call = state.call = await asyncio.to_thread(self._guard.enter, facts(context, method))
+            # Admitted on the loop (memory only); a worker thread only to audit a refusal.
+            admitted = self._guard.admit(facts(context, method))
+            if isinstance(admitted, Refusal):
+                await asyncio.to_thread(self._guard.refuse, admitted)  # raises
+            assert isinstance(admitted, Call)
+            call = state.call = admitted
             release = self._limiter.acquire(call.principal)
             # The client's deadline bounds the store's work for the call (service.call_scope).
             scope = CallScope(CallDeadline.within(context.time_remaining()))

@@ -6,7 +6,8 @@ audit event before anything is released (docs/architecture.md, read path step 1;
 GetRecord fetches while the event commits, ``ReadAdmission``; SignRecord commits it
 with the signature, in one transaction, ``SigningAdmission``). Denials and
 failures are audited too. Everything here blocks (token, database), so servicers call
-it from worker threads.
+it from worker threads; the one exception is ``admit``, which reads memory only, so the
+edge runs it on the event loop and hops to a thread only to audit a refusal.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from service.audit.trail import AuditTrail, Receipt
 from service.authn import AuthenticationError, Authenticator, Principal
@@ -54,6 +55,16 @@ class Call:
     def action(self) -> str:
         """The permission exercised, which names the action in the audit trail."""
         return self.decision.permission or self.facts.method
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A call ``AccessGuard.admit`` refused: denied by the policy (``call``) or not
+    authenticated (``error``); exactly one is set."""
+
+    facts: CallFacts
+    call: Call | None
+    error: AuthenticationError | PermissionDeniedError | None
 
 
 def source_host(peer: str) -> str:
@@ -102,35 +113,67 @@ class AccessGuard:
 
     def enter(self, facts: CallFacts) -> Call:
         """Authenticate and authorize ``facts``; denials are audited, then raised."""
-        principal = self.identify(facts)
+        admitted = self.admit(facts)
+        if isinstance(admitted, Refusal):
+            self.refuse(admitted)
+        return admitted
+
+    def admit(self, facts: CallFacts) -> Call | Refusal:
+        """``enter``'s verdict without its blocking part: the allowed call, or the refusal
+        that ``refuse`` must audit and raise.
+
+        Authentication and the policy check work on memory only (the certificate, the
+        CRL, the delegation token's signature and replay cache, the policy snapshot), so
+        the edge runs this on the event loop and needs a worker thread only to audit a
+        refusal. Each credential is checked once: a refusal carries what was decided, so
+        a delegation token is not offered to the replay cache a second time.
+        """
+        try:
+            principal = self._authn.authenticate(facts.auth_context, facts.metadata, facts.peer)
+        except (AuthenticationError, PermissionDeniedError) as e:
+            return Refusal(facts, None, e)
         decision = self.policy.current.check(principal, facts.method)
         call = Call(facts, principal, decision)
-        if not decision.allowed:
-            self.audit(
-                call, facts.method, outcome="denied", status="PERMISSION_DENIED",
-                reason=decision.reason,
-            )
-            self._incidents.denied(source_host(facts.peer))
-            raise PermissionDeniedError(decision.reason)
-        return call
+        return call if decision.allowed else Refusal(facts, call, None)
+
+    def refuse(self, refusal: Refusal) -> NoReturn:
+        """Audit ``refusal`` (blocks until its event commits), then raise it."""
+        facts = refusal.facts
+        if refusal.error is not None:
+            self._unidentified(facts, refusal.error)
+            raise refusal.error
+        call = refusal.call
+        assert call is not None  # one of the two is set (Refusal)
+        self.audit(
+            call, facts.method, outcome="denied", status="PERMISSION_DENIED",
+            reason=call.decision.reason,
+        )  # fmt: skip
+        self._incidents.denied(source_host(facts.peer))
+        raise PermissionDeniedError(call.decision.reason)
 
     def identify(self, facts: CallFacts) -> Principal:
         """Authenticate ``facts`` only; a failure is audited and raised."""
         try:
             return self._authn.authenticate(facts.auth_context, facts.metadata, facts.peer)
         except (AuthenticationError, PermissionDeniedError) as e:
-            # The certificate that presented the bad token is named, so the officer
-            # knows which application to ask (its CN is verified by the TLS handshake).
-            unknown = Principal(
-                "unauthenticated", presenting_application(facts), frozenset(), facts.peer
-            )
-            denied = isinstance(e, PermissionDeniedError)
-            status = "PERMISSION_DENIED" if denied else "UNAUTHENTICATED"
-            self._write(
-                unknown, facts.method, facts.method, outcome="denied", status=status, reason=str(e)
-            )
-            self._incidents.denied(source_host(facts.peer))
+            self._unidentified(facts, e)
             raise
+
+    def _unidentified(
+        self, facts: CallFacts, error: AuthenticationError | PermissionDeniedError
+    ) -> None:
+        """Audit a failed authentication and count it for the source's incident window."""
+        # The certificate that presented the bad token is named, so the officer
+        # knows which application to ask (its CN is verified by the TLS handshake).
+        application = presenting_application(facts)
+        unknown = Principal("unauthenticated", application, frozenset(), facts.peer)
+        denied = isinstance(error, PermissionDeniedError)
+        status = "PERMISSION_DENIED" if denied else "UNAUTHENTICATED"
+        self._write(
+            unknown, facts.method, facts.method, outcome="denied", status=status,
+            reason=str(error),
+        )  # fmt: skip
+        self._incidents.denied(source_host(facts.peer))
 
     def in_scope(self, call: Call, patient_index: bytes) -> bool:
         """Whether ``call`` may touch the patient, asked quietly (no event, no incident):
