@@ -17,11 +17,12 @@ Group commit (``service.audit.trail``) pays for the fsync once per batch instead
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event, exc
@@ -34,12 +35,13 @@ from storage.audit_model import (
     AuditFilter,
     ChainedEvent,
     Checkpoint,
-    Outcome,
     chain_hash,
 )
+from storage.audit_rows import to_event
 from storage.errors import BackendUnavailableError, InvalidRecordError, StorageError
 from storage.sql_metadata import connect, from_db_time, metadata
 
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # A state change that must commit with its audit event: it runs on the audit batch's
@@ -147,25 +149,6 @@ def _row_values(event_: ChainedEvent) -> dict[str, Any]:
     }
 
 
-def _to_event(row: Row[Any]) -> ChainedEvent:
-    m = row._mapping
-    index = m["patient_index"]
-    entry = AuditEntry(
-        time=from_db_time(m["time"]),
-        principal=m["principal"],
-        application=m["application"],
-        role=m["role"],
-        action=m["action"],
-        resource=m["resource"],
-        patient_index=bytes(index) if index is not None else None,
-        outcome=cast(Outcome, m["outcome"]),
-        status=m["status"],
-        reason=m["reason"],
-        source=m["source"],
-    )
-    return ChainedEvent(m["sequence"], entry, bytes(m["prev_hash"]), bytes(m["hash"]))
-
-
 def _to_checkpoint(row: Row[Any]) -> Checkpoint:
     m = row._mapping
     return Checkpoint(
@@ -206,6 +189,11 @@ class SqlAuditLog:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._sqlite = engine.dialect.name == "sqlite"
+        # Events are read with the time column raw and parsed per row (audit_rows), so
+        # a stored value that does not parse marks its row instead of failing the fetch.
+        self._parse_time = audit_events.c.time.type.dialect_impl(engine.dialect).result_processor(
+            engine.dialect, None
+        )
         if self._sqlite and not event.contains(engine, "connect", _sqlite_full_sync):
             event.listen(engine, "connect", _sqlite_full_sync)
 
@@ -251,34 +239,44 @@ class SqlAuditLog:
     def events(self, after_sequence: int = 0, limit: int = QUERY_BATCH) -> list[ChainedEvent]:
         """Up to ``limit`` events with sequence > ``after_sequence``, in sequence order."""
         query = (
-            sa.select(audit_events)
-            .where(audit_events.c.sequence > after_sequence)
+            _SELECT_EVENTS.where(audit_events.c.sequence > after_sequence)
             .order_by(audit_events.c.sequence)
             .limit(limit)
         )
-        return self._select_events(query)
+        return [to_event(m, self._parse_time) for m in self._select_rows(query)]
 
     def query(self, flt: AuditFilter) -> Iterator[ChainedEvent]:
-        """Events matching ``flt``, oldest first unless ``newest_first``; fetched in pages."""
+        """Events matching ``flt``, oldest first unless ``newest_first``; fetched in pages.
+
+        A malformed row (``storage.audit_rows``) is left out of the listing, with a log
+        line naming its sequence and fields but no value; ``verify`` names it as altered.
+        It still counts against ``flt.limit``.
+        """
         remaining = flt.limit
-        cursor: int | None = None
+        cursor: Any = None
         seq = audit_events.c.sequence
         while remaining is None or remaining > 0:
             page = QUERY_BATCH if remaining is None else min(remaining, QUERY_BATCH)
-            query = _filtered(sa.select(audit_events), flt)
+            query = _filtered(_SELECT_EVENTS, flt)
             if cursor is not None:
                 query = query.where(seq < cursor if flt.newest_first else seq > cursor)
             query = query.order_by(seq.desc() if flt.newest_first else seq).limit(page)
-            batch = self._select_events(query)
-            yield from batch
-            if len(batch) < page:
+            rows = self._select_rows(query)
+            for m in rows:
+                event_ = to_event(m, self._parse_time)
+                if event_.malformed:
+                    _log_malformed(event_)
+                else:
+                    yield event_
+            if len(rows) < page:
                 return
-            cursor = batch[-1].sequence
+            cursor = rows[-1]["sequence"]  # as stored: the next page starts past it
             if remaining is not None:
-                remaining -= len(batch)
+                remaining -= len(rows)
 
-    def _select_events(self, query: sa.Select[Any]) -> list[ChainedEvent]:
-        return [_to_event(r) for r in self._run(lambda c: c.execute(query).all())]
+    def _select_rows(self, query: sa.Select[Any]) -> list[Any]:
+        """The rows' mappings, the time column unparsed (see ``__init__``)."""
+        return [r._mapping for r in self._run(lambda c: c.execute(query).all())]
 
     def add_checkpoint(self, checkpoint: Checkpoint) -> bool:
         """Store ``checkpoint``; False if another replica's checkpoint came first.
@@ -379,8 +377,26 @@ _LOCK_HEAD = (
     .returning(audit_head.c.sequence, audit_head.c.hash)
 )
 _INSERT_EVENTS = audit_events.insert()
+# The time column untyped: no driver-side parsing that would raise during the fetch.
+_SELECT_EVENTS = sa.select(
+    *(
+        sa.type_coerce(c, sa.types.NullType()).label(c.name) if c.name == "time" else c
+        for c in audit_events.c
+    )
+)
 _LAST_CHECKPOINT_SEQUENCE = sa.select(sa.func.max(audit_checkpoints.c.sequence))
 _UPDATE_HEAD = audit_head.update().where(audit_head.c.id == HEAD_ID)
+
+
+def _log_malformed(event_: ChainedEvent) -> None:
+    """A row left out of a listing: its sequence (if readable) and field names only."""
+    logger.warning(
+        "audit event unreadable, left out of the listing; run `medvault audit verify`",
+        extra={
+            "sequence": None if "sequence" in event_.malformed else event_.sequence,
+            "fields": ",".join(event_.malformed),
+        },
+    )
 
 
 def _apply(connection: Connection, change: Change[Any]) -> tuple[Any, Exception | None]:

@@ -76,12 +76,18 @@ class AuditEntry:
 
 @dataclass(frozen=True, slots=True)
 class ChainedEvent:
-    """An entry at its place in the chain: sequence number and the two hashes."""
+    """An entry at its place in the chain: sequence number and the two hashes.
+
+    ``malformed`` names the fields of a stored row that hold no value the writer stores
+    (a database writer's edit): the entry and hashes are then placeholders, and the
+    chain walk reports the row as altered (``storage.audit_rows``).
+    """
 
     sequence: int
     entry: AuditEntry
     prev_hash: bytes
     hash: bytes
+    malformed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -108,12 +108,9 @@ class _Walk:
     def step(self, event: ChainedEvent) -> Problem | None:
         """Check one event (and its checkpoint); return the problem, if any."""
         s = self.expected
-        if event.sequence != s:
-            return s, MISSING
-        if not _hashes_at(event, s):
-            return _displaced(event)
-        if event.prev_hash != self.prev:
-            return max(s - 1, 1), LINK_BROKEN
+        problem = self._check_row(event)
+        if problem is not None:
+            return problem
         checkpoint = self.checkpoints.get(s)
         if checkpoint is not None:
             problem = self._check_checkpoint(checkpoint, event)
@@ -128,6 +125,21 @@ class _Walk:
         self.prev = event.hash
         self.expected += 1
         self.events_checked += 1
+        return None
+
+    def _check_row(self, event: ChainedEvent) -> Problem | None:
+        """The event's own place, fields, hash and link to its predecessor."""
+        s = self.expected
+        if "sequence" in event.malformed:  # the row's place is unknown: named where met
+            return s, ALTERED
+        if event.sequence != s:
+            return s, MISSING
+        if event.malformed:  # a field no writer stores: nothing to hash
+            return s, ALTERED
+        if not _hashes_at(event, s):
+            return _displaced(event)
+        if event.prev_hash != self.prev:
+            return max(s - 1, 1), LINK_BROKEN
         return None
 
     def _check_checkpoint(self, checkpoint: Checkpoint, event: ChainedEvent) -> Problem | None:

@@ -15,7 +15,8 @@ from sqlalchemy.engine import Engine
 from keystore import Pkcs11SessionPool
 from keystore.admin import AUDIT_KEY_LABEL
 from keystore.signing import Pkcs11Signer
-from service.audit.checkpoints import make_checkpoint, signature_checker
+from service.audit import AuditChainError
+from service.audit.checkpoints import Checkpointer, make_checkpoint, signature_checker
 from storage.audit_log import SqlAuditLog, _row_values, audit_checkpoints, audit_events, audit_head
 from storage.audit_model import (
     AuditEntry,
@@ -365,3 +366,93 @@ def test_field_of_another_type_is_named_not_raised(
             )
             expected = 1
     assert verify(chain, signer) == (expected, "event altered")
+
+
+# A database writer's malformed row, per kind: (SQLite statements, expected first bad
+# sequence), (PostgreSQL statements, expected). On SQLite a value of another type is
+# simply stored; on PostgreSQL the writer changes the column's type, so every row is
+# malformed and the first one is named. None: the edit is impossible on that database.
+_MALFORMED: dict[str, tuple[tuple[list[str], int] | None, tuple[list[str], int] | None]] = {
+    "outcome": (
+        (["UPDATE audit_events SET outcome = 'maybe' WHERE sequence = 50"], 50),
+        (["UPDATE audit_events SET outcome = 'maybe' WHERE sequence = 50"], 50),
+    ),
+    "patient_index text": (
+        (["UPDATE audit_events SET patient_index = 'ab' WHERE sequence = 50"], 50),
+        (["ALTER TABLE audit_events ALTER COLUMN patient_index TYPE text"
+          " USING encode(patient_index, 'hex')",
+          "UPDATE audit_events SET patient_index = 'ab' WHERE sequence = 50"], 1),
+    ),
+    "patient_index short": (
+        (["UPDATE audit_events SET patient_index = X'0102' WHERE sequence = 50"], 50),
+        (["UPDATE audit_events SET patient_index = decode('0102', 'hex') WHERE sequence = 50"],
+         50),
+    ),
+    "time text": (
+        (["UPDATE audit_events SET time = 'yesterday' WHERE sequence = 50"], 50),
+        (["ALTER TABLE audit_events ALTER COLUMN time TYPE text USING time::text"], 1),
+    ),
+    "time number": (
+        (["UPDATE audit_events SET time = 12345 WHERE sequence = 50"], 50),
+        (["ALTER TABLE audit_events ALTER COLUMN time TYPE bigint"
+          " USING extract(epoch FROM time)::bigint"], 1),
+    ),
+    "sequence not an integer": (
+        (["UPDATE audit_events SET sequence = 49.5 WHERE sequence = 50"], 50),
+        (["ALTER TABLE audit_events ALTER COLUMN sequence TYPE numeric"], 1),
+    ),
+    "hash short": (
+        (["UPDATE audit_events SET hash = X'00' WHERE sequence = 50"], 50),
+        (["UPDATE audit_events SET hash = decode('00', 'hex') WHERE sequence = 50"], 50),
+    ),
+    "prev_hash text": (
+        (["UPDATE audit_events SET prev_hash = 'ab' WHERE sequence = 50"], 50),
+        (["ALTER TABLE audit_events ALTER COLUMN prev_hash TYPE text"
+          " USING encode(prev_hash, 'hex')"], 1),
+    ),
+    "text field null": (
+        None,  # SQLite enforces the table's NOT NULL
+        (["ALTER TABLE audit_events ALTER COLUMN principal DROP NOT NULL",
+          "UPDATE audit_events SET principal = NULL WHERE sequence = 50"], 50),
+    ),
+}  # fmt: skip
+
+
+def _malform(engine: Engine, kind: str) -> int:
+    case = _MALFORMED[kind][0 if engine.dialect.name == "sqlite" else 1]
+    if case is None:
+        pytest.skip(f"{kind}: not possible on {engine.dialect.name}")
+    statements, expected = case
+    with engine.begin() as c:
+        for statement in statements:
+            c.exec_driver_sql(statement)
+    return expected
+
+
+@pytest.mark.parametrize("kind", sorted(_MALFORMED))
+def test_malformed_row_is_named_and_not_signed(
+    audit_engine: Engine,
+    chain: SqlAuditLog,
+    signer: Pkcs11Signer,
+    kind: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A row the writer never stores is 'event altered' at its sequence, not a crash."""
+    expected = _malform(audit_engine, kind)
+    assert verify(chain, signer) == (expected, "event altered")
+    # The service's own check before signing refuses it (the anchor is checkpoint 40).
+    checkpointer = Checkpointer(chain, signer)
+    with pytest.raises(AuditChainError):
+        checkpointer.checkpoint()
+    last = chain.last_checkpoint()
+    assert last is not None
+    assert last.sequence == 40
+    assert not checkpointer.verify().ok
+    # A listing leaves the row out, with a log line naming no value.
+    listed = [e.sequence for e in chain.query(AuditFilter())]
+    assert 50 not in listed
+    if expected == 50:
+        assert len(listed) == chain.head()[0] - 1  # all but the row (and an incident)
+    assert "unreadable" in caplog.text
+    for value in ("maybe", "yesterday", "12345"):
+        assert value not in caplog.text
