@@ -44,7 +44,7 @@ from grpc import aio
 from service.authn import Principal
 from service.call_scope import CALL_SCOPE, CallScope
 from service.calls import CURRENT_CALL, CallState, audit_job, facts, handled
-from service.guard import AccessGuard, Call, Refusal, source_host
+from service.guard import AccessGuard, Refusal, source_host
 from service.limits import CallLimiter, Refusals, StreamDeadlineError, TooManyCallsError
 from service.wire import Rejected, decode
 from storage import CallDeadline, InvalidRecordError, set_deadline
@@ -195,8 +195,10 @@ class EdgeInterceptor(aio.ServerInterceptor):  # type: ignore[misc]  # untyped b
             # Admitted on the loop (memory only); a worker thread only to audit a refusal.
             admitted = self._guard.admit(facts(context, method))
             if isinstance(admitted, Refusal):
-                await asyncio.to_thread(self._guard.refuse, admitted)  # raises
-            assert isinstance(admitted, Call)
+                # Decided already (a one-time token is spent): audit_job writes its event
+                # even if the call ends while the job waits for a free thread.
+                await audit_job(self._guard.audit_refusal, admitted)
+                raise admitted.exception()
             call = state.call = admitted
             release = self._limiter.acquire(call.principal)
             # The client's deadline bounds the store's work for the call (service.call_scope).

@@ -66,6 +66,13 @@ class Refusal:
     call: Call | None
     error: AuthenticationError | PermissionDeniedError | None
 
+    def exception(self) -> AuthenticationError | PermissionDeniedError:
+        """What the caller is told: the authentication error, or the policy's denial."""
+        if self.error is not None:
+            return self.error
+        assert self.call is not None  # one of the two is set
+        return PermissionDeniedError(self.call.decision.reason)
+
 
 def source_host(peer: str) -> str:
     """The peer without its port (``ipv4:10.0.0.7:51234`` -> ``ipv4:10.0.0.7``): a client
@@ -138,10 +145,16 @@ class AccessGuard:
 
     def refuse(self, refusal: Refusal) -> NoReturn:
         """Audit ``refusal`` (blocks until its event commits), then raise it."""
+        self.audit_refusal(refusal)
+        raise refusal.exception()
+
+    def audit_refusal(self, refusal: Refusal) -> None:
+        """Audit ``refusal`` and count it for its source's incident window (blocks until
+        its event commits); ``refuse`` without the raise, for the edge's ``audit_job``."""
         facts = refusal.facts
         if refusal.error is not None:
             self._unidentified(facts, refusal.error)
-            raise refusal.error
+            return
         call = refusal.call
         assert call is not None  # one of the two is set (Refusal)
         self.audit(
@@ -149,7 +162,6 @@ class AccessGuard:
             reason=call.decision.reason,
         )  # fmt: skip
         self._incidents.denied(source_host(facts.peer))
-        raise PermissionDeniedError(call.decision.reason)
 
     def identify(self, facts: CallFacts) -> Principal:
         """Authenticate ``facts`` only; a failure is audited and raised."""

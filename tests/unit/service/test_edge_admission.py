@@ -1,11 +1,16 @@
 """The edge's admission (``AccessGuard.admit`` on the event loop, ``refuse`` in a worker
-thread): each credential checked once, every refusal audited once and counted."""
+thread): each credential checked once, every refusal audited once and counted, even when
+the call ends while its audit job waits for a thread."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -13,9 +18,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from service.authn import AuthenticationError, Authenticator
 from service.authz import PermissionDeniedError, PolicyHolder
+from service.edge import Deadlines, EdgeInterceptor
 from service.guard import AccessGuard, Call, CallFacts, Refusal
+from service.limits import CallLimiter
 from storage import AuditEntry
 from tests.unit.service.test_authn import PEER, POLICY, Keys, _bearer, _cert_context, _es256
+
+PUT = "/medvault.v1.RecordService/PutRecord"  # records.write: not a nurse's
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +127,100 @@ def test_allowed_call_is_admitted_without_an_event(tmp_path: Path, keys: Keys) -
     assert admitted.decision.allowed
     assert trail.entries == []
     assert incidents.sources == []
+
+
+# --- through the edge's entry (service.edge), with grpc's context stood in for ----------
+
+
+class _AbortedError(Exception):
+    pass
+
+
+class _Context:
+    """As much of grpc's servicer context as the edge's entry reads."""
+
+    def __init__(self, token: str) -> None:
+        self._auth = _cert_context("his-app")
+        self._metadata = _bearer(token)
+        self.aborted: list[grpc.StatusCode] = []
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return self._auth
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def peer(self) -> str:
+        return PEER
+
+    def time_remaining(self) -> float:
+        return 30.0
+
+    async def abort(self, code: grpc.StatusCode, _message: str) -> None:
+        self.aborted.append(code)
+        raise _AbortedError
+
+
+def _edge(guard: AccessGuard) -> EdgeInterceptor:
+    return EdgeInterceptor(guard, CallLimiter(4, 4, 60, lambda _: None), Deadlines(5, 5))
+
+
+async def _enter(edge: EdgeInterceptor, context: _Context) -> None:
+    async with edge._entered(context, PUT):  # type: ignore[arg-type]
+        raise AssertionError("a refused call reached its handler")
+
+
+@pytest.mark.parametrize("case", ["policy-denial", "bad-token"])
+def test_the_edge_audits_a_refusal_once_and_answers_its_status(
+    tmp_path: Path, keys: Keys, case: str
+) -> None:
+    guard, trail, incidents = _guard(tmp_path, keys)
+    token = _es256(keys, jti="t-edge") if case == "policy-denial" else "not-a-token"
+    context = _Context(token)
+    with pytest.raises(_AbortedError):
+        asyncio.run(_enter(_edge(guard), context))
+    expected = {
+        "policy-denial": ("nurse-mai", grpc.StatusCode.PERMISSION_DENIED),
+        "bad-token": ("unauthenticated", grpc.StatusCode.UNAUTHENTICATED),
+    }[case]
+    assert [(e.principal, e.status) for e in trail.entries] == [(expected[0], expected[1].name)]
+    assert context.aborted == [expected[1]]
+    assert incidents.sources == ["ipv4:10.0.0.7"]
+
+
+@pytest.mark.parametrize("case", ["policy-denial", "bad-token"])
+def test_a_refusal_is_audited_when_the_call_ends_before_a_thread_is_free(
+    tmp_path: Path, keys: Keys, case: str
+) -> None:
+    """``admit`` decides on the loop (and spends a one-time token there); the refusal's
+    event must follow even when the client cancels, or its short deadline passes, while
+    the audit job still waits for a worker thread (a busy pool): otherwise a caller could
+    probe with tiny deadlines and leave no event and no count toward an incident."""
+    guard, trail, incidents = _guard(tmp_path, keys)
+    token = _es256(keys, jti="t-cancel") if case == "policy-denial" else "not-a-token"
+    context = _Context(token)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(1))
+        release = threading.Event()
+        busy = loop.run_in_executor(None, release.wait, 30)  # the only worker is busy
+        call = asyncio.create_task(_enter(_edge(guard), context))
+        for _ in range(20):  # admitted on the loop; its audit job queued for a thread
+            await asyncio.sleep(0)
+        assert not call.done()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        release.set()
+        await busy
+        # Whatever the edge left running (the detached audit job) ends before we look.
+        others = asyncio.all_tasks() - {asyncio.current_task()}
+        await asyncio.gather(*others, return_exceptions=True)
+        await loop.run_in_executor(None, lambda: None)  # jobs queued before this one ran
+
+    asyncio.run(scenario())
+    statuses = [e.status for e in trail.entries]
+    assert statuses == ["PERMISSION_DENIED" if case == "policy-denial" else "UNAUTHENTICATED"]
+    assert incidents.sources == ["ipv4:10.0.0.7"]
+    assert context.aborted == []  # the client had gone: nothing to answer
