@@ -5,6 +5,7 @@ the call ends while its audit job waits for a thread."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -224,3 +225,38 @@ def test_a_refusal_is_audited_when_the_call_ends_before_a_thread_is_free(
     assert statuses == ["PERMISSION_DENIED" if case == "policy-denial" else "UNAUTHENTICATED"]
     assert incidents.sources == ["ipv4:10.0.0.7"]
     assert context.aborted == []  # the client had gone: nothing to answer
+
+
+def _segment(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+_HOSTILE_TOKENS = {
+    "deeply-nested-header": _segment(b"[" * 6000 + b"]" * 6000) + ".e30.c2ln",
+    "header-not-an-object": _segment(b'"ES256"') + ".e30.c2ln",
+    "crit-not-a-list": _segment(b'{"alg":"ES256","kid":"ec-1","crit":{"a":1}}') + ".e30.c2ln",
+    "unencoded-payload": _segment(b'{"alg":"ES256","kid":"ec-1","b64":false,"crit":["b64"]}')
+    + ".e30.c2ln",
+    "kid-not-a-string": _segment(b'{"alg":"ES256","kid":{"a":1}}') + ".e30.c2ln",
+    "alg-not-a-string": _segment(b'{"alg":["ES256"],"kid":"ec-1"}') + ".e30.c2ln",
+    "latin-1-characters": "\u00e9" * 40 + ".e30.c2ln",
+    "four-segments": "e30.e30.c2ln.c2ln",
+    "over-16-kib": "a" * (16 << 10) + ".e30.c2ln",
+}
+
+
+@pytest.mark.parametrize("case", sorted(_HOSTILE_TOKENS))
+def test_hostile_tokens_are_audited_refusals_not_errors(
+    tmp_path: Path, keys: Keys, case: str
+) -> None:
+    """``admit`` runs on the event loop and catches only the authentication errors: any
+    other exception a token could raise would end the call INTERNAL with no event."""
+    guard, trail, incidents = _guard(tmp_path, keys)
+    facts = CallFacts(PUT, _cert_context("his-app"), _bearer(_HOSTILE_TOKENS[case]), PEER)
+    admitted = guard.admit(facts)
+    assert isinstance(admitted, Refusal)
+    assert isinstance(admitted.error, AuthenticationError)
+    with pytest.raises(AuthenticationError):
+        guard.refuse(admitted)
+    assert [e.status for e in trail.entries] == ["UNAUTHENTICATED"]
+    assert len(incidents.sources) == 1
