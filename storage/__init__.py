@@ -37,9 +37,14 @@ if TYPE_CHECKING:
         format_time,
         signed_message,
     )
+    from storage.audit_rows import (
+        AuditHeadMalformedError,
+    )
     from storage.audit_verify import (
         SIGNATURE_INVALID,
         Problem,
+        malformed_checkpoint,
+        malformed_head,
         verify_chain,
         verify_since,
     )
@@ -328,6 +333,9 @@ _EXPORTS: dict[str, str] = {
     "Scratch": "storage.backup.scratch",
     "Signature": "storage.signatures",
     "SIGNATURE_INVALID": "storage.audit_verify",
+    "AuditHeadMalformedError": "storage.audit_rows",
+    "malformed_checkpoint": "storage.audit_verify",
+    "malformed_head": "storage.audit_verify",
     "SignatureCheck": "storage.backup.drill",
     "SignatureStore": "storage.signatures",
     "signed_message": "storage.audit_model",
@@ -386,6 +394,7 @@ __all__ = [
     "Appended",
     "AuditEntry",
     "AuditFilter",
+    "AuditHeadMalformedError",
     "AuditLog",
     "BackendUnavailableError",
     "BackupError",
@@ -492,6 +501,8 @@ __all__ = [
     "list_backups",
     "make_engine",
     "make_minio_client",
+    "malformed_checkpoint",
+    "malformed_head",
     "manifest_key",
     "normalise",
     "parse_seed",

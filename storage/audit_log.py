@@ -26,20 +26,19 @@ from typing import Any, Final, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event, exc
-from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.engine import Connection, Engine
 
 from storage.audit_fields import FIELD_WIDTHS
 from storage.audit_model import (
-    GENESIS_HASH,
     AuditEntry,
     AuditFilter,
     ChainedEvent,
     Checkpoint,
     chain_hash,
 )
-from storage.audit_rows import to_event
+from storage.audit_rows import read_head, to_checkpoint, to_event
 from storage.errors import BackendUnavailableError, InvalidRecordError, StorageError
-from storage.sql_metadata import connect, from_db_time, metadata
+from storage.sql_metadata import connect, metadata
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -149,21 +148,6 @@ def _row_values(event_: ChainedEvent) -> dict[str, Any]:
     }
 
 
-def _to_checkpoint(row: Row[Any]) -> Checkpoint:
-    m = row._mapping
-    return Checkpoint(
-        sequence=m["sequence"],
-        hash=bytes(m["hash"]),
-        signature=bytes(m["signature"]),
-        key_label=m["key_label"],
-        public_key_der=bytes(m["public_key_der"]),
-        created_at=from_db_time(m["created_at"]),
-        version=int(m["version"]),
-        prev_sequence=int(m["prev_sequence"] or 0),
-        prev_digest=bytes(m["prev_digest"]) if m["prev_digest"] is not None else GENESIS_HASH,
-    )
-
-
 def _filtered(query: sa.Select[Any], flt: AuditFilter) -> sa.Select[Any]:
     """``query`` narrowed by every field of ``flt`` that is set."""
     c = audit_events.c
@@ -229,12 +213,15 @@ class SqlAuditLog:
         return self._run(change, write=True)
 
     def head(self) -> tuple[int, bytes]:
-        """The sequence and hash of the last committed event (0 and zeros when empty)."""
+        """The sequence and hash of the last committed event (0 and zeros when empty).
+
+        ``AuditHeadMalformedError`` if the row holds a value the writer never stores.
+        """
         query = sa.select(audit_head.c.sequence, audit_head.c.hash).where(
             audit_head.c.id == HEAD_ID
         )
         row = self._run(lambda c: c.execute(query).one())
-        return int(row.sequence), bytes(row.hash)
+        return read_head(row.sequence, row.hash)
 
     def events(self, after_sequence: int = 0, limit: int = QUERY_BATCH) -> list[ChainedEvent]:
         """Up to ``limit`` events with sequence > ``after_sequence``, in sequence order."""
@@ -300,6 +287,10 @@ class SqlAuditLog:
         def insert(connection: Connection) -> bool:
             self._lock_head(connection)
             last = connection.execute(_LAST_CHECKPOINT_SEQUENCE).scalar() or 0
+            if type(last) is not int:  # a database writer's value: never sign past it
+                raise BackendUnavailableError(
+                    "audit checkpoint sequence malformed; run `medvault audit verify`"
+                )
             if last >= checkpoint.sequence or (
                 checkpoint.version > 1 and last != checkpoint.prev_sequence
             ):
@@ -313,19 +304,20 @@ class SqlAuditLog:
             return False
 
     def checkpoints(self, after_sequence: int = 0) -> list[Checkpoint]:
-        """Checkpoints past ``after_sequence``, oldest first (one per N events: few)."""
-        query = (
-            sa.select(audit_checkpoints)
-            .where(audit_checkpoints.c.sequence > after_sequence)
-            .order_by(audit_checkpoints.c.sequence)
+        """Checkpoints past ``after_sequence``, oldest first (one per N events: few).
+
+        A malformed row is a placeholder naming its fields (``storage.audit_rows``).
+        """
+        query = _SELECT_CHECKPOINTS.where(audit_checkpoints.c.sequence > after_sequence).order_by(
+            audit_checkpoints.c.sequence
         )
-        return [_to_checkpoint(r) for r in self._run(lambda c: c.execute(query).all())]
+        return [to_checkpoint(m, self._parse_time) for m in self._select_rows(query)]
 
     def last_checkpoint(self) -> Checkpoint | None:
-        """The checkpoint with the highest sequence, or None."""
-        query = sa.select(audit_checkpoints).order_by(audit_checkpoints.c.sequence.desc()).limit(1)
-        row = self._run(lambda c: c.execute(query).first())
-        return _to_checkpoint(row) if row is not None else None
+        """The checkpoint with the highest sequence, or None (a placeholder if malformed)."""
+        query = _SELECT_CHECKPOINTS.order_by(audit_checkpoints.c.sequence.desc()).limit(1)
+        rows = self._select_rows(query)
+        return to_checkpoint(rows[0], self._parse_time) if rows else None
 
     def _append_locked(self, connection: Connection, items: Sequence[Pending]) -> list[Appended]:
         sequence, prev = self._lock_head(connection)
@@ -353,9 +345,11 @@ class SqlAuditLog:
         The no-op UPDATE takes SQLite's write lock (waiting up to busy_timeout) and
         PostgreSQL's row lock, so concurrent writers, in this process or another
         replica, serialise here; RETURNING reads the head under that lock.
+        A malformed head raises ``AuditHeadMalformedError``, an outage to the trail:
+        nothing is chained onto a head that cannot be read as the writer stored it.
         """
         row = connection.execute(_LOCK_HEAD).one()
-        return int(row.sequence), bytes(row.hash)
+        return read_head(row.sequence, row.hash)
 
     def _run(self, fn: Callable[[Connection], T], *, write: bool = False) -> T:
         """Run ``fn`` in one transaction (committed if ``write``), translating errors."""
@@ -377,13 +371,21 @@ _LOCK_HEAD = (
     .returning(audit_head.c.sequence, audit_head.c.hash)
 )
 _INSERT_EVENTS = audit_events.insert()
-# The time column untyped: no driver-side parsing that would raise during the fetch.
-_SELECT_EVENTS = sa.select(
-    *(
-        sa.type_coerce(c, sa.types.NullType()).label(c.name) if c.name == "time" else c
-        for c in audit_events.c
+
+
+def _time_untyped(table: sa.Table, time_column: str) -> sa.Select[Any]:
+    """All of ``table``'s columns, the time one untyped: no driver-side parsing that
+    would raise during the fetch (each row's time is parsed in ``storage.audit_rows``)."""
+    return sa.select(
+        *(
+            sa.type_coerce(c, sa.types.NullType()).label(c.name) if c.name == time_column else c
+            for c in table.c
+        )
     )
-)
+
+
+_SELECT_EVENTS = _time_untyped(audit_events, "time")
+_SELECT_CHECKPOINTS = _time_untyped(audit_checkpoints, "created_at")
 _LAST_CHECKPOINT_SEQUENCE = sa.select(sa.func.max(audit_checkpoints.c.sequence))
 _UPDATE_HEAD = audit_head.update().where(audit_head.c.id == HEAD_ID)
 

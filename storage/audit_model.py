@@ -95,7 +95,9 @@ class Checkpoint:
     """A signed statement that the chain's head was ``hash`` at ``sequence``.
 
     Version 2 also signs the previous checkpoint's sequence and digest; version 1 (the
-    defaults) signs no predecessor.
+    defaults) signs no predecessor. ``malformed`` names the fields of a stored row that
+    hold no value the service stores: the rest are then placeholders, and verification
+    reports the checkpoint as altered (``storage.audit_rows``).
     """
 
     sequence: int
@@ -107,6 +109,7 @@ class Checkpoint:
     version: int = 1
     prev_sequence: int = 0
     prev_digest: bytes = GENESIS_HASH
+    malformed: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.version not in CHECKPOINT_VERSIONS:

@@ -20,6 +20,12 @@ trail (checkpoints are held in full: one per N events). Each event must
   witness is outside the database); a witnessed checkpoint absent from the database
   was deleted. A witness entry whose signature fails is reported as witness tampering.
 
+A malformed row (``storage.audit_rows``) is never an error while reading: a checkpoint
+row is reported as ``checkpoint altered`` with the names of its bad fields, at its
+sequence (or, when the sequence itself is unreadable, just after the previous readable
+checkpoint: the events from there on are no longer covered by a readable signature); a
+malformed head row is reported before the walk, at its sequence when that is readable.
+
 Truncation is caught through the head row (read before the walk) and through
 checkpoints: either naming a sequence past the last event means events were deleted.
 An event past the head read *after* the walk was written outside the audit writer.
@@ -42,6 +48,7 @@ from storage.audit_model import (
     chain_hash,
     checkpoint_digest,
 )
+from storage.audit_rows import AuditHeadMalformedError
 from storage.audit_witness import CheckpointWitness, WitnessedSet, WitnessError, gather
 
 BATCH_SIZE: Final = 1000
@@ -68,6 +75,8 @@ WITNESS_MISSING = "witnessed checkpoint missing from the database (deleted)"
 WITNESS_FORGED = "witness entry not signed by the audit key (witness tampered)"
 WITNESS_UNAVAILABLE = "witness unavailable: the chain was not compared with its checkpoints"
 ANCHOR_MISMATCH = "chain does not match the checkpoint this service witnessed"
+CHECKPOINT_ALTERED = "checkpoint altered"
+HEAD_ALTERED = "head row altered"
 
 
 class AuditEventSource(Protocol):
@@ -87,6 +96,38 @@ class AuditEventSource(Protocol):
 
 
 Problem = tuple[int, str]
+
+
+def malformed_checkpoint(checkpoint: Checkpoint, where: int | None = None) -> Problem | None:
+    """The problem of a checkpoint read from a malformed row (names fields, no values)."""
+    if not checkpoint.malformed:
+        return None
+    fields = ", ".join(checkpoint.malformed)
+    return (
+        checkpoint.sequence if where is None else where
+    ), f"{CHECKPOINT_ALTERED}: {fields} malformed"
+
+
+def malformed_head(error: AuditHeadMalformedError) -> Problem:
+    """The problem of a malformed head row: at its sequence when readable, else 0."""
+    return error.sequence or 0, f"{HEAD_ALTERED}: {', '.join(error.fields)} malformed"
+
+
+def by_sequence(checkpoints: Sequence[Checkpoint], after: int = 0) -> dict[int, Checkpoint]:
+    """Checkpoints (in the database's order) by the sequence where the walk meets them.
+
+    A checkpoint whose sequence is unreadable is placed just after the previous one:
+    the events from there on are not covered by a readable checkpoint. A malformed
+    checkpoint is never hidden behind a readable one at the same place.
+    """
+    placed: dict[int, Checkpoint] = {}
+    previous = after
+    for checkpoint in checkpoints:
+        at = previous + 1 if "sequence" in checkpoint.malformed else checkpoint.sequence
+        if checkpoint.malformed or at not in placed:
+            placed[at] = checkpoint
+        previous = at
+    return placed
 
 
 @dataclass
@@ -144,6 +185,9 @@ class _Walk:
 
     def _check_checkpoint(self, checkpoint: Checkpoint, event: ChainedEvent) -> Problem | None:
         self.checkpoints_checked += 1
+        problem = malformed_checkpoint(checkpoint, event.sequence)
+        if problem is not None:
+            return problem
         if not self.verify_signature(checkpoint):
             return checkpoint.sequence, SIGNATURE_INVALID
         if checkpoint.hash != event.hash:
@@ -188,7 +232,11 @@ class _Walk:
     def finish(self, head: tuple[int, bytes], head_after: tuple[int, bytes]) -> Problem | None:
         """After the last event: truncation, head consistency, rows past the head."""
         last = self.expected - 1
-        beyond = [c for c in self.checkpoints if c > last]
+        beyond = sorted(c for c in self.checkpoints if c > last)
+        for at in beyond:  # a malformed one is named as such, not as a truncation
+            problem = malformed_checkpoint(self.checkpoints[at], at)
+            if problem is not None:
+                return problem
         if self.witnessed is not None:
             for claim in self.witnessed.beyond(last):
                 if not self.witnessed.genuine(claim):
@@ -240,8 +288,11 @@ def verify_chain(
     """
     # The head is read first: every event at or below it was committed before the walk,
     # so a head past the last event walked means events were deleted.
-    head = log.head()
-    checkpoints = {c.sequence: c for c in log.checkpoints()}
+    try:
+        head = log.head()
+    except AuditHeadMalformedError as e:
+        return _result(_Walk({}, verify_signature, head_sequence=0), malformed_head(e))
+    checkpoints = by_sequence(log.checkpoints())
     walk = _Walk(checkpoints, verify_signature, head_sequence=head[0])
     unavailable: WitnessError | None = None
     if witnesses:
@@ -253,6 +304,8 @@ def verify_chain(
         problem = _walk(log, walk, 0, batch_size) or walk.finish(head, log.head())
     except WitnessError:  # a witness failed while a claim was being checked
         return _result(walk, (0, WITNESS_UNAVAILABLE))
+    except AuditHeadMalformedError as e:  # changed during the walk
+        return _result(walk, malformed_head(e))
     if problem is None and unavailable is not None:
         problem = (0, WITNESS_UNAVAILABLE)
     return _result(walk, problem)
@@ -270,11 +323,25 @@ def verify_since(
     The anchor must still be in the database, unchanged, and every event and
     checkpoint after it must chain from it: what the trail checks before it signs.
     """
+    try:
+        return _verify_since(log, anchor, verify_signature, batch_size)
+    except AuditHeadMalformedError as e:
+        return malformed_head(e)
+
+
+def _verify_since(
+    log: AuditEventSource,
+    anchor: Checkpoint,
+    verify_signature: Callable[[Checkpoint], bool],
+    batch_size: int,
+) -> Problem | None:
     head = log.head()
-    checkpoints = {c.sequence: c for c in log.checkpoints(anchor.sequence - 1)}
+    checkpoints = by_sequence(log.checkpoints(anchor.sequence - 1), anchor.sequence - 1)
     stored = checkpoints.pop(anchor.sequence, None)
     if stored is None:
         return anchor.sequence, WITNESS_MISSING
+    if stored.malformed:
+        return malformed_checkpoint(stored, anchor.sequence)
     at_anchor = log.events(anchor.sequence - 1, 1)
     if stored.hash != anchor.hash or not at_anchor or at_anchor[0].hash != anchor.hash:
         return anchor.sequence, ANCHOR_MISMATCH

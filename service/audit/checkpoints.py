@@ -29,6 +29,7 @@ from service.incidents import incident_entry, signal
 from storage import (
     GENESIS_HASH,
     SIGNATURE_INVALID,
+    AuditHeadMalformedError,
     AuditLog,
     Checkpoint,
     CheckpointWitness,
@@ -38,6 +39,8 @@ from storage import (
     checkpoint_digest,
     checkpoint_message_v2,
     gather,
+    malformed_checkpoint,
+    malformed_head,
     signed_message,
     verify_chain,
     verify_since,
@@ -172,8 +175,14 @@ class Checkpointer:
         with self._lock:
             self._catch_up()  # first: it reads what the witness held before this process
             self._retry_pending()
-            sequence, head_hash = self._log.head()
+            try:
+                sequence, head_hash = self._log.head()
+            except AuditHeadMalformedError as e:
+                self._refuse(malformed_head(e))  # never sign a head it cannot read
             last = self._log.last_checkpoint()
+            problem = malformed_checkpoint(last) if last is not None else None
+            if problem is not None:
+                self._refuse(problem)  # nor link a new checkpoint to a placeholder
             if sequence == 0 or (last is not None and last.sequence >= sequence):
                 return None
             problem = self._check_chain(last) or self._check_committed()
