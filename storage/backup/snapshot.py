@@ -35,7 +35,8 @@ from sqlalchemy.engine import Connection, Engine
 import storage.audit_log
 import storage.grants
 import storage.signatures  # noqa: F401
-from storage.backup import SnapshotLoadError
+from storage.audit_rows import read_head
+from storage.backup import SnapshotLoadError, SourceIntegrityError
 from storage.backup.manifest import ManifestObject
 from storage.sql_metadata import metadata
 
@@ -104,17 +105,35 @@ def _begin_snapshot(connection: Connection) -> None:
 
 
 def _observe(stats: SnapshotStats, table: str, row: dict[str, Any]) -> None:
+    """Note what the manifest needs from ``row``, read as strictly as the service reads it.
+
+    A database writer's row is not coerced: ``bytes(n)`` of an integer would allocate n
+    bytes, and ``int()`` would truncate. A records row that no writer stores fails the
+    backup (``SourceIntegrityError``, as a corrupt object does), and so does a malformed
+    audit head (``AuditHeadMalformedError``); messages name fields, never values.
+    """
     if table == "records":
-        stats.objects.append(
-            ManifestObject(
-                object_key=row["object_key"],
-                sha256=bytes(row["ciphertext_sha256"]).hex(),
-                size=int(row["stored_size"]),
+        key, digest, size = row["object_key"], row["ciphertext_sha256"], row["stored_size"]
+        bad = [
+            name for name, ok in (
+                ("object_key", type(key) is str and key != ""),
+                ("ciphertext_sha256",
+                 isinstance(digest, bytes | bytearray | memoryview) and len(digest) == 32),
+                ("stored_size", type(size) is int and size >= 0),
+            ) if not ok
+        ]  # fmt: skip
+        if bad:
+            raise SourceIntegrityError(
+                f"a records row is malformed ({', '.join(bad)}), backup not completed; "
+                "restore the row from an earlier backup (docs/operations.md)"
             )
+        stats.objects.append(
+            ManifestObject(object_key=key, sha256=bytes(digest).hex(), size=size)
         )
-        stats.bytes += int(row["stored_size"])
+        stats.bytes += size
     elif table == "audit_head":
-        stats.audit_head = {"sequence": int(row["sequence"]), "hash": bytes(row["hash"]).hex()}
+        sequence, head_hash = read_head(row["sequence"], row["hash"])
+        stats.audit_head = {"sequence": sequence, "hash": head_hash.hex()}
 
 
 def _lines(connection: Connection, stats: SnapshotStats) -> Iterator[bytes]:

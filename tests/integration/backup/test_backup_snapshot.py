@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
-from storage.backup import SnapshotLoadError
+from storage.audit_rows import AuditHeadMalformedError
+from storage.backup import SnapshotLoadError, SourceIntegrityError
 from storage.backup.snapshot import export, load, tables
 from storage.sql_metadata import make_engine, upgrade
 from tests.integration.backup.helpers import Source, table_rows
@@ -42,3 +44,46 @@ def test_truncated_snapshot_loads_nothing(source: Source, fresh_url: Any, backen
         assert all(not table_rows(engine, t) for t in tables() if t.name != "audit_head")
     finally:
         engine.dispose()
+
+
+# A database writer's rows are read as strictly as the service reads them: nothing is
+# coerced into the manifest (bytes(n) of an integer allocates n bytes; int() truncates).
+_MALFORMED_SOURCE = {
+    "records sha256 short": (
+        "UPDATE records SET ciphertext_sha256 = {short} WHERE object_key = (SELECT"
+        " MIN(object_key) FROM records)", SourceIntegrityError, "ciphertext_sha256",
+    ),
+    "records size negative": (
+        "UPDATE records SET stored_size = -1 WHERE object_key = (SELECT MIN(object_key)"
+        " FROM records)", SourceIntegrityError, "stored_size",
+    ),
+    "audit head hash short": (
+        "UPDATE audit_head SET hash = {short}", AuditHeadMalformedError, "hash",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(_MALFORMED_SOURCE))
+def test_malformed_source_row_fails_the_snapshot_by_name(source: Source, kind: str) -> None:
+    statement, error, field_name = _MALFORMED_SOURCE[kind]
+    short = "X'00'" if source.engine.dialect.name == "sqlite" else "decode('00', 'hex')"
+    with source.engine.begin() as c:
+        c.exec_driver_sql(statement.format(short=short))
+    with pytest.raises(error) as raised:
+        b"".join(export(source.engine))
+    assert field_name in str(raised.value)
+    assert source.patient not in str(raised.value)
+
+
+def test_integer_in_a_binary_column_is_not_allocated(source: Source) -> None:
+    """SQLite keeps whatever type it is given: an integer where the digest belongs must
+    fail the snapshot, not become bytes(n) (a gigabyte of zeros for n = 10**9)."""
+    if source.engine.dialect.name != "sqlite":
+        # PostgreSQL's bytea refuses an integer outright; the database is the check.
+        with pytest.raises(sa.exc.DBAPIError), source.engine.begin() as c:
+            c.exec_driver_sql("UPDATE audit_head SET hash = 1000000000")
+        return
+    with source.engine.begin() as c:
+        c.exec_driver_sql("UPDATE audit_head SET hash = 1000000000")
+    with pytest.raises(AuditHeadMalformedError, match="hash"):
+        b"".join(export(source.engine))
