@@ -26,7 +26,8 @@ Phases run in ABBA order (on, off, off, on, on, off, ...) so that drift on the n
 shared machine falls on both modes alike. Reported per phase: requests/s, p50/p99
 latency, service CPU per request, audit events written per second (counted in the
 database: the growth of ``audit_events`` during the measured window). Then the ratio of
-the aggregate throughputs audit-on / audit-off against the target (>= 0.8x). The exit
+the aggregate throughputs audit-on / audit-off against issue 12's target (>= 0.9x; the
+audit issue's own bar, 0.8x, is printed beside it). The exit
 status is 0 whatever the result: a benchmark informs, it does not gate.
 """
 
@@ -62,7 +63,8 @@ from service.localstack.service_proc import ServiceProcess, TlsClient  # noqa: E
 from service.localstack.stack import LocalStack  # noqa: E402
 
 RECORD_SIZE = 4 << 10
-TARGET = 0.8
+TARGET = 0.9  # issue 12: reads with audit on / off at 16 clients
+EARLIER_TARGET = 0.8  # the audit issue's bar, which issue 12 raised
 PATIENT = pb.PatientId(id="BENCH-AUDIT-0001", assigning_authority="BENCH")
 WRITER, READER = "records_clerk", "physician"  # sample people: clerk-thu, dr-lan
 READER_CN = "dr-lan"
@@ -322,9 +324,11 @@ def report(phases: list[Phase], ns: argparse.Namespace) -> dict[str, object]:
              if b.rps]  # fmt: skip
     pair_ratios = [r if a.audit else 1 / r for r, a in zip(pairs, phases[0::2], strict=False)]
     verdict = "PASS" if ratio >= TARGET else "MISS"
+    earlier = "PASS" if ratio >= EARLIER_TARGET else "MISS"
     print(
         f"\nthroughput audit-on / audit-off: {ratio:.2f}x  (per adjacent pair: "
-        f"{', '.join(f'{r:.2f}' for r in pair_ratios)})  target >= {TARGET}x: {verdict}"
+        f"{', '.join(f'{r:.2f}' for r in pair_ratios)})  target >= {TARGET}x (issue 12): "
+        f"{verdict}; >= {EARLIER_TARGET}x (the audit issue's): {earlier}"
     )
     print(
         f"p50 on/off: {on.pct(0.5) * 1e3:.2f}/{off.pct(0.5) * 1e3:.2f} ms, "
