@@ -246,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
             run.wait(timeout=ns.seconds + 60)
     finally:
         stack.down()
-    bare = pkcs11_rate(stack, ns.seconds)
+    try:
+        bare = pkcs11_rate(stack, ns.seconds)
+    finally:
+        if ns.home is None:  # a home of its own: its token and data go with the run
+            shutil.rmtree(home, ignore_errors=True)
     for what, (rate, p50, cpu) in (
         ("GetRecord  4 KiB, 1 client: ", get1), (f"GetRecord  4 KiB, {n} clients:", getn),
         ("SignRecord 4 KiB, 1 client: ", sign1), (f"SignRecord 4 KiB, {n} clients:", signn),
