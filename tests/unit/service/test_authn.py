@@ -71,8 +71,8 @@ class Keys:
     ec_public_pem: bytes
 
 
-@pytest.fixture(scope="module")
-def keys() -> Keys:
+def new_keys() -> Keys:
+    """A fresh IdP key pair of each kind (the ``keys`` fixture, tests/unit/service/conftest)."""
     ec_key = ec.generate_private_key(ec.SECP256R1())
     pem = ec_key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo

@@ -12,7 +12,7 @@ import jwt
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from service.authn import AuthenticationError, Authenticator
@@ -20,16 +20,14 @@ from service.authz import PolicyError, PolicyHolder
 from service.replay import ReplayCache, ReplayError
 from service.revocation import RevocationError, RevocationList, load_crl
 from service.status import status_for
-from tests.unit.service.test_authn import PEER, POLICY, Keys, _bearer, _cert_context, _es256
-
-
-@pytest.fixture(scope="module")
-def keys() -> Keys:
-    ec_key = ec.generate_private_key(ec.SECP256R1())
-    pem = ec_key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return Keys(ec_key, rsa.generate_private_key(public_exponent=65537, key_size=2048), pem)
+from tests.unit.service.test_authn import (  # keys: the module's fixture, shared
+    PEER,
+    POLICY,
+    Keys,
+    _bearer,
+    _cert_context,
+    _es256,
+)
 
 
 @pytest.fixture

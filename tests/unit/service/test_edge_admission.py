@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
-import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from service.authn import AuthenticationError, Authenticator
 from service.authz import PermissionDeniedError, PolicyHolder
@@ -23,25 +19,17 @@ from service.edge import Deadlines, EdgeInterceptor
 from service.guard import AccessGuard, Call, CallFacts, Refusal
 from service.limits import CallLimiter
 from storage import AuditEntry
-from tests.unit.service.test_authn import PEER, POLICY, Keys, _bearer, _cert_context, _es256
+from tests.unit.service.test_authn import (  # keys: the module's fixture, shared
+    PEER,
+    POLICY,
+    Keys,
+    _bearer,
+    _cert_context,
+    _es256,
+)
+from tests.unit.service.test_authn_identity import _write_policy
 
 PUT = "/medvault.v1.RecordService/PutRecord"  # records.write: not a nurse's
-
-
-@pytest.fixture(scope="module")
-def keys() -> Keys:
-    ec_key = ec.generate_private_key(ec.SECP256R1())
-    pem = ec_key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return Keys(ec_key, rsa.generate_private_key(public_exponent=65537, key_size=2048), pem)
-
-
-def _write_policy(tmp_path: Path, keys: Keys, text: str) -> None:
-    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(keys.ec.public_key()))
-    jwk.update(kid="ec-1", use="sig")
-    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
-    (tmp_path / "policy.toml").write_text(text)
 
 
 class _Trail:
