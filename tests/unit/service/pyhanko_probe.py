@@ -14,60 +14,24 @@ import hashlib
 import importlib
 import json
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from tests.unit.service.signing_certs import SoftSigner as _SoftSigner
+from tests.unit.service.signing_certs import certificate as _certificate
 
 HEAVY = ("pyhanko", "pyhanko_certvalidator", "aiohttp", "service.signing.cms",
          "service.signing.pades", "service.signing.pyhanko_validation")  # fmt: skip
 CONTENT = b"synthetic record for the lazy pyHanko probe"
+EMAIL_PROTECTION = ExtendedKeyUsageOID.EMAIL_PROTECTION  # the signer certificate's EKU
 # asn1crypto's modules that register nothing in the others' maps (tsp and pdf do).
 PLAIN_ASN1CRYPTO = ("algos", "cms", "crl", "csr", "keys", "ocsp", "pkcs12", "x509")
 # asn1crypto's AnyAlgorithmId copies three other maps when first instantiated; nothing
 # in medvault parses one (a certificate's SupportedAlgorithms attribute) before signing.
 COPIES_AT_SETUP = {"asn1crypto.algos.AnyAlgorithmId"}
-
-
-class _SoftSigner:
-    key_label = "probe"
-
-    def __init__(self, key: ec.EllipticCurvePrivateKey) -> None:
-        self._key = key
-
-    def sign(self, data: bytes) -> bytes:
-        return self._key.sign(data, ec.ECDSA(hashes.SHA256()))
-
-
-Issuer = tuple[str, ec.EllipticCurvePrivateKey]
-
-
-def _certificate(name: str, key: ec.EllipticCurvePrivateKey, issuer: Issuer | None = None) -> bytes:
-    ca = issuer is None
-    issuer_name, issuer_key = issuer or (name, key)
-    now = datetime.now(UTC)
-    usage = x509.KeyUsage(
-        digital_signature=True, content_commitment=True, key_encipherment=False,
-        data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
-        encipher_only=False, decipher_only=False,
-    )  # fmt: skip
-    builder = x509.CertificateBuilder()
-    if not ca:
-        eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION])
-        builder = builder.add_extension(eku, critical=False)
-    cert = (
-        builder.subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=1))
-        .add_extension(usage, critical=True)
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        .sign(issuer_key, hashes.SHA256())
-    )  # fmt: skip
-    return cert.public_bytes(serialization.Encoding.DER)
 
 
 def _oid_classes() -> list[Any]:
@@ -106,7 +70,9 @@ def main(mode: str) -> None:
 
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca = _certificate("synthetic probe ca", ca_key)
-    signer = _certificate("synthetic probe signer", key, ("synthetic probe ca", ca_key))
+    signer = _certificate(
+        "synthetic probe signer", key, ("synthetic probe ca", ca_key), EMAIL_PROTECTION
+    )
     when = datetime.now(UTC).replace(microsecond=0)
     digest = hashlib.sha256(CONTENT).digest()
     p7s = SignerIdentity.load("probe", _SoftSigner(key), signer, []).cades.sign(digest, when)

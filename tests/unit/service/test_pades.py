@@ -8,13 +8,10 @@ verdicts quickly.
 from __future__ import annotations
 
 import io
-from datetime import UTC, datetime, timedelta
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from pyhanko.pdf_utils import generic
 from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
 
@@ -23,50 +20,8 @@ from service.signing.pdf_bounds import MAX_PADES_BYTES, check_size, read_bounded
 from service.signing.validation import SignatureValidator
 from storage.errors import InvalidRecordError
 from tests.content import pdf
-
-
-class _SoftSigner:
-    key_label = "soft"
-
-    def __init__(self, key: ec.EllipticCurvePrivateKey) -> None:
-        self._key = key
-
-    def sign(self, data: bytes) -> bytes:
-        return self._key.sign(data, ec.ECDSA(hashes.SHA256()))
-
-
-def _name(name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-
-
-def _certificate(
-    name: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: tuple[str, ec.EllipticCurvePrivateKey] | None = None,
-    eku: x509.ObjectIdentifier | None = None,
-) -> bytes:
-    """A certificate for ``key``: a self-signed CA without ``issuer``, else a signer's."""
-    ca = issuer is None
-    issuer_name, issuer_key = issuer or (name, key)
-    now = datetime.now(UTC)
-    usage = x509.KeyUsage(
-        digital_signature=True, content_commitment=True, key_encipherment=False,
-        data_encipherment=False, key_agreement=False, key_cert_sign=ca, crl_sign=ca,
-        encipher_only=False, decipher_only=False,
-    )  # fmt: skip
-    builder = x509.CertificateBuilder()
-    if eku is not None:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
-    cert = (
-        builder.subject_name(_name(name)).issuer_name(_name(issuer_name))
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=1))
-        .add_extension(usage, critical=True)
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        .sign(issuer_key, hashes.SHA256())
-    )  # fmt: skip
-    return cert.public_bytes(serialization.Encoding.DER)
-
+from tests.unit.service.signing_certs import SoftSigner as _SoftSigner
+from tests.unit.service.signing_certs import certificate as _certificate
 
 CA_KEY = ec.generate_private_key(ec.SECP256R1())
 CA = _certificate("synthetic ca", CA_KEY)
