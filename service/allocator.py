@@ -21,6 +21,7 @@ no data: freed memory is only reused by the process.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 
 logger = logging.getLogger(__name__)
@@ -32,8 +33,13 @@ MMAP_THRESHOLD = 32 << 20  # glibc's largest; S3 part buffers (8 MiB) stay in th
 TRIM_THRESHOLD = 16 << 20
 
 
+@functools.cache
 def tune() -> bool:
-    """Set glibc's trim and mmap thresholds; False (and nothing changed) off glibc."""
+    """Set glibc's trim and mmap thresholds; False (and nothing changed) off glibc.
+
+    Once per process: the settings are process-wide, and a CLI command may open several
+    channels.
+    """
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         mallopt = libc.mallopt
