@@ -48,6 +48,8 @@ def _expired_call_with_a_running_job(guard: _Guard) -> list[str]:
             guard.events.append("allowed read" if scope.deadline.stopped else "deadline running")
             scope.job_ended()
 
+        worker = threading.Thread(target=job, daemon=True)
+
         async def handler() -> None:
             token = calls.CALL_SCOPE.set(scope)
             try:
@@ -55,7 +57,7 @@ def _expired_call_with_a_running_job(guard: _Guard) -> list[str]:
                     state.call = object()  # type: ignore[assignment]
                     state.resource = "record/r/v1"
                     scope.job_started()
-                    threading.Thread(target=job, daemon=True).start()
+                    worker.start()
                     state_seen.set()
                     await asyncio.sleep(60)
             finally:
@@ -69,6 +71,9 @@ def _expired_call_with_a_running_job(guard: _Guard) -> list[str]:
         release.set()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        # When the expiry did not wait for it, the job may still be on its way out:
+        # the order is read once it has recorded its step.
+        await asyncio.to_thread(worker.join, 10)
         return guard.events
 
     return asyncio.run(scenario())
