@@ -12,6 +12,7 @@ from service import convert
 from service._gen.medvault.v1 import audit_pb2 as aupb
 from service._gen.medvault.v1 import audit_pb2_grpc as aupb_grpc
 from service.audit.export import chunked, to_csv, to_fhir, to_jsonl
+from service.audit.listing import readable
 from service.authz import PermissionDeniedError
 from service.authz.permissions import ACCESS_BREAK_GLASS
 from service.calls import CallState, entered, handled
@@ -108,13 +109,17 @@ class AuditServicer(aupb_grpc.AuditServiceServicer):  # type: ignore[misc]  # un
             ),
         )
 
+    def _listed(self, flt: AuditFilter) -> Iterator[ChainedEvent]:
+        """The events matching ``flt`` that can be shown (``service.audit.listing``)."""
+        return readable(self._log.query(flt), self._guard.incidents)
+
     async def QueryEvents(  # noqa: N802  (gRPC method names)
         self, request: aupb.QueryEventsRequest, context: aio.ServicerContext
     ) -> AsyncIterator[aupb.AuditEvent]:
         """Stream the events matching the filters, oldest first."""
         async with handled(self._guard, context, "QueryEvents") as state:
             flt = await asyncio.to_thread(self._filter, state, request)
-            async for event in prefetch(lambda: self._log.query(flt), depth=256):
+            async for event in prefetch(lambda: self._listed(flt), depth=256):
                 yield event_to_pb(event)
 
     async def ExportEvents(  # noqa: N802
@@ -126,7 +131,7 @@ class AuditServicer(aupb_grpc.AuditServiceServicer):  # type: ignore[misc]  # un
             if exporter is None:
                 raise InvalidRecordError("format", "must be JSONL, CSV or FHIR")
             flt = await asyncio.to_thread(self._filter, state, request.query)
-            chunks = prefetch(lambda: chunked(exporter(self._log.query(flt))), depth=4)
+            chunks = prefetch(lambda: chunked(exporter(self._listed(flt))), depth=4)
             async for chunk in chunks:
                 yield aupb.ExportChunk(data=chunk)
 

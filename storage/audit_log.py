@@ -17,7 +17,6 @@ Group commit (``service.audit.trail``) pays for the fsync once per batch instead
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,7 +39,6 @@ from storage.audit_rows import read_head, to_checkpoint, to_event
 from storage.errors import BackendUnavailableError, InvalidRecordError, StorageError
 from storage.sql_metadata import connect, metadata
 
-logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # A state change that must commit with its audit event: it runs on the audit batch's
@@ -235,9 +233,10 @@ class SqlAuditLog:
     def query(self, flt: AuditFilter) -> Iterator[ChainedEvent]:
         """Events matching ``flt``, oldest first unless ``newest_first``; fetched in pages.
 
-        A malformed row (``storage.audit_rows``) is left out of the listing, with a log
-        line naming its sequence and fields but no value; ``verify`` names it as altered.
-        It still counts against ``flt.limit``.
+        A malformed row (``storage.audit_rows``) is yielded as a placeholder whose
+        ``malformed`` names its fields, as ``events`` does: the caller leaves it out of
+        what it shows and reports it (``service.audit.listing``); ``verify`` names it
+        as altered. It counts against ``flt.limit``.
         """
         remaining = flt.limit
         cursor: Any = None
@@ -250,11 +249,7 @@ class SqlAuditLog:
             query = query.order_by(seq.desc() if flt.newest_first else seq).limit(page)
             rows = self._select_rows(query)
             for m in rows:
-                event_ = to_event(m, self._parse_time)
-                if event_.malformed:
-                    _log_malformed(event_)
-                else:
-                    yield event_
+                yield to_event(m, self._parse_time)
             if len(rows) < page:
                 return
             cursor = rows[-1]["sequence"]  # as stored: the next page starts past it
@@ -388,17 +383,6 @@ _SELECT_EVENTS = _time_untyped(audit_events, "time")
 _SELECT_CHECKPOINTS = _time_untyped(audit_checkpoints, "created_at")
 _LAST_CHECKPOINT_SEQUENCE = sa.select(sa.func.max(audit_checkpoints.c.sequence))
 _UPDATE_HEAD = audit_head.update().where(audit_head.c.id == HEAD_ID)
-
-
-def _log_malformed(event_: ChainedEvent) -> None:
-    """A row left out of a listing: its sequence (if readable) and field names only."""
-    logger.warning(
-        "audit event unreadable, left out of the listing; run `medvault audit verify`",
-        extra={
-            "sequence": None if "sequence" in event_.malformed else event_.sequence,
-            "fields": ",".join(event_.malformed),
-        },
-    )
 
 
 def _apply(connection: Connection, change: Change[Any]) -> tuple[Any, Exception | None]:

@@ -119,7 +119,7 @@ class AuditLog(Protocol):
         ...
 
     def query(self, flt: AuditFilter) -> Iterator[ChainedEvent]:
-        """Events matching ``flt``."""
+        """Events matching ``flt``; a malformed row as a placeholder (``malformed``)."""
         ...
 
     def add_checkpoint(self, checkpoint: Checkpoint) -> bool:
