@@ -123,32 +123,45 @@ class IncidentDetector:
                         f"{limits.read_threshold} reads within {limits.read_window_seconds} s "
                         "by one principal")
 
-    def tampered(self, kind: str, resource: str, description: str) -> None:
+    def tampered(
+        self, kind: str, resource: str, description: str, *, required: bool = False
+    ) -> None:
         """A row that failed its authentication: someone wrote to the database.
 
         ``resource`` names the row (``record/<id>/v<n>``, ``grant/<id>``). Raised at most
         once per resource and denial window: a forged row met on every read must not
-        flood the trail, and one event already names it. Memory is bounded.
+        flood the trail, and one event already names it. A resource counts as reported
+        only once its event is committed, so a refused event is raised again next time.
+        ``required``: the trail's error is raised (the caller fails closed) rather than
+        logged. Memory is bounded: past ``_TAMPER_MEMORY`` resources the oldest go.
         """
         window = self._thresholds().denied_window_seconds
         now = self._clock()
         with self._lock:
             if now - self._tampered.get(resource, float("-inf")) < window:
                 return
-            if len(self._tampered) >= _TAMPER_MEMORY:
-                self._tampered.clear()  # at worst one extra event per resource
-            self._tampered[resource] = now
         signal(kind, resource)
         entry = replace(incident_entry(kind, "unknown", "", description), resource=resource)
-        self._record(kind, entry)
+        if required:
+            self._trail.record(entry)
+        elif not self._record(kind, entry):
+            return
+        with self._lock:
+            self._tampered.pop(resource, None)  # re-inserted last: the oldest go first
+            while len(self._tampered) >= _TAMPER_MEMORY:
+                del self._tampered[next(iter(self._tampered))]
+            self._tampered[resource] = now
 
     def _raise(self, kind: str, subject: str, source: str, description: str) -> None:
         signal(kind, subject)
         principal = subject if kind == "read-volume" else "unknown"
         self._record(kind, incident_entry(kind, principal, source, description))
 
-    def _record(self, kind: str, entry: AuditEntry) -> None:
+    def _record(self, kind: str, entry: AuditEntry) -> bool:
+        """Commit ``entry``; False (logged) if the trail refused it."""
         try:
             self._trail.record(entry)
         except Exception:  # the log line and the metric still report it
             log.exception("could not audit an incident", extra={"incident": kind})
+            return False
+        return True

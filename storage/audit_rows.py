@@ -6,7 +6,8 @@ integer, time a timestamp, text fields strings, ``outcome`` one of ``OUTCOMES``,
 error: it becomes a ``ChainedEvent`` whose ``malformed`` names the failing fields (names
 only, never values: they may be patient data) and whose entry and hashes are
 placeholders. The chain walk reports such a row as ``event altered`` at its place
-(``storage.audit_verify``); listings skip it with a log line (``SqlAuditLog.query``).
+(``storage.audit_verify``); listings leave it out and report it
+(``service.audit.listing``).
 
 ``audit_checkpoints`` rows are read the same way (``to_checkpoint``: a placeholder
 ``Checkpoint`` naming its bad fields, which the walk reports as ``checkpoint altered``
