@@ -130,8 +130,9 @@ class IncidentDetector:
 
         ``resource`` names the row (``record/<id>/v<n>``, ``grant/<id>``). Raised at most
         once per resource and denial window: a forged row met on every read must not
-        flood the trail, and one event already names it. A resource counts as reported
-        only once its event is committed, so a refused event is raised again next time.
+        flood the trail, and one event already names it (concurrent callers included).
+        If the trail refuses the event, the resource is forgotten, so the next caller
+        raises it again.
         ``required``: the trail's error is raised (the caller fails closed) rather than
         logged. Memory is bounded: past ``_TAMPER_MEMORY`` resources the oldest go.
         """
@@ -140,17 +141,30 @@ class IncidentDetector:
         with self._lock:
             if now - self._tampered.get(resource, float("-inf")) < window:
                 return
-        signal(kind, resource)
-        entry = replace(incident_entry(kind, "unknown", "", description), resource=resource)
-        if required:
-            self._trail.record(entry)
-        elif not self._record(kind, entry):
-            return
-        with self._lock:
+            # Marked now, so concurrent readers of one forged row report it once;
+            # unmarked below if the trail refuses the event.
             self._tampered.pop(resource, None)  # re-inserted last: the oldest go first
             while len(self._tampered) >= _TAMPER_MEMORY:
                 del self._tampered[next(iter(self._tampered))]
             self._tampered[resource] = now
+        signal(kind, resource)
+        entry = replace(incident_entry(kind, "unknown", "", description), resource=resource)
+        committed = False
+        try:
+            if required:
+                self._trail.record(entry)
+                committed = True
+            else:
+                committed = self._record(kind, entry)
+        finally:
+            if not committed:
+                self._forget(resource, now)
+
+    def _forget(self, resource: str, marked: float) -> None:
+        """Unmark ``resource`` (its event was not committed) unless marked again since."""
+        with self._lock:
+            if self._tampered.get(resource) == marked:
+                del self._tampered[resource]
 
     def _raise(self, kind: str, subject: str, source: str, description: str) -> None:
         signal(kind, subject)

@@ -6,6 +6,8 @@ malformed rows make the service write, at most.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import pytest
 
@@ -135,4 +137,29 @@ def test_a_refused_incident_is_raised_again_next_time() -> None:
     detector = IncidentDetector(lambda: LIMITS, trail, clock=lambda: 0.0)
     detector.tampered("row-tampered", "record/r/v1", "test")  # refused: logged only
     detector.tampered("row-tampered", "record/r/v1", "test")
+    assert [e.resource for e in trail.entries] == ["record/r/v1"]
+
+
+class _Slow(RecordedEvents):
+    """A trail whose commit takes a while: concurrent callers meet in ``tampered``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    def record(self, entry: AuditEntry, /) -> object:
+        time.sleep(0.2)
+        return super().record(entry)
+
+
+def test_concurrent_readers_of_one_forged_row_report_it_once() -> None:
+    trail = _Slow()
+    detector = IncidentDetector(lambda: LIMITS, trail, clock=lambda: 0.0)
+    readers = [
+        threading.Thread(target=detector.tampered, args=("row-tampered", "record/r/v1", "t"))
+        for _ in range(8)
+    ]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(10)
     assert [e.resource for e in trail.entries] == ["record/r/v1"]
