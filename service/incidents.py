@@ -98,6 +98,7 @@ class IncidentDetector:
         self._denied: defaultdict[str, _Window] = defaultdict(_Window)
         self._reads: defaultdict[str, _Window] = defaultdict(_Window)
         self._tampered: dict[str, float] = {}  # resource -> when it last alarmed
+        self._required_lock = threading.Lock()
 
     def denied(self, source: str) -> None:
         """A denied call or failed authentication from ``source``."""
@@ -136,6 +137,15 @@ class IncidentDetector:
         ``required``: the trail's error is raised (the caller fails closed) rather than
         logged. Memory is bounded: past ``_TAMPER_MEMORY`` resources the oldest go.
         """
+        if required:
+            # One at a time: a caller that must fail closed waits for a report in flight
+            # to commit (then it is made) or be refused (then it makes it itself).
+            with self._required_lock:
+                self._tampered_once(kind, resource, description, required=True)
+        else:
+            self._tampered_once(kind, resource, description, required=False)
+
+    def _tampered_once(self, kind: str, resource: str, description: str, *, required: bool) -> None:
         window = self._thresholds().denied_window_seconds
         now = self._clock()
         with self._lock:
@@ -175,7 +185,11 @@ class IncidentDetector:
         """Commit ``entry``; False (logged) if the trail refused it."""
         try:
             self._trail.record(entry)
-        except Exception:  # the log line and the metric still report it
-            log.exception("could not audit an incident", extra={"incident": kind})
+        except Exception as e:  # noqa: BLE001  (the log line and the metric still report it)
+            # The type only: a database error's text (a trigger's message) may carry
+            # values; the trail logs its own failure (service.audit.trail._fail).
+            log.error(  # noqa: TRY400  (not the traceback: see above)
+                "could not audit an incident", extra={"incident": kind, "error": type(e).__name__}
+            )
             return False
         return True

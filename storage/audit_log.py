@@ -236,14 +236,17 @@ class SqlAuditLog:
         A malformed row (``storage.audit_rows``) is yielded as a placeholder whose
         ``malformed`` names its fields, as ``events`` does: the caller leaves it out of
         what it shows and reports it (``service.audit.listing``); ``verify`` names it
-        as altered. It counts against ``flt.limit``.
+        as altered. It counts against ``flt.limit``. Rows at sequence 0 or below are
+        outside the chain and are not listed.
         """
         remaining = flt.limit
         cursor: Any = None
         seq = audit_events.c.sequence
         while remaining is None or remaining > 0:
             page = QUERY_BATCH if remaining is None else min(remaining, QUERY_BATCH)
-            query = _filtered(_SELECT_EVENTS, flt)
+            # The chain's positions only, as ``events`` (what verification walks): a row
+            # a database writer put at 0 or below is in no chain and never shown.
+            query = _filtered(_SELECT_EVENTS, flt).where(seq > 0)
             if cursor is not None:
                 query = query.where(seq < cursor if flt.newest_first else seq > cursor)
             query = query.order_by(seq.desc() if flt.newest_first else seq).limit(page)

@@ -24,6 +24,7 @@ import logging
 from collections.abc import Iterable, Iterator
 from typing import Final
 
+from service.audit import AuditUnavailableError
 from service.incidents import IncidentDetector
 from storage import ChainedEvent
 
@@ -38,6 +39,17 @@ def _description(sequence: int | None) -> str:
         "audit event rows hold values the audit writer never stores (changed in the "
         f"database), {where}; they were left out of a listing: run `medvault audit verify`"
     )
+
+
+def _report(incidents: IncidentDetector, sequence: int | None) -> None:
+    resource = f"audit/{sequence if sequence is not None else 'unreadable'}"
+    try:
+        incidents.tampered(INCIDENT, resource, _description(sequence), required=True)
+    except AuditUnavailableError as e:
+        raise AuditUnavailableError(
+            "audit rows left out of this listing could not be reported in the trail; "
+            "the listing is stopped: run `medvault audit verify`"
+        ) from e
 
 
 def readable(events: Iterable[ChainedEvent], incidents: IncidentDetector) -> Iterator[ChainedEvent]:
@@ -59,8 +71,7 @@ def readable(events: Iterable[ChainedEvent], incidents: IncidentDetector) -> Ite
                     extra={"sequence": sequence, "fields": ",".join(event.malformed)},
                 )
             if left_out == 1:
-                resource = f"audit/{sequence if sequence is not None else 'unreadable'}"
-                incidents.tampered(INCIDENT, resource, _description(sequence), required=True)
+                _report(incidents, sequence)
     finally:
         if left_out > LOGGED_ROWS:
             logger.warning(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
+from collections.abc import Callable
 
 import pytest
 
@@ -140,26 +140,78 @@ def test_a_refused_incident_is_raised_again_next_time() -> None:
     assert [e.resource for e in trail.entries] == ["record/r/v1"]
 
 
-class _Slow(RecordedEvents):
-    """A trail whose commit takes a while: concurrent callers meet in ``tampered``."""
+class _Gated(RecordedEvents):
+    """The first event waits until released, then commits or is refused (a trigger, an
+    outage); later ones commit at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, refuse_first: bool) -> None:
         super().__init__()
+        self.refuse_first = refuse_first
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+        self._lock = threading.Lock()
 
     def record(self, entry: AuditEntry, /) -> object:
-        time.sleep(0.2)
+        with self._lock:
+            self.calls += 1
+            first = self.calls == 1
+        if first:
+            self.entered.set()
+            assert self.release.wait(10)
+            if self.refuse_first:
+                raise AuditUnavailableError("audit trail unavailable; retry later")
         return super().record(entry)
 
 
+def _run(target: Callable[[], object]) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            target()
+        except BaseException as e:  # noqa: BLE001  (collected for the assertion)
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, errors
+
+
 def test_concurrent_readers_of_one_forged_row_report_it_once() -> None:
-    trail = _Slow()
+    trail = _Gated(refuse_first=False)
     detector = IncidentDetector(lambda: LIMITS, trail, clock=lambda: 0.0)
-    readers = [
-        threading.Thread(target=detector.tampered, args=("row-tampered", "record/r/v1", "t"))
-        for _ in range(8)
-    ]
-    for reader in readers:
-        reader.start()
-    for reader in readers:
-        reader.join(10)
+    first, _ = _run(lambda: detector.tampered("row-tampered", "record/r/v1", "t"))
+    assert trail.entered.wait(10)  # its event is being committed
+    others = [_run(lambda: detector.tampered("row-tampered", "record/r/v1", "t")) for _ in range(7)]
+    for thread, _ in others:
+        thread.join(10)  # they do not wait for it: the row is being reported
+        assert not thread.is_alive()
+    trail.release.set()
+    first.join(10)
     assert [e.resource for e in trail.entries] == ["record/r/v1"]
+
+
+def test_a_listing_beside_one_whose_report_is_refused_reports_or_stops() -> None:
+    """Listing A's report is in flight when listing B meets the same first row, then A's
+    is refused: B must not show the listing without the row and with no record of it
+    (review 2 of this feature). B waits for A's report, then makes its own."""
+    trail = _Gated(refuse_first=True)
+    detector = IncidentDetector(lambda: LIMITS, trail, clock=lambda: 0.0)
+    rows = [_good(1), *_placeholders(1, start=2), _good(3)]
+    shown_b: list[int] = []
+
+    a, a_errors = _run(lambda: list(readable(rows, detector)))
+    assert trail.entered.wait(10)
+    b, b_errors = _run(lambda: shown_b.extend(e.sequence for e in readable(rows, detector)))
+    trail.release.set()
+    a.join(10)
+    b.join(10)
+
+    assert not a.is_alive()
+    assert not b.is_alive()
+    assert [type(e) for e in a_errors] == [AuditUnavailableError]
+    assert "could not be reported" in str(a_errors[0])
+    assert not b_errors
+    assert shown_b == [1, 3]
+    assert [e.resource for e in trail.entries] == ["audit/2"]
