@@ -28,7 +28,7 @@ from typing import Any, Final
 
 from storage.audit_model import AuditEntry
 
-# Column widths of ``audit_events`` (storage/audit_log.py); ``reason`` is TEXT but is
+# Column widths of ``audit_events`` (storage/audit_sql.py); ``reason`` is TEXT but is
 # bounded too, so that no event (or export line) is megabytes long.
 FIELD_WIDTHS: Final = {
     "principal": 255,

@@ -6,7 +6,9 @@ one line: the first statement is a no-op ``UPDATE`` of the head row ``RETURNING`
 which takes PostgreSQL's row lock and SQLite's database write lock (SQLite has no row
 locks) before anything is read (a deferred transaction that reads first could see a
 stale head), and reads the head under that lock.
-The hash chain and the canonical encoding are defined in :mod:`storage.audit_model`.
+The hash chain and the canonical encoding are defined in :mod:`storage.audit_model`;
+the tables, and the three statements every append runs (compiled once into the driver's
+SQL), in :mod:`storage.audit_sql`.
 
 Durability: the engine's SQLite connections are set to ``synchronous=FULL`` (in WAL
 mode ``NORMAL`` may lose the last commits on power loss, and an audit event must never
@@ -36,8 +38,15 @@ from storage.audit_model import (
     chain_hash,
 )
 from storage.audit_rows import read_head, to_checkpoint, to_event
+from storage.audit_sql import (
+    HEAD_ID,
+    WriterStatements,
+    audit_checkpoints,
+    audit_events,
+    audit_head,
+)
 from storage.errors import BackendUnavailableError, InvalidRecordError, StorageError
-from storage.sql_metadata import connect, metadata
+from storage.sql_metadata import connect
 
 T = TypeVar("T")
 
@@ -64,50 +73,7 @@ class Appended:
     error: Exception | None = None
 
 
-HEAD_ID: Final = 1
 QUERY_BATCH: Final = 500  # rows per round trip when streaming a query
-
-audit_events = sa.Table(
-    "audit_events",
-    metadata,
-    sa.Column("sequence", sa.BigInteger, primary_key=True, autoincrement=False),
-    sa.Column("time", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("principal", sa.String(255), nullable=False),
-    sa.Column("application", sa.String(255), nullable=False),
-    sa.Column("role", sa.String(64), nullable=False),
-    sa.Column("action", sa.String(64), nullable=False),
-    sa.Column("resource", sa.String(255), nullable=False),
-    sa.Column("patient_index", sa.LargeBinary(32), nullable=True),
-    sa.Column("outcome", sa.String(16), nullable=False),
-    sa.Column("status", sa.String(32), nullable=False),
-    sa.Column("reason", sa.Text, nullable=False),
-    sa.Column("source", sa.String(255), nullable=False),
-    sa.Column("prev_hash", sa.LargeBinary(32), nullable=False),
-    sa.Column("hash", sa.LargeBinary(32), nullable=False),
-)
-
-audit_head = sa.Table(
-    "audit_head",
-    metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
-    sa.Column("sequence", sa.BigInteger, nullable=False),
-    sa.Column("hash", sa.LargeBinary(32), nullable=False),
-)
-
-audit_checkpoints = sa.Table(
-    "audit_checkpoints",
-    metadata,
-    sa.Column("sequence", sa.BigInteger, primary_key=True, autoincrement=False),
-    sa.Column("hash", sa.LargeBinary(32), nullable=False),
-    sa.Column("signature", sa.LargeBinary, nullable=False),
-    sa.Column("key_label", sa.String(255), nullable=False),
-    sa.Column("public_key_der", sa.LargeBinary, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    # Version 2 checkpoints also sign their predecessor (migration 0008); v1 rows: 1, NULLs.
-    sa.Column("version", sa.SmallInteger, nullable=False, server_default="1"),
-    sa.Column("prev_sequence", sa.BigInteger, nullable=True),
-    sa.Column("prev_digest", sa.LargeBinary(32), nullable=True),
-)
 
 
 def _sqlite_full_sync(dbapi_connection: Any, _record: Any) -> None:
@@ -176,6 +142,7 @@ class SqlAuditLog:
         self._parse_time = audit_events.c.time.type.dialect_impl(engine.dialect).result_processor(
             engine.dialect, None
         )
+        self._writer: WriterStatements | None = None  # compiled on first use (connected)
         if self._sqlite and not event.contains(engine, "connect", _sqlite_full_sync):
             event.listen(engine, "connect", _sqlite_full_sync)
 
@@ -319,6 +286,7 @@ class SqlAuditLog:
 
     def _append_locked(self, connection: Connection, items: Sequence[Pending]) -> list[Appended]:
         sequence, prev = self._lock_head(connection)
+        writer = self._statements(connection)
         done: list[Appended] = []
         rows: list[dict[str, Any]] = []
         for item in items:
@@ -333,8 +301,8 @@ class SqlAuditLog:
             done.append(Appended(event_, value))
             prev = digest
         if rows:
-            connection.execute(_INSERT_EVENTS, rows)
-            connection.execute(_UPDATE_HEAD, {"sequence": sequence, "hash": prev})
+            writer.insert_events.execute_many(connection, rows)
+            writer.update_head.execute(connection, {"sequence": sequence, "hash": prev})
         return done
 
     def _lock_head(self, connection: Connection) -> tuple[int, bytes]:
@@ -346,8 +314,14 @@ class SqlAuditLog:
         A malformed head raises ``AuditHeadMalformedError``, an outage to the trail:
         nothing is chained onto a head that cannot be read as the writer stored it.
         """
-        row = connection.execute(_LOCK_HEAD).one()
-        return read_head(row.sequence, row.hash)
+        row = self._statements(connection).lock_head.execute(connection, {}).one()
+        return read_head(row[0], row[1])
+
+    def _statements(self, connection: Connection) -> WriterStatements:
+        """The writer's statements as driver SQL (``storage.audit_sql``: the CPU they save)."""
+        if self._writer is None:  # two threads may both compile: the same result
+            self._writer = WriterStatements.compile(connection.dialect)
+        return self._writer
 
     def _run(self, fn: Callable[[Connection], T], *, write: bool = False) -> T:
         """Run ``fn`` in one transaction (committed if ``write``), translating errors."""
@@ -358,17 +332,6 @@ class SqlAuditLog:
                 with connection.begin():
                     return fn(connection)
             return fn(connection)
-
-
-# Built once, executed with parameters (no per-call ``.values()``): statement
-# construction showed up in profiles of the audit writer.
-_LOCK_HEAD = (
-    audit_head.update()
-    .where(audit_head.c.id == HEAD_ID)
-    .values(sequence=audit_head.c.sequence)
-    .returning(audit_head.c.sequence, audit_head.c.hash)
-)
-_INSERT_EVENTS = audit_events.insert()
 
 
 def _time_untyped(table: sa.Table, time_column: str) -> sa.Select[Any]:
@@ -385,7 +348,6 @@ def _time_untyped(table: sa.Table, time_column: str) -> sa.Select[Any]:
 _SELECT_EVENTS = _time_untyped(audit_events, "time")
 _SELECT_CHECKPOINTS = _time_untyped(audit_checkpoints, "created_at")
 _LAST_CHECKPOINT_SEQUENCE = sa.select(sa.func.max(audit_checkpoints.c.sequence))
-_UPDATE_HEAD = audit_head.update().where(audit_head.c.id == HEAD_ID)
 
 
 def _apply(connection: Connection, change: Change[Any]) -> tuple[Any, Exception | None]:

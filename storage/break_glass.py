@@ -41,7 +41,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from storage.audit_log import audit_events
+from storage.audit_sql import audit_events
 from storage.errors import RecordConflictError, RecordNotFoundError
 from storage.grants import SqlGrantStore, access_grants, check_grant_id, is_grant_id
 from storage.grants_model import Grant
