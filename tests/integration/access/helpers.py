@@ -6,8 +6,10 @@ record content or tokens.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -147,6 +149,20 @@ def verify(officer: Client) -> aupb.VerifyChainResponse:
         aupb.VerifyChainRequest(), timeout=120
     )
     return reply
+
+
+class Metrics:
+    """The server's Prometheus endpoint."""
+
+    def __init__(self, port: int) -> None:
+        self._url = f"http://127.0.0.1:{port}/metrics"
+
+    def value(self, name: str) -> float:
+        with urllib.request.urlopen(self._url, timeout=5) as reply:
+            text = reply.read().decode()
+        found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+        assert found, f"{name} not exported"
+        return float(found.group(1))
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 20, what: str = "condition") -> None:

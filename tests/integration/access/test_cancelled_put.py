@@ -64,15 +64,33 @@ class CutStream:
         self.release.wait(30)
 
 
+def _writes(officer: Client, principal: str) -> list[aupb.AuditEvent]:
+    """The allowed records.write events of ``principal`` (its WhoAmI calls are not)."""
+    allowed = events(officer, principal=principal, outcome=aupb.OUTCOME_ALLOWED)
+    return [e for e in allowed if e.action == "records.write"]
+
+
+def _slot_free(c: Client) -> bool:
+    """With a share of one call, the clerk's next call is served only once every job of
+    its previous call has ended (the slot is held until then): a barrier, not a sleep."""
+    try:
+        c.access.WhoAmI(apb.WhoAmIRequest(), timeout=10)
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return False
+        raise
+    return True
+
+
 def test_a_put_cancelled_mid_stream_stores_nothing(
     service_factory: Any, fresh_database: str, issue: Any
 ) -> None:
-    service: RunningService = service_factory(fresh_database)
+    service: RunningService = service_factory(fresh_database, max_calls_per_principal=1)
     clerk = client(service, issue(CLERK, "records_clerk"))
     officer = client(service, issue("officer-cancel", "security_officer"))
     engine = engine_for(fresh_database)
     try:
-        writes_before = len(events(officer, principal=CLERK, outcome=aupb.OUTCOME_ALLOWED))
+        writes_before = len(_writes(officer, CLERK))
         for _ in range(4):
             stream = CutStream()
             future = clerk.records.PutRecord.future(iter(stream), timeout=30)
@@ -82,16 +100,19 @@ def test_a_put_cancelled_mid_stream_stores_nothing(
             stream.release.set()
             with pytest.raises(grpc.FutureCancelledError):
                 future.result()
+            wait_for(lambda: _slot_free(clerk), 30, "the end of a cancelled put")
         # The client's deadline passes mid-stream: the same, and audited as failed.
         stream = CutStream()
         with pytest.raises(grpc.RpcError) as expired:
             clerk.records.PutRecord(iter(stream), timeout=1.0)
         stream.release.set()
         assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, expired.value.code()
-        time.sleep(2)  # what a worker would still commit, it commits by now
+        # What its worker would still commit, and the expiry's event (written once the
+        # worker stopped), are committed before the slot comes back (service.edge).
+        wait_for(lambda: _slot_free(clerk), 30, "the end of the expired put")
         assert _rows(engine) == 0, "a cancelled put left a record"
-        allowed = events(officer, principal=CLERK, outcome=aupb.OUTCOME_ALLOWED)
-        assert len(allowed) == writes_before, "a cancelled put was audited as written"
+        writes = len(_writes(officer, CLERK))
+        assert writes == writes_before, "a cancelled put was audited as written"
         failed = events(officer, principal=CLERK, outcome=aupb.OUTCOME_FAILED)
         statuses = [(e.resource, e.status) for e in failed]
         assert statuses == [("record/new", "DEADLINE_EXCEEDED")], statuses
@@ -140,18 +161,6 @@ def _stream(chunks: list[bytes], hold: threading.Event | None) -> Iterator[pb.Pu
         raise StreamStoppedError
 
 
-def _slot_free(c: Client) -> bool:
-    """With a share of one call, the clerk's next call is served only once every job of
-    its previous call has ended (the slot is held until then): a barrier, not a sleep."""
-    try:
-        c.access.WhoAmI(apb.WhoAmIRequest(), timeout=10)
-    except grpc.RpcError as e:
-        if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return False
-        raise
-    return True
-
-
 def test_puts_cancelled_at_any_point_store_nothing(
     service_factory: Any, fresh_database: str, issue: Any
 ) -> None:
@@ -191,8 +200,7 @@ def test_puts_cancelled_at_any_point_store_nothing(
             clerk.records.PutRecord(_stream(chunks, None), timeout=30)
             rows_before += 1
             assert _rows(engine) == rows_before, f"{name}: the control was not stored"
-        allowed = events(officer, principal=STRESS_CLERK, outcome=aupb.OUTCOME_ALLOWED)
-        writes = [e for e in allowed if e.action == "records.write"]
+        writes = _writes(officer, STRESS_CLERK)
         assert len(writes) == len(shapes), f"{len(writes)} write events for {len(shapes)} puts"
     finally:
         clerk.close()

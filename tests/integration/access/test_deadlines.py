@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -50,6 +48,7 @@ from tests.fixtures.service import RunningService, free_port
 from tests.integration.access.helpers import (
     TIMEOUT,
     Client,
+    Metrics,
     client,
     engine_for,
     events,
@@ -115,20 +114,6 @@ def _at_once(calls: list[Callable[[], Any]]) -> list[str]:
     for t in threads:
         t.join(TIMEOUT)
     return codes
-
-
-class Metrics:
-    """The server's Prometheus endpoint."""
-
-    def __init__(self, port: int) -> None:
-        self._url = f"http://127.0.0.1:{port}/metrics"
-
-    def value(self, name: str) -> float:
-        with urllib.request.urlopen(self._url, timeout=5) as reply:
-            text = reply.read().decode()
-        found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-        assert found, f"{name} not exported"
-        return float(found.group(1))
 
 
 # Where the kernel has a thread that waits on a socket (a read with a timeout polls).

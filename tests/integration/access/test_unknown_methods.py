@@ -10,7 +10,6 @@ PYTEST_DONT_REWRITE: failures name codes and counts, never what was sent.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +19,25 @@ import grpc
 import pytest
 
 from service._gen.medvault.v1 import audit_pb2 as aupb
+from service._gen.medvault.v1 import records_pb2 as pb
 from service.edge import UNKNOWN_METHOD_ACTION
-from tests.fixtures.service import DEFAULT_POLICY, RunningService
-from tests.integration.access.helpers import TIMEOUT, Client, client, events
+from tests.fixtures.service import DEFAULT_POLICY, RunningService, free_port
+from tests.integration.access.helpers import (
+    TIMEOUT,
+    Client,
+    Metrics,
+    client,
+    events,
+    new_patient,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 SHARE = 2
-DEADLINE = 3.0
+# Long enough that the probes of the share test are answered, on a loaded machine, while
+# its holders still wait for content (they are released before that anyway).
+DEADLINE = 10.0
 PUT = "/medvault.v1.RecordService/PutRecord"
 
 
@@ -36,23 +46,33 @@ class World:
     service: RunningService
     certs: dict[str, tuple[Path, Path]]
     officer: Client
+    metrics: Metrics
 
 
 @pytest.fixture(scope="module")
 def world(service_factory: Any, fresh_database: str, issue: Any) -> Iterator[World]:
+    metrics_port = free_port()
     service: RunningService = service_factory(
         fresh_database, policy=DEFAULT_POLICY.read_text(),
         max_calls_per_principal=SHARE, first_message_seconds=DEADLINE, idle_seconds=DEADLINE,
-        refusal_summary_seconds=1.0,
+        refusal_summary_seconds=1.0, metrics_listen=f"127.0.0.1:{metrics_port}",
+        health_probe_seconds=3600,  # no probe job beside the holders' (medvault_worker_jobs)
     )  # fmt: skip
     certs = {
         "clerk": issue("probe-clerk", "records_clerk"),
         "nobody": issue("probe-nobody"),
     }
     officer = client(service, issue("probe-officer", "security_officer"))
-    yield World(service, certs, officer)
+    yield World(service, certs, officer, Metrics(metrics_port))
     officer.close()
     service.stop()
+
+
+def _header() -> bytes:
+    head = pb.RecordHeader(
+        patient=new_patient(), kind=pb.RECORD_KIND_OTHER, content_type="text/plain"
+    )
+    return pb.PutRecordRequest(header=head).SerializeToString()
 
 
 def _call(channel: grpc.Channel, method: str) -> grpc.StatusCode:
@@ -105,14 +125,13 @@ def test_unknown_methods_respect_the_call_share(world: World) -> None:
     held: list[grpc.RpcError] = []
     gate = threading.Event()
 
-    def silent() -> Iterator[bytes]:
-        gate.wait(DEADLINE + 2)  # hold the stream open without a message
-        return
-        yield b""  # pragma: no cover  (a generator that sends nothing)
+    def header_only() -> Iterator[bytes]:
+        yield _header()  # the upload's worker starts: the server counts it (see below)
+        gate.wait(TIMEOUT)  # hold the stream open without content
 
     def hold() -> None:
         try:
-            channel.stream_unary(PUT)(silent(), timeout=TIMEOUT)
+            channel.stream_unary(PUT)(header_only(), timeout=TIMEOUT)
         except grpc.RpcError as e:
             held.append(e)
 
@@ -120,9 +139,10 @@ def test_unknown_methods_respect_the_call_share(world: World) -> None:
     try:
         for thread in threads:
             thread.start()
-        # The holders enter at once (authentication needs no message); probing before
-        # they did would race them for the same two slots.
-        time.sleep(0.5)
+        # Probing before the holders entered would race them for the same two slots. Each
+        # takes its slot, then its worker: with both workers counted, both hold theirs.
+        wait_for(lambda: world.metrics.value("medvault_worker_jobs") == SHARE, 30,
+                 "the holders' uploads in their workers")  # fmt: skip
         before = len(_probes(world, "probe-clerk"))
         codes = {_call(channel, "/x.Y/Held") for _ in range(10)}
         assert codes == {grpc.StatusCode.RESOURCE_EXHAUSTED}, sorted(c.name for c in codes)

@@ -11,7 +11,6 @@ PYTEST_DONT_REWRITE: failures name codes and counts, never what was sent.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,9 +19,10 @@ import pytest
 
 from service._gen.medvault.v1 import audit_pb2 as aupb
 from service._gen.medvault.v1 import records_pb2 as pb
-from tests.fixtures.service import DEFAULT_POLICY
+from tests.fixtures.service import DEFAULT_POLICY, free_port
 from tests.integration.access.helpers import (
     TIMEOUT,
+    Metrics,
     client,
     events,
     fetch,
@@ -63,10 +63,13 @@ def _code(future: Any) -> grpc.StatusCode:
 def test_slow_uploads_cannot_take_every_thread(
     service_factory: Any, fresh_database: str, issue: Any
 ) -> None:
+    metrics_port = free_port()
     service = service_factory(
         fresh_database, policy=DEFAULT_POLICY.read_text(), workers=WORKERS,
         max_calls_per_principal=2, first_message_seconds=IDLE, idle_seconds=IDLE,
+        metrics_listen=f"127.0.0.1:{metrics_port}", health_probe_seconds=3600,
     )  # fmt: skip
+    metrics = Metrics(metrics_port)
     clerks = [client(service, issue(f"cap-clerk-{i}", "records_clerk")) for i in range(2 * WORKERS)]
     reader = client(service, issue("cap-physician", "physician"))
     officer = client(service, issue("cap-officer", "security_officer"))
@@ -78,7 +81,10 @@ def test_slow_uploads_cannot_take_every_thread(
         # One slow upload per principal, each well within its share of 2.
         held = [clerks[i].records.PutRecord.future(iter(u), timeout=TIMEOUT)
                 for i, u in enumerate(uploads[:WORKERS])]  # fmt: skip
-        time.sleep(1.5)  # let both take their threads (headers sent at once; loaded machine)
+        # Each takes its upload slot, then its thread: the pool's only jobs (no health
+        # probe runs in this test), so both are counted once both hold their slots.
+        wait_for(lambda: metrics.value("medvault_worker_jobs") == WORKERS, 20,
+                 "the held uploads in their threads")  # fmt: skip
         extra = [clerks[i].records.PutRecord.future(iter(uploads[i]), timeout=TIMEOUT)
                  for i in range(WORKERS, 2 * WORKERS)]  # fmt: skip
         wait_for(lambda: all(f.done() for f in extra), 5, "uploads over the cap refused")

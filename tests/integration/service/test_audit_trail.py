@@ -98,12 +98,21 @@ def test_concurrent_records_are_complete(trail: AuditTrail, audit_log: SqlAuditL
     assert result.checkpoints_checked >= 3
 
 
+def _signed(log: SqlAuditLog) -> int:
+    """The sequence the last checkpoint covers (0 before the first)."""
+    last = log.last_checkpoint()
+    return 0 if last is None else last.sequence
+
+
 def test_time_based_checkpoint(audit_log: SqlAuditLog, signer: Pkcs11Signer) -> None:
     with AuditTrail(audit_log, signer, checkpoint_seconds=0.2) as trail:
         for n in range(3):
             trail.record(entry(n))
-        deadline = time.monotonic() + 5
-        while audit_log.last_checkpoint() is None and time.monotonic() < deadline:
+        # The writer signs whatever is committed 0.2 s after the trail started: on a
+        # loaded machine that can be before the third event is, and the head is signed
+        # 0.2 s later. Wait for the checkpoint covering all three, not the first one.
+        deadline = time.monotonic() + 30
+        while _signed(audit_log) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
         last = audit_log.last_checkpoint()
         assert last is not None

@@ -9,6 +9,7 @@ alone before the error leaves. Nothing is returned before it is committed.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import urllib.request
@@ -212,7 +213,16 @@ def test_a_call_judged_expired_stores_no_signature_though_its_commit_was_queued(
         engine.dispose()
     wait_for(lambda: _worker_jobs(stack) == 0, 20, "the call's jobs to end")
     assert _stored(stack, record_id) == 0, "a signature was stored after its call's end"
-    found = [e for e in _sign_events(stack, "dr-ec") if e.sequence > before]
+    # The failure's event is written by a job submitted only once the signing's job has
+    # ended: the count can read 0 between the two.
+    found: list[aupb.AuditEvent] = []
+
+    def audited() -> bool:
+        found[:] = [e for e in _sign_events(stack, "dr-ec") if e.sequence > before]
+        return len(found) >= 2
+
+    with contextlib.suppress(AssertionError):  # too few: the assertion below names them
+        wait_for(audited, 20, "the read's and the expiry's events")
     shapes = [(e.resource.split("/")[0], e.outcome, e.status) for e in found]
     assert shapes == [
         ("record", aupb.OUTCOME_ALLOWED, ""),

@@ -160,18 +160,32 @@ class _CountingLog(SqlAuditLog):
         return super().head()
 
 
+class _SignedElsewhereFirst(_CountingLog):
+    """The writer's checkpoint looks at the head only once the test has signed it, as
+    another replica would have: on a loaded machine the writer's own period (timed from
+    the trail's start) could otherwise pass before the test signs, and the setup fail."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        self.signed = threading.Event()
+
+    def head(self) -> tuple[int, bytes]:
+        if threading.current_thread() is not threading.main_thread():  # the writer
+            assert self.signed.wait(30), "the test never signed the head"
+        return super().head()
+
+
 def test_idle_writer_sleeps_once_another_process_signed(
     audit_engine: Engine, signer: Pkcs11Signer
 ) -> None:
     """Issue 10: the head is already checkpointed elsewhere, the writer must not spin."""
-    log = _CountingLog(audit_engine)
-    # The period leaves the test time to sign first on a loaded machine (with 0.05 s the
-    # writer's own checkpoint sometimes won the race, and the setup failed).
+    log = _SignedElsewhereFirst(audit_engine)
     with AuditTrail(log, signer, checkpoint_seconds=0.3) as trail:
         trail.record(entry(1))
         sequence, head_hash = log.head()  # another replica (or the CLI) signs first
         assert log.add_checkpoint(make_checkpoint(signer, sequence, head_hash, datetime.now(UTC)))
         log.heads = 0
+        log.signed.set()
         threading.Event().wait(0.8)  # past the due time, then idle: a spin reads ~100 times
         assert log.heads <= 2, f"writer busy-looped: {log.heads} head reads in 0.8 s"
         assert trail._unsigned == 0
