@@ -191,7 +191,31 @@ def test_a_call_judged_expired_stores_no_signature_though_its_commit_was_queued(
     queued before and still waiting for a busy audit writer (held here), runs after
     that judgement: it must store nothing, only the read event, before the failure (the
     check inside its transaction, ``checked_when_run``). That the judgement stops the
-    call's work before its own event waits for anything: test_call_expiry."""
+    call's work before its own event waits for anything: test_call_expiry.
+
+    On a loaded machine the signing may not have queued its transaction by the time the
+    call is cancelled (then it expires before its read: one failure event, nothing
+    stored, which is checked too); nothing outside the service shows that it has, so
+    the scenario is tried again, up to ``ATTEMPTS`` times, until it happened once.
+    """
+    shapes: list[tuple[str, int, str]] = []
+    for _ in range(ATTEMPTS):
+        shapes = _expire_while_the_commit_waits(stack)
+        if shapes != [("record", aupb.OUTCOME_FAILED, "DEADLINE_EXCEEDED")]:
+            break  # the signing had queued its commit: the case under test
+    assert shapes == [
+        ("record", aupb.OUTCOME_ALLOWED, ""),
+        ("signature", aupb.OUTCOME_FAILED, "DEADLINE_EXCEEDED"),
+    ], shapes
+    assert verify(stack.clients["officer-s"]).ok
+
+
+ATTEMPTS = 4
+
+
+def _expire_while_the_commit_waits(stack: SigningStack) -> list[tuple[str, int, str]]:
+    """One try: the shapes of the events of a call cancelled at its deadline while the
+    audit writer is held; whatever the timing, no signature may be stored."""
     record_id = _record(stack, "dr-ec")
     stub = spb_grpc.SigningServiceStub(stack.clients["dr-ec"].channel)
     deadline = 2.0  # SQLite: the writer's busy timeout (5 s) outlasts the hold
@@ -221,14 +245,9 @@ def test_a_call_judged_expired_stores_no_signature_though_its_commit_was_queued(
         found[:] = [e for e in _sign_events(stack, "dr-ec") if e.sequence > before]
         return len(found) >= 2
 
-    with contextlib.suppress(AssertionError):  # too few: the assertion below names them
-        wait_for(audited, 20, "the read's and the expiry's events")
-    shapes = [(e.resource.split("/")[0], e.outcome, e.status) for e in found]
-    assert shapes == [
-        ("record", aupb.OUTCOME_ALLOWED, ""),
-        ("signature", aupb.OUTCOME_FAILED, "DEADLINE_EXCEEDED"),
-    ], shapes
-    assert verify(stack.clients["officer-s"]).ok
+    with contextlib.suppress(AssertionError):  # one event: the caller judges the shapes
+        wait_for(audited, 10, "the read's and the expiry's events")
+    return [(e.resource.split("/")[0], e.outcome, e.status) for e in found]
 
 
 def _worker_jobs(stack: SigningStack) -> float:
