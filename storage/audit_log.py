@@ -44,6 +44,7 @@ from storage.audit_sql import (
     audit_checkpoints,
     audit_events,
     audit_head,
+    text_as_read,
 )
 from storage.errors import BackendUnavailableError, InvalidRecordError, StorageError
 from storage.sql_metadata import connect
@@ -227,8 +228,14 @@ class SqlAuditLog:
                 remaining -= len(rows)
 
     def _select_rows(self, query: sa.Select[Any]) -> list[Any]:
-        """The rows' mappings, the time column unparsed (see ``__init__``)."""
-        return [r._mapping for r in self._run(lambda c: c.execute(query).all())]
+        """The rows' mappings, the time column unparsed (see ``__init__``), text that is
+        not UTF-8 as ``UNDECODABLE`` (``audit_sql.text_as_read``)."""
+
+        def select(c: Connection) -> list[Any]:
+            with text_as_read(c):
+                return [r._mapping for r in c.execute(query).all()]
+
+        return self._run(select)
 
     def add_checkpoint(self, checkpoint: Checkpoint) -> bool:
         """Store ``checkpoint``; False if another replica's checkpoint came first.

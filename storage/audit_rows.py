@@ -42,6 +42,10 @@ UNREADABLE: Final = AuditEntry(
     time=datetime(1970, 1, 1, tzinfo=UTC), principal="", action="", resource="", outcome="failed"
 )
 
+# What a text value that is not UTF-8 reads as (SQLite stores any bytes cast to text;
+# ``storage.audit_log._text_as_read``): no check accepts it, so its field is malformed.
+UNDECODABLE: Final = object()
+
 # The dialect's own parser of stored timestamps (SQLite keeps text), or None when the
 # driver returns datetimes itself (PostgreSQL).
 TimeParser = Callable[[Any], Any] | None

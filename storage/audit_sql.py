@@ -13,11 +13,16 @@ stored are those of the Core statements, which stay defined here as the source o
 compiled SQL (tests/integration/storage/test_audit_driver_sql.py compares both). The
 connection, its transaction, its listeners (``before_cursor_execute``:
 ``storage.sql_deadlines``) and the wrapping of driver errors are SQLAlchemy's as before.
+
+Reading: ``text_as_read`` lets a SQLite query read text that is not UTF-8 as a marker
+(a malformed field, named by ``storage.audit_rows``) instead of failing the whole fetch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -26,6 +31,7 @@ from sqlalchemy import exc
 from sqlalchemy.engine import Connection, CursorResult, Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 
+from storage.audit_rows import UNDECODABLE
 from storage.sql_metadata import metadata
 
 HEAD_ID: Final = 1
@@ -161,3 +167,32 @@ class WriterStatements:
             DriverStatement(INSERT_EVENTS, dialect),
             DriverStatement(UPDATE_HEAD, dialect, ("sequence", "hash")),
         )
+
+
+@contextmanager
+def text_as_read(connection: Connection) -> Iterator[None]:
+    """On SQLite, text that is not UTF-8 reads as ``UNDECODABLE`` for this query.
+
+    SQLite stores whatever bytes a database writer casts to text, and sqlite3 fails the
+    whole fetch on the first it cannot decode: one such value would make every listing
+    and ``audit verify`` an outage instead of naming its row (``storage.audit_rows``
+    reads the marker as a malformed field). PostgreSQL refuses such text when it is
+    written. The connection's own decoding is restored before it returns to the pool.
+    """
+    raw = connection.connection.dbapi_connection
+    if not isinstance(raw, sqlite3.Connection):
+        yield
+        return
+    before = raw.text_factory
+    raw.text_factory = _decoded
+    try:
+        yield
+    finally:
+        raw.text_factory = before
+
+
+def _decoded(data: bytes) -> object:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return UNDECODABLE
