@@ -44,6 +44,7 @@ from storage.audit_sql import (
     audit_checkpoints,
     audit_events,
     audit_head,
+    bindable,
     text_as_read,
 )
 from storage.errors import BackendUnavailableError, InvalidRecordError, StorageError
@@ -186,7 +187,11 @@ class SqlAuditLog:
         query = sa.select(audit_head.c.sequence, audit_head.c.hash).where(
             audit_head.c.id == HEAD_ID
         )
-        row = self._run(lambda c: c.execute(query).one())
+        def select(c: Connection) -> Any:
+            with text_as_read(c):
+                return c.execute(query).one()
+
+        row = self._run(select)
         return read_head(row.sequence, row.hash)
 
     def events(self, after_sequence: int = 0, limit: int = QUERY_BATCH) -> list[ChainedEvent]:
@@ -223,13 +228,14 @@ class SqlAuditLog:
                 yield to_event(m, self._parse_time)
             if len(rows) < page:
                 return
-            cursor = rows[-1]["sequence"]  # as stored: the next page starts past it
+            # As stored: the next page starts past it (text that is not UTF-8 included).
+            cursor = bindable(rows[-1]["sequence"])
             if remaining is not None:
                 remaining -= len(rows)
 
     def _select_rows(self, query: sa.Select[Any]) -> list[Any]:
         """The rows' mappings, the time column unparsed (see ``__init__``), text that is
-        not UTF-8 as ``UNDECODABLE`` (``audit_sql.text_as_read``)."""
+        not UTF-8 as ``Undecodable`` (``audit_sql.text_as_read``)."""
 
         def select(c: Connection) -> list[Any]:
             with text_as_read(c):
@@ -258,7 +264,8 @@ class SqlAuditLog:
 
         def insert(connection: Connection) -> bool:
             self._lock_head(connection)
-            last = connection.execute(_LAST_CHECKPOINT_SEQUENCE).scalar() or 0
+            with text_as_read(connection):
+                last = connection.execute(_LAST_CHECKPOINT_SEQUENCE).scalar() or 0
             if type(last) is not int:  # a database writer's value: never sign past it
                 raise BackendUnavailableError(
                     "audit checkpoint sequence malformed; run `medvault audit verify`"
@@ -321,7 +328,8 @@ class SqlAuditLog:
         A malformed head raises ``AuditHeadMalformedError``, an outage to the trail:
         nothing is chained onto a head that cannot be read as the writer stored it.
         """
-        row = self._statements(connection).lock_head.execute(connection, {}).one()
+        with text_as_read(connection):
+            row = self._statements(connection).lock_head.execute(connection, {}).one()
         return read_head(row[0], row[1])
 
     def _statements(self, connection: Connection) -> WriterStatements:

@@ -19,6 +19,7 @@ is chained onto a head it cannot read) and a verdict to verification.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -42,9 +43,16 @@ UNREADABLE: Final = AuditEntry(
     time=datetime(1970, 1, 1, tzinfo=UTC), principal="", action="", resource="", outcome="failed"
 )
 
-# What a text value that is not UTF-8 reads as (SQLite stores any bytes cast to text;
-# ``storage.audit_log._text_as_read``): no check accepts it, so its field is malformed.
-UNDECODABLE: Final = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Undecodable:
+    """What a text value that is not UTF-8 reads as (SQLite stores any bytes cast to
+    text; ``storage.audit_sql.text_as_read``): no field check accepts it, so its field is
+    malformed. ``raw`` is kept only so a listing can page past such a sequence (it is
+    bound back as the same text); it is never shown, logged or hashed."""
+
+    raw: bytes = field(repr=False)
 
 # The dialect's own parser of stored timestamps (SQLite keeps text), or None when the
 # driver returns datetimes itself (PostgreSQL).

@@ -31,7 +31,7 @@ from sqlalchemy import exc
 from sqlalchemy.engine import Connection, CursorResult, Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from storage.audit_rows import UNDECODABLE
+from storage.audit_rows import Undecodable
 from storage.sql_metadata import metadata
 
 HEAD_ID: Final = 1
@@ -171,7 +171,7 @@ class WriterStatements:
 
 @contextmanager
 def text_as_read(connection: Connection) -> Iterator[None]:
-    """On SQLite, text that is not UTF-8 reads as ``UNDECODABLE`` for this query.
+    """On SQLite, text that is not UTF-8 reads as ``Undecodable`` for this query.
 
     SQLite stores whatever bytes a database writer casts to text, and sqlite3 fails the
     whole fetch on the first it cannot decode: one such value would make every listing
@@ -195,4 +195,11 @@ def _decoded(data: bytes) -> object:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        return UNDECODABLE
+        return Undecodable(data)
+
+
+def bindable(value: object) -> object:
+    """``value`` as a query may compare it again: an ``Undecodable`` as the same text."""
+    if isinstance(value, Undecodable):
+        return sa.cast(sa.literal(value.raw, sa.LargeBinary), sa.Text)
+    return value

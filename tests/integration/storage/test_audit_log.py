@@ -17,7 +17,14 @@ from keystore.admin import AUDIT_KEY_LABEL
 from keystore.signing import Pkcs11Signer
 from service.audit import AuditChainError
 from service.audit.checkpoints import Checkpointer, make_checkpoint, signature_checker
-from storage.audit_log import SqlAuditLog, _row_values, audit_checkpoints, audit_events, audit_head
+from storage.audit_log import (
+    QUERY_BATCH,
+    SqlAuditLog,
+    _row_values,
+    audit_checkpoints,
+    audit_events,
+    audit_head,
+)
 from storage.audit_model import (
     AuditEntry,
     AuditFilter,
@@ -26,7 +33,7 @@ from storage.audit_model import (
     canonical_bytes,
     chain_hash,
 )
-from storage.audit_rows import UNREADABLE
+from storage.audit_rows import UNREADABLE, AuditHeadMalformedError
 from storage.audit_verify import verify_chain
 from storage.errors import BackendUnavailableError, InvalidRecordError
 from storage.sql_metadata import make_engine, upgrade
@@ -506,3 +513,57 @@ def test_text_that_is_not_utf8_is_a_named_row_not_an_outage(
     # The connection's own decoding is back: other queries still fail on such text.
     with pytest.raises(sa.exc.OperationalError), audit_engine.connect() as c:
         c.exec_driver_sql(f"SELECT {column} FROM audit_events WHERE sequence = 50").all()
+
+
+def _refuses_bytes_that_are_not_utf8(engine: Engine) -> None:
+    """PostgreSQL: such text cannot be written, so there is nothing to read."""
+    with pytest.raises(sa.exc.DataError), engine.begin() as c:
+        c.exec_driver_sql(
+            "UPDATE audit_events SET reason = convert_from('\\xff', 'UTF8') WHERE sequence = 1"
+        )
+
+
+@pytest.mark.parametrize("newest_first", [True, False])
+def test_a_listing_pages_past_sequences_that_are_not_utf8(
+    audit_engine: Engine, audit_log: SqlAuditLog, newest_first: bool
+) -> None:
+    """A page ending on such a row pages on from the same text (review 3 of d9eeda9: the
+    marker, bound as the next page's cursor, was an outage of every long listing)."""
+    fill(audit_log, 10)
+    if audit_engine.dialect.name != "sqlite":
+        _refuses_bytes_that_are_not_utf8(audit_engine)
+        return
+    columns = [c.name for c in audit_events.c if c.name != "sequence"]
+    with audit_engine.begin() as c:  # a page of rows whose sequence is such text
+        c.exec_driver_sql(
+            f"INSERT INTO audit_events (sequence, {', '.join(columns)}) "
+            f"SELECT CAST(? AS TEXT), {', '.join(columns)} FROM audit_events WHERE sequence = 1",
+            [(b"\xff" + n.to_bytes(2, "big"),) for n in range(QUERY_BATCH)],
+        )
+    listed = list(audit_log.query(AuditFilter(newest_first=newest_first)))
+    assert sorted(e.sequence for e in listed if not e.malformed) == list(range(1, 11))
+    placeholders = [e for e in listed if e.malformed]
+    assert len(placeholders) == QUERY_BATCH
+    assert {e.malformed for e in placeholders} == {("sequence",)}
+
+
+def test_a_head_hash_that_is_not_utf8_is_a_verdict_and_fails_the_writer_closed(
+    audit_engine: Engine, audit_log: SqlAuditLog, signer: Pkcs11Signer
+) -> None:
+    """Not an outage "retry later": ``audit verify`` names the head, as it does for a
+    decodable text hash, and the writer refuses to chain onto it."""
+    fill(audit_log, 5)
+    if audit_engine.dialect.name != "sqlite":
+        _refuses_bytes_that_are_not_utf8(audit_engine)
+        return
+    with audit_engine.begin() as c:
+        c.exec_driver_sql("UPDATE audit_head SET hash = CAST(X'4142' AS TEXT)")
+    decodable = verify(audit_log, signer)
+    assert decodable[1].startswith("head row altered")
+    with audit_engine.begin() as c:
+        c.exec_driver_sql("UPDATE audit_head SET hash = CAST(X'41FF' AS TEXT)")
+    assert verify(audit_log, signer) == decodable
+    with pytest.raises(AuditHeadMalformedError):
+        audit_log.head()
+    with pytest.raises(BackendUnavailableError, match="head row malformed"):
+        audit_log.append([entry(99)])
