@@ -40,12 +40,15 @@ from storage.audit_model import (
 from storage.audit_rows import read_head, to_checkpoint, to_event
 from storage.audit_sql import (
     HEAD_ID,
+    SELECT_CHECKPOINTS,
+    SELECT_EVENTS,
     WriterStatements,
     audit_checkpoints,
     audit_events,
     audit_head,
     bindable,
     text_as_read,
+    time_parser,
 )
 from storage.errors import BackendUnavailableError, InvalidRecordError, StorageError
 from storage.sql_metadata import connect
@@ -141,9 +144,7 @@ class SqlAuditLog:
         self._sqlite = engine.dialect.name == "sqlite"
         # Events are read with the time column raw and parsed per row (audit_rows), so
         # a stored value that does not parse marks its row instead of failing the fetch.
-        self._parse_time = audit_events.c.time.type.dialect_impl(engine.dialect).result_processor(
-            engine.dialect, None
-        )
+        self._parse_time = time_parser(engine.dialect)
         self._writer: WriterStatements | None = None  # compiled on first use (connected)
         if self._sqlite and not event.contains(engine, "connect", _sqlite_full_sync):
             event.listen(engine, "connect", _sqlite_full_sync)
@@ -197,7 +198,7 @@ class SqlAuditLog:
     def events(self, after_sequence: int = 0, limit: int = QUERY_BATCH) -> list[ChainedEvent]:
         """Up to ``limit`` events with sequence > ``after_sequence``, in sequence order."""
         query = (
-            _SELECT_EVENTS.where(audit_events.c.sequence > after_sequence)
+            SELECT_EVENTS.where(audit_events.c.sequence > after_sequence)
             .order_by(audit_events.c.sequence)
             .limit(limit)
         )
@@ -219,7 +220,7 @@ class SqlAuditLog:
             page = QUERY_BATCH if remaining is None else min(remaining, QUERY_BATCH)
             # The chain's positions only, as ``events`` (what verification walks): a row
             # a database writer put at 0 or below is in no chain and never shown.
-            query = _filtered(_SELECT_EVENTS, flt).where(seq > 0)
+            query = _filtered(SELECT_EVENTS, flt).where(seq > 0)
             if cursor is not None:
                 query = query.where(seq < cursor if flt.newest_first else seq > cursor)
             query = query.order_by(seq.desc() if flt.newest_first else seq).limit(page)
@@ -287,14 +288,14 @@ class SqlAuditLog:
 
         A malformed row is a placeholder naming its fields (``storage.audit_rows``).
         """
-        query = _SELECT_CHECKPOINTS.where(audit_checkpoints.c.sequence > after_sequence).order_by(
+        query = SELECT_CHECKPOINTS.where(audit_checkpoints.c.sequence > after_sequence).order_by(
             audit_checkpoints.c.sequence
         )
         return [to_checkpoint(m, self._parse_time) for m in self._select_rows(query)]
 
     def last_checkpoint(self) -> Checkpoint | None:
         """The checkpoint with the highest sequence, or None (a placeholder if malformed)."""
-        query = _SELECT_CHECKPOINTS.order_by(audit_checkpoints.c.sequence.desc()).limit(1)
+        query = SELECT_CHECKPOINTS.order_by(audit_checkpoints.c.sequence.desc()).limit(1)
         rows = self._select_rows(query)
         return to_checkpoint(rows[0], self._parse_time) if rows else None
 
@@ -349,19 +350,6 @@ class SqlAuditLog:
             return fn(connection)
 
 
-def _time_untyped(table: sa.Table, time_column: str) -> sa.Select[Any]:
-    """All of ``table``'s columns, the time one untyped: no driver-side parsing that
-    would raise during the fetch (each row's time is parsed in ``storage.audit_rows``)."""
-    return sa.select(
-        *(
-            sa.type_coerce(c, sa.types.NullType()).label(c.name) if c.name == time_column else c
-            for c in table.c
-        )
-    )
-
-
-_SELECT_EVENTS = _time_untyped(audit_events, "time")
-_SELECT_CHECKPOINTS = _time_untyped(audit_checkpoints, "created_at")
 _LAST_CHECKPOINT_SEQUENCE = sa.select(sa.func.max(audit_checkpoints.c.sequence))
 
 

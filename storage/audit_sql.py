@@ -21,7 +21,7 @@ Reading: ``text_as_read`` lets a SQLite query read text that is not UTF-8 as a m
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final, cast
@@ -203,3 +203,26 @@ def bindable(value: object) -> object:
     if isinstance(value, Undecodable):
         return sa.cast(sa.literal(value.raw, sa.LargeBinary), sa.Text)
     return value
+
+
+def _time_untyped(table: sa.Table, time_column: str) -> sa.Select[Any]:
+    """All of ``table``'s columns, the time one untyped: no driver-side parsing that
+    would raise during the fetch (each row's time is parsed in ``storage.audit_rows``)."""
+    return sa.select(
+        *(
+            sa.type_coerce(c, sa.types.NullType()).label(c.name) if c.name == time_column else c
+            for c in table.c
+        )
+    )
+
+
+SELECT_EVENTS = _time_untyped(audit_events, "time")
+SELECT_CHECKPOINTS = _time_untyped(audit_checkpoints, "created_at")
+
+
+def time_parser(dialect: Dialect) -> Callable[[Any], Any] | None:
+    """The dialect's parser of a stored audit time (SQLite keeps text; ``audit_rows``)."""
+    return cast(
+        "Callable[[Any], Any] | None",
+        audit_events.c.time.type.dialect_impl(dialect).result_processor(dialect, None),
+    )

@@ -33,19 +33,21 @@ reason, and then reviews it: the review and its comment are kept like any other.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from storage.audit_sql import audit_events
+from storage.audit_model import ChainedEvent
+from storage.audit_rows import to_event
+from storage.audit_sql import SELECT_EVENTS, audit_events, text_as_read, time_parser
 from storage.errors import RecordConflictError, RecordNotFoundError
 from storage.grants import SqlGrantStore, access_grants, check_grant_id, is_grant_id
 from storage.grants_model import Grant
-from storage.sql_metadata import from_db_time, run_in_transaction, translated_change
+from storage.sql_metadata import run_in_transaction, translated_change
 
 QUEUE_EVENT_SCAN = 10_000  # most recent break-the-glass grants (by event) compared with rows
 TAMPERED_MARK = "[grant row missing or altered]"
@@ -197,12 +199,20 @@ class BreakGlassReview:
         )  # fmt: skip
 
     def _select(self) -> sa.Select[Any]:
+        """Every column, read as the audit log reads its rows (``_events``)."""
         e = audit_events.c
-        columns = (e.sequence, e.time, e.principal, e.application, e.role, e.patient_index,
-                   e.resource)  # fmt: skip
-        return sa.select(*columns).where(
+        return SELECT_EVENTS.where(
             e.action == self._action, e.outcome == "allowed", e.resource.like(_PREFIX + "%")
         )
+
+    def _rows(self, connection: Connection, query: sa.Select[Any]) -> list[ChainedEvent]:
+        """``query``'s rows read defensively (``storage.audit_rows``): a database writer's
+        row of a type or text the writer never stores is a malformed placeholder, not an
+        outage of the queue."""
+        with text_as_read(connection):
+            rows = connection.execute(query).all()
+        parse = time_parser(connection.dialect)
+        return [to_event(cast("Mapping[str, Any]", r._mapping), parse) for r in rows]
 
     def _events_of(self, connection: Connection, ids: list[str]) -> dict[str, BreakGlassEvent]:
         """The first break-the-glass event of each of ``ids`` (bounded batches)."""
@@ -210,7 +220,7 @@ class BreakGlassReview:
         for start in range(0, len(ids), _BATCH):
             resources = [_PREFIX + i for i in ids[start:start + _BATCH]]
             query = self._select().where(audit_events.c.resource.in_(resources))
-            found.update((e.grant_id, e) for e in _events(connection.execute(query).all()))
+            found.update((e.grant_id, e) for e in _events(self._rows(connection, query)))
         return found
 
     def _recent(self, connection: Connection) -> list[BreakGlassEvent]:
@@ -226,27 +236,33 @@ class BreakGlassReview:
             .subquery()
         )
         query = self._select().join(firsts, e.sequence == firsts.c.first)
-        return _events(connection.execute(query).all())
+        return _events(self._rows(connection, query))
 
     def _event(self, connection: Connection, grant_id: str) -> BreakGlassEvent | None:
         query = self._select().where(audit_events.c.resource == _PREFIX + grant_id)
-        found = _events(connection.execute(query.order_by(audit_events.c.sequence)).all())
+        found = _events(self._rows(connection, query.order_by(audit_events.c.sequence)))
         return found[0] if found else None
 
     def _run(self, fn: Callable[[Connection], Any]) -> Any:
         return run_in_transaction(self._grants.engine, fn)
 
 
-def _events(rows: Sequence[sa.Row[Any]]) -> list[BreakGlassEvent]:
-    """Events naming a well-formed grant id, oldest first (one per grant)."""
+def _events(rows: Sequence[ChainedEvent]) -> list[BreakGlassEvent]:
+    """Well-formed events naming a well-formed grant id, oldest first (one per grant).
+
+    A malformed row is left out: it says nothing the queue could trust, and the grant
+    row it would name is listed (or flagged) from the grants table all the same;
+    ``medvault audit verify`` names the row.
+    """
     found: dict[str, BreakGlassEvent] = {}
-    for row in sorted(rows, key=lambda r: r.sequence):
-        grant_id = row.resource[len(_PREFIX):]
+    for event in sorted((r for r in rows if not r.malformed), key=lambda r: r.sequence):
+        entry = event.entry
+        grant_id = entry.resource[len(_PREFIX):]
         if is_grant_id(grant_id) and grant_id not in found:
-            index = bytes(row.patient_index) if row.patient_index is not None else _NO_PATIENT
+            index = entry.patient_index if entry.patient_index is not None else _NO_PATIENT
             found[grant_id] = BreakGlassEvent(
-                grant_id, row.principal, index, from_db_time(row.time),
-                application=row.application or "", role=row.role or "",
+                grant_id, entry.principal, index, entry.time,
+                application=entry.application, role=entry.role,
             )  # fmt: skip
     return list(found.values())
 

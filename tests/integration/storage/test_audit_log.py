@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
 import pytest
 import sqlalchemy as sa
@@ -17,6 +18,7 @@ from keystore.admin import AUDIT_KEY_LABEL
 from keystore.signing import Pkcs11Signer
 from service.audit import AuditChainError
 from service.audit.checkpoints import Checkpointer, make_checkpoint, signature_checker
+from service.authz.permissions import ACCESS_BREAK_GLASS
 from storage.audit_log import (
     QUERY_BATCH,
     SqlAuditLog,
@@ -35,7 +37,9 @@ from storage.audit_model import (
 )
 from storage.audit_rows import UNREADABLE, AuditHeadMalformedError
 from storage.audit_verify import verify_chain
+from storage.break_glass import BreakGlassReview
 from storage.errors import BackendUnavailableError, InvalidRecordError
+from storage.grants import SqlGrantStore
 from storage.sql_metadata import make_engine, upgrade
 from tests.fixtures.databases import new_database
 from tests.unit.storage.audit_vectors import old_chain
@@ -567,3 +571,33 @@ def test_a_head_hash_that_is_not_utf8_is_a_verdict_and_fails_the_writer_closed(
         audit_log.head()
     with pytest.raises(BackendUnavailableError, match="head row malformed"):
         audit_log.append([entry(99)])
+
+
+def test_the_break_glass_queue_reads_forged_events_as_the_log_does(
+    audit_engine: Engine, audit_log: SqlAuditLog
+) -> None:
+    """The review queue reads break-the-glass events from the trail itself: a forged
+    one of text that is not UTF-8, or of a type the writer never stores, is left out
+    (the queue lists grant rows), not an outage of the officer's queue (review 3 of
+    d9eeda9: one such row, even at sequence -1 where verify never looks, stopped it)."""
+    fill(audit_log, 3)
+    if audit_engine.dialect.name != "sqlite":
+        _refuses_bytes_that_are_not_utf8(audit_engine)
+        return
+    columns = [c.name for c in audit_events.c if c.name != "sequence"]
+    forged = {
+        "action": f"'{ACCESS_BREAK_GLASS}'", "outcome": "'allowed'",
+        "resource": "'grant/' || lower(hex(randomblob(16)))",
+    }  # fmt: skip
+    for sequence, field, value in ((-1, "principal", "CAST(X'41FF42' AS TEXT)"),
+                                   (-2, "patient_index", "1000000000"),
+                                   (-3, "time", "'not a time'")):  # fmt: skip
+        values = {**forged, field: value}
+        with audit_engine.begin() as c:
+            c.exec_driver_sql(
+                f"INSERT INTO audit_events (sequence, {', '.join(columns)}) SELECT {sequence}, "
+                f"{', '.join(values.get(n, n) for n in columns)} FROM audit_events "
+                "WHERE sequence = 1"
+            )
+    review = BreakGlassReview(SqlGrantStore(audit_engine, cast(Any, None)), ACCESS_BREAK_GLASS)
+    assert review.queue(include_reviewed=True) == []
