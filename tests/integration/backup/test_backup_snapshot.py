@@ -87,3 +87,19 @@ def test_integer_in_a_binary_column_is_not_allocated(source: Source) -> None:
         c.exec_driver_sql("UPDATE audit_head SET hash = 1000000000")
     with pytest.raises(AuditHeadMalformedError, match="hash"):
         b"".join(export(source.engine))
+
+
+def test_text_that_is_not_utf8_fails_the_snapshot_by_column(source: Source) -> None:
+    """Not sqlite3's decoding error, whose text (logged with its traceback) carries the
+    value: the table and column, as for any malformed row. PostgreSQL refuses such text."""
+    if source.engine.dialect.name != "sqlite":
+        with pytest.raises(sa.exc.DataError), source.engine.begin() as c:
+            c.exec_driver_sql(
+                "UPDATE audit_events SET reason = convert_from('\\x41ff42', 'UTF8')"
+            )
+        return
+    with source.engine.begin() as c:
+        c.exec_driver_sql("UPDATE audit_events SET reason = CAST(X'41FF42' AS TEXT)")
+    with pytest.raises(SourceIntegrityError, match=r"audit_events .*\(reason\)") as raised:
+        b"".join(export(source.engine))
+    assert raised.value.__cause__ is None  # no driver error carrying the value
