@@ -33,6 +33,7 @@ reason, and then reviews it: the review and its comment are kept like any other.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -42,13 +43,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from storage.audit_model import ChainedEvent
-from storage.audit_rows import to_event
+from storage.audit_rows import UNREADABLE, to_event
 from storage.audit_sql import SELECT_EVENTS, audit_events, text_as_read, time_parser
 from storage.errors import RecordConflictError, RecordNotFoundError
 from storage.grants import SqlGrantStore, access_grants, check_grant_id, is_grant_id
 from storage.grants_model import Grant
 from storage.sql_metadata import run_in_transaction, translated_change
 
+logger = logging.getLogger(__name__)
 QUEUE_EVENT_SCAN = 10_000  # most recent break-the-glass grants (by event) compared with rows
 TAMPERED_MARK = "[grant row missing or altered]"
 RESTORED_MARK = "[grant row missing or altered; restored from the audit trail on review]"
@@ -198,28 +200,38 @@ class BreakGlassReview:
             reviewed_at=None, reviewed_by=None, review_comment=None,
         )  # fmt: skip
 
-    def _select(self) -> sa.Select[Any]:
+    def _select(self, connection: Connection) -> sa.Select[Any]:
         """Every column, read as the audit log reads its rows (``_events``)."""
-        e = audit_events.c
-        return SELECT_EVENTS.where(
-            e.action == self._action, e.outcome == "allowed", e.resource.like(_PREFIX + "%")
-        )
+        return SELECT_EVENTS.where(*self._break_glass(connection))
 
-    def _rows(self, connection: Connection, query: sa.Select[Any]) -> list[ChainedEvent]:
+    def _break_glass(self, connection: Connection) -> list[sa.ColumnElement[bool]]:
+        """Break-the-glass events at chain positions: a row at 0 or below, or (SQLite) a
+        sequence of another type, is in no chain and must not stand first for a grant."""
+        e = audit_events.c
+        where = [e.action == self._action, e.outcome == "allowed",
+                 e.resource.like(_PREFIX + "%"), e.sequence > 0]  # fmt: skip
+        if connection.dialect.name == "sqlite":
+            where.append(sa.func.typeof(e.sequence) == "integer")
+        return where
+
+    def _rows(self, connection: Connection, query: sa.Select[Any]) -> list[_Read]:
         """``query``'s rows read defensively (``storage.audit_rows``): a database writer's
-        row of a type or text the writer never stores is a malformed placeholder, not an
-        outage of the queue."""
+        row of a type or text the writer never stores is a malformed placeholder (with
+        the resource it names, when that is text), not an outage of the queue."""
         with text_as_read(connection):
             rows = connection.execute(query).all()
         parse = time_parser(connection.dialect)
-        return [to_event(cast("Mapping[str, Any]", r._mapping), parse) for r in rows]
+        return [
+            _Read(to_event(cast("Mapping[str, Any]", r._mapping), parse), r._mapping["resource"])
+            for r in rows
+        ]
 
     def _events_of(self, connection: Connection, ids: list[str]) -> dict[str, BreakGlassEvent]:
         """The first break-the-glass event of each of ``ids`` (bounded batches)."""
         found: dict[str, BreakGlassEvent] = {}
         for start in range(0, len(ids), _BATCH):
             resources = [_PREFIX + i for i in ids[start:start + _BATCH]]
-            query = self._select().where(audit_events.c.resource.in_(resources))
+            query = self._select(connection).where(audit_events.c.resource.in_(resources))
             found.update((e.grant_id, e) for e in _events(self._rows(connection, query)))
         return found
 
@@ -229,17 +241,30 @@ class BreakGlassReview:
         e = audit_events.c
         firsts = (
             sa.select(sa.func.min(e.sequence).label("first"))
-            .where(e.action == self._action, e.outcome == "allowed", e.resource.like(_PREFIX + "%"))
+            .where(*self._break_glass(connection))
             .group_by(e.resource)
             .order_by(sa.func.max(e.sequence).desc())
             .limit(self._scan)
             .subquery()
         )
-        query = self._select().join(firsts, e.sequence == firsts.c.first)
-        return _events(self._rows(connection, query))
+        query = self._select(connection).join(firsts, e.sequence == firsts.c.first)
+        read = self._rows(connection, query)
+        events = {x.grant_id: x for x in _events(read)}
+        # A grant whose first event is malformed (a database writer changed an earlier
+        # row to name it) is looked up again among all its events: a forged row must not
+        # hide the genuine one; with none well-formed it is still listed (_unreadable).
+        suspects = sorted({g for r in read if (g := r.named_grant()) and g not in events})
+        if suspects:
+            events.update(self._events_of(connection, suspects))
+            logger.warning(
+                "break-the-glass events unreadable (changed in the database); run "
+                "`medvault audit verify`", extra={"grants": len(suspects)},
+            )  # fmt: skip
+            events.update((g, _unreadable(g)) for g in suspects if g not in events)
+        return list(events.values())
 
     def _event(self, connection: Connection, grant_id: str) -> BreakGlassEvent | None:
-        query = self._select().where(audit_events.c.resource == _PREFIX + grant_id)
+        query = self._select(connection).where(audit_events.c.resource == _PREFIX + grant_id)
         found = _events(self._rows(connection, query.order_by(audit_events.c.sequence)))
         return found[0] if found else None
 
@@ -247,15 +272,29 @@ class BreakGlassReview:
         return run_in_transaction(self._grants.engine, fn)
 
 
-def _events(rows: Sequence[ChainedEvent]) -> list[BreakGlassEvent]:
+@dataclass(frozen=True, slots=True)
+class _Read:
+    """A row as read: its event (a placeholder if malformed) and its raw resource."""
+
+    event: ChainedEvent
+    resource: object
+
+    def named_grant(self) -> str | None:
+        """The grant a malformed row names, if its resource is readable text."""
+        if not self.event.malformed or type(self.resource) is not str:
+            return None
+        grant_id = self.resource[len(_PREFIX):]
+        return grant_id if self.resource.startswith(_PREFIX) and is_grant_id(grant_id) else None
+
+
+def _events(rows: Sequence[_Read]) -> list[BreakGlassEvent]:
     """Well-formed events naming a well-formed grant id, oldest first (one per grant).
 
-    A malformed row is left out: it says nothing the queue could trust, and the grant
-    row it would name is listed (or flagged) from the grants table all the same;
-    ``medvault audit verify`` names the row.
+    Malformed rows are left out here: ``_recent`` looks their grants up again.
     """
     found: dict[str, BreakGlassEvent] = {}
-    for event in sorted((r for r in rows if not r.malformed), key=lambda r: r.sequence):
+    good = sorted((r.event for r in rows if not r.event.malformed), key=lambda e: e.sequence)
+    for event in good:
         entry = event.entry
         grant_id = entry.resource[len(_PREFIX):]
         if is_grant_id(grant_id) and grant_id not in found:
@@ -265,6 +304,12 @@ def _events(rows: Sequence[ChainedEvent]) -> list[BreakGlassEvent]:
                 application=entry.application, role=entry.role,
             )  # fmt: skip
     return list(found.values())
+
+
+def _unreadable(grant_id: str) -> BreakGlassEvent:
+    """A grant only malformed events name: listed (flagged if its row is gone), nothing
+    of the rows shown; ``medvault audit verify`` names them."""
+    return BreakGlassEvent(grant_id, "unknown", _NO_PATIENT, UNREADABLE.time)
 
 
 def _after(

@@ -1,0 +1,135 @@
+"""The break-the-glass review queue against a database writer's forged events (no
+token): a malformed row must neither hide a genuine event nor vanish silently (review 4
+of 61166c6, which had made the queue read rows defensively and drop malformed ones).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from typing import Any, cast
+
+import pytest
+from sqlalchemy.engine import Engine
+
+from service.authz.permissions import ACCESS_BREAK_GLASS
+from storage.audit_log import SqlAuditLog
+from storage.audit_sql import audit_events
+from storage.break_glass import TAMPERED_MARK, BreakGlassReview
+from storage.grants import SqlGrantStore
+from storage.sql_metadata import make_engine, upgrade
+from tests.fixtures.databases import new_database
+from tests.integration.storage.test_audit_log import PATIENT, entry, fill
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def audit_engine(
+    database_url: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Engine]:
+    for url in new_database(request, database_url, tmp_path_factory):
+        engine = make_engine(url)
+        upgrade(engine)
+        yield engine
+        engine.dispose()
+
+
+@pytest.fixture
+def audit_log(audit_engine: Engine) -> SqlAuditLog:
+    return SqlAuditLog(audit_engine)
+
+
+def _review(engine: Engine) -> BreakGlassReview:
+    # No grant rows at all (the writer deleted the grant): the sealer is never used.
+    return BreakGlassReview(SqlGrantStore(engine, cast(Any, None)), ACCESS_BREAK_GLASS)
+
+
+def _break_glass_event(log: SqlAuditLog, grant_id: str) -> None:
+    log.append([entry(1, action=ACCESS_BREAK_GLASS, resource=f"grant/{grant_id}",
+                      outcome="allowed", patient_index=PATIENT, principal="dr-x")])  # fmt: skip
+
+
+@pytest.mark.parametrize("sequence", [-1, 0])
+def test_a_forged_malformed_event_does_not_hide_a_deleted_break_glass_grant(
+    audit_engine: Engine, audit_log: SqlAuditLog, sequence: int
+) -> None:
+    """61166c6: the queue takes each grant's first event by min(sequence) in SQL, then
+    drops it in Python when malformed. One forged row naming the grant below the
+    genuine event (at 0 or below, where ``audit verify`` never looks) with a hash of
+    the wrong length hides the genuine event: a deleted grant row vanishes from the
+    officer's queue, and verify stays clean. Before 61166c6 the grant stayed flagged
+    (the forged row's fields were shown, but the access did not vanish)."""
+    fill(audit_log, 3)
+    grant_id = secrets.token_hex(16)
+    _break_glass_event(audit_log, grant_id)
+    review = _review(audit_engine)
+    assert [g.grant.id for g in review.queue(include_reviewed=True)] == [grant_id]
+    columns = [c.name for c in audit_events.c if c.name not in ("sequence", "hash")]
+    with audit_engine.begin() as c:
+        c.exec_driver_sql(
+            f"INSERT INTO audit_events (sequence, hash, {', '.join(columns)}) "
+            f"SELECT {sequence}, prev_hash || prev_hash, {', '.join(columns)} "
+            f"FROM audit_events WHERE resource = 'grant/{grant_id}'"
+        )
+    # The officer's review of the grant by id still finds the genuine event...
+    target = review.target(grant_id)
+    assert target.flagged
+    assert target.grant.principal == "dr-x"
+    # ...but the queue, the only place the officer learns of it, no longer lists it.
+    queue = review.queue(include_reviewed=True)
+    assert [(g.grant.id, g.grant.reason) for g in queue] == [(grant_id, TAMPERED_MARK)], (
+        "a deleted break-the-glass grant vanished from the review queue"
+    )
+
+
+def test_malformed_events_cannot_fill_the_queue_window(
+    audit_engine: Engine, audit_log: SqlAuditLog
+) -> None:
+    """61166c6: the window (``scan`` grants by latest event) is taken in SQL before
+    malformed rows are dropped: forged malformed rows naming other grants, at higher
+    sequences, push a deleted grant's genuine event out and are then silently left
+    out: the queue is empty. Before 61166c6 the forged rows were listed as flagged
+    grants (this test passes on 61166c6^)."""
+    grant_id = secrets.token_hex(16)
+    _break_glass_event(audit_log, grant_id)
+    fill(audit_log, 3)
+    review = BreakGlassReview(
+        SqlGrantStore(audit_engine, cast(Any, None)), ACCESS_BREAK_GLASS, scan=3
+    )
+    assert [g.grant.id for g in review.queue(include_reviewed=True)] == [grant_id]
+    columns = [c.name for c in audit_events.c if c.name not in ("sequence", "resource", "hash")]
+    with audit_engine.begin() as c:
+        for n in range(3):
+            c.exec_driver_sql(
+                f"INSERT INTO audit_events (sequence, resource, hash, {', '.join(columns)}) "
+                f"SELECT {1000 + n}, 'grant/{secrets.token_hex(16)}', prev_hash || prev_hash, "
+                f"{', '.join(columns)} FROM audit_events WHERE resource = 'grant/{grant_id}'"
+            )
+    # Pushing a grant out of the window by forging others is the documented bound;
+    # doing it silently is not: the forged events must at least show.
+    queue = review.queue(include_reviewed=True)
+    assert len(queue) == 3, "malformed events silently pushed a grant out of the queue"
+    assert {(g.grant.principal, g.grant.reason) for g in queue} == {("unknown", TAMPERED_MARK)}
+
+
+def test_an_earlier_row_changed_to_name_the_grant_does_not_hide_its_event(
+    audit_engine: Engine, audit_log: SqlAuditLog
+) -> None:
+    """Inside the chain: the writer rewrites an older event (sequence 1) as a malformed
+    break-the-glass event of the grant, so it is the grant's first by sequence. The
+    queue looks the grant up again and lists it from its genuine event."""
+    fill(audit_log, 3)
+    grant_id = secrets.token_hex(16)
+    _break_glass_event(audit_log, grant_id)
+    short = "X'00'" if audit_engine.dialect.name == "sqlite" else "decode('00', 'hex')"
+    with audit_engine.begin() as c:
+        c.exec_driver_sql(
+            f"UPDATE audit_events SET action = '{ACCESS_BREAK_GLASS}', outcome = 'allowed', "
+            f"resource = 'grant/{grant_id}', principal = 'forged', hash = {short} "
+            "WHERE sequence = 1"
+        )
+    queue = _review(audit_engine).queue(include_reviewed=True)
+    assert [(g.grant.id, g.grant.principal, g.grant.reason) for g in queue] == [
+        (grant_id, "dr-x", TAMPERED_MARK)
+    ]
