@@ -55,6 +55,9 @@ QUEUE_EVENT_SCAN = 10_000  # most recent break-the-glass grants (by event) compa
 TAMPERED_MARK = "[grant row missing or altered]"
 RESTORED_MARK = "[grant row missing or altered; restored from the audit trail on review]"
 _PREFIX = "grant/"
+# A resource naming a grant (storage.grants.is_grant_id: 32 lowercase hex digits).
+_GLOB = _PREFIX + "[0-9a-f]" * 32
+_REGEX = "^" + _PREFIX + "[0-9a-f]{32}$"
 _NO_PATIENT = bytes(32)  # a restored row needs an index; an event always has one
 _BATCH = 500  # grant ids per IN (...) lookup of older events
 
@@ -208,10 +211,13 @@ class BreakGlassReview:
         """Break-the-glass events at chain positions: a row at 0 or below, or (SQLite) a
         sequence of another type, is in no chain and must not stand first for a grant."""
         e = audit_events.c
-        where = [e.action == self._action, e.outcome == "allowed",
-                 e.resource.like(_PREFIX + "%"), e.sequence > 0]  # fmt: skip
+        where = [e.action == self._action, e.outcome == "allowed", e.sequence > 0]
+        # Exactly ``grant/`` and a grant id (case-sensitive: SQLite's LIKE is not), so a
+        # row naming no grant cannot take a place in the window and then vanish.
         if connection.dialect.name == "sqlite":
-            where.append(sa.func.typeof(e.sequence) == "integer")
+            where += [sa.func.typeof(e.sequence) == "integer", e.resource.op("GLOB")(_GLOB)]
+        else:
+            where.append(e.resource.regexp_match(_REGEX))
         return where
 
     def _rows(self, connection: Connection, query: sa.Select[Any]) -> list[_Read]:

@@ -133,3 +133,46 @@ def test_an_earlier_row_changed_to_name_the_grant_does_not_hide_its_event(
     assert [(g.grant.id, g.grant.principal, g.grant.reason) for g in queue] == [
         (grant_id, "dr-x", TAMPERED_MARK)
     ]
+
+
+
+
+def _copy_at(engine: Engine, grant_id: str, sequence: int, resource: str, hash_: str) -> None:
+    """Insert a copy of the grant's event at ``sequence`` (past the head) naming ``resource``
+    (SQL text) with ``hash_`` (SQL)."""
+    columns = [c.name for c in audit_events.c if c.name not in ("sequence", "resource", "hash")]
+    with engine.begin() as c:
+        c.exec_driver_sql(
+            f"INSERT INTO audit_events (sequence, resource, hash, {', '.join(columns)}) "
+            f"SELECT {sequence}, {resource}, {hash_}, {', '.join(columns)} "
+            f"FROM audit_events WHERE resource = 'grant/{grant_id}'"
+        )
+
+
+@pytest.mark.parametrize("kind", ["not-a-grant-id", "not-a-grant-id-malformed",
+                                  "undecodable", "upper-prefix-malformed"])  # fmt: skip
+def test_unnamed_events_cannot_fill_the_queue_window_silently(
+    audit_engine: Engine, audit_log: SqlAuditLog, kind: str
+) -> None:
+    """Rows whose resource names no grant (``grant/`` and no grant id, text that is not
+    UTF-8, ``GRANT/<id>`` which SQLite's LIKE matched) took a place in the window each
+    and were then dropped without a trace (review 5 of 0490fa2): the window now counts
+    only resources naming a grant exactly, so the deleted grant stays listed."""
+    grant_id = secrets.token_hex(16)
+    _break_glass_event(audit_log, grant_id)
+    fill(audit_log, 3)
+    review = BreakGlassReview(
+        SqlGrantStore(audit_engine, cast(Any, None)), ACCESS_BREAK_GLASS, scan=3
+    )
+    assert [g.grant.id for g in review.queue(include_reviewed=True)] == [grant_id]
+    for n in range(3):
+        other = secrets.token_hex(16)
+        resource, hash_ = {
+            "not-a-grant-id": (f"'grant/{other}-{n}'", "hash"),
+            "not-a-grant-id-malformed": (f"'grant/{other}-{n}'", "prev_hash || prev_hash"),
+            "undecodable": (f"CAST(X'6772616e742fff{n:02x}' AS TEXT)", "hash"),
+            "upper-prefix-malformed": (f"'GRANT/{other}'", "prev_hash || prev_hash"),
+        }[kind]
+        _copy_at(audit_engine, grant_id, 1000 + n, resource, hash_)
+    queue = review.queue(include_reviewed=True)
+    assert grant_id in [g.grant.id for g in queue], "forged events pushed the grant out"
