@@ -188,6 +188,7 @@ class SqlAuditLog:
         query = sa.select(audit_head.c.sequence, audit_head.c.hash).where(
             audit_head.c.id == HEAD_ID
         )
+
         def select(c: Connection) -> Any:
             with text_as_read(c):
                 return c.execute(query).one()

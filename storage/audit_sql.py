@@ -21,7 +21,7 @@ Reading: ``text_as_read`` lets a SQLite query read text that is not UTF-8 as a m
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final, cast
@@ -31,7 +31,7 @@ from sqlalchemy import exc
 from sqlalchemy.engine import Connection, CursorResult, Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from storage.audit_rows import Undecodable
+from storage.audit_rows import TimeParser, Undecodable
 from storage.sql_metadata import metadata
 
 HEAD_ID: Final = 1
@@ -178,6 +178,10 @@ def text_as_read(connection: Connection) -> Iterator[None]:
     and ``audit verify`` an outage instead of naming its row (``storage.audit_rows``
     reads the marker as a malformed field). PostgreSQL refuses such text when it is
     written. The connection's own decoding is restored before it returns to the pool.
+
+    Around the audit's own reads only, not in ``SqlAuditLog._run``: the writer's
+    transaction also runs other stores' changes (a record row, a grant), which must keep
+    the driver's error rather than meet a marker they do not check for.
     """
     raw = connection.connection.dbapi_connection
     if not isinstance(raw, sqlite3.Connection):
@@ -220,9 +224,8 @@ SELECT_EVENTS = _time_untyped(audit_events, "time")
 SELECT_CHECKPOINTS = _time_untyped(audit_checkpoints, "created_at")
 
 
-def time_parser(dialect: Dialect) -> Callable[[Any], Any] | None:
+def time_parser(dialect: Dialect) -> TimeParser:
     """The dialect's parser of a stored audit time (SQLite keeps text; ``audit_rows``)."""
     return cast(
-        "Callable[[Any], Any] | None",
-        audit_events.c.time.type.dialect_impl(dialect).result_processor(dialect, None),
+        TimeParser, audit_events.c.time.type.dialect_impl(dialect).result_processor(dialect, None)
     )

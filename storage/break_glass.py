@@ -110,6 +110,7 @@ class BreakGlassReview:
 
     def __init__(self, grants: SqlGrantStore, action: str, scan: int = QUEUE_EVENT_SCAN) -> None:
         self._grants = grants
+        self._parse_time = time_parser(grants.engine.dialect)
         self._action = action  # the trail's action name of break-the-glass (the service's)
         self._scan = scan
 
@@ -226,9 +227,11 @@ class BreakGlassReview:
         the resource it names, when that is text), not an outage of the queue."""
         with text_as_read(connection):
             rows = connection.execute(query).all()
-        parse = time_parser(connection.dialect)
         return [
-            _Read(to_event(cast("Mapping[str, Any]", r._mapping), parse), r._mapping["resource"])
+            _Read(
+                to_event(cast("Mapping[str, Any]", r._mapping), self._parse_time),
+                r._mapping["resource"],
+            )
             for r in rows
         ]
 

@@ -6,7 +6,6 @@ of 61166c6, which had made the queue read rows defensively and drop malformed on
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
@@ -15,34 +14,24 @@ from sqlalchemy.engine import Engine
 from service.authz.permissions import ACCESS_BREAK_GLASS
 from storage.audit_log import SqlAuditLog
 from storage.audit_sql import audit_events
-from storage.break_glass import TAMPERED_MARK, BreakGlassReview
+from storage.break_glass import QUEUE_EVENT_SCAN, TAMPERED_MARK, BreakGlassReview
 from storage.grants import SqlGrantStore
-from storage.sql_metadata import make_engine, upgrade
-from tests.fixtures.databases import new_database
-from tests.integration.storage.test_audit_log import PATIENT, entry, fill
+from tests.integration.storage.test_audit_log import (  # noqa: F401 - fixtures
+    PATIENT,
+    audit_engine,
+    audit_log,
+    audit_url,
+    entry,
+    fill,
+)
 
 pytestmark = pytest.mark.integration
+# ruff: noqa: F811  (the fixtures imported above are the parameters)
 
 
-@pytest.fixture
-def audit_engine(
-    database_url: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Engine]:
-    for url in new_database(request, database_url, tmp_path_factory):
-        engine = make_engine(url)
-        upgrade(engine)
-        yield engine
-        engine.dispose()
-
-
-@pytest.fixture
-def audit_log(audit_engine: Engine) -> SqlAuditLog:
-    return SqlAuditLog(audit_engine)
-
-
-def _review(engine: Engine) -> BreakGlassReview:
+def _review(engine: Engine, scan: int = QUEUE_EVENT_SCAN) -> BreakGlassReview:
     # No grant rows at all (the writer deleted the grant): the sealer is never used.
-    return BreakGlassReview(SqlGrantStore(engine, cast(Any, None)), ACCESS_BREAK_GLASS)
+    return BreakGlassReview(SqlGrantStore(engine, cast(Any, None)), ACCESS_BREAK_GLASS, scan)
 
 
 def _break_glass_event(log: SqlAuditLog, grant_id: str) -> None:
@@ -86,26 +75,18 @@ def test_a_forged_malformed_event_does_not_hide_a_deleted_break_glass_grant(
 def test_malformed_events_cannot_fill_the_queue_window(
     audit_engine: Engine, audit_log: SqlAuditLog
 ) -> None:
-    """61166c6: the window (``scan`` grants by latest event) is taken in SQL before
-    malformed rows are dropped: forged malformed rows naming other grants, at higher
-    sequences, push a deleted grant's genuine event out and are then silently left
-    out: the queue is empty. Before 61166c6 the forged rows were listed as flagged
-    grants (this test passes on 61166c6^)."""
+    """The window (``scan`` grants by latest event) is taken in SQL: forged malformed
+    rows naming other grants, at higher sequences, push a deleted grant's genuine event
+    out. 61166c6 then dropped them too, silently (an empty queue); they are listed as
+    flagged grants, principal ``unknown`` (review 4)."""
     grant_id = secrets.token_hex(16)
     _break_glass_event(audit_log, grant_id)
     fill(audit_log, 3)
-    review = BreakGlassReview(
-        SqlGrantStore(audit_engine, cast(Any, None)), ACCESS_BREAK_GLASS, scan=3
-    )
+    review = _review(audit_engine, scan=3)
     assert [g.grant.id for g in review.queue(include_reviewed=True)] == [grant_id]
-    columns = [c.name for c in audit_events.c if c.name not in ("sequence", "resource", "hash")]
-    with audit_engine.begin() as c:
-        for n in range(3):
-            c.exec_driver_sql(
-                f"INSERT INTO audit_events (sequence, resource, hash, {', '.join(columns)}) "
-                f"SELECT {1000 + n}, 'grant/{secrets.token_hex(16)}', prev_hash || prev_hash, "
-                f"{', '.join(columns)} FROM audit_events WHERE resource = 'grant/{grant_id}'"
-            )
+    for n in range(3):
+        resource = f"'grant/{secrets.token_hex(16)}'"
+        _copy_at(audit_engine, grant_id, 1000 + n, resource, "prev_hash || prev_hash")
     # Pushing a grant out of the window by forging others is the documented bound;
     # doing it silently is not: the forged events must at least show.
     queue = review.queue(include_reviewed=True)
@@ -161,9 +142,7 @@ def test_unnamed_events_cannot_fill_the_queue_window_silently(
     grant_id = secrets.token_hex(16)
     _break_glass_event(audit_log, grant_id)
     fill(audit_log, 3)
-    review = BreakGlassReview(
-        SqlGrantStore(audit_engine, cast(Any, None)), ACCESS_BREAK_GLASS, scan=3
-    )
+    review = _review(audit_engine, scan=3)
     assert [g.grant.id for g in review.queue(include_reviewed=True)] == [grant_id]
     for n in range(3):
         other = secrets.token_hex(16)
