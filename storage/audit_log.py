@@ -47,6 +47,7 @@ from storage.audit_sql import (
     audit_events,
     audit_head,
     bindable,
+    rows_as_read,
     text_as_read,
     time_parser,
 )
@@ -143,7 +144,8 @@ class SqlAuditLog:
         self._engine = engine
         self._sqlite = engine.dialect.name == "sqlite"
         # Events are read with the time column raw and parsed per row (audit_rows), so
-        # a stored value that does not parse marks its row instead of failing the fetch.
+        # a stored value that does not parse marks its row instead of failing the fetch
+        # (on PostgreSQL psycopg parses it, leniently: audit_sql.rows_as_read).
         self._parse_time = time_parser(engine.dialect)
         self._writer: WriterStatements | None = None  # compiled on first use (connected)
         if self._sqlite and not event.contains(engine, "connect", _sqlite_full_sync):
@@ -237,10 +239,11 @@ class SqlAuditLog:
 
     def _select_rows(self, query: sa.Select[Any]) -> list[Any]:
         """The rows' mappings, the time column unparsed (see ``__init__``), text that is
-        not UTF-8 as ``Undecodable`` (``audit_sql.text_as_read``)."""
+        not UTF-8 as ``Undecodable`` and a time Python cannot hold as ``OUT_OF_RANGE``
+        (``audit_sql.rows_as_read``)."""
 
         def select(c: Connection) -> list[Any]:
-            with text_as_read(c):
+            with rows_as_read(c):
                 return [r._mapping for r in c.execute(query).all()]
 
         return self._run(select)

@@ -7,7 +7,8 @@ error: it becomes a ``ChainedEvent`` whose ``malformed`` names the failing field
 only, never values: they may be patient data) and whose entry and hashes are
 placeholders. The chain walk reports such a row as ``event altered`` at its place
 (``storage.audit_verify``); listings leave it out and report it
-(``service.audit.listing``).
+(``service.audit.listing``). Values the driver cannot read arrive as markers no check
+accepts: ``Undecodable`` text (SQLite), an ``OutOfRange`` time (PostgreSQL).
 
 ``audit_checkpoints`` rows are read the same way (``to_checkpoint``: a placeholder
 ``Checkpoint`` naming its bad fields, which the walk reports as ``checkpoint altered``
@@ -54,8 +55,23 @@ class Undecodable:
 
     raw: bytes = field(repr=False)
 
+
+class OutOfRange:
+    """What a date or time PostgreSQL holds and Python's datetime cannot (``infinity``,
+    ``-infinity``, a year outside 1 to 9999) reads as, where psycopg would fail the
+    whole fetch (``storage.audit_sql.rows_as_read``): no field check accepts it, so its
+    field is malformed. It keeps nothing of the value."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "OutOfRange()"
+
+
+OUT_OF_RANGE: Final = OutOfRange()
+
 # The dialect's own parser of stored timestamps (SQLite keeps text), or None when the
-# driver returns datetimes itself (PostgreSQL).
+# driver returns datetimes itself (PostgreSQL: psycopg's, or ``OUT_OF_RANGE``).
 TimeParser = Callable[[Any], Any] | None
 # Longer than any signature or public key the audit key makes (RSA-4096 or EC): a
 # longer value is not one the service stored.

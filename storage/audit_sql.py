@@ -15,7 +15,8 @@ connection, its transaction, its listeners (``before_cursor_execute``:
 ``storage.sql_deadlines``) and the wrapping of driver errors are SQLAlchemy's as before.
 
 Reading: ``text_as_read`` lets a SQLite query read text that is not UTF-8 as a marker
-(a malformed field, named by ``storage.audit_rows``) instead of failing the whole fetch.
+(a malformed field, named by ``storage.audit_rows``) instead of failing the whole fetch;
+``rows_as_read`` adds the same for a PostgreSQL date or time that Python cannot hold.
 """
 
 from __future__ import annotations
@@ -24,14 +25,19 @@ import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Final, cast
 
+import psycopg
 import sqlalchemy as sa
+from psycopg.abc import AdaptContext, Buffer
+from psycopg.adapt import Loader
+from psycopg.pq import Format
 from sqlalchemy import exc
 from sqlalchemy.engine import Connection, CursorResult, Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from storage.audit_rows import TimeParser, Undecodable
+from storage.audit_rows import OUT_OF_RANGE, TimeParser, Undecodable
 from storage.sql_metadata import metadata
 
 HEAD_ID: Final = 1
@@ -202,6 +208,72 @@ def _decoded(data: bytes) -> object:
         return Undecodable(data)
 
 
+# The types whose psycopg loaders raise on values PostgreSQL holds (infinity, years
+# outside 1 to 9999, 24:00:00): the audit's columns are timestamptz, the others are what
+# a database writer may change a column's type to.
+_TIME_TYPES: Final = ("timestamptz", "timestamp", "date", "time", "timetz")
+
+
+@contextmanager
+def rows_as_read(connection: Connection) -> Iterator[None]:
+    """``text_as_read``, and on PostgreSQL a date or time Python cannot hold reads as
+    ``OUT_OF_RANGE`` for this query.
+
+    PostgreSQL stores ``infinity``, ``-infinity`` and years up to 294276 (and BC) in a
+    ``timestamptz``; psycopg fails the whole fetch on the first it cannot load, with the
+    value in its message: one such value written by a database writer would make every
+    listing, ``audit verify`` and the break-the-glass queue an outage instead of naming
+    its row. Every other value is loaded by psycopg's own loader, so a genuine row reads
+    exactly as before (the chain hashes the event as read). The connection's own
+    loaders are restored before it returns to the pool.
+
+    Around reads of whole audit rows and the backup snapshot; the head row and the
+    last checkpoint's sequence hold no time and are read under ``text_as_read`` (the
+    writer's head lock runs with every append: it pays for nothing it does not read).
+    """
+    raw = connection.connection.dbapi_connection
+    if not isinstance(raw, psycopg.Connection):
+        with text_as_read(connection):
+            yield
+        return
+    adapters = raw.adapters
+    before = [
+        (oid, loader)
+        for oid in (adapters.types[name].oid for name in _TIME_TYPES)
+        for loader in (adapters.get_loader(oid, f) for f in (Format.TEXT, Format.BINARY))
+        if loader is not None
+    ]
+    for oid, loader in before:
+        adapters.register_loader(oid, _lenient(loader))
+    try:
+        yield
+    finally:
+        for oid, loader in before:
+            adapters.register_loader(oid, loader)
+
+
+@cache
+def _lenient(base: type[Loader]) -> type[Loader]:
+    """``base`` (psycopg's loader of a type, in one format), reading ``OUT_OF_RANGE``
+    where it raises ``DataError`` (whose message, dropped here, holds the value)."""
+
+    class Lenient(Loader):
+        format = base.format
+
+        def __init__(self, oid: int, context: AdaptContext | None = None) -> None:
+            super().__init__(oid, context)
+            self._load = base(oid, context).load
+
+        def load(self, data: Buffer) -> Any:
+            try:
+                return self._load(data)
+            except psycopg.DataError:
+                return OUT_OF_RANGE
+
+    Lenient.__name__ = Lenient.__qualname__ = f"Lenient{base.__name__}"
+    return Lenient
+
+
 def bindable(value: object) -> object:
     """``value`` as a query may compare it again: an ``Undecodable`` as the same text."""
     if isinstance(value, Undecodable):
@@ -210,8 +282,9 @@ def bindable(value: object) -> object:
 
 
 def _time_untyped(table: sa.Table, time_column: str) -> sa.Select[Any]:
-    """All of ``table``'s columns, the time one untyped: no driver-side parsing that
-    would raise during the fetch (each row's time is parsed in ``storage.audit_rows``)."""
+    """All of ``table``'s columns, the time one untyped: no parsing by SQLAlchemy that
+    would raise during the fetch (each row's time is parsed in ``storage.audit_rows``;
+    psycopg's own loading is made lenient by ``rows_as_read``)."""
     return sa.select(
         *(
             sa.type_coerce(c, sa.types.NullType()).label(c.name) if c.name == time_column else c

@@ -44,7 +44,7 @@ from sqlalchemy.engine import Connection
 
 from storage.audit_model import ChainedEvent
 from storage.audit_rows import UNREADABLE, to_event
-from storage.audit_sql import SELECT_EVENTS, audit_events, text_as_read, time_parser
+from storage.audit_sql import SELECT_EVENTS, audit_events, rows_as_read, time_parser
 from storage.errors import RecordConflictError, RecordNotFoundError
 from storage.grants import SqlGrantStore, access_grants, check_grant_id, is_grant_id
 from storage.grants_model import Grant
@@ -223,9 +223,9 @@ class BreakGlassReview:
 
     def _rows(self, connection: Connection, query: sa.Select[Any]) -> list[_Read]:
         """``query``'s rows read defensively (``storage.audit_rows``): a database writer's
-        row of a type or text the writer never stores is a malformed placeholder (with
-        the resource it names, when that is text), not an outage of the queue."""
-        with text_as_read(connection):
+        row of a type, text or time the writer never stores is a malformed placeholder
+        (with the resource it names, when that is text), not an outage of the queue."""
+        with rows_as_read(connection):
             rows = connection.execute(query).all()
         return [
             _Read(

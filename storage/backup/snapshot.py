@@ -35,8 +35,8 @@ from sqlalchemy.engine import Connection, Engine
 import storage.audit_log
 import storage.grants
 import storage.signatures  # noqa: F401
-from storage.audit_rows import Undecodable, read_head
-from storage.audit_sql import text_as_read
+from storage.audit_rows import OutOfRange, Undecodable, read_head
+from storage.audit_sql import rows_as_read
 from storage.backup import SnapshotLoadError, SourceIntegrityError
 from storage.backup.manifest import ManifestObject
 from storage.sql_metadata import metadata
@@ -105,17 +105,20 @@ def _begin_snapshot(connection: Connection) -> None:
         connection.exec_driver_sql("SET TRANSACTION READ ONLY")
 
 
-def _check_text(table: str, row: dict[str, Any]) -> None:
+def _check_read(table: str, row: dict[str, Any]) -> None:
     """Text that is not UTF-8 (SQLite stores any bytes a database writer casts to text)
-    fails the backup by table and column: sqlite3's own error would carry the value into
-    a logged traceback. Read by ``text_as_read`` (``SnapshotExport``)."""
-    bad = [name for name, value in row.items() if isinstance(value, Undecodable)]
-    if bad:
-        raise SourceIntegrityError(
-            f"a {table} row holds text that is not UTF-8 ({', '.join(bad)}), backup not "
-            "completed: the database was written outside medvault; run `medvault audit "
-            "verify` and restore the row from an earlier backup (docs/operations.md)"
-        )
+    and a date or time Python cannot hold (PostgreSQL stores ``infinity`` and years past
+    9999) fail the backup by table and column: the drivers' own errors would carry the
+    value into a logged traceback. Read by ``rows_as_read`` (``SnapshotExport``)."""
+    for marker, what in ((Undecodable, "text that is not UTF-8"),
+                         (OutOfRange, "a date or time outside years 1 to 9999")):  # fmt: skip
+        bad = [name for name, value in row.items() if isinstance(value, marker)]
+        if bad:
+            raise SourceIntegrityError(
+                f"a {table} row holds {what} ({', '.join(bad)}), backup not completed: "
+                "the database was written outside medvault; run `medvault audit verify` "
+                "and restore the row from an earlier backup (docs/operations.md)"
+            )
 
 
 def _observe(stats: SnapshotStats, table: str, row: dict[str, Any]) -> None:
@@ -161,7 +164,7 @@ def _lines(connection: Connection, stats: SnapshotStats) -> Iterator[bytes]:
         count = 0
         for row in result.mappings():
             values = dict(row)
-            _check_text(table.name, values)
+            _check_read(table.name, values)
             _observe(stats, table.name, values)
             count += 1
             yield _line(table.name, values)
@@ -182,7 +185,7 @@ class SnapshotExport:
         sqlite = self._engine.dialect.name == "sqlite"
         level = "SERIALIZABLE" if sqlite else "REPEATABLE READ"
         connection = self._engine.connect().execution_options(isolation_level=level)
-        with connection, connection.begin(), text_as_read(connection):
+        with connection, connection.begin(), rows_as_read(connection):
             _begin_snapshot(connection)
             for line in _lines(connection, self.stats):
                 buffer += gz.compress(line)

@@ -5,11 +5,14 @@ rows, and a listing reports only the first it meets):
 * a writer who also forges every new incident row (a trigger) cannot make an ascending
   listing chase its own reports (cold review of 1a4b9d2: ~500 incidents per page);
 * rows at sequence 0 and below are in no chain: verification walks from 1, and listings
-  neither show nor report them (review 2: a well-formed copy there was shown as real).
+  neither show nor report them (review 2: a well-formed copy there was shown as real);
+* on PostgreSQL, a time Python cannot hold (``infinity``) failed every listing and
+  ``audit verify`` in psycopg: it is left out, reported and named like any malformed row.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +26,7 @@ from storage import AuditEntry
 from storage.audit_log import SqlAuditLog
 from storage.sql_metadata import make_engine
 from tests.fixtures.databases import new_database
-from tests.integration.access.helpers import client, engine_for, events
+from tests.integration.access.helpers import client, engine_for, events, verify
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -153,3 +156,43 @@ def test_rows_outside_the_chain_are_neither_shown_nor_reported(
 
     assert min(e.sequence for e in listed) >= 1
     assert not [r for r in reports if r.startswith("audit/")]
+
+
+@pytest.mark.backend("postgresql")
+def test_a_time_python_cannot_hold_is_left_out_and_reported_once(
+    service_factory: Any, own_database: str, issue: Any
+) -> None:
+    service = service_factory(own_database)
+    officer = client(service, issue("officer-infinity", "security_officer"))
+    engine = engine_for(own_database)
+    try:
+        target = events(officer)[-1].sequence
+        with engine.begin() as c:  # the database writer, without the token
+            c.exec_driver_sql(
+                f"UPDATE audit_events SET time = 'infinity' WHERE sequence = {target}"
+            )
+        before = _head(engine)
+        listed = events(officer)
+        export = b"".join(
+            chunk.data for chunk in officer.audit.ExportEvents(
+                aupb.ExportEventsRequest(
+                    query=aupb.QueryEventsRequest(), format=aupb.EXPORT_FORMAT_JSONL
+                ),
+                timeout=120,
+            )
+        )  # fmt: skip
+        reports = _incidents_after(engine, own_database, before)
+        checked = verify(officer)
+    finally:
+        officer.close()
+        engine.dispose()
+        service.stop()
+
+    assert target not in {e.sequence for e in listed}
+    assert target + 1 in {e.sequence for e in listed}  # the rest is still shown
+    exported = [json.loads(line)["sequence"] for line in export.decode().splitlines()]
+    assert target not in exported
+    assert target + 1 in exported
+    assert reports == [f"audit/{target}"]  # listed twice, reported once
+    assert (checked.ok, checked.first_bad_sequence) == (False, target)
+    assert "infinity" not in service.log_path.read_text(encoding="utf-8", errors="replace")

@@ -103,3 +103,31 @@ def test_text_that_is_not_utf8_fails_the_snapshot_by_column(source: Source) -> N
     with pytest.raises(SourceIntegrityError, match=r"audit_events .*\(reason\)") as raised:
         b"".join(export(source.engine))
     assert raised.value.__cause__ is None  # no driver error carrying the value
+
+
+@pytest.mark.backend("postgresql")
+@pytest.mark.parametrize(("table", "column", "value"), [
+    ("audit_events", "time", "infinity"),
+    ("audit_checkpoints", "created_at", "10000-01-01 00:00:00+00"),
+    ("access_grants", "expires_at", "-infinity"),
+])  # fmt: skip
+def test_a_time_python_cannot_hold_fails_the_snapshot_by_column(
+    make_source: Any, table: str, column: str, value: str
+) -> None:
+    """Not psycopg's error, whose text (logged with its traceback) carries the value: the
+    table and column. PostgreSQL stores infinity and years up to 294276 in a timestamptz."""
+    source: Source = make_source("postgresql")
+    source.add_records(1)
+    source.add_other_rows()
+    with source.engine.begin() as c:
+        if table == "audit_checkpoints":  # the source has none: a copy of any row will do
+            c.exec_driver_sql(
+                "INSERT INTO audit_checkpoints (sequence, hash, signature, key_label,"
+                " public_key_der, created_at) SELECT sequence, hash, hash, 'k', hash, time"
+                " FROM audit_events"
+            )
+        c.exec_driver_sql(f"UPDATE {table} SET {column} = '{value}'")
+    with pytest.raises(SourceIntegrityError, match=rf"{table} .*\({column}\)") as raised:
+        b"".join(export(source.engine))
+    assert raised.value.__cause__ is None  # no driver error carrying the value
+    assert value not in str(raised.value)

@@ -6,8 +6,9 @@ import hashlib
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, cast
+from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
@@ -35,7 +36,8 @@ from storage.audit_model import (
     canonical_bytes,
     chain_hash,
 )
-from storage.audit_rows import UNREADABLE, AuditHeadMalformedError
+from storage.audit_rows import UNREADABLE, AuditHeadMalformedError, to_checkpoint, to_event
+from storage.audit_sql import SELECT_CHECKPOINTS, SELECT_EVENTS
 from storage.audit_verify import verify_chain
 from storage.break_glass import BreakGlassReview
 from storage.errors import BackendUnavailableError, InvalidRecordError
@@ -459,7 +461,14 @@ def test_malformed_row_is_named_and_not_signed(
     kind: str,
 ) -> None:
     """A row the writer never stores is 'event altered' at its sequence, not a crash."""
-    expected = _malform(audit_engine, kind)
+    _named_and_not_signed(chain, signer, _malform(audit_engine, kind), _FIELDS[kind])
+
+
+def _named_and_not_signed(
+    chain: SqlAuditLog, signer: Pkcs11Signer, expected: int, fields: tuple[str, ...]
+) -> None:
+    """Verify names ``expected`` as altered, the checkpointer refuses to sign over it,
+    and a listing holds placeholders naming ``fields`` (one, if ``expected`` is 50)."""
     assert verify(chain, signer) == (expected, "event altered")
     # The service's own check before signing refuses it (the anchor is checkpoint 40).
     checkpointer = Checkpointer(chain, signer)
@@ -475,10 +484,92 @@ def test_malformed_row_is_named_and_not_signed(
     assert len(listed) == chain.head()[0]
     placeholders = [e for e in listed if e.malformed]
     assert placeholders
-    assert {e.malformed for e in placeholders} == {_FIELDS[kind]}
+    assert {e.malformed for e in placeholders} == {fields}
     if expected == 50:  # one row changed (else a column's type, for every row it holds)
         assert len(placeholders) == 1
     assert all(e.entry == UNREADABLE for e in placeholders)  # no value of the row
+
+
+# Times PostgreSQL stores in a timestamptz and Python's datetime cannot hold: psycopg
+# failed the whole fetch on them (an outage of verify, listings and the break-the-glass
+# queue). On SQLite the column holds text, parsed per row: `time text` above.
+PG_OUT_OF_RANGE = (
+    "infinity", "-infinity", "10000-01-01 00:00:00+00", "294276-12-31 23:59:59.999999+00",
+    "0001-12-31 23:59:59.999999+00 BC",
+)  # fmt: skip
+
+
+@pytest.mark.backend("postgresql")
+@pytest.mark.parametrize("value", PG_OUT_OF_RANGE)
+def test_a_time_python_cannot_hold_is_a_named_row_not_an_outage(
+    audit_engine: Engine, chain: SqlAuditLog, signer: Pkcs11Signer, value: str
+) -> None:
+    with audit_engine.begin() as c:
+        c.exec_driver_sql(f"UPDATE audit_events SET time = '{value}' WHERE sequence = 50")
+    _named_and_not_signed(chain, signer, 50, ("time",))
+    # Only the audit's reads are lenient: the connection's own loading is back.
+    with pytest.raises(sa.exc.DataError), audit_engine.connect() as c:
+        c.execute(sa.select(audit_events.c.time).where(audit_events.c.sequence == 50)).all()
+
+
+# Genuine times, microseconds and zones included, and the session time zones they are
+# read in (PostgreSQL renders a timestamptz in the session's zone; psycopg parses it).
+_GENUINE_TIMES = (
+    T0,
+    datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+    datetime(1900, 1, 1, 0, 0, 0, 500000, tzinfo=UTC),  # local mean times in some zones
+    datetime(2000, 2, 29, 12, 0, 0, 1, tzinfo=timezone(timedelta(hours=5, minutes=45))),
+    datetime(2026, 3, 29, 1, 59, 59, 999999, tzinfo=ZoneInfo("Europe/Berlin")),
+    datetime(2026, 10, 25, 2, 30, 0, 123456, tzinfo=ZoneInfo("Europe/Berlin"), fold=1),
+    datetime(1, 1, 2, 0, 0, 0, 1, tzinfo=UTC),
+    datetime(9999, 12, 30, 23, 59, 59, 999999, tzinfo=UTC),
+)
+_SESSION_ZONES = ("UTC", "Asia/Kathmandu", "America/St_Johns", "Pacific/Kiritimati",
+                  "Etc/GMT+12")  # fmt: skip
+
+
+@pytest.mark.backend("postgresql")
+def test_genuine_times_read_as_psycopg_loads_them_in_every_session_zone(
+    audit_url: str, audit_log: SqlAuditLog, signer: Pkcs11Signer
+) -> None:
+    """The lenient read (``storage.audit_sql.rows_as_read``) gives every genuine event
+    and checkpoint exactly what psycopg's own loading gave before it (the chain and
+    the checkpoint signatures are over the event as read), whatever the session's
+    TimeZone, and the chain verifies in each."""
+    written = [entry(n, time=t) for n, t in enumerate(_GENUINE_TIMES)]
+    audit_log.append(written)
+    checkpoint(audit_log, signer)
+    audit_log.append([entry(99, time=datetime.now(UTC))])
+    checkpoint(audit_log, signer)
+    for zone in _SESSION_ZONES:
+        url = sa.make_url(audit_url).update_query_dict({"options": f"-c TimeZone={zone}"})
+        engine = make_engine(url.render_as_string(hide_password=False))
+        try:
+            log = SqlAuditLog(engine)
+            with engine.connect() as c:  # as before: psycopg's own loading, no marker
+                assert c.exec_driver_sql("SHOW TimeZone").scalar() == zone
+                rows = c.execute(SELECT_EVENTS.order_by(audit_events.c.sequence))
+                before = [to_event(r._mapping, None) for r in rows]
+                rows = c.execute(SELECT_CHECKPOINTS.order_by(audit_checkpoints.c.sequence))
+                marks = [to_checkpoint(r._mapping, None) for r in rows]
+            read = log.events(0, 100)
+            assert [_exact(e) for e in read] == [_exact(e) for e in before], zone
+            assert [canonical_bytes(e.sequence, e.entry) for e in read[:-1]] == [
+                canonical_bytes(n, w) for n, w in enumerate(written, 1)
+            ], zone
+            assert [(c, c.created_at.tzinfo) for c in log.checkpoints()] == [
+                (c, c.created_at.tzinfo) for c in marks
+            ], zone
+            assert verify(log, signer) == (None, "chain intact"), zone
+        finally:
+            engine.dispose()
+
+
+def _exact(event: ChainedEvent) -> tuple[object, ...]:
+    """What the chain hashes, and the time's zone object (datetimes compare as instants)."""
+    time = event.entry.time
+    return (event.malformed, canonical_bytes(event.sequence, event.entry), event.hash,
+            time.tzinfo, time.utcoffset())  # fmt: skip
 
 
 # Text that is not UTF-8, per column: SQLite stores the bytes a writer casts to text

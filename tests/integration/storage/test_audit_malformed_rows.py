@@ -102,17 +102,35 @@ def test_malformed_checkpoint_is_named_and_not_signed_over(
     field, on_sqlite, on_postgres = _CHECKPOINTS[kind]
     statements, expected = on_sqlite if audit_engine.dialect.name == "sqlite" else on_postgres
     _run(audit_engine, statements)
+    _checkpoint_named(audit_engine, chain, signer, field, expected)
+
+
+@pytest.mark.backend("postgresql")
+@pytest.mark.parametrize("value", base.PG_OUT_OF_RANGE)
+def test_a_checkpoint_time_python_cannot_hold_is_named_not_an_outage(
+    audit_engine: Engine, chain: SqlAuditLog, signer: Pkcs11Signer, value: str
+) -> None:
+    """psycopg failed the whole fetch on such a ``created_at`` (``storage.audit_sql``)."""
+    _run(audit_engine, [f"UPDATE audit_checkpoints SET created_at = '{value}' WHERE sequence = 40"])
+    _checkpoint_named(audit_engine, chain, signer, "created_at", 40)
+
+
+def _checkpoint_named(
+    engine: Engine, chain: SqlAuditLog, signer: Pkcs11Signer, field: str, expected: int
+) -> None:
+    """Verify names ``expected`` as a checkpoint altered in ``field``, and nothing is
+    signed over it; no stored value in the reason."""
     reason = f"checkpoint altered: {field} malformed"
     assert verify(chain, signer) == (expected, reason)
     chain.append([entry(61)])  # something new to sign
     checkpointer = Checkpointer(chain, signer)
     with pytest.raises(AuditChainError, match=reason):
         checkpointer.checkpoint()
-    assert _count(audit_engine, "audit_checkpoints") == 2  # nothing signed over it
+    assert _count(engine, "audit_checkpoints") == 2  # nothing signed over it
     result = checkpointer.verify()
     assert not result.ok
     assert result.reason == reason
-    for value in ("39.5", "forged", "yesterday"):
+    for value in ("39.5", "forged", "yesterday", "infinity", "294276"):
         assert value not in result.reason
 
 

@@ -18,6 +18,7 @@ from storage.break_glass import QUEUE_EVENT_SCAN, TAMPERED_MARK, BreakGlassRevie
 from storage.grants import SqlGrantStore
 from tests.integration.storage.test_audit_log import (  # noqa: F401 - fixtures
     PATIENT,
+    PG_OUT_OF_RANGE,
     audit_engine,
     audit_log,
     audit_url,
@@ -116,6 +117,25 @@ def test_an_earlier_row_changed_to_name_the_grant_does_not_hide_its_event(
     ]
 
 
+@pytest.mark.backend("postgresql")
+@pytest.mark.parametrize("value", PG_OUT_OF_RANGE)
+def test_a_time_python_cannot_hold_is_a_flagged_grant_not_an_outage(
+    audit_engine: Engine, audit_log: SqlAuditLog, value: str
+) -> None:
+    """psycopg failed the whole fetch on such a time: the queue was an outage. Now the
+    event is malformed: its grant is listed, flagged, principal unknown (no other event
+    names it), and a genuine grant beside it is listed from its event."""
+    genuine, forged = secrets.token_hex(16), secrets.token_hex(16)
+    _break_glass_event(audit_log, genuine)
+    _break_glass_event(audit_log, forged)
+    with audit_engine.begin() as c:
+        c.exec_driver_sql(
+            f"UPDATE audit_events SET time = '{value}' WHERE resource = 'grant/{forged}'"
+        )
+    queue = _review(audit_engine).queue(include_reviewed=True)
+    assert sorted((g.grant.id, g.grant.principal, g.grant.reason) for g in queue) == sorted(
+        [(genuine, "dr-x", TAMPERED_MARK), (forged, "unknown", TAMPERED_MARK)]
+    )
 
 
 def _copy_at(engine: Engine, grant_id: str, sequence: int, resource: str, hash_: str) -> None:
