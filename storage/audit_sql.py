@@ -26,19 +26,18 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
-import psycopg
 import sqlalchemy as sa
-from psycopg.abc import AdaptContext, Buffer
-from psycopg.adapt import Loader
-from psycopg.pq import Format
 from sqlalchemy import exc
 from sqlalchemy.engine import Connection, CursorResult, Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from storage.audit_rows import OUT_OF_RANGE, TimeParser, Undecodable
 from storage.sql_metadata import metadata
+
+if TYPE_CHECKING:
+    from psycopg.adapt import Loader
 
 HEAD_ID: Final = 1
 
@@ -232,11 +231,15 @@ def rows_as_read(connection: Connection) -> Iterator[None]:
     writer's head lock runs with every append: it pays for nothing it does not read).
     """
     raw = connection.connection.dbapi_connection
-    if not isinstance(raw, psycopg.Connection):
+    # psycopg is imported only where it is the driver: a SQLite deployment (and every
+    # process start) does not pay its import (~50 ms).
+    if not type(raw).__module__.startswith("psycopg"):
         with text_as_read(connection):
             yield
         return
-    adapters = raw.adapters
+    from psycopg.pq import Format  # noqa: PLC0415
+
+    adapters = cast(Any, raw).adapters
     before = [
         (oid, loader)
         for oid in (adapters.types[name].oid for name in _TIME_TYPES)
@@ -256,6 +259,10 @@ def rows_as_read(connection: Connection) -> Iterator[None]:
 def _lenient(base: type[Loader]) -> type[Loader]:
     """``base`` (psycopg's loader of a type, in one format), reading ``OUT_OF_RANGE``
     where it raises ``DataError`` (whose message, dropped here, holds the value)."""
+
+    import psycopg  # noqa: PLC0415  (only on PostgreSQL: see rows_as_read)
+    from psycopg.abc import AdaptContext, Buffer  # noqa: PLC0415
+    from psycopg.adapt import Loader  # noqa: PLC0415
 
     class Lenient(Loader):
         format = base.format
