@@ -329,6 +329,9 @@ class DimseHandlers:
     def on_get(self, event: Any) -> Iterator[int | Reply]:
         """Study Root C-GET: the instances of a study (or series, or instances) the caller
         may read, each as it was stored, each read audited."""
+        # pynetdicom takes the number of sub-operations first, and answers 0 with Success:
+        # a refusal gives 1, then its status. The one final response then goes without a
+        # data set and counts nothing failed (service.dicom.retrieve).
         try:
             call = self._enter(event, GET)
         except (AuthenticationError, PermissionDeniedError) as e:
