@@ -352,12 +352,11 @@ class DimseHandlers:
             try:
                 dataset = self._read(call, member, info)
             except Exception as e:  # noqa: BLE001
-                yield (
-                    self._refused(
-                        call, f"record/{member.id}/v{member.version}", e, GET_OUT_OF_RESOURCES
-                    ),
-                    None,
-                )
+                # A702 whether the instance is over the cap or the trail is down: A700 is
+                # no C-GET status (pynetdicom sent it as an unknown one).
+                resource = f"record/{member.id}/v{member.version}"
+                yield self._refused(call, resource, e, GET_OUT_OF_RESOURCES,
+                                    GET_OUT_OF_RESOURCES), None  # fmt: skip
                 return
             yield PENDING, dataset
 

@@ -401,8 +401,11 @@ def test_getscu_receives_nothing_whose_read_event_cannot_commit(w: World) -> Non
     keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study.uid}
     with tls_tunnel(w.reader, w.port) as tunnel:
         with _read_events_refused(w):
-            getscu(tunnel, w.tmp / "get-refused", keys)
+            refused = getscu(tunnel, w.tmp / "get-refused", keys)
         assert not list((w.tmp / "get-refused").iterdir()), "sent without its read event"
+        # Refused with A702 (Unable to perform sub-operations), and released.
+        errors = _dcmtk_errors(refused)
+        assert errors == ["E: DIMSE status is: Refused: OutOfResourcesSubOperations"], errors
         getscu(tunnel, w.tmp / "get-again", keys)
     assert len(_received(w.tmp / "get-again")) == len(study.files), "not retrieved after"
 
