@@ -21,7 +21,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
 from service.config import Config, ConfigError
-from service.dicom import spool
+from service.dicom import retrieve, spool
 from service.dicom.identity import ECHO, call_facts, server_context
 from service.dicom.scp import DimseHandlers
 from service.guard import AccessGuard
@@ -41,7 +41,6 @@ logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 MAX_PDU = 1 << 20
 VERIFICATION = "1.2.840.10008.1.1"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
-STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 # Deflate would inflate a bounded stream into an unbounded data set (the validator
 # refuses it too): never negotiated. Explicit VR little endian first: when a peer offers
 # several syntaxes in one context, the first of ours it offers is chosen, and a C-GET
@@ -63,7 +62,7 @@ def _application_entity(config: Config) -> AE:
     # for a 512 KiB instance). One PDU is held in memory while it is decoded.
     ae.maximum_pdu_size = MAX_PDU
     ae.require_called_aet = True  # an association addressed to another AE is refused
-    for abstract_syntax in (VERIFICATION, STUDY_ROOT_FIND, STUDY_ROOT_GET):
+    for abstract_syntax in (VERIFICATION, STUDY_ROOT_FIND, retrieve.STUDY_ROOT_GET):
         ae.add_supported_context(abstract_syntax)
     for context in AllStoragePresentationContexts:
         # SCP for C-STORE, SCU for the C-STORE sub-operations of a C-GET.
@@ -163,6 +162,7 @@ class DicomListener:
         self._config = config
         self._handlers = DimseHandlers(store, guard, config.dicom.max_instance_size)
         spool.install(config.dicom.max_instance_size)
+        retrieve.install()
         self._ae = _application_entity(config)
         self._shares = _PeerShares(config.dicom.max_associations, guard)
         self._server: Any = None

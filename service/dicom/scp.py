@@ -329,6 +329,9 @@ class DimseHandlers:
     def on_get(self, event: Any) -> Iterator[int | Reply]:
         """Study Root C-GET: the instances of a study (or series, or instances) the caller
         may read, each as it was stored, each read audited."""
+        # pynetdicom takes the number of sub-operations first, and answers 0 with Success:
+        # a refusal gives 1, then its status. The one final response then goes without a
+        # data set and counts nothing failed (service.dicom.retrieve).
         try:
             call = self._enter(event, GET)
         except (AuthenticationError, PermissionDeniedError) as e:
@@ -349,12 +352,11 @@ class DimseHandlers:
             try:
                 dataset = self._read(call, member, info)
             except Exception as e:  # noqa: BLE001
-                yield (
-                    self._refused(
-                        call, f"record/{member.id}/v{member.version}", e, GET_OUT_OF_RESOURCES
-                    ),
-                    None,
-                )
+                # A702 whether the instance is over the cap or the trail is down: A700 is
+                # no C-GET status (pynetdicom sent it as an unknown one).
+                resource = f"record/{member.id}/v{member.version}"
+                yield self._refused(call, resource, e, GET_OUT_OF_RESOURCES,
+                                    GET_OUT_OF_RESOURCES), None  # fmt: skip
                 return
             yield PENDING, dataset
 

@@ -34,6 +34,7 @@ VENDOR_PRIVATE = {
     "_config",  # pynetdicom._config: the library's documented settings module
     "_servers",  # pynetdicom AE: registering a server made by make_server, no public way
     "_map",  # asn1crypto's OID-to-name map: pyHanko registers its OIDs there, no public way
+    "_get_scp",  # pynetdicom's C-GET SCP, extended by service.dicom.retrieve: no public hook
 }
 
 

@@ -60,6 +60,7 @@ MODALITY = "ct-scanner-dimse"
 DOCTOR = "radiologist-dimse"
 STRANGER = "physician-dimse-nogrant"
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 
 
 @dataclass
@@ -328,6 +329,60 @@ def _dcmtk_errors(run: Any) -> list[str]:
     return [line for line in str(run.stderr).splitlines() if line.startswith("E:")][:5]
 
 
+def test_a_refused_c_get_is_one_final_response_and_getscu_releases(w: World) -> None:
+    """A C-GET refused before any sub-operation is answered once: its status, no data
+    set after it, no sub-operation counted. pynetdicom sent an empty Failed SOP Instance
+    UID List after the refusal, which dcmtk's getscu never reads: it arrived when getscu
+    expected the release response ("Association Release Failed: ... DUL P-Data PDU
+    arrived"), and getscu aborted (service.dicom.retrieve)."""
+    patient = new_patient()
+    grant(w.clerk, patient, DOCTOR)
+    study = _make_study(w, patient, [1], "released")
+    assert storescu(w.modality, w.port, study.files).returncode == 0
+    # The stranger: no grant (0124, which dcmtk does not name for a C-GET); the reader:
+    # a study that does not exist (C000).
+    for name, peer, uid, status, says, who, outcome in (
+        ("no-grant", w.stranger, study.uid, 0x0124, "Unknown Status: 0x124", STRANGER,
+         aupb.OUTCOME_DENIED),
+        ("no-match", w.reader, str(generate_uid()), 0xC000, "Failed: UnableToProcess",
+         DOCTOR, aupb.OUTCOME_FAILED),
+    ):  # fmt: skip
+        audited = len(events(w.officer, principal=who, action="records.read", outcome=outcome))
+        with tls_tunnel(peer, w.port) as tunnel:
+            got = getscu(tunnel, w.tmp / f"released-{name}",
+                         {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": uid})
+        # One error line, the status: the release succeeded (dcmtk says when it fails).
+        errors = _dcmtk_errors(got)
+        assert errors == [f"E: DIMSE status is: {says}"], f"{name}: {errors}"
+        assert not list((w.tmp / f"released-{name}").iterdir()), f"{name}: retrieved"
+        # The same request from pynetdicom, which shows the response itself.
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = uid
+        ae = AE(ae_title="VIEWER")
+        ae.add_requested_context(STUDY_ROOT_GET)
+        assoc = ae.associate("127.0.0.1", w.port, ae_title=AE_TITLE,
+                             tls_args=(peer.context(), None))
+        assert assoc.is_established, "association refused"
+        try:
+            replies = list(assoc.send_c_get(query, STUDY_ROOT_GET))
+        finally:
+            assoc.release()
+        assert assoc.is_released, f"{name}: not released"
+        # One response; no data set (pynetdicom gives an empty Dataset for none).
+        got_replies = [(int(r.Status), len(i or ())) for r, i in replies]
+        assert got_replies == [(status, 0)], f"{name}: (status, elements) {got_replies}"
+        final = replies[0][0]
+        counts = [int(final.get(k, -1)) for k in (
+            "NumberOfCompletedSuboperations", "NumberOfFailedSuboperations",
+            "NumberOfWarningSuboperations")]
+        assert counts == [0, 0, 0], f"{name}: sub-operation counts {counts}"
+        assert final.get("ErrorComment"), f"{name}: no ErrorComment"
+        # Each of the two requests audited once.
+        now = len(events(w.officer, principal=who, action="records.read", outcome=outcome))
+        assert now - audited == 2, f"{name}: {now - audited} events for 2 refused C-GETs"
+
+
 def _read_events_refused(w: World) -> contextlib.AbstractContextManager[None]:
     """The database refuses DOCTOR's read events of instances (an audit write error);
     the C-GET's own events (its study lookup) still commit."""
@@ -346,8 +401,11 @@ def test_getscu_receives_nothing_whose_read_event_cannot_commit(w: World) -> Non
     keys = {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study.uid}
     with tls_tunnel(w.reader, w.port) as tunnel:
         with _read_events_refused(w):
-            getscu(tunnel, w.tmp / "get-refused", keys)
+            refused = getscu(tunnel, w.tmp / "get-refused", keys)
         assert not list((w.tmp / "get-refused").iterdir()), "sent without its read event"
+        # Refused with A702 (Unable to perform sub-operations), and released.
+        errors = _dcmtk_errors(refused)
+        assert errors == ["E: DIMSE status is: Refused: OutOfResourcesSubOperations"], errors
         getscu(tunnel, w.tmp / "get-again", keys)
     assert len(_received(w.tmp / "get-again")) == len(study.files), "not retrieved after"
 

@@ -1,14 +1,21 @@
-"""The DICOM service's pure parts: the bounded spool, the issuer mapping, the config."""
+"""The DICOM service's pure parts: the bounded spool, the issuer mapping, the config, the
+final C-GET response."""
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.dimse_primitives import C_GET
+from pynetdicom.dsutils import encode
 
 from service.config import Config, ConfigError, DicomConfig, TlsConfig, parse
 from service.dicom.listener import DicomListener
+from service.dicom.retrieve import final_response
 from service.dicom.scp import authority, issuer
 from service.dicom.spool import BoundedSpool, oversized
 
@@ -86,3 +93,44 @@ def test_unloadable_tls_files_are_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"cannot be loaded for \[dicom\]"):
         listener.start()
     listener.stop()
+
+
+def _get_response(status: int, failed_uids: list[str], counts: tuple[int, int, int],
+                  syntax: UID) -> C_GET:  # fmt: skip
+    """A final C-GET response as pynetdicom builds it (the list always in a data set)."""
+    rsp = C_GET()
+    rsp.MessageIDBeingRespondedTo = 1
+    rsp.Status = status
+    (rsp.NumberOfCompletedSuboperations, rsp.NumberOfFailedSuboperations,
+     rsp.NumberOfWarningSuboperations) = counts  # fmt: skip
+    identifier = Dataset()
+    identifier.FailedSOPInstanceUIDList = failed_uids
+    encoded = encode(identifier, syntax.is_implicit_VR, syntax.is_little_endian)
+    assert encoded is not None
+    rsp.Identifier = io.BytesIO(encoded)
+    return rsp
+
+
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+def test_a_c_get_refused_before_any_sub_operation_has_no_data_set_and_no_failures(
+    syntax: UID,
+) -> None:
+    rsp = final_response(_get_response(0x0124, [], (0, 1, 0), syntax), syntax)
+    assert rsp.Identifier is None, "an empty Failed SOP Instance UID List was sent"
+    assert (rsp.NumberOfCompletedSuboperations, rsp.NumberOfFailedSuboperations,
+            rsp.NumberOfWarningSuboperations) == (0, 0, 0)  # fmt: skip
+
+
+def test_a_c_get_response_naming_failed_instances_is_sent_as_built() -> None:
+    syntax = ImplicitVRLittleEndian
+    rsp = final_response(_get_response(0xB000, ["1.2.3"], (1, 1, 0), syntax), syntax)
+    assert rsp.Identifier is not None, "the failed instance's UID was dropped"
+    assert rsp.NumberOfFailedSuboperations == 1
+
+
+def test_a_c_get_failure_after_sub_operations_keeps_its_counts() -> None:
+    """Nothing failed (no list), but one instance went: only the data set goes."""
+    syntax = ImplicitVRLittleEndian
+    rsp = final_response(_get_response(0xA702, [], (1, 2, 0), syntax), syntax)
+    assert rsp.Identifier is None
+    assert (rsp.NumberOfCompletedSuboperations, rsp.NumberOfFailedSuboperations) == (1, 2)
