@@ -23,7 +23,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, Row
 
-from storage import sqlite_guard
+from storage import sqlite_guard, sqlite_text
 from storage.errors import (
     BackendUnavailableError,
     DatabaseUnreachableError,
@@ -241,7 +241,9 @@ def private_sqlite_files(path: str) -> None:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    """WAL lets readers run beside the writer; busy_timeout waits out a short lock."""
+    """Refuse a file that is not UTF-8 (``storage.sqlite_text``); WAL lets readers run
+    beside the writer; busy_timeout waits out a short lock."""
+    sqlite_text.check_encoding(dbapi_connection)
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("PRAGMA journal_mode=WAL")
