@@ -44,11 +44,12 @@ from sqlalchemy.engine import Connection
 
 from storage.audit_model import ChainedEvent
 from storage.audit_rows import UNREADABLE, to_event
-from storage.audit_sql import SELECT_EVENTS, audit_events, text_as_read, time_parser
+from storage.audit_sql import SELECT_EVENTS, audit_events, time_parser
 from storage.errors import RecordConflictError, RecordNotFoundError
 from storage.grants import SqlGrantStore, access_grants, check_grant_id, is_grant_id
 from storage.grants_model import Grant
 from storage.sql_metadata import run_in_transaction, translated_change
+from storage.sqlite_text import text_as_read
 
 logger = logging.getLogger(__name__)
 QUEUE_EVENT_SCAN = 10_000  # most recent break-the-glass grants (by event) compared with rows
