@@ -46,13 +46,12 @@ from storage.audit_sql import (
     audit_checkpoints,
     audit_events,
     audit_head,
-    bindable,
     rows_as_read,
-    text_as_read,
     time_parser,
 )
 from storage.errors import BackendUnavailableError, InvalidRecordError, StorageError
 from storage.sql_metadata import connect
+from storage.sqlite_text import bindable, text_as_read
 
 T = TypeVar("T")
 
@@ -239,8 +238,8 @@ class SqlAuditLog:
 
     def _select_rows(self, query: sa.Select[Any]) -> list[Any]:
         """The rows' mappings, the time column unparsed (see ``__init__``), text that is
-        not UTF-8 as ``Undecodable`` and a time Python cannot hold as ``OUT_OF_RANGE``
-        (``audit_sql.rows_as_read``)."""
+        not UTF-8 as ``Undecodable`` (``sqlite_text.text_as_read``) and, on PostgreSQL, a
+        time Python cannot hold as ``OUT_OF_RANGE`` (``audit_sql.rows_as_read``)."""
 
         def select(c: Connection) -> list[Any]:
             with rows_as_read(c):

@@ -5,7 +5,9 @@ integer, time a timestamp, text fields strings, ``outcome`` one of ``OUTCOMES``,
 ``patient_index`` null or 32 bytes, both hashes 32 bytes). A row that fails is not an
 error: it becomes a ``ChainedEvent`` whose ``malformed`` names the failing fields (names
 only, never values: they may be patient data) and whose entry and hashes are
-placeholders. The chain walk reports such a row as ``event altered`` at its place
+placeholders (text that is not UTF-8 reads as ``storage.sqlite_text.Undecodable``
+under the audit's ``text_as_read``, which no text check accepts). The chain walk
+reports such a row as ``event altered`` at its place
 (``storage.audit_verify``); listings leave it out and report it
 (``service.audit.listing``). Values the driver cannot read arrive as markers no check
 accepts: ``Undecodable`` text (SQLite), an ``OutOfRange`` time (PostgreSQL).
@@ -20,7 +22,6 @@ is chained onto a head it cannot read) and a verdict to verification.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -44,16 +45,6 @@ UNREADABLE: Final = AuditEntry(
     time=datetime(1970, 1, 1, tzinfo=UTC), principal="", action="", resource="", outcome="failed"
 )
 
-
-
-@dataclass(frozen=True, slots=True)
-class Undecodable:
-    """What a text value that is not UTF-8 reads as (SQLite stores any bytes cast to
-    text; ``storage.audit_sql.text_as_read``): no field check accepts it, so its field is
-    malformed. ``raw`` is kept only so a listing can page past such a sequence (it is
-    bound back as the same text); it is never shown, logged or hashed."""
-
-    raw: bytes = field(repr=False)
 
 
 class OutOfRange:

@@ -14,14 +14,16 @@ compiled SQL (tests/integration/storage/test_audit_driver_sql.py compares both).
 connection, its transaction, its listeners (``before_cursor_execute``:
 ``storage.sql_deadlines``) and the wrapping of driver errors are SQLAlchemy's as before.
 
-Reading: ``text_as_read`` lets a SQLite query read text that is not UTF-8 as a marker
-(a malformed field, named by ``storage.audit_rows``) instead of failing the whole fetch;
-``rows_as_read`` adds the same for a PostgreSQL date or time that Python cannot hold.
+Reading: the audit's reads run under ``storage.sqlite_text.text_as_read``, so that text
+that is not UTF-8 reads as a marker (a malformed field, named by ``storage.audit_rows``),
+not as the replaced text every connection reads, which the audit could not tell from
+genuine.
+``rows_as_read`` adds, on PostgreSQL, a date or time that Python cannot hold read as a
+marker (``audit_rows.OUT_OF_RANGE``) instead of failing the whole fetch.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,8 +35,9 @@ from sqlalchemy import exc
 from sqlalchemy.engine import Connection, CursorResult, Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from storage.audit_rows import OUT_OF_RANGE, TimeParser, Undecodable
+from storage.audit_rows import OUT_OF_RANGE, TimeParser
 from storage.sql_metadata import metadata
+from storage.sqlite_text import text_as_read
 
 if TYPE_CHECKING:
     from psycopg.adapt import Loader
@@ -174,39 +177,6 @@ class WriterStatements:
         )
 
 
-@contextmanager
-def text_as_read(connection: Connection) -> Iterator[None]:
-    """On SQLite, text that is not UTF-8 reads as ``Undecodable`` for this query.
-
-    SQLite stores whatever bytes a database writer casts to text, and sqlite3 fails the
-    whole fetch on the first it cannot decode: one such value would make every listing
-    and ``audit verify`` an outage instead of naming its row (``storage.audit_rows``
-    reads the marker as a malformed field). PostgreSQL refuses such text when it is
-    written. The connection's own decoding is restored before it returns to the pool.
-
-    Around the audit's own reads only, not in ``SqlAuditLog._run``: the writer's
-    transaction also runs other stores' changes (a record row, a grant), which must keep
-    the driver's error rather than meet a marker they do not check for.
-    """
-    raw = connection.connection.dbapi_connection
-    if not isinstance(raw, sqlite3.Connection):
-        yield
-        return
-    before = raw.text_factory
-    raw.text_factory = _decoded
-    try:
-        yield
-    finally:
-        raw.text_factory = before
-
-
-def _decoded(data: bytes) -> object:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return Undecodable(data)
-
-
 # The types whose psycopg loaders raise on values PostgreSQL holds (infinity, years
 # outside 1 to 9999, 24:00:00): the audit's columns are timestamptz, the others are what
 # a database writer may change a column's type to.
@@ -279,13 +249,6 @@ def _lenient(base: type[Loader]) -> type[Loader]:
 
     Lenient.__name__ = Lenient.__qualname__ = f"Lenient{base.__name__}"
     return Lenient
-
-
-def bindable(value: object) -> object:
-    """``value`` as a query may compare it again: an ``Undecodable`` as the same text."""
-    if isinstance(value, Undecodable):
-        return sa.cast(sa.literal(value.raw, sa.LargeBinary), sa.Text)
-    return value
 
 
 def _time_untyped(table: sa.Table, time_column: str) -> sa.Select[Any]:

@@ -43,6 +43,7 @@ from storage.sql_metadata import (
     to_utc,
     translated_change,
 )
+from storage.sqlite_text import StoredTime
 from storage.validation import check_printable
 
 MAX_PRINCIPAL_LENGTH = 128
@@ -70,13 +71,13 @@ access_grants = sa.Table(
     sa.Column("patient_index", sa.LargeBinary(32), nullable=False),
     sa.Column("principal", sa.String(255), nullable=False),
     sa.Column("granted_by", sa.String(255), nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True),
-    sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("created_at", StoredTime(), nullable=False),
+    sa.Column("expires_at", StoredTime(), nullable=True),
+    sa.Column("revoked_at", StoredTime(), nullable=True),
     sa.Column("revoked_by", sa.String(255), nullable=True),
     sa.Column("break_glass", sa.Boolean, nullable=False),
     sa.Column("reason", sa.Text, nullable=True),
-    sa.Column("reviewed_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("reviewed_at", StoredTime(), nullable=True),
     sa.Column("reviewed_by", sa.String(255), nullable=True),
     sa.Column("review_comment", sa.Text, nullable=True),
     sa.Column("mac", sa.LargeBinary(32), nullable=True),

@@ -51,6 +51,7 @@ from storage.sql_metadata import (
     translated,
     translated_change,
 )
+from storage.sqlite_text import bindable, text_as_read
 
 # Commits a state change (a function of a connection) with its audit event, in one
 # transaction (the service's audit trail); None commits the change on its own.
@@ -107,11 +108,12 @@ class RewrapProgress:
 
 @dataclass
 class _Pass:
-    """Keyset position of the current pass over the rows still to rewrap."""
+    """Keyset position of the current pass over the rows still to rewrap (the id as
+    stored: ``sqlite_text.bindable``)."""
 
-    after: tuple[str, int] | None = None
+    after: tuple[object, int] | None = None
     moved: int = 0
-    failed: set[tuple[str, int]] = field(default_factory=set)
+    failed: set[tuple[object, int]] = field(default_factory=set)
 
 
 @dataclass
@@ -126,7 +128,7 @@ class RewrapJob:
     remaining: int = 0
     rewrapped: int = 0
     # Rows whose key failed to unwrap in every pass so far (the last pass, once done).
-    failed_ids: set[tuple[str, int]] = field(default_factory=set)
+    failed_ids: set[tuple[object, int]] = field(default_factory=set)
     done: bool = False
     # The last phase, once every key is moved: legacy sealed metadata upgraded to v2.
     reseal: LegacyResealer | None = None
@@ -153,7 +155,7 @@ class RewrapJob:
         if not rows:
             self._end_pass()
             return self.progress()
-        self._pass.after = (rows[-1]["id"], rows[-1]["version"])
+        self._pass.after = (bindable(rows[-1]["id"]), rows[-1]["version"])
         moved = self._apply(self._rewrapped(rows))
         self._pass.moved += moved
         self.rewrapped += moved
@@ -185,13 +187,20 @@ class RewrapJob:
             .order_by(records.c.id, records.c.version)
             .limit(self.batch_size)
         )
-        with translated(self.engine), self.engine.connect() as connection:
+        # Ids as stored: the next batch starts past the last, whatever its bytes (an id
+        # that is not UTF-8, read replaced and bound back, would start it there again).
+        with translated(self.engine), self.engine.connect() as connection, text_as_read(
+            connection
+        ):
             return [row._mapping for row in connection.execute(query)]
 
     def _rewrapped(self, rows: Sequence[Any]) -> list[tuple[Any, WrappedKey]]:
         """Unwrap each key with its version and wrap it with the current one, in the token."""
         out = []
         for row in rows:
+            if not isinstance(row["id"], str):  # text that is not UTF-8: not the service's
+                self._pass.failed.add((row["id"], row["version"]))
+                continue
             ad = associated_data(row["id"], row["version"])
             old = WrappedKey(kek_version=row["kek_version"], blob=bytes(row["wrapped_dek"]))
             try:

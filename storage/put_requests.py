@@ -31,6 +31,7 @@ from storage.errors import RequestReusedError, StorageError
 from storage.model import NewRecord
 from storage.row_auth import VerifiedRecord
 from storage.sql_metadata import metadata, run_in_transaction, to_utc, translated_change
+from storage.sqlite_text import StoredTime
 
 DEFAULT_RETENTION = timedelta(hours=24)
 
@@ -42,7 +43,7 @@ put_requests = sa.Table(
     sa.Column("request_id", sa.String(64), nullable=False),
     sa.Column("record_id", sa.String(64), nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("created_at", StoredTime(), nullable=False),
     sa.PrimaryKeyConstraint("principal", "request_id", name="pk_put_requests"),
     sa.Index("ix_put_requests_created", "created_at"),
 )

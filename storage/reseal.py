@@ -24,6 +24,7 @@ from sqlalchemy.engine import Engine
 from storage.errors import StorageError
 from storage.sealing import META_V2
 from storage.sql_metadata import records, translated
+from storage.sqlite_text import bindable, text_as_read
 
 # (record id, version) -> True if resealed now, False if it was v2 already.
 Upgrade = Callable[[str, int], bool]
@@ -48,9 +49,9 @@ class LegacyResealer:
     engine: Engine
     upgrade: Upgrade
     resealed: int = 0
-    failed: set[tuple[str, int]] = field(default_factory=set)
+    failed: set[tuple[object, int]] = field(default_factory=set)
     finished: bool = False
-    _after: tuple[str, int] | None = None
+    _after: tuple[object, int] | None = None  # the id as stored (``sqlite_text.bindable``)
 
     def step(self, batch_size: int) -> None:
         """Upgrade one batch; ``finished`` once no v1 row is left after the position."""
@@ -59,13 +60,20 @@ class LegacyResealer:
             key = sa.tuple_(records.c.id, records.c.version)
             query = query.where(key > sa.tuple_(*self._after))
         query = query.order_by(records.c.id, records.c.version).limit(batch_size)
-        with translated(self.engine), self.engine.connect() as connection:
-            rows = [(str(r.id), int(r.version)) for r in connection.execute(query)]
+        # Ids as stored: the next batch starts past the last, whatever its bytes (an id
+        # that is not UTF-8, read replaced and bound back, would start it there again).
+        with translated(self.engine), self.engine.connect() as connection, text_as_read(
+            connection
+        ):
+            rows = [(r.id, int(r.version)) for r in connection.execute(query)]
         if not rows:
             self.finished = True
             return
-        self._after = rows[-1]
+        self._after = (bindable(rows[-1][0]), rows[-1][1])
         for record_id, version in rows:
+            if not isinstance(record_id, str):  # text that is not UTF-8: not the service's
+                self.failed.add((record_id, version))
+                continue
             try:
                 self.resealed += int(self.upgrade(record_id, version))
             except StorageError:  # tampered or unreadable: reported, left as it is

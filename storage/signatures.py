@@ -47,6 +47,7 @@ from storage.sql_metadata import (
     translated,
     translated_change,
 )
+from storage.sqlite_text import StoredTime
 
 _INFO = b"medvault:signature:v1"
 _WHAT = "stored signature"
@@ -63,8 +64,8 @@ record_signatures = sa.Table(
     sa.Column("signer", sa.String(128), nullable=False),
     sa.Column("certificate_subject", sa.String(MAX_SUBJECT_LENGTH), nullable=False),
     sa.Column("algorithm", sa.String(32), nullable=False),
-    sa.Column("signing_time", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("signing_time", StoredTime(), nullable=False),
+    sa.Column("created_at", StoredTime(), nullable=False),
     sa.Column("sealed_p7s", sa.LargeBinary, nullable=False),
     sa.PrimaryKeyConstraint("id", name="pk_record_signatures"),
     sa.ForeignKeyConstraint(

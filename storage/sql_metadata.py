@@ -23,7 +23,7 @@ from sqlalchemy import event, exc
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, Row
 
-from storage import sqlite_guard
+from storage import sqlite_guard, sqlite_text
 from storage.errors import (
     BackendUnavailableError,
     DatabaseUnreachableError,
@@ -37,6 +37,7 @@ from storage.index import STUDY_UID, IndexEntry
 from storage.interfaces import IndexFilter, ListCursor, StoredRecord
 from storage.migration_lock import migration_lock
 from storage.model import RecordKind
+from storage.sqlite_text import StoredTime
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -71,7 +72,7 @@ records = sa.Table(
     sa.Column("stored_size", sa.BigInteger, nullable=False),
     sa.Column("ciphertext_sha256", sa.LargeBinary(32), nullable=False),
     sa.Column("segment_size", sa.Integer, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("created_at", StoredTime(), nullable=False),
     sa.Column("created_by", sa.String(255), nullable=False),
     sa.Column("supersedes_version", sa.Integer, nullable=True),
     sa.PrimaryKeyConstraint("id", "version", name="pk_records"),
@@ -115,8 +116,8 @@ kek_versions = sa.Table(
     metadata,
     sa.Column("version", sa.Integer, nullable=False, autoincrement=False),
     sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("retired_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("created_at", StoredTime(), nullable=False),
+    sa.Column("retired_at", StoredTime(), nullable=True),
     sa.PrimaryKeyConstraint("version", name="pk_kek_versions"),
     sa.CheckConstraint("state IN ('active', 'previous', 'retired')", name="ck_kek_versions_state"),
 )
@@ -241,7 +242,11 @@ def private_sqlite_files(path: str) -> None:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    """WAL lets readers run beside the writer; busy_timeout waits out a short lock."""
+    """Refuse a file that is not UTF-8, decode text that is not UTF-8 with replacement
+    (``storage.sqlite_text``); WAL lets readers run beside the writer; busy_timeout waits
+    out a short lock."""
+    sqlite_text.check_encoding(dbapi_connection)
+    dbapi_connection.text_factory = sqlite_text.decode_text
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("PRAGMA journal_mode=WAL")

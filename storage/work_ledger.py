@@ -15,13 +15,14 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from storage.sql_metadata import from_db_time, metadata, run_in_transaction, to_utc
+from storage.sqlite_text import StoredTime
 
 # The schema as queries see it; storage/migrations/versions/0012_replicas.py made it.
 scheduled_work = sa.Table(
     "scheduled_work",
     metadata,
     sa.Column("name", sa.String(32), nullable=False),
-    sa.Column("last_run_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_run_at", StoredTime(), nullable=False),
     sa.Column("replica", sa.String(255), nullable=False),
     sa.PrimaryKeyConstraint("name", name="pk_scheduled_work"),
 )

@@ -34,6 +34,7 @@ from sqlalchemy.engine import Engine
 
 from storage.errors import BackendUnavailableError, StorageError
 from storage.sql_metadata import from_db_time, metadata, to_utc
+from storage.sqlite_text import StoredTime
 
 RunKind = Literal["backup", "drill", "sweep"]  # sweep: the orphan sweeper (lock only)
 RunOutcome = Literal["running", "ok", "failed"]
@@ -50,11 +51,11 @@ def _lock_key(kind: RunKind) -> int:
 backup_runs = sa.Table(
     "backup_runs",
     metadata,
-    sa.Column("slot", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("slot", StoredTime(), nullable=False),
     sa.Column("kind", sa.String(16), nullable=False),
     sa.Column("replica", sa.String(255), nullable=False),
-    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("started_at", StoredTime(), nullable=False),
+    sa.Column("finished_at", StoredTime(), nullable=True),
     sa.Column("backup_id", sa.String(64), nullable=True),
     sa.Column("outcome", sa.String(16), nullable=False),
     sa.Column("detail", sa.String(MAX_DETAIL), nullable=False, server_default=""),

@@ -35,11 +35,12 @@ from sqlalchemy.engine import Connection, Engine
 import storage.audit_log
 import storage.grants
 import storage.signatures  # noqa: F401
-from storage.audit_rows import OutOfRange, Undecodable, read_head
-from storage.audit_sql import rows_as_read
+from storage.audit_rows import OutOfRange, TimeParser, read_head
+from storage.audit_sql import rows_as_read, time_parser
 from storage.backup import SnapshotLoadError, SourceIntegrityError
 from storage.backup.manifest import ManifestObject
 from storage.sql_metadata import metadata
+from storage.sqlite_text import StoredTime, Undecodable
 
 ALEMBIC = "alembic_version"
 # Parents before children (record_signatures and record_index reference records).
@@ -121,6 +122,46 @@ def _check_read(table: str, row: dict[str, Any]) -> None:
             )
 
 
+def _is_time(column: sa.Column[Any]) -> bool:
+    return isinstance(column.type, sa.DateTime | StoredTime)
+
+
+def _select(table: sa.Table) -> sa.Select[Any]:
+    """All of ``table``'s columns, its times untyped: each is parsed by ``_check_times``,
+    so that one that does not parse fails the backup by column, neither failing the fetch
+    (with the value in the error) nor read as ``StoredTime``'s placeholder, which the
+    snapshot would then copy in place of what the database holds."""
+    return sa.select(*(
+        sa.type_coerce(c, sa.types.NullType()).label(c.name) if _is_time(c) else c
+        for c in table.c
+    )).order_by(*table.primary_key.columns)  # fmt: skip
+
+
+def _check_times(table: sa.Table, row: dict[str, Any], parse: TimeParser) -> None:
+    """Parse ``row``'s times in place (SQLite keeps text; PostgreSQL returns datetimes);
+    one that is not a time fails the backup, naming table and columns only."""
+    bad = []
+    for column in table.c:
+        value = row[column.name]
+        if value is None or not _is_time(column):
+            continue
+        try:
+            if isinstance(value, str) and parse is not None:
+                value = parse(value)
+        except (ValueError, TypeError, OverflowError):
+            value = None
+        if not isinstance(value, datetime):
+            bad.append(column.name)
+        row[column.name] = value
+    if bad:
+        raise SourceIntegrityError(
+            f"a {table.name} row holds a time that does not parse ({', '.join(bad)}), "
+            "backup not completed: the database was written outside medvault; run "
+            "`medvault audit verify` and restore the row from an earlier backup "
+            "(docs/operations.md)"
+        )
+
+
 def _observe(stats: SnapshotStats, table: str, row: dict[str, Any]) -> None:
     """Note what the manifest needs from ``row``, read as strictly as the service reads it.
 
@@ -156,15 +197,16 @@ def _observe(stats: SnapshotStats, table: str, row: dict[str, Any]) -> None:
 def _lines(connection: Connection, stats: SnapshotStats) -> Iterator[bytes]:
     stats.revision = connection.scalar(sa.select(_alembic.c.version_num)) or ""
     yield _line(ALEMBIC, {"version_num": stats.revision})
+    parse = time_parser(connection.dialect)
     for table in tables():
-        query = sa.select(table).order_by(*table.primary_key.columns)
         result = connection.execution_options(stream_results=True, yield_per=_BATCH).execute(
-            query
+            _select(table)
         )
         count = 0
         for row in result.mappings():
             values = dict(row)
             _check_read(table.name, values)
+            _check_times(table, values, parse)
             _observe(stats, table.name, values)
             count += 1
             yield _line(table.name, values)

@@ -131,3 +131,27 @@ def test_a_time_python_cannot_hold_fails_the_snapshot_by_column(
         b"".join(export(source.engine))
     assert raised.value.__cause__ is None  # no driver error carrying the value
     assert value not in str(raised.value)
+
+
+@pytest.mark.parametrize("stored", ["CAST(X'32FF' AS TEXT)", "'garbage'", "7"])
+def test_a_time_that_does_not_parse_fails_the_snapshot_by_column(
+    source: Source, stored: str
+) -> None:
+    """SQLite keeps times as text: one that is not UTF-8, not a time, or not text fails
+    the backup naming table and column. Never the driver's parse error (its text carries
+    the value), and never the placeholder the stores read it as (``StoredTime``): the
+    snapshot copies rows, and must not copy another value than the database holds.
+    PostgreSQL's timestamptz holds times only."""
+    if source.engine.dialect.name != "sqlite":
+        with pytest.raises(sa.exc.DBAPIError), source.engine.begin() as c:
+            c.exec_driver_sql("UPDATE records SET created_at = 'garbage'")
+        return
+    with source.engine.begin() as c:
+        c.exec_driver_sql(
+            f"UPDATE records SET created_at = {stored} WHERE object_key = "
+            "(SELECT MIN(object_key) FROM records)"
+        )
+    with pytest.raises(SourceIntegrityError, match=r"records .*\(created_at\)") as raised:
+        b"".join(export(source.engine))
+    assert raised.value.__cause__ is None
+    assert "garbage" not in str(raised.value)

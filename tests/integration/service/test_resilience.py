@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -25,7 +26,7 @@ import sqlalchemy as sa
 from service._gen.medvault.v1 import records_pb2 as pb
 from service._gen.medvault.v1 import records_pb2_grpc as pb_grpc
 from storage.audit_log import audit_events
-from storage.sql_metadata import records
+from storage.sql_metadata import make_engine, records, upgrade
 from tests.fixtures.seaweed import S3Server
 from tests.fixtures.service import ROOT, RunningService
 from tests.fixtures.softhsm import WRONG_PIN_TOKEN_LABEL, SoftHsmToken
@@ -261,3 +262,26 @@ def test_missing_token_stops_the_server(service_factory: Factory, tmp_path: Path
     log = _failed_start(service_factory, tmp_path, token_label=label)
     assert label in log, "the log does not name the token label"
     assert "softhsm2-util --init-token" in log, "the log does not say how to create it"
+
+
+@pytest.mark.timeout(120)
+def test_a_database_file_rebuilt_in_utf16_stops_the_server(
+    service_factory: Factory, tmp_path: Path
+) -> None:
+    """A database writer rebuilt the SQLite file in UTF-16 (SQLite then orders text
+    otherwise): the server does not start on it, and says which encoding is the problem."""
+    made = tmp_path / "made" / "metadata.db"
+    made.parent.mkdir()
+    engine = make_engine(f"sqlite:///{made}")
+    upgrade(engine)
+    engine.dispose()
+    with sqlite3.connect(made) as old:
+        dump = "\n".join(old.iterdump())
+    old.close()
+    rebuilt = sqlite3.connect(tmp_path / "metadata.db")  # where _failed_start's URL points
+    rebuilt.execute("PRAGMA encoding = 'UTF-16le'")
+    rebuilt.executescript(dump)
+    rebuilt.close()
+    log = _failed_start(service_factory, tmp_path)
+    assert "metadata database file is encoded UTF-16le, not UTF-8" in log, "not named"
+    assert "Traceback" not in log, "a start-up refusal with a traceback"
