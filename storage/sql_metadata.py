@@ -193,12 +193,36 @@ def make_engine(url: str) -> Engine:
         return engine
     # pre-ping drops connections a database restart has killed; a short connect
     # timeout reports an outage in seconds.
+    connect_args: dict[str, Any] = {"connect_timeout": 5}
+    if parsed.get_backend_name() == "postgresql":
+        connect_args["options"] = pinned_session_options(parsed.query.get("options"))
     engine = sa.create_engine(
-        parsed, hide_parameters=True, pool_pre_ping=True, connect_args={"connect_timeout": 5}
+        parsed, hide_parameters=True, pool_pre_ping=True, connect_args=connect_args
     )
     if parsed.get_backend_name() == "postgresql":
         event.listen(engine, "connect", _durable_commits)
     return engine
+
+
+# The session settings the service's reads depend on, sent in the startup packet so that
+# they hold from the first query (SQLAlchemy's dialect set-up runs before any "connect"
+# listener) and override defaults a database writer may set with ALTER DATABASE or ALTER
+# ROLE: psycopg refuses to load a timestamp under any DateStyle but ISO (its error,
+# logged with a traceback, quotes the stored time), returns text as bytes under
+# client_encoding SQL_ASCII (every row would read as altered), and renders times and
+# intervals by these. Values are those of a stock PostgreSQL.
+PINNED_SESSION = ("DateStyle=ISO", "IntervalStyle=postgres", "client_encoding=UTF8",
+                  "TimeZone=UTC")  # fmt: skip
+
+
+def pinned_session_options(operator: object = None) -> str:
+    """libpq ``options`` pinning ``PINNED_SESSION``, followed by the operator's own
+    ``options`` from the database URL (later ``-c`` settings win: the URL is config, a
+    database default is not)."""
+    pinned = " ".join(f"-c {setting}" for setting in PINNED_SESSION)
+    if isinstance(operator, tuple):  # a URL may repeat a query key
+        operator = " ".join(str(o) for o in operator)
+    return f"{pinned} {operator}" if operator else pinned
 
 
 def _durable_commits(dbapi_connection: Any, _record: Any) -> None:
