@@ -25,6 +25,7 @@ when no backup within retention holds keys wrapped by it any more.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -59,6 +60,8 @@ Committer = Callable[[Callable[[Connection], None]], None]
 
 DEFAULT_BATCH = 200
 MAX_BATCH = 5000
+
+log = logging.getLogger(__name__)
 
 
 class KekRing(Protocol):
@@ -113,6 +116,9 @@ class _Pass:
 
     after: tuple[object, int] | None = None
     moved: int = 0
+    # Keys below the target when the pass began (its first step): the next pass runs only
+    # if the database holds fewer now, not merely because updates reported rows moved.
+    left_before: int | None = None
     failed: set[tuple[object, int]] = field(default_factory=set)
 
 
@@ -151,6 +157,8 @@ class RewrapJob:
             self.reseal.step(self.batch_size)
             self.done = self.reseal.finished
             return self.progress()
+        if self._pass.left_before is None:
+            self._pass.left_before = self.remaining
         rows = self._select()
         if not rows:
             self._end_pass()
@@ -168,7 +176,18 @@ class RewrapJob:
         left = count_below(self.engine, self.target, self.from_version)
         self.remaining = left
         self.failed_ids = self._pass.failed  # a row that failed before but not now is fine
-        if left == 0 or self._pass.moved == 0:
+        # A pass whose updates all reported a row moved, while the count below the target
+        # did not fall, met rows put back behind it (a database writer's trigger): another
+        # pass would unwrap and wrap the same keys in the token for ever. The job ends
+        # with those keys remaining (the version cannot be retired while they are).
+        stalled = self._pass.left_before is not None and left >= self._pass.left_before
+        if stalled and self._pass.moved:
+            log.warning(
+                "rewrap pass moved keys but none fewer remain below the target: rows were "
+                "changed back outside medvault; stopping",
+                extra={"moved": self._pass.moved, "remaining": left},
+            )
+        if left == 0 or self._pass.moved == 0 or stalled:
             self.keys_done = True
             self.done = self.reseal is None
         self._pass = _Pass()
