@@ -49,7 +49,12 @@ from storage.audit_sql import (
     rows_as_read,
     time_parser,
 )
-from storage.errors import BackendUnavailableError, InvalidRecordError, StorageError
+from storage.errors import (
+    BackendUnavailableError,
+    IntegrityError,
+    InvalidRecordError,
+    StorageError,
+)
 from storage.sql_metadata import connect
 from storage.sqlite_text import bindable, text_as_read
 
@@ -134,6 +139,15 @@ def _filtered(query: sa.Select[Any], flt: AuditFilter) -> sa.Select[Any]:
     if flt.outcome is not None:
         conditions.append(c.outcome == flt.outcome)
     return query.where(*conditions) if conditions else query
+
+
+def _compared(flt: AuditFilter) -> tuple[str, ...]:
+    """The columns ``_filtered`` compares with a value of their type, for ``flt``."""
+    fields = (("time", flt.since is not None or flt.until is not None),
+              ("principal", flt.principal is not None),
+              ("patient_index", flt.patient_index is not None),
+              ("action", flt.action is not None), ("outcome", flt.outcome is not None))  # fmt: skip
+    return tuple(name for name, used in fields if used)
 
 
 class SqlAuditLog:
@@ -226,7 +240,7 @@ class SqlAuditLog:
             if cursor is not None:
                 query = query.where(seq < cursor if flt.newest_first else seq > cursor)
             query = query.order_by(seq.desc() if flt.newest_first else seq).limit(page)
-            rows = self._select_rows(query)
+            rows = self._select_rows(query, _compared(flt))
             for m in rows:
                 yield to_event(m, self._parse_time)
             if len(rows) < page:
@@ -236,16 +250,17 @@ class SqlAuditLog:
             if remaining is not None:
                 remaining -= len(rows)
 
-    def _select_rows(self, query: sa.Select[Any]) -> list[Any]:
+    def _select_rows(self, query: sa.Select[Any], compared: tuple[str, ...] = ()) -> list[Any]:
         """The rows' mappings, the time column unparsed (see ``__init__``), text that is
         not UTF-8 as ``Undecodable`` (``sqlite_text.text_as_read``) and, on PostgreSQL, a
-        time Python cannot hold as ``OUT_OF_RANGE`` (``audit_sql.rows_as_read``)."""
+        value psycopg cannot load as ``UNLOADABLE`` (``audit_sql.rows_as_read``).
+        ``compared``: the columns the query's filter compares (``AuditColumnAlteredError``)."""
 
         def select(c: Connection) -> list[Any]:
             with rows_as_read(c):
                 return [r._mapping for r in c.execute(query).all()]
 
-        return self._run(select)
+        return self._run(select, compared=compared)
 
     def add_checkpoint(self, checkpoint: Checkpoint) -> bool:
         """Store ``checkpoint``; False if another replica's checkpoint came first.
@@ -342,11 +357,13 @@ class SqlAuditLog:
             self._writer = WriterStatements.compile(connection.dialect)
         return self._writer
 
-    def _run(self, fn: Callable[[Connection], T], *, write: bool = False) -> T:
+    def _run(
+        self, fn: Callable[[Connection], T], *, write: bool = False, compared: tuple[str, ...] = ()
+    ) -> T:
         """Run ``fn`` in one transaction (committed if ``write``), translating errors."""
         # Connected apart: a failure to connect is DatabaseUnreachableError (nothing
         # sent, so a put's object can go at once), unlike a connection lost later.
-        with _translated(self._engine), connect(self._engine, "audit database") as connection:
+        with _translated(self._engine, compared), connect(self._engine, "audit database") as connection:
             if write:
                 with connection.begin():
                     return fn(connection)
@@ -377,6 +394,25 @@ class AuditEventRejectedError(StorageError):
     (e.g. a value it cannot store): retrying the events one by one isolates it."""
 
 
+class AuditColumnAlteredError(IntegrityError):
+    """A filtered listing's column no longer has the type the audit writer created:
+    PostgreSQL cannot compare it with the filter's value (a database writer retyped it).
+    Names the columns, never a value; an integrity failure, not an outage."""
+
+    def __init__(self, columns: tuple[str, ...]) -> None:
+        self.columns = columns
+        named = " or ".join(f"audit_events.{c}" for c in columns)
+        super().__init__(
+            f"{named} altered: its type is not the one the audit writer created; "
+            "run `medvault audit verify`"
+        )
+
+
+# PostgreSQL's undefined_function (no operator for the column's type and the value's)
+# and datatype_mismatch: on a filter's column, the column's type was changed.
+_TYPE_ALTERED: Final = frozenset({"42883", "42804"})
+
+
 class _DuplicateError(StorageError):
     """A row with that key exists already (internal: add_checkpoint turns it into False)."""
 
@@ -394,25 +430,22 @@ _OUTAGES = (
 
 
 @contextmanager
-def _translated(engine: Engine) -> Iterator[None]:
-    """Driver errors become storage errors; the message names no row data."""
+def _translated(engine: Engine, compared: tuple[str, ...] = ()) -> Iterator[None]:
+    """Driver errors become storage errors; the message names no row data.
+
+    ``compared``: the columns the statement compares with values of their own type; a
+    comparison PostgreSQL no longer has an operator for is ``AuditColumnAlteredError``.
+    """
     try:
         yield
     except exc.IntegrityError as e:
         raise _DuplicateError("audit row exists already") from e
+    except exc.ProgrammingError as e:
+        if compared and getattr(e.orig, "sqlstate", None) in _TYPE_ALTERED:
+            raise AuditColumnAlteredError(compared) from None  # its text may quote a value
+        raise _unavailable(engine, e) from e
     except _OUTAGES as e:
-        # The database cannot be written now (unreachable, locked, read-only): every
-        # caller fails closed, and retrying event by event would only wait longer.
-        url = engine.url
-        where = (
-            "local SQLite file"
-            if engine.dialect.name == "sqlite"
-            else f"{url.host or 'localhost'}:{url.port or 'default port'}"
-        )
-        name = type(e.orig).__name__ if isinstance(e, exc.DBAPIError) else type(e).__name__
-        raise BackendUnavailableError(
-            f"audit database unavailable at {where} ({name}); retry later"
-        ) from e
+        raise _unavailable(engine, e) from e
     except (exc.DBAPIError, exc.StatementError, ValueError) as e:
         # Refused for what was sent (a value the column or driver cannot take).
         raise AuditEventRejectedError(f"audit database refused a value ({type(e).__name__})") from e
@@ -420,3 +453,16 @@ def _translated(engine: Engine) -> Iterator[None]:
         raise BackendUnavailableError("audit head row missing; run the migrations") from e
     except exc.SQLAlchemyError as e:
         raise StorageError(f"audit database error ({type(e).__name__})") from e
+
+
+def _unavailable(engine: Engine, e: Exception) -> BackendUnavailableError:
+    """The database cannot be written now (unreachable, locked, read-only): every
+    caller fails closed, and retrying event by event would only wait longer."""
+    url = engine.url
+    where = (
+        "local SQLite file"
+        if engine.dialect.name == "sqlite"
+        else f"{url.host or 'localhost'}:{url.port or 'default port'}"
+    )
+    name = type(e.orig).__name__ if isinstance(e, exc.DBAPIError) else type(e).__name__
+    return BackendUnavailableError(f"audit database unavailable at {where} ({name}); retry later")

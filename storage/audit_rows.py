@@ -10,7 +10,7 @@ under the audit's ``text_as_read``, which no text check accepts). The chain walk
 reports such a row as ``event altered`` at its place
 (``storage.audit_verify``); listings leave it out and report it
 (``service.audit.listing``). Values the driver cannot read arrive as markers no check
-accepts: ``Undecodable`` text (SQLite), an ``OutOfRange`` time (PostgreSQL).
+accepts: ``Undecodable`` text (SQLite), an ``Unloadable`` value (PostgreSQL).
 
 ``audit_checkpoints`` rows are read the same way (``to_checkpoint``: a placeholder
 ``Checkpoint`` naming its bad fields, which the walk reports as ``checkpoint altered``
@@ -47,22 +47,23 @@ UNREADABLE: Final = AuditEntry(
 
 
 
-class OutOfRange:
-    """What a date or time PostgreSQL holds and Python's datetime cannot (``infinity``,
-    ``-infinity``, a year outside 1 to 9999) reads as, where psycopg would fail the
-    whole fetch (``storage.audit_sql.rows_as_read``): no field check accepts it, so its
-    field is malformed. It keeps nothing of the value."""
+class Unloadable:
+    """What a value PostgreSQL holds and psycopg cannot load reads as (a date or time
+    outside years 1 to 9999 or ``infinity``, an interval past ``timedelta``, json too
+    deep or with a number too long for ``json.loads``, ...), where psycopg would fail
+    the whole fetch (``storage.audit_sql.rows_as_read``): no field check accepts it, so
+    its field is malformed. It keeps nothing of the value."""
 
     __slots__ = ()
 
     def __repr__(self) -> str:
-        return "OutOfRange()"
+        return "Unloadable()"
 
 
-OUT_OF_RANGE: Final = OutOfRange()
+UNLOADABLE: Final = Unloadable()
 
 # The dialect's own parser of stored timestamps (SQLite keeps text), or None when the
-# driver returns datetimes itself (PostgreSQL: psycopg's, or ``OUT_OF_RANGE``).
+# driver returns datetimes itself (PostgreSQL: psycopg's, or ``UNLOADABLE``).
 TimeParser = Callable[[Any], Any] | None
 # Longer than any signature or public key the audit key makes (RSA-4096 or EC): a
 # longer value is not one the service stored.

@@ -18,8 +18,9 @@ Reading: the audit's reads run under ``storage.sqlite_text.text_as_read``, so th
 that is not UTF-8 reads as a marker (a malformed field, named by ``storage.audit_rows``),
 not as the replaced text every connection reads, which the audit could not tell from
 genuine.
-``rows_as_read`` adds, on PostgreSQL, a date or time that Python cannot hold read as a
-marker (``audit_rows.OUT_OF_RANGE``) instead of failing the whole fetch.
+``rows_as_read`` adds, on PostgreSQL, a value psycopg cannot load (a time past year
+9999, a json number of 5000 digits, ...) read as a marker (``audit_rows.UNLOADABLE``)
+instead of failing the whole fetch.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from sqlalchemy import exc
 from sqlalchemy.engine import Connection, CursorResult, Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from storage.audit_rows import OUT_OF_RANGE, TimeParser
+from storage.audit_rows import UNLOADABLE, TimeParser
 from storage.sql_metadata import metadata
 from storage.sqlite_text import text_as_read
 
@@ -177,24 +178,24 @@ class WriterStatements:
         )
 
 
-# The types whose psycopg loaders raise on values PostgreSQL holds (infinity, years
-# outside 1 to 9999, 24:00:00): the audit's columns are timestamptz, the others are what
-# a database writer may change a column's type to.
-_TIME_TYPES: Final = ("timestamptz", "timestamp", "date", "time", "timetz")
-
-
 @contextmanager
 def rows_as_read(connection: Connection) -> Iterator[None]:
-    """``text_as_read``, and on PostgreSQL a date or time Python cannot hold reads as
-    ``OUT_OF_RANGE`` for this query.
+    """``text_as_read``, and on PostgreSQL a value psycopg cannot load reads as
+    ``UNLOADABLE`` for this query.
 
-    PostgreSQL stores ``infinity``, ``-infinity`` and years up to 294276 (and BC) in a
-    ``timestamptz``; psycopg fails the whole fetch on the first it cannot load, with the
-    value in its message: one such value written by a database writer would make every
-    listing, ``audit verify`` and the break-the-glass queue an outage instead of naming
-    its row. Every other value is loaded by psycopg's own loader, so a genuine row reads
-    exactly as before (the chain hashes the event as read). The connection's own
-    loaders are restored before it returns to the pool.
+    PostgreSQL stores values Python cannot hold: ``infinity`` and years up to 294276 in
+    a ``timestamptz``, an interval past ``timedelta``, a json number of 5000 digits or
+    arrays nested 3000 deep (``json.loads`` raises ValueError, RecursionError). A
+    database writer may give any audit column such a type and value; psycopg would fail
+    the whole fetch on the first, often with the value in its message, making every
+    listing, ``audit verify``, the break-the-glass queue and the backup an outage instead
+    of naming the row. So each cursor opened here loads every column of its result
+    through a wrapper of the loader psycopg would have used, which reads ``UNLOADABLE``
+    where that loader raises anything: a genuine row reads exactly as before (the chain
+    hashes the event as read). The loaders are changed on the cursor's own adapters
+    after its query has run and its result's column types are known (psycopg >= 3.3
+    allows this), so the connection's loaders are never changed; only its cursor
+    factories are, for the block.
 
     Around reads of whole audit rows and the backup snapshot; the head row and the
     last checkpoint's sequence hold no time and are read under ``text_as_read`` (the
@@ -207,31 +208,59 @@ def rows_as_read(connection: Connection) -> Iterator[None]:
         with text_as_read(connection):
             yield
         return
-    from psycopg.pq import Format  # noqa: PLC0415
-
-    adapters = cast(Any, raw).adapters
-    before = [
-        (oid, loader)
-        for oid in (adapters.types[name].oid for name in _TIME_TYPES)
-        for loader in (adapters.get_loader(oid, f) for f in (Format.TEXT, Format.BINARY))
-        if loader is not None
-    ]
-    for oid, loader in before:
-        adapters.register_loader(oid, _lenient(loader))
+    pg = cast(Any, raw)
+    before = pg.cursor_factory, pg.server_cursor_factory
+    pg.cursor_factory, pg.server_cursor_factory = map(_lenient_cursor, before)
     try:
         yield
     finally:
-        for oid, loader in before:
-            adapters.register_loader(oid, loader)
+        pg.cursor_factory, pg.server_cursor_factory = before
+
+
+@cache
+def _lenient_cursor(base: type[Any]) -> type[Any]:
+    """``base`` (the connection's cursor class), loading its results leniently."""
+
+    class LenientCursor(base):  # type: ignore[misc,valid-type]
+        __slots__ = ()
+
+        def execute(self, *args: Any, **kwargs: Any) -> Any:
+            done = super().execute(*args, **kwargs)
+            _load_leniently(self)
+            return done
+
+    LenientCursor.__name__ = LenientCursor.__qualname__ = f"Lenient{base.__name__}"
+    return LenientCursor
+
+
+def _load_leniently(cursor: Any) -> None:
+    """Each type of ``cursor``'s result loaded by a lenient wrapper of its loader.
+
+    Both formats: a server-side cursor's described result says text whatever it
+    fetches in. A type with no loader gets psycopg's fallback (that of oid 0), wrapped.
+    """
+    from psycopg.pq import Format  # noqa: PLC0415  (only on PostgreSQL: see rows_as_read)
+
+    result = cursor.pgresult
+    if result is None or not result.nfields:
+        return
+    adapters = cursor.adapters
+    for oid in {result.ftype(i) for i in range(result.nfields)}:
+        for fmt in (Format.TEXT, Format.BINARY):
+            base = adapters.get_loader(oid, fmt) or adapters.get_loader(_UNKNOWN_OID, fmt)
+            if base is not None:
+                adapters.register_loader(oid, _lenient(base))
+
+
+_UNKNOWN_OID: Final = 0  # psycopg's INVALID_OID: its loaders of a type it does not know
 
 
 @cache
 def _lenient(base: type[Loader]) -> type[Loader]:
-    """``base`` (psycopg's loader of a type, in one format), reading ``OUT_OF_RANGE``
-    where it raises ``DataError`` (whose message, dropped here, holds the value)."""
+    """``base`` (psycopg's loader of a type, in one format), reading ``UNLOADABLE``
+    where it raises (a DataError's message, dropped here, holds the value)."""
 
-    import psycopg  # noqa: PLC0415  (only on PostgreSQL: see rows_as_read)
-    from psycopg.abc import AdaptContext, Buffer  # noqa: PLC0415
+    from psycopg.abc import AdaptContext, Buffer  # noqa: PLC0415  (see rows_as_read)
     from psycopg.adapt import Loader  # noqa: PLC0415
 
     class Lenient(Loader):
@@ -244,8 +273,8 @@ def _lenient(base: type[Loader]) -> type[Loader]:
         def load(self, data: Buffer) -> Any:
             try:
                 return self._load(data)
-            except psycopg.DataError:
-                return OUT_OF_RANGE
+            except Exception:  # noqa: BLE001  (RecursionError too: the value is the cause)
+                return UNLOADABLE
 
     Lenient.__name__ = Lenient.__qualname__ = f"Lenient{base.__name__}"
     return Lenient

@@ -12,7 +12,8 @@ C-GET response's data set at all: the data set arrived when it expected the
 A-RELEASE-RP, and its release failed ("DUL P-Data PDU arrived").
 
 Here the final response is rewritten before it is encoded: an empty list goes, and with
-it the data set; and when nothing was invoked at all, nothing is counted as failed.
+it the data set; and when nothing was invoked at all (no Pending response was sent),
+nothing is counted as failed.
 A response that names failed instances is sent as pynetdicom builds it.
 ``install()`` makes pynetdicom serve Study Root C-GET with ``RetrieveServiceClass``
 (pynetdicom picks a service class by SOP class UID and has no public way to choose it).
@@ -52,16 +53,21 @@ def _failed_instances(identifier: BytesIO, syntax: UID) -> list[str] | None:
     return [str(value)] if isinstance(value, str) else [str(v) for v in value]
 
 
-def final_response(rsp: C_GET, syntax: UID) -> C_GET:
+def final_response(rsp: C_GET, syntax: UID, *, invoked: int) -> C_GET:
     """``rsp`` as it is to be sent: a final response whose Failed SOP Instance UID List is
-    empty goes without a data set, and counts no failure if no sub-operation was invoked
-    (none completed, none with a warning, none failed)."""
+    empty goes without a data set, and counts no failure if no sub-operation was invoked.
+
+    ``invoked`` is the number of Pending responses sent before it: pynetdicom sends one
+    per sub-operation, failed ones included. The list cannot tell: a failed
+    sub-operation pynetdicom lists as "" (a handler's yield that is not a data set)
+    encodes as the same empty element as no failure at all.
+    """
     if rsp.Status == PENDING or rsp.Identifier is None:
         return rsp
     if _failed_instances(rsp.Identifier, syntax) != []:
         return rsp
     rsp.Identifier = None
-    if not rsp.NumberOfCompletedSuboperations and not rsp.NumberOfWarningSuboperations:
+    if not invoked:
         rsp.NumberOfFailedSuboperations = 0
     return rsp
 
@@ -73,10 +79,13 @@ class _Responses:
     def __init__(self, dimse: DIMSEServiceProvider, syntax: UID) -> None:
         self._dimse = dimse
         self._syntax = syntax
+        self._pending = 0  # one per sub-operation invoked (one C-GET per instance)
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         if isinstance(primitive, C_GET):
-            primitive = final_response(primitive, self._syntax)
+            if primitive.Status == PENDING:
+                self._pending += 1
+            primitive = final_response(primitive, self._syntax, invoked=self._pending)
         self._dimse.send_msg(primitive, context_id)
 
     def __getattr__(self, name: str) -> Any:

@@ -35,7 +35,7 @@ from sqlalchemy.engine import Connection, Engine
 import storage.audit_log
 import storage.grants
 import storage.signatures  # noqa: F401
-from storage.audit_rows import OutOfRange, TimeParser, read_head
+from storage.audit_rows import TimeParser, Unloadable, read_head
 from storage.audit_sql import rows_as_read, time_parser
 from storage.backup import SnapshotLoadError, SourceIntegrityError
 from storage.backup.manifest import ManifestObject
@@ -108,11 +108,11 @@ def _begin_snapshot(connection: Connection) -> None:
 
 def _check_read(table: str, row: dict[str, Any]) -> None:
     """Text that is not UTF-8 (SQLite stores any bytes a database writer casts to text)
-    and a date or time Python cannot hold (PostgreSQL stores ``infinity`` and years past
-    9999) fail the backup by table and column: the drivers' own errors would carry the
+    and a value psycopg cannot load (PostgreSQL stores ``infinity``, years past 9999,
+    json deeper than ``json.loads`` goes) fail the backup by table and column: the drivers' own errors would carry the
     value into a logged traceback. Read by ``rows_as_read`` (``SnapshotExport``)."""
     for marker, what in ((Undecodable, "text that is not UTF-8"),
-                         (OutOfRange, "a date or time outside years 1 to 9999")):  # fmt: skip
+                         (Unloadable, "a value the driver cannot load")):  # fmt: skip
         bad = [name for name, value in row.items() if isinstance(value, marker)]
         if bad:
             raise SourceIntegrityError(

@@ -133,6 +133,47 @@ def test_a_time_python_cannot_hold_fails_the_snapshot_by_column(
     assert value not in str(raised.value)
 
 
+# Columns a database writer retypes to a type whose value psycopg cannot load: its
+# DataError's text holds the value; json.loads raises ValueError (over 4300 digits) and
+# RecursionError (3000 deep).
+_UNLOADABLE = {
+    "interval": (
+        "ALTER TABLE audit_events ALTER COLUMN time TYPE interval USING time - 'epoch'",
+        "UPDATE audit_events SET time = interval '2147483647 days'",
+        "time",
+    ),
+    "json digits": (
+        "ALTER TABLE audit_events ALTER COLUMN reason TYPE json USING to_json(reason)",
+        "UPDATE audit_events SET reason = repeat('1', 5000)::json",
+        "reason",
+    ),
+    "json depth": (
+        "ALTER TABLE audit_events ALTER COLUMN reason TYPE json USING to_json(reason)",
+        "UPDATE audit_events SET reason = (repeat('[', 3000) || repeat(']', 3000))::json",
+        "reason",
+    ),
+}
+
+
+@pytest.mark.backend("postgresql")
+@pytest.mark.parametrize("kind", sorted(_UNLOADABLE))
+def test_a_value_psycopg_cannot_load_fails_the_snapshot_by_column(
+    make_source: Any, kind: str
+) -> None:
+    """Any type, not only times: the table and column, no driver error (review9 F1)."""
+    source: Source = make_source("postgresql")
+    source.add_records(1)
+    source.add_other_rows()
+    retype, update, column = _UNLOADABLE[kind]
+    with source.engine.begin() as c:
+        c.exec_driver_sql(retype)
+        c.exec_driver_sql(update)
+    with pytest.raises(SourceIntegrityError, match=rf"audit_events .*\({column}\)") as raised:
+        b"".join(export(source.engine))
+    assert raised.value.__cause__ is None
+    assert "2147483647" not in str(raised.value)
+
+
 @pytest.mark.parametrize("stored", ["CAST(X'32FF' AS TEXT)", "'garbage'", "7"])
 def test_a_time_that_does_not_parse_fails_the_snapshot_by_column(
     source: Source, stored: str

@@ -115,7 +115,7 @@ def _get_response(status: int, failed_uids: list[str], counts: tuple[int, int, i
 def test_a_c_get_refused_before_any_sub_operation_has_no_data_set_and_no_failures(
     syntax: UID,
 ) -> None:
-    rsp = final_response(_get_response(0x0124, [], (0, 1, 0), syntax), syntax)
+    rsp = final_response(_get_response(0x0124, [], (0, 1, 0), syntax), syntax, invoked=0)
     assert rsp.Identifier is None, "an empty Failed SOP Instance UID List was sent"
     assert (rsp.NumberOfCompletedSuboperations, rsp.NumberOfFailedSuboperations,
             rsp.NumberOfWarningSuboperations) == (0, 0, 0)  # fmt: skip
@@ -123,14 +123,23 @@ def test_a_c_get_refused_before_any_sub_operation_has_no_data_set_and_no_failure
 
 def test_a_c_get_response_naming_failed_instances_is_sent_as_built() -> None:
     syntax = ImplicitVRLittleEndian
-    rsp = final_response(_get_response(0xB000, ["1.2.3"], (1, 1, 0), syntax), syntax)
+    rsp = final_response(_get_response(0xB000, ["1.2.3"], (1, 1, 0), syntax), syntax, invoked=2)
     assert rsp.Identifier is not None, "the failed instance's UID was dropped"
+    assert rsp.NumberOfFailedSuboperations == 1
+
+
+def test_a_failed_sub_operation_listed_without_a_uid_stays_counted() -> None:
+    """pynetdicom lists a sub-operation that failed before its C-STORE (a handler's
+    yield that is not a data set) as "", which encodes as an empty list: the count is
+    kept, since a Pending response went for it (review9 F5)."""
+    syntax = ExplicitVRLittleEndian
+    rsp = final_response(_get_response(0xA702, [""], (0, 1, 0), syntax), syntax, invoked=1)
     assert rsp.NumberOfFailedSuboperations == 1
 
 
 def test_a_c_get_failure_after_sub_operations_keeps_its_counts() -> None:
     """Nothing failed (no list), but one instance went: only the data set goes."""
     syntax = ImplicitVRLittleEndian
-    rsp = final_response(_get_response(0xA702, [], (1, 2, 0), syntax), syntax)
+    rsp = final_response(_get_response(0xA702, [], (1, 2, 0), syntax), syntax, invoked=3)
     assert rsp.Identifier is None
     assert (rsp.NumberOfCompletedSuboperations, rsp.NumberOfFailedSuboperations) == (1, 2)
