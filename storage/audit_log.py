@@ -363,7 +363,10 @@ class SqlAuditLog:
         """Run ``fn`` in one transaction (committed if ``write``), translating errors."""
         # Connected apart: a failure to connect is DatabaseUnreachableError (nothing
         # sent, so a put's object can go at once), unlike a connection lost later.
-        with _translated(self._engine, compared), connect(self._engine, "audit database") as connection:
+        with (
+            _translated(self._engine, compared),
+            connect(self._engine, "audit database") as connection,
+        ):
             if write:
                 with connection.begin():
                     return fn(connection)

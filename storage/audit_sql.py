@@ -221,7 +221,7 @@ def rows_as_read(connection: Connection) -> Iterator[None]:
 def _lenient_cursor(base: type[Any]) -> type[Any]:
     """``base`` (the connection's cursor class), loading its results leniently."""
 
-    class LenientCursor(base):  # type: ignore[misc,valid-type]
+    class LenientCursor(base):  # type: ignore[misc]
         __slots__ = ()
 
         def execute(self, *args: Any, **kwargs: Any) -> Any:

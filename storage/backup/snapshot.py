@@ -109,8 +109,9 @@ def _begin_snapshot(connection: Connection) -> None:
 def _check_read(table: str, row: dict[str, Any]) -> None:
     """Text that is not UTF-8 (SQLite stores any bytes a database writer casts to text)
     and a value psycopg cannot load (PostgreSQL stores ``infinity``, years past 9999,
-    json deeper than ``json.loads`` goes) fail the backup by table and column: the drivers' own errors would carry the
-    value into a logged traceback. Read by ``rows_as_read`` (``SnapshotExport``)."""
+    json deeper than ``json.loads`` goes) fail the backup by table and column: the
+    drivers' own errors would carry the value into a logged traceback. Read by
+    ``rows_as_read`` (``SnapshotExport``)."""
     for marker, what in ((Undecodable, "text that is not UTF-8"),
                          (Unloadable, "a value the driver cannot load")):  # fmt: skip
         bad = [name for name, value in row.items() if isinstance(value, marker)]
