@@ -31,6 +31,7 @@ from storage.errors import (
     KekRetiredError,
     RecordConflictError,
     RecordNotFoundError,
+    SchemaRevisionError,
     StorageError,
 )
 from storage.index import STUDY_UID, IndexEntry
@@ -311,8 +312,28 @@ def upgrade(
         config = alembic_config()
         config.attributes.update(hooks or {})
         with engine.begin() as connection:
+            _check_stamp(connection, config)
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
+
+
+def _check_stamp(connection: Connection, config: Config) -> None:
+    """Refuse a database whose ``alembic_version`` names a revision this medvault does
+    not have (edited by a database writer, or a newer medvault's): Alembic's own error
+    would carry the stored value into the message and a logged traceback."""
+    from alembic.script import ScriptDirectory  # noqa: PLC0415  (as upgrade's)
+
+    if not sa.inspect(connection).has_table("alembic_version"):
+        return
+    stamped = connection.scalars(sa.text("SELECT version_num FROM alembic_version")).all()
+    known = {script.revision for script in ScriptDirectory.from_config(config).walk_revisions()}
+    if any(type(value) is not str or value not in known for value in stamped):
+        raise SchemaRevisionError(
+            "the metadata database's alembic_version table names a schema revision this "
+            "medvault does not have (edited outside medvault, or written by a newer "
+            "release); not started: run the release that wrote the database, or restore "
+            "the database from a backup (docs/operations.md)"
+        )
 
 
 def at_head(engine: Engine) -> bool:
