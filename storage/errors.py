@@ -59,6 +59,11 @@ def never_reached_database(error: BaseException | None) -> bool:
     return False
 
 
+class SchemaRevisionError(StorageError):
+    """The database's schema revision (``alembic_version``) is not one this release has:
+    edited outside medvault, or written by a newer release. Not migrated, not opened."""
+
+
 class KekRetiredError(BackendUnavailableError):
     """A wrapped key names a master-key version retired meanwhile; wrap again and retry.
 

@@ -36,8 +36,8 @@ from storage.errors import (
 )
 from storage.grant_seal import GrantSealer
 from storage.grants_model import Grant
+from storage.row_values import RowValues
 from storage.sql_metadata import (
-    from_db_time,
     metadata,
     run_in_transaction,
     to_utc,
@@ -124,32 +124,64 @@ def check_grant_id(grant_id: str) -> None:
         raise InvalidRecordError("grant_id", "is not a grant id (32 lowercase hex digits)")
 
 
-def _optional_time(value: datetime | None) -> datetime | None:
-    return None if value is None else from_db_time(value)
+# The columns the MAC covers (``storage.grant_seal.canonical``), and the MAC: one of
+# them holding a value of a type medvault never stores makes the row forged. The others
+# read as placeholders that fail where they are checked: a review by "" at the epoch
+# does not open, a revocation at the epoch has taken effect.
+_AUTHENTICATED = frozenset({
+    "id", "patient_index", "principal", "granted_by", "created_at", "expires_at",
+    "break_glass", "sealed_reason", "mac",
+})  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GrantRow:
+    """A row read strictly (``storage.row_values``): the grant it says, its sealed text
+    and MAC, its clear text (legacy rows), and the columns that held a value of a type
+    medvault never stores."""
+
+    grant: Grant
+    sealed_reason: bytes | None
+    sealed_comment: bytes | None
+    mac: bytes | None
+    reason: str | None  # clear text of a legacy row only
+    review_comment: str | None
+    malformed: tuple[str, ...]
+
+    @property
+    def forged(self) -> bool:
+        """An authenticated column is malformed: the row grants nothing, whatever its MAC."""
+        return not _AUTHENTICATED.isdisjoint(self.malformed)
+
+
+def read_grant_row(row: Row[Any]) -> GrantRow:
+    """``row`` as a :class:`GrantRow` (nothing verified)."""
+    v = RowValues(row._mapping)
+    grant = Grant(
+        id=v.text("id"),
+        patient_index=v.binary("patient_index"),
+        principal=v.text("principal"),
+        granted_by=v.text("granted_by"),
+        created_at=v.time("created_at"),
+        expires_at=v.optional_time("expires_at"),
+        revoked_at=v.optional_time("revoked_at"),
+        revoked_by=v.optional_text("revoked_by"),
+        break_glass=v.boolean("break_glass"),
+        reason=None,  # opened only for the review queue
+        reviewed_at=v.optional_time("reviewed_at"),
+        reviewed_by=v.optional_text("reviewed_by"),
+        review_comment=None,
+    )
+    return GrantRow(
+        grant, v.optional_binary("sealed_reason"), v.optional_binary("sealed_comment"),
+        v.optional_binary("mac"), v.optional_text("reason"), v.optional_text("review_comment"),
+        tuple(v.malformed),
+    )  # fmt: skip
 
 
 def row_to_grant(row: Row[Any]) -> Grant:
-    """The grant a row says (not verified: ``SqlGrantStore`` checks its MAC)."""
-    m = row._mapping
-    return Grant(
-        id=m["id"],
-        patient_index=bytes(m["patient_index"]),
-        principal=m["principal"],
-        granted_by=m["granted_by"],
-        created_at=from_db_time(m["created_at"]),
-        expires_at=_optional_time(m["expires_at"]),
-        revoked_at=_optional_time(m["revoked_at"]),
-        revoked_by=m["revoked_by"],
-        break_glass=bool(m["break_glass"]),
-        reason=None,  # opened only for the review queue
-        reviewed_at=_optional_time(m["reviewed_at"]),
-        reviewed_by=m["reviewed_by"],
-        review_comment=None,
-    )
-
-
-def _optional_bytes(value: Any) -> bytes | None:
-    return None if value is None else bytes(value)
+    """The grant a row says (not verified: ``SqlGrantStore`` checks its MAC and types)."""
+    return read_grant_row(row).grant
 
 
 def _with_review(grant: Grant, reviewed_at: datetime | None, by: str | None) -> Grant:
@@ -416,11 +448,10 @@ class SqlGrantStore:
         return review
 
     def _verified(self, row: Row[Any]) -> bool:
-        m = row._mapping
-        grant = row_to_grant(row)
-        if self._sealer.authentic(grant, _optional_bytes(m["sealed_reason"]), m["mac"]):
+        read = read_grant_row(row)
+        if not read.forged and self._sealer.authentic(read.grant, read.sealed_reason, read.mac):
             return True
-        self._on_forged(grant.id)
+        self._on_forged(read.grant.id)
         return False
 
     def _authentic(self, rows: Iterable[Row[Any]]) -> builtins.list[Grant]:
@@ -428,19 +459,18 @@ class SqlGrantStore:
 
     def _opened(self, row: Row[Any]) -> Grant:
         """A verified row with its reason and (authentic) review opened."""
-        m = row._mapping
-        grant = row_to_grant(row)
-        sealed_reason = _optional_bytes(m["sealed_reason"])
+        read = read_grant_row(row)
+        grant = read.grant
         if _legacy(row):  # not adopted (migrated without the token): clear text, unverified
             return dataclasses.replace(
-                grant, reason=f"{LEGACY_MARK} {m['reason']}", review_comment=m["review_comment"]
+                grant, reason=f"{LEGACY_MARK} {read.reason}", review_comment=read.review_comment
             )
-        grant = dataclasses.replace(grant, reason=self._open_reason(grant.id, sealed_reason))
+        grant = dataclasses.replace(grant, reason=self._open_reason(grant.id, read.sealed_reason))
         if grant.reviewed_at is None or grant.reviewed_by is None:
             return _with_review(grant, None, None)
         try:
             comment = self._sealer.open_review(
-                grant.id, grant.reviewed_by, grant.reviewed_at, bytes(m["sealed_comment"] or b"")
+                grant.id, grant.reviewed_by, grant.reviewed_at, read.sealed_comment or b""
             )
         except IntegrityError:
             # Set in the database, not by the service: not a review, and said so.

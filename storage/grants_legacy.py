@@ -8,7 +8,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from storage.grant_seal import GrantSealer
-from storage.grants import access_grants, row_to_grant
+from storage.grants import access_grants, read_grant_row
 
 
 def adopt_legacy(sealer: GrantSealer, connection: Connection) -> int:
@@ -19,20 +19,24 @@ def adopt_legacy(sealer: GrantSealer, connection: Connection) -> int:
     and from then on a row without a valid MAC grants nothing. A database migrated
     without the token (a bare ``alembic upgrade``) keeps such rows unadopted: they give
     no access, and their clear text stays readable in the review queue's legacy path.
+    A row holding a value of a type medvault never stores (``storage.row_values``) is
+    not adopted either.
     """
     rows = connection.execute(sa.select(access_grants).where(access_grants.c.mac.is_(None)))
     adopted = 0
     for row in rows.all():
-        m = row._mapping
-        grant = row_to_grant(row)
+        read = read_grant_row(row)
+        if read.malformed:  # a value of a type no service wrote: never MACed, grants nothing
+            continue
+        grant = read.grant
         values: dict[str, Any] = {"review_comment": None}
         sealed_reason = None
-        if m["reason"]:
-            sealed_reason = sealer.seal_reason(grant.id, m["reason"])
+        if read.reason:
+            sealed_reason = sealer.seal_reason(grant.id, read.reason)
             values.update(reason="", sealed_reason=sealed_reason)
-        if m["review_comment"] and grant.reviewed_by and grant.reviewed_at:
+        if read.review_comment and grant.reviewed_by and grant.reviewed_at:
             values["sealed_comment"] = sealer.seal_review(
-                grant.id, grant.reviewed_by, grant.reviewed_at, m["review_comment"]
+                grant.id, grant.reviewed_by, grant.reviewed_at, read.review_comment
             )
         values["mac"] = sealer.mac(grant, sealed_reason)
         connection.execute(

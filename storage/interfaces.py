@@ -23,6 +23,8 @@ class StoredRecord:
 
     No plaintext patient data: ``patient_index`` is a keyed blind index and
     ``sealed_meta`` is ciphertext (patient identifier, title, plaintext digest).
+    ``malformed`` names the columns that held a value of a type medvault never stores
+    (read as placeholders, ``storage.row_values``): such a row never verifies.
     """
 
     id: str
@@ -41,6 +43,7 @@ class StoredRecord:
     created_at: datetime
     created_by: str
     supersedes_version: int | None
+    malformed: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,6 +43,7 @@ from storage.errors import (
 )
 from storage.reseal import LegacyResealer, Upgrade, count_legacy
 from storage.row_auth import associated_data
+from storage.row_values import RowValues
 from storage.sql_metadata import (
     from_db_time,
     kek_insert_ignoring_duplicates,
@@ -114,12 +115,12 @@ class _Pass:
     """Keyset position of the current pass over the rows still to rewrap (the id as
     stored: ``sqlite_text.bindable``)."""
 
-    after: tuple[object, int] | None = None
+    after: tuple[object, object] | None = None
     moved: int = 0
     # Keys below the target when the pass began (its first step): the next pass runs only
     # if the database holds fewer now, not merely because updates reported rows moved.
     left_before: int | None = None
-    failed: set[tuple[object, int]] = field(default_factory=set)
+    failed: set[tuple[object, object]] = field(default_factory=set)
 
 
 @dataclass
@@ -134,7 +135,7 @@ class RewrapJob:
     remaining: int = 0
     rewrapped: int = 0
     # Rows whose key failed to unwrap in every pass so far (the last pass, once done).
-    failed_ids: set[tuple[object, int]] = field(default_factory=set)
+    failed_ids: set[tuple[object, object]] = field(default_factory=set)
     done: bool = False
     # The last phase, once every key is moved: legacy sealed metadata upgraded to v2.
     reseal: LegacyResealer | None = None
@@ -217,11 +218,16 @@ class RewrapJob:
         """Unwrap each key with its version and wrap it with the current one, in the token."""
         out = []
         for row in rows:
-            if not isinstance(row["id"], str):  # text that is not UTF-8: not the service's
+            # Read strictly (storage.row_values): text that is not UTF-8, or a value of a
+            # type medvault never stores (bytes() of an integer would allocate that many
+            # bytes), is not the service's row.
+            v = RowValues(row)
+            ad_of = v.text("id"), v.version("version")
+            old = WrappedKey(kek_version=v.integer("kek_version"), blob=v.binary("wrapped_dek"))
+            if v.malformed:
                 self._pass.failed.add((row["id"], row["version"]))
                 continue
-            ad = associated_data(row["id"], row["version"])
-            old = WrappedKey(kek_version=row["kek_version"], blob=bytes(row["wrapped_dek"]))
+            ad = associated_data(*ad_of)
             try:
                 dek = self.wrapper.unwrap(old, ad)
             except UnwrapError:
@@ -455,4 +461,5 @@ def _mark_retired(connection: Connection, version: int) -> None:
 def _counts(connection: Connection) -> dict[int, int]:
     """Wrapped data keys per KEK version, over every table that stores them."""
     query = sa.select(records.c.kek_version, sa.func.count()).group_by(records.c.kek_version)
-    return {int(version): int(n) for version, n in connection.execute(query)}
+    # A version that is not an integer (a database writer's) names no KEK: not counted.
+    return {version: n for version, n in connection.execute(query) if type(version) is int}

@@ -13,7 +13,8 @@ table (which holds no digest and no patient data): its header (patient, kind, co
 type, title, what it amends) and the SHA-256 of its content must equal the record's
 sealed, verified metadata, and the record must be the caller's. A forged row here can
 therefore only return a record identical to what the caller sent and may write. The
-same key with anything different is ``RequestReusedError`` (FAILED_PRECONDITION).
+same key with anything different is ``RequestReusedError`` (FAILED_PRECONDITION), and so
+is a key whose row names no record version (read strictly: ``storage.row_values``).
 Keys older than the retention are ignored and pruned by the elected sweeper.
 """
 
@@ -30,10 +31,15 @@ from sqlalchemy.engine import Connection, Engine
 from storage.errors import RequestReusedError, StorageError
 from storage.model import NewRecord
 from storage.row_auth import VerifiedRecord
+from storage.row_values import RowValues
 from storage.sql_metadata import metadata, run_in_transaction, to_utc, translated_change
 from storage.sqlite_text import StoredTime
 
 DEFAULT_RETENTION = timedelta(hours=24)
+REUSED = (
+    "request_id: already used for a different put (another header or content); "
+    "use a new request id for a new record"
+)
 
 # The schema as queries see it; storage/migrations/versions/0012_replicas.py made it.
 put_requests = sa.Table(
@@ -82,10 +88,21 @@ class SqlPutRequests:
         self._clock = clock
 
     def find(self, principal: str, request_id: str) -> tuple[str, int] | None:
-        """The (record id, version) the key stored, unless older than the retention."""
+        """The (record id, version) the key stored, unless older than the retention.
+
+        ``RequestReusedError`` if the row names no record version (a value of a type
+        medvault never stores, ``storage.row_values``): as for a key naming another put,
+        the caller is told to use a new request id; nothing of the value is shown.
+        """
         params = {"principal": principal, "request_id": request_id, "cutoff": self._cutoff()}
         row = run_in_transaction(self._engine, lambda c: c.execute(_FIND, params).first())
-        return None if row is None else (str(row[0]), int(row[1]))
+        if row is None:
+            return None
+        v = RowValues(row._mapping)
+        found = v.text("record_id"), v.version("version")
+        if v.malformed:
+            raise RequestReusedError(REUSED)
+        return found
 
     def remember_change(
         self, principal: str, request_id: str, record_id: str, version: int
@@ -148,7 +165,4 @@ def check_replay(
         and header.expected_sha256 in (None, info.sha256)
     )
     if not same:
-        raise RequestReusedError(
-            "request_id: already used for a different put (another header or content); "
-            "use a new request id for a new record"
-        )
+        raise RequestReusedError(REUSED)

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from storage.errors import StorageError
+from storage.row_values import RowValues
 from storage.sealing import META_V2
 from storage.sql_metadata import records, translated
 from storage.sqlite_text import bindable, text_as_read
@@ -49,9 +50,9 @@ class LegacyResealer:
     engine: Engine
     upgrade: Upgrade
     resealed: int = 0
-    failed: set[tuple[object, int]] = field(default_factory=set)
+    failed: set[tuple[object, object]] = field(default_factory=set)
     finished: bool = False
-    _after: tuple[object, int] | None = None  # the id as stored (``sqlite_text.bindable``)
+    _after: tuple[object, object] | None = None  # the id as stored (``sqlite_text.bindable``)
 
     def step(self, batch_size: int) -> None:
         """Upgrade one batch; ``finished`` once no v1 row is left after the position."""
@@ -65,14 +66,18 @@ class LegacyResealer:
         with translated(self.engine), self.engine.connect() as connection, text_as_read(
             connection
         ):
-            rows = [(r.id, int(r.version)) for r in connection.execute(query)]
+            rows = [r._mapping for r in connection.execute(query)]
         if not rows:
             self.finished = True
             return
-        self._after = (bindable(rows[-1][0]), rows[-1][1])
-        for record_id, version in rows:
-            if not isinstance(record_id, str):  # text that is not UTF-8: not the service's
-                self.failed.add((record_id, version))
+        self._after = (bindable(rows[-1]["id"]), rows[-1]["version"])
+        for row in rows:
+            # Text that is not UTF-8, or a version of another type (storage.row_values):
+            # not the service's row.
+            v = RowValues(row)
+            record_id, version = v.text("id"), v.version("version")
+            if v.malformed:
+                self.failed.add((row["id"], row["version"]))
                 continue
             try:
                 self.resealed += int(self.upgrade(record_id, version))

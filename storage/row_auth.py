@@ -4,6 +4,9 @@ The database may be written by someone without the token (docs/architecture.md, 
 trusted"). Before anything of a row is used (its patient for the access gate, its sizes,
 object key and times for the read and the reply), the row is verified:
 
+0. a row holding a value of another type than its column's (``StoredRecord.malformed``,
+   ``storage.row_values``) fails at once, reported under its id and version as read
+   (placeholders ``""`` and 0 if those are the malformed ones);
 1. unwrap its data key in the token, bound to the row's id and version (an edited
    ``wrapped_dek``, ``kek_version``, ``id`` or ``version`` fails here);
 2. unseal its metadata under that key, bound to id and version;
@@ -119,6 +122,8 @@ class RowVerifier:
         return verified
 
     def _verified(self, row: StoredRecord, patient_index: bytes | None) -> VerifiedRecord:
+        if row.malformed:  # a value of a type medvault never stores (storage.row_values)
+            raise IntegrityError("row holds a value of another type than its column's")
         if patient_index is not None and not secrets.compare_digest(
             row.patient_index, patient_index
         ):

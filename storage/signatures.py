@@ -26,7 +26,7 @@ import json
 import re
 import secrets
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,10 +34,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, Row
 
 from storage.audit_log import Change
-from storage.errors import InvalidRecordError, RecordNotFoundError
+from storage.errors import IntegrityError, InvalidRecordError, RecordNotFoundError
 from storage.model import NewRecord, RecordInfo
 from storage.records import CommitGate, Gate, OpenRecord, RecordStore
 from storage.row_auth import associated_data
+from storage.row_values import RowValues
 from storage.sealing import seal_bytes
 from storage.sealing import unseal_bytes as _unseal
 from storage.sql_metadata import (
@@ -139,18 +140,38 @@ def signature_aad(
     )
 
 
-def _row_aad(row: Any) -> bytes:
-    return signature_aad(
-        row.record_id, row.version, row.id, signer=row.signer,
-        certificate_subject=row.certificate_subject, algorithm=row.algorithm,
-        signing_time=row.signing_time,
+def _read(row: Row[Any]) -> tuple[Signature, bytes]:
+    """A row's columns (its ``.p7s`` still sealed: ``b""``) and its sealed blob, read
+    strictly (``storage.row_values``); ``IntegrityError``, as for a blob that does not
+    unseal, if a column but ``created_at`` (which only orders the record's signatures, as
+    ``StoredTime`` reads a time that does not parse) holds a value of another type."""
+    v = RowValues(row._mapping)
+    signature = Signature(
+        id=v.text("id"), record_id=v.text("record_id"), version=v.version("version"),
+        signer=v.text("signer"), certificate_subject=v.text("certificate_subject"),
+        algorithm=v.text("algorithm"), signing_time=v.time("signing_time"),
+        created_at=v.time("created_at"), p7s=b"",
     )  # fmt: skip
+    sealed = v.binary("sealed_p7s")
+    if any(name != "created_at" for name in v.malformed):
+        raise IntegrityError(f"{_WHAT} failed authentication")
+    return signature, sealed
 
 
-def unseal_p7s(dek: bytes, row: Any) -> bytes:
+def _unsealed(dek: bytes, row: Row[Any]) -> Signature:
+    signature, sealed = _read(row)
+    aad = signature_aad(
+        signature.record_id, signature.version, signature.id, signer=signature.signer,
+        certificate_subject=signature.certificate_subject, algorithm=signature.algorithm,
+        signing_time=signature.signing_time,
+    )  # fmt: skip
+    return replace(signature, p7s=_unseal(dek, _INFO, aad, sealed, what=_WHAT))
+
+
+def unseal_p7s(dek: bytes, row: Row[Any]) -> bytes:
     """The ``.p7s`` of a ``record_signatures`` row; ``IntegrityError`` if the sealed blob
     or any bound column (place, signer, subject, algorithm, signing time) was altered."""
-    return _unseal(dek, _INFO, _row_aad(row), bytes(row.sealed_p7s), what=_WHAT)
+    return _unsealed(dek, row).p7s
 
 
 # Built once: a statement made per call with its values inlined costs SQLAlchemy a new
@@ -210,13 +231,7 @@ class SignedRecord:
 
     def unseal(self, row: Row[Any]) -> Signature:
         """Decrypt one row of this record version."""
-        p7s = unseal_p7s(self._dek, row)
-        return Signature(
-            id=row.id, record_id=row.record_id, version=row.version, signer=row.signer,
-            certificate_subject=row.certificate_subject, algorithm=row.algorithm,
-            signing_time=from_db_time(row.signing_time), created_at=from_db_time(row.created_at),
-            p7s=p7s,
-        )  # fmt: skip
+        return _unsealed(self._dek, row)
 
 
 class SignatureStore:
@@ -262,7 +277,8 @@ class SignatureStore:
         if not _SIGNATURE_ID.match(signature_id):
             raise InvalidRecordError("signature_id", "is not a signature id (32 hex digits)")
         row = self.row(signature_id)
-        signed = self.open(row.record_id, row.version, admit=admit, content=False)
+        stored, _ = _read(row)  # the record it names, as medvault stores it, or refused
+        signed = self.open(stored.record_id, stored.version, admit=admit, content=False)
         return signed.info, signed.unseal(row)
 
     def row(self, signature_id: str) -> Row[Any]:

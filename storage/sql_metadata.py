@@ -31,12 +31,14 @@ from storage.errors import (
     KekRetiredError,
     RecordConflictError,
     RecordNotFoundError,
+    SchemaRevisionError,
     StorageError,
 )
 from storage.index import STUDY_UID, IndexEntry
 from storage.interfaces import IndexFilter, ListCursor, StoredRecord
 from storage.migration_lock import migration_lock
 from storage.model import RecordKind
+from storage.row_values import RowValues
 from storage.sqlite_text import StoredTime
 
 if TYPE_CHECKING:
@@ -310,8 +312,28 @@ def upgrade(
         config = alembic_config()
         config.attributes.update(hooks or {})
         with engine.begin() as connection:
+            _check_stamp(connection, config)
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
+
+
+def _check_stamp(connection: Connection, config: Config) -> None:
+    """Refuse a database whose ``alembic_version`` names a revision this medvault does
+    not have (edited by a database writer, or a newer medvault's): Alembic's own error
+    would carry the stored value into the message and a logged traceback."""
+    from alembic.script import ScriptDirectory  # noqa: PLC0415  (as upgrade's)
+
+    if not sa.inspect(connection).has_table("alembic_version"):
+        return
+    stamped = connection.scalars(sa.text("SELECT version_num FROM alembic_version")).all()
+    known = {script.revision for script in ScriptDirectory.from_config(config).walk_revisions()}
+    if any(type(value) is not str or value not in known for value in stamped):
+        raise SchemaRevisionError(
+            "the metadata database's alembic_version table names a schema revision this "
+            "medvault does not have (edited outside medvault, or written by a newer "
+            "release); not started: run the release that wrote the database, or restore "
+            "the database from a backup (docs/operations.md)"
+        )
 
 
 def at_head(engine: Engine) -> bool:
@@ -336,25 +358,31 @@ def from_db_time(value: datetime) -> datetime:
 
 
 def to_stored_record(row: Row[Any]) -> StoredRecord:
-    """The domain view of a ``records`` row (not yet verified: see ``storage.row_auth``)."""
-    m = row._mapping
+    """The domain view of a ``records`` row (not yet verified: see ``storage.row_auth``).
+
+    Read strictly (``storage.row_values``): a value of a type medvault never stores
+    reads as a placeholder and is named in ``malformed``, and the row then fails
+    verification, as any other edit does.
+    """
+    v = RowValues(row._mapping)
     return StoredRecord(
-        id=m["id"],
-        version=m["version"],
-        kind=m["kind"],
-        content_type=m["content_type"],
-        patient_index=bytes(m["patient_index"]),
-        sealed_meta=bytes(m["sealed_meta"]),
-        object_key=m["object_key"],
-        kek_version=m["kek_version"],
-        wrapped_dek=bytes(m["wrapped_dek"]),
-        size=m["size"],
-        stored_size=m["stored_size"],
-        ciphertext_sha256=bytes(m["ciphertext_sha256"]),
-        segment_size=m["segment_size"],
-        created_at=from_db_time(m["created_at"]),
-        created_by=m["created_by"],
-        supersedes_version=m["supersedes_version"],
+        id=v.text("id"),
+        version=v.version("version"),
+        kind=v.text("kind"),
+        content_type=v.text("content_type"),
+        patient_index=v.binary("patient_index"),
+        sealed_meta=v.binary("sealed_meta"),
+        object_key=v.text("object_key"),
+        kek_version=v.integer("kek_version"),
+        wrapped_dek=v.binary("wrapped_dek"),
+        size=v.integer("size"),
+        stored_size=v.integer("stored_size"),
+        ciphertext_sha256=v.binary("ciphertext_sha256"),
+        segment_size=v.integer("segment_size"),
+        created_at=v.time("created_at"),
+        created_by=v.text("created_by"),
+        supersedes_version=v.optional_version("supersedes_version"),
+        malformed=tuple(v.malformed),
     )
 
 
@@ -533,18 +561,22 @@ class SqlMetadataStore:
     def index_entries(
         self, keys: Sequence[tuple[str, int]]
     ) -> dict[tuple[str, int], list[IndexEntry]]:
-        """The index entries of each (record id, version) in ``keys``."""
+        """The index entries of each (record id, version) in ``keys``; an entry holding
+        a value of a type medvault never stores is left out (the index is a search aid,
+        not an authority: ``storage.index``)."""
         found: dict[tuple[str, int], list[IndexEntry]] = {k: [] for k in keys}
         ids = sorted({k[0] for k in keys})
         for start in range(0, len(ids), _IN_BATCH):
             for r in self._run(_entries_of(ids[start : start + _IN_BATCH])):
-                m = r._mapping
-                key = (m["record_id"], m["version"])
-                if key in found:
-                    found[key].append(IndexEntry(
-                        m["field"], m["value"], m["system"], m["quantity"], m["unit"],
-                        m["observed_at"],
-                    ))  # fmt: skip
+                v = RowValues(r._mapping)
+                key = (v.text("record_id"), v.version("version"))
+                entry = IndexEntry(
+                    v.text("field"), v.text("value"), v.optional_text("system"),
+                    v.optional_text("quantity"), v.optional_text("unit"),
+                    v.optional_text("observed_at"),
+                )  # fmt: skip
+                if key in found and not v.malformed:
+                    found[key].append(entry)
         return found
 
     def list(

@@ -60,7 +60,7 @@ def engine(
         engine.dispose()
 
 
-def _forge(engine: Engine, table: str, column: str, where: tuple[str, str], value: str) -> None:
+def forge(engine: Engine, table: str, column: str, where: tuple[str, str], value: str) -> None:
     """What a database writer does: one column of one row set to ``value`` (SQL)."""
     with engine.begin() as c:
         c.execute(sa.text(f"UPDATE {table} SET {column} = {value} WHERE {where[0]} = :key"),
@@ -91,7 +91,7 @@ def records(engine: Engine, s3_bucket: S3Bucket, keystore_pool: Pkcs11SessionPoo
     return Records(engine, store, tampered)
 
 
-def _patient() -> PatientRef:
+def new_patient() -> PatientRef:
     return PatientRef(f"SYNTH{secrets.token_hex(6)}", "urn:oid:2.999.1")
 
 
@@ -107,9 +107,9 @@ RECORD_COLUMNS = {
 def test_a_record_row_holding_text_that_is_not_utf8_is_tampered(
     records: Records, column: str
 ) -> None:
-    patient = _patient()
+    patient = new_patient()
     forged, kept = records.put(patient), records.put(patient)
-    _forge(records.engine, "records", column, ("id", forged), RECORD_COLUMNS[column])
+    forge(records.engine, "records", column, ("id", forged), RECORD_COLUMNS[column])
     resource = f"record/{forged}/v1"
     for read in (
         lambda: records.store.stat(forged),
@@ -122,7 +122,7 @@ def test_a_record_row_holding_text_that_is_not_utf8_is_tampered(
     assert records.tampered == [resource] * 3  # each refusal reported (an incident)
     assert b"".join(records.store.open(kept).content) == CONTENT
     assert records.store.stat(kept).created_by == "test-app"
-    other = _patient()
+    other = new_patient()
     listed, _ = records.store.list(RecordQuery(other))
     assert listed == []
     records.put(other)
@@ -132,9 +132,9 @@ def test_a_record_row_holding_text_that_is_not_utf8_is_tampered(
 @pytest.mark.backend("sqlite")
 def test_a_record_id_that_is_not_utf8_is_tampered_where_listed(records: Records) -> None:
     """The id is bound to the wrapped key: the row read under the replaced id fails."""
-    patient = _patient()
+    patient = new_patient()
     forged, kept = records.put(patient), records.put(patient)
-    _forge(records.engine, "records", "id", ("id", forged), ID_NOT_UTF8)
+    forge(records.engine, "records", "id", ("id", forged), ID_NOT_UTF8)
     with pytest.raises(RecordNotFoundError):
         records.store.stat(forged)
     with pytest.raises(RowTamperedError) as raised:
@@ -146,9 +146,9 @@ def test_a_record_id_that_is_not_utf8_is_tampered_where_listed(records: Records)
 
 @pytest.mark.backend("postgresql")
 def test_postgresql_refuses_text_that_is_not_utf8(records: Records) -> None:
-    record_id = records.put(_patient())
+    record_id = records.put(new_patient())
     with pytest.raises(sa.exc.DataError):
-        _forge(records.engine, "records", "content_type", ("id", record_id),
+        forge(records.engine, "records", "content_type", ("id", record_id),
                "convert_from('\\x41ff42', 'UTF8')")  # fmt: skip
     assert records.store.stat(record_id).content_type == "application/octet-stream"
 
@@ -185,7 +185,7 @@ def test_a_grant_row_holding_text_that_is_not_utf8_grants_nothing(
     patient = secrets.token_bytes(32)
     victim = grants.store.grant(patient, "dr.forged", "clerk.one", T0 + timedelta(days=1), T0)
     kept = grants.store.grant(patient, "dr.kept", "clerk.one", None, T0)
-    _forge(grants.engine, "access_grants", column, ("id", victim.id), GRANT_COLUMNS[column])
+    forge(grants.engine, "access_grants", column, ("id", victim.id), GRANT_COLUMNS[column])
     assert grants.store.has_access("dr.forged", patient, T0) is None
     assert [g.id for g in grants.store.list(patient, None, True, T0)] == [kept.id]
     reported = victim.id if column != "id" else f"\ufffd{victim.id}"
@@ -202,14 +202,14 @@ def test_a_review_holding_text_that_is_not_utf8_does_not_count(grants: Grants) -
     patient = secrets.token_bytes(32)
     glass = grants.store.break_glass(patient, "dr.glass", "synthetic", timedelta(hours=1), T0)
     grants.store.review(glass.id, "officer.one", "synthetic comment", T0)
-    _forge(grants.engine, "access_grants", "reviewed_by", ("id", glass.id), NOT_UTF8)
+    forge(grants.engine, "access_grants", "reviewed_by", ("id", glass.id), NOT_UTF8)
     (pending,) = grants.store.break_glass_queue(include_reviewed=False)
     assert pending.id == glass.id
     assert pending.review_comment == REVIEW_ALTERED_MARK
     assert glass.id in grants.forged
     cared = grants.store.grant(patient, "dr.care", "clerk.one", None, T0)
     grants.store.revoke(cared.id, "clerk.one", T0)
-    _forge(grants.engine, "access_grants", "revoked_by", ("id", cared.id), NOT_UTF8)
+    forge(grants.engine, "access_grants", "revoked_by", ("id", cared.id), NOT_UTF8)
     revoked = [g for g in grants.store.list(patient, None, True, T0) if g.id == cared.id]
     assert [g.revoked_by for g in revoked] == ["A\ufffdB"]
 
@@ -217,14 +217,14 @@ def test_a_review_holding_text_that_is_not_utf8_does_not_count(grants: Grants) -
 # --- signatures ------------------------------------------------------------------------
 
 
-def _admit(_: Any) -> None:
+def admit_all(_: Any) -> None:
     """No access control in these storage-level tests."""
 
 
-def _signed(records: Records, signatures: SignatureStore) -> tuple[str, str]:
+def signed_record(records: Records, signatures: SignatureStore) -> tuple[str, str]:
     """A record with one signature row (its .p7s synthetic: storage only seals it)."""
-    record_id = records.put(_patient())
-    signed = signatures.open(record_id, None, admit=_admit, content=False)
+    record_id = records.put(new_patient())
+    signed = signatures.open(record_id, None, admit=admit_all, content=False)
     new = NewSignature("dr-ec", "CN=dr-ec,O=synthetic", "ecdsa-p256-sha256", T0, b"p7s")
     signature_id, insert = signed.prepare(new)
     run_in_transaction(records.engine, insert, write=True)
@@ -244,28 +244,28 @@ def test_a_signature_row_holding_text_that_is_not_utf8_does_not_unseal(
     records: Records, column: str
 ) -> None:
     signatures = SignatureStore(records.store, records.engine)
-    record_id, signature_id = _signed(records, signatures)
-    other_record, other_signature = _signed(records, signatures)
-    _forge(records.engine, "record_signatures", column, ("id", signature_id),
+    record_id, signature_id = signed_record(records, signatures)
+    other_record, other_signature = signed_record(records, signatures)
+    forge(records.engine, "record_signatures", column, ("id", signature_id),
            SIGNATURE_COLUMNS[column])  # fmt: skip
     with pytest.raises(IntegrityError):
-        signatures.open(record_id, None, admit=_admit, content=False).signatures()
+        signatures.open(record_id, None, admit=admit_all, content=False).signatures()
     if column != "id":
         with pytest.raises(IntegrityError):
-            signatures.get(signature_id, admit=_admit)
-    (kept,) = signatures.open(other_record, None, admit=_admit, content=False).signatures()
+            signatures.get(signature_id, admit=admit_all)
+    (kept,) = signatures.open(other_record, None, admit=admit_all, content=False).signatures()
     assert kept.id == other_signature
-    assert signatures.get(other_signature, admit=_admit)[1].p7s == b"p7s"
+    assert signatures.get(other_signature, admit=admit_all)[1].p7s == b"p7s"
 
 
 @pytest.mark.backend("sqlite")
 def test_a_signature_time_not_bound_to_it_reads_as_the_placeholder(records: Records) -> None:
     """``created_at`` only orders a record's signatures: harmless, and no outage."""
     signatures = SignatureStore(records.store, records.engine)
-    record_id, signature_id = _signed(records, signatures)
-    _forge(records.engine, "record_signatures", "created_at", ("id", signature_id),
+    record_id, signature_id = signed_record(records, signatures)
+    forge(records.engine, "record_signatures", "created_at", ("id", signature_id),
            TIME_NOT_UTF8)  # fmt: skip
-    (read,) = signatures.open(record_id, None, admit=_admit, content=False).signatures()
+    (read,) = signatures.open(record_id, None, admit=admit_all, content=False).signatures()
     assert read.created_at == UNREADABLE_TIME
     assert read.p7s == b"p7s"
 
@@ -282,7 +282,7 @@ def test_the_rewrap_pages_past_an_id_that_is_not_utf8(
 ) -> None:
     """Its next batch starts past the id as stored: the replaced id, bound back, sorts
     before the stored bytes, and the last batch would start at the same row for ever."""
-    forged = records.put(_patient())
+    forged = records.put(new_patient())
     with records.engine.begin() as c:  # the only row below version 1: this job's alone
         c.execute(sa.text(f"UPDATE records SET kek_version = 0, id = {FORGED_ID_LAST} "
                           "WHERE id = :key"), {"key": forged})  # fmt: skip
@@ -298,7 +298,7 @@ def test_the_rewrap_pages_past_an_id_that_is_not_utf8(
 
 @pytest.mark.backend("sqlite")
 def test_the_legacy_reseal_pages_past_an_id_that_is_not_utf8(records: Records) -> None:
-    forged = records.put(_patient())
+    forged = records.put(new_patient())
     with records.engine.begin() as c:  # a v1 blob (first byte 0x01): the only legacy row
         c.execute(sa.text(f"UPDATE records SET sealed_meta = X'01', id = {FORGED_ID_LAST} "
                           "WHERE id = :key"), {"key": forged})  # fmt: skip
