@@ -118,6 +118,14 @@ class RowVerifier:
             raise tampered from e
         return verified
 
+    def refuse(self, row: StoredRecord) -> RowTamperedError:
+        """Report ``row`` as tampered with (authentic, but returned where its verified
+        values say it does not belong) and return the error to raise."""
+        tampered = RowTamperedError(row.id, row.version)
+        if self._on_tampered is not None:
+            self._on_tampered(tampered)
+        return tampered
+
     def _verified(self, row: StoredRecord, patient_index: bytes | None) -> VerifiedRecord:
         if patient_index is not None and not secrets.compare_digest(
             row.patient_index, patient_index
