@@ -38,7 +38,7 @@ from sqlalchemy.sql.compiler import SQLCompiler
 
 from storage.audit_rows import UNLOADABLE, TimeParser
 from storage.sql_metadata import metadata
-from storage.sqlite_text import text_as_read
+from storage.sqlite_text import exact_time_parser, text_as_read
 
 if TYPE_CHECKING:
     from psycopg.adapt import Loader
@@ -297,7 +297,7 @@ SELECT_CHECKPOINTS = _time_untyped(audit_checkpoints, "created_at")
 
 
 def time_parser(dialect: Dialect) -> TimeParser:
-    """The dialect's parser of a stored audit time (SQLite keeps text; ``audit_rows``)."""
-    return cast(
-        TimeParser, audit_events.c.time.type.dialect_impl(dialect).result_processor(dialect, None)
-    )
+    """The dialect's parser of a stored audit time (SQLite keeps text; ``audit_rows``),
+    accepting only the exact text the column's type writes (``exact_time_parser``: SQL
+    compares that text in a since/until window, the chain's hash covers the instant)."""
+    return exact_time_parser(audit_events.c.time.type, dialect)

@@ -330,12 +330,14 @@ class SqlGrantStore:
         On the path of every read: one query on ``ix_access_grants_principal_patient``.
         A care-team grant is preferred to a break-the-glass one, so that a read the care
         team covers is not flagged as an emergency access. Rows failing their MAC are
-        skipped (they grant nothing) and reported.
+        skipped (they grant nothing) and reported, and so are authentic rows that do not
+        meet the query's conditions in Python (``Grant.answers``): SQL decided on the
+        bytes stored, which a database writer can make differ from what the MAC covers.
         """
-        params = {"principal": principal, "patient_index": patient_index,
-                  "now": to_utc(now, "now")}  # fmt: skip
+        now = to_utc(now, "now")
+        params = {"principal": principal, "patient_index": patient_index, "now": now}
         rows = self._run(lambda c: c.execute(_HAS_ACCESS, params).all())
-        return next(iter(self._authentic(rows)), None)
+        return next(iter(self._answering(rows, patient_index, principal, now)), None)
 
     def list(
         self,
@@ -350,7 +352,8 @@ class SqlGrantStore:
         see whom across the hospital.
         """
         query = _list_query(patient_index, principal, include_inactive, now)
-        return self._authentic(self._run(lambda c: c.execute(query).all()))
+        rows = self._run(lambda c: c.execute(query).all())
+        return self._answering(rows, patient_index, principal, _active_at_of(include_inactive, now))
 
     def list_opened(
         self,
@@ -370,12 +373,19 @@ class SqlGrantStore:
         clear text marked ``LEGACY_MARK``.
         """
         query = _list_query(patient_index, principal, include_inactive, now)
+        active_at = _active_at_of(include_inactive, now)
         listed: builtins.list[tuple[Grant, bool]] = []
         for row in self._run(lambda c: c.execute(query).all()):
-            if _legacy(row):  # its text, marked; it grants nothing until re-granted
+            if not row_to_grant(row).answers(patient_index, principal, None):
+                self._on_forged(row._mapping["id"])  # another patient's or principal's row
+            elif _legacy(row):  # its text, marked; it grants nothing until re-granted
                 listed.append((self._opened(row), True))
             elif self._verified(row):
-                listed.append((self._opened(row), False))
+                opened = self._opened(row)
+                if opened.answers(None, None, active_at):
+                    listed.append((opened, False))
+                else:  # authentic but expired or revoked: SQL saw other bytes
+                    self._on_forged(opened.id)
             else:
                 grant = _with_review(row_to_grant(row), None, None)
                 listed.append((dataclasses.replace(grant, reason=ALTERED_MARK), True))
@@ -397,6 +407,7 @@ class SqlGrantStore:
         )
         rows = self._run(lambda c: c.execute(query).all())
         opened = [self._opened(row) for row in rows if self._verified(row) or _legacy(row)]
+        opened = [g for g in opened if g.break_glass]  # as the WHERE asked (see has_access)
         pending = [g for g in opened if g.reviewed_at is None]
         reviewed = [g for g in opened if g.reviewed_at is not None]
         return pending + (reviewed if include_reviewed else [])
@@ -407,7 +418,7 @@ class SqlGrantStore:
         check_grant_id(grant_id)
         query = sa.select(access_grants).where(access_grants.c.id == grant_id)
         row = self._run(lambda c: c.execute(query).first())
-        if row is None:
+        if row is None or row._mapping["id"] != grant_id:
             return None, None
         authentic = row._mapping["break_glass"] and (_legacy(row) or self._verified(row))
         return (self._opened(row) if authentic else None), tuple(row)
@@ -454,8 +465,28 @@ class SqlGrantStore:
         self._on_forged(read.grant.id)
         return False
 
-    def _authentic(self, rows: Iterable[Row[Any]]) -> builtins.list[Grant]:
-        return [row_to_grant(row) for row in rows if self._verified(row)]
+    def _answering(
+        self,
+        rows: Iterable[Row[Any]],
+        patient_index: bytes | None,
+        principal: str | None,
+        active_at: datetime | None,
+    ) -> builtins.list[Grant]:
+        """The authentic grants of ``rows`` that meet the query's conditions in Python.
+
+        An authentic row that does not was matched by SQL on bytes other than those its
+        MAC covers (a view, another spelling of a time): tampering, reported as forged.
+        """
+        answering = []
+        for row in rows:
+            if not self._verified(row):
+                continue
+            grant = row_to_grant(row)
+            if grant.answers(patient_index, principal, active_at):
+                answering.append(grant)
+            else:
+                self._on_forged(grant.id)
+        return answering
 
     def _opened(self, row: Row[Any]) -> Grant:
         """A verified row with its reason and (authentic) review opened."""
@@ -570,6 +601,11 @@ def _list_query(
     if not include_inactive:
         query = query.where(_active_at(to_utc(now, "now")))
     return query.order_by(access_grants.c.created_at.desc(), access_grants.c.id)
+
+
+def _active_at_of(include_inactive: bool, now: datetime) -> datetime | None:
+    """The time a listing's grants must be active at (None: any grant)."""
+    return None if include_inactive else to_utc(now, "now")
 
 
 def _legacy(row: Row[Any]) -> bool:

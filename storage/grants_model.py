@@ -47,3 +47,20 @@ class Grant:
         if self.revoked_at is not None:
             return False
         return self.expires_at is None or now < self.expires_at
+
+    def answers(
+        self, patient_index: bytes | None, principal: str | None, active_at: datetime | None
+    ) -> bool:
+        """Whether the grant meets a query's conditions: on this patient and of this
+        principal where given, and active at ``active_at`` where given.
+
+        The store re-checks each authentic row with it: SQL decides on the bytes stored,
+        the MAC covers the values Python reads, and a database writer can make the two
+        differ (a view whose column calls ``random()``; on SQLite, another spelling of a
+        time, ``storage.sqlite_text``).
+        """
+        return (
+            (patient_index is None or self.patient_index == patient_index)
+            and (principal is None or self.principal == principal)
+            and (active_at is None or self.active(active_at))
+        )

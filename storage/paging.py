@@ -13,6 +13,7 @@ from datetime import datetime
 
 from storage.errors import InvalidRecordError
 from storage.interfaces import ListCursor, StoredRecord
+from storage.model import RecordQuery
 from storage.validation import check_record_id
 
 
@@ -53,3 +54,30 @@ def decode_page_token(token: str) -> ListCursor | None:
     except InvalidRecordError as e:
         raise InvalidRecordError("page_token", _NOT_OURS) from e
     return ListCursor(when, record_id, version)
+
+
+def first_out_of_place(
+    rows: list[StoredRecord], query: RecordQuery, after: ListCursor | None
+) -> StoredRecord | None:
+    """The first verified row of a page that the query's SQL should not have returned
+    there, or None: of another kind, outside the time window, not strictly after the
+    cursor, or not strictly after the row before it (newest first).
+
+    SQL decided on the bytes stored, the seal covers the values read: a database writer
+    can make them differ (a view whose column calls ``random()``), and a page that
+    returns to a row already listed would page for ever. Index filters and
+    "latest versions only" are not re-checked here.
+    """
+    previous = after
+    for row in rows:
+        key = (row.created_at, row.id, row.version)
+        placed = (
+            (query.kind is None or row.kind == query.kind.value)
+            and (query.created_after is None or row.created_at >= query.created_after)
+            and (query.created_before is None or row.created_at < query.created_before)
+            and (previous is None or key < (previous.created_at, previous.id, previous.version))
+        )
+        if not placed:
+            return row
+        previous = ListCursor(*key)
+    return None

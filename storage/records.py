@@ -51,7 +51,7 @@ from storage.index import (
 )
 from storage.interfaces import BlobStore, IndexFilter, MetadataStore, StoredRecord
 from storage.model import NewRecord, PatientRef, RecordInfo, RecordQuery, StudySummary
-from storage.paging import decode_page_token, encode_page_token
+from storage.paging import decode_page_token, encode_page_token, first_out_of_place
 from storage.pipeline import read_ahead
 from storage.put_requests import RequestKeyTakenError, SqlPutRequests, check_replay
 from storage.row_auth import RowVerifier, Tampered, VerifiedRecord, associated_data
@@ -620,7 +620,8 @@ class RecordStore:
         """One page of the patient's records, newest first, and the next page token.
 
         Every row of the page is verified, and must be this patient's; one that does not
-        verify fails the whole page (DATA_LOSS), so no page silently skips it. The token
+        verify fails the whole page (DATA_LOSS), so no page silently skips it, and so does
+        one that does not meet the query in Python (``first_out_of_place``). The token
         is made from the last verified row, and the row fetched only to learn that a
         next page exists is verified when that page is read.
         """
@@ -643,6 +644,9 @@ class RecordStore:
         page = [
             self.verifier.verify(r, patient_index=patient_index) for r in rows[: query.page_size]
         ]
+        misplaced = first_out_of_place([v.row for v in page], query, after)
+        if misplaced is not None:
+            raise self.verifier.refuse(misplaced)
         token = encode_page_token(page[-1].row) if len(rows) > query.page_size else ""
         return [v.info() for v in page], token
 

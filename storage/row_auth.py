@@ -121,6 +121,14 @@ class RowVerifier:
             raise tampered from e
         return verified
 
+    def refuse(self, row: StoredRecord) -> RowTamperedError:
+        """Report ``row`` as tampered with (authentic, but returned where its verified
+        values say it does not belong) and return the error to raise."""
+        tampered = RowTamperedError(row.id, row.version)
+        if self._on_tampered is not None:
+            self._on_tampered(tampered)
+        return tampered
+
     def _verified(self, row: StoredRecord, patient_index: bytes | None) -> VerifiedRecord:
         if row.malformed:  # a value of a type medvault never stores (storage.row_values)
             raise IntegrityError("row holds a value of another type than its column's")

@@ -48,7 +48,7 @@ MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 # The newest revision in migrations/versions/, which a new migration replaces here (a
 # unit test compares it with Alembic's head): a database already there needs no
 # migration, and start-up then leaves Alembic unimported (upgrade).
-SCHEMA_HEAD = "0013"
+SCHEMA_HEAD = "0014"
 # SQLSTATE read_only_sql_transaction: a standby or default_transaction_read_only=on.
 READ_ONLY_SQLSTATE = "25006"
 _IN_BATCH = 500  # bound the IN (...) list; SQLite caps bound parameters per statement

@@ -23,10 +23,20 @@ than an outage whose error carries the value into a log:
   pagers that bind a row's value back as their cursor (:func:`bindable`; replaced
   text, bound back, compares otherwise than the stored bytes, and a page could start
   at the same row for ever).
-* **Times that do not parse.** SQLite keeps times as text, parsed during the fetch:
-  one that does not parse (not UTF-8, or any other text) would fail the fetch as above.
-  :class:`StoredTime` reads it as :data:`UNREADABLE_TIME` (the epoch) instead, a time
-  no genuine row holds, which fails the row's verification where the time is trusted.
+* **Times that do not parse, or not in medvault's form.** SQLite keeps times as
+  text, parsed during the fetch: one that does not parse (not UTF-8, or any other text)
+  would fail the fetch as above. And SQL compares the stored text, while a row's MAC or
+  seal covers the instant Python parses: ``fromisoformat`` accepts many spellings of
+  one instant (a ``T`` separator, an ISO week date, another zone's offset), which sort
+  otherwise, so a rewritten expiry or creation time would pass every check and still
+  move the row in or out of a query's ``WHERE``. :func:`exact_time_parser` accepts only
+  the text SQLAlchemy's SQLite ``DATETIME`` writes for the value (medvault binds UTC;
+  the dialect writes ``YYYY-MM-DD HH:MM:SS.ffffff``, no offset): the parsed value is
+  rendered again as on write and must give the stored text back. :class:`StoredTime`
+  reads any other text as :data:`UNREADABLE_TIME` (the epoch), a time no genuine row
+  holds, which fails the row's verification where the time is trusted, and logs the
+  table and column (never the value). The audit trail's times are read by the same rule
+  (``storage.audit_rows``: a malformed field).
 
 PostgreSQL refuses text that is not UTF-8 when it is written, keeps the encoding of its
 database, and returns times itself: there, all of this adds nothing.
@@ -34,8 +44,10 @@ database, and returns times itself: there, all of this adds nothing.
 
 from __future__ import annotations
 
+import logging
+import re
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,6 +57,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Dialect
 
 from storage.errors import DatabaseUnreachableError
+
+log = logging.getLogger(__name__)
 
 ENCODING: Final = "UTF-8"
 # What a stored time that does not parse reads as (as an unreadable audit event's time,
@@ -76,7 +90,7 @@ def check_encoding(dbapi_connection: Any) -> None:
         raise DatabaseEncodingError(
             f"metadata database file is encoded {shown}, not {ENCODING} (rebuilt outside "
             "medvault); medvault does not open it: restore the database from a backup "
-            "(docs/operations.md)"
+            "(docs/operations.md, \"A SQLite file changed outside medvault\")"
         )
 
 
@@ -139,24 +153,86 @@ def bindable(value: object) -> object:
     return value
 
 
+# The text SQLAlchemy's SQLite DATETIME writes (its default storage format, which
+# medvault keeps): fixed width, zero-padded, no offset.
+_WRITTEN: Final = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}")
+_PROBES: Final = (
+    (datetime(1, 2, 3, 4, 5, 6, 7), "0001-02-03 04:05:06.000007"),
+    (datetime(2024, 12, 31, 23, 59, 59, 999999), "2024-12-31 23:59:59.999999"),
+)
+
+
+def exact_time_parser(
+    time_type: sa.types.TypeEngine[Any], dialect: Dialect
+) -> Callable[[Any], datetime] | None:
+    """The dialect's parser of ``time_type``'s stored text, accepting only the exact text
+    the same type writes for the value it parses to (see the module docstring); any other
+    value raises ``ValueError`` or ``TypeError`` (no value in the message). None where
+    the driver returns datetimes itself (PostgreSQL)."""
+    impl = time_type.dialect_impl(dialect)
+    parse = impl.result_processor(dialect, None)
+    render = impl.bind_processor(dialect)
+    if parse is None:
+        return None
+    if render is None:  # no dialect parses text it does not also render; refuse all
+        raise TypeError("a stored time type without a text form")
+    # Where the type writes ``_WRITTEN``'s form, text of that form that parses is exactly
+    # what it writes for the parsed value (each field read and rendered back at the same
+    # fixed width): the match alone decides, at a tenth of rendering's cost per value.
+    shaped = all(render(value) == text for value, text in _PROBES)
+
+    def exact(value: Any) -> datetime:
+        if type(value) is not str:
+            raise TypeError("a stored time is not text")
+        if shaped and _WRITTEN.fullmatch(value) is None:
+            raise ValueError("a stored time is not in the form medvault writes")
+        parsed = parse(value)
+        if not isinstance(parsed, datetime) or (not shaped and render(parsed) != value):
+            raise ValueError("a stored time is not in the form medvault writes")
+        return parsed
+
+    return exact
+
+
 class StoredTime(sa.types.TypeDecorator[datetime]):
-    """``DateTime(timezone=True)`` whose stored value, if it does not parse, reads as
-    :data:`UNREADABLE_TIME` instead of failing the fetch (SQLite; PostgreSQL returns
-    times itself, and this adds nothing there)."""
+    """``DateTime(timezone=True)`` whose stored value, unless it is the exact text
+    medvault writes, reads as :data:`UNREADABLE_TIME` instead of failing the fetch or
+    being trusted (SQLite; PostgreSQL returns times itself, and this adds nothing there).
+
+    ``where`` names the column (``table.column``) in the log line; it is set when the
+    column joins its table (``_name_stored_time``)."""
 
     impl = sa.DateTime(timezone=True)
     cache_ok = True
+    where = "a time column"
 
     def result_processor(self, dialect: Dialect, coltype: object) -> Any:
-        """The dialect's parser, made total (see the class docstring)."""
-        parse = super().result_processor(dialect, coltype)
+        """The dialect's exact parser, made total (see the class docstring)."""
+        parse = exact_time_parser(self.impl_instance, dialect)
         if parse is None:
             return None
+        where = self.where
 
         def process(value: object) -> object:
+            if value is None:
+                return None
             try:
                 return parse(value)
             except (ValueError, TypeError, OverflowError):
+                # Table and column only: the value is the database writer's.
+                log.warning(
+                    "stored time on %s is not in the form medvault writes (written "
+                    "outside medvault); read as the 1970 placeholder, the row does not "
+                    "verify",
+                    where,
+                )
                 return UNREADABLE_TIME
 
         return process
+
+
+@sa.event.listens_for(sa.Column, "after_parent_attach")
+def _name_stored_time(column: sa.Column[Any], table: object) -> None:
+    """Let a ``StoredTime`` name its column in its log line."""
+    if isinstance(column.type, StoredTime) and isinstance(table, sa.Table):
+        column.type.where = f"{table.name}.{column.name}"

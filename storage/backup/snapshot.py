@@ -156,7 +156,8 @@ def _check_times(table: sa.Table, row: dict[str, Any], parse: TimeParser) -> Non
         row[column.name] = value
     if bad:
         raise SourceIntegrityError(
-            f"a {table.name} row holds a time that does not parse ({', '.join(bad)}), "
+            f"a {table.name} row holds a time that does not parse or is not in the form "
+            f"medvault writes ({', '.join(bad)}), "
             "backup not completed: the database was written outside medvault; run "
             "`medvault audit verify` and restore the row from an earlier backup "
             "(docs/operations.md)"

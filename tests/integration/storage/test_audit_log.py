@@ -512,6 +512,62 @@ def test_a_time_python_cannot_hold_is_a_named_row_not_an_outage(
         c.execute(sa.select(audit_events.c.time).where(audit_events.c.sequence == 50)).all()
 
 
+# The same instant in other spellings Python's fromisoformat accepts: SQL compares the
+# text (a since/until window), the chain's hash covers the instant. On SQLite an event's
+# time is read only in the form medvault writes (storage.sqlite_text.exact_time_parser).
+_RESPELLED = (
+    "REPLACE(time, ' ', 'T')",
+    "time || '+00:00'",
+    "time || '000'",
+    "strftime('%Y-%m-%d %H:%M:%f', time)",  # milliseconds only: another instant, too
+)
+
+
+@pytest.mark.backend("sqlite")
+@pytest.mark.parametrize("respelled", _RESPELLED)
+def test_a_respelled_time_is_a_named_row(
+    audit_engine: Engine, chain: SqlAuditLog, signer: Pkcs11Signer, respelled: str
+) -> None:
+    with audit_engine.begin() as c:
+        c.exec_driver_sql(f"UPDATE audit_events SET time = {respelled} WHERE sequence = 50")
+    _named_and_not_signed(chain, signer, 50, ("time",))
+
+
+@pytest.mark.backend("sqlite")
+def test_a_respelled_checkpoint_time_is_a_named_checkpoint(
+    audit_engine: Engine, chain: SqlAuditLog, signer: Pkcs11Signer
+) -> None:
+    with audit_engine.begin() as c:
+        c.exec_driver_sql(
+            "UPDATE audit_checkpoints SET created_at = REPLACE(created_at, ' ', 'T') "
+            "WHERE sequence = 40"
+        )
+    assert verify(chain, signer) == (40, "checkpoint altered: created_at malformed")
+
+
+@pytest.mark.backend("sqlite")
+def test_an_event_respelled_out_of_a_time_window_is_named_by_verify(
+    audit_engine: Engine, audit_log: SqlAuditLog, signer: Pkcs11Signer
+) -> None:
+    """Review 9b: with a 'T' the text of minute 1 sorts after the window's end, so the
+    window's query no longer returns it (SQL decides); verify must say so."""
+    victim = bytes(range(32))
+    audit_log.append([
+        entry(n, time=T0 + timedelta(minutes=n), patient_index=victim) for n in range(3)
+    ])  # fmt: skip
+    checkpoint(audit_log, signer)
+    window = AuditFilter(since=T0, until=T0 + timedelta(hours=1), patient_index=victim)
+    assert len(list(audit_log.query(window))) == 3
+    with audit_engine.begin() as c:
+        c.exec_driver_sql(
+            "UPDATE audit_events SET time = REPLACE(time, ' ', 'T') WHERE sequence = 2"
+        )
+    assert verify(audit_log, signer) == (2, "event altered")
+    # Unwindowed, the listing holds it as a placeholder (the service reports it).
+    listed = list(audit_log.query(AuditFilter(patient_index=victim)))
+    assert [(e.sequence, e.malformed) for e in listed if e.malformed] == [(2, ("time",))]
+
+
 # Genuine times, microseconds and zones included, and the session time zones they are
 # read in (PostgreSQL renders a timestamptz in the session's zone; psycopg parses it).
 _GENUINE_TIMES = (
@@ -526,6 +582,21 @@ _GENUINE_TIMES = (
 )
 _SESSION_ZONES = ("UTC", "Asia/Kathmandu", "America/St_Johns", "Pacific/Kiritimati",
                   "Etc/GMT+12")  # fmt: skip
+
+
+@pytest.mark.backend("sqlite")
+def test_genuine_times_read_back_in_the_form_sqlite_keeps(
+    audit_log: SqlAuditLog, signer: Pkcs11Signer
+) -> None:
+    """Every genuine time, early years and zones included, is stored in the one form
+    the exact read accepts: nothing medvault writes reads as malformed."""
+    written = [entry(n, time=t) for n, t in enumerate(_GENUINE_TIMES)]
+    audit_log.append(written)
+    checkpoint(audit_log, signer)
+    read = audit_log.events(0, 100)
+    assert not [e.sequence for e in read if e.malformed]
+    assert [e.entry.time for e in read] == [t.astimezone(UTC) for t in _GENUINE_TIMES]
+    assert verify(audit_log, signer) == (None, "chain intact")
 
 
 @pytest.mark.backend("postgresql")

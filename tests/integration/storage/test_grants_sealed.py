@@ -24,6 +24,7 @@ from storage.grant_seal import GrantSealer
 from storage.grants import GRANT_ADOPTER, LEGACY_MARK, SqlGrantStore, access_grants
 from storage.grants_legacy import adopt_legacy
 from storage.sql_metadata import make_engine, upgrade
+from storage.sqlite_text import StoredTime
 from tests.fixtures.databases import new_database
 
 pytestmark = pytest.mark.integration
@@ -209,6 +210,8 @@ def _legacy_database(url: str) -> Engine:
                 " expires_at, break_glass, reason, reviewed_at, reviewed_by, review_comment)"
                 " VALUES (:id, :p, 'dr.old', 'dr.old', :t, :e, :bg, 'synthetic old reason',"
                 " :t, 'officer.old', 'synthetic old comment')"
+            ).bindparams(  # times as the table's type writes them (SQLite: its exact text)
+                sa.bindparam("t", type_=StoredTime()), sa.bindparam("e", type_=StoredTime())
             ),
             {"id": "0" * 32, "p": PATIENT, "t": T0, "e": T0 + 4 * HOUR, "bg": True},
         )
