@@ -492,13 +492,23 @@ class SqlGrantStore:
         """A verified row with its reason and (authentic) review opened."""
         read = read_grant_row(row)
         grant = read.grant
-        if _legacy(row):  # not adopted (migrated without the token): clear text, unverified
-            return dataclasses.replace(
-                grant, reason=f"{LEGACY_MARK} {read.reason}", review_comment=read.review_comment
-            )
-        grant = dataclasses.replace(grant, reason=self._open_reason(grant.id, read.sealed_reason))
+        legacy = _legacy(row)
+        if legacy:  # not adopted (migrated without the token): clear text, unverified
+            grant = dataclasses.replace(grant, reason=f"{LEGACY_MARK} {read.reason}")
+        else:
+            reason = self._open_reason(grant.id, read.sealed_reason)
+            grant = dataclasses.replace(grant, reason=reason)
         if grant.reviewed_at is None or grant.reviewed_by is None:
             return _with_review(grant, None, None)
+        if legacy and not read.sealed_comment:
+            # Whether a row is legacy is decided by two columns nothing authenticates (no
+            # MAC, a clear reason): a database writer who makes a genuine break-the-glass
+            # row look legacy and fills in its review columns would otherwise take it off
+            # the officer's queue (cold review 9c). Only a review the service sealed
+            # counts; a legacy row's clear review is shown, unreviewed, for a new one.
+            unreviewed = _with_review(grant, None, None)
+            comment = read.review_comment or ""
+            return dataclasses.replace(unreviewed, review_comment=f"{LEGACY_MARK} {comment}")
         try:
             comment = self._sealer.open_review(
                 grant.id, grant.reviewed_by, grant.reviewed_at, read.sealed_comment or b""
