@@ -217,7 +217,10 @@ class ScheduledRunsCollector:
             result = GaugeMetricFamily(
                 "medvault_drill_last_result", "1 if the newest scheduled drill passed, else 0"
             )
-            result.add_metric([], 1 if newest.outcome == "ok" else 0)
+            # An unreadable row (``ScheduledRun.unreadable``, a database writer's) may
+            # hide the newest drill: no pass is reported while one is listed.
+            passed = newest.outcome == "ok" and not any(r.unreadable for r in drills)
+            result.add_metric([], 1 if passed else 0)
             yield result
             when = GaugeMetricFamily(
                 "medvault_drill_last_timestamp_seconds",

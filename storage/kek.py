@@ -45,7 +45,6 @@ from storage.reseal import LegacyResealer, Upgrade, count_legacy
 from storage.row_auth import associated_data
 from storage.row_values import RowValues
 from storage.sql_metadata import (
-    from_db_time,
     kek_insert_ignoring_duplicates,
     kek_state,
     kek_versions,
@@ -310,8 +309,10 @@ class KekManager:
         """
         current = self.sync()
         with translated(self._engine), self._engine.connect() as connection:
-            highest = connection.scalar(sa.select(sa.func.max(kek_versions.c.version))) or 0
-        version = max(current, int(highest)) + 1
+            known = connection.scalars(sa.select(kek_versions.c.version)).all()
+        # A version of another type (a database writer's) names no KEK: not counted, and
+        # never int() of it (its value in the error). SQLite's max() would return it.
+        version = max([current, *(v for v in known if type(v) is int)]) + 1
         # Claim the number first: a second replica rotating now hits the primary key
         # and fails, instead of creating a second key with the same label.
         claim = translated_change(lambda c: _claim(c, version))
@@ -339,15 +340,20 @@ class KekManager:
             rows = connection.execute(sa.select(kek_versions).order_by(kek_versions.c.version))
             states = [row._mapping for row in rows]
             counts = _counts(connection)
-        return [
-            KekVersionInfo(
-                version=s["version"],
-                state=s["state"],
-                wrapped_keys=counts.get(s["version"], 0),
-                created_at=from_db_time(s["created_at"]),
-            )
-            for s in states
-        ]
+        listed = []
+        for s in states:
+            v = RowValues(s)
+            version, state, created_at = v.integer("version"), v.text("state"), v.time("created_at")
+            if v.malformed:
+                # Names no KEK: left out, logged by column. The token's own versions
+                # were registered by sync() above, so the token still lists them all.
+                log.warning(
+                    "kek_versions row left out: a value of another type than its column's (%s)",
+                    ", ".join(v.malformed),
+                )
+                continue
+            listed.append(KekVersionInfo(version, state, counts.get(version, 0), created_at))
+        return listed
 
     def _info(self, version: int) -> KekVersionInfo:
         for info in self.list():

@@ -22,9 +22,10 @@ so a genuine row reads as before, at the cost of one type check per value.
 A row with a malformed value takes its store's tampered path: a record row fails
 verification (``storage.row_auth``: DATA_LOSS, reported), a grant grants nothing and is
 reported, a signature does not unseal, the rewrap counts the row as failed, a request
-key names no earlier put. The audit trail's rows are read as strictly by
-``storage.audit_rows``, and the backup snapshot checks what its manifest takes from a
-row (``storage.backup.snapshot``).
+key names no earlier put, a ``kek_versions`` row names no KEK, a ``scheduled_work`` row
+is no run, a ``backup_runs`` row is a failed run. The audit trail's rows are read as
+strictly by ``storage.audit_rows``, and the backup snapshot refuses a row holding such a
+value (``storage.backup.snapshot``: it copies rows, so it reads no placeholder).
 """
 
 from __future__ import annotations

@@ -9,12 +9,16 @@ happen under the election lock, so two replicas never both claim one round.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from storage.sql_metadata import from_db_time, metadata, run_in_transaction, to_utc
+from storage.row_values import RowValues
+from storage.sql_metadata import metadata, run_in_transaction, to_utc
 from storage.sqlite_text import StoredTime
 
 # The schema as queries see it; storage/migrations/versions/0012_replicas.py made it.
@@ -26,6 +30,7 @@ scheduled_work = sa.Table(
     sa.Column("replica", sa.String(255), nullable=False),
     sa.PrimaryKeyConstraint("name", name="pk_scheduled_work"),
 )
+log = logging.getLogger(__name__)
 
 
 def claim_round(
@@ -40,13 +45,14 @@ def claim_round(
 
     def claim(connection: sa.Connection) -> bool:
         query = sa.select(scheduled_work.c.last_run_at).where(scheduled_work.c.name == name)
-        last = connection.scalar(query)
+        row = connection.execute(query).first()
+        last = None if row is None else _last_run_at(row._mapping, name)
         # A last run more than one gap ahead is no replica's clock drift but a forged
         # date (a database writer's): honouring it would stop the work for ever.
-        if last is not None and -min_gap < at - from_db_time(last) < min_gap:
+        if last is not None and -min_gap < at - last < min_gap:
             return False
         values = {"last_run_at": at, "replica": replica[:255]}
-        if last is None:
+        if row is None:
             connection.execute(scheduled_work.insert().values(name=name, **values))
         else:
             connection.execute(
@@ -63,4 +69,30 @@ def last_run(engine: Engine, name: str) -> tuple[datetime, str] | None:
         scheduled_work.c.name == name
     )
     row = run_in_transaction(engine, lambda c: c.execute(query).first())
-    return None if row is None else (from_db_time(row[0]), str(row[1]))
+    if row is None:
+        return None
+    v = RowValues(row._mapping)
+    at, by = v.time("last_run_at"), v.text("replica")
+    if v.malformed:
+        _log_malformed(name, v.malformed)
+        return None  # as claim_round reads it: no run on record, the round is claimable
+    return at, by
+
+
+def _last_run_at(row: Mapping[Any, Any], name: str) -> datetime | None:
+    """The row's last run, or None if it is of another type than a time: a database
+    writer's value must not stop the work (the round is claimed over, as for a date
+    ahead) nor raise with the value in its message."""
+    v = RowValues(row)
+    at = v.time("last_run_at")
+    if v.malformed:
+        _log_malformed(name, v.malformed)
+        return None
+    return at
+
+
+def _log_malformed(name: str, columns: list[str]) -> None:
+    log.warning(
+        "scheduled_work row of %s read as no run: a value of another type than its "
+        "column's (%s)", name, ", ".join(columns),
+    )  # fmt: skip

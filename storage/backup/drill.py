@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -78,6 +78,7 @@ from storage.backup.sampling import SamplePlan, choose, selection_digest
 from storage.backup.scratch import Scratch
 from storage.backup.targets import BackupTarget, read_all
 from storage.errors import StorageError
+from storage.row_values import RowValues
 from storage.sql_metadata import records, translated
 
 REPORT_FORMAT = "medvault-drill/1"
@@ -218,9 +219,9 @@ def _sampled(  # noqa: PLR0917  (one step of _drill, named for reading)
     query = sa.select(records.c.id, records.c.version, records.c.object_key)
     with translated(scratch.engine), scratch.engine.connect() as connection:
         rows = connection.execution_options(stream_results=True, yield_per=1000).execute(query)
-        picked = choose(plan.seed, (tuple(r) for r in rows), plan.size)
-    chosen = [(str(r[0]), int(r[1])) for r in picked]
-    wanted = {str(r[2]) for r in picked}
+        picked = choose(plan.seed, _sample_keys(rows.mappings(), restored.failures), plan.size)
+    chosen = [(r[0], r[1]) for r in picked]
+    wanted = {r[2] for r in picked}
     objects = [o for o in restored.manifest.objects if o.object_key in wanted]
     restore_objects(request.target, objects, scratch.blobs, restored, report,
                     workers=request.workers)  # fmt: skip
@@ -240,6 +241,25 @@ def _sampled(  # noqa: PLR0917  (one step of _drill, named for reading)
                   "version); planned_size = ceil(ln(1 - confidence) / ln(1 - max_defect_rate))",
     }  # fmt: skip
     return WalkOptions(request.workers, decrypt=frozenset(chosen), present=present)
+
+
+def _sample_keys(
+    rows: Iterable[Mapping[Any, Any]], failures: list[RestoreFailure]
+) -> Iterator[tuple[str, int, str]]:
+    """(id, version, object key) of each restored row, read strictly: a value of another
+    type (the load checks types, so only a row written into the scratch database since)
+    is a failure naming table and columns, not ``int()`` of it with its value."""
+    for row in rows:
+        v = RowValues(row)
+        key = (v.text("id"), v.version("version"), v.text("object_key"))
+        if v.malformed:
+            failures.append(RestoreFailure("row", _malformed("records", v.malformed)))
+        else:
+            yield key
+
+
+def _malformed(table: str, columns: list[str]) -> str:
+    return f"a {table} row holds a value of another type than its column's ({', '.join(columns)})"
 
 
 def _throughput(tally: Tally, seconds: float, workers: int) -> dict[str, Any]:

@@ -6,8 +6,10 @@ Every step that can refuse does so before anything is written:
    against the trusted backup key);
 2. the snapshot, downloaded once into a spooled temporary file while its SHA-256 and size
    are compared with the manifest;
-3. the master keys: every KEK version a snapshot row references must be on the token,
-   or nothing can be decrypted afterwards (the missing versions are named);
+3. the snapshot's rows, each value of its column's type (``snapshot.checked_rows``:
+   table and columns named, never the value), and the master keys: every KEK version a
+   snapshot row references must be on the token, or nothing can be decrypted
+   afterwards (the missing versions are named);
 4. the target: its database must hold no data and its bucket no object, unless
    ``force`` (then the medvault tables are emptied; other objects are left alone);
 5. every object streamed from ``objects/<sha256>`` back to its original ``object_key``,
@@ -224,11 +226,12 @@ def _chunks(file: IO[bytes], size: int = 1 << 20) -> Iterator[bytes]:
 
 def _check_keks(spool: IO[bytes], keks: KekInventory, token_label: str) -> None:
     """Every KEK version the records' wrapped keys name must be on the token."""
-    # The snapshot's own reader (one pass over the spooled file, rows not kept).
-    needed = {
-        int(row["kek_version"])
-        for table, row in snapshot.decoded_lines(_chunks(spool))
-        if table == "records"
+    # The snapshot's own reader (one pass over the spooled file, rows not kept), every
+    # row checked by type as the load will: a kek_version of another type is refused
+    # naming table and column, never int() of it with its value in the error.
+    rows = (line for line in snapshot.decoded_lines(_chunks(spool)) if line[0] != snapshot.ALEMBIC)
+    needed: set[int] = {
+        row["kek_version"] for table, row in snapshot.checked_rows(rows) if table.name == "records"
     }
     spool.seek(0)
     missing = sorted(needed - set(keks.versions()))

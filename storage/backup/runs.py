@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,12 +34,14 @@ from sqlalchemy import exc
 from sqlalchemy.engine import Engine
 
 from storage.errors import BackendUnavailableError, StorageError
-from storage.sql_metadata import from_db_time, metadata, to_utc
-from storage.sqlite_text import StoredTime
+from storage.row_values import RowValues
+from storage.sql_metadata import metadata, to_utc
+from storage.sqlite_text import UNREADABLE_TIME, StoredTime
 
 RunKind = Literal["backup", "drill", "sweep"]  # sweep: the orphan sweeper (lock only)
 RunOutcome = Literal["running", "ok", "failed"]
 MAX_DETAIL = 1000
+log = logging.getLogger(__name__)
 
 
 def _lock_key(kind: RunKind) -> int:
@@ -77,6 +80,9 @@ class ScheduledRun:
     backup_id: str | None
     outcome: RunOutcome
     detail: str
+    # Columns of the row holding a value medvault never writes (another type, or a kind
+    # or outcome outside the constraint's): the run is then listed as failed.
+    unreadable: tuple[str, ...] = ()
 
 
 class SqlRunLedger:
@@ -135,16 +141,35 @@ class SqlRunLedger:
                 rows = connection.execute(query).all()
         except exc.SQLAlchemyError as e:
             raise _translate(e) from e
-        return [_to_run(row._mapping) for row in rows]
+        return [_to_run(row._mapping, kind) for row in rows]
 
 
-def _to_run(m: Any) -> ScheduledRun:
-    finished = m["finished_at"]
+_KINDS: tuple[RunKind, ...] = ("backup", "drill")  # ck_backup_runs_kind
+_OUTCOMES: tuple[RunOutcome, ...] = ("running", "ok", "failed")
+
+
+def _to_run(m: Any, asked: RunKind | None) -> ScheduledRun:
+    """A row read strictly (``storage.row_values``). One holding a value medvault never
+    writes is listed, never dropped (a run is not lost) and never as a success: failed,
+    finished at its own time if that reads, else at the placeholder time, of the kind
+    asked for (else ``backup``), with its columns in ``unreadable`` and a log line."""
+    v = RowValues(m)
+    slot, started = v.time("slot"), v.time("started_at")
+    finished, backup_id = v.optional_time("finished_at"), v.optional_text("backup_id")
+    replica, detail = v.text("replica"), v.text("detail")
+    kind_text, outcome_text = v.text("kind"), v.text("outcome")
+    kind = next((k for k in _KINDS if k == kind_text), None)
+    outcome = next((o for o in _OUTCOMES if o == outcome_text), None)
+    bad = list(v.malformed)
+    bad += [n for n, ok in (("kind", kind), ("outcome", outcome)) if ok is None and n not in bad]
+    if not bad and kind is not None and outcome is not None:
+        return ScheduledRun(slot, kind, replica, started, finished, backup_id, outcome, detail)
+    log.warning("backup_runs row listed as failed: a value medvault never writes (%s)",
+                ", ".join(bad))  # fmt: skip
     return ScheduledRun(
-        slot=from_db_time(m["slot"]), kind=m["kind"], replica=m["replica"],
-        started_at=from_db_time(m["started_at"]),
-        finished_at=from_db_time(finished) if finished is not None else None,
-        backup_id=m["backup_id"], outcome=m["outcome"], detail=m["detail"],
+        slot=slot, kind=kind or asked or "backup", replica=replica, started_at=started,
+        finished_at=finished or UNREADABLE_TIME, backup_id=backup_id, outcome="failed",
+        detail="row unreadable: " + ", ".join(bad), unreadable=tuple(bad),
     )  # fmt: skip
 
 

@@ -88,8 +88,10 @@ class SamplePlan:
 
 
 RecordKey = tuple[str, int]  # (record id, version)
-# A row whose first two items are the record id and version (more may follow).
-Row = TypeVar("Row", bound=tuple[object, ...])
+# A record key, or one with the record's object key after it: read strictly by the
+# caller (``storage.row_values``), never converted here (``int()`` of another type
+# raised with the value in its message).
+Row = TypeVar("Row", bound=tuple[str, int] | tuple[str, int, str])
 
 
 def rank(seed: bytes, key: RecordKey) -> bytes:
@@ -99,8 +101,8 @@ def rank(seed: bytes, key: RecordKey) -> bytes:
 
 def choose(seed: bytes, rows: Iterable[Row], n: int) -> list[Row]:
     """The ``n`` rows (id, version, ...) of lowest rank, in key order (memory: ``n`` rows)."""
-    chosen = heapq.nsmallest(n, rows, key=lambda r: rank(seed, (str(r[0]), int(str(r[1])))))
-    return sorted(chosen, key=lambda r: (str(r[0]), int(str(r[1]))))
+    chosen = heapq.nsmallest(n, rows, key=lambda r: rank(seed, (r[0], r[1])))
+    return sorted(chosen, key=lambda r: (r[0], r[1]))
 
 
 def selection_digest(chosen: list[RecordKey]) -> str:

@@ -21,12 +21,13 @@ sealed fields, audit events that carry no patient data).
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -106,62 +107,120 @@ def _begin_snapshot(connection: Connection) -> None:
         connection.exec_driver_sql("SET TRANSACTION READ ONLY")
 
 
-def _check_read(table: str, row: dict[str, Any]) -> None:
-    """Text that is not UTF-8 (SQLite stores any bytes a database writer casts to text)
-    and a value psycopg cannot load (PostgreSQL stores ``infinity``, years past 9999,
-    json deeper than ``json.loads`` goes) fail the backup by table and column: the
-    drivers' own errors would carry the value into a logged traceback. Read by
-    ``rows_as_read`` (``SnapshotExport``)."""
+def _refuse(table: str, what: str, columns: list[str]) -> SourceIntegrityError:
+    return SourceIntegrityError(
+        f"a {table} row holds {what} ({', '.join(columns)}), backup not completed: the "
+        "database was written outside medvault; run `medvault audit verify` and restore "
+        "the row from an earlier backup (docs/operations.md)"
+    )
+
+
+def _check_read(table: sa.Table, row: dict[str, Any], parse: TimeParser) -> None:
+    """Fail the backup by table and columns, never by value, on a row medvault never
+    writes; parse its times and make its booleans ``bool`` in place (SQLite keeps times
+    as text and booleans as 0/1).
+
+    In this order: text that is not UTF-8 (SQLite stores any bytes a database writer
+    casts to text) and a value psycopg cannot load (PostgreSQL stores ``infinity``, years
+    past 9999, json deeper than ``json.loads`` goes), read by ``rows_as_read``
+    (``SnapshotExport``): the drivers' own errors would carry the value into a logged
+    traceback; then a time that does not parse; then a value of another type than its
+    column's declared one (SQLite keeps any type in any column, and a PostgreSQL writer
+    can ``ALTER COLUMN ... TYPE``), which the snapshot would otherwise copy as it is,
+    for the restore to fail on it with the value in the error.
+    """
     for marker, what in ((Undecodable, "text that is not UTF-8"),
                          (Unloadable, "a value the driver cannot load")):  # fmt: skip
         bad = [name for name, value in row.items() if isinstance(value, marker)]
         if bad:
-            raise SourceIntegrityError(
-                f"a {table} row holds {what} ({', '.join(bad)}), backup not completed: "
-                "the database was written outside medvault; run `medvault audit verify` "
-                "and restore the row from an earlier backup (docs/operations.md)"
-            )
+            raise _refuse(table.name, what, bad)
+    times, other = [], []
+    for name, kind, nullable in columns(table):
+        value = row[name]
+        if kind == "time" and value is not None:
+            value = _parsed(value, parse)
+            if value is None:
+                times.append(name)
+                continue
+        elif kind == "boolean" and type(value) is int and value in {0, 1}:
+            value = bool(value)  # SQLite's storage of a boolean
+        row[name] = value
+        if not holds(kind, nullable, value):
+            other.append(name)
+    if times:
+        raise _refuse(
+            table.name, "a time that does not parse or is not in the form medvault writes", times
+        )
+    if other:
+        raise _refuse(table.name, "a value of another type than its column's", other)
 
 
-def _is_time(column: sa.Column[Any]) -> bool:
-    return isinstance(column.type, sa.DateTime | StoredTime)
+def _parsed(value: object, parse: TimeParser) -> datetime | None:
+    try:
+        if isinstance(value, str) and parse is not None:
+            value = parse(value)
+    except (ValueError, TypeError, OverflowError):
+        return None
+    return value if isinstance(value, datetime) else None
+
+
+ColumnKind = Literal["time", "boolean", "integer", "binary", "text"]
+
+
+def column_kind(column: sa.Column[Any]) -> ColumnKind:
+    """What Python type ``column``'s declared type yields (every backed-up column has
+    one of these; a new kind of column is added here on purpose)."""
+    kind = column.type
+    if isinstance(kind, sa.DateTime | StoredTime):
+        return "time"
+    if isinstance(kind, sa.Boolean):
+        return "boolean"
+    if isinstance(kind, sa.Integer):  # BigInteger, SmallInteger
+        return "integer"
+    if isinstance(kind, sa.LargeBinary):
+        return "binary"
+    if isinstance(kind, sa.String):  # Text
+        return "text"
+    raise TypeError(f"column {column.name}: no type check for {type(kind).__name__}")
+
+
+@functools.cache
+def columns(table: sa.Table) -> tuple[tuple[str, ColumnKind, bool], ...]:
+    """(name, kind, nullable) of each of ``table``'s columns, worked out once."""
+    return tuple((c.name, column_kind(c), bool(c.nullable)) for c in table.c)
+
+
+def holds(kind: ColumnKind, nullable: bool, value: object) -> bool:
+    """True if ``value`` is of the Python type a column of ``kind`` yields (None only if
+    ``nullable``): an ``int`` that is not a ``bool`` for an integer, a ``bool`` for a
+    boolean, bytes for binary, ``str`` for text, a ``datetime`` for a time. Nothing is
+    coerced."""
+    if value is None:
+        return nullable
+    if kind == "binary":
+        return isinstance(value, bytes | bytearray | memoryview)
+    if kind == "time":
+        return isinstance(value, datetime)
+    return type(value) is _EXACT[kind]
+
+
+_EXACT: dict[ColumnKind, type] = {"integer": int, "boolean": bool, "text": str}
+
+
+def _untyped(column: sa.Column[Any]) -> bool:
+    return column_kind(column) in {"time", "boolean"}
 
 
 def _select(table: sa.Table) -> sa.Select[Any]:
-    """All of ``table``'s columns, its times untyped: each is parsed by ``_check_times``,
-    so that one that does not parse fails the backup by column, neither failing the fetch
-    (with the value in the error) nor read as ``StoredTime``'s placeholder, which the
-    snapshot would then copy in place of what the database holds."""
+    """All of ``table``'s columns, its times and booleans untyped: each is checked by
+    ``_check_read``, so that a time that does not parse fails the backup by column,
+    neither failing the fetch (with the value in the error) nor read as ``StoredTime``'s
+    placeholder, and a boolean is seen as stored (SQLAlchemy makes any value a bool on
+    SQLite): the snapshot must not copy another value than the database holds."""
     return sa.select(*(
-        sa.type_coerce(c, sa.types.NullType()).label(c.name) if _is_time(c) else c
+        sa.type_coerce(c, sa.types.NullType()).label(c.name) if _untyped(c) else c
         for c in table.c
     )).order_by(*table.primary_key.columns)  # fmt: skip
-
-
-def _check_times(table: sa.Table, row: dict[str, Any], parse: TimeParser) -> None:
-    """Parse ``row``'s times in place (SQLite keeps text; PostgreSQL returns datetimes);
-    one that is not a time fails the backup, naming table and columns only."""
-    bad = []
-    for column in table.c:
-        value = row[column.name]
-        if value is None or not _is_time(column):
-            continue
-        try:
-            if isinstance(value, str) and parse is not None:
-                value = parse(value)
-        except (ValueError, TypeError, OverflowError):
-            value = None
-        if not isinstance(value, datetime):
-            bad.append(column.name)
-        row[column.name] = value
-    if bad:
-        raise SourceIntegrityError(
-            f"a {table.name} row holds a time that does not parse or is not in the form "
-            f"medvault writes ({', '.join(bad)}), "
-            "backup not completed: the database was written outside medvault; run "
-            "`medvault audit verify` and restore the row from an earlier backup "
-            "(docs/operations.md)"
-        )
 
 
 def _observe(stats: SnapshotStats, table: str, row: dict[str, Any]) -> None:
@@ -197,7 +256,10 @@ def _observe(stats: SnapshotStats, table: str, row: dict[str, Any]) -> None:
 
 
 def _lines(connection: Connection, stats: SnapshotStats) -> Iterator[bytes]:
-    stats.revision = connection.scalar(sa.select(_alembic.c.version_num)) or ""
+    revision = connection.scalar(sa.select(_alembic.c.version_num))
+    if revision is not None and type(revision) is not str:
+        raise _refuse(ALEMBIC, "a value of another type than its column's", ["version_num"])
+    stats.revision = revision or ""
     yield _line(ALEMBIC, {"version_num": stats.revision})
     parse = time_parser(connection.dialect)
     for table in tables():
@@ -207,8 +269,7 @@ def _lines(connection: Connection, stats: SnapshotStats) -> Iterator[bytes]:
         count = 0
         for row in result.mappings():
             values = dict(row)
-            _check_read(table.name, values)
-            _check_times(table, values, parse)
+            _check_read(table, values, parse)
             _observe(stats, table.name, values)
             count += 1
             yield _line(table.name, values)
@@ -292,30 +353,56 @@ def _prepare(connection: Connection, revision: str) -> None:
             )
 
 
+def checked_rows(
+    lines: Iterable[tuple[str, dict[str, Any]]],
+) -> Iterator[tuple[sa.Table, dict[str, Any]]]:
+    """The (table, row) pairs of ``lines`` (after the revision line), each row checked
+    against its table: its columns, and the type of each value (``holds``).
+
+    A snapshot written before the export checked types can hold a database writer's
+    value of another type; ``int()`` of it, or a PostgreSQL target refusing it, would
+    put the value in the error. ``SnapshotLoadError`` names table and columns instead.
+    """
+    known = {t.name: t for t in tables()}
+    for name, row in lines:
+        table = known.get(name)
+        if table is None:
+            raise SnapshotLoadError(f"snapshot holds unknown table {name!r}")
+        if set(row) != set(table.c.keys()):
+            raise SnapshotLoadError(
+                f"a {name} row of the snapshot has other columns than the table's"
+            )
+        wrong = [name for name, kind, nullable in columns(table)
+                 if not holds(kind, nullable, row[name])]  # fmt: skip
+        if wrong:
+            raise SnapshotLoadError(
+                f"a {name} row of the snapshot holds a value of another type than its "
+                f"column's ({', '.join(wrong)}); the snapshot cannot be restored: restore "
+                "an earlier backup (docs/operations.md)"
+            )
+        yield table, row
+
+
 def load(engine: Engine, chunks: Iterable[bytes]) -> dict[str, int]:
     """Load a snapshot into an EMPTY database migrated to the snapshot's revision.
 
     One transaction: on any error nothing is loaded. Returns the rows per table.
     """
-    known = {t.name: t for t in tables()}
-    counts = {name: 0 for name in known}
+    counts = {t.name: 0 for t in tables()}
     batch: list[dict[str, Any]] = []
     current: sa.Table | None = None
     with engine.begin() as connection:
         lines = decoded_lines(chunks)
         first = next(lines, None)
-        if first is None or first[0] != ALEMBIC:
+        if first is None or first[0] != ALEMBIC or type(first[1].get("version_num")) is not str:
             raise SnapshotLoadError("snapshot does not start with its schema revision")
-        _prepare(connection, str(first[1].get("version_num")))
-        for name, row in lines:
-            table = known.get(name)
-            if table is None:
-                raise SnapshotLoadError(f"snapshot holds unknown table {name!r}")
+        _prepare(connection, first[1]["version_num"])
+        for table, row in checked_rows(lines):
             if table is not current or len(batch) >= _BATCH:
                 _flush(connection, current, batch)
                 current = table
             batch.append(row)
-            counts[name] += 1
+            counts[table.name] += 1
         _flush(connection, current, batch)
     return counts
 

@@ -6,6 +6,10 @@ keys, encrypted objects, metadata rows). Every identifier is synthetic and rando
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
+import hashlib
+import json
 import os
 import secrets
 import subprocess
@@ -21,9 +25,9 @@ from keystore import Pkcs11BlindIndexer, Pkcs11KeyWrapper, Pkcs11SessionPool
 from keystore.signing import Pkcs11Signer
 from storage.audit_log import SqlAuditLog
 from storage.audit_model import AuditEntry
-from storage.backup.manifest import SourceInfo
+from storage.backup.manifest import Manifest, SourceInfo, manifest_key, sign, signature_key
 from storage.backup.runner import BackupResult, run_backup, source_identity
-from storage.backup.targets import BackupTarget
+from storage.backup.targets import BackupTarget, read_all
 from storage.grants import access_grants
 from storage.model import NewRecord, PatientRef, RecordKind
 from storage.records import RecordStore
@@ -140,3 +144,38 @@ def _norm(value: object) -> object:
     if isinstance(value, memoryview):
         return bytes(value)
     return value
+
+
+def forged_snapshot(data: bytes, table: str, column: str, value: object) -> bytes:
+    """``data`` (a gzipped snapshot) with ``column`` of ``table``'s first row set to
+    ``value``: what a release that copied values of another type wrote."""
+    lines = []
+    done = False
+    for line in gzip.decompress(data).splitlines():
+        doc = json.loads(line)
+        if doc["table"] == table and not done:
+            doc["row"][column] = value
+            done = True
+        lines.append(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
+    assert done, f"no {table} row in the snapshot"
+    return gzip.compress(b"\n".join(lines) + b"\n")
+
+
+def forge_backup_snapshot(
+    source: Source, target: BackupTarget, backup_id: str, table: str, column: str,
+    value: object,
+) -> None:  # fmt: skip
+    """Backup ``backup_id``'s snapshot with a value of another type (``forged_snapshot``),
+    its manifest updated and signed again with the backup key: a backup an earlier
+    release made of a database holding that value, as it would read today."""
+    manifest = Manifest.from_bytes(read_all(target, manifest_key(backup_id)))
+    data = forged_snapshot(read_all(target, manifest.snapshot.key), table, column, value)
+    snapshot = dataclasses.replace(
+        manifest.snapshot, sha256=hashlib.sha256(data).hexdigest(), size=len(data)
+    )
+    manifest_bytes = dataclasses.replace(manifest, snapshot=snapshot).to_bytes()
+    signature = sign(manifest_bytes, source.signer())
+    for key, content in ((manifest.snapshot.key, data), (manifest_key(backup_id), manifest_bytes),
+                         (signature_key(backup_id), signature)):  # fmt: skip
+        target.delete(key)
+        target.put(key, [content])

@@ -11,7 +11,7 @@ from storage.audit_rows import AuditHeadMalformedError
 from storage.backup import SnapshotLoadError, SourceIntegrityError
 from storage.backup.snapshot import export, load, tables
 from storage.sql_metadata import make_engine, upgrade
-from tests.integration.backup.helpers import Source, table_rows
+from tests.integration.backup.helpers import Source, forged_snapshot, table_rows
 
 
 @pytest.mark.parametrize("into", ["sqlite", "postgresql"])
@@ -85,8 +85,10 @@ def test_integer_in_a_binary_column_is_not_allocated(source: Source) -> None:
         return
     with source.engine.begin() as c:
         c.exec_driver_sql("UPDATE audit_head SET hash = 1000000000")
-    with pytest.raises(AuditHeadMalformedError, match="hash"):
+    # Refused by type, as any column of any table is (before the head is read).
+    with pytest.raises(SourceIntegrityError, match=r"audit_head .*\(hash\)") as raised:
         b"".join(export(source.engine))
+    assert "1000000000" not in str(raised.value)
 
 
 def test_text_that_is_not_utf8_fails_the_snapshot_by_column(source: Source) -> None:
@@ -199,3 +201,94 @@ def test_a_time_that_does_not_parse_fails_the_snapshot_by_column(
         b"".join(export(source.engine))
     assert raised.value.__cause__ is None
     assert "garbage" not in str(raised.value)
+
+
+# A value of another type than its column's declared one (SQLite keeps any type in any
+# column): the snapshot used to copy it as the source held it, for the restore to fail
+# on it with the value in the error (int() of it, or PostgreSQL refusing the insert).
+_WRONG_TYPE_SQLITE = {
+    ("records", "kek_version"): "'SYNTHETIC-FORGED'",  # text in an integer column
+    ("records", "stored_size"): "2.5",  # a real in an integer column
+    ("records", "wrapped_dek"): str(10**12),  # an integer in a binary column
+    ("records", "kind"): "CAST(kind AS BLOB)",  # a blob in a text column
+    ("access_grants", "break_glass"): "'SYNTHETIC-FORGED'",  # SQLAlchemy read it as True
+    ("access_grants", "reason"): "X'00'",  # a blob in a (nullable) text column
+    ("kek_versions", "state"): "X'00'",  # its CHECK off: PRAGMA ignore_check_constraints
+    ("record_signatures", "sealed_p7s"): "'SYNTHETIC-FORGED'",
+    ("audit_events", "sequence"): "'SYNTHETIC-FORGED'",
+}  # fmt: skip
+
+
+@pytest.mark.backend("sqlite")
+@pytest.mark.parametrize(("table", "column"), sorted(_WRONG_TYPE_SQLITE))
+def test_a_value_of_another_type_fails_the_snapshot_by_column(
+    make_source: Any, table: str, column: str
+) -> None:
+    source: Source = make_source("sqlite")
+    source.add_records(2)
+    source.add_other_rows()
+    with source.engine.begin() as c:
+        c.exec_driver_sql("PRAGMA ignore_check_constraints = ON")
+        c.exec_driver_sql(
+            f"UPDATE {table} SET {column} = {_WRONG_TYPE_SQLITE[table, column]} WHERE rowid ="
+            f" (SELECT MIN(rowid) FROM {table})"
+        )
+    with pytest.raises(SourceIntegrityError, match=rf"{table} .*\({column}\)") as raised:
+        b"".join(export(source.engine))
+    assert "another type" in str(raised.value)
+    for value in ("SYNTHETIC", str(10**12), "2.5"):
+        assert value not in str(raised.value)
+
+
+# PostgreSQL columns a database writer retyped (in the test's own database).
+_RETYPED = {
+    ("records", "kek_version"): "text",
+    ("records", "stored_size"): "numeric",
+    ("records", "created_by"): "bytea USING convert_to(created_by, 'UTF8')",
+    ("access_grants", "principal"): "bytea USING convert_to(principal, 'UTF8')",
+    ("kek_versions", "version"): "text",
+    ("audit_head", "sequence"): "text",
+}  # fmt: skip
+
+
+@pytest.mark.backend("postgresql")
+@pytest.mark.parametrize(("table", "column"), sorted(_RETYPED))
+def test_a_postgresql_column_of_another_type_fails_the_snapshot_by_column(
+    make_source: Any, table: str, column: str
+) -> None:
+    source: Source = make_source("postgresql")
+    source.add_records(1)
+    source.add_other_rows()
+    with source.engine.begin() as c:
+        c.exec_driver_sql(
+            f"ALTER TABLE {table} ALTER COLUMN {column} TYPE {_RETYPED[table, column]}"
+        )
+    with pytest.raises(SourceIntegrityError, match=rf"{table} .*\({column}\)") as raised:
+        b"".join(export(source.engine))
+    assert raised.value.__cause__ is None
+    assert "another type" in str(raised.value)
+
+
+@pytest.mark.parametrize(("table", "column", "value"), [
+    ("records", "kek_version", "SYNTHETIC-FORGED"),
+    ("records", "stored_size", "SYNTHETIC-FORGED"),
+    ("records", "wrapped_dek", 10**12),
+    ("access_grants", "break_glass", "SYNTHETIC-FORGED"),
+    ("records", "created_at", "SYNTHETIC-FORGED"),
+])  # fmt: skip
+def test_a_snapshot_holding_another_type_loads_nothing_naming_the_column(
+    source: Source, fresh_url: Any, backend: str, table: str, column: str, value: object
+) -> None:
+    """A snapshot an earlier release wrote, copying such a value: refused by table and
+    column before any insert (SQLite stored it; PostgreSQL's error carried it)."""
+    forged = forged_snapshot(b"".join(export(source.engine)), table, column, value)
+    engine = make_engine(fresh_url(backend))
+    try:
+        upgrade(engine)
+        with pytest.raises(SnapshotLoadError, match=rf"{table} .*\({column}\)") as raised:
+            load(engine, [forged])
+        assert "SYNTHETIC" not in str(raised.value)
+        assert str(10**12) not in str(raised.value)
+        assert all(not table_rows(engine, t) for t in tables() if t.name != "audit_head")
+    finally:
+        engine.dispose()

@@ -29,6 +29,7 @@ from storage.backup.runner import BackupResult
 from storage.backup.sampling import SamplePlan, rank
 from storage.backup.targets import S3Target, read_all
 from storage.errors import InvalidRecordError
+from tests.integration.backup.helpers import forge_backup_snapshot
 from tests.integration.backup.restore_fixtures import (  # noqa: F401  (fixtures)
     SignedSource,
     checks_for,
@@ -207,3 +208,24 @@ def test_a_scheduled_drill_is_sampled_when_configured(
     [doc] = [json.loads(read_all(s3_target, k)) for k in reports]
     assert doc["mode"] == "sampled"
     assert len(doc["sample"]["seed"]) == 32  # a new 128-bit seed, recorded
+
+
+@pytest.mark.parametrize("sample", [ONE_RECORD, None], ids=["sampled", "full"])
+def test_a_backup_holding_a_value_of_another_type_fails_the_drill_naming_the_column(
+    signed_source: SignedSource, s3_target: S3Target, s3_server: Any, sample: SamplePlan | None,
+) -> None:  # fmt: skip
+    """A signed backup an earlier release made, its snapshot holding a database writer's
+    version of another type: the drill fails by table and column (the sample's
+    ``int(str(version))`` and the restore's ``int(kek_version)`` named the value)."""
+    source = signed_source.source
+    backup = source.backup(s3_target)
+    forge_backup_snapshot(source, s3_target, backup.backup_id, "records", "version",
+                          "SYNTHETIC-FORGED")  # fmt: skip
+
+    report = _drill(signed_source, s3_target, backup.backup_id, s3_server, sample=sample)
+
+    assert not report.ok
+    assert [f.check for f in report.failures] == ["restore"]
+    assert "records" in report.failures[0].detail
+    assert "(version)" in report.failures[0].detail
+    assert "SYNTHETIC" not in json.dumps(report.document)

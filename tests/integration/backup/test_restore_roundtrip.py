@@ -17,6 +17,7 @@ import pytest
 
 from keystore import Pkcs11KeyWrapper
 from storage.audit_log import SqlAuditLog
+from storage.backup import SnapshotLoadError
 from storage.backup.restore import (
     Deployment,
     MissingKekError,
@@ -25,6 +26,7 @@ from storage.backup.restore import (
 )
 from storage.backup.targets import S3Target
 from storage.sql_metadata import records
+from tests.integration.backup.helpers import forge_backup_snapshot
 from tests.integration.backup.restore_fixtures import (  # noqa: F401  (fixtures)
     SignedSource,
     count,
@@ -127,4 +129,24 @@ def test_restore_names_missing_kek_versions_before_copying(
     assert caught.value.missing == sorted(used)
     assert all(f"v{v}" in str(caught.value) for v in used)
     assert not list(empty_deployment.blobs.list()), "objects copied despite the missing KEK"
+    assert count(empty_deployment.engine, "records") == 0
+
+
+@pytest.mark.parametrize(("column", "value"), [
+    ("kek_version", "SYNTHETIC-FORGED"),  # int() of it named it
+    ("stored_size", "SYNTHETIC-FORGED"),  # PostgreSQL's refusal of the insert named it
+])  # fmt: skip
+def test_a_backup_holding_a_value_of_another_type_is_refused_naming_the_column(
+    signed_source: SignedSource, s3_target: S3Target, trusted_key: bytes,
+    empty_deployment: Deployment, column: str, value: str,
+) -> None:  # fmt: skip
+    """A signed backup an earlier release made, whose snapshot copied a database writer's
+    value of another type: refused before anything is copied, by table and column."""
+    source = signed_source.source
+    backup = source.backup(s3_target)
+    forge_backup_snapshot(source, s3_target, backup.backup_id, "records", column, value)
+    with pytest.raises(SnapshotLoadError, match=rf"records .*\({column}\)") as raised:
+        _restore(signed_source, s3_target, backup.backup_id, empty_deployment, trusted_key)
+    assert "SYNTHETIC" not in str(raised.value)
+    assert not list(empty_deployment.blobs.list()), "objects copied despite the refusal"
     assert count(empty_deployment.engine, "records") == 0

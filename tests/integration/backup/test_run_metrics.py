@@ -15,7 +15,7 @@ from storage import SqlRunLedger
 from storage.backup.runs import backup_runs
 
 
-def _gauges(ledger: SqlRunLedger) -> dict[str, float]:
+def scrape(ledger: SqlRunLedger) -> dict[str, float]:
     registry = CollectorRegistry()
     registry.register(ScheduledRunsCollector(ledger))
     text = generate_latest(registry).decode()
@@ -26,7 +26,7 @@ def test_backup_age_and_drill_result_follow_the_ledger(metadata_engine: Engine) 
     with metadata_engine.begin() as c:
         c.execute(backup_runs.delete())
     ledger = SqlRunLedger(metadata_engine)
-    assert _gauges(ledger) == {"medvault_run_ledger_up": 1.0}, "no run yet: no gauge"
+    assert scrape(ledger) == {"medvault_run_ledger_up": 1.0}, "no run yet: no gauge"
 
     base = datetime(2026, 11, 1, 2, tzinfo=UTC)
     ledger.claim(base, "backup", "r1", base)
@@ -38,7 +38,7 @@ def test_backup_age_and_drill_result_follow_the_ledger(metadata_engine: Engine) 
     ledger.claim(later, "drill", "r1", later)
     ledger.finish(later, "drill", later + timedelta(minutes=9), outcome="failed",
                   backup_id="b1")  # fmt: skip
-    gauges = _gauges(ledger)
+    gauges = scrape(ledger)
     assert gauges["medvault_backup_last_success_timestamp_seconds"] == (
         base + timedelta(minutes=5)
     ).timestamp()
@@ -49,12 +49,12 @@ def test_backup_age_and_drill_result_follow_the_ledger(metadata_engine: Engine) 
 
     again = later + timedelta(days=1)
     ledger.claim(again, "drill", "r1", again)
-    assert _gauges(ledger)["medvault_drill_last_result"] == 0.0, "a running drill is no result"
+    assert scrape(ledger)["medvault_drill_last_result"] == 0.0, "a running drill is no result"
     ledger.finish(again, "drill", again + timedelta(minutes=8), outcome="ok", backup_id="b1")
-    assert _gauges(ledger)["medvault_drill_last_result"] == 1.0
+    assert scrape(ledger)["medvault_drill_last_result"] == 1.0
 
 
 def test_an_unreadable_ledger_is_reported_not_raised() -> None:
     broken = sa.create_engine("sqlite:////nonexistent/dir/metadata.db")
-    gauges = _gauges(SqlRunLedger(broken))
+    gauges = scrape(SqlRunLedger(broken))
     assert gauges == {"medvault_run_ledger_up": 0.0}
