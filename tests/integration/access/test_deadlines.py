@@ -230,8 +230,18 @@ def test_a_deadline_stops_the_work_of_the_call(
         wait_for(lambda: metrics.value("medvault_worker_jobs") == 0, SETTLE_SECONDS,
                  "the server's workers to give up on the stalled store")  # fmt: skip
         settled = time.monotonic() - began
-        waiting = _socket_waiters(service)
-        assert waiting <= baseline, f"{waiting} threads wait on sockets, {baseline} before"
+        # The gauge falls as each worker gives up; its thread may still be unwinding out of
+        # the socket wait (CI, 5 workers on 2 cores: one more waiter, once). None may stay.
+        waiting = [_socket_waiters(service)]
+
+        def no_more_waiters() -> bool:
+            waiting.append(_socket_waiters(service))
+            return waiting[-1] <= baseline
+
+        try:
+            wait_for(no_more_waiters, SETTLE_SECONDS, "the threads on the stalled store")
+        except AssertionError:
+            pytest.fail(f"{waiting[-1]} threads wait on sockets, {baseline} before")
         # Its whole share, at once, while the store is still stalled.
         listed = _at_once([lambda: _list(tester, patient)] * SHARE)
         assert listed == ["OK"] * SHARE, listed
