@@ -136,6 +136,15 @@ class BreakGlassReview:
         """What a review of ``grant_id`` is about; ``RecordNotFoundError`` if nothing."""
         check_grant_id(grant_id)
         grant, seen = self._grants.review_state(grant_id)
+        if grant is not None and _legacy_row(seen):
+            # A legacy row's principal and patient are not authenticated (no MAC): whoever
+            # broke the glass could name someone else there and review their own access
+            # (cold review 9d). Where the trail names the access, it decides.
+            event = self._run(lambda c: self._event(c, grant_id))
+            if event is not None and (event.principal, event.patient_index) != (
+                grant.principal, grant.patient_index
+            ):
+                return ReviewTarget(self._flag(event), flagged=True, seen=seen)
         if grant is not None:
             return ReviewTarget(grant, flagged=False, seen=seen)
         event = self._run(lambda c: self._event(c, grant_id))
@@ -279,6 +288,14 @@ class BreakGlassReview:
 
     def _run(self, fn: Callable[[Connection], Any]) -> Any:
         return run_in_transaction(self._grants.engine, fn)
+
+
+def _legacy_row(seen: tuple[Any, ...] | None) -> bool:
+    """The raw row is a legacy one (``storage.grants``: no MAC, a clear reason)."""
+    if seen is None:
+        return False
+    row = dict(zip(access_grants.columns.keys(), seen, strict=True))
+    return row["mac"] is None and bool(row["reason"])
 
 
 @dataclass(frozen=True, slots=True)

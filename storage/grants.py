@@ -518,6 +518,12 @@ class SqlGrantStore:
             self._on_forged(grant.id)
             unreviewed = _with_review(grant, None, None)
             return dataclasses.replace(unreviewed, review_comment=REVIEW_ALTERED_MARK)
+        if grant.reviewed_by == grant.principal:
+            # The service never seals a review by the grant's own principal (``review``
+            # refuses it): such a row was relabelled around a review (cold review 9d).
+            self._on_forged(grant.id)
+            unreviewed = _with_review(grant, None, None)
+            return dataclasses.replace(unreviewed, review_comment=REVIEW_ALTERED_MARK)
         return dataclasses.replace(grant, review_comment=comment)
 
     def _open_reason(self, grant_id: str, sealed: bytes | None) -> str | None:
