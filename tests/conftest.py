@@ -29,6 +29,7 @@ def pytest_configure(config):  # type: ignore[no-untyped-def]
 SLOW_FIRST = (
     "tests/faults/test_cluster.py",  # 141 s
     "tests/integration/access/test_dicom_network.py",  # 69 s
+    "tests/integration/backup/test_backup_snapshot.py",  # 59 s (session 9: ended the run last)
     "tests/integration/service/test_resilience.py",  # 48 s
     "tests/integration/test_localstack.py",  # 47 s
     "tests/faults/test_postgres_outage.py",  # 45 s
