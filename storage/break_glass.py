@@ -46,7 +46,13 @@ from storage.audit_model import ChainedEvent
 from storage.audit_rows import UNREADABLE, to_event
 from storage.audit_sql import SELECT_EVENTS, audit_events, rows_as_read, time_parser
 from storage.errors import RecordConflictError, RecordNotFoundError
-from storage.grants import SqlGrantStore, access_grants, check_grant_id, is_grant_id
+from storage.grants import (
+    LEGACY_MARK,
+    SqlGrantStore,
+    access_grants,
+    check_grant_id,
+    is_grant_id,
+)
 from storage.grants_model import Grant
 from storage.sql_metadata import run_in_transaction, translated_change
 
@@ -120,17 +126,36 @@ class BreakGlassReview:
         # so reading rows afterwards cannot flag a grant created in between.
         events = self._run(self._recent)
         rows = self._grants.break_glass_queue(include_reviewed=True)
+        by_id = {e.grant_id: e for e in events}
+        legacy = [g.id for g in rows if _is_legacy(g)]
+        if missing := [i for i in legacy if i not in by_id]:
+            by_id.update(self._run(lambda c: self._events_of(c, missing)))
+        rows = [self._as_the_trail_says(g, by_id.get(g.id)) if _is_legacy(g) else g
+                for g in rows]  # fmt: skip
         present = {g.id for g in rows}
         flagged = [self._flag(e) for e in events if e.grant_id not in present]
         grants = sorted([*rows, *flagged], key=lambda g: (g.created_at, g.id))
         pending = [g for g in grants if g.reviewed_at is None]
         reviewed = [g for g in grants if g.reviewed_at is not None]
         shown = pending + (reviewed if include_reviewed else [])
-        by_id = {e.grant_id: e for e in events}
         older = [g.id for g in shown if g.id not in by_id]  # authentic rows past the window
         if older:
             by_id.update(self._run(lambda c: self._events_of(c, older)))
         return [_item(g, by_id.get(g.id)) for g in shown]
+
+    def _as_the_trail_says(self, grant: Grant, event: BreakGlassEvent | None) -> Grant:
+        """A legacy grant (principal and patient unauthenticated) as the queue lists it:
+        flagged from its event where they differ; unreviewed without an event, or where
+        its reviewer is the principal the event names (cold review 9e)."""
+        if event is None:
+            self._grants.report_forged(grant.id)
+            return dataclasses.replace(grant, reviewed_at=None, reviewed_by=None)
+        if (event.principal, event.patient_index) != (grant.principal, grant.patient_index):
+            return self._flag(event)
+        if grant.reviewed_by == event.principal:
+            self._grants.report_forged(grant.id)
+            return dataclasses.replace(grant, reviewed_at=None, reviewed_by=None)
+        return grant
 
     def target(self, grant_id: str) -> ReviewTarget:
         """What a review of ``grant_id`` is about; ``RecordNotFoundError`` if nothing."""
@@ -139,11 +164,16 @@ class BreakGlassReview:
         if grant is not None and _legacy_row(seen):
             # A legacy row's principal and patient are not authenticated (no MAC): whoever
             # broke the glass could name someone else there and review their own access
-            # (cold review 9d). Where the trail names the access, it decides.
+            # (cold review 9d). The trail's event decides; without one (deleted for the
+            # moment of a review, cold review 9e) there is nothing to review against.
             event = self._run(lambda c: self._event(c, grant_id))
-            if event is not None and (event.principal, event.patient_index) != (
-                grant.principal, grant.patient_index
-            ):
+            if event is None:
+                self._grants.report_forged(grant_id)
+                raise RecordConflictError(
+                    "this legacy grant has no break-the-glass event in the audit trail; "
+                    "run `medvault audit verify` before reviewing it"
+                )
+            if (event.principal, event.patient_index) != (grant.principal, grant.patient_index):
                 return ReviewTarget(self._flag(event), flagged=True, seen=seen)
         if grant is not None:
             return ReviewTarget(grant, flagged=False, seen=seen)
@@ -288,6 +318,11 @@ class BreakGlassReview:
 
     def _run(self, fn: Callable[[Connection], Any]) -> Any:
         return run_in_transaction(self._grants.engine, fn)
+
+
+def _is_legacy(grant: Grant) -> bool:
+    """A grant opened from a legacy row (``SqlGrantStore._opened`` marks its reason)."""
+    return (grant.reason or "").startswith(LEGACY_MARK)
 
 
 def _legacy_row(seen: tuple[Any, ...] | None) -> bool:
