@@ -30,7 +30,9 @@ PROCESS_SECONDS = 90  # start-up (imports under instrumentation) and RUNS inputs
 def fuzz(name: str, workdir: Path, runs: int = RUNS) -> subprocess.CompletedProcess[str]:
     """Run target ``name`` for ``runs`` inputs with CI's flags."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("MEDVAULT_FUZZ_CORPUS", None)
+    # The corpus in the test's own folder: left to its default, each run made a folder of
+    # its own under /tmp and never removed it (9 per run of the suite).
+    env["MEDVAULT_FUZZ_CORPUS"] = str(workdir / "corpus")
     env.pop("MEDVAULT_FUZZ_DEEP", None)
     command = [
         sys.executable, "-m", "tests.fuzz.run", name, f"--inputs={runs}", "-seed=1",
