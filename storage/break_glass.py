@@ -47,7 +47,6 @@ from storage.audit_rows import UNREADABLE, to_event
 from storage.audit_sql import SELECT_EVENTS, audit_events, rows_as_read, time_parser
 from storage.errors import RecordConflictError, RecordNotFoundError
 from storage.grants import (
-    LEGACY_MARK,
     SqlGrantStore,
     access_grants,
     check_grant_id,
@@ -125,13 +124,13 @@ class BreakGlassReview:
         # Events first: an event seen implies its row was committed (same transaction),
         # so reading rows afterwards cannot flag a grant created in between.
         events = self._run(self._recent)
-        rows = self._grants.break_glass_queue(include_reviewed=True)
+        opened = self._grants.break_glass_rows(include_reviewed=True)
         by_id = {e.grant_id: e for e in events}
-        legacy = [g.id for g in rows if _is_legacy(g)]
+        legacy = [g.id for g, is_legacy in opened if is_legacy]
         if missing := [i for i in legacy if i not in by_id]:
             by_id.update(self._run(lambda c: self._events_of(c, missing)))
-        rows = [self._as_the_trail_says(g, by_id.get(g.id)) if _is_legacy(g) else g
-                for g in rows]  # fmt: skip
+        rows = [self._as_the_trail_says(g, by_id.get(g.id)) if is_legacy else g
+                for g, is_legacy in opened]  # fmt: skip
         present = {g.id for g in rows}
         flagged = [self._flag(e) for e in events if e.grant_id not in present]
         grants = sorted([*rows, *flagged], key=lambda g: (g.created_at, g.id))
@@ -318,11 +317,6 @@ class BreakGlassReview:
 
     def _run(self, fn: Callable[[Connection], Any]) -> Any:
         return run_in_transaction(self._grants.engine, fn)
-
-
-def _is_legacy(grant: Grant) -> bool:
-    """A grant opened from a legacy row (``SqlGrantStore._opened`` marks its reason)."""
-    return (grant.reason or "").startswith(LEGACY_MARK)
 
 
 def _legacy_row(seen: tuple[Any, ...] | None) -> bool:

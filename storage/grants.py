@@ -400,16 +400,24 @@ class SqlGrantStore:
         the grant stays in the queue as unreviewed. Every break-the-glass row is read for
         that, since the database's ``reviewed_at`` alone is not trusted.
         """
+        return [grant for grant, _legacy_row in self.break_glass_rows(include_reviewed)]
+
+    def break_glass_rows(self, include_reviewed: bool) -> builtins.list[tuple[Grant, bool]]:
+        """``break_glass_queue``, each grant with whether its row is a legacy one (no MAC:
+        its principal and patient are not authenticated), decided on the row as stored,
+        never on its text (a clinician may type anything as a reason)."""
         query = (
             sa.select(access_grants)
             .where(access_grants.c.break_glass == sa.true())
             .order_by(access_grants.c.created_at, access_grants.c.id)
         )
         rows = self._run(lambda c: c.execute(query).all())
-        opened = [self._opened(row) for row in rows if self._verified(row) or _legacy(row)]
-        opened = [g for g in opened if g.break_glass]  # as the WHERE asked (see has_access)
-        pending = [g for g in opened if g.reviewed_at is None]
-        reviewed = [g for g in opened if g.reviewed_at is not None]
+        opened = [(self._opened(row), _legacy(row)) for row in rows
+                  if self._verified(row) or _legacy(row)]  # fmt: skip
+        # As the WHERE asked (see has_access).
+        opened = [(g, legacy) for g, legacy in opened if g.break_glass]
+        pending = [(g, legacy) for g, legacy in opened if g.reviewed_at is None]
+        reviewed = [(g, legacy) for g, legacy in opened if g.reviewed_at is not None]
         return pending + (reviewed if include_reviewed else [])
 
     def review_state(self, grant_id: str) -> tuple[Grant | None, tuple[Any, ...] | None]:
