@@ -437,12 +437,15 @@ def _mark_active(connection: Connection, current: int) -> None:
 def _mark_retired(connection: Connection, version: int) -> None:
     """Mark retired, then count users in the same transaction; raise (roll back) if any.
 
-    The update comes first: it takes the row lock (PostgreSQL) or the write lock
-    (SQLite), so an insert that commits after it sees ``retired`` and fails, and one
-    that committed before it is counted here.
+    The row is locked first: FOR UPDATE on PostgreSQL, which waits for every insert
+    holding the version's key-share lock (``sql_metadata.kek_state``) and makes later
+    ones wait for this transaction; the write lock on SQLite. So an insert that commits
+    after this sees ``retired`` and fails, and one that committed before is counted here.
     """
     state = connection.scalar(
-        sa.select(kek_versions.c.state).where(kek_versions.c.version == version)
+        sa.select(kek_versions.c.state)
+        .where(kek_versions.c.version == version)
+        .with_for_update()
     )
     if state is None:
         raise RecordNotFoundError(f"no KEK version {version}; list them with `medvault keys keks`")

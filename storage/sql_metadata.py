@@ -133,7 +133,12 @@ _INSERT_INDEX = record_index.insert()
 _KEK_STATE = sa.select(kek_versions.c.state).where(
     kek_versions.c.version == sa.bindparam("version")
 )
-_KEK_STATE_SHARED = _KEK_STATE.with_for_update(read=True)
+# FOR KEY SHARE, not FOR SHARE: it conflicts with a retirement's FOR UPDATE (below) but
+# not with a rotation's plain UPDATE of the state (active to previous, the new version to
+# active). With FOR SHARE an audit batch holding puts on both versions share-locked them
+# in its own order while the rotation updated them in another: PostgreSQL's deadlock
+# detector killed the batch and its puts answered UNAVAILABLE (session 9's CI run).
+_KEK_STATE_SHARED = _KEK_STATE.with_for_update(read=True, key_share=True)
 _KEK_INSERT_PG = postgresql.insert(kek_versions).on_conflict_do_nothing()
 _KEK_INSERT_LITE = sqlite.insert(kek_versions).on_conflict_do_nothing()
 
@@ -146,10 +151,10 @@ def kek_insert_ignoring_duplicates(connection: Connection, version: int, state: 
 
 
 def kek_state(connection: Connection, version: int) -> str | None:
-    """State of KEK ``version``, share-locked on PostgreSQL until the transaction ends.
+    """State of KEK ``version``, key-share-locked on PostgreSQL until the transaction ends.
 
-    The lock orders this insert with a concurrent retirement (which updates the row
-    first, then counts the rows using it): whichever comes second sees the other.
+    The lock orders this insert with a concurrent retirement (which locks the row FOR
+    UPDATE first, then counts the rows using it): whichever comes second sees the other.
     SQLite needs no lock: the insert before this holds the database's write lock.
     """
     query = _KEK_STATE_SHARED if connection.dialect.name == "postgresql" else _KEK_STATE
