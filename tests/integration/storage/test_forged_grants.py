@@ -14,7 +14,6 @@ the genuine row in about one try in four.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -24,8 +23,7 @@ from sqlalchemy.engine import Engine
 from keystore import Pkcs11BlindIndexer, Pkcs11SessionPool
 from storage.grant_seal import GrantSealer
 from storage.grants import SqlGrantStore
-from storage.sql_metadata import make_engine, upgrade
-from tests.fixtures.databases import new_database
+from tests.integration.storage.test_audit_log import audit_engine, audit_url  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
@@ -34,15 +32,9 @@ TRIES = 60  # SQLite's WHERE sees the attacker's value in about half of them
 
 
 @pytest.fixture
-def engine(
-    request: pytest.FixtureRequest, database_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Engine]:
-    """A database of this test only (some tests replace the table by a view)."""
-    for url in new_database(request, database_url, tmp_path_factory):
-        engine = make_engine(url)
-        upgrade(engine)
-        yield engine
-        engine.dispose()
+def engine(audit_engine: Engine) -> Engine:  # noqa: F811  (the fixture imported above)
+    """A database of this test only, schema at head (``test_audit_log``'s)."""
+    return audit_engine
 
 
 @pytest.fixture

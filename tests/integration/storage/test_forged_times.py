@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -27,6 +26,7 @@ from storage.sql_metadata import SqlMetadataStore, kek_versions, make_engine, re
 from storage.sqlite_text import UNREADABLE_TIME
 from tests.fixtures.databases import new_database
 from tests.fixtures.seaweed import S3Bucket
+from tests.integration.storage.test_audit_log import audit_engine, audit_url  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.backend("sqlite")]
 
@@ -44,14 +44,9 @@ RESPELLED = (
 
 
 @pytest.fixture
-def engine(
-    request: pytest.FixtureRequest, database_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Engine]:
-    for url in new_database(request, database_url, tmp_path_factory):
-        engine = make_engine(url)
-        upgrade(engine)
-        yield engine
-        engine.dispose()
+def engine(audit_engine: Engine) -> Engine:  # noqa: F811  (the fixture imported above)
+    """A database of this test only, schema at head (``test_audit_log``'s)."""
+    return audit_engine
 
 
 @pytest.fixture
