@@ -60,6 +60,7 @@ def summarise(collapsed: Path, top: int = 25) -> str:
     self_counts: collections.Counter[str] = collections.Counter()
     incl: collections.Counter[str] = collections.Counter()
     threads: collections.Counter[str] = collections.Counter()
+    parts: collections.Counter[str] = collections.Counter()
     total = 0
     for line in collapsed.read_text().splitlines():
         stack, _, count_s = line.rpartition(" ")
@@ -74,13 +75,41 @@ def summarise(collapsed: Path, top: int = 25) -> str:
         for f in set(frames):
             incl[f] += count
         threads[_thread_entry(frames)] += count
+        parts[component(frames)] += count
     out = [f"total samples {total}", "", "by thread (its entry function):"]
     out += [f"  {100 * c / total:5.1f}%  {f}" for f, c in threads.most_common(8)]
+    out += ["", "by component (first rule of COMPONENTS that a frame of the sample matches):"]
+    out += [f"  {100 * c / total:5.1f}%  {f}" for f, c in parts.most_common()]
     out += ["", "self:"]
     out += [f"  {100 * c / total:5.1f}%  {f}" for f, c in self_counts.most_common(top)]
     out += ["", "inclusive:"]
     out += [f"  {100 * c / total:5.1f}%  {f}" for f, c in incl.most_common(top * 2)]
     return "\n".join(out)
+
+
+# Where a sample's time belongs, by the first rule with a frame that starts with one of
+# its prefixes (checked in order: a worker's S3 call is "S3 client", not "worker").
+COMPONENTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("commit tagger thread (S3 tag after each put)", ("CommitTagger.",)),
+    ("audit writer thread", ("AuditTrail._run",)),
+    ("S3 client (minio, urllib3) in a worker", ("Minio.",)),
+    ("token (PKCS#11) in a worker", ("Pkcs11",)),
+    ("grant check (SQL + MAC)", ("SqlGrantStore.",)),
+    ("record row read (SQL)", ("SqlMetadataStore.",)),
+    ("row verification (MAC, seals)", ("RowVerifier.",)),
+    ("crypto (AEAD, digests)", ("StreamingAead.", "_Meter.")),
+    ("other worker work (store, guard)", ("RecordServicer._", "_WorkItem.run")),
+    ("interceptors (edge, metrics) on the loop", ("EdgeInterceptor.", "MetricsInterceptor.")),
+    ("gRPC event loop (grpcio callbacks, messages)", ("BaseEventLoop.", "Handle._run")),
+)
+
+
+def component(frames: list[str]) -> str:
+    """The COMPONENTS name of a sample (its frames root first), or "other"."""
+    for name, prefixes in COMPONENTS:
+        if any(frame.startswith(prefixes) for frame in frames):
+            return name
+    return "other"
 
 
 def _thread_entry(frames: list[str]) -> str:

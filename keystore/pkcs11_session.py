@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -74,6 +75,14 @@ class SessionLostError(TokenUnavailableError):
 _registry_lock = threading.Lock()
 _module_locks: dict[str, threading.RLock] = {}
 _logins: dict[tuple[str, bytes], _TokenLogin] = {}
+# How long a token that is not listed is looked for again (see ``find_token``).
+TOKEN_LOOK_SECONDS = 1.5
+# ... and at least this many times: on a busy host one look can take most of a second.
+TOKEN_LOOKS = 8
+# The threads finding a token or building a pool, per module: until a pool's login is
+# made it holds no session ``_TokenLogin.in_use`` sees, yet re-reading the tokens
+# (C_Finalize) under it would pull the module from under its calls.
+_finding: dict[str, set[int]] = {}
 
 
 class _TokenLogin:
@@ -98,6 +107,12 @@ class _TokenLogin:
             if self._users <= 0 and self._anchor is not None:
                 _close_quietly(self._anchor)
                 self._anchor = None
+
+    @property
+    def in_use(self) -> bool:
+        """Whether a pool holds this login, or its anchor session is still open."""
+        with self._lock:
+            return self._users > 0 or self._anchor is not None
 
     def ensure(self, config: Pkcs11Config) -> bool:
         """Log in again if the login was lost; return True if a new login was made."""
@@ -200,23 +215,88 @@ def load_module(module_path: str) -> Pkcs11Lib:
 
 
 def find_token(lib: Pkcs11Lib, config: Pkcs11Config) -> pkcs11.Token:
-    """Return the token labelled ``config.token_label`` or say how to create it."""
-    label = config.token_label
+    """Return the token labelled ``config.token_label`` or say how to create it.
+
+    SoftHSM2 rewrites a token's ``token.object`` on every login. A process that loads
+    the module while another process logs in may find that file half written: the
+    token fails its integrity check and is not listed (SoftHSMv2 issue 757; seen when
+    replicas start together). So a token that is not listed is looked for again, for a
+    moment, after the module re-reads its tokens; only while this process holds no
+    session on the module and no other thread of it is finding a token or building a
+    pool there, since re-reading (``C_Finalize``) would close the sessions and pull the
+    module from under those calls.
+    """
+    with _finding_token(config.module_path):
+        return _find_token(lib, config)
+
+
+@contextmanager
+def _finding_token(module_path: str) -> Iterator[None]:
+    """Count this thread among those finding a token of the module (or building a pool
+    on it) while the block runs: ``_reread_tokens`` does nothing while another is."""
+    me = threading.get_ident()
+    with _registry_lock:
+        finders = _finding.setdefault(module_path, set())
+        added = me not in finders
+        finders.add(me)
     try:
-        return lib.get_token(token_label=label)
-    except p11e.NoSuchToken as e:
-        raise TokenUnavailableError(
-            f"no PKCS#11 token labelled {label!r} in {config.module_path}; create it with "
-            f"`softhsm2-util --init-token --free --label {label}` or `medvault stack up`"
-        ) from e
-    except p11e.MultipleTokensReturned as e:
-        raise TokenUnavailableError(
-            f"more than one PKCS#11 token is labelled {label!r}; labels must be unique"
-        ) from e
-    except p11e.PKCS11Error as e:
-        raise TokenUnavailableError(
-            f"cannot list tokens of {config.module_path}: {type(e).__name__}"
-        ) from e
+        yield
+    finally:
+        if added:
+            with _registry_lock:
+                finders.discard(me)
+
+
+def _find_token(lib: Pkcs11Lib, config: Pkcs11Config) -> pkcs11.Token:
+    label = config.token_label
+    deadline = time.monotonic() + TOKEN_LOOK_SECONDS
+    pause = 0.02
+    looks = 1
+    while True:
+        try:
+            return lib.get_token(token_label=label)
+        except p11e.MultipleTokensReturned as e:
+            raise TokenUnavailableError(
+                f"more than one PKCS#11 token is labelled {label!r}; labels must be unique"
+            ) from e
+        except p11e.PKCS11Error as e:
+            # Not listed (NoSuchToken), listed but its details unreadable (GeneralError),
+            # or a re-read that failed half way: each may be the moment of another
+            # process's write, so each is looked at again; the last one is reported.
+            spent = time.monotonic() + pause > deadline and looks >= TOKEN_LOOKS
+            if spent or not _reread_tokens(lib, config, pause):
+                raise _not_found(config, e) from e
+            looks += 1
+            pause = min(pause * 2, 0.5)
+
+
+def _not_found(config: Pkcs11Config, error: p11e.PKCS11Error) -> TokenUnavailableError:
+    label = config.token_label
+    if isinstance(error, p11e.NoSuchToken):
+        return TokenUnavailableError(
+            f"no PKCS#11 token labelled {label!r} in {config.module_path}; create it "
+            f"with `softhsm2-util --init-token --free --label {label}` or `medvault stack up`"
+        )
+    return TokenUnavailableError(
+        f"cannot list tokens of {config.module_path}: {type(error).__name__}"
+    )
+
+
+def _reread_tokens(lib: Pkcs11Lib, config: Pkcs11Config, pause: float) -> bool:
+    """After ``pause``, have the module re-read its tokens; False (nothing done) while a
+    pool of this process has the module in use, or another thread is finding a token on
+    it or building a pool (cold review 12: a C_Finalize there, SoftHSM2 running without
+    its locks, pulled the module from under its calls)."""
+    time.sleep(pause)
+    with _registry_lock:
+        logins = _logins.items()
+        if any(module == config.module_path and login.in_use for (module, _), login in logins):
+            return False
+        if _finding.get(config.module_path, set()) - {threading.get_ident()}:
+            return False
+        with suppress(p11e.PKCS11Error):  # a look that failed: the next one says
+            lib.reinitialize()
+    return True
 
 
 def _shared(config: Pkcs11Config, token: pkcs11.Token) -> tuple[_TokenLogin, threading.RLock]:
@@ -253,10 +333,11 @@ class Pkcs11SessionPool:
         # The service passes its call deadlines' (storage.deadlines) here.
         self._time_left = time_left
         lib = load_module(config.module_path)
-        self._token = find_token(lib, config)
-        self._login, module_lock = _shared(config, self._token)
+        with _finding_token(config.module_path):  # until its login holds a session
+            self._token = find_token(lib, config)
+            self._login, module_lock = _shared(config, self._token)
+            self._login.acquire(config)
         self._module_lock: threading.RLock | None = module_lock if config.serialize_calls else None
-        self._login.acquire(config)
         self._slots = threading.BoundedSemaphore(config.pool_size)
         self._idle: list[_Pooled] = []
         self._lent: dict[int, _Pooled] = {}

@@ -10,12 +10,13 @@ by configuration and nowhere else. ``build`` returns the process's ``Components`
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import signal
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from minio import Minio
@@ -41,29 +42,31 @@ from service.incidents import IncidentDetector
 from service.revocation import RevocationError, RevocationList
 from service.signing import DocumentSigning
 from service.signing.validation import SignatureValidator, load_pem_certificates
+from service.write_once import audit_witnesses, revoked_grants
 from storage import (
     GRANT_ADOPTER,
     WRITE_FAULT_POINTS,
     AuditLog,
     CheckpointWitness,
     CommitTagger,
-    FileCheckpointWitness,
     GrantSealer,
     KekManager,
     KekRegistry,
     RecordStatistics,
     RecordStore,
+    RevokedGrants,
+    RunSealer,
     S3BlobStore,
-    S3CheckpointWitness,
-    S3Target,
     SignatureStore,
     SqlAuditLog,
     SqlGrantStore,
     SqlMetadataStore,
     SqlPutRequests,
+    SqlRunLedger,
     StorageError,
     StoreLimits,
-    WitnessError,
+    WorkLedger,
+    WorkSealer,
     adopt_legacy,
     install_statement_deadlines,
     make_engine,
@@ -77,6 +80,8 @@ from storage import (
 # "sigkill:<point>[:<n>]" makes it SIGKILL itself the n-th time (default the first) a
 # put passes the named point of storage.records.WRITE_FAULT_POINTS.
 FAULT_ENV = "MEDVAULT_FAULT"
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -112,8 +117,10 @@ class Components:
     kek: KekManager
     backup: BackupWiring
     stats: RecordStatistics
+    work_ledger: WorkLedger  # scheduled_work: the orphan sweep's rounds
     revocation: RevocationList | None = None
     put_requests: SqlPutRequests | None = None
+    revoked_grants: RevokedGrants | None = None
 
     @property
     def app(self) -> Application:
@@ -140,6 +147,8 @@ class Components:
     def close(self) -> None:
         """Flush the audit trail, release the token sessions and database connections."""
         self.backup.scheduler.stop()  # after its current run; before what it uses closes
+        if self.revoked_grants is not None:
+            self.revoked_grants.stop()
         try:
             self.store.close()  # the commit tags still queued
             self.guard.trail.close()
@@ -163,6 +172,13 @@ def keystore_config(config: Config) -> Pkcs11Config:
     )
 
 
+def ledger_reader(config: Config) -> tuple[SqlRunLedger, Pkcs11SessionPool]:
+    """The run ledger for a process that only reads it (the supervisor's gauges), and the
+    one-session token pool it authenticates rows with (close it when done)."""
+    pool = Pkcs11SessionPool(replace(keystore_config(config), pool_size=1))
+    return SqlRunLedger(make_engine(config.database.url), RunSealer(Pkcs11BlindIndexer(pool))), pool
+
+
 def s3_client(config: Config) -> Minio:
     """The minio client of the ``[s3]`` endpoint (built once; its users share it)."""
     s3 = config.s3
@@ -182,30 +198,6 @@ def blob_store(config: Config, client: Minio | None = None) -> S3BlobStore:
     )
     blobs.ensure_bucket()
     return blobs
-
-
-def audit_witnesses(config: Config, client: Minio) -> list[CheckpointWitness]:
-    """The write-once places of ``[audit]`` that keep a copy of every checkpoint.
-
-    The bucket is created with Object Lock when absent; an existing bucket without it
-    is refused at start-up unless ``witness_lock_days = 0`` says to do without.
-    """
-    audit = config.audit
-    witnesses: list[CheckpointWitness] = []
-    if audit.witness_bucket:
-        target = S3Target(
-            client, audit.witness_bucket,
-            lock_days=audit.witness_lock_days, lock_mode=audit.witness_lock_mode,
-        )  # fmt: skip
-        witness = S3CheckpointWitness(client, target, audit.witness_bucket, config.s3.bucket)
-        try:
-            witness.ensure(require_lock=audit.witness_lock_days > 0)
-        except (WitnessError, StorageError) as e:
-            raise ConfigError(f"[audit] witness_bucket: {e}") from e
-        witnesses.append(witness)
-    if audit.witness_file:
-        witnesses.append(FileCheckpointWitness(audit.witness_file))
-    return witnesses
 
 
 def _fault_hook() -> Callable[[], None] | None:
@@ -274,6 +266,7 @@ def access_guard(  # noqa: PLR0917  (the composition root wires what it is given
     witnesses: Sequence[CheckpointWitness] = (),
     sealer: GrantSealer | None = None,
     revocation: RevocationList | None = None,
+    revoked: RevokedGrants | None = None,
 ) -> AccessGuard:
     """Policy, authentication, grants, the audit trail and incident detection."""
     _check_audit_switch(config)
@@ -296,7 +289,22 @@ def access_guard(  # noqa: PLR0917  (the composition root wires what it is given
             "grant row missing, altered or failing authentication; it grants nothing",
         )
 
-    grants = SqlGrantStore(engine, sealer or GrantSealer(Pkcs11BlindIndexer(pool)), forged)
+    def unrevoked(grant_id: str) -> None:
+        incidents.tampered(
+            "grant-tampered", f"grant/{grant_id}",
+            "grant row says not revoked but its revocation marker (outside the database) "
+            "says revoked: the row was put back in the database or restored from an older "
+            "backup (or its revocation did not commit: revoke it again); it grants nothing",
+        )  # fmt: skip
+
+    sealer = sealer or GrantSealer(Pkcs11BlindIndexer(pool))
+    grants = SqlGrantStore(engine, sealer, forged, revocations=revoked, on_unrevoked=unrevoked)
+    try:
+        marked = grants.mark_revoked_rows(datetime.now(UTC))
+    except StorageError as e:
+        raise ConfigError(f"[audit] grant revocation markers: {e}") from e
+    if marked:
+        _log.warning("revocation markers written for %d revoked grants that had none", marked)
     authenticator = Authenticator(holder, revocation=revocation)
     return AccessGuard(holder, authenticator, grants, trail, incidents)
 
@@ -331,9 +339,9 @@ def _wire(config: Config, pool: Pkcs11SessionPool) -> Components:
     client = s3_client(config)
     blobs = blob_store(config, client)
     audit_log = SqlAuditLog(engine)
-    guard = access_guard(
-        config, engine, audit_log, pool, audit_witnesses(config, client), sealer, revocation
-    )
+    witnesses = audit_witnesses(config, client)  # the witness bucket ensured first
+    revoked = revoked_grants(config, client)
+    guard = access_guard(config, engine, audit_log, pool, witnesses, sealer, revocation, revoked)
     limits = StoreLimits(
         max_record_size=config.server.max_record_size, segment_size=config.server.segment_size
     )
@@ -361,7 +369,24 @@ def _wire(config: Config, pool: Pkcs11SessionPool) -> Components:
         SignatureValidator(_certificates(config.signing.trust_anchors, "trust_anchors")),
         chain=_certificates(config.signing.chain, "chain"),
     )
-    backup = build_backups(config, engine, blobs, pool, guard.trail.record)
+    backup = build_backups(
+        config, engine, blobs, pool, guard.trail.record,
+        forged_run=lambda run: guard.incidents.tampered(
+            "run-tampered", run,
+            "scheduled-run ledger row failing its MAC (written in the database without the "
+            "token); the slot was claimed over and runs",
+        ),
+        missed_run=lambda run: guard.incidents.tampered(
+            "run-missed", run,
+            "scheduled slot left unclaimed while the election lock was held by a session "
+            "that runs no slot (a database writer's?); the slot runs without the lock",
+        ),
+        overdue_run=lambda marker: guard.incidents.tampered(
+            "run-overdue", marker,
+            "backup run marker beating for longer than any run lasts, or dated ahead (written "
+            "in the backup target?); not honoured: pruning went ahead",
+        ),
+    )  # fmt: skip
     stats = RecordStatistics(
         engine, store.verifier, facility=config.stats.facility,
         time_zone=config.stats.time_zone, min_cell=config.stats.min_cell,
@@ -381,4 +406,15 @@ def _wire(config: Config, pool: Pkcs11SessionPool) -> Components:
         stats=stats,
         revocation=revocation,
         put_requests=put_requests,
+        revoked_grants=revoked,
+        work_ledger=WorkLedger(engine, WorkSealer(indexer), functools.partial(_forged_work, guard)),
     )
+
+
+def _forged_work(guard: AccessGuard, row: str) -> None:
+    """A ``scheduled_work`` row failing its MAC: a ``run-tampered`` incident."""
+    guard.incidents.tampered(
+        "run-tampered", row,
+        "scheduled-work ledger row failing its MAC (written in the database without the "
+        "token); read as no run: the work was claimed over and runs",
+    )  # fmt: skip

@@ -8,90 +8,53 @@ with the signature, in one transaction, ``SigningAdmission``). Denials and
 failures are audited too. Everything here blocks (token, database), so servicers call
 it from worker threads; the one exception is ``admit``, which reads memory only, so the
 edge runs it on the event loop and hops to a thread only to audit a refusal.
+
+The call types are ``service.call_facts``'s, the admissions ``service.admissions``'s;
+both are re-exported here, where the servicers import them with the guard.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import NoReturn, TypeVar
 
-from service.audit.trail import AuditTrail, Receipt
+from service.admissions import ReadAdmission, SigningAdmission
+from service.audit.trail import AuditTrail
 from service.authn import AuthenticationError, Authenticator, Principal
 from service.authz import PermissionDeniedError
-from service.authz.model import Decision
 from service.authz.policy import PolicyHolder
+from service.call_facts import (
+    Call,
+    CallFacts,
+    Refusal,
+    presenting_application,
+    record_resource,
+    source_host,
+)
 from service.incidents import IncidentDetector
 from storage import AuditEntry, Change, CommitGate, Gate, Outcome, RecordRef, SqlGrantStore
+
+__all__ = [
+    "NO_GRANT",
+    "REPLAY_REASON",
+    "AccessGuard",
+    "Call",
+    "CallFacts",
+    "ReadAdmission",
+    "Refusal",
+    "SigningAdmission",
+    "presenting_application",
+    "record_resource",
+    "source_host",
+]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 NO_GRANT = "no active care-team grant or break-the-glass access for this patient"
 # A PutRecord retried with its request id: the version named was stored by the first put.
 REPLAY_REASON = "retry of an earlier put (same request id): its version returned, nothing stored"
-
-
-@dataclass(frozen=True, slots=True)
-class CallFacts:
-    """What the transport says about a call, captured on the event loop."""
-
-    method: str
-    auth_context: Mapping[str, Sequence[bytes]]
-    metadata: Sequence[tuple[str, str | bytes]]
-    peer: str
-
-
-@dataclass(frozen=True, slots=True)
-class Call:
-    """An authenticated, authorized call."""
-
-    facts: CallFacts
-    principal: Principal
-    decision: Decision
-
-    @property
-    def action(self) -> str:
-        """The permission exercised, which names the action in the audit trail."""
-        return self.decision.permission or self.facts.method
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """A call ``AccessGuard.admit`` refused: denied by the policy (``call``) or not
-    authenticated (``error``); exactly one is set."""
-
-    facts: CallFacts
-    call: Call | None
-    error: AuthenticationError | PermissionDeniedError | None
-
-    def exception(self) -> AuthenticationError | PermissionDeniedError:
-        """What the caller is told: the authentication error, or the policy's denial."""
-        if self.error is not None:
-            return self.error
-        assert self.call is not None  # one of the two is set
-        return PermissionDeniedError(self.call.decision.reason)
-
-
-def source_host(peer: str) -> str:
-    """The peer without its port (``ipv4:10.0.0.7:51234`` -> ``ipv4:10.0.0.7``): a client
-    reconnecting for each attempt must not escape the per-source incident window."""
-    host, sep, port = peer.rpartition(":")
-    return host if sep and port.isdigit() else peer
-
-
-def presenting_application(facts: CallFacts) -> str | None:
-    """The verified certificate CN of a call, or None without TLS."""
-    names = facts.auth_context.get("x509_common_name") or []
-    return bytes(names[0]).decode(errors="replace") if names else None
-
-
-def record_resource(ref: RecordRef) -> str:
-    """The audit resource of a record reference."""
-    if ref.id is None:
-        return "patient-records"
-    return f"record/{ref.id}" + (f"/v{ref.version}" if ref.version else "")
 
 
 class AccessGuard:
@@ -201,8 +164,12 @@ class AccessGuard:
         grant = self.grants.has_access(call.principal.name, ref.patient_index, _now())
         if grant is None:
             self.audit(
-                call, record_resource(ref), ref.patient_index, outcome="denied",
-                status="PERMISSION_DENIED", reason=NO_GRANT,
+                call,
+                record_resource(ref),
+                ref.patient_index,
+                outcome="denied",
+                status="PERMISSION_DENIED",
+                reason=NO_GRANT,
             )
             self._incidents.denied(source_host(call.facts.peer))
             raise PermissionDeniedError(NO_GRANT)
@@ -306,8 +273,13 @@ class AccessGuard:
     ) -> None:
         """Commit one event for ``call``; ``AuditUnavailableError`` if it cannot be."""
         self._write(
-            call.principal, call.action, resource, patient_index,
-            outcome=outcome, status=status, reason=reason,
+            call.principal,
+            call.action,
+            resource,
+            patient_index,
+            outcome=outcome,
+            status=status,
+            reason=reason,
         )
 
     def audit_as(
@@ -343,76 +315,15 @@ class AccessGuard:
     ) -> None:
         self.trail.record(
             _entry(
-                principal, action, resource, patient_index,
-                outcome=outcome, status=status, reason=reason,
+                principal,
+                action,
+                resource,
+                patient_index,
+                outcome=outcome,
+                status=status,
+                reason=reason,
             )
         )
-
-
-class ReadAdmission:
-    """One read's gate and the receipt of its allowed event (``AccessGuard.read_admission``).
-
-    ``gate`` refuses out of scope at once (its denial committed, as ``patient_gate``
-    does) and queues the allowed event without waiting for it; ``wait`` returns once
-    every queued event is committed, and raises ``AuditUnavailableError`` otherwise. The
-    caller fetches and decrypts between the two and sends nothing before ``wait``.
-    """
-
-    def __init__(self, guard: AccessGuard, call: Call) -> None:
-        self._guard = guard
-        self._call = call
-        self._receipts: list[Receipt] = []
-
-    def gate(self, ref: RecordRef) -> None:
-        """The ``Gate``: check scope now, queue the allowed event."""
-        entry = self._guard.allowed_read(self._call, ref)
-        self._receipts.append(self._guard.trail.submit(entry))
-        self._guard.count_read(self._call)
-
-    def wait(self) -> None:
-        """Return once the allowed events are committed; raise if one is not."""
-        for receipt in self._receipts:
-            receipt.wait()
-
-
-class SigningAdmission:
-    """SignRecord's gate and its held read event (``AccessGuard.signing_admission``).
-
-    ``gate`` refuses out of scope at once (its denial committed, as ``patient_gate``)
-    and holds the allowed read event. ``commit_change`` commits the held events, the
-    signature's event and its row in ONE audit transaction (one writer round trip, one
-    fsync); the read events commit even when the row's insert fails. ``settle``, run
-    on every way out, commits the read events still held (the signing failed before
-    its commit) and raises ``AuditUnavailableError`` if it cannot. The caller releases
-    nothing before ``commit_change`` has returned.
-    """
-
-    def __init__(self, guard: AccessGuard, call: Call) -> None:
-        self._guard = guard
-        self._call = call
-        self._held: list[AuditEntry] = []
-
-    def gate(self, ref: RecordRef) -> None:
-        """The ``Gate``: check scope now, hold the allowed event."""
-        self._held.append(self._guard.allowed_read(self._call, ref))
-        self._guard.count_read(self._call)
-
-    def commit_change(
-        self, resource: str, change: Change[T], patient_index: bytes | None = None
-    ) -> T:
-        """Commit the held read events, then ``change`` with its allowed event on
-        ``resource``, in one transaction (``AccessGuard.audit_change`` with ``before``).
-
-        If the trail refuses the transaction, none of its events is written: the call
-        fails (``AuditUnavailableError``), as a read whose event fails."""
-        held, self._held = self._held, []
-        return self._guard.audit_change(self._call, resource, change, patient_index, before=held)
-
-    def settle(self) -> None:
-        """Commit the read events no ``commit_change`` took; raise if one cannot be."""
-        held, self._held = self._held, []
-        for entry in held:
-            self._guard.trail.record(entry)
 
 
 def _entry(

@@ -31,7 +31,7 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from service.logs import CALL_ID, new_call_id
-from storage import RunLedger
+from storage import RunLedger, ScheduledRun
 
 CALLS = Counter(
     "medvault_rpc_calls_total", "Finished gRPC calls by method and status code",
@@ -179,13 +179,19 @@ def _stream_response(
 class ScheduledRunsCollector:
     """Backup and drill health from the run ledger, read at each scrape.
 
+    Only authentic rows count (their MAC verified, ``ScheduledRun.auth``): a row a
+    database writer forged, copied from another slot or kind, or wrote before migration
+    0015 is no result.
     ``medvault_backup_last_success_timestamp_seconds``: when the newest scheduled backup
     that succeeded finished (absent if none did); an operator alerts on its age.
     ``medvault_drill_last_result``: 1 if the newest finished scheduled restore drill
-    passed, 0 if it failed (absent if none ran), with its end time in
-    ``medvault_drill_last_timestamp_seconds``. Manual runs (``medvault backup run``) are
-    in the audit trail, not the ledger. A scrape that cannot read the ledger reports
-    ``medvault_run_ledger_up 0`` instead of failing the whole scrape.
+    passed, 0 if it failed or a forged drill row is among those read (absent if neither),
+    with its end time in ``medvault_drill_last_timestamp_seconds``.
+    ``medvault_run_ledger_forged_rows``: rows read whose MAC failed or that hold a value
+    medvault never writes (legacy rows without a MAC are not counted). Manual runs
+    (``medvault backup run``) are in the audit trail, not the ledger. A scrape that
+    cannot read the ledger (or the token) reports ``medvault_run_ledger_up 0`` instead
+    of failing the whole scrape.
     """
 
     def __init__(self, ledger: RunLedger) -> None:
@@ -197,34 +203,55 @@ class ScheduledRunsCollector:
         try:
             backups = self._ledger.list("backup", limit=200)
             drills = self._ledger.list("drill", limit=50)
-        except Exception:  # noqa: BLE001  (a database outage: reported, never raised)
+        except Exception:  # noqa: BLE001  (a database or token outage: reported, never raised)
             up.add_metric([], 0)
             yield up
             return
         up.add_metric([], 1)
         yield up
-        ok = [r for r in backups if r.outcome == "ok" and r.finished_at is not None]
-        if ok:
-            last = GaugeMetricFamily(
-                "medvault_backup_last_success_timestamp_seconds",
-                "End time of the newest scheduled backup that succeeded (Unix seconds)",
-            )
-            last.add_metric([], max(r.finished_at for r in ok if r.finished_at).timestamp())
-            yield last
-        done = [r for r in drills if r.outcome in ("ok", "failed") and r.finished_at]
-        if done:
-            newest = max(done, key=lambda r: r.finished_at or r.started_at)
-            result = GaugeMetricFamily(
-                "medvault_drill_last_result", "1 if the newest scheduled drill passed, else 0"
-            )
-            # An unreadable row (``ScheduledRun.unreadable``, a database writer's) may
-            # hide the newest drill: no pass is reported while one is listed.
-            passed = newest.outcome == "ok" and not any(r.unreadable for r in drills)
-            result.add_metric([], 1 if passed else 0)
-            yield result
-            when = GaugeMetricFamily(
-                "medvault_drill_last_timestamp_seconds",
-                "End time of the newest scheduled drill (Unix seconds)",
-            )
-            when.add_metric([], (newest.finished_at or newest.started_at).timestamp())
-            yield when
+        forged = GaugeMetricFamily(
+            "medvault_run_ledger_forged_rows",
+            "Run ledger rows read that failed authentication (written without the token)",
+        )
+        forged.add_metric([], sum(r.auth == "forged" for r in (*backups, *drills)))
+        yield forged
+        yield from _backup_gauges(backups)
+        yield from _drill_gauges(drills)
+
+
+def _backup_gauges(backups: list[ScheduledRun]) -> Iterator[Metric]:
+    ok = [r.finished_at for r in backups if r.auth == "authentic" and r.outcome == "ok"]
+    ends = [end for end in ok if end is not None]
+    if ends:
+        last = GaugeMetricFamily(
+            "medvault_backup_last_success_timestamp_seconds",
+            "End time of the newest scheduled backup that succeeded (Unix seconds)",
+        )
+        last.add_metric([], max(ends).timestamp())
+        yield last
+
+
+def _drill_gauges(drills: list[ScheduledRun]) -> Iterator[Metric]:
+    done = [
+        r for r in drills
+        if r.auth == "authentic" and r.outcome in ("ok", "failed") and r.finished_at
+    ]  # fmt: skip
+    # A forged row (a MAC that fails, a value medvault never writes) may stand where the
+    # newest drill was: no pass is reported while one is listed, and it is reported as
+    # a failure even when no authentic drill is (rather than no gauge at all).
+    forged = any(r.auth == "forged" for r in drills)
+    if not done and not forged:
+        return
+    newest = max(done, key=lambda r: r.finished_at or r.started_at) if done else None
+    result = GaugeMetricFamily(
+        "medvault_drill_last_result", "1 if the newest scheduled drill passed, else 0"
+    )
+    result.add_metric([], 1 if newest and newest.outcome == "ok" and not forged else 0)
+    yield result
+    if newest is not None:
+        when = GaugeMetricFamily(
+            "medvault_drill_last_timestamp_seconds",
+            "End time of the newest scheduled drill (Unix seconds)",
+        )
+        when.add_metric([], (newest.finished_at or newest.started_at).timestamp())
+        yield when

@@ -55,6 +55,13 @@ def _cancelled(context: aio.ServicerContext) -> Callable[[], bool]:
     return lambda: bool(context.cancelled()) or (task is not None and task.cancelling() > 0)
 
 
+async def _at_end(context: aio.ServicerContext) -> bool:
+    """Read the request stream once more past its end (``SyncRequests.confirm_live``):
+    the end again on a live call; a cancelled call's read is answered only after grpc
+    has cancelled the handler."""
+    return await context.read() is aio.EOF
+
+
 def wire_size(request: pb.PutRecordRequest) -> int:
     """What a request message weighs for ``SyncRequests.prefill``: its size on the wire.
 
@@ -240,7 +247,10 @@ class RecordServicer(pb_grpc.RecordServiceServicer):  # type: ignore[misc]  # un
             header = convert.header_from_pb(first.header)
             state.resource = f"record/{header.supersedes or 'new'}"
             requests = SyncRequests(
-                request_iterator, asyncio.get_running_loop(), _cancelled(context)
+                request_iterator,
+                asyncio.get_running_loop(),
+                _cancelled(context),
+                probe=lambda: _at_end(context),
             )
             # The thread is held while the client streams: a global cap keeps reads served.
             release = self._uploads.acquire()

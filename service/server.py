@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,7 +55,7 @@ from service.records_servicer import RecordServicer
 from service.signing_servicer import SigningServicer
 from service.stats_servicer import StatsServicer
 from service.worker import WorkerRole
-from storage import SqlRunLedger, sweep_if_due
+from storage import sweep_if_due
 
 if TYPE_CHECKING:
     from service.dicom import DicomListener
@@ -253,9 +254,10 @@ def _sweep_forever(config: Config, components: Components, stop: threading.Event
     while not stop.wait(interval):
         try:
             swept = sweep_if_due(
-                components.engine, components.blobs, components.metadata,
+                components.work_ledger, components.blobs, components.metadata,
                 grace=grace, interval=timedelta(seconds=interval), replica=replica,
                 backfill=backfill, on_missing_row=components.missing_row,
+                wait=stop.wait, on_lock_held=partial(_sweep_lock_held, components),
             )  # fmt: skip
             if swept is not None:
                 backfill = BACKFILL_LOOKBACK
@@ -263,6 +265,15 @@ def _sweep_forever(config: Config, components: Components, stop: threading.Event
                     components.put_requests.prune()  # expired PutRecord request ids
         except Exception:  # a failed sweep is retried next round; the service stays up
             log.exception("orphan sweep failed")
+
+
+def _sweep_lock_held(components: Components, resource: str) -> None:
+    """A sweep round run without the election lock: a ``run-missed`` incident."""
+    components.guard.incidents.tampered(
+        "run-missed", resource,
+        "orphan sweep's election lock held for the whole grace by a session that claimed "
+        "no round (a database writer's?); the round was swept without the lock",
+    )  # fmt: skip
 
 
 async def _serve(config: Config, components: Components, worker: WorkerRole | None) -> None:
@@ -316,7 +327,7 @@ def serve(config: Config, worker: WorkerRole | None = None) -> None:
             worker.reload_if_missed()
         if config.server.metrics_listen and worker is None:  # a supervisor serves its own
             host, _, port = config.server.metrics_listen.rpartition(":")
-            REGISTRY.register(ScheduledRunsCollector(SqlRunLedger(components.engine)))
+            REGISTRY.register(ScheduledRunsCollector(components.backup.ledger))
             start_http_server(int(port), addr=host or "127.0.0.1")
         threading.Thread(
             target=_sweep_forever, args=(config, components, stop), daemon=True, name="sweeper"

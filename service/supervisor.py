@@ -36,6 +36,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -43,8 +44,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from service.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from keystore import Pkcs11SessionPool
 
 log = logging.getLogger(__name__)
 STOP_SECONDS = 12.0  # a worker's drain (10 s grace) and close, then SIGKILL; below the 15 s
@@ -53,6 +58,7 @@ START_SECONDS = 120.0  # the first start of a worker: token, database, bucket
 RESTART_FIRST, RESTART_MAX = 0.5, 30.0
 HEALTHY_SECONDS = 60.0  # a worker that served this long starts its backoff afresh
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_METRICS_PREFIX = "medvault-metrics-"
 
 
 def reserve_port(listen: str) -> list[socket.socket]:
@@ -126,6 +132,7 @@ class Supervisor:
         self._workers = [_Worker(i) for i in range(count)]
         self._signals: list[int] = []
         self._metrics_dir: str | None = None
+        self._metrics_pool: Pkcs11SessionPool | None = None
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; 0, or 1 if the workers could not start."""
@@ -154,6 +161,8 @@ class Supervisor:
                 sock.close()
             if self._metrics_dir is not None:
                 shutil.rmtree(self._metrics_dir, ignore_errors=True)
+            if self._metrics_pool is not None:
+                self._metrics_pool.close()
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._signals.append(signum)
@@ -288,16 +297,48 @@ class Supervisor:
             return
         from prometheus_client import CollectorRegistry, multiprocess, start_http_server  # noqa: PLC0415
 
+        from service.bootstrap import ledger_reader  # noqa: PLC0415
         from service.metrics import ScheduledRunsCollector  # noqa: PLC0415
-        from storage import SqlRunLedger, make_engine  # noqa: PLC0415
 
-        self._metrics_dir = tempfile.mkdtemp(prefix="medvault-metrics-")
+        self._metrics_dir = metrics_dir(Path(tempfile.gettempdir()))
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=self._metrics_dir)  # type: ignore[no-untyped-call]
-        engine = make_engine(self._config.database.url)
-        registry.register(ScheduledRunsCollector(SqlRunLedger(engine)))
+        # The ledger's rows count only if their MAC verifies: a token session of its own.
+        ledger, self._metrics_pool = ledger_reader(self._config)
+        registry.register(ScheduledRunsCollector(ledger))
         host, _, port = listen.rpartition(":")
         start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
+
+
+def metrics_dir(parent: Path) -> str:
+    """A fresh folder in ``parent`` for the workers' metric files, named after this
+    supervisor's pid; first the folders of supervisors no longer running are removed
+    (a killed supervisor cannot remove its own). A folder whose pid is alive, whose name
+    is not of this form, or that is another user's or a link, is left alone."""
+    for old in parent.glob(_METRICS_PREFIX + "*"):
+        pid = old.name[len(_METRICS_PREFIX) :].partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)) and _own_folder(old):
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{_METRICS_PREFIX}{os.getpid()}-", dir=parent)
+
+
+def _own_folder(path: Path) -> bool:
+    """A folder (not a link) of this process's user: another user's is not ours to remove."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _drain(fd: int) -> None:

@@ -78,6 +78,7 @@ if TYPE_CHECKING:
     from storage.backup.restore import (
         Deployment,
         RestoreFailure,
+        read_manifest,
         restore,
     )
     from storage.backup.retention import (
@@ -87,6 +88,15 @@ if TYPE_CHECKING:
         list_backups,
         prune,
     )
+    from storage.backup.run_model import (
+        RunAuth,
+        RunKind,
+        RunOutcome,
+        ScheduledRun,
+    )
+    from storage.backup.run_seal import (
+        RunSealer,
+    )
     from storage.backup.runner import (
         BackupProgress,
         BackupResult,
@@ -95,11 +105,9 @@ if TYPE_CHECKING:
         source_identity,
     )
     from storage.backup.runs import (
-        RunKind,
-        RunOutcome,
-        ScheduledRun,
         SqlRunLedger,
         elected,
+        run_resource,
     )
     from storage.backup.sampling import (
         SamplePlan,
@@ -144,14 +152,25 @@ if TYPE_CHECKING:
         RecordNotFoundError,
         StorageError,
     )
+    from storage.grant_reads import (
+        ALTERED_MARK,
+        REASON_UNREADABLE_MARK,
+        REVIEW_ALTERED_MARK,
+    )
+    from storage.grant_revocations import (
+        Marker,
+        RevocationMarkerError,
+        RevokedGrants,
+        S3RevocationMarkers,
+        authentic_grant_row,
+        copy_markers,
+        revoked_row_markers,
+    )
     from storage.grant_seal import (
         GrantSealer,
     )
     from storage.grants import (
-        ALTERED_MARK,
         GRANT_ADOPTER,
-        REASON_UNREADABLE_MARK,
-        REVIEW_ALTERED_MARK,
         SqlGrantStore,
     )
     from storage.grants_legacy import (
@@ -170,6 +189,8 @@ if TYPE_CHECKING:
         DEFAULT_BATCH,
         KekManager,
         KekVersionInfo,
+    )
+    from storage.kek_rewrap import (
         RewrapJob,
     )
     from storage.model import (
@@ -183,15 +204,17 @@ if TYPE_CHECKING:
     from storage.put_requests import (
         SqlPutRequests,
     )
-    from storage.records import (
+    from storage.record_types import (
         WRITE_FAULT_POINTS,
         CommitGate,
         Gate,
         OpenRecord,
         RecordRef,
-        RecordStore,
         StoreLimits,
         StudyMember,
+    )
+    from storage.records import (
+        RecordStore,
     )
     from storage.roles import (
         AuditLog,
@@ -214,9 +237,13 @@ if TYPE_CHECKING:
         SignedRecord,
     )
     from storage.sql_deadlines import install_statement_deadlines
+    from storage.sql_engine import (
+        make_engine,
+    )
     from storage.sql_metadata import (
         SqlMetadataStore,
-        make_engine,
+    )
+    from storage.sql_upgrade import (
         upgrade,
     )
     from storage.stats import (
@@ -228,6 +255,12 @@ if TYPE_CHECKING:
     from storage.sweeper import (
         sweep_if_due,
         sweep_orphans,
+    )
+    from storage.work_ledger import (
+        WorkLedger,
+    )
+    from storage.work_seal import (
+        WorkSealer,
     )
 
 # name -> the module that defines it. Resolved on first use (PEP 562), so importing one
@@ -265,7 +298,7 @@ _EXPORTS: dict[str, str] = {
     "checkpoint_digest": "storage.audit_model",
     "checkpoint_message_v2": "storage.audit_model",
     "CheckpointWitness": "storage.audit_witness",
-    "CommitGate": "storage.records",
+    "CommitGate": "storage.record_types",
     "DEFAULT_BATCH": "storage.kek",
     "DEFAULT_GRACE": "storage.backup.retention",
     "Deployment": "storage.backup.restore",
@@ -277,7 +310,7 @@ _EXPORTS: dict[str, str] = {
     "event_document": "storage.audit_model",
     "FileCheckpointWitness": "storage.audit_witness",
     "format_time": "storage.audit_model",
-    "Gate": "storage.records",
+    "Gate": "storage.record_types",
     "gather": "storage.audit_witness",
     "GENESIS_HASH": "storage.audit_model",
     "Grant": "storage.grants_model",
@@ -291,13 +324,13 @@ _EXPORTS: dict[str, str] = {
     "KekVersionInfo": "storage.kek",
     "list_backups": "storage.backup.retention",
     "LockedBucket": "storage.audit_witness",
-    "make_engine": "storage.sql_metadata",
+    "make_engine": "storage.sql_engine",
     "make_minio_client": "storage.s3_blobs",
     "MetadataStore": "storage.interfaces",
     "NewRecord": "storage.model",
     "NewSignature": "storage.signatures",
     "normalise": "storage.audit_fields",
-    "OpenRecord": "storage.records",
+    "OpenRecord": "storage.record_types",
     "Outcome": "storage.audit_model",
     "PatientRef": "storage.model",
     "Pending": "storage.audit_log",
@@ -310,25 +343,36 @@ _EXPORTS: dict[str, str] = {
     "RecordKind": "storage.model",
     "RecordNotFoundError": "storage.errors",
     "RecordQuery": "storage.model",
-    "RecordRef": "storage.records",
+    "RecordRef": "storage.record_types",
     "RecordSignatures": "storage.roles",
     "RecordStore": "storage.records",
     "restore": "storage.backup.restore",
+    "read_manifest": "storage.backup.restore",
     "RestoreFailure": "storage.backup.restore",
-    "RewrapJob": "storage.kek",
+    "RewrapJob": "storage.kek_rewrap",
     "RowTamperedError": "storage.row_auth",
     "run_backup": "storage.backup.runner",
     "SamplePlan": "storage.backup.sampling",
     "check_plan": "storage.backup.sampling",
     "parse_seed": "storage.backup.sampling",
     "run_drill": "storage.backup.drill",
-    "RunKind": "storage.backup.runs",
+    "run_resource": "storage.backup.runs",
+    "RunAuth": "storage.backup.run_model",
+    "RunKind": "storage.backup.run_model",
     "RunLedger": "storage.roles",
-    "RunOutcome": "storage.backup.runs",
-    "ScheduledRun": "storage.backup.runs",
+    "RunOutcome": "storage.backup.run_model",
+    "RunSealer": "storage.backup.run_seal",
+    "ScheduledRun": "storage.backup.run_model",
     "s3_scratch": "storage.backup.scratch",
     "S3BlobStore": "storage.s3_blobs",
     "S3CheckpointWitness": "storage.audit_witness",
+    "S3RevocationMarkers": "storage.grant_revocations",
+    "RevocationMarkerError": "storage.grant_revocations",
+    "RevokedGrants": "storage.grant_revocations",
+    "copy_markers": "storage.grant_revocations",
+    "revoked_row_markers": "storage.grant_revocations",
+    "authentic_grant_row": "storage.grant_revocations",
+    "Marker": "storage.grant_revocations",
     "S3Target": "storage.backup.targets",
     "Scratch": "storage.backup.scratch",
     "Signature": "storage.signatures",
@@ -349,26 +393,28 @@ _EXPORTS: dict[str, str] = {
     "SqlRunLedger": "storage.backup.runs",
     "StorageError": "storage.errors",
     "StoredRecord": "storage.interfaces",
-    "StoreLimits": "storage.records",
-    "WRITE_FAULT_POINTS": "storage.records",
+    "StoreLimits": "storage.record_types",
+    "WRITE_FAULT_POINTS": "storage.record_types",
     "sweep_if_due": "storage.sweeper",
     "sweep_orphans": "storage.sweeper",
-    "upgrade": "storage.sql_metadata",
+    "upgrade": "storage.sql_upgrade",
     "verify_backup": "storage.backup.verify",
     "verify_chain": "storage.audit_verify",
     "verify_since": "storage.audit_verify",
     "VerifyReport": "storage.backup.verify",
     "VerifyResult": "storage.audit_model",
     "WitnessError": "storage.audit_witness",
+    "WorkLedger": "storage.work_ledger",
+    "WorkSealer": "storage.work_seal",
     "QueueItem": "storage.break_glass",
     "StudySummary": "storage.model",
     "RESTORED_MARK": "storage.break_glass",
     "TAMPERED_MARK": "storage.break_glass",
-    "ALTERED_MARK": "storage.grants",
-    "REASON_UNREADABLE_MARK": "storage.grants",
-    "REVIEW_ALTERED_MARK": "storage.grants",
+    "ALTERED_MARK": "storage.grant_reads",
+    "REASON_UNREADABLE_MARK": "storage.grant_reads",
+    "REVIEW_ALTERED_MARK": "storage.grant_reads",
     "CommitTagger": "storage.commit_tags",
-    "StudyMember": "storage.records",
+    "StudyMember": "storage.record_types",
     "CountCell": "storage.stats",
     "MonthlyCounts": "storage.stats",
     "RecordStatistics": "storage.stats",
@@ -431,6 +477,7 @@ __all__ = [
     "KekRegistry",
     "KekVersionInfo",
     "LockedBucket",
+    "Marker",
     "MetadataStore",
     "MonthlyCounts",
     "NewRecord",
@@ -453,13 +500,18 @@ __all__ = [
     "RecordStatistics",
     "RecordStore",
     "RestoreFailure",
+    "RevocationMarkerError",
+    "RevokedGrants",
     "RewrapJob",
     "RowTamperedError",
+    "RunAuth",
     "RunKind",
     "RunLedger",
     "RunOutcome",
+    "RunSealer",
     "S3BlobStore",
     "S3CheckpointWitness",
+    "S3RevocationMarkers",
     "S3Target",
     "SamplePlan",
     "ScheduledRun",
@@ -483,7 +535,10 @@ __all__ = [
     "VerifyReport",
     "VerifyResult",
     "WitnessError",
+    "WorkLedger",
+    "WorkSealer",
     "adopt_legacy",
+    "authentic_grant_row",
     "bounded",
     "canonical_json",
     "check_backup_id",
@@ -492,6 +547,7 @@ __all__ = [
     "checked_when_run",
     "checkpoint_digest",
     "checkpoint_message_v2",
+    "copy_markers",
     "elected",
     "event_document",
     "format_time",
@@ -507,9 +563,12 @@ __all__ = [
     "normalise",
     "parse_seed",
     "prune",
+    "read_manifest",
     "restore",
+    "revoked_row_markers",
     "run_backup",
     "run_drill",
+    "run_resource",
     "s3_scratch",
     "set_deadline",
     "signature_key",

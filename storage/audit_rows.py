@@ -10,7 +10,8 @@ under the audit's ``text_as_read``, which no text check accepts). The chain walk
 reports such a row as ``event altered`` at its place
 (``storage.audit_verify``); listings leave it out and report it
 (``service.audit.listing``). Values the driver cannot read arrive as markers no check
-accepts: ``Undecodable`` text (SQLite), an ``Unloadable`` value (PostgreSQL).
+accepts: ``Undecodable`` text (SQLite), an ``Unloadable`` value (PostgreSQL,
+``storage.pg_loads``).
 
 ``audit_checkpoints`` rows are read the same way (``to_checkpoint``: a placeholder
 ``Checkpoint`` naming its bad fields, which the walk reports as ``checkpoint altered``
@@ -45,25 +46,8 @@ UNREADABLE: Final = AuditEntry(
     time=datetime(1970, 1, 1, tzinfo=UTC), principal="", action="", resource="", outcome="failed"
 )
 
-
-
-class Unloadable:
-    """What a value PostgreSQL holds and psycopg cannot load reads as (a date or time
-    outside years 1 to 9999 or ``infinity``, an interval past ``timedelta``, json too
-    deep or with a number too long for ``json.loads``, ...), where psycopg would fail
-    the whole fetch (``storage.audit_sql.rows_as_read``): no field check accepts it, so
-    its field is malformed. It keeps nothing of the value."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "Unloadable()"
-
-
-UNLOADABLE: Final = Unloadable()
-
 # The dialect's own parser of stored timestamps (SQLite keeps text), or None when the
-# driver returns datetimes itself (PostgreSQL: psycopg's, or ``UNLOADABLE``).
+# driver returns datetimes itself (PostgreSQL: psycopg's, or ``pg_loads.UNLOADABLE``).
 TimeParser = Callable[[Any], Any] | None
 # Longer than any signature or public key the audit key makes (RSA-4096 or EC): a
 # longer value is not one the service stored.

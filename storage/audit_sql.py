@@ -19,8 +19,8 @@ that is not UTF-8 reads as a marker (a malformed field, named by ``storage.audit
 not as the replaced text every connection reads, which the audit could not tell from
 genuine.
 ``rows_as_read`` adds, on PostgreSQL, a value psycopg cannot load (a time past year
-9999, a json number of 5000 digits, ...) read as a marker (``audit_rows.UNLOADABLE``)
-instead of failing the whole fetch.
+9999, a json number of 5000 digits, ...) read as a marker (``pg_loads.UNLOADABLE``)
+instead of failing the whole fetch (``storage.pg_loads``).
 """
 
 from __future__ import annotations
@@ -28,27 +28,24 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import Any, Final, cast
 
 import sqlalchemy as sa
 from sqlalchemy import exc
 from sqlalchemy.engine import Connection, CursorResult, Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from storage.audit_rows import UNLOADABLE, TimeParser
+from storage.audit_rows import TimeParser
+from storage.pg_loads import lenient_loads
 from storage.sql_metadata import metadata
 from storage.sqlite_text import exact_time_parser, text_as_read
-
-if TYPE_CHECKING:
-    from psycopg.adapt import Loader
 
 HEAD_ID: Final = 1
 
 audit_events = sa.Table(
     "audit_events",
     metadata,
-    sa.Column("sequence", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("sequence", sa.BigInteger, autoincrement=False, nullable=False),
     sa.Column("time", sa.DateTime(timezone=True), nullable=False),
     sa.Column("principal", sa.String(255), nullable=False),
     sa.Column("application", sa.String(255), nullable=False),
@@ -62,20 +59,26 @@ audit_events = sa.Table(
     sa.Column("source", sa.String(255), nullable=False),
     sa.Column("prev_hash", sa.LargeBinary(32), nullable=False),
     sa.Column("hash", sa.LargeBinary(32), nullable=False),
+    # Named as migration 0002 names them (the backup's errors name a constraint).
+    sa.PrimaryKeyConstraint("sequence", name="pk_audit_events"),
 )
 
 audit_head = sa.Table(
     "audit_head",
     metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("id", sa.Integer, autoincrement=False, nullable=False),
     sa.Column("sequence", sa.BigInteger, nullable=False),
     sa.Column("hash", sa.LargeBinary(32), nullable=False),
+    sa.PrimaryKeyConstraint("id", name="pk_audit_head"),
+    # Migration 0002's; declared here too, for the backup checks its rows against the
+    # constraints of these tables (storage/backup/constraints.py).
+    sa.CheckConstraint(f"id = {HEAD_ID}", name="ck_audit_head_single_row"),
 )
 
 audit_checkpoints = sa.Table(
     "audit_checkpoints",
     metadata,
-    sa.Column("sequence", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("sequence", sa.BigInteger, autoincrement=False, nullable=False),
     sa.Column("hash", sa.LargeBinary(32), nullable=False),
     sa.Column("signature", sa.LargeBinary, nullable=False),
     sa.Column("key_label", sa.String(255), nullable=False),
@@ -85,6 +88,7 @@ audit_checkpoints = sa.Table(
     sa.Column("version", sa.SmallInteger, nullable=False, server_default="1"),
     sa.Column("prev_sequence", sa.BigInteger, nullable=True),
     sa.Column("prev_digest", sa.LargeBinary(32), nullable=True),
+    sa.PrimaryKeyConstraint("sequence", name="pk_audit_checkpoints"),
 )
 
 # The writer's lock: a no-op UPDATE of the head row, reading it under the lock it takes.
@@ -180,104 +184,22 @@ class WriterStatements:
 
 @contextmanager
 def rows_as_read(connection: Connection) -> Iterator[None]:
-    """``text_as_read``, and on PostgreSQL a value psycopg cannot load reads as
-    ``UNLOADABLE`` for this query.
+    """``text_as_read`` (SQLite) and ``lenient_loads`` (PostgreSQL): text that is not
+    UTF-8 reads as ``Undecodable``, a value psycopg cannot load as ``UNLOADABLE``, in
+    this block's queries.
 
-    PostgreSQL stores values Python cannot hold: ``infinity`` and years up to 294276 in
-    a ``timestamptz``, an interval past ``timedelta``, a json number of 5000 digits or
-    arrays nested 3000 deep (``json.loads`` raises ValueError, RecursionError). A
-    database writer may give any audit column such a type and value; psycopg would fail
-    the whole fetch on the first, often with the value in its message, making every
-    listing, ``audit verify``, the break-the-glass queue and the backup an outage instead
-    of naming the row. So each cursor opened here loads every column of its result
-    through a wrapper of the loader psycopg would have used, which reads ``UNLOADABLE``
-    where that loader raises anything: a genuine row reads exactly as before (the chain
-    hashes the event as read). The loaders are changed on the cursor's own adapters
-    after its query has run and its result's column types are known (psycopg >= 3.3
-    allows this), so the connection's loaders are never changed; only its cursor
-    factories are, for the block.
+    A database writer may give any audit column such a value (or type); the driver
+    would fail the whole fetch on the first, often with the value in its message,
+    making every listing, ``audit verify``, the break-the-glass queue and the backup an
+    outage instead of naming the row. A genuine row reads exactly as before (the chain
+    hashes the event as read).
 
     Around reads of whole audit rows and the backup snapshot; the head row and the
     last checkpoint's sequence hold no time and are read under ``text_as_read`` (the
     writer's head lock runs with every append: it pays for nothing it does not read).
     """
-    raw = connection.connection.dbapi_connection
-    # psycopg is imported only where it is the driver: a SQLite deployment (and every
-    # process start) does not pay its import (~50 ms).
-    if not type(raw).__module__.startswith("psycopg"):
-        with text_as_read(connection):
-            yield
-        return
-    pg = cast(Any, raw)
-    before = pg.cursor_factory, pg.server_cursor_factory
-    pg.cursor_factory, pg.server_cursor_factory = map(_lenient_cursor, before)
-    try:
+    with text_as_read(connection), lenient_loads(connection):
         yield
-    finally:
-        pg.cursor_factory, pg.server_cursor_factory = before
-
-
-@cache
-def _lenient_cursor(base: type[Any]) -> type[Any]:
-    """``base`` (the connection's cursor class), loading its results leniently."""
-
-    class LenientCursor(base):  # type: ignore[misc]
-        __slots__ = ()
-
-        def execute(self, *args: Any, **kwargs: Any) -> Any:
-            done = super().execute(*args, **kwargs)
-            _load_leniently(self)
-            return done
-
-    LenientCursor.__name__ = LenientCursor.__qualname__ = f"Lenient{base.__name__}"
-    return LenientCursor
-
-
-def _load_leniently(cursor: Any) -> None:
-    """Each type of ``cursor``'s result loaded by a lenient wrapper of its loader.
-
-    Both formats: a server-side cursor's described result says text whatever it
-    fetches in. A type with no loader gets psycopg's fallback (that of oid 0), wrapped.
-    """
-    from psycopg.pq import Format  # noqa: PLC0415  (only on PostgreSQL: see rows_as_read)
-
-    result = cursor.pgresult
-    if result is None or not result.nfields:
-        return
-    adapters = cursor.adapters
-    for oid in {result.ftype(i) for i in range(result.nfields)}:
-        for fmt in (Format.TEXT, Format.BINARY):
-            base = adapters.get_loader(oid, fmt) or adapters.get_loader(_UNKNOWN_OID, fmt)
-            if base is not None:
-                adapters.register_loader(oid, _lenient(base))
-
-
-_UNKNOWN_OID: Final = 0  # psycopg's INVALID_OID: its loaders of a type it does not know
-
-
-@cache
-def _lenient(base: type[Loader]) -> type[Loader]:
-    """``base`` (psycopg's loader of a type, in one format), reading ``UNLOADABLE``
-    where it raises (a DataError's message, dropped here, holds the value)."""
-
-    from psycopg.abc import AdaptContext, Buffer  # noqa: PLC0415  (see rows_as_read)
-    from psycopg.adapt import Loader  # noqa: PLC0415
-
-    class Lenient(Loader):
-        format = base.format
-
-        def __init__(self, oid: int, context: AdaptContext | None = None) -> None:
-            super().__init__(oid, context)
-            self._load = base(oid, context).load
-
-        def load(self, data: Buffer) -> Any:
-            try:
-                return self._load(data)
-            except Exception:  # noqa: BLE001  (RecursionError too: the value is the cause)
-                return UNLOADABLE
-
-    Lenient.__name__ = Lenient.__qualname__ = f"Lenient{base.__name__}"
-    return Lenient
 
 
 def _time_untyped(table: sa.Table, time_column: str) -> sa.Select[Any]:

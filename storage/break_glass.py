@@ -46,12 +46,8 @@ from storage.audit_model import ChainedEvent
 from storage.audit_rows import UNREADABLE, to_event
 from storage.audit_sql import SELECT_EVENTS, audit_events, rows_as_read, time_parser
 from storage.errors import RecordConflictError, RecordNotFoundError
-from storage.grants import (
-    SqlGrantStore,
-    access_grants,
-    check_grant_id,
-    is_grant_id,
-)
+from storage.grant_rows import access_grants, check_grant_id, is_grant_id
+from storage.grants import SqlGrantStore
 from storage.grants_model import Grant
 from storage.sql_metadata import run_in_transaction, translated_change
 
@@ -60,7 +56,7 @@ QUEUE_EVENT_SCAN = 10_000  # most recent break-the-glass grants (by event) compa
 TAMPERED_MARK = "[grant row missing or altered]"
 RESTORED_MARK = "[grant row missing or altered; restored from the audit trail on review]"
 _PREFIX = "grant/"
-# A resource naming a grant (storage.grants.is_grant_id: 32 lowercase hex digits).
+# A resource naming a grant (storage.grant_rows.is_grant_id: 32 lowercase hex digits).
 _GLOB = _PREFIX + "[0-9a-f]" * 32
 _REGEX = "^" + _PREFIX + "[0-9a-f]{32}$"
 _NO_PATIENT = bytes(32)  # a restored row needs an index; an event always has one
@@ -105,9 +101,10 @@ class ReviewTarget:
         """The row carries a review that does not authenticate (written in the database)."""
         if self.flagged or self.seen is None or self.grant.reviewed_at is not None:
             return False
-        return dict(zip(access_grants.columns.keys(), self.seen, strict=True))[
-            "reviewed_at"
-        ] is not None
+        return (
+            dict(zip(access_grants.columns.keys(), self.seen, strict=True))["reviewed_at"]
+            is not None
+        )
 
 
 class BreakGlassReview:
@@ -277,7 +274,7 @@ class BreakGlassReview:
         """The first break-the-glass event of each of ``ids`` (bounded batches)."""
         found: dict[str, BreakGlassEvent] = {}
         for start in range(0, len(ids), _BATCH):
-            resources = [_PREFIX + i for i in ids[start:start + _BATCH]]
+            resources = [_PREFIX + i for i in ids[start : start + _BATCH]]
             query = self._select(connection).where(audit_events.c.resource.in_(resources))
             found.update((e.grant_id, e) for e in _events(self._rows(connection, query)))
         return found
@@ -320,7 +317,7 @@ class BreakGlassReview:
 
 
 def _legacy_row(seen: tuple[Any, ...] | None) -> bool:
-    """The raw row is a legacy one (``storage.grants``: no MAC, a clear reason)."""
+    """The raw row is a legacy one (``storage.grant_reads``: no MAC, a clear reason)."""
     if seen is None:
         return False
     row = dict(zip(access_grants.columns.keys(), seen, strict=True))
@@ -338,7 +335,7 @@ class _Read:
         """The grant a malformed row names, if its resource is readable text."""
         if not self.event.malformed or type(self.resource) is not str:
             return None
-        grant_id = self.resource[len(_PREFIX):]
+        grant_id = self.resource[len(_PREFIX) :]
         return grant_id if self.resource.startswith(_PREFIX) and is_grant_id(grant_id) else None
 
 
@@ -351,7 +348,7 @@ def _events(rows: Sequence[_Read]) -> list[BreakGlassEvent]:
     good = sorted((r.event for r in rows if not r.event.malformed), key=lambda e: e.sequence)
     for event in good:
         entry = event.entry
-        grant_id = entry.resource[len(_PREFIX):]
+        grant_id = entry.resource[len(_PREFIX) :]
         if is_grant_id(grant_id) and grant_id not in found:
             index = entry.patient_index if entry.patient_index is not None else _NO_PATIENT
             found[grant_id] = BreakGlassEvent(

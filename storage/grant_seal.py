@@ -20,8 +20,10 @@ authority, while the label starts with "m" (0x6d). From ``K``, in software:
   so marking a grant reviewed in the database alone does not make it reviewed.
 
 Revocation is not covered by the MAC: revoking only takes access away, and needs no
-token. The limit: putting a row back to an earlier authentic state (un-revoking) is not
-detectable from the row; the audit trail records every revocation (docs/security.md).
+token. Putting a row back to an earlier authentic state (un-revoking) is not detectable
+from the row; each revocation therefore first writes a marker outside the database
+(``storage.grant_revocations``), and a grant a marker names grants nothing whatever its
+row says (docs/security.md, "Revocations outside the database").
 
 Derived keys are cached per grant id (bounded), so the read path's grant check costs
 one token operation per grant per process, then only a software HMAC.
@@ -37,6 +39,7 @@ from datetime import datetime
 
 from keystore import BlindIndexer
 from storage.grants_model import Grant
+from storage.mac_encoding import length_prefixed, time_field
 from storage.sealing import seal_bytes, unseal_bytes
 
 _KEY_LABEL = b"medvault:grant-key:v1\x00"
@@ -46,17 +49,6 @@ _REVIEW_INFO = b"medvault:grant-review:v1"
 MAC_LENGTH = 32
 
 
-def _micros(value: datetime | None) -> int:
-    if value is None:
-        return -1
-    delta = value - datetime(1970, 1, 1, tzinfo=value.tzinfo)
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-def _field(data: bytes) -> bytes:
-    return len(data).to_bytes(4, "big") + data
-
-
 def canonical(grant: Grant, sealed_reason: bytes | None) -> bytes:
     """The authenticated fields of a grant row, unambiguously encoded."""
     parts = [
@@ -64,17 +56,16 @@ def canonical(grant: Grant, sealed_reason: bytes | None) -> bytes:
         grant.patient_index,
         grant.principal.encode(),
         grant.granted_by.encode(),
-        str(_micros(grant.created_at)).encode(),
-        str(_micros(grant.expires_at)).encode(),
+        time_field(grant.created_at),
+        time_field(grant.expires_at),
         b"1" if grant.break_glass else b"0",
         hashlib.sha256(sealed_reason).digest() if sealed_reason else b"",
     ]
-    return _MAC_LABEL + b"".join(_field(p) for p in parts)
+    return _MAC_LABEL + length_prefixed(parts)
 
 
 def _review_aad(grant_id: str, reviewer: str, reviewed_at: datetime) -> bytes:
-    parts = (grant_id.encode(), reviewer.encode(), str(_micros(reviewed_at)).encode())
-    return b"".join(_field(p) for p in parts)
+    return length_prefixed((grant_id.encode(), reviewer.encode(), time_field(reviewed_at)))
 
 
 class GrantSealer:

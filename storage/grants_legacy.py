@@ -7,8 +7,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from storage.grant_rows import access_grants, read_grant_row
 from storage.grant_seal import GrantSealer
-from storage.grants import access_grants, read_grant_row
+from storage.pg_loads import lenient_loads
 
 
 def adopt_legacy(sealer: GrantSealer, connection: Connection) -> int:
@@ -22,9 +23,11 @@ def adopt_legacy(sealer: GrantSealer, connection: Connection) -> int:
     A row holding a value of a type medvault never stores (``storage.row_values``) is
     not adopted either.
     """
-    rows = connection.execute(sa.select(access_grants).where(access_grants.c.mac.is_(None)))
+    with lenient_loads(connection):  # a time psycopg cannot load: a malformed row
+        rows = connection.execute(sa.select(access_grants).where(access_grants.c.mac.is_(None)))
+        legacy = rows.all()
     adopted = 0
-    for row in rows.all():
+    for row in legacy:
         read = read_grant_row(row)
         if read.malformed:  # a value of a type no service wrote: never MACed, grants nothing
             continue

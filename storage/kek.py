@@ -7,52 +7,54 @@ newest: unwrap inside the token with the old KEK, wrap with the new one under th
 associated data, update the row. The object data is never touched: the DEK itself
 does not change, only the key that protects it.
 
-The job keeps no state of its own: the rows are the state (``kek_version`` below the
-target means "still to do"), so a crash or a cancelled stream resumes by running the
-job again. Updates are optimistic (``WHERE kek_version = old``): a row changed
-concurrently is skipped and found again by the next pass. A row whose key fails to
-unwrap (a token hiccup, or tampering) is tried again in the next pass; only rows that
-fail in the last pass are reported.
+The job (``storage.kek_rewrap``) keeps no state of its own: the rows are the state, so
+a crash or a cancelled stream resumes by running it again.
 
 Retirement marks the version ``retired`` in ``kek_versions``: nothing wraps with it any
 more, and the records insert checks the same row in its own transaction
-(``storage.sql_metadata``), so a write that wrapped with a version being retired fails
-and is wrapped again, instead of committing a key under a retired version. The key
-itself stays on the token: database backups still hold rows wrapped by it, and a
-restore needs it. Destroying it is a separate, explicit step (``destroy_key``), for
-when no backup within retention holds keys wrapped by it any more.
+(``storage.sql_metadata``, ``storage.kek_state``), so a write that wrapped with a
+version being retired fails and is wrapped again, instead of committing a key under a
+retired version. The key itself stays on the token: database backups still hold rows
+wrapped by it, and a restore needs it. Destroying it is a separate, explicit step
+(``destroy_key``), for when no backup within retention holds keys wrapped by it any
+more.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from keystore import KeyWrapper, UnwrapError, WrappedKey
+from keystore import KeyWrapper
 from storage.errors import (
     InvalidRecordError,
     KekInUseError,
-    KekRetiredError,
     RecordNotFoundError,
 )
+from storage.kek_rewrap import RewrapJob, count_below
+from storage.kek_state import kek_insert_ignoring_duplicates
+from storage.pg_loads import lenient_loads
 from storage.reseal import LegacyResealer, Upgrade, count_legacy
-from storage.row_auth import associated_data
-from storage.row_values import RowValues
-from storage.sql_metadata import (
-    kek_insert_ignoring_duplicates,
-    kek_state,
-    kek_versions,
-    records,
-    translated,
-    translated_change,
-)
-from storage.sqlite_text import bindable, text_as_read
+from storage.row_values import MAX_VERSION, RowValues
+from storage.sql_engine import translated, translated_change
+from storage.sql_schema import kek_versions, records
+
+# Re-exported: the rewrap job is started here (KekManager.rewrap) and imported with it.
+__all__ = [
+    "DEFAULT_BATCH",
+    "MAX_BATCH",
+    "Committer",
+    "KekManager",
+    "KekRing",
+    "KekVersionInfo",
+    "RewrapJob",
+]
 
 # Commits a state change (a function of a connection) with its audit event, in one
 # transaction (the service's audit trail); None commits the change on its own.
@@ -98,184 +100,6 @@ class KekVersionInfo:
     created_at: datetime
 
 
-@dataclass(frozen=True, slots=True)
-class RewrapProgress:
-    """Where a rewrap job stands."""
-
-    rewrapped: int
-    remaining: int
-    target_version: int
-    failed: int = 0
-    resealed: int = 0  # legacy (v1) sealed metadata upgraded to v2 (storage.reseal)
-
-
-@dataclass
-class _Pass:
-    """Keyset position of the current pass over the rows still to rewrap (the id as
-    stored: ``sqlite_text.bindable``)."""
-
-    after: tuple[object, object] | None = None
-    moved: int = 0
-    # Keys below the target when the pass began (its first step): the next pass runs only
-    # if the database holds fewer now, not merely because updates reported rows moved.
-    left_before: int | None = None
-    failed: set[tuple[object, object]] = field(default_factory=set)
-
-
-@dataclass
-class RewrapJob:
-    """Moves wrapped data keys to ``target`` one batch (one transaction) per ``step()``."""
-
-    engine: Engine
-    wrapper: KeyWrapper
-    target: int
-    from_version: int
-    batch_size: int
-    remaining: int = 0
-    rewrapped: int = 0
-    # Rows whose key failed to unwrap in every pass so far (the last pass, once done).
-    failed_ids: set[tuple[object, object]] = field(default_factory=set)
-    done: bool = False
-    # The last phase, once every key is moved: legacy sealed metadata upgraded to v2.
-    reseal: LegacyResealer | None = None
-    keys_done: bool = False
-    _pass: _Pass = field(default_factory=_Pass)
-
-    def progress(self) -> RewrapProgress:
-        """The counts so far (failures: of the previous pass and of this one so far)."""
-        failed = self.failed_ids | self._pass.failed
-        resealed = 0
-        if self.reseal is not None:
-            failed, resealed = failed | self.reseal.failed, self.reseal.resealed
-        return RewrapProgress(self.rewrapped, self.remaining, self.target, len(failed), resealed)
-
-    def step(self) -> RewrapProgress:
-        """Rewrap one batch; at the end of a pass, recount and start another if needed."""
-        if self.done:
-            return self.progress()
-        if self.keys_done and self.reseal is not None:
-            self.reseal.step(self.batch_size)
-            self.done = self.reseal.finished
-            return self.progress()
-        if self._pass.left_before is None:
-            self._pass.left_before = self.remaining
-        rows = self._select()
-        if not rows:
-            self._end_pass()
-            return self.progress()
-        self._pass.after = (bindable(rows[-1]["id"]), rows[-1]["version"])
-        moved = self._apply(self._rewrapped(rows))
-        self._pass.moved += moved
-        self.rewrapped += moved
-        self.remaining = max(self.remaining - moved, 0)
-        return self.progress()
-
-    def _end_pass(self) -> None:
-        """A pass found no more rows: done, unless rows are left and this pass made
-        progress; then another pass takes stragglers and retries this pass's failures."""
-        left = count_below(self.engine, self.target, self.from_version)
-        self.remaining = left
-        self.failed_ids = self._pass.failed  # a row that failed before but not now is fine
-        # A pass whose updates all reported a row moved, while the count below the target
-        # did not fall, met rows put back behind it (a database writer's trigger): another
-        # pass would unwrap and wrap the same keys in the token for ever. The job ends
-        # with those keys remaining (the version cannot be retired while they are).
-        stalled = self._pass.left_before is not None and left >= self._pass.left_before
-        if stalled and self._pass.moved:
-            log.warning(
-                "rewrap pass moved keys but none fewer remain below the target: rows were "
-                "changed back outside medvault; stopping",
-                extra={"moved": self._pass.moved, "remaining": left},
-            )
-        if left == 0 or self._pass.moved == 0 or stalled:
-            self.keys_done = True
-            self.done = self.reseal is None
-        self._pass = _Pass()
-
-    def _where(self) -> sa.ColumnElement[bool]:
-        condition = _below(self.target, self.from_version)
-        if self._pass.after is not None:
-            key = sa.tuple_(records.c.id, records.c.version)
-            condition = sa.and_(condition, key > sa.tuple_(*self._pass.after))
-        return condition
-
-    def _select(self) -> Sequence[Any]:
-        query = (
-            sa.select(records.c.id, records.c.version, records.c.kek_version, records.c.wrapped_dek)
-            .where(self._where())
-            .order_by(records.c.id, records.c.version)
-            .limit(self.batch_size)
-        )
-        # Ids as stored: the next batch starts past the last, whatever its bytes (an id
-        # that is not UTF-8, read replaced and bound back, would start it there again).
-        with translated(self.engine), self.engine.connect() as connection, text_as_read(
-            connection
-        ):
-            return [row._mapping for row in connection.execute(query)]
-
-    def _rewrapped(self, rows: Sequence[Any]) -> list[tuple[Any, WrappedKey]]:
-        """Unwrap each key with its version and wrap it with the current one, in the token."""
-        out = []
-        for row in rows:
-            # Read strictly (storage.row_values): text that is not UTF-8, or a value of a
-            # type medvault never stores (bytes() of an integer would allocate that many
-            # bytes), is not the service's row.
-            v = RowValues(row)
-            ad_of = v.text("id"), v.version("version")
-            old = WrappedKey(kek_version=v.integer("kek_version"), blob=v.binary("wrapped_dek"))
-            if v.malformed:
-                self._pass.failed.add((row["id"], row["version"]))
-                continue
-            ad = associated_data(*ad_of)
-            try:
-                dek = self.wrapper.unwrap(old, ad)
-            except UnwrapError:
-                # Tampered, or the token failed twice: tried again in the next pass, and
-                # reported if it fails in the last one.
-                self._pass.failed.add((row["id"], row["version"]))
-                continue
-            out.append((row, self.wrapper.wrap(dek, ad)))
-        return out
-
-    def _apply(self, pairs: list[tuple[Any, WrappedKey]]) -> int:
-        """Update the batch in one transaction; a row changed meanwhile is skipped."""
-        if not pairs:
-            return 0
-        moved = 0
-        with translated(self.engine), self.engine.begin() as connection:
-            for row, new in pairs:
-                result = connection.execute(
-                    records.update()
-                    .where(
-                        records.c.id == row["id"],
-                        records.c.version == row["version"],
-                        records.c.kek_version == row["kek_version"],
-                    )
-                    .values(kek_version=new.kek_version, wrapped_dek=new.blob)
-                )
-                moved += result.rowcount
-            # A rotation and retirement elsewhere could have overtaken this batch: never
-            # commit keys wrapped by a retired version (the job fails; run it again).
-            for version in {new.kek_version for _, new in pairs}:
-                if kek_state(connection, version) == "retired":
-                    raise KekRetiredError(f"KEK version {version} was retired during rewrap")
-        return moved
-
-
-def _below(target: int, from_version: int) -> sa.ColumnElement[bool]:
-    """Rows still to rewrap: below ``target``, or exactly ``from_version`` if given."""
-    if from_version:
-        return records.c.kek_version == from_version
-    return records.c.kek_version < target
-
-
-def count_below(engine: Engine, target: int, from_version: int = 0) -> int:
-    """Wrapped keys on versions older than ``target`` (or on ``from_version`` only)."""
-    query = sa.select(sa.func.count()).select_from(records).where(_below(target, from_version))
-    with translated(engine), engine.connect() as connection:
-        return int(connection.scalar(query) or 0)
-
-
 class KekManager:
     """Use cases of the master-key lifecycle over the token and the metadata database."""
 
@@ -308,11 +132,16 @@ class KekManager:
         event.
         """
         current = self.sync()
-        with translated(self._engine), self._engine.connect() as connection:
+        with (
+            translated(self._engine),
+            self._engine.connect() as connection,
+            lenient_loads(connection),
+        ):
             known = connection.scalars(sa.select(kek_versions.c.version)).all()
-        # A version of another type (a database writer's) names no KEK: not counted, and
-        # never int() of it (its value in the error). SQLite's max() would return it.
-        version = max([current, *(v for v in known if type(v) is int)]) + 1
+        # A version of another type (a database writer's) or out of range names no KEK:
+        # not counted, and never int() of it (its value in the error). SQLite's max()
+        # would return it.
+        version = max([current, *(v for v in known if _in_range(v))]) + 1
         # Claim the number first: a second replica rotating now hits the primary key
         # and fails, instead of creating a second key with the same label.
         claim = translated_change(lambda c: _claim(c, version))
@@ -336,19 +165,24 @@ class KekManager:
     def list(self) -> list[KekVersionInfo]:
         """Every known version, oldest first, with its state and wrapped-key count."""
         self.sync()
-        with translated(self._engine), self._engine.connect() as connection:
+        with (
+            translated(self._engine),
+            self._engine.connect() as connection,
+            lenient_loads(connection),  # a time psycopg cannot load: a malformed row
+        ):
             rows = connection.execute(sa.select(kek_versions).order_by(kek_versions.c.version))
             states = [row._mapping for row in rows]
             counts = _counts(connection)
         listed = []
         for s in states:
             v = RowValues(s)
-            version, state, created_at = v.integer("version"), v.text("state"), v.time("created_at")
+            version, state, created_at = v.version("version"), v.text("state"), v.time("created_at")
             if v.malformed:
                 # Names no KEK: left out, logged by column. The token's own versions
                 # were registered by sync() above, so the token still lists them all.
                 log.warning(
-                    "kek_versions row left out: a value of another type than its column's (%s)",
+                    "kek_versions row left out: a value of another type than its column's, "
+                    "or out of its range (%s)",
                     ", ".join(v.malformed),
                 )
                 continue
@@ -438,14 +272,12 @@ def _mark_retired(connection: Connection, version: int) -> None:
     """Mark retired, then count users in the same transaction; raise (roll back) if any.
 
     The row is locked first: FOR UPDATE on PostgreSQL, which waits for every insert
-    holding the version's key-share lock (``sql_metadata.kek_state``) and makes later
+    holding the version's key-share lock (``storage.kek_state``) and makes later
     ones wait for this transaction; the write lock on SQLite. So an insert that commits
     after this sees ``retired`` and fails, and one that committed before is counted here.
     """
     state = connection.scalar(
-        sa.select(kek_versions.c.state)
-        .where(kek_versions.c.version == version)
-        .with_for_update()
+        sa.select(kek_versions.c.state).where(kek_versions.c.version == version).with_for_update()
     )
     if state is None:
         raise RecordNotFoundError(f"no KEK version {version}; list them with `medvault keys keks`")
@@ -471,4 +303,10 @@ def _counts(connection: Connection) -> dict[int, int]:
     """Wrapped data keys per KEK version, over every table that stores them."""
     query = sa.select(records.c.kek_version, sa.func.count()).group_by(records.c.kek_version)
     # A version that is not an integer (a database writer's) names no KEK: not counted.
-    return {version: n for version, n in connection.execute(query) if type(version) is int}
+    return {version: n for version, n in connection.execute(query) if _in_range(version)}
+
+
+def _in_range(version: object) -> bool:
+    """An integer KEK version, 1 to ``MAX_VERSION`` (its column's range; the token
+    numbers from 1): anything else in the database names no KEK."""
+    return type(version) is int and 0 < version <= MAX_VERSION

@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from storage.errors import StorageError
+from storage.pg_loads import lenient_loads
 from storage.row_values import RowValues
 from storage.sealing import META_V2
 from storage.sql_metadata import records, translated
@@ -62,9 +63,13 @@ class LegacyResealer:
             query = query.where(key > sa.tuple_(*self._after))
         query = query.order_by(records.c.id, records.c.version).limit(batch_size)
         # Ids as stored: the next batch starts past the last, whatever its bytes (an id
-        # that is not UTF-8, read replaced and bound back, would start it there again).
-        with translated(self.engine), self.engine.connect() as connection, text_as_read(
-            connection
+        # that is not UTF-8, read replaced and bound back, would start it there again);
+        # a value psycopg cannot load reads as a malformed one (storage.pg_loads).
+        with (
+            translated(self.engine),
+            self.engine.connect() as connection,
+            text_as_read(connection),
+            lenient_loads(connection),
         ):
             rows = [r._mapping for r in connection.execute(query)]
         if not rows:

@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from storage.audit_log import Appended, Change, Pending, SqlAuditLog
 from storage.audit_model import AuditEntry, AuditFilter, ChainedEvent, Checkpoint
-from storage.backup.runs import RunKind, RunOutcome, ScheduledRun, SqlRunLedger
+from storage.backup.run_model import RunKind, RunOutcome, ScheduledRun
+from storage.backup.runs import SqlRunLedger
 from storage.grants import SqlGrantStore
 from storage.grants_model import Grant
 from storage.kek import DEFAULT_BATCH, Committer, KekManager, KekVersionInfo, RewrapJob
 from storage.model import NewRecord, RecordInfo
-from storage.records import CommitGate, Gate
+from storage.record_types import CommitGate, Gate
 from storage.signatures import Signature, SignatureStore, SignedRecord
 
 T = TypeVar("T")

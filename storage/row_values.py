@@ -23,7 +23,9 @@ A row with a malformed value takes its store's tampered path: a record row fails
 verification (``storage.row_auth``: DATA_LOSS, reported), a grant grants nothing and is
 reported, a signature does not unseal, the rewrap counts the row as failed, a request
 key names no earlier put, a ``kek_versions`` row names no KEK, a ``scheduled_work`` row
-is no run, a ``backup_runs`` row is a failed run. The audit trail's rows are read as
+is no run, a ``backup_runs`` row is a failed run. On PostgreSQL a value psycopg cannot
+load reads as ``storage.pg_loads.UNLOADABLE``, of no type accepted here: malformed too
+(the stores read under ``pg_loads.lenient_loads``). The audit trail's rows are read as
 strictly by ``storage.audit_rows``, and the backup snapshot refuses a row holding such a
 value (``storage.backup.snapshot``: it copies rows, so it reads no placeholder).
 """
@@ -37,7 +39,8 @@ from typing import Any, Final
 from storage.sqlite_text import UNREADABLE_TIME
 
 # A record version is a 4-byte integer: the column's type, and its width in a record's
-# associated data (``storage.row_auth.associated_data``, ``int.to_bytes(4)``).
+# associated data (``storage.row_auth.associated_data``, ``int.to_bytes(4)``). A KEK
+# version too (an Integer column; the token numbers from 1).
 MAX_VERSION: Final = (1 << 31) - 1
 
 
@@ -81,7 +84,9 @@ class RowValues:
         return None if self._row[name] is None else self.integer(name)
 
     def version(self, name: str) -> int:
-        """A record version: 1 to :data:`MAX_VERSION`, or 0 (malformed)."""
+        """A record or KEK version: 1 to :data:`MAX_VERSION`, or 0 (malformed). Another
+        integer names no version: 0, a negative one, or one past 32 bits in a column a
+        PostgreSQL writer retyped (a KEK version there was the token's "key not found")."""
         value = self._row[name]
         if type(value) is int and 0 < value <= MAX_VERSION:
             return value

@@ -36,7 +36,9 @@ from sqlalchemy.engine import Connection, Engine, Row
 from storage.audit_log import Change
 from storage.errors import IntegrityError, InvalidRecordError, RecordNotFoundError
 from storage.model import NewRecord, RecordInfo
-from storage.records import CommitGate, Gate, OpenRecord, RecordStore
+from storage.pg_loads import lenient_loads
+from storage.record_types import CommitGate, Gate, OpenRecord
+from storage.records import RecordStore
 from storage.row_auth import associated_data
 from storage.row_values import RowValues
 from storage.sealing import seal_bytes
@@ -283,7 +285,11 @@ class SignatureStore:
 
     def row(self, signature_id: str) -> Row[Any]:
         """The sealed row ``signature_id``; ``RecordNotFoundError`` when absent."""
-        with translated(self._engine), self._engine.connect() as connection:
+        with (
+            translated(self._engine),
+            self._engine.connect() as connection,
+            lenient_loads(connection),  # a value psycopg cannot load: a malformed row
+        ):
             return _select_row(connection, signature_id)
 
     def rows_for(self, record_id: str, version: int) -> list[Row[Any]]:
@@ -294,5 +300,9 @@ class SignatureStore:
             .where(record_signatures.c.version == version)
             .order_by(record_signatures.c.created_at, record_signatures.c.id)
         )
-        with translated(self._engine), self._engine.connect() as connection:
+        with (
+            translated(self._engine),
+            self._engine.connect() as connection,
+            lenient_loads(connection),
+        ):
             return list(connection.execute(query).all())

@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 from storage.deadlines import check_deadline, time_left
 from storage.errors import DeadlineExceededError
 
-SQLITE_BUSY_MS = 5000  # storage.sql_metadata's PRAGMA busy_timeout, restored after a cut
+SQLITE_BUSY_MS = 5000  # storage.sql_engine's PRAGMA busy_timeout, restored after a cut
 _QUERY_CANCELED = "57014"  # PostgreSQL's SQLSTATE for a statement timeout or cancel
 _CUT = "medvault_busy_cut"
 _MAX_MS = 2**31 - 1  # PostgreSQL's largest statement_timeout (a client may ask for days)

@@ -17,18 +17,17 @@ existed): all of them when ``backfill`` is None, else those modified within it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from itertools import islice
 
-from sqlalchemy.engine import Engine
-
 from storage.backup.runs import elected
 from storage.errors import RecordNotFoundError
 from storage.interfaces import BlobInfo, BlobStore, MetadataStore
-from storage.records import OBJECT_PREFIX
-from storage.work_ledger import claim_round
+from storage.record_types import OBJECT_PREFIX
+from storage.work_ledger import WorkLedger
 
 log = logging.getLogger(__name__)
 _BATCH = 500
@@ -37,6 +36,12 @@ MissingRow = Callable[[str], None]
 # Each report is an incident (an audit event and an alert). A bucket writer can add any
 # number of tagged objects: one sweep reports this many, counts the rest in one warning.
 MAX_REPORTED = 100
+# How long a replica that lost the sweep's election waits for the winner's claim before
+# it claims the round itself (as the backup scheduler does: a stranger may hold the
+# public lock key for ever). Read at each round; capped at half the interval.
+LOCK_GRACE = timedelta(seconds=30)
+# Told "sweep" when a round was claimed and swept without the election lock.
+LockHeld = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +118,13 @@ def _orphan(blobs: BlobStore, key: str, tally: _Tally, on_missing_row: MissingRo
     tally.removed += 1
 
 
+def _sleep(seconds: float) -> bool:
+    time.sleep(seconds)
+    return False
+
+
 def sweep_if_due(
-    engine: Engine,
+    ledger: WorkLedger,
     blobs: BlobStore,
     metadata: MetadataStore,
     *,
@@ -124,22 +134,62 @@ def sweep_if_due(
     now: datetime | None = None,
     backfill: timedelta | None = None,
     on_missing_row: MissingRow | None = None,
+    wait: Callable[[float], bool] = _sleep,
+    on_lock_held: LockHeld | None = None,
 ) -> SweepResult | None:
-    """One replica's sweep round: sweep if elected and nobody swept within ``interval``.
+    """One replica's sweep round: sweep if nobody swept within ``interval``.
 
     The election lock keeps sweeps from overlapping; the ledger
-    (``storage.work_ledger``) keeps replicas with their own timers from each sweeping
-    once per interval. A round is claimed at 90% of the interval so that one replica's
-    timer, drifting slightly early, is not turned away by its own previous sweep.
-    None if this replica skipped the round. ``backfill`` and ``on_missing_row`` as in
-    ``sweep_orphans``.
+    (``storage.work_ledger``, an atomic claim of MACed rows: a database writer's row
+    never skips a round) keeps replicas with their own timers from each sweeping once
+    per interval. A round is claimed at 90% of the interval so
+    that one replica's timer, drifting slightly early, is not turned away by its own
+    previous sweep. The lock's key is public: a replica that loses it waits
+    ``LOCK_GRACE`` (at most half the interval; ``wait`` returns True to stop), tries it
+    once more, then claims the round without it, with a warning and ``on_lock_held``
+    told "sweep" when the claim is its (a lock held for ever costs each round the grace,
+    never the round). None if this replica skipped the round. ``backfill`` and
+    ``on_missing_row`` as in ``sweep_orphans``.
     """
-    with elected(engine, "sweep") as won:
-        if not won:
-            return None  # another replica is sweeping right now
+
+    def claimed() -> bool:
         at = now or datetime.now(UTC)
-        if not claim_round(engine, "sweep", interval * 0.9, at, replica):
-            return None
-        return sweep_orphans(
+        return ledger.claim("sweep", interval * 0.9, at, replica)
+
+    def sweep() -> SweepResult:
+        at = now or datetime.now(UTC)
+        result = sweep_orphans(
             blobs, metadata, grace, at, backfill=backfill, on_missing_row=on_missing_row
         )
+        ledger.record_done("sweep", at, replica)
+        return result
+
+    for attempt in range(2):
+        with elected(ledger.engine, "sweep") as won:
+            if won:
+                return sweep() if claimed() else None
+        if attempt == 0 and wait(min(LOCK_GRACE, interval / 2).total_seconds()):
+            return None  # stopping
+    # Read before this claim replaces it: a claimed round not yet done is a sweep still
+    # running (a large bucket's runs past the interval, holding the lock), no stranger.
+    beside = ledger.unfinished("sweep")
+    if not claimed():
+        return None  # another replica swept this round (the holder, or one without it)
+    if beside is not None:
+        log.warning(
+            "orphan sweep: the election lock is held by the sweep of an earlier round, "
+            "still running (claimed at %s by %s); sweeping this round beside it",
+            beside[0].isoformat(), beside[1], extra={"replica": replica},
+        )  # fmt: skip
+        return sweep()
+    log.warning(
+        "orphan sweep: the election lock was held for the whole grace by a session that "
+        "claimed no round (a database writer's, or a sweep longer than the interval); "
+        "sweeping without the lock", extra={"replica": replica},
+    )  # fmt: skip
+    if on_lock_held is not None:
+        try:
+            on_lock_held("sweep")
+        except Exception:  # the sweep matters more than the report; the log line stays
+            log.exception("could not report the sweep's election lock held")
+    return sweep()

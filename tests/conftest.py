@@ -3,8 +3,11 @@
 import os
 import resource
 import time
+from pathlib import Path
 
 import pytest
+
+from tests.fixtures.zygote import Zygote
 
 pytest_plugins = [
     "tests.fixtures.softhsm",
@@ -21,54 +24,64 @@ def pytest_configure(config):  # type: ignore[no-untyped-def]
     )
 
 
-# Modules that take 12 s or more, longest first, with their time in a quiet run of
-# deploy/test.sh on the 2-core CI machine (MEDVAULT_TEST_TIMELINE, 2026-11-30). They are
+# Modules that take 11 s or more, longest first, with their wall time in a run of
+# deploy/test.sh on the 2-core CI machine (MEDVAULT_TEST_TIMELINE, two quiet runs
+# averaged, 2026-12-01; a worker's first module also carries its session's setup). They are
 # handed to the workers first (deploy/test.sh runs loadscope with --no-loadscope-reorder,
 # so modules go out in collection order), so that the run does not end with one worker
 # alone on a long module while the others idle. Order only: every test still runs.
 SLOW_FIRST = (
-    "tests/faults/test_cluster.py",  # 141 s
-    "tests/integration/access/test_dicom_network.py",  # 69 s
-    "tests/integration/backup/test_backup_snapshot.py",  # 59 s (session 9: ended the run last)
-    "tests/integration/service/test_resilience.py",  # 48 s
-    "tests/integration/test_localstack.py",  # 47 s
-    "tests/faults/test_postgres_outage.py",  # 45 s
-    "tests/integration/access/test_deadlines.py",  # 41 s
-    "tests/integration/service/test_replicas.py",  # 37 s
-    "tests/integration/access/test_cancelled_put.py",  # 36 s (2026-11-30, session 5)
-    "tests/integration/access/test_dependency_health.py",  # 37 s
-    "tests/integration/keys/test_rotation.py",  # 34 s
-    "tests/integration/backup/test_schedule_replicas.py",  # 33 s
-    "tests/integration/backup/test_operator_cli.py",  # 33 s
-    "tests/integration/access/test_edge.py",  # 28 s
-    "tests/integration/storage/test_s3_blobs.py",  # 28 s
-    "tests/integration/access/test_rpc_fuzz.py",  # 25 s
-    "tests/integration/signing/test_signing.py",  # 24 s (session 5)
-    "tests/integration/backup/test_schedule_election.py",  # 24 s
-    "tests/integration/access/test_completeness.py",  # 24 s
-    "tests/integration/service/test_cli_bulk.py",  # 23 s
-    "tests/faults/test_s3_outage.py",  # 22 s
+    "tests/faults/test_cluster.py",  # 133 s
+    "tests/integration/access/test_dicom_network.py",  # 89 s
+    "tests/integration/test_localstack.py",  # 56 s
+    "tests/faults/test_postgres_outage.py",  # 55 s
+    "tests/integration/service/test_resilience.py",  # 54 s
+    "tests/integration/access/test_deadlines.py",  # 44 s
+    "tests/integration/backup/test_restore_revocations.py",  # 44 s (new, main at 52b7f3d)
+    "tests/integration/access/test_dicom_spool.py",  # 41 s
+    "tests/integration/access/test_rpc_fuzz.py",  # 41 s
+    "tests/integration/access/test_cancelled_put.py",  # 37 s
+    "tests/integration/backup/test_backup_constraints.py",  # 36 s
+    "tests/integration/backup/test_operator_cli.py",  # 36 s
+    "tests/integration/service/test_replicas.py",  # 34 s
+    "tests/integration/keys/test_rotation.py",  # 33 s
+    "tests/integration/backup/test_backup_snapshot.py",  # 33 s
+    "tests/integration/access/test_completeness.py",  # 30 s
+    "tests/integration/service/test_cli_bulk.py",  # 28 s
+    "tests/faults/test_s3_outage.py",  # 26 s
+    "tests/integration/service/test_cli_search.py",  # 26 s
+    "tests/integration/backup/test_schedule_replicas.py",  # 25 s
+    "tests/integration/backup/test_schedule_election.py",  # 25 s
+    "tests/integration/service/test_processes.py",  # 24 s
+    "tests/integration/backup/test_schedule_lock_held.py",  # 23 s
+    "tests/unit/service/test_lazy_imports.py",  # 21 s
     "tests/integration/storage/test_seaweed_ports.py",  # 21 s
-    "tests/integration/service/test_audit_trail.py",  # 20 s
-    "tests/integration/access/test_officer_view.py",  # 20 s
-    "tests/integration/access/test_mllp.py",  # 20 s
-    "tests/integration/bench/test_put_get_bench.py",  # 19 s
-    "tests/faults/test_write_path_kills.py",  # 18 s
-    "tests/integration/access/test_row_binding.py",  # 18 s
-    "tests/integration/access/test_upload_slots.py",  # 17 s
-    "tests/integration/service/test_roundtrip.py",  # 17 s
-    "tests/integration/access/test_read_admission.py",  # 15 s (session 5)
-    "tests/integration/access/test_fail_closed.py",  # 14 s (session 5)
-    "tests/integration/access/test_audit_integrity.py",  # 14 s
-    "tests/integration/backup/test_drill_report.py",  # 14 s
-    "tests/integration/service/test_processes.py",  # 14 s
-    "tests/integration/access/test_search.py",  # 13 s
-    "tests/integration/backup/test_backup_verify.py",  # 13 s
-    "tests/integration/access/test_audit_poisoning.py",  # 13 s
-    "tests/integration/service/test_tamper.py",  # 13 s
-    "tests/integration/service/test_cli_search.py",  # 12 s
-    "tests/integration/storage/test_audit_log.py",  # 12 s
-    "tests/integration/access/test_break_glass_queue.py",  # 12 s
+    "tests/integration/service/test_cli.py",  # 20 s
+    "tests/integration/access/test_edge.py",  # 19 s
+    "tests/integration/storage/test_sql_metadata.py",  # 18 s
+    "tests/integration/signing/test_signing.py",  # 18 s
+    "tests/integration/access/test_dependency_health.py",  # 17 s
+    "tests/integration/backup/test_run_ledger_forged.py",  # 17 s
+    "tests/integration/access/test_officer_view.py",  # 16 s
+    "tests/integration/access/test_row_binding.py",  # 16 s
+    "tests/integration/storage/test_audit_log.py",  # 15 s
+    "tests/integration/access/test_upload_slots.py",  # 15 s
+    "tests/integration/backup/test_restore_roundtrip.py",  # 14 s
+    "tests/faults/test_write_path_kills.py",  # 14 s
+    "tests/integration/backup/test_drill_report.py",  # 13 s
+    "tests/integration/access/test_fail_closed.py",  # 13 s
+    "tests/integration/keys/test_rewrap_resume.py",  # 13 s
+    "tests/integration/access/test_revocation_rollback.py",  # 13 s (new, main at 52b7f3d)
+    "tests/integration/service/test_tamper.py",  # 12 s
+    "tests/integration/access/test_mllp.py",  # 12 s
+    "tests/integration/access/test_audit_poisoning.py",  # 12 s
+    "tests/integration/bench/test_put_get_bench.py",  # 12 s
+    "tests/integration/access/test_read_admission.py",  # 12 s
+    "tests/integration/storage/test_forged_types.py",  # 12 s
+    "tests/integration/signing/test_signing_audit.py",  # 12 s
+    "tests/integration/service/test_audit_trail.py",  # 11 s
+    "tests/integration/backup/test_drill_sampled.py",  # 11 s
+    "tests/integration/service/test_cli_connect.py",  # 11 s
 )
 
 
@@ -100,14 +113,24 @@ def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def
 # per test (tab-separated, epoch seconds, CPU seconds), to see how a run's modules fill
 # the workers, which one ends it and which cost the most CPU (README, The two commands).
 if _timeline := os.environ.get("MEDVAULT_TEST_TIMELINE"):
+    _TICKS = os.sysconf("SC_CLK_TCK")
 
     def _cpu() -> float:
-        """CPU seconds of this worker and of its children reaped so far (the servers a
-        module started count when its fixtures stop them, in its last test)."""
+        """CPU seconds of this worker and of its children reaped so far (a subprocess
+        counts when it is waited for), with the servers its zygote forked and reaped (a
+        server counts once stopped; the zygote's own CPU, reaped at the session's end, is
+        in the worker's last test)."""
         own, children = (
             resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
         )
-        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+        forked = 0.0
+        for pid in Zygote.running:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            forked += sum(int(f) for f in fields[13:15]) / _TICKS  # cutime, cstime
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime + forked
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_protocol(item, nextitem):  # type: ignore[no-untyped-def]

@@ -8,6 +8,7 @@ composition root (``service.bootstrap``), which chooses the concrete target.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -17,7 +18,7 @@ from typing import TypeVar
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy.engine import Engine
 
-from keystore import Pkcs11SessionPool, Pkcs11Signer, Signer
+from keystore import Pkcs11BlindIndexer, Pkcs11SessionPool, Pkcs11Signer, Signer
 from service.backup.scheduler import (
     JobResult,
     Schedule,
@@ -38,6 +39,7 @@ from storage import (
     ProgressCallback,
     PruneResult,
     RecordNotFoundError,
+    RunSealer,
     S3BlobStore,
     SamplePlan,
     SourceInfo,
@@ -57,6 +59,7 @@ from storage import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 # (backup id, progress, sample or None for a full drill) -> the signed report;
 # ``service.backup.drill`` builds one.
@@ -93,6 +96,7 @@ class Backups:
         drill: DrillRunner | None = None,
         workers: int = 4,
         scheduled_sample: Callable[[], SamplePlan | None] = lambda: None,
+        on_overdue: Callable[[str], None] | None = None,
     ) -> None:
         self._engine = engine
         self._blobs = blobs
@@ -105,6 +109,8 @@ class Backups:
         # A scheduled drill is sampled when [backup] drill_sample_confidence is set; a
         # new seed each time (the report records it).
         self._scheduled_sample = scheduled_sample
+        # Told "backup-run-marker/<id>" of a run marker a prune did not honour.
+        self._on_overdue = on_overdue
 
     def trusted_key(self) -> bytes:
         """The token's backup public key: the key every manifest must be signed by."""
@@ -178,10 +184,23 @@ class Backups:
         """Apply the retention policy (the configured one unless ``policy``); never
         removes what a kept backup references."""
         r = policy or self.retention
-        return prune(
+        result = prune(
             self.target, r.keep_daily, r.keep_weekly, r.keep_monthly, now,
             grace=grace, dry_run=dry_run,
         )  # fmt: skip
+        for run_id in result.overdue_runs:
+            self._report_overdue(run_id)
+        return result
+
+    def _report_overdue(self, run_id: str) -> None:
+        """A run marker that blocks pruning past its bound (``storage.backup.run_markers``):
+        an incident. Never raises: the prune is done."""
+        if self._on_overdue is None:
+            return
+        try:
+            self._on_overdue(f"backup-run-marker/{run_id}")
+        except Exception:  # the log line of run_markers stays
+            log.exception("could not report an overdue backup run marker: %s", run_id)
 
     def scheduled_jobs(self, backup: Schedule | None, drill: Schedule | None) -> list[ScheduledJob]:
         """The scheduler's jobs for the configured schedules (none when both are off)."""
@@ -246,10 +265,12 @@ def report_kind(report: DrillReport) -> str:
 
 @dataclass(frozen=True, slots=True)
 class BackupWiring:
-    """What ``service.bootstrap`` keeps: the use cases and the (not yet started) scheduler."""
+    """What ``service.bootstrap`` keeps: the use cases, the (not yet started) scheduler
+    and its run ledger (the gauges of ``service.metrics`` read it)."""
 
     backups: Backups
     scheduler: Scheduler
+    ledger: SqlRunLedger
 
 
 def build(
@@ -258,11 +279,18 @@ def build(
     blobs: S3BlobStore,
     pool: Pkcs11SessionPool,
     audit: Callable[[AuditEntry], object],
+    *,
+    forged_run: Callable[[str], None] | None = None,
+    missed_run: Callable[[str], None] | None = None,
+    overdue_run: Callable[[str], None] | None = None,
 ) -> BackupWiring:
     """The backups of this deployment from ``[backup]``; called by ``service.bootstrap``.
 
     The target is created if absent and the backup key looked up now, so a wrong
     ``[backup]`` section or a token without ``medvault-backup-v1`` fails at start-up.
+    ``forged_run`` is told of a ledger row that failed its MAC where a slot was claimed;
+    ``missed_run`` of a slot left unclaimed while the election lock was held elsewhere;
+    ``overdue_run`` of a run marker a prune did not honour (beating for over a week).
     """
     # Imported here: service.backup.drill imports this package (DrillRunner).
     from service.backup.drill import drill_checks, drill_runner, sample_plan  # noqa: PLC0415
@@ -297,10 +325,12 @@ def build(
             sample_plan, config.backup.drill_sample_confidence,
             config.backup.drill_max_defect_rate, "",
         ),
+        on_overdue=overdue_run,
     )  # fmt: skip
     jobs = backups.scheduled_jobs(
         schedule_from(config.backup.schedule, config.backup.schedule_seconds),
         schedule_from(config.backup.drill_schedule, config.backup.drill_schedule_seconds),
     )
-    scheduler = Scheduler(jobs, SqlRunLedger(engine), partial(elected, engine), audit)
-    return BackupWiring(backups, scheduler)
+    ledger = SqlRunLedger(engine, RunSealer(Pkcs11BlindIndexer(pool)), forged_run)
+    scheduler = Scheduler(jobs, ledger, partial(elected, engine), audit, on_missed=missed_run)
+    return BackupWiring(backups, scheduler, ledger)

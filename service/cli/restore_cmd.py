@@ -11,6 +11,11 @@
   deployment's bucket, database and token from ``--into``). It refuses a target holding
   any record or object unless ``--force``, and writes its own audit event
   (``backup.restore``, principal ``console:<OS user>``) into the deployment it restored.
+  Restored under another record bucket's name, it first copies the grant revocation
+  markers of the deployment backed up (``service.write_once.MarkerCarry``; from
+  ``--markers-from``, default ``--config``) under the new name, before any row loads;
+  a backup with revoked grants none of which has a marker there is refused before
+  anything is written (the markers are looked for in the wrong place).
   The master keys (KEKs) never leave the token, so only a deployment with the token's
   own backup can be restored into (docs/operations.md).
 """
@@ -22,13 +27,19 @@ import getpass
 import logging
 import socket
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service._gen.medvault.v1 import backup_pb2 as bpb
 from service.cli.backup_cmd import Bars, follow, human_size, stub, trusted_key
 from service.cli.client import add_connection_flags
 from service.cli.options import config_path
 from service.cli.tables import print_table
+
+if TYPE_CHECKING:
+    from minio import Minio
+
+    from service.config import Config
+    from service.write_once import MarkerCarry
 
 RESTORE_ACTION = "backup.restore"
 
@@ -80,14 +91,22 @@ def cmd_drill(ns: argparse.Namespace) -> int:
 def cmd_restore(ns: argparse.Namespace) -> int:
     """Restore a backup into the (empty) deployment ``--into`` describes (locally)."""
     from keystore import (  # noqa: PLC0415
+        Pkcs11BlindIndexer,
         Pkcs11KeyWrapper,
         Pkcs11SessionPool,
         Pkcs11Signer,
     )
     from service.backup.targets import backup_settings, make_target  # noqa: PLC0415
-    from service.bootstrap import blob_store, keystore_config  # noqa: PLC0415
+    from service.bootstrap import blob_store, keystore_config, s3_client  # noqa: PLC0415
     from service.config import load  # noqa: PLC0415
-    from storage import Deployment, make_engine, restore, upgrade  # noqa: PLC0415  # noqa: PLC0415
+    from storage import (  # noqa: PLC0415
+        Deployment,
+        GrantSealer,
+        make_engine,
+        read_manifest,
+        restore,
+        upgrade,
+    )
 
     quiet_migrations()
     source = load(config_path(ns))
@@ -95,6 +114,8 @@ def cmd_restore(ns: argparse.Namespace) -> int:
     s = backup_settings(source, target=ns.target or "", bucket=ns.bucket or "",
                         directory=ns.directory or "")  # fmt: skip
     target = make_target(source, s)
+    into_client = s3_client(into)
+    blobs = blob_store(into, into_client)
     engine = make_engine(into.database.url)
     bars = Bars()
     progress = _storage_progress(bars)
@@ -103,27 +124,88 @@ def cmd_restore(ns: argparse.Namespace) -> int:
         with Pkcs11SessionPool(keystore_config(into)) as pool:
             trusted = (trusted_key(ns.trusted_key) if ns.trusted_key
                        else Pkcs11Signer(pool, s.signing_key_label).public_key_der())  # fmt: skip
+            backed_up = read_manifest(target, ns.id, trusted).source.bucket
+            carry, in_place = _carry(ns, source, into, into_client, backed_up)
+            sealer = GrantSealer(Pkcs11BlindIndexer(pool))
             result = restore(
-                target, ns.id, Deployment(engine, blob_store(into)),
+                target, ns.id, Deployment(engine, blobs),
                 keks=Pkcs11KeyWrapper(pool), token_label=pool.config.token_label,
                 trusted_public_key=trusted, force=ns.force, strict=True, progress=progress,
+                before_load=carry.copy if carry is not None else None,
+                before_write=(lambda rows: carry.check_revoked(rows, sealer))
+                if carry is not None else None,
+                named_grants=carry.marked if carry is not None else frozenset(),
             )  # fmt: skip
         bars.close()
         counts = ", ".join(f"{n} {name}" for name, n in sorted(result.tables.items()))
+        markers = _markers_line(carry, in_place)
         record_local_event(
             engine, RESTORE_ACTION, f"backup/{ns.id}",
             f"restored from {target.describe()}{' (--force)' if ns.force else ''}: "
-            f"{result.objects} objects, {result.bytes} bytes; rows: {counts}",
+            f"{result.objects} objects, {result.bytes} bytes; rows: {counts}; {markers}",
         )  # fmt: skip
     finally:
         bars.close()
         engine.dispose()
     print(f"backup {ns.id} restored into {into.s3.bucket} and the database of {ns.into}: "
           f"{result.objects} objects ({human_size(result.bytes)}); rows: {counts}")  # fmt: skip
+    print(markers)
     print("counts match the manifest; an audit event (backup.restore) records the restore. "
           "Start the service on that config, then run `medvault audit verify` and a drill "
           "of the next backup")  # fmt: skip
     return 0
+
+
+def _carry(ns: argparse.Namespace, source: Config, into: Config, into_client: Minio,
+           backed_up: str) -> tuple[MarkerCarry | None, bool]:  # fmt: skip
+    """The carry of the markers kept under record bucket name ``backed_up`` (the
+    manifest's source), checked (the old ones listed), and whether they are read in
+    place (then no carry). ``--without-revocation-markers`` goes without them only when
+    none can be read: with any there, it is refused (cold review 11d)."""
+    from service.bootstrap import s3_client  # noqa: PLC0415
+    from service.config import load  # noqa: PLC0415
+    from service.write_once import marker_carry  # noqa: PLC0415
+    from storage import RevocationMarkerError  # noqa: PLC0415
+
+    origin = load(ns.markers_from) if ns.markers_from else source
+    named = (f"--markers-from {ns.markers_from}" if ns.markers_from
+             else f"--config {config_path(ns)}")  # fmt: skip
+    try:
+        carry = marker_carry(origin, s3_client(origin), into, into_client, backed_up,
+                             origin=named)  # fmt: skip
+    except RevocationMarkerError:
+        if ns.without_revocation_markers:
+            return None, False
+        raise
+    if carry is None:
+        return None, True  # read in place: --without-revocation-markers loses nothing
+    if not ns.without_revocation_markers:
+        carry.check()
+        return carry, False
+    try:
+        found = carry.check()
+    except RevocationMarkerError:
+        found = 0
+    if not found:
+        return None, False  # none there to read: restored without them, as the flag says
+    # The flag is for markers lost with the old deployment; there, going without them
+    # would make every grant revoked after the backup active again (cold review 11d).
+    raise RevocationMarkerError(
+        f"--without-revocation-markers, but {found} grant revocation marker(s) of the "
+        f"deployment backed up can be read at {carry.source.describe()}; nothing was "
+        "restored. Run the restore again without --without-revocation-markers: they are "
+        "carried over"
+    )
+
+
+def _markers_line(carry: MarkerCarry | None, in_place: bool) -> str:
+    if in_place:
+        return "revocation markers: read in place (same record bucket name)"
+    if carry is None:  # only with --without-revocation-markers (see _carry)
+        return ("revocation markers NOT carried over (--without-revocation-markers: they "
+                "could not be read): revoke again every grant revoked after the backup was "
+                "taken")  # fmt: skip
+    return carry.describe()
 
 
 def record_local_event(engine: Any, action: str, resource: str, reason: str) -> None:
@@ -189,5 +271,19 @@ def register(sub: Any) -> None:
     real.add_argument("--force", action="store_true",
                       help="overwrite a target that already holds records or objects")  # fmt: skip
     real.add_argument("--trusted-key", help="PEM/DER backup public key (else the token's)")
+    # Both at once would silently carry nothing (cold review 11d): argparse refuses it.
+    markers = real.add_mutually_exclusive_group()
+    markers.add_argument(
+        "--markers-from", metavar="CONFIG",
+        help="config of the deployment the backup was taken from, whose [s3] endpoint and "
+        "[audit] witness_bucket hold its grant revocation markers (default --config); "
+        "they are copied under the new record bucket's name",
+    )  # fmt: skip
+    markers.add_argument(
+        "--without-revocation-markers", action="store_true",
+        help="restore under another record bucket's name without the old deployment's "
+        "grant revocation markers (lost with it): grants revoked after the backup are "
+        "active again; revoke them again",
+    )  # fmt: skip
     _target_flags(real)
     real.set_defaults(func=cmd_restore)

@@ -3,7 +3,8 @@
 ``medvault serve`` starts it when ``[dicom] listen`` is set and stops it on shutdown
 (docs/formats.md, "DICOM network service"). It accepts the storage SOP classes (as
 SCP, and as SCU within a C-GET), Study Root C-FIND and C-GET, and Verification.
-Received instances are spooled to a temporary file by pynetdicom, not held in memory.
+Received instances are spooled by pynetdicom as they arrive, not held in memory, into
+sealed nameless files of the service's spool folder (``service.dicom.spool``).
 """
 
 from __future__ import annotations
@@ -155,13 +156,17 @@ class _PeerShares:
                 self._held.pop(key, None)
 
 
+def _release_spools(event: Any) -> None:
+    """An association ended: the data sets it left unhandled give their disk back now."""
+    spool.release(event.assoc)
+
+
 class DicomListener:
     """The running DICOM service; ``stop`` closes the socket and its associations."""
 
     def __init__(self, config: Config, store: RecordStore, guard: AccessGuard) -> None:
         self._config = config
         self._handlers = DimseHandlers(store, guard, config.dicom.max_instance_size)
-        spool.install(config.dicom.max_instance_size)
         retrieve.install()
         self._ae = _application_entity(config)
         self._shares = _PeerShares(config.dicom.max_associations, guard)
@@ -185,6 +190,8 @@ class DicomListener:
             (evt.EVT_RELEASED, self._shares.on_close),
             (evt.EVT_ABORTED, self._shares.on_close),
             (evt.EVT_CONN_CLOSE, self._shares.on_close),
+            (evt.EVT_ABORTED, _release_spools),
+            (evt.EVT_CONN_CLOSE, _release_spools),
         ]
         try:
             context = server_context(tls.cert, tls.key, tls.client_ca)
@@ -193,6 +200,7 @@ class DicomListener:
                 "[tls] cert, key or client_ca cannot be loaded for [dicom]: "
                 f"{getattr(e, 'strerror', None) or type(e).__name__}"
             ) from e
+        self._prepare_spool()
         try:
             self._server = self._ae.make_server(
                 (host.strip("[]"), int(port)), evt_handlers=handlers, ssl_context=context,
@@ -211,6 +219,16 @@ class DicomListener:
         log.info("dicom serving", extra={"listen": self._config.dicom.listen, "port": self.port,
                                          "ae_title": self._config.dicom.ae_title})  # fmt: skip
         return self.port
+
+    def _prepare_spool(self) -> None:
+        """Create and empty the spool folder, then have pynetdicom spool into it."""
+        dicom = self._config.dicom
+        folder = self._config.base_dir / dicom.spool_directory
+        removed = spool.prepare(folder)
+        # A count only: a leftover's name says nothing, its content is not looked at.
+        log.info("dicom spool emptied", extra={"spool_directory": str(folder),
+                                               "removed": removed})  # fmt: skip
+        spool.install(dicom.max_instance_size, folder)
 
     def stop(self) -> None:
         """Stop accepting, abort the open associations."""

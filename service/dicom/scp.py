@@ -16,12 +16,10 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import re
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -30,7 +28,15 @@ from service.audit import AuditUnavailableError
 from service.authn import AuthenticationError
 from service.authz import PermissionDeniedError
 from service.dicom.identity import ECHO, FIND, GET, STORE, call_facts
-from service.dicom.spool import oversized
+from service.dicom.query import (
+    Scope,
+    SkippedError,
+    authority,
+    find_matches,
+    retrieve_keys,
+    text,
+)
+from service.dicom.spool import BoundedSpool, received
 from service.guard import NO_GRANT, AccessGuard, Call
 from service.limits import TooManyCallsError
 from service.status import status_for
@@ -45,7 +51,6 @@ from storage import (
     RecordRef,
     RecordStore,
     StudyMember,
-    StudySummary,
 )
 
 log = logging.getLogger(__name__)
@@ -61,9 +66,6 @@ GET_OUT_OF_RESOURCES = 0xA702  # C-GET: unable to perform sub-operations
 DOES_NOT_MATCH = 0xA900  # the data set / identifier does not match the SOP class
 CANNOT_UNDERSTAND = 0xC000  # C-STORE: cannot understand; C-FIND/C-GET: unable to process
 CHUNK = 1 << 20
-MAX_QUERY_STUDIES = 100  # study UIDs in one C-FIND (each is a query of the index)
-_OID = re.compile(r"[0-2](\.(0|[1-9][0-9]*))+\Z")
-_URN_OID = "urn:oid:"
 # Already audited by the guard (denials) or impossible to audit (the trail is down).
 _NOT_AUDITED_AGAIN = (
     PermissionDeniedError, AuthenticationError, AuditUnavailableError, TooManyCallsError,
@@ -72,30 +74,19 @@ _PATIENT_TAGS = ("PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersS
                  "SOPClassUID", "SOPInstanceUID")  # fmt: skip
 
 
-class _SkippedError(Exception):
-    """A record of a patient already refused (and audited) in this request."""
-
-
-def authority(issuer: str) -> str:
-    """The assigning authority medvault files a DICOM issuer under: an OID as
-    ``urn:oid:<OID>`` (the form gRPC headers and FHIR systems use), anything else as is."""
-    return _URN_OID + issuer if _OID.match(issuer) else issuer
-
-
-def issuer(authority_value: str) -> str:
-    """The IssuerOfPatientID of an authority (``urn:oid:`` dropped)."""
-    if authority_value[: len(_URN_OID)].lower() == _URN_OID:
-        return authority_value[len(_URN_OID) :]
-    return authority_value
-
-
 Status = int | Dataset  # a status code, or a Dataset with Status and ErrorComment
 Reply = tuple[Status, Dataset | None]
 
 
-def _text(dataset: Dataset, keyword: str) -> str:
-    value: Any = dataset.get(keyword)
-    return "" if value is None else str(value).strip()
+def _spool_refusal(spooled: BoundedSpool, cap: int) -> Exception | None:
+    """Why a received data set is refused before it is read (A700), if it is."""
+    if spooled.busy:  # the peer sent it before the previous C-STOREs were answered
+        return InvalidRecordError("content", "sent before the previous C-STORE was answered")
+    if spooled.failed:  # logged with the folder; the peer may send it again later
+        return BackendUnavailableError("the DICOM spool could not keep the data set")
+    if spooled.oversized or spooled.size > cap:
+        return InvalidRecordError("content", f"exceeds the DICOM instance limit of {cap} bytes")
+    return None
 
 
 def _comment(status: int, text: str) -> Dataset:
@@ -114,9 +105,11 @@ def instance_key(sop_instance: str) -> str:
     return "dicom." + hashlib.sha256(sop_instance.encode()).hexdigest()[:48]
 
 
-def instance_patient(path: Path, command: tuple[str, str] | None = None
-                     ) -> tuple[PatientRef, str]:
-    """The patient and SOP Instance UID a DICOM data set or Part 10 file names.
+def instance_patient(
+    path: Path | BinaryIO, command: tuple[str, str] | None = None
+) -> tuple[PatientRef, str]:
+    """The patient and SOP Instance UID a DICOM data set or Part 10 file (a path, or a
+    file open from its start) names.
 
     With ``command`` (SOP Class and Instance UIDs of a C-STORE), the data set must be
     that instance. ``medvault import-dicom`` reads files with it, so a CD's instances are
@@ -127,9 +120,9 @@ def instance_patient(path: Path, command: tuple[str, str] | None = None
             warnings.simplefilter("ignore")
             dataset = dcmread(path, stop_before_pixels=True, defer_size=16 << 10,
                               specific_tags=list(_PATIENT_TAGS))  # fmt: skip
-        values = {k: _text(dataset, k) for k in _PATIENT_TAGS[:2] + _PATIENT_TAGS[3:]}
+        values = {k: text(dataset, k) for k in _PATIENT_TAGS[:2] + _PATIENT_TAGS[3:]}
         qualifiers = list(dataset.get("IssuerOfPatientIDQualifiersSequence") or [])
-        universal = [_text(q, "UniversalEntityID") for q in qualifiers]
+        universal = [text(q, "UniversalEntityID") for q in qualifiers]
     except Exception as e:
         raise InvalidRecordError("content", "is not DICOM: the data set does not parse") from e
     if not values["SOPClassUID"] or not values["SOPInstanceUID"]:
@@ -146,45 +139,9 @@ def instance_patient(path: Path, command: tuple[str, str] | None = None
     return PatientRef(values["PatientID"], authority(found)), values["SOPInstanceUID"]
 
 
-def patient_of(path: Path, sop_class: str, sop_instance: str) -> PatientRef:
+def patient_of(path: Path | BinaryIO, sop_class: str, sop_instance: str) -> PatientRef:
     """The patient a received instance names; it must be the instance the command names."""
     return instance_patient(path, (sop_class, sop_instance))[0]
-
-
-@dataclass
-class _Scope:
-    """Patient scope within one request: each patient checked (and audited) once."""
-
-    guard: AccessGuard
-    call: Call
-    allowed: set[bytes] = field(default_factory=set)
-    refused: set[bytes] = field(default_factory=set)
-
-    def gate(self, ref: RecordRef) -> None:
-        """Admit a record of an allowed patient; the first of each patient is audited."""
-        if ref.patient_index in self.allowed:
-            return
-        if ref.patient_index in self.refused:
-            raise _SkippedError
-        try:
-            self.guard.patient_gate(self.call)(ref)
-        except PermissionDeniedError:
-            self.refused.add(ref.patient_index)
-            raise
-        self.allowed.add(ref.patient_index)
-
-    def check_only(self, ref: RecordRef) -> None:
-        """Scope only (a refusal is audited, an allowance is audited at the read)."""
-        if ref.patient_index in self.allowed:
-            return
-        if ref.patient_index in self.refused:
-            raise _SkippedError
-        try:
-            self.guard.check_scope(self.call, ref)
-        except PermissionDeniedError:
-            self.refused.add(ref.patient_index)
-            raise
-        self.allowed.add(ref.patient_index)
 
 
 class DimseHandlers:
@@ -223,7 +180,7 @@ class DimseHandlers:
         for member in self._store.study_members(study_uid):
             try:
                 found.append((member, self._store.stat(member.id, member.version, admit=admit)))
-            except (PermissionDeniedError, _SkippedError):
+            except (PermissionDeniedError, SkippedError):
                 continue
         return found
 
@@ -246,18 +203,22 @@ class DimseHandlers:
         except (AuthenticationError, PermissionDeniedError) as e:
             return _comment(NOT_AUTHORISED, str(e))
         request = event.request
-        path = Path(event.dataset_path)
         try:
-            if oversized(str(path)) or path.stat().st_size > self._cap:
-                return self._refused(call, "record/new", InvalidRecordError(
-                    "content", f"exceeds the DICOM instance limit of {self._cap} bytes"),
-                    OUT_OF_RESOURCES)  # fmt: skip
-            patient = patient_of(
-                path, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
+            # The data set as pynetdicom spooled it: sealed, read back through its reader.
+            spooled = received(event.dataset_path)
+            if refusal := _spool_refusal(spooled, self._cap):
+                return self._refused(call, "record/new", refusal, OUT_OF_RESOURCES)
+            with spooled.reader() as f:
+                patient = patient_of(
+                    f, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
+                )
+            header = NewRecord(
+                patient,
+                RecordKind.DICOM,
+                "application/dicom",
+                request_id=instance_key(str(request.AffectedSOPInstanceUID)),
             )
-            header = NewRecord(patient, RecordKind.DICOM, "application/dicom",
-                               request_id=instance_key(str(request.AffectedSOPInstanceUID)))
-            with path.open("rb") as f:
+            with spooled.reader() as f:
                 self._store.put(
                     header, iter(lambda: f.read(CHUNK), b""), call.principal.name,
                     admit=self._guard.scope_gate(call),
@@ -298,8 +259,8 @@ class DimseHandlers:
 
     def _get_members(self, call: Call, query: Dataset) -> list[tuple[StudyMember, RecordInfo]]:
         """The instances a C-GET names that the caller may read (refusals audited)."""
-        study, series, sops = _retrieve_keys(query)
-        scope = _Scope(self._guard, call)
+        study, series, sops = retrieve_keys(query)
+        scope = Scope(self._guard, call)
         members = [
             (m, info) for m, info in self._members(study, scope.check_only)
             if (not series or m.series_uid in series) and (not sops or m.sop_uid in sops)
@@ -359,144 +320,3 @@ class DimseHandlers:
                                     GET_OUT_OF_RESOURCES), None  # fmt: skip
                 return
             yield PENDING, dataset
-
-
-def _values(query: Dataset, keyword: str) -> list[str]:
-    """A key's values (a UID list is multi-valued); [] when empty (universal matching)."""
-    value: Any = query.get(keyword)
-    if value is None:
-        return []
-    items = str(value).split("\\") if isinstance(value, str) else list(value)
-    return [str(v).strip() for v in items if str(v).strip()]
-
-
-def _retrieve_keys(query: Dataset) -> tuple[str, set[str], set[str]]:
-    studies = _values(query, "StudyInstanceUID")
-    if len(studies) != 1:
-        raise InvalidRecordError("StudyInstanceUID", "one study UID is required")
-    return (
-        studies[0],
-        set(_values(query, "SeriesInstanceUID")),
-        set(_values(query, "SOPInstanceUID")),
-    )
-
-
-def _date_match(wanted: str, day: str) -> bool:
-    """DA matching: a single date or a range ``A-B`` (either side may be open)."""
-    if not wanted:
-        return True
-    low, dash, high = wanted.replace(" ", "").partition("-")
-    if not dash:
-        return day == low
-    return bool(day) and (not low or low <= day) and (not high or day <= high)
-
-
-def _reply(query: Dataset, level: str, known: dict[str, Any]) -> Dataset:
-    """The requested keys with the values known for this match (others empty)."""
-    reply = Dataset()
-    reply.QueryRetrieveLevel = level
-    for element in query:
-        keyword = element.keyword
-        if keyword and keyword != "QueryRetrieveLevel":
-            setattr(reply, keyword, known.get(keyword, ""))
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
-        if keyword in known and keyword not in reply:
-            setattr(reply, keyword, known[keyword])
-    return reply
-
-
-def _patient_keys(patient: PatientRef) -> dict[str, Any]:
-    return {"PatientID": patient.id, "IssuerOfPatientID": issuer(patient.authority)}
-
-
-def _study_reply(query: Dataset, s: StudySummary, patient: PatientRef) -> Dataset:
-    return _reply(query, "STUDY", {
-        **_patient_keys(patient), "StudyInstanceUID": s.study_uid, "StudyDate": s.study_date,
-        "ModalitiesInStudy": list(s.modalities) or "",
-        "NumberOfStudyRelatedSeries": s.series_count,
-        "NumberOfStudyRelatedInstances": s.instance_count,
-    })  # fmt: skip
-
-
-def find_matches(store: RecordStore, guard: AccessGuard, call: Call, query: Dataset
-                 ) -> list[Dataset]:  # fmt: skip
-    """The C-FIND responses for ``query``; every record read is scope-checked and audited."""
-    level = _text(query, "QueryRetrieveLevel").upper()
-    studies = _values(query, "StudyInstanceUID")
-    date, modality = _text(query, "StudyDate"), _text(query, "ModalitiesInStudy")
-    if level == "STUDY" and not studies:
-        pid, issued = _text(query, "PatientID"), _text(query, "IssuerOfPatientID")
-        if not pid or not issued or "*" in pid or "?" in pid:
-            raise InvalidRecordError(
-                "identifier", "give StudyInstanceUID, or PatientID and IssuerOfPatientID"
-            )
-        patient = PatientRef(pid, authority(issued))
-        found = store.studies(patient, admit=guard.patient_gate(call))
-        return [
-            _study_reply(query, s, patient) for s in found
-            if _date_match(date, s.study_date) and (not modality or modality in s.modalities)
-        ]  # fmt: skip
-    if level not in ("STUDY", "SERIES", "IMAGE"):
-        raise InvalidRecordError("QueryRetrieveLevel", "must be STUDY, SERIES or IMAGE")
-    if not studies or (level != "STUDY" and len(studies) != 1):
-        raise InvalidRecordError("StudyInstanceUID", "is required below STUDY level (one UID)")
-    if len(studies) > MAX_QUERY_STUDIES:
-        raise InvalidRecordError("StudyInstanceUID", f"at most {MAX_QUERY_STUDIES} UIDs per query")
-    replies: list[Dataset] = []
-    refused = False
-    for study in studies:
-        scope = _Scope(guard, call)
-        members: list[tuple[StudyMember, RecordInfo]] = []
-        for member in store.study_members(study):
-            try:
-                members.append((member, store.stat(member.id, member.version, admit=scope.gate)))
-            except (PermissionDeniedError, _SkippedError):
-                continue
-        replies += _level_replies(query, level, study, members)
-        refused = refused or bool(scope.refused)
-    if not replies and refused:
-        raise PermissionDeniedError(NO_GRANT)  # each patient's refusal is audited
-    return replies
-
-
-def _level_replies(query: Dataset, level: str, study: str,
-                   members: list[tuple[StudyMember, RecordInfo]]) -> list[Dataset]:  # fmt: skip
-    if not members:
-        return []
-    patient = members[0][1].patient
-    if level == "STUDY":
-        dates = sorted(m.study_date for m, _ in members if m.study_date)
-        summary = StudySummary(
-            study, dates[0] if dates else "", tuple(sorted({m.modality for m, _ in members})),
-            len({m.series_uid for m, _ in members}), len(members),
-        )  # fmt: skip
-        date, modality = _text(query, "StudyDate"), _text(query, "ModalitiesInStudy")
-        if not _date_match(date, summary.study_date) or (
-            modality and modality not in summary.modalities
-        ):
-            return []
-        return [_study_reply(query, summary, patient)]
-    series_wanted = set(_values(query, "SeriesInstanceUID"))
-    modality = _text(query, "Modality")
-    chosen = [
-        (m, i) for m, i in members
-        if (not series_wanted or m.series_uid in series_wanted)
-        and (not modality or m.modality == modality)
-    ]  # fmt: skip
-    base = {**_patient_keys(patient), "StudyInstanceUID": study}
-    if level == "SERIES":
-        by_series: dict[str, list[StudyMember]] = {}
-        for m, _ in chosen:
-            by_series.setdefault(m.series_uid, []).append(m)
-        return [
-            _reply(query, "SERIES", {**base, "SeriesInstanceUID": uid,
-                                     "Modality": items[0].modality,
-                                     "NumberOfSeriesRelatedInstances": len(items)})
-            for uid, items in by_series.items()
-        ]  # fmt: skip
-    sops = set(_values(query, "SOPInstanceUID"))
-    return [
-        _reply(query, "IMAGE", {**base, "SeriesInstanceUID": m.series_uid,
-                                "SOPInstanceUID": m.sop_uid, "SOPClassUID": m.sop_class})
-        for m, _ in chosen if not sops or m.sop_uid in sops
-    ]  # fmt: skip

@@ -6,16 +6,24 @@ Every step that can refuse does so before anything is written:
    against the trusted backup key);
 2. the snapshot, downloaded once into a spooled temporary file while its SHA-256 and size
    are compared with the manifest;
-3. the snapshot's rows, each value of its column's type (``snapshot.checked_rows``:
-   table and columns named, never the value), and the master keys: every KEK version a
-   snapshot row references must be on the token, or nothing can be decrypted
-   afterwards (the missing versions are named);
-4. the target: its database must hold no data and its bucket no object, unless
+3. the snapshot's rows, each value of its column's type and each row within the
+   schema's constraints (``snapshot.checked_rows``, :mod:`storage.backup.constraints`:
+   table and columns or constraint named, never a value), and the master keys: every
+   KEK version a snapshot row references must be on the token, or nothing can be
+   decrypted afterwards (the missing versions are named);
+4. ``before_write`` (``medvault restore``: the snapshot's revoked grants against the
+   old deployment's revocation markers, ``service.write_once.MarkerCarry.check_revoked``:
+   markers for none of them means the markers are looked for in the wrong place);
+5. the target: its database must hold no data and its bucket no object, unless
    ``force`` (then the medvault tables are emptied; other objects are left alone);
-5. every object streamed from ``objects/<sha256>`` back to its original ``object_key``,
+6. every object streamed from ``objects/<sha256>`` back to its original ``object_key``,
    its size and SHA-256 recomputed on the way (a mismatch aborts that object's upload);
-6. the snapshot loaded (:func:`storage.backup.snapshot.load`), then the row count of
-   every table and the objects compared with the manifest.
+7. ``before_load`` (``medvault restore``: the grant revocation markers of the
+   snapshot's grants carried over under the new record bucket's name,
+   ``service.write_once.MarkerCarry``);
+8. the snapshot loaded (:func:`storage.backup.snapshot.load`; a row the target's
+   database still refuses is named by table and constraint, never by its values), then
+   the row count of every table and the objects compared with the manifest.
 
 Objects are copied by ``workers`` threads (:func:`storage.backup.pool.bounded_map`: at
 most ``2 x workers`` objects in flight, each streamed, so memory stays bounded whatever
@@ -29,10 +37,10 @@ from __future__ import annotations
 import hashlib
 import secrets
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -56,6 +64,9 @@ from storage.sql_metadata import records, translated
 _SPOOL_IN_MEMORY = 8 << 20  # snapshots up to this size never touch the disk
 # Which manifest objects a restore copies (the sampled drill copies only its sample).
 ObjectFilter = Callable[[ManifestObject], bool]
+# The snapshot's ``access_grants`` rows given to ``before_write``, by column name (values
+# checked by type).
+RevokedRows = Sequence[Mapping[str, Any]]
 
 
 class RestoreError(BackupError):
@@ -159,6 +170,9 @@ def restore(
     progress: ProgressCallback | None = None,
     workers: int = 4,
     objects: ObjectFilter | None = None,
+    before_load: Callable[[frozenset[str]], object] | None = None,
+    before_write: Callable[[RevokedRows], object] | None = None,
+    named_grants: Collection[str] = frozenset(),
 ) -> RestoreResult:
     """Restore backup ``backup_id`` into ``into`` (see the module docstring).
 
@@ -166,11 +180,23 @@ def restore(
     before the snapshot is loaded; otherwise (the drill) the good objects are restored,
     the snapshot loaded, and the bad ones listed in ``failures``. ``objects`` restricts
     which objects are copied (the sampled drill copies its sample later); None = all.
+    ``before_load`` runs after the objects, before any row is loaded, given the grant
+    ids of the snapshot's rows (``medvault restore`` carries the grant revocation
+    markers of those grants over there: a restored deployment has no grant row until
+    they are in place); the drill passes none. ``before_write`` runs before anything is
+    written (before ``force`` empties a table), given the snapshot's revoked grant rows
+    and its rows of ``named_grants`` revoked or not (``medvault restore``: the grants
+    the old markers name); it refuses by raising (``medvault restore``: the markers must
+    be looked for where that deployment kept them).
     """
     report = progress or _no_progress
     manifest = read_manifest(target, backup_id, trusted_public_key)
     with _spooled_snapshot(target, manifest) as spool:
-        _check_keks(spool, keks, token_label)
+        grant_ids, revoked = _check_keks(
+            spool, keks, token_label, keep_revoked=before_write is not None, named=named_grants
+        )
+        if before_write is not None:
+            before_write(revoked)
         _check_empty(into, force)
         result = RestoreResult(manifest)
         chosen = [o for o in manifest.objects if objects is None or objects(o)]
@@ -180,6 +206,8 @@ def restore(
                 f"backup {backup_id}: "
                 + "; ".join(f"{f.object_key}: {f.detail}" for f in result.failures)
             )
+        if before_load is not None:
+            before_load(grant_ids)
         report(BackupProgress("snapshot", 0, 1, 0))
         spool.seek(0)
         snapshot.load(into.engine, _chunks(spool))
@@ -224,19 +252,36 @@ def _chunks(file: IO[bytes], size: int = 1 << 20) -> Iterator[bytes]:
         yield chunk
 
 
-def _check_keks(spool: IO[bytes], keks: KekInventory, token_label: str) -> None:
-    """Every KEK version the records' wrapped keys name must be on the token."""
+def _check_keks(
+    spool: IO[bytes],
+    keks: KekInventory,
+    token_label: str,
+    *,
+    keep_revoked: bool = False,
+    named: Collection[str] = frozenset(),
+) -> tuple[frozenset[str], list[dict[str, Any]]]:
+    """Every KEK version the records' wrapped keys name must be on the token; the grant
+    ids of the snapshot's rows, and (``keep_revoked``) its grant rows that are revoked
+    or ``named``, read in the same pass (a row is a few hundred bytes: kept in memory)."""
     # The snapshot's own reader (one pass over the spooled file, rows not kept), every
     # row checked by type as the load will: a kek_version of another type is refused
     # naming table and column, never int() of it with its value in the error.
     rows = (line for line in snapshot.decoded_lines(_chunks(spool)) if line[0] != snapshot.ALEMBIC)
-    needed: set[int] = {
-        row["kek_version"] for table, row in snapshot.checked_rows(rows) if table.name == "records"
-    }
+    needed: set[int] = set()
+    grant_ids: set[str] = set()
+    revoked: list[dict[str, Any]] = []
+    for table, row in snapshot.checked_rows(rows):
+        if table.name == "records":
+            needed.add(row["kek_version"])
+        elif table.name == "access_grants":
+            grant_ids.add(row["id"])
+            if keep_revoked and (row["revoked_at"] is not None or row["id"] in named):
+                revoked.append(row)
     spool.seek(0)
     missing = sorted(needed - set(keks.versions()))
     if missing:
         raise MissingKekError(missing, token_label)
+    return frozenset(grant_ids), revoked
 
 
 # Tables whose rows are a deployment's data: any row there and the target is not empty.

@@ -10,11 +10,13 @@ What is deleted, and what never is:
 * a pruned backup's manifest (first: it stops being complete), signature and snapshot;
 * objects no kept manifest references. An object still referenced by any kept
   manifest is never deleted. Objects of a run in progress are referenced by no
-  manifest yet, so while a run marker younger than ``grace`` (and never less than
-  ``RUN_GRACE``, whatever grace is given) exists no object is deleted at all, nor
-  that run's snapshot or half-written manifest; without one, objects that no
-  manifest references are deleted only when older than ``grace`` (leftovers of a run
-  killed midway), objects that only pruned backups referenced at once;
+  manifest yet, so while a run is live (its marker beat within ``grace``, and never
+  less than ``RUN_GRACE`` whatever grace is given; a running run beats every few
+  minutes however long it runs, up to ``max_run_age``: ``storage.backup.run_markers``)
+  no object is deleted at all, nor that run's snapshot or half-written manifest;
+  without one, objects that no manifest references are deleted only when older than
+  ``grace`` (leftovers of a run killed midway), objects that only pruned backups
+  referenced at once;
 * leftover snapshots, half-written manifest pairs and stale run markers older than
   ``grace``. If any manifest cannot be read, no object is deleted (its references are
   unknown).
@@ -30,7 +32,6 @@ from storage.backup import BackupError
 from storage.backup.manifest import (
     MANIFESTS_PREFIX,
     OBJECTS_PREFIX,
-    RUNS_PREFIX,
     SNAPSHOTS_PREFIX,
     Manifest,
     backup_id_of,
@@ -38,6 +39,7 @@ from storage.backup.manifest import (
     signature_key,
     snapshot_key,
 )
+from storage.backup.run_markers import MAX_RUN_AGE, read_markers
 from storage.backup.targets import BackupTarget, TargetEntry, read_all
 from storage.errors import RecordNotFoundError
 
@@ -66,10 +68,16 @@ class BackupSummary:
     def of(cls, m: Manifest) -> BackupSummary:
         """The summary of manifest ``m``."""
         return cls(
-            id=m.id, trigger=m.trigger, created_at=m.created_at, completed_at=m.completed_at,
-            records=m.counts.get("records", 0), objects=m.counts.get("objects", 0),
-            bytes=m.counts.get("bytes", 0), audit_events=m.counts.get("audit_events", 0),
-            copied_objects=m.copied.get("objects", 0), copied_bytes=m.copied.get("bytes", 0),
+            id=m.id,
+            trigger=m.trigger,
+            created_at=m.created_at,
+            completed_at=m.completed_at,
+            records=m.counts.get("records", 0),
+            objects=m.counts.get("objects", 0),
+            bytes=m.counts.get("bytes", 0),
+            audit_events=m.counts.get("audit_events", 0),
+            copied_objects=m.copied.get("objects", 0),
+            copied_bytes=m.copied.get("bytes", 0),
         )
 
 
@@ -149,6 +157,8 @@ class PruneResult:
     bytes_removed: int
     leftovers_removed: int
     objects_deferred: bool  # a run was in progress or a manifest unreadable
+    # Run markers not honoured: beating past max_run_age, or dated ahead (run_markers).
+    overdue_runs: tuple[str, ...] = ()
 
 
 def _delete_all(target: BackupTarget, keys: Iterable[str], dry_run: bool) -> int:
@@ -169,6 +179,7 @@ def prune(
     *,
     grace: timedelta = DEFAULT_GRACE,
     dry_run: bool = False,
+    max_run_age: timedelta = MAX_RUN_AGE,
 ) -> PruneResult:
     """Apply the retention policy to ``target``; see the module docstring."""
     now = now or datetime.now(UTC)
@@ -180,13 +191,14 @@ def prune(
         if not dry_run:
             for key in (manifest_key(m.id), signature_key(m.id), snapshot_key(m.id)):
                 target.delete(key)
-    # A run marker younger than RUN_GRACE is a run in progress whatever the caller's
-    # grace: a shorter grace must not delete its snapshot, objects or marker.
+    # A run whose marker beat within RUN_GRACE is in progress whatever the caller's
+    # grace, and whatever its age (storage.backup.run_markers: it beats while it runs):
+    # a shorter grace, or a run beside it, must not delete its snapshot, objects or marker.
     run_cutoff = now - max(grace, RUN_GRACE)
-    runs = list(target.entries(RUNS_PREFIX))
-    active = any(r.modified > run_cutoff for r in runs)
-    leftovers = _prune_leftovers(target, run_cutoff if active else cutoff, dry_run)
-    leftovers += _delete_all(target, (r.key for r in runs if r.modified <= run_cutoff), dry_run)
+    markers = read_markers(target, now, run_cutoff, max_run_age)
+    active = bool(markers.live)
+    leftovers = _prune_leftovers(target, run_cutoff if active else cutoff, markers.live, dry_run)
+    leftovers += _delete_all(target, markers.stale, dry_run)
     removed_objects, removed_bytes = 0, 0
     deferred = active or bool(unreadable)
     if not deferred:
@@ -205,18 +217,22 @@ def prune(
         bytes_removed=removed_bytes,
         leftovers_removed=leftovers,
         objects_deferred=deferred,
+        overdue_runs=markers.overdue,
     )
 
 
-def _prune_leftovers(target: BackupTarget, cutoff: datetime, dry_run: bool) -> int:
-    """Old snapshots without a complete manifest, and half of a manifest pair."""
+def _prune_leftovers(
+    target: BackupTarget, cutoff: datetime, live: frozenset[str], dry_run: bool
+) -> int:
+    """Old snapshots without a complete manifest, and half of a manifest pair, of no
+    live run."""
+    # manifests/ is listed again, after read_markers, not reused from _manifests: a run
+    # that completed in between wrote its manifest before it deleted its marker, so
+    # this listing sees it, and its snapshot is not taken for a leftover.
     ids, entries = _complete_ids(target)
-    complete = set(ids)
+    keep = live.union(ids)
     candidates = [*entries.values(), *target.entries(SNAPSHOTS_PREFIX)]
-    stale = [
-        e.key for e in candidates
-        if e.modified <= cutoff and _id_part(e.key) not in complete
-    ]
+    stale = [e.key for e in candidates if e.modified <= cutoff and _id_part(e.key) not in keep]
     return _delete_all(target, stale, dry_run)
 
 

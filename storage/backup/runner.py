@@ -1,8 +1,9 @@
 """Run one backup: snapshot, then the objects it references, then the signed manifest.
 
 Order and why:
-1. ``runs/<id>.json`` marks the run in progress (``prune`` leaves unreferenced objects
-   alone while a recent marker exists).
+1. ``runs/<id>.json`` marks the run in progress, written again every few minutes while
+   it runs (``storage.backup.run_markers``): ``prune`` leaves the run's snapshot and
+   every unreferenced object alone while the marker beats, however long the run.
 2. The database snapshot is streamed into the target first. Its ``records`` rows decide
    which objects the backup holds; objects are written before their row and never
    change, so every one of them exists in the source.
@@ -21,19 +22,18 @@ import socket
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.engine import Engine
 
 from keystore import Signer
-from storage.backup import SourceIntegrityError
+from storage.backup import BackupError, SourceIntegrityError
 from storage.backup.manifest import (
     OBJECTS_PREFIX,
     Manifest,
     ManifestObject,
     SnapshotInfo,
     SourceInfo,
-    canonical_json,
     manifest_key,
     new_backup_id,
     run_marker_key,
@@ -41,6 +41,7 @@ from storage.backup.manifest import (
     signature_key,
     snapshot_key,
 )
+from storage.backup.run_markers import HEARTBEAT, Heartbeat
 from storage.backup.snapshot import export
 from storage.backup.targets import BackupTarget
 from storage.errors import RecordNotFoundError
@@ -97,8 +98,9 @@ def source_identity(engine: Engine, bucket: str, endpoint: str) -> SourceInfo:
     if url.port:
         host = f"{host}:{url.port}"
     database = f"{url.get_backend_name()}://{host}/{name}"
-    return SourceInfo(database=database, bucket=bucket, endpoint=endpoint,
-                      service=socket.gethostname())
+    return SourceInfo(
+        database=database, bucket=bucket, endpoint=endpoint, service=socket.gethostname()
+    )
 
 
 def _now() -> datetime:
@@ -138,7 +140,10 @@ class _Run:
     """The state of one backup run."""
 
     def __init__(
-        self, source: BlobStore, target: BackupTarget, progress: ProgressCallback | None,
+        self,
+        source: BlobStore,
+        target: BackupTarget,
+        progress: ProgressCallback | None,
         workers: int,
     ) -> None:
         self.source = source
@@ -187,12 +192,42 @@ def run_backup(
     progress: ProgressCallback | None = None,
     clock: Clock = _now,
     workers: int = 4,
+    heartbeat: timedelta | None = None,
 ) -> BackupResult:
-    """Back up the database and every object it references into ``target``."""
+    """Back up the database and every object it references into ``target``; its run
+    marker is written again every ``heartbeat`` (this module's ``HEARTBEAT`` when
+    None, read at the call) until the run ends."""
     created = clock()
     backup_id = new_backup_id(created)
-    marker = run_marker_key(backup_id)
-    target.put(marker, [canonical_json({"id": backup_id, "started_at": created.isoformat()})])
+    # The marker beats while the run runs, however long (storage.backup.run_markers):
+    # a prune beside it keeps this run's snapshot and objects.
+    beat = HEARTBEAT if heartbeat is None else heartbeat
+    with Heartbeat(target, backup_id, created, clock=clock, interval=beat):
+        manifest = _run(
+            engine,
+            source,
+            target,
+            signer,
+            source_info,
+            backup_id=backup_id,
+            created=created,
+            trigger=trigger,
+            progress=progress,
+            clock=clock,
+            workers=workers,
+        )
+    target.delete(run_marker_key(backup_id))
+    if progress is not None:
+        progress(BackupProgress("manifest", 1, 1, manifest.copied["bytes"]))
+    return BackupResult(manifest)
+
+
+def _run(
+    engine: Engine, source: BlobStore, target: BackupTarget, signer: Signer,
+    source_info: SourceInfo, *, backup_id: str, created: datetime, trigger: str,
+    progress: ProgressCallback | None, clock: Clock, workers: int,
+) -> Manifest:  # fmt: skip
+    """The run of ``run_backup`` under its marker: snapshot, objects, signed manifest."""
     run = _Run(source, target, progress, workers)
     snapshot = export(engine)
     meter = _Meter(hashlib.sha256())
@@ -205,6 +240,10 @@ def run_backup(
     # Again, cheaply: a prune that ran meanwhile may have removed an object found present.
     run.copy_missing(unique)
     run.progress(BackupProgress("manifest", 0, 1, run.copied_bytes))
+    if not _snapshot_kept(target, backup_id, meter.size):
+        # Only a prune that no longer honoured this run's marker (a run past
+        # MAX_RUN_AGE), or a target writer, removes it: no manifest of a lost snapshot.
+        raise _snapshot_lost(backup_id)
     manifest = Manifest(
         id=backup_id,
         trigger=trigger,
@@ -213,7 +252,9 @@ def run_backup(
         source=source_info,
         objects=tuple(sorted(stats.objects, key=lambda o: o.object_key)),
         snapshot=SnapshotInfo(
-            key=snapshot_key(backup_id), sha256=meter.digest.hexdigest(), size=meter.size,
+            key=snapshot_key(backup_id),
+            sha256=meter.digest.hexdigest(),
+            size=meter.size,
             tables=dict(stats.tables),
         ),
         counts={
@@ -230,7 +271,32 @@ def run_backup(
     data = manifest.to_bytes()
     target.put(manifest_key(backup_id), [data])
     target.put(signature_key(backup_id), [sign(data, signer)])
-    target.delete(marker)
-    run.progress(BackupProgress("manifest", 1, 1, run.copied_bytes))
-    return BackupResult(manifest)
+    _made_whole(run, unique, backup_id, meter.size)
+    return manifest
 
+
+def _made_whole(run: _Run, objects: list[ManifestObject], backup_id: str, size: int) -> None:
+    """After the manifest pair: copy again what a prune took, or withdraw the manifest.
+
+    A prune that did not honour this run's marker (its clock off the pruner's by more
+    than ``MAX_AHEAD``, a run past ``MAX_RUN_AGE``) deletes the old objects the run
+    found present and did not copy; the snapshot check cannot see that (cold review
+    11c). The manifest, complete and the newest, now keeps them from the next prune.
+    """
+    run.copy_missing(objects)
+    if not _snapshot_kept(run.target, backup_id, size):
+        for key in (manifest_key(backup_id), signature_key(backup_id)):
+            run.target.delete(key)
+        raise _snapshot_lost(backup_id)
+
+
+def _snapshot_kept(target: BackupTarget, backup_id: str, size: int) -> bool:
+    """True if the run's snapshot is still in the target, whole (by size)."""
+    return target.stat(snapshot_key(backup_id)) == size
+
+
+def _snapshot_lost(backup_id: str) -> BackupError:
+    return BackupError(
+        f"the snapshot of run {backup_id} was removed from the target "
+        "while the run ran; backup not completed"
+    )

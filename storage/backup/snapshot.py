@@ -14,6 +14,12 @@ written before their row and never changed), the audit head matches the events. 
 are streamed (a server-side cursor on PostgreSQL), so memory stays bounded. The same
 code path runs on both backends, and a snapshot of either loads into either.
 
+Each row is checked as it is read, and a row medvault never writes fails the backup by
+table and columns or constraint, never by value: each value against its column's type
+(:mod:`storage.backup.column_types`), then the row against the schema's constraints as
+PostgreSQL and SQLite enforce them (:mod:`storage.backup.constraints`), so that a backup
+that completes also loads into either. A restore checks every row the same way first.
+
 No plaintext: the rows are what the database holds (wrapped keys, blind indexes,
 sealed fields, audit events that carry no patient data).
 """
@@ -21,13 +27,12 @@ sealed fields, audit events that carry no patient data).
 from __future__ import annotations
 
 import base64
-import functools
 import json
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -36,18 +41,27 @@ from sqlalchemy.engine import Connection, Engine
 import storage.audit_log
 import storage.grants
 import storage.signatures  # noqa: F401
-from storage.audit_rows import TimeParser, Unloadable, read_head
+from storage.audit_rows import TimeParser, read_head
 from storage.audit_sql import rows_as_read, time_parser
 from storage.backup import SnapshotLoadError, SourceIntegrityError
+from storage.backup.column_types import column_kind, columns, holds
+from storage.backup.constraints import RowConstraints, Violation, load_refusal
 from storage.backup.manifest import ManifestObject
+from storage.pg_loads import Unloadable
 from storage.sql_metadata import metadata
-from storage.sqlite_text import StoredTime, Undecodable
+from storage.sqlite_text import Undecodable
 
 ALEMBIC = "alembic_version"
 # Parents before children (record_signatures and record_index reference records).
 _ORDER = (
-    "kek_versions", "records", "record_index", "record_signatures", "access_grants",
-    "audit_events", "audit_head", "audit_checkpoints",
+    "kek_versions",
+    "records",
+    "record_index",
+    "record_signatures",
+    "access_grants",
+    "audit_events",
+    "audit_head",
+    "audit_checkpoints",
 )
 # Rows a freshly migrated database already has, replaced by the snapshot's.
 _REPLACED = frozenset({"audit_head", "kek_versions"})
@@ -108,10 +122,13 @@ def _begin_snapshot(connection: Connection) -> None:
 
 
 def _refuse(table: str, what: str, columns: list[str]) -> SourceIntegrityError:
+    return _refused(Violation(table, what, tuple(columns)))
+
+
+def _refused(violation: Violation) -> SourceIntegrityError:
     return SourceIntegrityError(
-        f"a {table} row holds {what} ({', '.join(columns)}), backup not completed: the "
-        "database was written outside medvault; run `medvault audit verify` and restore "
-        "the row from an earlier backup (docs/operations.md)"
+        f"{violation}, backup not completed: the database was written outside medvault; run "
+        "`medvault audit verify` and restore the row from an earlier backup (docs/operations.md)"
     )
 
 
@@ -164,49 +181,6 @@ def _parsed(value: object, parse: TimeParser) -> datetime | None:
     return value if isinstance(value, datetime) else None
 
 
-ColumnKind = Literal["time", "boolean", "integer", "binary", "text"]
-
-
-def column_kind(column: sa.Column[Any]) -> ColumnKind:
-    """What Python type ``column``'s declared type yields (every backed-up column has
-    one of these; a new kind of column is added here on purpose)."""
-    kind = column.type
-    if isinstance(kind, sa.DateTime | StoredTime):
-        return "time"
-    if isinstance(kind, sa.Boolean):
-        return "boolean"
-    if isinstance(kind, sa.Integer):  # BigInteger, SmallInteger
-        return "integer"
-    if isinstance(kind, sa.LargeBinary):
-        return "binary"
-    if isinstance(kind, sa.String):  # Text
-        return "text"
-    raise TypeError(f"column {column.name}: no type check for {type(kind).__name__}")
-
-
-@functools.cache
-def columns(table: sa.Table) -> tuple[tuple[str, ColumnKind, bool], ...]:
-    """(name, kind, nullable) of each of ``table``'s columns, worked out once."""
-    return tuple((c.name, column_kind(c), bool(c.nullable)) for c in table.c)
-
-
-def holds(kind: ColumnKind, nullable: bool, value: object) -> bool:
-    """True if ``value`` is of the Python type a column of ``kind`` yields (None only if
-    ``nullable``): an ``int`` that is not a ``bool`` for an integer, a ``bool`` for a
-    boolean, bytes for binary, ``str`` for text, a ``datetime`` for a time. Nothing is
-    coerced."""
-    if value is None:
-        return nullable
-    if kind == "binary":
-        return isinstance(value, bytes | bytearray | memoryview)
-    if kind == "time":
-        return isinstance(value, datetime)
-    return type(value) is _EXACT[kind]
-
-
-_EXACT: dict[ColumnKind, type] = {"integer": int, "boolean": bool, "text": str}
-
-
 def _untyped(column: sa.Column[Any]) -> bool:
     return column_kind(column) in {"time", "boolean"}
 
@@ -246,9 +220,7 @@ def _observe(stats: SnapshotStats, table: str, row: dict[str, Any]) -> None:
                 f"a records row is malformed ({', '.join(bad)}), backup not completed; "
                 "restore the row from an earlier backup (docs/operations.md)"
             )
-        stats.objects.append(
-            ManifestObject(object_key=key, sha256=bytes(digest).hex(), size=size)
-        )
+        stats.objects.append(ManifestObject(object_key=key, sha256=bytes(digest).hex(), size=size))
         stats.bytes += size
     elif table == "audit_head":
         sequence, head_hash = read_head(row["sequence"], row["hash"])
@@ -262,18 +234,21 @@ def _lines(connection: Connection, stats: SnapshotStats) -> Iterator[bytes]:
     stats.revision = revision or ""
     yield _line(ALEMBIC, {"version_num": stats.revision})
     parse = time_parser(connection.dialect)
-    for table in tables():
-        result = connection.execution_options(stream_results=True, yield_per=_BATCH).execute(
-            _select(table)
-        )
-        count = 0
-        for row in result.mappings():
-            values = dict(row)
-            _check_read(table, values, parse)
-            _observe(stats, table.name, values)
-            count += 1
-            yield _line(table.name, values)
-        stats.tables[table.name] = count
+    with RowConstraints(tables()) as constraints:
+        for table in tables():
+            result = connection.execution_options(stream_results=True, yield_per=_BATCH).execute(
+                _select(table)
+            )
+            count = 0
+            for row in result.mappings():
+                values = dict(row)
+                _check_read(table, values, parse)
+                if violation := constraints.check(table, values):
+                    raise _refused(violation)
+                _observe(stats, table.name, values)
+                count += 1
+                yield _line(table.name, values)
+            stats.tables[table.name] = count
 
 
 class SnapshotExport:
@@ -332,7 +307,7 @@ def _parse(line: bytes, number: int) -> tuple[str, dict[str, Any]]:
     try:
         doc = json.loads(line)
         return str(doc["table"]), {k: _decode(v) for k, v in doc["row"].items()}
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, OverflowError) as e:  # Overflow: a time past 9999
         raise SnapshotLoadError(f"snapshot line {number} is malformed") from e
 
 
@@ -357,30 +332,34 @@ def checked_rows(
     lines: Iterable[tuple[str, dict[str, Any]]],
 ) -> Iterator[tuple[sa.Table, dict[str, Any]]]:
     """The (table, row) pairs of ``lines`` (after the revision line), each row checked
-    against its table: its columns, and the type of each value (``holds``).
+    against its table: its columns, the type of each value (``holds``), then the
+    schema's constraints (``RowConstraints``, as the export checks them).
 
-    A snapshot written before the export checked types can hold a database writer's
-    value of another type; ``int()`` of it, or a PostgreSQL target refusing it, would
-    put the value in the error. ``SnapshotLoadError`` names table and columns instead.
+    A snapshot written before the export checked these can hold a database writer's
+    value of another type or a row breaking a constraint; ``int()`` of it, or a
+    PostgreSQL target refusing it, would put the value in the error.
+    ``SnapshotLoadError`` names table and columns or constraint instead.
     """
     known = {t.name: t for t in tables()}
-    for name, row in lines:
-        table = known.get(name)
-        if table is None:
-            raise SnapshotLoadError(f"snapshot holds unknown table {name!r}")
-        if set(row) != set(table.c.keys()):
-            raise SnapshotLoadError(
-                f"a {name} row of the snapshot has other columns than the table's"
-            )
-        wrong = [name for name, kind, nullable in columns(table)
-                 if not holds(kind, nullable, row[name])]  # fmt: skip
-        if wrong:
-            raise SnapshotLoadError(
-                f"a {name} row of the snapshot holds a value of another type than its "
-                f"column's ({', '.join(wrong)}); the snapshot cannot be restored: restore "
-                "an earlier backup (docs/operations.md)"
-            )
-        yield table, row
+    with RowConstraints(tables()) as constraints:
+        for name, row in lines:
+            table = known.get(name)
+            if table is None:
+                raise SnapshotLoadError(f"snapshot holds unknown table {name!r}")
+            if set(row) != set(table.c.keys()):
+                raise SnapshotLoadError(
+                    f"a {name} row of the snapshot has other columns than the table's"
+                )
+            wrong = tuple(name for name, kind, nullable in columns(table)
+                          if not holds(kind, nullable, row[name]))  # fmt: skip
+            violation = (Violation(name, "a value of another type than its column's", wrong)
+                         if wrong else constraints.check(table, row))  # fmt: skip
+            if violation:
+                raise SnapshotLoadError(
+                    f"{violation} in the snapshot, which cannot be restored: restore an "
+                    "earlier backup (docs/operations.md)"
+                )
+            yield table, row
 
 
 def load(engine: Engine, chunks: Iterable[bytes]) -> dict[str, int]:
@@ -408,6 +387,15 @@ def load(engine: Engine, chunks: Iterable[bytes]) -> dict[str, int]:
 
 
 def _flush(connection: Connection, table: sa.Table | None, batch: list[dict[str, Any]]) -> None:
+    """Insert ``batch``; the database's refusal is named without the rows' values (not
+    chained: PostgreSQL's detail quotes them, and a logged traceback would show it)."""
     if table is not None and batch:
-        connection.execute(table.insert(), batch)
+        try:
+            connection.execute(table.insert(), batch)
+        except (sa.exc.IntegrityError, sa.exc.DataError) as e:  # refused rows; not outages
+            raise SnapshotLoadError(
+                f"{load_refusal(table.name, e)}; nothing was loaded. The target's schema is "
+                "not the snapshot's: restore into a database medvault migrated and nothing "
+                "else changed, or restore an earlier backup (docs/operations.md)"
+            ) from None
     batch.clear()

@@ -1,1 +1,1 @@
-"""Alembic migrations of the metadata database; run them with ``storage.sql_metadata.upgrade``."""
+"""Alembic migrations of the metadata database; run them with ``storage.sql_upgrade.upgrade``."""

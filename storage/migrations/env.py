@@ -1,4 +1,4 @@
-"""Alembic environment: runs on the connection ``storage.sql_metadata.upgrade`` passes in.
+"""Alembic environment: runs on the connection ``storage.sql_upgrade.upgrade`` passes in.
 
 Used from the ``alembic`` command line as well, with ``sqlalchemy.url`` set in the config.
 """

@@ -46,7 +46,7 @@ class InMemoryRunLedger:
                 return False
             self._runs[slot, kind] = ScheduledRun(
                 slot=slot, kind=kind, replica=replica, started_at=now, finished_at=None,
-                backup_id=None, outcome="running", detail="",
+                backup_id=None, outcome="running", detail="", auth="authentic",
             )  # fmt: skip
             return True
 

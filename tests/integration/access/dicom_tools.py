@@ -1,5 +1,6 @@
 """dcmtk's storescu/findscu/getscu against a running service's DICOM port, as a hospital
-runs them, and a TLS tunnel for getscu (dcmtk 3.6.7, Debian 12's, has no TLS in getscu).
+runs them, a TLS tunnel for getscu (dcmtk 3.6.7, Debian 12's, has no TLS in getscu), and
+one that holds a transfer midway (``HeldTunnel``).
 
 Output of the tools is returned, never printed: it may name the (synthetic) patient.
 """
@@ -10,6 +11,7 @@ import contextlib
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -83,7 +85,16 @@ def tls_tunnel(peer: Peer, port: int) -> Iterator[int]:
                 inner, _ = listener.accept()
             except OSError:
                 return
-            outer = context.wrap_socket(socket.create_connection(("127.0.0.1", port)))
+            try:
+                outer = context.wrap_socket(socket.create_connection(("127.0.0.1", port)))
+            except OSError as e:  # ssl.SSLError too: say so, and let the tool fail now
+                # Only the error's kind and the library's reason, never data (stderr is
+                # shown with a failed test; the tool then fails on a closed connection
+                # instead of waiting out its association timeout).
+                print(f"tls_tunnel: {type(e).__name__}: {getattr(e, 'reason', None) or e.errno}",
+                      file=sys.stderr)  # fmt: skip
+                inner.close()
+                continue
             for a, b in ((inner, outer), (outer, inner)):
                 threading.Thread(target=_pump, args=(a, b), daemon=True).start()
 
@@ -94,3 +105,79 @@ def tls_tunnel(peer: Peer, port: int) -> Iterator[int]:
     finally:
         stop.set()
         listener.close()
+
+
+def dataset_part(data: bytes) -> bytes:
+    """The bytes after the File Meta Information (its group length says where it ends)."""
+    assert data[128:132] == b"DICM", "not Part 10"
+    assert data[132:136] == b"\x02\x00\x00\x00", "file meta group length first"
+    return data[144 + int.from_bytes(data[140:144], "little") :]
+
+
+class HeldTunnel:
+    """A TLS tunnel (as ``tls_tunnel``, one connection) that forwards the client's bytes
+    only up to an allowance: a transfer stopped at a known point, as long as a test needs.
+
+    ``allow(n)`` raises the allowance (``None``: no limit), ``wait_forwarded(n)`` waits
+    until ``n`` bytes went through, ``close`` drops both sides (the peer sees the
+    connection cut midway).
+    """
+
+    def __init__(self, peer: Peer, port: int, allowance: int | None) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._context = peer.context()
+        self._target = port
+        self._allowance = allowance
+        self._forwarded = 0
+        self._closed = False
+        self._sockets: list[socket.socket] = [self._listener]
+        self._cond = threading.Condition()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            inner, _ = self._listener.accept()
+            outer = self._context.wrap_socket(socket.create_connection(("127.0.0.1", self._target)))
+            with self._cond:
+                self._sockets += [inner, outer]
+            threading.Thread(target=self._pump_held, args=(inner, outer), daemon=True).start()
+            threading.Thread(target=_pump, args=(outer, inner), daemon=True).start()
+
+    def _room(self) -> int:
+        return (1 << 62) if self._allowance is None else self._allowance - self._forwarded
+
+    def _pump_held(self, src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                view = memoryview(data)
+                while view:
+                    with self._cond:
+                        self._cond.wait_for(lambda: self._closed or self._room() > 0)
+                        if self._closed:
+                            return
+                        n = min(len(view), self._room())
+                    dst.sendall(view[:n])
+                    view = view[n:]
+                    with self._cond:
+                        self._forwarded += n
+                        self._cond.notify_all()
+
+    def allow(self, allowance: int | None) -> None:
+        with self._cond:
+            self._allowance = allowance
+            self._cond.notify_all()
+
+    def wait_forwarded(self, count: int, timeout: float = 60) -> None:
+        with self._cond:
+            done = self._cond.wait_for(lambda: self._forwarded >= count, timeout)
+        assert done, f"{self._forwarded} bytes forwarded, not {count}"
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            for s in self._sockets:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()

@@ -58,6 +58,13 @@ from tests.integration.access.helpers import (
 from tests.integration.service.calls import server_bucket
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+# The witness bucket is on the store these tests stall: no checkpoint written to it, and
+# the revocation markers read from it once, at start (their refresh, every 10 s by
+# default, would otherwise leave one more thread waiting on the stalled store).
+QUIET_WITNESS = {
+    "checkpoint_seconds": 3600, "revocation_refresh_seconds": 3600,
+    "revocation_stale_seconds": 3600,
+}  # fmt: skip
 
 TESTER = "deadline-tester"
 SHARE = 3
@@ -194,7 +201,7 @@ def test_a_deadline_stops_the_work_of_the_call(
     service: RunningService = service_factory(
         fresh_database, s3=own_s3, max_calls_per_principal=SHARE, chunk_size=CHUNK,
         metrics_listen=f"127.0.0.1:{metrics_port}", health_probe_seconds=3600,
-        audit={"checkpoint_seconds": 3600},  # no witness write to the stalled store
+        audit=QUIET_WITNESS,  # no witness write or marker read on the stalled store
     )  # fmt: skip
     metrics = Metrics(metrics_port)
     cert = issue(TESTER, "integration_tester")
@@ -283,7 +290,7 @@ def test_a_cancelled_upload_keeps_its_upload_slot_until_its_worker_stops(
     service: RunningService = service_factory(
         f"sqlite:///{tmp_path / 'metadata.db'}", s3=own_s3, workers=2, max_uploads=1,
         max_calls_per_principal=2, chunk_size=CHUNK, health_probe_seconds=3600,
-        audit={"checkpoint_seconds": 3600},  # no witness write to the stalled store
+        audit=QUIET_WITNESS,  # no witness write or marker read on the stalled store
     )  # fmt: skip
     first = client(service, issue("upload-cancel-a", "integration_tester"))
     second = client(service, issue("upload-cancel-b", "integration_tester"))
@@ -355,7 +362,7 @@ def test_a_refusal_is_audited_even_if_its_client_cancels_while_the_pool_is_busy(
     service: RunningService = service_factory(
         postgres_only, workers=1, max_calls_per_principal=2, chunk_size=CHUNK,
         metrics_listen=f"127.0.0.1:{metrics_port}", health_probe_seconds=3600,
-        audit={"checkpoint_seconds": 3600},
+        audit=QUIET_WITNESS,
     )  # fmt: skip
     metrics = Metrics(metrics_port)
     busy = client(service, issue("refusal-pool-filler", "integration_tester"))

@@ -46,7 +46,7 @@ def test_object_store_outage_shows_on_its_own_and_recovers(
     try:
         wait_for(lambda: _statuses(service) == dict.fromkeys(DEPENDENCIES, SERVING),
                  timeout=30, what="every dependency serving")  # fmt: skip
-        own_s3.server.stop(timeout=5)
+        own_s3.server.stop(timeout=1)  # SIGTERM, then SIGKILL: weed's filer waits 15 s
         expected_down = {"database": SERVING, "object_store": NOT_SERVING, "token": SERVING}
         wait_for(lambda: _statuses(service) == expected_down, timeout=60,
                  what="object store not serving, the rest serving")  # fmt: skip

@@ -36,6 +36,7 @@ from tests.fixtures.service import RunningService, TlsFiles, free_port
 from tests.integration.access.dicom_tools import (
     AE_TITLE,
     Peer,
+    dataset_part,
     findscu,
     getscu,
     run,
@@ -135,13 +136,6 @@ def _make_study(w: World, patient: pb.PatientId, shape: list[int], name: str) ->
     return study
 
 
-def _dataset_part(data: bytes) -> bytes:
-    """The bytes after the File Meta Information (its group length says where it ends)."""
-    assert data[128:132] == b"DICM", "not Part 10"
-    assert data[132:136] == b"\x02\x00\x00\x00", "file meta group length first"
-    return data[144 + int.from_bytes(data[140:144], "little"):]
-
-
 def _grpc_study(c: Client, uid: str) -> list[bytes]:
     """The contents GetStudy streams (gRPC), one per instance."""
     contents: list[bytearray] = []
@@ -224,14 +218,14 @@ def test_storescu_then_findscu_and_getscu_byte_identical(w: World) -> None:
                                            timeout=TIMEOUT).studies
     assert {s.study_uid: s.instance_count for s in studies} == counts
     # What medvault stored is the data set exactly as sent (behind its own file meta).
-    originals = {str(dcmread(f).SOPInstanceUID): _dataset_part(f.read_bytes())
+    originals = {str(dcmread(f).SOPInstanceUID): dataset_part(f.read_bytes())
                  for f in a.files + b.files}
     for study in (a, b):
         stored = _grpc_study(w.doctor, study.uid)
         assert len(stored) == len(study.files), "instances stored"
         for data in stored:
             sop = str(dcmread(io.BytesIO(data)).SOPInstanceUID)
-            assert _dataset_part(data) == originals[sop], "stored data set differs"
+            assert dataset_part(data) == originals[sop], "stored data set differs"
     writes = events(w.officer, principal=MODALITY, action="records.write",
                     outcome=aupb.OUTCOME_ALLOWED)
     assert len(writes) >= total, f"{len(writes)} write events"
@@ -280,7 +274,7 @@ def test_storescu_then_findscu_and_getscu_byte_identical(w: World) -> None:
             for f in study.files:
                 original = f.read_bytes()
                 copy = received[str(dcmread(f).SOPInstanceUID)]
-                assert _dataset_part(copy) == _dataset_part(original), "data set differs"
+                assert dataset_part(copy) == dataset_part(original), "data set differs"
                 assert dcmread(io.BytesIO(copy)).PixelData == dcmread(f).PixelData
     # A sender that sends the same instances again (a retry) makes no second record.
     assert storescu(w.modality, w.port, a.files[:10]).returncode == 0
@@ -325,8 +319,9 @@ def test_a_caller_without_a_grant_finds_and_gets_nothing_and_is_audited(w: World
 
 
 def _dcmtk_errors(run: Any) -> list[str]:
-    """dcmtk's error lines (statuses and association errors; no data set values)."""
-    return [line for line in str(run.stderr).splitlines() if line.startswith("E:")][:5]
+    """dcmtk's error and fatal lines (statuses, association errors; no data set values)."""
+    lines = str(run.stderr).splitlines()
+    return [line for line in lines if line.startswith(("E:", "F:"))][:5]
 
 
 def test_a_refused_c_get_is_one_final_response_and_getscu_releases(w: World) -> None:
@@ -450,7 +445,7 @@ def test_refused_instances_get_failure_statuses_store_nothing_and_are_audited(
     buffer = io.BytesIO()
     wrong.save_as(buffer, enforce_file_format=True)
     mismatched = _raw_file(w, "mismatch.dcm", str(generate_uid()),
-                           _dataset_part(buffer.getvalue()))
+                           dataset_part(buffer.getvalue()))
     garbage_sop = str(generate_uid())
     garbage = _raw_file(w, "garbage.dcm", garbage_sop, b"this is not a DICOM data set\0" * 8)
     pynetdicom._config.STORE_SEND_CHUNKED_DATASET = True

@@ -26,11 +26,12 @@ def backend(request: pytest.FixtureRequest) -> str:
 def fresh_url(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Any]:
-    """``fresh_url(kind)``: a new, empty database URL (dropped after the test)."""
+    """``fresh_url(kind)``: a new, empty database URL (dropped after the test);
+    ``fresh_url(kind, migrated=True)``: one with the schema at head (a template's copy)."""
     opened: list[Iterator[str]] = []
 
-    def make(kind: str) -> str:
-        gen = new_database(request, kind, tmp_path_factory)
+    def make(kind: str, *, migrated: bool = False) -> str:
+        gen = new_database(request, kind, tmp_path_factory, migrated=migrated)
         opened.append(gen)
         return next(gen)
 
@@ -53,7 +54,7 @@ def make_source(
     engines = []
 
     def make(kind: str) -> Source:
-        engine = make_engine(fresh_url(kind))
+        engine = make_engine(fresh_url(kind, migrated=True))
         upgrade(engine)
         engines.append(engine)
         return Source(engine, _bucket(s3_server), keystore_pool, s3_server.endpoint)

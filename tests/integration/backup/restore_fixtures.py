@@ -168,7 +168,7 @@ def wipe(deployment: Source | Deployment) -> None:
 @pytest.fixture
 def empty_deployment(fresh_url: Any, backend: str, s3_server: Any) -> Iterator[Deployment]:
     """A new, empty deployment on ``backend``: migrated database, new bucket."""
-    engine = make_engine(fresh_url(backend))
+    engine = make_engine(fresh_url(backend, migrated=True))
     upgrade(engine)
     blobs = S3BlobStore(s3_server.client(), f"rs-{secrets.token_hex(8)}", part_size=5 * MIB)
     blobs.ensure_bucket()

@@ -10,7 +10,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from storage.backup.manifest import OBJECTS_PREFIX, run_marker_key, snapshot_key
+from storage.backup.manifest import OBJECTS_PREFIX, new_backup_id, run_marker_key, snapshot_key
 from storage.backup.retention import list_backups, prune
 from storage.backup.targets import DirectoryTarget
 from storage.backup.verify import verify_backup
@@ -81,8 +81,9 @@ def test_running_backup_defers_object_removal(make_source: Any, tmp_path: Path) 
     leftover = OBJECTS_PREFIX + secrets.token_hex(32)
     target.put(leftover, [b"x"])
     os.utime(tmp_path / "t" / leftover, (0, 0))  # old
-    marker = run_marker_key("20260103T000000Z-0123abcd")
-    target.put(marker, [b"{}"])  # a run in progress now
+    # A run in progress now (a marker of an earlier release: no beat_at, its write time).
+    marker = run_marker_key(new_backup_id(datetime.now(UTC)))
+    target.put(marker, [b"{}"])
 
     result = prune(target, keep_daily=1, keep_weekly=0, keep_monthly=0)
     assert result.removed == (old.backup_id,)

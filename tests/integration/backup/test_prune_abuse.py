@@ -12,6 +12,7 @@ import math
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -20,7 +21,7 @@ import sqlalchemy as sa
 
 from service._gen.medvault.v1 import backup_pb2 as bpb
 from service._gen.medvault.v1 import backup_pb2_grpc as bpb_grpc
-from storage.backup.manifest import OBJECTS_PREFIX, RUNS_PREFIX
+from storage.backup.manifest import OBJECTS_PREFIX, RUNS_PREFIX, new_backup_id
 from tests.fixtures.databases import new_database
 from tests.fixtures.service import RunningService, TlsFiles
 from tests.integration.access.helpers import (
@@ -101,7 +102,7 @@ def test_a_zero_grace_prune_keeps_the_objects_of_a_backup_run_in_progress(
     a signed, 'complete' manifest of objects that are gone, found only by a verify or
     in a restore."""
     _run_backup(d)
-    run_id = "29990101T000000Z-0123abcd"
+    run_id = new_backup_id(datetime.now(UTC))  # started now (a start ahead is not honoured)
     _put(s3_server, d.bucket, f"{RUNS_PREFIX}{run_id}.json",
          json.dumps({"id": run_id, "host": "replica-b"}).encode())  # fmt: skip
     data = secrets.token_bytes(512)

@@ -21,11 +21,14 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from keystore import Pkcs11BlindIndexer, Pkcs11Config, Pkcs11SessionPool
 from service.backup.scheduler import IntervalSchedule, JobResult, ScheduledJob, Scheduler
 from storage.audit_model import AuditEntry
+from storage.backup.run_seal import RunSealer
 from storage.backup.runs import SqlRunLedger, backup_runs, elected
 from storage.sql_metadata import make_engine, upgrade
 from tests.fixtures.databases import new_database
+from tests.fixtures.softhsm import SoftHsmToken
 
 pytestmark = pytest.mark.integration
 REPLICAS = 4
@@ -36,16 +39,17 @@ RUN_SECONDS = 7.0
 def shared_database(
     request: pytest.FixtureRequest, database_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    for url in new_database(request, database_url, tmp_path_factory):
+    for url in new_database(request, database_url, tmp_path_factory, migrated=True):
         engine = make_engine(url)
         upgrade(engine)
         engine.dispose()
         yield url
 
 
-def _replica(url: str, log_path: str, name: str, seconds: float) -> None:
+def _replica(url: str, token: Pkcs11Config, log_path: str, name: str, seconds: float) -> None:
     """One replica: a scheduler whose job records its slot, for ``seconds``."""
     engine = make_engine(url)
+    pool = Pkcs11SessionPool(token)  # the ledger's rows are MACed in the token
     audited: list[AuditEntry] = []
 
     def job(slot: datetime) -> JobResult:
@@ -60,7 +64,7 @@ def _replica(url: str, log_path: str, name: str, seconds: float) -> None:
 
     scheduler = Scheduler(
         [ScheduledJob("backup", IntervalSchedule(1), job)],
-        SqlRunLedger(engine),
+        SqlRunLedger(engine, RunSealer(Pkcs11BlindIndexer(pool))),
         partial(elected, engine),
         audited.append,
         replica=name,
@@ -68,6 +72,7 @@ def _replica(url: str, log_path: str, name: str, seconds: float) -> None:
     scheduler.start()
     time.sleep(seconds)
     scheduler.stop()
+    pool.close()
     engine.dispose()
 
 
@@ -77,12 +82,14 @@ def _rows(engine: Engine) -> list[sa.Row[tuple[datetime, str, str]]]:
         return list(connection.execute(query).all())
 
 
-def test_each_slot_runs_once_across_replicas(shared_database: str, tmp_path: Path) -> None:
+def test_each_slot_runs_once_across_replicas(
+    shared_database: str, softhsm_token: SoftHsmToken, tmp_path: Path
+) -> None:
     log_path = tmp_path / "runs.log"
     spawn = multiprocessing.get_context("spawn")
+    args = (shared_database, softhsm_token.config, str(log_path))
     processes = [
-        spawn.Process(target=_replica, args=(shared_database, str(log_path), f"r{i}", RUN_SECONDS))
-        for i in range(REPLICAS)
+        spawn.Process(target=_replica, args=(*args, f"r{i}", RUN_SECONDS)) for i in range(REPLICAS)
     ]
     for process in processes:
         process.start()
@@ -105,10 +112,12 @@ def test_each_slot_runs_once_across_replicas(shared_database: str, tmp_path: Pat
     assert len(rows) >= 3, f"only {len(rows)} slots ran in {RUN_SECONDS} s"
 
 
-def test_ledger_refuses_a_second_claim(shared_database: str) -> None:
+def test_ledger_refuses_a_second_claim(
+    shared_database: str, keystore_pool: Pkcs11SessionPool
+) -> None:
     engine = make_engine(shared_database)
     try:
-        ledger = SqlRunLedger(engine)
+        ledger = SqlRunLedger(engine, RunSealer(Pkcs11BlindIndexer(keystore_pool)))
         slot, now = datetime(2026, 1, 1, 2, tzinfo=UTC), datetime.now(UTC)
         assert ledger.claim(slot, "backup", "a", now)
         assert not ledger.claim(slot, "backup", "b", now)

@@ -77,7 +77,7 @@ class FakeWrapper:
 def engine(
     request: pytest.FixtureRequest, database_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Engine]:
-    for url in new_database(request, database_url, tmp_path_factory):
+    for url in new_database(request, database_url, tmp_path_factory, migrated=True):
         engine = make_engine(url)
         upgrade(engine)
         yield engine

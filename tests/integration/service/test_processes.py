@@ -275,6 +275,8 @@ def test_two_worker_processes_share_one_port_safely(
     # A gauge is the live workers' sum: the killed one's last value does not stay in it.
     jobs = _metric_lines(metrics_port, "medvault_worker_jobs")
     assert len(jobs) == 1, f"medvault_worker_jobs is not one series: {jobs}"
+    # The run-ledger gauges: the supervisor authenticates the rows in a token session of its own.
+    assert _metric_lines(metrics_port, "medvault_run_ledger_up") == ["medvault_run_ledger_up 1.0"]
 
     # Each backend ends the supervisor one of the two ways: asked (SIGTERM, forwarded;
     # it waits for its workers), or killed (SIGKILL: the workers' parent-death signal).

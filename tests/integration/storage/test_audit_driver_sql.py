@@ -98,8 +98,8 @@ def engines(
     database_url: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Engine, Engine]]:
     """Two fresh, migrated databases on the backend ``database_url`` selects."""
-    for first in new_database(request, database_url, tmp_path_factory):
-        for second in new_database(request, database_url, tmp_path_factory):
+    for first in new_database(request, database_url, tmp_path_factory, migrated=True):
+        for second in new_database(request, database_url, tmp_path_factory, migrated=True):
             made = make_engine(first), make_engine(second)
             for engine in made:
                 upgrade(engine)

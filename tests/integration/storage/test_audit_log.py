@@ -72,8 +72,9 @@ def entry(n: int = 0, **changes: object) -> AuditEntry:
 def audit_url(
     database_url: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    """A fresh, empty database per test, on the backend ``database_url`` selects."""
-    yield from new_database(request, database_url, tmp_path_factory)
+    """A fresh database per test, schema at head (the session template's copy), on the
+    backend ``database_url`` selects."""
+    yield from new_database(request, database_url, tmp_path_factory, migrated=True)
 
 
 @pytest.fixture

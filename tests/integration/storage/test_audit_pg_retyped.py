@@ -16,11 +16,11 @@ from keystore.signing import Pkcs11Signer
 from service.authz.permissions import ACCESS_BREAK_GLASS
 from storage.audit_log import AuditColumnAlteredError, SqlAuditLog, audit_events
 from storage.audit_model import AuditFilter
-from storage.audit_rows import UNLOADABLE
 from storage.audit_sql import rows_as_read
 from storage.break_glass import TAMPERED_MARK, BreakGlassReview
 from storage.errors import BackendUnavailableError
 from storage.grants import SqlGrantStore
+from storage.pg_loads import UNLOADABLE
 from storage.sql_metadata import make_engine
 from tests.integration.storage.test_audit_log import (  # noqa: F401 - fixtures
     PATIENT,

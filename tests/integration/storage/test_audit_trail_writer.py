@@ -11,6 +11,7 @@ transaction is certain, not left to thread timing.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -186,14 +187,26 @@ def test_idle_writer_sleeps_once_another_process_signed(
         assert log.add_checkpoint(make_checkpoint(signer, sequence, head_hash, datetime.now(UTC)))
         log.heads = 0
         log.signed.set()
-        threading.Event().wait(0.8)  # past the due time, then idle: a spin reads ~100 times
+        # Once its period is due the writer looks at the head, finds it signed and has
+        # nothing left to sign; how soon depends on the machine's load, so wait for it
+        # rather than for a fixed time. Then it must sleep: a spin reads ~100 times in 0.8 s.
+        _wait_until(lambda: trail._unsigned == 0, "the writer to look at the signed head")
+        threading.Event().wait(0.8)  # idle
         assert log.heads <= 2, f"writer busy-looped: {log.heads} head reads in 0.8 s"
         assert trail._unsigned == 0
         trail.record(replace(entry(2)))
         # A new event is signed once (a checkpoint reads the head a few times), then the
-        # writer sleeps again: a spinning writer reads it ~100 times in this window.
-        threading.Event().wait(0.8)
+        # writer sleeps again: a spinning writer reads it ~100 times in the idle window.
+        _wait_until(lambda: trail._unsigned == 0, "the writer to sign the new event")
+        threading.Event().wait(0.8)  # idle
         assert log.heads <= 8, f"writer busy-looped after a new event: {log.heads} head reads"
+
+
+def _wait_until(done: Callable[[], bool], what: str, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not done():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        threading.Event().wait(0.01)
 
 
 def _writer_held_in_a_batch(

@@ -20,8 +20,11 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from keystore import Pkcs11BlindIndexer, Pkcs11SessionPool
+from storage.backup.run_seal import RunSealer
 from storage.backup.runs import SqlRunLedger
-from storage.work_ledger import claim_round, last_run
+from storage.work_ledger import WorkLedger
+from storage.work_seal import WorkSealer
 from tests.integration.backup.test_run_metrics import scrape
 from tests.integration.storage.test_forged_types import own_engine  # noqa: F401 - fixture
 
@@ -41,26 +44,26 @@ def _logged_without_value(caplog: pytest.LogCaptureFixture, table: str, column: 
 
 @pytest.mark.backend("sqlite")
 def test_a_scheduled_work_replica_of_another_type_is_no_run(
-    own_engine: Engine, caplog: pytest.LogCaptureFixture
+    own_engine: Engine, work_sealer: WorkSealer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    assert claim_round(own_engine, name, GAP, T0, "a")
+    name, ledger = f"t-{uuid.uuid4().hex[:8]}", WorkLedger(own_engine, work_sealer)
+    assert ledger.claim(name, GAP, T0, "a")
     with own_engine.begin() as c:
         c.exec_driver_sql(f"UPDATE scheduled_work SET replica = CAST('{FORGED}' AS BLOB)")
-    assert last_run(own_engine, name) is None  # was (T0, "b'SYNTHETIC-FORGED'")
+    assert ledger.last_run(name) is None  # was (T0, "b'SYNTHETIC-FORGED'")
     _logged_without_value(caplog, "scheduled_work", "replica")
 
 
 @pytest.mark.backend("postgresql")
 def test_a_scheduled_work_time_of_another_type_is_claimed_over(
-    own_engine: Engine, caplog: pytest.LogCaptureFixture
+    own_engine: Engine, work_sealer: WorkSealer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A text ``last_run_at`` ended every claim in an internal error: the work stopped."""
-    name = f"t-{uuid.uuid4().hex[:8]}"
-    assert claim_round(own_engine, name, GAP, T0, "a")
+    name, ledger = f"t-{uuid.uuid4().hex[:8]}", WorkLedger(own_engine, work_sealer)
+    assert ledger.claim(name, GAP, T0, "a")
     with own_engine.begin() as c:
         c.exec_driver_sql("ALTER TABLE scheduled_work ALTER COLUMN last_run_at TYPE text")
-    assert claim_round(own_engine, name, GAP, T0 + GAP / 2, "b"), "the work stopped"
+    assert ledger.claim(name, GAP, T0 + GAP / 2, "b"), "the work stopped"
     _logged_without_value(caplog, "scheduled_work", "last_run_at")
 
 
@@ -73,9 +76,9 @@ def _ok_runs(ledger: SqlRunLedger) -> None:
 
 @pytest.mark.backend("sqlite")
 def test_a_backup_run_of_another_type_is_listed_as_failed(
-    own_engine: Engine, caplog: pytest.LogCaptureFixture
+    own_engine: Engine, keystore_pool: Pkcs11SessionPool, caplog: pytest.LogCaptureFixture
 ) -> None:
-    ledger = SqlRunLedger(own_engine)
+    ledger = SqlRunLedger(own_engine, RunSealer(Pkcs11BlindIndexer(keystore_pool)))
     _ok_runs(ledger)
     with own_engine.begin() as c:
         c.exec_driver_sql(f"UPDATE backup_runs SET backup_id = CAST('{FORGED}' AS BLOB)")
@@ -92,11 +95,11 @@ def test_a_backup_run_of_another_type_is_listed_as_failed(
 
 @pytest.mark.backend("postgresql")
 def test_a_postgresql_backup_run_column_of_another_type_claims_no_success(
-    own_engine: Engine, caplog: pytest.LogCaptureFixture
+    own_engine: Engine, keystore_pool: Pkcs11SessionPool, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A text ``finished_at``: the ledger read failed (``medvault_run_ledger_up 0``);
     now the runs are listed, as failed."""
-    ledger = SqlRunLedger(own_engine)
+    ledger = SqlRunLedger(own_engine, RunSealer(Pkcs11BlindIndexer(keystore_pool)))
     _ok_runs(ledger)
     with own_engine.begin() as c:
         c.execute(sa.text("ALTER TABLE backup_runs ALTER COLUMN finished_at TYPE text"))

@@ -311,7 +311,7 @@ def own_engine(
     request: pytest.FixtureRequest, database_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Engine]:
     """A database of this test only, schema at head (its schema gets altered)."""
-    for url in new_database(request, database_url, tmp_path_factory):
+    for url in new_database(request, database_url, tmp_path_factory, migrated=True):
         own = make_engine(url)
         upgrade(own)
         yield own
@@ -376,6 +376,51 @@ def test_a_postgresql_column_of_another_type_makes_its_rows_tampered(
         own_records.store.stat(record_id)
     assert raised.value.resource == f"record/{record_id}/v1"
     assert own_records.tampered == [raised.value.resource]
+
+
+# Integers no KEK version is (the token numbers from 1; the column is 32 bits). SQLite
+# keeps any integer in an INTEGER column; a PostgreSQL writer retypes it to go past 2^31.
+KEK_OUT_OF_RANGE = ("0", "-1", "2147483648")
+
+
+@pytest.mark.parametrize("kek_version", KEK_OUT_OF_RANGE)
+def test_a_record_kek_version_out_of_range_is_tampered_not_a_missing_key(
+    own_records: Records, kek_version: str
+) -> None:
+    """Was the token's KeyNotFoundError (FAILED_PRECONDITION: "restore the token from
+    its backup", naming the forged number), sending the operator after the token."""
+    patient = new_patient()
+    forged, kept = own_records.put(patient), own_records.put(patient)
+    with own_records.engine.begin() as c:
+        if own_records.engine.dialect.name == "postgresql":
+            c.exec_driver_sql("ALTER TABLE records ALTER COLUMN kek_version TYPE bigint")
+        c.execute(sa.text(f"UPDATE records SET kek_version = {kek_version} WHERE id = :id"),
+                  {"id": forged})  # fmt: skip
+    for read in (lambda: own_records.store.stat(forged),
+                 lambda: own_records.store.list(RecordQuery(patient))):  # fmt: skip
+        with pytest.raises(RowTamperedError) as raised:  # DATA_LOSS
+            read()
+        assert raised.value.resource == f"record/{forged}/v1"
+        assert kek_version not in str(raised.value)
+    assert own_records.tampered == [f"record/{forged}/v1"] * 2
+    assert b"".join(own_records.store.open(kept).content) == CONTENT
+
+
+@pytest.mark.parametrize("kek_version", ["0", "-1"])
+def test_the_rewrap_counts_a_kek_version_out_of_range_as_failed_and_finishes(
+    own_records: Records, keystore_pool: Pkcs11SessionPool, kek_version: str
+) -> None:
+    """The job stopped on the token's KeyNotFoundError ("KEK version 0 does not exist")."""
+    forged = own_records.put(new_patient())
+    forge(own_records.engine, "records", "kek_version", ("id", forged), kek_version)
+    job = RewrapJob(own_records.engine, Pkcs11KeyWrapper(keystore_pool), 1, 0, batch_size=1)
+    job.remaining = 1
+    for _ in range(STEPS):
+        if job.done:
+            break
+        job.step()
+    assert job.done, "the rewrap never finished"
+    assert {record_id for record_id, _ in job.failed_ids} == {forged}
 
 
 @pytest.mark.backend("postgresql")

@@ -5,7 +5,7 @@ the service renders what it reads: under a DateStyle other than ISO psycopg refu
 load any timestamp (``NotImplementedError``, whose message quotes the stored time, into
 a logged traceback), and under ``client_encoding SQL_ASCII`` it returns text as bytes,
 so every audit row would read as altered. ``make_engine`` pins the settings the reads
-depend on in the connection's startup packet (``sql_metadata.PINNED_SESSION``), which
+depend on in the connection's startup packet (``sql_engine.PINNED_SESSION``), which
 override such defaults, while the operator's own ``options`` in the URL still apply.
 """
 

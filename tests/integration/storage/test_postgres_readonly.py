@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 from keystore import Pkcs11BlindIndexer, Pkcs11SessionPool
 from storage.audit_log import Pending, SqlAuditLog
 from storage.audit_model import AuditEntry
+from storage.backup.run_seal import RunSealer
 from storage.backup.runs import SqlRunLedger
 from storage.errors import BackendUnavailableError, RecordNotFoundError
 from storage.grant_seal import GrantSealer
@@ -92,7 +93,9 @@ def test_audit_append_is_unavailable(read_only_engine: Engine) -> None:
     assert PRINCIPAL not in str(error.value)
 
 
-def test_backup_ledger_write_is_unavailable(read_only_engine: Engine) -> None:
-    ledger = SqlRunLedger(read_only_engine)
+def test_backup_ledger_write_is_unavailable(
+    read_only_engine: Engine, keystore_pool: Pkcs11SessionPool
+) -> None:
+    ledger = SqlRunLedger(read_only_engine, RunSealer(Pkcs11BlindIndexer(keystore_pool)))
     with pytest.raises(BackendUnavailableError):
         ledger.claim(NOW, "backup", "replica-1", NOW)

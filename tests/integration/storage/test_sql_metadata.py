@@ -225,7 +225,7 @@ def test_unreachable_postgresql_is_backend_unavailable() -> None:
         with pytest.raises(BackendUnavailableError, match=r"127\.0\.0\.1:1") as info:
             SqlMetadataStore(engine).get("rec-1")
         assert "rec-1" not in str(info.value)
-        # Nothing was sent: a write that failed so committed nothing (storage.records).
+        # Nothing was sent: a write that failed so committed nothing (storage.record_writer).
         assert isinstance(info.value, DatabaseUnreachableError)
     finally:
         engine.dispose()

@@ -8,6 +8,7 @@ import secrets
 import threading
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,11 +20,13 @@ from keystore import (
     Pkcs11SessionPool,
     TokenDeadlineError,
     TokenUnavailableError,
+    pkcs11_session,
 )
 from keystore.pkcs11_session import find_token, load_module
 from tests.fixtures.softhsm import WRONG_PIN_TOKEN_LABEL, SoftHsmToken
 
 PIN_ENV = "MEDVAULT_TEST_WRONG_PIN"
+WAIT = 30.0  # a bound on waiting for another thread, never a measured duration
 
 
 def test_wrong_pin_is_a_pin_error_without_the_pin(
@@ -160,3 +163,56 @@ def test_a_caller_out_of_time_starts_no_token_operation(softhsm_token: SoftHsmTo
             holder.join(30)
         left[0] = None  # no deadline: waits for the session as before, and gets it
         assert len(pool.run(lambda session: session.generate_random(64))) == 8
+
+
+class _Spy:
+    """The module as ``find_token`` sees it, counting the re-reads it asks for instead
+    of making them (other pools of this test process stay untouched)."""
+
+    def __init__(self, lib: object) -> None:
+        self._lib = lib
+        self.rereads = 0
+
+    def get_token(self, **kwargs: object) -> object:
+        return self._lib.get_token(**kwargs)  # type: ignore[attr-defined]
+
+    def reinitialize(self) -> None:
+        self.rereads += 1
+
+
+def test_no_reread_while_another_thread_builds_a_pool(
+    softhsm_token: SoftHsmToken, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cold review 12: a token not found is looked for again after the module re-reads
+    its tokens (C_Finalize, C_Initialize), only while no pool of the process holds a
+    session. A pool another thread is building (token found, login not yet made) held
+    none yet, so the module was finalized under its calls (SoftHSM2 runs without its
+    locks here). Refused while another thread builds a pool; allowed once it is built
+    and closed."""
+    monkeypatch.setattr(pkcs11_session, "_logins", {})  # only this test's pools count
+    found, go = threading.Event(), threading.Event()
+    shared = pkcs11_session._shared
+
+    def paused(config: Any, token: Any) -> Any:
+        found.set()
+        assert go.wait(WAIT)
+        return shared(config, token)
+
+    monkeypatch.setattr(pkcs11_session, "_shared", paused)
+    pools: list[Pkcs11SessionPool] = []
+    builder = threading.Thread(target=lambda: pools.append(Pkcs11SessionPool(softhsm_token.config)))
+    builder.start()
+    try:
+        assert found.wait(WAIT)
+        spy = _Spy(load_module(softhsm_token.config.module_path))
+        wrong = replace(softhsm_token.config, token_label="medvault-no-such-token")
+        with pytest.raises(TokenUnavailableError):
+            find_token(spy, wrong)  # type: ignore[arg-type]
+        assert spy.rereads == 0, "the module was re-read under a pool being built"
+    finally:
+        go.set()
+        builder.join(WAIT)
+    pools[0].close()
+    with pytest.raises(TokenUnavailableError):
+        find_token(spy, wrong)  # type: ignore[arg-type]
+    assert spy.rereads > 0

@@ -1,10 +1,9 @@
-"""The DICOM service's pure parts: the bounded spool, the issuer mapping, the config, the
-final C-GET response."""
+"""The DICOM service's pure parts: the issuer mapping, the config, the final C-GET
+response (the spool: test_dicom_spool)."""
 
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import pytest
@@ -15,38 +14,8 @@ from pynetdicom.dsutils import encode
 
 from service.config import Config, ConfigError, DicomConfig, TlsConfig, parse
 from service.dicom.listener import DicomListener
+from service.dicom.query import authority, issuer
 from service.dicom.retrieve import final_response
-from service.dicom.scp import authority, issuer
-from service.dicom.spool import BoundedSpool, oversized
-
-
-def test_the_spool_keeps_nothing_past_the_cap_and_says_so_once() -> None:
-    spool = BoundedSpool(1000, delete=False, mode="wb", suffix=".dcm")
-    try:
-        assert spool.write(b"x" * 600) == 600
-        spool.file.flush()
-        assert not oversized(spool.name)
-        for _ in range(5):  # each write is accepted (read off the wire) and dropped
-            assert spool.write(b"y" * 600) == 600
-        spool.file.flush()
-        assert os.path.getsize(spool.name) == 0, "the spool kept bytes past the cap"
-        assert oversized(spool.name)
-        assert not oversized(spool.name), "reported twice"
-    finally:
-        spool.close()
-        Path(spool.name).unlink()
-
-
-def test_a_spool_under_the_cap_keeps_everything() -> None:
-    spool = BoundedSpool(1000, delete=False, mode="wb")
-    try:
-        spool.write(b"a" * 1000)
-        spool.file.flush()
-        assert Path(spool.name).read_bytes() == b"a" * 1000
-        assert not oversized(spool.name)
-    finally:
-        spool.close()
-        Path(spool.name).unlink()
 
 
 @pytest.mark.parametrize(("dicom", "stored"), [
@@ -69,6 +38,7 @@ def _config(tmp_path: Path, dicom: dict[str, object], tls: bool = True) -> None:
     ({"listen": "127.0.0.1:11112", "ae_title": "A" * 17}, "dicom.ae_title"),
     ({"listen": "127.0.0.1:11112", "ae_title": "BAD\\AE"}, "dicom.ae_title"),
     ({"listen": "127.0.0.1:11112", "max_instance_size": 0}, "dicom.max_instance_size"),
+    ({"listen": "127.0.0.1:11112", "spool_directory": ""}, "dicom.spool_directory"),
 ])  # fmt: skip
 def test_bad_dicom_settings_are_named(tmp_path: Path, dicom: dict[str, object], field: str
                                       ) -> None:  # fmt: skip

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+import time
+import types
 from collections.abc import Iterator
+from concurrent import futures
 
 import pytest
 
+from service import streams
 from service._gen.medvault.v1 import records_pb2 as pb
+from service.call_scope import CALL_SCOPE, CallScope
 from service.records_servicer import wire_size
 from service.streams import (
     PREFILL_MESSAGES,
@@ -18,6 +24,7 @@ from service.streams import (
     prefetch,
     run_in_thread,
 )
+from storage import CallDeadline
 
 WAIT = 30.0  # a bound on waiting for another thread, never a measured duration
 
@@ -49,6 +56,75 @@ def test_the_workers_error_is_raised_unchanged_after_its_items() -> None:
         asyncio.run(main())
     assert caught.value is failure
     assert seen == ["progress"]
+
+
+class _SlowEnd(futures.Future[None]):
+    """A job whose thread is descheduled between handing its end over and ending: what
+    a busy host does to it now and then, made certain."""
+
+    def set_result(self, result: None) -> None:
+        time.sleep(0.2)
+        super().set_result(result)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_workers_thread_has_ended_before_the_stream_does(
+    monkeypatch: pytest.MonkeyPatch, fails: bool
+) -> None:
+    """The edge gives a call's slot back once its jobs have ended; the stream's status
+    goes out when the generator ends. So the job must have ended by then, or a caller
+    with a share of one is refused its next call (seen in CI)."""
+    monkeypatch.setattr(streams, "futures", types.SimpleNamespace(Future=_SlowEnd))
+
+    def work(channel: ThreadToLoop[int]) -> None:
+        channel.put(1)
+        if fails:
+            raise OSError("object store unreachable")
+
+    async def main() -> tuple[list[int], int]:
+        scope = CallScope(CallDeadline.within(None))
+        CALL_SCOPE.set(scope)
+        released: list[int] = []
+        items: list[int] = []
+        with contextlib.suppress(OSError):
+            async for item in run_in_thread(work, name="t"):
+                items.append(item)
+        scope.after_jobs(lambda: released.append(1))
+        return items, len(released)
+
+    assert asyncio.run(main()) == ([1], 1), "the slot was still held when the stream ended"
+
+
+class _NoThread(threading.Thread):
+    """A host out of threads (or memory): ``start`` refuses."""
+
+    def start(self) -> None:
+        raise RuntimeError("can't start new thread")
+
+
+def test_a_thread_that_cannot_start_leaves_no_job_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The job is counted under the call before its thread starts. A thread that could
+    not start left it counted for ever: the principal's call slot (given back once the
+    call's last job ends) was never given back, and the jobs gauge never went down."""
+    monkeypatch.setattr(streams, "threading", types.SimpleNamespace(
+        Thread=_NoThread, Event=threading.Event, Semaphore=threading.Semaphore,
+    ))  # fmt: skip
+
+    async def main() -> int:
+        scope = CALL_SCOPE.set(CallScope(CallDeadline.within(None)))
+        released: list[int] = []
+        with pytest.raises(RuntimeError, match="new thread"):
+            async for _ in run_in_thread(lambda channel: None, name="t"):
+                pass
+        call = CALL_SCOPE.get()
+        assert call is not None
+        call.after_jobs(lambda: released.append(1))
+        CALL_SCOPE.reset(scope)
+        return len(released)
+
+    assert asyncio.run(main()) == 1, "the call's slot stayed held"
 
 
 def test_a_consumer_that_leaves_stops_the_worker_and_closes_its_source() -> None:

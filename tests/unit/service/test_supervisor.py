@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from service.config import MAX_PROCESSES, ConfigError, parse
-from service.supervisor import reserve_port
+from service.supervisor import metrics_dir, reserve_port
 from tests.unit.service.test_audit_switch import BASE
 
 
@@ -72,3 +73,25 @@ def test_a_held_port_keeps_lone_servers_out_and_lets_workers_in() -> None:
 def test_an_ephemeral_port_is_refused_for_several_processes() -> None:
     with pytest.raises(ConfigError, match="fixed port"):
         reserve_port("127.0.0.1:0")
+
+
+def test_the_metrics_folder_of_a_killed_supervisor_is_removed_at_the_next_start(
+    tmp_path: Path,
+) -> None:
+    """A supervisor removes its workers' metric files when it stops, but not when it is
+    killed: the next one removes the folders of supervisors no longer running."""
+    dead_pid = subprocess.Popen(["true"])
+    dead_pid.wait()
+    dead = tmp_path / f"medvault-metrics-{dead_pid.pid}-abc"
+    dead.mkdir()
+    (dead / "counter_1.db").write_bytes(b"x")
+    alive = tmp_path / f"medvault-metrics-{os.getppid()}-def"  # a live process's
+    alive.mkdir()
+    other = tmp_path / "medvault-metrics-old"  # not of the pid form: left
+    other.mkdir()
+    made = Path(metrics_dir(tmp_path))
+    assert not dead.exists()
+    assert alive.is_dir()
+    assert other.is_dir()
+    assert made.is_dir()
+    assert made.name.startswith(f"medvault-metrics-{os.getpid()}-")

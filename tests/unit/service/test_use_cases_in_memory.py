@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -28,9 +28,7 @@ def _always_elected(_kind: RunKind) -> Iterator[bool]:
 
 
 def _scheduler(ledger: RunLedger, events: RecordedEvents, job: ScheduledJob, replica: str):
-    return Scheduler(
-        [job], ledger, _always_elected, events, replica=replica, clock=lambda: SLOT
-    )
+    return Scheduler([job], ledger, _always_elected, events, replica=replica, clock=lambda: SLOT)
 
 
 def _job(result: JobResult | Exception) -> ScheduledJob:
@@ -74,6 +72,39 @@ def test_a_failed_run_is_recorded_failed_and_audited_as_such() -> None:
     assert "target unreachable" in run.detail
     [event] = events.entries
     assert (event.action, event.outcome) == ("backup.run", "failed")
+
+
+@contextmanager
+def _never_elected(_kind: RunKind) -> Iterator[bool]:
+    yield False  # a session that runs nothing holds the lock (its key is public)
+
+
+def _unelected(ledger: RunLedger, events: RecordedEvents, job: ScheduledJob, missed: list[str]):
+    return Scheduler(
+        [job], ledger, _never_elected, events, replica="replica-b", clock=lambda: SLOT,
+        grace=timedelta(0), on_missed=missed.append,
+    )  # fmt: skip
+
+
+def test_a_lock_nobody_runs_under_does_not_skip_the_slot() -> None:
+    """Losing the election is no longer a slot skipped: unclaimed, it runs, reported."""
+    ledger, events, missed = InMemoryRunLedger(), RecordedEvents(), []
+    job = _job(JobResult("b-1", ok=True, detail=""))
+    assert _unelected(ledger, events, job, missed).fire(job, SLOT) == "ran"
+    [run] = ledger.list("backup")
+    assert (run.replica, run.outcome) == ("replica-b", "ok")
+    assert missed == ["backup-run/backup/2026-01-05T02:00:00+00:00"]
+    # A slot another replica claimed is still left to it, lock or no lock.
+    assert _unelected(ledger, events, job, missed).fire(job, SLOT) == "taken"
+    assert len(missed) == 1
+
+
+def test_a_run_of_an_earlier_slot_still_going_is_no_incident() -> None:
+    ledger, events, missed = InMemoryRunLedger(), RecordedEvents(), []
+    assert ledger.claim(SLOT - timedelta(hours=1), "backup", "replica-a", SLOT)
+    job = _job(JobResult("b-2", ok=True, detail=""))
+    assert _unelected(ledger, events, job, missed).fire(job, SLOT) == "ran"
+    assert missed == []
 
 
 class _Clock:

@@ -1,4 +1,4 @@
-"""storage.sql_metadata.SCHEMA_HEAD names the newest migration, as Alembic finds it: a
+"""storage.sql_upgrade.SCHEMA_HEAD names the newest migration, as Alembic finds it: a
 database at that revision is opened without importing Alembic (upgrade's fast path)."""
 
 from __future__ import annotations
