@@ -1,9 +1,10 @@
 """KEK rotation, rewrap and retirement against a real server, under load.
 
-The issue's acceptance test: 8 clients write and read for 10 s while the KEK rotates
-and every wrapped key moves to the new version; zero failed reads, zero wrong bytes,
-and afterwards no key left on the retired version. Its key stays on the token (backups
-still need it) until it is retired again with destroy_key.
+The issue's acceptance test: 8 clients write and read (a counted load, so a slow host
+tries as much) while the KEK rotates and every wrapped key moves to the new version;
+zero failed reads, zero wrong bytes, and afterwards no key left on the retired version.
+Its key stays on the token (backups still need it) until it is retired again with
+destroy_key.
 """
 
 from __future__ import annotations
@@ -40,7 +41,14 @@ from tests.integration.service.calls import fetch, rpc_error
 
 pytestmark = pytest.mark.integration
 CLIENTS = 8
-DURATION = 6.0  # rotation at 2 s, rewrap under load, then load on the new KEK
+# Load is counted, not timed (a slow host makes fewer calls a second): the KEK rotates
+# once the clients have written BEFORE records, the rewrap runs under load, and the load
+# goes on until the clients have read READS records in all, and at least AFTER seconds
+# on the new KEK; CAP_SECONDS bounds a host too slow for that.
+BEFORE = 40
+READS = 150
+AFTER = 2.0
+CAP_SECONDS = 90.0
 
 
 @dataclass
@@ -75,7 +83,8 @@ def _client(stub: pb_grpc.RecordServiceStub, stop: threading.Event, tally: Tally
 
 
 def _load(server: RunningService, admin: Any) -> tuple[list[Tally], list[kpb.RewrapProgress]]:
-    """Run the clients for DURATION; rotate after 2 s and rewrap while they run."""
+    """Run the clients; rotate after BEFORE writes and rewrap while they run, then go on
+    until READS reads and AFTER seconds (at most CAP_SECONDS in all)."""
     tallies = [Tally() for _ in range(CLIENTS)]
     stop = threading.Event()
     threads = [
@@ -85,10 +94,17 @@ def _load(server: RunningService, admin: Any) -> tuple[list[Tally], list[kpb.Rew
     started = time.monotonic()
     for thread in threads:
         thread.start()
-    time.sleep(2)
+
+    def until(done: Any) -> None:
+        while not done() and time.monotonic() - started < CAP_SECONDS:
+            time.sleep(0.05)
+
+    until(lambda: sum(len(t.written) for t in tallies) >= BEFORE)
     admin.RotateKek(kpb.RotateKekRequest(), timeout=TIMEOUT)
     progress = rewrap_all(admin, batch=50)
-    time.sleep(max(0.0, DURATION - (time.monotonic() - started)))
+    rewrapped = time.monotonic()
+    until(lambda: sum(t.reads for t in tallies) >= READS
+          and time.monotonic() - rewrapped >= AFTER)  # fmt: skip
     stop.set()
     for thread in threads:
         thread.join(timeout=120)
@@ -112,6 +128,7 @@ def test_rotate_rewrap_retire_under_load(
     seed = records_stub(server)
     preexisting = [write(seed, patient(), 4096) for _ in range(50)]  # all on the old KEK
 
+    began = time.monotonic()
     tallies, progress = _load(server, admin)
     new = progress[-1].target_version
     assert new == old + 1
@@ -123,8 +140,8 @@ def test_rotate_rewrap_retire_under_load(
     reads = sum(t.reads for t in tallies)
     writes = sum(len(t.written) for t in tallies)
     print(
-        f"\n{CLIENTS} clients, {DURATION:.0f} s: {writes} writes, {reads} verified reads, "
-        f"rewrap moved {progress[-1].rewrapped} + {final.rewrapped} keys"
+        f"\n{CLIENTS} clients, {time.monotonic() - began:.0f} s: {writes} writes, "
+        f"{reads} verified reads, rewrap moved {progress[-1].rewrapped} + {final.rewrapped} keys"
     )
     assert [r for t in tallies for r in t.failed_reads] == []
     assert sum(t.wrong_bytes for t in tallies) == 0
