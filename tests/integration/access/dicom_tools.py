@@ -63,6 +63,11 @@ def getscu(port: int, out: Path, keys: dict[str, str]) -> subprocess.CompletedPr
                 *args, "127.0.0.1", str(port)])
 
 
+def _kind(e: OSError) -> str:
+    """An error's kind and the library's reason (or errno), never data."""
+    return f"{type(e).__name__}: {getattr(e, 'reason', None) or e.errno}"
+
+
 def _pump(src: socket.socket, dst: socket.socket) -> None:
     with contextlib.suppress(OSError):
         while data := src.recv(1 << 16):
@@ -91,8 +96,7 @@ def tls_tunnel(peer: Peer, port: int) -> Iterator[int]:
                 # Only the error's kind and the library's reason, never data (stderr is
                 # shown with a failed test; the tool then fails on a closed connection
                 # instead of waiting out its association timeout).
-                print(f"tls_tunnel: {type(e).__name__}: {getattr(e, 'reason', None) or e.errno}",
-                      file=sys.stderr)  # fmt: skip
+                print(f"tls_tunnel: {_kind(e)}", file=sys.stderr)
                 inner.close()
                 continue
             for a, b in ((inner, outer), (outer, inner)):
@@ -130,25 +134,66 @@ class HeldTunnel:
         self._target = port
         self._allowance = allowance
         self._forwarded = 0
+        self._returned = 0  # bytes the service sent back
+        self._connected = False
+        self._service_closed = False
         self._closed = False
         self._sockets: list[socket.socket] = [self._listener]
         self._cond = threading.Condition()
+        self.failures: list[str] = []  # what went wrong, kinds only (``_kind``)
         threading.Thread(target=self._serve, daemon=True).start()
 
+    def _failed(self, what: str) -> None:
+        with self._cond:
+            if self._closed:  # closed by the test: errors expected
+                return
+            self.failures.append(what)
+        print(f"HeldTunnel: {what}", file=sys.stderr)
+
     def _serve(self) -> None:
-        with contextlib.suppress(OSError):
+        try:
             inner, _ = self._listener.accept()
+        except OSError:  # closed before a client came
+            return
+        try:
             outer = self._context.wrap_socket(socket.create_connection(("127.0.0.1", self._target)))
+        except OSError as e:  # ssl.SSLError too: say so (as tls_tunnel), and drop the client
+            self._failed(f"connect: {_kind(e)}")
+            inner.close()
+            return
+        with self._cond:
+            self._sockets += [inner, outer]
+            self._connected = True
+        threading.Thread(target=self._pump_held, args=(inner, outer), daemon=True).start()
+        threading.Thread(target=self._pump_back, args=(outer, inner), daemon=True).start()
+
+    def _pump_back(self, src: socket.socket, dst: socket.socket) -> None:
+        """The service's bytes to the client, unheld; counted, and its close noted."""
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+                with self._cond:
+                    self._returned += len(data)
             with self._cond:
-                self._sockets += [inner, outer]
-            threading.Thread(target=self._pump_held, args=(inner, outer), daemon=True).start()
-            threading.Thread(target=_pump, args=(outer, inner), daemon=True).start()
+                self._service_closed = True
+        except OSError as e:
+            self._failed(f"returning: {_kind(e)}")
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def seen(self) -> str:
+        """What the tunnel saw, for a failed assertion: counts and error kinds only."""
+        with self._cond:
+            return (f"tunnel {'connected' if self._connected else 'not connected'} to the "
+                    f"service, {self._forwarded} bytes forwarded, {self._returned} returned, "
+                    f"service {'closed' if self._service_closed else 'did not close'} the "
+                    f"connection, errors {self.failures or 'none'}")  # fmt: skip
 
     def _room(self) -> int:
         return (1 << 62) if self._allowance is None else self._allowance - self._forwarded
 
     def _pump_held(self, src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
+        try:
             while data := src.recv(1 << 16):
                 view = memoryview(data)
                 while view:
@@ -162,6 +207,8 @@ class HeldTunnel:
                     with self._cond:
                         self._forwarded += n
                         self._cond.notify_all()
+        except OSError as e:
+            self._failed(f"forwarding: {_kind(e)}")
 
     def allow(self, allowance: int | None) -> None:
         with self._cond:
