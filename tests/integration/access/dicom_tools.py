@@ -8,12 +8,13 @@ Output of the tools is returned, never printed: it may name the (synthetic) pati
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import ssl
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,12 +64,109 @@ def getscu(port: int, out: Path, keys: dict[str, str]) -> subprocess.CompletedPr
                 *args, "127.0.0.1", str(port)])
 
 
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        while data := src.recv(1 << 16):
-            dst.sendall(data)
-    with contextlib.suppress(OSError):
-        dst.shutdown(socket.SHUT_WR)
+def _kind(e: OSError) -> str:
+    """An error's kind and the library's reason (or errno), never data."""
+    return f"{type(e).__name__}: {getattr(e, 'reason', None) or e.errno}"
+
+
+_CHUNK = 1 << 16
+_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+class _Relay:
+    """Both directions between a client's plain socket and a TLS socket to the service,
+    in one thread: OpenSSL's SSL object may not be used by two threads at once. Two pump
+    threads (one reading, one writing the same SSLSocket) lost a write now and then, or
+    crashed the process in ``SSLSocket.send`` (test_dicom_tools). An A-ASSOCIATE-RQ lost
+    so is what the one CI failure of test_dicom_spool looked like: the service closed the
+    connection after its network timeout (60 s, the failed test's length) and pynetdicom
+    said "Association Aborted", with nothing in the service's log.
+
+    ``room()`` is how many more client bytes may go to the service (a ``HeldTunnel``'s
+    allowance), ``sent(n)`` and ``returned(n)`` count, ``failed(what)`` gets an error's
+    kind, ``stopped()`` ends the relay; the service's close is noted in ``service_closed``.
+    """
+
+    def __init__(self, plain: socket.socket, tls: ssl.SSLSocket,
+                 room: Callable[[], int] = lambda: 1 << 62,
+                 sent: Callable[[int], None] = lambda n: None,
+                 returned: Callable[[int], None] = lambda n: None,
+                 failed: Callable[[str], None] = lambda what: None,
+                 stopped: Callable[[], bool] = lambda: False) -> None:  # fmt: skip
+        self.plain, self.tls = plain, tls
+        self.room, self.sent, self.returned = room, sent, returned
+        self.failed, self.stopped = failed, stopped
+        self.service_closed = False
+        self._up, self._down = bytearray(), bytearray()  # read, not yet written on
+        self._client_closed = self._plain_shut = False
+
+    def run(self) -> None:
+        self.plain.setblocking(False)
+        self.tls.setblocking(False)
+        try:
+            while not self.stopped():
+                moved = self._move_up()
+                moved = self._move_down() or moved
+                if self._client_closed and not self._up:
+                    return  # the client is gone: the service's connection is closed below
+                if not moved:
+                    self._wait()
+        except OSError as e:  # ssl.SSLError too
+            if not self.stopped():
+                self.failed(f"relay: {_kind(e)}")
+        finally:
+            for s in (self.plain, self.tls):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+    def _move_up(self) -> bool:
+        """Client to service, up to the room left; True if bytes moved."""
+        moved = False
+        if not self._client_closed and len(self._up) < _CHUNK:
+            with contextlib.suppress(*_WOULD_BLOCK):
+                data = self.plain.recv(_CHUNK)
+                self._client_closed = not data
+                self._up += data
+                moved = True
+        n = min(len(self._up), self.room())
+        if n > 0:  # a retried SSL write has the same bytes first, and no fewer
+            with contextlib.suppress(*_WOULD_BLOCK):
+                k = self.tls.send(self._up[:n])
+                del self._up[:k]
+                self.sent(k)
+                moved = True
+        return moved
+
+    def _move_down(self) -> bool:
+        """Service to client, and the service's close passed on; True if bytes moved."""
+        moved = False
+        if not self.service_closed and len(self._down) < _CHUNK:
+            with contextlib.suppress(*_WOULD_BLOCK):
+                data = self.tls.recv(_CHUNK)
+                self.service_closed = not data
+                self._down += data
+                self.returned(len(data))
+                moved = True
+        if self._down:
+            with contextlib.suppress(*_WOULD_BLOCK):
+                del self._down[: self.plain.send(self._down)]
+                moved = True
+        if self.service_closed and not self._down and not self._plain_shut:
+            self.plain.shutdown(socket.SHUT_WR)  # the client sees the service's close
+            self._plain_shut = True
+        return moved
+
+    def _wait(self) -> None:
+        """Until a socket can move bytes; polled, so a raised allowance or a stop is seen
+        within 50 ms. Bytes the TLS object holds already are not waited for."""
+        if self.tls.pending() and len(self._down) < _CHUNK:
+            return
+        readers = [s for s, done in ((self.plain, self._client_closed),
+                                     (self.tls, self.service_closed)) if not done]  # fmt: skip
+        writers = [s for s, busy in ((self.tls, min(len(self._up), self.room()) > 0),
+                                     (self.plain, bool(self._down))) if busy]  # fmt: skip
+        select.select(readers, writers, [], 0.05)
 
 
 @contextlib.contextmanager
@@ -91,12 +189,10 @@ def tls_tunnel(peer: Peer, port: int) -> Iterator[int]:
                 # Only the error's kind and the library's reason, never data (stderr is
                 # shown with a failed test; the tool then fails on a closed connection
                 # instead of waiting out its association timeout).
-                print(f"tls_tunnel: {type(e).__name__}: {getattr(e, 'reason', None) or e.errno}",
-                      file=sys.stderr)  # fmt: skip
+                print(f"tls_tunnel: {_kind(e)}", file=sys.stderr)
                 inner.close()
                 continue
-            for a, b in ((inner, outer), (outer, inner)):
-                threading.Thread(target=_pump, args=(a, b), daemon=True).start()
+            threading.Thread(target=_Relay(inner, outer).run, daemon=True).start()
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -130,38 +226,63 @@ class HeldTunnel:
         self._target = port
         self._allowance = allowance
         self._forwarded = 0
+        self._returned = 0  # bytes the service sent back
+        self._connected = False
+        self._relay: _Relay | None = None
         self._closed = False
         self._sockets: list[socket.socket] = [self._listener]
         self._cond = threading.Condition()
+        self.failures: list[str] = []  # what went wrong, kinds only (``_kind``)
         threading.Thread(target=self._serve, daemon=True).start()
 
+    def _failed(self, what: str) -> None:
+        with self._cond:
+            if self._closed:  # closed by the test: errors expected
+                return
+            self.failures.append(what)
+        print(f"HeldTunnel: {what}", file=sys.stderr)
+
     def _serve(self) -> None:
-        with contextlib.suppress(OSError):
+        try:
             inner, _ = self._listener.accept()
+        except OSError:  # closed before a client came
+            return
+        try:
             outer = self._context.wrap_socket(socket.create_connection(("127.0.0.1", self._target)))
-            with self._cond:
-                self._sockets += [inner, outer]
-            threading.Thread(target=self._pump_held, args=(inner, outer), daemon=True).start()
-            threading.Thread(target=_pump, args=(outer, inner), daemon=True).start()
+        except OSError as e:  # ssl.SSLError too: say so (as tls_tunnel), and drop the client
+            self._failed(f"connect: {_kind(e)}")
+            inner.close()
+            return
+        with self._cond:
+            self._sockets += [inner, outer]
+            self._connected = True
+        self._relay = _Relay(inner, outer, room=self._room, sent=self._sent,
+                             returned=self._returned_more, failed=self._failed,
+                             stopped=lambda: self._closed)  # fmt: skip
+        self._relay.run()
+
+    def _sent(self, n: int) -> None:
+        with self._cond:
+            self._forwarded += n
+            self._cond.notify_all()
+
+    def _returned_more(self, n: int) -> None:
+        with self._cond:
+            self._returned += n
+
+    def seen(self) -> str:
+        """What the tunnel saw, for a failed assertion: counts and error kinds only."""
+        relay = self._relay
+        closed = relay is not None and relay.service_closed
+        with self._cond:
+            return (f"tunnel {'connected' if self._connected else 'not connected'} to the "
+                    f"service, {self._forwarded} bytes forwarded, {self._returned} returned, "
+                    f"service {'closed' if closed else 'did not close'} the "
+                    f"connection, errors {self.failures or 'none'}")  # fmt: skip
 
     def _room(self) -> int:
-        return (1 << 62) if self._allowance is None else self._allowance - self._forwarded
-
-    def _pump_held(self, src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(1 << 16):
-                view = memoryview(data)
-                while view:
-                    with self._cond:
-                        self._cond.wait_for(lambda: self._closed or self._room() > 0)
-                        if self._closed:
-                            return
-                        n = min(len(view), self._room())
-                    dst.sendall(view[:n])
-                    view = view[n:]
-                    with self._cond:
-                        self._forwarded += n
-                        self._cond.notify_all()
+        with self._cond:
+            return (1 << 62) if self._allowance is None else self._allowance - self._forwarded
 
     def allow(self, allowance: int | None) -> None:
         with self._cond:
@@ -174,10 +295,12 @@ class HeldTunnel:
         assert done, f"{self._forwarded} bytes forwarded, not {count}"
 
     def close(self) -> None:
+        """Cut both connections now (the kernel's shutdown, which leaves the TLS object to
+        the relay's thread); the relay sees it and closes them."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
             for s in self._sockets:
                 with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
+                    socket.socket.shutdown(s, socket.SHUT_RDWR)
+            self._listener.close()

@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,15 +189,36 @@ def _clear_copies(secrets: list[bytes], roots: list[Path], since: float,
     return places
 
 
-class _Sender:
-    """pynetdicom sending one instance through a ``HeldTunnel``, in a thread of its own."""
+def _service_saw(service: RunningService, since: int) -> str:
+    """The service log's warnings and errors after its first ``since`` lines: logger and
+    message only (the log holds no patient data; its other fields are left out)."""
+    lines = service.log_path.read_text(errors="replace").splitlines()[since:]
+    seen = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if entry.get("level") in ("warning", "error", "critical"):
+                seen.append(f"{entry.get('logger')}: {entry.get('msg')}")
+    return f"service logged {seen or 'no warning or error'}"
 
-    def __init__(self, tunnel: HeldTunnel, dataset: Dataset) -> None:
+
+class _Sender:
+    """pynetdicom sending one instance through a ``HeldTunnel``, in a thread of its own.
+    ``service_saw`` says, if the association is refused, what the service logged."""
+
+    def __init__(self, tunnel: HeldTunnel, dataset: Dataset,
+                 service_saw: Callable[[], str]) -> None:  # fmt: skip
         ae = AE(ae_title="MODALITY")
         ae.add_requested_context(content.CT_IMAGE, ExplicitVRLittleEndian)
         ae.network_timeout = ae.dimse_timeout = ae.acse_timeout = 120
+        began = time.monotonic()
         self.assoc = ae.associate("127.0.0.1", tunnel.port, ae_title=AE_TITLE)
-        assert self.assoc.is_established, "association refused"
+        # The time taken is told, not asserted: a refusal after the service's network
+        # timeout (60 s) is the service closing a connection that never associated.
+        assert self.assoc.is_established, (
+            f"association refused after {time.monotonic() - began:.0f} s: {tunnel.seen()}; "
+            f"{service_saw()}"
+        )
         self.status: int | None = None
         self._thread = threading.Thread(target=self._send, args=(dataset,), daemon=True)
         self._thread.start()
@@ -222,8 +243,9 @@ class _Sender:
 @contextlib.contextmanager
 def _held(w: World, instance: Instance,
           allowance: int | None) -> Iterator[tuple[HeldTunnel, _Sender]]:  # fmt: skip
+    logged = len(w.service.log_path.read_text(errors="replace").splitlines())
     tunnel = HeldTunnel(w.modality, w.port, allowance)
-    sender = _Sender(tunnel, instance.dataset)
+    sender = _Sender(tunnel, instance.dataset, lambda: _service_saw(w.service, logged))
     try:
         yield tunnel, sender
     finally:
