@@ -91,8 +91,11 @@ class _Server(ThreadedAssociationServer):
             request.settimeout(self.ae.network_timeout)
             tls = self.ssl_context.wrap_socket(request, server_side=True)  # type: ignore[union-attr]
             tls.settimeout(None)  # as pynetdicom has it once associated
-        except (OSError, ValueError):
+        except (OSError, ValueError) as e:
             request.close()
+            # The kind only (a timeout, a certificate the CA did not sign, a reset): a
+            # peer that cannot associate is visible to the operator, with no peer data.
+            log.info("dicom tls handshake failed", extra={"error": type(e).__name__})
             return
         super().process_request_thread(tls, client_address)
 

@@ -559,6 +559,28 @@ def test_a_silent_connection_does_not_hold_the_listener(w: World) -> None:
             s.close()
 
 
+def test_a_failed_handshake_is_logged_by_its_kind_only(w: World) -> None:
+    """A peer that cannot even complete TLS (here: one speaking plain HTTP) used to leave
+    no trace in the service's log; now one info line names the error's kind, and holds
+    nothing the peer sent."""
+    marker = f"medvault-probe-{os.urandom(6).hex()}"
+    before = w.service.log_path.read_text().count('"dicom tls handshake failed"')
+    with socket.create_connection(("127.0.0.1", w.port), timeout=30) as plain:
+        plain.sendall(f"GET /{marker} HTTP/1.0\r\n\r\n".encode())
+        with contextlib.suppress(OSError):
+            while plain.recv(4096):  # the service's alert, then its close
+                pass
+
+    def logged() -> list[str]:
+        return [line for line in w.service.log_path.read_text().splitlines()
+                if '"dicom tls handshake failed"' in line]  # fmt: skip
+
+    wait_for(lambda: len(logged()) > before, 30, "the failed handshake's log line")
+    line = logged()[-1]
+    assert '"error": "SSLError"' in line, "the line names the error's kind"
+    assert marker not in w.service.log_path.read_text(), "what the peer sent was logged"
+
+
 def test_one_certificate_cannot_hold_every_association(w: World) -> None:
     """Attack (cold review): any certificate of the client CA opened all 16 associations
     and kept them alive with C-ECHOs, and no modality could connect. One certificate now
