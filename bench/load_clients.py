@@ -224,8 +224,8 @@ def _code(error: Exception) -> str:
 
 
 def run_client(client: Client, deadline: float) -> Tally:
-    """Loop over the mix until ``deadline`` (monotonic): each operation once (put first),
-    then drawn by weight."""
+    """Loop over the mix: each operation once (put first), even past ``deadline`` (a slow
+    host still tries each), then drawn by weight until ``deadline`` (monotonic)."""
     tally = Tally()
     ops: dict[str, Callable[[], None]] = {
         "put": client.put, "get": client.get, "list": client.list, "sign": client.sign,
@@ -236,8 +236,12 @@ def run_client(client: Client, deadline: float) -> Tally:
     names = list(ops)
     weights = [MIX[n] for n in names]
     first = iter(names)  # each operation once, put first; then at random by weight
-    while time.monotonic() < deadline:
-        op = next(first, "") or client.rng.choices(names, weights)[0]
+    while True:
+        op = next(first, "")
+        if not op:
+            if time.monotonic() >= deadline:
+                break
+            op = client.rng.choices(names, weights)[0]
         op = "put" if not client.stored else op
         start = time.perf_counter()
         try:

@@ -31,6 +31,7 @@ from tests.integration.access.helpers import (
     new_patient,
     put_record,
     verify,
+    wait_for,
 )
 from tests.integration.storage.audit_attacks import rewrite_history
 
@@ -99,7 +100,9 @@ def test_full_rewrite_is_named_and_not_signed(
     clerk = client(service, issue("clerk-witness", "records_clerk"))
     doctor = client(service, issue("physician-witness", "physician"))
     activity(clerk, doctor, rounds=8)
-    assert settle(engine) >= 3 * EVERY, "checkpoints were not written"
+    # Waited for, not timed: a slow host signs a checkpoint later after its batch.
+    wait_for(lambda: last_checkpoint(engine) >= 3 * EVERY, 60, "checkpoints written")
+    settle(engine)
     result = verify(officer)
     assert result.ok, f"{result.first_bad_sequence} {result.reason}"
     assert "witnessed" in result.reason, result.reason
@@ -113,6 +116,9 @@ def test_full_rewrite_is_named_and_not_signed(
     assert f"sequence {EVERY + 1}" in out, "audit verify does not name the sequence"
 
     activity(clerk, doctor, rounds=4)  # enough events for the next checkpoint
+    # The writer's refused attempt raises the incident: waited for, then the writer is
+    # let settle before what it must not have done is checked.
+    wait_for(lambda: chain_incidents(engine) >= 1, 60, "the audit-chain incident")
     settle(engine)
     assert last_checkpoint(engine) == EVERY, "a checkpoint was signed over the forged chain"
     assert chain_incidents(engine) == 1, "no audit-chain incident"

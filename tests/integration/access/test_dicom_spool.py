@@ -298,7 +298,7 @@ def test_a_c_store_in_flight_is_spooled_sealed_then_stored_byte_identical(w: Wor
         tunnel.allow(None)
         status = sender.result()
         assert status == 0x0000, f"the C-STORE failed: {status}"
-    wait_for(lambda: not _spool_files(pid, spool), 10, "the spool file's close")
+    wait_for(lambda: not _spool_files(pid, spool), 30, "the spool file's close")
     # Stored as sent, byte for byte (behind the file meta medvault writes).
     [stored] = _stored(w, instance)
     assert dataset_part(stored) == encode(instance.dataset, False, True), "stored data set differs"
@@ -341,7 +341,7 @@ def test_an_instance_over_the_cap_is_spooled_sealed_dropped_and_refused(w: World
         status = sender.result()
     assert status == 0xA700, f"an instance over the cap: {status}"
     assert _index_count(w, instance.sop) == 0, "stored over the cap"
-    wait_for(lambda: not _spool_files(pid, spool), 10, "the spool file's close")
+    wait_for(lambda: not _spool_files(pid, spool), 30, "the spool file's close")
 
 
 def test_a_service_killed_mid_c_store_leaves_nothing_in_clear_and_restarts_empty(
@@ -450,7 +450,7 @@ def test_c_stores_sent_without_waiting_hold_two_spool_files_at_most(w: World) ->
         assert _index_count(w, instance.sop) == (status == 0x0000), "stored, yet refused"
     refused = statuses.count(0xA700)
     assert _failed_writes(w, "INVALID_ARGUMENT") - failed == refused, "a refusal unaudited"
-    wait_for(lambda: not _spool_files(pid, spool), 10, "the spool files' close")
+    wait_for(lambda: not _spool_files(pid, spool), 30, "the spool files' close")
 
 
 def test_a_c_store_whose_spool_cannot_be_created_is_refused_and_audited(w: World) -> None:

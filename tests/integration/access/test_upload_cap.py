@@ -87,7 +87,7 @@ def test_slow_uploads_cannot_take_every_thread(
                  "the held uploads in their threads")  # fmt: skip
         extra = [clerks[i].records.PutRecord.future(iter(uploads[i]), timeout=TIMEOUT)
                  for i in range(WORKERS, 2 * WORKERS)]  # fmt: skip
-        wait_for(lambda: all(f.done() for f in extra), 5, "uploads over the cap refused")
+        wait_for(lambda: all(f.done() for f in extra), 30, "uploads over the cap refused")
         codes = {_code(f).name for f in extra}
         assert codes == {"RESOURCE_EXHAUSTED"}, sorted(codes)
         assert not any(f.done() for f in held), "a held upload ended early"

@@ -74,7 +74,7 @@ def _slot_is_free(clerk: Client) -> None:
         codes.append(code.name)
         return code == grpc.StatusCode.OK
 
-    wait_for(accepted, 10, "the upload slot to come back")
+    wait_for(accepted, 30, "the upload slot to come back")
     assert codes[-1] == "OK", codes
 
 

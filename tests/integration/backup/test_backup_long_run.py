@@ -59,7 +59,7 @@ class _Clock:
 
 def _beat_seen(target: S3Target, key: str, at: datetime) -> bool:
     """True once the marker at ``key`` says it beat at ``at`` (the run's clock)."""
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         doc = json.loads(read_all(target, key)) if target.stat(key) is not None else {}
         if doc.get("beat_at") == at.isoformat():

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -32,7 +33,10 @@ from tests.fixtures.softhsm import SoftHsmToken
 
 pytestmark = pytest.mark.integration
 REPLICAS = 4
-RUN_SECONDS = 7.0
+# Counted, not timed (process start-up and each slot take longer on a slow host): the
+# replicas run until SLOTS slots ran with all of them up, at most CAP_SECONDS.
+SLOTS = 5
+CAP_SECONDS = 90.0
 
 
 @pytest.fixture
@@ -46,8 +50,11 @@ def shared_database(
         yield url
 
 
-def _replica(url: str, token: Pkcs11Config, log_path: str, name: str, seconds: float) -> None:
-    """One replica: a scheduler whose job records its slot, for ``seconds``."""
+def _replica(
+    url: str, token: Pkcs11Config, log_path: str, name: str, ready: Any, stop: Any
+) -> None:
+    """One replica: a scheduler whose job records its slot; counts itself in ``ready``
+    once started, and runs until ``stop`` is set (at most CAP_SECONDS)."""
     engine = make_engine(url)
     pool = Pkcs11SessionPool(token)  # the ledger's rows are MACed in the token
     audited: list[AuditEntry] = []
@@ -70,7 +77,9 @@ def _replica(url: str, token: Pkcs11Config, log_path: str, name: str, seconds: f
         replica=name,
     )
     scheduler.start()
-    time.sleep(seconds)
+    with ready.get_lock():
+        ready.value += 1
+    stop.wait(CAP_SECONDS)
     scheduler.stop()
     pool.close()
     engine.dispose()
@@ -87,15 +96,30 @@ def test_each_slot_runs_once_across_replicas(
 ) -> None:
     log_path = tmp_path / "runs.log"
     spawn = multiprocessing.get_context("spawn")
+    ready, stop = spawn.Value("i", 0), spawn.Event()
     args = (shared_database, softhsm_token.config, str(log_path))
     processes = [
-        spawn.Process(target=_replica, args=(*args, f"r{i}", RUN_SECONDS)) for i in range(REPLICAS)
+        spawn.Process(target=_replica, args=(*args, f"r{i}", ready, stop)) for i in range(REPLICAS)
     ]
+
+    def runs() -> int:
+        return len(log_path.read_text().splitlines()) if log_path.exists() else 0
+
     for process in processes:
         process.start()
+    try:
+        began = time.monotonic()
+        while ready.value < REPLICAS and time.monotonic() - began < CAP_SECONDS:
+            time.sleep(0.1)
+        all_up = runs()
+        while runs() < all_up + SLOTS and time.monotonic() - began < CAP_SECONDS:
+            time.sleep(0.1)
+    finally:
+        stop.set()
     for process in processes:
-        process.join(RUN_SECONDS + 60)
+        process.join(60)
         assert process.exitcode == 0
+    assert ready.value == REPLICAS, f"only {ready.value} replicas started"
 
     lines = log_path.read_text().splitlines()
     slots = Counter(line.split()[0] for line in lines)
@@ -108,8 +132,7 @@ def test_each_slot_runs_once_across_replicas(
         engine.dispose()
     assert len(rows) == len(lines), "every run has its ledger row and every row its run"
     assert all(row.outcome == "ok" for row in rows)
-    # Process start-up takes a few seconds; most of the window still has slots.
-    assert len(rows) >= 3, f"only {len(rows)} slots ran in {RUN_SECONDS} s"
+    assert len(rows) >= all_up + SLOTS, f"only {len(rows) - all_up} slots ran with all replicas up"
 
 
 def test_ledger_refuses_a_second_claim(

@@ -82,7 +82,9 @@ def test_a_forged_marker_of_year_one_does_not_stop_the_refresh(locked: tuple[Min
     markers, deployment = _markers(locked)
     forged = secrets.token_hex(16)
     _put_key(locked, f"grant-revocations/{deployment}/00010101T000000000000Z-{forged}")
-    revoked = RevokedGrants(markers, refresh_seconds=0.2, stale_seconds=1)
+    # Stale after 25 refresh periods: a slow host's listing may take most of a second; a
+    # dead refresh thread is still stale well before the 20 s below.
+    revoked = RevokedGrants(markers, refresh_seconds=0.2, stale_seconds=5)
     revoked.start()
     try:
         assert revoked.revoked_at(forged) is not None  # it only takes access away

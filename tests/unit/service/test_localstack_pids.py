@@ -38,7 +38,7 @@ def _stranger(strangers: list[subprocess.Popen[bytes]], argv0: str, *args: str) 
     strangers.append(process)
     # Until it has exec'd, its command line is still this process's.
     cmdline = Path(f"/proc/{process.pid}/cmdline")
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while cmdline.read_bytes().split(b"\0")[0] != argv0.encode():
         assert time.monotonic() < deadline, "the stranger did not start"
         time.sleep(0.01)

@@ -270,7 +270,7 @@ def test_sighup_reloads(tmp_path: Path) -> None:
     try:
         path.write_text(MINIMAL + '\n[roles.clerk]\npermissions = ["records.write"]\n')
         os.kill(os.getpid(), signal.SIGHUP)
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
         while "clerk" not in holder.current.roles and time.monotonic() < deadline:
             time.sleep(0.01)
         assert "clerk" in holder.current.roles
