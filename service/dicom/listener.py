@@ -13,6 +13,8 @@ import hashlib
 import logging
 import ssl
 import threading
+import time
+from collections import Counter
 from typing import Any
 
 import pynetdicom
@@ -73,6 +75,44 @@ def _application_entity(config: Config) -> AE:
     return ae
 
 
+class _HandshakeFailures:
+    """Failed TLS handshakes, logged by kind (info) at most once per ``window`` seconds:
+    anyone who can reach the port can fail handshakes, and must not fill the log. The
+    first failure after a quiet window is logged at once; later ones are counted and
+    logged together when the window ends (a timer), so none goes unreported."""
+
+    def __init__(self, window: float = 10.0) -> None:
+        self._window = window
+        self._counts: Counter[str] = Counter()
+        self._next = 0.0  # monotonic time before which a line is not written
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+
+    def failed(self, kind: str) -> None:
+        with self._lock:
+            self._counts[kind] += 1
+            wait = self._next - time.monotonic()
+            if wait <= 0:
+                self._emit()
+            elif self._timer is None:
+                self._timer = threading.Timer(wait, self._flush)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._timer = None
+            if self._counts:
+                self._emit()
+
+    def _emit(self) -> None:  # under the lock
+        # Kinds and counts only (a timeout, a certificate the CA did not sign, a peer
+        # not speaking TLS): never the peer's address or anything it sent.
+        log.info("dicom tls handshake failed", extra={"failures": dict(self._counts)})
+        self._counts.clear()
+        self._next = time.monotonic() + self._window
+
+
 class _Server(ThreadedAssociationServer):
     """pynetdicom's server with the TLS handshake moved out of the accepting thread.
 
@@ -82,6 +122,8 @@ class _Server(ThreadedAssociationServer):
     thread only accepts; the handshake runs in the connection's own thread, bounded by
     the network timeout, and a failed handshake only closes that connection.
     """
+
+    handshake_failures = _HandshakeFailures()
 
     def get_request(self) -> tuple[Any, Any]:
         return self.socket.accept()  # type: ignore[union-attr]
@@ -93,9 +135,8 @@ class _Server(ThreadedAssociationServer):
             tls.settimeout(None)  # as pynetdicom has it once associated
         except (OSError, ValueError) as e:
             request.close()
-            # The kind only (a timeout, a certificate the CA did not sign, a reset): a
-            # peer that cannot associate is visible to the operator, with no peer data.
-            log.info("dicom tls handshake failed", extra={"error": type(e).__name__})
+            # A peer that cannot associate is visible to the operator (by kind only).
+            self.handshake_failures.failed(type(e).__name__)
             return
         super().process_request_thread(tls, client_address)
 

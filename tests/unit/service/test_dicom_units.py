@@ -4,6 +4,8 @@ response (the spool: test_dicom_spool)."""
 from __future__ import annotations
 
 import io
+import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from pynetdicom.dimse_primitives import C_GET
 from pynetdicom.dsutils import encode
 
 from service.config import Config, ConfigError, DicomConfig, TlsConfig, parse
-from service.dicom.listener import DicomListener
+from service.dicom.listener import DicomListener, _HandshakeFailures
 from service.dicom.query import authority, issuer
 from service.dicom.retrieve import final_response
 
@@ -113,3 +115,20 @@ def test_a_c_get_failure_after_sub_operations_keeps_its_counts() -> None:
     rsp = final_response(_get_response(0xA702, [], (1, 2, 0), syntax), syntax, invoked=3)
     assert rsp.Identifier is None
     assert (rsp.NumberOfCompletedSuboperations, rsp.NumberOfFailedSuboperations) == (1, 2)
+
+
+def test_failed_handshakes_are_rate_limited_and_none_is_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The first failure is logged at once; the rest of its window are counted and
+    logged together when the window ends."""
+    failures = _HandshakeFailures(window=0.3)
+    with caplog.at_level(logging.INFO, logger="service.dicom.listener"):
+        for kind in ["SSLError"] * 4 + ["TimeoutError"]:
+            failures.failed(kind)
+        deadline = time.monotonic() + 10
+        while len(caplog.records) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    logged = [r.__dict__["failures"] for r in caplog.records
+              if r.getMessage() == "dicom tls handshake failed"]  # fmt: skip
+    assert logged == [{"SSLError": 1}, {"SSLError": 3, "TimeoutError": 1}]
