@@ -101,7 +101,17 @@ ensure_venv() {
     want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
     if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
         log "installing medvault and its dev dependencies into $VENV"
-        "$VENV/bin/python" -m pip install --quiet -e '.[dev]'
+        # uv installs the same resolution as pip (same versions, checked) in a third of
+        # the time (cold cache, 2 cores: 23 s against 68 s; every CI run starts from a
+        # clean clone); pip remains the fallback where uv cannot be had or fails.
+        if "$VENV/bin/python" -m pip install --quiet uv \
+            && "$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python" \
+                --compile-bytecode -e '.[dev]'; then
+            :
+        else
+            log "uv unavailable or failed; installing with pip"
+            "$VENV/bin/python" -m pip install --quiet -e '.[dev]'
+        fi
         printf '%s\n' "$want" > "$stamp"
     fi
     # Byte-code for the checkout, written even where PYTHONDONTWRITEBYTECODE is set (as on
