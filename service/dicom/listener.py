@@ -95,9 +95,16 @@ class _HandshakeFailures:
             if wait <= 0:
                 self._emit()
             elif self._timer is None:
-                self._timer = threading.Timer(wait, self._flush)
-                self._timer.daemon = True
-                self._timer.start()
+                self._schedule(wait)
+
+    def _schedule(self, wait: float) -> None:  # under the lock
+        timer = threading.Timer(wait, self._flush)
+        timer.daemon = True
+        try:
+            timer.start()
+        except RuntimeError:  # no thread left (a flood of connections, each in its own)
+            return  # counted still: the next failure tries again, or writes them itself
+        self._timer = timer
 
     def _flush(self) -> None:
         with self._lock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from pynetdicom.dimse_primitives import C_GET
 from pynetdicom.dsutils import encode
 
 from service.config import Config, ConfigError, DicomConfig, TlsConfig, parse
+from service.dicom import listener
 from service.dicom.listener import DicomListener, _HandshakeFailures
 from service.dicom.query import authority, issuer
 from service.dicom.retrieve import final_response
@@ -132,3 +134,56 @@ def test_failed_handshakes_are_rate_limited_and_none_is_lost(
     logged = [r.__dict__["failures"] for r in caplog.records
               if r.getMessage() == "dicom tls handshake failed"]  # fmt: skip
     assert logged == [{"SSLError": 1}, {"SSLError": 3, "TimeoutError": 1}]
+
+
+class _Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _handshake_failures(
+    monkeypatch: pytest.MonkeyPatch, refuse_first_start: bool = False
+) -> tuple[_HandshakeFailures, _Clock, list[threading.Timer]]:
+    """A ``_HandshakeFailures`` on a hand-moved clock, its timers recorded and never
+    started: the test ends a window by calling the last timer's function itself.
+    ``refuse_first_start``: the first timer cannot start (no thread left), as under a
+    flood of connections each holding a thread through its handshake."""
+    clock, timers = _Clock(), []
+
+    class Timer(threading.Timer):
+        def start(self) -> None:
+            if refuse_first_start and not timers:
+                timers.append(self)
+                raise RuntimeError("can't start new thread")
+            timers.append(self)  # recorded, not started
+
+    monkeypatch.setattr(listener.time, "monotonic", clock)
+    monkeypatch.setattr(listener.threading, "Timer", Timer)
+    return _HandshakeFailures(window=10.0), clock, timers
+
+
+def _logged(caplog: pytest.LogCaptureFixture) -> list[dict[str, int]]:
+    return [r.__dict__["failures"] for r in caplog.records
+            if r.getMessage() == "dicom tls handshake failed"]  # fmt: skip
+
+
+def test_a_window_whose_timer_cannot_start_is_still_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With no thread left for the window's timer, a failure must neither raise out of
+    the connection's thread nor leave a timer that never runs in place of the next."""
+    failures, clock, timers = _handshake_failures(monkeypatch, refuse_first_start=True)
+    with caplog.at_level(logging.INFO, logger="service.dicom.listener"):
+        failures.failed("SSLError")  # at once
+        clock.now += 1
+        failures.failed("SSLError")  # its timer cannot start
+        clock.now += 1
+        failures.failed("TimeoutError")  # a timer starts now
+        assert len(timers) == 2, "no timer for the rest of the window"
+        timers[-1].function()
+    assert _logged(caplog) == [{"SSLError": 1}, {"SSLError": 1, "TimeoutError": 1}]
