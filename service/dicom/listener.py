@@ -109,7 +109,14 @@ class _HandshakeFailures:
     def _flush(self) -> None:
         with self._lock:
             self._timer = None
-            if self._counts:
+            if not self._counts:
+                return
+            # Late (a busy host), a failure may have written the line and opened a new
+            # window meanwhile: what came since waits for that window's end.
+            wait = self._next - time.monotonic()
+            if wait > 0:
+                self._schedule(wait)
+            else:
                 self._emit()
 
     def _emit(self) -> None:  # under the lock

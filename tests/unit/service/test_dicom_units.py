@@ -185,5 +185,30 @@ def test_a_window_whose_timer_cannot_start_is_still_logged(
         clock.now += 1
         failures.failed("TimeoutError")  # a timer starts now
         assert len(timers) == 2, "no timer for the rest of the window"
+        clock.now += 8  # the window's end
         timers[-1].function()
     assert _logged(caplog) == [{"SSLError": 1}, {"SSLError": 1, "TimeoutError": 1}]
+
+
+def test_a_late_timer_does_not_write_a_second_line_in_a_window(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A window's timer that runs late (a busy host), after a failure already wrote the
+    window's line and opened a new window, must not write another line in that window:
+    the rest is written when the new window ends."""
+    failures, clock, timers = _handshake_failures(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="service.dicom.listener"):
+        failures.failed("SSLError")  # at once; the window ends at +10
+        clock.now += 1
+        failures.failed("SSLError")  # counted, a timer for +10
+        clock.now += 9.5
+        failures.failed("SSLError")  # the timer is late: this one writes the two
+        clock.now += 0.5
+        failures.failed("TimeoutError")  # in the new window (until +20.5)
+        timers[0].function()  # the late timer, at +11
+        assert _logged(caplog) == [{"SSLError": 1}, {"SSLError": 2}], "two lines in 0.5 s"
+        assert len(timers) == 2, "no timer for the rest of the new window"
+        assert timers[1].interval == pytest.approx(9.5)
+        clock.now += 9.5
+        timers[1].function()
+    assert _logged(caplog) == [{"SSLError": 1}, {"SSLError": 2}, {"TimeoutError": 1}]
