@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import ssl
+import sys
 import threading
 import time
 from collections import Counter
@@ -76,13 +77,16 @@ def _application_entity(config: Config) -> AE:
 
 
 class _HandshakeFailures:
-    """Failed TLS handshakes, logged by kind (info) at most once per ``window`` seconds:
-    anyone who can reach the port can fail handshakes, and must not fill the log. The
+    """Failed TLS handshakes (or, named by ``message``, the other errors a peer can
+    cause at will: ``_Server.handle_error``), logged by kind (info) at most once per
+    ``window`` seconds: anyone who can reach the port can fail handshakes, and must not
+    fill the log. The
     first failure after a quiet window is logged at once; later ones are counted and
     logged together when the window ends (a timer), so none goes unreported."""
 
-    def __init__(self, window: float = 10.0) -> None:
+    def __init__(self, window: float = 10.0, message: str = "dicom tls handshake failed") -> None:
         self._window = window
+        self._message = message
         self._counts: Counter[str] = Counter()
         self._next = 0.0  # monotonic time before which a line is not written
         self._timer: threading.Timer | None = None
@@ -122,7 +126,7 @@ class _HandshakeFailures:
     def _emit(self) -> None:  # under the lock
         # Kinds and counts only (a timeout, a certificate the CA did not sign, a peer
         # not speaking TLS): never the peer's address or anything it sent.
-        log.info("dicom tls handshake failed", extra={"failures": dict(self._counts)})
+        log.info(self._message, extra={"failures": dict(self._counts)})
         self._counts.clear()
         self._next = time.monotonic() + self._window
 
@@ -138,6 +142,7 @@ class _Server(ThreadedAssociationServer):
     """
 
     handshake_failures = _HandshakeFailures()
+    connection_errors = _HandshakeFailures(message="dicom connection error")
 
     def get_request(self) -> tuple[Any, Any]:
         return self.socket.accept()  # type: ignore[union-attr]
@@ -153,6 +158,14 @@ class _Server(ThreadedAssociationServer):
             self.handshake_failures.failed(type(e).__name__)
             return
         super().process_request_thread(tls, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """socketserver's prints the peer's address and a traceback on stderr (the log)
+        for each connection whose thread cannot start (a flood of connections, each
+        holding one through its handshake) or whose association raised: anyone could
+        fill the log with lines naming peers. The error's kind only, counted, at most
+        a line per window."""
+        self.connection_errors.failed(type(sys.exc_info()[1]).__name__)
 
 
 class _PeerShares:

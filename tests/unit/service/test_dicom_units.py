@@ -7,6 +7,7 @@ import io
 import logging
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pydicom.dataset import Dataset
@@ -148,7 +149,8 @@ class _Clock:
 
 
 def _handshake_failures(
-    monkeypatch: pytest.MonkeyPatch, refuse_first_start: bool = False
+    monkeypatch: pytest.MonkeyPatch, refuse_first_start: bool = False,
+    message: str = "dicom tls handshake failed",
 ) -> tuple[_HandshakeFailures, _Clock, list[threading.Timer]]:
     """A ``_HandshakeFailures`` on a hand-moved clock, its timers recorded and never
     started: the test ends a window by calling the last timer's function itself.
@@ -165,12 +167,14 @@ def _handshake_failures(
 
     monkeypatch.setattr(listener.time, "monotonic", clock)
     monkeypatch.setattr(listener.threading, "Timer", Timer)
-    return _HandshakeFailures(window=10.0), clock, timers
+    return _HandshakeFailures(window=10.0, message=message), clock, timers
 
 
-def _logged(caplog: pytest.LogCaptureFixture) -> list[dict[str, int]]:
+def _logged(
+    caplog: pytest.LogCaptureFixture, message: str = "dicom tls handshake failed"
+) -> list[dict[str, int]]:
     return [r.__dict__["failures"] for r in caplog.records
-            if r.getMessage() == "dicom tls handshake failed"]  # fmt: skip
+            if r.getMessage() == message]  # fmt: skip
 
 
 def test_a_window_whose_timer_cannot_start_is_still_logged(
@@ -213,3 +217,32 @@ def test_a_late_timer_does_not_write_a_second_line_in_a_window(
         clock.now += 9.5
         timers[1].function()
     assert _logged(caplog) == [{"SSLError": 1}, {"SSLError": 2}, {"TimeoutError": 1}]
+
+
+def test_a_connection_error_is_logged_without_the_peers_address(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Attack (cold review): socketserver's ``handle_error`` printed the peer's address
+    and a traceback on stderr (the service's log) for every connection whose thread
+    could not start (a flood of connections each holding one through its handshake),
+    or whose association raised: anyone reaching the port could fill the log with lines
+    naming peers. Now: the error's kind and a count, at most a line per window."""
+    errors, _, timers = _handshake_failures(monkeypatch, message="dicom connection error")
+    server = SimpleNamespace(connection_errors=errors)
+
+    def start_thread() -> None:
+        raise RuntimeError("can't start new thread")
+
+    with caplog.at_level(logging.INFO, logger="service.dicom.listener"):
+        for _ in range(3):
+            try:
+                start_thread()
+            except RuntimeError:
+                listener._Server.handle_error(server, None, ("203.0.113.9", 40401))  # type: ignore[arg-type]
+    out = capsys.readouterr()
+    assert "203.0.113.9" not in out.err + out.out + caplog.text, "the peer's address was written"
+    assert "Traceback" not in out.err + caplog.text
+    assert [r.getMessage() for r in caplog.records] == ["dicom connection error"]
+    assert _logged(caplog, "dicom connection error") == [{"RuntimeError": 1}]
+    assert len(timers) == 1, "the other two are not counted for the window's end"
