@@ -1,8 +1,10 @@
 """Shared fixtures: the real components (SoftHSM2, SeaweedFS, SQLite and PostgreSQL)."""
 
+import logging
 import os
 import resource
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -107,6 +109,20 @@ def pytest_collection_modifyitems(config, items):  # type: ignore[no-untyped-def
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
     items.sort(key=_slow_rank)
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A test that runs the CLI in this process (``service.cli.main`` calls
+    ``service.logs.setup``) replaces the root logger's handlers with one writing to the
+    stderr of the moment: pytest's capture, closed after that test. A later test's log
+    record then failed in that handler ("--- Logging error ---", a traceback quoting the
+    test's source). Each test gets the root logger's handlers and level back as they were."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 # MEDVAULT_TEST_TIMELINE=<file>: each worker appends "worker, start, end, test id, CPU"
