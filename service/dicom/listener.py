@@ -76,6 +76,16 @@ def _application_entity(config: Config) -> AE:
     return ae
 
 
+# Connections still in their TLS handshake (no certificate checked yet): anyone who can
+# reach the port can open them, and each holds a thread and a descriptor until the
+# handshake ends. Capped per peer address and in all, so one peer (or a few) cannot run
+# the service out of threads or descriptors and lock every modality out; a handshake
+# has HANDSHAKE_SECONDS at most (a real one takes milliseconds).
+HANDSHAKES_PER_ADDRESS = 8
+HANDSHAKES_IN_ALL = 128
+HANDSHAKE_SECONDS = 10.0
+
+
 class _HandshakeFailures:
     """Failed TLS handshakes (or, named by ``message``, the other errors a peer can
     cause at will: ``_Server.handle_error``), logged by kind (info) at most once per
@@ -144,14 +154,48 @@ class _Server(ThreadedAssociationServer):
     handshake_failures = _HandshakeFailures()
     connection_errors = _HandshakeFailures(message="dicom connection error")
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._handshaking: Counter[str] = Counter()  # handshakes in progress, by address
+        self._handshaking_lock = threading.Lock()
+
     def get_request(self) -> tuple[Any, Any]:
         return self.socket.accept()  # type: ignore[union-attr]
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """In the accepting thread: a connection over the handshake limits (its
+        address's, or all of them) is closed at once, before it gets a thread."""
+        address = str(client_address[0])
+        with self._handshaking_lock:
+            over = (self._handshaking[address] >= HANDSHAKES_PER_ADDRESS
+                    or self._handshaking.total() >= HANDSHAKES_IN_ALL)  # fmt: skip
+            if not over:
+                self._handshaking[address] += 1
+        if over:
+            self.shutdown_request(request)
+            self.handshake_failures.failed("TooManyHandshakes")
+            return
+        try:
+            super().process_request(request, client_address)  # a thread of its own
+        except BaseException:
+            self._handshake_done(address)  # no thread: socketserver closes and reports
+            raise
+
+    def _handshake_done(self, address: str) -> None:
+        with self._handshaking_lock:
+            self._handshaking[address] -= 1
+            if self._handshaking[address] <= 0:
+                del self._handshaking[address]
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
-            request.settimeout(self.ae.network_timeout)
-            tls = self.ssl_context.wrap_socket(request, server_side=True)  # type: ignore[union-attr]
-            tls.settimeout(None)  # as pynetdicom has it once associated
+            try:
+                network = self.ae.network_timeout or HANDSHAKE_SECONDS
+                request.settimeout(min(network, HANDSHAKE_SECONDS))
+                tls = self.ssl_context.wrap_socket(request, server_side=True)  # type: ignore[union-attr]
+                tls.settimeout(None)  # as pynetdicom has it once associated
+            finally:
+                self._handshake_done(str(client_address[0]))
         except (OSError, ValueError) as e:
             request.close()
             # A peer that cannot associate is visible to the operator (by kind only).

@@ -597,6 +597,48 @@ def test_failed_handshakes_are_logged_by_kind_and_count_only(w: World) -> None:
     assert marker not in w.service.log_path.read_text(), "what the peer sent was logged"
 
 
+def test_one_address_cannot_hold_every_handshake(w: World) -> None:
+    """Attack (cold review 13): connections still in their TLS handshake had no limit, and
+    each held a thread and a descriptor for the network timeout: one peer without a
+    certificate could open a thousand and run the service out of both. Now one address
+    has at most 8 handshakes in progress; the ninth connection is closed at once (and
+    counted in the log), and once the peer lets go, a modality associates again."""
+    from service.dicom.listener import HANDSHAKES_PER_ADDRESS  # noqa: PLC0415
+
+    def lines() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in w.service.log_path.read_text().splitlines()
+                if '"dicom tls handshake failed"' in line]  # fmt: skip
+
+    before = len(lines())
+    silent = [socket.create_connection(("127.0.0.1", w.port), timeout=30)
+              for _ in range(HANDSHAKES_PER_ADDRESS)]  # fmt: skip
+    try:
+        # Accepted one at a time: each of the eight holds its slot once it is accepted.
+        time.sleep(0.5)
+        with socket.create_connection(("127.0.0.1", w.port), timeout=30) as extra:
+            extra.settimeout(20)
+            assert extra.recv(1) == b"", "a ninth handshake from one address was let in"
+        wait_for(lambda: any(line["failures"].get("TooManyHandshakes")
+                             for line in lines()[before:]), 30,
+                 "the refused handshake in the log")  # fmt: skip
+    finally:
+        for s in silent:
+            s.close()
+
+    def associates() -> bool:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+        ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 20
+        assoc = ae.associate("127.0.0.1", w.port, ae_title=AE_TITLE,
+                             tls_args=(w.modality.context(), None))  # fmt: skip
+        if not assoc.is_established:
+            return False
+        assoc.release()
+        return True
+
+    wait_for(associates, 60, "an association once the silent connections closed")
+
+
 def test_one_certificate_cannot_hold_every_association(w: World) -> None:
     """Attack (cold review): any certificate of the client CA opened all 16 associations
     and kept them alive with C-ECHOs, and no modality could connect. One certificate now
