@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import random
 import ssl
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,14 +236,13 @@ def run_client(client: Client, deadline: float) -> Tally:
         del ops["store"]
     names = list(ops)
     weights = [MIX[n] for n in names]
-    first = iter(names)  # each operation once, put first; then at random by weight
-    while True:
-        op = next(first, "")
-        if not op:
-            if time.monotonic() >= deadline:
-                break
-            op = client.rng.choices(names, weights)[0]
-        op = "put" if not client.stored else op
+
+    def drawn() -> Iterator[str]:
+        while time.monotonic() < deadline:
+            yield client.rng.choices(names, weights)[0]
+
+    for chosen in itertools.chain(names, drawn()):  # each once, put first; then by weight
+        op = chosen if client.stored else "put"
         start = time.perf_counter()
         try:
             ops[op]()

@@ -104,11 +104,9 @@ ensure_venv() {
         # uv installs the same resolution as pip (same versions, checked) in a third of
         # the time (cold cache, 2 cores: 23 s against 68 s; every CI run starts from a
         # clean clone); pip remains the fallback where uv cannot be had or fails.
-        if "$VENV/bin/python" -m pip install --quiet uv \
+        if ! { "$VENV/bin/python" -m pip install --quiet uv \
             && "$VENV/bin/uv" pip install --quiet --python "$VENV/bin/python" \
-                --compile-bytecode -e '.[dev]'; then
-            :
-        else
+                --compile-bytecode -e '.[dev]'; }; then
             log "uv unavailable or failed; installing with pip"
             "$VENV/bin/python" -m pip install --quiet -e '.[dev]'
         fi

@@ -90,9 +90,9 @@ class _HandshakeFailures:
     """Failed TLS handshakes (or, named by ``message``, the other errors a peer can
     cause at will: ``_Server.handle_error``), logged by kind (info) at most once per
     ``window`` seconds: anyone who can reach the port can fail handshakes, and must not
-    fill the log. The
-    first failure after a quiet window is logged at once; later ones are counted and
-    logged together when the window ends (a timer), so none goes unreported."""
+    fill the log. The first failure after a quiet window is logged at once; later ones
+    are counted and logged together when the window ends (a timer), so none goes
+    unreported."""
 
     def __init__(self, window: float = 10.0, message: str = "dicom tls handshake failed") -> None:
         self._window = window
@@ -151,11 +151,10 @@ class _Server(ThreadedAssociationServer):
     the network timeout, and a failed handshake only closes that connection.
     """
 
-    handshake_failures = _HandshakeFailures()
-    connection_errors = _HandshakeFailures(message="dicom connection error")
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.handshake_failures = _HandshakeFailures()
+        self.connection_errors = _HandshakeFailures(message="dicom connection error")
         self._handshaking: Counter[str] = Counter()  # handshakes in progress, by address
         self._handshaking_lock = threading.Lock()
 

@@ -33,6 +33,7 @@ from pynetdicom import AE
 
 from service._gen.medvault.v1 import audit_pb2 as aupb
 from service._gen.medvault.v1 import records_pb2 as pb
+from service.dicom.listener import HANDSHAKES_PER_ADDRESS
 from storage.sql_metadata import record_index
 from tests import content
 from tests.fixtures.service import RunningService, TlsFiles, free_port
@@ -536,17 +537,29 @@ def test_echoscu_over_tls(w: World) -> None:
     assert wrong_title.returncode != 0, "an association to another AE title was accepted"
 
 
+def _verification(w: World, peer: Peer, network_timeout: float = 20) -> Any:
+    """An association for Verification (C-ECHO) as ``peer``, established or not."""
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+    ae.acse_timeout = ae.connection_timeout = 20
+    ae.network_timeout = network_timeout
+    return ae.associate("127.0.0.1", w.port, ae_title=AE_TITLE,
+                        tls_args=(peer.context(), None))  # fmt: skip
+
+
+def _handshake_lines(w: World) -> list[dict[str, Any]]:
+    """The service log's ``dicom tls handshake failed`` lines, parsed."""
+    return [json.loads(line) for line in w.service.log_path.read_text().splitlines()
+            if '"dicom tls handshake failed"' in line]  # fmt: skip
+
+
 def test_a_silent_connection_does_not_hold_the_listener(w: World) -> None:
     """Anyone who can reach the port (no certificate needed) opens TCP connections and
     sends nothing. The TLS handshake must not run in the one thread that accepts: while
     the silent connections are still open, a modality still associates and echoes."""
     silent = [socket.create_connection(("127.0.0.1", w.port), timeout=30) for _ in range(3)]
     try:
-        ae = AE(ae_title="MODALITY")
-        ae.add_requested_context("1.2.840.10008.1.1")  # Verification
-        ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 20
-        assoc = ae.associate("127.0.0.1", w.port, ae_title=AE_TITLE,
-                             tls_args=(w.modality.context(), None))
+        assoc = _verification(w, w.modality)
         try:
             assert assoc.is_established, "a silent connection blocked the listener"
             status = assoc.send_c_echo()
@@ -569,11 +582,7 @@ def test_failed_handshakes_are_logged_by_kind_and_count_only(w: World) -> None:
     and nothing the peer sent is written."""
     marker = f"medvault-probe-{os.urandom(6).hex()}"
 
-    def lines() -> list[dict[str, Any]]:
-        return [json.loads(line) for line in w.service.log_path.read_text().splitlines()
-                if '"dicom tls handshake failed"' in line]  # fmt: skip
-
-    before = len(lines())
+    before = len(_handshake_lines(w))
     tries = 20
     for _ in range(tries):
         with socket.create_connection(("127.0.0.1", w.port), timeout=30) as plain:
@@ -583,13 +592,14 @@ def test_failed_handshakes_are_logged_by_kind_and_count_only(w: World) -> None:
                     pass
 
     def counted() -> int:
-        return sum(line["failures"].get("SSLError", 0) for line in lines()[before:])
+        return sum(line["failures"].get("SSLError", 0) for line in _handshake_lines(w)[before:])
 
     wait_for(lambda: counted() >= tries, 30, f"{tries} failed handshakes logged")
-    new = lines()[before:]
+    logged = _handshake_lines(w)
+    new = logged[before:]
     # At most a line per 10 s, however long the connections took on this host: the
     # lines (and the one before them) are a window apart; 9 s for the wall clock.
-    times = [datetime.fromisoformat(line["time"]) for line in lines()[max(before - 1, 0):]]
+    times = [datetime.fromisoformat(line["time"]) for line in logged[max(before - 1, 0):]]
     gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
     assert all(gap >= 9 for gap in gaps), f"lines less than a window apart: {gaps}"
     assert all(set(line) - {"time", "level", "logger", "msg", "failures"} == set()
@@ -603,34 +613,24 @@ def test_one_address_cannot_hold_every_handshake(w: World) -> None:
     certificate could open a thousand and run the service out of both. Now one address
     has at most 8 handshakes in progress; the ninth connection is closed at once (and
     counted in the log), and once the peer lets go, a modality associates again."""
-    from service.dicom.listener import HANDSHAKES_PER_ADDRESS  # noqa: PLC0415
-
-    def lines() -> list[dict[str, Any]]:
-        return [json.loads(line) for line in w.service.log_path.read_text().splitlines()
-                if '"dicom tls handshake failed"' in line]  # fmt: skip
-
-    before = len(lines())
+    before = len(_handshake_lines(w))
     silent = [socket.create_connection(("127.0.0.1", w.port), timeout=30)
               for _ in range(HANDSHAKES_PER_ADDRESS)]  # fmt: skip
     try:
-        # Accepted one at a time: each of the eight holds its slot once it is accepted.
-        time.sleep(0.5)
+        # The accepting thread counts each connection before it accepts the next: the
+        # ninth is looked at with the eight counted (they stay silent, so held).
         with socket.create_connection(("127.0.0.1", w.port), timeout=30) as extra:
             extra.settimeout(20)
             assert extra.recv(1) == b"", "a ninth handshake from one address was let in"
         wait_for(lambda: any(line["failures"].get("TooManyHandshakes")
-                             for line in lines()[before:]), 30,
+                             for line in _handshake_lines(w)[before:]), 30,
                  "the refused handshake in the log")  # fmt: skip
     finally:
         for s in silent:
             s.close()
 
     def associates() -> bool:
-        ae = AE(ae_title="MODALITY")
-        ae.add_requested_context("1.2.840.10008.1.1")  # Verification
-        ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 20
-        assoc = ae.associate("127.0.0.1", w.port, ae_title=AE_TITLE,
-                             tls_args=(w.modality.context(), None))  # fmt: skip
+        assoc = _verification(w, w.modality)
         if not assoc.is_established:
             return False
         assoc.release()
@@ -645,12 +645,7 @@ def test_one_certificate_cannot_hold_every_association(w: World) -> None:
     holds at most a quarter of them; another certificate still associates."""
 
     def associate(peer: Peer) -> Any:
-        ae = AE(ae_title="MODALITY")
-        ae.add_requested_context("1.2.840.10008.1.1")  # Verification
-        ae.acse_timeout = ae.connection_timeout = 20
-        ae.network_timeout = 120  # the client itself never gives up during the test
-        return ae.associate("127.0.0.1", w.port, ae_title=AE_TITLE,
-                            tls_args=(peer.context(), None))  # fmt: skip
+        return _verification(w, peer, network_timeout=120)  # the client never gives up
 
     share = 16 // 4  # the default max_associations, a quarter per certificate
     held = [associate(w.stranger) for _ in range(share)]
